@@ -1,0 +1,1 @@
+"""Command-line front ends (C-compatible tools and composefsctl)."""

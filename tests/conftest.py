@@ -1,0 +1,38 @@
+"""Shared fixtures: where the C reference tools and the C test assets are."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+TESTDATA = SHARED / "testdata" / "composefs-c"
+
+
+def _reference_bin() -> Path:
+    env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
+    if env:
+        return Path(env)
+    script = SHARED / "tools" / "reference-tools"
+    out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
+    path = Path(out.strip().splitlines()[-1])
+    os.environ["COMPOSEFS_REFERENCE_BIN"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_bin() -> Path:
+    """Folder holding C mkcomposefs, composefs-info, mount.composefs (1.0.8) and varlinkctl."""
+    path = _reference_bin()
+    assert (path / "mkcomposefs").exists(), f"no C mkcomposefs in {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    assert TESTDATA.is_dir(), f"C test assets missing at {TESTDATA}"
+    return TESTDATA
