@@ -1,0 +1,273 @@
+"""``composefs-info``: inspect composefs images, a drop-in for the C 1.0.8 tool.
+
+Usage: ``composefs-info [--basedir=PATH] [--filter=NAME]... COMMAND IMAGE...`` with
+COMMAND one of ls, dump, objects, missing-objects, measure-file. Output, messages and
+exit codes are C's byte for byte, including its odd spots ("Def" on stdout for a bad
+option, the doubled newline after "Unknown command", "Success" as the reason a
+filter with a ``/`` is refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, NoReturn
+
+from composefsd.fsverity import VerityError, measure_or_compute
+from composefsd.image.dump_print import print_dump, print_ls
+from composefsd.image.reader import ImageInfo, iter_objects, read_image
+
+__all__ = ["GetoptError", "gnu_getopt_long", "load_image_file", "main"]
+
+_PROG = "composefs-info"
+_LONGOPTS = ("basedir", "filter")
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class GetoptError(Exception):
+    """A glibc ``getopt_long`` diagnostic (without the ``argv[0]:`` prefix)."""
+
+
+def gnu_getopt_long(
+    args: Sequence[str], longopts: Sequence[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """glibc ``getopt_long`` with an empty optstring and required-argument long options.
+
+    Options may follow operands (GNU permutation, unless POSIXLY_CORRECT is set),
+    unique prefixes are accepted, and ``--`` ends the options. Options are
+    returned in order so the caller can act on them one by one, as C does; the
+    first bad option raises :class:`GetoptError` with glibc's wording.
+    """
+    opts: list[tuple[str, str]] = []
+    operands: list[str] = []
+    posix = "POSIXLY_CORRECT" in os.environ
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            operands.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            matches = [o for o in longopts if o == name] or [
+                o for o in longopts if o.startswith(name)
+            ]
+            if len(matches) != 1:
+                if matches:
+                    alts = " ".join(f"'--{o}'" for o in matches)
+                    raise GetoptError(f"option '{arg}' is ambiguous; possibilities: {alts}")
+                raise GetoptError(f"unrecognized option '{arg}'")
+            if not eq:
+                if i >= len(args):
+                    raise GetoptError(f"option '--{matches[0]}' requires an argument")
+                value = args[i]
+                i += 1
+            opts.append((matches[0], value))
+        elif arg.startswith("-") and arg != "-":
+            raise GetoptError(f"invalid option -- '{arg[1]}'")
+        else:
+            operands.append(arg)
+            if posix:
+                operands.extend(args[i:])
+                break
+    return opts, operands
+
+
+def _stderr(msg: bytes) -> None:
+    sys.stderr.flush()
+    sys.stderr.buffer.write(msg)
+    sys.stderr.buffer.flush()
+
+
+def _err(msg: bytes, err: int) -> NoReturn:
+    """C ``err(EXIT_FAILURE, ...)``: program name, message, ": ", strerror."""
+    _stderr(b"%s: %s: %s\n" % (_PROG.encode(), msg, os.strerror(err).encode()))
+    raise _Exit(1)
+
+
+def _usage(argv0: str) -> None:
+    _stderr(
+        b"usage: %s [--basedir=path] [ls|objects|dump|missing-objects|measure-file] IMAGES...\n"
+        % os.fsencode(argv0)
+    )
+
+
+class LoadError(OSError):
+    """Loading an image file failed; ``errno`` is what C would report."""
+
+
+def load_image_file(path: str | bytes, *, filters: Sequence[bytes] | None = None) -> ImageInfo:
+    """Open, mmap and read an image like C ``lcfs_load_node_from_fd_ext``.
+
+    Raises ``FileNotFoundError`` and friends from ``open`` unchanged (C reports
+    those as "Failed to open"), and :class:`LoadError` for everything after that.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                # mmap() of length 0 fails with EINVAL in C.
+                raise LoadError(errno.EINVAL, "empty file")
+            with mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
+                return read_image(mm, filters=filters)
+        except LoadError:
+            raise
+        except OSError as e:
+            raise LoadError(e.errno or errno.EINVAL, str(e)) from e
+        except ValueError as e:  # mmap's own checks, e.g. a file that shrank
+            raise LoadError(errno.EINVAL, str(e)) from e
+    finally:
+        os.close(fd)
+
+
+def _measure_files(argv0: str, files: Sequence[str], out: BinaryIO) -> None:
+    if not files:
+        _stderr(b"No files specified\n")
+        _usage(argv0)
+        raise _Exit(1)
+    for path in files:
+        bpath = os.fsencode(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            out.flush()
+            _err(b"Failed to open '%s'" % bpath, e.errno or errno.EINVAL)
+        try:
+            digest = measure_or_compute(fd, c_compat=True)
+        except OSError as e:
+            # C's userspace fallback turns any read error into ENODATA.
+            err = (e.errno or errno.EIO) if isinstance(e, VerityError) else errno.ENODATA
+            out.flush()
+            _stderr(b"failed to measure '%s': %s" % (bpath, os.strerror(err).encode()))
+            raise _Exit(1) from e
+        finally:
+            os.close(fd)
+        out.write(digest.hex().encode() + b"\n")
+
+
+def _missing(payload: bytes, basedir_fd: int) -> bool:
+    """C: ``fstatat(basedir_fd, payload without leading '/', AT_EMPTY_PATH)`` fails."""
+    rel = payload.lstrip(b"/")
+    try:
+        if rel:
+            os.stat(rel, dir_fd=basedir_fd)
+        else:
+            os.stat(basedir_fd)
+    except (OSError, ValueError):
+        return True
+    return False
+
+
+def _run(argv: Sequence[str], out: BinaryIO) -> None:
+    argv0 = argv[0] if argv else _PROG
+    try:
+        opts, operands = gnu_getopt_long(argv[1:], _LONGOPTS)
+    except GetoptError as e:
+        _stderr(b"%s: %s\n" % (os.fsencode(argv0), str(e).encode()))
+        out.write(b"Def\n")
+        out.flush()
+        _usage(argv0)
+        raise _Exit(1) from e
+
+    basedir: str | None = None
+    filters: list[bytes] | None = None
+    for name, value in opts:
+        if name == "basedir":
+            basedir = value
+        else:
+            if "/" in value:
+                # C calls err() with errno still 0.
+                _stderr(
+                    b"%s: Filter must be a single name: %s: Success\n"
+                    % (_PROG.encode(), os.fsencode(value))
+                )
+                raise _Exit(1)
+            if filters is None:
+                filters = []
+            filters.append(os.fsencode(value))
+
+    if not operands:
+        _stderr(b"No command specified\n")
+        _usage(argv0)
+        raise _Exit(1)
+    command, images = operands[0], operands[1:]
+
+    if command == "measure-file":
+        _measure_files(argv0, images, out)
+        return
+    handlers: dict[str, Callable[[ImageInfo], None]]
+    objects: set[bytes] = set()
+    basedir_fd = 0  # C's global default: without --basedir it stats against stdin
+
+    def collect(info: ImageInfo) -> None:
+        objects.update(iter_objects(info.root))
+
+    def collect_missing(info: ImageInfo) -> None:
+        objects.update(p for p in iter_objects(info.root) if _missing(p, basedir_fd))
+
+    handlers = {
+        "ls": lambda info: print_ls(info.root, out),
+        "dump": lambda info: print_dump(info.root, out),
+        "objects": collect,
+        "missing-objects": collect_missing,
+    }
+    handler = handlers.get(command)
+    if handler is None:
+        _stderr(b"%s: Unknown command '%s'\n\n" % (_PROG.encode(), os.fsencode(command)))
+        raise _Exit(1)
+
+    if basedir is not None:
+        try:
+            basedir_fd = os.open(
+                basedir, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY | getattr(os, "O_PATH", 0)
+            )
+        except OSError as e:
+            _err(b"Can't open basedir `%s`\n" % os.fsencode(basedir), e.errno or errno.EINVAL)
+
+    if not images:
+        _stderr(b"No image path specified\n")
+        _usage(argv0)
+        raise _Exit(1)
+
+    for image in images:
+        bimage = os.fsencode(image)
+        try:
+            info = load_image_file(image, filters=filters)
+        except LoadError as e:
+            out.flush()
+            _err(b"Failed to load '%s'" % bimage, e.errno or errno.EINVAL)
+        except OSError as e:
+            out.flush()
+            _err(b"Failed to open '%s'" % bimage, e.errno or errno.EINVAL)
+        handler(info)
+
+    if command in ("objects", "missing-objects"):
+        out.write(b"".join(p + b"\n" for p in sorted(objects)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Like C, die quietly on a closed pipe (e.g. "composefs-info dump x | head").
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    out = sys.stdout.buffer
+    try:
+        _run(list(sys.argv if argv is None else argv), out)
+    except _Exit as e:
+        out.flush()
+        return e.code
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
