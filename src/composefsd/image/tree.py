@@ -16,17 +16,22 @@ decides which inputs C rejects.
 from __future__ import annotations
 
 import errno
+import gc
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 __all__ = [
     "INLINE_CONTENT_MAX",
     "PATH_MAX",
     "RECOMMENDED_INLINE_CONTENT_MAX",
+    "S_IFMT",
     "XATTR_ESTIMATE_MAX",
     "XATTR_ESTIMATE_MAX_READER",
     "Node",
     "TreeError",
+    "gc_paused",
     "is_whiteout",
     "new_directory",
 ]
@@ -43,8 +48,18 @@ XATTR_ESTIMATE_MAX = 32767
 XATTR_ESTIMATE_MAX_READER = 65535
 
 _U64 = (1 << 64) - 1
+#: The file-type mask (``stat.S_IFMT`` is a function in Python, not this constant).
+S_IFMT = 0o170000
 _VALID_TYPES = frozenset(
-    (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFBLK, stat.S_IFCHR, stat.S_IFSOCK, stat.S_IFIFO)
+    (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFBLK,
+        stat.S_IFCHR,
+        stat.S_IFSOCK,
+        stat.S_IFIFO,
+    )
 )
 
 
@@ -83,11 +98,11 @@ class Node:
     # -- type helpers -------------------------------------------------------------
     @property
     def ftype(self) -> int:
-        return self.mode & stat.S_IFMT
+        return self.mode & S_IFMT
 
     @property
     def is_dir(self) -> bool:
-        return self.mode & stat.S_IFMT == stat.S_IFDIR
+        return self.mode & S_IFMT == stat.S_IFDIR
 
     def target(self) -> Node:
         """The inode this entry stands for: itself, or the end of its hardlink chain."""
@@ -170,7 +185,9 @@ class Node:
         out: list[tuple[bytes, Node]] = [(prefix or b"/", self)]
         stack: list[tuple[bytes, Node]] = []
         if self.children:
-            stack.extend((prefix + b"/" + n, c) for n, c in sorted(self.children.items(), reverse=True))
+            stack.extend(
+                (prefix + b"/" + n, c) for n, c in sorted(self.children.items(), reverse=True)
+            )
         while stack:
             path, node = stack.pop()
             out.append((path, node))
@@ -187,8 +204,25 @@ def new_directory(mode: int = stat.S_IFDIR | 0o755) -> Node:
 
 def is_whiteout(node: Node) -> bool:
     """An overlay whiteout: a character device with device number 0/0."""
-    return node.mode & stat.S_IFMT == stat.S_IFCHR and node.rdev == 0
+    return node.mode & S_IFMT == stat.S_IFCHR and node.rdev == 0
 
 
 def is_valid_type(mode: int) -> bool:
-    return mode & stat.S_IFMT in _VALID_TYPES
+    return mode & S_IFMT in _VALID_TYPES
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building or walking a large tree.
+
+    Trees are acyclic (hardlinks point sideways, never up), yet allocating a
+    hundred thousand nodes triggers dozens of full collections that each walk
+    every node: pausing makes parsing and writing about twice as fast.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
