@@ -129,7 +129,8 @@ def _chunking(size: int) -> tuple[int, int]:
         bits = 12
     elif bits > 43:
         bits = 43
-    return bits, -(-size // (1 << bits))
+    # C's DIV_ROUND_UP wraps at 2**64: sizes within 2**43 of the top need 0 chunks.
+    return bits, ((size + (1 << bits) - 1) & _U64) >> bits
 
 
 def _validate(node: Node) -> None:
@@ -304,7 +305,7 @@ def _plan(root: Node, version: int) -> _Plan:
         size = node.size
         if first_error is None and (
             ftype not in _VALID_TYPES
-            or (ftype == _S_IFREG and size > 0 and node.content is None and size > (1 << 53))
+            or (ftype == _S_IFREG and node.content is None and size > (1 << 53))
         ):
             try:
                 _validate(node)

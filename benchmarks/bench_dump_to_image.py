@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Dumpfile -> image: our ``mkcomposefs --from-file`` against C mkcomposefs 1.0.8, same run.
+
+    python benchmarks/bench_dump_to_image.py [--tree /usr | --dump FILE] [--rounds 3]
+
+Without ``--dump``, the input is made the way the issue describes: C mkcomposefs
+builds an image of ``--tree`` (default /usr, about 137,000 entries here) and C
+``composefs-info dump`` turns it into a dumpfile (kept in ``--work`` for re-runs).
+Both tools then turn that dumpfile into an image, alternately, best of
+``--rounds``; both are whole processes, timed by wall clock, so interpreter start-up
+counts against us. The images must be byte-identical. Peak memory (max RSS) of our
+process is printed beside the limit (1 GiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MEMORY_LIMIT = 1 << 30
+
+
+def reference_bin() -> Path:
+    env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
+    if env:
+        return Path(env)
+    script = REPO.parent / "shared" / "tools" / "reference-tools"
+    out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def our_mkcomposefs() -> list[str]:
+    script = shutil.which("mkcomposefs", path=str(Path(sys.executable).parent))
+    if script:
+        return [script]
+    return [sys.executable, "-m", "composefsd.cli.mkcomposefs"]
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and max RSS (bytes) of one process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed with exit status {proc.returncode}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tree", default="/usr", help="directory to build the input dump from")
+    ap.add_argument("--dump", help="use this dumpfile instead of building one")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/var/tmp/composefsd-bench", help="scratch directory")
+    args = ap.parse_args()
+
+    ref = reference_bin()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.dump:
+        dump = Path(args.dump)
+    else:
+        dump = work / ("tree-" + args.tree.strip("/").replace("/", "_") + ".dump")
+        if not dump.exists():
+            print(f"building the input: C mkcomposefs {args.tree}, then C composefs-info dump")
+            image = work / "input.cfs"
+            subprocess.run([str(ref / "mkcomposefs"), args.tree, str(image)], check=True)
+            with open(dump, "wb") as out:
+                subprocess.run(
+                    [str(ref / "composefs-info"), "dump", str(image)], stdout=out, check=True
+                )
+            image.unlink()
+    entries = sum(1 for _ in open(dump, "rb"))
+    print(f"input: {dump} ({entries} entries, {dump.stat().st_size / 1e6:.1f} MB)")
+
+    c_out, py_out = work / "c.cfs", work / "py.cfs"
+    c_cmd = [str(ref / "mkcomposefs"), "--from-file", str(dump), str(c_out)]
+    py_cmd = [*our_mkcomposefs(), "--from-file", str(dump), str(py_out)]
+    c_times, py_times, py_rss = [], [], 0
+    for _ in range(args.rounds):
+        t, _rss = run(c_cmd)
+        c_times.append(t)
+        t, rss = run(py_cmd)
+        py_times.append(t)
+        py_rss = max(py_rss, rss)
+    identical = c_out.read_bytes() == py_out.read_bytes()
+    c_out.unlink()
+    py_out.unlink()
+
+    c_best, py_best = min(c_times), min(py_times)
+    print(f"load average: {os.getloadavg()[0]:.2f}")
+    print(f"C mkcomposefs --from-file:      {c_best:.3f} s (best of {args.rounds})")
+    print(f"composefsd mkcomposefs --from-file: {py_best:.3f} s (best of {args.rounds})")
+    print(f"ratio ours/C: {py_best / c_best:.2f}x (target <= 2x)")
+    print(f"peak memory (ours): {py_rss / 2**20:.0f} MiB (limit {MEMORY_LIMIT >> 20} MiB)")
+    print(f"images identical: {identical}")
+    return 0 if identical and py_rss < MEMORY_LIMIT else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
