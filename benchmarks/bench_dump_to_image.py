@@ -78,7 +78,8 @@ def main() -> int:
                     [str(ref / "composefs-info"), "dump", str(image)], stdout=out, check=True
                 )
             image.unlink()
-    entries = sum(1 for _ in open(dump, "rb"))
+    with open(dump, "rb") as f:
+        entries = sum(1 for _ in f)
     print(f"input: {dump} ({entries} entries, {dump.stat().st_size / 1e6:.1f} MB)")
 
     c_out, py_out = work / "c.cfs", work / "py.cfs"
