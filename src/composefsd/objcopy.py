@@ -1,0 +1,238 @@
+"""Copy file data into a content-addressed object store the way C ``mkcomposefs`` does.
+
+C ``mkcomposefs --digest-store`` (reference notes, section 7.4) stores each object
+as ``STORE/XX/rest-of-hex``: parents are created with mode 0755, an existing object
+is never rewritten, the data goes to a ``.tmpXXXXXX`` file in the store root (reflink
+first, then ``copy_file_range``, then plain read/write), which is made 0644,
+fsync'ed, offered fs-verity, and renamed into place. This module does exactly
+that, so that the repository layer and the scanner share one implementation.
+
+Everything here is safe to call from several threads at once with one shared
+:class:`CopyState`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import random
+import stat
+import string
+import threading
+
+from composefsd.fsverity import VerityUnsupportedError, enable_verity
+
+__all__ = [
+    "FICLONE",
+    "CopyState",
+    "copy_fd_data",
+    "join_store_path",
+    "mkdir_parents",
+    "store_object",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``_IOW(0x94, 9, int)`` from linux/fs.h.
+FICLONE = 0x40049409
+
+# C copies with an 8 KiB buffer; the size is invisible in the result, so use more.
+_CLASSIC_BUFSIZE = 1 << 20
+_TEMPLATE_CHARS = (string.ascii_letters + string.digits).encode()
+# copy_file_range errors after which C copies this one file by hand (it never copied a byte).
+_RANGE_RETRY_CLASSIC = frozenset((errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF))
+# copy_file_range errors after which C stops trying it for the rest of the run.
+_RANGE_DISABLE = frozenset((errno.ENOSYS, errno.EXDEV))
+
+
+class CopyState:
+    """What one store-filling run has learned, shared by its threads.
+
+    ``copy_file_range`` is dropped for the whole run after ENOSYS/EXDEV, as in C.
+    fs-verity is not offered again once the store's filesystem said it cannot do
+    it: C would try (and ignore the failure) for every object, with the same result.
+    Directories already checked or created are remembered so that each is stat'ed
+    once per run instead of once per object.
+    """
+
+    __slots__ = ("_dirs", "_lock", "try_copy_file_range", "try_verity")
+
+    def __init__(self) -> None:
+        self.try_copy_file_range = True
+        self.try_verity = True
+        self._dirs: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def known_dir(self, path: bytes) -> bool:
+        return path in self._dirs
+
+    def add_dir(self, path: bytes) -> None:
+        with self._lock:
+            self._dirs.add(path)
+
+
+def join_store_path(base: bytes, rel: bytes) -> bytes:
+    """C ``join_paths``: trailing slashes of ``base`` are trimmed; an empty base stays empty."""
+    if not base:
+        return rel
+    return base.rstrip(b"/") + b"/" + rel
+
+
+def _ensure_dir(path: bytes, mode: int) -> None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            pass
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+
+
+def mkdir_parents(path: bytes, mode: int = 0o755, state: CopyState | None = None) -> None:
+    """Create every directory leading to ``path`` (not ``path`` itself), like C ``mkdir_parents``.
+
+    An existing non-directory on the way is ENOTDIR; other mkdir errors propagate.
+    """
+    n = len(path)
+    i = 0
+    while i < n and path[i] == 0x2F:
+        i += 1
+    while True:
+        j = path.find(b"/", i)
+        if j < 0:
+            return
+        prefix = path[:j]
+        if state is None or not state.known_dir(prefix):
+            _ensure_dir(prefix, mode)
+            if state is not None:
+                state.add_dir(prefix)
+        i = j + 1
+        while i < n and path[i] == 0x2F:
+            i += 1
+
+
+def _mkostemp(template_prefix: bytes) -> tuple[bytes, int]:
+    """C ``mkostemp(prefix + "XXXXXX", O_CLOEXEC)``: a new file of mode 0600."""
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        name = template_prefix + bytes(rng.choice(_TEMPLATE_CHARS) for _ in range(6))
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        return name, fd
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), template_prefix)
+
+
+def _copy_classic(src_fd: int, dst_fd: int) -> None:
+    while True:
+        chunk = os.read(src_fd, _CLASSIC_BUFSIZE)
+        if not chunk:
+            return
+        view = memoryview(chunk)
+        while view:
+            written = os.write(dst_fd, view)
+            if written <= 0:
+                # A regular file never legitimately accepts zero bytes.
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written:]
+
+
+def _copy_range(src_fd: int, dst_fd: int) -> None:
+    remaining = os.fstat(src_fd).st_size
+    while remaining > 0:
+        copied = os.copy_file_range(src_fd, dst_fd, remaining)
+        if copied == 0:
+            # Some filesystems (procfs, some overlay setups) report success but copy
+            # nothing; C turns that into EINVAL so that the plain copy takes over.
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        remaining -= copied
+
+
+def copy_fd_data(src_fd: int, dst_fd: int, state: CopyState) -> None:
+    """Copy all of ``src_fd`` into ``dst_fd``: reflink, else copy_file_range, else read/write.
+
+    Both offsets advance, so a fallback continues where a partial attempt stopped.
+    """
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError:
+        pass
+    if state.try_copy_file_range:
+        try:
+            _copy_range(src_fd, dst_fd)
+            return
+        except OSError as exc:
+            if exc.errno in _RANGE_DISABLE:
+                state.try_copy_file_range = False
+            elif exc.errno not in _RANGE_RETRY_CLASSIC:
+                raise
+    _copy_classic(src_fd, dst_fd)
+
+
+def _offer_verity(path: bytes, state: CopyState) -> None:
+    # The write fd is closed by now: the kernel refuses verity while one is open.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        enable_verity(fd)
+    except VerityUnsupportedError:
+        state.try_verity = False
+    except OSError as exc:
+        log.debug("fs-verity not enabled on %r: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
+def store_object(
+    source: bytes | int,
+    store: bytes,
+    object_path: bytes,
+    state: CopyState,
+    *,
+    try_verity: bool = True,
+) -> bool:
+    """Put a copy of ``source`` (a path, or an fd open for reading) at ``store/object_path``.
+
+    Returns False when the object already existed (nothing is copied then), True
+    when it was added. Raises ``OSError`` with the errno of the failing call; the
+    temporary file is removed on any failure. An fd ``source`` is read from its
+    current offset and is not closed.
+    """
+    dst = join_store_path(store, object_path)
+    mkdir_parents(dst, 0o755, state)
+    try:
+        os.lstat(dst)
+        return False
+    except OSError:
+        pass
+    tmp, dst_fd = _mkostemp(join_store_path(store, b".tmp"))
+    try:
+        try:
+            if isinstance(source, int):
+                copy_fd_data(source, dst_fd, state)
+            else:
+                src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    copy_fd_data(src_fd, dst_fd, state)
+                finally:
+                    os.close(src_fd)
+            os.fchmod(dst_fd, 0o644)
+            os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+        if try_verity and state.try_verity:
+            _offer_verity(tmp, state)
+        os.rename(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True

@@ -1,0 +1,654 @@
+"""Directory scanning into a composefs tree, and filling a digest store, like C mkcomposefs.
+
+:func:`scan_directory` reproduces C ``mkcomposefs`` 1.0.8 on a directory SOURCE
+(reference notes, sections 7.3, 7.4 and 9.2): the same nodes, so the writer
+produces the same image bytes, the same error messages, and, with a digest
+store, the same objects.
+
+How it differs from C, none of which changes the image or the store:
+
+* Hashing runs in ``threads`` worker threads (hashlib releases the GIL), and each
+  object is copied into the store as soon as its digest is known, by a separate
+  pool of ``max(threads, 8)`` threads: copies mostly wait on ``fsync``, so more of
+  them than CPUs keeps the disk busy while the CPUs hash. C hashes everything,
+  then copies. On a *failing* run the store may therefore already hold some
+  objects where C would have added none.
+* ``--skip-devices`` decides by the ``lstat`` mode where C looks at readdir's
+  ``d_type``. They differ only on filesystems that report ``DT_UNKNOWN``, where C
+  keeps device nodes it was asked to skip.
+* Paths longer than ``PATH_MAX`` are scanned relative to directory fds, as C
+  does; like C, hashing then fails on such a file with ENAMETOOLONG.
+
+Opt-in beyond C, ``ScanOptions.preserve_hardlinks``: paths sharing one
+``(st_dev, st_ino)`` become one inode. The first path in image order (depth
+first, names sorted bytewise, as ``composefs-info dump`` lists them) is the
+inode; the others become hardlink entries to it (``Node.link_to``), and the
+inode's ``nlink`` is the number of its paths inside the scanned tree, which is
+what a mounted image then reports (links outside the tree cannot be reached
+through it). Files with a single path keep ``nlink`` 1, as in C. Without this
+option every path is its own inode with ``nlink`` 1, exactly as C does it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from composefsd.fsverity import c_compat_digest_bytes, digest_fd
+from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
+from composefsd.objcopy import CopyState, store_object
+
+__all__ = [
+    "ScanError",
+    "ScanOptions",
+    "ScanProgress",
+    "default_threads",
+    "fill_digest_store",
+    "payload_for_digest",
+    "scan_directory",
+]
+
+log = logging.getLogger(__name__)
+
+_U32 = 0xFFFFFFFF
+_NS = 1_000_000_000
+_S_IFMT = stat.S_IFMT
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_DEVICE_TYPES = frozenset((stat.S_IFBLK, stat.S_IFCHR))
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_PROGRESS_INTERVAL = 0.25
+_MIN_STORE_THREADS = 8
+# Files this big are hashed by all hashing threads together, so that one huge file
+# at the end of the list does not leave the other CPUs idle.
+_BIG_FILE = 64 << 20
+
+Progress = Callable[["ScanProgress"], None]
+
+
+class ScanError(OSError):
+    """A scan, digest or store failure; ``str()`` is C mkcomposefs's message without its prefix.
+
+    ``errno`` is the failing call's errno and ``path`` (bytes, or None) the entry
+    concerned, e.g. ``error accessing /src/dir/file: Permission denied``.
+    """
+
+    def __init__(self, err: int, message: str, path: bytes | None = None) -> None:
+        super().__init__(err, message)
+        self.message = message
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(slots=True, frozen=True)
+class ScanOptions:
+    """What to read and compute; the defaults are C mkcomposefs's."""
+
+    #: Every mtime becomes 0.0 (``--use-epoch``).
+    use_epoch: bool = False
+    #: Leave out block and character devices, whiteouts included (``--skip-devices``).
+    skip_devices: bool = False
+    #: Read no xattrs (``--skip-xattrs``).
+    skip_xattrs: bool = False
+    #: Read only ``user.*`` xattrs (``--user-xattrs``); with ``skip_xattrs`` it is EINVAL.
+    user_xattrs: bool = False
+    #: Hashing threads; 0 means one per CPU this process may run on.
+    threads: int = 0
+    #: Give every non-empty regular file its fs-verity digest and ``XX/rest`` payload.
+    compute_digests: bool = True
+    #: Inline regular files of 1..64 bytes as content.
+    inline_small: bool = True
+    #: Turn paths of one inode into hardlinks (not done by C; see the module notes).
+    preserve_hardlinks: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class ScanProgress:
+    """A snapshot of a running scan, given to the progress callback a few times a second.
+
+    ``phase`` is ``"scan"`` (walking the tree; only ``entries`` moves), then
+    ``"digest"`` (hashing, and copying into the store if one was given).
+    """
+
+    phase: str
+    entries: int
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    objects_stored: int = 0
+
+
+def default_threads() -> int:
+    """C's default ``--threads``: the CPUs in this process's affinity mask."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def payload_for_digest(digest: bytes) -> bytes:
+    """The object path C uses for a digest: ``hex[0:2]/hex[2:]``."""
+    hexed = digest.hex().encode()
+    return hexed[:2] + b"/" + hexed[2:]
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    # C maybe_join_path: no separator is added after a trailing slash.
+    if parent.endswith(b"/") or not parent:
+        return parent + name
+    return parent + b"/" + name
+
+
+def _error(kind: str, path: bytes | None, err: int | None) -> ScanError:
+    code = err or errno.EIO
+    subject = f"{kind} {os.fsdecode(path)}" if path is not None else kind
+    return ScanError(code, f"{subject}: {os.strerror(code)}", path)
+
+
+def _access_error(path: bytes, exc: OSError) -> ScanError:
+    return _error("error accessing", path, exc.errno)
+
+
+# -- phase 1: the tree ----------------------------------------------------------------------
+
+
+class _DirFd:
+    """A directory fd kept open until all of its subdirectories have been opened from it."""
+
+    __slots__ = ("fd", "pending")
+
+    def __init__(self, fd: int, pending: int) -> None:
+        self.fd = fd
+        self.pending = pending
+
+
+class _Walker:
+    def __init__(self, options: ScanOptions, progress: Progress | None) -> None:
+        self.options = options
+        self.progress = progress
+        self.entries = 0
+        self.files: list[tuple[bytes, Node]] = []
+        self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes]]] = {}
+        self._next_report = time.monotonic() + _PROGRESS_INTERVAL
+        self._open_fds: set[int] = set()
+
+    # Node construction mirrors C lcfs_load_node_from_file: stat, readlink, mtime, xattrs.
+    def make_node(self, dir_fd: int | None, name: bytes, path: bytes, st: os.stat_result) -> Node:
+        opts = self.options
+        mode = st.st_mode
+        if opts.use_epoch:
+            sec = nsec = 0
+        else:
+            sec, nsec = divmod(st.st_mtime_ns, _NS)
+        node = Node(
+            mode=mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev & _U32,
+            size=st.st_size,
+            mtime_sec=sec,
+            mtime_nsec=nsec,
+        )
+        ftype = mode & 0o170000
+        if ftype == _S_IFDIR:
+            node.children = {}
+        elif ftype == _S_IFLNK:
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _access_error(path, exc) from exc
+            if not target:
+                raise _error("error accessing", path, errno.EINVAL)
+            if len(target) >= PATH_MAX:
+                raise _error("error accessing", path, errno.ENAMETOOLONG)
+            node.payload = target
+            node.size = len(target)
+        if not opts.skip_xattrs:
+            self.read_xattrs(node, dir_fd, name, path)
+        return node
+
+    def read_xattrs(self, node: Node, dir_fd: int | None, name: bytes, path: bytes) -> None:
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG or dir_fd is None:
+                raise _access_error(path, exc) from exc
+            self._read_xattrs_by_fd(node, dir_fd, name, path)
+            return
+        if names:
+            self._add_xattrs(node, names, path, path, False)
+
+    def _read_xattrs_by_fd(self, node: Node, dir_fd: int, name: bytes, path: bytes) -> None:
+        # The full path is too long for the kernel: go through an O_PATH fd, as C always does.
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _access_error(path, exc) from exc
+        try:
+            proc = f"/proc/self/fd/{fd}".encode()
+            try:
+                names = os.listxattr(proc)
+            except OSError as exc:
+                raise _access_error(path, exc) from exc
+            self._add_xattrs(node, names, proc, path, True)
+        finally:
+            os.close(fd)
+
+    def _add_xattrs(
+        self, node: Node, names: list[str], target: bytes, path: bytes, follow: bool
+    ) -> None:
+        user_only = self.options.user_xattrs
+        for key_str in names:
+            key = os.fsencode(key_str)
+            if user_only and not key.startswith(b"user."):
+                continue
+            try:
+                value = os.getxattr(target, key, follow_symlinks=follow)
+                node.set_xattr(key, value)
+            except OSError as exc:  # TreeError is an OSError too
+                raise _access_error(path, exc) from exc
+
+    def scan(self, src: bytes) -> Node:
+        try:
+            st = os.lstat(src)
+        except OSError as exc:
+            raise _access_error(src, exc) from exc
+        root = self.make_node(None, src, src, st)
+        self.entries = 1
+        ftype = st.st_mode & 0o170000
+        if ftype == _S_IFREG:
+            self.files.append((src, root))
+        if ftype != _S_IFDIR:
+            return root
+        try:
+            fd = os.open(src, _DIR_FLAGS)
+        except OSError as exc:
+            raise _access_error(src, exc) from exc
+        self._open_fds.add(fd)
+        try:
+            self._walk(fd, root, src)
+        finally:
+            for leftover in self._open_fds:
+                os.close(leftover)
+            self._open_fds.clear()
+        return root
+
+    def _close(self, fd: int) -> None:
+        self._open_fds.discard(fd)
+        os.close(fd)
+
+    def _walk(self, root_fd: int, root: Node, src: bytes) -> None:
+        stack: list[tuple[_DirFd, bytes, Node, bytes]] = []
+        subdirs = self._read_dir(root_fd, root, src)
+        self._push(stack, root_fd, subdirs)
+        while stack:
+            parent, name, node, path = stack.pop()
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+            except OSError as exc:
+                raise _access_error(path, exc) from exc
+            self._open_fds.add(fd)
+            parent.pending -= 1
+            if parent.pending == 0:
+                self._close(parent.fd)
+            subdirs = self._read_dir(fd, node, path)
+            self._push(stack, fd, subdirs)
+
+    def _push(
+        self,
+        stack: list[tuple[_DirFd, bytes, Node, bytes]],
+        fd: int,
+        subdirs: list[tuple[bytes, Node, bytes]],
+    ) -> None:
+        if not subdirs:
+            self._close(fd)
+            return
+        holder = _DirFd(fd, len(subdirs))
+        stack.extend((holder, name, node, path) for name, node, path in reversed(subdirs))
+
+    def _read_dir(self, fd: int, node: Node, path: bytes) -> list[tuple[bytes, Node, bytes]]:
+        opts = self.options
+        children = node.children
+        assert children is not None
+        subdirs: list[tuple[bytes, Node, bytes]] = []
+        files = self.files
+        skip_devices = opts.skip_devices
+        track_links = opts.preserve_hardlinks
+        sep = b"" if path.endswith(b"/") else b"/"
+        try:
+            it = os.scandir(fd)
+        except OSError as exc:
+            raise _access_error(path, exc) from exc
+        with it:
+            while True:
+                try:
+                    entry = next(it)
+                except StopIteration:
+                    break
+                except OSError as exc:
+                    raise _access_error(path, exc) from exc
+                name = os.fsencode(entry.name)
+                child_path = path + sep + name
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as exc:
+                    raise _access_error(child_path, exc) from exc
+                ftype = st.st_mode & 0o170000
+                if skip_devices and ftype in _DEVICE_TYPES:
+                    continue
+                child = self.make_node(fd, name, child_path, st)
+                children[name] = child
+                if ftype == _S_IFDIR:
+                    subdirs.append((name, child, child_path))
+                else:
+                    if ftype == _S_IFREG and st.st_size > 0:
+                        files.append((child_path, child))
+                    if track_links and st.st_nlink > 1:
+                        key = (st.st_dev, st.st_ino)
+                        self.inodes.setdefault(key, []).append((node, name, child, child_path))
+                self.entries += 1
+                if self.progress is not None and not self.entries & 1023:
+                    self._report()
+        return subdirs
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_report and self.progress is not None:
+            self._next_report = now + _PROGRESS_INTERVAL
+            self.progress(ScanProgress("scan", self.entries))
+
+    def link_hardlinks(self) -> None:
+        dropped: set[int] = set()
+        for group in self.inodes.values():
+            if len(group) < 2:
+                continue
+            # Image order: depth first, names bytewise; all paths share the source prefix.
+            group.sort(key=lambda item: item[3].split(b"/"))
+            target = group[0][2]
+            target.nlink = len(group)
+            for parent, name, node, _path in group[1:]:
+                assert parent.children is not None
+                parent.children[name] = Node(mode=target.mode, link_to=target)
+                dropped.add(id(node))
+        if dropped:
+            self.files = [item for item in self.files if id(item[1]) not in dropped]
+        self.inodes.clear()
+
+
+# -- phase 2: digests and the store ---------------------------------------------------------
+
+
+def _read_all(fd: int) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+
+
+def _hash_file(path: bytes, node: Node, compute: bool, inline: bool, threads: int = 1) -> None:
+    """C lcfs_node_set_from_content for one regular file of non-zero size."""
+    size = node.size
+    small = inline and size <= RECOMMENDED_INLINE_CONTENT_MAX
+    if not (compute or small):
+        return
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        if small:
+            data = _read_all(fd)
+            digest = c_compat_digest_bytes(data) if compute else None
+            if len(data) < size:
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+        else:
+            data = b""
+            digest = digest_fd(fd, threads=threads, c_compat=True)
+    finally:
+        os.close(fd)
+    if digest is not None:
+        node.digest = digest
+        node.payload = payload_for_digest(digest)
+    if small:
+        node.set_content(data[:size])
+
+
+class _Pipeline:
+    """Hash files in ``threads`` threads and feed the ones to store to an I/O pool.
+
+    Errors are reported the way C's phase order would report them: a digest error
+    wins over a store error, so a store failure stops copying but not hashing.
+    """
+
+    def __init__(
+        self,
+        files: list[tuple[bytes, Node]],
+        *,
+        threads: int,
+        compute: bool,
+        inline: bool,
+        store: bytes | None,
+        progress: Progress | None,
+        entries: int,
+        hash_files: bool = True,
+    ) -> None:
+        self.files = files
+        self.threads = max(1, threads)
+        self.compute = compute
+        self.inline = inline
+        self.store = store
+        self.progress = progress
+        self.entries = entries
+        self.hash_files = hash_files
+        self.digest_error: ScanError | None = None
+        self.store_error: ScanError | None = None
+        self.cancelled = False
+        self.copy_state = CopyState()
+        self.claimed: dict[bytes, object] = {}
+        self.copy_queue: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        # One slot per worker, so that counting needs no lock.
+        self.files_done = [0] * self.threads
+        self.bytes_done = [0] * self.threads
+        self.stored = [0] * max(self.threads, _MIN_STORE_THREADS)
+
+    def _hash_worker(self, slot: int) -> None:
+        files = self.files
+        total = len(files)
+        compute, inline, store = self.compute, self.inline, self.store
+        put = self.copy_queue.put
+        big = self.threads
+        while not self.cancelled and self.digest_error is None:
+            i = next(self._next)
+            if i >= total:
+                return
+            path, node = files[i]
+            if self.hash_files:
+                try:
+                    _hash_file(path, node, compute, inline, big if node.size >= _BIG_FILE else 1)
+                except OSError as exc:
+                    with self._lock:
+                        if self.digest_error is None:
+                            self.digest_error = _error("error computing digest", None, exc.errno)
+                    return
+            self.files_done[slot] += 1
+            self.bytes_done[slot] += node.size
+            if store is not None and node.content is None and node.payload is not None:
+                put((path, node.payload))
+
+    def _copy_worker(self, slot: int) -> None:
+        store = self.store
+        assert store is not None
+        get = self.copy_queue.get
+        claimed = self.claimed
+        while True:
+            item = get()
+            if item is None:
+                return
+            if self.cancelled or self.digest_error is not None or self.store_error is not None:
+                continue
+            path, payload = item
+            if claimed.setdefault(payload, item) is not item:
+                continue
+            try:
+                if store_object(path, store, payload, self.copy_state):
+                    self.stored[slot] += 1
+            except OSError as exc:
+                with self._lock:
+                    if self.store_error is None:
+                        self.store_error = _error("cannot fill store", None, exc.errno)
+
+    def _snapshot(self) -> ScanProgress:
+        return ScanProgress(
+            "digest",
+            self.entries,
+            files_total=len(self.files),
+            files_done=sum(self.files_done),
+            bytes_total=self.bytes_total,
+            bytes_done=sum(self.bytes_done),
+            objects_stored=sum(self.stored),
+        )
+
+    def run(self) -> None:
+        if not self.files:
+            return
+        self.bytes_total = sum(node.size for _, node in self.files)
+        n_copy = max(self.threads, _MIN_STORE_THREADS) if self.store is not None else 0
+        hashers = [
+            threading.Thread(target=self._hash_worker, args=(i,), name=f"cfs-hash-{i}")
+            for i in range(self.threads)
+        ]
+        copiers = [
+            threading.Thread(target=self._copy_worker, args=(i,), name=f"cfs-store-{i}")
+            for i in range(n_copy)
+        ]
+        started: list[threading.Thread] = []
+        try:
+            for t in (*copiers, *hashers):
+                t.start()
+                started.append(t)
+            for t in hashers:
+                self._wait(t)
+            for _ in copiers:
+                self.copy_queue.put(None)
+            for t in copiers:
+                self._wait(t)
+        except BaseException:
+            self.cancelled = True
+            for _ in copiers:
+                self.copy_queue.put(None)
+            for t in started:
+                t.join()
+            raise
+        if self.digest_error is not None:
+            raise self.digest_error
+        if self.store_error is not None:
+            raise self.store_error
+        if self.progress is not None:
+            self.progress(self._snapshot())
+
+    def _wait(self, thread: threading.Thread) -> None:
+        if self.progress is None:
+            thread.join()
+            return
+        while True:
+            thread.join(_PROGRESS_INTERVAL)
+            if not thread.is_alive():
+                return
+            self.progress(self._snapshot())
+
+
+def scan_directory(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    options: ScanOptions | None = None,
+    progress: Progress | None = None,
+    *,
+    digest_store: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None = None,
+) -> Node:
+    """Scan ``path`` into a tree, as C mkcomposefs does for a directory SOURCE.
+
+    Regular files get their digests and payloads (and small ones their content) per
+    ``options``; with ``digest_store``, files that are not inlined are copied into
+    that store as they are hashed. ``progress`` is called from this thread a few
+    times a second. Raises :class:`ScanError` with C's message: ``error accessing
+    <path>: ...``, ``error computing digest: ...`` or ``cannot fill store: ...``.
+
+    A non-directory ``path`` gives a one-node tree, as in C (the writer then
+    rejects it with ENOTDIR).
+    """
+    opts = options or ScanOptions()
+    src = os.fsencode(path)
+    if opts.skip_xattrs and opts.user_xattrs:
+        raise _error("error accessing", src, errno.EINVAL)
+    walker = _Walker(opts, progress)
+    root = walker.scan(src)
+    if opts.preserve_hardlinks:
+        walker.link_hardlinks()
+    if progress is not None:
+        progress(ScanProgress("scan", walker.entries))
+    store = os.fsencode(digest_store) if digest_store is not None else None
+    _Pipeline(
+        walker.files,
+        threads=opts.threads or default_threads(),
+        compute=opts.compute_digests,
+        inline=opts.inline_small,
+        store=store,
+        progress=progress,
+        entries=walker.entries,
+    ).run()
+    return root
+
+
+def fill_digest_store(
+    source: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    root: Node,
+    store: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    threads: int = 0,
+    progress: Progress | None = None,
+) -> int:
+    """Copy the files of an already scanned tree into ``store``, as C ``fill_store`` does.
+
+    ``source`` is the directory ``root`` was scanned from. Every regular file with
+    a payload and no inline content is copied from ``source/<its path>`` to
+    ``store/<payload>`` unless that exists. Returns the number of objects added.
+    Raises :class:`ScanError` ``cannot fill store: ...``.
+    """
+    src = os.fsencode(source)
+    files: list[tuple[bytes, Node]] = []
+    stack: list[tuple[bytes, Node]] = [(src, root)]
+    while stack:
+        path, node = stack.pop()
+        if node.link_to is not None:
+            continue
+        if node.children is not None:
+            base = path.rstrip(b"/")
+            stack.extend(
+                (base + b"/" + name, child) for name, child in sorted(node.children.items())
+            )
+        elif node.mode & 0o170000 == _S_IFREG and node.content is None and node.payload is not None:
+            files.append((path, node))
+    pipeline = _Pipeline(
+        files,
+        threads=threads or default_threads(),
+        compute=False,
+        inline=False,
+        store=os.fsencode(store),
+        progress=progress,
+        entries=0,
+        hash_files=False,
+    )
+    pipeline.run()
+    return sum(pipeline.stored)
