@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from itertools import accumulate
+from itertools import accumulate, chain
 
 from .tree import Node, TreeError, gc_paused
 from .xxhash import xxh32
@@ -79,6 +79,8 @@ _EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
 _XATTR_HEADER = struct.Struct("<IB7x")
 _XATTR_ENTRY = struct.Struct("<BBH")
 _U32S = struct.Struct("<I")
+# The inode's 16-bit xattr icount bounds its xattr area.
+_MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4
 
 _OVERLAY_PREFIX = b"trusted.overlay."
@@ -182,6 +184,7 @@ def _rewrite_xattrs(
             scratch.set_xattr(k, v)
     except TreeError as e:
         raise WriteError(e.errno or errno.ERANGE, f"xattr {k!r}: {e.strerror}") from None
+    scratch.xattrs.sort()
     return scratch.xattrs
 
 
@@ -242,7 +245,6 @@ class _Plan:
     __slots__ = (
         "dir_names",
         "dir_targets",
-        "has_acl",
         "min_mtime",
         "modes",
         "nlinks",
@@ -261,7 +263,6 @@ class _Plan:
         self.dir_names: list[list[bytes] | None] = []
         self.dir_targets: list[list[int] | None] = []
         self.min_mtime = (0, 0)
-        self.has_acl = False
 
 
 def _plan(root: Node, version: int) -> _Plan:
@@ -277,7 +278,7 @@ def _plan(root: Node, version: int) -> _Plan:
     all_xattrs = plan.xattrs
     dir_names = plan.dir_names
     dir_targets = plan.dir_targets
-    index_of: dict[int, int] = {id(root): 0}
+    index_of: dict[Node, int] = {root: 0}  # Node hashes by identity
     parent_of: list[int] = [0]
     # (dir index, entry position, link node): resolved once every inode has an index.
     pending_links: list[tuple[int, int, Node]] = []
@@ -341,10 +342,9 @@ def _plan(root: Node, version: int) -> _Plan:
                     continue
                 if cmode == _S_IFCHR and child.rdev == 0 and id(child) not in synthetic:
                     whiteouts += 1
-                key = id(child)
-                if key in index_of:
+                if child in index_of:
                     raise WriteError(errno.EINVAL, "the same node is in the tree twice")
-                index_of[key] = len(nodes)
+                index_of[child] = len(nodes)
                 targets.append(len(nodes))
                 nodes.append(child)
                 parent_of.append(i)
@@ -384,7 +384,7 @@ def _plan(root: Node, version: int) -> _Plan:
                 except WriteError as e:
                     first_error = first_error or e
             elif node.xattrs:
-                xattrs = list(node.xattrs)
+                xattrs = sorted(node.xattrs)
         modes.append(mode)
         sizes.append(size)
         nlinks.append(nlink)
@@ -412,7 +412,7 @@ def _plan(root: Node, version: int) -> _Plan:
         raise _c_order_error(root, version, first_error)
 
     for idx, pos, link in pending_links:
-        t = index_of.get(id(_follow(link)))
+        t = index_of.get(_follow(link))
         if t is None:
             raise WriteError(errno.EINVAL, "hardlink to a node outside the tree")
         link_targets = dir_targets[idx]
@@ -420,13 +420,6 @@ def _plan(root: Node, version: int) -> _Plan:
         link_targets[pos] = t
 
     plan.min_mtime = (min_sec, min_nsec)
-    has_acl = False
-    for xs in all_xattrs:
-        if xs:
-            xs.sort()
-            if not has_acl:
-                has_acl = any(k in _ACL_KEYS for k, _ in xs)
-    plan.has_acl = has_acl
     return plan
 
 
@@ -505,6 +498,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             uses[kv] = uses.get(kv, 0) + 1
             if kv[0] not in keyinfo:
                 keyinfo[kv[0]] = _key_info(kv[0])
+    has_acl = any(k in keyinfo for k in _ACL_KEYS)
     shared = [kv for kv, n in uses.items() if n > 1]
     # C's canonical order is descending: key, then value length, then value.
     shared.sort(key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
@@ -519,18 +513,25 @@ def _emit(plan: _Plan, version: int) -> bytes:
     shared_size = offset
 
     # -- layout (C compute_erofs_inodes) ------------------------------------------
+    # Most inodes (no data blocks, no shared-xattr references, not directories)
+    # depend on nothing computed later, so their bytes are produced right here
+    # and the inode area is one join. The rest get a zero placeholder and are
+    # packed into the final buffer once the nids and block addresses are known.
+    pieces: list[bytes] = []
+    # i, pos, inode size, xattr size, tail, data blocks, first block (relative)
+    deferred: list[tuple[int, int, int, int, int, int, int]] = []
     inode_pos = [0] * count
-    compact_of = [False] * count
-    n_blocks_of = [0] * count
-    tail_of = [0] * count
-    xsize_of = [0] * count
-    # Per inode with xattrs: (xattrs referenced from the shared table, inline ones).
-    xsplit: list[tuple[Xattrs, Xattrs] | None] = [None] * count
+    # Per deferred inode with xattrs: (name filter, pairs referenced in the
+    # shared table, the encoded inline entries).
+    xsplit: dict[int, tuple[int, Xattrs, bytes]] = {}
+    filter_cache: dict[tuple[bytes, ...], int] = {}
+    entry_heads: dict[tuple[bytes, int], bytes] = {}
+    ff_tails: dict[int, bytes] = {}
     # Per directory: start index of each dirent chunk (the last one may be the tail).
-    chunk_starts: list[list[int] | None] = [None] * count
-    chunkbits_of = [0] * count
+    chunk_starts: dict[int, list[int]] = {}
+    chunkbits_of: dict[int, int] = {}
     n_data_blocks = 0
-    pos = _INODES_START
+    end = pos = _INODES_START
     for i in range(count):
         mode = modes[i]
         ftype = mode & _S_IFMT
@@ -581,18 +582,38 @@ def _emit(plan: _Plan, version: int) -> bytes:
         isz = 32 if compact else 64
         xs = all_xattrs[i]
         xsz = 0
+        refs: Xattrs = []
+        xarea = b""
+        name_filter = 0
         if xs:
-            refs: Xattrs = []
-            inline: Xattrs = []
+            parts: list[bytes] = []
+            keys = []
             for kv in xs:
+                k, v = kv
+                keys.append(k)
                 if len(refs) < _MAX_SHARED_REFS and kv in shared_offset:
                     refs.append(kv)
-                else:
-                    inline.append(kv)
-            xsplit[i] = (refs, inline)
-            xsz = 12 + 4 * len(refs)
-            for k, v in inline:
-                xsz += (4 + len(keyinfo[k][1]) + len(v) + 3) & ~3
+                    continue
+                head = entry_heads.get((k, len(v)))
+                if head is None:
+                    index, suffix, _ = keyinfo[k]
+                    head = _XATTR_ENTRY.pack(len(suffix), index, len(v)) + suffix
+                    entry_heads[(k, len(v))] = head
+                parts.append(head)
+                parts.append(v)
+                parts.append(_PADS[(len(head) + len(v)) & 3])
+            filter_key = tuple(keys)
+            cached_filter = filter_cache.get(filter_key)
+            if cached_filter is None:
+                bits = 0
+                for k in keys:
+                    bits |= 1 << keyinfo[k][2]
+                cached_filter = filter_cache[filter_key] = ~bits & _U32
+            name_filter = cached_filter
+            xarea = b"".join(parts)
+            xsz = 12 + 4 * len(refs) + len(xarea)
+            if xsz > _MAX_XATTR_AREA:
+                raise WriteError(errno.EINVAL, "xattrs too large for one inode")
         pos = (pos + 31) & ~31
         if ftype == _S_IFLNK:
             total = isz + xsz + tail
@@ -612,13 +633,46 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     tail = 0
                     pos = (pos + BLOCK - 1) & ~(BLOCK - 1)
         inode_pos[i] = pos
-        compact_of[i] = compact
-        n_blocks_of[i] = n_blocks
-        tail_of[i] = tail
-        xsize_of[i] = xsz
-        n_data_blocks += n_blocks
-        pos += isz + xsz + tail
+        if pos > end:
+            pieces.append(bytes(pos - end))
+        end = pos + isz + xsz + tail
+        if n_blocks or refs or ftype == _S_IFDIR:
+            pieces.append(bytes(end - pos))
+            deferred.append((i, pos, isz, xsz, tail, n_blocks, n_data_blocks))
+            if xs:
+                xsplit[i] = (name_filter, refs, xarea)
+            n_data_blocks += n_blocks
+            pos = end
+            continue
+        pos = end
+
+        # A self-contained inode: header, xattrs and inline tail, now.
+        layout = _LAYOUT_FLAT_INLINE if tail else _LAYOUT_FLAT_PLAIN
+        i_u = 0
+        tail_bytes = b""
+        if ftype == _S_IFREG:
+            content = node.content
+            if content is not None:
+                tail_bytes = content
+            elif size:
+                layout = _LAYOUT_CHUNK_BASED
+                i_u = chunkbits_of[i] - 12
+                tail_bytes = ff_tails.get(tail) or ff_tails.setdefault(tail, b"\xff" * tail)
+        elif ftype == _S_IFLNK:
+            tail_bytes = node.payload or b""
+        elif ftype == _S_IFCHR or ftype == _S_IFBLK:
+            i_u = node.rdev & _U32
+            size = 0
+        else:
+            size = 0
+        head = _inode_header(compact, layout, xsz, mode, nlinks[i], size, i_u, i, node)
+        if xsz:
+            pieces.append(head + _XATTR_HEADER.pack(name_filter, 0) + xarea + tail_bytes)
+        else:
+            pieces.append(head + tail_bytes if tail_bytes else head)
     inodes_end = (pos + 31) & ~31
+    if inodes_end > end:
+        pieces.append(bytes(inodes_end - end))
     data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
     image_size = data_start + n_data_blocks * BLOCK
     if inode_pos[0] // _SLOT >= 0xFFFF:
@@ -631,7 +685,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         0,
         _COMPOSEFS_MAGIC,
         _COMPOSEFS_HEADER_VERSION,
-        _HEADER_FLAG_HAS_ACL if plan.has_acl else 0,
+        _HEADER_FLAG_HAS_ACL if has_acl else 0,
         version,
     )
     _SUPER.pack_into(
@@ -650,113 +704,52 @@ def _emit(plan: _Plan, version: int) -> bytes:
         0,
         inodes_end // BLOCK,
     )
+    area = b"".join(pieces)
+    buf[_INODES_START : _INODES_START + len(area)] = area
+    del area, pieces
+    shared_table = b"".join(shared_entries)
+    buf[inodes_end : inodes_end + len(shared_table)] = shared_table
+
     nid_of = [p // _SLOT for p in inode_pos]
     shared_base = inodes_end % BLOCK
-    pack_compact = _COMPACT.pack_into
-    pack_extended = _EXTENDED.pack_into
     ftype_of = [_FILE_TYPE[(m & _S_IFMT) >> 12] for m in modes]
     dirent_packers: dict[int, struct.Struct] = {}
-    filter_cache: dict[tuple[bytes, ...], int] = {}
-    entry_heads: dict[tuple[bytes, int], bytes] = {}
-    block_no = data_start // BLOCK
-    for i in range(count):
+    first_block = data_start // BLOCK
+    for i, off, isz, xsz, tail, n_blocks, rel_block in deferred:
         node = nodes[i]
         mode = modes[i]
         ftype = mode & _S_IFMT
-        n_blocks = n_blocks_of[i]
-        tail = tail_of[i]
-        xsz = xsize_of[i]
-        off = inode_pos[i]
         layout = _LAYOUT_FLAT_INLINE if tail else _LAYOUT_FLAT_PLAIN
-        i_u = 0
-        blkaddr = block_no if n_blocks else 0
-        block_no += n_blocks
-        if ftype == _S_IFDIR:
-            size = n_blocks * BLOCK + tail
-            i_u = blkaddr
-        elif ftype == _S_IFREG:
-            size = sizes[i]
-            i_u = blkaddr
-            if size > 0 and node.content is None:
-                layout = _LAYOUT_CHUNK_BASED
-                # The chunk format shares i_u with raw_blkaddr (C union quirk).
-                i_u = (blkaddr & 0xFFFF0000) | (chunkbits_of[i] - 12)
-        elif ftype == _S_IFLNK:
-            size = sizes[i]
-            i_u = blkaddr
+        size = n_blocks * BLOCK + tail if ftype == _S_IFDIR else sizes[i]
+        blkaddr = first_block + rel_block if n_blocks else 0
+        i_u = blkaddr
+        if ftype == _S_IFREG and size > 0 and node.content is None:
+            layout = _LAYOUT_CHUNK_BASED
+            # The chunk format shares i_u with raw_blkaddr (C union quirk).
+            i_u = (blkaddr & 0xFFFF0000) | (chunkbits_of[i] - 12)
         elif ftype == _S_IFCHR or ftype == _S_IFBLK:
-            size = 0
             i_u = node.rdev & _U32
-        else:
             size = 0
-        icount = (xsz - 12) // 4 + 1 if xsz else 0
-        if icount > 0xFFFF:
-            raise WriteError(errno.EINVAL, "xattrs too large for one inode")
-        if compact_of[i]:
-            pack_compact(
-                buf,
-                off,
-                layout << 1,
-                icount,
-                mode & 0xFFFF,
-                nlinks[i],
-                size,
-                0,
-                i_u,
-                i,
-                node.uid,
-                node.gid,
-                0,
-            )
-            off += 32
-        else:
-            pack_extended(
-                buf,
-                off,
-                layout << 1 | 1,
-                icount,
-                mode & 0xFFFF,
-                0,
-                size,
-                i_u,
-                i,
-                node.uid & _U32,
-                node.gid & _U32,
-                node.mtime_sec & _U64,
-                node.mtime_nsec & _U32,
-                nlinks[i] & _U32,
-            )
-            off += 64
-        split = xsplit[i]
+        elif ftype != _S_IFREG and ftype != _S_IFLNK and ftype != _S_IFDIR:
+            size = 0
+        head = _inode_header(isz == 32, layout, xsz, mode, nlinks[i], size, i_u, i, node)
+        buf[off : off + isz] = head
+        off += isz
+        split = xsplit.get(i)
         if split is not None:
-            refs, inline = split
-            keys = tuple([k for k, _ in all_xattrs[i]])
-            name_filter = filter_cache.get(keys)
-            if name_filter is None:
-                bits = 0
-                for k in keys:
-                    bits |= 1 << keyinfo[k][2]
-                name_filter = filter_cache[keys] = ~bits & _U32
-            parts = [_XATTR_HEADER.pack(name_filter, len(refs))]
+            name_filter, refs, inline = split
+            _XATTR_HEADER.pack_into(buf, off, name_filter, len(refs))
+            ref_off = off + 12
             for kv in refs:
-                parts.append(_U32S.pack((shared_base + shared_offset[kv]) // 4))
-            for k, v in inline:
-                head = entry_heads.get((k, len(v)))
-                if head is None:
-                    index, suffix, _ = keyinfo[k]
-                    head = _XATTR_ENTRY.pack(len(suffix), index, len(v)) + suffix
-                    entry_heads[(k, len(v))] = head
-                parts.append(head)
-                parts.append(v)
-                parts.append(_PADS[(len(head) + len(v)) & 3])
-            area = b"".join(parts)
-            buf[off : off + len(area)] = area
+                _U32S.pack_into(buf, ref_off, (shared_base + shared_offset[kv]) // 4)
+                ref_off += 4
+            buf[ref_off : ref_off + len(inline)] = inline
             off += xsz
         if ftype == _S_IFDIR:
             names = dir_names[i]
             dtargets = dir_targets[i]
             dstarts = chunk_starts[i]
-            assert names is not None and dtargets is not None and dstarts is not None
+            assert names is not None and dtargets is not None
             bounds = [*dstarts, len(names)]
             for c in range(len(dstarts)):
                 a, b = bounds[c], bounds[c + 1]
@@ -769,10 +762,16 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 chunk_targets = dtargets[a:b]
                 chunk_names = names[a:b]
                 n = b - a
-                fields: list[int] = []
-                nameoffs = accumulate(map(len, chunk_names), initial=12 * n)
-                for t, nameoff in zip(chunk_targets, nameoffs, strict=False):
-                    fields += (nid_of[t], nameoff, ftype_of[t])
+                fields = list(
+                    chain.from_iterable(
+                        zip(
+                            [nid_of[t] for t in chunk_targets],
+                            accumulate(map(len, chunk_names), initial=12 * n),
+                            [ftype_of[t] for t in chunk_targets],
+                            strict=False,  # the name offsets run one past the last entry
+                        )
+                    )
+                )
                 packer = dirent_packers.get(n)
                 if packer is None:
                     packer = dirent_packers[n] = struct.Struct("<" + "QHBx" * n)
@@ -800,6 +799,36 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     where = blkaddr * BLOCK
                     first = content[:BLOCK]
                     buf[where : where + len(first)] = first
-    shared_table = b"".join(shared_entries)
-    buf[inodes_end : inodes_end + len(shared_table)] = shared_table
     return bytes(buf)
+
+
+def _inode_header(
+    compact: bool,
+    layout: int,
+    xattr_size: int,
+    mode: int,
+    nlink: int,
+    size: int,
+    i_u: int,
+    ino: int,
+    node: Node,
+) -> bytes:
+    icount = (xattr_size - 12) // 4 + 1 if xattr_size else 0
+    if compact:
+        return _COMPACT.pack(
+            layout << 1, icount, mode & 0xFFFF, nlink, size, 0, i_u, ino, node.uid, node.gid, 0
+        )
+    return _EXTENDED.pack(
+        layout << 1 | 1,
+        icount,
+        mode & 0xFFFF,
+        0,
+        size,
+        i_u,
+        ino,
+        node.uid & _U32,
+        node.gid & _U32,
+        node.mtime_sec & _U64,
+        node.mtime_nsec & _U32,
+        nlink & _U32,
+    )
