@@ -177,10 +177,9 @@ def make_tree(root: bytes, *, big_xattrs: bool = True, seed: int = 1) -> None:
         os.utime(path, ns=(0, mtimes[i % len(mtimes)]), follow_symlinks=False)
 
 
-@pytest.fixture(scope="session")
-def scratch() -> Iterator[Path]:
+def private_tmpfs(prefix: str) -> Iterator[Path]:
     """A private tmpfs (room for big xattrs); a plain temp dir if mounting is impossible."""
-    base = Path(tempfile.mkdtemp(prefix="cfs-scan-"))
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     mounted = (
         subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(base)], capture_output=True
@@ -193,6 +192,11 @@ def scratch() -> Iterator[Path]:
         if mounted:
             subprocess.run(["umount", "-l", str(base)], check=False)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+@pytest.fixture(scope="session")
+def scratch() -> Iterator[Path]:
+    yield from private_tmpfs("cfs-scan-")
 
 
 def _on_tmpfs(path: Path) -> bool:
