@@ -11,6 +11,7 @@ image that is inline entries first, then shared ones, as C prints them.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from composefsd.image.escape import (
@@ -27,30 +28,47 @@ _S_IFMT = stat.S_IFMT(0o177777)
 _FLUSH_BYTES = 1 << 20
 
 
-def _walk(root: Node) -> list[tuple[bytes, Node]]:
-    """(path, node) in dump order; the root's path is ``b""`` as in C."""
-    out: list[tuple[bytes, Node]] = [(b"", root)]
+def _walk(root: Node) -> Iterator[tuple[bytes, Node]]:
+    """(path, node) in dump order; the root's path is ``b""`` as in C.
+
+    A generator, so a deep tree costs memory for the current path and the pending
+    siblings only, not for every path at once.
+    """
+    yield b"", root
     stack: list[tuple[bytes, Node]] = []
     if root.children:
         stack.extend((b"/" + n, c) for n, c in sorted(root.children.items(), reverse=True))
     while stack:
         path, node = stack.pop()
-        out.append((path, node))
+        yield path, node
         if node.children:
             stack.extend(
                 (path + b"/" + n, c) for n, c in sorted(node.children.items(), reverse=True)
             )
-    return out
 
 
-def _iter_dump(root: Node) -> list[bytes]:
-    entries = _walk(root)
-    # C builds a hardlink target's path from its parent chain; in a tree every node
-    # sits at exactly one place, which is that path.
-    paths = {id(node): path for path, node in entries}
-    lines: list[bytes] = []
-    append = lines.append
-    for path, node in entries:
+def _link_target_paths(root: Node) -> dict[int, bytes]:
+    """id(node) -> path for every node some hardlink entry points at.
+
+    C builds these paths from parent pointers; in a tree each node sits at exactly
+    one place, which is that path. Only link targets are kept.
+    """
+    targets: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.link_to is not None:
+            targets.add(id(node.link_to))
+        if node.children:
+            stack.extend(node.children.values())
+    if not targets:
+        return {}
+    return {id(node): path for path, node in _walk(root) if id(node) in targets}
+
+
+def _iter_dump(root: Node) -> Iterator[bytes]:
+    paths = _link_target_paths(root)
+    for path, node in _walk(root):
         target = node.link_to
         if target is None:
             target = node
@@ -81,20 +99,28 @@ def _iter_dump(root: Node) -> list[bytes]:
             line += b"".join(
                 [b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in target.xattrs]
             )
-        append(line + b"\n")
-    return lines
+        yield line + b"\n"
 
 
-def format_dump(root: Node) -> bytes:
-    """The ``composefs-info dump`` text for ``root``."""
-    return b"".join(_iter_dump(root))
+def _iter_ls(root: Node) -> Iterator[bytes]:
+    walk = _walk(root)
+    next(walk)  # not the root
+    for path, node in walk:
+        ftype = node.mode & _S_IFMT
+        if ftype == stat.S_IFDIR:
+            yield escape_no_space(path) + b"/\t\n"
+        elif ftype == stat.S_IFLNK:
+            yield escape_no_space(path) + b"\t-> " + escape_standard(node.payload or b"") + b"\n"
+        elif ftype == stat.S_IFREG and node.payload is not None:
+            yield escape_no_space(path) + b"\t@ " + escape_standard(node.payload) + b"\n"
+        else:
+            yield escape_no_space(path) + b"\n"
 
 
-def print_dump(root: Node, out: BinaryIO) -> None:
-    """Write ``format_dump(root)`` to ``out`` in chunks."""
+def _write(lines: Iterator[bytes], out: BinaryIO) -> None:
     buf: list[bytes] = []
     n = 0
-    for line in _iter_dump(root):
+    for line in lines:
         buf.append(line)
         n += len(line)
         if n >= _FLUSH_BYTES:
@@ -105,22 +131,21 @@ def print_dump(root: Node, out: BinaryIO) -> None:
         out.write(b"".join(buf))
 
 
+def format_dump(root: Node) -> bytes:
+    """The ``composefs-info dump`` text for ``root``."""
+    return b"".join(_iter_dump(root))
+
+
+def print_dump(root: Node, out: BinaryIO) -> None:
+    """Write ``format_dump(root)`` to ``out``, streaming (memory stays small)."""
+    _write(_iter_dump(root), out)
+
+
 def format_ls(root: Node) -> bytes:
     """The ``composefs-info ls`` text: every node but the root, with a type suffix."""
-    lines: list[bytes] = []
-    append = lines.append
-    for path, node in _walk(root)[1:]:
-        ftype = node.mode & _S_IFMT
-        if ftype == stat.S_IFDIR:
-            append(escape_no_space(path) + b"/\t\n")
-        elif ftype == stat.S_IFLNK:
-            append(escape_no_space(path) + b"\t-> " + escape_standard(node.payload or b"") + b"\n")
-        elif ftype == stat.S_IFREG and node.payload is not None:
-            append(escape_no_space(path) + b"\t@ " + escape_standard(node.payload) + b"\n")
-        else:
-            append(escape_no_space(path) + b"\n")
-    return b"".join(lines)
+    return b"".join(_iter_ls(root))
 
 
 def print_ls(root: Node, out: BinaryIO) -> None:
-    out.write(format_ls(root))
+    """Write ``format_ls(root)`` to ``out``, streaming."""
+    _write(_iter_ls(root), out)
