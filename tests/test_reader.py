@@ -607,3 +607,31 @@ def test_usr_sized_image_reads_fast(reference_bin: Path, tmp_path: Path) -> None
     assert info.inodes_read == 1 + 300 + 300 * 200
     assert elapsed < 2.0, f"reading took {elapsed:.2f}s"
     assert format_dump(info.root) == _c_info(reference_bin, "dump", image)
+
+
+def test_reader_xattr_setter_equals_node_set_xattr() -> None:
+    """The reader's indexed setter must behave exactly like Node.set_xattr(limit=65535)."""
+    from composefsd.image.reader import _Reader
+    from composefsd.image.tree import XATTR_ESTIMATE_MAX_READER, TreeError
+
+    rng = random.Random(7)
+    keys = [b"user.a", b"user.bb", b"trusted.c", b"security.selinux", b"user.e" * 40]
+    for _ in range(300):
+        ours, ref = Node(stat.S_IFREG), Node(stat.S_IFREG)
+        index: dict[bytes, int] = {}
+        for _ in range(rng.randint(1, 40)):
+            key = rng.choice(keys)
+            value = b"v" * rng.choice([0, 1, 5, 300, 20000])
+            try:
+                ref.set_xattr(key, value, limit=XATTR_ESTIMATE_MAX_READER)
+                ref_err = None
+            except TreeError as e:
+                ref_err = e.errno
+            try:
+                _Reader._set_xattr(ours, index, 1, key, value)
+                our_err = None
+            except ImageFormatError as e:
+                our_err = e.errno
+            assert our_err == ref_err
+            assert ours.xattrs == ref.xattrs
+            assert ours.xattr_estimate == ref.xattr_estimate

@@ -257,15 +257,23 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Like C, die quietly on a closed pipe (e.g. "composefs-info dump x | head").
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = sys.stdout.buffer
     try:
-        _run(list(sys.argv if argv is None else argv), out)
-    except _Exit as e:
+        try:
+            _run(list(sys.argv if argv is None else argv), out)
+        except _Exit as e:
+            out.flush()
+            return e.code
         out.flush()
-        return e.code
-    out.flush()
+    except BrokenPipeError:
+        # C dies of SIGPIPE here ("composefs-info dump x | head"): end quietly with
+        # the status a shell reports for that, and keep Python's exit-time flush of
+        # stdout from failing again. (Not signal(SIGPIPE, SIG_DFL): main() is also
+        # called in-process, where changing signal dispositions is not ours to do.)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     return 0
 
 
