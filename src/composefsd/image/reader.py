@@ -404,7 +404,16 @@ class _Reader:
             self._seen[nid] = _WHITEOUT
             return None
 
-        node = Node(mode, nlink, uid, gid, rdev, file_size, mtime, mtime_nsec)
+        node = Node(
+            mode=mode,
+            nlink=nlink,
+            uid=uid,
+            gid=gid,
+            rdev=rdev,
+            size=file_size,
+            mtime_sec=mtime,
+            mtime_nsec=mtime_nsec,
+        )
         self._seen[nid] = node
         self.inodes_read += 1
 
