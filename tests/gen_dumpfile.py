@@ -55,6 +55,11 @@ class Entry:
     target: Entry | None = None
     # Raw field text overrides (already escaped), used by quirks and mutations.
     raw: dict[int, bytes] = field(default_factory=dict)
+    # Bytes written after a NUL in this entry's own PATH (or symlink target): C drops them.
+    nul_junk: bytes = b""
+    payload_junk: bytes = b""
+    # Bits above the 16 that reach disk, written into MODE.
+    high_mode: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -233,10 +238,14 @@ def _mtime(rng: random.Random, base: tuple[int, int]) -> tuple[int, int]:
     nsec = rng.choice(
         [0, 0, rng.randrange(1_000_000_000), 999_999_999, U32, rng.randrange(1 << 32)]
     )
+    if rng.random() < 0.03:
+        nsec += rng.randrange(1, 1 << 32) << 32  # C truncates NSEC to 32 bits
     return sec, nsec
 
 
 def _id(rng: random.Random) -> int:
+    if rng.random() < 0.03:
+        return rng.randrange(1 << 32, 1 << 64)  # C truncates to 32 bits
     return rng.choice(
         [0, 0, 0, 0, 1000, 65534, 65535, 65536, rng.randrange(1 << 16), rng.randrange(1 << 32), U32]
     )
@@ -254,7 +263,7 @@ def _payload(rng: random.Random) -> bytes:
         return f"{h[:2]}/{h[2:]}".encode()
     if r < 0.6:
         # Lengths = 3 mod 4 hit the reader's redirect off-by-one (spec 10.2).
-        n = rng.choice([3, 7, 11, 15, 63, 67, 4095])
+        n = rng.choice([3, 7, 11, 15, 63, 67, 4095 if rng.random() < 0.1 else 4091])
         return _bytes_any(rng, n, exclude=b"\x00")
     if r < 0.77:
         return b"/" + _simple(rng, rng.randint(0, 40))
@@ -409,8 +418,14 @@ class _Gen:
         e.gid = _id(rng)
         e.mtime_sec, e.mtime_nsec = _mtime(rng, self.base_mtime)
         r = rng.random()
-        e.nlink = 1 if r < 0.7 else rng.choice([0, 2, 3, 65535, 65536, rng.randrange(1 << 32)])
+        e.nlink = (
+            1
+            if r < 0.7
+            else rng.choice([0, 2, 3, 65535, 65536, rng.randrange(1 << 32), rng.randrange(1 << 64)])
+        )
         self._add_xattrs(e)
+        if rng.random() < 0.01:
+            e.high_mode = rng.randrange(1, 1 << 48) << 16  # only mode & S_IFMT is checked
 
     def _add_xattrs(self, e: Entry) -> None:
         rng = self.rng
@@ -577,6 +592,7 @@ class _Gen:
         elif kind in ("chr", "blk"):
             rdev = rng.choice(
                 [1, 0x0501, rng.randrange(1, 1 << 20), rng.randrange(1, 1 << 32), U32]
+                + [(1 << 32) + 5, rng.randrange(1 << 64)] * (rng.random() < 0.1)
             )
             e = self._new(
                 parent, (stat.S_IFCHR if kind == "chr" else stat.S_IFBLK) | perm, rdev=rdev
@@ -590,9 +606,29 @@ class _Gen:
                 parent, stat.S_IFCHR | perm, rdev=0, size=rng.choice([0, 0, 0, 1, 4096, 12345678])
             )
         self._fill_common(e)
-        if not stat.S_ISREG(e.mode) and not stat.S_ISLNK(e.mode) and rng.random() < 0.04:
-            e.payload = _payload(rng)  # payloads are kept on any type; the writer ignores them
+        self._odd_fields(e)
         return e
+
+    def _odd_fields(self, e: Entry) -> None:
+        """Valid but unusual field values the C parser accepts (spec 8.2)."""
+        rng = self.rng
+        regular, symlink = stat.S_ISREG(e.mode), stat.S_ISLNK(e.mode)
+        if not regular and not symlink and rng.random() < 0.04:
+            e.payload = _payload(rng)  # payloads are kept on any type; the writer ignores them
+        if not regular and not symlink and rng.random() < 0.02:
+            e.content = _content(rng, rng.choice([1, 5, 100]))  # ditto content (sets SIZE)
+            e.size = len(e.content)
+        if not regular and rng.random() < 0.02:
+            e.digest = _digest(rng)
+        if not e.is_dir and rng.random() < 0.02:
+            # A path is a C string: "\x00" ends it. Names below stay unique (the junk has a
+            # "/" too, so it cannot be any sibling's real name).
+            e.nul_junk = b"\x00" + _simple(rng, rng.randint(0, 5), slash=True) + b"/x"
+        if symlink and rng.random() < 0.02 and e.payload:
+            e.payload_junk = b"\x00" + _simple(rng, rng.randint(1, 5))
+        if e.uid & U32 and rng.random() < 0.02:
+            # C ignores a bad GID or RDEV when UID != 0 (spec 8.2 step 9).
+            e.raw[rng.choice([5, 6])] = rng.choice([b"x", b"12junk", b"", b"-"])
 
     def _wide_dir(self) -> None:
         """A directory of hundreds of entries: several 4096-byte dirent blocks."""
@@ -639,7 +675,8 @@ class _Gen:
         candidates = [
             e
             for e in self.entries
-            if e.parent is not None and (not e.is_dir or rng.random() < 0.03)
+            if (e.parent is not None or rng.random() < 0.02)
+            and (not e.is_dir or rng.random() < 0.03)
         ]
         if not candidates:
             return
@@ -707,7 +744,9 @@ class _Gen:
         rng = self.rng
         esc = self.esc.esc
         f: list[bytes] = [b""] * 11
-        f[0] = esc(e.path())
+        f[0] = esc(e.path() + e.nul_junk)
+        if e.parent is not None and rng.random() < 0.02:
+            f[0] = f[0].replace(b"/", b"//", rng.randint(1, 3))  # empty components are skipped
         if e.target is not None:
             f[2] = b"@" + self._num(e.mode, octal=True)
             if rng.random() < 0.1:
@@ -721,6 +760,8 @@ class _Gen:
                 f[6] = b"0"
                 f[7] = b"%d.0" % e.mtime_sec
             tpath = e.target.path()
+            if rng.random() < 0.5:
+                tpath += e.target.nul_junk
             r = rng.random()
             if r < 0.05:
                 tpath = tpath.lstrip(b"/")
@@ -732,7 +773,7 @@ class _Gen:
             xattrs: list[tuple[bytes, bytes]] = []
         else:
             f[1] = self._num(e.size)
-            f[2] = self._num(e.mode, octal=True)
+            f[2] = self._num(e.mode | e.high_mode, octal=True)
             f[3] = self._num(e.nlink)
             f[4] = self._num(e.uid)
             f[5] = self._num(e.gid)
@@ -742,7 +783,7 @@ class _Gen:
             else:
                 sec = b"%d" % e.mtime_sec
             f[7] = sec + b"." + self._num(e.mtime_nsec)
-            f[8] = b"-" if e.payload is None else esc(e.payload, optional=True)
+            f[8] = b"-" if e.payload is None else esc(e.payload + e.payload_junk, optional=True)
             f[9] = b"-" if e.content is None else esc(e.content, optional=True)
             f[10] = b"-" if e.digest is None else e.digest.encode()
             xattrs = e.xattrs

@@ -97,10 +97,10 @@ def _environ(strict: bool) -> Iterator[None]:
             os.environ["CFS_PARSE_STRICT"] = old
 
 
-def run_inproc(
-    main: Callable[[list[str]], int | None], argv: Sequence[str], *, strict: bool = False
-) -> Result:
-    """Run a console-script ``main(argv)`` with fds 1/2 (and sys.stdout/err) captured."""
+def run_inproc(tool: str, argv: Sequence[str], *, strict: bool = False) -> Result:
+    """Run our console script ``tool`` in-process as its entry point would (``sys.argv`` set,
+    ``main()``), with fds 1/2 and sys.stdout/err captured."""
+    main = _ours(tool)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, _environ(strict):
         sys.stdout.flush()
         sys.stderr.flush()
@@ -112,10 +112,12 @@ def run_inproc(
         new_out = io.TextIOWrapper(open(1, "wb", closefd=False), errors="surrogateescape")  # noqa: SIM115
         new_err = io.TextIOWrapper(open(2, "wb", closefd=False), errors="backslashreplace")  # noqa: SIM115
         sys.stdout, sys.stderr = new_out, new_err
+        old_argv = sys.argv
+        sys.argv = [tool, *argv]
         exc = None
         try:
             try:
-                code = main(list(argv))
+                code = main()
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) or e.code is None else 1
                 if isinstance(e.code, str):
@@ -131,6 +133,7 @@ def run_inproc(
                 except (OSError, ValueError):
                     pass
             sys.stdout, sys.stderr = old_streams
+            sys.argv = old_argv
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -140,11 +143,11 @@ def run_inproc(
         return Result(rc, out.read(), err.read(), exc)
 
 
-def _ours(tool: str) -> Callable[[list[str]], int | None]:
+def _ours(tool: str) -> Callable[[], int | None]:
     # Imported late so that a missing module fails the tests, not their collection.
     if tool == "mkcomposefs":
         from composefsd.cli.mkcomposefs import main
-    elif tool == "info":
+    elif tool == "composefs-info":
         from composefsd.cli.info import main
     else:
         from composefsd.cli.dump import main
@@ -324,7 +327,7 @@ def test_dumpfile(seed: str, dump_cases: dict[str, DumpCase], reference_bin: Pat
     c_rc = int((d / "c.rc").read_text())
     c_out, c_err = _read(d / "c.out"), _read(d / "c.err")
     our_img = d / "ours.img"
-    ours = run_inproc(_ours("mkcomposefs"), dc.argv(str(our_img)), strict=dc.case.strict)
+    ours = run_inproc("mkcomposefs", dc.argv(str(our_img)), strict=dc.case.strict)
     assert ours.exc is None, f"our mkcomposefs raised\n{ours.exc}\n{dc.describe()}"
 
     if c_rc != 0:
@@ -370,11 +373,10 @@ def test_dumpfile(seed: str, dump_cases: dict[str, DumpCase], reference_bin: Pat
 
 def _compare_info(d: Path, describe: Callable[[], str]) -> None:
     """composefs-info ls/dump/objects of ours on C's image == C's output."""
-    info = _ours("info")
     for cmd in ("ls", "dump", "objects"):
         c_rc = int((d / f"c.{cmd}.rc").read_text())
         c_out = _read(d / f"c.{cmd}")
-        ours = run_inproc(info, [cmd, str(d / "c.img")])
+        ours = run_inproc("composefs-info", [cmd, str(d / "c.img")])
         assert ours.exc is None, f"our composefs-info {cmd} raised\n{ours.exc}\n{describe()}"
         assert (ours.rc == 0) == (c_rc == 0), (
             f"composefs-info {cmd}: C rc {c_rc}, ours rc {ours.rc} {ours.stderr!r}\n{describe()}"
@@ -396,7 +398,7 @@ def _compare_composefs_dump(d: Path, describe: Callable[[], str]) -> None:
     if (d / "c.rt.rc").read_text().strip() != "0":
         return
     out = d / "ours.rt.img"
-    ours = run_inproc(_ours("dump"), [str(d / "c.img"), str(out)])
+    ours = run_inproc("composefs-dump", [str(d / "c.img"), str(out)])
     assert ours.exc is None, f"our composefs-dump raised\n{ours.exc}\n{describe()}"
     assert ours.rc == 0, f"our composefs-dump failed: {ours.stderr!r}\n{describe()}"
     expect = (d / "c.rt.img").read_bytes()
@@ -486,7 +488,7 @@ def test_tree(
     d = tc.dir
     c_rc = int((d / "c.rc").read_text())
     c_out, c_err = _read(d / "c.out"), _read(d / "c.err")
-    ours = run_inproc(_ours("mkcomposefs"), tc.argv("ours"))
+    ours = run_inproc("mkcomposefs", tc.argv("ours"))
     assert ours.exc is None, f"our mkcomposefs raised\n{ours.exc}\n{tc.describe()}"
     if c_rc != 0:
         assert ours.rc != 0, f"C failed ({c_err.strip()!r}) but ours succeeded\n{tc.describe()}"
