@@ -210,6 +210,24 @@ def test_digest_fd_threads_agree_on_big_file(sample_files: dict[int, Path]) -> N
         os.close(fd)
 
 
+def test_digest_fd_small_files_start_no_threads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread pool was started for a small file")
+
+    monkeypatch.setattr(fsverity, "ThreadPoolExecutor", no_pool)
+    for size in (0, 1, 1 << 20):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert digest_fd(fd, threads=2) == digest_bytes(data)
+        finally:
+            os.close(fd)
+
+
 def test_digest_fd_leaves_offset_alone(tmp_path: Path) -> None:
     path = tmp_path / "f"
     data = os.urandom(3 * BS + 17)

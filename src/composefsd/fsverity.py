@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import stat
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -374,8 +375,9 @@ class _Reader:
 
 
 def _regular_size(fd: int) -> int | None:
+    """The size of a regular file (it may still grow while we read), else None."""
     st = os.fstat(fd)
-    return st.st_size if st.st_size > 0 else None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def digest_fd(
