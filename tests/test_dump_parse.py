@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.image.dump_parse import DumpfileError, parse_dumpfile, unescape
+from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
+from composefsd.image.escape import unescape
 from composefsd.image.writer import WriteError, write_image
 
 ROOT = b"/ 4096 40755 2 0 0 0 0.0 - - -\n"

@@ -16,9 +16,10 @@ from __future__ import annotations
 import binascii
 import stat
 
+from .escape import UnescapeError, unescape
 from .tree import INLINE_CONTENT_MAX, PATH_MAX, Node, TreeError, gc_paused
 
-__all__ = ["DumpfileError", "parse_dumpfile", "unescape"]
+__all__ = ["DumpfileError", "parse_dumpfile"]
 
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
@@ -31,7 +32,6 @@ _VALID_TYPES = frozenset(
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _C_SPACE = b" \t\n\v\f\r"
-_HEX = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
 
 
 class DumpfileError(ValueError):
@@ -52,45 +52,6 @@ class _LineError(ValueError):
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
-
-
-def unescape(field: bytes) -> bytes:
-    """Decode the dumpfile escapes (``\\\\ \\n \\r \\t \\xHH``); raises ValueError with C's text."""
-    if b"\\" not in field:
-        return field
-    out = bytearray()
-    i = 0
-    n = len(field)
-    while i < n:
-        j = field.find(b"\\", i)
-        if j < 0:
-            out += field[i:]
-            break
-        out += field[i:j]
-        if j + 1 >= n:
-            raise _LineError("No character after escape")
-        c = field[j + 1]
-        i = j + 2
-        if c == 0x5C:
-            out.append(0x5C)
-        elif c == 0x6E:
-            out.append(0x0A)
-        elif c == 0x72:
-            out.append(0x0D)
-        elif c == 0x74:
-            out.append(0x09)
-        elif c == 0x78:
-            if i >= n or i + 1 >= n:
-                raise _LineError("No hex characters after hex escape")
-            h1 = _HEX.get(field[i])
-            h2 = _HEX.get(field[i + 1])
-            if h1 is None or h2 is None:
-                raise _LineError("Invalid hex characters after hex escape")
-            out.append(h1 << 4 | h2)
-            i += 2
-        else:
-            raise _LineError(f"Unsupported escape type {chr(c)}")
-    return bytes(out)
 
 
 def _cstr(value: bytes) -> bytes:
@@ -560,6 +521,8 @@ def _parse(data: bytes, strict: bool) -> Node:
             parser.line(tail, lineno)
     except _LineError as e:
         raise DumpfileError(e.message, lineno) from None
+    except UnescapeError as e:
+        raise DumpfileError(str(e), lineno) from None
     except TreeError as e:  # pragma: no cover - every TreeError is mapped above
         raise DumpfileError(str(e), lineno) from None
     if parser.root is None:
