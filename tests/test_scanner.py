@@ -15,15 +15,20 @@ import random
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from composefsd import scanner
 from composefsd.fsverity import digest_bytes
 from composefsd.image.dump_print import format_dump
 from composefsd.image.reader import read_image
+from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
 from composefsd.objcopy import CopyState, copy_fd_data, join_store_path, store_object
 from composefsd.scanner import (
@@ -563,33 +568,72 @@ def test_unreadable_file(reference_bin: Path, workdir: Path) -> None:
         subprocess.run(["umount", str(src / "victim")], check=True)
 
 
-def test_file_vanishing_between_scan_and_hash(workdir: Path) -> None:
+def _after_lstat(
+    monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[bytes], None]
+) -> None:
+    """Run ``action(path)`` right after the scanner has stat'ed ``name``: a racing writer."""
+    original = scanner._Walker.make_node
+
+    def make_node(
+        self: Any, dir_fd: int | None, nm: bytes, path: bytes, st: os.stat_result
+    ) -> Node:
+        node = original(self, dir_fd, nm, path, st)
+        if nm == name:
+            action(path)
+        return node
+
+    monkeypatch.setattr(scanner._Walker, "make_node", make_node)
+
+
+def test_file_vanishing_between_scan_and_hash(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = workdir / "src"
     src.mkdir()
     for i in range(5):
         (src / f"f{i}").write_bytes(b"z" * (100 + i))
-
-    def progress(p: ScanProgress) -> None:
-        if p.phase == "scan" and (src / "f3").exists():
-            (src / "f3").unlink()
-
+    _after_lstat(monkeypatch, b"f3", os.unlink)
     with pytest.raises(ScanError) as info:
-        scan_directory(src, ScanOptions(threads=2), progress)
+        scan_directory(src, ScanOptions(threads=2), digest_store=workdir / "store")
     assert str(info.value) == "error computing digest: No such file or directory"
 
 
-def test_file_shrinking_below_inline_size(workdir: Path) -> None:
+def test_file_shrinking_below_inline_size(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = workdir / "src"
     src.mkdir()
     (src / "small").write_bytes(b"0123456789")
-
-    def progress(p: ScanProgress) -> None:
-        if p.phase == "scan":
-            (src / "small").write_bytes(b"012")
-
-    with pytest.raises(ScanError) as info:  # C's read_content: short read is ENODATA
-        scan_directory(src, progress=progress)
+    _after_lstat(monkeypatch, b"small", lambda p: _write(p, b"012"))
+    with pytest.raises(ScanError) as info:  # C's read_content: a short read is ENODATA
+        scan_directory(src)
     assert str(info.value) == "error computing digest: No data available"
+
+
+def test_scan_error_wins_and_stops_workers(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A digest error during the scan must not hide a later scan error (C scans first).
+    src = workdir / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "gone").write_bytes(b"g" * 100)
+    (src / "b").mkdir()
+    (src / "b" / "x").write_bytes(b"x")
+    _after_lstat(monkeypatch, b"gone", os.unlink)
+    _after_lstat_dir = scanner._Walker._read_dir
+
+    def read_dir(self: Any, fd: int, node: Node, path: bytes) -> Any:
+        if path.endswith(b"/b"):
+            raise ScanError(
+                errno.EIO, "error accessing " + os.fsdecode(path) + ": Input/output error"
+            )
+        return _after_lstat_dir(self, fd, node, path)
+
+    monkeypatch.setattr(scanner._Walker, "_read_dir", read_dir)
+    before = threading.active_count()
+    with pytest.raises(ScanError) as info:
+        scan_directory(src, digest_store=workdir / "store")
+    assert str(info.value).startswith("error accessing") and str(info.value).endswith(
+        "/b: Input/output error"
+    )
+    assert threading.active_count() == before
+    assert not (workdir / "store").exists()
 
 
 def test_progress_reports(tree: bytes, workdir: Path) -> None:
@@ -667,3 +711,51 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_worker_processes(
+    reference_bin: Path, tree: bytes, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Large scans hash in worker processes; force that path on the small test tree.
+    monkeypatch.setattr(scanner, "_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(scanner, "_BATCH_FILES", 7)
+    seen: list[ScanProgress] = []
+    root = scan_directory(tree, ScanOptions(threads=2), seen.append, digest_store=workdir / "s")
+    c_mkcomposefs(reference_bin, f"--digest-store={workdir / 'c'}", tree, workdir / "c.img")
+    assert_same_image(write_image(root), (workdir / "c.img").read_bytes())
+    assert store_listing(workdir / "s") == store_listing(workdir / "c")
+    assert seen[-1].files_done == seen[-1].files_total
+    # A failure inside a worker process is reported like any other.
+    src = workdir / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02}").write_bytes(b"w" * (100 * i + 1))
+    _after_lstat(monkeypatch, b"f13", os.unlink)
+    with pytest.raises(ScanError) as info:
+        scan_directory(src, ScanOptions(threads=2))
+    assert str(info.value) == "error computing digest: No such file or directory"
+
+
+def test_no_worker_processes_available(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable() -> None:
+        raise OSError(errno.ENOENT, "no python here")
+
+    expected = write_image(scan_directory(tree))
+    monkeypatch.setattr(scanner, "_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(scanner, "_start_worker", unavailable)
+    assert write_image(scan_directory(tree, ScanOptions(threads=2))) == expected
+
+
+def test_worker_process_dying(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that exits at once: its lane redoes the batch itself.
+    def short_lived() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.buffer.read(1)"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    expected = write_image(scan_directory(tree))
+    monkeypatch.setattr(scanner, "_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(scanner, "_start_worker", short_lived)
+    assert write_image(scan_directory(tree, ScanOptions(threads=2))) == expected

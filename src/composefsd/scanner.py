@@ -32,14 +32,17 @@ option every path is its own inode with ``nlink`` 1, exactly as C does it.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
+import marshal
 import os
 import queue
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
@@ -68,10 +71,11 @@ _DEVICE_TYPES = frozenset((stat.S_IFBLK, stat.S_IFCHR))
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _PROGRESS_INTERVAL = 0.25
-_MIN_STORE_THREADS = 8
-# Files this big are hashed by all hashing threads together, so that one huge file
-# at the end of the list does not leave the other CPUs idle.
-_BIG_FILE = 64 << 20
+# Hashing work is handed out in batches of this many files or bytes, whichever is hit first.
+_BATCH_FILES = 128
+_BATCH_BYTES = 16 << 20
+# From this much queued data on, hashing moves to worker processes (see _HashLane).
+_PROCESS_MIN_BYTES = 128 << 20
 
 Progress = Callable[["ScanProgress"], None]
 
@@ -176,11 +180,13 @@ class _DirFd:
 
 
 class _Walker:
-    def __init__(self, options: ScanOptions, progress: Progress | None) -> None:
+    """Builds the tree and hands each regular file of non-zero size to the pipeline."""
+
+    def __init__(self, options: ScanOptions, pipeline: _Pipeline) -> None:
         self.options = options
-        self.progress = progress
+        self.pipeline = pipeline
+        self.progress = pipeline.progress
         self.entries = 0
-        self.files: list[tuple[bytes, Node]] = []
         self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes]]] = {}
         self._next_report = time.monotonic() + _PROGRESS_INTERVAL
         self._open_fds: set[int] = set()
@@ -269,8 +275,8 @@ class _Walker:
         root = self.make_node(None, src, src, st)
         self.entries = 1
         ftype = st.st_mode & 0o170000
-        if ftype == _S_IFREG:
-            self.files.append((src, root))
+        if ftype == _S_IFREG and st.st_size > 0:
+            self.pipeline.add(src, root)
         if ftype != _S_IFDIR:
             return root
         try:
@@ -324,7 +330,7 @@ class _Walker:
         children = node.children
         assert children is not None
         subdirs: list[tuple[bytes, Node, bytes]] = []
-        files = self.files
+        add_file = self.pipeline.add
         skip_devices = opts.skip_devices
         track_links = opts.preserve_hardlinks
         sep = b"" if path.endswith(b"/") else b"/"
@@ -353,12 +359,12 @@ class _Walker:
                 children[name] = child
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_path))
-                else:
-                    if ftype == _S_IFREG and st.st_size > 0:
-                        files.append((child_path, child))
-                    if track_links and st.st_nlink > 1:
-                        key = (st.st_dev, st.st_ino)
-                        self.inodes.setdefault(key, []).append((node, name, child, child_path))
+                elif track_links and st.st_nlink > 1:
+                    # Hashed once its paths are known to be one inode (link_hardlinks).
+                    key = (st.st_dev, st.st_ino)
+                    self.inodes.setdefault(key, []).append((node, name, child, child_path))
+                elif ftype == _S_IFREG and st.st_size > 0:
+                    add_file(child_path, child)
                 self.entries += 1
                 if self.progress is not None and not self.entries & 1023:
                     self._report()
@@ -368,23 +374,21 @@ class _Walker:
         now = time.monotonic()
         if now >= self._next_report and self.progress is not None:
             self._next_report = now + _PROGRESS_INTERVAL
-            self.progress(ScanProgress("scan", self.entries))
+            self.pipeline.entries = self.entries
+            self.progress(self.pipeline.snapshot("scan"))
 
     def link_hardlinks(self) -> None:
-        dropped: set[int] = set()
         for group in self.inodes.values():
-            if len(group) < 2:
-                continue
             # Image order: depth first, names bytewise; all paths share the source prefix.
             group.sort(key=lambda item: item[3].split(b"/"))
-            target = group[0][2]
-            target.nlink = len(group)
-            for parent, name, node, _path in group[1:]:
-                assert parent.children is not None
-                parent.children[name] = Node(mode=target.mode, link_to=target)
-                dropped.add(id(node))
-        if dropped:
-            self.files = [item for item in self.files if id(item[1]) not in dropped]
+            _parent, _name, target, target_path = group[0]
+            if len(group) > 1:
+                target.nlink = len(group)
+                for parent, name, _node, _path in group[1:]:
+                    assert parent.children is not None
+                    parent.children[name] = Node(mode=target.mode, link_to=target)
+            if target.mode & 0o170000 == _S_IFREG and target.size > 0:
+                self.pipeline.add(target_path, target)
         self.inodes.clear()
 
 
@@ -400,12 +404,17 @@ def _read_all(fd: int) -> bytes:
         parts.append(chunk)
 
 
-def _hash_file(path: bytes, node: Node, compute: bool, inline: bool, threads: int = 1) -> None:
-    """C lcfs_node_set_from_content for one regular file of non-zero size."""
-    size = node.size
+#: One hashing result: (digest, inline content), or the errno of the failure.
+_HashResult = tuple[bytes | None, bytes | None] | int
+
+
+def _hash_one(
+    path: bytes, size: int, compute: bool, inline: bool
+) -> tuple[bytes | None, bytes | None]:
+    """C lcfs_node_set_from_content for one regular file whose lstat size is ``size`` > 0."""
     small = inline and size <= RECOMMENDED_INLINE_CONTENT_MAX
     if not (compute or small):
-        return
+        return None, None
     fd = os.open(path, _READ_FLAGS)
     try:
         if small:
@@ -413,81 +422,258 @@ def _hash_file(path: bytes, node: Node, compute: bool, inline: bool, threads: in
             digest = c_compat_digest_bytes(data) if compute else None
             if len(data) < size:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
-        else:
-            data = b""
-            digest = digest_fd(fd, threads=threads, c_compat=True)
+            return digest, data[:size]
+        return digest_fd(fd, threads=1, c_compat=True), None
     finally:
         os.close(fd)
-    if digest is not None:
-        node.digest = digest
-        node.payload = payload_for_digest(digest)
-    if small:
-        node.set_content(data[:size])
+
+
+def _hash_batch(items: list[tuple[bytes, int]], compute: bool, inline: bool) -> list[_HashResult]:
+    """Hash a batch of files; stops at the first failure, whose errno ends the list.
+
+    Module-level and free of tree objects, so that worker processes can run it.
+    """
+    out: list[_HashResult] = []
+    for path, size in items:
+        try:
+            out.append(_hash_one(path, size, compute, inline))
+        except OSError as exc:
+            out.append(exc.errno or errno.EIO)
+            break
+    return out
+
+
+class _HashLane(threading.Thread):
+    """One of the pipeline's hashing threads, optionally driving one worker process.
+
+    fs-verity hashes every 4 KiB block with its own hashlib call, so hashing threads
+    spend most of their time holding the GIL and several of them do not add up to
+    more than one CPU. Once the scan has queued ``_PROCESS_MIN_BYTES`` of data, each
+    lane starts a worker process (``python -m composefsd.scanner --hash-worker``,
+    batches over a pipe in ``marshal`` format) and only relays batches to it. If a
+    worker cannot be started or dies, that lane hashes in-process from then on.
+    """
+
+    def __init__(self, pipeline: _Pipeline, index: int) -> None:
+        super().__init__(name=f"cfs-hash-{index}", daemon=True)
+        self.pipeline = pipeline
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.use_proc = True
+
+    def run(self) -> None:
+        pipe = self.pipeline
+        get = pipe.work.get
+        try:
+            while True:
+                batch = get()
+                if batch is None:
+                    return
+                if pipe.cancelled or pipe.digest_error is not None:
+                    continue
+                items = [(path, node.size) for path, node in batch]
+                results = None
+                if self.use_proc and pipe.processes_wanted:
+                    results = self._remote(items)
+                if results is None:
+                    results = _hash_batch(items, pipe.compute, pipe.inline)
+                pipe.done(batch, results)
+        except BaseException as exc:  # never die silently: it would hang finish()
+            pipe.fail(exc)
+        finally:
+            self.stop()
+
+    def _remote(self, items: list[tuple[bytes, int]]) -> list[_HashResult] | None:
+        pipe = self.pipeline
+        try:
+            if self.proc is None:
+                self.proc = _start_worker()
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            request = marshal.dumps((items, pipe.compute, pipe.inline))
+            self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
+            self.proc.stdin.flush()
+            header = self.proc.stdout.read(4)
+            if len(header) < 4:
+                raise EOFError("hash worker exited")
+            reply = self.proc.stdout.read(int.from_bytes(header, "little"))
+            results: list[_HashResult] = marshal.loads(reply)
+            return results
+        except (OSError, EOFError, ValueError) as exc:
+            if not pipe.cancelled:
+                log.info("hashing in-process from now on: %s", exc)
+            self.use_proc = False
+            self.stop()
+            return None
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        if self.pipeline.cancelled:
+            proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _start_worker() -> subprocess.Popen[bytes]:
+    # The package may not be installed (a source checkout on sys.path): tell the child
+    # where this copy of it lives.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    return subprocess.Popen(
+        [sys.executable, "-m", "composefsd.scanner", "--hash-worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        close_fds=True,
+    )
+
+
+def _worker_main() -> None:
+    """The worker process: hash batches from stdin, answer on stdout, until EOF."""
+    # The parent handles ^C and stops us; a traceback from here would only be noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = inp.read(4)
+        if len(header) < 4:
+            return
+        items, compute, inline = marshal.loads(inp.read(int.from_bytes(header, "little")))
+        reply = marshal.dumps(_hash_batch(items, compute, inline))
+        out.write(len(reply).to_bytes(4, "little") + reply)
+        out.flush()
 
 
 class _Pipeline:
-    """Hash files in ``threads`` threads and feed the ones to store to an I/O pool.
+    """Hash files in batches while the tree is still being scanned, and feed the ones to
+    store to ``threads`` copying threads once the scan has succeeded.
 
-    Errors are reported the way C's phase order would report them: a digest error
-    wins over a store error, so a store failure stops copying but not hashing.
+    Hashing runs in ``threads`` lanes (:class:`_HashLane`), in-process for small
+    trees and in worker processes for large ones.
+
+    Errors are reported the way C's phase order would report them: a scan error wins
+    over a digest error, which wins over a store error; so a digest failure stops
+    hashing but not the scan, and a store failure stops copying but not hashing.
     """
 
     def __init__(
         self,
-        files: list[tuple[bytes, Node]],
         *,
         threads: int,
         compute: bool,
         inline: bool,
         store: bytes | None,
         progress: Progress | None,
-        entries: int,
         hash_files: bool = True,
     ) -> None:
-        self.files = files
         self.threads = max(1, threads)
         self.compute = compute
         self.inline = inline
         self.store = store
         self.progress = progress
-        self.entries = entries
         self.hash_files = hash_files
+        self.entries = 0
+        self.files_total = 0
+        self.bytes_total = 0
+        self.files_done = 0
+        self.bytes_done = 0
         self.digest_error: ScanError | None = None
         self.store_error: ScanError | None = None
+        self.internal_error: BaseException | None = None
         self.cancelled = False
+        self.processes_wanted = False
         self.copy_state = CopyState()
         self.claimed: dict[bytes, object] = {}
+        self.work: queue.SimpleQueue[list[tuple[bytes, Node]] | None] = queue.SimpleQueue()
         self.copy_queue: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
-        self._next = itertools.count()
         self._lock = threading.Lock()
-        # One slot per worker, so that counting needs no lock.
-        self.files_done = [0] * self.threads
-        self.bytes_done = [0] * self.threads
-        self.stored = [0] * max(self.threads, _MIN_STORE_THREADS)
+        self._batch: list[tuple[bytes, Node]] = []
+        self._batch_bytes = 0
+        self._queued_bytes = 0
+        self._lanes: list[_HashLane] = []
+        self._copiers: list[threading.Thread] = []
+        self.stored = [0] * self.threads
 
-    def _hash_worker(self, slot: int) -> None:
-        files = self.files
-        total = len(files)
-        compute, inline, store = self.compute, self.inline, self.store
+    # -- hashing ------------------------------------------------------------------------
+    def add(self, path: bytes, node: Node) -> None:
+        size = node.size
+        self.files_total += 1
+        self.bytes_total += size
+        if not self.hash_files:
+            self.files_done += 1
+            self.bytes_done += size
+            if self.store is not None and node.content is None and node.payload is not None:
+                self.copy_queue.put((path, node.payload))
+            return
+        self._batch.append((path, node))
+        self._batch_bytes += size
+        if len(self._batch) >= _BATCH_FILES or self._batch_bytes >= _BATCH_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        if not batch or self.cancelled or self.digest_error is not None:
+            return
+        if not self._lanes:
+            for i in range(self.threads):
+                lane = _HashLane(self, i)
+                lane.start()
+                self._lanes.append(lane)
+        self._queued_bytes += size
+        if self.threads > 1 and self._queued_bytes >= _PROCESS_MIN_BYTES:
+            self.processes_wanted = True
+        self.work.put(batch)
+
+    def done(self, batch: list[tuple[bytes, Node]], results: list[_HashResult]) -> None:
+        """Apply a batch's results to its nodes (called from the lanes)."""
+        store = self.store
         put = self.copy_queue.put
-        big = self.threads
-        while not self.cancelled and self.digest_error is None:
-            i = next(self._next)
-            if i >= total:
-                return
-            path, node = files[i]
-            if self.hash_files:
-                try:
-                    _hash_file(path, node, compute, inline, big if node.size >= _BIG_FILE else 1)
-                except OSError as exc:
-                    with self._lock:
-                        if self.digest_error is None:
-                            self.digest_error = _error("error computing digest", None, exc.errno)
-                    return
-            self.files_done[slot] += 1
-            self.bytes_done[slot] += node.size
+        files = size = 0
+        for (path, node), result in zip(batch, results, strict=False):
+            if isinstance(result, int):
+                with self._lock:
+                    if self.digest_error is None:
+                        self.digest_error = _error("error computing digest", None, result)
+                break
+            digest, content = result
+            if digest is not None:
+                node.digest = digest
+                node.payload = payload_for_digest(digest)
+            if content is not None:
+                node.set_content(content)
+            files += 1
+            size += node.size
             if store is not None and node.content is None and node.payload is not None:
                 put((path, node.payload))
+        with self._lock:
+            self.files_done += files
+            self.bytes_done += size
+
+    def fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.internal_error is None:
+                self.internal_error = exc
+
+    # -- copying ------------------------------------------------------------------------
+    def _start_copying(self) -> None:
+        if self.store is None:
+            return
+        for i in range(self.threads):
+            t = threading.Thread(target=self._copy_worker, args=(i,), name=f"cfs-store-{i}")
+            t.start()
+            self._copiers.append(t)
 
     def _copy_worker(self, slot: int) -> None:
         store = self.store
@@ -511,64 +697,61 @@ class _Pipeline:
                     if self.store_error is None:
                         self.store_error = _error("cannot fill store", None, exc.errno)
 
-    def _snapshot(self) -> ScanProgress:
+    # -- control ------------------------------------------------------------------------
+    def snapshot(self, phase: str) -> ScanProgress:
         return ScanProgress(
-            "digest",
+            phase,
             self.entries,
-            files_total=len(self.files),
-            files_done=sum(self.files_done),
+            files_total=self.files_total,
+            files_done=self.files_done,
             bytes_total=self.bytes_total,
-            bytes_done=sum(self.bytes_done),
+            bytes_done=self.bytes_done,
             objects_stored=sum(self.stored),
         )
 
-    def run(self) -> None:
-        if not self.files:
-            return
-        self.bytes_total = sum(node.size for _, node in self.files)
-        n_copy = max(self.threads, _MIN_STORE_THREADS) if self.store is not None else 0
-        hashers = [
-            threading.Thread(target=self._hash_worker, args=(i,), name=f"cfs-hash-{i}")
-            for i in range(self.threads)
-        ]
-        copiers = [
-            threading.Thread(target=self._copy_worker, args=(i,), name=f"cfs-store-{i}")
-            for i in range(n_copy)
-        ]
-        started: list[threading.Thread] = []
+    def finish(self) -> None:
+        """The scan is complete: hash the rest, copy, and raise the first error, if any."""
         try:
-            for t in (*copiers, *hashers):
-                t.start()
-                started.append(t)
-            for t in hashers:
-                self._wait(t)
-            for _ in copiers:
+            self._submit()
+            self._start_copying()
+            for _ in self._lanes:
+                self.work.put(None)
+            self._join(self._lanes)
+            for _ in self._copiers:
                 self.copy_queue.put(None)
-            for t in copiers:
-                self._wait(t)
+            self._join(self._copiers)
         except BaseException:
-            self.cancelled = True
-            for _ in copiers:
-                self.copy_queue.put(None)
-            for t in started:
-                t.join()
+            self.abort()
             raise
+        if self.internal_error is not None:
+            raise self.internal_error
         if self.digest_error is not None:
             raise self.digest_error
         if self.store_error is not None:
             raise self.store_error
         if self.progress is not None:
-            self.progress(self._snapshot())
+            self.progress(self.snapshot("digest"))
 
-    def _wait(self, thread: threading.Thread) -> None:
-        if self.progress is None:
-            thread.join()
-            return
-        while True:
-            thread.join(_PROGRESS_INTERVAL)
-            if not thread.is_alive():
-                return
-            self.progress(self._snapshot())
+    def _join(self, threads: Sequence[threading.Thread]) -> None:
+        for t in threads:
+            while t.is_alive():
+                t.join(_PROGRESS_INTERVAL)
+                if self.progress is not None and t.is_alive():
+                    self.progress(self.snapshot("digest"))
+
+    def abort(self) -> None:
+        """Stop every worker without doing more work; used when the scan failed."""
+        self.cancelled = True
+        for lane in self._lanes:
+            proc = lane.proc
+            if proc is not None:
+                proc.kill()
+        for _ in self._lanes:
+            self.work.put(None)
+        for _ in self._copiers:
+            self.copy_queue.put(None)
+        for t in (*self._lanes, *self._copiers):
+            t.join()
 
 
 def scan_directory(
@@ -593,22 +776,27 @@ def scan_directory(
     src = os.fsencode(path)
     if opts.skip_xattrs and opts.user_xattrs:
         raise _error("error accessing", src, errno.EINVAL)
-    walker = _Walker(opts, progress)
-    root = walker.scan(src)
-    if opts.preserve_hardlinks:
-        walker.link_hardlinks()
-    if progress is not None:
-        progress(ScanProgress("scan", walker.entries))
-    store = os.fsencode(digest_store) if digest_store is not None else None
-    _Pipeline(
-        walker.files,
+    pipeline = _Pipeline(
         threads=opts.threads or default_threads(),
         compute=opts.compute_digests,
         inline=opts.inline_small,
-        store=store,
+        store=os.fsencode(digest_store) if digest_store is not None else None,
         progress=progress,
-        entries=walker.entries,
-    ).run()
+    )
+    walker = _Walker(opts, pipeline)
+    # Hashing overlaps the scan; copying into the store waits for the scan to succeed,
+    # so that a tree C would reject adds nothing to the store.
+    try:
+        root = walker.scan(src)
+        if opts.preserve_hardlinks:
+            walker.link_hardlinks()
+    except BaseException:
+        pipeline.abort()
+        raise
+    pipeline.entries = walker.entries
+    if progress is not None:
+        progress(pipeline.snapshot("scan"))
+    pipeline.finish()
     return root
 
 
@@ -627,7 +815,14 @@ def fill_digest_store(
     Raises :class:`ScanError` ``cannot fill store: ...``.
     """
     src = os.fsencode(source)
-    files: list[tuple[bytes, Node]] = []
+    pipeline = _Pipeline(
+        threads=threads or default_threads(),
+        compute=False,
+        inline=False,
+        store=os.fsencode(store),
+        progress=progress,
+        hash_files=False,
+    )
     stack: list[tuple[bytes, Node]] = [(src, root)]
     while stack:
         path, node = stack.pop()
@@ -639,16 +834,10 @@ def fill_digest_store(
                 (base + b"/" + name, child) for name, child in sorted(node.children.items())
             )
         elif node.mode & 0o170000 == _S_IFREG and node.content is None and node.payload is not None:
-            files.append((path, node))
-    pipeline = _Pipeline(
-        files,
-        threads=threads or default_threads(),
-        compute=False,
-        inline=False,
-        store=os.fsencode(store),
-        progress=progress,
-        entries=0,
-        hash_files=False,
-    )
-    pipeline.run()
+            pipeline.add(path, node)
+    pipeline.finish()
     return sum(pipeline.stored)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--hash-worker"]:
+    _worker_main()
