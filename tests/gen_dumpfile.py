@@ -22,7 +22,15 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["Case", "Generated", "case_for_seed", "generate", "generate_case", "generate_full"]
+__all__ = [
+    "Case",
+    "Generated",
+    "case_for_seed",
+    "generate",
+    "generate_case",
+    "generate_full",
+    "knobs_for_seed",
+]
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
@@ -402,6 +410,8 @@ class _Gen:
         if self.knobs.get("hardlinks", rng.random() < 0.35):
             for _ in range(rng.randint(1, 8)):
                 self._add_hardlink()
+        if self.knobs.get("big_xattrs", rng.random() < 0.05):
+            self._big_xattrs()
         if rng.random() < 0.05:
             self._overlay_collisions()
         return root
@@ -458,11 +468,18 @@ class _Gen:
             return True
         if _estimate_cost(e.xattrs, k, v) > XATTR_ESTIMATE_MAX - 64:
             return False
-        text = sum(len(a) * 4 + len(b) * 4 + 2 for a, b in e.xattrs) + len(k) * 4 + len(v) * 4 + 2
+        text = sum(self._text_len(a) + self._text_len(b) + 2 for a, b in [*e.xattrs, (k, v)])
         if text > XATTR_TEXT_MAX:
             return False
         e.xattrs.append((k, v))
         return True
+
+    def _text_len(self, data: bytes) -> int:
+        """An upper bound of the escaped length (exact for the escaper's fixed-table path)."""
+        if len(data) < 64:
+            return 4 * len(data)
+        table = self.esc.table
+        return sum(len(table[b]) for b in data)
 
     def _new(self, parent: Entry, mode: int, **kw: object) -> Entry:
         long_ok = bool(self.knobs.get("long_names", True)) or self.rng.random() < 0.01
@@ -669,6 +686,19 @@ class _Gen:
             for k, v in pool:
                 if rng.random() < 0.97:
                     self._set_xattr(e, k, v)
+
+    def _big_xattrs(self) -> None:
+        """Xattr areas of many KB (inodes spanning blocks) and a shared table of several blocks."""
+        rng = self.rng
+        nodes = [e for e in self.entries if e.target is None]
+        for i in range(rng.randint(1, 3)):
+            e = rng.choice(nodes)
+            size = rng.choice([3000, 4000, 4090, 8000, 20000, 32000 - len(e.xattrs) * 300])
+            self._set_xattr(e, b"user.big%d" % i, _simple(rng, max(1, size)))
+        for i in range(rng.randint(0, 3)):
+            kv = (b"trusted.shared-big%d" % i, _simple(rng, rng.choice([2000, 5000, 12000])))
+            for e in rng.sample(nodes, min(len(nodes), rng.randint(2, 3))):
+                self._set_xattr(e, *kv)
 
     def _add_hardlink(self) -> None:
         rng = self.rng
@@ -990,7 +1020,8 @@ def _non_strict_quirk(g: _Gen, root: Entry) -> str:
 
 def generate_full(rng: random.Random, **knobs: object) -> Generated:
     """Knobs (all optional): n_entries: int, invalid: bool, non_strict: bool (allow features
-    only the non-strict parser takes), wide_dir, many_shared, hardlinks, long_names: bool."""
+    only the non-strict parser takes), wide_dir, many_shared, big_xattrs, hardlinks,
+    long_names: bool."""
     g = _Gen(rng, knobs)
     root = g.build()
     invalid = knobs.get("invalid")
@@ -1027,6 +1058,15 @@ _VERSION_ARGS: list[tuple[list[str], int]] = [
     (["--min-version=2"], 1),
     (["--max-version=2"], 1),
     (["--min-version=-1"], 1),
+    (["--min-version=1x"], 1),
+    (["--max-version="], 1),
+    (["--threads=1"], 1),
+    (["--threads=0"], 1),
+    (["--threads=zz"], 1),
+    (["--use-epoch"], 1),
+    (["--skip-xattrs", "--skip-devices"], 1),
+    (["--user-xattrs"], 1),
+    (["--digest-store=/nonexistent/store"], 1),
 ]
 
 
@@ -1044,9 +1084,25 @@ def generate_case(rng: random.Random, seed: str = "", **knobs: object) -> Case:
     )
 
 
-def case_for_seed(seed: str, **knobs: object) -> Case:
+def knobs_for_seed(seed: str) -> dict[str, object]:
+    """Seeds with ``-big-`` in them make big dumps (thousands of entries, wide directories)."""
+    if "-big-" not in seed:
+        return {}
+    rng = random.Random(seed + "-knobs")
+    return {
+        "n_entries": rng.choice([1000, 2000]),
+        "long_names": False,
+        "wide_dir": True,
+        "many_shared": rng.random() < 0.5,
+        "big_xattrs": rng.random() < 0.5,
+        "hardlinks": True,
+        "invalid": False,
+    }
+
+
+def case_for_seed(seed: str) -> Case:
     """The case of a seed string (e.g. ``"1732700000-17"``): deterministic across runs."""
-    return generate_case(random.Random(seed), seed, **knobs)
+    return generate_case(random.Random(seed), seed, **knobs_for_seed(seed))
 
 
 if __name__ == "__main__":
