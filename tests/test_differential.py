@@ -27,6 +27,7 @@ import io
 import itertools
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -217,6 +218,8 @@ class DumpCase:
     case: gen_dumpfile.Case
     #: "image" (write a file), "digest-only" (--print-digest-only) or "stdout" (IMAGE is -)
     output: str
+    #: composefs-info argument lists (the image path follows each) to compare on C's image.
+    info_cmds: list[list[str]]
 
     @property
     def dump_path(self) -> Path:
@@ -262,9 +265,12 @@ def _c_script(reference_bin: Path, cases: list[DumpCase]) -> str:
                 )
             lines.append(
                 "if [ $(cat c.rc) = 0 ]; then"
-                f" for cmd in ls dump objects; do {info} $cmd c.img >c.$cmd 2>c.$cmd.err;"
-                " echo $? >c.$cmd.rc; done;"
-                " v=$(od -An -tu4 -j12 -N4 c.img | tr -d ' ');"
+                + "".join(
+                    f" {info} {shlex.join(cmd)} c.img >c.info{i} 2>c.info{i}.err;"
+                    f" echo $? >c.info{i}.rc;"
+                    for i, cmd in enumerate(dc.info_cmds)
+                )
+                + " v=$(od -An -tu4 -j12 -N4 c.img | tr -d ' ');"
                 f" {info} dump c.img | {mk} --min-version=$v --from-file - c.rt.img"
                 " 2>c.rt.err; echo $? >c.rt.rc; fi"
             )
@@ -283,9 +289,17 @@ def dump_cases(
         d = base / f"case{i:04d}"
         d.mkdir()
         (d / "in.dump").write_bytes(case.dump)
-        r = random.Random(seed + "-output").random()
+        rng = random.Random(seed + "-output")
+        r = rng.random()
         output = "digest-only" if r < 0.08 else "stdout" if r < 0.13 else "image"
-        cases[seed] = DumpCase(seed, d, case, output)
+        info_cmds = [["ls"], ["dump"], ["objects"]]
+        names = _simple_root_names(case.dump)
+        if names and rng.random() < 0.3:
+            picked = rng.sample(names, min(len(names), rng.randint(1, 2)))
+            info_cmds.append([*(f"--filter={n}" for n in picked), "dump"])
+        if rng.random() < 0.1:
+            info_cmds.append([f"--basedir={d}", "missing-objects"])
+        cases[seed] = DumpCase(seed, d, case, output, info_cmds)
     _run_c_scripts(base, [_c_script(reference_bin, [dc]) for dc in cases.values()])
     return cases
 
@@ -353,16 +367,33 @@ def test_dumpfile(seed: str, dump_cases: dict[str, DumpCase], reference_bin: Pat
         f"--print-digest: C {c_digest!r}, ours {our_digest!r}\n{dc.describe()}"
     )
 
-    _compare_info(d, dc.describe)
+    _compare_info(dc)
     _compare_composefs_dump(d, dc.describe)
 
 
-def _compare_info(d: Path, describe: Callable[[], str]) -> None:
-    """composefs-info ls/dump/objects of ours on C's image == C's output."""
-    for cmd in ("ls", "dump", "objects"):
-        c_rc = int((d / f"c.{cmd}.rc").read_text())
-        c_out = _read(d / f"c.{cmd}")
-        ours = run_inproc("composefs-info", [cmd, str(d / "c.img")])
+def _simple_root_names(dump: bytes) -> list[str]:
+    """Top-level names of a dumpfile that need no escaping (usable as --filter values)."""
+    out = []
+    for line in dump.split(b"\n"):
+        path = line.split(b" ", 1)[0]
+        name = path[1:]
+        if (
+            path.startswith(b"/")
+            and name
+            and re.fullmatch(rb"[A-Za-z0-9._+,~#!@%^&()\[\]{}-]+", name)
+        ):
+            out.append(name.decode())
+    return out
+
+
+def _compare_info(dc: DumpCase) -> None:
+    """composefs-info (ls, dump, objects, ...) of ours on C's image == C's output."""
+    d = dc.dir
+    for i, cmd in enumerate(dc.info_cmds):
+        c_rc = int((d / f"c.info{i}.rc").read_text())
+        c_out = _read(d / f"c.info{i}")
+        ours = run_inproc("composefs-info", [*cmd, str(d / "c.img")])
+        describe = dc.describe
         assert ours.exc is None, f"our composefs-info {cmd} raised\n{ours.exc}\n{describe()}"
         assert (ours.rc == 0) == (c_rc == 0), (
             f"composefs-info {cmd}: C rc {c_rc}, ours rc {ours.rc} {ours.stderr!r}\n{describe()}"
@@ -370,7 +401,7 @@ def _compare_info(d: Path, describe: Callable[[], str]) -> None:
         if ours.stdout != c_out:
             pytest.fail(
                 f"composefs-info {cmd} output differs on {d / 'c.img'}\n"
-                f"{_text_diff(c_out, ours.stdout, cmd)}\n{describe()}"
+                f"{_text_diff(c_out, ours.stdout, shlex.join(cmd))}\n{describe()}"
             )
 
 
