@@ -157,7 +157,8 @@ def _xattrs(rng: random.Random, path: bytes, *, symlink: bool, is_dir: bool) -> 
 
 def generate_tree(rng: random.Random, root: Path, **knobs: object) -> None:
     """Fill ``root`` with a random tree. Knobs: n_entries (int), big_files (bool: a few MiB-sized
-    files), devices (bool, default True), xattrs (bool, default True)."""
+    files), wide_dir (bool: one directory of hundreds of entries), devices (bool, default True),
+    xattrs (bool, default True)."""
     n_entries = knobs.get("n_entries")
     if n_entries is None:
         n_entries = rng.randint(10, 120)
@@ -229,6 +230,27 @@ def generate_tree(rng: random.Random, root: Path, **knobs: object) -> None:
         if with_xattrs:
             _xattrs(rng, path, symlink=kind == "lnk", is_dir=kind == "dir")
         meta.append((path, _id(rng), _id(rng), _mtime_ns(rng, base), mode))
+
+    if knobs.get("wide_dir", rng.random() < 0.3):
+        # Hundreds of entries in one directory: dirents over several 4096-byte blocks.
+        parent, taken = rng.choice(dirs)
+        wide = parent + b"/" + _name(rng, taken)
+        os.mkdir(wide)
+        wide_taken: set[bytes] = set()
+        for _ in range(rng.randint(150, 400)):
+            path = wide + b"/" + _name(rng, wide_taken)
+            r = rng.random()
+            if r < 0.6:
+                with open(path, "wb") as fh:
+                    fh.write(rng.randbytes(rng.choice([0, 0, 1, 64, 65])))
+            elif r < 0.8:
+                os.symlink(rng.randbytes(rng.randint(1, 20)).translate(_SIMPLE_TABLE), path)
+            elif r < 0.9 and devices:
+                os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(0, 0))
+            else:
+                os.mkdir(path)
+            os.utime(path, ns=(base, base), follow_symlinks=False)
+        meta.append((wide, _id(rng), _id(rng), _mtime_ns(rng, base), 0o755))
 
     meta.append(
         (rootb, _id(rng), _id(rng), _mtime_ns(rng, base), rng.choice([0o755, 0o700, 0o1755]))
