@@ -133,6 +133,7 @@ CASES: list[tuple[str, bytes, bool]] = [
         ROOT + b"/w 0 20644 1 0 0 0 0.0 - - - user.overlay.whiteout=x user.b=c\n",
         False,
     ),
+    ("whiteout-with-content", ROOT + b"/a 5 20644 1 0 0 0 0.0 - hello -\n", False),
     ("fifo-with-payload", ROOT + b"/p 0 10644 1 0 0 0 0.0 payload - -\n", False),
 ]
 

@@ -652,9 +652,11 @@ def _emit(plan: _Plan, version: int) -> bytes:
         tail_bytes = b""
         if ftype == _S_IFREG:
             content = node.content
-            if content is not None:
+            if not size:
+                pass  # empty, or a whiteout whose input content C drops with its size
+            elif content is not None:
                 tail_bytes = content
-            elif size:
+            else:
                 layout = _LAYOUT_CHUNK_BASED
                 i_u = chunkbits_of[i] - 12
                 tail_bytes = ff_tails.get(tail) or ff_tails.setdefault(tail, b"\xff" * tail)
