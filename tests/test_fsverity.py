@@ -265,6 +265,18 @@ def test_digest_fd_pipe(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
         t.join()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_digest_fd_read_error_propagates(threads: int, tmp_path: Path) -> None:
+    # A directory is not a regular file, so threads=2 takes the threaded path and the
+    # EISDIR happens in a worker.
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(IsADirectoryError):
+            digest_fd(fd, threads=threads)
+    finally:
+        os.close(fd)
+
+
 def test_digest_fd_rejects_bad_threads(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x")
