@@ -1,25 +1,29 @@
 #!/usr/bin/env python3
 """Time ``mkcomposefs --digest-store`` on a large tree: C 1.0.8 against ours.
 
-    python benchmarks/bench_digest_store.py [--tree /usr] [--copy-to /var/tmp/cfs-bench]
-        [--c-bin DIR] [--rounds 2] [--threads N] [--keep]
+    python benchmarks/bench_digest_store.py [--tree /usr] [--copy-to /var/tmp]
+        [--c-bin DIR] [--rounds 3] [--threads N] [--keep]
 
 Every round builds the image of TREE twice per implementation, each into its own
-store: first into a fresh empty store (every object copied and fsync'ed), then again
-onto that full store (everything hashed, nothing copied). The page cache is warmed
-first by a read pass over the tree, ``sync`` runs before every timed build so that
-one build's writeback does not slow the next, and the order of the two
-implementations alternates between rounds. Images and store listings are checked
-to be identical. Stores are deleted afterwards unless ``--keep`` is given.
+new store: first into a fresh empty store (every object copied and fsync'ed), then
+again onto that full store (everything hashed, nothing copied). The page cache is
+warmed first by a read pass over the tree; ``sync`` runs before every timed build so
+that one build's writeback does not slow the next; the order of the two
+implementations alternates between rounds; and stores are only deleted at the end
+(deleting gigabytes with online discard slows whatever runs next). Images and
+store listings are checked to be identical.
 
-Prints wall times per run and the ratios ours/C (lower is better; <= 1.0 means at
-least as fast as C).
+Prints wall, user and system times per run (children included: our hashing worker
+processes) and, per kind of run, the best and the median of each side and their
+ratios ours/C (lower is better; <= 1.0 means at least as fast as C). Other load on
+the machine skews single runs a lot; the load average is printed with each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+KINDS = ("fresh store", "full store")
 
 
 def reference_bin() -> Path:
@@ -69,15 +74,18 @@ def warm_cache(tree: Path) -> tuple[int, int]:
     return sum(1 for s in sizes if s), sum(sizes)
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall, user, system) seconds of one run, its child processes included."""
     subprocess.run(["sync"], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True)
     elapsed = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace")
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
-    return elapsed
+    return elapsed, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
 
 
 def listing(store: Path) -> dict[str, int]:
@@ -90,18 +98,21 @@ def listing(store: Path) -> dict[str, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tree", type=Path, default=Path("/usr"))
-    parser.add_argument("--copy-to", type=Path, default=None, help="where the stores go")
+    parser.add_argument("--copy-to", type=Path, default=Path("/var/tmp"), help="where stores go")
     parser.add_argument("--c-bin", type=Path, default=None, help="folder with C mkcomposefs")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="--threads for both")
     parser.add_argument("--keep", action="store_true", help="keep stores and images")
     args = parser.parse_args()
 
     c_bin = (args.c_bin or reference_bin()) / "mkcomposefs"
-    ours_cmd = [sys.executable, "-m", "composefsd.cli.mkcomposefs"]
-    work = Path(tempfile.mkdtemp(prefix="cfs-bench-", dir=args.copy_to or "/var/tmp"))
+    commands = {
+        "C": [str(c_bin)],
+        "ours": [sys.executable, "-m", "composefsd.cli.mkcomposefs"],
+    }
+    work = Path(tempfile.mkdtemp(prefix="cfs-bench-", dir=args.copy_to))
     extra = [f"--threads={args.threads}"] if args.threads else []
     print(f"tree {args.tree}; stores under {work}")
 
@@ -111,33 +122,41 @@ def main() -> int:
 
     results: dict[tuple[str, str], list[float]] = {}
     try:
-        for rnd in range(args.rounds):
-            order = [("C", [str(c_bin)]), ("ours", ours_cmd)]
-            if rnd % 2:
-                order.reverse()
-            for name, cmd in order:
-                store = work / f"store-{name}"
-                shutil.rmtree(store, ignore_errors=True)
-                image = work / f"{name}.img"
-                for kind in ("fresh store", "full store"):
-                    t = timed([*cmd, *extra, f"--digest-store={store}", str(args.tree), str(image)])
-                    results.setdefault((name, kind), []).append(t)
-                    print(f"round {rnd + 1}: {name:4} {kind}: {t:7.2f} s", flush=True)
-            if (work / "C.img").read_bytes() != (work / "ours.img").read_bytes():
+        for rnd in range(1, args.rounds + 1):
+            order = ["C", "ours"] if rnd % 2 else ["ours", "C"]
+            for name in order:
+                store = work / f"store-{name}-{rnd}"
+                image = work / f"{name}-{rnd}.img"
+                for kind in KINDS:
+                    cmd = [*commands[name], *extra, f"--digest-store={store}", str(args.tree)]
+                    wall, user, system = timed([*cmd, str(image)])
+                    results.setdefault((name, kind), []).append(wall)
+                    print(
+                        f"round {rnd}: {name:4} {kind}: {wall:7.2f} s wall"
+                        f" ({user:6.2f} user {system:6.2f} sys; load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
+            if (work / f"C-{rnd}.img").read_bytes() != (work / f"ours-{rnd}.img").read_bytes():
                 sys.exit("images differ")
-            c_list, our_list = listing(work / "store-C"), listing(work / "store-ours")
-            if c_list != our_list:
-                sys.exit(f"stores differ: {len(c_list)} vs {len(our_list)} objects")
-            print(f"round {rnd + 1}: images identical; stores identical ({len(c_list)} objects)")
+            c_list = listing(work / f"store-C-{rnd}")
+            if c_list != listing(work / f"store-ours-{rnd}"):
+                sys.exit("stores differ")
+            print(f"round {rnd}: images identical; stores identical ({len(c_list)} objects)")
     finally:
         if not args.keep:
+            print(f"removing {work}", flush=True)
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    for kind in ("fresh store", "full store"):
-        c = statistics.median(results[("C", kind)])
-        ours = statistics.median(results[("ours", kind)])
-        print(f"{kind:12}: C {c:7.2f} s   ours {ours:7.2f} s   ours/C {ours / c:5.2f}")
+    for kind in KINDS:
+        c, ours = results[("C", kind)], results[("ours", kind)]
+        best_c, best_ours = min(c), min(ours)
+        med_c, med_ours = statistics.median(c), statistics.median(ours)
+        print(
+            f"{kind:11}: best C {best_c:6.2f} s, ours {best_ours:6.2f} s, ours/C"
+            f" {best_ours / best_c:4.2f} | median C {med_c:6.2f} s, ours {med_ours:6.2f} s,"
+            f" ours/C {med_ours / med_c:4.2f}"
+        )
     return 0
 
 

@@ -640,8 +640,14 @@ def test_progress_reports(tree: bytes, workdir: Path) -> None:
     seen: list[ScanProgress] = []
     root = scan_directory(tree, ScanOptions(threads=2), seen.append, digest_store=workdir / "store")
     phases = [p.phase for p in seen]
-    assert phases[0] == "scan" and phases[-1] == "digest"
-    assert all(p.phase == "scan" for p in seen[: phases.index("digest")])
+    # Phases only move forward: scan, digest (maybe too quick to be seen), store.
+    order = {"scan": 0, "digest": 1, "store": 2}
+    assert phases[0] == "scan" and phases[-1] == "store"
+    assert [order[p] for p in phases] == sorted(order[p] for p in phases)
+    assert all(p.objects_stored == 0 for p in seen if p.phase != "store")
+    without_store: list[ScanProgress] = []
+    scan_directory(tree, ScanOptions(threads=2), without_store.append)
+    assert without_store[-1].phase == "digest" and without_store[-1].objects_stored == 0
     last = seen[-1]
     assert last.entries == len(root.walk())
     assert last.files_done == last.files_total > 0 and last.bytes_done == last.bytes_total

@@ -7,12 +7,12 @@ store, the same objects.
 
 How it differs from C, none of which changes the image or the store:
 
-* Hashing runs in ``threads`` worker threads (hashlib releases the GIL), and each
-  object is copied into the store as soon as its digest is known, by a separate
-  pool of ``max(threads, 8)`` threads: copies mostly wait on ``fsync``, so more of
-  them than CPUs keeps the disk busy while the CPUs hash. C hashes everything,
-  then copies. On a *failing* run the store may therefore already hold some
-  objects where C would have added none.
+* Files are hashed while the tree is still being scanned, in ``threads`` lanes:
+  in-process for small trees, in worker processes once a scan has queued
+  ``_PROCESS_MIN_BYTES`` (per-block fs-verity hashing is GIL-bound in threads;
+  see :class:`_HashLane`). C scans first, then hashes. Copying into the store
+  starts once every digest is known, by ``threads`` threads, as in C; a failed
+  scan or digest leaves the store untouched, also as in C.
 * ``--skip-devices`` decides by the ``lstat`` mode where C looks at readdir's
   ``d_type``. They differ only on filesystems that report ``DT_UNKNOWN``, where C
   keeps device nodes it was asked to skip.
@@ -122,8 +122,9 @@ class ScanOptions:
 class ScanProgress:
     """A snapshot of a running scan, given to the progress callback a few times a second.
 
-    ``phase`` is ``"scan"`` (walking the tree; only ``entries`` moves), then
-    ``"digest"`` (hashing, and copying into the store if one was given).
+    ``phase`` is ``"scan"`` (walking the tree, while hashing has already started),
+    then ``"digest"`` (hashing the rest), then ``"store"`` (copying into the digest
+    store, if one was given).
     """
 
     phase: str
@@ -556,8 +557,8 @@ def _worker_main() -> None:
 
 
 class _Pipeline:
-    """Hash files in batches while the tree is still being scanned, and feed the ones to
-    store to ``threads`` copying threads once the scan has succeeded.
+    """Hash files in batches while the tree is still being scanned, then copy the ones to
+    store with ``threads`` copying threads.
 
     Hashing runs in ``threads`` lanes (:class:`_HashLane`), in-process for small
     trees and in worker processes for large ones.
@@ -713,13 +714,16 @@ class _Pipeline:
         """The scan is complete: hash the rest, copy, and raise the first error, if any."""
         try:
             self._submit()
-            self._start_copying()
             for _ in self._lanes:
                 self.work.put(None)
-            self._join(self._lanes)
-            for _ in self._copiers:
-                self.copy_queue.put(None)
-            self._join(self._copiers)
+            self._join(self._lanes, "digest")
+            # Copy only now, as C does: copying while hashing was measured to slow both
+            # down (file creation and fsync contend with the hashers for the CPUs).
+            if self.internal_error is None and self.digest_error is None:
+                self._start_copying()
+                for _ in self._copiers:
+                    self.copy_queue.put(None)
+                self._join(self._copiers, "store")
         except BaseException:
             self.abort()
             raise
@@ -730,14 +734,14 @@ class _Pipeline:
         if self.store_error is not None:
             raise self.store_error
         if self.progress is not None:
-            self.progress(self.snapshot("digest"))
+            self.progress(self.snapshot("store" if self._copiers else "digest"))
 
-    def _join(self, threads: Sequence[threading.Thread]) -> None:
+    def _join(self, threads: Sequence[threading.Thread], phase: str) -> None:
         for t in threads:
             while t.is_alive():
                 t.join(_PROGRESS_INTERVAL)
                 if self.progress is not None and t.is_alive():
-                    self.progress(self.snapshot("digest"))
+                    self.progress(self.snapshot(phase))
 
     def abort(self) -> None:
         """Stop every worker without doing more work; used when the scan failed."""
