@@ -113,8 +113,9 @@ def _run(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; ``argv`` excludes the program name (default: ``sys.argv[1:]``)."""
     try:
-        _run(list(sys.argv if argv is None else argv))
+        _run(list(sys.argv) if argv is None else [sys.argv[0], *argv])
     except _Exit as e:
         return e.code
     return 0

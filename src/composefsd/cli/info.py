@@ -257,10 +257,11 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; ``argv`` excludes the program name (default: ``sys.argv[1:]``)."""
     out = sys.stdout.buffer
     try:
         try:
-            _run(list(sys.argv if argv is None else argv), out)
+            _run(list(sys.argv) if argv is None else [sys.argv[0], *argv], out)
         except _Exit as e:
             out.flush()
             return e.code
