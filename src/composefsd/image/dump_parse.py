@@ -198,41 +198,39 @@ class _Parser:
             self.dircache[path] = node
 
     def line(self, line: bytes, lineno: int) -> None:
+        # Fast path: no escapes, no NULs, plain numbers and a valid mode (almost
+        # every line of a real dump). Anything else takes C's rules to the letter.
+        if b"\\" not in line and b"\0" not in line:
+            fields = line.split(b" ", 11)
+            if len(fields) >= 11:
+                mode = self.modes.get(fields[2])
+                if mode is not None:
+                    ints = self.ints
+                    size = ints.get(fields[1])
+                    nlink = ints.get(fields[3])
+                    uid = ints.get(fields[4])
+                    gid = ints.get(fields[5])
+                    rdev = ints.get(fields[6])
+                    mtime = self.mtimes.get(fields[7])
+                    if (
+                        size is not None
+                        and nlink is not None
+                        and uid is not None
+                        and gid is not None
+                        and rdev is not None
+                        and mtime is not None
+                    ):
+                        self.plain_line(fields, mode, size, nlink, uid, gid, rdev, mtime)
+                        return
+                    if self.learn(fields):
+                        self.line(line, lineno)
+                        return
         nul = line.find(b"\0")
         if nul >= 0:
             raise _LineError(f"Invalid embedded NUL character at position {nul}")
         fields = line.split(b" ", 11)
         if len(fields) < 12:
             fields.extend([b""] * (12 - len(fields)))
-        f_mode = fields[2]
-        mode = self.modes.get(f_mode)
-        if mode is not None:
-            ints = self.ints
-            size = ints.get(fields[1])
-            nlink = ints.get(fields[3])
-            uid = ints.get(fields[4])
-            gid = ints.get(fields[5])
-            rdev = ints.get(fields[6])
-            mtime = self.mtimes.get(fields[7])
-            if (
-                size is None
-                or nlink is None
-                or uid is None
-                or gid is None
-                or rdev is None
-                or mtime is None
-            ):
-                if not self.learn(fields):
-                    self.exact_line(fields, lineno)
-                    return
-                size = ints[fields[1]]
-                nlink = ints[fields[3]]
-                uid = ints[fields[4]]
-                gid = ints[fields[5]]
-                rdev = ints[fields[6]]
-                mtime = self.mtimes[fields[7]]
-            self.plain_line(fields, mode, size, nlink, uid, gid, rdev, mtime)
-            return
         self.exact_line(fields, lineno)
 
     def learn(self, fields: list[bytes]) -> bool:
@@ -265,61 +263,76 @@ class _Parser:
         rdev: int,
         mtime: tuple[int, int],
     ) -> None:
-        """The common case: every number is plain decimal and the mode is a valid, known one."""
-        f_path, _, _, _, _, _, _, _, f_payload, f_content, f_digest, rest = fields
-        if b"\\" in f_path:
-            path = _cstr(unescape(f_path))
-            if not path:
-                raise _LineError("Invalid empty path")
-        elif f_path:
-            path = f_path
-        else:
+        """A line without escapes whose numbers are plain decimal and whose mode is valid."""
+        f_path = fields[0]
+        if not f_path:
             raise _LineError("Invalid empty path")
+        f_payload = fields[8]
+        f_content = fields[9]
+        payload = None if f_payload == b"-" else f_payload
+        content = None if f_content == b"-" else f_content
         ftype = mode & _S_IFMT
-        if ftype == _S_IFDIR:
-            node = Node(mode, children={})
+        sec, nsec = mtime
+        if ftype == _S_IFLNK:
+            node = Node(mode, nlink & _U32, uid & _U32, gid & _U32, 0, 0, sec, nsec)
         else:
-            node = Node(mode)
-        self.add_node(path, node)
-        if f_payload == b"-":
-            payload = None
-        elif b"\\" in f_payload:
-            payload = _cstr(unescape(f_payload))
+            node = Node(
+                mode,
+                nlink & _U32,
+                uid & _U32,
+                gid & _U32,
+                rdev & _U32 if ftype == _S_IFCHR or ftype == _S_IFBLK else 0,
+                size,
+                sec,
+                nsec,
+                payload,
+                content or None,
+                children={} if ftype == _S_IFDIR else None,
+            )
+        # Inline the common case of add_node: a known parent directory and a
+        # new, ordinary name.
+        slash = f_path.rfind(b"/")
+        parent = self.dircache.get(f_path[:slash]) if slash >= 0 else None
+        name = f_path[slash + 1 :]
+        siblings = parent.children if parent is not None else None
+        if (
+            siblings is not None
+            and name
+            and len(name) <= 255
+            and name not in siblings
+            and name != b"."
+            and name != b".."
+        ):
+            siblings[name] = node
+            if ftype == _S_IFDIR:
+                self.dircache[f_path] = node
         else:
-            payload = f_payload
-        if f_content == b"-":
-            content = None
-        else:
-            content = unescape(f_content) if b"\\" in f_content else f_content
-            if len(content) != size:
-                raise _LineError(f"Invalid content size {len(content)}, must match size {size}")
-        digest_text = None if f_digest == b"-" else _cstr(unescape(f_digest))
-        node.nlink = nlink & _U32
-        node.uid = uid & _U32
-        node.gid = gid & _U32
-        node.mtime_sec, node.mtime_nsec = mtime
-        if ftype == _S_IFCHR or ftype == _S_IFBLK:
-            node.rdev = rdev & _U32
-        elif rdev != 0 and self.strict:
+            self.add_node(f_path, node)
+        # The checks C makes after adding the node, in C's order.
+        if content is not None and len(content) != size:
+            raise _LineError(f"Invalid content size {len(content)}, must match size {size}")
+        if rdev and self.strict and ftype != _S_IFCHR and ftype != _S_IFBLK:
             raise _LineError("Non-zero devnum on non-device")
         if ftype == _S_IFLNK:
             self.symlink(node, payload, content, size)
         else:
-            node.size = size
-            if payload is not None:
-                if len(payload) >= PATH_MAX:
-                    raise _LineError("Invalid payload")
-                node.payload = payload
-            if content is not None:
-                if len(content) > INLINE_CONTENT_MAX:
-                    raise _LineError(
-                        f"Inline content size {len(content)} exceeds maximum {INLINE_CONTENT_MAX}"
-                    )
-                node.content = content or None
-        if digest_text is not None:
-            self.digest(node, digest_text)
-        if rest:
-            self.xattrs(node, rest)
+            if payload is not None and len(payload) >= PATH_MAX:
+                raise _LineError("Invalid payload")
+            if content is not None and len(content) > INLINE_CONTENT_MAX:
+                raise _LineError(
+                    f"Inline content size {len(content)} exceeds maximum {INLINE_CONTENT_MAX}"
+                )
+        f_digest = fields[10]
+        if f_digest != b"-":
+            try:
+                node.digest = binascii.unhexlify(f_digest)
+                if len(f_digest) != 64:
+                    raise binascii.Error
+            except binascii.Error:
+                node.digest = None
+                self.digest(node, f_digest)
+        if len(fields) == 12 and fields[11]:
+            self.xattrs(node, fields[11])
 
     @staticmethod
     def digest(node: Node, text: bytes) -> None:
