@@ -676,6 +676,8 @@ def test_copy_fallbacks(workdir: Path, tmp_path: Path) -> None:
         copy_fd_data(s.fileno(), d.fileno(), state)
     assert (workdir / "copy").read_bytes() == data[1000:]
     assert state.try_copy_file_range
+    # tmpfs cannot reflink: remembered, so later copies from it skip the attempt.
+    assert os.stat(src).st_dev in state.no_reflink_from
     if os.stat(tmp_path).st_dev == os.stat(workdir).st_dev:
         pytest.fail("tmp_path and the scratch tmpfs must be different filesystems")
     # Across filesystems: EXDEV turns copy_file_range off for the run, read/write copies.

@@ -46,23 +46,28 @@ _TEMPLATE_TABLE = bytes(_TEMPLATE_CHARS[i % len(_TEMPLATE_CHARS)] for i in range
 _RANGE_RETRY_CLASSIC = frozenset((errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF))
 # copy_file_range errors after which C stops trying it for the rest of the run.
 _RANGE_DISABLE = frozenset((errno.ENOSYS, errno.EXDEV))
+# FICLONE errors that say "not between these two filesystems", whatever the file.
+_NO_REFLINK = frozenset((errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV))
 
 
 class CopyState:
-    """What one store-filling run has learned, shared by its threads.
+    """What one store-filling run has learned, shared by its threads (one per store).
 
     ``copy_file_range`` is dropped for the whole run after ENOSYS/EXDEV, as in C.
-    fs-verity is not offered again once the store's filesystem said it cannot do
-    it: C would try (and ignore the failure) for every object, with the same result.
-    Directories already checked or created are remembered so that each is stat'ed
-    once per run instead of once per object.
+    Where C retries what cannot work with the same result every time, this
+    remembers instead: reflinking is not tried again from a source filesystem
+    (``st_dev``) that said it cannot reflink into the store, and fs-verity is not
+    offered again once the store's filesystem said it cannot do it. Directories
+    already checked or created are remembered so that each is stat'ed once per run
+    instead of once per object.
     """
 
-    __slots__ = ("_dirs", "_lock", "try_copy_file_range", "try_verity")
+    __slots__ = ("_dirs", "_lock", "no_reflink_from", "try_copy_file_range", "try_verity")
 
     def __init__(self) -> None:
         self.try_copy_file_range = True
         self.try_verity = True
+        self.no_reflink_from: set[int] = set()
         self._dirs: set[bytes] = set()
         self._lock = threading.Lock()
 
@@ -143,8 +148,8 @@ def _copy_classic(src_fd: int, dst_fd: int) -> None:
             view = view[written:]
 
 
-def _copy_range(src_fd: int, dst_fd: int) -> None:
-    remaining = os.fstat(src_fd).st_size
+def _copy_range(src_fd: int, dst_fd: int, size: int) -> None:
+    remaining = size
     while remaining > 0:
         copied = os.copy_file_range(src_fd, dst_fd, remaining)
         if copied == 0:
@@ -159,14 +164,17 @@ def copy_fd_data(src_fd: int, dst_fd: int, state: CopyState) -> None:
 
     Both offsets advance, so a fallback continues where a partial attempt stopped.
     """
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return
-    except OSError:
-        pass
+    st = os.fstat(src_fd)
+    if st.st_dev not in state.no_reflink_from:
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            return
+        except OSError as exc:
+            if exc.errno in _NO_REFLINK:
+                state.no_reflink_from.add(st.st_dev)
     if state.try_copy_file_range:
         try:
-            _copy_range(src_fd, dst_fd)
+            _copy_range(src_fd, dst_fd, st.st_size)
             return
         except OSError as exc:
             if exc.errno in _RANGE_DISABLE:

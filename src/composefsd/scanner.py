@@ -31,7 +31,9 @@ option every path is its own inode with ``nlink`` 1, exactly as C does it.
 
 from __future__ import annotations
 
+import collections
 import errno
+import fcntl
 import logging
 import marshal
 import os
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
-from composefsd.objcopy import CopyState, store_object
+from composefsd.objcopy import CopyState, join_store_path, store_object
 
 __all__ = [
     "ScanError",
@@ -71,9 +73,13 @@ _DEVICE_TYPES = frozenset((stat.S_IFBLK, stat.S_IFCHR))
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _PROGRESS_INTERVAL = 0.25
-# Hashing work is handed out in batches of this many files or bytes, whichever is hit first.
-_BATCH_FILES = 128
-_BATCH_BYTES = 16 << 20
+# Hashing work is handed out in batches of this many files, bytes of data or bytes of
+# paths, whichever is hit first. The path limit keeps a worker request (and 256 replies
+# of at most ~110 bytes) well inside one _PIPE_SIZE pipe buffer.
+_BATCH_FILES = 256
+_BATCH_BYTES = 32 << 20
+_BATCH_PATH_BYTES = 128 << 10
+_PIPE_SIZE = 1 << 20
 # From this much queued data on, hashing moves to worker processes (see _HashLane).
 _PROCESS_MIN_BYTES = 128 << 20
 
@@ -200,15 +206,8 @@ class _Walker:
             sec = nsec = 0
         else:
             sec, nsec = divmod(st.st_mtime_ns, _NS)
-        node = Node(
-            mode=mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev & _U32,
-            size=st.st_size,
-            mtime_sec=sec,
-            mtime_nsec=nsec,
-        )
+        # Positional: this runs once per entry, and keywords cost noticeably more.
+        node = Node(mode, 1, st.st_uid, st.st_gid, st.st_rdev & _U32, st.st_size, sec, nsec)
         ftype = mode & 0o170000
         if ftype == _S_IFDIR:
             node.children = {}
@@ -224,19 +223,16 @@ class _Walker:
             node.payload = target
             node.size = len(target)
         if not opts.skip_xattrs:
-            self.read_xattrs(node, dir_fd, name, path)
+            try:
+                names = os.listxattr(path, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG or dir_fd is None:
+                    raise _access_error(path, exc) from exc
+                self._read_xattrs_by_fd(node, dir_fd, name, path)
+            else:
+                if names:
+                    self._add_xattrs(node, names, path, path, False)
         return node
-
-    def read_xattrs(self, node: Node, dir_fd: int | None, name: bytes, path: bytes) -> None:
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno != errno.ENAMETOOLONG or dir_fd is None:
-                raise _access_error(path, exc) from exc
-            self._read_xattrs_by_fd(node, dir_fd, name, path)
-            return
-        if names:
-            self._add_xattrs(node, names, path, path, False)
 
     def _read_xattrs_by_fd(self, node: Node, dir_fd: int, name: bytes, path: bytes) -> None:
         # The full path is too long for the kernel: go through an O_PATH fd, as C always does.
@@ -405,8 +401,9 @@ def _read_all(fd: int) -> bytes:
         parts.append(chunk)
 
 
-#: One hashing result: (digest, inline content), or the errno of the failure.
-_HashResult = tuple[bytes | None, bytes | None] | int
+#: One hashing result: (digest, inline content, already in the store), or the errno of
+#: the failure.
+_HashResult = tuple[bytes | None, bytes | None, bool] | int
 
 
 def _hash_one(
@@ -429,18 +426,31 @@ def _hash_one(
         os.close(fd)
 
 
-def _hash_batch(items: list[tuple[bytes, int]], compute: bool, inline: bool) -> list[_HashResult]:
+def _hash_batch(
+    items: list[tuple[bytes, int]], compute: bool, inline: bool, store: bytes | None
+) -> list[_HashResult]:
     """Hash a batch of files; stops at the first failure, whose errno ends the list.
 
-    Module-level and free of tree objects, so that worker processes can run it.
+    With a ``store``, also say whether each object to store is already there (the
+    lstat C's copy phase would do; doing it here spares the copying threads a round
+    of GIL-bound no-ops when the store is already full). Module-level and free of
+    tree objects, so that worker processes can run it.
     """
     out: list[_HashResult] = []
     for path, size in items:
         try:
-            out.append(_hash_one(path, size, compute, inline))
+            digest, content = _hash_one(path, size, compute, inline)
         except OSError as exc:
             out.append(exc.errno or errno.EIO)
             break
+        present = False
+        if store is not None and content is None and digest is not None:
+            try:
+                os.lstat(join_store_path(store, payload_for_digest(digest)))
+                present = True
+            except OSError:
+                pass
+        out.append((digest, content, present))
     return out
 
 
@@ -451,8 +461,9 @@ class _HashLane(threading.Thread):
     spend most of their time holding the GIL and several of them do not add up to
     more than one CPU. Once the scan has queued ``_PROCESS_MIN_BYTES`` of data, each
     lane starts a worker process (``python -m composefsd.scanner --hash-worker``,
-    batches over a pipe in ``marshal`` format) and only relays batches to it. If a
-    worker cannot be started or dies, that lane hashes in-process from then on.
+    batches over a pipe in ``marshal`` format) and only relays batches to it, keeping
+    two in flight so that the worker never waits for this thread to get the GIL. If a
+    worker cannot be started or dies, the lane hashes in-process from then on.
     """
 
     def __init__(self, pipeline: _Pipeline, index: int) -> None:
@@ -460,50 +471,85 @@ class _HashLane(threading.Thread):
         self.pipeline = pipeline
         self.proc: subprocess.Popen[bytes] | None = None
         self.use_proc = True
+        self.depth = 1
 
     def run(self) -> None:
         pipe = self.pipeline
         get = pipe.work.get
+        inflight: collections.deque[list[tuple[bytes, Node]]] = collections.deque()
+        eof = False
         try:
             while True:
-                batch = get()
-                if batch is None:
+                while not eof and len(inflight) < self.depth:
+                    try:
+                        batch = get(block=not inflight)
+                    except queue.Empty:
+                        break
+                    if batch is None:
+                        eof = True
+                    elif pipe.cancelled or pipe.digest_error is not None:
+                        continue
+                    elif self.use_proc and pipe.processes_wanted and self._send(batch):
+                        inflight.append(batch)
+                    else:
+                        self._local([*inflight, batch])
+                        inflight.clear()
+                if inflight:
+                    results = self._receive()
+                    if results is None:
+                        self._local(list(inflight))
+                        inflight.clear()
+                    else:
+                        pipe.done(inflight.popleft(), results)
+                elif eof:
                     return
-                if pipe.cancelled or pipe.digest_error is not None:
-                    continue
-                items = [(path, node.size) for path, node in batch]
-                results = None
-                if self.use_proc and pipe.processes_wanted:
-                    results = self._remote(items)
-                if results is None:
-                    results = _hash_batch(items, pipe.compute, pipe.inline)
-                pipe.done(batch, results)
         except BaseException as exc:  # never die silently: it would hang finish()
             pipe.fail(exc)
         finally:
             self.stop()
 
-    def _remote(self, items: list[tuple[bytes, int]]) -> list[_HashResult] | None:
+    def _local(self, batches: list[list[tuple[bytes, Node]]]) -> None:
+        pipe = self.pipeline
+        for batch in batches:
+            if pipe.cancelled or pipe.digest_error is not None:
+                return
+            items = [(path, node.size) for path, node in batch]
+            pipe.done(batch, _hash_batch(items, pipe.compute, pipe.inline, pipe.store))
+
+    def _send(self, batch: list[tuple[bytes, Node]]) -> bool:
         pipe = self.pipeline
         try:
             if self.proc is None:
                 self.proc = _start_worker()
-            assert self.proc.stdin is not None and self.proc.stdout is not None
-            request = marshal.dumps((items, pipe.compute, pipe.inline))
+                self.depth = 2 if _widen_pipes(self.proc) else 1
+            assert self.proc.stdin is not None
+            items = [(path, node.size) for path, node in batch]
+            request = marshal.dumps((items, pipe.compute, pipe.inline, pipe.store))
             self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
             self.proc.stdin.flush()
+            return True
+        except (OSError, ValueError) as exc:
+            self._give_up(exc)
+            return False
+
+    def _receive(self) -> list[_HashResult] | None:
+        try:
+            assert self.proc is not None and self.proc.stdout is not None
             header = self.proc.stdout.read(4)
             if len(header) < 4:
                 raise EOFError("hash worker exited")
             reply = self.proc.stdout.read(int.from_bytes(header, "little"))
             results: list[_HashResult] = marshal.loads(reply)
             return results
-        except (OSError, EOFError, ValueError) as exc:
-            if not pipe.cancelled:
-                log.info("hashing in-process from now on: %s", exc)
-            self.use_proc = False
-            self.stop()
+        except (OSError, EOFError, ValueError, AssertionError) as exc:
+            self._give_up(exc)
             return None
+
+    def _give_up(self, exc: BaseException) -> None:
+        if not self.pipeline.cancelled:
+            log.info("hashing in-process from now on: %s", exc)
+        self.use_proc = False
+        self.stop()
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -523,6 +569,23 @@ class _HashLane(threading.Thread):
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
+    """Give both pipes room for two requests and two replies, or say it is not possible.
+
+    With two batches in flight, this lane writes the next request while the worker
+    writes a reply; if neither pipe could hold a whole message, both would block.
+    """
+    try:
+        for f in (proc.stdin, proc.stdout):
+            assert f is not None
+            fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            if fcntl.fcntl(f.fileno(), fcntl.F_GETPIPE_SZ) < _PIPE_SIZE:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
@@ -550,8 +613,8 @@ def _worker_main() -> None:
         header = inp.read(4)
         if len(header) < 4:
             return
-        items, compute, inline = marshal.loads(inp.read(int.from_bytes(header, "little")))
-        reply = marshal.dumps(_hash_batch(items, compute, inline))
+        request = marshal.loads(inp.read(int.from_bytes(header, "little")))
+        reply = marshal.dumps(_hash_batch(*request))
         out.write(len(reply).to_bytes(4, "little") + reply)
         out.flush()
 
@@ -601,6 +664,7 @@ class _Pipeline:
         self._lock = threading.Lock()
         self._batch: list[tuple[bytes, Node]] = []
         self._batch_bytes = 0
+        self._batch_path_bytes = 0
         self._queued_bytes = 0
         self._lanes: list[_HashLane] = []
         self._copiers: list[threading.Thread] = []
@@ -619,12 +683,17 @@ class _Pipeline:
             return
         self._batch.append((path, node))
         self._batch_bytes += size
-        if len(self._batch) >= _BATCH_FILES or self._batch_bytes >= _BATCH_BYTES:
+        self._batch_path_bytes += len(path)
+        if (
+            len(self._batch) >= _BATCH_FILES
+            or self._batch_bytes >= _BATCH_BYTES
+            or self._batch_path_bytes >= _BATCH_PATH_BYTES
+        ):
             self._submit()
 
     def _submit(self) -> None:
         batch, size = self._batch, self._batch_bytes
-        self._batch, self._batch_bytes = [], 0
+        self._batch, self._batch_bytes, self._batch_path_bytes = [], 0, 0
         if not batch or self.cancelled or self.digest_error is not None:
             return
         if not self._lanes:
@@ -648,7 +717,7 @@ class _Pipeline:
                     if self.digest_error is None:
                         self.digest_error = _error("error computing digest", None, result)
                 break
-            digest, content = result
+            digest, content, present = result
             if digest is not None:
                 node.digest = digest
                 node.payload = payload_for_digest(digest)
@@ -656,7 +725,12 @@ class _Pipeline:
                 node.set_content(content)
             files += 1
             size += node.size
-            if store is not None and node.content is None and node.payload is not None:
+            if (
+                store is not None
+                and not present
+                and node.content is None
+                and node.payload is not None
+            ):
                 put((path, node.payload))
         with self._lock:
             self.files_done += files
