@@ -1,0 +1,64 @@
+"""The composefs object repository: objects, images, refs, verification, GC.
+
+The on-disk layout is composefs-rs's (``meta.json``, ``objects/XX/rest``,
+``images/<hex>``, ``images/refs/<name>``), so that either tool opens the other's
+repositories. Start with :class:`Repository` (``Repository.init(path)`` or
+``Repository.open(path)``). The lock discipline is documented in
+:mod:`composefsd.repository.locking`, the verity policy in
+:mod:`composefsd.repository.meta`, object publishing in
+:mod:`composefsd.repository.objects`, CreateImage in
+:mod:`composefsd.repository.images` and GC in :mod:`composefsd.repository.gc`.
+"""
+
+from composefsd.repository.errors import (
+    CorruptRepositoryError,
+    ImageNotFoundError,
+    InvalidNameError,
+    NotARepositoryError,
+    ReadOnlyRepositoryError,
+    RepositoryBusyError,
+    RepositoryError,
+    SourceError,
+    UnsupportedRepositoryError,
+    VerityRequiredError,
+)
+from composefsd.repository.gc import GcResult
+from composefsd.repository.images import (
+    CreateOptions,
+    CreateResult,
+    ImageDetails,
+    ImageEntry,
+)
+from composefsd.repository.locking import gc_lock, reader_lock, writer_lock
+from composefsd.repository.meta import RepoMetadata, VerityPolicy
+from composefsd.repository.objects import ObjectResult
+from composefsd.repository.progress import Progress, ProgressCallback
+from composefsd.repository.repo import Repository, default_path
+
+__all__ = [
+    "CorruptRepositoryError",
+    "CreateOptions",
+    "CreateResult",
+    "GcResult",
+    "ImageDetails",
+    "ImageEntry",
+    "ImageNotFoundError",
+    "InvalidNameError",
+    "NotARepositoryError",
+    "ObjectResult",
+    "Progress",
+    "ProgressCallback",
+    "ReadOnlyRepositoryError",
+    "RepoMetadata",
+    "Repository",
+    "RepositoryBusyError",
+    "RepositoryError",
+    "SourceError",
+    "UnsupportedRepositoryError",
+    "VerityPolicy",
+    "VerityRequiredError",
+    "default_path",
+    "gc_lock",
+    "reader_lock",
+    "writer_lock",
+]

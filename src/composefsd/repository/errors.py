@@ -1,0 +1,85 @@
+"""Errors of the object repository.
+
+Every error raised on purpose by :mod:`composefsd.repository` is a
+:class:`RepositoryError` whose ``str()`` is a complete sentence naming the
+repository, path or image concerned, so that the CLI and the service can show it
+as is. Where an OS call failed, ``errno`` carries its errno (else None).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CorruptRepositoryError",
+    "ImageNotFoundError",
+    "InvalidNameError",
+    "NotARepositoryError",
+    "ReadOnlyRepositoryError",
+    "RepositoryBusyError",
+    "RepositoryError",
+    "SourceError",
+    "UnsupportedRepositoryError",
+    "VerityRequiredError",
+]
+
+
+class RepositoryError(Exception):
+    """Base class: ``str()`` is the message; ``errno`` the OS error behind it, if any."""
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotARepositoryError(RepositoryError):
+    """The path does not exist, is not a directory, or holds no ``meta.json``."""
+
+
+class UnsupportedRepositoryError(RepositoryError):
+    """``meta.json`` names a newer format version, an unknown algorithm, or an
+    incompatible feature flag this implementation does not know."""
+
+
+class CorruptRepositoryError(RepositoryError):
+    """``meta.json`` exists but cannot be read or parsed."""
+
+
+class ImageNotFoundError(RepositoryError):
+    """No image or ref of that name."""
+
+
+class InvalidNameError(RepositoryError, ValueError):
+    """A ref name or digest that is not well formed."""
+
+
+class VerityRequiredError(RepositoryError):
+    """The repository requires fs-verity and the kernel or filesystem cannot enable it."""
+
+
+class ReadOnlyRepositoryError(RepositoryError):
+    """A write was asked of a repository on a read-only filesystem, one this process
+    may not write to, or one whose ``meta.json`` has a read-only-compatible feature
+    flag we do not know."""
+
+
+class RepositoryBusyError(RepositoryError):
+    """The lock could not be taken within the time allowed."""
+
+
+class SourceError(RepositoryError):
+    """A bad CreateImage source: missing, not a directory, an unreadable file, a
+    file that changed while it was being imported, a missing or wrong object."""
+
+
+def os_error_text(exc: OSError) -> str:
+    """``exc``'s strerror, or the errno's text, or its ``str()``."""
+    if exc.strerror:
+        return exc.strerror
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc)

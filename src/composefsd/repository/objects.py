@@ -1,0 +1,1027 @@
+"""Publishing objects under ``objects/XX/<rest of hex>``, and bulk imports of files.
+
+An object is a regular file named by its fs-verity digest (the repository's
+algorithm). Publishing one (:class:`ObjectStore`):
+
+1. If ``objects/XX/rest`` exists as a regular file of the right size, it is reused
+   (deduplication). A damaged one (wrong size or type, or a kernel-measured
+   digest that differs from its name) is replaced.
+2. Otherwise the data goes into an unnamed ``O_TMPFILE`` in ``objects/``, copied
+   from the source with reflink (``FICLONE``), else ``copy_file_range``, else
+   read/write (:func:`composefsd.objcopy.copy_fd_data`). Where ``O_TMPFILE`` is
+   not supported (or ``/proc`` is missing) a named ``objects/.tmp-object-*`` file
+   takes its place.
+3. The file is made mode 0644 and reopened read-only through
+   ``/proc/self/fd/N`` (the writable fd is closed: the kernel refuses fs-verity
+   while one exists). fs-verity is enabled as the policy says (module
+   :mod:`composefsd.repository.meta`): ``ETXTBSY`` (a writable fd leaked into a
+   process forked meanwhile) is retried three times 1 ms apart, then the data is
+   copied into a fresh file which gets verity instead. The kernel's measurement
+   must equal the digest computed in userspace.
+4. ``linkat(AT_SYMLINK_FOLLOW)`` of ``/proc/self/fd/N`` to ``objects/XX/rest``
+   (``XX`` created on demand). ``EEXIST`` means another writer won: dedup. The
+   named fallback links the name (``link(2)`` never replaces, which is
+   ``RENAME_NOREPLACE`` without ``renameat2``) and unlinks the temporary. A
+   damaged object is replaced by a rename instead.
+
+So nothing incomplete is ever visible under ``objects/XX/``: an unnamed temporary
+vanishes with its process, a named one lives in ``objects/`` itself where GC
+removes it and fsck reports it as a stray temporary.
+
+Durability is the caller's business: objects are linked without ``fsync``;
+CreateImage calls :func:`sync_objects` on everything it wrote before it makes an
+image visible (fsync of every object written plus their directories, many at
+once so that the filesystem batches the journal commits). ``fsync_each`` fsyncs
+every object before it is linked instead, as C mkcomposefs does.
+
+Bulk imports (:class:`Importer`) hash each file with the repository's algorithm
+and publish it if it is new, in ``threads`` lanes: in-process threads for small
+amounts of data, one worker process per lane for large ones (per-block fs-verity
+hashing holds the GIL, as explained in :mod:`composefsd.scanner`). Worker
+processes publish objects themselves, under the caller's repository lock,
+whose fd they inherit so that it outlives a killed parent until they exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import marshal
+import os
+import queue
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from composefsd.fsverity import (
+    Algorithm,
+    FsVerityHasher,
+    VerityAlreadyEnabledError,
+    VerityError,
+    VerityFileBusyError,
+    VerityNotEnabledError,
+    VerityUnsupportedError,
+    digest_bytes,
+    digest_fd,
+    enable_verity,
+    measure_verity,
+)
+from composefsd.objcopy import CopyState, copy_fd_data
+from composefsd.repository.errors import (
+    RepositoryError,
+    SourceError,
+    VerityRequiredError,
+    os_error_text,
+)
+from composefsd.repository.meta import VerityPolicy
+
+__all__ = [
+    "OBJECT_MODE",
+    "TMP_PREFIX",
+    "ImportConfig",
+    "ImportResult",
+    "ImportTask",
+    "Importer",
+    "ObjectResult",
+    "ObjectStore",
+    "PublishState",
+    "TmpFile",
+    "object_relpath",
+    "random_name",
+    "sync_objects",
+]
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-object-"
+OBJECT_MODE = 0o644
+_DIR_MODE = 0o755
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_NAME_TABLE = bytes(_NAME_CHARS[i % len(_NAME_CHARS)] for i in range(256))
+# O_TMPFILE errors that mean "not here" (EISDIR: kernels that predate it).
+_NO_TMPFILE = frozenset((errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS))
+_BUSY_RETRIES = 3
+_BUSY_SLEEP = 0.001
+_COPY_BUFSIZE = 1 << 20
+# Work units of the importer: this many files or bytes, whichever comes first.
+_BATCH_FILES = 64
+_BATCH_BYTES = 32 << 20
+# From this much data on the importer uses worker processes.
+_PROCESS_MIN_BYTES = 128 << 20
+_PROGRESS_INTERVAL = 0.2
+_SYNC_THREADS = 16
+# Errors of a copy that are the repository's side failing, not the source's.
+_WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS))
+
+
+def object_relpath(hexdigest: str) -> str:
+    """``XX/rest``: the object's path relative to ``objects/``."""
+    return f"{hexdigest[:2]}/{hexdigest[2:]}"
+
+
+def random_name(prefix: str) -> str:
+    """``prefix`` plus 12 random letters and digits."""
+    return prefix + os.urandom(12).translate(_NAME_TABLE).decode()
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _read_all(fd: int) -> bytes:
+    parts: list[bytes] = []
+    while chunk := os.read(fd, 65536):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@dataclass(slots=True, frozen=True)
+class ObjectResult:
+    """One published (``written``) or reused object; ``verity``: it has fs-verity."""
+
+    digest: str
+    written: bool
+    verity: bool
+    size: int
+
+
+class PublishState:
+    """What the threads of one operation learn about the filesystem, shared.
+
+    ``verity`` is None until known, then whether the filesystem can enable fs-verity.
+    """
+
+    __slots__ = ("copy", "proc_ok", "tmpfile", "verity")
+
+    def __init__(self, verity: bool | None = None) -> None:
+        self.copy = CopyState()
+        self.tmpfile = True
+        self.proc_ok = os.path.isdir("/proc/self/fd")
+        self.verity = verity
+
+
+class TmpFile:
+    """A temporary file in a directory, published by a link: ``O_TMPFILE`` where it
+    works, else a named ``.tmp-object-*`` file that is unlinked unless published."""
+
+    __slots__ = ("dir_fd", "fd", "name")
+
+    def __init__(self, dir_fd: int, fd: int, name: str | None) -> None:
+        self.dir_fd = dir_fd
+        self.fd = fd
+        self.name = name
+
+    @classmethod
+    def create(cls, dir_fd: int, state: PublishState) -> TmpFile:
+        if state.tmpfile and state.proc_ok:
+            try:
+                fd = os.open(
+                    ".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, OBJECT_MODE, dir_fd=dir_fd
+                )
+                return cls(dir_fd, fd, None)
+            except OSError as exc:
+                if exc.errno not in _NO_TMPFILE:
+                    raise
+                log.info("O_TMPFILE unsupported (%s); using named temporary files", exc.strerror)
+                state.tmpfile = False
+        for _ in range(100):
+            name = random_name(TMP_PREFIX)
+            try:
+                fd = os.open(
+                    name,
+                    os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    OBJECT_MODE,
+                    dir_fd=dir_fd,
+                )
+            except FileExistsError:
+                continue
+            return cls(dir_fd, fd, name)
+        raise FileExistsError(errno.EEXIST, "no free temporary file name", TMP_PREFIX)
+
+    def seal(self) -> None:
+        """Reopen read-only and close the writable fd (fs-verity needs that)."""
+        if self.name is None:
+            ro = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            ro = os.open(self.name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.dir_fd)
+        os.close(self.fd)
+        self.fd = ro
+
+    def link(self, dst_dir_fd: int, rel: str) -> bool:
+        """Publish at ``rel``; False if something already exists there."""
+        try:
+            if self.name is None:
+                # dst_dir_fd makes CPython call linkat(..., AT_SYMLINK_FOLLOW), which
+                # follows the /proc magic link; plain link(2) would fail with EXDEV.
+                os.link(f"/proc/self/fd/{self.fd}", rel, dst_dir_fd=dst_dir_fd)
+            else:
+                os.link(
+                    self.name,
+                    rel,
+                    src_dir_fd=self.dir_fd,
+                    dst_dir_fd=dst_dir_fd,
+                    follow_symlinks=False,
+                )
+                self._unlink_name()
+        except FileExistsError:
+            return False
+        return True
+
+    def replace(self, dst_dir_fd: int, rel: str) -> None:
+        """Publish at ``rel`` atomically over whatever is there."""
+        if self.name is None:
+            while True:
+                name = random_name(TMP_PREFIX)
+                try:
+                    os.link(f"/proc/self/fd/{self.fd}", name, dst_dir_fd=self.dir_fd)
+                    break
+                except FileExistsError:
+                    continue
+            self.name = name
+        os.rename(self.name, rel, src_dir_fd=self.dir_fd, dst_dir_fd=dst_dir_fd)
+        self.name = None
+
+    def _unlink_name(self) -> None:
+        name, self.name = self.name, None
+        if name is not None:
+            try:
+                os.unlink(name, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        """Discard: close the fd, and remove a named temporary not published."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.name is not None:
+            try:
+                self._unlink_name()
+            except OSError as exc:
+                log.warning("cannot remove temporary file %s: %s", self.name, exc.strerror)
+
+
+class _Busy(Exception):
+    """fs-verity stayed ETXTBSY through the retries."""
+
+
+_REPLACE = object()
+
+
+class ObjectStore:
+    """Publishes objects into one repository's ``objects/`` directory.
+
+    Thread-safe; every method opens and closes its own temporary fds. ``close()``
+    (or the context manager) releases the directory fd.
+    """
+
+    def __init__(
+        self,
+        objects_dir: str | os.PathLike[str],
+        algorithm: Algorithm,
+        policy: VerityPolicy,
+        *,
+        state: PublishState | None = None,
+        fsync_each: bool = False,
+    ) -> None:
+        self.path = os.fspath(objects_dir)
+        self.algorithm = algorithm
+        self.policy = policy
+        self.state = state or PublishState()
+        self.fsync_each = fsync_each
+        self.dir_fd = os.open(self.path, _DIR_FLAGS)
+        self._warned_unsupported = False
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _repo_error(self, exc: OSError, what: str) -> RepositoryError:
+        return RepositoryError(
+            f"cannot {what} in {self.path}: {os_error_text(exc)}", errno=exc.errno
+        )
+
+    def _new_tmp(self) -> TmpFile:
+        try:
+            return TmpFile.create(self.dir_fd, self.state)
+        except OSError as exc:
+            raise self._repo_error(exc, "create a temporary file") from exc
+
+    def _copy(self, src_fd: int, tmp: TmpFile) -> None:
+        try:
+            copy_fd_data(src_fd, tmp.fd, self.state.copy)
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS:
+                raise self._repo_error(exc, "write an object") from exc
+            raise
+
+    # -- fs-verity ----------------------------------------------------------------------
+    def probe_verity(self) -> bool:
+        """Find out once whether this filesystem can enable fs-verity, on a scratch file.
+
+        Under the required policy an unsupported filesystem raises
+        :class:`VerityRequiredError` here, before anything was written.
+        Under the disabled policy nothing is tried and False is returned.
+        """
+        if self.policy is VerityPolicy.DISABLED:
+            return False
+        if self.state.verity is not None:
+            if not self.state.verity:
+                self._unsupported(None)
+            return self.state.verity
+        tmp = self._new_tmp()
+        try:
+            try:
+                _write_all(tmp.fd, b"composefsd verity probe\n")
+                tmp.seal()
+            except OSError as exc:
+                raise self._repo_error(exc, "write a test file") from exc
+            try:
+                ok = self._enable(tmp.fd, "a test file")
+            except _Busy:
+                ok = False
+        finally:
+            tmp.close()
+        return ok
+
+    def _unsupported(self, exc: VerityError | None) -> bool:
+        self.state.verity = False
+        reason = exc.message if exc is not None else "the filesystem cannot enable it"
+        if self.policy is VerityPolicy.REQUIRED:
+            raise VerityRequiredError(
+                f"fs-verity unsupported: the repository requires fs-verity on every object, "
+                f"and {self.path}: {reason}",
+                errno=exc.errno if exc is not None else errno.EOPNOTSUPP,
+            )
+        if not self._warned_unsupported:
+            self._warned_unsupported = True
+            log.debug(
+                "fs-verity unsupported in %s; storing objects without it: %s", self.path, reason
+            )
+        return False
+
+    def _enable(self, fd: int, what: str) -> bool:
+        """Enable fs-verity on a read-only fd; False where the policy allows doing without."""
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                enable_verity(fd, self.algorithm)
+                break
+            except VerityAlreadyEnabledError:
+                break
+            except VerityFileBusyError:
+                if attempt == _BUSY_RETRIES:
+                    raise _Busy() from None
+                time.sleep(_BUSY_SLEEP)
+            except VerityUnsupportedError as exc:
+                return self._unsupported(exc)
+            except VerityError as exc:
+                if self.policy is VerityPolicy.REQUIRED:
+                    raise VerityRequiredError(
+                        f"cannot enable fs-verity on {what} in {self.path}: {exc}", errno=exc.errno
+                    ) from exc
+                log.warning("fs-verity not enabled on %s: %s", what, exc)
+                return False
+        self.state.verity = True
+        return True
+
+    def _wants_verity(self) -> bool:
+        return self.policy is not VerityPolicy.DISABLED and self.state.verity is not False
+
+    def _verity_existing(self, rel: str, digest: bytes) -> bool | object:
+        """Verity of an existing object, enabling it if missing; ``_REPLACE`` if the
+        kernel's digest shows the object is not what its name says."""
+        if not self._wants_verity():
+            return False
+        fd = os.open(
+            rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self.dir_fd
+        )
+        try:
+            try:
+                measured = measure_verity(fd, self.algorithm)
+            except VerityNotEnabledError:
+                try:
+                    if not self._enable(fd, f"object {rel}"):
+                        return False
+                except _Busy:
+                    if self.policy is VerityPolicy.REQUIRED:
+                        raise VerityRequiredError(
+                            f"cannot enable fs-verity on object {rel}: it is open for writing"
+                        ) from None
+                    return False
+                measured = measure_verity(fd, self.algorithm)
+            except VerityUnsupportedError as exc:
+                return self._unsupported(exc)
+            except VerityError as exc:
+                if self.policy is VerityPolicy.REQUIRED:
+                    raise VerityRequiredError(f"object {rel}: {exc}", errno=exc.errno) from exc
+                log.warning("object %s: %s", rel, exc)
+                return False
+        finally:
+            os.close(fd)
+        if measured != digest:
+            log.warning("object %s has fs-verity digest %s; replacing it", rel, measured.hex())
+            return _REPLACE
+        return True
+
+    # -- lookups ------------------------------------------------------------------------
+    def rel(self, digest: bytes) -> str:
+        return object_relpath(digest.hex())
+
+    def existing(self, digest: bytes, size: int) -> ObjectResult | object | None:
+        """The reusable object of that digest and size, None if absent, or ``_REPLACE``."""
+        rel = self.rel(digest)
+        try:
+            st = os.stat(rel, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._repo_error(exc, f"look up object {rel}") from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            log.warning(
+                "object %s is damaged (%s, %d bytes instead of %d); replacing it",
+                rel,
+                "regular file" if stat.S_ISREG(st.st_mode) else "not a regular file",
+                st.st_size,
+                size,
+            )
+            return _REPLACE
+        verity = self._verity_existing(rel, digest)
+        if verity is _REPLACE:
+            return _REPLACE
+        return ObjectResult(digest.hex(), False, bool(verity), size)
+
+    # -- publishing -----------------------------------------------------------------------
+    def _publish(self, tmp: TmpFile, digest: bytes, size: int, replace: bool) -> ObjectResult:
+        """Seal, verity, link. ``tmp`` is consumed (closed) whatever happens."""
+        rel = self.rel(digest)
+        holder = [tmp]
+        try:
+            try:
+                os.fchmod(tmp.fd, OBJECT_MODE)
+                if self.fsync_each:
+                    os.fsync(tmp.fd)
+                tmp.seal()
+            except OSError as exc:
+                raise self._repo_error(exc, "write an object") from exc
+            verity = self._wants_verity() and self._verity_new(holder, digest)
+            tmp = holder[-1]
+            try:
+                if replace:
+                    tmp.replace(self.dir_fd, rel)
+                    return ObjectResult(digest.hex(), True, verity, size)
+                try:
+                    linked = tmp.link(self.dir_fd, rel)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(rel[:2], _DIR_MODE, dir_fd=self.dir_fd)
+                    except FileExistsError:
+                        pass
+                    linked = tmp.link(self.dir_fd, rel)
+            except OSError as exc:
+                raise self._repo_error(exc, f"publish object {rel}") from exc
+        finally:
+            for t in holder:
+                t.close()
+        if linked:
+            return ObjectResult(digest.hex(), True, verity, size)
+        # Another writer published it meanwhile.
+        found = self.existing(digest, size)
+        if isinstance(found, ObjectResult):
+            return found
+        raise RepositoryError(f"object {rel} appeared damaged while being published")
+
+    def _verity_new(self, holder: list[TmpFile], digest: bytes) -> bool:
+        """Enable and check verity on ``holder[-1]``; a copy made because of ETXTBSY is
+        appended to ``holder`` (the caller closes them all)."""
+        for attempt in range(2):
+            tmp = holder[-1]
+            try:
+                if not self._enable(tmp.fd, "a new object"):
+                    return False
+            except _Busy:
+                if attempt:
+                    if self.policy is VerityPolicy.REQUIRED:
+                        raise VerityRequiredError(
+                            "cannot enable fs-verity on a new object: it stays open for "
+                            "writing in another process"
+                        ) from None
+                    log.warning("fs-verity not enabled on a new object: file busy")
+                    return False
+                # A writable fd leaked into a forked child: enable verity on a copy.
+                fresh = self._new_tmp()
+                holder.append(fresh)
+                try:
+                    self._copy(tmp.fd, fresh)
+                    os.fchmod(fresh.fd, OBJECT_MODE)
+                    if self.fsync_each:
+                        os.fsync(fresh.fd)
+                    fresh.seal()
+                except OSError as exc:
+                    raise self._repo_error(exc, "write an object") from exc
+                continue
+            measured = measure_verity(tmp.fd, self.algorithm)
+            if measured != digest:
+                raise SourceError(
+                    f"the copy's fs-verity digest {measured.hex()} differs from {digest.hex()}: "
+                    f"the source changed while it was copied"
+                )
+            return True
+        raise AssertionError("unreachable")
+
+    def store_bytes(self, data: bytes | bytearray | memoryview) -> ObjectResult:
+        """Publish ``data`` as an object (an image, for instance)."""
+        digest = digest_bytes(data, self.algorithm)
+        size = memoryview(data).nbytes
+        found = self.existing(digest, size)
+        if isinstance(found, ObjectResult):
+            return found
+        tmp = self._new_tmp()
+        try:
+            _write_all(tmp.fd, data)
+        except OSError as exc:
+            tmp.close()
+            raise self._repo_error(exc, "write an object") from exc
+        except BaseException:
+            tmp.close()
+            raise
+        return self._publish(tmp, digest, size, found is _REPLACE)
+
+    def import_fd(self, src_fd: int, *, expected: bytes | None = None) -> ObjectResult:
+        """Publish the regular file open at ``src_fd``: hash it, copy it only if new.
+
+        ``expected``: the digest the caller was told (a dumpfile's); a different
+        one is a :class:`SourceError`. The file must not change meanwhile (its size,
+        mtime and ctime are compared before and after), else :class:`SourceError`.
+        """
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError("not a regular file", errno=errno.EINVAL)
+        digest = digest_fd(src_fd, self.algorithm, threads=1)
+        if expected is not None and digest != expected:
+            raise SourceError(f"its digest is {digest.hex()}, not {expected.hex()}")
+        found = self.existing(digest, st.st_size)
+        if isinstance(found, ObjectResult):
+            _check_unchanged(src_fd, st)
+            return found
+        tmp = self._new_tmp()
+        try:
+            os.lseek(src_fd, 0, os.SEEK_SET)
+            self._copy(src_fd, tmp)
+            _check_unchanged(src_fd, st)
+        except BaseException:
+            tmp.close()
+            raise
+        return self._publish(tmp, digest, st.st_size, found is _REPLACE)
+
+    def import_fd_hashing_copy(
+        self, src_fd: int, *, expected: bytes | None = None, buf: bytearray | None = None
+    ) -> ObjectResult:
+        """As :meth:`import_fd`, but reads the source once: each chunk is hashed and
+        written to the temporary file, which is dropped if the object exists."""
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceError("not a regular file", errno=errno.EINVAL)
+        view = memoryview(buf if buf is not None else bytearray(_COPY_BUFSIZE))
+        hasher = FsVerityHasher(self.algorithm)
+        tmp = self._new_tmp()
+        try:
+            offset = 0
+            while True:
+                got = os.preadv(src_fd, [view], offset)
+                if not got:
+                    break
+                chunk = view[:got]
+                hasher.update(chunk)
+                try:
+                    _write_all(tmp.fd, chunk)
+                except OSError as exc:
+                    raise self._repo_error(exc, "write an object") from exc
+                offset += got
+            _check_unchanged(src_fd, st)
+            digest = hasher.digest()
+            if expected is not None and digest != expected:
+                raise SourceError(f"its digest is {digest.hex()}, not {expected.hex()}")
+            found = self.existing(digest, offset)
+        except BaseException:
+            tmp.close()
+            raise
+        if isinstance(found, ObjectResult):
+            tmp.close()
+            return found
+        return self._publish(tmp, digest, offset, found is _REPLACE)
+
+
+def _check_unchanged(fd: int, before: os.stat_result) -> None:
+    after = os.fstat(fd)
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ):
+        raise SourceError("it changed while it was being imported", errno=errno.EAGAIN)
+
+
+def sync_objects(objects_dir: str | os.PathLike[str], rels: Iterable[str]) -> None:
+    """Make objects durable: fsync each one and every ``XX`` directory holding one,
+    then ``objects/`` itself. Many fsyncs run at once so that the filesystem
+    commits them together."""
+    rels = list(rels)
+    if not rels:
+        return
+    dir_fd = os.open(objects_dir, _DIR_FLAGS)
+    try:
+
+        def one(rel: str) -> None:
+            fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        dirs = sorted({rel.split("/", 1)[0] for rel in rels})
+        with ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="cfs-sync") as pool:
+            list(pool.map(one, rels, chunksize=64))
+            list(pool.map(one, dirs))
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- bulk imports -----------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ImportTask:
+    """One file to import. ``inline``: only read its content (a file of at most 64
+    bytes that the image stores inline). ``expected``: the digest it must have;
+    when given and the object exists, the source is not even read."""
+
+    path: bytes
+    size: int
+    expected: bytes | None = None
+    inline: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class ImportResult:
+    digest: bytes | None
+    content: bytes | None
+    written: bool
+    verity: bool
+
+
+@dataclass(slots=True, frozen=True)
+class ImportConfig:
+    """Everything a worker process needs to publish into a repository."""
+
+    objects_dir: str
+    algorithm: str
+    policy: str
+    verity: bool | None
+    fsync_each: bool = False
+    hashing_copy: bool = False
+
+    def store(self, state: PublishState | None = None) -> ObjectStore:
+        return ObjectStore(
+            self.objects_dir,
+            Algorithm.parse(self.algorithm),
+            VerityPolicy(self.policy),
+            state=state or PublishState(self.verity),
+            fsync_each=self.fsync_each,
+        )
+
+
+# Marshal-friendly forms of tasks, results and failures.
+_Task = tuple[bytes, int, "bytes | None", bool]
+_Result = tuple["bytes | None", "bytes | None", bool, bool]
+_Failure = tuple[str, "int | None", str]
+
+
+def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytearray) -> _Result:
+    path, size, expected, inline = task
+    if expected is not None and not inline:
+        found = store.existing(expected, size)
+        if isinstance(found, ObjectResult):
+            return expected, None, False, found.verity
+    try:
+        fd = os.open(path, _SOURCE_FLAGS)
+    except OSError as exc:
+        raise SourceError(
+            f"cannot read {os.fsdecode(path)}: {os_error_text(exc)}", errno=exc.errno
+        ) from exc
+    try:
+        if inline:
+            # C lcfs_node_set_from_content: read it all; shorter than stat said is ENODATA.
+            data = _read_all(fd)
+            if len(data) < size:
+                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
+            return None, data[:size], False, False
+        if hashing_copy:
+            result = store.import_fd_hashing_copy(fd, expected=expected, buf=buf)
+        else:
+            result = store.import_fd(fd, expected=expected)
+    except SourceError as exc:
+        raise SourceError(f"{os.fsdecode(path)}: {exc.message}", errno=exc.errno) from exc
+    except OSError as exc:
+        # Repository-side failures arrive as RepositoryError; this one is the source's.
+        raise SourceError(
+            f"cannot read {os.fsdecode(path)}: {os_error_text(exc)}", errno=exc.errno
+        ) from exc
+    finally:
+        os.close(fd)
+    if result.size != size:
+        raise SourceError(
+            f"{os.fsdecode(path)}: {result.size} bytes, not {size} as when it was scanned",
+            errno=errno.EAGAIN,
+        )
+    return bytes.fromhex(result.digest), None, result.written, result.verity
+
+
+def _failure(exc: BaseException) -> _Failure:
+    if isinstance(exc, VerityRequiredError):
+        return "verity", exc.errno, exc.message
+    if isinstance(exc, SourceError):
+        return "source", exc.errno, exc.message
+    if isinstance(exc, RepositoryError):
+        return "repo", exc.errno, exc.message
+    if isinstance(exc, OSError):
+        return "repo", exc.errno, f"cannot write an object: {os_error_text(exc)}"
+    return "internal", None, f"{type(exc).__name__}: {exc}"
+
+
+def _raise_failure(failure: _Failure) -> None:
+    kind, err, message = failure
+    if kind == "verity":
+        raise VerityRequiredError(message, errno=err)
+    if kind == "source":
+        raise SourceError(message, errno=err)
+    raise RepositoryError(message, errno=err)
+
+
+def _run_batch(
+    store: ObjectStore, tasks: Sequence[_Task], hashing_copy: bool, buf: bytearray
+) -> list[_Result | _Failure]:
+    """Import a batch; a failure ends it (and is its last entry)."""
+    out: list[_Result | _Failure] = []
+    for task in tasks:
+        try:
+            out.append(_import_one(store, task, hashing_copy, buf))
+        except Exception as exc:  # reported to the parent, which raises it
+            out.append(_failure(exc))
+            break
+    return out
+
+
+def _worker_main() -> None:
+    """An import worker process: a config, then batches from stdin, results to stdout."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+
+    def receive() -> object:
+        header = inp.read(4)
+        if len(header) < 4:
+            return None
+        return marshal.loads(inp.read(int.from_bytes(header, "little")))
+
+    config_tuple = receive()
+    if config_tuple is None:
+        return
+    assert isinstance(config_tuple, tuple)
+    config = ImportConfig(*config_tuple)
+    buf = bytearray(_COPY_BUFSIZE)
+    with config.store() as store:
+        while True:
+            tasks = receive()
+            if tasks is None or os.getppid() != parent:
+                return
+            assert isinstance(tasks, list)
+            reply = marshal.dumps(_run_batch(store, tasks, config.hashing_copy, buf))
+            out.write(len(reply).to_bytes(4, "little") + reply)
+            out.flush()
+
+
+def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from composefsd.repository.objects import _worker_main; _worker_main()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        close_fds=True,
+        pass_fds=tuple(pass_fds),
+    )
+    assert proc.stdin is not None
+    request = marshal.dumps(
+        (
+            config.objects_dir,
+            config.algorithm,
+            config.policy,
+            config.verity,
+            config.fsync_each,
+            config.hashing_copy,
+        )
+    )
+    proc.stdin.write(len(request).to_bytes(4, "little") + request)
+    proc.stdin.flush()
+    return proc
+
+
+class _Lane(threading.Thread):
+    def __init__(self, importer: Importer, index: int) -> None:
+        super().__init__(name=f"cfs-import-{index}", daemon=True)
+        self.importer = importer
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> None:
+        imp = self.importer
+        buf = bytearray(_COPY_BUFSIZE)
+        try:
+            while True:
+                item = imp.work.get()
+                if item is None:
+                    return
+                if imp.failure is not None:
+                    continue
+                start, tasks = item
+                if imp.use_processes:
+                    results = self._remote(tasks)
+                else:
+                    assert imp.store is not None
+                    results = _run_batch(imp.store, tasks, imp.config.hashing_copy, buf)
+                imp.done(start, tasks, results)
+        except BaseException as exc:  # never die silently: it would hang run()
+            imp.fail(_failure(exc))
+        finally:
+            self.stop()
+
+    def _remote(self, tasks: list[_Task]) -> list[_Result | _Failure]:
+        imp = self.importer
+        if self.proc is None:
+            self.proc = _start_worker(imp.config, imp.pass_fds)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = marshal.dumps(tasks)
+        self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
+        self.proc.stdin.flush()
+        header = self.proc.stdout.read(4)
+        if len(header) < 4:
+            raise RepositoryError(f"import worker exited with status {self.proc.wait()}")
+        results: list[_Result | _Failure] = marshal.loads(
+            self.proc.stdout.read(int.from_bytes(header, "little"))
+        )
+        return results
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        if self.importer.failure is not None:
+            proc.kill()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+class Importer:
+    """Imports many files into a repository's objects, in ``threads`` lanes.
+
+    ``run(tasks)`` returns one :class:`ImportResult` per task, in order, or raises
+    the first failure (:class:`SourceError`, :class:`VerityRequiredError`,
+    :class:`RepositoryError`). ``progress(files_done, bytes_done)`` is called from
+    the calling thread a few times a second. ``pass_fds`` go to worker processes
+    (the repository lock fd).
+    """
+
+    def __init__(
+        self,
+        config: ImportConfig,
+        *,
+        threads: int,
+        use_processes: bool | None = None,
+        pass_fds: Sequence[int] = (),
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.threads = max(1, threads)
+        self.use_processes_opt = use_processes
+        self.use_processes = False
+        self.pass_fds = tuple(pass_fds)
+        self.progress = progress
+        self.store: ObjectStore | None = None
+        self.work: queue.SimpleQueue[tuple[int, list[_Task]] | None] = queue.SimpleQueue()
+        self.failure: _Failure | None = None
+        self.files_done = 0
+        self.bytes_done = 0
+        self._results: list[_Result | None] = []
+        self._lock = threading.Lock()
+
+    def done(self, start: int, tasks: list[_Task], results: list[_Result | _Failure]) -> None:
+        files = size = 0
+        for i, result in enumerate(results):
+            if isinstance(result[0], str):
+                self.fail(result)
+                break
+            self._results[start + i] = result
+            files += 1
+            size += tasks[i][1]
+        with self._lock:
+            self.files_done += files
+            self.bytes_done += size
+
+    def fail(self, failure: _Failure) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = failure
+
+    def run(self, tasks: Sequence[ImportTask]) -> list[ImportResult]:
+        self._results = [None] * len(tasks)
+        if not tasks:
+            return []
+        total = sum(t.size for t in tasks if not t.inline)
+        if self.use_processes_opt is None:
+            self.use_processes = self.threads > 1 and total >= _PROCESS_MIN_BYTES
+        else:
+            self.use_processes = self.use_processes_opt
+        lanes = [_Lane(self, i) for i in range(min(self.threads, len(tasks)))]
+        if not self.use_processes:
+            self.store = self.config.store()
+        try:
+            batch: list[_Task] = []
+            batch_bytes = 0
+            start = 0
+            for i, t in enumerate(tasks):
+                if not batch:
+                    start = i
+                batch.append((t.path, t.size, t.expected, t.inline))
+                batch_bytes += 0 if t.inline else t.size
+                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
+                    self.work.put((start, batch))
+                    batch, batch_bytes = [], 0
+            if batch:
+                self.work.put((start, batch))
+            for _ in lanes:
+                self.work.put(None)
+            for lane in lanes:
+                lane.start()
+            for lane in lanes:
+                while lane.is_alive():
+                    lane.join(_PROGRESS_INTERVAL)
+                    if self.progress is not None:
+                        self.progress(self.files_done, self.bytes_done)
+        except BaseException:
+            self.fail(("internal", None, "interrupted"))
+            for lane in lanes:
+                if lane.proc is not None:
+                    lane.proc.kill()
+            for lane in lanes:
+                if lane.is_alive():
+                    lane.join()
+            raise
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+        if self.failure is not None:
+            _raise_failure(self.failure)
+        if self.progress is not None:
+            self.progress(self.files_done, self.bytes_done)
+        out: list[ImportResult] = []
+        for r in self._results:
+            assert r is not None
+            out.append(ImportResult(r[0], r[1], r[2], r[3]))
+        return out
