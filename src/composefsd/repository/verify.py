@@ -1,0 +1,617 @@
+"""Verify one image of a repository: its own digest, its format, every object it uses.
+
+:func:`verify_image` checks, for the image named by ``digest``:
+
+* the image file (``images/<hex>``, a link to ``objects/XX/rest``) exists, is the
+  object of that digest, and its fs-verity digest equals the name;
+* it parses as a composefs image;
+* every object a regular file of the image refers to (payload ``XX/rest``) exists,
+  is a regular file of the size the image records for it, and its fs-verity digest
+  equals its name.
+
+Digests come from the kernel (``FS_IOC_MEASURE_VERITY``) where the file has
+fs-verity, and are computed in userspace otherwise. Userspace hashing is
+GIL-bound in threads (one ``hashlib`` call per 4 KiB block), so large amounts are
+spread over worker processes, as the scanner does; see :func:`check_files`.
+
+What "lacks verity" means depends on the repository's policy:
+
+* ``required``: every object and the image must have kernel fs-verity. Each one
+  the kernel cannot measure (not enabled, filesystem unsupported, or another
+  hash algorithm) is listed in ``no_verity`` and makes the report not ``ok``.
+* ``try``: objects get verity where the filesystem can do it. An object that has
+  none on a filesystem that supports it (the kernel answers "not enabled") is
+  listed in ``no_verity`` for information; it does not make the report fail,
+  since its content was still checked. On a filesystem without fs-verity
+  nothing is listed: that is what ``try`` allows.
+* ``disabled``: ``no_verity`` stays empty.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import marshal
+import os
+import queue
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from composefsd.fsverity import (
+    Algorithm,
+    VerityError,
+    VerityNotEnabledError,
+    VerityUnsupportedError,
+    digest_bytes,
+    digest_fd,
+    measure_verity,
+)
+from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.image.tree import S_IFMT, Node
+from composefsd.repository.images import is_hex_digest
+from composefsd.repository.meta import VerityPolicy
+from composefsd.repository.progress import ProgressCallback, Throttle
+
+__all__ = [
+    "NOT_REGULAR",
+    "FileCheck",
+    "RepositoryView",
+    "VerifyReport",
+    "check_file",
+    "check_files",
+    "verify_image",
+]
+
+log = logging.getLogger(__name__)
+
+#: Objects are opened without following a final symlink (an object must be a regular
+#: file) and without blocking (a FIFO planted under objects/ must not hang us).
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# Work is measured in bytes to hash, each file counting this much more for opening
+# it (measured: ~30 us per file, about what hashing 32 KiB costs).
+_FILE_COST_BYTES = 32 << 10
+# Below this much work, worker processes cost more to start than they save.
+_PROCESS_MIN_COST = 128 << 20
+# A work unit handed to a worker (a file larger than this goes alone).
+_BATCH_COST = 32 << 20
+
+
+class RepositoryView(Protocol):
+    """What verification and fsck need of a repository (``Repository`` provides it)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def hash_name(self) -> str: ...
+
+    @property
+    def verity(self) -> VerityPolicy: ...
+
+    def object_path(self, hexdigest: str) -> Path: ...
+
+    def image_path(self, hexdigest: str) -> Path: ...
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What :func:`verify_image` found. Digests are lowercase hex."""
+
+    digest: str
+    #: Problems of the image file itself: missing, wrong digest, does not parse, ...
+    image_problems: list[str] = field(default_factory=list)
+    #: Objects the image refers to that do not exist.
+    missing: list[str] = field(default_factory=list)
+    #: (digest, reason) for objects that exist but are wrong.
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    #: Files without kernel fs-verity, as the repository's policy asks (module notes).
+    no_verity: list[str] = field(default_factory=list)
+    #: Distinct objects the image refers to (all of them were looked at).
+    objects_checked: int = 0
+    #: How many object digests the kernel measured; the rest were computed.
+    verity_measured: int = 0
+    #: Bytes of object data checked (sizes recorded in the image).
+    bytes_checked: int = 0
+    #: Whether a missing verity counts as a failure (the ``required`` policy).
+    verity_required: bool = False
+
+    @property
+    def ok(self) -> bool:
+        if self.image_problems or self.missing or self.corrupt:
+            return False
+        return not (self.verity_required and self.no_verity)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the CLI's ``--json`` and the service use it)."""
+        return {
+            "digest": self.digest,
+            "ok": self.ok,
+            "image_problems": list(self.image_problems),
+            "missing": list(self.missing),
+            "corrupt": [{"digest": d, "reason": r} for d, r in self.corrupt],
+            "no_verity": list(self.no_verity),
+            "objects_checked": self.objects_checked,
+            "verity_measured": self.verity_measured,
+            "bytes_checked": self.bytes_checked,
+            "verity_required": self.verity_required,
+        }
+
+
+# -- checking files -------------------------------------------------------------------------
+
+#: ``FileCheck.error`` for something that is not a regular file.
+NOT_REGULAR = -1
+
+
+@dataclass(slots=True, frozen=True)
+class FileCheck:
+    """What checking one file found (see :func:`check_file`)."""
+
+    #: The errno of a failure to open or read, or :data:`NOT_REGULAR`; None if none.
+    error: int | None = None
+    size: int = 0
+    #: Hex digest: the kernel's if ``measured``, else computed. None when not worked
+    #: out (an error, or the size was already wrong).
+    digest: str | None = None
+    measured: bool = False
+    #: Why the kernel did not measure it: ``"not-enabled"``, ``"unsupported"``, or
+    #: another reason (such as another hash algorithm). None if it did.
+    why: str | None = None
+
+    def describe_error(self) -> str:
+        if self.error == NOT_REGULAR:
+            return "not a regular file"
+        if self.error == errno.ELOOP:
+            return "not a regular file (a symlink)"
+        return os.strerror(self.error or errno.EIO)
+
+
+_Wire = tuple[int | None, int, str | None, bool, str | None]
+
+
+def _measure(fd: int, algorithm: Algorithm) -> tuple[bytes | None, str | None]:
+    """The kernel's digest, or None and why not (see ``FileCheck.why``)."""
+    try:
+        return measure_verity(fd, algorithm), None
+    except VerityNotEnabledError:
+        return None, "not-enabled"
+    except VerityUnsupportedError:
+        return None, "unsupported"
+    except VerityError as exc:
+        return None, str(exc)
+
+
+def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
+    try:
+        fd = os.open(path, OPEN_FLAGS)
+    except OSError as exc:
+        return exc.errno or errno.EIO, 0, None, False, None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return NOT_REGULAR, 0, None, False, None
+        if 0 <= expected_size != st.st_size:
+            return None, st.st_size, None, False, None
+        measured, why = _measure(fd, algorithm)
+        if measured is not None:
+            return None, st.st_size, measured.hex(), True, None
+        return None, st.st_size, digest_fd(fd, algorithm, threads=1).hex(), False, why
+    except OSError as exc:
+        return exc.errno or errno.EIO, 0, None, False, None
+    finally:
+        os.close(fd)
+
+
+def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> FileCheck:
+    """Open ``path`` (no symlinks, no blocking), check it is a regular file of
+    ``expected_size`` bytes (any size if negative), and work out its digest: measured
+    by the kernel if the file has fs-verity, computed otherwise. Never raises OSError."""
+    return FileCheck(*_check(path, algorithm, expected_size))
+
+
+def _check_batch(items: list[tuple[bytes, int]], algorithm: str) -> list[_Wire]:
+    alg = Algorithm.parse(algorithm)
+    return [_check(path, alg, size) for path, size in items]
+
+
+def _worker_main() -> None:
+    """A checking worker process: batches on stdin, answers on stdout, until EOF."""
+    import signal
+
+    # The parent handles ^C and stops us; a traceback from here would be noise.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = inp.read(4)
+        if len(header) < 4:
+            return
+        algorithm, items = marshal.loads(inp.read(int.from_bytes(header, "little")))
+        reply = marshal.dumps(_check_batch(items, algorithm))
+        out.write(len(reply).to_bytes(4, "little") + reply)
+        out.flush()
+
+
+def _start_worker() -> subprocess.Popen[bytes]:
+    # Run from a source checkout too: tell the child where this copy of the package is.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
+    return subprocess.Popen(
+        [sys.executable, "-c", "from composefsd.repository.verify import _worker_main as m; m()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        close_fds=True,
+    )
+
+
+_Batch = list[tuple[int, bytes, int]]
+_LaneItem = tuple[int, _Wire] | BaseException | None
+
+
+class _Lane(threading.Thread):
+    """Feeds batches to one worker process and passes its answers on. If the worker
+    cannot be started or dies, the lane checks in-process from then on."""
+
+    def __init__(
+        self,
+        work: queue.SimpleQueue[_Batch | None],
+        out: queue.SimpleQueue[_LaneItem],
+        algorithm: str,
+        index: int,
+    ) -> None:
+        super().__init__(name=f"cfs-check-{index}", daemon=True)
+        self.work = work
+        self.out = out
+        self.algorithm = algorithm
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.use_proc = True
+        self.cancelled = False
+
+    def run(self) -> None:
+        try:
+            while (batch := self.work.get()) is not None:
+                if self.cancelled:
+                    continue
+                items = [(path, size) for _, path, size in batch]
+                results = self._remote(items) if self.use_proc else None
+                if results is None:
+                    results = _check_batch(items, self.algorithm)
+                for (index, _, _), result in zip(batch, results, strict=True):
+                    self.out.put((index, result))
+        except BaseException as exc:  # never die silently: the collector would wait forever
+            self.out.put(exc)
+        finally:
+            self.stop()
+            self.out.put(None)
+
+    def _remote(self, items: list[tuple[bytes, int]]) -> list[_Wire] | None:
+        try:
+            if self.proc is None:
+                self.proc = _start_worker()
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            request = marshal.dumps((self.algorithm, items))
+            self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
+            self.proc.stdin.flush()
+            header = self.proc.stdout.read(4)
+            if len(header) < 4:
+                raise EOFError("checking worker exited")
+            results: list[_Wire] = marshal.loads(
+                self.proc.stdout.read(int.from_bytes(header, "little"))
+            )
+            if len(results) != len(items):
+                raise ValueError("checking worker answered for a different number of files")
+            return results
+        except (OSError, EOFError, ValueError) as exc:
+            if not self.cancelled:
+                log.info("checking in-process from now on: %s", exc)
+            self.use_proc = False
+            self.stop()
+            return None
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except OSError:
+            pass
+        if self.cancelled:
+            proc.kill()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def default_workers() -> int:
+    """Checking processes by default: one per CPU this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def check_files(
+    files: Sequence[tuple[bytes, int]],
+    algorithm: Algorithm,
+    on_result: Callable[[int, FileCheck], None],
+    *,
+    workers: int | None = None,
+) -> None:
+    """:func:`check_file` for every (path, expected size) of ``files``, in parallel.
+
+    ``on_result(index, check)`` is called in the calling thread once per file, in no
+    particular order. Worker processes are used when ``workers`` > 1 and the work
+    is large enough for them to pay off (userspace hashing holds the GIL for most
+    of its time, so threads would not add up). Files are handed out largest first,
+    so that one big file does not finish alone at the end.
+    """
+    n = default_workers() if workers is None else max(1, workers)
+    total = sum(max(size, 0) for _, size in files)
+    cost = total + len(files) * _FILE_COST_BYTES
+    if n == 1 or len(files) < 2 or cost < _PROCESS_MIN_COST:
+        for i, (path, size) in enumerate(files):
+            on_result(i, check_file(path, algorithm, size))
+        return
+    order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
+    work: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+    out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
+    batch: _Batch = []
+    batch_cost = 0
+    for i in order:
+        path, size = files[i]
+        batch.append((i, path, size))
+        batch_cost += max(size, 0) + _FILE_COST_BYTES
+        if batch_cost >= _BATCH_COST:
+            work.put(batch)
+            batch, batch_cost = [], 0
+    if batch:
+        work.put(batch)
+    lanes = [_Lane(work, out, algorithm.value, i) for i in range(min(n, len(files)))]
+    for lane in lanes:
+        work.put(None)
+        lane.start()
+    error: BaseException | None = None
+    running = len(lanes)
+    try:
+        while running:
+            item = out.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                error = error or item
+            elif error is None:
+                on_result(item[0], FileCheck(*item[1]))
+    finally:
+        if running:
+            # Leaving early (the callback raised, or ^C): stop the workers now.
+            for lane in lanes:
+                lane.cancelled = True
+                proc = lane.proc
+                if proc is not None:
+                    proc.kill()
+            for lane in lanes:
+                lane.join()
+    if error is not None:
+        raise error
+
+
+# -- verification ---------------------------------------------------------------------------
+
+
+def lacks_verity(policy: VerityPolicy, why: str) -> bool:
+    """Whether a file the kernel could not measure (for reason ``why``, see
+    ``FileCheck.why``) belongs in a "no verity" list under ``policy``."""
+    if policy is VerityPolicy.REQUIRED:
+        return True
+    if policy is VerityPolicy.TRY:
+        return why != "unsupported"
+    return False
+
+
+def _payload_digest(payload: bytes, algorithm: Algorithm) -> str | None:
+    """The object digest named by a payload ``XX/rest``, or None if it names none."""
+    try:
+        text = payload.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if len(text) != 2 * algorithm.digest_size + 1 or text[2] != "/":
+        return None
+    digest = text[:2] + text[3:]
+    return digest if is_hex_digest(digest, algorithm) else None
+
+
+def referenced_objects(
+    root: Node, algorithm: Algorithm, problems: list[str] | None = None
+) -> dict[str, int]:
+    """Object digest -> size for every regular file of the tree backed by an object.
+
+    Payloads that are not object paths for ``algorithm``, and objects recorded with
+    two different sizes, are reported into ``problems`` (once each).
+    """
+    sizes: dict[str, int] = {}
+    bad: set[bytes] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.children:
+            stack.extend(node.children.values())
+        # Hardlink entries read from an image have mode 0 and are skipped, like C's
+        # `composefs-info objects`: their target is visited as an inode of its own.
+        if node.mode & S_IFMT != stat.S_IFREG or node.payload is None or node.content:
+            continue
+        digest = _payload_digest(node.payload, algorithm)
+        if digest is None:
+            if node.payload not in bad and problems is not None:
+                bad.add(node.payload)
+                problems.append(
+                    f"file payload {node.payload!r} is not an object path "
+                    f"(XX/rest, {algorithm.value})"
+                )
+            continue
+        old = sizes.setdefault(digest, node.size)
+        if old != node.size and problems is not None:
+            problems.append(f"object {digest} is recorded with sizes {old} and {node.size}")
+    return sizes
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while True:
+        chunk = os.read(fd, max(size - got, 0) + 65536)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        got += len(chunk)
+
+
+def _check_image_file(
+    repo: RepositoryView, digest: str, algorithm: Algorithm, report: VerifyReport
+) -> bytes | None:
+    """Check the image file; return its content if it could be read."""
+    link = repo.image_path(digest)
+    obj = repo.object_path(digest)
+    try:
+        fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if os.path.islink(link):
+            report.image_problems.append(
+                f"{link} is a dangling link (to {os.readlink(link)}): image object missing"
+            )
+        else:
+            report.image_problems.append(f"image {digest} not found ({link} does not exist)")
+        return None
+    except OSError as exc:
+        report.image_problems.append(f"cannot open {link}: {exc.strerror}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            report.image_problems.append(f"{link} is not a regular file")
+            return None
+        try:
+            ost = os.stat(obj, follow_symlinks=False)
+            same = (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            report.image_problems.append(f"{link} does not lead to its object {obj}")
+        measured, why = _measure(fd, algorithm)
+        data = _read_all(fd, st.st_size)
+    except OSError as exc:
+        report.image_problems.append(f"cannot read {link}: {exc.strerror}")
+        return None
+    finally:
+        os.close(fd)
+    if measured is None:
+        assert why is not None
+        if lacks_verity(repo.verity, why):
+            report.no_verity.append(digest)
+        measured = digest_bytes(data, algorithm)
+    if measured.hex() != digest:
+        report.image_problems.append(f"digest mismatch: {measured.hex()}")
+    return data
+
+
+def verify_image(
+    repo: RepositoryView,
+    digest: str,
+    *,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> VerifyReport:
+    """Check the image ``digest`` (lowercase hex) of ``repo`` and all its objects.
+
+    Never raises for what it finds: everything wrong goes into the report.
+    Progress: phase ``"image"`` (0 of 1, then 1 of 1), then ``"objects"`` with the
+    number of objects checked so far out of the image's distinct objects.
+    ``workers`` caps the hashing processes (default: one per CPU).
+    """
+    algorithm = Algorithm.parse(repo.hash_name)
+    report = VerifyReport(digest=digest, verity_required=repo.verity is VerityPolicy.REQUIRED)
+    if not is_hex_digest(digest, algorithm):
+        report.image_problems.append(
+            f"{digest!r} is not a {algorithm.value} image digest "
+            f"({2 * algorithm.digest_size} lowercase hex digits)"
+        )
+        return report
+    step = Throttle(progress)
+    step("image", 0, 1, force=True)
+    data = _check_image_file(repo, digest, algorithm, report)
+    step("image", 1, 1, force=True)
+    if data is None:
+        return report
+    try:
+        image = read_image(data)
+    except (ImageFormatError, OSError, ValueError) as exc:
+        # ImageFormatError is the reader's verdict; anything else it raises on a
+        # damaged image is a verdict too, not a reason to stop verifying.
+        report.image_problems.append(f"not a valid composefs image: {exc}")
+        return report
+    del data
+    sizes = referenced_objects(image.root, algorithm, report.image_problems)
+    del image
+    _check_objects(repo, algorithm, sizes, report, progress, workers)
+    return report
+
+
+def _check_objects(
+    repo: RepositoryView,
+    algorithm: Algorithm,
+    sizes: dict[str, int],
+    report: VerifyReport,
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> None:
+    digests = sorted(sizes)
+    report.objects_checked = len(digests)
+    report.bytes_checked = sum(sizes.values())
+    total = len(digests)
+    step = Throttle(progress)
+    step("objects", 0, total, force=True)
+    done = 0
+    policy = repo.verity
+
+    def on_result(index: int, check: FileCheck) -> None:
+        nonlocal done
+        digest = digests[index]
+        expected = sizes[digest]
+        if check.error == errno.ENOENT:
+            report.missing.append(digest)
+        elif check.error is not None:
+            report.corrupt.append((digest, check.describe_error()))
+        elif check.size != expected:
+            report.corrupt.append((digest, f"size {check.size} != expected {expected}"))
+        else:
+            if check.measured:
+                report.verity_measured += 1
+            elif check.why is not None and lacks_verity(policy, check.why):
+                report.no_verity.append(digest)
+            if check.digest != digest:
+                report.corrupt.append((digest, f"digest mismatch: {check.digest}"))
+        done += 1
+        step("objects", done, total)
+
+    files = [(os.fsencode(repo.object_path(d)), sizes[d]) for d in digests]
+    check_files(files, algorithm, on_result, workers=workers)
+    step("objects", done, total, force=True)
+    report.missing.sort()
+    report.corrupt.sort()
+    report.no_verity.sort()
