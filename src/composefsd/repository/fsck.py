@@ -1,0 +1,441 @@
+"""Check a whole repository: meta.json, every object, every image link and every ref.
+
+:func:`fsck` runs in four phases, each reported through the progress callback:
+
+1. ``metadata``: ``meta.json`` parses and its algorithm is the repository's.
+2. ``objects``: every directory under ``objects/`` is named ``XX`` (two hex
+   digits); every file in it is a regular file named by the rest of a digest of
+   the repository's algorithm, opens, and has that fs-verity digest (measured by
+   the kernel where the file has verity, computed otherwise, in worker processes
+   for large amounts, see :func:`~composefsd.repository.verify.check_files`).
+3. ``images``: every ``images/<hex>`` is a symlink to ``objects/XX/rest`` for the
+   same digest, and the image parses, and every object it refers to exists.
+4. ``refs``: every link under ``images/refs/`` leads to an ``images/<hex>``.
+
+Problems carry composefs-rs's kebab-case kinds (``object-invalid-name``,
+``object-open-failed``, ``object-digest-mismatch``, ``object-verity-failed``,
+``object-verity-missing``, ``entry-not-symlink``, ``broken-symlink``,
+``stat-failed``, ``unexpected-file-type``, ``image-open-failed``,
+``image-read-failed``, ``image-invalid``, ``image-missing-object``,
+``metadata-parse-failed``, ``metadata-algorithm-mismatch``), plus one of ours:
+
+* ``stray-temp-file``: a named temporary file (``.tmp*`` under ``objects/``, as
+  C mkcomposefs and the named-file fallback of object publishing leave behind when
+  killed, or ``.tmp*``/``.symlink-*`` under ``images/``). It is garbage, not
+  corruption: nothing refers to it and no reader can mistake it for an object.
+  It is reported but does not make the repository unclean (``fatal`` is False).
+  fsck does not remove it: fsck runs beside writers (it only excludes GC), and a
+  writer may be filling that very file; removing such files is GC's business,
+  which runs alone.
+
+Objects lacking fs-verity follow the policy rules of
+:mod:`composefsd.repository.verify`: under ``required`` each one is a fatal
+``object-verity-missing``; under ``try`` one on a filesystem that supports
+fs-verity is a non-fatal ``object-verity-missing``; under ``disabled`` nothing.
+
+Unknown top-level entries (composefs-rs's ``streams/``, lock files) are not
+looked at. Paths in problems are relative to the repository.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from composefsd.fsverity import Algorithm
+from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.repository.errors import RepositoryError, os_error_text
+from composefsd.repository.images import SYMLINK_TMP_PREFIX, is_hex_digest
+from composefsd.repository.meta import RepoMetadata, VerityPolicy
+from composefsd.repository.objects import TMP_PREFIX
+from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.verify import (
+    FileCheck,
+    RepositoryView,
+    check_files,
+    lacks_verity,
+    referenced_objects,
+)
+
+__all__ = ["NON_FATAL_KINDS", "FsckProblem", "FsckReport", "fsck"]
+
+log = logging.getLogger(__name__)
+
+#: Kinds that never make a report fail on their own.
+NON_FATAL_KINDS = frozenset({"stray-temp-file"})
+_HEX = frozenset("0123456789abcdef")
+# Named temporaries: ours (TMP_PREFIX, ".tmp-object-") and C mkcomposefs's ".tmpXXXXXX"
+# under objects/; ours (SYMLINK_TMP_PREFIX) next to the links.
+_TEMP_PREFIXES = (".tmp", TMP_PREFIX)
+_LINK_TEMP_PREFIXES = (SYMLINK_TMP_PREFIX, ".tmp")
+
+
+@dataclass(slots=True, frozen=True)
+class FsckProblem:
+    """One finding: ``kind`` (kebab-case), ``path`` relative to the repository."""
+
+    kind: str
+    path: str
+    message: str
+    #: False for findings that are worth knowing but are not damage.
+    fatal: bool = True
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.path}: {self.message}"
+
+
+@dataclass(slots=True)
+class FsckReport:
+    problems: list[FsckProblem] = field(default_factory=list)
+    objects_checked: int = 0
+    #: How many object digests the kernel measured; the rest were computed.
+    verity_measured: int = 0
+    images_checked: int = 0
+    refs_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.fatal for p in self.problems)
+
+    def add(self, kind: str, path: str, message: str, *, fatal: bool = True) -> None:
+        self.problems.append(FsckProblem(kind, path, message, fatal))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": [
+                {"kind": p.kind, "path": p.path, "message": p.message, "fatal": p.fatal}
+                for p in self.problems
+            ],
+            "objects_checked": self.objects_checked,
+            "verity_measured": self.verity_measured,
+            "images_checked": self.images_checked,
+            "refs_checked": self.refs_checked,
+        }
+
+
+def fsck(
+    repo: RepositoryView,
+    *,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> FsckReport:
+    """Check ``repo``; never raises for what it finds, everything goes into the report.
+
+    ``workers`` caps the hashing processes (default: one per CPU).
+    """
+    checker = _Checker(repo, progress)
+    checker.check_meta()
+    present = checker.check_objects(workers)
+    checker.check_images(present)
+    checker.check_refs()
+    return checker.report
+
+
+class _Checker:
+    def __init__(self, repo: RepositoryView, progress: ProgressCallback | None) -> None:
+        self.repo = repo
+        self.root = Path(os.path.abspath(repo.path))
+        self.algorithm = Algorithm.parse(repo.hash_name)
+        self.step = Throttle(progress)
+        self.report = FsckReport()
+
+    def rel(self, path: Path | str) -> str:
+        try:
+            return str(Path(path).relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    # -- meta.json --------------------------------------------------------------------
+    def check_meta(self) -> None:
+        self.step("metadata", 0, 1, force=True)
+        problem = _meta_problem(self.root / "meta.json", self.repo.algorithm)
+        if problem is not None:
+            self.report.add(problem[0], "meta.json", problem[1])
+        self.step("metadata", 1, 1, force=True)
+
+    # -- objects ----------------------------------------------------------------------
+    def _list_objects(self) -> list[tuple[str, bytes, int]]:
+        """(digest, path, size) of every well-named regular file; reports the rest."""
+        objects_dir = self.root / "objects"
+        found: list[tuple[str, bytes, int]] = []
+        try:
+            top = sorted(os.scandir(objects_dir), key=lambda e: e.name)
+        except OSError as exc:
+            self.report.add("stat-failed", "objects", f"cannot list: {exc.strerror}")
+            return found
+        rest_len = 2 * self.algorithm.digest_size - 2
+        for entry in top:
+            rel = f"objects/{entry.name}"
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError as exc:
+                self.report.add("stat-failed", rel, exc.strerror or str(exc))
+                continue
+            if not is_dir:
+                if entry.name.startswith(_TEMP_PREFIXES):
+                    self.report.add("stray-temp-file", rel, "leftover temporary file", fatal=False)
+                else:
+                    self.report.add(
+                        "unexpected-file-type", rel, "only XX directories belong in objects/"
+                    )
+                continue
+            if len(entry.name) != 2 or not _HEX.issuperset(entry.name):
+                self.report.add("object-invalid-name", rel, "not a two-hex-digit directory")
+                continue
+            try:
+                inner = sorted(os.scandir(entry.path), key=lambda e: e.name)
+            except OSError as exc:
+                self.report.add("stat-failed", rel, f"cannot list: {exc.strerror}")
+                continue
+            for obj in inner:
+                orel = f"{rel}/{obj.name}"
+                if len(obj.name) != rest_len or not _HEX.issuperset(obj.name):
+                    self.report.add(
+                        "object-invalid-name",
+                        orel,
+                        f"not the rest of a {self.algorithm.value} digest "
+                        f"({rest_len} lowercase hex digits)",
+                    )
+                    continue
+                try:
+                    st = obj.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    self.report.add("stat-failed", orel, exc.strerror or str(exc))
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    self.report.add(
+                        "unexpected-file-type", orel, "an object must be a regular file"
+                    )
+                    continue
+                found.append((entry.name + obj.name, os.fsencode(obj.path), st.st_size))
+        return found
+
+    def check_objects(self, workers: int | None) -> set[str]:
+        """Check every object; return the digests of those present (good or not)."""
+        listed = self._list_objects()
+        report = self.report
+        policy = self.repo.verity
+        step = self.step
+        total = len(listed)
+        step("objects", 0, total, force=True)
+        present: set[str] = set()
+        done = 0
+
+        def on_result(index: int, check: FileCheck) -> None:
+            nonlocal done
+            digest, path, _ = listed[index]
+            rel = self.rel(os.fsdecode(path))
+            done += 1
+            step("objects", done, total)
+            if check.error == errno.ENOENT:
+                # Gone since the listing. Only GC removes objects and it excludes fsck,
+                # so someone else did; there is nothing left to check.
+                return
+            present.add(digest)
+            if check.error is not None:
+                report.add("object-open-failed", rel, check.describe_error())
+                return
+            if check.measured:
+                report.verity_measured += 1
+                if check.digest != digest:
+                    report.add(
+                        "object-digest-mismatch", rel, f"measured {check.digest} (fs-verity)"
+                    )
+                return
+            why = check.why
+            assert why is not None
+            if lacks_verity(policy, why):
+                report.add(
+                    "object-verity-missing",
+                    rel,
+                    _verity_text(why),
+                    fatal=policy is VerityPolicy.REQUIRED,
+                )
+            elif why not in ("not-enabled", "unsupported"):
+                report.add("object-verity-failed", rel, why)
+            if check.digest != digest:
+                report.add("object-digest-mismatch", rel, f"computed {check.digest}")
+
+        check_files(
+            [(path, -1) for _, path, _ in listed], self.algorithm, on_result, workers=workers
+        )
+        report.objects_checked = len(listed)
+        step("objects", done, total, force=True)
+        return present
+
+    # -- images -----------------------------------------------------------------------
+    def check_images(self, present: set[str]) -> None:
+        """Check every images/<hex> entry; ``present``: the objects listed before."""
+        images_dir = self.root / "images"
+        report = self.report
+        try:
+            entries = sorted(os.scandir(images_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            report.add("stat-failed", "images", f"cannot list: {exc.strerror}")
+            return
+        entries = [e for e in entries if e.name != "refs"]
+        total = len(entries)
+        self.step("images", 0, total, force=True)
+        for done, entry in enumerate(entries, 1):
+            self._check_image(entry, present)
+            self.step("images", done, total)
+        report.images_checked = total
+        self.step("images", total, total, force=True)
+
+    def _check_image(self, entry: os.DirEntry[str], present: set[str]) -> None:
+        report = self.report
+        rel = f"images/{entry.name}"
+        name = entry.name
+        if name.startswith(_LINK_TEMP_PREFIXES):
+            report.add("stray-temp-file", rel, "leftover temporary file", fatal=False)
+            return
+        if not entry.is_symlink():
+            report.add("entry-not-symlink", rel, "images/ holds only symlinks to objects")
+            return
+        if not is_hex_digest(name, self.algorithm):
+            report.add("image-invalid", rel, f"name is not a {self.algorithm.value} digest")
+            return
+        target = os.readlink(entry.path)
+        expected = Path(self.repo.object_path(name))
+        try:
+            st = os.stat(entry.path)
+        except FileNotFoundError:
+            report.add("broken-symlink", rel, f"dangling link to {target}")
+            return
+        except OSError as exc:
+            report.add("stat-failed", rel, exc.strerror or str(exc))
+            return
+        try:
+            ost = os.stat(expected, follow_symlinks=False)
+            same = (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            report.add("image-invalid", rel, f"links to {target}, not to its object")
+            return
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            report.add("image-open-failed", rel, exc.strerror or str(exc))
+            return
+        try:
+            data = _read_all(fd)
+        except OSError as exc:
+            report.add("image-read-failed", rel, exc.strerror or str(exc))
+            return
+        finally:
+            os.close(fd)
+        try:
+            image = read_image(data)
+        except (ImageFormatError, OSError, ValueError) as exc:
+            report.add("image-invalid", rel, f"not a valid composefs image: {exc}")
+            return
+        problems: list[str] = []
+        sizes = referenced_objects(image.root, self.algorithm, problems)
+        for text in problems:
+            report.add("image-invalid", rel, text)
+        for digest in sorted(sizes):
+            if digest in present:
+                continue
+            # Objects written after the objects phase listed the store are fine too.
+            try:
+                os.lstat(self.repo.object_path(digest))
+            except FileNotFoundError:
+                report.add("image-missing-object", rel, f"object {digest} does not exist")
+            except OSError as exc:
+                report.add("stat-failed", rel, f"object {digest}: {exc.strerror}")
+
+    # -- refs -------------------------------------------------------------------------
+    def check_refs(self) -> None:
+        refs_dir = self.root / "images" / "refs"
+        report = self.report
+        self.step("refs", 0, force=True)
+        count = 0
+        stack = [refs_dir]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report.add("stat-failed", self.rel(directory), f"cannot list: {exc.strerror}")
+                continue
+            for entry in entries:
+                rel = self.rel(entry.path)
+                if entry.name.startswith(_LINK_TEMP_PREFIXES):
+                    report.add("stray-temp-file", rel, "leftover temporary link", fatal=False)
+                elif entry.is_symlink():
+                    count += 1
+                    self.step("refs", count)
+                    self._check_ref(Path(entry.path), rel)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                else:
+                    report.add("entry-not-symlink", rel, "refs are symlinks to images")
+        report.refs_checked = count
+        self.step("refs", count, count, force=True)
+
+    def _check_ref(self, path: Path, rel: str) -> None:
+        target = os.readlink(path)
+        # The link must name an images/<hex> entry (which then leads to the object).
+        first = Path(os.path.normpath(path.parent / target))
+        if first.parent != self.root / "images" or not is_hex_digest(first.name, self.algorithm):
+            self.report.add(
+                "broken-symlink", rel, f"links to {target}, which is not an images/<digest> entry"
+            )
+            return
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self.report.add("broken-symlink", rel, f"dangling link to {target}")
+            return
+        except OSError as exc:
+            self.report.add("broken-symlink", rel, f"cannot resolve {target}: {exc.strerror}")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self.report.add("broken-symlink", rel, f"{target} is not an image file")
+
+
+def _verity_text(why: str) -> str:
+    if why == "not-enabled":
+        return "fs-verity is not enabled on the object"
+    if why == "unsupported":
+        return "the filesystem does not support fs-verity"
+    return why
+
+
+def _read_all(fd: int) -> bytes:
+    parts: list[bytes] = []
+    while chunk := os.read(fd, 1 << 20):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _meta_problem(path: Path, algorithm: str) -> tuple[str, str] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "metadata-parse-failed", "meta.json is missing"
+    except OSError as exc:
+        return "metadata-parse-failed", f"cannot read: {os_error_text(exc)}"
+    try:
+        meta = RepoMetadata.from_json(data)
+    except RepositoryError as exc:
+        return "metadata-parse-failed", str(exc)
+    if meta.algorithm_name != algorithm:
+        return (
+            "metadata-algorithm-mismatch",
+            f"algorithm {meta.algorithm_name}, but the repository was opened as {algorithm}",
+        )
+    return None
