@@ -1,0 +1,485 @@
+"""``composefsctl``: work on a composefsd object repository directly, no daemon needed.
+
+Every subcommand opens the repository given by ``--repo PATH`` (or the
+``COMPOSEFSD_REPOSITORY`` environment variable, or the default location:
+``/sysroot/composefs`` for root, ``~/.var/lib/composefs`` otherwise) and takes
+the repository's locks, so it may run beside the service and other
+``composefsctl`` processes.
+
+Exit status: 0 on success; 1 when the operation failed or when ``verify`` or
+``fsck`` found problems; 2 for a usage error. Errors are one line on stderr,
+``composefsctl: error: <what went wrong>``. Long operations show their progress
+on stderr when it is a terminal, or always with ``--progress``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any, NoReturn, TextIO
+
+from composefsd.repository import (
+    CreateOptions,
+    Progress,
+    Repository,
+    RepositoryError,
+    VerityPolicy,
+    default_path,
+)
+from composefsd.repository.fsck import FsckReport
+from composefsd.repository.verify import VerifyReport
+
+__all__ = ["main"]
+
+PROG = "composefsctl"
+
+
+class _Failed(Exception):
+    """Stop with exit status 1 after printing ``message`` as an error."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+# -- output helpers --------------------------------------------------------------------------
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _print_json(doc: Any, out: TextIO) -> None:
+    json.dump(doc, out, indent=2, sort_keys=False)
+    out.write("\n")
+
+
+class _ProgressPrinter:
+    """Shows progress on stderr: one rewritten line on a terminal, else a line per
+    report (the library already throttles them to a few a second)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.width = 0
+
+    def __call__(self, p: Progress) -> None:
+        text = f"{p.phase}: {p.done}" + (f"/{p.total}" if p.total is not None else "")
+        if p.detail:
+            text += f" {p.detail}"
+        if self.tty:
+            pad = max(0, self.width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def _progress(args: argparse.Namespace) -> _ProgressPrinter | None:
+    if args.progress or sys.stderr.isatty():
+        return _ProgressPrinter(sys.stderr)
+    return None
+
+
+def _open(args: argparse.Namespace) -> Repository:
+    return Repository.open(args.repo)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path = args.repo if args.repo is not None else default_path()
+    repo = Repository.init(
+        path,
+        algorithm=f"fsverity-{args.algorithm}-12",
+        verity=VerityPolicy(args.verity),
+    )
+    print(f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: {repo.verity})")
+    return 0
+
+
+def _create_options(args: argparse.Namespace) -> CreateOptions:
+    try:
+        return CreateOptions(
+            use_epoch=args.use_epoch,
+            skip_xattrs=args.skip_xattrs,
+            user_xattrs=args.user_xattrs,
+            skip_devices=args.skip_devices,
+            min_version=args.min_version,
+            max_version=args.max_version,
+            preserve_hardlinks=args.preserve_hardlinks,
+            threads=args.threads,
+        )
+    except ValueError as exc:
+        raise _Failed(str(exc)) from exc
+
+
+def _cmd_create_image(args: argparse.Namespace) -> int:
+    if (args.source is None) == (args.from_dumpfile is None):
+        raise _Failed("give either SOURCE (a directory) or --from-dumpfile DUMP --objects DIR")
+    if args.from_dumpfile is not None and args.objects is None:
+        raise _Failed("--from-dumpfile needs --objects DIR, the directory holding its objects")
+    if args.objects is not None and args.from_dumpfile is None:
+        raise _Failed("--objects only goes with --from-dumpfile")
+    options = _create_options(args)
+    repo = _open(args)
+    printer = _progress(args)
+    try:
+        if args.from_dumpfile is not None:
+            dump: str | bytes = args.from_dumpfile
+            if args.from_dumpfile == "-":
+                dump = sys.stdin.buffer.read()
+            result = repo.create_image_from_dumpfile(
+                dump, args.objects, options=options, ref=args.ref, progress=printer
+            )
+        else:
+            result = repo.create_image(args.source, options=options, ref=args.ref, progress=printer)
+    finally:
+        if printer is not None:
+            printer.finish()
+    if args.json:
+        _print_json(asdict(result), sys.stdout)
+    else:
+        print(result.digest)
+        if args.verbose:
+            print(
+                f"{result.files} files, {result.objects_written} objects written "
+                f"({_size(result.bytes_written)}), {result.objects_reused} reused, "
+                f"{_size(result.bytes_total)} in objects, "
+                f"fs-verity: {'yes' if result.verity_enabled else 'no'}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _print_verify(report: VerifyReport, out: TextIO) -> None:
+    if report.ok:
+        line = (
+            f"{report.digest}: ok ({report.objects_checked} objects, "
+            f"{_size(report.bytes_checked)}, {report.verity_measured} measured by fs-verity)"
+        )
+        if report.no_verity:
+            line += f", {len(report.no_verity)} without fs-verity"
+        print(line, file=out)
+        return
+    print(f"{report.digest}: FAILED", file=out)
+    for text in report.image_problems:
+        print(f"  image: {text}", file=out)
+    for digest in report.missing:
+        print(f"  missing object: {digest}", file=out)
+    for digest, reason in report.corrupt:
+        print(f"  corrupt object: {digest}: {reason}", file=out)
+    if report.verity_required:
+        for digest in report.no_verity:
+            print(f"  no fs-verity: {digest}", file=out)
+    print(
+        f"  ({report.objects_checked} objects checked, {len(report.missing)} missing, "
+        f"{len(report.corrupt)} corrupt)",
+        file=out,
+    )
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.all and args.images:
+        raise _Failed("give IMAGE names or --all, not both")
+    if not args.all and not args.images:
+        raise _Failed("give the IMAGE(s) to verify, or --all")
+    repo = _open(args)
+    names = [entry.digest for entry in repo.list_images()] if args.all else args.images
+    printer = _progress(args)
+    reports: list[VerifyReport] = []
+    try:
+        for name in names:
+            report = repo.verify_image(name, progress=printer)
+            if printer is not None:
+                printer.finish()
+            reports.append(report)
+            if not args.json:
+                _print_verify(report, sys.stdout)
+    finally:
+        if printer is not None:
+            printer.finish()
+    if args.json:
+        _print_json([r.to_dict() for r in reports], sys.stdout)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _print_fsck(report: FsckReport, out: TextIO) -> None:
+    for problem in report.problems:
+        note = "" if problem.fatal else " (harmless)"
+        print(f"fsck: {problem.kind}: {problem.path}: {problem.message}{note}", file=out)
+    fatal = sum(1 for p in report.problems if p.fatal)
+    verdict = "clean" if report.ok else f"{fatal} problem{'s' if fatal != 1 else ''}"
+    print(
+        f"fsck: {report.objects_checked} objects ({report.verity_measured} measured by "
+        f"fs-verity), {report.images_checked} images, {report.refs_checked} refs: {verdict}",
+        file=out,
+    )
+
+
+def _cmd_fsck(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    printer = _progress(args)
+    try:
+        report = repo.fsck(progress=printer)
+    finally:
+        if printer is not None:
+            printer.finish()
+    if args.json:
+        _print_json(report.to_dict(), sys.stdout)
+    else:
+        _print_fsck(report, sys.stdout)
+    return 0 if report.ok else 1
+
+
+def _cmd_images(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    entries = repo.list_images()
+    if args.json:
+        _print_json([asdict(e) for e in entries], sys.stdout)
+        return 0
+    for e in entries:
+        refs = ", ".join(e.refs) if e.refs else "-"
+        print(f"{e.digest}  {_size(e.size):>10}  {_time(e.created)}  {refs}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    d = repo.describe_image(args.image)
+    if args.json:
+        _print_json(asdict(d), sys.stdout)
+        return 0
+    print(f"digest:            {d.digest}")
+    print(f"size:              {_size(d.size)} ({d.size} bytes)")
+    print(f"created:           {_time(d.created)}")
+    print(f"refs:              {', '.join(d.refs) if d.refs else '-'}")
+    print(f"composefs version: {d.composefs_version}")
+    print(f"objects:           {d.object_count} ({_size(d.objects_size)})")
+    print(f"entries:           {d.entries}")
+    print(f"fs-verity:         {'yes' if d.verity else 'no'}")
+    return 0
+
+
+def _cmd_remove_ref(args: argparse.Namespace) -> int:
+    _open(args).remove_ref(args.name)
+    return 0
+
+
+def _cmd_remove_image(args: argparse.Namespace) -> int:
+    _open(args).remove_image(args.image)
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    printer = _progress(args)
+    try:
+        result = repo.gc(pins=args.pin, dry_run=args.dry_run, progress=printer)
+    finally:
+        if printer is not None:
+            printer.finish()
+    if args.json:
+        _print_json(asdict(result), sys.stdout)
+        return 0
+    verb = "would remove" if result.dry_run else "removed"
+    print(
+        f"gc: {verb} {result.objects_removed} objects ({_size(result.bytes_removed)}), "
+        f"{result.images_removed} images, {result.links_removed} dangling links"
+    )
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _version(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = _ArgumentParser(add_help=False)
+    common.add_argument(
+        "--repo",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the repository (default: $COMPOSEFSD_REPOSITORY, else /sysroot/composefs for "
+        "root, ~/.var/lib/composefs otherwise)",
+    )
+    common.add_argument(
+        "--progress",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show progress on stderr even when it is not a terminal",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="say more about what was done",
+    )
+
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Manage a composefs object repository (composefs-rs compatible layout).",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = command("init", _cmd_init, "create a new repository")
+    p.add_argument("--algorithm", choices=("sha256", "sha512"), default="sha256")
+    p.add_argument(
+        "--verity",
+        choices=[v.value for v in VerityPolicy],
+        default=VerityPolicy.TRY.value,
+        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
+    )
+
+    p = command("create-image", _cmd_create_image, "import a directory tree as an image")
+    p.add_argument("source", metavar="SOURCE", nargs="?", help="the directory to import")
+    p.add_argument("--ref", metavar="NAME", help="name the image with this ref")
+    p.add_argument(
+        "--from-dumpfile",
+        metavar="DUMP",
+        help="build the image from a composefs dumpfile ('-': stdin) instead of SOURCE",
+    )
+    p.add_argument(
+        "--objects", metavar="DIR", help="with --from-dumpfile: the directory of its objects"
+    )
+    p.add_argument("--use-epoch", action="store_true", help="make all mtimes zero")
+    p.add_argument("--skip-xattrs", action="store_true", help="don't store file xattrs")
+    p.add_argument("--user-xattrs", action="store_true", help="only store user.* xattrs")
+    p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
+    p.add_argument("--min-version", type=_version, default=0, metavar="N")
+    p.add_argument("--max-version", type=_version, default=1, metavar="N")
+    p.add_argument(
+        "--preserve-hardlinks",
+        action="store_true",
+        help="keep hardlinked files as hardlinks in the image (C mkcomposefs does not)",
+    )
+    p.add_argument("--threads", type=_positive, metavar="N", help="hashing and copying lanes")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    p = command("verify", _cmd_verify, "check images and every object they use")
+    p.add_argument("images", metavar="IMAGE", nargs="*", help="digest or ref name")
+    p.add_argument("--all", action="store_true", help="verify every image")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = command("fsck", _cmd_fsck, "check the whole repository")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = command("images", _cmd_images, "list the images")
+    p.add_argument("--json", action="store_true")
+
+    p = command("describe", _cmd_describe, "show one image")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("--json", action="store_true")
+
+    p = command("remove-ref", _cmd_remove_ref, "remove a ref (the image stays until GC)")
+    p.add_argument("name", metavar="NAME")
+
+    p = command("remove-image", _cmd_remove_image, "remove an image and its refs")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+
+    p = command("gc", _cmd_gc, "remove what no ref or pin reaches")
+    p.add_argument(
+        "--pin",
+        metavar="IMAGE",
+        action="append",
+        default=[],
+        help="also keep this image (repeatable)",
+    )
+    p.add_argument("--dry-run", "-n", action="store_true", help="only report what would go")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``composefsctl`` with ``argv`` (without the program name; default: sys.argv[1:])."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    for name in ("repo", "progress", "verbose"):
+        if not hasattr(args, name):
+            setattr(args, name, None if name == "repo" else False)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (_Failed, RepositoryError) as exc:
+        _error(str(exc))
+    except BrokenPipeError:
+        # "composefsctl images | head": end quietly, with the status a shell reports
+        # for SIGPIPE, and keep the exit-time flush of stdout from failing again.
+        # (Not signal(SIGPIPE, SIG_DFL): main() may run in-process.)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        _error(_os_error_text(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 128 + signal.SIGINT
+
+
+def _os_error_text(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {text}"
+    return text
+
+
+def _error(message: str) -> NoReturn:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
