@@ -1,0 +1,156 @@
+"""kill -9 of CreateImage at random moments leaves a repository fsck calls clean, with
+no half-visible image.
+
+Each trial runs ``composefsctl create-image --progress`` in a subprocess on a tree
+of which a part was rewritten (so that there are new objects to write), picks a
+phase of the run (interpreter start, scan, import, image, sync, publish), waits
+until the progress output shows that phase has begun, waits a random moment more
+and kills the process with SIGKILL. After every trial fsck must be clean and
+every image link must verify completely. The moments are seeded, so a failure
+can be replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from composefsd.repository import Repository
+from composefsd.repository.verify import verify_image
+
+SEED = 0xC0FFEE
+TRIALS = 24
+MIN_KILLED = 20
+#: Where a kill may land: the phase the progress output must show first, and the
+#: longest extra wait after it (seconds).
+PHASES: list[tuple[str | None, float]] = [
+    (None, 0.6),  # from the start: interpreter, imports, opening the repository
+    ("scan", 0.02),
+    ("import", 0.3),
+    ("image", 0.01),
+    ("sync", 0.02),
+    ("publish", 0.004),
+]
+SIZES = [0, 10, 64, 65, 100, 3000, 4096, 20000, 100_000, 400_000]
+
+
+def _make_tree(root: Path, rng: random.Random) -> list[Path]:
+    files: list[Path] = []
+    for i in range(240):
+        path = root / f"d{i % 12}" / f"f{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.choice(SIZES)))
+        files.append(path)
+    for i in range(2):
+        path = root / f"big{i}"
+        path.write_bytes(rng.randbytes(3 << 20))
+        files.append(path)
+    (root / "d0" / "link").symlink_to("../big0")
+    return files
+
+
+def _rewrite_some(files: list[Path], rng: random.Random) -> None:
+    for path in rng.sample(files, len(files) // 4):
+        path.write_bytes(rng.randbytes(rng.choice(SIZES[4:])))
+
+
+def _check(repo_path: Path) -> int:
+    """fsck clean and every image link verifies; returns the number of images."""
+    repo = Repository.open(repo_path)
+    report = repo.fsck()
+    assert report.ok, [str(p) for p in report.problems]
+    images = [
+        e.name for e in os.scandir(repo_path / "images") if e.name != "refs" and e.is_symlink()
+    ]
+    for digest in images:
+        vr = verify_image(repo, digest)
+        assert vr.ok, vr
+    return len(images)
+
+
+def _run_and_kill(cmd: list[str], phase: str | None, delay: float) -> bool:
+    """Run ``cmd``, kill it ``delay`` s after ``phase`` shows; True if it was killed."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stderr is not None
+        if phase is not None:
+            prefix = (phase + ":").encode()
+            while True:
+                line = proc.stderr.readline()
+                if not line or line.startswith(prefix):
+                    break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        # Anything it started (hash workers) goes too.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        _out, err = proc.communicate()
+    if proc.returncode == -signal.SIGKILL:
+        return True
+    assert proc.returncode == 0, err.decode()
+    return False
+
+
+def test_kill_create_image_at_random_moments(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    tree = tmp_path / "tree"
+    files = _make_tree(tree, rng)
+    repo_path = tmp_path / "repo"
+    Repository.init(repo_path)
+    base = [sys.executable, "-m", "composefsd.cli.composefsctl", "--repo", str(repo_path)]
+
+    # One image stored before the crashes; it must survive all of them.
+    first = subprocess.run(
+        [*base, "create-image", str(tree), "--ref", "before"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+    killed = 0
+    landed: dict[str | None, int] = {}
+    start = time.monotonic()
+    for trial in range(TRIALS):
+        _rewrite_some(files, rng)
+        phase, longest = PHASES[trial % len(PHASES)]
+        delay = rng.uniform(0, longest)
+        cmd = [*base, "create-image", "--progress", str(tree), "--ref", f"trial/{trial}"]
+        if _run_and_kill(cmd, phase, delay):
+            killed += 1
+            landed[phase] = landed.get(phase, 0) + 1
+        _check(repo_path)
+        repo = Repository.open(repo_path)
+        assert repo.resolve_image("before") == first
+    elapsed = time.monotonic() - start
+    assert killed >= MIN_KILLED, (killed, landed)
+    # Kills landed in every phase, not just the long ones.
+    assert set(landed) == {p for p, _ in PHASES}, landed
+    assert elapsed < 90
+
+    # The repository still works: a full run, then GC, then everything checks out.
+    final = subprocess.run(
+        [*base, "create-image", str(tree), "--ref", "after"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run([*base, "gc"], check=True, capture_output=True)
+    assert _check(repo_path) >= 2
+    repo = Repository.open(repo_path)
+    assert repo.resolve_image("after") == final
+    assert verify_image(repo, first).ok
