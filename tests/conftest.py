@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -36,3 +37,11 @@ def reference_bin() -> Path:
 def testdata() -> Path:
     assert TESTDATA.is_dir(), f"C test assets missing at {TESTDATA}"
     return TESTDATA
+
+
+_LINE_NUMBER = re.compile(rb" \(line \d+\)$", re.MULTILINE)
+
+
+def without_line_numbers(stderr: bytes) -> bytes:
+    """Our dumpfile errors are C's messages plus " (line N)"; drop that to compare with C."""
+    return _LINE_NUMBER.sub(b"", stderr)

@@ -291,7 +291,7 @@ def _read_dumpfile(source: str) -> Node:
     try:
         return parse_dumpfile(data, strict="CFS_PARSE_STRICT" in os.environ)
     except DumpfileError as exc:
-        raise _fail(exc.message) from exc
+        raise _fail(str(exc)) from exc  # C's message, plus the line number
 
 
 def _scan(args: _Args, source: str) -> Node:
