@@ -44,6 +44,10 @@ class _Failed(Exception):
     """Stop with exit status 1 after printing ``message`` as an error."""
 
 
+class _Usage(Exception):
+    """A usage error found after parsing: the subcommand's usage, then exit status 2."""
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -124,6 +128,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _create_options(args: argparse.Namespace) -> CreateOptions:
+    if args.skip_xattrs and args.user_xattrs:
+        raise _Usage("--skip-xattrs and --user-xattrs exclude each other")
     try:
         return CreateOptions(
             use_epoch=args.use_epoch,
@@ -141,11 +147,11 @@ def _create_options(args: argparse.Namespace) -> CreateOptions:
 
 def _cmd_create_image(args: argparse.Namespace) -> int:
     if (args.source is None) == (args.from_dumpfile is None):
-        raise _Failed("give either SOURCE (a directory) or --from-dumpfile DUMP --objects DIR")
+        raise _Usage("give either SOURCE (a directory) or --from-dumpfile DUMP --objects DIR")
     if args.from_dumpfile is not None and args.objects is None:
-        raise _Failed("--from-dumpfile needs --objects DIR, the directory holding its objects")
+        raise _Usage("--from-dumpfile needs --objects DIR, the directory holding its objects")
     if args.objects is not None and args.from_dumpfile is None:
-        raise _Failed("--objects only goes with --from-dumpfile")
+        raise _Usage("--objects only goes with --from-dumpfile")
     options = _create_options(args)
     repo = _open(args)
     printer = _progress(args)
@@ -206,9 +212,9 @@ def _print_verify(report: VerifyReport, out: TextIO) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.all and args.images:
-        raise _Failed("give IMAGE names or --all, not both")
+        raise _Usage("give IMAGE names or --all, not both")
     if not args.all and not args.images:
-        raise _Failed("give the IMAGE(s) to verify, or --all")
+        raise _Usage("give the IMAGE(s) to verify, or --all")
     repo = _open(args)
     names = [entry.digest for entry in repo.list_images()] if args.all else args.images
     printer = _progress(args)
@@ -372,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
         name: str, func: Callable[[argparse.Namespace], int], help_text: str
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, parser=p)
         return p
 
     p = command("init", _cmd_init, "create a new repository")
@@ -450,10 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None if name == "repo" else False)
     func: Callable[[argparse.Namespace], int] = args.func
+    command_parser: argparse.ArgumentParser = args.parser
     try:
         return func(args)
+    except _Usage as exc:
+        command_parser.error(str(exc))
     except (_Failed, RepositoryError) as exc:
-        _error(str(exc))
+        return _error(str(exc))
     except BrokenPipeError:
         # "composefsctl images | head": end quietly, with the status a shell reports
         # for SIGPIPE, and keep the exit-time flush of stdout from failing again.
@@ -463,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except OSError as exc:
-        _error(_os_error_text(exc))
+        return _error(_os_error_text(exc))
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 128 + signal.SIGINT
@@ -476,9 +485,9 @@ def _os_error_text(exc: OSError) -> str:
     return text
 
 
-def _error(message: str) -> NoReturn:
+def _error(message: str) -> int:
     sys.stderr.write(f"{PROG}: error: {message}\n")
-    sys.exit(1)
+    return 1
 
 
 if __name__ == "__main__":
