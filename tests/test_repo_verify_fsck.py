@@ -473,3 +473,20 @@ def test_reports_serialise(built: Built) -> None:
     fdoc = fsck(built.repo).to_dict()
     assert fdoc["ok"] is False
     assert fdoc["problems"][0]["kind"] == "object-digest-mismatch"
+
+
+def test_image_object_deleted(built: Built) -> None:
+    """The image file itself gone: its link and its ref dangle."""
+    built.obj(built.one).unlink()
+    link = built.repo.path / "images" / built.one
+    report = verify_image(built.repo, built.one)
+    assert report.image_problems == [
+        f"{link} is a dangling link (to ../objects/{built.one[:2]}/{built.one[2:]}): "
+        "image object missing"
+    ]
+    assert report.objects_checked == 0 and not report.ok
+    assert verify_image(built.repo, built.two).ok
+    assert _fsck_kinds(fsck(built.repo).problems) == [
+        ("broken-symlink", f"images/{built.one}"),
+        ("broken-symlink", "images/refs/one"),
+    ]
