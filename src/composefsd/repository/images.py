@@ -59,6 +59,7 @@ from composefsd.repository.errors import (
 )
 from composefsd.repository.locking import RepoLock, reader_lock, writer_lock
 from composefsd.repository.objects import (
+    DigestCache,
     ImportConfig,
     Importer,
     ImportResult,
@@ -119,6 +120,9 @@ class CreateOptions:
     preserve_hardlinks: bool = False
     #: Hashing and copying lanes; None: one per CPU this process may run on.
     threads: int | None = None
+    #: Reuse digests of unchanged files from the previous import of the same tree
+    #: (:class:`~composefsd.repository.objects.DigestCache`).
+    digest_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.skip_xattrs and self.user_xattrs:
@@ -572,7 +576,13 @@ def create_from_directory(
             raise SourceError(str(exc), errno=exc.errno) from exc
         tasks, nodes, files, entries = _collect_directory(root, src)
         throttle("scan", entries, entries, force=True)
+        cache = None
+        if options.digest_cache:
+            cache = DigestCache.open(repo.cache_dir, src, repo.hash_algorithm)
+            tasks = [ImportTask(t.path, t.size, None, t.inline, cache.get(t.path)) for t in tasks]
         results = _import(repo, store, tasks, options, lock, throttle)
+        if cache is not None:
+            cache.save(tasks, results)
         _apply(nodes, results, repo.hash_algorithm, keep_digest=False)
         return _finish(
             repo, store, root, tasks, results, options, ref_name, files, entries, throttle

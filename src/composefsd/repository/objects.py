@@ -45,6 +45,7 @@ whose fd they inherit so that it outlives a killed parent until they exit.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import marshal
 import os
@@ -84,6 +85,7 @@ from composefsd.repository.meta import VerityPolicy
 __all__ = [
     "OBJECT_MODE",
     "TMP_PREFIX",
+    "DigestCache",
     "ImportConfig",
     "ImportResult",
     "ImportTask",
@@ -674,12 +676,15 @@ def sync_objects(objects_dir: str | os.PathLike[str], rels: Iterable[str]) -> No
 class ImportTask:
     """One file to import. ``inline``: only read its content (a file of at most 64
     bytes that the image stores inline). ``expected``: the digest it must have;
-    when given and the object exists, the source is not even read."""
+    when given and the object exists, the source is not even read. ``cached``:
+    see :class:`DigestCache`."""
 
     path: bytes
     size: int
     expected: bytes | None = None
     inline: bool = False
+    #: A :class:`DigestCache` entry for the path, trusted if the file still matches it.
+    cached: tuple[int, int, int, int, int, bytes] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -688,6 +693,8 @@ class ImportResult:
     content: bytes | None
     written: bool
     verity: bool
+    #: The source's (dev, ino, size, mtime_ns, ctime_ns) when it was hashed.
+    stat: tuple[int, int, int, int, int] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -711,18 +718,126 @@ class ImportConfig:
         )
 
 
+class DigestCache:
+    """Digests of one source tree's files from the previous import of that tree.
+
+    Entries are keyed by path and hold the file's ``(st_dev, st_ino, st_size,
+    st_mtime_ns, st_ctime_ns)`` as it was when hashed. An entry is used only if
+    the file still has exactly those, and only to find an object that exists; a
+    file whose object is missing is hashed again as it is copied. The ctime
+    cannot be set from userspace and moves with every change of the file, so an
+    unchanged key means unchanged content, unless a change landed within the
+    timestamp granularity of the hashing: entries whose ctime is less than
+    ``RACY_NS`` before the import began are not kept (git's "racy clean" rule).
+
+    The cache lives in the repository (``cache/digests-<alg>-<hash of the
+    source path>``): whoever can write it can write the objects anyway. It is
+    rewritten (atomically, without fsync: losing it only costs time) after
+    every import of the tree; a missing or unreadable one is an empty cache.
+    """
+
+    VERSION = 1
+    RACY_NS = 2_000_000_000
+
+    def __init__(
+        self, path: str | None, key: tuple[int, str, bytes], entries: dict[bytes, _Cached]
+    ) -> None:
+        self.path = path
+        self.key = key
+        self.entries = entries
+        self.stamp_ns = time.time_ns()
+
+    @classmethod
+    def open(
+        cls, cache_dir: str | os.PathLike[str], source: bytes, algorithm: Algorithm
+    ) -> DigestCache:
+        real = os.path.realpath(source)
+        name = f"digests-{algorithm.value}-{hashlib.sha256(real).hexdigest()[:32]}"
+        path = os.path.join(os.fspath(cache_dir), name)
+        key = (cls.VERSION, algorithm.value, source)
+        entries: dict[bytes, _Cached] = {}
+        try:
+            with open(path, "rb") as f:
+                doc = marshal.load(f)
+            if isinstance(doc, tuple) and len(doc) == 2 and doc[0] == key:
+                loaded = doc[1]
+                if isinstance(loaded, dict):
+                    entries = loaded
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError, TypeError) as exc:
+            log.info("ignoring unreadable digest cache %s: %s", path, exc)
+        return cls(path, key, entries)
+
+    def get(self, path: bytes) -> _Cached | None:
+        return self.entries.get(path)
+
+    def save(self, tasks: Sequence[ImportTask], results: Sequence[ImportResult]) -> None:
+        if self.path is None:
+            return
+        limit = self.stamp_ns - self.RACY_NS
+        fresh: dict[bytes, _Cached] = {}
+        for task, result in zip(tasks, results, strict=True):
+            st = result.stat
+            if st is not None and result.digest is not None and st[4] < limit:
+                fresh[task.path] = (*st, result.digest)
+        directory = os.path.dirname(self.path)
+        tmp = os.path.join(directory, random_name(".tmp-cache-"))
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            with open(tmp, "xb") as f:
+                marshal.dump((self.key, fresh), f)
+            os.rename(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot write digest cache %s: %s", self.path, os_error_text(exc))
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 # Marshal-friendly forms of tasks, results and failures.
-_Task = tuple[bytes, int, "bytes | None", bool]
-_Result = tuple["bytes | None", "bytes | None", bool, bool]
+#: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a source file.
+_StatKey = tuple[int, int, int, int, int]
+#: A digest cache entry: the stat key, then the digest.
+_Cached = tuple[int, int, int, int, int, bytes]
+_Task = tuple[bytes, int, "bytes | None", bool, "_Cached | None"]
+_Result = tuple["bytes | None", "bytes | None", bool, bool, "_StatKey | None"]
 _Failure = tuple[str, "int | None", str]
 
 
+def _stat_key(st: os.stat_result) -> _StatKey:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _cached_object(store: ObjectStore, path: bytes, cached: _Cached) -> _Result | None:
+    """The reused object for a cache hit: same identity and times, object present."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    key = _stat_key(st)
+    if not stat.S_ISREG(st.st_mode) or key != tuple(cached[:5]):
+        return None
+    digest = cached[5]
+    found = store.existing(digest, st.st_size)
+    if isinstance(found, ObjectResult):
+        return digest, None, False, found.verity, key
+    return None
+
+
 def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytearray) -> _Result:
-    path, size, expected, inline = task
+    path, size, expected, inline, cached = task
     if expected is not None and not inline:
         found = store.existing(expected, size)
         if isinstance(found, ObjectResult):
-            return expected, None, False, found.verity
+            return expected, None, False, found.verity, None
+    if cached is not None and not inline:
+        hit = _cached_object(store, path, cached)
+        if hit is not None:
+            return hit
+        # A stale entry, or its object is gone: hash what gets copied, in one pass.
+        hashing_copy = True
     try:
         fd = os.open(path, _SOURCE_FLAGS)
     except OSError as exc:
@@ -735,11 +850,13 @@ def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytear
             data = _read_all(fd)
             if len(data) < size:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
-            return None, data[:size], False, False
+            return None, data[:size], False, False, None
+        st = os.fstat(fd)
         if hashing_copy:
             result = store.import_fd_hashing_copy(fd, expected=expected, buf=buf)
         else:
             result = store.import_fd(fd, expected=expected)
+        _check_unchanged(fd, st)
     except SourceError as exc:
         raise SourceError(f"{os.fsdecode(path)}: {exc.message}", errno=exc.errno) from exc
     except OSError as exc:
@@ -754,7 +871,7 @@ def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytear
             f"{os.fsdecode(path)}: {result.size} bytes, not {size} as when it was scanned",
             errno=errno.EAGAIN,
         )
-    return bytes.fromhex(result.digest), None, result.written, result.verity
+    return bytes.fromhex(result.digest), None, result.written, result.verity, _stat_key(st)
 
 
 def _failure(exc: BaseException) -> _Failure:
@@ -987,7 +1104,7 @@ class Importer:
             for i, t in enumerate(tasks):
                 if not batch:
                     start = i
-                batch.append((t.path, t.size, t.expected, t.inline))
+                batch.append((t.path, t.size, t.expected, t.inline, t.cached))
                 batch_bytes += 0 if t.inline else t.size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
                     self.work.put((start, batch))
@@ -1023,5 +1140,5 @@ class Importer:
         out: list[ImportResult] = []
         for r in self._results:
             assert r is not None
-            out.append(ImportResult(r[0], r[1], r[2], r[3]))
+            out.append(ImportResult(r[0], r[1], r[2], r[3], r[4]))
         return out

@@ -156,6 +156,11 @@ class Repository:
     def refs_dir(self) -> Path:
         return self.path / "images" / "refs"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Our digest caches (composefs-rs ignores this directory)."""
+        return self.path / "cache"
+
     def object_path(self, hexdigest: str) -> Path:
         if len(hexdigest) < 3 or not _HEX.issuperset(hexdigest):
             raise InvalidNameError(f"not a hex digest: {hexdigest!r}")

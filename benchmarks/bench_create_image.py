@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Time CreateImage on a large tree against C ``mkcomposefs --digest-store``.
+
+    python benchmarks/bench_create_image.py [--tree /usr] [--workdir /var/tmp]
+        [--c-bin DIR] [--threads N] [--strategy hash-first|hashing-copy]
+        [--durability batch|each] [--skip-c] [--keep]
+
+In one run, on the same tree, each into a fresh store under WORKDIR:
+
+1. C ``mkcomposefs --digest-store=STORE TREE IMAGE`` (every object copied and
+   fsync'ed);
+2. our CreateImage into a fresh repository (every object copied, made durable
+   before the image is published);
+3. our CreateImage again on the unchanged tree into the same repository (every
+   file hashed, nothing copied).
+
+Ours runs in a child process through the library, interpreter start included, as
+C's does. The page cache is warmed first by reading the tree, and ``sync`` runs
+before each timed build so that one build's writeback does not slow the next.
+The image bytes and the object sets of C and ours are checked to be identical
+(the repository also holds the image itself as an object). Everything under
+WORKDIR is deleted at the end unless ``--keep``.
+
+Prints wall, user and system seconds of each build (children included), the
+ratios ours/C (target <= 1.0) and rerun/first (target <= 0.25), and the load
+average, since other jobs on the machine skew single runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FICLONE = 0x40049409
+
+CHILD = r"""
+import json, sys, time
+from composefsd.repository import CreateOptions, Repository
+path, tree, strategy, durability, threads, init = sys.argv[1:7]
+Repository.hashing_copy = strategy == "hashing-copy"
+Repository.fsync_each = durability == "each"
+t0 = time.perf_counter()
+repo = Repository.init(path) if init == "1" else Repository.open(path)
+options = CreateOptions(threads=int(threads) if threads != "0" else None)
+result = repo.create_image(tree, ref="bench", options=options)
+out = {
+    "seconds": time.perf_counter() - t0,
+    "digest": result.digest,
+    "files": result.files,
+    "objects_written": result.objects_written,
+    "objects_reused": result.objects_reused,
+    "bytes_written": result.bytes_written,
+    "bytes_total": result.bytes_total,
+    "entries": result.entries,
+}
+print(json.dumps(out))
+"""
+
+
+def reference_bin() -> Path:
+    env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
+    if env:
+        return Path(env)
+    script = REPO.parent / "shared" / "tools" / "reference-tools"
+    out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def fs_facts(workdir: Path) -> str:
+    fstype = "?"
+    best = ""
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            parts = line.split()
+            mnt = parts[1]
+            if str(workdir).startswith(mnt) and len(mnt) >= len(best):
+                best, fstype = mnt, parts[2]
+    with (
+        tempfile.NamedTemporaryFile(dir=workdir) as a,
+        tempfile.NamedTemporaryFile(dir=workdir) as b,
+    ):
+        a.write(b"x" * 8192)
+        a.flush()
+        try:
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+            reflink = "yes"
+        except OSError as exc:
+            reflink = f"no ({exc.strerror})"
+        try:
+            os.copy_file_range(a.fileno(), b.fileno(), 8192, 0, 0)
+            cfr = "yes"
+        except OSError as exc:
+            cfr = f"no ({exc.strerror})"
+    return f"{fstype} on {best}; reflink: {reflink}; copy_file_range: {cfr}"
+
+
+def warm_cache(tree: Path) -> tuple[int, int]:
+    """Read every regular file once; returns (files, bytes)."""
+    paths: list[str] = []
+    for dirpath, _dirs, files in os.walk(tree):
+        paths.extend(os.path.join(dirpath, f) for f in files)
+
+    def read(path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return 0
+        total = 0
+        try:
+            if not os.path.isfile(f"/proc/self/fd/{fd}"):
+                return 0
+            while chunk := os.read(fd, 1 << 20):
+                total += len(chunk)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return total
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(read, paths, chunksize=256))
+    return sum(1 for s in sizes if s), sum(sizes)
+
+
+def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+    """(wall, user, system, stdout) of one run, child processes included."""
+    subprocess.run(["sync"], check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, proc.stdout
+
+
+def object_set(store: Path) -> set[str]:
+    out: set[str] = set()
+    for sub in os.scandir(store):
+        if sub.is_dir(follow_symlinks=False) and len(sub.name) == 2:
+            out.update(f"{sub.name}/{e.name}" for e in os.scandir(sub.path))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--tree", type=Path, default=Path("/usr"))
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    ap.add_argument("--c-bin", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=0, help="0: one per CPU (both sides)")
+    ap.add_argument("--strategy", choices=("hash-first", "hashing-copy"), default="hash-first")
+    ap.add_argument("--durability", choices=("batch", "each"), default="batch")
+    ap.add_argument("--skip-c", action="store_true", help="time ours only")
+    ap.add_argument("--keep", action="store_true", help="keep the stores and images")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cfs-create-bench-", dir=args.workdir))
+    print(f"tree {args.tree}; work dir {work}: {fs_facts(work)}")
+    print(f"CPUs {len(os.sched_getaffinity(0))}; load average {load()}")
+    t0 = time.perf_counter()
+    files, nbytes = warm_cache(args.tree)
+    took = time.perf_counter() - t0
+    print(f"page cache warmed: {files} files, {nbytes / 1e9:.2f} GB in {took:.1f} s")
+    results: dict[str, tuple[float, float, float]] = {}
+    try:
+        c_image = work / "c.img"
+        c_store = work / "c-store"
+        if not args.skip_c:
+            mkcomposefs = str((args.c_bin or reference_bin()) / "mkcomposefs")
+            cmd = [mkcomposefs, f"--digest-store={c_store}", str(args.tree), str(c_image)]
+            if args.threads:
+                cmd.insert(1, f"--threads={args.threads}")
+            print(f"C mkcomposefs --digest-store ... (load {load()})", flush=True)
+            wall, user, system, _ = timed(cmd)
+            results["C first"] = (wall, user, system)
+            print(f"  {wall:8.2f} s wall {user:8.2f} s user {system:8.2f} s sys", flush=True)
+
+        repo_path = work / "repo"
+        child = [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(repo_path),
+            str(args.tree),
+            args.strategy,
+            args.durability,
+            str(args.threads),
+        ]
+        info: dict[str, object] = {}
+        for kind, init in (("ours first", "1"), ("ours rerun", "0")):
+            print(f"{kind}: CreateImage ... (load {load()})", flush=True)
+            wall, user, system, out = timed([*child, init])
+            info = json.loads(out.strip().splitlines()[-1])
+            results[kind] = (wall, user, system)
+            print(
+                f"  {wall:8.2f} s wall {user:8.2f} s user {system:8.2f} s sys; "
+                f"{info['entries']} entries, {info['files']} files, "
+                f"{info['objects_written']} objects written, {info['objects_reused']} reused, "
+                f"{int(info['bytes_written']) / 1e9:.2f} GB written",
+                flush=True,
+            )
+        if not args.skip_c:
+            digest = str(info["digest"])
+            ours_image = (repo_path / "images" / digest).read_bytes()
+            same_image = ours_image == c_image.read_bytes()
+            ours_objects = object_set(repo_path / "objects") - {f"{digest[:2]}/{digest[2:]}"}
+            same_objects = ours_objects == object_set(c_store)
+            print(f"image identical to C's: {same_image}; object set identical: {same_objects}")
+            if not (same_image and same_objects):
+                return 1
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"{'run':12} {'wall s':>9} {'user s':>9} {'sys s':>9}")
+    for kind, (wall, user, system) in results.items():
+        print(f"{kind:12} {wall:9.2f} {user:9.2f} {system:9.2f}")
+    first = results["ours first"][0]
+    rerun = results["ours rerun"][0]
+    if "C first" in results:
+        print(f"ours first / C:         {first / results['C first'][0]:.2f}  (target <= 1.0)")
+    print(f"ours rerun / ours first: {rerun / first:.2f}  (target <= 0.25)")
+    print(f"load average at the end: {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
