@@ -114,7 +114,8 @@ class ScanOptions:
     skip_xattrs: bool = False
     #: Read only ``user.*`` xattrs (``--user-xattrs``); with ``skip_xattrs`` it is EINVAL.
     user_xattrs: bool = False
-    #: Hashing threads; 0 means one per CPU this process may run on.
+    #: Parallel hashers (threads, or worker processes for big trees) and store-copying
+    #: threads (``--threads``); 0 means one per CPU this process may run on.
     threads: int = 0
     #: Give every non-empty regular file its fs-verity digest and ``XX/rest`` payload.
     compute_digests: bool = True
@@ -154,13 +155,6 @@ def payload_for_digest(digest: bytes) -> bytes:
     """The object path C uses for a digest: ``hex[0:2]/hex[2:]``."""
     hexed = digest.hex().encode()
     return hexed[:2] + b"/" + hexed[2:]
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    # C maybe_join_path: no separator is added after a trailing slash.
-    if parent.endswith(b"/") or not parent:
-        return parent + name
-    return parent + b"/" + name
 
 
 def _error(kind: str, path: bytes | None, err: int | None) -> ScanError:
@@ -330,6 +324,7 @@ class _Walker:
         add_file = self.pipeline.add
         skip_devices = opts.skip_devices
         track_links = opts.preserve_hardlinks
+        # C maybe_join_path: no separator is added after a trailing slash.
         sep = b"" if path.endswith(b"/") else b"/"
         try:
             it = os.scandir(fd)
