@@ -424,12 +424,19 @@ def _import(
     options: CreateOptions,
     lock: RepoLock,
     throttle: Throttle,
+    cache: DigestCache | None = None,
 ) -> list[ImportResult]:
     total = sum(t.size for t in tasks if not t.inline)
     count = len(tasks)
+    throttle("import", 0, total, f"0/{count} files", force=True)
+    hits: dict[int, ImportResult] = {}
+    todo = tasks
+    if cache is not None:
+        hits, todo = cache.resolve(store, tasks)
+    hit_bytes = sum(r.stat[2] for r in hits.values() if r.stat is not None)
 
     def report(files: int, nbytes: int) -> None:
-        throttle("import", nbytes, total, f"{files}/{count} files")
+        throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")
 
     config = ImportConfig(
         objects_dir=os.fspath(repo.objects_dir),
@@ -445,8 +452,8 @@ def _import(
         pass_fds=(lock.fd,),
         progress=report if throttle.active else None,
     )
-    throttle("import", 0, total, f"0/{count} files", force=True)
-    return importer.run(tasks)
+    fresh = iter(importer.run(todo))
+    return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
 def _apply(
@@ -579,8 +586,7 @@ def create_from_directory(
         cache = None
         if options.digest_cache:
             cache = DigestCache.open(repo.cache_dir, src, repo.hash_algorithm)
-            tasks = [ImportTask(t.path, t.size, None, t.inline, cache.get(t.path)) for t in tasks]
-        results = _import(repo, store, tasks, options, lock, throttle)
+        results = _import(repo, store, tasks, options, lock, throttle, cache)
         if cache is not None:
             cache.save(tasks, results)
         _apply(nodes, results, repo.hash_algorithm, keep_digest=False)
