@@ -160,6 +160,20 @@ def test_gc_removes_exactly_the_unreachable(tmp_path: Path) -> None:
     assert sorted(e.digest for e in repo.list_images()) == sorted([s.a, s.b])
 
 
+def test_gc_prunes_old_digest_caches(tmp_path: Path) -> None:
+    s = _setup(tmp_path)
+    cache = s.repo.cache_dir
+    cache.mkdir(exist_ok=True)
+    for name in ("digests-sha256-fresh", "digests-sha256-old", ".tmp-cache-killed"):
+        (cache / name).write_bytes(b"x")
+    old = time.time() - 31 * 24 * 3600
+    os.utime(cache / "digests-sha256-old", (old, old))
+    s.repo.gc(dry_run=True)
+    assert len(list(cache.iterdir())) == 3
+    s.repo.gc(pins=[s.d])
+    assert [p.name for p in cache.iterdir()] == ["digests-sha256-fresh"]
+
+
 def test_gc_pins(tmp_path: Path) -> None:
     s = _setup(tmp_path)
     repo = s.repo

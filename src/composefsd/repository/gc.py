@@ -13,7 +13,8 @@ even when ``images/<hex>`` was removed meanwhile: it may still be mounted.
    missing, are removed; so are refs leading to missing images, and leftover
    temporary symlinks.
 3. **Sweep.** Every file under ``objects/XX/`` that is not live is removed, and so
-   are leftover ``objects/.tmp*`` files of killed writers.
+   are leftover ``objects/.tmp*`` files of killed writers. Digest caches of trees
+   not imported for 30 days go too.
 
 Links go before objects, so that a collection that is itself interrupted never
 leaves an image whose objects are gone.
@@ -35,6 +36,7 @@ import logging
 import mmap
 import os
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,9 @@ __all__ = ["GcResult", "collect_garbage"]
 log = logging.getLogger(__name__)
 
 _TEMP_PREFIXES = (".tmp",)
+#: Digest caches (:class:`~composefsd.repository.objects.DigestCache`) of trees not
+#: imported for this long are dropped.
+CACHE_MAX_AGE = 30 * 24 * 3600
 
 
 @dataclass(slots=True, frozen=True)
@@ -268,6 +273,8 @@ def collect_garbage(
             finally:
                 os.close(dir_fd)
         throttle("sweep", len(top), len(top), force=True)
+        if not dry_run:
+            _prune_caches(repo)
     result = GcResult(
         objects_removed=objects_removed,
         bytes_removed=bytes_removed,
@@ -279,6 +286,24 @@ def collect_garbage(
     )
     log.info("gc%s: %s", " (dry run)" if dry_run else "", result)
     return result
+
+
+def _prune_caches(repo: Repository) -> None:
+    """Drop digest caches of trees not imported for ``CACHE_MAX_AGE`` seconds, and
+    temporary files of killed writers (none is running: we hold the lock)."""
+    cutoff = time.time() - CACHE_MAX_AGE
+    try:
+        entries = list(os.scandir(repo.cache_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and (entry.name.startswith(".tmp") or st.st_mtime < cutoff):
+            log.debug("removing digest cache %s", entry.path)
+            _remove(entry.path)
 
 
 def _size(entry: os.DirEntry[str]) -> int:
