@@ -944,6 +944,8 @@ def test_list_describe_resolve_remove(tmp_path: Path, reference_bin: Path) -> No
         repo.resolve_image("0" * 64)
     with pytest.raises(ImageNotFoundError, match="directory of refs"):
         repo.resolve_image("group")
+    with pytest.raises(ImageNotFoundError, match="no image or ref"):
+        repo.resolve_image("first/below")
     with pytest.raises(InvalidNameError, match="sha512 digest"):
         repo.resolve_image("sha512:" + d1)
     with pytest.raises(InvalidNameError):

@@ -276,7 +276,7 @@ def resolve_image(repo: Repository, name: str) -> str:
     link = repo.refs_dir / ref
     try:
         target = os.readlink(link)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ImageNotFoundError(f"no image or ref named {name!r} in {repo.path}") from None
     except OSError as exc:
         if exc.errno == errno.EINVAL:

@@ -371,7 +371,7 @@ class ObjectStore:
             except OSError as exc:
                 raise self._repo_error(exc, "write a test file") from exc
             try:
-                ok = self._enable(tmp.fd, "a test file")
+                ok = self._enable(tmp.fd, f"a test file in {self.path}")
             except _Busy:
                 ok = False
         finally:
@@ -382,9 +382,10 @@ class ObjectStore:
         self.state.verity = False
         reason = exc.message if exc is not None else "the filesystem cannot enable it"
         if self.policy is VerityPolicy.REQUIRED:
+            why = f" ({exc.strerror})" if exc is not None and exc.strerror else ""
             raise VerityRequiredError(
-                f"fs-verity unsupported: the repository requires fs-verity on every object, "
-                f"and {self.path}: {reason}",
+                f"fs-verity unsupported: the kernel or filesystem of {self.path} cannot "
+                f"enable fs-verity{why}, and the repository requires it on every object",
                 errno=exc.errno if exc is not None else errno.EOPNOTSUPP,
             )
         if not self._warned_unsupported:
@@ -398,7 +399,7 @@ class ObjectStore:
         """Enable fs-verity on a read-only fd; False where the policy allows doing without."""
         for attempt in range(_BUSY_RETRIES + 1):
             try:
-                enable_verity(fd, self.algorithm)
+                enable_verity(fd, self.algorithm, path=what)
                 break
             except VerityAlreadyEnabledError:
                 break
@@ -426,9 +427,12 @@ class ObjectStore:
         kernel's digest shows the object is not what its name says."""
         if not self._wants_verity():
             return False
-        fd = os.open(
-            rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self.dir_fd
-        )
+        try:
+            fd = os.open(
+                rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self.dir_fd
+            )
+        except OSError as exc:
+            raise self._repo_error(exc, f"open object {rel}") from exc
         try:
             try:
                 measured = measure_verity(fd, self.algorithm)
