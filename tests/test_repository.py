@@ -11,6 +11,8 @@ import os
 import random
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
     default_path,
+    gc_lock,
 )
 from composefsd.repository import objects as objects_mod
 from composefsd.repository import repo as repo_mod
@@ -976,3 +979,65 @@ def test_source_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exclude each other"):
         CreateOptions(skip_xattrs=True, user_xattrs=True)
     assert repo.list_images() == [] and store_listing(repo.objects_dir) == {}
+
+
+KILLED_PARENT = r"""
+import sys
+from composefsd.repository import CreateOptions, Repository
+from composefsd.repository import objects
+objects._PROCESS_MIN_BYTES = 0
+objects._BATCH_FILES = 1
+repo = Repository.open(sys.argv[1])
+def progress(p):
+    print(p.phase, p.done, flush=True)
+repo.create_image(sys.argv[2], ref="never", options=CreateOptions(threads=2), progress=progress)
+"""
+
+
+def test_killed_parent_leaves_workers_to_finish_cleanly(tmp_path: Path) -> None:
+    """kill -9 of CreateImage while worker processes import: they finish their batch
+    and exit, holding the repository lock until then (GC waits for them), and the
+    repository is clean, with no image and no ref."""
+    src = tmp_path / "src"
+    rng = random.Random(9)
+    for i in range(200):
+        (src / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 5}" / f"f{i}").write_bytes(rng.randbytes(400_000))
+    repo = Repository.init(tmp_path / "repo")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PARENT, str(repo.path), str(src)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("import"):
+            break
+    # Kill once the workers run and have published something.
+    deadline = time.monotonic() + 30
+    children: list[str] = []
+    while time.monotonic() < deadline:
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        if children and any(p.is_dir() for p in repo.objects_dir.iterdir()):
+            break
+        time.sleep(0.002)
+    assert children, "no import workers were running"
+    proc.kill()
+    proc.wait()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    with gc_lock(repo.path, timeout=30):  # held by the workers until they exit
+        for pid in children:
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "zombie" in Path(f"/proc/{pid}/status").read_text()
+            )
+    assert "Traceback" not in stderr
+    assert repo.list_images() == [] and not (repo.refs_dir / "never").exists()
+    report = repo.fsck()
+    assert report.ok, report.problems
+    left = repo_objects(repo)
+    assert left  # some objects made it, complete (fsck checked their digests)
+    assert repo.gc().objects_removed == len(left)

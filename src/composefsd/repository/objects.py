@@ -986,8 +986,13 @@ def _worker_main() -> None:
                 return
             assert isinstance(tasks, list)
             reply = marshal.dumps(_run_batch(store, tasks, config.hashing_copy, buf))
-            out.write(len(reply).to_bytes(4, "little") + reply)
-            out.flush()
+            try:
+                out.write(len(reply).to_bytes(4, "little") + reply)
+                out.flush()
+            except BrokenPipeError:
+                # The parent is gone (killed): what this batch published is complete
+                # objects; leave without a traceback, and without flushing again.
+                os._exit(0)
 
 
 def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
