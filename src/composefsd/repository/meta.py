@@ -265,4 +265,3 @@ class RepoMetadata:
         )
         meta.check_supported(where)
         return meta
-
