@@ -22,17 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _common import reference_bin
+
 MEMORY_LIMIT = 1 << 30
-
-
-def reference_bin() -> Path:
-    env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
-    if env:
-        return Path(env)
-    script = REPO.parent / "shared" / "tools" / "reference-tools"
-    out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
-    return Path(out.strip().splitlines()[-1])
 
 
 def our_mkcomposefs() -> list[str]:

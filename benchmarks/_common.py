@@ -1,0 +1,47 @@
+"""Helpers the benchmarks share: where the C reference tools are, and page-cache warming."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def reference_bin() -> Path:
+    env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
+    if env:
+        return Path(env)
+    script = REPO.parent / "shared" / "tools" / "reference-tools"
+    out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
+    return Path(out.strip().splitlines()[-1])
+
+
+def warm_cache(tree: Path) -> tuple[int, int]:
+    """Read every regular file once; returns (files, bytes)."""
+    paths: list[str] = []
+    for dirpath, _dirs, files in os.walk(tree):
+        paths.extend(os.path.join(dirpath, f) for f in files)
+
+    def read(path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return 0
+        total = 0
+        try:
+            if not os.path.isfile(f"/proc/self/fd/{fd}"):
+                return 0
+            while chunk := os.read(fd, 1 << 20):
+                total += len(chunk)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return total
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(read, paths, chunksize=256))
+    return sum(1 for s in sizes if s), sum(sizes)
