@@ -46,7 +46,6 @@ from composefsd.image.reader import ImageFormatError, iter_objects, read_image
 from composefsd.image.tree import gc_paused
 from composefsd.repository.errors import (
     ImageNotFoundError,
-    InvalidNameError,
     RepositoryError,
     os_error_text,
 )
@@ -55,6 +54,7 @@ from composefsd.repository.images import (
     is_hex_digest,
     iter_refs,
     resolve_image,
+    split_digest_prefix,
 )
 from composefsd.repository.locking import gc_lock, reader_lock
 from composefsd.repository.objects import object_relpath
@@ -95,14 +95,7 @@ class GcResult:
 def _pin_digest(repo: Repository, pin: str) -> str | None:
     """The digest a pin keeps alive, or None for a digest of which nothing is left."""
     alg = repo.hash_algorithm
-    text = pin
-    prefix, sep, rest = pin.partition(":")
-    if sep and prefix in ("sha256", "sha512"):
-        if prefix != alg.value:
-            raise InvalidNameError(
-                f"pin {pin!r} is a {prefix} digest; the repository uses {alg.value}"
-            )
-        text = rest.lower()
+    text, sep = split_digest_prefix(pin, alg, f"pin {pin!r}")
     if is_hex_digest(text, alg):
         if os.path.lexists(repo.images_dir / text) or os.path.lexists(repo.object_path(text)):
             return text

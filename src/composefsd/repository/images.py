@@ -186,6 +186,20 @@ def is_hex_digest(name: str, algorithm: Algorithm) -> bool:
     return len(name) == 2 * algorithm.digest_size and _HEX.issuperset(name)
 
 
+def split_digest_prefix(name: str, algorithm: Algorithm, what: str) -> tuple[str, bool]:
+    """Drop a ``sha256:``/``sha512:`` prefix: (the rest, lowercased, and True), or
+    (``name`` and False) without one. A prefix for another algorithm than the
+    repository's is an :class:`InvalidNameError` that names ``what``."""
+    prefix, sep, rest = name.partition(":")
+    if not (sep and prefix in ("sha256", "sha512")):
+        return name, False
+    if prefix != algorithm.value:
+        raise InvalidNameError(
+            f"{what} is a {prefix} digest; the repository uses {algorithm.value}"
+        )
+    return rest.lower(), True
+
+
 def normalize_ref(name: str) -> str:
     """Check a ref name and drop a leading ``refs/``; :class:`InvalidNameError` if bad."""
     if not isinstance(name, str) or not name:
@@ -257,14 +271,7 @@ def resolve_image(repo: Repository, name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidNameError("an image name must be a non-empty string")
     alg = repo.hash_algorithm
-    text = name
-    prefix, sep, rest = name.partition(":")
-    if sep and prefix in ("sha256", "sha512"):
-        if prefix != alg.value:
-            raise InvalidNameError(
-                f"{name!r} is a {prefix} digest; the repository uses {alg.value}"
-            )
-        text = rest.lower()
+    text, sep = split_digest_prefix(name, alg, repr(name))
     if is_hex_digest(text, alg):
         try:
             os.lstat(repo.images_dir / text)
