@@ -50,17 +50,6 @@ XATTR_ESTIMATE_MAX_READER = 65535
 _U64 = (1 << 64) - 1
 #: The file-type mask (``stat.S_IFMT`` is a function in Python, not this constant).
 S_IFMT = 0o170000
-_VALID_TYPES = frozenset(
-    (
-        stat.S_IFREG,
-        stat.S_IFDIR,
-        stat.S_IFLNK,
-        stat.S_IFBLK,
-        stat.S_IFCHR,
-        stat.S_IFSOCK,
-        stat.S_IFIFO,
-    )
-)
 
 
 class TreeError(OSError):
@@ -96,10 +85,6 @@ class Node:
     xattr_estimate: int = 0
 
     # -- type helpers -------------------------------------------------------------
-    @property
-    def ftype(self) -> int:
-        return self.mode & S_IFMT
-
     @property
     def is_dir(self) -> bool:
         return self.mode & S_IFMT == stat.S_IFDIR
@@ -205,10 +190,6 @@ def new_directory(mode: int = stat.S_IFDIR | 0o755) -> Node:
 def is_whiteout(node: Node) -> bool:
     """An overlay whiteout: a character device with device number 0/0."""
     return node.mode & S_IFMT == stat.S_IFCHR and node.rdev == 0
-
-
-def is_valid_type(mode: int) -> bool:
-    return mode & S_IFMT in _VALID_TYPES
 
 
 @contextmanager
