@@ -17,7 +17,7 @@ import binascii
 import stat
 
 from .escape import UnescapeError, unescape
-from .tree import INLINE_CONTENT_MAX, PATH_MAX, Node, TreeError, gc_paused
+from .tree import INLINE_CONTENT_MAX, PATH_MAX, VALID_FILE_TYPES, Node, TreeError, gc_paused
 
 __all__ = ["DumpfileError", "parse_dumpfile"]
 
@@ -26,9 +26,6 @@ _S_IFDIR = stat.S_IFDIR
 _S_IFLNK = stat.S_IFLNK
 _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
-_VALID_TYPES = frozenset(
-    (stat.S_IFREG, _S_IFDIR, _S_IFLNK, _S_IFBLK, _S_IFCHR, stat.S_IFSOCK, stat.S_IFIFO)
-)
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 _C_SPACE = b" \t\n\v\f\r"
@@ -408,7 +405,7 @@ class _Parser:
             raise _LineError(_int_error(f_mode))
         mode &= _U32
         ftype = mode & _S_IFMT
-        if ftype not in _VALID_TYPES:
+        if ftype not in VALID_FILE_TYPES:
             raise _LineError(f"Invalid mode {mode:o}")
 
         node = Node(mode=mode)
@@ -506,7 +503,7 @@ class _Parser:
 def _valid_mode_texts() -> dict[bytes, int]:
     """Octal mode texts of every valid type with every permission: the fast path's table."""
     out: dict[bytes, int] = {}
-    for ftype in _VALID_TYPES:
+    for ftype in VALID_FILE_TYPES:
         for perm in range(0o10000):
             mode = ftype | perm
             out[b"%o" % mode] = mode

@@ -27,6 +27,7 @@ __all__ = [
     "PATH_MAX",
     "RECOMMENDED_INLINE_CONTENT_MAX",
     "S_IFMT",
+    "VALID_FILE_TYPES",
     "XATTR_ESTIMATE_MAX",
     "XATTR_ESTIMATE_MAX_READER",
     "Node",
@@ -50,6 +51,18 @@ XATTR_ESTIMATE_MAX_READER = 65535
 _U64 = (1 << 64) - 1
 #: The file-type mask (``stat.S_IFMT`` is a function in Python, not this constant).
 S_IFMT = 0o170000
+#: The file types composefs accepts (C ``lcfs_validate_mode``).
+VALID_FILE_TYPES = frozenset(
+    (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFBLK,
+        stat.S_IFCHR,
+        stat.S_IFSOCK,
+        stat.S_IFIFO,
+    )
+)
 
 
 class TreeError(OSError):

@@ -24,7 +24,7 @@ import os
 import struct
 from itertools import accumulate, chain
 
-from .tree import Node, TreeError, gc_paused
+from .tree import VALID_FILE_TYPES, Node, TreeError, gc_paused
 from .xxhash import xxh32
 
 __all__ = ["VERSION_MAX", "WriteError", "write_image"]
@@ -39,7 +39,6 @@ _S_IFBLK = 0o060000
 _S_IFDIR = 0o040000
 _S_IFCHR = 0o020000
 _S_IFIFO = 0o010000
-_VALID_TYPES = frozenset((_S_IFSOCK, _S_IFLNK, _S_IFREG, _S_IFBLK, _S_IFDIR, _S_IFCHR, _S_IFIFO))
 # EROFS dirent file types by S_IF* >> 12.
 _FILE_TYPE = {
     _S_IFREG >> 12: 1,
@@ -138,7 +137,7 @@ def _chunking(size: int) -> tuple[int, int]:
 def _validate(node: Node) -> None:
     """C ``lcfs_node_validate`` for a non-hardlink node."""
     ftype = node.mode & _S_IFMT
-    if ftype not in _VALID_TYPES:
+    if ftype not in VALID_FILE_TYPES:
         raise WriteError(errno.EINVAL, f"invalid file type in mode {node.mode:o}")
     if (
         ftype == _S_IFREG
@@ -305,7 +304,7 @@ def _plan(root: Node, version: int) -> _Plan:
         ftype = mode & _S_IFMT
         size = node.size
         if first_error is None and (
-            ftype not in _VALID_TYPES
+            ftype not in VALID_FILE_TYPES
             or (ftype == _S_IFREG and node.content is None and size > (1 << 53))
         ):
             try:
