@@ -43,9 +43,11 @@ __all__ = [
     "ImageFormatError",
     "ImageHeader",
     "ImageInfo",
+    "ImageSuperblock",
     "iter_objects",
     "read_header",
     "read_image",
+    "read_superblock",
 ]
 
 CFS_MAGIC = 0xD078629A
@@ -169,6 +171,67 @@ def read_header(buf: bytes | bytearray | memoryview | mmap.mmap) -> ImageHeader:
     if version != CFS_VERSION:
         raise ImageFormatError(errno.ENOTSUP, f"unsupported composefs header version {version}")
     return ImageHeader(version=version, flags=flags, composefs_version=cfs_version)
+
+
+@dataclass(slots=True, frozen=True)
+class ImageSuperblock:
+    """The header and EROFS superblock: what a mounter checks before the kernel sees the file."""
+
+    header: ImageHeader
+    root_nid: int
+    inodes: int
+    blocks: int
+
+    @property
+    def has_acl(self) -> bool:
+        return bool(self.header.flags & FLAG_HAS_ACL)
+
+
+def read_superblock(head: bytes | bytearray | memoryview, file_size: int) -> ImageSuperblock:
+    """Check the first block of an image of ``file_size`` bytes without reading the rest.
+
+    Catches what the kernel would otherwise report only as EINVAL or, worse, as
+    EIO on some later read: a file that is not a composefs image, a truncated
+    image (the superblock's block count is the whole image size) and a superblock
+    pointing outside the file.
+    """
+    data = _buffer(head)
+    if file_size < _BLOCK or len(data) < _BLOCK:
+        raise ImageFormatError(
+            errno.EINVAL, f"image is {file_size} bytes, smaller than one {_BLOCK}-byte block"
+        )
+    header = read_header(data)
+    (
+        sb_magic,
+        _checksum,
+        _compat,
+        blkszbits,
+        _extslots,
+        root_nid,
+        inos,
+        _build_time,
+        _build_time_nsec,
+        blocks,
+        meta_blkaddr,
+        xattr_blkaddr,
+    ) = _SUPER.unpack_from(data, _SB_OFFSET)
+    if sb_magic != EROFS_MAGIC:
+        raise ImageFormatError(errno.EINVAL, f"bad EROFS superblock magic 0x{sb_magic:08x}")
+    if blkszbits != 12:
+        raise ImageFormatError(errno.EINVAL, f"EROFS block size 2^{blkszbits} is not 4096")
+    if blocks * _BLOCK != file_size:
+        what = "truncated" if blocks * _BLOCK > file_size else "longer than its superblock says"
+        raise ImageFormatError(
+            errno.EINVAL,
+            f"image is {what}: the superblock says {blocks} blocks "
+            f"({blocks * _BLOCK} bytes), the file has {file_size} bytes",
+        )
+    for what, addr in (("metadata", meta_blkaddr), ("shared xattr", xattr_blkaddr)):
+        if addr >= blocks:
+            raise ImageFormatError(
+                errno.EINVAL, f"{what} block {addr} is past the end of the image"
+            )
+    return ImageSuperblock(header=header, root_nid=root_nid, inodes=inos, blocks=blocks)
 
 
 def read_image(
