@@ -24,6 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
+from composefsd.kernel import MountError, parse_mapping, unmount
+from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.kernel.repomount import (
+    mount_repository_image,
+    mounted_images,
+    repository_mounts,
+)
 from composefsd.repository import (
     CreateOptions,
     Progress,
@@ -306,7 +313,9 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     repo = _open(args)
     printer = _progress(args)
     try:
-        result = repo.gc(pins=args.pin, dry_run=args.dry_run, progress=printer)
+        # Mounted images are roots: their files are in use (composefs-rs #346).
+        pins = [*args.pin, *sorted(mounted_images(repo))]
+        result = repo.gc(pins=pins, dry_run=args.dry_run, progress=printer)
     finally:
         if printer is not None:
             printer.finish()
@@ -318,6 +327,105 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         f"gc: {verb} {result.objects_removed} objects ({_size(result.bytes_removed)}), "
         f"{result.images_removed} images, {result.links_removed} dangling links"
     )
+    return 0
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if (args.upperdir is None) != (args.workdir is None):
+        raise _Usage("--upperdir and --workdir go together")
+    if args.idmap_userns is not None and (args.uid_map or args.gid_map):
+        raise _Usage("--idmap-userns and --uid-map/--gid-map exclude each other")
+    if args.gid_map and not args.uid_map:
+        raise _Usage("--gid-map needs --uid-map")
+    try:
+        uid_map = parse_mapping(args.uid_map) if args.uid_map else None
+        gid_map = parse_mapping(args.gid_map) if args.gid_map else None
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    userns_fd = None
+    if args.idmap_userns is not None:
+        try:
+            userns_fd = os.open(args.idmap_userns, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise _Failed(
+                f"cannot open user namespace {args.idmap_userns}: {exc.strerror}"
+            ) from None
+    try:
+        mount = mount_repository_image(
+            repo,
+            args.image,
+            verity=VerityPolicy(args.verity) if args.verity else None,
+            read_only=not args.rw if args.rw else None,
+            upperdir=args.upperdir,
+            workdir=args.workdir,
+            userns_fd=userns_fd,
+            uid_map=uid_map,
+            gid_map=gid_map,
+            expected_digest=args.expected_digest,
+        )
+    finally:
+        if userns_fd is not None:
+            os.close(userns_fd)
+    with mount:
+        mount.attach(args.where)
+    result = {
+        "where": os.path.abspath(args.where),
+        "source": mount.source,
+        "imageCheck": mount.image_check,
+        "imageDigest": mount.image_digest,
+        "objectVerity": mount.object_verity,
+        "readOnly": mount.read_only,
+        "idmapped": mount.idmapped,
+        "layerMode": mount.layer_mode,
+        "backing": mount.backing,
+        "notes": mount.notes,
+    }
+    if args.json:
+        _print_json(result, sys.stdout)
+    elif args.verbose:
+        checked = {
+            "kernel": "image digest checked by fs-verity",
+            "userspace": "image digest checked in userspace",
+            "none": "image digest not checked",
+        }[mount.image_check]
+        objects = "object verity enforced" if mount.object_verity else "object verity off"
+        print(f"mounted {mount.source} at {result['where']}: {checked}, {objects}")
+        for note in mount.notes:
+            print(f"  note: {note}")
+    return 0
+
+
+def _cmd_unmount(args: argparse.Namespace) -> int:
+    gone = unmount(args.where, lazy=args.lazy)
+    if args.verbose:
+        print(f"unmounted {gone.source} from {gone.mountpoint}")
+    return 0
+
+
+def _mount_dict(m: ComposefsMount) -> dict[str, Any]:
+    return {
+        "mountpoint": m.mountpoint,
+        "source": m.source,
+        "digest": m.digest,
+        "readOnly": m.read_only,
+        "verity": m.verity,
+        "datadirs": list(m.datadirs),
+        "upperdir": m.upperdir,
+    }
+
+
+def _cmd_mounts(args: argparse.Namespace) -> int:
+    if args.all:
+        mounts = list_composefs_mounts()
+    else:
+        mounts = repository_mounts(_open(args))
+    if args.json:
+        _print_json([_mount_dict(m) for m in mounts], sys.stdout)
+        return 0
+    for m in mounts:
+        mode = "ro" if m.read_only else "rw"
+        print(f"{m.mountpoint}  {m.digest or m.source}  {mode}  verity={m.verity}")
     return 0
 
 
@@ -446,6 +554,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", "-n", action="store_true", help="only report what would go")
     p.add_argument("--json", action="store_true")
+
+    p = command("mount", _cmd_mount, "mount an image (needs root)")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("where", metavar="WHERE", help="the directory to mount it on")
+    p.add_argument(
+        "--verity",
+        choices=[v.value for v in VerityPolicy],
+        help="fs-verity checks: required, try or disabled (default: the repository's policy)",
+    )
+    p.add_argument("--expected-digest", metavar="HEX", help="refuse unless IMAGE is this digest")
+    p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
+    p.add_argument("--upperdir", metavar="DIR", help="overlay upper directory for writes")
+    p.add_argument("--workdir", metavar="DIR", help="overlay work directory (same filesystem)")
+    p.add_argument(
+        "--idmap-userns",
+        metavar="PATH",
+        help="idmap through this user namespace (/proc/PID/ns/user)",
+    )
+    p.add_argument(
+        "--uid-map",
+        metavar="MAP",
+        help="idmap with this uid mapping, INSIDE:OUTSIDE:COUNT[,...]",
+    )
+    p.add_argument("--gid-map", metavar="MAP", help="gid mapping (default: the uid mapping)")
+    p.add_argument("--json", action="store_true", help="print what was mounted and checked")
+
+    p = command("unmount", _cmd_unmount, "unmount a composefs mount")
+    p.add_argument("where", metavar="WHERE")
+    p.add_argument("--lazy", action="store_true", help="detach even if files are open")
+
+    p = command("mounts", _cmd_mounts, "list the mounted images of the repository")
+    p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -461,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except _Usage as exc:
         command_parser.error(str(exc))
-    except (_Failed, RepositoryError) as exc:
+    except (_Failed, RepositoryError, MountError) as exc:
         return _error(str(exc))
     except BrokenPipeError:
         # "composefsctl images | head": end quietly, with the status a shell reports
