@@ -19,29 +19,11 @@ _HEX_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
 
 
 def _unescape(field_text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    # mountinfo escapes space, tab, newline and backslash (and, in overlay's
+    # options, commas and '=') as \ooo.
     if "\\" not in field_text:
         return field_text
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_text)
-
-
-def _split_options(text: str) -> list[str]:
-    # Overlay escapes commas inside layer paths with a backslash.
-    parts, cur, i = [], [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            i += 2
-            continue
-        if ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    parts.append("".join(cur))
-    return parts
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,7 +71,8 @@ def parse_mountinfo(text: str) -> Iterator[MountEntry]:
                 mount_options=tuple(fields[5].split(",")),
                 fstype=fields[sep + 1],
                 source=_unescape(fields[sep + 2]),
-                super_options=tuple(_split_options(_unescape(fields[sep + 3]))),
+                # Option values escape commas as \054, so raw commas only separate.
+                super_options=tuple(_unescape(o) for o in fields[sep + 3].split(",")),
             )
         except (ValueError, IndexError):
             continue
