@@ -27,7 +27,6 @@ once the command line has been checked.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import sys
@@ -65,8 +64,6 @@ _LCFS_EROFS_MAGIC = 0xD078629A
 _HEADER_SIZE = 32
 _MAX_DIGEST_SIZE = 64
 _LCFS_DIGEST_SIZE = 32
-# _IOWR('f', 134, struct fsverity_digest)
-_FS_IOC_MEASURE_VERITY = 0xC0046686
 
 
 class _Exit(Exception):
@@ -200,20 +197,24 @@ class _MountFailure(Exception):
 
 
 def _measure(fd: int) -> bytes:
-    """C ``lcfs_fd_measure_fsverity``: the image's 32-byte fs-verity digest."""
-    buf = bytearray(4 + _MAX_DIGEST_SIZE)
-    buf[2:4] = _MAX_DIGEST_SIZE.to_bytes(2, "little")
+    """C ``lcfs_fd_measure_fsverity``: the image's 32-byte (SHA-256) fs-verity digest."""
+    from composefsd.fsverity import (
+        VerityAlgorithmMismatchError,
+        VerityError,
+        VerityNotEnabledError,
+        VerityUnsupportedError,
+        measure_verity,
+    )
+
     try:
-        fcntl.ioctl(fd, _FS_IOC_MEASURE_VERITY, buf)
-    except OSError as e:
+        return measure_verity(fd, "sha256")
+    except (VerityNotEnabledError, VerityUnsupportedError) as e:
+        raise _MountFailure(_ENOVERITY, f"the image has no fs-verity ({e})") from None
+    except VerityAlgorithmMismatchError as e:
+        raise _MountFailure(_EWRONGVERITY, str(e)) from None
+    except VerityError as e:
         err = e.errno or errno.EIO
-        if err in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY):
-            raise _MountFailure(_ENOVERITY, f"the image has no fs-verity ({e.strerror})") from None
-        raise _MountFailure(err, f"cannot measure the image: {e.strerror}") from None
-    size = int.from_bytes(buf[2:4], "little")
-    if size != _LCFS_DIGEST_SIZE:
-        raise _MountFailure(_EWRONGVERITY, f"the image's fs-verity digest has {size} bytes")
-    return bytes(buf[4 : 4 + _LCFS_DIGEST_SIZE])
+        raise _MountFailure(err, f"cannot measure the image: {e}") from None
 
 
 def _open_layer(what: str, path: str, fds: list[int]) -> int:
@@ -266,19 +267,15 @@ def _mount(
     if int.from_bytes(header[:4], "little") != _LCFS_EROFS_MAGIC:
         raise _MountFailure(errno.EINVAL, "the image has no composefs magic number")
 
-    from composefsd.kernel.mount import MountError, MountOptions, mount_image
+    from composefsd.kernel.mount import MountError, MountOptions, VerityPolicy, mount_image
     from composefsd.kernel.syscalls import KernelError, move_mount
 
-    # VerityPolicy, taken from the default options rather than imported from
-    # composefsd.repository.meta: importing that module imports the whole
-    # repository package, which a mount does not need.
-    policies = type(MountOptions().verity)
     if verity or digest is not None:
-        policy = policies.REQUIRED
+        policy = VerityPolicy.REQUIRED
     elif tryverity:
-        policy = policies.TRY
+        policy = VerityPolicy.TRY
     else:
-        policy = policies.DISABLED
+        policy = VerityPolicy.DISABLED
     fds: list[int] = []
     try:
         opts = MountOptions(

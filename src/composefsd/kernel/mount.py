@@ -29,22 +29,11 @@ import functools
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
-from composefsd.fsverity import (
-    Algorithm,
-    VerityAlgorithmMismatchError,
-    VerityError,
-    VerityNotEnabledError,
-    VerityUnsupportedError,
-    digest_fd,
-    measure_verity,
-)
 from composefsd.image.reader import ImageFormatError, ImageSuperblock, read_superblock
-from composefsd.kernel.loop import attach_loop
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.syscalls import (
     MNT_DETACH,
@@ -57,7 +46,13 @@ from composefsd.kernel.syscalls import (
     umount2,
 )
 from composefsd.kernel.userns import IdMapping, create_userns
-from composefsd.repository.meta import VerityPolicy
+from composefsd.verity_policy import VerityPolicy
+
+if TYPE_CHECKING:
+    from composefsd.fsverity import Algorithm
+
+# mount.composefs runs this once per mount, as a fresh process: fs-verity hashing,
+# loop devices and tempfile are imported only by the mounts that need them.
 
 __all__ = [
     "DetachedMount",
@@ -65,6 +60,7 @@ __all__ = [
     "LayerMode",
     "MountError",
     "MountOptions",
+    "VerityPolicy",
     "attach",
     "list_mounts",
     "mount_image",
@@ -121,7 +117,8 @@ class MountOptions:
     #: The image's expected fs-verity digest (hex); a mismatch refuses the mount
     #: under every policy.
     expected_digest: str | None = None
-    algorithm: Algorithm = Algorithm.SHA256
+    #: The hash of the digests: an :class:`~composefsd.fsverity.Algorithm` or its name.
+    algorithm: Algorithm | str = "sha256"
     #: None: read-only unless an upperdir is given.
     read_only: bool | None = None
     upperdir: PathOrFd | None = None
@@ -209,6 +206,15 @@ def _fstat(fd: int, what: str) -> os.stat_result:
         raise MountError(e.errno or errno.EBADF, f"{what} (fd {fd}): {e.strerror}") from None
 
 
+def _algorithm(value: Algorithm | str) -> Algorithm:
+    from composefsd.fsverity import Algorithm
+
+    try:
+        return Algorithm.parse(value)
+    except ValueError as e:
+        raise MountError(errno.EINVAL, str(e)) from None
+
+
 def _normalize_digest(hexdigest: str, algorithm: Algorithm) -> str:
     text = hexdigest.strip().lower()
     want = algorithm.digest_size * 2
@@ -260,15 +266,27 @@ class _Checks:
 
 def _measure(fd: int, algorithm: Algorithm) -> str | None:
     """The kernel's digest of the image, or None where it has none or cannot say."""
+    from composefsd.fsverity import VerityNotEnabledError, VerityUnsupportedError, measure_verity
+
     try:
         return measure_verity(fd, algorithm).hex()
     except (VerityNotEnabledError, VerityUnsupportedError):
         return None
 
 
-def _check_image(fd: int, label: str, opts: MountOptions, expected: str | None) -> _Checks:
+def _check_image(
+    fd: int, label: str, opts: MountOptions, alg: Algorithm, expected: str | None
+) -> _Checks:
+    from composefsd.fsverity import (
+        VerityAlgorithmMismatchError,
+        VerityError,
+        VerityNotEnabledError,
+        VerityUnsupportedError,
+        digest_fd,
+        measure_verity,
+    )
+
     checks = _Checks()
-    alg = opts.algorithm
     if opts.verity is VerityPolicy.REQUIRED:
         if expected is None:
             # As C: "verity" without "digest=" leaves the image unchecked and only
@@ -340,6 +358,8 @@ def _objects_have_verity(basedir_fds: Sequence[int], algorithm: Algorithm) -> bo
     objects or on none, and overlayfs would fail reads with EIO on a kernel or
     filesystem without fs-verity, which is exactly what Try must avoid.
     """
+    from composefsd.fsverity import VerityError, measure_verity
+
     seen = False
     for fd in basedir_fds:
         obj = _sample_object(fd)
@@ -378,6 +398,8 @@ def _mount_erofs(
             if e.errno != errno.ENOTBLK or backing == "file":
                 raise _kernel_failure(label, "EROFS", e) from None
             _log.info("the kernel cannot mount %s from a file; using a loop device", label)
+    from composefsd.kernel.loop import attach_loop
+
     try:
         loop_fd = attach_loop(image_fd, label)
     except OSError as e:
@@ -404,6 +426,8 @@ def _kernel_failure(label: str, stage: str, e: KernelError) -> MountError:
 def _erofs_at_tmpdir(erofs_fd: int) -> Iterator[int]:
     """String form: attach the EROFS at a private temporary directory for the
     moment the overlay is created, and hand out an O_PATH fd on it."""
+    import tempfile
+
     tmpdir = tempfile.mkdtemp(prefix=".composefs.")
     attached = False
     try:
@@ -488,7 +512,7 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
     expected = (
         None
         if opts.expected_digest is None
-        else _normalize_digest(opts.expected_digest, opts.algorithm)
+        else _normalize_digest(opts.expected_digest, _algorithm(opts.algorithm))
     )
     name = opts.name if opts.name is not None else expected
     source = "composefs" if not name else f"composefs:{name}"
@@ -533,11 +557,14 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
                 _open_dir("workdir", opts.workdir, os.O_PATH, stack),
             )
 
-        checks = _check_image(image_fd, label, opts, expected)
+        checks = _Checks()
+        if expected is not None or opts.verity is not VerityPolicy.DISABLED:
+            alg = _algorithm(opts.algorithm)
+            checks = _check_image(image_fd, label, opts, alg, expected)
         if opts.verity is VerityPolicy.REQUIRED:
             checks.object_verity = True
         elif opts.verity is VerityPolicy.TRY:
-            checks.object_verity = _objects_have_verity(basedir_fds, opts.algorithm)
+            checks.object_verity = _objects_have_verity(basedir_fds, alg)
             if not checks.object_verity:
                 checks.notes.append(
                     "the objects have no fs-verity the kernel can check: verity=require not set"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 from dataclasses import dataclass
 from typing import Final
 
@@ -103,7 +102,7 @@ _ALIASES: Final = {"amd64": "x86_64", "arm64": "aarch64"}
 
 def syscall_table(machine: str | None = None) -> SyscallTable:
     """The table for ``machine`` (default: this one, from ``uname -m``)."""
-    name = (machine or platform.machine()).lower()
+    name = (machine or os.uname().machine).lower()
     name = _ALIASES.get(name, name)
     try:
         return _TABLES[name]

@@ -46,7 +46,6 @@ Two different policy flags are a corrupt ``meta.json``.
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +56,7 @@ from composefsd.repository.errors import (
     InvalidNameError,
     UnsupportedRepositoryError,
 )
+from composefsd.verity_policy import VerityPolicy
 
 __all__ = [
     "FEATURE_V1_EROFS",
@@ -75,22 +75,6 @@ META_JSON = "meta.json"
 #: composefs-rs ``REPO_FORMAT_VERSION``.
 REPO_FORMAT_VERSION = 1
 FEATURE_V1_EROFS = "v1_erofs"
-
-
-class VerityPolicy(enum.StrEnum):
-    """What the repository does with fs-verity on the objects it writes.
-
-    * ``REQUIRED``: every object and image gets fs-verity; writing fails with
-      :class:`~composefsd.repository.errors.VerityRequiredError` where the kernel
-      or filesystem cannot do it.
-    * ``TRY``: verity is enabled where possible; where not, objects are written
-      without it and results say so.
-    * ``DISABLED``: verity is never attempted.
-    """
-
-    REQUIRED = "required"
-    TRY = "try"
-    DISABLED = "disabled"
 
 
 POLICY_FLAGS: dict[str, VerityPolicy] = {
