@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 from composefsd.image.reader import ImageFormatError, ImageSuperblock, read_superblock
-from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, list_composefs_mounts
 from composefsd.kernel.syscalls import (
     MNT_DETACH,
     MOUNT_ATTR_RDONLY,
@@ -64,6 +64,7 @@ __all__ = [
     "attach",
     "list_mounts",
     "mount_image",
+    "normalize_digest",
     "probe_layer_mode",
     "unmount",
 ]
@@ -199,6 +200,22 @@ def _open_dir(what: str, value: PathOrFd, flags: int, stack: contextlib.ExitStac
     return fd
 
 
+def _check_upper_pair(upper_fd: int, work_fd: int) -> None:
+    """What overlayfs would refuse with a bare EINVAL (its reason goes to dmesg only)."""
+    if os.fstat(upper_fd).st_dev != os.fstat(work_fd).st_dev:
+        raise MountError(errno.EINVAL, "upperdir and workdir must be on the same filesystem")
+    upper = os.path.realpath(f"/proc/self/fd/{upper_fd}")
+    work = os.path.realpath(f"/proc/self/fd/{work_fd}")
+    if upper == work:
+        raise MountError(errno.EINVAL, f"upperdir and workdir are the same directory, {upper}")
+    for inner, outer, a, b in (
+        (work, upper, "workdir", "upperdir"),
+        (upper, work, "upperdir", "workdir"),
+    ):
+        if inner.startswith(outer.rstrip("/") + "/"):
+            raise MountError(errno.EINVAL, f"{a} {inner} is inside {b} {outer}")
+
+
 def _fstat(fd: int, what: str) -> os.stat_result:
     try:
         return os.fstat(fd)
@@ -215,7 +232,8 @@ def _algorithm(value: Algorithm | str) -> Algorithm:
         raise MountError(errno.EINVAL, str(e)) from None
 
 
-def _normalize_digest(hexdigest: str, algorithm: Algorithm) -> str:
+def normalize_digest(hexdigest: str, algorithm: Algorithm) -> str:
+    """``hexdigest`` in lower case, or MountError(EINVAL) if it is no digest of ``algorithm``."""
     text = hexdigest.strip().lower()
     want = algorithm.digest_size * 2
     if len(text) != want or any(c not in "0123456789abcdef" for c in text):
@@ -428,7 +446,14 @@ def _erofs_at_tmpdir(erofs_fd: int) -> Iterator[int]:
     moment the overlay is created, and hand out an O_PATH fd on it."""
     import tempfile
 
-    tmpdir = tempfile.mkdtemp(prefix=".composefs.")
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".composefs.")
+    except OSError as e:
+        raise MountError(
+            e.errno or errno.EIO,
+            f"cannot make a temporary directory for the EROFS layer in "
+            f"{tempfile.gettempdir()}: {e.strerror}",
+        ) from None
     attached = False
     try:
         move_mount(erofs_fd, tmpdir)
@@ -506,13 +531,17 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
         raise MountError(errno.EINVAL, "no basedir given: at least one object directory is needed")
     if (opts.upperdir is None) != (opts.workdir is None):
         raise MountError(errno.EINVAL, "upperdir and workdir must be given together")
+    if opts.gid_map is not None and opts.uid_map is None:
+        raise MountError(
+            errno.EINVAL, "a gid_map needs a uid_map (the gid_map defaults to the uid_map)"
+        )
     if opts.userns_fd is not None and opts.uid_map is not None:
         raise MountError(errno.EINVAL, "give either a user namespace fd or an id mapping, not both")
     read_only = opts.upperdir is None if opts.read_only is None else opts.read_only
     expected = (
         None
         if opts.expected_digest is None
-        else _normalize_digest(opts.expected_digest, _algorithm(opts.algorithm))
+        else normalize_digest(opts.expected_digest, _algorithm(opts.algorithm))
     )
     name = opts.name if opts.name is not None else expected
     source = "composefs" if not name else f"composefs:{name}"
@@ -556,6 +585,7 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
                 _open_dir("upperdir", opts.upperdir, os.O_PATH, stack),
                 _open_dir("workdir", opts.workdir, os.O_PATH, stack),
             )
+            _check_upper_pair(*upper)
 
         checks = _Checks()
         if expected is not None or opts.verity is not VerityPolicy.DISABLED:
@@ -647,8 +677,8 @@ def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> ComposefsMo
     """
     path = os.fspath(where)
     real = os.path.realpath(path)
-    found = [m for m in list_composefs_mounts() if m.mountpoint == real]
-    if not found:
+    found = composefs_mount_at(real)
+    if found is None:
         raise MountError(errno.EINVAL, f"{path} is not a composefs mount point")
     try:
         umount2(real, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
@@ -660,5 +690,4 @@ def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> ComposefsMo
                 "a lazy unmount detaches it anyway",
             ) from None
         raise MountError(e.errno or errno.EINVAL, f"cannot unmount {path}: {e.strerror}") from None
-    # The topmost mount at a path is the last one listed, and the one umount2 removes.
-    return found[-1]
+    return found

@@ -12,7 +12,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["ComposefsMount", "MountEntry", "list_composefs_mounts", "parse_mountinfo"]
+__all__ = [
+    "ComposefsMount",
+    "MountEntry",
+    "composefs_mount_at",
+    "list_composefs_mounts",
+    "parse_mountinfo",
+]
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
@@ -114,8 +120,23 @@ def _composefs(entry: MountEntry) -> ComposefsMount | None:
     )
 
 
+def composefs_mount_at(
+    mountpoint: str, path: str = "/proc/self/mountinfo"
+) -> ComposefsMount | None:
+    """The topmost mount at ``mountpoint`` (the last one listed there) if it is a
+    composefs mount; None if nothing or something else is mounted on top."""
+    top = None
+    for entry in parse_mountinfo(_read(path)):
+        if entry.mountpoint == mountpoint:
+            top = entry
+    return None if top is None else _composefs(top)
+
+
 def list_composefs_mounts(path: str = "/proc/self/mountinfo") -> list[ComposefsMount]:
     """Every composefs mount visible in this mount namespace, in mount order."""
+    return [m for e in parse_mountinfo(_read(path)) if (m := _composefs(e)) is not None]
+
+
+def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        text = f.read()
-    return [m for e in parse_mountinfo(text) if (m := _composefs(e)) is not None]
+        return f.read()

@@ -18,6 +18,7 @@ from composefsd.kernel.mount import (
     MountOptions,
     PathOrFd,
     mount_image,
+    normalize_digest,
 )
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.userns import IdMapping
@@ -40,7 +41,7 @@ def mount_repository_image(
     expected_digest: str | None = None,
     layer_mode: LayerMode | None = None,
 ) -> DetachedMount:
-    """Mount the image ``name`` (ref, digest or digest prefix), detached.
+    """Mount the image ``name`` (a ref, or a digest bare or ``sha256:``-prefixed), detached.
 
     The image's own digest is always the expected digest, so a damaged or swapped
     image file is refused under every policy; ``expected_digest``, if given, must
@@ -48,7 +49,10 @@ def mount_repository_image(
     """
     with reader_lock(repo.path):
         digest = repo.resolve_image(name)
-        if expected_digest is not None and expected_digest.strip().lower() != digest:
+        if (
+            expected_digest is not None
+            and normalize_digest(expected_digest, repo.hash_algorithm) != digest
+        ):
             # Refuse before touching the image: the caller asked for another image.
             raise ImageVerityError(
                 WRONG_VERITY, f"image {name!r} is {digest}, expected {expected_digest}"
