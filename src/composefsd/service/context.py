@@ -1,0 +1,108 @@
+"""What a method sees of the call it serves: the peer, its fds, ``more``, cancellation.
+
+The transport (:mod:`composefsd.service.transport`) makes one :class:`CallContext`
+per call and hands it to the method as ``_request`` (the keyword the ``varlink``
+package passes through ``Service.handle``). Methods run in worker threads; the
+context is their only link to the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError"]
+
+
+@dataclass(slots=True, frozen=True)
+class Peer:
+    """The connecting process, from SO_PEERCRED (as it was at connect time)."""
+
+    pid: int
+    uid: int
+    gid: int
+    #: Supplementary groups, read from /proc/PID/status at connect time (may be empty).
+    groups: frozenset[int] = frozenset()
+
+
+class VarlinkReplyError(Exception):
+    """Raise in a method to reply with error ``name`` (a full varlink error name) and
+    ``parameters``; the transport turns it into the error reply."""
+
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        super().__init__(name, parameters)
+        self.name = name
+        self.parameters = parameters or {}
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.parameters}"
+
+
+class CallCancelled(Exception):
+    """The client went away; raised from :meth:`CallContext.check_cancelled` and from
+    progress reports so that long work stops at the next safe point."""
+
+
+@dataclass(slots=True)
+class CallContext:
+    """One call: who asked, which fds came with it, and how to answer in pieces."""
+
+    peer: Peer
+    method: str
+    more: bool = False
+    oneway: bool = False
+    #: fds received with the call, by index; None once taken.
+    fds: list[int | None] = field(default_factory=list)
+    #: fds to send with the final reply, in index order (the transport closes them).
+    out_fds: list[int] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: Set by the transport: sends one ``continues`` reply (thread-safe).
+    send_continues: Callable[[dict[str, Any]], None] | None = None
+
+    def take_fd(self, index: object, field_name: str) -> int:
+        """The fd at ``index``; the caller owns it from now on (and must close it).
+
+        A bad index is the caller's fault: ``org.varlink.service.InvalidParameter``.
+        """
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not 0 <= index < len(self.fds)
+            or self.fds[index] is None
+        ):
+            raise VarlinkReplyError(
+                "org.varlink.service.InvalidParameter", {"parameter": field_name}
+            )
+        fd = self.fds[index]
+        assert fd is not None
+        self.fds[index] = None
+        return fd
+
+    def push_fd(self, fd: int) -> int:
+        """Send ``fd`` with the final reply; returns its index. Ownership passes to the
+        transport, which closes it after sending (or when the call fails)."""
+        self.out_fds.append(fd)
+        return len(self.out_fds) - 1
+
+    def close_fds(self) -> None:
+        """Close every received fd the method did not take, and unsent outgoing ones."""
+        for i, fd in enumerate(self.fds):
+            if fd is not None:
+                self.fds[i] = None
+                os.close(fd)
+        while self.out_fds:
+            os.close(self.out_fds.pop())
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise CallCancelled(f"{self.method}: the client disconnected")
+
+    def progress(self, parameters: dict[str, Any]) -> None:
+        """Send a ``continues`` reply if the caller asked for ``more``; always checks
+        for cancellation first."""
+        self.check_cancelled()
+        if self.more and self.send_continues is not None:
+            self.send_continues(parameters)
