@@ -32,6 +32,7 @@ import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from composefsd.image.tree import INLINE_CONTENT_MAX, PATH_MAX, XATTR_ESTIMATE_MAX_READER, Node
 
@@ -173,6 +174,29 @@ def read_header(buf: bytes | bytearray | memoryview | mmap.mmap) -> ImageHeader:
     return ImageHeader(version=version, flags=flags, composefs_version=cfs_version)
 
 
+class _SuperFields(NamedTuple):
+    magic: int
+    checksum: int
+    feature_compat: int
+    blkszbits: int
+    sb_extslots: int
+    root_nid: int
+    inos: int
+    build_time: int
+    build_time_nsec: int
+    blocks: int
+    meta_blkaddr: int
+    xattr_blkaddr: int
+
+
+def _unpack_super(data: bytes | mmap.mmap) -> _SuperFields:
+    """The EROFS superblock's fields; raises if its magic is wrong."""
+    sb = _SuperFields._make(_SUPER.unpack_from(data, _SB_OFFSET))
+    if sb.magic != EROFS_MAGIC:
+        raise ImageFormatError(errno.EINVAL, f"bad EROFS superblock magic 0x{sb.magic:08x}")
+    return sb
+
+
 @dataclass(slots=True, frozen=True)
 class ImageSuperblock:
     """The header and EROFS superblock: what a mounter checks before the kernel sees the file."""
@@ -201,22 +225,9 @@ def read_superblock(head: bytes | bytearray | memoryview, file_size: int) -> Ima
             errno.EINVAL, f"image is {file_size} bytes, smaller than one {_BLOCK}-byte block"
         )
     header = read_header(data)
-    (
-        sb_magic,
-        _checksum,
-        _compat,
-        blkszbits,
-        _extslots,
-        root_nid,
-        inos,
-        _build_time,
-        _build_time_nsec,
-        blocks,
-        meta_blkaddr,
-        xattr_blkaddr,
-    ) = _SUPER.unpack_from(data, _SB_OFFSET)
-    if sb_magic != EROFS_MAGIC:
-        raise ImageFormatError(errno.EINVAL, f"bad EROFS superblock magic 0x{sb_magic:08x}")
+    sb = _unpack_super(data)
+    blkszbits, root_nid, inos, blocks = sb.blkszbits, sb.root_nid, sb.inos, sb.blocks
+    meta_blkaddr, xattr_blkaddr = sb.meta_blkaddr, sb.xattr_blkaddr
     if blkszbits != 12:
         raise ImageFormatError(errno.EINVAL, f"EROFS block size 2^{blkszbits} is not 4096")
     if blocks * _BLOCK != file_size:
@@ -251,22 +262,10 @@ def read_image(
             errno.EINVAL, f"image is {size} bytes, smaller than one {_BLOCK}-byte block"
         )
     header = read_header(data)
-    (
-        sb_magic,
-        _checksum,
-        _compat,
-        _blkszbits,
-        _extslots,
-        root_nid,
-        inos,
-        build_time,
-        build_time_nsec,
-        blocks,
-        meta_blkaddr,
-        xattr_blkaddr,
-    ) = _SUPER.unpack_from(data, _SB_OFFSET)
-    if sb_magic != EROFS_MAGIC:
-        raise ImageFormatError(errno.EINVAL, f"bad EROFS superblock magic 0x{sb_magic:08x}")
+    sb = _unpack_super(data)
+    root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
+    build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
+    meta_blkaddr, xattr_blkaddr = sb.meta_blkaddr, sb.xattr_blkaddr
     meta_start = meta_blkaddr * _BLOCK
     xattr_start = xattr_blkaddr * _BLOCK
     if meta_start >= size:
