@@ -66,9 +66,7 @@ def _entry(path: bytes, st: os.stat_result, xattr_filter: Callable[[bytes], bool
         digest = h.hexdigest()
     names = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
     xattrs = tuple(
-        sorted(
-            (n, os.getxattr(path, n, follow_symlinks=False)) for n in names if xattr_filter(n)
-        )
+        sorted((n, os.getxattr(path, n, follow_symlinks=False)) for n in names if xattr_filter(n))
     )
     return Entry(
         kind=kind,
