@@ -1,0 +1,661 @@
+"""A small synchronous Varlink client over AF_UNIX, with file-descriptor passing.
+
+Used by ``composefsctl`` (and handy in tests and scripts)::
+
+    with connect("/run/composefs/io.composefs.Repository") as conn:
+        info = conn.call("io.composefs.Repository.Describe")
+        for reply in conn.call("io.composefs.Repository.Verify", {}, more=True):
+            ...
+
+Addresses: a socket path, ``unix:PATH`` (``unix:@NAME`` for an abstract socket),
+or ``exec:PATH``, which starts PATH with a connected socket on fd 3 and
+``LISTEN_FDS=1``, ``LISTEN_FDNAMES=varlink`` and ``LISTEN_PID`` set to the
+child's pid, as ``varlinkctl call exec:PATH`` does. A plain path that is an
+executable file rather than a socket is treated like ``exec:``.
+
+File descriptors travel as SCM_RIGHTS with the first byte of the message they
+belong to (the systemd convention); fds that come with a reply are attached to
+it (:attr:`Reply.fds`) and belong to the caller from then on. Error replies
+raise :class:`VarlinkCallError`.
+
+A :class:`Connection` is not thread-safe: use one per thread. While the
+replies of a ``more`` call are being iterated the connection is busy;
+abandoning that iteration closes the connection (the server then cancels the
+call, which is what a client that goes away means in Varlink).
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final, Literal, overload
+
+__all__ = [
+    "INTERFACE",
+    "Connection",
+    "Reply",
+    "VarlinkCallError",
+    "VarlinkClientError",
+    "VarlinkConnectError",
+    "VarlinkDisconnected",
+    "VarlinkProtocolError",
+    "VarlinkTimeout",
+    "connect",
+    "default_address",
+    "spawn",
+]
+
+log = logging.getLogger(__name__)
+
+#: The composefsd interface.
+INTERFACE: Final = "io.composefs.Repository"
+#: sd-varlink's default call timeout, in seconds.
+DEFAULT_TIMEOUT: Final = 45.0
+#: Largest message accepted (sd-varlink's buffer limit).
+MAX_MESSAGE_SIZE: Final = 16 << 20
+#: Most fds taken from one read.
+MAX_FDS: Final = 253
+
+_RECV_SIZE = 256 * 1024
+
+
+class _Inherit(enum.Enum):
+    """The default of ``timeout`` arguments: the connection's timeout."""
+
+    CONNECTION = 0
+
+
+class VarlinkClientError(Exception):
+    """Any failure of the client: connecting, the connection, or an error reply."""
+
+
+class VarlinkConnectError(VarlinkClientError):
+    """The address cannot be reached (no socket, refused, not permitted, ...)."""
+
+    def __init__(self, address: str, message: str, err: int | None = None) -> None:
+        super().__init__(f"cannot connect to {address}: {message}")
+        self.address = address
+        self.errno = err
+
+
+class VarlinkDisconnected(VarlinkClientError):
+    """The server closed the connection (or it broke) before the reply came."""
+
+
+class VarlinkProtocolError(VarlinkClientError):
+    """The server sent something that is not a valid Varlink reply."""
+
+
+class VarlinkTimeout(VarlinkClientError, TimeoutError):
+    """No reply within the timeout; the connection is closed."""
+
+
+class VarlinkCallError(VarlinkClientError):
+    """The server answered with error ``name`` (fully qualified) and ``parameters``."""
+
+    def __init__(self, name: str, parameters: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.parameters: dict[str, Any] = parameters or {}
+        super().__init__(name, self.parameters)
+
+    def __str__(self) -> str:
+        if not self.parameters:
+            return self.name
+        return f"{self.name} {json.dumps(self.parameters, sort_keys=True)}"
+
+
+class Reply(dict[str, Any]):
+    """The parameters of one reply, plus :attr:`fds` (received with it, owned by the
+    caller: close them or :meth:`take_fd` them) and :attr:`continues`."""
+
+    __slots__ = ("continues", "fds")
+
+    def __init__(
+        self, parameters: Mapping[str, Any], fds: Sequence[int] = (), continues: bool = False
+    ) -> None:
+        super().__init__(parameters)
+        self.fds: list[int | None] = list(fds)
+        self.continues = continues
+
+    def take_fd(self, field_name: str) -> int:
+        """The fd whose index is in field ``field_name``; the caller owns it from now on."""
+        index = self.get(field_name)
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not 0 <= index < len(self.fds)
+            or self.fds[index] is None
+        ):
+            raise VarlinkProtocolError(
+                f"reply field {field_name!r} = {index!r} names no received fd "
+                f"({len(self.fds)} came with the reply)"
+            )
+        fd = self.fds[index]
+        assert fd is not None
+        self.fds[index] = None
+        return fd
+
+    def close_fds(self) -> None:
+        """Close every received fd not taken."""
+        for i, fd in enumerate(self.fds):
+            if fd is not None:
+                self.fds[i] = None
+                os.close(fd)
+
+
+def default_address(uid: int | None = None) -> str:
+    """Where composefsd listens by default: ``/run/composefs/io.composefs.Repository``
+    for root, ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
+    (``/tmp/composefs-$UID/...`` without XDG_RUNTIME_DIR)."""
+    if uid is None:
+        uid = os.geteuid()
+    if uid == 0:
+        return f"/run/composefs/{INTERFACE}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "composefs", INTERFACE)
+    return f"/tmp/composefs-{uid}/{INTERFACE}"
+
+
+def _close_all(fds: Sequence[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Connection:
+    """One Varlink connection. Make it with :func:`connect`."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        address: str = "",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        pid: int | None = None,
+    ) -> None:
+        self._sock: socket.socket | None = sock
+        self.address = address
+        #: Default per-reply timeout in seconds (None: wait forever).
+        self.timeout = timeout
+        #: The server process started for an ``exec:`` address.
+        self.pid = pid
+        self._buffer = bytearray()
+        #: Complete messages not yet consumed, with their fds.
+        self._messages: deque[tuple[bytes, list[int]]] = deque()
+        #: fds that arrived with the message now being assembled.
+        self._pending_fds: list[int] = []
+        self._eof = False
+        self._busy = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._sock is not None:
+            self._abort()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def fileno(self) -> int:
+        if self._sock is None:
+            raise VarlinkDisconnected(f"{self.address}: the connection is closed")
+        return self._sock.fileno()
+
+    def close(self, wait: float = 5.0) -> None:
+        """Close the connection, unread fds with it; for ``exec:``, wait up to ``wait``
+        seconds for the server to exit after it sees the end of the connection, then
+        SIGTERM it."""
+        self._abort()
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            _reap(pid, wait)
+
+    def _abort(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        for _, fds in self._messages:
+            _close_all(fds)
+        self._messages.clear()
+        _close_all(self._pending_fds)
+        self._pending_fds = []
+        self._buffer.clear()
+
+    # -- calls -------------------------------------------------------------------------------
+
+    @overload
+    def call(
+        self,
+        method: str,
+        parameters: Mapping[str, Any] | None = ...,
+        *,
+        more: Literal[False] = ...,
+        oneway: Literal[False] = ...,
+        fds: Sequence[int] = ...,
+        timeout: float | _Inherit | None = ...,
+    ) -> Reply: ...
+
+    @overload
+    def call(
+        self,
+        method: str,
+        parameters: Mapping[str, Any] | None = ...,
+        *,
+        more: Literal[True],
+        oneway: Literal[False] = ...,
+        fds: Sequence[int] = ...,
+        timeout: float | _Inherit | None = ...,
+    ) -> Iterator[Reply]: ...
+
+    @overload
+    def call(
+        self,
+        method: str,
+        parameters: Mapping[str, Any] | None = ...,
+        *,
+        more: Literal[False] = ...,
+        oneway: Literal[True],
+        fds: Sequence[int] = ...,
+        timeout: float | _Inherit | None = ...,
+    ) -> None: ...
+
+    def call(
+        self,
+        method: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        more: bool = False,
+        oneway: bool = False,
+        fds: Sequence[int] = (),
+        timeout: float | _Inherit | None = _Inherit.CONNECTION,
+    ) -> Reply | Iterator[Reply] | None:
+        """Call ``method`` (fully qualified) with ``parameters``.
+
+        Returns the reply; with ``more``, an iterator over every reply (the last one
+        has ``continues`` false; the call is sent before this returns); with
+        ``oneway``, None. ``fds`` are sent with the call (the caller keeps its
+        copies); fields of ``parameters`` refer to them by index. ``timeout`` bounds
+        the wait for each reply (default: the connection's).
+        Raises :class:`VarlinkCallError` for an error reply.
+        """
+        if more and oneway:
+            raise ValueError("a call cannot be both 'more' and 'oneway'")
+        wait = self.timeout if isinstance(timeout, _Inherit) else timeout
+        message: dict[str, Any] = {"method": method}
+        if parameters:
+            message["parameters"] = dict(parameters)
+        if more:
+            message["more"] = True
+        if oneway:
+            message["oneway"] = True
+        self._send(json.dumps(message, separators=(",", ":")).encode() + b"\0", fds, wait)
+        if oneway:
+            return None
+        if more:
+            self._busy = True
+            return _MoreReplies(self, method, wait)
+        self._busy = True
+        try:
+            return self._reply(method, wait, more=False)
+        finally:
+            self._busy = False
+
+    def get_info(self) -> Reply:
+        """``org.varlink.service.GetInfo``: vendor, product, version, url, interfaces."""
+        return self.call("org.varlink.service.GetInfo")
+
+    def get_interface_description(self, interface: str = INTERFACE) -> str:
+        """The IDL text of ``interface``."""
+        reply = self.call("org.varlink.service.GetInterfaceDescription", {"interface": interface})
+        description = reply.get("description")
+        if not isinstance(description, str):
+            raise VarlinkProtocolError("GetInterfaceDescription: no 'description' string")
+        return description
+
+    def _reply(self, method: str, timeout: float | None, *, more: bool) -> Reply:
+        data, fds = self._read_message(timeout, method)
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            _close_all(fds)
+            self._abort()
+            raise VarlinkProtocolError(f"{method}: the reply is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            _close_all(fds)
+            self._abort()
+            raise VarlinkProtocolError(f"{method}: the reply is not a JSON object")
+        params = doc.get("parameters")
+        if params is None:
+            params = {}
+        error = doc.get("error")
+        continues = doc.get("continues", False)
+        if not isinstance(params, dict) or not isinstance(continues, bool):
+            _close_all(fds)
+            self._abort()
+            raise VarlinkProtocolError(f"{method}: malformed reply {data[:200]!r}")
+        if error is not None:
+            _close_all(fds)
+            if not isinstance(error, str):
+                self._abort()
+                raise VarlinkProtocolError(f"{method}: malformed error in reply {data[:200]!r}")
+            raise VarlinkCallError(error, params)
+        if continues and not more:
+            _close_all(fds)
+            self._abort()
+            raise VarlinkProtocolError(
+                f"{method}: 'continues' in the reply to a call without 'more'"
+            )
+        return Reply(params, fds, continues)
+
+    # -- the wire ----------------------------------------------------------------------------
+
+    def _require_open(self) -> socket.socket:
+        if self._sock is None:
+            raise VarlinkDisconnected(f"{self.address}: the connection is closed")
+        if self._busy:
+            raise VarlinkClientError(
+                f"{self.address}: the connection is busy with the replies of a 'more' call"
+            )
+        return self._sock
+
+    def _send(self, data: bytes, fds: Sequence[int], timeout: float | None) -> None:
+        sock = self._require_open()
+        sock.settimeout(timeout)
+        try:
+            if fds:
+                ancillary = [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                ]
+                sent = sock.sendmsg([data], ancillary)
+                data = data[sent:]
+            if data:
+                sock.sendall(data)
+        except TimeoutError:
+            self._abort()
+            raise VarlinkTimeout(f"{self.address}: timed out sending the call") from None
+        except OSError as exc:
+            self._abort()
+            raise VarlinkDisconnected(
+                f"{self.address}: cannot send: {exc.strerror or exc}"
+            ) from None
+
+    def _read_message(self, timeout: float | None, method: str) -> tuple[bytes, list[int]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._messages:
+            if self._sock is None:
+                raise VarlinkDisconnected(f"{self.address}: the connection is closed")
+            if self._eof:
+                self._abort()
+                raise VarlinkDisconnected(
+                    f"{self.address}: the server closed the connection before replying to {method}"
+                )
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._fill(remaining, method, timeout)
+        return self._messages.popleft()
+
+    def _fill(self, timeout: float | None, method: str, total: float | None) -> None:
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(timeout)
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(
+                _RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except TimeoutError:
+            self._abort()
+            raise VarlinkTimeout(
+                f"{self.address}: no reply to {method} within {total:g} s"
+            ) from None
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            return
+        except OSError as exc:
+            self._abort()
+            raise VarlinkDisconnected(
+                f"{self.address}: the connection broke: {exc.strerror or exc}"
+            ) from None
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(fds)
+            self._abort()
+            raise VarlinkProtocolError(f"{self.address}: too many fds with one reply")
+        if not data:
+            _close_all(fds)
+            self._eof = True
+            return
+        self._take_chunk(data, fds)
+
+    def _take_chunk(self, data: bytes, fds: list[int]) -> None:
+        """Split ``data`` into messages, giving ``fds`` to the right one.
+
+        fds travel with the first byte of their message. The kernel ends a read
+        right after the piece of data that carried fds, but may put earlier fd-less
+        pieces in front of it in the same read (systemd#43823): so the fds belong to
+        the *last* message that starts in this chunk."""
+        start = 0
+        if fds:
+            start = -1 if self._buffer else 0
+            nul = data.find(b"\0")
+            while 0 <= nul < len(data) - 1:
+                start = nul + 1
+                nul = data.find(b"\0", start)
+            if start < 0:
+                _close_all(fds)
+                self._abort()
+                raise VarlinkProtocolError(
+                    f"{self.address}: fds arrived in the middle of a message"
+                )
+            if start:
+                self._buffer += data[:start]
+                self._split()
+            self._pending_fds = fds
+        self._buffer += data[start:]
+        self._split()
+        if len(self._buffer) > MAX_MESSAGE_SIZE:
+            self._abort()
+            raise VarlinkProtocolError(
+                f"{self.address}: a reply is larger than {MAX_MESSAGE_SIZE} bytes"
+            )
+
+    def _split(self) -> None:
+        while True:
+            nul = self._buffer.find(b"\0")
+            if nul < 0:
+                return
+            message = bytes(self._buffer[:nul])
+            del self._buffer[: nul + 1]
+            fds, self._pending_fds = self._pending_fds, []
+            self._messages.append((message, fds))
+
+
+class _MoreReplies(Iterator[Reply]):
+    """The replies of one ``more`` call; the last has ``continues`` false. Dropping
+    it before the last reply closes the connection (see the module notes)."""
+
+    __slots__ = ("_conn", "_done", "_method", "_timeout")
+
+    def __init__(self, conn: Connection, method: str, timeout: float | None) -> None:
+        self._conn = conn
+        self._method = method
+        self._timeout = timeout
+        self._done = False
+
+    def __next__(self) -> Reply:
+        if self._done:
+            raise StopIteration
+        conn = self._conn
+        try:
+            reply = conn._reply(self._method, self._timeout, more=True)
+        except VarlinkCallError:
+            self._done = True
+            conn._busy = False
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if not reply.continues:
+            self._done = True
+            conn._busy = False
+        return reply
+
+    def close(self) -> None:
+        """Stop reading replies; before the last one this closes the connection."""
+        if self._done:
+            return
+        self._done = True
+        conn = self._conn
+        conn._busy = False
+        if not conn.closed:
+            # Replies may still come, so the connection cannot be reused; closing it
+            # tells the server to cancel the call.
+            log.debug("%s: %s abandoned; closing the connection", conn.address, self._method)
+            conn._abort()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _reap(pid: int, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    signalled = False
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        if time.monotonic() >= deadline:
+            if signalled:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return
+            log.warning("server process %d did not exit; sending SIGTERM", pid)
+            os.kill(pid, signal.SIGTERM)
+            signalled = True
+            deadline = time.monotonic() + wait
+        time.sleep(0.01)
+
+
+def _connect_unix(address: str, path: str, timeout: float | None) -> socket.socket:
+    target = "\0" + path[1:] if path.startswith("@") else path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except TimeoutError:
+        sock.close()
+        raise VarlinkConnectError(address, "timed out", errno.ETIMEDOUT) from None
+    except OSError as exc:
+        sock.close()
+        raise VarlinkConnectError(address, exc.strerror or str(exc), exc.errno) from None
+    return sock
+
+
+#: Runs the server with LISTEN_PID set to its own pid ($$ of the shell it replaces).
+_EXEC_SHIM = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"'
+
+
+def _spawn(address: str, argv: Sequence[str]) -> tuple[socket.socket, int]:
+    path = argv[0]
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise VarlinkConnectError(address, f"{path} is not an executable file", errno.ENOEXEC)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        child_fd = child.fileno()
+        extra = None
+        if child_fd == 3:
+            # dup2(3, 3) would keep close-on-exec set: move it out of the way first.
+            extra = os.dup(child_fd)
+            child_fd = extra
+        env = dict(os.environ)
+        for name in ("LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(name, None)
+        env["LISTEN_FDS"] = "1"
+        env["LISTEN_FDNAMES"] = "varlink"
+        try:
+            pid = os.posix_spawn(
+                "/bin/sh",
+                ["sh", "-c", _EXEC_SHIM, *argv],
+                env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, child_fd, 3)],
+            )
+        finally:
+            if extra is not None:
+                os.close(extra)
+    except OSError as exc:
+        parent.close()
+        raise VarlinkConnectError(address, exc.strerror or str(exc), exc.errno) from None
+    finally:
+        child.close()
+    return parent, pid
+
+
+def connect(
+    address: str,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    connect_timeout: float | None = 10.0,
+) -> Connection:
+    """Connect to ``address`` (see the module notes). ``timeout`` is the default
+    per-reply timeout of the connection. Raises :class:`VarlinkConnectError`."""
+    spec = address
+    if spec.startswith("unix:"):
+        path = spec[len("unix:") :].split(";", 1)[0]
+        if not path:
+            raise VarlinkConnectError(address, "no socket path in the address", errno.EINVAL)
+        sock = _connect_unix(address, path, connect_timeout)
+        return Connection(sock, address=address, timeout=timeout)
+    if spec.startswith("exec:"):
+        path = spec[len("exec:") :]
+        if not path:
+            raise VarlinkConnectError(address, "no program in the address", errno.EINVAL)
+        sock, pid = _spawn(address, [path])
+        return Connection(sock, address=address, timeout=timeout, pid=pid)
+    if not spec:
+        raise VarlinkConnectError(address, "empty address", errno.EINVAL)
+    if "/" not in spec and not spec.startswith("@"):
+        raise VarlinkConnectError(
+            address, "not an address (a socket path, unix:PATH or exec:PATH)", errno.EINVAL
+        )
+    try:
+        st = os.stat(spec)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode) and os.access(spec, os.X_OK):
+        sock, pid = _spawn(address, [spec])
+        return Connection(sock, address=address, timeout=timeout, pid=pid)
+    sock = _connect_unix(address, spec, connect_timeout)
+    return Connection(sock, address=address, timeout=timeout)
+
+
+def spawn(argv: Sequence[str], *, timeout: float | None = DEFAULT_TIMEOUT) -> Connection:
+    """Start ``argv`` as a server on a connected fd 3 (like ``exec:``, with arguments)."""
+    address = "exec:" + " ".join(argv)
+    sock, pid = _spawn(address, argv)
+    return Connection(sock, address=address, timeout=timeout, pid=pid)
