@@ -1,0 +1,676 @@
+"""The io.composefs.Repository interface: one method per IDL method.
+
+:class:`RepositoryInterface` is registered with ``varlink.Service``; the transport
+calls its methods in worker threads with the IDL input fields positionally (absent
+ones as None, already validated against the IDL) and the call's
+:class:`~composefsd.service.context.CallContext` as ``_request``. A method returns
+the final reply's parameters, sends intermediate replies (progress, and the
+per-image results of Verify-all) through the context, and raises
+:class:`~composefsd.service.context.VarlinkReplyError` for every failure the IDL
+declares. Every error of the repository and kernel layers is mapped to one of the
+interface's errors (:func:`reply_error`); nothing of theirs reaches the transport
+as an unexpected exception. Optional reply fields with nothing to say are left out.
+
+Behaviour beyond the IDL text:
+
+* **Progress** (CreateImage, Verify, GarbageCollect): the repository's progress
+  snapshots become ``{"progress": {phase, done, total}}`` replies, at most four a
+  second (a phase change always goes out at once), and the last one is repeated
+  every :attr:`RepositoryInterface.heartbeat` seconds while a step reports nothing
+  (writing a large image, syncing), so clients with reply timeouts (sd-varlink's
+  45 s) stay patient. Each report first checks whether the client is gone: then
+  :class:`~composefsd.service.context.CallCancelled` is raised from inside the
+  repository operation, which stops it where it stands; the repository leaves at
+  most unreferenced objects behind (GC removes them), never a half-visible image.
+* **CreateImage** from ``sourceDirectoryFileDescriptor`` reads the tree through
+  ``/proc/<composefsd pid>/fd/N`` (not ``/proc/self``: import workers are separate
+  processes and resolve the path themselves) and keeps no digest cache for it
+  (the path means nothing the next time).
+* **Mount** with ``where`` attaches in composefsd's mount namespace; without it,
+  the detached mount fd goes with the reply and the image is pinned
+  (:mod:`composefsd.service.mounts`) before it leaves. ``where``, ``upperDirectory``
+  and ``workDirectory`` must be absolute.
+* **Verify** without ``image`` checks the images listed when it starts, oldest
+  first, and sends one result reply per image (images removed meanwhile are
+  skipped); with no images at all the one final reply is empty.
+* **RemoveImage** refuses with ``ImageInUse`` while the image is mounted in any
+  mount namespace or pinned by a detached mount; ``where`` lists mount points
+  (namespace-qualified when not composefsd's) and ``detached mount N`` entries.
+* **GarbageCollect** keeps every image mounted in any mount namespace and every
+  pinned one; it waits at most :attr:`RepositoryInterface.gc_timeout` seconds for
+  operations of other processes before replying ``RepositoryBusy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import composefsd
+from composefsd.image.reader import ImageFormatError
+from composefsd.kernel import IdMapping, ImageVerityError, MountError, unmount
+from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
+from composefsd.kernel.repomount import mount_repository_image, repository_mounts
+from composefsd.repository import (
+    CorruptRepositoryError,
+    CreateOptions,
+    ImageNotFoundError,
+    InvalidNameError,
+    NotARepositoryError,
+    Progress,
+    ReadOnlyRepositoryError,
+    Repository,
+    RepositoryBusyError,
+    RepositoryError,
+    SourceError,
+    UnsupportedRepositoryError,
+    VerityPolicy,
+    VerityRequiredError,
+)
+from composefsd.repository.images import is_hex_digest, iter_refs, normalize_ref
+from composefsd.repository.verify import VerifyReport
+from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
+from composefsd.service.mounts import MountTracker
+
+__all__ = ["INTERFACE", "RepositoryInterface", "reply_error"]
+
+log = logging.getLogger(__name__)
+
+INTERFACE = "io.composefs.Repository"
+_INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
+_EXPECTED_MORE = "org.varlink.service.ExpectedMore"
+_VERSION_MAX = 1
+
+
+def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
+    return VarlinkReplyError(f"{INTERFACE}.{error}", parameters)
+
+
+def _invalid(parameter: str) -> VarlinkReplyError:
+    return VarlinkReplyError(_INVALID_PARAMETER, {"parameter": parameter})
+
+
+def _errno_name(err: int | None) -> str | None:
+    return errno.errorcode.get(err) if err else None
+
+
+def _system_error(message: str, err: int | None) -> VarlinkReplyError:
+    params: dict[str, Any] = {"message": message}
+    name = _errno_name(err)
+    if name is not None:
+        params["errnoName"] = name
+    return _error("SystemError", **params)
+
+
+def _is_corruption(exc: RepositoryError) -> bool:
+    if isinstance(exc.__cause__, ImageFormatError):
+        return True
+    text = exc.message
+    return " is empty" in text or "damaged" in text
+
+
+def reply_error(
+    exc: BaseException, *, image: str | None = None, source_path: str | None = None
+) -> VarlinkReplyError | None:
+    """The interface error for an exception of the repository or kernel layers (or
+    any OSError); None for anything else. ``image`` names the image the call was
+    about (for NoSuchImage and InvalidName), ``source_path`` a CreateImage path."""
+    if isinstance(exc, VarlinkReplyError):
+        return exc
+    if isinstance(exc, ImageVerityError):
+        return _error("ImageVerityFailed", reason=exc.reason, message=str(exc))
+    if isinstance(exc, MountError):
+        params: dict[str, Any] = {"message": str(exc)}
+        name = _errno_name(exc.errno)
+        if name is not None:
+            params["errnoName"] = name
+        return _error("MountFailed", **params)
+    if isinstance(exc, ImageNotFoundError):
+        return _error("NoSuchImage", image=image if image is not None else "")
+    if isinstance(exc, InvalidNameError):
+        return _error("InvalidName", name=image if image is not None else "", message=str(exc))
+    if isinstance(exc, VerityRequiredError):
+        return _error("VerityUnsupported", message=str(exc))
+    if isinstance(exc, SourceError):
+        params = {"message": str(exc)}
+        if source_path is not None:
+            params["path"] = source_path
+        return _error("SourceError", **params)
+    if isinstance(exc, ReadOnlyRepositoryError):
+        return _error("ReadOnlyRepository", message=str(exc))
+    if isinstance(exc, RepositoryBusyError):
+        return _error("RepositoryBusy", message=str(exc))
+    if isinstance(exc, CorruptRepositoryError | NotARepositoryError):
+        return _error("RepositoryCorrupt", message=str(exc))
+    if isinstance(exc, UnsupportedRepositoryError):
+        return _system_error(str(exc), exc.errno)
+    if isinstance(exc, RepositoryError):
+        if exc.errno is None and _is_corruption(exc):
+            return _error("RepositoryCorrupt", message=str(exc))
+        return _system_error(str(exc), exc.errno)
+    if isinstance(exc, OSError):
+        text = exc.strerror or str(exc)
+        if exc.filename is not None:
+            text = f"{os.fsdecode(exc.filename)}: {text}"
+        return _system_error(text, exc.errno)
+    return None
+
+
+@contextlib.contextmanager
+def _mapped(*, image: str | None = None, source_path: str | None = None) -> Iterator[None]:
+    """Turn library errors raised inside into interface errors."""
+    try:
+        yield
+    except CallCancelled:
+        raise
+    except Exception as exc:
+        mapped = reply_error(exc, image=image, source_path=source_path)
+        if mapped is None or mapped is exc:
+            raise
+        if mapped.name.endswith(".SystemError"):
+            log.warning("%s", exc)
+        raise mapped from exc
+
+
+def _progress_params(p: Progress) -> dict[str, Any]:
+    inner: dict[str, Any] = {"phase": p.phase, "done": p.done}
+    if p.total is not None:
+        inner["total"] = p.total
+    return {"progress": inner}
+
+
+class _Reporter:
+    """The progress callback of one call (module notes): throttles, repeats the last
+    report as a heartbeat, and stops the work once the client has gone."""
+
+    def __init__(self, ctx: CallContext, *, interval: float, heartbeat: float) -> None:
+        self.ctx = ctx
+        self.interval = interval
+        self.heartbeat = heartbeat
+        self._lock = threading.Lock()
+        self._last: dict[str, Any] | None = None
+        self._phase: str | None = None
+        self._sent = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Reporter:
+        if self.ctx.more and self.ctx.send_continues is not None and self.heartbeat > 0:
+            self._thread = threading.Thread(
+                target=self._beat, name=f"heartbeat {self.ctx.method}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __call__(self, p: Progress) -> None:
+        self.ctx.check_cancelled()
+        now = time.monotonic()
+        if p.phase == self._phase and now - self._sent < self.interval:
+            return
+        self._phase = p.phase
+        self.send(_progress_params(p))
+
+    def send(self, params: dict[str, Any]) -> None:
+        """A progress (or result) reply now; raises CallCancelled if the client left."""
+        with self._lock:
+            self._last = params if "progress" in params else self._last
+            self._sent = time.monotonic()
+            self.ctx.progress(params)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.heartbeat)):
+            with self._lock:
+                if self._stop.is_set() or self.ctx.cancelled.is_set():
+                    return
+                if self._last is None or time.monotonic() - self._sent < self.heartbeat:
+                    continue
+                self._sent = time.monotonic()
+                try:
+                    self.ctx.progress(self._last)
+                except CallCancelled:
+                    return
+                except Exception:  # the connection's problem; the call notices it itself
+                    log.debug("heartbeat reply failed", exc_info=True)
+                    return
+
+
+def _problems(report: VerifyReport) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = [{"kind": "image", "message": p} for p in report.image_problems]
+    out += [
+        {"kind": "missing-object", "object": d, "message": f"object {d} is missing"}
+        for d in report.missing
+    ]
+    out += [
+        {"kind": "corrupt-object", "object": d, "message": f"object {d}: {reason}"}
+        for d, reason in report.corrupt
+    ]
+    why = (
+        "the repository requires it"
+        if report.verity_required
+        else "allowed by the repository's policy"
+    )
+    out += [
+        {"kind": "no-verity", "object": d, "message": f"{d} has no fs-verity ({why})"}
+        for d in report.no_verity
+    ]
+    return out
+
+
+def _verify_result(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "digest": report.digest,
+        "ok": report.ok,
+        "objectsChecked": report.objects_checked,
+        "verityMeasured": report.verity_measured,
+        "problems": _problems(report),
+    }
+
+
+def _bool(value: bool | None, default: bool = False) -> bool:
+    return default if value is None else bool(value)
+
+
+def _absolute(value: str, field_name: str) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+        raise _invalid(field_name)
+    return os.path.normpath(value)
+
+
+def _mapping(value: list[dict[str, Any]] | None, field_name: str) -> list[IdMapping] | None:
+    if value is None:
+        return None
+    try:
+        out = [IdMapping(int(m["inside"]), int(m["outside"]), int(m["count"])) for m in value]
+    except (ValueError, KeyError, TypeError):
+        raise _invalid(field_name) from None
+    if not out:
+        raise _invalid(field_name)
+    return out
+
+
+class RepositoryInterface:
+    """Implements io.composefs.Repository on ``repo`` (module notes)."""
+
+    #: Seconds GarbageCollect waits for other processes' operations on the repository.
+    gc_timeout: float = 5.0
+    #: Minimum seconds between two progress replies of the same phase.
+    progress_interval: float = 0.25
+    #: Seconds after which the last progress reply is repeated while nothing new comes.
+    heartbeat: float = 5.0
+
+    def __init__(self, repo: Repository, tracker: MountTracker) -> None:
+        self.repo = repo
+        self.tracker = tracker
+
+    def _reporter(self, ctx: CallContext) -> _Reporter:
+        return _Reporter(ctx, interval=self.progress_interval, heartbeat=self.heartbeat)
+
+    # -- Describe ---------------------------------------------------------------------------
+    def Describe(self, *, _request: CallContext) -> dict[str, Any]:
+        repo = self.repo
+        with _mapped():
+            images = 0
+            try:
+                with os.scandir(repo.images_dir) as it:
+                    for entry in it:
+                        if is_hex_digest(entry.name, repo.hash_algorithm) and entry.is_symlink():
+                            images += 1
+            except FileNotFoundError:
+                pass
+            refs = sum(1 for _ in iter_refs(repo))
+            mounts = len(repository_mounts(repo, self.tracker.own_mounts()))
+            try:
+                repo.ensure_writable()
+                reason = None
+            except ReadOnlyRepositoryError as exc:
+                reason = str(exc)
+        out: dict[str, Any] = {
+            "path": str(repo.path),
+            "algorithm": repo.hash_name,
+            "verity": repo.verity.value,
+            "images": images,
+            "refs": refs,
+            "mounts": mounts,
+            "version": composefsd.__version__,
+        }
+        if reason is not None:
+            out["readOnlyReason"] = reason
+        return out
+
+    # -- CreateImage ------------------------------------------------------------------------
+    def CreateImage(
+        self,
+        source_path: str | None,
+        source_fd_index: int | None,
+        ref: str | None,
+        use_epoch: bool | None,
+        skip_xattrs: bool | None,
+        user_xattrs: bool | None,
+        skip_devices: bool | None,
+        min_version: int | None,
+        max_version: int | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        ctx = _request
+        if (source_path is None) == (source_fd_index is None):
+            raise _invalid("sourcePath")
+        if source_path is not None:
+            source_path = _absolute(source_path, "sourcePath")
+        lo = 0 if min_version is None else min_version
+        hi = 1 if max_version is None else max_version
+        if not 0 <= lo <= _VERSION_MAX:
+            raise _invalid("minVersion")
+        if not 0 <= hi <= _VERSION_MAX:
+            raise _invalid("maxVersion")
+        if _bool(skip_xattrs) and _bool(user_xattrs):
+            raise _invalid("userXattrs")
+        if ref is not None:
+            try:
+                ref = normalize_ref(ref)
+            except InvalidNameError as exc:
+                raise _error("InvalidName", name=ref, message=str(exc)) from None
+        fd: int | None = None
+        if source_fd_index is not None:
+            fd = ctx.take_fd(source_fd_index, "sourceDirectoryFileDescriptor")
+        try:
+            if fd is not None:
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    raise _error("SourceError", message=f"source fd: {exc.strerror}") from None
+                if not stat.S_ISDIR(st.st_mode):
+                    raise _error(
+                        "SourceError", message="sourceDirectoryFileDescriptor is not a directory"
+                    )
+                # The trailing slash makes lstat() follow the magic link to the directory.
+                path = f"/proc/{os.getpid()}/fd/{fd}/"
+            else:
+                assert source_path is not None
+                path = source_path
+            options = CreateOptions(
+                use_epoch=_bool(use_epoch),
+                skip_xattrs=_bool(skip_xattrs),
+                user_xattrs=_bool(user_xattrs),
+                skip_devices=_bool(skip_devices),
+                min_version=lo,
+                max_version=hi,
+                digest_cache=fd is None,
+            )
+            with self._reporter(ctx) as report, _mapped(image=ref, source_path=source_path):
+                result = self.repo.create_image(path, options=options, ref=ref, progress=report)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.info(
+            "created image %s%s for pid %d: %d files, %d objects written, %d reused",
+            result.digest,
+            f" ({result.ref})" if result.ref else "",
+            ctx.peer.pid,
+            result.files,
+            result.objects_written,
+            result.objects_reused,
+        )
+        out: dict[str, Any] = {
+            "digest": result.digest,
+            "files": result.files,
+            "objectsWritten": result.objects_written,
+            "objectsReused": result.objects_reused,
+            "bytesWritten": result.bytes_written,
+            "verityEnabled": result.verity_enabled,
+        }
+        if result.ref is not None:
+            out["ref"] = result.ref
+        return out
+
+    # -- Verify -----------------------------------------------------------------------------
+    def Verify(self, image: str | None, *, _request: CallContext) -> dict[str, Any]:
+        ctx = _request
+        repo = self.repo
+        if image is not None:
+            with self._reporter(ctx) as report, _mapped(image=image):
+                return _verify_result(repo.verify_image(image, progress=report))
+        if not ctx.more:
+            raise VarlinkReplyError(_EXPECTED_MORE)
+        with _mapped():
+            digests = [e.digest for e in repo.list_images()]
+        pending: dict[str, Any] | None = None
+        with self._reporter(ctx) as report:
+            for digest in digests:
+                if not os.path.lexists(repo.images_dir / digest):
+                    continue
+                if pending is not None:
+                    report.send(pending)
+                    pending = None
+                try:
+                    with _mapped(image=digest):
+                        pending = _verify_result(repo.verify_image(digest, progress=report))
+                except VarlinkReplyError as exc:
+                    if exc.name != f"{INTERFACE}.NoSuchImage":
+                        raise
+                    log.debug("image %s went away while verifying all images", digest)
+        return pending if pending is not None else {}
+
+    # -- Mount ------------------------------------------------------------------------------
+    def Mount(
+        self,
+        image: str,
+        expected_digest: str | None,
+        verity: str | None,
+        read_only: bool | None,
+        upper_path: str | None,
+        upper_fd_index: int | None,
+        work_path: str | None,
+        work_fd_index: int | None,
+        userns_fd_index: int | None,
+        uid_map: list[dict[str, Any]] | None,
+        gid_map: list[dict[str, Any]] | None,
+        where: str | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        ctx = _request
+        if upper_path is not None and upper_fd_index is not None:
+            raise _invalid("upperDirectoryFileDescriptor")
+        if work_path is not None and work_fd_index is not None:
+            raise _invalid("workDirectoryFileDescriptor")
+        has_upper = upper_path is not None or upper_fd_index is not None
+        has_work = work_path is not None or work_fd_index is not None
+        if has_upper != has_work:
+            raise _invalid("workDirectory" if has_upper else "upperDirectory")
+        if upper_path is not None:
+            upper_path = _absolute(upper_path, "upperDirectory")
+        if work_path is not None:
+            work_path = _absolute(work_path, "workDirectory")
+        if where is not None:
+            where = _absolute(where, "where")
+        if userns_fd_index is not None and (uid_map is not None or gid_map is not None):
+            raise _invalid("uidMap" if uid_map is not None else "gidMap")
+        if gid_map is not None and uid_map is None:
+            raise _invalid("gidMap")
+        uids = _mapping(uid_map, "uidMap")
+        gids = _mapping(gid_map, "gidMap")
+        try:
+            policy = None if verity is None else VerityPolicy(verity)
+        except ValueError:
+            raise _invalid("verity") from None
+        if expected_digest is not None:
+            text = expected_digest.partition(":")[2] if ":" in expected_digest else expected_digest
+            if not is_hex_digest(text.strip().lower(), self.repo.hash_algorithm):
+                raise _invalid("expectedDigest")
+            expected_digest = text.strip().lower()
+
+        taken: list[int] = []
+        try:
+            upper: str | int | None = upper_path
+            work: str | int | None = work_path
+            userns: int | None = None
+            if upper_fd_index is not None:
+                upper = ctx.take_fd(upper_fd_index, "upperDirectoryFileDescriptor")
+                taken.append(upper)
+            if work_fd_index is not None:
+                work = ctx.take_fd(work_fd_index, "workDirectoryFileDescriptor")
+                taken.append(work)
+            if userns_fd_index is not None:
+                userns = ctx.take_fd(userns_fd_index, "userNamespaceFileDescriptor")
+                taken.append(userns)
+            with self.tracker.mounting(), _mapped(image=image):
+                mount = mount_repository_image(
+                    self.repo,
+                    image,
+                    verity=policy,
+                    read_only=read_only,
+                    upperdir=upper,
+                    workdir=work,
+                    userns_fd=userns,
+                    uid_map=uids,
+                    gid_map=gids,
+                    expected_digest=expected_digest,
+                )
+                with mount:
+                    digest = mount.source.partition(":")[2]
+                    out: dict[str, Any] = {
+                        "digest": digest,
+                        "imageCheck": mount.image_check,
+                        "objectVerity": mount.object_verity,
+                        "readOnly": mount.read_only,
+                        "idmapped": mount.idmapped,
+                    }
+                    if where is not None:
+                        mount.attach(where)
+                        out["where"] = where
+                        log.info("mounted image %s at %s for pid %d", digest, where, ctx.peer.pid)
+                    else:
+                        self.tracker.pin_detached(
+                            digest, mount.fd, peer_pid=ctx.peer.pid, peer_uid=ctx.peer.uid
+                        )
+                        out["mountFileDescriptor"] = ctx.push_fd(mount.detach_fd())
+        finally:
+            for fd in taken:
+                os.close(fd)
+        return out
+
+    # -- Unmount ----------------------------------------------------------------------------
+    def Unmount(self, where: str, lazy: bool | None, *, _request: CallContext) -> dict[str, Any]:
+        path = _absolute(where, "where")
+        real = os.path.realpath(path)
+
+        def not_mounted() -> NoReturn:
+            raise _error("NotMounted", where=where)
+
+        with _mapped():
+            if composefs_mount_at(real) is None:
+                not_mounted()
+        try:
+            gone = unmount(real, lazy=_bool(lazy))
+        except MountError as exc:
+            if composefs_mount_at(real) is None:
+                not_mounted()
+            mapped = reply_error(exc)
+            assert mapped is not None
+            raise mapped from exc
+        log.info("unmounted %s from %s for pid %d", gone.source, real, _request.peer.pid)
+        return {"digest": gone.digest} if gone.digest is not None else {}
+
+    # -- ListMounts -------------------------------------------------------------------------
+    def ListMounts(self, all_mounts: bool | None, *, _request: CallContext) -> dict[str, Any]:
+        with _mapped():
+            mounts = self.tracker.own_mounts()
+            ours = {m.mount_id for m in repository_mounts(self.repo, mounts)}
+        return {
+            "mounts": [
+                _mount_entry(m, m.mount_id in ours)
+                for m in mounts
+                if _bool(all_mounts) or m.mount_id in ours
+            ]
+        }
+
+    # -- ListImages -------------------------------------------------------------------------
+    def ListImages(self, image: str | None, *, _request: CallContext) -> dict[str, Any]:
+        with _mapped(image=image):
+            entries = self.repo.list_images()
+            if image is not None:
+                digest = self.repo.resolve_image(image)
+                entries = [e for e in entries if e.digest == digest]
+                if not entries:
+                    raise ImageNotFoundError(f"no image {image!r}")
+        return {
+            "images": [
+                {
+                    "digest": e.digest,
+                    "refs": list(e.refs),
+                    "size": e.size,
+                    "createdUSec": int(e.created * 1_000_000),
+                }
+                for e in entries
+            ]
+        }
+
+    # -- RemoveImage ------------------------------------------------------------------------
+    def RemoveImage(self, image: str, *, _request: CallContext) -> dict[str, Any]:
+        with self.tracker.exclusive(), _mapped(image=image):
+            digest = self.repo.resolve_image(image)
+            users = self.tracker.in_use().get(digest)
+            if users:
+                raise _error("ImageInUse", image=image, where=users)
+            removed = self.repo.remove_image(digest)
+        log.info("removed image %s (refs: %s) for pid %d", digest, removed, _request.peer.pid)
+        return {"removedRefs": removed}
+
+    # -- GarbageCollect ---------------------------------------------------------------------
+    def GarbageCollect(self, dry_run: bool | None, *, _request: CallContext) -> dict[str, Any]:
+        repo = self.repo
+        with (
+            self.tracker.exclusive(),
+            self._reporter(_request) as report,
+            _mapped(),
+        ):
+            pins = sorted(self.gc_pins())
+            result = repo.gc(
+                pins=pins, dry_run=_bool(dry_run), progress=report, timeout=self.gc_timeout
+            )
+        return {
+            "objectsRemoved": result.objects_removed,
+            "bytesRemoved": result.bytes_removed,
+            "imagesRemoved": result.images_removed,
+            "linksRemoved": result.links_removed,
+            "dryRun": result.dry_run,
+        }
+
+    def gc_pins(self) -> set[str]:
+        """Digests of this repository's images that are mounted anywhere or pinned."""
+        repo = self.repo
+        return {
+            digest
+            for digest in self.tracker.in_use()
+            if is_hex_digest(digest, repo.hash_algorithm)
+            and (
+                os.path.lexists(repo.images_dir / digest)
+                or os.path.lexists(repo.object_path(digest))
+            )
+        }
+
+
+def _mount_entry(m: ComposefsMount, in_repository: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "where": m.mountpoint,
+        "source": m.source,
+        "readOnly": m.read_only,
+        "verity": m.verity,
+        "inRepository": in_repository,
+    }
+    if m.digest is not None:
+        out["digest"] = m.digest
+    return out

@@ -1,0 +1,475 @@
+"""Which images are in use: composefs mounts in every mount namespace, and pins.
+
+GC must never remove an image, or an object of an image, that is mounted. What
+counts as mounted, for :class:`MountTracker`:
+
+* **Attached mounts**, in *any* mount namespace: every ``/proc/PID/mountinfo``
+  this process may read, one per namespace (``/proc/PID/ns/mnt``), is parsed for
+  ``composefs:<digest>`` sources. Nothing needs remembering for these: a daemon
+  that restarts sees them again, whoever made them (``Mount`` with ``where``,
+  ``composefsctl mount``, ``mount.composefs``, a container runtime in its own
+  namespace).
+* **Detached mounts handed out** (``Mount`` without ``where``): the client holds a
+  mount fd it may attach later, somewhere we cannot see, or use as it is. Each one
+  is recorded as a *pin*, a small JSON file
+  ``<runtime dir>/pins/<digest>/<mount id>-<nanoseconds>`` (runtime dir:
+  ``/run/composefsd`` for root, ``$XDG_RUNTIME_DIR/composefsd`` otherwise, else
+  ``/tmp/composefsd-<uid>``), written *before* the fd leaves, so a restarted
+  daemon still honours it. A pin stays live
+
+  - for :data:`PIN_GRACE` seconds after it was made, whatever happens (the fd
+    may sit in a socket buffer, where no process table shows it), and after that
+  - as long as its mount id still shows up: as a composefs mount of that digest in
+    some namespace's mountinfo (it was attached), or as the ``mnt_id`` of an open
+    fd of some process (``/proc/PID/fdinfo``: the mount fd itself, or any file
+    opened through it, since those all sit on that mount).
+
+  A pin of another boot (``bootId`` differs) is dead. A dead pin is removed when
+  it is next looked at (GC, RemoveImage, start-up). Mount ids are reused by the
+  kernel, so a reused id can keep a dead pin alive a little longer; that errs on
+  the safe side. What this cannot see: a process whose only hold on a detached
+  mount is its working directory or a memory mapping, past the grace period, and
+  processes of other users when the daemon does not run as root.
+
+Racing a GC against a mount in flight (resolved, mounted, not yet attached or
+pinned) is prevented by a gate: ``Mount`` holds it shared from before it resolves
+the image until the mount is attached or pinned, and ``GarbageCollect`` and
+``RemoveImage`` hold it exclusively while they decide what is in use and act on
+it. Every method of this class is thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+
+__all__ = [
+    "PIN_GRACE",
+    "MountTracker",
+    "NamespaceMount",
+    "Pin",
+    "default_runtime_dir",
+    "mount_id_of_fd",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds a pin of a detached mount is honoured whatever the liveness scan says.
+PIN_GRACE = 300.0
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
+_PIN_NAME = re.compile(r"([0-9]+)-([0-9]+)")
+_TMP_PREFIX = ".tmp-"
+
+
+def default_runtime_dir() -> Path:
+    """``/run/composefsd`` for root, ``$XDG_RUNTIME_DIR/composefsd`` otherwise, else
+    ``/tmp/composefsd-<uid>``."""
+    if os.geteuid() == 0:
+        return Path("/run/composefsd")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "composefsd"
+    return Path(f"/tmp/composefsd-{os.geteuid()}")
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _fdinfo_mount_id(text: str) -> int | None:
+    for line in text.splitlines():
+        if line.startswith("mnt_id:"):
+            try:
+                return int(line[7:].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def mount_id_of_fd(fd: int) -> int | None:
+    """The id of the mount ``fd`` is on (``mnt_id`` of ``/proc/self/fdinfo/FD``)."""
+    text = _read_text(f"/proc/self/fdinfo/{fd}")
+    return None if text is None else _fdinfo_mount_id(text)
+
+
+def _boot_id() -> str:
+    return (_read_text("/proc/sys/kernel/random/boot_id") or "").strip()
+
+
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@dataclass(slots=True, frozen=True)
+class NamespaceMount:
+    """A composefs mount and the mount namespace it was seen in."""
+
+    mount: ComposefsMount
+    #: ``mnt:[inode]``, as ``/proc/PID/ns/mnt`` reads.
+    namespace: str
+    #: Whether that is composefsd's own mount namespace.
+    own: bool
+
+    def describe(self) -> str:
+        """Its mount point, with the namespace when it is not ours."""
+        if self.own:
+            return self.mount.mountpoint
+        return f"{self.mount.mountpoint} (mount namespace {self.namespace})"
+
+
+@dataclass(slots=True, frozen=True)
+class Pin:
+    """A detached mount of ``digest`` handed out (module notes)."""
+
+    digest: str
+    mount_id: int
+    #: Wall clock (seconds since the epoch) and CLOCK_BOOTTIME when it was made.
+    created: float
+    boottime: float
+    boot_id: str
+    peer_pid: int | None
+    peer_uid: int | None
+    path: Path
+
+    def describe(self) -> str:
+        who = f" held by pid {self.peer_pid}" if self.peer_pid is not None else ""
+        return f"detached mount {self.mount_id}{who}"
+
+
+class _Gate:
+    """A readers/writer lock that lets a waiting writer in before new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class MountTracker:
+    """Composefs mounts across namespaces, and pins of detached mounts (module notes)."""
+
+    def __init__(
+        self,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        *,
+        grace: float = PIN_GRACE,
+        proc: str = "/proc",
+    ) -> None:
+        self.runtime_dir = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
+        self.pin_dir = self.runtime_dir / "pins"
+        self.grace = grace
+        self._proc = proc
+        self._lock = threading.Lock()
+        self._gate = _Gate()
+        self._boot_id = _boot_id()
+
+    # -- the gate ---------------------------------------------------------------------------
+    def mounting(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) by a mount from before it resolves the image until it is
+        attached or pinned."""
+        return self._gate.shared()
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held by GC and image removal while they decide what is in use."""
+        return self._gate.exclusive()
+
+    # -- mounts -----------------------------------------------------------------------------
+    def own_mounts(self) -> list[ComposefsMount]:
+        """The composefs mounts of composefsd's own mount namespace."""
+        return list_composefs_mounts(f"{self._proc}/self/mountinfo")
+
+    def all_mounts(self) -> list[NamespaceMount]:
+        """Composefs mounts of every mount namespace this process can look into,
+        each namespace read once; composefsd's own comes first."""
+        out: list[NamespaceMount] = []
+        seen: set[str] = set()
+        try:
+            own_ns = os.readlink(f"{self._proc}/self/ns/mnt")
+        except OSError:
+            own_ns = ""
+        for pid in self._pids(first="self"):
+            try:
+                ns = os.readlink(f"{self._proc}/{pid}/ns/mnt")
+            except OSError:
+                continue
+            if ns in seen:
+                continue
+            try:
+                mounts = list_composefs_mounts(f"{self._proc}/{pid}/mountinfo")
+            except OSError:
+                continue  # gone, or not ours to read: another process of it may do
+            seen.add(ns)
+            out.extend(NamespaceMount(m, ns, ns == own_ns) for m in mounts)
+        return out
+
+    def _pids(self, first: str | None = None) -> Iterator[str]:
+        if first is not None:
+            yield first
+        try:
+            names = os.listdir(self._proc)
+        except OSError:
+            return
+        for name in names:
+            if name.isdigit():
+                yield name
+
+    def _open_fd_mount_ids(self) -> set[int]:
+        """``mnt_id`` of every open fd of every process we may look at."""
+        ids: set[int] = set()
+        for pid in self._pids():
+            base = f"{self._proc}/{pid}/fdinfo"
+            try:
+                fds = os.listdir(base)
+            except OSError:
+                continue
+            for fd in fds:
+                text = _read_text(f"{base}/{fd}")
+                if text is not None:
+                    mount_id = _fdinfo_mount_id(text)
+                    if mount_id is not None:
+                        ids.add(mount_id)
+        return ids
+
+    # -- pins -------------------------------------------------------------------------------
+    def pin_detached(
+        self,
+        digest: str,
+        mount_fd: int,
+        *,
+        peer_pid: int | None = None,
+        peer_uid: int | None = None,
+    ) -> Pin:
+        """Record that the detached mount ``mount_fd`` of image ``digest`` is handed
+        out. Raises OSError if the pin cannot be written (then do not hand it out)."""
+        if not _HEX_DIGEST.fullmatch(digest):
+            raise ValueError(f"not an image digest: {digest!r}")
+        mount_id = mount_id_of_fd(mount_fd)
+        if mount_id is None:
+            raise OSError(errno.EINVAL, f"cannot read the mount id of fd {mount_fd}")
+        now_ns = time.time_ns()
+        pin = Pin(
+            digest=digest,
+            mount_id=mount_id,
+            created=now_ns / 1e9,
+            boottime=_boottime(),
+            boot_id=self._boot_id,
+            peer_pid=peer_pid,
+            peer_uid=peer_uid,
+            path=self.pin_dir / digest / f"{mount_id}-{now_ns}",
+        )
+        data = json.dumps(
+            {
+                "digest": digest,
+                "mountId": mount_id,
+                "createdUSec": now_ns // 1000,
+                "boottimeUSec": int(pin.boottime * 1e6),
+                "bootId": pin.boot_id,
+                "peerPid": peer_pid,
+                "peerUid": peer_uid,
+            }
+        ).encode()
+        with self._lock:
+            self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.pin_dir / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{now_ns}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                for attempt in range(3):
+                    pin.path.parent.mkdir(mode=0o700, exist_ok=True)
+                    try:
+                        os.rename(tmp, pin.path)
+                        break
+                    except FileNotFoundError:
+                        # Another daemon pruned the empty digest directory meanwhile.
+                        if attempt == 2:
+                            raise
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        log.info(
+            "pinned image %s for detached mount %d handed to pid %s", digest, mount_id, peer_pid
+        )
+        return pin
+
+    def _read_pins(self) -> list[Pin]:
+        pins: list[Pin] = []
+        try:
+            digests = os.listdir(self.pin_dir)
+        except FileNotFoundError:
+            return pins
+        except OSError as exc:
+            log.warning("cannot read pins in %s: %s", self.pin_dir, exc.strerror)
+            return pins
+        for digest in digests:
+            directory = self.pin_dir / digest
+            if not _HEX_DIGEST.fullmatch(digest):
+                continue
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                path = directory / name
+                pin = self._parse_pin(digest, path)
+                if pin is not None:
+                    pins.append(pin)
+        return pins
+
+    def _parse_pin(self, digest: str, path: Path) -> Pin | None:
+        text = _read_text(str(path))
+        if text is None:
+            return None
+        try:
+            doc = json.loads(text)
+            mount_id = doc["mountId"]
+            created = doc["createdUSec"] / 1e6
+            boottime = doc["boottimeUSec"] / 1e6
+            boot_id = doc["bootId"]
+            if (
+                doc.get("digest") != digest
+                or not isinstance(mount_id, int)
+                or not isinstance(boot_id, str)
+            ):
+                raise ValueError("fields")
+        except (ValueError, KeyError, TypeError):
+            # Unreadable: keep honouring it by its name, as long as its mount id lives.
+            match = _PIN_NAME.fullmatch(path.name)
+            if match is None:
+                log.warning("ignoring malformed pin %s", path)
+                return None
+            mount_id = int(match.group(1))
+            created = int(match.group(2)) / 1e9
+            boottime = 0.0
+            boot_id = self._boot_id
+            doc = {}
+        peer_pid = doc.get("peerPid")
+        peer_uid = doc.get("peerUid")
+        return Pin(
+            digest=digest,
+            mount_id=mount_id,
+            created=created,
+            boottime=boottime,
+            boot_id=boot_id,
+            peer_pid=peer_pid if isinstance(peer_pid, int) else None,
+            peer_uid=peer_uid if isinstance(peer_uid, int) else None,
+            path=path,
+        )
+
+    def live_pins(self, mounts: Iterable[NamespaceMount] | None = None) -> list[Pin]:
+        """Pins of detached mounts that may still be in use; dead ones are removed."""
+        with self._lock:
+            pins = self._read_pins()
+            if not pins:
+                return []
+            now = _boottime()
+            live: list[Pin] = []
+            undecided: list[Pin] = []
+            dead: list[Pin] = []
+            for pin in pins:
+                if pin.boot_id != self._boot_id:
+                    dead.append(pin)
+                elif self._age(pin, now) < self.grace:
+                    live.append(pin)
+                else:
+                    undecided.append(pin)
+            if undecided:
+                attached = {
+                    (m.mount.mount_id, m.mount.digest)
+                    for m in (self.all_mounts() if mounts is None else mounts)
+                }
+                remaining = [p for p in undecided if (p.mount_id, p.digest) not in attached]
+                live.extend(p for p in undecided if (p.mount_id, p.digest) in attached)
+                if remaining:
+                    open_ids = self._open_fd_mount_ids()
+                    for pin in remaining:
+                        (live if pin.mount_id in open_ids else dead).append(pin)
+            for pin in dead:
+                self._remove_pin(pin)
+            return live
+
+    @staticmethod
+    def _age(pin: Pin, now_boottime: float) -> float:
+        if pin.boottime:
+            return now_boottime - pin.boottime
+        return time.time() - pin.created  # a pin without its boot time: by the wall clock
+
+    def _remove_pin(self, pin: Pin) -> None:
+        log.info("released pin of image %s (detached mount %d is gone)", pin.digest, pin.mount_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(pin.path.parent)
+
+    # -- what is in use ---------------------------------------------------------------------
+    def in_use(self) -> dict[str, list[str]]:
+        """Every mounted or pinned image digest, with where it is in use (mount
+        points, namespace-qualified for other namespaces, or detached mounts)."""
+        mounts = self.all_mounts()
+        out: dict[str, list[str]] = {}
+        for m in mounts:
+            if m.mount.digest is not None:
+                out.setdefault(m.mount.digest, []).append(m.describe())
+        for pin in self.live_pins(mounts):
+            out.setdefault(pin.digest, []).append(pin.describe())
+        return out
+
+    def rediscover(self) -> dict[str, list[str]]:
+        """What is in use right now (logged); called once at start-up so that a
+        restarted daemon says what it keeps protecting, and stale pins go."""
+        found = self.in_use()
+        for digest, users in sorted(found.items()):
+            log.info("image %s is in use: %s", digest, "; ".join(users))
+        return found

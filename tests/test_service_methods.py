@@ -1,0 +1,970 @@
+"""io.composefs.Repository methods, called directly with a CallContext (no sockets).
+
+Every method, every error it declares, progress replies and cancellation, real
+mounts (attached at ``where`` and detached fds attached here with move_mount), and
+GC keeping what is mounted in any mount namespace or handed out as a detached fd.
+Replies are checked against the IDL's reply types (:func:`check_reply`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import varlink  # type: ignore[import-untyped]
+from varlink import scanner
+
+from composefsd.kernel import IdMapping, create_userns
+from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
+from composefsd.kernel.repomount import mount_repository_image
+from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.repository import (
+    CorruptRepositoryError,
+    ImageNotFoundError,
+    InvalidNameError,
+    NotARepositoryError,
+    ReadOnlyRepositoryError,
+    Repository,
+    RepositoryBusyError,
+    RepositoryError,
+    SourceError,
+    UnsupportedRepositoryError,
+    VerityPolicy,
+    VerityRequiredError,
+)
+from composefsd.repository.meta import RepoMetadata
+from composefsd.service import methods as methods_module
+from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
+from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_error
+from composefsd.service.mounts import MountTracker
+
+IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
+IDL = varlink.Interface(IDL_PATH.read_text())
+
+
+# -- checking replies against the IDL -------------------------------------------------------
+
+
+def _check_value(t: Any, value: Any, where: str) -> None:
+    if isinstance(t, scanner._Maybe):
+        if value is None:
+            return
+        _check_value(t.element_type, value, where)
+    elif isinstance(t, scanner._CustomType):
+        _check_value(IDL.members[t.name].type, value, where)
+    elif isinstance(t, bool):
+        assert isinstance(value, bool), where
+    elif isinstance(t, int):
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    elif isinstance(t, str):
+        assert isinstance(value, str), where
+    elif isinstance(t, float):
+        assert isinstance(value, int | float) and not isinstance(value, bool), where
+    elif isinstance(t, scanner._Array):
+        assert isinstance(value, list), where
+        for i, item in enumerate(value):
+            _check_value(t.element_type, item, f"{where}[{i}]")
+    elif isinstance(t, scanner._Enum):
+        assert value in t.fields, f"{where}: {value!r} not in {t.fields}"
+    elif isinstance(t, scanner._Struct):
+        _check_struct(t, value, where)
+    else:  # pragma: no cover
+        raise AssertionError(f"{where}: unexpected IDL type {t!r}")
+
+
+def _check_struct(t: Any, value: Any, where: str) -> None:
+    assert isinstance(value, dict), where
+    unknown = set(value) - set(t.fields)
+    assert not unknown, f"{where}: fields not in the IDL: {unknown}"
+    for name, ftype in t.fields.items():
+        if name not in value:
+            assert isinstance(ftype, scanner._Maybe), f"{where}: required {name} missing"
+        else:
+            _check_value(ftype, value[name], f"{where}.{name}")
+
+
+def check_reply(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    _check_struct(IDL.members[method].out_type, params, method)
+    return params
+
+
+def check_error(err: VarlinkReplyError) -> VarlinkReplyError:
+    if err.name.startswith(INTERFACE + "."):
+        name = err.name[len(INTERFACE) + 1 :]
+        _check_struct(IDL.members[name].type, err.parameters, name)
+    return err
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+def _tree(root: Path, seed: int = 1, files: int = 20) -> Path:
+    rng = random.Random(seed)
+    for i in range(files):
+        f = root / f"d{i % 4}" / f"f{i}"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(rng.randbytes(rng.choice([0, 30, 5000, 70_000])))
+    (root / "link").symlink_to("d0/f0")
+    return root
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(dirpath, name)
+            if not p.is_symlink():
+                out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class Env:
+    """A repository, its interface, and calls made the way the transport makes them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.repo = Repository.init(tmp / "repo")
+        self.tracker = MountTracker(tmp / "run")
+        self.iface = RepositoryInterface(self.repo, self.tracker)
+        self.src = _tree(tmp / "src")
+        self.mnt = tmp / "mnt"
+        self.mnt.mkdir()
+        self.replies: list[dict[str, Any]] = []
+
+    def ctx(
+        self,
+        method: str,
+        *,
+        more: bool = False,
+        fds: list[int] | None = None,
+        send: Callable[[dict[str, Any]], None] | None = None,
+    ) -> CallContext:
+        self.replies = []
+        return CallContext(
+            peer=Peer(os.getpid(), 0, 0),
+            method=f"{INTERFACE}.{method}",
+            more=more,
+            fds=list(fds or []),
+            send_continues=send or self.replies.append,
+        )
+
+    def call(self, method: str, *args: Any, more: bool = False, **kw: Any) -> dict[str, Any]:
+        ctx = kw.pop("ctx", None) or self.ctx(method, more=more)
+        result = getattr(self.iface, method)(*args, _request=ctx, **kw)
+        for reply in self.replies:
+            check_reply(method, reply)
+        return check_reply(method, result)
+
+    def error(self, method: str, *args: Any, **kw: Any) -> VarlinkReplyError:
+        with pytest.raises(VarlinkReplyError) as info:
+            self.call(method, *args, **kw)
+        return check_error(info.value)
+
+    def create(self, src: Path | None = None, ref: str | None = "app") -> str:
+        out = self.call("CreateImage", str(src or self.src), None, ref, *[None] * 6)
+        return str(out["digest"])
+
+    def mount(self, image: str, where: Path | None, **fields: Any) -> dict[str, Any]:
+        return self.call("Mount", *_mount_args(image, where, **fields))
+
+
+_MOUNT_FIELDS = (
+    "expectedDigest",
+    "verity",
+    "readOnly",
+    "upperDirectory",
+    "upperDirectoryFileDescriptor",
+    "workDirectory",
+    "workDirectoryFileDescriptor",
+    "userNamespaceFileDescriptor",
+    "uidMap",
+    "gidMap",
+)
+
+
+def _mount_args(image: str, where: Path | None, **fields: Any) -> list[Any]:
+    unknown = set(fields) - set(_MOUNT_FIELDS)
+    assert not unknown, unknown
+    return [image, *(fields.get(f) for f in _MOUNT_FIELDS), str(where) if where else None]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = Env(tmp_path)
+    yield e
+    for m in reversed(list_composefs_mounts()):
+        if m.mountpoint.startswith(str(tmp_path)):
+            umount2(m.mountpoint, MNT_DETACH)
+
+
+def _name(err: VarlinkReplyError) -> str:
+    return err.name.rpartition(".")[2]
+
+
+# -- Describe -------------------------------------------------------------------------------
+
+
+def test_describe(env: Env) -> None:
+    out = env.call("Describe")
+    assert out == {
+        "path": str(env.repo.path),
+        "algorithm": "sha256",
+        "verity": "try",
+        "images": 0,
+        "refs": 0,
+        "mounts": 0,
+        "version": out["version"],
+    }
+    env.create()
+    env.create(_tree(env.tmp / "src2", seed=2), ref="os/v1")
+    env.call("CreateImage", str(env.src), None, "alias", *[None] * 6)
+    env.mount("app", env.mnt)
+    out = env.call("Describe")
+    assert (out["images"], out["refs"], out["mounts"]) == (2, 3, 1)
+
+
+def test_read_only_repository(env: Env) -> None:
+    digest = env.create()
+    view = env.tmp / "ro"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(env.repo.path), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        ro = RepositoryInterface(Repository.open(view), env.tracker)
+        ctx = env.ctx("Describe")
+        out = check_reply("Describe", ro.Describe(_request=ctx))
+        assert "read-only" in out["readOnlyReason"]
+        for method, args in [
+            ("CreateImage", [str(env.src), None, "x", *[None] * 6]),
+            ("RemoveImage", ["app"]),
+            ("GarbageCollect", [None]),
+        ]:
+            with pytest.raises(VarlinkReplyError) as info:
+                getattr(ro, method)(*args, _request=env.ctx(method))
+            assert _name(check_error(info.value)) == "ReadOnlyRepository", method
+        # Reading and mounting still work.
+        out = check_reply("Verify", ro.Verify("app", _request=env.ctx("Verify")))
+        assert out["ok"] is True and out["digest"] == digest
+        mounted = ro.Mount(*_mount_args("app", env.mnt), _request=env.ctx("Mount"))
+        assert mounted["where"] == str(env.mnt)
+    finally:
+        umount2(str(env.mnt), MNT_DETACH) if composefs_mount_at(str(env.mnt)) else None
+        umount2(str(view), MNT_DETACH)
+
+
+# -- CreateImage ----------------------------------------------------------------------------
+
+
+def test_create_image_by_path_with_progress(env: Env) -> None:
+    out = env.call("CreateImage", str(env.src), None, "refs/app", *[None] * 6, more=True)
+    assert out["ref"] == "app"
+    assert out["files"] == 20
+    assert out["objectsWritten"] + out["objectsReused"] > 0
+    assert out["bytesWritten"] > 0 and out["verityEnabled"] is False
+    assert set(out) == {
+        "digest",
+        "ref",
+        "files",
+        "objectsWritten",
+        "objectsReused",
+        "bytesWritten",
+        "verityEnabled",
+    }
+    phases = [r["progress"]["phase"] for r in env.replies]
+    assert all(set(r) == {"progress"} for r in env.replies)
+    assert phases[0] == "scan" and "import" in phases and phases[-1] == "publish"
+    assert env.repo.resolve_image("app") == out["digest"]
+    # The same tree again: nothing new, same digest; without more no replies.
+    again = env.call("CreateImage", str(env.src), None, None, *[None] * 6)
+    assert again["digest"] == out["digest"] and again["objectsWritten"] == 0
+    assert "ref" not in again and env.replies == []
+
+
+def test_create_image_options(env: Env) -> None:
+    (env.src / "d0").chmod(0o755)
+    plain = env.call("CreateImage", str(env.src), None, None, *[None] * 6)["digest"]
+    epoch = env.call("CreateImage", str(env.src), None, None, True, True, None, True, 1, 1)
+    assert epoch["digest"] != plain
+    user = env.call("CreateImage", str(env.src), None, None, None, None, True, None, 0, 0)
+    assert user["digest"] == plain  # no xattrs here to drop
+
+
+@pytest.mark.parametrize("flags", [os.O_RDONLY | os.O_DIRECTORY, os.O_PATH | os.O_DIRECTORY])
+def test_create_image_from_fd(env: Env, flags: int) -> None:
+    by_path = env.create(ref=None)
+    fd = os.open(env.src, flags | os.O_CLOEXEC)
+    ctx = env.ctx("CreateImage", fds=[fd])
+    out = env.call("CreateImage", None, 0, "fromfd", *[None] * 6, ctx=ctx)
+    assert out["digest"] == by_path
+    assert ctx.fds == [None]
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)  # closed by the method
+    assert info.value.errno == errno.EBADF
+
+
+def test_create_image_from_fd_large_tree_uses_workers(env: Env) -> None:
+    # Enough data for import worker processes, which open /proc/<pid>/fd/N themselves.
+    big = env.tmp / "big"
+    big.mkdir()
+    for i in range(3):
+        (big / f"f{i}").write_bytes(os.urandom(1 << 20) * 45)
+    expected = Repository.init(env.tmp / "other").create_image(big).digest
+    fd = os.open(big, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    out = env.call("CreateImage", None, 0, None, *[None] * 6, ctx=env.ctx("CreateImage", fds=[fd]))
+    assert out["digest"] == expected and out["files"] == 3
+    assert env.repo.fsck().ok
+
+
+def test_create_image_errors(env: Env, tmp_path: Path) -> None:
+    none = [None] * 6
+    e = env.error("CreateImage", None, None, None, *none)
+    assert (e.name, e.parameters) == (
+        "org.varlink.service.InvalidParameter",
+        {"parameter": "sourcePath"},
+    )
+    fd = os.open(env.src, os.O_PATH | os.O_CLOEXEC)
+    ctx = env.ctx("CreateImage", fds=[fd])
+    e = env.error("CreateImage", str(env.src), 0, None, *none, ctx=ctx)
+    assert e.parameters == {"parameter": "sourcePath"}
+    ctx.close_fds()
+    assert env.error("CreateImage", "rel/path", None, None, *none).parameters == {
+        "parameter": "sourcePath"
+    }
+    e = env.error("CreateImage", None, 3, None, *none)
+    assert e.parameters == {"parameter": "sourceDirectoryFileDescriptor"}
+    e = env.error("CreateImage", str(env.src), None, None, None, True, True, None, None, None)
+    assert e.parameters == {"parameter": "userXattrs"}
+    e = env.error("CreateImage", str(env.src), None, None, None, None, None, None, 2, None)
+    assert e.parameters == {"parameter": "minVersion"}
+    e = env.error("CreateImage", str(env.src), None, None, None, None, None, None, None, -1)
+    assert e.parameters == {"parameter": "maxVersion"}
+
+    e = env.error("CreateImage", str(tmp_path / "missing"), None, None, *none)
+    assert _name(e) == "SourceError"
+    assert e.parameters["path"] == str(tmp_path / "missing")
+    assert "does not exist" in e.parameters["message"]
+    e = env.error("CreateImage", str(env.src / "d0" / "f0"), None, None, *none)
+    assert _name(e) == "SourceError" and "not a directory" in e.parameters["message"]
+    file_fd = os.open(env.src / "d0" / "f0", os.O_RDONLY | os.O_CLOEXEC)
+    e = env.error("CreateImage", None, 0, None, *none, ctx=env.ctx("CreateImage", fds=[file_fd]))
+    assert _name(e) == "SourceError" and "path" not in e.parameters
+    for bad in (".hidden", "a//b", "refs/"):
+        e = env.error("CreateImage", str(env.src), None, bad, *none)
+        assert _name(e) == "InvalidName" and e.parameters["name"] == bad
+    # A ref below an existing ref.
+    env.create(ref="base")
+    e = env.error("CreateImage", str(env.src), None, "base/sub", *none)
+    assert _name(e) == "InvalidName"
+    assert env.repo.fsck().ok
+
+
+def test_create_image_verity_unsupported(env: Env) -> None:
+    meta = RepoMetadata.new(env.repo.hash_algorithm, VerityPolicy.REQUIRED)
+    meta_path = env.repo.path / "meta.json"
+    meta_path.unlink()
+    meta_path.write_bytes(meta.to_json())
+    iface = RepositoryInterface(Repository.open(env.repo.path), env.tracker)
+    with pytest.raises(VarlinkReplyError) as info:
+        iface.CreateImage(str(env.src), *[None] * 8, _request=env.ctx("CreateImage"))
+    assert _name(check_error(info.value)) == "VerityUnsupported"
+
+
+@pytest.mark.parametrize("size_mb", [1, 140])
+def test_create_image_cancelled(env: Env, size_mb: int) -> None:
+    """The client goes away once the import runs: the work stops, nothing half-made."""
+    src = env.tmp / "cancel"
+    src.mkdir()
+    rng = random.Random(size_mb)
+    for i in range(200):
+        (src / f"f{i}").write_bytes(rng.randbytes(size_mb * (1 << 20) // 200))
+    ctx: CallContext
+
+    def send(params: dict[str, Any]) -> None:
+        if params["progress"]["phase"] == "import":
+            ctx.cancelled.set()
+
+    ctx = env.ctx("CreateImage", more=True, send=send)
+    started = time.monotonic()
+    with pytest.raises(CallCancelled):
+        env.iface.CreateImage(str(src), None, "cancelled", *[None] * 6, _request=ctx)
+    assert time.monotonic() - started < 30
+    assert env.repo.list_images() == []
+    with pytest.raises(ImageNotFoundError):
+        env.repo.resolve_image("cancelled")
+    report = env.repo.fsck()
+    assert report.ok, report
+    env.call("GarbageCollect", None)
+    assert not any(p.is_file() for p in (env.repo.path / "objects").rglob("*"))
+    # Cancelled before anything was sent: no progress at all without "more".
+    quiet = env.ctx("CreateImage")
+    quiet.cancelled.set()
+    with pytest.raises(CallCancelled):
+        env.iface.CreateImage(str(src), None, None, *[None] * 6, _request=quiet)
+
+
+def test_progress_heartbeat(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that reports nothing for a while still gets its last progress repeated."""
+    env.iface.heartbeat = 0.2
+    real = env.repo.gc
+
+    def slow_gc(**kw: Any) -> Any:
+        kw["progress"](methods_module.Progress("mark", 1, 2))
+        time.sleep(1.0)
+        return real(**kw)
+
+    monkeypatch.setattr(env.repo, "gc", slow_gc)
+    env.call("GarbageCollect", None, more=True)
+    marks = [r for r in env.replies if r["progress"] == {"phase": "mark", "done": 1, "total": 2}]
+    assert len(marks) >= 3
+
+
+# -- Verify ---------------------------------------------------------------------------------
+
+
+def test_verify_one(env: Env) -> None:
+    digest = env.create()
+    out = env.call("Verify", "app", more=True)
+    assert out["digest"] == digest and out["ok"] is True and out["problems"] == []
+    assert out["objectsChecked"] > 0 and out["verityMeasured"] == 0
+    assert {r["progress"]["phase"] for r in env.replies} == {"image", "objects"}
+    # Damage: one object missing, one changed.
+    objects = sorted(
+        p for p in (env.repo.path / "objects").rglob("*") if p.is_file() and p.name != digest[2:]
+    )
+    objects[0].unlink()
+    objects[1].chmod(0o644)
+    with open(objects[1], "r+b") as f:
+        f.write(b"X")
+    out = env.call("Verify", digest)
+    assert out["ok"] is False
+    kinds = sorted(p["kind"] for p in out["problems"])
+    assert kinds == ["corrupt-object", "missing-object"]
+    assert all(p["object"] for p in out["problems"])
+
+
+def test_verify_all(env: Env) -> None:
+    assert env.error("Verify", None).name == "org.varlink.service.ExpectedMore"
+    assert env.call("Verify", None, more=True) == {}
+    first = env.create()
+    second = env.create(_tree(env.tmp / "src2", seed=2), ref="b")
+    out = env.call("Verify", None, more=True)
+    results = [r for r in env.replies if "progress" not in r]
+    assert [r["digest"] for r in results] == [first]
+    assert out["digest"] == second and out["ok"] is True
+    # Progress of the second image comes after the first result.
+    index = env.replies.index(results[0])
+    assert any("progress" in r for r in env.replies[index + 1 :])
+
+
+def test_verify_errors(env: Env) -> None:
+    env.create()
+    e = env.error("Verify", "nope")
+    assert (_name(e), e.parameters) == ("NoSuchImage", {"image": "nope"})
+    e = env.error("Verify", "../x")
+    assert _name(e) == "InvalidName" and e.parameters["name"] == "../x"
+    e = env.error("Verify", "sha512:" + "0" * 128)
+    assert _name(e) == "InvalidName"
+    e = env.error("Verify", "sha256:" + "0" * 64)
+    assert _name(e) == "NoSuchImage"
+
+
+# -- Mount / Unmount / ListMounts -----------------------------------------------------------
+
+
+def test_mount_where_list_unmount(env: Env) -> None:
+    digest = env.create()
+    out = env.mount("app", env.mnt)
+    assert out == {
+        "where": str(env.mnt),
+        "digest": digest,
+        "imageCheck": "userspace",
+        "objectVerity": False,
+        "readOnly": True,
+        "idmapped": False,
+    }
+    assert _hashes(env.mnt) == _hashes(env.src)
+    listed = env.call("ListMounts", None)["mounts"]
+    assert listed == [
+        {
+            "where": str(env.mnt),
+            "digest": digest,
+            "source": f"composefs:{digest}",
+            "readOnly": True,
+            "verity": "off",
+            "inRepository": True,
+        }
+    ]
+    assert env.call("Describe")["mounts"] == 1
+    # A composefs mount of another repository shows only with "all".
+    other = Repository.init(env.tmp / "other")
+    other.create_image(_tree(env.tmp / "src3", seed=3), ref="x")
+    mnt2 = env.tmp / "mnt2"
+    mnt2.mkdir()
+    mount_repository_image(other, "x").attach(mnt2)
+    assert [m["where"] for m in env.call("ListMounts", None)["mounts"]] == [str(env.mnt)]
+    everything = {m["where"]: m for m in env.call("ListMounts", True)["mounts"]}
+    assert everything[str(mnt2)]["inRepository"] is False
+    assert everything[str(env.mnt)]["inRepository"] is True
+
+    assert env.call("Unmount", str(env.mnt), None) == {"digest": digest}
+    assert composefs_mount_at(str(env.mnt)) is None
+    e = env.error("Unmount", str(env.mnt), None)
+    assert (_name(e), e.parameters) == ("NotMounted", {"where": str(env.mnt)})
+    assert env.call("ListMounts", None) == {"mounts": []}
+    assert env.call("Unmount", str(mnt2) + "/", True) == {"digest": other.resolve_image("x")}
+
+
+def test_mount_detached_fd(env: Env) -> None:
+    digest = env.create()
+    ctx = env.ctx("Mount")
+    out = env.call("Mount", *_mount_args(digest, None), ctx=ctx)
+    assert out["mountFileDescriptor"] == 0 and "where" not in out and out["digest"] == digest
+    assert len(ctx.out_fds) == 1
+    fd = ctx.out_fds.pop()
+    try:
+        # Usable as it is, and pinned until it is gone.
+        assert sorted(os.listdir(f"/proc/self/fd/{fd}")) == sorted(os.listdir(env.src))
+        pins = list((env.tmp / "run" / "pins" / digest).iterdir())
+        assert len(pins) == 1
+        doc = json.loads(pins[0].read_text())
+        assert doc["digest"] == digest and doc["peerPid"] == os.getpid()
+        move_mount(fd, env.mnt)
+    finally:
+        os.close(fd)
+    assert _hashes(env.mnt) == _hashes(env.src)
+    assert env.call("ListMounts", None)["mounts"][0]["where"] == str(env.mnt)
+    env.call("Unmount", str(env.mnt), None)
+
+
+def test_mount_writable_fds_and_idmap(env: Env) -> None:
+    env.create()
+    upper, work = env.tmp / "upper", env.tmp / "work"
+    upper.mkdir()
+    work.mkdir()
+    up_fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    ctx = env.ctx("Mount", fds=[work_fd, up_fd])
+    args = _mount_args(
+        "app",
+        env.mnt,
+        upperDirectoryFileDescriptor=1,
+        workDirectoryFileDescriptor=0,
+        uidMap=[{"inside": 0, "outside": 100000, "count": 65536}],
+    )
+    out = env.call("Mount", *args, ctx=ctx)
+    assert out["readOnly"] is False and out["idmapped"] is True
+    assert ctx.fds == [None, None]
+    assert (env.mnt / "d1" / "f1").stat().st_uid == 100000
+    (env.mnt / "new").write_text("hello")
+    assert (upper / "new").read_text() == "hello"
+    env.call("Unmount", str(env.mnt), None)
+
+    # By paths, read-only forced, idmapped through a user namespace fd.
+    userns = create_userns([IdMapping(0, 300000, 65536)])
+    ctx = env.ctx("Mount", fds=[userns])
+    args = _mount_args(
+        "app",
+        env.mnt,
+        upperDirectory=str(upper),
+        workDirectory=str(work),
+        readOnly=True,
+        userNamespaceFileDescriptor=0,
+        verity="disabled",
+    )
+    out = env.call("Mount", *args, ctx=ctx)
+    assert out["readOnly"] is True and out["idmapped"] is True and out["imageCheck"] == "userspace"
+    assert (env.mnt / "new").read_text() == "hello"
+    assert (env.mnt / "d1").stat().st_uid == 300000
+    with pytest.raises(OSError):
+        (env.mnt / "other").write_text("x")
+    env.call("Unmount", str(env.mnt), True)
+
+
+def test_mount_errors(env: Env) -> None:
+    digest = env.create()
+    before = len(list_composefs_mounts())
+
+    def err(image: str = "app", where: Path | None = env.mnt, **fields: Any) -> VarlinkReplyError:
+        ctx = env.ctx("Mount", fds=fields.pop("fds", None))
+        e = env.error("Mount", *_mount_args(image, where, **fields), ctx=ctx)
+        ctx.close_fds()
+        return e
+
+    def invalid(**fields: Any) -> str:
+        e = err(**fields)
+        assert e.name == "org.varlink.service.InvalidParameter", e
+        return str(e.parameters["parameter"])
+
+    assert (_name(e := err("nope")), e.parameters) == ("NoSuchImage", {"image": "nope"})
+    assert _name(e := err(".bad")) == "InvalidName" and e.parameters["name"] == ".bad"
+    e = err(expectedDigest="00" * 32)
+    assert _name(e) == "ImageVerityFailed"
+    assert e.parameters["reason"] == "Image has wrong fs-verity"
+    e = err(verity="required")
+    assert _name(e) == "ImageVerityFailed" and e.parameters["reason"] == "Image has no fs-verity"
+    assert env.mount("app", env.mnt, expectedDigest="sha256:" + digest.upper())["digest"] == digest
+    env.call("Unmount", str(env.mnt), None)
+    e = err(where=env.tmp / "missing")
+    assert _name(e) == "MountFailed" and e.parameters["errnoName"] == "ENOENT"
+    assert "missing" in e.parameters["message"]
+    # Not a user namespace: the kernel refuses to idmap with it.
+    e = err(fds=[os.open("/", os.O_RDONLY | os.O_CLOEXEC)], userNamespaceFileDescriptor=0)
+    assert _name(e) == "MountFailed" and e.parameters["errnoName"]
+
+    assert invalid(expectedDigest="abc") == "expectedDigest"
+    assert invalid(where=Path("relative")) == "where"
+    assert invalid(upperDirectory="/tmp") == "workDirectory"
+    assert invalid(workDirectoryFileDescriptor=0, fds=[os.open("/", os.O_PATH)]) == (
+        "upperDirectory"
+    )
+    assert invalid(upperDirectory="up", workDirectory="/tmp") == "upperDirectory"
+    assert (
+        invalid(upperDirectory="/tmp", upperDirectoryFileDescriptor=0, workDirectory="/tmp")
+        == "upperDirectoryFileDescriptor"
+    )
+    assert invalid(upperDirectoryFileDescriptor=5, workDirectoryFileDescriptor=6) == (
+        "upperDirectoryFileDescriptor"
+    )
+    assert invalid(userNamespaceFileDescriptor=0) == "userNamespaceFileDescriptor"
+    mapping = [{"inside": 0, "outside": 1000, "count": 1}]
+    assert invalid(gidMap=mapping) == "gidMap"
+    assert invalid(userNamespaceFileDescriptor=0, uidMap=mapping) == "uidMap"
+    assert invalid(uidMap=[{"inside": 0, "outside": 1000, "count": 0}]) == "uidMap"
+    assert invalid(uidMap=[]) == "uidMap"
+    assert invalid(uidMap=mapping, gidMap=[{"inside": -1, "outside": 0, "count": 1}]) == "gidMap"
+    assert invalid(verity="sometimes") == "verity"
+    assert len(list_composefs_mounts()) == before
+    assert not (env.tmp / "run" / "pins").exists()
+
+
+def test_unmount_errors(env: Env) -> None:
+    env.create()
+    e = env.error("Unmount", "relative", None)
+    assert e.parameters == {"parameter": "where"}
+    e = env.error("Unmount", str(env.tmp / "nothing"), None)
+    assert _name(e) == "NotMounted"
+    e = env.error("Unmount", "/proc", None)  # mounted, but not composefs
+    assert (_name(e), e.parameters) == ("NotMounted", {"where": "/proc"})
+    env.mount("app", env.mnt)
+    with open(env.mnt / "d1" / "f1", "rb"):
+        e = env.error("Unmount", str(env.mnt), False)
+        assert (_name(e), e.parameters["errnoName"]) == ("MountFailed", "EBUSY")
+        assert env.call("Unmount", str(env.mnt), True)["digest"]
+    assert composefs_mount_at(str(env.mnt)) is None
+
+
+# -- ListImages / RemoveImage ---------------------------------------------------------------
+
+
+def test_list_images(env: Env) -> None:
+    assert env.call("ListImages", None) == {"images": []}
+    before = time.time()
+    digest = env.create()
+    env.call("CreateImage", str(env.src), None, "os/v1", *[None] * 6)
+    second = env.create(_tree(env.tmp / "s2", seed=2), ref=None)
+    out = env.call("ListImages", None)["images"]
+    assert [i["digest"] for i in out] == [digest, second]
+    assert out[0]["refs"] == ["app", "os/v1"] and out[1]["refs"] == []
+    assert out[0]["size"] == os.stat(env.repo.path / "images" / digest).st_size
+    assert abs(out[0]["createdUSec"] / 1e6 - before) < 60
+    assert env.call("ListImages", "os/v1")["images"] == [out[0]]
+    assert env.call("ListImages", "sha256:" + second)["images"] == [out[1]]
+    assert _name(env.error("ListImages", "nope")) == "NoSuchImage"
+    assert _name(env.error("ListImages", "a/../b")) == "InvalidName"
+
+
+def test_remove_image(env: Env) -> None:
+    digest = env.create()
+    env.call("CreateImage", str(env.src), None, "b", *[None] * 6)
+    assert sorted(env.call("RemoveImage", "app")["removedRefs"]) == ["app", "b"]
+    assert (_name(e := env.error("RemoveImage", "app")), e.parameters) == (
+        "NoSuchImage",
+        {"image": "app"},
+    )
+    assert _name(env.error("RemoveImage", digest)) == "NoSuchImage"
+    assert _name(env.error("RemoveImage", "/abs")) == "InvalidName"
+    other = env.create(_tree(env.tmp / "s2", seed=2), ref=None)
+    assert env.call("RemoveImage", other) == {"removedRefs": []}
+
+
+def test_remove_image_in_use(env: Env) -> None:
+    digest = env.create()
+    env.mount("app", env.mnt)
+    e = env.error("RemoveImage", "app")
+    assert (_name(e), e.parameters) == ("ImageInUse", {"image": "app", "where": [str(env.mnt)]})
+    env.call("Unmount", str(env.mnt), None)
+    ctx = env.ctx("Mount")
+    env.call("Mount", *_mount_args("app", None), ctx=ctx)
+    fd = ctx.out_fds.pop()
+    try:
+        e = env.error("RemoveImage", digest)
+        assert _name(e) == "ImageInUse"
+        assert e.parameters["where"][0].startswith("detached mount ")
+    finally:
+        os.close(fd)
+    env.tracker.grace = 0
+    assert env.call("RemoveImage", "app") == {"removedRefs": ["app"]}
+    assert not (env.tmp / "run" / "pins" / digest).exists()
+
+
+# -- GarbageCollect -------------------------------------------------------------------------
+
+
+def _object_files(repo: Repository) -> set[str]:
+    return {str(p) for p in (repo.path / "objects").rglob("*") if p.is_file()}
+
+
+def test_gc(env: Env) -> None:
+    env.create()
+    other = env.create(_tree(env.tmp / "s2", seed=2), ref="b")
+    env.repo.remove_ref("b")
+    objects = _object_files(env.repo)
+    out = env.call("GarbageCollect", True, more=True)
+    assert out["dryRun"] is True and out["imagesRemoved"] == 1 and out["objectsRemoved"] > 0
+    assert _object_files(env.repo) == objects
+    phases = {r["progress"]["phase"] for r in env.replies}
+    assert {"roots", "mark", "sweep"} <= phases
+    again = env.call("GarbageCollect", None)
+    assert again == {**out, "dryRun": False}
+    assert _name(env.error("Verify", other)) == "NoSuchImage"
+    assert env.call("Verify", "app")["ok"] is True
+    assert env.call("GarbageCollect", False)["objectsRemoved"] == 0
+
+
+def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
+    attached = env.create(ref="attached")
+    detached = env.create(_tree(env.tmp / "s2", seed=2), ref="detached")
+    env.mount("attached", env.mnt)
+    ctx = env.ctx("Mount")
+    env.call("Mount", *_mount_args("detached", None), ctx=ctx)
+    fd = ctx.out_fds.pop()
+    env.repo.remove_ref("attached")
+    env.repo.remove_ref("detached")
+    env.tracker.grace = 0  # the pin lives on because the fd is open
+    try:
+        out = env.call("GarbageCollect", None)
+        assert out["objectsRemoved"] == 0 and out["imagesRemoved"] == 0
+        assert _hashes(env.mnt) == _hashes(env.src)
+        with open(os.open("d1/f1", os.O_RDONLY, dir_fd=fd), "rb") as f:
+            assert f.read() == (env.tmp / "s2" / "d1" / "f1").read_bytes()
+        # A daemon started afresh knows the same.
+        fresh = RepositoryInterface(env.repo, MountTracker(env.tmp / "run", grace=0))
+        assert fresh.gc_pins() == {attached, detached}
+    finally:
+        os.close(fd)
+    assert env.iface.gc_pins() == {attached}
+    out = env.call("GarbageCollect", None)
+    assert out["imagesRemoved"] == 1 and out["objectsRemoved"] > 0
+    env.call("Unmount", str(env.mnt), None)
+    assert env.call("GarbageCollect", None)["imagesRemoved"] == 1
+    assert _object_files(env.repo) == set()
+
+
+def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
+    env.create()
+    code = (
+        "import sys, time\n"
+        "from composefsd.repository import Repository\n"
+        "from composefsd.kernel.repomount import mount_repository_image\n"
+        f"mount_repository_image(Repository.open({str(env.repo.path)!r}), 'app')"
+        f".attach({str(env.mnt)!r})\n"
+        "print('mounted', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
+        assert composefs_mount_at(str(env.mnt)) is None  # not in our namespace
+        assert env.call("ListMounts", True)["mounts"] == []
+        env.repo.remove_ref("app")
+        out = env.call("GarbageCollect", None)
+        assert out["imagesRemoved"] == 0 and out["objectsRemoved"] == 0
+        e = env.error("RemoveImage", env.repo.list_images()[0].digest)
+        assert _name(e) == "ImageInUse"
+        assert "(mount namespace mnt:[" in e.parameters["where"][0]
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+    assert env.call("GarbageCollect", None)["imagesRemoved"] == 1
+
+
+def test_gc_busy_and_corrupt(env: Env) -> None:
+    digest = env.create()
+    code = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(env.repo.path)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        env.iface.gc_timeout = 0.3
+        e = env.error("GarbageCollect", None)
+        assert _name(e) == "RepositoryBusy" and e.parameters["message"]
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    image = env.repo.object_path(digest)
+    image.chmod(0o644)
+    image.write_bytes(b"garbage" * 100)
+    e = env.error("GarbageCollect", None)
+    assert _name(e) == "RepositoryCorrupt" and "does not parse" in e.parameters["message"]
+    assert _name(env.error("Mount", *_mount_args("app", env.mnt))) in (
+        "ImageVerityFailed",
+        "MountFailed",
+    )
+
+
+def test_gc_waits_for_mounts_in_flight(env: Env) -> None:
+    """GC and a mount in progress exclude each other: the mount is pinned or attached
+    before GC decides what is in use."""
+    env.create()
+    inside = threading.Event()
+    release = threading.Event()
+    real = env.tracker.pin_detached
+
+    def slow_pin(*args: Any, **kw: Any) -> Any:
+        inside.set()
+        release.wait(10)
+        return real(*args, **kw)
+
+    env.tracker.pin_detached = slow_pin  # type: ignore[method-assign]
+    ctx = env.ctx("Mount")
+    mounter = threading.Thread(
+        target=lambda: env.iface.Mount(*_mount_args("app", None), _request=ctx)
+    )
+    mounter.start()
+    assert inside.wait(10)
+    env.repo.remove_ref("app")
+    result: list[dict[str, Any]] = []
+    gc = threading.Thread(target=lambda: result.append(env.call("GarbageCollect", None)))
+    gc.start()
+    time.sleep(0.3)
+    assert result == []  # waiting for the mount
+    release.set()
+    mounter.join(10)
+    gc.join(10)
+    assert result[0]["imagesRemoved"] == 0
+    os.close(ctx.out_fds.pop())
+
+
+# -- pins -----------------------------------------------------------------------------------
+
+
+def test_pins_survive_restart_and_expire(env: Env) -> None:
+    digest = env.create()
+    ctx = env.ctx("Mount")
+    env.call("Mount", *_mount_args("app", None), ctx=ctx)
+    fd = ctx.out_fds.pop()
+    fresh = MountTracker(env.tmp / "run", grace=0)
+    (pin,) = fresh.live_pins()
+    assert pin.digest == digest and pin.peer_pid == os.getpid()
+    # Attached and the fd closed: alive through mountinfo.
+    move_mount(fd, env.mnt)
+    os.close(fd)
+    assert [p.digest for p in fresh.live_pins()] == [digest]
+    umount2(str(env.mnt))
+    assert fresh.live_pins() == []
+    assert not (env.tmp / "run" / "pins" / digest).exists()
+    # Within the grace period a pin lives whatever the scan says; another boot's never.
+    env.call("Mount", *_mount_args("app", None), ctx=(ctx := env.ctx("Mount")))
+    os.close(ctx.out_fds.pop())
+    assert len(MountTracker(env.tmp / "run").live_pins()) == 1
+    (path,) = (env.tmp / "run" / "pins" / digest).iterdir()
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "bootId": "another"}))
+    assert MountTracker(env.tmp / "run").live_pins() == []
+    # Unreadable pin files are honoured by their names until the mount id is gone.
+    (env.tmp / "run" / "pins" / digest).mkdir()
+    junk = env.tmp / "run" / "pins" / digest / f"999999-{time.time_ns()}"
+    junk.write_text("not json")
+    assert len(MountTracker(env.tmp / "run").live_pins()) == 1
+    assert MountTracker(env.tmp / "run", grace=0).live_pins() == []
+
+
+# -- error mapping --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "name", "params"),
+    [
+        (ImageNotFoundError("x"), "NoSuchImage", {"image": "img"}),
+        (InvalidNameError("bad"), "InvalidName", {"name": "img", "message": "bad"}),
+        (VerityRequiredError("no verity"), "VerityUnsupported", {"message": "no verity"}),
+        (SourceError("gone"), "SourceError", {"message": "gone", "path": "/src"}),
+        (ReadOnlyRepositoryError("ro"), "ReadOnlyRepository", {"message": "ro"}),
+        (RepositoryBusyError("busy"), "RepositoryBusy", {"message": "busy"}),
+        (CorruptRepositoryError("meta"), "RepositoryCorrupt", {"message": "meta"}),
+        (NotARepositoryError("gone"), "RepositoryCorrupt", {"message": "gone"}),
+        (RepositoryError("image x is empty"), "RepositoryCorrupt", {"message": "image x is empty"}),
+        (
+            RepositoryError("cannot list", errno=errno.EIO),
+            "SystemError",
+            {"message": "cannot list", "errnoName": "EIO"},
+        ),
+        (UnsupportedRepositoryError("newer"), "SystemError", {"message": "newer"}),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/x"),
+            "SystemError",
+            {"message": "/x: Permission denied", "errnoName": "EACCES"},
+        ),
+    ],
+)
+def test_reply_error(exc: Exception, name: str, params: dict[str, Any]) -> None:
+    mapped = reply_error(exc, image="img", source_path="/src")
+    assert mapped is not None
+    assert (mapped.name, mapped.parameters) == (f"{INTERFACE}.{name}", params)
+    check_error(mapped)
+    assert reply_error(ValueError("x")) is None
+
+
+# -- through varlink.Service: fields arrive in IDL order ------------------------------------
+
+
+def test_dispatch_through_service(env: Env) -> None:
+    service = varlink.Service(interface_dir=str(IDL_PATH.parent))
+    service._set_interface(INTERFACE, env.iface)
+
+    def call(method: str, params: dict[str, Any], **flags: Any) -> list[dict[str, Any]]:
+        ctx = env.ctx(method, more=bool(flags.get("more")))
+        message = json.dumps({"method": f"{INTERFACE}.{method}", "parameters": params, **flags})
+        replies = [json.loads(r) for r in service.handle(message.encode(), _request=ctx)]
+        ctx.close_fds()
+        return [*({"parameters": r} for r in env.replies), *replies]
+
+    (r,) = call("CreateImage", {"sourcePath": str(env.src), "ref": "app", "useEpoch": True})
+    digest = r["parameters"]["digest"]
+    assert call("ListImages", {"image": "app"})[0]["parameters"]["images"][0]["refs"] == ["app"]
+    out = call("Mount", {"image": "app", "where": str(env.mnt), "verity": "disabled"})
+    assert out[0]["parameters"]["imageCheck"] == "userspace"  # expected digest still checked
+    assert call("ListMounts", {"all": True})[0]["parameters"]["mounts"][0]["digest"] == digest
+    assert call("Unmount", {"where": str(env.mnt), "lazy": False})[0]["parameters"] == {
+        "digest": digest
+    }
+    replies = call("Verify", {}, more=True)
+    assert replies[-1]["parameters"]["digest"] == digest
+    assert call("GarbageCollect", {"dryRun": True})[0]["parameters"]["dryRun"] is True
+    assert call("Describe", {})[0]["parameters"]["images"] == 1
+    assert call("RemoveImage", {"image": "app"})[0]["parameters"] == {"removedRefs": ["app"]}
