@@ -1,0 +1,590 @@
+"""systemd/: the units parse cleanly (``systemd-analyze verify`` reports nothing, no
+ordering cycle with the host's own targets), the service keeps to the host's mount
+namespace, and composefs-mount-generator turns mounts.conf into the expected units
+and refuses bad lines clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import varlink
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "systemd"
+IDL = REPO / "src" / "composefsd" / "service" / "io.composefs.Repository.varlink"
+SOCKET = "unix:/run/composefs/io.composefs.Repository"
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+SYSTEMD_ESCAPE = shutil.which("systemd-escape")
+
+
+@dataclass
+class Installed:
+    root: Path
+    unit_dir: Path
+    generator: Path
+    composefsd: str
+    varlinkctl: str
+
+
+def _directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) of every assignment, in order (duplicates kept)."""
+    section = ""
+    out = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def _values(path: Path, section: str, key: str) -> list[str]:
+    return [v for s, k, v in _directives(path) if s == section and k == key]
+
+
+def _install(tmp_path: Path, *extra: str) -> Installed:
+    """install-units into tmp_path/root, with a fake composefsd and varlinkctl that
+    also exist at the same absolute paths on the host (systemd-analyze verify checks
+    ExecStart= binaries there)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    root = tmp_path / "root"
+    for name in ("composefsd", "varlinkctl"):
+        for where in (bindir, Path(str(root) + str(bindir))):
+            where.mkdir(parents=True, exist_ok=True)
+            (where / name).write_text("#!/bin/sh\nexit 0\n")
+            (where / name).chmod(0o755)
+    proc = subprocess.run(
+        [
+            str(UNITS / "install-units"),
+            "--root",
+            str(root),
+            "--composefsd",
+            str(bindir / "composefsd"),
+            "--varlinkctl",
+            str(bindir / "varlinkctl"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    if "--enable" not in extra:  # (systemctl enable reports its symlinks on stderr)
+        assert proc.stderr == ""
+    unit_dir = root / "etc/systemd/system"
+    return Installed(
+        root=root,
+        unit_dir=unit_dir,
+        generator=root / "etc/systemd/system-generators/composefs-mount-generator",
+        composefsd=str(bindir / "composefsd"),
+        varlinkctl=str(bindir / "varlinkctl"),
+    )
+
+
+def _generate(
+    generator: Path, conf_text: str | None, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    conf = tmp_path / "mounts.conf"
+    if conf_text is not None:
+        conf.write_text(conf_text)
+    out = tmp_path / "gen"
+    dirs = [out / "normal", out / "early", out / "late"]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, COMPOSEFS_MOUNTS_CONF=str(conf))
+    proc = subprocess.run(
+        [str(generator), *map(str, dirs)], capture_output=True, text=True, env=env
+    )
+    return proc, dirs[0]
+
+
+def _verify(unit_paths: list[str], *search: Path) -> subprocess.CompletedProcess[str]:
+    assert SYSTEMD_ANALYZE is not None, "systemd-analyze is missing (Debian: systemd)"
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=":".join(map(str, search)) + ":")
+    env.pop("SYSTEMD_LOG_LEVEL", None)
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", "--man=no", "--generators=no", *unit_paths],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+
+
+def _escape(where: str, template: str = "composefs-mount@.service") -> str:
+    assert SYSTEMD_ESCAPE is not None
+    return subprocess.run(
+        [SYSTEMD_ESCAPE, "--path", f"--template={template}", where],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def _mount_name(where: str) -> str:
+    assert SYSTEMD_ESCAPE is not None
+    return subprocess.run(
+        [SYSTEMD_ESCAPE, "--path", "--suffix=mount", where],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+SAMPLE = """\
+# boot mounts
+/srv/app        app/v1
+/opt/my-tools   tools/stable   optional,verity=try     # a comment
+/srv/base\tsha256:{d}  required,digest={d},verity=required
+
+/srv/rw         {d}   rw=/var/cfs/up:/var/cfs/work,optional
+"""
+DIGEST = "0123456789abcdef" * 4
+
+
+def _sample() -> str:
+    return SAMPLE.format(d=DIGEST)
+
+
+# -- systemd-analyze verify ---------------------------------------------------------------------
+
+
+def test_verify_reports_nothing(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, _sample(), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    generated = sorted(str(p) for p in gen.glob("*.service"))
+    assert len(generated) == 4
+    units = [
+        str(inst.unit_dir / "composefsd.socket"),
+        str(inst.unit_dir / "composefsd.service"),
+        *generated,
+        # The host's targets, with our units hooked in: any ordering cycle shows.
+        "local-fs.target",
+        "sockets.target",
+        "multi-user.target",
+    ]
+    result = _verify(units, inst.unit_dir, gen)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_verify_catches_what_it_should(tmp_path: Path) -> None:
+    """The check above can fail: a typo and an ordering cycle are reported."""
+    inst = _install(tmp_path)
+    service = inst.unit_dir / "composefsd.service"
+    service.write_text(service.read_text().replace("Type=notify", "Type=notiffy"))
+    result = _verify([str(service)], inst.unit_dir)
+    assert "Failed to parse service type" in result.stderr
+    # The mount units run before local-fs.target; with the default dependencies the
+    # daemon would wait for basic.target (after local-fs.target): a cycle.
+    service.write_text(
+        service.read_text()
+        .replace("Type=notiffy", "Type=notify")
+        .replace("DefaultDependencies=no", "DefaultDependencies=yes")
+    )
+    proc, gen = _generate(inst.generator, "/srv/app app/v1\n", tmp_path)
+    assert proc.returncode == 0
+    mount_unit = gen / _escape("/srv/app")
+    mount_unit.write_text(
+        mount_unit.read_text().replace("Requires=composefsd.socket", "Requires=composefsd.service")
+    )
+    result = _verify([str(mount_unit), "local-fs.target"], inst.unit_dir, gen)
+    assert "ordering cycle" in result.stderr, result.stderr
+
+
+def test_shipped_units_verify_in_place(tmp_path: Path) -> None:
+    """The files in systemd/ as they are (ExecStart=/usr/local/bin/composefsd), under
+    a root that has that binary."""
+    root = tmp_path / "root"
+    (root / "usr/local/bin").mkdir(parents=True)
+    (root / "usr/local/bin/composefsd").write_text("#!/bin/sh\n")
+    (root / "usr/local/bin/composefsd").chmod(0o755)
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for name in ("composefsd.socket", "composefsd.service"):
+        shutil.copy(UNITS / name, unit_dir / name)
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [
+            SYSTEMD_ANALYZE,
+            "verify",
+            f"--root={root}",
+            "--man=no",
+            "--generators=no",
+            "/etc/systemd/system/composefsd.socket",
+            "/etc/systemd/system/composefsd.service",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# -- what the units say ---------------------------------------------------------------------------
+
+
+def test_socket_unit() -> None:
+    sock = UNITS / "composefsd.socket"
+    assert _values(sock, "Socket", "ListenStream") == ["/run/composefs/io.composefs.Repository"]
+    assert _values(sock, "Socket", "FileDescriptorName") == ["varlink"]
+    assert _values(sock, "Socket", "SocketMode") == ["0600"]
+    assert _values(sock, "Socket", "RemoveOnStop") == ["yes"]
+    assert _values(sock, "Socket", "Accept") == []  # one daemon owns the repository
+    assert _values(sock, "Unit", "DefaultDependencies") == ["no"]
+    assert "sockets.target" in " ".join(_values(sock, "Unit", "Before"))
+    assert _values(sock, "Install", "WantedBy") == ["sockets.target"]
+
+
+# Options that give the service its own mount namespace (systemd.exec(5)): with any
+# of them, mounts made at "where" would not be visible outside the service.
+NAMESPACING = {
+    "PrivateMounts",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateUsers",
+    "PrivateNetwork",
+    "ProtectSystem",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectHostname",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "ExecPaths",
+    "NoExecPaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "MountAPIVFS",
+    "RootDirectory",
+    "RootImage",
+    "StateDirectory",
+    "RuntimeDirectory",
+    "CacheDirectory",
+    "LogsDirectory",
+    "ConfigurationDirectory",
+    "DynamicUser",
+    "MemoryDenyWriteExecute",  # not a namespace, but breaks ctypes/libffi closures
+}
+
+
+def test_service_unit() -> None:
+    svc = UNITS / "composefsd.service"
+    keys = {k for _, k, _ in _directives(svc)}
+    assert not keys & NAMESPACING, keys & NAMESPACING
+    assert _values(svc, "Service", "Type") == ["notify"]
+    assert _values(svc, "Service", "ExecStart") == ["/usr/local/bin/composefsd $COMPOSEFSD_OPTIONS"]
+    assert _values(svc, "Unit", "Requires") == ["composefsd.socket"]
+    assert "composefsd.socket" in _values(svc, "Unit", "After")
+    assert _values(svc, "Unit", "DefaultDependencies") == ["no"]
+    assert _values(svc, "Unit", "Conflicts") == ["shutdown.target"]
+    # Socket activation only: nothing pulls the service in at boot by itself.
+    assert _values(svc, "Install", "WantedBy") == []
+    assert _values(svc, "Install", "Also") == ["composefsd.socket"]
+    caps = set(_values(svc, "Service", "CapabilityBoundingSet")[0].split())
+    assert "CAP_SYS_ADMIN" in caps
+    assert not caps & {"CAP_SYS_MODULE", "CAP_NET_ADMIN", "CAP_SYS_PTRACE", "CAP_SYS_BOOT"}
+    assert _values(svc, "Service", "NoNewPrivileges") == ["yes"]
+    assert _values(svc, "Service", "RestrictAddressFamilies") == ["AF_UNIX"]
+    assert _values(svc, "Service", "SystemCallArchitectures") == ["native"]
+    assert "@mount" in _values(svc, "Service", "SystemCallFilter")[0]
+
+
+def test_install_units_writes_the_paths(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    svc = inst.unit_dir / "composefsd.service"
+    assert _values(svc, "Service", "ExecStart") == [f"{inst.composefsd} $COMPOSEFSD_OPTIONS"]
+    # Everything else is the shipped file.
+    shipped = (UNITS / "composefsd.service").read_text()
+    assert svc.read_text() == shipped.replace(
+        "ExecStart=/usr/local/bin/composefsd ", f"ExecStart={inst.composefsd} "
+    )
+    assert (inst.unit_dir / "composefsd.socket").read_text() == (
+        UNITS / "composefsd.socket"
+    ).read_text()
+    gen_text = inst.generator.read_text()
+    assert f"\nVARLINKCTL={inst.varlinkctl}\n" in gen_text
+    assert os.access(inst.generator, os.X_OK)
+    assert (inst.root / "etc/composefs/mounts.conf.example").read_text() == (
+        UNITS / "mounts.conf.example"
+    ).read_text()
+    assert not (inst.root / "etc/composefs/mounts.conf").exists()
+
+
+def test_install_units_enable_offline(tmp_path: Path) -> None:
+    inst = _install(tmp_path, "--enable")
+    link = inst.unit_dir / "sockets.target.wants" / "composefsd.socket"
+    assert link.is_symlink()
+    assert not (inst.unit_dir / "multi-user.target.wants").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--composefsd", "composefsd"], "--composefsd must be an absolute path"),
+        (["--composefsd", "/nonexistent/composefsd"], "is not an executable file"),
+        (["--bogus"], "unknown argument --bogus"),
+    ],
+)
+def test_install_units_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [str(UNITS / "install-units"), "--root", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+def test_install_units_help() -> None:
+    proc = subprocess.run(
+        [str(UNITS / "install-units"), "--help"], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.startswith("install-units: install composefsd's systemd units")
+    assert "--varlinkctl PATH" in proc.stdout
+
+
+# -- the generator -------------------------------------------------------------------------------
+
+
+def _mount_interface() -> varlink.Interface:
+    return varlink.Interface(IDL.read_text())
+
+
+def _exec_json(unit: Path, key: str, method: str) -> dict[str, object]:
+    (line,) = _values(unit, "Service", key)
+    argv = shlex.split(line)
+    assert argv[1:4] == ["call", SOCKET, f"io.composefs.Repository.{method}"]
+    assert len(argv) == 5
+    doc = json.loads(argv[4])
+    assert isinstance(doc, dict)
+    # Every field is one the IDL declares for the method.
+    fields = _mount_interface().members[method].in_type.fields
+    assert set(doc) <= set(fields), set(doc) - set(fields)
+    return doc
+
+
+def test_generator_sample(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, _sample(), tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+    expected = {
+        "/srv/app": ({"image": "app/v1", "where": "/srv/app"}, "required"),
+        "/opt/my-tools": (
+            {"image": "tools/stable", "where": "/opt/my-tools", "verity": "try"},
+            "optional",
+        ),
+        "/srv/base": (
+            {
+                "image": f"sha256:{DIGEST}",
+                "where": "/srv/base",
+                "verity": "required",
+                "expectedDigest": DIGEST,
+            },
+            "required",
+        ),
+        "/srv/rw": (
+            {
+                "image": DIGEST,
+                "where": "/srv/rw",
+                "upperDirectory": "/var/cfs/up",
+                "workDirectory": "/var/cfs/work",
+            },
+            "optional",
+        ),
+    }
+    names = {_escape(where): where for where in expected}
+    assert names["composefs-mount@opt-my\\x2dtools.service"] == "/opt/my-tools"
+    assert sorted(p.name for p in gen.glob("*.service")) == sorted(names)
+    for name, where in names.items():
+        params, kind = expected[where]
+        unit = gen / name
+        assert _exec_json(unit, "ExecStart", "Mount") == params
+        assert _exec_json(unit, "ExecStop", "Unmount") == {"where": where}
+        assert _values(unit, "Service", "ExecStart")[0].startswith(inst.varlinkctl + " ")
+        assert _values(unit, "Service", "Type") == ["oneshot"]
+        assert _values(unit, "Service", "RemainAfterExit") == ["yes"]
+        assert _values(unit, "Service", "ExecStartPre") == [f"-/bin/mkdir -p {where}"]
+        assert _values(unit, "Unit", "DefaultDependencies") == ["no"]
+        assert _values(unit, "Unit", "Requires") == ["composefsd.socket"]
+        after = _values(unit, "Unit", "After")[0].split()
+        assert {"composefsd.socket", "composefsd.service", "local-fs-pre.target"} <= set(after)
+        assert _mount_name(where) in after
+        assert _values(unit, "Unit", "Before") == ["local-fs.target umount.target"]
+        assert _values(unit, "Unit", "Conflicts") == ["umount.target"]
+        assert _values(unit, "Unit", "RequiresMountsFor") == [os.path.dirname(where)]
+        assert f"({kind})" in _values(unit, "Unit", "Description")[0]
+        link_dir = "local-fs.target.requires" if kind == "required" else "local-fs.target.wants"
+        link = gen / link_dir / name
+        assert link.is_symlink() and link.resolve() == unit.resolve()
+        other = "local-fs.target.wants" if kind == "required" else "local-fs.target.requires"
+        assert not (gen / other / name).exists()
+    # Nothing in the early and late directories.
+    assert not any((tmp_path / "gen" / "early").iterdir())
+    assert not any((tmp_path / "gen" / "late").iterdir())
+
+
+def test_generator_unit_text(tmp_path: Path) -> None:
+    """One generated unit, in full."""
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, "/srv/app app/v1 optional,verity=disabled\n", tmp_path)
+    assert proc.returncode == 0
+    conf = tmp_path / "mounts.conf"
+    v = inst.varlinkctl
+    assert (
+        (gen / "composefs-mount@srv-app.service").read_text()
+        == f"""\
+# Automatically generated by composefs-mount-generator
+# from {conf} line 1: /srv/app app/v1 optional,verity=disabled
+[Unit]
+Description=composefs image app/v1 at /srv/app (optional)
+Documentation=https://github.com/containers/composefs
+SourcePath={conf}
+DefaultDependencies=no
+Requires=composefsd.socket
+After=composefsd.socket composefsd.service local-fs-pre.target srv-app.mount
+RequiresMountsFor=/srv
+Before=local-fs.target umount.target
+Conflicts=umount.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+TimeoutSec=2min
+ExecStartPre=-/bin/mkdir -p /srv/app
+ExecStart={v} call {SOCKET} io.composefs.Repository.Mount '{{"image":"app/v1","where":"/srv/app","verity":"disabled"}}'
+ExecStop={v} call {SOCKET} io.composefs.Repository.Unmount '{{"where":"/srv/app"}}'
+"""
+    )
+
+
+BAD_LINES = [
+    ("justone", "expected 'WHERE IMAGE [OPTIONS]', found 1 fields"),
+    ("/a b c d", "expected 'WHERE IMAGE [OPTIONS]', found 4 fields"),
+    ("relative img", "WHERE 'relative' is not a normalized absolute path"),
+    ("/ img", "WHERE '/' is not a normalized absolute path"),
+    ("/srv//x img", "WHERE '/srv//x' is not a normalized absolute path"),
+    ("/srv/../x img", "WHERE '/srv/../x' is not a normalized absolute path"),
+    ("/srv/x/ img", "WHERE '/srv/x/' is not a normalized absolute path"),
+    ("/srv/it's img", "is not a normalized absolute path"),
+    ("/srv/50% img", "is not a normalized absolute path"),
+    ('/srv/x "img"', "IMAGE '\"img\"' is not a ref or digest"),
+    ("/srv/x img\\1", "is not a ref or digest"),
+    ("/srv/x os/", "IMAGE 'os/' is not a ref or digest"),
+    ("/srv/x img bogus", "unknown option 'bogus'"),
+    ("/srv/x img verity=maybe", "verity must be required, try or disabled, not 'maybe'"),
+    ("/srv/x img digest=abc", "digest 'abc' is not 64 or 128 lower-case hex digits"),
+    (f"/srv/x img digest={DIGEST.upper()}", "is not 64 or 128 lower-case hex digits"),
+    ("/srv/x img rw=/up", "unknown option 'rw=/up'"),
+    ("/srv/x img rw=up:/work", "rw needs two absolute paths, UPPER:WORK, not 'up:/work'"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_generator_rejects_bad_lines(tmp_path: Path, line: str, message: str) -> None:
+    inst = _install(tmp_path)
+    conf_text = f"# first\n/srv/good good/v1\n{line}\n/srv/after after\n"
+    proc, gen = _generate(inst.generator, conf_text, tmp_path)
+    assert proc.returncode == 1
+    conf = tmp_path / "mounts.conf"
+    assert proc.stderr.startswith(f"composefs-mount-generator: {conf}:3: ")
+    assert message in proc.stderr
+    assert proc.stderr.endswith("; line skipped\n")
+    assert proc.stderr.count("\n") == 1
+    # The good lines around it still become units.
+    assert sorted(p.name for p in gen.glob("*.service")) == [
+        "composefs-mount@srv-after.service",
+        "composefs-mount@srv-good.service",
+    ]
+
+
+def test_generator_duplicate_where(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, "/srv/x a\n/srv/x b optional\n", tmp_path)
+    assert proc.returncode == 1
+    assert ":2: '/srv/x' is already mounted by an earlier line; line skipped" in proc.stderr
+    assert _exec_json(gen / "composefs-mount@srv-x.service", "ExecStart", "Mount")["image"] == "a"
+
+
+def test_generator_without_config(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, None, tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    assert not any(gen.iterdir())
+    proc, gen = _generate(inst.generator, "# nothing yet\n\n   \n", tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert not any(gen.iterdir())
+
+
+def test_generator_last_line_without_newline(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, "/srv/x img", tmp_path)
+    assert proc.returncode == 0
+    assert (gen / "composefs-mount@srv-x.service").exists()
+
+
+def test_generator_usage_and_missing_varlinkctl(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc = subprocess.run([str(inst.generator)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "usage: composefs-mount-generator NORMAL-DIR [EARLY-DIR LATE-DIR]\n"
+    os.unlink(inst.varlinkctl)
+    proc, gen = _generate(inst.generator, "/srv/x img\n", tmp_path)
+    assert proc.returncode == 0  # the units are still written; they fail clearly at boot
+    assert f"{inst.varlinkctl} is missing: composefs boot mounts will fail" in proc.stderr
+    assert (gen / "composefs-mount@srv-x.service").exists()
+
+
+def test_generator_unreadable_config(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    conf = tmp_path / "mounts.conf"
+    conf.mkdir()  # a directory: exists, cannot be read as lines
+    proc, _ = _generate(inst.generator, None, tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"composefs-mount-generator: cannot read {conf}: not a readable file; "
+        "no composefs mounts generated\n"
+    )
+
+
+def test_generator_is_plain_sh() -> None:
+    """No Python in the boot path: the generator is a POSIX shell script that dash runs."""
+    gen = UNITS / "composefs-mount-generator"
+    assert gen.read_text().startswith("#!/bin/sh\n")
+    dash = shutil.which("dash")
+    if dash is not None:
+        subprocess.run([dash, "-n", str(gen)], check=True)
+    checkbashisms = shutil.which("checkbashisms")
+    if checkbashisms is not None:
+        subprocess.run([checkbashisms, str(gen)], check=True)
+    assert not re.search(r"\bpython", gen.read_text().split("set -u", 1)[1])
+
+
+def test_example_config_is_accepted(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    text = (UNITS / "mounts.conf.example").read_text()
+    uncommented = "\n".join(
+        line[1:] if line.startswith("#/") else line for line in text.splitlines()
+    )
+    proc, gen = _generate(inst.generator, uncommented, tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert len(list(gen.glob("*.service"))) == 3
