@@ -1,0 +1,299 @@
+"""The Varlink wire format without any I/O: framing, call envelopes and replies.
+
+Varlink messages are JSON objects, each ended by one NUL byte, on a stream
+socket. File descriptors travel as SCM_RIGHTS ancillary data with the *first
+byte* of the message they belong to (UAPI.20 / sd-varlink); the JSON refers to
+them by their index in that message's list.
+
+:class:`Decoder` is fed what each ``recvmsg`` returned (bytes plus the fds that
+came with them) and hands back complete messages with their fds. It enforces a
+size limit and an fd limit, and refuses fds that arrive in the middle of a
+message. :func:`parse_call` turns one message into a :class:`Call`, refusing
+anything the specification says must close the connection (invalid JSON, a
+missing ``method``, wrongly typed or conflicting flags, unknown header keys).
+The ``encode_*`` functions build replies and calls, NUL included.
+
+Every violation raises :class:`ProtocolError`; the transport's answer to it is to
+close the connection.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "MAX_FDS",
+    "MAX_MESSAGE_SIZE",
+    "Call",
+    "Decoder",
+    "Message",
+    "ProtocolError",
+    "Reply",
+    "encode_call",
+    "encode_error",
+    "encode_reply",
+    "parse_call",
+    "parse_reply",
+]
+
+#: Largest message accepted, NUL excluded (sd-varlink's per-connection buffer limit).
+MAX_MESSAGE_SIZE: Final = 16 << 20
+#: Most fds accepted with one message.
+MAX_FDS: Final = 16
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must be closed.
+
+    ``fds`` are descriptors the failing operation had received and not handed out:
+    the caller owns them and must close them.
+    """
+
+    def __init__(self, message: str, fds: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.fds: list[int] = list(fds)
+
+
+@dataclass(slots=True)
+class Message:
+    """One complete message (NUL stripped) and the fds that came with its first byte."""
+
+    data: bytes
+    fds: list[int] = field(default_factory=list)
+
+
+class Decoder:
+    """Splits a byte stream into NUL-terminated messages and attaches received fds.
+
+    ``feed(data, fds)`` takes one read: the fds must arrive with the first byte of
+    a message (the read must not continue a partial message) and belong to the
+    first message that starts in ``data``. The decoder owns the fds of a partial
+    message until it is complete; :meth:`discard` gives them back.
+    """
+
+    __slots__ = ("_broken", "_buf", "_buf_len", "_fds", "max_fds", "max_message_size")
+
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS) -> None:
+        self.max_message_size = max_message_size
+        self.max_fds = max_fds
+        self._buf: list[bytes] = []
+        self._buf_len = 0
+        self._fds: list[int] = []
+        self._broken = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held."""
+        return self._buf_len
+
+    def discard(self) -> list[int]:
+        """Drop any partial message; returns its fds (the caller closes them)."""
+        fds, self._fds = self._fds, []
+        self._buf = []
+        self._buf_len = 0
+        return fds
+
+    def _fail(self, message: str, fds: Sequence[int], out: list[Message]) -> ProtocolError:
+        self._broken = True
+        owned = set(fds)
+        owned.update(self._fds)
+        for msg in out:
+            owned.update(msg.fds)
+        self._fds = []
+        self._buf = []
+        self._buf_len = 0
+        return ProtocolError(message, sorted(owned))
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
+        """The messages completed by ``data``; raises :class:`ProtocolError` (whose
+        ``fds`` then hold every fd not handed out) on a violation."""
+        out: list[Message] = []
+        if self._broken:
+            raise ProtocolError("the stream already failed", fds)
+        if fds:
+            if self._buf_len:
+                raise self._fail("file descriptors arrived in the middle of a message", fds, out)
+            if len(fds) > self.max_fds:
+                raise self._fail(
+                    f"{len(fds)} file descriptors with one message (at most {self.max_fds})",
+                    fds,
+                    out,
+                )
+            if not data:
+                raise self._fail("file descriptors without data", fds, out)
+        limit = self.max_message_size
+        parts = data.split(b"\0")
+        tail = parts.pop()
+        if parts:
+            first = parts[0]
+            if self._buf:
+                self._buf.append(first)
+                first = b"".join(self._buf)
+                first_fds = self._fds
+                self._buf = []
+                self._buf_len = 0
+                self._fds = []
+            else:
+                first_fds = list(fds)
+            out.append(Message(first, first_fds))
+            if len(first) > limit:
+                raise self._fail(self._too_long(len(first)), fds, out)
+            for part in parts[1:]:
+                if len(part) > limit:
+                    raise self._fail(self._too_long(len(part)), fds, out)
+                out.append(Message(part))
+            if tail:
+                self._buf = [tail]
+                self._buf_len = len(tail)
+        elif tail:
+            if not self._buf:
+                self._fds = list(fds)
+            self._buf.append(tail)
+            self._buf_len += len(tail)
+        if self._buf_len > limit:
+            raise self._fail(self._too_long(self._buf_len), fds, out)
+        return out
+
+    def _too_long(self, size: int) -> str:
+        return f"message of {size}+ bytes exceeds the limit of {self.max_message_size}"
+
+
+@dataclass(slots=True, frozen=True)
+class Call:
+    """A method call's envelope."""
+
+    method: str
+    parameters: dict[str, Any]
+    oneway: bool = False
+    more: bool = False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_CALL_KEYS: Final = frozenset({"method", "parameters", "oneway", "more", "upgrade"})
+_REPLY_KEYS: Final = frozenset({"parameters", "continues", "error"})
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return _DECODER.decode(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"malformed message: {e}") from None
+
+
+def _flag(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise ProtocolError(f"{key!r} must be a boolean, not {type(value).__name__}")
+    return value
+
+
+def parse_call(data: bytes) -> Call:
+    """The call in one message (NUL stripped); :class:`ProtocolError` if it is not one."""
+    obj = _loads(data)
+    if type(obj) is not dict:
+        raise ProtocolError("a call must be a JSON object")
+    method = obj.get("method")
+    if type(method) is not str or not method:
+        raise ProtocolError("a call needs a 'method' string")
+    params = obj.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
+        raise ProtocolError("'parameters' must be an object")
+    if len(obj) > 1 and not _CALL_KEYS.issuperset(obj):
+        for key in obj:
+            # Vendor extensions are reverse-domain names; anything else is unknown.
+            if key not in _CALL_KEYS and "." not in key:
+                raise ProtocolError(f"unknown key {key!r} in a call")
+    oneway = _flag(obj, "oneway")
+    more = _flag(obj, "more")
+    if _flag(obj, "upgrade"):
+        raise ProtocolError("protocol upgrades are not supported")
+    if oneway and more:
+        raise ProtocolError("'oneway' and 'more' are mutually exclusive")
+    return Call(method, params, oneway, more)
+
+
+def _default(obj: object) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        # A [string]() set.
+        return {key: {} for key in obj}
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default
+)
+
+
+def encode_reply(parameters: dict[str, Any] | None = None, *, continues: bool = False) -> bytes:
+    """A reply message, NUL included; ``continues`` marks one of several."""
+    if continues:
+        obj: dict[str, Any] = {"parameters": parameters or {}, "continues": True}
+    else:
+        obj = {"parameters": parameters or {}}
+    return _ENCODER.encode(obj).encode() + b"\0"
+
+
+def encode_error(name: str, parameters: dict[str, Any] | None = None) -> bytes:
+    """An error reply message, NUL included."""
+    return _ENCODER.encode({"error": name, "parameters": parameters or {}}).encode() + b"\0"
+
+
+def encode_call(
+    method: str,
+    parameters: dict[str, Any] | None = None,
+    *,
+    oneway: bool = False,
+    more: bool = False,
+) -> bytes:
+    """A call message, NUL included (for clients)."""
+    obj: dict[str, Any] = {"method": method}
+    if parameters:
+        obj["parameters"] = parameters
+    if oneway:
+        obj["oneway"] = True
+    if more:
+        obj["more"] = True
+    return _ENCODER.encode(obj).encode() + b"\0"
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    """A reply's envelope (for clients)."""
+
+    parameters: dict[str, Any]
+    continues: bool = False
+    error: str | None = None
+
+
+def parse_reply(data: bytes) -> Reply:
+    """The reply in one message (NUL stripped), checked as strictly as sd-varlink does:
+    only ``parameters``, ``continues`` and ``error``, and no ``continues`` on an error."""
+    obj = _loads(data)
+    if type(obj) is not dict:
+        raise ProtocolError("a reply must be a JSON object")
+    if not _REPLY_KEYS.issuperset(obj):
+        raise ProtocolError(f"unknown keys in a reply: {sorted(set(obj) - _REPLY_KEYS)}")
+    params = obj.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
+        raise ProtocolError("'parameters' must be an object")
+    continues = _flag(obj, "continues")
+    error = obj.get("error")
+    if error is not None:
+        if type(error) is not str or not error:
+            raise ProtocolError("'error' must be a non-empty string")
+        if continues:
+            raise ProtocolError("an error reply cannot continue")
+    return Reply(params, continues, error)
