@@ -1,0 +1,1179 @@
+"""composefsd.service's Varlink transport, over raw sockets: framing, pipelining, oneway,
+more/continues, malformed input, strict parameter validation, fd passing both ways and
+fd hygiene, limits, errors, authorization, concurrency, cancellation, shutdown, the
+connected-socket mode, and interop with varlink 31's client and systemd's varlinkctl.
+
+The server runs in the test's event loop, with the org.example.test interface of
+tests/data; clients are non-blocking sockets driven by the same loop.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import varlink
+
+from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.service.activation import listen_unix
+from composefsd.service.context import Peer
+from composefsd.service.protocol import (
+    Decoder,
+    ProtocolError,
+    encode_call,
+    encode_error,
+    encode_reply,
+    parse_call,
+    parse_reply,
+)
+from composefsd.service.transport import Server
+from composefsd.service.validate import InterfaceValidator, InvalidParameter
+
+DATA = Path(__file__).resolve().parent / "data"
+IDL = DATA / "org.example.test.varlink"
+T = "org.example.test."
+SYSTEM_ERROR = "io.composefs.Repository.SystemError"
+INVALID = "org.varlink.service.InvalidParameter"
+
+
+def _load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("example_service", DATA / "example_service.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["example_service"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+class Client:
+    """A raw Varlink client on a non-blocking socket, run by the test's loop.
+
+    Every reply is checked against the protocol (top-level keys, ``continues`` only
+    with ``more``) and, if the interface is known, against the method's out type.
+    """
+
+    def __init__(self, sock: socket.socket, validators: dict[str, InterfaceValidator]) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.validators = validators
+        self.loop = asyncio.get_running_loop()
+        self.decoder = Decoder(max_message_size=1 << 30, max_fds=253)
+        self.messages: deque[tuple[bytes, list[int]]] = deque()
+        self.eof = False
+
+    async def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        if fds:
+            n = self.sock.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+            if n < len(data):
+                await self.loop.sock_sendall(self.sock, data[n:])
+        else:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _readable(self, timeout: float) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        fd = self.sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self.loop.remove_reader(fd)
+
+    async def _fill(self, timeout: float) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(
+                    1 << 20, socket.CMSG_SPACE(253 * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await self._readable(timeout)
+                continue
+            except ConnectionResetError:
+                data, anc = b"", []
+            break
+        fds: list[int] = []
+        for level, kind, raw in anc:
+            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+            got = array.array("i")
+            got.frombytes(raw)
+            fds.extend(got)
+        if not data:
+            assert not fds
+            self.eof = True
+            raise Closed()
+        for msg in self.decoder.feed(data, fds):
+            self.messages.append((msg.data, msg.fds))
+
+    async def recv_raw(self, timeout: float = 10.0) -> tuple[bytes, list[int]]:
+        while not self.messages:
+            await self._fill(timeout)
+        return self.messages.popleft()
+
+    async def recv(
+        self, method: str | None = None, *, more: bool = False, timeout: float = 10.0
+    ) -> tuple[dict[str, Any], list[int]]:
+        """One reply, as a dict, with its fds."""
+        data, fds = await self.recv_raw(timeout)
+        reply = json.loads(data)
+        assert set(reply) <= {"parameters", "continues", "error"}, reply
+        assert isinstance(reply.get("parameters", {}), dict), reply
+        if reply.get("continues"):
+            assert more, f"continues without more: {reply}"
+            assert "error" not in reply, reply
+            assert not fds, "fds on a continues reply"
+        parse_reply(data)
+        if method is not None:
+            interface, _, name = method.rpartition(".")
+            validator = self.validators.get(interface)
+            error = reply.get("error")
+            if validator is not None and error is None:
+                validator.check_reply(name, reply.get("parameters", {}))
+            elif error is not None:
+                iface, _, ename = error.rpartition(".")
+                v = self.validators.get(iface)
+                if v is not None and iface != "org.varlink.service":
+                    v.check_error(ename, reply.get("parameters", {}))
+        return reply, fds
+
+    async def call(
+        self,
+        method: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        fds: list[int] | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """One call without fds in the reply (it asserts there are none)."""
+        reply, got = await self.call_fds(method, parameters, fds=fds, timeout=timeout)
+        assert not got
+        return reply
+
+    async def call_fds(
+        self,
+        method: str,
+        parameters: dict[str, Any] | None = None,
+        *,
+        fds: list[int] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[dict[str, Any], list[int]]:
+        await self.send(encode_call(method, parameters), fds)
+        return await self.recv(method, timeout=timeout)
+
+    async def more(
+        self, method: str, parameters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        await self.send(encode_call(method, parameters, more=True))
+        replies = []
+        while True:
+            reply, fds = await self.recv(method, more=True)
+            assert not fds
+            replies.append(reply)
+            if not reply.get("continues"):
+                return replies
+
+    async def assert_closed(self, timeout: float = 10.0) -> None:
+        """The server closes the connection (without sending anything first)."""
+        with pytest.raises(Closed):
+            data, fds = await self.recv_raw(timeout)
+            close_all(fds)
+            raise AssertionError(f"got {data!r} instead of the connection closing")
+
+    def close(self) -> None:
+        for _, fds in self.messages:
+            close_all(fds)
+        self.messages.clear()
+        self.sock.close()
+
+
+class Harness:
+    def __init__(self, server: Server, path: Path, listener: socket.socket, impl: Any) -> None:
+        self.server = server
+        self.path = path
+        self.listener = listener
+        self.impl = impl
+        self.task: asyncio.Task[None] = asyncio.create_task(server.serve([listener]))
+        self.clients: list[Client] = []
+        self.validators = {
+            name: InterfaceValidator(interface)
+            for name, interface in server._service.interfaces.items()
+        }
+
+    async def connect(self) -> Client:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, str(self.path))
+        client = Client(sock, self.validators)
+        self.clients.append(client)
+        return client
+
+    async def stop(self) -> None:
+        await self.server.shutdown(grace=2.0)
+        await asyncio.wait_for(self.task, 10)
+        for client in self.clients:
+            client.close()
+        self.listener.close()
+
+
+Start = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    harnesses: list[Harness] = []
+
+    async def _start(**kwargs: Any) -> Harness:
+        service, impl = example.make_service()
+        server = Server(service, **kwargs)
+        path = tmp_path / f"s{len(harnesses)}"
+        harness = Harness(server, path, listen_unix(str(path)), impl)
+        harnesses.append(harness)
+        return harness
+
+    yield _start
+    for harness in harnesses:
+        await harness.stop()
+
+
+@pytest.fixture
+async def served(start: Start) -> Harness:
+    return await start()
+
+
+@pytest.fixture
+async def client(served: Harness) -> Client:
+    return await served.connect()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def get(q: Any, timeout: float = 5.0) -> Any:
+    return await asyncio.to_thread(q.get, timeout=timeout)
+
+
+# Sans-IO: framing and envelopes
+
+
+def test_decoder_splits_merged_and_joins_split_messages() -> None:
+    d = Decoder()
+    assert [m.data for m in d.feed(b'{"a":1}\0{"b":2}\0{"c"')] == [b'{"a":1}', b'{"b":2}']
+    assert d.pending == 4
+    assert d.feed(b":3") == []
+    assert [m.data for m in d.feed(b"}\0")] == [b'{"c":3}']
+    assert [m.data for m in d.feed(b"\0")] == [b""]
+    assert d.feed(b"") == []
+    assert d.pending == 0
+
+
+def test_decoder_attaches_fds_to_the_message_they_start() -> None:
+    d = Decoder()
+    # fds with a chunk that starts a message belong to that message only.
+    msgs = d.feed(b"one\0two\0", [10, 11])
+    assert [(m.data, m.fds) for m in msgs] == [(b"one", [10, 11]), (b"two", [])]
+    # ...even when the message completes in a later chunk.
+    assert d.feed(b"thr", [12]) == []
+    msgs = d.feed(b"ee\0four\0")
+    assert [(m.data, m.fds) for m in msgs] == [(b"three", [12]), (b"four", [])]
+    assert d.discard() == []
+    d.feed(b"partial", [13])
+    assert d.discard() == [13]
+
+
+def test_decoder_refuses_fds_in_the_middle_of_a_message() -> None:
+    d = Decoder()
+    d.feed(b"par", [5])
+    with pytest.raises(ProtocolError, match="middle of a message") as info:
+        d.feed(b"tial\0", [6, 7])
+    assert sorted(info.value.fds) == [5, 6, 7]
+    with pytest.raises(ProtocolError, match="already failed"):
+        d.feed(b"x\0")
+
+
+def test_decoder_limits() -> None:
+    d = Decoder(max_message_size=8, max_fds=2)
+    assert [m.data for m in d.feed(b"12345678\0")] == [b"12345678"]
+    with pytest.raises(ProtocolError, match="3 file descriptors") as info:
+        d.feed(b"x\0", [1, 2, 3])
+    assert info.value.fds == [1, 2, 3]
+    d = Decoder(max_message_size=8)
+    with pytest.raises(ProtocolError, match="exceeds the limit of 8"):
+        d.feed(b"123456789\0")
+    d = Decoder(max_message_size=8)
+    d.feed(b"12345", [4])
+    with pytest.raises(ProtocolError, match="exceeds") as info:
+        d.feed(b"6789")
+    assert info.value.fds == [4]
+    d = Decoder(max_message_size=8)
+    with pytest.raises(ProtocolError) as info:
+        d.feed(b"ok\0toolongmessage\0", [9])
+    assert info.value.fds == [9]
+    with pytest.raises(ProtocolError, match="without data"):
+        Decoder().feed(b"", [3])
+
+
+def test_parse_call() -> None:
+    call = parse_call(b'{"method":"a.b.C","parameters":{"x":1},"more":true}')
+    assert (call.method, call.parameters, call.more, call.oneway) == (
+        "a.b.C",
+        {"x": 1},
+        True,
+        False,
+    )
+    call = parse_call(b' {"method":"a.b.C","parameters":null,"oneway":true,"more":false} ')
+    assert (call.parameters, call.oneway, call.more) == ({}, True, False)
+    # Vendor extensions are objects under reverse-domain keys.
+    assert parse_call(b'{"method":"a.b.C","org.example.x":{}}').method == "a.b.C"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "malformed"),
+        (b"{", "malformed"),
+        (b'{"method":"a.b.C"} x', "malformed"),
+        (b"\xff", "malformed"),
+        (b'{"method":"a.b.C","parameters":{"x":NaN}}', "malformed"),
+        (b"[]", "JSON object"),
+        (b"null", "JSON object"),
+        (b'{"parameters":{}}', "'method'"),
+        (b'{"method":1}', "'method'"),
+        (b'{"method":""}', "'method'"),
+        (b'{"method":"a.b.C","parameters":[]}', "'parameters'"),
+        (b'{"method":"a.b.C","parameters":"x"}', "'parameters'"),
+        (b'{"method":"a.b.C","oneway":"yes"}', "'oneway' must be a boolean"),
+        (b'{"method":"a.b.C","more":1}', "'more' must be a boolean"),
+        (b'{"method":"a.b.C","oneway":true,"more":true}', "mutually exclusive"),
+        (b'{"method":"a.b.C","upgrade":true}', "upgrade"),
+        (b'{"method":"a.b.C","bogus":1}', "unknown key 'bogus'"),
+    ],
+)
+def test_parse_call_refuses(raw: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        parse_call(raw)
+
+
+def test_replies_encode_and_parse() -> None:
+    assert encode_reply({"a": 1}) == b'{"parameters":{"a":1}}\0'
+    assert encode_reply({"a": 1}, continues=True) == b'{"parameters":{"a":1},"continues":true}\0'
+    assert encode_reply() == b'{"parameters":{}}\0'
+    assert encode_reply({"s": {"x"}}) == b'{"parameters":{"s":{"x":{}}}}\0'
+    assert (
+        encode_error("a.b.E", {"x": "é"}) == '{"error":"a.b.E","parameters":{"x":"é"}}\0'.encode()
+    )
+    with pytest.raises(ValueError):
+        encode_reply({"x": float("nan")})
+    assert encode_call("a.b.C", {}, oneway=True) == b'{"method":"a.b.C","oneway":true}\0'
+    reply = parse_reply(b'{"parameters":{"a":1},"continues":true}')
+    assert (reply.parameters, reply.continues, reply.error) == ({"a": 1}, True, None)
+    assert parse_reply(b'{"error":"a.b.E"}').error == "a.b.E"
+    with pytest.raises(ProtocolError, match="cannot continue"):
+        parse_reply(b'{"error":"a.b.E","continues":true}')
+    with pytest.raises(ProtocolError, match="unknown keys"):
+        parse_reply(b'{"parameters":{},"extra":1}')
+
+
+# Introspection and plain calls
+
+
+async def test_get_info(client: Client) -> None:
+    reply = await client.call("org.varlink.service.GetInfo")
+    assert reply["parameters"] == {
+        "vendor": "composefsd tests",
+        "product": "example",
+        "version": "1",
+        "url": "https://example.org",
+        "interfaces": ["org.varlink.service", "org.example.test"],
+    }
+
+
+async def test_get_interface_description_is_the_file(client: Client) -> None:
+    reply = await client.call(
+        "org.varlink.service.GetInterfaceDescription", {"interface": "org.example.test"}
+    )
+    assert reply["parameters"]["description"] == IDL.read_text()
+    reply = await client.call(
+        "org.varlink.service.GetInterfaceDescription", {"interface": "org.example.nope"}
+    )
+    assert reply == {
+        "error": "org.varlink.service.InterfaceNotFound",
+        "parameters": {"interface": "org.example.nope"},
+    }
+
+
+ECHO_FULL: dict[str, Any] = {
+    "text": "hé\u2603",
+    "number": -(2**63),
+    "ratio": 0.25,
+    "flag": False,
+    "color": "green",
+    "ranges": [{"inside": 0, "outside": 1000, "count": 65536}],
+    "labels": {"a": "b", "": ""},
+    "names": {"x": {}, "y": {}},
+    "item": {"name": "a", "tags": [], "child": {"name": "b", "ratio": 1}},
+    "blob": {"anything": [1, "two", None, {"x": True}]},
+    "nested": {"a": 1, "b": {"c": [True, False], "d": [1, None, 2**64 - 1]}},
+}
+
+
+async def test_echo_every_type(client: Client) -> None:
+    reply = await client.call(T + "Echo", ECHO_FULL)
+    assert reply == {"parameters": ECHO_FULL}
+    # null is absent for nullable fields; an int is a valid float.
+    reply = await client.call(T + "Echo", {"text": "x", "number": None, "ratio": 3})
+    assert reply == {"parameters": {"text": "x", "ratio": 3}}
+
+
+async def test_unknown_interface_and_method(client: Client) -> None:
+    for method, error in [
+        ("org.example.nope.Echo", {"interface": "org.example.nope"}),
+        ("NoDots", {"interface": "NoDots"}),
+    ]:
+        reply = await client.call(method)
+        assert reply == {"error": "org.varlink.service.InterfaceNotFound", "parameters": error}
+    reply = await client.call(T + "Nope")
+    assert reply == {
+        "error": "org.varlink.service.MethodNotFound",
+        "parameters": {"method": T + "Nope"},
+    }
+    # A type or an error is not a method.
+    reply = await client.call(T + "Color")
+    assert reply["error"] == "org.varlink.service.MethodNotFound"
+    # The connection stays usable.
+    assert (await client.call(T + "Echo", {"text": "still"}))["parameters"] == {"text": "still"}
+
+
+async def test_unimplemented_method(client: Client) -> None:
+    reply = await client.call(T + "Unimplemented")
+    assert reply == {
+        "error": "org.varlink.service.MethodNotImplemented",
+        "parameters": {"method": "Unimplemented"},
+    }
+
+
+# Framing, pipelining, oneway, more
+
+
+async def test_split_and_merged_messages(client: Client) -> None:
+    call = encode_call(T + "Echo", {"text": "split"})
+    for piece in (call[:1], call[1:10], call[10:-1], call[-1:]):
+        await client.send(piece)
+        await asyncio.sleep(0.02)
+    assert (await client.recv())[0] == {"parameters": {"text": "split"}}
+    # Two calls and the start of a third in one write, the rest in the next.
+    third = encode_call(T + "Echo", {"text": "3"})
+    await client.send(
+        encode_call(T + "Echo", {"text": "1"}) + encode_call(T + "Echo", {"text": "2"}) + third[:5]
+    )
+    await asyncio.sleep(0.02)
+    await client.send(third[5:])
+    for text in ("1", "2", "3"):
+        assert (await client.recv(T + "Echo"))[0] == {"parameters": {"text": text}}
+
+
+async def test_pipelined_calls_answer_in_order(served: Harness, client: Client) -> None:
+    await client.send(
+        encode_call(T + "Sleep", {"seconds": 0.2})
+        + encode_call(T + "Echo", {"text": "a"})
+        + encode_call(T + "Nope")
+        + encode_call(T + "Echo", {"text": "b"})
+    )
+    first, _ = await client.recv(T + "Sleep")
+    assert first["parameters"]["slept"] >= 0.2
+    assert (await client.recv())[0] == {"parameters": {"text": "a"}}
+    assert (await client.recv())[0]["error"] == "org.varlink.service.MethodNotFound"
+    assert (await client.recv())[0] == {"parameters": {"text": "b"}}
+
+
+async def test_many_pipelined_calls(client: Client) -> None:
+    # More than the server queues before it stops reading, unread until all are sent.
+    count = 500
+    await client.send(
+        b"".join(encode_call(T + "Echo", {"number": i, "text": ""}) for i in range(count))
+    )
+    for i in range(count):
+        assert (await client.recv())[0] == {"parameters": {"number": i, "text": ""}}
+
+
+async def test_large_reply_to_a_slow_reader(client: Client) -> None:
+    big = "x" * (8 << 20)
+    await client.send(
+        encode_call(T + "Echo", {"text": big}) + encode_call(T + "Echo", {"text": "after"})
+    )
+    await asyncio.sleep(0.2)
+    assert (await client.recv())[0] == {"parameters": {"text": big}}
+    assert (await client.recv())[0] == {"parameters": {"text": "after"}}
+
+
+async def test_oneway_calls_get_no_reply(served: Harness, client: Client) -> None:
+    await client.send(
+        encode_call(T + "Sleep", {"seconds": 0.05, "tag": "oneway"}, oneway=True)
+        + encode_call(T + "Nope", oneway=True)
+        + encode_call(T + "Echo", {"bogus": 1}, oneway=True)
+        + encode_call(T + "Fail", {"kind": "runtime", "message": "quiet"}, oneway=True)
+        + encode_call(T + "MakePipes", {"count": 2, "text": "x"}, oneway=True)
+        + encode_call(T + "Echo", {"text": "answered"})
+    )
+    assert (await client.recv(T + "Echo"))[0] == {"parameters": {"text": "answered"}}
+    assert await get(served.impl.ended) == ("oneway", "done")
+    with pytest.raises(TimeoutError):
+        await client.recv_raw(timeout=0.3)
+
+
+async def test_more_streams_continues_as_produced(client: Client) -> None:
+    await client.send(encode_call(T + "Count", {"count": 3, "delay": 0.3}, more=True))
+    times, replies = [], []
+    while True:
+        reply, fds = await client.recv(T + "Count", more=True)
+        assert not fds
+        times.append(time.monotonic())
+        replies.append(reply)
+        if not reply.get("continues"):
+            break
+    assert replies == [
+        {"parameters": {"i": 0}, "continues": True},
+        {"parameters": {"i": 1}, "continues": True},
+        {"parameters": {"i": 2}, "continues": True},
+        {"parameters": {"i": 3}},
+    ]
+    # The first reply came long before the last: nothing was held back.
+    assert times[-1] - times[0] >= 0.6
+
+
+async def test_many_continues_precede_the_final_reply(client: Client) -> None:
+    replies = await client.more(T + "Count", {"count": 2000})
+    assert [r["parameters"]["i"] for r in replies] == list(range(2001))
+    assert all(r.get("continues") for r in replies[:-1])
+
+
+async def test_no_continues_without_more(client: Client) -> None:
+    assert await client.call(T + "Count", {"count": 3}) == {"parameters": {"i": 3}}
+    with pytest.raises(TimeoutError):
+        await client.recv_raw(timeout=0.2)
+
+
+# Malformed input closes the connection, and only that
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{\0",
+        b"\0",
+        b"[]\0",
+        b'"str"\0',
+        b"\xff\xfe\0",
+        b'{"parameters":{}}\0',
+        b'{"method":7}\0',
+        b'{"method":"org.example.test.Echo","parameters":[]}\0',
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x"},"oneway":true,"more":true}\0',
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x"},"upgrade":true}\0',
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x"},"more":"yes"}\0',
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x"},"bogus":true}\0',
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x","ratio":Infinity}}\0',
+    ],
+)
+async def test_malformed_message_closes_the_connection(served: Harness, raw: bytes) -> None:
+    client = await served.connect()
+    # A good call first: its reply still comes; the bad one ends the connection.
+    await client.send(encode_call(T + "Echo", {"text": "before"}) + raw)
+    assert (await client.recv())[0] == {"parameters": {"text": "before"}}
+    await client.assert_closed()
+    # The server goes on serving.
+    other = await served.connect()
+    assert (await other.call(T + "Echo", {"text": "alive"}))["parameters"] == {"text": "alive"}
+
+
+async def test_calls_queued_behind_a_malformed_one_are_dropped(served: Harness) -> None:
+    client = await served.connect()
+    await client.send(b"{\0" + encode_call(T + "Echo", {"text": "never"}))
+    await client.assert_closed()
+
+
+async def test_vendor_extension_keys_are_ignored(client: Client) -> None:
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x"},"org.example.ext":{"a":1}}\0'
+    )
+    assert (await client.recv())[0] == {"parameters": {"text": "x"}}
+
+
+# Strict validation
+
+
+INVALID_CASES: list[tuple[str, dict[str, Any], str]] = [
+    # missing, null, unknown
+    ("Echo", {}, "text"),
+    ("Echo", {"text": None}, "text"),
+    ("Echo", {"text": "x", "bogus": 1}, "bogus"),
+    # string
+    ("Echo", {"text": 1}, "text"),
+    ("Echo", {"text": ["x"]}, "text"),
+    # int
+    ("Echo", {"text": "x", "number": True}, "number"),
+    ("Echo", {"text": "x", "number": 1.5}, "number"),
+    ("Echo", {"text": "x", "number": 1.0}, "number"),
+    ("Echo", {"text": "x", "number": "1"}, "number"),
+    ("Echo", {"text": "x", "number": 2**64}, "number"),
+    ("Echo", {"text": "x", "number": -(2**63) - 1}, "number"),
+    ("Count", {"count": 2.0}, "count"),
+    # float
+    ("Echo", {"text": "x", "ratio": "0.5"}, "ratio"),
+    ("Echo", {"text": "x", "ratio": True}, "ratio"),
+    # bool
+    ("Echo", {"text": "x", "flag": 1}, "flag"),
+    ("Echo", {"text": "x", "flag": "true"}, "flag"),
+    # enum
+    ("Echo", {"text": "x", "color": "purple"}, "color"),
+    ("Echo", {"text": "x", "color": 0}, "color"),
+    ("Fail", {"kind": "other", "message": ""}, "kind"),
+    # array of structs
+    ("Echo", {"text": "x", "ranges": "abc"}, "ranges"),
+    ("Echo", {"text": "x", "ranges": {"inside": 1}}, "ranges"),
+    ("Echo", {"text": "x", "ranges": [None]}, "ranges[0]"),
+    ("Echo", {"text": "x", "ranges": [{"inside": 1, "outside": 2}]}, "ranges[0].count"),
+    (
+        "Echo",
+        {
+            "text": "x",
+            "ranges": [
+                {"inside": 1, "outside": 2, "count": 3},
+                {"inside": 1, "outside": 2, "count": 3, "extra": 0},
+            ],
+        },
+        "ranges[1].extra",
+    ),
+    (
+        "Echo",
+        {"text": "x", "ranges": [{"inside": 1, "outside": 2, "count": True}]},
+        "ranges[0].count",
+    ),
+    (
+        "Echo",
+        {"text": "x", "ranges": [{"inside": 1, "outside": 2, "count": None}]},
+        "ranges[0].count",
+    ),
+    # maps and sets
+    ("Echo", {"text": "x", "labels": {"a": 1}}, "labels[a]"),
+    ("Echo", {"text": "x", "labels": ["a"]}, "labels"),
+    ("Echo", {"text": "x", "names": {"a": 1}}, "names[a]"),
+    ("Echo", {"text": "x", "names": {"a": {"b": 1}}}, "names[a]"),
+    ("Echo", {"text": "x", "names": ["a"]}, "names"),
+    # structs
+    ("Echo", {"text": "x", "item": "name"}, "item"),
+    ("Echo", {"text": "x", "item": []}, "item"),
+    ("Echo", {"text": "x", "item": {}}, "item.name"),
+    ("Echo", {"text": "x", "item": {"name": "a", "tags": ["t", None]}}, "item.tags[1]"),
+    (
+        "Echo",
+        {"text": "x", "item": {"name": "a", "child": {"name": "b", "tags": "xy"}}},
+        "item.child.tags",
+    ),
+    (
+        "Echo",
+        {"text": "x", "item": {"name": "a", "child": {"name": "b", "nick": "c"}}},
+        "item.child.nick",
+    ),
+    # object
+    ("Echo", {"text": "x", "blob": []}, "blob"),
+    ("Echo", {"text": "x", "blob": "{}"}, "blob"),
+    # anonymous nested structs
+    ("Echo", {"text": "x", "nested": {"b": None}}, "nested.a"),
+    ("Echo", {"text": "x", "nested": {"a": 1, "b": {}}}, "nested.b.c"),
+    ("Echo", {"text": "x", "nested": {"a": 1, "b": {"c": [True, 1]}}}, "nested.b.c[1]"),
+    (
+        "Echo",
+        {"text": "x", "nested": {"a": 1, "b": {"c": [], "d": [1, None, "2"]}}},
+        "nested.b.d[2]",
+    ),
+    # org.varlink.service is checked too
+    ("org.varlink.service.GetInterfaceDescription", {}, "interface"),
+    ("org.varlink.service.GetInfo", {"verbose": True}, "verbose"),
+]
+
+
+@pytest.mark.parametrize(("method", "parameters", "path"), INVALID_CASES)
+async def test_invalid_parameter(
+    client: Client, method: str, parameters: dict[str, Any], path: str
+) -> None:
+    full = method if "." in method else T + method
+    reply = await client.call(full, parameters)
+    assert reply == {"error": INVALID, "parameters": {"parameter": path}}
+
+
+async def test_overflowing_float_is_invalid(client: Client) -> None:
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x","ratio":1e999}}\0'
+    )
+    reply, _ = await client.recv()
+    assert reply == {"error": INVALID, "parameters": {"parameter": "ratio"}}
+
+
+async def test_invalid_parameters_reach_no_method(served: Harness, client: Client) -> None:
+    await client.call(T + "Sleep", {"seconds": "1", "tag": "never"})
+    assert served.impl.started.empty()
+
+
+def test_validator_checks_replies_and_errors() -> None:
+    service, _ = example.make_service()
+    v = InterfaceValidator(service.interfaces["org.example.test"])
+    v.check_reply("Count", {"i": 1})
+    with pytest.raises(InvalidParameter) as info:
+        v.check_reply("Count", {"i": 1, "extra": 2})
+    assert info.value.parameter == "extra"
+    with pytest.raises(InvalidParameter) as info:
+        v.check_reply("WhoAmI", {"pid": 1, "uid": 0, "gid": 0, "groups": [0, "1"]})
+    assert info.value.parameter == "groups[1]"
+    v.check_error("Refused", {"reason": "x"})
+    with pytest.raises(InvalidParameter):
+        v.check_error("Refused", {})
+    with pytest.raises(KeyError):
+        v.check_error("Nope", {})
+
+
+# File descriptors
+
+
+async def test_mount_fd_is_received_and_attached(client: Client, tmp_path: Path) -> None:
+    before = open_fds()
+    reply, fds = await client.call_fds(T + "MakeMount", {"marker": "hello mount"})
+    assert reply == {"parameters": {"mountFileDescriptor": 0}}
+    assert len(fds) == 1
+    target = tmp_path / "mnt"
+    target.mkdir()
+    try:
+        move_mount(fds[0], target)
+        try:
+            assert (target / "marker").read_text() == "hello mount"
+            assert os.stat(target).st_dev != os.stat(tmp_path).st_dev
+        finally:
+            umount2(target, MNT_DETACH)
+    finally:
+        os.close(fds[0])
+    # The server closed its copy.
+    assert open_fds() == before
+
+
+async def test_several_fds_in_one_reply(client: Client) -> None:
+    before = open_fds()
+    reply, fds = await client.call_fds(T + "MakePipes", {"count": 3, "text": "pipe"})
+    assert reply == {"parameters": {"fileDescriptors": [0, 1, 2]}}
+    assert len(fds) == 3
+    for fd in fds:
+        assert os.read(fd, 100) == b"pipe"
+        os.close(fd)
+    assert open_fds() == before
+
+
+async def test_fds_from_the_client(client: Client, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_text("from the client")
+    before = open_fds()
+    fd = os.open(path, os.O_RDONLY)
+    reply = await client.call(T + "ReadFd", {"fileDescriptor": 0}, fds=[fd])
+    os.close(fd)
+    assert reply == {"parameters": {"data": "from the client"}}
+    # Taken by the method and closed by it; the rest closed by the transport.
+    fds = [os.open(path, os.O_RDONLY) for _ in range(3)]
+    reply = await client.call(T + "ReadFd", {"fileDescriptor": 2}, fds=fds)
+    close_all(fds)
+    assert reply == {"parameters": {"data": "from the client"}}
+    assert open_fds() == before
+
+
+async def test_fds_not_taken_are_closed(client: Client) -> None:
+    before = open_fds()
+    r, w = os.pipe()
+    fds = [r, w, os.dup(r)]
+    calls: list[tuple[str, dict[str, Any]]] = [
+        (T + "IgnoreFds", {}),
+        (T + "Nope", {}),
+        (T + "Echo", {"bogus": 1}),
+        (T + "Fail", {"kind": "runtime", "message": "x"}),
+        (T + "ReadFd", {"fileDescriptor": 5}),
+    ]
+    for method, params in calls:
+        await client.call(method, params, fds=fds)
+        assert open_fds() == before + 3
+    close_all(fds)
+    assert open_fds() == before
+
+
+async def test_bad_fd_index_is_invalid_parameter(client: Client, tmp_path: Path) -> None:
+    reply = await client.call(T + "ReadFd", {"fileDescriptor": 0})
+    assert reply == {"error": INVALID, "parameters": {"parameter": "fileDescriptor"}}
+    fd = os.open(tmp_path, os.O_RDONLY)
+    reply = await client.call(T + "ReadFd", {"fileDescriptor": 1}, fds=[fd])
+    assert reply == {"error": INVALID, "parameters": {"parameter": "fileDescriptor"}}
+    os.close(fd)
+
+
+async def test_reply_fds_are_closed_when_the_call_fails(client: Client) -> None:
+    before = open_fds()
+    reply = await client.call(T + "Fail", {"kind": "pushfail", "message": "after push"})
+    assert reply == {"error": SYSTEM_ERROR, "parameters": {"message": "after push"}}
+    assert open_fds() == before
+
+
+async def test_too_many_fds_close_the_connection(start: Start, tmp_path: Path) -> None:
+    harness = await start(max_fds=4)
+    client = await harness.connect()
+    await wait_for(lambda: harness.server.connections == 1)
+    before = open_fds()
+    fds = [os.open(tmp_path, os.O_RDONLY) for _ in range(5)]
+    reply = await client.call(T + "IgnoreFds", fds=fds[:4])
+    assert reply == {"parameters": {}}
+    await client.send(encode_call(T + "IgnoreFds"), fds)
+    await client.assert_closed()
+    close_all(fds)
+    await wait_for(lambda: harness.server.connections == 0)
+    assert open_fds() == before - 1  # the server's end of the connection
+
+
+async def test_fds_in_the_middle_of_a_message_close_the_connection(
+    served: Harness, client: Client, tmp_path: Path
+) -> None:
+    call = encode_call(T + "IgnoreFds")
+    await client.send(call[:5])
+    await asyncio.sleep(0.05)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    await client.send(call[5:], [fd])
+    os.close(fd)
+    await client.assert_closed()
+
+
+async def test_message_size_limit(start: Start) -> None:
+    harness = await start(max_message_size=1000)
+    client = await harness.connect()
+    ok = encode_call(T + "Echo", {"text": "x" * 900})
+    assert len(ok) <= 1001
+    await client.send(ok)
+    assert (await client.recv())[0] == {"parameters": {"text": "x" * 900}}
+    # Too long even before its NUL arrives.
+    await client.send(b'{"method":"org.example.test.Echo","parameters":{"text":"' + b"x" * 1000)
+    await client.assert_closed()
+    client = await harness.connect()
+    await client.send(encode_call(T + "Echo", {"text": "x" * 1000}))
+    await client.assert_closed()
+
+
+# Errors
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "parameters"),
+    [
+        ("runtime", SYSTEM_ERROR, {"message": "boom"}),
+        ("oserror", SYSTEM_ERROR, {"message": "[Errno 2] boom", "errnoName": "ENOENT"}),
+        ("reply", T + "Refused", {"reason": "boom"}),
+        ("varlink", T + "Refused", {"reason": "boom"}),
+        ("cancelled", SYSTEM_ERROR, {"message": "boom", "errnoName": "ECANCELED"}),
+        ("badreply", SYSTEM_ERROR, None),
+    ],
+)
+async def test_failures_become_error_replies(
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+    error: str,
+    parameters: dict[str, Any] | None,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="composefsd.service.transport")
+    reply = await client.call(T + "Fail", {"kind": kind, "message": "boom"})
+    assert reply["error"] == error
+    if parameters is not None:
+        assert reply["parameters"] == parameters
+    else:
+        assert "not JSON serializable" in reply["parameters"]["message"]
+    if error == SYSTEM_ERROR and kind != "cancelled":
+        # Unexpected: logged with the traceback.
+        assert any(r.exc_info for r in caplog.records), caplog.records
+    else:
+        assert not caplog.records
+    # The connection stays open.
+    assert (await client.call(T + "Echo", {"text": "next"}))["parameters"] == {"text": "next"}
+
+
+async def test_authorization_hook(start: Start) -> None:
+    seen: list[tuple[Peer, str]] = []
+
+    def authorize(peer: Peer, method: str) -> bool:
+        seen.append((peer, method))
+        if method == T + "Fail":
+            raise RuntimeError("hook broke")
+        return method != T + "Echo"
+
+    harness = await start(authorize=authorize)
+    client = await harness.connect()
+    reply = await client.call(T + "Echo", {"text": "x"})
+    assert reply == {"error": "org.varlink.service.PermissionDenied", "parameters": {}}
+    # Refused before validation: a bad call is refused the same way.
+    reply = await client.call(T + "Echo", {"bogus": 1})
+    assert reply["error"] == "org.varlink.service.PermissionDenied"
+    # Unknown methods are not authorized, just not found.
+    assert (await client.call(T + "Nope"))["error"] == "org.varlink.service.MethodNotFound"
+    assert (await client.call("org.varlink.service.GetInfo"))["parameters"]["product"] == "example"
+    reply = await client.call(T + "Fail", {"kind": "runtime", "message": "x"})
+    assert reply == {"error": SYSTEM_ERROR, "parameters": {"message": "hook broke"}}
+    assert [m for _, m in seen] == [
+        T + "Echo",
+        T + "Echo",
+        "org.varlink.service.GetInfo",
+        T + "Fail",
+    ]
+    peer = seen[0][0]
+    assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.getuid(), os.getgid())
+
+
+async def test_peer_credentials(client: Client) -> None:
+    reply = await client.call(T + "WhoAmI")
+    assert reply["parameters"] == {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "groups": sorted(set(os.getgroups())),
+    }
+
+
+# Concurrency, cancellation, shutdown
+
+
+async def test_connections_run_concurrently(served: Harness) -> None:
+    a = await served.connect()
+    b = await served.connect()
+    await a.send(encode_call(T + "Sleep", {"seconds": 1.0, "tag": "a"}))
+    assert await get(served.impl.started) == "a"
+    assert served.server.calls_in_flight == 1
+    started = time.monotonic()
+    assert (await b.call(T + "Echo", {"text": "b"}))["parameters"] == {"text": "b"}
+    assert time.monotonic() - started < 0.5
+    assert served.impl.ended.empty()
+    reply, _ = await a.recv(T + "Sleep")
+    assert reply["parameters"]["slept"] >= 1.0
+
+
+async def test_slow_calls_on_many_connections_overlap(start: Start) -> None:
+    harness = await start(workers=8)
+    clients = [await harness.connect() for _ in range(8)]
+    started = time.monotonic()
+    for c in clients:
+        await c.send(encode_call(T + "Sleep", {"seconds": 0.5}))
+    for c in clients:
+        await c.recv(T + "Sleep")
+    assert time.monotonic() - started < 2.0
+
+
+async def test_disconnect_cancels_the_running_call(served: Harness) -> None:
+    client = await served.connect()
+    await client.send(
+        encode_call(T + "Sleep", {"seconds": 30, "tag": "left"})
+        + encode_call(T + "Sleep", {"seconds": 30, "tag": "queued"})
+    )
+    assert await get(served.impl.started) == "left"
+    client.close()
+    assert await get(served.impl.ended) == ("left", "cancelled")
+    await wait_for(lambda: served.server.calls_in_flight == 0 and served.server.connections == 0)
+    # The queued call never ran.
+    await asyncio.sleep(0.1)
+    assert served.impl.started.empty()
+
+
+async def test_half_closed_client_still_gets_its_replies(client: Client) -> None:
+    await client.send(
+        encode_call(T + "Sleep", {"seconds": 0.1}) + encode_call(T + "Echo", {"text": "half"})
+    )
+    client.sock.shutdown(socket.SHUT_WR)
+    assert "slept" in (await client.recv(T + "Sleep"))[0]["parameters"]
+    assert (await client.recv())[0] == {"parameters": {"text": "half"}}
+    await client.assert_closed()
+
+
+async def test_shutdown_waits_for_running_calls(start: Start) -> None:
+    harness = await start()
+    client = await harness.connect()
+    idle = await harness.connect()
+    await client.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "finish"}))
+    assert await get(harness.impl.started) == "finish"
+    await harness.server.shutdown(grace=5.0)
+    await asyncio.wait_for(harness.task, 5)
+    assert "slept" in (await client.recv(T + "Sleep"))[0]["parameters"]
+    await client.assert_closed()
+    await idle.assert_closed()
+    assert harness.server.connections == 0
+
+
+async def test_shutdown_cancels_calls_after_the_grace_period(start: Start) -> None:
+    harness = await start()
+    client = await harness.connect()
+    await client.send(encode_call(T + "Sleep", {"seconds": 30, "tag": "long"}))
+    assert await get(harness.impl.started) == "long"
+    started = time.monotonic()
+    await harness.server.shutdown(grace=0.2)
+    assert time.monotonic() - started < 3
+    assert await get(harness.impl.ended) == ("long", "cancelled")
+    reply, _ = await client.recv(T + "Sleep")
+    assert reply["error"] == SYSTEM_ERROR
+    assert reply["parameters"]["errnoName"] == "ECANCELED"
+    await client.assert_closed()
+    assert harness.server.calls_in_flight == 0
+    await asyncio.wait_for(harness.task, 5)
+
+
+async def test_connected_socket_is_served_until_it_closes() -> None:
+    service, _ = example.make_service()
+    server = Server(service)
+    ours, theirs = socket.socketpair()
+    task = asyncio.create_task(server.serve([ours]))
+    client = Client(theirs, {})
+    assert (await client.call(T + "Echo", {"text": "pair"}))["parameters"] == {"text": "pair"}
+    assert server.connections == 1
+    assert not task.done()
+    client.close()
+    await asyncio.wait_for(task, 5)
+    assert server.connections == 0
+
+
+async def test_connected_socket_mode_waits_for_a_oneway_call() -> None:
+    service, impl = example.make_service()
+    server = Server(service)
+    ours, theirs = socket.socketpair()
+    task = asyncio.create_task(server.serve([ours]))
+    client = Client(theirs, {})
+    await client.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "ow"}, oneway=True))
+    assert await get(impl.started) == "ow"
+    client.close()
+    await asyncio.wait_for(task, 5)
+    # Not cancelled: a oneway caller does not wait for anything.
+    assert impl.ended.get_nowait() == ("ow", "done")
+
+
+async def test_connection_limit(start: Start) -> None:
+    harness = await start(max_connections=2)
+    a = await harness.connect()
+    b = await harness.connect()
+    await wait_for(lambda: harness.server.connections == 2)
+    c = await harness.connect()
+    await c.assert_closed()
+    assert (await a.call(T + "Echo", {"text": "a"}))["parameters"] == {"text": "a"}
+    b.close()
+    await wait_for(lambda: harness.server.connections == 1)
+    d = await harness.connect()
+    assert (await d.call(T + "Echo", {"text": "d"}))["parameters"] == {"text": "d"}
+
+
+async def test_idle_tracking(served: Harness) -> None:
+    server = served.server
+    assert (server.connections, server.calls_in_flight) == (0, 0)
+    before = server.last_activity
+    await asyncio.sleep(0.01)
+    client = await served.connect()
+    await wait_for(lambda: server.connections == 1)
+    assert server.last_activity > before
+    await client.send(encode_call(T + "Sleep", {"seconds": 0.2}))
+    await wait_for(lambda: server.calls_in_flight == 1)
+    await client.recv()
+    await wait_for(lambda: server.calls_in_flight == 0)
+    after_call = server.last_activity
+    assert time.monotonic() - after_call < 2.0
+    client.close()
+    await wait_for(lambda: server.connections == 0)
+    assert server.last_activity >= after_call
+
+
+# Interoperability
+
+
+async def test_varlink31_client(served: Harness) -> None:
+    def talk() -> tuple[Any, ...]:
+        with varlink.Client(address=f"unix:{served.path}") as c:
+            info = c.get_interfaces()
+            with c.open("org.example.test") as iface:
+                echo = iface.Echo(text="py", color="blue")
+                counted = [r["i"] for r in iface.Count(2, None, _more=True)]
+                try:
+                    iface.Fail(kind="reply", message="no")
+                except varlink.VarlinkError as e:
+                    error = (e.error(), e.parameters())
+        return info, echo, counted, error
+
+    info, echo, counted, error = await asyncio.to_thread(talk)
+    assert info == ["org.varlink.service", "org.example.test"]
+    assert echo == {"text": "py", "color": "blue"}
+    assert counted == [0, 1, 2]
+    assert error == (T + "Refused", {"reason": "no"})
+
+
+async def test_varlinkctl(served: Harness, reference_bin: Path) -> None:
+    varlinkctl = str(reference_bin / "varlinkctl")
+    address = f"unix:{served.path}"
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            varlinkctl,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    rc, out, err = await run("info", "--json=short", address)
+    assert rc == 0, err
+    assert json.loads(out)["interfaces"] == ["org.varlink.service", "org.example.test"]
+    rc, out, err = await run("introspect", address, "org.example.test")
+    assert rc == 0, err
+    assert "method Echo(" in out
+    rc, out, err = await run("call", "--json=short", address, T + "Echo", json.dumps(ECHO_FULL))
+    assert rc == 0, err
+    assert json.loads(out) == ECHO_FULL
+    rc, out, err = await run("call", "--more", "--json=short", address, T + "Count", '{"count":2}')
+    assert rc == 0, err
+    assert [json.loads(line.strip("\x1e")) for line in out.split("\n") if line.strip()] == [
+        {"i": 0},
+        {"i": 1},
+        {"i": 2},
+    ]
+    rc, out, err = await run("call", address, T + "Echo", '{"text":1}')
+    assert rc != 0
+    assert "org.varlink.service.InvalidParameter" in err
+    rc, out, err = await run("call", address, T + "Fail", '{"kind":"reply","message":"m"}')
+    assert rc != 0
+    assert T + "Refused" in err
