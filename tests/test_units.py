@@ -275,11 +275,6 @@ NAMESPACING = {
     "MountAPIVFS",
     "RootDirectory",
     "RootImage",
-    "StateDirectory",
-    "RuntimeDirectory",
-    "CacheDirectory",
-    "LogsDirectory",
-    "ConfigurationDirectory",
     "DynamicUser",
     "MemoryDenyWriteExecute",  # not a namespace, but breaks ctypes/libffi closures
 }
