@@ -1,29 +1,45 @@
-"""``composefsctl``: work on a composefsd object repository directly, no daemon needed.
+"""``composefsctl``: manage a composefsd object repository, through the daemon or directly.
 
-Every subcommand opens the repository given by ``--repo PATH`` (or the
-``COMPOSEFSD_REPOSITORY`` environment variable, or the default location:
-``/sysroot/composefs`` for root, ``~/.var/lib/composefs`` otherwise) and takes
-the repository's locks, so it may run beside the service and other
-``composefsctl`` processes.
+**Through the daemon** (client mode): when ``--connect ADDRESS`` is given, or
+``$COMPOSEFSD_SOCKET`` is set, or neither ``--repo`` nor ``$COMPOSEFSD_REPOSITORY``
+is set and composefsd's default socket (``/run/composefs/io.composefs.Repository``
+for root, ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise) accepts
+a connection, commands become io.composefs.Repository calls. ADDRESS is a socket
+path, ``unix:PATH`` or ``exec:PATH`` (a composefsd to start for this one command).
 
-Exit status: 0 on success; 1 when the operation failed or when ``verify`` or
-``fsck`` found problems; 2 for a usage error. Errors are one line on stderr,
-``composefsctl: error: <what went wrong>``. Long operations show their progress
-on stderr when it is a terminal, or always with ``--progress``.
+**Directly** (``--direct``, or when no daemon answers): every subcommand opens the
+repository given by ``--repo PATH`` (or ``$COMPOSEFSD_REPOSITORY``, or the default
+location: ``/sysroot/composefs`` for root, ``~/.var/lib/composefs`` otherwise) and
+takes the repository's locks, so it may run beside the service and other
+``composefsctl`` processes. ``init``, ``fsck``, ``describe``, ``remove-ref`` and a
+few options (``create-image --from-dumpfile/--preserve-hardlinks/--threads``,
+``gc --pin``) have no daemon method: they run directly when the daemon was only
+found at its default address, and are a usage error with an explicit one.
+
+Output is the same in both modes where they overlap (``--json`` gives the same
+keys, less those the service does not report). Exit status: 0 on success; 1 when
+the operation failed or when ``verify`` or ``fsck`` found problems; 2 for a usage
+error; 3 when the daemon cannot be reached (or the connection broke). Errors are
+one line on stderr, ``composefsctl: error: <what went wrong>``; through the daemon
+the line names the Varlink error, e.g. ``io.composefs.Repository.NoSuchImage: no
+image or ref 'os/v9'``. Long operations show their progress on stderr when it is a
+terminal (a bar), or always with ``--progress`` (a line per report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
+import composefsd
 from composefsd.kernel import MountError, parse_mapping, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
@@ -40,11 +56,24 @@ from composefsd.repository import (
     default_path,
 )
 from composefsd.repository.fsck import FsckReport
+from composefsd.repository.images import iter_refs
 from composefsd.repository.verify import VerifyReport
+from composefsd.service import client
+from composefsd.service.client import (
+    INTERFACE,
+    Connection,
+    Reply,
+    VarlinkCallError,
+    VarlinkClientError,
+    default_address,
+)
 
 __all__ = ["main"]
 
 PROG = "composefsctl"
+log = logging.getLogger(__name__)
+#: Exit status when the daemon cannot be reached.
+EXIT_UNREACHABLE = 3
 
 
 class _Failed(Exception):
@@ -83,8 +112,11 @@ def _print_json(doc: Any, out: TextIO) -> None:
 
 
 class _ProgressPrinter:
-    """Shows progress on stderr: one rewritten line on a terminal, else a line per
-    report (the library already throttles them to a few a second)."""
+    """Shows progress on stderr: on a terminal one rewritten line, a bar when the total
+    is known; else a line per report (the library and the daemon already throttle
+    them to a few a second)."""
+
+    BAR = 30
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
@@ -92,7 +124,13 @@ class _ProgressPrinter:
         self.width = 0
 
     def __call__(self, p: Progress) -> None:
-        text = f"{p.phase}: {p.done}" + (f"/{p.total}" if p.total is not None else "")
+        count = f"{p.done}" + (f"/{p.total}" if p.total is not None else "")
+        if self.tty and p.total:
+            frac = min(1.0, max(0.0, p.done / p.total))
+            filled = int(frac * self.BAR)
+            text = f"{p.phase} [{'#' * filled}{'.' * (self.BAR - filled)}] {frac:4.0%} {count}"
+        else:
+            text = f"{p.phase}: {count}"
         if p.detail:
             text += f" {p.detail}"
         if self.tty:
@@ -102,6 +140,14 @@ class _ProgressPrinter:
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
+
+    def reply(self, reply: Reply) -> bool:
+        """Show the progress a daemon reply carries; False if it carries none."""
+        p = reply.get("progress")
+        if not isinstance(p, dict):
+            return False
+        self(Progress(str(p.get("phase", "")), int(p.get("done", 0)), p.get("total")))
+        return True
 
     def finish(self) -> None:
         if self.tty and self.width:
@@ -305,7 +351,8 @@ def _cmd_remove_ref(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove_image(args: argparse.Namespace) -> int:
-    _open(args).remove_image(args.image)
+    refs = _open(args).remove_image(args.image)
+    _report_removed(args, refs)
     return 0
 
 
@@ -330,14 +377,18 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_mount(args: argparse.Namespace) -> int:
-    repo = _open(args)
+def _check_mount_args(args: argparse.Namespace) -> None:
     if (args.upperdir is None) != (args.workdir is None):
         raise _Usage("--upperdir and --workdir go together")
     if args.idmap_userns is not None and (args.uid_map or args.gid_map):
         raise _Usage("--idmap-userns and --uid-map/--gid-map exclude each other")
     if args.gid_map and not args.uid_map:
         raise _Usage("--gid-map needs --uid-map")
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    _check_mount_args(args)
     try:
         uid_map = parse_mapping(args.uid_map) if args.uid_map else None
         gid_map = parse_mapping(args.gid_map) if args.gid_map else None
@@ -398,7 +449,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 def _cmd_unmount(args: argparse.Namespace) -> int:
     gone = unmount(args.where, lazy=args.lazy)
-    if args.verbose:
+    if args.json:
+        _print_json({"where": gone.mountpoint, "digest": gone.digest}, sys.stdout)
+    elif args.verbose:
         print(f"unmounted {gone.source} from {gone.mountpoint}")
     return 0
 
@@ -429,6 +482,443 @@ def _cmd_mounts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_status(d: dict[str, Any], service: str) -> None:
+    print(f"repository:  {d['path']}")
+    print(f"algorithm:   {d['algorithm']}")
+    print(f"fs-verity:   {d['verity']}")
+    print(f"images:      {d['images']} ({d['refs']} ref{'s' if d['refs'] != 1 else ''})")
+    print(f"mounts:      {d['mounts']}")
+    if d.get("readOnlyReason"):
+        print(f"read-only:   {d['readOnlyReason']}")
+    print(f"service:     {service}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    try:
+        repo.ensure_writable()
+        reason = None
+    except RepositoryError as exc:
+        reason = str(exc)
+    doc: dict[str, Any] = {
+        "path": str(repo.path),
+        "algorithm": repo.hash_name,
+        "verity": repo.verity.value,
+        "images": len(repo.list_images()),
+        "refs": sum(1 for _ in iter_refs(repo)),
+        "mounts": len(repository_mounts(repo)),
+        "version": composefsd.__version__,
+    }
+    if reason is not None:
+        doc["readOnlyReason"] = reason
+    if args.json:
+        _print_json(doc, sys.stdout)
+    else:
+        _print_status(doc, "none (working on the repository directly)")
+    return 0
+
+
+# -- client mode: the same commands as io.composefs.Repository calls ---------------------------
+
+
+def _method(name: str) -> str:
+    return f"{INTERFACE}.{name}"
+
+
+def _opt(params: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None and value is not False:
+        params[key] = value
+
+
+def _more(
+    conn: Connection,
+    method: str,
+    params: dict[str, Any],
+    printer: _ProgressPrinter | None,
+    fds: Sequence[int] = (),
+) -> Iterator[Reply]:
+    """The non-progress replies of a ``more`` call; progress goes to ``printer``."""
+    try:
+        for reply in conn.call(_method(method), params, more=True, fds=fds):
+            if "progress" in reply:
+                if printer is not None:
+                    printer.reply(reply)
+                continue
+            if printer is not None:
+                printer.finish()
+            yield reply
+    finally:
+        if printer is not None:
+            printer.finish()
+
+
+def _open_dir_fd(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Failed(f"{what} {path}: {exc.strerror}") from None
+
+
+def _client_status(conn: Connection, args: argparse.Namespace) -> int:
+    doc = dict(conn.call(_method("Describe")))
+    if args.json:
+        _print_json(doc, sys.stdout)
+    else:
+        _print_status(doc, f"composefsd {doc.get('version', '?')} at {conn.address}")
+    return 0
+
+
+def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
+    if args.source is None:
+        raise _Usage("give SOURCE, the directory to import")
+    if args.skip_xattrs and args.user_xattrs:
+        raise _Usage("--skip-xattrs and --user-xattrs exclude each other")
+    params: dict[str, Any] = {}
+    fds: list[int] = []
+    if args.by_path:
+        params["sourcePath"] = os.path.abspath(args.source)
+    else:
+        fds.append(_open_dir_fd(args.source, "source"))
+        params["sourceDirectoryFileDescriptor"] = 0
+    _opt(params, "ref", args.ref)
+    _opt(params, "useEpoch", args.use_epoch)
+    _opt(params, "skipXattrs", args.skip_xattrs)
+    _opt(params, "userXattrs", args.user_xattrs)
+    _opt(params, "skipDevices", args.skip_devices)
+    if args.min_version != 0:
+        params["minVersion"] = args.min_version
+    if args.max_version != 1:
+        params["maxVersion"] = args.max_version
+    printer = _progress(args)
+    result: Reply | None = None
+    try:
+        for reply in _more(conn, "CreateImage", params, printer, fds):
+            result = reply
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert result is not None
+    doc = {
+        "digest": result["digest"],
+        "ref": result.get("ref"),
+        "files": result.get("files", 0),
+        "objects_written": result.get("objectsWritten", 0),
+        "objects_reused": result.get("objectsReused", 0),
+        "bytes_written": result.get("bytesWritten", 0),
+        "verity_enabled": result.get("verityEnabled", False),
+    }
+    if args.json:
+        _print_json(doc, sys.stdout)
+    else:
+        print(doc["digest"])
+        if args.verbose:
+            print(
+                f"{doc['files']} files, {doc['objects_written']} objects written "
+                f"({_size(doc['bytes_written'])}), {doc['objects_reused']} reused, "
+                f"fs-verity: {'yes' if doc['verity_enabled'] else 'no'}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _verify_doc(reply: Reply) -> dict[str, Any]:
+    """A Verify result in the shape of ``VerifyReport.to_dict()`` (less bytes_checked
+    and verity_required, which the service does not report)."""
+    problems = reply.get("problems") or []
+    return {
+        "digest": reply.get("digest", ""),
+        "ok": bool(reply.get("ok")),
+        "image_problems": [p["message"] for p in problems if p.get("kind") == "image"],
+        "missing": [p.get("object") for p in problems if p.get("kind") == "missing-object"],
+        "corrupt": [
+            {
+                "digest": p.get("object"),
+                "reason": p["message"].removeprefix(f"object {p.get('object')}: "),
+            }
+            for p in problems
+            if p.get("kind") == "corrupt-object"
+        ],
+        "no_verity": [p.get("object") for p in problems if p.get("kind") == "no-verity"],
+        "objects_checked": reply.get("objectsChecked", 0),
+        "verity_measured": reply.get("verityMeasured", 0),
+    }
+
+
+def _print_verify_doc(d: dict[str, Any], out: TextIO) -> None:
+    if d["ok"]:
+        line = (
+            f"{d['digest']}: ok ({d['objects_checked']} objects, "
+            f"{d['verity_measured']} measured by fs-verity)"
+        )
+        if d["no_verity"]:
+            line += f", {len(d['no_verity'])} without fs-verity"
+        print(line, file=out)
+        return
+    print(f"{d['digest']}: FAILED", file=out)
+    for text in d["image_problems"]:
+        print(f"  image: {text}", file=out)
+    for digest in d["missing"]:
+        print(f"  missing object: {digest}", file=out)
+    for c in d["corrupt"]:
+        print(f"  corrupt object: {c['digest']}: {c['reason']}", file=out)
+    for digest in d["no_verity"]:
+        print(f"  no fs-verity: {digest}", file=out)
+    print(
+        f"  ({d['objects_checked']} objects checked, {len(d['missing'])} missing, "
+        f"{len(d['corrupt'])} corrupt)",
+        file=out,
+    )
+
+
+def _client_verify(conn: Connection, args: argparse.Namespace) -> int:
+    if args.all and args.images:
+        raise _Usage("give IMAGE names or --all, not both")
+    if not args.all and not args.images:
+        raise _Usage("give the IMAGE(s) to verify, or --all")
+    printer = _progress(args)
+    docs: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = [{}] if args.all else [{"image": n} for n in args.images]
+    for params in calls:
+        for reply in _more(conn, "Verify", params, printer):
+            if "digest" not in reply:
+                continue  # Verify of all images in an empty repository
+            doc = _verify_doc(reply)
+            docs.append(doc)
+            if not args.json:
+                _print_verify_doc(doc, sys.stdout)
+                sys.stdout.flush()
+    if args.json:
+        _print_json(docs, sys.stdout)
+    return 0 if all(d["ok"] for d in docs) else 1
+
+
+def _client_images(conn: Connection, args: argparse.Namespace) -> int:
+    entries = conn.call(_method("ListImages"))["images"]
+    docs = [
+        {
+            "digest": e["digest"],
+            "size": e["size"],
+            "refs": list(e["refs"]),
+            "created": e["createdUSec"] / 1_000_000,
+        }
+        for e in entries
+    ]
+    if args.json:
+        _print_json(docs, sys.stdout)
+        return 0
+    for e in docs:
+        refs = ", ".join(e["refs"]) if e["refs"] else "-"
+        print(f"{e['digest']}  {_size(e['size']):>10}  {_time(e['created'])}  {refs}")
+    return 0
+
+
+def _client_remove_image(conn: Connection, args: argparse.Namespace) -> int:
+    refs = conn.call(_method("RemoveImage"), {"image": args.image})["removedRefs"]
+    _report_removed(args, refs)
+    return 0
+
+
+def _report_removed(args: argparse.Namespace, refs: list[str]) -> None:
+    if args.json:
+        _print_json({"image": args.image, "removed_refs": refs}, sys.stdout)
+    elif args.verbose:
+        print(f"removed image {args.image} (refs: {', '.join(refs) if refs else '-'})")
+
+
+def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    _opt(params, "dryRun", args.dry_run)
+    result: Reply | None = None
+    for reply in _more(conn, "GarbageCollect", params, _progress(args)):
+        result = reply
+    assert result is not None
+    doc = {
+        "objects_removed": result.get("objectsRemoved", 0),
+        "bytes_removed": result.get("bytesRemoved", 0),
+        "images_removed": result.get("imagesRemoved", 0),
+        "links_removed": result.get("linksRemoved", 0),
+        "dry_run": bool(result.get("dryRun", args.dry_run)),
+    }
+    if args.json:
+        _print_json(doc, sys.stdout)
+        return 0
+    verb = "would remove" if doc["dry_run"] else "removed"
+    print(
+        f"gc: {verb} {doc['objects_removed']} objects ({_size(doc['bytes_removed'])}), "
+        f"{doc['images_removed']} images, {doc['links_removed']} dangling links"
+    )
+    return 0
+
+
+def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
+    _check_mount_args(args)
+    where = os.path.abspath(args.where)
+    params: dict[str, Any] = {"image": args.image}
+    _opt(params, "expectedDigest", args.expected_digest)
+    _opt(params, "verity", args.verity)
+    if args.rw:
+        params["readOnly"] = False
+    fds: list[int] = []
+    try:
+        if args.upperdir is not None:
+            params["upperDirectoryFileDescriptor"] = len(fds)
+            fds.append(_open_dir_fd(args.upperdir, "upperdir"))
+            params["workDirectoryFileDescriptor"] = len(fds)
+            fds.append(_open_dir_fd(args.workdir, "workdir"))
+        if args.idmap_userns is not None:
+            try:
+                userns = os.open(args.idmap_userns, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+            except OSError as exc:
+                raise _Failed(
+                    f"cannot open user namespace {args.idmap_userns}: {exc.strerror}"
+                ) from None
+            params["userNamespaceFileDescriptor"] = len(fds)
+            fds.append(userns)
+        try:
+            if args.uid_map:
+                params["uidMap"] = [asdict(m) for m in parse_mapping(args.uid_map)]
+            if args.gid_map:
+                params["gidMap"] = [asdict(m) for m in parse_mapping(args.gid_map)]
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+        if not args.fd_attach:
+            params["where"] = where
+        reply = conn.call(_method("Mount"), params, fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if args.fd_attach:
+        from composefsd.kernel.syscalls import move_mount
+
+        mount_fd = reply.take_fd("mountFileDescriptor")
+        reply.close_fds()
+        try:
+            move_mount(mount_fd, where)
+        finally:
+            os.close(mount_fd)
+    digest = reply["digest"]
+    result = {
+        "where": where,
+        "source": f"composefs:{digest}",
+        "imageCheck": reply["imageCheck"],
+        "imageDigest": digest,
+        "objectVerity": reply["objectVerity"],
+        "readOnly": reply["readOnly"],
+        "idmapped": reply["idmapped"],
+    }
+    if args.json:
+        _print_json(result, sys.stdout)
+    elif args.verbose:
+        checked = {
+            "kernel": "image digest checked by fs-verity",
+            "userspace": "image digest checked in userspace",
+            "none": "image digest not checked",
+        }.get(reply["imageCheck"], f"image check: {reply['imageCheck']}")
+        objects = "object verity enforced" if reply["objectVerity"] else "object verity off"
+        how = " (attached here)" if args.fd_attach else ""
+        print(f"mounted composefs:{digest} at {where}{how}: {checked}, {objects}")
+    return 0
+
+
+def _client_unmount(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"where": os.path.abspath(args.where)}
+    _opt(params, "lazy", args.lazy)
+    reply = conn.call(_method("Unmount"), params)
+    digest = reply.get("digest")
+    if args.json:
+        _print_json({"where": params["where"], "digest": digest}, sys.stdout)
+    elif args.verbose:
+        what = f"composefs:{digest}" if digest else "composefs"
+        print(f"unmounted {what} from {params['where']}")
+    return 0
+
+
+def _client_mounts(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    _opt(params, "all", args.all)
+    mounts = conn.call(_method("ListMounts"), params)["mounts"]
+    docs = [
+        {
+            "mountpoint": m["where"],
+            "source": m["source"],
+            "digest": m.get("digest"),
+            "readOnly": m["readOnly"],
+            "verity": m["verity"],
+        }
+        for m in mounts
+    ]
+    if args.json:
+        _print_json(docs, sys.stdout)
+        return 0
+    for m in docs:
+        mode = "ro" if m["readOnly"] else "rw"
+        print(f"{m['mountpoint']}  {m['digest'] or m['source']}  {mode}  verity={m['verity']}")
+    return 0
+
+
+_CLIENT: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
+    "status": _client_status,
+    "create-image": _client_create_image,
+    "verify": _client_verify,
+    "images": _client_images,
+    "remove-image": _client_remove_image,
+    "gc": _client_gc,
+    "mount": _client_mount,
+    "unmount": _client_unmount,
+    "mounts": _client_mounts,
+}
+
+
+def _direct_only(args: argparse.Namespace) -> str | None:
+    """Why this command line needs direct access to the repository, if it does."""
+    if args.command not in _CLIENT:
+        return f"'{args.command}' has no daemon method"
+    if args.command == "create-image":
+        for flag, used in (
+            ("--from-dumpfile", args.from_dumpfile is not None),
+            ("--objects", args.objects is not None),
+            ("--preserve-hardlinks", args.preserve_hardlinks),
+            ("--threads", args.threads is not None),
+        ):
+            if used:
+                return f"create-image {flag} has no daemon equivalent"
+    if args.command == "gc" and args.pin:
+        return "gc --pin has no daemon equivalent (the daemon pins mounted images itself)"
+    return None
+
+
+def _call_error_text(exc: VarlinkCallError) -> str:
+    """One line naming the error and saying what it means."""
+    p = exc.parameters
+    short = exc.name.rpartition(".")[2]
+    if isinstance(p.get("message"), str):
+        text = p["message"]
+        if p.get("errnoName"):
+            text += f" ({p['errnoName']})"
+    elif short == "NoSuchImage":
+        text = f"no image or ref {p.get('image')!r}"
+    elif short == "NotMounted":
+        text = f"nothing composefs is mounted at {p.get('where')}"
+    elif short == "ImageInUse":
+        where = ", ".join(p.get("where") or []) or "?"
+        text = f"image {p.get('image')!r} is in use: {where}"
+    elif short == "InvalidParameter":
+        text = f"invalid parameter {p.get('parameter')!r}"
+    elif short == "PermissionDenied":
+        text = "permission denied (composefsd refuses this call to this user)"
+    elif short == "MethodNotFound":
+        text = f"the service has no method {p.get('method')!r} (an older composefsd?)"
+    elif short == "InterfaceNotFound":
+        text = f"the service does not offer {p.get('interface')!r} (not composefsd?)"
+    elif short == "ExpectedMore":
+        text = "the method must be called with 'more'"
+    elif p:
+        text = json.dumps(p, sort_keys=True)
+    else:
+        text = "failed"
+    return f"{exc.name}: {text}"
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -450,6 +940,16 @@ def _version(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
+
+
+def _timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return None if value in (0.0, float("inf")) else value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -474,6 +974,26 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="say more about what was done",
     )
+    common.add_argument(
+        "--connect",
+        metavar="ADDRESS",
+        default=argparse.SUPPRESS,
+        help="go through the composefsd at ADDRESS (a socket path, unix:PATH or exec:PATH; "
+        "default: $COMPOSEFSD_SOCKET, else the default socket if a daemon answers there)",
+    )
+    common.add_argument(
+        "--direct",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="work on the repository directly even if a daemon runs",
+    )
+    common.add_argument(
+        "--timeout",
+        metavar="SEC",
+        type=_timeout,
+        default=argparse.SUPPRESS,
+        help="through the daemon: wait at most SEC seconds for each reply (default 45; 0: forever)",
+    )
 
     parser = _ArgumentParser(
         prog=PROG,
@@ -488,6 +1008,9 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(func=func, parser=p)
         return p
+
+    p = command("status", _cmd_status, "show the repository (and the daemon serving it)")
+    p.add_argument("--json", action="store_true")
 
     p = command("init", _cmd_init, "create a new repository")
     p.add_argument("--algorithm", choices=("sha256", "sha512"), default="sha256")
@@ -521,6 +1044,12 @@ def _parser() -> argparse.ArgumentParser:
         help="keep hardlinked files as hardlinks in the image (C mkcomposefs does not)",
     )
     p.add_argument("--threads", type=_positive, metavar="N", help="hashing and copying lanes")
+    p.add_argument(
+        "--by-path",
+        action="store_true",
+        help="through the daemon: send SOURCE's path (as the daemon sees it) instead of an "
+        "fd on the directory",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
     p = command("verify", _cmd_verify, "check images and every object they use")
@@ -543,6 +1072,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("remove-image", _cmd_remove_image, "remove an image and its refs")
     p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("--json", action="store_true", help="print the refs that named it as JSON")
 
     p = command("gc", _cmd_gc, "remove what no ref or pin reaches")
     p.add_argument(
@@ -578,11 +1108,18 @@ def _parser() -> argparse.ArgumentParser:
         help="idmap with this uid mapping, INSIDE:OUTSIDE:COUNT[,...]",
     )
     p.add_argument("--gid-map", metavar="MAP", help="gid mapping (default: the uid mapping)")
+    p.add_argument(
+        "--fd-attach",
+        action="store_true",
+        help="through the daemon: receive the detached mount and attach it here (in this "
+        "process's mount namespace) instead of having the daemon attach it",
+    )
     p.add_argument("--json", action="store_true", help="print what was mounted and checked")
 
     p = command("unmount", _cmd_unmount, "unmount a composefs mount")
     p.add_argument("where", metavar="WHERE")
     p.add_argument("--lazy", action="store_true", help="detach even if files are open")
+    p.add_argument("--json", action="store_true", help="print what was unmounted as JSON")
 
     p = command("mounts", _cmd_mounts, "list the mounted images of the repository")
     p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
@@ -590,18 +1127,76 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Unreachable(Exception):
+    """The daemon named explicitly cannot be reached: exit status 3."""
+
+
+def _connect(args: argparse.Namespace) -> Connection | None:
+    """The daemon connection for this command, or None to work directly (module notes)."""
+    explicit = args.connect
+    if args.direct:
+        if explicit is not None:
+            raise _Usage("--direct and --connect exclude each other")
+        return None
+    if explicit is not None and args.repo is not None:
+        raise _Usage(
+            "--repo works on a repository directly; with --connect the daemon "
+            "serves its own (use --direct --repo PATH)"
+        )
+    if explicit is None and args.repo is None:
+        explicit = os.environ.get("COMPOSEFSD_SOCKET") or None
+    why_direct = _direct_only(args)
+    if explicit is not None:
+        if why_direct is not None:
+            raise _Usage(f"{why_direct}; use --direct (with --repo PATH) to run it directly")
+        try:
+            return client.connect(explicit, timeout=args.timeout)
+        except VarlinkClientError as exc:
+            raise _Unreachable(str(exc)) from None
+    if args.repo is not None or os.environ.get("COMPOSEFSD_REPOSITORY") or why_direct:
+        return None
+    address = default_address()
+    if not os.path.exists(address):
+        return None
+    try:
+        return client.connect(address, timeout=args.timeout)
+    except VarlinkClientError as exc:
+        log.debug("no daemon at %s (%s): working directly", address, exc)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``composefsctl`` with ``argv`` (without the program name; default: sys.argv[1:])."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    for name in ("repo", "progress", "verbose"):
+    defaults: dict[str, Any] = {
+        "repo": None,
+        "progress": False,
+        "verbose": False,
+        "connect": None,
+        "direct": False,
+        "timeout": client.DEFAULT_TIMEOUT,
+    }
+    for name, value in defaults.items():
         if not hasattr(args, name):
-            setattr(args, name, None if name == "repo" else False)
+            setattr(args, name, value)
     func: Callable[[argparse.Namespace], int] = args.func
     command_parser: argparse.ArgumentParser = args.parser
+    conn: Connection | None = None
     try:
+        conn = _connect(args)
+        if conn is not None:
+            return _CLIENT[args.command](conn, args)
         return func(args)
     except _Usage as exc:
         command_parser.error(str(exc))
+    except _Unreachable as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_UNREACHABLE
+    except VarlinkCallError as exc:
+        return _error(_call_error_text(exc))
+    except VarlinkClientError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return EXIT_UNREACHABLE
     except (_Failed, RepositoryError, MountError) as exc:
         return _error(str(exc))
     except BrokenPipeError:
@@ -617,6 +1212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 128 + signal.SIGINT
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 def _os_error_text(exc: OSError) -> str:

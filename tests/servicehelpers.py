@@ -1,0 +1,156 @@
+"""Running composefsd for tests: a daemon on a temporary socket and repository,
+ready once it has sent READY=1 (sd_notify) and stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DAEMON = [sys.executable, "-m", "composefsd.service.daemon"]
+CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    #: Short directory holding the socket, the notify socket and the runtime dir
+    #: (AF_UNIX paths are limited to 108 bytes, pytest's tmp_path can be longer).
+    rundir: Path
+    socket: Path
+    repo: Path
+    log: Path
+    _cleanup: list[Path] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return str(self.socket)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"composefsd did not stop within {timeout} s; log:\n{self.log_text()}"
+                ) from None
+        for path in self._cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+def short_dir(prefix: str = "cfsd-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def wait_ready(
+    notify: socket.socket, proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(
+                f"composefsd sent no READY=1 within {timeout} s; log:\n{log.read_text()}"
+            )
+        notify.settimeout(min(0.2, remaining))
+        try:
+            data = notify.recv(4096)
+        except TimeoutError:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"composefsd exited with {proc.returncode} before READY=1; log:\n{log.read_text()}"
+                ) from None
+            continue
+        if b"READY=1" in data.split(b"\n"):
+            return
+
+
+def start_daemon(
+    repo: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> Daemon:
+    """composefsd --repo REPO --listen <short dir>/sock ARGS, ready to serve."""
+    rundir = short_dir()
+    sock = rundir / "sock"
+    log = rundir / "log"
+    notify_path = rundir / "notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    full_env = dict(os.environ if env is None else env)
+    full_env["NOTIFY_SOCKET"] = str(notify_path)
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "SYSTEMD_VARLINK_LISTEN"):
+        full_env.pop(name, None)
+    argv = [
+        *DAEMON,
+        "--repo",
+        str(repo),
+        "--listen",
+        str(sock),
+        "--runtime-dir",
+        str(rundir / "runtime"),
+        "--log-level",
+        "debug",
+        *args,
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=full_env
+        )
+    try:
+        wait_ready(notify, proc, log, timeout)
+    finally:
+        notify.close()
+    return Daemon(proc=proc, rundir=rundir, socket=sock, repo=repo, log=log, _cleanup=[rundir])
+
+
+def exec_wrapper(path: Path, repo: Path, runtime_dir: Path, *args: str) -> Path:
+    """A program for exec: addresses: runs composefsd on the fd 3 it is given."""
+    argv = " ".join(
+        f"'{a}'"
+        for a in [
+            *DAEMON,
+            "--repo",
+            str(repo),
+            "--runtime-dir",
+            str(runtime_dir),
+            *args,
+        ]
+    )
+    path.write_text(f"#!/bin/sh\nexec {argv}\n")
+    path.chmod(0o755)
+    return path
+
+
+def make_tree(root: Path, files: int = 12, seed: int = 1) -> Path:
+    """A small tree with a few distinct contents, a symlink and a fixed mtime."""
+    import random
+
+    rng = random.Random(seed)
+    for i in range(files):
+        path = root / f"d{i % 3}" / f"f{i}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.choice([0, 10, 100, 5000, 70000])))
+    (root / "link").symlink_to("d0/f0")
+    (root / "hello").write_text("hello from composefs\n")
+    os.utime(root / "hello", (1_000_000, 1_000_000))
+    return root
