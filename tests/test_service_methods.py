@@ -771,10 +771,11 @@ def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
     assert _object_files(env.repo) == set()
 
 
-def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
-    env.create()
+def _mount_in_other_namespace(env: Env) -> subprocess.Popen[str]:
+    """A process in a mount namespace of its own with "app" mounted at env.mnt there;
+    it exits when its stdin is closed."""
     code = (
-        "import sys, time\n"
+        "import sys\n"
         "from composefsd.repository import Repository\n"
         "from composefsd.kernel.repomount import mount_repository_image\n"
         f"mount_repository_image(Repository.open({str(env.repo.path)!r}), 'app')"
@@ -788,8 +789,14 @@ def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
+    return proc
+
+
+def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
+    env.create()
+    proc = _mount_in_other_namespace(env)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
         assert composefs_mount_at(str(env.mnt)) is None  # not in our namespace
         assert env.call("ListMounts", True)["mounts"] == []
         env.repo.remove_ref("app")
@@ -968,3 +975,51 @@ def test_dispatch_through_service(env: Env) -> None:
     assert call("GarbageCollect", {"dryRun": True})[0]["parameters"]["dryRun"] is True
     assert call("Describe", {})[0]["parameters"]["images"] == 1
     assert call("RemoveImage", {"image": "app"})[0]["parameters"] == {"removedRefs": ["app"]}
+
+
+_LIVE_PINS = """
+import json, sys
+from composefsd.service.mounts import MountTracker
+tracker = MountTracker(sys.argv[1], grace=0)
+print(json.dumps(sorted(p.mount_id for p in tracker.live_pins())))
+print(json.dumps([[m.namespace, m.mount.mountpoint] for m in tracker.all_mounts()]))
+"""
+
+
+def test_pins_without_cap_sys_ptrace(env: Env) -> None:
+    """Without CAP_SYS_PTRACE the fds of fully privileged processes are hidden: a pin
+    stays while the process it was handed to is hidden and alive, and mounts in
+    other namespaces are still found (mountinfo needs no ptrace access)."""
+    digest = env.create()
+    with mount_repository_image(env.repo, "app") as mount:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            pass_fds=(mount.fd,),
+        )
+        held = env.tracker.pin_detached(digest, mount.fd, peer_pid=holder.pid, peer_uid=0)
+        lost = env.tracker.pin_detached(digest, mount.fd, peer_pid=2**22 + 1, peer_uid=0)
+        assert held.mount_id == lost.mount_id
+    other_ns = _mount_in_other_namespace(env)
+    no_ptrace = ["setpriv", "--bounding-set", "-sys_ptrace"]
+    try:
+        out = subprocess.run(
+            [*no_ptrace, sys.executable, "-c", _LIVE_PINS, str(env.tmp / "run")],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")},
+        ).stdout.splitlines()
+        assert json.loads(out[0]) == [held.mount_id]
+        namespaces = {mountpoint: ns for ns, mountpoint in json.loads(out[1])}
+        assert namespaces[str(env.mnt)].startswith("of pid ")
+        assert not lost.path.exists() and held.path.exists()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+        assert other_ns.stdin is not None
+        other_ns.stdin.close()
+        other_ns.wait(10)
+    # With the holder gone, a fully privileged tracker drops the pin too.
+    assert MountTracker(env.tmp / "run", grace=0).live_pins() == []

@@ -27,9 +27,13 @@ counts as mounted, for :class:`MountTracker`:
   A pin of another boot (``bootId`` differs) is dead. A dead pin is removed when
   it is next looked at (GC, RemoveImage, start-up). Mount ids are reused by the
   kernel, so a reused id can keep a dead pin alive a little longer; that errs on
-  the safe side. What this cannot see: a process whose only hold on a detached
-  mount is its working directory or a memory mapping, past the grace period, and
-  processes of other users when the daemon does not run as root.
+  the safe side. Reading another process's fdinfo needs ptrace access (root
+  with CAP_SYS_PTRACE, or the same uid and no capabilities we lack): while the
+  process a mount was handed to is alive and hidden from us, its pin is kept;
+  other hidden processes are assumed not to hold it. What this cannot see, once
+  the grace period is over: a process whose only hold on a detached mount is its
+  working directory or a memory mapping, and a hidden process the fd was passed
+  on to.
 
 Racing a GC against a mount in flight (resolved, mounted, not yet attached or
 pinned) is prevented by a gate: ``Mount`` holds it shared from before it resolves
@@ -46,6 +50,7 @@ import json
 import logging
 import os
 import re
+import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -209,6 +214,10 @@ class MountTracker:
         self._lock = threading.Lock()
         self._gate = _Gate()
         self._boot_id = _boot_id()
+        self._mounts_lock = threading.Lock()
+        self._mounts_poll: select.poll | None = None
+        self._mounts_fd: int | None = None
+        self._own_mounts: list[ComposefsMount] | None = None
 
     # -- the gate ---------------------------------------------------------------------------
     def mounting(self) -> contextlib.AbstractContextManager[None]:
@@ -222,14 +231,51 @@ class MountTracker:
 
     # -- mounts -----------------------------------------------------------------------------
     def own_mounts(self) -> list[ComposefsMount]:
-        """The composefs mounts of composefsd's own mount namespace."""
-        return list_composefs_mounts(f"{self._proc}/self/mountinfo")
+        """The composefs mounts of composefsd's own mount namespace.
+
+        Parsed again only when the mount table has changed: the kernel flags an
+        open mountinfo file (POLLPRI) at every change, so Describe and ListMounts
+        skip the parse (most of their time on a host with many mounts).
+        """
+        path = f"{self._proc}/self/mountinfo"
+        with self._mounts_lock:
+            if self._mounts_poll is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return list_composefs_mounts(path)
+                self._mounts_poll = select.poll()
+                self._mounts_poll.register(fd, select.POLLPRI | select.POLLERR)
+                self._mounts_fd = fd
+            elif self._own_mounts is not None and not self._mounts_poll.poll(0):
+                return list(self._own_mounts)
+            # The event is consumed by the poll: a change after it is seen next time.
+            self._mounts_poll.poll(0)
+            mounts = list_composefs_mounts(path)
+            self._own_mounts = mounts
+            return list(mounts)
+
+    def close(self) -> None:
+        """Release the mountinfo watch (the tracker stays usable)."""
+        with self._mounts_lock:
+            if self._mounts_fd is not None:
+                os.close(self._mounts_fd)
+            self._mounts_fd = None
+            self._mounts_poll = None
+            self._own_mounts = None
 
     def all_mounts(self) -> list[NamespaceMount]:
         """Composefs mounts of every mount namespace this process can look into,
-        each namespace read once; composefsd's own comes first."""
+        each namespace read once; composefsd's own comes first.
+
+        A namespace is known by ``/proc/PID/ns/mnt``. Reading that link needs ptrace
+        access to the process (CAP_SYS_PTRACE for processes with capabilities we
+        lack), ``mountinfo`` does not: where the link cannot be read, the mountinfo
+        is read anyway and namespaces are told apart by its content.
+        """
         out: list[NamespaceMount] = []
         seen: set[str] = set()
+        seen_text: set[int] = set()
         try:
             own_ns = os.readlink(f"{self._proc}/self/ns/mnt")
         except OSError:
@@ -237,16 +283,30 @@ class MountTracker:
         for pid in self._pids(first="self"):
             try:
                 ns = os.readlink(f"{self._proc}/{pid}/ns/mnt")
+            except FileNotFoundError:
+                continue
             except OSError:
+                ns = ""
+            if ns and ns in seen:
                 continue
-            if ns in seen:
+            text = _read_text(f"{self._proc}/{pid}/mountinfo")
+            if text is None:
+                continue  # gone, or not ours to read: another process of it may do
+            key = hash(text)
+            if key in seen_text:
+                if ns:
+                    seen.add(ns)
                 continue
+            seen_text.add(key)
+            if ns:
+                seen.add(ns)
+            label = ns or f"of pid {pid}"
+            own = pid == "self" or (bool(ns) and ns == own_ns)
             try:
                 mounts = list_composefs_mounts(f"{self._proc}/{pid}/mountinfo")
             except OSError:
-                continue  # gone, or not ours to read: another process of it may do
-            seen.add(ns)
-            out.extend(NamespaceMount(m, ns, ns == own_ns) for m in mounts)
+                continue
+            out.extend(NamespaceMount(m, label, own) for m in mounts)
         return out
 
     def _pids(self, first: str | None = None) -> Iterator[str]:
@@ -260,13 +320,18 @@ class MountTracker:
             if name.isdigit():
                 yield name
 
-    def _open_fd_mount_ids(self) -> set[int]:
-        """``mnt_id`` of every open fd of every process we may look at."""
+    def _open_fd_mount_ids(self) -> tuple[set[int], set[int]]:
+        """``mnt_id`` of every open fd of every process we may look at, and the pids
+        of processes whose fds we may not look at."""
         ids: set[int] = set()
+        hidden: set[int] = set()
         for pid in self._pids():
             base = f"{self._proc}/{pid}/fdinfo"
             try:
                 fds = os.listdir(base)
+            except PermissionError:
+                hidden.add(int(pid))
+                continue
             except OSError:
                 continue
             for fd in fds:
@@ -275,7 +340,7 @@ class MountTracker:
                     mount_id = _fdinfo_mount_id(text)
                     if mount_id is not None:
                         ids.add(mount_id)
-        return ids
+        return ids, hidden
 
     # -- pins -------------------------------------------------------------------------------
     def pin_detached(
@@ -433,9 +498,16 @@ class MountTracker:
                 remaining = [p for p in undecided if (p.mount_id, p.digest) not in attached]
                 live.extend(p for p in undecided if (p.mount_id, p.digest) in attached)
                 if remaining:
-                    open_ids = self._open_fd_mount_ids()
+                    open_ids, hidden_pids = self._open_fd_mount_ids()
                     for pin in remaining:
-                        (live if pin.mount_id in open_ids else dead).append(pin)
+                        if pin.mount_id in open_ids:
+                            live.append(pin)
+                        elif pin.peer_pid in hidden_pids:
+                            # The process it went to hides its fds from us.
+                            log.debug("cannot tell whether pin %s is in use", pin.path)
+                            live.append(pin)
+                        else:
+                            dead.append(pin)
             for pin in dead:
                 self._remove_pin(pin)
             return live
