@@ -1,0 +1,399 @@
+"""composefsd: serves a composefs repository over Varlink (io.composefs.Repository).
+
+::
+
+    composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
+               [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
+               [--runtime-dir DIR]
+
+* **Repository**: ``--repo``, else ``$COMPOSEFSD_REPOSITORY``, else
+  ``/sysroot/composefs`` for root and ``~/.var/lib/composefs`` otherwise; created
+  (``fsverity-sha256-12``, verity ``try``) if it does not exist, unless
+  ``--no-create``.
+* **Sockets**: socket activation first (``LISTEN_FDS``/``LISTEN_FDNAMES``, a
+  listening or a connected socket such as ``varlinkctl call exec:`` gives, or
+  ``SYSTEMD_VARLINK_LISTEN``), else ``--listen PATH``, else
+  ``/run/composefs/io.composefs.Repository`` for root and
+  ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` (or
+  ``/tmp/composefs-<uid>/...``) otherwise. A socket composefsd creates itself gets
+  ``--socket-mode`` (default 0600) and, with ``--group``, that group; it is removed
+  on exit.
+* **Authorization** (peer credentials from SO_PEERCRED): the read-only methods
+  (Describe, ListImages, ListMounts, Verify, and org.varlink.service's) are open to
+  every peer that may connect, unless ``--restrict-read``; everything else
+  (CreateImage, Mount, Unmount, RemoveImage, GarbageCollect) needs uid 0, the
+  daemon's own uid, or membership (primary or supplementary) of ``--group``.
+  Refused calls get ``org.varlink.service.PermissionDenied``.
+* **Life cycle**: sd_notify ``READY=1`` once serving, ``STOPPING=1`` when SIGTERM
+  or SIGINT arrives; running calls then get up to 10 s to finish and are
+  cancelled after that (long operations stop at their next progress point and
+  leave the repository consistent); exit status 0. With ``--idle-timeout SEC``
+  the daemon exits after SEC seconds without connections or calls (socket
+  activation starts it again). A connected socket (``exec:``) is served until
+  the peer closes it. Start-up failures (unusable repository, socket path, group)
+  print one line and exit with status 1.
+* **Logging** goes to stderr: with ``$JOURNAL_STREAM`` set (started by systemd)
+  as ``<priority>message`` lines without timestamps, otherwise with them.
+
+Mount state survives restarts: see :mod:`composefsd.service.mounts` (mounts are
+rediscovered from mountinfo; pins of handed-out detached mounts live in
+``--runtime-dir``, default ``/run/composefsd`` for root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from varlink.server import Service as VarlinkService  # type: ignore[import-untyped]
+
+import composefsd
+from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
+from composefsd.service.activation import listen_unix, notify, sockets_from_environment
+from composefsd.service.context import Peer
+from composefsd.service.methods import INTERFACE, RepositoryInterface
+from composefsd.service.mounts import MountTracker, default_runtime_dir
+from composefsd.service.transport import Server
+
+__all__ = ["READ_ONLY_METHODS", "Authorization", "default_socket_path", "main"]
+
+log = logging.getLogger("composefsd")
+
+IDL_DIR = Path(__file__).resolve().parent
+SOCKET_NAME = INTERFACE
+#: Methods everyone who can connect may call (unless --restrict-read).
+READ_ONLY_METHODS = frozenset(
+    f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")
+)
+#: Seconds running calls get to finish on SIGTERM before they are cancelled.
+SHUTDOWN_GRACE = 10.0
+
+
+class _StartupError(Exception):
+    """A one-line reason to exit with status 1 before serving."""
+
+
+def default_socket_path() -> Path:
+    """``/run/composefs/io.composefs.Repository`` for root, else under
+    ``$XDG_RUNTIME_DIR/composefs`` or ``/tmp/composefs-<uid>``."""
+    if os.geteuid() == 0:
+        return Path("/run/composefs") / SOCKET_NAME
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "composefs" / SOCKET_NAME
+    return Path(f"/tmp/composefs-{os.geteuid()}") / SOCKET_NAME
+
+
+def is_read_only(method: str) -> bool:
+    return method in READ_ONLY_METHODS or method.startswith("org.varlink.service.")
+
+
+@dataclass(slots=True, frozen=True)
+class Authorization:
+    """The authorizer handed to the transport (module notes)."""
+
+    daemon_uid: int
+    group: int | None = None
+    restrict_read: bool = False
+
+    def privileged(self, peer: Peer) -> bool:
+        if peer.uid in (0, self.daemon_uid):
+            return True
+        return self.group is not None and (peer.gid == self.group or self.group in peer.groups)
+
+    def __call__(self, peer: Peer, method: str) -> bool:
+        if not self.restrict_read and is_read_only(method):
+            return True
+        if self.privileged(peer):
+            return True
+        log.info("refused %s to pid %d (uid %d)", method, peer.pid, peer.uid)
+        return False
+
+
+# -- logging --------------------------------------------------------------------------------
+
+_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<priority>message``: journald reads the priority off the prefix and stamps
+    the time itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        text = super().format(record)
+        # One journal entry per line: continuation lines carry the priority too.
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s composefsd[%(process)d] %(levelname)s: %(message)s")
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+# -- arguments ------------------------------------------------------------------------------
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode out of range: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="composefsd",
+        description="Serve a composefs repository over Varlink (io.composefs.Repository).",
+    )
+    p.add_argument(
+        "--repo",
+        metavar="PATH",
+        help="the repository (default: $COMPOSEFSD_REPOSITORY, else /sysroot/composefs for root "
+        "and ~/.var/lib/composefs for others)",
+    )
+    p.add_argument("--listen", metavar="PATH", help="Unix socket to listen on without activation")
+    p.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        type=_mode,
+        default=0o600,
+        help="octal mode of a socket composefsd creates (default 0600)",
+    )
+    p.add_argument(
+        "--group", metavar="GROUP", help="members of GROUP may also change and mount (name or gid)"
+    )
+    p.add_argument(
+        "--restrict-read",
+        action="store_true",
+        help="read-only methods too need root, the daemon's uid or --group",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        metavar="SEC",
+        type=_seconds,
+        help="exit after SEC seconds without connections or calls",
+    )
+    p.add_argument("--no-create", action="store_true", help="fail if the repository does not exist")
+    p.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="debug, info (default), warning or error",
+    )
+    p.add_argument(
+        "--runtime-dir",
+        metavar="DIR",
+        help="where pins of handed-out mounts are kept (default /run/composefsd for root)",
+    )
+    p.add_argument("--version", action="version", version=f"composefsd {composefsd.__version__}")
+    return p
+
+
+def _group(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise _StartupError(f"unknown group {text!r}") from None
+
+
+def _repository(path: str | None, create: bool) -> Repository:
+    target = Path(path) if path is not None else default_path()
+    try:
+        try:
+            return Repository.open(target)
+        except NotARepositoryError:
+            if not create:
+                raise
+        # Refuses a directory that has anything but an empty repository skeleton.
+        return Repository.init(target)
+    except RepositoryError as exc:
+        raise _StartupError(str(exc)) from None
+    except OSError as exc:
+        raise _StartupError(f"repository {target}: {exc.strerror or exc}") from None
+
+
+@dataclass(slots=True)
+class _Listener:
+    """A socket composefsd bound itself, removed on exit if it is still ours."""
+
+    path: Path
+    inode: int
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.lstat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+
+def _sockets(
+    listen: str | None, mode: int, group: int | None
+) -> tuple[list[socket.socket], _Listener | None]:
+    try:
+        inherited = sockets_from_environment()
+    except (OSError, ValueError) as exc:
+        raise _StartupError(f"socket activation: {exc}") from None
+    if inherited:
+        return inherited, None
+    path = Path(listen) if listen is not None else default_socket_path()
+    try:
+        sock = listen_unix(str(path), mode)
+    except OSError as exc:
+        raise _StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
+        listener = _Listener(path, os.lstat(path).st_ino)
+    except OSError as exc:
+        sock.close()
+        raise _StartupError(f"cannot set up {path}: {exc.strerror or exc}") from None
+    return [sock], listener
+
+
+def build_service(repo: Repository, tracker: MountTracker) -> Any:
+    """The varlink.Service with the io.composefs.Repository interface registered."""
+    service = VarlinkService(
+        vendor="composefsd",
+        product="composefsd",
+        version=composefsd.__version__,
+        url="https://github.com/containers/composefs",
+        interface_dir=str(IDL_DIR),
+    )
+    service._set_interface(INTERFACE, RepositoryInterface(repo, tracker))
+    return service
+
+
+async def _serve(
+    server: Server,
+    sockets: Sequence[socket.socket],
+    idle_timeout: float | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    serving = asyncio.create_task(server.serve(sockets))
+    await asyncio.sleep(0)
+    notify(f"READY=1\nSTATUS=serving io.composefs.Repository\nMAINPID={os.getpid()}")
+    log.info("composefsd %s ready", composefsd.__version__)
+
+    async def idle_watch(limit: float) -> None:
+        step = min(1.0, limit / 4)
+        while not stop.is_set():
+            await asyncio.sleep(step)
+            idle = time.monotonic() - server.last_activity
+            if server.connections == 0 and server.calls_in_flight == 0 and idle >= limit:
+                log.info("idle for %.0f s, exiting", idle)
+                stop.set()
+
+    watchers: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+    if idle_timeout is not None:
+        watchers.append(asyncio.create_task(idle_watch(idle_timeout)))
+    try:
+        await asyncio.wait([serving, watchers[0]], return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            notify("STOPPING=1")
+            await server.shutdown(SHUTDOWN_GRACE)
+        else:
+            notify("STOPPING=1")
+            log.info("the connection closed, exiting")
+        await serving
+    finally:
+        for task in watchers:
+            task.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Stopping already: another signal must not kill the rest of the shutdown.
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    listener: _Listener | None = None
+    sockets: list[socket.socket] = []
+    try:
+        group = _group(args.group)
+        repo = _repository(args.repo, create=not args.no_create)
+        runtime_dir = Path(args.runtime_dir) if args.runtime_dir else default_runtime_dir()
+        tracker = MountTracker(runtime_dir)
+        try:
+            tracker.rediscover()
+        except OSError as exc:
+            log.warning("cannot look for mounts in use: %s", exc)
+        service = build_service(repo, tracker)
+        sockets, listener = _sockets(args.listen, args.socket_mode, group)
+    except _StartupError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("serving %r (verity %s)", str(repo.path), repo.verity.value)
+
+    authorize = Authorization(os.geteuid(), group, args.restrict_read)
+    server = Server(service, authorize=authorize)
+    try:
+        return asyncio.run(_serve(server, sockets, args.idle_timeout))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for sock in sockets:
+            sock.close()
+        if listener is not None:
+            listener.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
