@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Final
 
 __all__ = [
@@ -227,6 +228,8 @@ def _default(obj: object) -> Any:
     if isinstance(obj, (set, frozenset)):
         # A [string]() set.
         return {key: {} for key in obj}
+    if isinstance(obj, SimpleNamespace):
+        return vars(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 

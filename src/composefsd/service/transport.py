@@ -11,8 +11,14 @@ thread pool, so the loop itself never does a method's work.
 A call runs entirely in a worker thread: envelope parsing (a malformed message
 closes the connection), method lookup (``InterfaceNotFound``, ``MethodNotFound``),
 the authorization hook (``PermissionDenied``), strict validation against the IDL
-(``InvalidParameter``), then ``service.handle(raw, _request=ctx)`` with a
-:class:`~composefsd.service.context.CallContext`. ``continues`` replies a method
+(``InvalidParameter``), then the method with a
+:class:`~composefsd.service.context.CallContext` as ``_request``. ``varlink.Service``
+stays the dispatcher of record: its interfaces, handlers and introspection are
+used as they are. A plain method whose only extra keyword is ``_request`` is
+called directly (input fields positionally in IDL order, missing ones as None,
+exactly as ``Service.handle`` would, minus its per-call ``inspect.signature``,
+JSON re-parsing and value coercion); any other (generators, ``_more``, ``_raw``,
+...) goes through ``service.handle(raw, _request=ctx)``. ``continues`` replies a method
 sends through ``ctx.send_continues`` go out as they are produced, always before
 the final reply. Fds a method pushes go with the final reply's first byte and are
 closed once sent; fds it received and did not take are closed after the call.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import array
 import asyncio
 import errno
+import inspect
 import logging
 import os
 import select
@@ -42,6 +49,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
+from varlink.error import VarlinkError  # type: ignore[import-untyped]
 from varlink.server import Service as VarlinkService  # type: ignore[import-untyped]
 
 from composefsd.service.activation import is_listening
@@ -160,6 +168,45 @@ def _error_reply(name: str, parameters: dict[str, Any] | None) -> bytes:
     except (TypeError, ValueError, UnicodeError) as e:
         log.error("cannot encode the parameters of error %s: %s", name, e)
         return encode_error(SYSTEM_ERROR, {"message": f"{name}: {e}"})
+
+
+#: Keywords Service.handle can pass; a method declaring any but _request goes through it.
+_HANDLE_KEYWORDS: Final = frozenset(
+    {"_more", "_oneway", "_upgrade", "_raw", "_message", "_interface", "_method", "_server"}
+)
+
+
+class _Target:
+    """A method as the transport calls it (resolved once per method name)."""
+
+    __slots__ = ("direct", "fields", "func", "name", "validator", "wants_request")
+
+    def __init__(
+        self,
+        validator: InterfaceValidator,
+        name: str,
+        func: Callable[..., Any] | None,
+        fields: tuple[str, ...],
+    ) -> None:
+        self.validator = validator
+        self.name = name
+        self.fields = fields
+        self.func = func
+        self.wants_request = False
+        self.direct = False
+        if func is None or not callable(func) or inspect.isgeneratorfunction(func):
+            # Service.handle answers MethodNotImplemented, or streams the generator.
+            return
+        try:
+            params = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            return
+        if _HANDLE_KEYWORDS.intersection(params):
+            return
+        self.wants_request = "_request" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
+        self.direct = True
 
 
 class _Call:
@@ -419,7 +466,7 @@ class Server:
         self._anc_size = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varlink")
         self._validators: dict[str, InterfaceValidator] = {}
-        self._methods: dict[str, tuple[InterfaceValidator, str]] = {}
+        self._methods: dict[str, _Target] = {}
         self._conns: set[_Connection] = set()
         self._listeners: list[socket.socket] = []
         self._running: set[_Call] = set()
@@ -564,10 +611,10 @@ class Server:
             if outcome is not None:
                 _close_all(outcome[1])
 
-    def _lookup(self, method: str) -> tuple[InterfaceValidator, str]:
-        entry = self._methods.get(method)
-        if entry is not None:
-            return entry
+    def _lookup(self, method: str) -> _Target:
+        target = self._methods.get(method)
+        if target is not None:
+            return target
         interface_name, _, name = method.rpartition(".")
         validator = self._validators.get(interface_name)
         if validator is None:
@@ -579,8 +626,11 @@ class Server:
             validator = self._validators[interface_name] = InterfaceValidator(interface)
         if not validator.has_method(name):
             raise VarlinkReplyError(METHOD_NOT_FOUND, {"method": method})
-        entry = self._methods[method] = (validator, name)
-        return entry
+        handler = self._service.interfaces_handlers.get(interface_name)
+        target = self._methods[method] = _Target(
+            validator, name, getattr(handler, name, None), validator.input_fields(name)
+        )
+        return target
 
     def _continues_sender(self, call: _Call, more: bool) -> Callable[[dict[str, Any]], None]:
         conn = call.conn
@@ -618,22 +668,36 @@ class Server:
         ctx.send_continues = self._continues_sender(call, envelope.more)
         ok = False
         try:
-            validator, name = self._lookup(envelope.method)
+            target = self._lookup(envelope.method)
             if self._authorize is not None and not self._authorize(conn.peer, envelope.method):
                 raise VarlinkReplyError(PERMISSION_DENIED)
+            params = envelope.parameters
             try:
-                validator.check_call(name, envelope.parameters)
+                target.validator.check_call(target.name, params)
             except InvalidParameter as e:
                 raise VarlinkReplyError(INVALID_PARAMETER, {"parameter": e.parameter}) from None
-            replies = list(self._service.handle(msg.data, _request=ctx))
-            if not replies:
-                reply = encode_reply()
+            func = target.func
+            if target.direct and func is not None:
+                args = [params.get(k) for k in target.fields]
+                if target.wants_request:
+                    out = func(*args, _request=ctx)
+                else:
+                    out = func(*args)
+                reply = encode_reply(out)
                 ok = True
             else:
-                reply = b"\0".join(replies) + b"\0"
-                ok = not replies[-1].startswith(b'{"error"')
+                replies = list(self._service.handle(msg.data, _request=ctx))
+                if not replies:
+                    reply = encode_reply()
+                    ok = True
+                else:
+                    reply = b"\0".join(replies) + b"\0"
+                    ok = not replies[-1].startswith(b'{"error"')
         except VarlinkReplyError as e:
             reply = _error_reply(e.name, e.parameters)
+        except VarlinkError as e:
+            error = e.as_dict()
+            reply = _error_reply(str(error.get("error")), error.get("parameters"))
         except CallCancelled as e:
             reply = _error_reply(SYSTEM_ERROR, {"message": str(e), "errnoName": "ECANCELED"})
         except Exception as e:

@@ -266,6 +266,11 @@ class InterfaceValidator:
     def has_method(self, method: str) -> bool:
         return method in self._calls
 
+    def input_fields(self, method: str) -> tuple[str, ...]:
+        """``method``'s input field names in IDL order."""
+        member = self.interface.members[method]
+        return tuple(member.in_type.fields)
+
     def check_call(self, method: str, parameters: Mapping[str, Any]) -> None:
         """Raise :class:`InvalidParameter` unless ``parameters`` fit ``method``'s input."""
         self._run(self._calls[method], parameters)
