@@ -489,6 +489,22 @@ async def test_unimplemented_method(client: Client) -> None:
     }
 
 
+async def test_methods_with_other_keywords_go_through_service_handle(client: Client) -> None:
+    assert await client.call(T + "Legacy", {"text": "x"}) == {
+        "parameters": {"text": "x", "more": False}
+    }
+    assert await client.more(T + "Legacy", {"text": "y"}) == [
+        {"parameters": {"text": "y", "more": True}}
+    ]
+    assert await client.call(T + "Legacy", {"text": "fail"}) == {
+        "error": T + "Refused",
+        "parameters": {"reason": "legacy"},
+    }
+    # Validated strictly all the same.
+    reply = await client.call(T + "Legacy", {"text": "x", "more": True})
+    assert reply == {"error": INVALID, "parameters": {"parameter": "more"}}
+
+
 # Framing, pipelining, oneway, more
 
 

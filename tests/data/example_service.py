@@ -139,6 +139,13 @@ class ExampleInterface:
         # badreply: not JSON.
         return {"bad": object()}
 
+    def Legacy(self, text: str, _more: bool = False) -> dict[str, Any]:
+        if text == "fail":
+            raise varlink.VarlinkError(
+                {"error": f"{INTERFACE}.Refused", "parameters": {"reason": "legacy"}}
+            )
+        return {"text": text, "more": _more}
+
 
 def make_service() -> tuple[varlink.Service, ExampleInterface]:
     service = varlink.Service(
