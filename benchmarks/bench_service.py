@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The daemon under load: Describe throughput and latency, and mounts through Varlink.
+
+    python benchmarks/bench_service.py [--clients 16] [--seconds 10] [--cycles 100]
+        [--workdir /var/tmp]
+
+1. **Describe**: ``--clients`` client processes, each with one connection,
+   call ``io.composefs.Repository.Describe`` back to back for ``--seconds``.
+   Prints calls/s over all clients and the latency percentiles (goal: at least
+   2,000 calls/s with p99 under 20 ms). The clients are separate processes so
+   that their own Python overhead does not share the daemon's GIL.
+2. **Mount + Unmount** through the daemon, each driven by a ``varlinkctl call``
+   process (``Mount`` with ``where``, then ``Unmount``), ``--cycles`` times,
+   against C ``mount.composefs`` + ``umount`` processes on the same image in the
+   same run; prints ms per cycle and the ratio ours/C.
+
+The daemon runs as ``python -m composefsd.service.daemon`` on a fresh repository
+in ``--workdir``; everything is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from _common import reference_bin
+from composefsd.service.client import connect
+
+IFACE = "io.composefs.Repository"
+
+
+def _tree(root: Path, files: int) -> None:
+    rng = random.Random(1)
+    for i in range(files):
+        f = root / f"d{i % 10}" / f"f{i}"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(rng.randbytes(rng.choice([10, 500, 5000])))
+
+
+def _describe_worker(sock: str, start: float, stop: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    latencies = []
+    with connect(sock) as conn:
+        while time.time() < start:
+            time.sleep(0.001)
+        while (t0 := time.time()) < stop:
+            conn.call(f"{IFACE}.Describe")
+            latencies.append(time.time() - t0)
+    out.put(latencies)
+
+
+def bench_describe(sock: str, clients: int, seconds: float) -> None:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    start = time.time() + 1.0
+    stop = start + seconds
+    procs = [
+        ctx.Process(target=_describe_worker, args=(sock, start, stop, queue))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    latencies: list[float] = []
+    for _ in procs:
+        latencies.extend(queue.get())
+    for p in procs:
+        p.join()
+    latencies.sort()
+    n = len(latencies)
+
+    def pct(q: float) -> float:
+        return latencies[min(n - 1, int(q * n))] * 1000
+
+    rate = n / seconds
+    print(f"Describe, {clients} clients, {seconds:.0f} s: {n} calls, {rate:.0f} calls/s")
+    print(
+        f"  latency ms: p50 {pct(0.50):.2f}  p90 {pct(0.90):.2f}  p99 {pct(0.99):.2f}  "
+        f"max {latencies[-1] * 1000:.2f}"
+    )
+    verdict = "met" if rate >= 2000 and pct(0.99) < 20 else "NOT met"
+    print(f"  goal >= 2000 calls/s and p99 < 20 ms: {verdict}")
+
+
+def _time_cycles(cycles: int, mount: list[str], umount: list[str]) -> tuple[float, float]:
+    t_mount = t_umount = 0.0
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        subprocess.run(mount, check=True, stdout=subprocess.DEVNULL)
+        t1 = time.perf_counter()
+        subprocess.run(umount, check=True, stdout=subprocess.DEVNULL)
+        t2 = time.perf_counter()
+        t_mount += t1 - t0
+        t_umount += t2 - t1
+    return t_mount / cycles * 1000, t_umount / cycles * 1000
+
+
+def bench_mount(work: Path, sock: str, cycles: int, rounds: int) -> None:
+    ref = reference_bin()
+    varlinkctl = str(ref / "varlinkctl")
+    src = work / "src"
+    _tree(src, 300)
+    objs, image, mnt = work / "objs", work / "c.cfs", work / "mnt"
+    objs.mkdir()
+    mnt.mkdir()
+    subprocess.run(
+        [str(ref / "mkcomposefs"), f"--digest-store={objs}", str(src), str(image)], check=True
+    )
+    with connect(sock) as conn:
+        conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(src), "ref": "bench"})
+    c_mount = [str(ref / "mount.composefs"), "-o", f"basedir={objs}", str(image), str(mnt)]
+    ours_mount = [
+        varlinkctl,
+        "call",
+        sock,
+        f"{IFACE}.Mount",
+        f'{{"image": "bench", "where": "{mnt}"}}',
+    ]
+    ours_umount = [varlinkctl, "call", sock, f"{IFACE}.Unmount", f'{{"where": "{mnt}"}}']
+    rows = []
+    for r in range(rounds):
+        c = _time_cycles(cycles, c_mount, ["umount", str(mnt)])
+        o = _time_cycles(cycles, ours_mount, ours_umount)
+        rows.append((c, o))
+        print(
+            f"round {r + 1}: C {sum(c):.2f} ms/cycle (mount {c[0]:.2f}, umount {c[1]:.2f}); "
+            f"daemon via varlinkctl {sum(o):.2f} ms/cycle (Mount {o[0]:.2f}, Unmount {o[1]:.2f}); "
+            f"ours/C {sum(o) / sum(c):.2f}"
+        )
+    c_med = statistics.median(sum(c) for c, _ in rows)
+    o_med = statistics.median(sum(o) for _, o in rows)
+    print(
+        f"Mount + Unmount, {cycles} cycles x {rounds} rounds, median: C {c_med:.2f} ms/cycle, "
+        f"daemon via varlinkctl {o_med:.2f} ms/cycle, ours/C {o_med / c_med:.2f}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", default="/var/tmp")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cfs-service-bench-", dir=args.workdir))
+    sock = str(work / "composefsd.sock")
+    print(f"work dir {work}; CPUs {os.cpu_count()}; load average {os.getloadavg()}")
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "composefsd.service.daemon",
+            "--repo",
+            str(work / "repo"),
+            "--listen",
+            sock,
+            "--runtime-dir",
+            str(work / "run"),
+            "--log-level",
+            "warning",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the daemon did not start")
+            time.sleep(0.05)
+        bench_describe(sock, args.clients, args.seconds)
+        bench_mount(work, sock, args.cycles, args.rounds)
+    finally:
+        subprocess.run(["umount", "-q", str(work / "mnt")], stderr=subprocess.DEVNULL)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"load average at the end: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

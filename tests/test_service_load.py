@@ -1,0 +1,204 @@
+"""Load: 64 concurrent clients mixing every kind of call against one daemon.
+
+For ``COMPOSEFSD_LOAD_SECONDS`` (default 60) seconds, 64 threads, each with its
+own connection, call Describe, ListImages, ListMounts, Verify, CreateImage, and
+Mount + Unmount (each thread on its own mount point) at random. Afterwards:
+
+* every call succeeded (there is no expected error in this mix);
+* the daemon's fd count is back to what it was before the load, and its RSS grew
+  by less than 32 MiB between the end of the warm-up and the end (sampled every
+  2 s; the samples are printed);
+* nothing stayed mounted, and ``fsck`` finds the repository clean.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from composefsd.kernel.mountinfo import list_composefs_mounts
+from composefsd.kernel.syscalls import MNT_DETACH, umount2
+from composefsd.repository import Repository
+from composefsd.service.client import VarlinkCallError, connect
+
+IFACE = "io.composefs.Repository"
+CLIENTS = 64
+SECONDS = float(os.environ.get("COMPOSEFSD_LOAD_SECONDS", "60"))
+WARMUP = min(10.0, SECONDS / 4)
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _tree(root: Path, seed: int) -> Path:
+    rng = random.Random(seed)
+    for i in range(24):
+        f = root / f"d{i % 4}" / f"f{i}"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(rng.randbytes(rng.choice([0, 50, 3000, 40_000])))
+    (root / "seed").write_text(str(seed))
+    return root
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: str
+    repo: Path
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    repo, sock = tmp_path / "repo", tmp_path / "run" / "composefsd.sock"
+    Repository.init(repo)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "composefsd.service.daemon",
+            "--repo",
+            str(repo),
+            "--listen",
+            str(sock),
+            "--runtime-dir",
+            str(tmp_path / "rundir"),
+        ],
+        stderr=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with connect(str(sock)) as conn:
+                conn.call(f"{IFACE}.Describe")
+            break
+        except OSError:
+            pass
+        except Exception:
+            pass
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
+        assert time.monotonic() < deadline, "daemon did not come up"
+        time.sleep(0.1)
+    try:
+        yield Daemon(proc, str(sock), repo)
+    finally:
+        for m in reversed(list_composefs_mounts()):
+            if m.mountpoint.startswith(str(tmp_path)):
+                umount2(m.mountpoint, MNT_DETACH)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+
+def _client(n: int, d: Daemon, sources: list[Path], mnt: Path, stop: float, tally: Tally) -> None:
+    rng = random.Random(n)
+    calls: Counter[str] = Counter()
+    errors: list[str] = []
+    with connect(d.socket) as conn:
+        while time.monotonic() < stop:
+            op = rng.choices(
+                ["Describe", "ListImages", "ListMounts", "Verify", "CreateImage", "Mount"],
+                [30, 15, 10, 10, 10, 25],
+            )[0]
+            try:
+                if op == "Describe":
+                    conn.call(f"{IFACE}.Describe")
+                elif op == "ListImages":
+                    conn.call(f"{IFACE}.ListImages")
+                elif op == "ListMounts":
+                    conn.call(f"{IFACE}.ListMounts")
+                elif op == "Verify":
+                    reply = conn.call(f"{IFACE}.Verify", {"image": "base"})
+                    if not reply.get("ok"):
+                        errors.append(f"Verify: not ok: {dict(reply)}")
+                elif op == "CreateImage":
+                    src = rng.choice(sources)
+                    conn.call(
+                        f"{IFACE}.CreateImage",
+                        {"sourcePath": str(src), "ref": f"load/{n}"},
+                    )
+                else:
+                    conn.call(f"{IFACE}.Mount", {"image": "base", "where": str(mnt)})
+                    if (mnt / "seed").read_text() != "0":
+                        errors.append("Mount: wrong content")
+                    conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
+                    calls["Unmount"] += 1
+                calls[op] += 1
+            except VarlinkCallError as e:
+                errors.append(f"{op}: {e}")
+    with tally.lock:
+        tally.calls.update(calls)
+        tally.errors.extend(errors)
+
+
+def test_64_clients_mixing_every_call(daemon: Daemon, tmp_path: Path) -> None:
+    sources = [_tree(tmp_path / f"src{i}", i) for i in range(4)]
+    with connect(daemon.socket) as conn:
+        conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(sources[0]), "ref": "base"})
+    pid = daemon.proc.pid
+    time.sleep(0.5)  # let the daemon notice that the set-up connection closed
+    fds_before = _fds(pid)
+    tally = Tally()
+    start = time.monotonic()
+    stop = start + SECONDS
+    threads = []
+    for n in range(CLIENTS):
+        mnt = tmp_path / "mnt" / str(n)
+        mnt.mkdir(parents=True)
+        t = threading.Thread(target=_client, args=(n, daemon, sources, mnt, stop, tally))
+        t.start()
+        threads.append(t)
+    samples: list[tuple[float, int, int]] = []
+    while any(t.is_alive() for t in threads):
+        samples.append((time.monotonic() - start, _fds(pid), _rss_kib(pid)))
+        time.sleep(2)
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    time.sleep(0.5)  # let the daemon close the last connections
+    fds_after = _fds(pid)
+    rss_after = _rss_kib(pid)
+    total = sum(tally.calls.values())
+    print(f"\n{total} calls in {elapsed:.1f} s ({total / elapsed:.0f}/s): {dict(tally.calls)}")
+    print("samples (s, fds, RSS KiB):", samples)
+    print(f"fds before {fds_before}, after {fds_after}; RSS at end {rss_after} KiB")
+
+    assert tally.errors == [], tally.errors[:10]
+    assert daemon.proc.poll() is None, "the daemon died"
+    for op in ("Describe", "ListImages", "ListMounts", "Verify", "CreateImage", "Mount"):
+        assert tally.calls[op] > 0, f"no {op} ran"
+    assert fds_after == fds_before, f"fds {fds_before} -> {fds_after}"
+    warm = [rss for t, _fds_n, rss in samples if t >= WARMUP]
+    assert warm, samples
+    assert rss_after - warm[0] < 32 * 1024, f"RSS grew {warm[0]} -> {rss_after} KiB"
+    assert not [m for m in list_composefs_mounts() if m.mountpoint.startswith(str(tmp_path))]
+    report = Repository.open(daemon.repo).fsck()
+    assert report.ok, report.to_dict()
