@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from varlink.server import Service as VarlinkService  # type: ignore[import-untyped]
+from varlink.server import Service as VarlinkService
 
 import composefsd
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path

@@ -49,8 +49,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
-from varlink.error import VarlinkError  # type: ignore[import-untyped]
-from varlink.server import Service as VarlinkService  # type: ignore[import-untyped]
+from varlink.error import VarlinkError
+from varlink.server import Service as VarlinkService
 
 from composefsd.service.activation import is_listening
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError

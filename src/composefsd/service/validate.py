@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from varlink.scanner import (  # type: ignore[import-untyped]
+from varlink.scanner import (
     Interface,
     _Alias,
     _Array,
