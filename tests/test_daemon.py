@@ -526,6 +526,13 @@ def test_other_uid_refused_mutating_calls(env: Env, public_dir: Path) -> None:
     describe, gc = f"{IFACE}.Describe", f"{IFACE}.GarbageCollect"
     denied = "org.varlink.service.PermissionDenied"
     assert _as_nobody(sock, describe, gc, "org.varlink.service.GetInfo") == ["ok", denied, "ok"]
+    # Every mutating method is refused before its parameters are even looked at.
+    mutating = [
+        f"{IFACE}.{m}" for m in ("CreateImage", "Mount", "Unmount", "RemoveImage", "GarbageCollect")
+    ]
+    assert _as_nobody(sock, *mutating) == [denied] * len(mutating)
+    readonly = [f"{IFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts")]
+    assert _as_nobody(sock, *readonly) == ["ok"] * len(readonly)
     assert d.stop()[0] == 0
 
     d = env.start("--socket-mode", "0666", "--restrict-read", "--group", "4242", socket_path=sock)
