@@ -334,7 +334,6 @@ def test_install_units_enable_offline(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--composefsd", "composefsd"], "--composefsd must be an absolute path"),
-        (["--composefsd", "/nonexistent/composefsd"], "is not an executable file"),
         (["--bogus"], "unknown argument --bogus"),
     ],
 )
@@ -347,6 +346,38 @@ def test_install_units_errors(tmp_path: Path, args: list[str], message: str) -> 
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "etc").exists()
+
+
+def test_install_units_missing_composefsd(tmp_path: Path) -> None:
+    """Without --root a missing composefsd is an error; below --root only a warning
+    (an image or a VM overlay may get it from elsewhere at boot)."""
+    proc = subprocess.run(
+        [str(UNITS / "install-units"), "--composefsd", "/nonexistent/composefsd", "--no-reload"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "install-units: /nonexistent/composefsd is not an executable file\n"
+    proc = subprocess.run(
+        [
+            str(UNITS / "install-units"),
+            "--root",
+            str(tmp_path),
+            "--composefsd",
+            "/nonexistent/composefsd",
+            "--varlinkctl",
+            "/nonexistent/varlinkctl",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0
+    assert proc.stderr.startswith(
+        f"install-units: warning: {tmp_path}/nonexistent/composefsd is not an executable file"
+    )
+    assert "/nonexistent/varlinkctl not found" in proc.stderr
+    svc = tmp_path / "etc/systemd/system/composefsd.service"
+    assert "ExecStart=/nonexistent/composefsd $COMPOSEFSD_OPTIONS\n" in svc.read_text()
 
 
 def test_install_units_help() -> None:
