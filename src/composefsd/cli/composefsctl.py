@@ -997,7 +997,8 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _ArgumentParser(
         prog=PROG,
-        description="Manage a composefs object repository (composefs-rs compatible layout).",
+        description="Manage a composefs object repository (composefs-rs compatible layout), "
+        "through composefsd when one answers, else directly.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
