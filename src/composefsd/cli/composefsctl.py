@@ -386,6 +386,13 @@ def _check_mount_args(args: argparse.Namespace) -> None:
         raise _Usage("--gid-map needs --uid-map")
 
 
+def _open_userns(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise _Failed(f"cannot open user namespace {path}: {exc.strerror}") from None
+
+
 def _cmd_mount(args: argparse.Namespace) -> int:
     repo = _open(args)
     _check_mount_args(args)
@@ -394,14 +401,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         gid_map = parse_mapping(args.gid_map) if args.gid_map else None
     except ValueError as exc:
         raise _Usage(str(exc)) from None
-    userns_fd = None
-    if args.idmap_userns is not None:
-        try:
-            userns_fd = os.open(args.idmap_userns, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as exc:
-            raise _Failed(
-                f"cannot open user namespace {args.idmap_userns}: {exc.strerror}"
-            ) from None
+    userns_fd = None if args.idmap_userns is None else _open_userns(args.idmap_userns)
     try:
         mount = mount_repository_image(
             repo,
@@ -766,14 +766,8 @@ def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
             params["workDirectoryFileDescriptor"] = len(fds)
             fds.append(_open_dir_fd(args.workdir, "workdir"))
         if args.idmap_userns is not None:
-            try:
-                userns = os.open(args.idmap_userns, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-            except OSError as exc:
-                raise _Failed(
-                    f"cannot open user namespace {args.idmap_userns}: {exc.strerror}"
-                ) from None
             params["userNamespaceFileDescriptor"] = len(fds)
-            fds.append(userns)
+            fds.append(_open_userns(args.idmap_userns))
         try:
             if args.uid_map:
                 params["uidMap"] = [asdict(m) for m in parse_mapping(args.uid_map)]

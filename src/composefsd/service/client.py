@@ -40,6 +40,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal, overload
 
+from composefsd.service.fds import close_all
+
 __all__ = [
     "INTERFACE",
     "Connection",
@@ -167,15 +169,6 @@ def default_address(uid: int | None = None) -> str:
     return f"/tmp/composefs-{uid}/{INTERFACE}"
 
 
-def _close_all(fds: Sequence[int | None]) -> None:
-    for fd in fds:
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 class Connection:
     """One Varlink connection. Make it with :func:`connect`."""
 
@@ -236,9 +229,9 @@ class Connection:
         if sock is not None:
             sock.close()
         for _, fds in self._messages:
-            _close_all(fds)
+            close_all(fds)
         self._messages.clear()
-        _close_all(self._pending_fds)
+        close_all(self._pending_fds)
         self._pending_fds = []
         self._buffer.clear()
 
@@ -338,11 +331,11 @@ class Connection:
         try:
             doc = json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:
-            _close_all(fds)
+            close_all(fds)
             self._abort()
             raise VarlinkProtocolError(f"{method}: the reply is not JSON: {exc}") from None
         if not isinstance(doc, dict):
-            _close_all(fds)
+            close_all(fds)
             self._abort()
             raise VarlinkProtocolError(f"{method}: the reply is not a JSON object")
         params = doc.get("parameters")
@@ -351,17 +344,17 @@ class Connection:
         error = doc.get("error")
         continues = doc.get("continues", False)
         if not isinstance(params, dict) or not isinstance(continues, bool):
-            _close_all(fds)
+            close_all(fds)
             self._abort()
             raise VarlinkProtocolError(f"{method}: malformed reply {data[:200]!r}")
         if error is not None:
-            _close_all(fds)
+            close_all(fds)
             if not isinstance(error, str):
                 self._abort()
                 raise VarlinkProtocolError(f"{method}: malformed error in reply {data[:200]!r}")
             raise VarlinkCallError(error, params)
         if continues and not more:
-            _close_all(fds)
+            close_all(fds)
             self._abort()
             raise VarlinkProtocolError(
                 f"{method}: 'continues' in the reply to a call without 'more'"
@@ -441,11 +434,11 @@ class Connection:
                 arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                 fds.extend(arr)
         if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
+            close_all(fds)
             self._abort()
             raise VarlinkProtocolError(f"{self.address}: too many fds with one reply")
         if not data:
-            _close_all(fds)
+            close_all(fds)
             self._eof = True
             return
         self._take_chunk(data, fds)
@@ -465,7 +458,7 @@ class Connection:
                 start = nul + 1
                 nul = data.find(b"\0", start)
             if start < 0:
-                _close_all(fds)
+                close_all(fds)
                 self._abort()
                 raise VarlinkProtocolError(
                     f"{self.address}: fds arrived in the middle of a message"

@@ -38,7 +38,6 @@ import asyncio
 import errno
 import inspect
 import logging
-import os
 import select
 import socket
 import struct
@@ -54,6 +53,7 @@ from varlink.server import Service as VarlinkService
 
 from composefsd.service.activation import is_listening
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
+from composefsd.service.fds import close_all
 from composefsd.service.protocol import (
     Decoder,
     Message,
@@ -91,15 +91,6 @@ _SEND_FLAGS: Final = socket.MSG_NOSIGNAL
 _Outcome = tuple[bytes, list[int]] | None
 #: The outcome that closes the connection (compared by identity).
 _CLOSE: Final[_Outcome] = (b"", [])
-
-
-def _close_all(fds: Sequence[int | None]) -> None:
-    for fd in fds:
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -280,17 +271,17 @@ class _Connection:
             return
         fds = _received_fds(anc) if anc else []
         if flags & socket.MSG_CTRUNC:
-            _close_all(fds)
+            close_all(fds)
             self._abort(f"more than {self.server.max_fds} file descriptors with one message")
             return
         if not data:
-            _close_all(fds)
+            close_all(fds)
             self._on_eof()
             return
         try:
             messages = self.decoder.feed(data, fds)
         except ProtocolError as e:
-            _close_all(e.fds)
+            close_all(e.fds)
             self._abort(str(e))
             return
         if messages:
@@ -308,7 +299,7 @@ class _Connection:
     def _on_eof(self) -> None:
         self.eof = True
         self._stop_reading()
-        _close_all(self.decoder.discard())
+        close_all(self.decoder.discard())
         if _hung_up(self.fd):
             self._lost()
         elif self.call is None and not self.queue and not self.wbuf:
@@ -347,7 +338,7 @@ class _Connection:
         elif outcome is not None:
             data, fds = outcome
             if self.closed:
-                _close_all(fds)
+                close_all(fds)
             else:
                 self._write(data, fds)
         if not self.closed:
@@ -378,12 +369,12 @@ class _Connection:
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as e:
-            _close_all(fds)
+            close_all(fds)
             log.debug("%r: send failed: %s", self, e)
             self._lost()
             return
         if n and fds:
-            _close_all(fds)
+            close_all(fds)
             fds = []
         if n < len(data):
             self.wbuf.append((memoryview(data)[n:], fds))
@@ -401,7 +392,7 @@ class _Connection:
                 self._lost()
                 return
             if fds:
-                _close_all(fds)
+                close_all(fds)
             if n < len(data):
                 self.wbuf[0] = (memoryview(data)[n:], [])
                 return
@@ -431,11 +422,11 @@ class _Connection:
         if self.wbuf:
             self.loop.remove_writer(self.fd)
             for _, fds in self.wbuf:
-                _close_all(fds)
+                close_all(fds)
             self.wbuf.clear()
         while self.queue:
-            _close_all(self.queue.popleft().fds)
-        _close_all(self.decoder.discard())
+            close_all(self.queue.popleft().fds)
+        close_all(self.decoder.discard())
         self.sock.close()
         self.server._closed(self)
 
@@ -609,7 +600,7 @@ class Server:
         except RuntimeError:
             # The loop is closed: nobody will send anything.
             if outcome is not None:
-                _close_all(outcome[1])
+                close_all(outcome[1])
 
     def _lookup(self, method: str) -> _Target:
         target = self._methods.get(method)
@@ -652,7 +643,7 @@ class Server:
         try:
             envelope = parse_call(msg.data)
         except ProtocolError as e:
-            _close_all(msg.fds)
+            close_all(msg.fds)
             log.info("%r: protocol error, closing: %s", conn, e)
             return _CLOSE
         call.oneway = envelope.oneway
@@ -704,11 +695,11 @@ class Server:
             log.exception("%r: %s failed", conn, envelope.method)
             reply = _error_reply(SYSTEM_ERROR, _system_error(e))
         finally:
-            _close_all(fds)
+            close_all(fds)
         out_fds = ctx.out_fds
         ctx.out_fds = []
         if not ok or envelope.oneway:
-            _close_all(out_fds)
+            close_all(out_fds)
             out_fds = []
         if envelope.oneway:
             return None
@@ -734,7 +725,7 @@ class Server:
                 else:
                     conn._stop_reading()
                     while conn.queue:
-                        _close_all(conn.queue.popleft().fds)
+                        close_all(conn.queue.popleft().fds)
             if self._running:
                 self._drained = loop.create_future()
                 try:
