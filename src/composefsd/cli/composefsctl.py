@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
-import composefsd
 from composefsd.kernel import MountError, parse_mapping, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
@@ -56,7 +55,6 @@ from composefsd.repository import (
     default_path,
 )
 from composefsd.repository.fsck import FsckReport
-from composefsd.repository.images import iter_refs
 from composefsd.repository.verify import VerifyReport
 from composefsd.service import client
 from composefsd.service.client import (
@@ -67,6 +65,7 @@ from composefsd.service.client import (
     VarlinkClientError,
     default_address,
 )
+from composefsd.service.methods import describe_repository
 
 __all__ = ["main"]
 
@@ -494,23 +493,7 @@ def _print_status(d: dict[str, Any], service: str) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    repo = _open(args)
-    try:
-        repo.ensure_writable()
-        reason = None
-    except RepositoryError as exc:
-        reason = str(exc)
-    doc: dict[str, Any] = {
-        "path": str(repo.path),
-        "algorithm": repo.hash_name,
-        "verity": repo.verity.value,
-        "images": len(repo.list_images()),
-        "refs": sum(1 for _ in iter_refs(repo)),
-        "mounts": len(repository_mounts(repo)),
-        "version": composefsd.__version__,
-    }
-    if reason is not None:
-        doc["readOnlyReason"] = reason
+    doc = describe_repository(_open(args), list_composefs_mounts())
     if args.json:
         _print_json(doc, sys.stdout)
     else:

@@ -50,7 +50,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import composefsd
@@ -79,7 +79,7 @@ from composefsd.repository.verify import VerifyReport
 from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
 
-__all__ = ["INTERFACE", "RepositoryInterface", "reply_error"]
+__all__ = ["INTERFACE", "RepositoryInterface", "describe_repository", "reply_error"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,36 @@ def _mapping(value: list[dict[str, Any]] | None, field_name: str) -> list[IdMapp
     return out
 
 
+def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> dict[str, Any]:
+    """The Describe reply for ``repo``, given the composefs mounts to count
+    (composefsctl's direct ``status`` prints the same)."""
+    images = 0
+    try:
+        with os.scandir(repo.images_dir) as it:
+            for entry in it:
+                if is_hex_digest(entry.name, repo.hash_algorithm) and entry.is_symlink():
+                    images += 1
+    except FileNotFoundError:
+        pass
+    try:
+        repo.ensure_writable()
+        reason = None
+    except ReadOnlyRepositoryError as exc:
+        reason = str(exc)
+    out: dict[str, Any] = {
+        "path": str(repo.path),
+        "algorithm": repo.hash_name,
+        "verity": repo.verity.value,
+        "images": images,
+        "refs": sum(1 for _ in iter_refs(repo)),
+        "mounts": len(repository_mounts(repo, mounts)),
+        "version": composefsd.__version__,
+    }
+    if reason is not None:
+        out["readOnlyReason"] = reason
+    return out
+
+
 class RepositoryInterface:
     """Implements io.composefs.Repository on ``repo`` (module notes)."""
 
@@ -319,35 +349,8 @@ class RepositoryInterface:
 
     # -- Describe ---------------------------------------------------------------------------
     def Describe(self, *, _request: CallContext) -> dict[str, Any]:
-        repo = self.repo
         with _mapped():
-            images = 0
-            try:
-                with os.scandir(repo.images_dir) as it:
-                    for entry in it:
-                        if is_hex_digest(entry.name, repo.hash_algorithm) and entry.is_symlink():
-                            images += 1
-            except FileNotFoundError:
-                pass
-            refs = sum(1 for _ in iter_refs(repo))
-            mounts = len(repository_mounts(repo, self.tracker.own_mounts()))
-            try:
-                repo.ensure_writable()
-                reason = None
-            except ReadOnlyRepositoryError as exc:
-                reason = str(exc)
-        out: dict[str, Any] = {
-            "path": str(repo.path),
-            "algorithm": repo.hash_name,
-            "verity": repo.verity.value,
-            "images": images,
-            "refs": refs,
-            "mounts": mounts,
-            "version": composefsd.__version__,
-        }
-        if reason is not None:
-            out["readOnlyReason"] = reason
-        return out
+            return describe_repository(self.repo, self.tracker.own_mounts())
 
     # -- CreateImage ------------------------------------------------------------------------
     def CreateImage(
