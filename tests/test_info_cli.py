@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.cli import info as info_cli
+from composefsd.cli.getopt import GetoptError, gnu_getopt
 
 SPECIAL = (
     b"""\
@@ -145,14 +145,38 @@ def test_missing_objects_with_a_basedir(images: dict[str, Path], reference_bin: 
     assert ours[1] == b"cd/ef\nzz/top\n"  # ab/cdef01234 exists
 
 
-def test_getopt_permutes_and_accepts_prefixes() -> None:
-    opts, operands = info_cli.gnu_getopt_long(
-        ["ls", "--filt", "a", "img", "--base=/x", "--", "--filter=b"], ("basedir", "filter")
-    )
-    assert opts == [("filter", "a"), ("basedir", "/x")]
+def test_getopt_permutes_and_accepts_prefixes(monkeypatch: pytest.MonkeyPatch) -> None:
+    longopts = {"basedir": True, "filter": True, "base": False, "verbose": False}
+    operands: list[str] = []
+    argv = ["ls", "--filt", "a", "img", "--basedir=/x", "--base", "--verb", "--", "--filter=b"]
+    assert list(gnu_getopt(argv, "", longopts, operands)) == [
+        ("filter", "a"),
+        ("basedir", "/x"),
+        ("base", None),  # an exact match wins over being a prefix of "basedir"
+        ("verbose", None),
+    ]
     assert operands == ["ls", "img", "--filter=b"]
-    with pytest.raises(info_cli.GetoptError, match="unrecognized option '--nope=1'"):
-        info_cli.gnu_getopt_long(["--nope=1"], ("basedir", "filter"))
+    for args, kind, message in (
+        (["--nope=1"], "unrecognized", "unrecognized option '--nope=1'"),
+        (["--f"], "ambiguous", "option '--f' is ambiguous; possibilities: '--filter'"),
+        (["--filter"], "missing", "option '--filter' requires an argument"),
+        (["--verbose=1"], "unexpected", "option '--verbose' doesn't allow an argument"),
+        (["-q"], "invalid", "invalid option -- 'q'"),
+        (["-t"], "missing", "option requires an argument -- 't'"),
+    ):
+        with pytest.raises(GetoptError) as info:
+            list(gnu_getopt(args, "ht:", {**longopts, "fil": True}, []))
+        assert (info.value.kind, str(info.value)) == (
+            kind,
+            message.replace("'--filter'", "'--filter' '--fil'") if kind == "ambiguous" else message,
+        )
+    # Short clusters, values in the cluster or the next argument; errors come in order.
+    got = list(gnu_getopt(["-hto", "x", "-t", "y", "op"], "ht:o:", {}, operands := []))
+    assert got == [("h", None), ("t", "o"), ("t", "y")] and operands == ["x", "op"]
+    monkeypatch.setenv("POSIXLY_CORRECT", "1")
+    operands = []
+    assert list(gnu_getopt(["-h", "op", "-h"], "h", {}, operands)) == [("h", None)]
+    assert operands == ["op", "-h"]
 
 
 # --------------------------------------------------------------------------------------

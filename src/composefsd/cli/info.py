@@ -17,70 +17,21 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, NoReturn
 
+from composefsd.cli.getopt import GetoptError, gnu_getopt
 from composefsd.fsverity import VerityError, measure_or_compute
 from composefsd.image.dump_print import print_dump, print_ls
 from composefsd.image.reader import ImageInfo, iter_objects, read_image
 
-__all__ = ["GetoptError", "gnu_getopt_long", "load_image_file", "main"]
+__all__ = ["load_image_file", "main"]
 
 _PROG = "composefs-info"
-_LONGOPTS = ("basedir", "filter")
+_LONGOPTS = {"basedir": True, "filter": True}
 
 
 class _Exit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
-
-
-class GetoptError(Exception):
-    """A glibc ``getopt_long`` diagnostic (without the ``argv[0]:`` prefix)."""
-
-
-def gnu_getopt_long(
-    args: Sequence[str], longopts: Sequence[str]
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """glibc ``getopt_long`` with an empty optstring and required-argument long options.
-
-    Options may follow operands (GNU permutation, unless POSIXLY_CORRECT is set),
-    unique prefixes are accepted, and ``--`` ends the options. Options are
-    returned in order so the caller can act on them one by one, as C does; the
-    first bad option raises :class:`GetoptError` with glibc's wording.
-    """
-    opts: list[tuple[str, str]] = []
-    operands: list[str] = []
-    posix = "POSIXLY_CORRECT" in os.environ
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            operands.extend(args[i:])
-            break
-        if arg.startswith("--"):
-            name, eq, value = arg[2:].partition("=")
-            matches = [o for o in longopts if o == name] or [
-                o for o in longopts if o.startswith(name)
-            ]
-            if len(matches) != 1:
-                if matches:
-                    alts = " ".join(f"'--{o}'" for o in matches)
-                    raise GetoptError(f"option '{arg}' is ambiguous; possibilities: {alts}")
-                raise GetoptError(f"unrecognized option '{arg}'")
-            if not eq:
-                if i >= len(args):
-                    raise GetoptError(f"option '--{matches[0]}' requires an argument")
-                value = args[i]
-                i += 1
-            opts.append((matches[0], value))
-        elif arg.startswith("-") and arg != "-":
-            raise GetoptError(f"invalid option -- '{arg[1]}'")
-        else:
-            operands.append(arg)
-            if posix:
-                operands.extend(args[i:])
-                break
-    return opts, operands
 
 
 def _stderr(msg: bytes) -> None:
@@ -172,7 +123,8 @@ def _missing(payload: bytes, basedir_fd: int) -> bool:
 def _run(argv: Sequence[str], out: BinaryIO) -> None:
     argv0 = argv[0] if argv else _PROG
     try:
-        opts, operands = gnu_getopt_long(argv[1:], _LONGOPTS)
+        operands: list[str] = []
+        opts = list(gnu_getopt(argv[1:], "", _LONGOPTS, operands))
     except GetoptError as e:
         _stderr(b"%s: %s\n" % (os.fsencode(argv0), str(e).encode()))
         out.write(b"Def\n")
@@ -183,6 +135,7 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
     basedir: str | None = None
     filters: list[bytes] | None = None
     for name, value in opts:
+        assert value is not None  # both options take a value
         if name == "basedir":
             basedir = value
         else:

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from composefsd.cli.getopt import GetoptError, gnu_getopt
 from composefsd.fsverity import digest_bytes
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.tree import Node
@@ -126,13 +127,6 @@ def _c_int(value: int) -> int:
     return ((value + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
 
 
-def _match_long(name: str) -> str | None:
-    if name in _LONGOPTS:
-        return name
-    found = [opt for opt in _LONGOPTS if opt.startswith(name)]
-    return found[0] if len(found) == 1 else None
-
-
 def _apply(args: _Args, opt: str, value: str | None) -> None:
     if opt == "use-epoch":
         args.use_epoch = True
@@ -177,40 +171,17 @@ def _parse(argv: Sequence[str]) -> tuple[_Args, list[str]]:
     """getopt_long with optstring ``:CR``: errors are silent except a missing value."""
     args = _Args()
     operands: list[str] = []
-    permute = "POSIXLY_CORRECT" not in os.environ
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            operands.extend(argv[i:])
-            break
-        if arg.startswith("--"):
-            name, has_value, value = arg[2:].partition("=")
-            opt = _match_long(name)
-            if opt is None:
-                raise _Exit(1, usage=True)
-            if _LONGOPTS[opt]:
-                if not has_value:
-                    if i >= len(argv):
-                        raise _Exit(1, "option needs a value")
-                    value = argv[i]
-                    i += 1
-                _apply(args, opt, value)
-            else:
-                if has_value:
-                    raise _Exit(1, usage=True)
-                _apply(args, opt, None)
-                if args.help:
-                    return args, operands
-        elif arg.startswith("-") and arg != "-":
-            # -C and -R are accepted and then print the usage, like any unknown option.
-            raise _Exit(1, usage=True)
-        else:
-            operands.append(arg)
-            if not permute:
-                operands.extend(argv[i:])
-                break
+    try:
+        for opt, value in gnu_getopt(argv, "", _LONGOPTS, operands):
+            _apply(args, opt, value)
+            if args.help:
+                return args, operands
+    except GetoptError as e:
+        if e.kind == "missing":
+            raise _Exit(1, "option needs a value") from None
+        # Unknown options, and -C and -R, which C accepts and then answers with
+        # the usage like any unknown option.
+        raise _Exit(1, usage=True) from None
     if not args.version_set:
         args.min_version, args.max_version = 0, 1
     return args, operands

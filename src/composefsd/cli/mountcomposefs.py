@@ -33,6 +33,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from composefsd.cli.getopt import GetoptError, gnu_getopt
+
 __all__ = ["main"]
 
 PROG = "mount.composefs"
@@ -104,46 +106,20 @@ def _getopt(args: Sequence[str]) -> tuple[str | None, list[str]]:
     order they come; returns the last ``-o`` value and the operands."""
     mount_options: str | None = None
     operands: list[str] = []
-    posix = "POSIXLY_CORRECT" in os.environ
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if arg == "--":
-            operands.extend(args[i:])
-            break
-        if not arg.startswith("-") or arg == "-":
-            operands.append(arg)
-            if posix:
-                operands.extend(args[i:])
-                break
-            continue
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            j += 1
-            if c in "to":
-                if j < len(arg):
-                    value = arg[j:]
-                elif i < len(args):
-                    value = args[i]
-                    i += 1
-                else:
-                    _write(os.fsencode(f"{_argv0()}: option requires an argument -- '{c}'\n"))
-                    _usage()
-                    raise _Exit(1)
-                if c == "t":
-                    if value != "composefs":
-                        _errx(f"Unsupported fs type '{value}'\n")
-                else:
-                    mount_options = value
-                break
-            if c == "h":
+    try:
+        for opt, value in gnu_getopt(args, "ht:o:", None, operands):
+            if opt == "h":
                 _usage()
                 raise _Exit(0)
-            _write(os.fsencode(f"{_argv0()}: invalid option -- '{c}'\n"))
-            _usage()
-            raise _Exit(1)
+            if opt == "t":
+                if value != "composefs":
+                    _errx(f"Unsupported fs type '{value}'\n")
+            else:
+                mount_options = value
+    except GetoptError as e:
+        _write(os.fsencode(f"{_argv0()}: {e}\n"))
+        _usage()
+        raise _Exit(1) from None
     return mount_options, operands
 
 
