@@ -970,6 +970,31 @@ def test_disabled_mounts_with_and_without_digest(app: App, mounts: Mounts) -> No
         _assert_same_tree(_app_snapshot(app), treecompare.snapshot(mnt, _all_xattrs))
 
 
+def test_disabled_never_asks_fs_verity_for_the_image_digest(
+    app: App, mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (found by tests/test_verity.py on a kernel with fs-verity): Disabled
+    took the kernel's measurement where the image had fs-verity. It hashes in
+    userspace, as the README and the IDL say; Try takes the kernel's word.
+    A stand-in for FS_IOC_MEASURE_VERITY plays the kernel that has it."""
+    import composefsd.fsverity as fsverity_mod
+
+    asked: list[int] = []
+
+    def measured(fd: int, *args: object, **kwargs: object) -> bytes:
+        asked.append(fd)
+        return bytes.fromhex(app.digest)
+
+    monkeypatch.setattr(fsverity_mod, "measure_verity", measured)
+    common = {"basedirs": [app.repo.objects_dir], "expected_digest": app.digest}
+    dm = mounts.mount(app.image, "disabled", verity=VerityPolicy.DISABLED, **common)
+    assert (dm.image_check, dm.image_digest, dm.object_verity) == ("userspace", app.digest, False)
+    assert asked == [] and dm.notes == []
+    dm = mounts.mount(app.image, "try", verity=VerityPolicy.TRY, **common)
+    assert (dm.image_check, dm.image_digest) == ("kernel", app.digest)
+    assert asked
+
+
 @pytest.mark.parametrize("policy", list(VerityPolicy))
 def test_wrong_expected_digest_refuses_every_policy(
     policy: VerityPolicy, app: App, mounts: Mounts
