@@ -34,6 +34,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1692,6 +1693,33 @@ def test_string_form_without_a_usable_temporary_directory(
         mount_image(app.image, MountOptions(basedirs=[app.repo.objects_dir], layer_mode="string"))
     assert str(tmp_path / "no-such-dir") in str(info.value)
     assert _fds() == fds and _our_mounts() == before
+
+
+def test_string_form_as_root_uses_run_not_tmp(
+    app: App, mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no temporary directory chosen, root's string form attaches the EROFS in
+    /run: at boot (before local-fs.target) /tmp may be on a read-only root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    for var in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(var, raising=False)
+    parents: list[str | None] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        parents.append(kwargs.get("dir"))
+        return real_mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    before = set(Path("/run").glob(".composefs.*"))
+    dm = mount_image(app.image, MountOptions(basedirs=[app.repo.objects_dir], layer_mode="string"))
+    mnt = mounts.attach(dm)
+    assert parents == ["/run"]
+    assert set(Path("/run").glob(".composefs.*")) == before
+    _assert_same_tree(_app_snapshot(app), treecompare.snapshot(mnt, _all_xattrs))
+    unmount(mnt)
 
 
 def test_module_exports() -> None:

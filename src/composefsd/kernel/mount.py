@@ -447,16 +447,25 @@ def _kernel_failure(label: str, stage: str, e: KernelError) -> MountError:
 @contextlib.contextmanager
 def _erofs_at_tmpdir(erofs_fd: int) -> Iterator[int]:
     """String form: attach the EROFS at a private temporary directory for the
-    moment the overlay is created, and hand out an O_PATH fd on it."""
+    moment the overlay is created, and hand out an O_PATH fd on it.
+
+    Unless a temporary directory is chosen ($TMPDIR, $TEMP, $TMP or
+    tempfile.tempdir), root's goes in /run, not /tmp: boot mounts run before
+    local-fs.target, when /tmp may still be a directory of a read-only root, or
+    about to be covered by tmp.mount; /run is a tmpfs from systemd's start on."""
     import tempfile
 
+    parent = None
+    chosen = tempfile.tempdir or any(os.environ.get(v) for v in ("TMPDIR", "TEMP", "TMP"))
+    if not chosen and os.geteuid() == 0 and os.access("/run", os.W_OK):
+        parent = "/run"
     try:
-        tmpdir = tempfile.mkdtemp(prefix=".composefs.")
+        tmpdir = tempfile.mkdtemp(prefix=".composefs.", dir=parent)
     except OSError as e:
         raise MountError(
             e.errno or errno.EIO,
             f"cannot make a temporary directory for the EROFS layer in "
-            f"{tempfile.gettempdir()}: {e.strerror}",
+            f"{parent or tempfile.gettempdir()}: {e.strerror}",
         ) from None
     attached = False
     try:
