@@ -1,0 +1,136 @@
+#!/bin/bash
+# check.sh MODE DATA VARLINKCTL: the check command of a boot test, run by
+# systemd-vm inside the guest after multi-user.target (see run_boots.py).
+#
+#   MODE        baseline | happy | optional
+#   DATA        the host's test directory (the guest sees the host's files):
+#               DATA/units      the units to show, on one line
+#               DATA/expect     "WHERE NAME IMAGE" per mount that must be there, with
+#                               DATA/NAME.manifest made on the host from its source
+#               DATA/absent     WHERE per mount that must not be there
+#   VARLINKCTL  systemd >= 255's varlinkctl
+#
+# Bash and a few C tools only: a Python process costs seconds under TCG. It
+# checks what it can cheaply (mounts, content, the Varlink answers) and leaves
+# raw data in /sdvm/out/ for run_boots.py to check the rest (unit timestamps,
+# the journal, Python processes): exec-trace.txt, units.txt, mountinfo.txt,
+# NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json, restart.txt,
+# mounts-after.json, check-times.txt.
+set -u
+mode=$1 data=$2 vctl=$3
+O=/sdvm/out
+S=unix:/run/composefs/io.composefs.Repository
+I=io.composefs.Repository
+here=$(dirname "$0")
+fails=0
+
+ok() { echo "ok   $*"; }
+fail() {
+    echo "FAIL $*"
+    fails=$((fails + 1))
+}
+stamp() {
+    local up _
+    read -r up _ </proc/uptime
+    echo "$up $*" >>"$O/check-times.txt"
+}
+
+# First, before this script starts anything else: every exec since the kernel
+# started (trace_event=sched:sched_process_exec on the kernel command line).
+stamp start
+cat /sys/kernel/tracing/trace >"$O/exec-trace.txt" 2>&1 || fail "cannot read the exec trace"
+[ "$mode" = baseline ] && exit $((fails > 0))
+
+# One systemctl call for every unit and property (each call costs seconds here).
+read -r units <"$data/units"
+# shellcheck disable=SC2086 # a list of unit names
+systemctl show -p Id,LoadState,ActiveState,SubState,Result,UnitFileState,TriggeredBy,WantedBy,RequiredBy,MainPID,InactiveExitTimestampMonotonic,ActiveEnterTimestampMonotonic,ExecMainStartTimestampMonotonic \
+    -- $units >"$O/units.txt" 2>&1 || fail "systemctl show $units"
+cat /proc/self/mountinfo >"$O/mountinfo.txt"
+stamp units
+
+mounted() { # WHERE: is something mounted exactly there (field 5 of mountinfo)?
+    local _id _parent _dev _root point _rest
+    while read -r _id _parent _dev _root point _rest; do
+        [ "$point" = "$1" ] && return 0
+    done <"$O/mountinfo.txt"
+    return 1
+}
+
+while read -r where name _; do
+    if ! mounted "$where"; then
+        fail "$where is not mounted"
+        continue
+    fi
+    if ! sh "$here/manifest.sh" "$where" >"$O/$name.manifest" 2>&1; then
+        fail "cannot list $where"
+    elif cmp -s "$data/$name.manifest" "$O/$name.manifest"; then
+        ok "$where is mounted and matches the source of $name ($(wc -l <"$O/$name.manifest") manifest lines)"
+    else
+        fail "$where differs from the source of $name:"
+        diff "$data/$name.manifest" "$O/$name.manifest" | head -20
+    fi
+done <"$data/expect"
+if [ -s "$data/absent" ]; then
+    while read -r where; do
+        if mounted "$where"; then fail "$where is mounted"; else ok "$where is not mounted"; fi
+    done <"$data/absent"
+fi
+stamp content
+
+if [ "$mode" = optional ]; then
+    # Boot mounts run before local-fs.target, when /tmp may still be on a
+    # read-only root: composefsd must not need it. Mount the first image again,
+    # elsewhere, with a read-only /tmp (not through its unit: a failed restart of
+    # a required unit would send the guest to emergency mode).
+    read -r _ _ image _ <"$data/expect"
+    where=/run/ro-tmp-test
+    mkdir -p "$where"
+    mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp
+    if "$vctl" call "$S" "$I.Mount" "{\"image\":\"$image\",\"where\":\"$where\"}" >"$O/ro-tmp.json" 2>&1 &&
+        [ -e "$where/hello.txt" ]; then
+        ok "with a read-only /tmp, composefsd still mounts $image"
+    else
+        fail "with a read-only /tmp, composefsd cannot mount $image: $(cat "$O/ro-tmp.json")"
+    fi
+    "$vctl" call "$S" "$I.Unmount" "{\"where\":\"$where\"}" >/dev/null 2>&1
+    umount /tmp
+    stamp ro-tmp
+fi
+[ "$mode" = happy ] || exit $((fails > 0))
+
+# The socket answers systemd's own client.
+if "$vctl" info "$S" >"$O/info.txt" 2>&1 && grep -q "$I" "$O/info.txt"; then
+    ok "varlinkctl info answers ($(grep -m1 -i product "$O/info.txt" | tr -s ' '))"
+else
+    fail "varlinkctl info: $(cat "$O/info.txt")"
+fi
+read -r _ _ image <"$data/expect"
+if "$vctl" call "$S" "$I.Verify" "{\"image\":\"$image\"}" >"$O/verify.json" 2>&1 &&
+    grep -q '"ok" *: *true' "$O/verify.json"; then
+    ok "varlinkctl Verify of $image: ok"
+else
+    fail "varlinkctl Verify of $image: $(cat "$O/verify.json")"
+fi
+"$vctl" call "$S" "$I.ListMounts" '{}' >"$O/mounts-before.json" 2>&1 || fail "ListMounts: $(cat "$O/mounts-before.json")"
+stamp varlink
+
+# A restarted daemon still knows the boot mounts.
+if systemctl restart composefsd.service; then
+    ok "systemctl restart composefsd.service"
+else
+    fail "systemctl restart composefsd.service"
+fi
+stamp restart
+systemctl show -p MainPID,ActiveState,NRestarts,InactiveExitTimestampMonotonic,ActiveEnterTimestampMonotonic \
+    composefsd.service >"$O/restart.txt" 2>&1
+"$vctl" call "$S" "$I.ListMounts" '{}' >"$O/mounts-after.json" 2>&1 || fail "ListMounts after the restart: $(cat "$O/mounts-after.json")"
+while read -r where _; do
+    if grep -q "\"where\" *: *\"$where\"" "$O/mounts-after.json"; then
+        ok "after the restart, ListMounts still lists $where"
+    else
+        fail "after the restart, ListMounts lacks $where: $(cat "$O/mounts-after.json")"
+    fi
+done <"$data/expect"
+stamp end
+exit $((fails > 0))
