@@ -14,20 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.cli.composefsctl import main
 from composefsd.repository import Repository, VerityPolicy
+from ctlrun import run_ctl
 
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``composefsctl argv`` run in-process."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def _tree(root: Path, seed: int = 1) -> Path:
@@ -54,7 +44,7 @@ def _c_digest(reference_bin: Path, tree: Path, *options: str) -> str:
 @pytest.fixture
 def repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     path = tmp_path / "repo"
-    status, out, _ = _run(capsys, "--repo", str(path), "init")
+    status, out, _ = run_ctl(capsys, "--repo", str(path), "init")
     assert status == 0
     assert out == f"initialized fsverity-sha256-12 repository in {path} (fs-verity: try)\n"
     return path
@@ -65,7 +55,7 @@ def repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 
 def test_init_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r512"
-    status, out, _ = _run(
+    status, out, _ = run_ctl(
         capsys, "init", "--repo", str(path), "--algorithm", "sha512", "--verity", "disabled"
     )
     assert status == 0, out
@@ -75,12 +65,12 @@ def test_init_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert meta["algorithm"] == "fsverity-sha512-12"
     # Again with the same settings: fine; with others: refused.
     assert (
-        _run(capsys, "--repo", str(path), "init", "--algorithm", "sha512", "--verity", "disabled")[
-            0
-        ]
+        run_ctl(
+            capsys, "--repo", str(path), "init", "--algorithm", "sha512", "--verity", "disabled"
+        )[0]
         == 0
     )
-    status, _, err = _run(capsys, "--repo", str(path), "init")
+    status, _, err = run_ctl(capsys, "--repo", str(path), "init")
     assert status == 1
     assert err.startswith(f"composefsctl: error: {path} is already a repository with")
 
@@ -88,7 +78,7 @@ def test_init_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_init_refuses_other_directories(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep").write_text("mine")
-    status, _, err = _run(capsys, "--repo", str(tmp_path / "data"), "init")
+    status, _, err = run_ctl(capsys, "--repo", str(tmp_path / "data"), "init")
     assert status == 1
     assert "is not empty and not a composefs repository" in err
     assert sorted(os.listdir(tmp_path / "data")) == ["keep"]
@@ -99,37 +89,37 @@ def test_init_verity_required_unsupported(
 ) -> None:
     """This kernel/filesystem has no fs-verity: required fails clearly, leaves nothing."""
     path = tmp_path / "secure"
-    status, _, err = _run(capsys, "--repo", str(path), "init", "--verity", "required")
+    status, _, err = run_ctl(capsys, "--repo", str(path), "init", "--verity", "required")
     assert status == 1
     assert err.startswith("composefsctl: error: fs-verity unsupported")
     assert not path.exists()
 
 
 def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = _run(capsys, "frobnicate")
+    status, _, err = run_ctl(capsys, "frobnicate")
     assert status == 2 and "invalid choice: 'frobnicate'" in err
-    status, _, err = _run(capsys, "init", "--algorithm", "md5")
+    status, _, err = run_ctl(capsys, "init", "--algorithm", "md5")
     assert status == 2 and "invalid choice: 'md5'" in err
-    status, _, err = _run(capsys, "--repo", str(tmp_path), "verify")
+    status, _, err = run_ctl(capsys, "--repo", str(tmp_path), "verify")
     assert status == 2 and err.endswith(
         "composefsctl: error: give the IMAGE(s) to verify, or --all\n"
     )
-    status, _, err = _run(capsys, "--repo", str(tmp_path), "create-image")
+    status, _, err = run_ctl(capsys, "--repo", str(tmp_path), "create-image")
     assert status == 2 and "give either SOURCE" in err
-    status, _, err = _run(capsys, "create-image", "x", "--skip-xattrs", "--user-xattrs")
+    status, _, err = run_ctl(capsys, "create-image", "x", "--skip-xattrs", "--user-xattrs")
     assert status == 2 and "exclude each other" in err
-    status, _, err = _run(capsys, "create-image", "x", "--threads", "0")
+    status, _, err = run_ctl(capsys, "create-image", "x", "--threads", "0")
     assert status == 2 and "must be at least 1" in err
 
 
 def test_not_a_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, err = _run(capsys, "--repo", str(tmp_path / "nope"), "images")
+    status, out, err = run_ctl(capsys, "--repo", str(tmp_path / "nope"), "images")
     assert (status, out) == (1, "")
     assert err == (
         f"composefsctl: error: repository {tmp_path / 'nope'} does not exist "
         "(create one with `composefsctl init`)\n"
     )
-    status, _, err = _run(capsys, "--repo", str(tmp_path), "fsck")
+    status, _, err = run_ctl(capsys, "--repo", str(tmp_path), "fsck")
     assert status == 1 and "is not a composefs repository: it has no meta.json" in err
 
 
@@ -137,9 +127,9 @@ def test_default_repository_from_environment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COMPOSEFSD_REPOSITORY", str(tmp_path / "env-repo"))
-    assert _run(capsys, "init")[0] == 0
+    assert run_ctl(capsys, "init")[0] == 0
     assert (tmp_path / "env-repo" / "meta.json").is_file()
-    status, out, _ = _run(capsys, "images")
+    status, out, _ = run_ctl(capsys, "images")
     assert (status, out) == (0, "")
 
 
@@ -150,14 +140,14 @@ def test_create_image_matches_c(
     tmp_path: Path, repo: Path, reference_bin: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tree = _tree(tmp_path / "tree")
-    status, out, err = _run(capsys, "--repo", str(repo), "create-image", str(tree), "--ref", "t")
+    status, out, err = run_ctl(capsys, "--repo", str(repo), "create-image", str(tree), "--ref", "t")
     assert status == 0, err
     digest = out.strip()
     assert out == digest + "\n" and err == ""
     assert digest == _c_digest(reference_bin, tree)
     assert Repository.open(repo).resolve_image("t") == digest
 
-    status, out, _ = _run(
+    status, out, _ = run_ctl(
         capsys,
         "--repo",
         str(repo),
@@ -200,7 +190,7 @@ def test_create_image_from_dumpfile(
             stdout=f,
         )
     expected = _c_digest(reference_bin, dump, "--from-file")
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys,
         "--repo",
         str(repo),
@@ -234,9 +224,11 @@ def test_create_image_from_dumpfile(
     )
     assert result.stdout.decode().strip() == expected
 
-    status, _, err = _run(capsys, "--repo", str(repo), "create-image", "--from-dumpfile", str(dump))
+    status, _, err = run_ctl(
+        capsys, "--repo", str(repo), "create-image", "--from-dumpfile", str(dump)
+    )
     assert status == 2 and "--from-dumpfile needs --objects DIR" in err
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys,
         "--repo",
         str(repo),
@@ -255,7 +247,7 @@ def test_create_image_progress_and_verbose(
     tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tree = _tree(tmp_path / "tree", 3)
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--repo", str(repo), "create-image", "--progress", "-v", str(tree)
     )
     assert status == 0
@@ -269,7 +261,7 @@ def test_create_image_progress_and_verbose(
 def test_create_image_bad_ref(
     tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--repo", str(repo), "create-image", str(_tree(tmp_path / "t")), "--ref", "../x"
     )
     assert (status, out) == (1, "")
@@ -281,20 +273,20 @@ def test_create_image_bad_ref(
 
 def test_verify_and_fsck(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r = str(repo)
-    one = _run(capsys, "--repo", r, "create-image", str(_tree(tmp_path / "a", 4)), "--ref", "one")[
-        1
-    ].strip()
-    two = _run(capsys, "--repo", r, "create-image", str(_tree(tmp_path / "b", 5)), "--ref", "two")[
-        1
-    ].strip()
-    status, out, _ = _run(capsys, "--repo", r, "verify", "one", two)
+    one = run_ctl(
+        capsys, "--repo", r, "create-image", str(_tree(tmp_path / "a", 4)), "--ref", "one"
+    )[1].strip()
+    two = run_ctl(
+        capsys, "--repo", r, "create-image", str(_tree(tmp_path / "b", 5)), "--ref", "two"
+    )[1].strip()
+    status, out, _ = run_ctl(capsys, "--repo", r, "verify", "one", two)
     assert status == 0
     lines = out.splitlines()
     assert lines[0].startswith(f"{one}: ok (") and lines[1].startswith(f"{two}: ok (")
-    status, out, _ = _run(capsys, "--repo", r, "verify", "--all", "--json")
+    status, out, _ = run_ctl(capsys, "--repo", r, "verify", "--all", "--json")
     assert status == 0
     assert [d["digest"] for d in json.loads(out)] == [one, two]
-    status, out, _ = _run(capsys, "--repo", r, "fsck")
+    status, out, _ = run_ctl(capsys, "--repo", r, "fsck")
     assert status == 0 and out.endswith("2 images, 2 refs: clean\n")
 
     # Damage one object of image one only.
@@ -312,32 +304,32 @@ def test_verify_and_fsck(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixtu
     digest = victim_path.parent.name + victim
     os.truncate(victim_path, 1)
 
-    status, out, _ = _run(capsys, "--repo", r, "verify", "one", "two")
+    status, out, _ = run_ctl(capsys, "--repo", r, "verify", "one", "two")
     assert status == 1
     assert out.splitlines()[:2] == [
         f"{one}: FAILED",
         f"  corrupt object: {digest}: size 1 != expected {len(data)}",
     ]
     assert f"{two}: ok (" in out
-    status, out, _ = _run(capsys, "--repo", r, "verify", "--json", "one")
+    status, out, _ = run_ctl(capsys, "--repo", r, "verify", "--json", "one")
     assert status == 1
     assert json.loads(out)[0]["corrupt"] == [
         {"digest": digest, "reason": f"size 1 != expected {len(data)}"}
     ]
 
-    status, out, _ = _run(capsys, "--repo", r, "fsck")
+    status, out, _ = run_ctl(capsys, "--repo", r, "fsck")
     assert status == 1
     assert out.splitlines()[0].startswith(
         f"fsck: object-digest-mismatch: objects/{digest[:2]}/{digest[2:]}: computed "
     )
     assert out.endswith("2 images, 2 refs: 1 problem\n")
-    status, out, _ = _run(capsys, "--repo", r, "fsck", "--json")
+    status, out, _ = run_ctl(capsys, "--repo", r, "fsck", "--json")
     assert status == 1
     doc = json.loads(out)
     assert doc["ok"] is False and [p["kind"] for p in doc["problems"]] == ["object-digest-mismatch"]
     assert repository.verify_image("two").ok
 
-    status, _, err = _run(capsys, "--repo", r, "verify", "nonesuch")
+    status, _, err = run_ctl(capsys, "--repo", r, "verify", "nonesuch")
     assert (
         status == 1 and err == f"composefsctl: error: no image or ref named 'nonesuch' in {repo}\n"
     )
@@ -345,7 +337,7 @@ def test_verify_and_fsck(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixtu
 
 def test_fsck_harmless_findings_exit_zero(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (repo / "objects" / ".tmp-object-leftover01").write_bytes(b"x")
-    status, out, _ = _run(capsys, "--repo", str(repo), "fsck")
+    status, out, _ = run_ctl(capsys, "--repo", str(repo), "fsck")
     assert status == 0
     assert out.splitlines() == [
         "fsck: stray-temp-file: objects/.tmp-object-leftover01: leftover temporary file (harmless)",
@@ -358,53 +350,55 @@ def test_fsck_harmless_findings_exit_zero(repo: Path, capsys: pytest.CaptureFixt
 
 def test_image_management(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     r = str(repo)
-    one = _run(capsys, "--repo", r, "create-image", str(_tree(tmp_path / "a", 6)), "--ref", "one")[
-        1
-    ].strip()
-    two = _run(
+    one = run_ctl(
+        capsys, "--repo", r, "create-image", str(_tree(tmp_path / "a", 6)), "--ref", "one"
+    )[1].strip()
+    two = run_ctl(
         capsys, "--repo", r, "create-image", str(_tree(tmp_path / "b", 7)), "--ref", "x/two"
     )[1].strip()
-    assert _run(capsys, "--repo", r, "create-image", str(_tree(tmp_path / "c", 8)))[0] == 0
+    assert run_ctl(capsys, "--repo", r, "create-image", str(_tree(tmp_path / "c", 8)))[0] == 0
 
-    status, out, _ = _run(capsys, "--repo", r, "images")
+    status, out, _ = run_ctl(capsys, "--repo", r, "images")
     assert status == 0
     rows = [line.split() for line in out.splitlines()]
     assert len(rows) == 3
     assert rows[0][0] == one and rows[0][-1] == "one"
     assert rows[1][0] == two and rows[1][-1] == "x/two"
     assert rows[2][-1] == "-"
-    listed = json.loads(_run(capsys, "--repo", r, "images", "--json")[1])
+    listed = json.loads(run_ctl(capsys, "--repo", r, "images", "--json")[1])
     assert [e["refs"] for e in listed] == [["one"], ["x/two"], []]
 
-    status, out, _ = _run(capsys, "--repo", r, "describe", "x/two")
+    status, out, _ = run_ctl(capsys, "--repo", r, "describe", "x/two")
     assert status == 0
     assert out.splitlines()[0] == f"digest:            {two}"
     assert "refs:              x/two" in out
-    details = json.loads(_run(capsys, "--repo", r, "describe", "--json", two)[1])
+    details = json.loads(run_ctl(capsys, "--repo", r, "describe", "--json", two)[1])
     assert details["digest"] == two and details["object_count"] > 0
 
     # gc: the unreferenced third image goes (dry run first), pins keep images.
-    status, out, _ = _run(capsys, "--repo", r, "gc", "--dry-run")
+    status, out, _ = run_ctl(capsys, "--repo", r, "gc", "--dry-run")
     assert status == 0 and out.startswith("gc: would remove ") and ", 1 images," in out
-    assert len(json.loads(_run(capsys, "--repo", r, "images", "--json")[1])) == 3
-    status, out, _ = _run(capsys, "--repo", r, "remove-ref", "one")
+    assert len(json.loads(run_ctl(capsys, "--repo", r, "images", "--json")[1])) == 3
+    status, out, _ = run_ctl(capsys, "--repo", r, "remove-ref", "one")
     assert (status, out) == (0, "")
-    status, out, _ = _run(capsys, "--repo", r, "gc", "--pin", one, "--json")
+    status, out, _ = run_ctl(capsys, "--repo", r, "gc", "--pin", one, "--json")
     assert status == 0 and json.loads(out)["images_removed"] == 1
-    assert [e["digest"] for e in json.loads(_run(capsys, "--repo", r, "images", "--json")[1])] == [
+    assert [
+        e["digest"] for e in json.loads(run_ctl(capsys, "--repo", r, "images", "--json")[1])
+    ] == [
         one,
         two,
     ]
 
-    status, _, _ = _run(capsys, "--repo", r, "remove-image", "x/two")
+    status, _, _ = run_ctl(capsys, "--repo", r, "remove-image", "x/two")
     assert status == 0
     assert not (repo / "images" / "refs" / "x" / "two").exists()
-    status, _, err = _run(capsys, "--repo", r, "describe", two)
+    status, _, err = run_ctl(capsys, "--repo", r, "describe", two)
     assert status == 1 and err.startswith("composefsctl: error: no image")
-    status, _, err = _run(capsys, "--repo", r, "remove-ref", "one")
+    status, _, err = run_ctl(capsys, "--repo", r, "remove-ref", "one")
     assert status == 1 and err.startswith("composefsctl: error: ")
-    assert _run(capsys, "--repo", r, "gc")[0] == 0
-    assert _run(capsys, "--repo", r, "fsck")[0] == 0
+    assert run_ctl(capsys, "--repo", r, "gc")[0] == 0
+    assert run_ctl(capsys, "--repo", r, "fsck")[0] == 0
 
 
 def test_entry_point(tmp_path: Path) -> None:

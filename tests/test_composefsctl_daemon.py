@@ -22,16 +22,8 @@ from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Progress
 from composefsd.service.client import VarlinkCallError
+from ctlrun import run_ctl
 from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +57,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
 
 
 def _create(capsys: pytest.CaptureFixture[str], d: Daemon, tree: Path, *extra: str) -> str:
-    status, out, err = _run(capsys, "--connect", d.address, "create-image", str(tree), *extra)
+    status, out, err = run_ctl(capsys, "--connect", d.address, "create-image", str(tree), *extra)
     assert (status, err) == (0, ""), err
     return out.strip()
 
@@ -75,24 +67,24 @@ def _create(capsys: pytest.CaptureFixture[str], d: Daemon, tree: Path, *extra: s
 
 def test_status(capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path) -> None:
     _create(capsys, daemon, tree, "--ref", "status/v1")
-    status, out, err = _run(capsys, "--connect", daemon.address, "status", "--json")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "status", "--json")
     assert (status, err) == (0, "")
     doc = json.loads(out)
     assert doc["path"] == str(daemon.repo)
     assert doc["algorithm"] == "sha256" and doc["verity"] == "try"
     assert doc["images"] >= 1 and doc["refs"] >= 1 and doc["mounts"] == 0
     # Direct mode on the same repository gives the same document.
-    status, direct_out, _ = _run(capsys, "--repo", str(daemon.repo), "status", "--json")
+    status, direct_out, _ = run_ctl(capsys, "--repo", str(daemon.repo), "status", "--json")
     assert status == 0
     assert json.loads(direct_out) == doc
 
-    status, out, _ = _run(capsys, "status", "--connect", daemon.address)
+    status, out, _ = run_ctl(capsys, "status", "--connect", daemon.address)
     assert status == 0
     lines = out.splitlines()
     assert lines[0] == f"repository:  {daemon.repo}"
     assert lines[1:3] == ["algorithm:   sha256", "fs-verity:   try"]
     assert lines[-1] == f"service:     composefsd {doc['version']} at {daemon.address}"
-    status, direct_out, _ = _run(capsys, "--repo", str(daemon.repo), "status")
+    status, direct_out, _ = run_ctl(capsys, "--repo", str(daemon.repo), "status")
     assert direct_out.splitlines()[:-1] == lines[:-1]
     assert direct_out.splitlines()[-1] == "service:     none (working on the repository directly)"
 
@@ -103,15 +95,15 @@ def test_status(capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path) 
 def test_create_image_same_as_direct(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path, tmp_path: Path
 ) -> None:
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", str(tree), "--ref", "c/v1", "--json"
     )
     assert (status, err) == (0, "")
     doc = json.loads(out)
     # The same image, built directly in another repository.
     other = tmp_path / "other"
-    assert _run(capsys, "--repo", str(other), "init")[0] == 0
-    status, out, _ = _run(
+    assert run_ctl(capsys, "--repo", str(other), "init")[0] == 0
+    status, out, _ = run_ctl(
         capsys, "--repo", str(other), "create-image", str(tree), "--ref", "c/v1", "--json"
     )
     direct = json.loads(out)
@@ -123,7 +115,7 @@ def test_create_image_same_as_direct(
     # (the daemon's repository may have had some objects already)
     assert doc["objects_written"] + doc["objects_reused"] == direct["objects_written"]
     # Human output: the digest; -v adds a summary on stderr.
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", str(tree), "-v", "--by-path"
     )
     assert status == 0
@@ -151,22 +143,22 @@ def test_create_image_options(
 ) -> None:
     digest = _create(capsys, daemon, tree, *options)
     other = tmp_path / "other"
-    _run(capsys, "--repo", str(other), "init")
-    status, out, _ = _run(capsys, "--repo", str(other), "create-image", str(tree), *options)
+    run_ctl(capsys, "--repo", str(other), "init")
+    status, out, _ = run_ctl(capsys, "--repo", str(other), "create-image", str(tree), *options)
     assert (status, out.strip()) == (0, digest)
 
 
 def test_create_image_progress(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path
 ) -> None:
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", str(tree), "--progress"
     )
     assert status == 0 and len(out.strip()) == 64
     phases = [line.split(":")[0] for line in err.splitlines()]
     assert "scan" in phases and "import" in phases, err
     # Without --progress and without a terminal: nothing on stderr.
-    status, _, err = _run(capsys, "--connect", daemon.address, "create-image", str(tree))
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "create-image", str(tree))
     assert (status, err) == (0, "")
 
 
@@ -195,22 +187,22 @@ def test_progress_bar_on_a_terminal() -> None:
 def test_create_image_errors(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path, tmp_path: Path
 ) -> None:
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", str(tmp_path / "none")
     )
     assert status == 1
     assert err == f"composefsctl: error: source {tmp_path}/none: No such file or directory\n"
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", "--by-path", str(tmp_path / "none")
     )
     assert status == 1
     assert err.startswith("composefsctl: error: io.composefs.Repository.SourceError: ")
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "create-image", str(tree), "--ref", "bad//ref"
     )
     assert status == 1
     assert err.startswith("composefsctl: error: io.composefs.Repository.InvalidName: ")
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys,
         "--connect",
         daemon.address,
@@ -224,7 +216,7 @@ def test_create_image_errors(
         (["--threads", "2"], "--threads"),
         (["--preserve-hardlinks"], "--preserve-hardlinks"),
     ):
-        status, _, err = _run(
+        status, _, err = run_ctl(
             capsys, "--connect", daemon.address, "create-image", str(tree), *extra
         )
         assert status == 2
@@ -238,12 +230,12 @@ def test_images_same_as_direct(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path
 ) -> None:
     _create(capsys, daemon, tree, "--ref", "img/v1")
-    status, out, err = _run(capsys, "--connect", daemon.address, "images")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "images")
     assert (status, err) == (0, "")
-    status, direct, _ = _run(capsys, "--repo", str(daemon.repo), "images")
+    status, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "images")
     assert out == direct and "img/v1" in out
-    status, out, _ = _run(capsys, "--connect", daemon.address, "images", "--json")
-    status, direct, _ = _run(capsys, "--repo", str(daemon.repo), "images", "--json")
+    status, out, _ = run_ctl(capsys, "--connect", daemon.address, "images", "--json")
+    status, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "images", "--json")
     mine, theirs = json.loads(out), json.loads(direct)
     assert [list(e) for e in mine] == [list(e) for e in theirs]
     for a, b in zip(mine, theirs, strict=True):
@@ -253,23 +245,23 @@ def test_images_same_as_direct(
 
 def test_verify(capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path) -> None:
     digest = _create(capsys, daemon, tree, "--ref", "ver/v1")
-    status, out, err = _run(capsys, "--connect", daemon.address, "verify", "ver/v1")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "verify", "ver/v1")
     assert (status, err) == (0, "")
     assert out.startswith(f"{digest}: ok (") and "measured by fs-verity)" in out
-    status, out, _ = _run(capsys, "--connect", daemon.address, "verify", "ver/v1", "--json")
+    status, out, _ = run_ctl(capsys, "--connect", daemon.address, "verify", "ver/v1", "--json")
     (doc,) = json.loads(out)
-    _, direct, _ = _run(capsys, "--repo", str(daemon.repo), "verify", "ver/v1", "--json")
+    _, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "verify", "ver/v1", "--json")
     (ddoc,) = json.loads(direct)
     assert list(doc) == [k for k in ddoc if k not in ("bytes_checked", "verity_required")]
     assert doc == {k: ddoc[k] for k in doc}
     # --all: one result per image, the same as direct mode's.
-    status, out, _ = _run(capsys, "--connect", daemon.address, "verify", "--all", "--json")
-    _, direct, _ = _run(capsys, "--repo", str(daemon.repo), "verify", "--all", "--json")
+    status, out, _ = run_ctl(capsys, "--connect", daemon.address, "verify", "--all", "--json")
+    _, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "verify", "--all", "--json")
     assert status == 0
     assert sorted(d["digest"] for d in json.loads(out)) == sorted(
         d["digest"] for d in json.loads(direct)
     )
-    status, out, err = _run(capsys, "--connect", daemon.address, "verify", "--all", "--progress")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "verify", "--all", "--progress")
     assert status == 0 and out.count(": ok (") == len(json.loads(direct))
     assert "objects: " in err
 
@@ -290,17 +282,17 @@ def test_verify_finds_damage(
         corrupt.chmod(0o644)
         with open(corrupt, "r+b") as f:
             f.write(b"X")
-        status, out, err = _run(capsys, "--connect", d.address, "verify", "dmg/v1")
+        status, out, err = run_ctl(capsys, "--connect", d.address, "verify", "dmg/v1")
         assert (status, err) == (1, "")
         missing = victims[0].parent.name + victims[0].name
         bad = corrupt.parent.name + corrupt.name
-        _, direct, _ = _run(capsys, "--repo", str(d.repo), "verify", "dmg/v1")
+        _, direct, _ = run_ctl(capsys, "--repo", str(d.repo), "verify", "dmg/v1")
         lines = out.splitlines()
         assert lines[0] == f"{digest}: FAILED"
         assert f"  missing object: {missing}" in lines
         assert any(line.startswith(f"  corrupt object: {bad}: ") for line in lines)
         assert out == direct  # the same report as direct mode's
-        status, out, _ = _run(capsys, "--connect", d.address, "verify", "--all", "--json")
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "verify", "--all", "--json")
         assert status == 1
         (doc,) = json.loads(out)
         assert doc["ok"] is False and doc["missing"] == [missing]
@@ -310,11 +302,11 @@ def test_verify_finds_damage(
 
 
 def test_verify_usage_and_unknown(capsys: pytest.CaptureFixture[str], daemon: Daemon) -> None:
-    status, _, err = _run(capsys, "--connect", daemon.address, "verify")
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "verify")
     assert status == 2 and "give the IMAGE(s) to verify, or --all" in err
-    status, _, err = _run(capsys, "--connect", daemon.address, "verify", "x", "--all")
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "verify", "x", "--all")
     assert status == 2
-    status, out, err = _run(capsys, "--connect", daemon.address, "verify", "no/such")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "verify", "no/such")
     assert (status, out) == (1, "")
     assert err == (
         "composefsctl: error: io.composefs.Repository.NoSuchImage: no image or ref 'no/such'\n"
@@ -326,8 +318,12 @@ def test_verify_all_of_an_empty_repository(
 ) -> None:
     d = start_daemon(tmp_path / "repo")
     try:
-        assert _run(capsys, "--connect", d.address, "verify", "--all") == (0, "", "")
-        assert _run(capsys, "--connect", d.address, "verify", "--all", "--json") == (0, "[]\n", "")
+        assert run_ctl(capsys, "--connect", d.address, "verify", "--all") == (0, "", "")
+        assert run_ctl(capsys, "--connect", d.address, "verify", "--all", "--json") == (
+            0,
+            "[]\n",
+            "",
+        )
     finally:
         assert d.stop() == 0
 
@@ -339,36 +335,36 @@ def test_mount_through_the_daemon(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path, mnt: Path
 ) -> None:
     digest = _create(capsys, daemon, tree, "--ref", "m/v1")
-    status, out, err = _run(capsys, "--connect", daemon.address, "mount", "m/v1", str(mnt), "-v")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "mount", "m/v1", str(mnt), "-v")
     assert (status, err) == (0, "")
     assert out.startswith(f"mounted composefs:{digest} at {mnt}: image digest checked ")
     assert (mnt / "hello").read_text() == "hello from composefs\n"
     assert (mnt / "d0" / "f0").read_bytes() == (tree / "d0" / "f0").read_bytes()
     # mounts: the same listing as direct mode's, human and JSON.
-    status, out, _ = _run(capsys, "--connect", daemon.address, "mounts")
-    _, direct, _ = _run(capsys, "--repo", str(daemon.repo), "mounts")
+    status, out, _ = run_ctl(capsys, "--connect", daemon.address, "mounts")
+    _, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "mounts")
     assert status == 0 and out == direct
     assert out == f"{mnt}  {digest}  ro  verity=off\n"
-    _, out, _ = _run(capsys, "--connect", daemon.address, "mounts", "--json")
-    _, direct, _ = _run(capsys, "--repo", str(daemon.repo), "mounts", "--json")
+    _, out, _ = run_ctl(capsys, "--connect", daemon.address, "mounts", "--json")
+    _, direct, _ = run_ctl(capsys, "--repo", str(daemon.repo), "mounts", "--json")
     (doc,) = json.loads(out)
     (ddoc,) = json.loads(direct)
     assert doc == {k: ddoc[k] for k in doc}
     assert list(doc) == ["mountpoint", "source", "digest", "readOnly", "verity"]
-    _, out, _ = _run(capsys, "--connect", daemon.address, "mounts", "--all", "--json")
+    _, out, _ = run_ctl(capsys, "--connect", daemon.address, "mounts", "--all", "--json")
     assert str(mnt) in [m["mountpoint"] for m in json.loads(out)]
     # Mounted: the image cannot go.
-    status, _, err = _run(capsys, "--connect", daemon.address, "remove-image", "m/v1")
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "remove-image", "m/v1")
     assert status == 1
     assert err.startswith(
         "composefsctl: error: io.composefs.Repository.ImageInUse: image 'm/v1' is in use: "
     )
     assert str(mnt) in err
-    status, out, err = _run(capsys, "--connect", daemon.address, "unmount", str(mnt), "--json")
+    status, out, err = run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt), "--json")
     assert (status, err) == (0, "")
     assert json.loads(out) == {"where": str(mnt), "digest": digest}
     assert composefs_mount_at(str(mnt)) is None
-    status, _, err = _run(capsys, "--connect", daemon.address, "unmount", str(mnt))
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt))
     assert status == 1
     assert (
         err
@@ -380,7 +376,7 @@ def test_mount_json_same_keys_as_direct(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path, mnt: Path, tmp_path: Path
 ) -> None:
     digest = _create(capsys, daemon, tree, "--ref", "mj/v1")
-    status, out, _ = _run(
+    status, out, _ = run_ctl(
         capsys,
         "--connect",
         daemon.address,
@@ -395,7 +391,7 @@ def test_mount_json_same_keys_as_direct(
     doc = json.loads(out)
     mnt2 = tmp_path / "direct"
     mnt2.mkdir()
-    status, direct_out, _ = _run(
+    status, direct_out, _ = run_ctl(
         capsys,
         "--repo",
         str(daemon.repo),
@@ -413,8 +409,8 @@ def test_mount_json_same_keys_as_direct(
         assert doc == {**{k: direct[k] for k in doc}, "where": str(mnt)}
         assert doc["imageDigest"] == digest and doc["readOnly"] is True
     finally:
-        assert _run(capsys, "--repo", str(daemon.repo), "unmount", str(mnt2))[0] == 0
-    assert _run(capsys, "--connect", daemon.address, "unmount", str(mnt), "-v") == (
+        assert run_ctl(capsys, "--repo", str(daemon.repo), "unmount", str(mnt2))[0] == 0
+    assert run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt), "-v") == (
         0,
         f"unmounted composefs:{digest} from {mnt}\n",
         "",
@@ -426,7 +422,7 @@ def test_mount_fd_attach(
 ) -> None:
     """The daemon hands over a detached mount; composefsctl attaches it itself."""
     digest = _create(capsys, daemon, tree, "--ref", "fd/v1")
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--connect", daemon.address, "mount", "fd/v1", str(mnt), "--fd-attach", "--json"
     )
     assert (status, err) == (0, "")
@@ -436,7 +432,7 @@ def test_mount_fd_attach(
     assert found is not None and found.digest == digest
     assert (mnt / "hello").read_text() == "hello from composefs\n"
     # Attached by us, unmounted by the daemon (same mount namespace here).
-    assert _run(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
+    assert run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
     assert composefs_mount_at(str(mnt)) is None
 
 
@@ -447,7 +443,7 @@ def test_mount_writable_and_idmapped(
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys,
         "--connect",
         daemon.address,
@@ -465,9 +461,9 @@ def test_mount_writable_and_idmapped(
     assert json.loads(out)["readOnly"] is False
     (mnt / "new").write_text("written")
     assert (upper / "new").read_text() == "written"
-    assert _run(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
+    assert run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
 
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys,
         "--connect",
         daemon.address,
@@ -481,34 +477,34 @@ def test_mount_writable_and_idmapped(
     assert (status, err) == (0, ""), err
     assert json.loads(out)["idmapped"] is True
     assert os.stat(mnt / "hello").st_uid == 1000
-    assert _run(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
+    assert run_ctl(capsys, "--connect", daemon.address, "unmount", str(mnt))[0] == 0
 
 
 def test_mount_errors(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path, mnt: Path, tmp_path: Path
 ) -> None:
     digest = _create(capsys, daemon, tree, "--ref", "me/v1")
-    status, _, err = _run(capsys, "--connect", daemon.address, "mount", "no/such", str(mnt))
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "mount", "no/such", str(mnt))
     assert status == 1
     assert (
         err
         == "composefsctl: error: io.composefs.Repository.NoSuchImage: no image or ref 'no/such'\n"
     )
     wrong = "0" * 64
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "mount", "me/v1", str(mnt), "--expected-digest", wrong
     )
     assert status == 1
     assert err.startswith("composefsctl: error: io.composefs.Repository.ImageVerityFailed: ")
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "mount", "me/v1", str(mnt), "--upperdir", str(tmp_path)
     )
     assert status == 2 and "--upperdir and --workdir go together" in err
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "mount", "me/v1", str(mnt), "--uid-map", "nonsense"
     )
     assert status == 2 and "is not INSIDE:OUTSIDE:COUNT" in err
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys,
         "--connect",
         daemon.address,
@@ -519,7 +515,7 @@ def test_mount_errors(
         str(tmp_path / "x"),
     )
     assert status == 1 and "cannot open user namespace" in err
-    status, _, err = _run(
+    status, _, err = run_ctl(
         capsys, "--connect", daemon.address, "mount", digest, str(tmp_path / "none")
     )
     assert status == 1
@@ -533,7 +529,7 @@ def test_remove_image_and_gc(
     d = start_daemon(tmp_path / "repo")
     try:
         digest = _create(capsys, d, tree, "--ref", "gc/v1")
-        status, out, err = _run(capsys, "--connect", d.address, "gc", "--dry-run", "--json")
+        status, out, err = run_ctl(capsys, "--connect", d.address, "gc", "--dry-run", "--json")
         assert (status, err) == (0, "")
         assert json.loads(out) == {
             "objects_removed": 0,
@@ -542,23 +538,23 @@ def test_remove_image_and_gc(
             "links_removed": 0,
             "dry_run": True,
         }
-        status, out, _ = _run(capsys, "--connect", d.address, "remove-image", "gc/v1", "--json")
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "remove-image", "gc/v1", "--json")
         assert status == 0
         assert json.loads(out) == {"image": "gc/v1", "removed_refs": ["gc/v1"]}
-        status, out, _ = _run(capsys, "--connect", d.address, "remove-image", "gc/v1")
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "remove-image", "gc/v1")
         assert status == 1
-        status, out, err = _run(capsys, "--connect", d.address, "gc", "--dry-run")
+        status, out, err = run_ctl(capsys, "--connect", d.address, "gc", "--dry-run")
         assert status == 0
         assert out.startswith("gc: would remove ")
-        status, out, err = _run(capsys, "--connect", d.address, "gc", "--progress")
+        status, out, err = run_ctl(capsys, "--connect", d.address, "gc", "--progress")
         assert status == 0
         assert out.startswith("gc: removed ") and not out.startswith("gc: removed 0 objects")
         assert "sweep" in err
         assert not (d.repo / "objects" / digest[:2] / digest[2:]).exists()
-        status, _, err = _run(capsys, "--connect", d.address, "gc", "--pin", digest)
+        status, _, err = run_ctl(capsys, "--connect", d.address, "gc", "--pin", digest)
         assert status == 2 and "gc --pin has no daemon equivalent" in err
         digest2 = _create(capsys, d, tree)
-        status, out, _ = _run(capsys, "--connect", d.address, "remove-image", digest2, "-v")
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "remove-image", digest2, "-v")
         assert (status, out) == (0, f"removed image {digest2} (refs: -)\n")
     finally:
         assert d.stop() == 0
@@ -571,17 +567,17 @@ def test_unreachable_daemon_exit_3(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sock = tmp_path / "nothing"
-    status, out, err = _run(capsys, "--connect", str(sock), "images")
+    status, out, err = run_ctl(capsys, "--connect", str(sock), "images")
     assert (status, out) == (EXIT_UNREACHABLE, "")
     assert err == f"composefsctl: error: cannot connect to {sock}: No such file or directory\n"
     monkeypatch.setenv("COMPOSEFSD_SOCKET", f"unix:{sock}")
-    status, _, err = _run(capsys, "images")
+    status, _, err = run_ctl(capsys, "images")
     assert status == EXIT_UNREACHABLE
     assert err == f"composefsctl: error: cannot connect to unix:{sock}: No such file or directory\n"
     # --repo beats the environment: direct mode.
     repo = tmp_path / "repo"
-    assert _run(capsys, "--repo", str(repo), "init")[0] == 0
-    assert _run(capsys, "--repo", str(repo), "images") == (0, "", "")
+    assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "images") == (0, "", "")
 
 
 def test_daemon_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None:
@@ -591,7 +587,7 @@ def test_daemon_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None
     lsock.bind(str(rundir / "sock"))
     lsock.listen()
     try:
-        status, _, err = _run(
+        status, _, err = run_ctl(
             capsys, "--connect", str(rundir / "sock"), "--timeout", "0.3", "status"
         )
         assert status == EXIT_UNREACHABLE
@@ -599,7 +595,7 @@ def test_daemon_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None
             err
             == f"composefsctl: error: {rundir}/sock: no reply to io.composefs.Repository.Describe within 0.3 s\n"
         )
-        status, _, err = _run(capsys, "--timeout", "-1", "status")
+        status, _, err = run_ctl(capsys, "--timeout", "-1", "status")
         assert status == 2 and "must be 0 or more seconds" in err
     finally:
         lsock.close()
@@ -622,7 +618,7 @@ def test_daemon_dies_mid_call(capsys: pytest.CaptureFixture[str], tmp_path: Path
     t = threading.Thread(target=hang_up)
     t.start()
     try:
-        status, _, err = _run(capsys, "--connect", str(rundir / "sock"), "images")
+        status, _, err = run_ctl(capsys, "--connect", str(rundir / "sock"), "images")
         assert status == EXIT_UNREACHABLE
         assert "closed the connection before replying to io.composefs.Repository.ListImages" in err
     finally:
@@ -636,22 +632,22 @@ def test_default_socket_is_used_when_a_daemon_answers(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(composefsctl, "default_address", lambda: daemon.address)
-    status, out, _ = _run(capsys, "status")
+    status, out, _ = run_ctl(capsys, "status")
     assert status == 0 and out.endswith(f"at {daemon.address}\n")
     # --direct works on the (default) repository directly instead; here:
     # COMPOSEFSD_REPOSITORY names it, which also means direct access.
     monkeypatch.setenv("COMPOSEFSD_REPOSITORY", str(daemon.repo))
-    status, out, _ = _run(capsys, "status")
+    status, out, _ = run_ctl(capsys, "status")
     assert out.endswith("service:     none (working on the repository directly)\n")
     monkeypatch.delenv("COMPOSEFSD_REPOSITORY")
-    status, out, _ = _run(capsys, "status", "--direct", "--repo", str(daemon.repo))
+    status, out, _ = run_ctl(capsys, "status", "--direct", "--repo", str(daemon.repo))
     assert out.endswith("service:     none (working on the repository directly)\n")
     # Commands the daemon does not offer run directly (on the default repository,
     # which does not exist here, hence the repository's own error).
     monkeypatch.setattr(
         "composefsd.repository.repo.default_path", lambda: daemon.repo.parent / "nope"
     )
-    status, _, err = _run(capsys, "fsck")
+    status, _, err = run_ctl(capsys, "fsck")
     assert status == 1
     assert "has no daemon method" not in err
 
@@ -660,20 +656,20 @@ def test_fallback_to_direct_mode_without_daemon(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tree: Path
 ) -> None:
     repo = tmp_path / "repo"
-    assert _run(capsys, "--repo", str(repo), "init")[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
     monkeypatch.setattr("composefsd.repository.repo.default_path", lambda: repo)
     monkeypatch.setattr("composefsd.cli.composefsctl.default_path", lambda: repo)
     # No socket at the default address.
-    status, out, _ = _run(capsys, "create-image", str(tree))
+    status, out, _ = run_ctl(capsys, "create-image", str(tree))
     assert status == 0 and len(out.strip()) == 64
-    assert _run(capsys, "status")[1].endswith("(working on the repository directly)\n")
+    assert run_ctl(capsys, "status")[1].endswith("(working on the repository directly)\n")
     # A stale socket file that nobody listens on.
     stale = tmp_path / "stale"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(stale))
     s.close()
     monkeypatch.setattr(composefsctl, "default_address", lambda: str(stale))
-    status, out, _ = _run(capsys, "images")
+    status, out, _ = run_ctl(capsys, "images")
     assert status == 0 and out.startswith(out.split()[0]) and len(out.splitlines()) == 1
 
 
@@ -681,12 +677,12 @@ def test_explicit_address_and_direct_only_commands(
     capsys: pytest.CaptureFixture[str], daemon: Daemon, tmp_path: Path
 ) -> None:
     for argv in (["fsck"], ["init"], ["describe", "x"], ["remove-ref", "x"]):
-        status, _, err = _run(capsys, "--connect", daemon.address, *argv)
+        status, _, err = run_ctl(capsys, "--connect", daemon.address, *argv)
         assert status == 2
         assert f"'{argv[0]}' has no daemon method; use --direct (with --repo PATH)" in err
-    status, _, err = _run(capsys, "--connect", daemon.address, "--direct", "images")
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "--direct", "images")
     assert status == 2 and "--direct and --connect exclude each other" in err
-    status, _, err = _run(capsys, "--connect", daemon.address, "--repo", str(tmp_path), "images")
+    status, _, err = run_ctl(capsys, "--connect", daemon.address, "--repo", str(tmp_path), "images")
     assert status == 2 and "with --connect the daemon serves its own" in err
 
 
@@ -694,14 +690,14 @@ def test_exec_address(capsys: pytest.CaptureFixture[str], tmp_path: Path, tree: 
     """--connect exec:PROGRAM starts a composefsd for the one command."""
     repo = tmp_path / "repo"
     wrapper = exec_wrapper(tmp_path / "composefsd-exec", repo, tmp_path / "runtime")
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys, "--connect", f"exec:{wrapper}", "create-image", str(tree), "--ref", "e/v1"
     )
     assert status == 0, err
     digest = out.strip()
-    status, out, _ = _run(capsys, "--connect", f"exec:{wrapper}", "images")
+    status, out, _ = run_ctl(capsys, "--connect", f"exec:{wrapper}", "images")
     assert status == 0 and out.startswith(digest) and out.rstrip().endswith("e/v1")
-    status, out, _ = _run(capsys, "--connect", f"exec:{wrapper}", "status")
+    status, out, _ = run_ctl(capsys, "--connect", f"exec:{wrapper}", "status")
     assert out.splitlines()[0] == f"repository:  {repo}"
 
 

@@ -11,18 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.cli.composefsctl import main
 from composefsd.kernel.mountinfo import list_composefs_mounts
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
-
-
-def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return status, out, err
+from ctlrun import run_ctl
 
 
 @pytest.fixture
@@ -36,8 +27,8 @@ def setup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[
         f.write_bytes(rng.randbytes(rng.choice([0, 30, 5000, 200_000])))
     (src / "link").symlink_to("d0/f0")
     mnt.mkdir()
-    assert _run(capsys, "--repo", str(repo), "init")[0] == 0
-    assert _run(capsys, "--repo", str(repo), "create-image", str(src), "--ref", "app")[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "create-image", str(src), "--ref", "app")[0] == 0
     yield repo, src, mnt
     for m in reversed(list_composefs_mounts()):
         if m.mountpoint.startswith(str(tmp_path)):
@@ -58,7 +49,7 @@ def test_mount_list_unmount(
     setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo, src, mnt = setup
-    status, out, err = _run(capsys, "--repo", str(repo), "mount", "app", str(mnt), "--json")
+    status, out, err = run_ctl(capsys, "--repo", str(repo), "mount", "app", str(mnt), "--json")
     assert status == 0, err
     info = json.loads(out)
     digest = info["imageDigest"]
@@ -69,36 +60,36 @@ def test_mount_list_unmount(
     assert _tree_hashes(mnt) == _tree_hashes(src)
     assert os.readlink(mnt / "link") == "d0/f0"
 
-    status, out, _ = _run(capsys, "--repo", str(repo), "mounts", "--json")
+    status, out, _ = run_ctl(capsys, "--repo", str(repo), "mounts", "--json")
     assert status == 0
     listed = json.loads(out)
     assert [(m["mountpoint"], m["digest"], m["readOnly"]) for m in listed] == [
         (str(mnt), digest, True)
     ]
-    status, out, _ = _run(capsys, "--repo", str(repo), "mounts")
+    status, out, _ = run_ctl(capsys, "--repo", str(repo), "mounts")
     assert out == f"{mnt}  {digest}  ro  verity=off\n"
 
-    status, out, err = _run(capsys, "--repo", str(repo), "unmount", str(mnt), "-v")
+    status, out, err = run_ctl(capsys, "--repo", str(repo), "unmount", str(mnt), "-v")
     assert status == 0, err
     assert out == f"unmounted composefs:{digest} from {mnt}\n"
     assert not any(m.mountpoint == str(mnt) for m in list_composefs_mounts())
-    assert _run(capsys, "--repo", str(repo), "mounts")[1] == ""
+    assert run_ctl(capsys, "--repo", str(repo), "mounts")[1] == ""
 
 
 def test_gc_keeps_mounted_image(
     setup: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo, src, mnt = setup
-    assert _run(capsys, "--repo", str(repo), "mount", "app", str(mnt))[0] == 0
-    assert _run(capsys, "--repo", str(repo), "remove-ref", "app")[0] == 0
-    status, out, _ = _run(capsys, "--repo", str(repo), "gc", "--json")
+    assert run_ctl(capsys, "--repo", str(repo), "mount", "app", str(mnt))[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "remove-ref", "app")[0] == 0
+    status, out, _ = run_ctl(capsys, "--repo", str(repo), "gc", "--json")
     assert status == 0
     result = json.loads(out)
     assert result["objects_removed"] == 0 and result["images_removed"] == 0
     # Everything still reads through the mount.
     assert _tree_hashes(mnt) == _tree_hashes(src)
-    assert _run(capsys, "--repo", str(repo), "unmount", str(mnt))[0] == 0
-    result = json.loads(_run(capsys, "--repo", str(repo), "gc", "--json")[1])
+    assert run_ctl(capsys, "--repo", str(repo), "unmount", str(mnt))[0] == 0
+    result = json.loads(run_ctl(capsys, "--repo", str(repo), "gc", "--json")[1])
     assert result["images_removed"] == 1 and result["objects_removed"] > 0
 
 
@@ -109,7 +100,7 @@ def test_mount_rw_and_idmap(
     upper, work = tmp_path / "upper", tmp_path / "work"
     upper.mkdir()
     work.mkdir()
-    status, out, err = _run(
+    status, out, err = run_ctl(
         capsys,
         "--repo",
         str(repo),
@@ -132,7 +123,7 @@ def test_mount_rw_and_idmap(
     assert (mnt / "d1" / "f1").stat().st_uid == 200000
     (mnt / "new").write_text("written")
     assert (upper / "new").read_text() == "written"
-    assert _run(capsys, "--repo", str(repo), "unmount", str(mnt))[0] == 0
+    assert run_ctl(capsys, "--repo", str(repo), "unmount", str(mnt))[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -158,7 +149,7 @@ def test_mount_errors(
     # Only our own mounts: other tests or benchmarks may mount meanwhile.
     before = _mounts_under(mnt.parent)
     args = [a.format(mnt=mnt) for a in argv]
-    status, out, err = _run(capsys, "--repo", str(repo), *args)
+    status, out, err = run_ctl(capsys, "--repo", str(repo), *args)
     assert status in (1, 2)
     assert message.format(mnt=mnt) in err
     assert err.startswith("composefsctl") or err.startswith("usage:")
