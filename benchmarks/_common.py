@@ -14,7 +14,8 @@ def reference_bin() -> Path:
     env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
     if env:
         return Path(env)
-    script = REPO.parent / "shared" / "tools" / "reference-tools"
+    shared = Path(os.environ.get("COMPOSEFSD_SHARED") or REPO.parent / "shared")
+    script = shared / "tools" / "reference-tools"
     out = subprocess.run([str(script)], check=True, capture_output=True, text=True).stdout
     return Path(out.strip().splitlines()[-1])
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# run-tests exports where tests/shared-dir found it; else it sits beside the checkout.
+SHARED = Path(os.environ.get("COMPOSEFSD_SHARED") or REPO.parent / "shared")
 TESTDATA = SHARED / "testdata" / "composefs-c"
 
 

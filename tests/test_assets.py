@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import without_line_numbers
+from conftest import TESTDATA, without_line_numbers
 
-# As in conftest.py; needed at collection time, before any fixture exists.
-TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "composefs-c"
+# Needed at collection time, before any fixture exists.
 ASSETS = TESTDATA / "assets"
 FUZZING = TESTDATA / "fuzzing"
 # Where our console scripts are; COMPOSEFS_SCRIPTS_DIR points the tests at other builds.

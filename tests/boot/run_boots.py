@@ -48,7 +48,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SDVM_DEFAULT = REPO.parent / "shared" / "tools" / "systemd-vm"
+SDVM_DEFAULT = (
+    Path(os.environ.get("COMPOSEFSD_SHARED") or REPO.parent / "shared") / "tools" / "systemd-vm"
+)
 BOOTS = ("happy", "optional", "required", "baseline")
 SOCKET_PATH = "/run/composefs/io.composefs.Repository"
 GUEST_REPO = "/var/lib/composefs"

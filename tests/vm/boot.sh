@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-sdvm=$(realpath -m "${SYSTEMD_VM:-../shared/tools/systemd-vm}")
+sdvm=$(realpath -m "${SYSTEMD_VM:-$(tests/shared-dir)/tools/systemd-vm}")
 if [ ! -x "$sdvm" ]; then
     echo "boot.sh: $sdvm not found (set SYSTEMD_VM)" >&2
     exit 1
@@ -31,7 +31,7 @@ fi
 
 # varlinkctl (systemd >= 255) for the boot mounts, from the reference tools.
 if [ -z "${COMPOSEFS_REFERENCE_BIN:-}" ]; then
-    COMPOSEFS_REFERENCE_BIN=$(../shared/tools/reference-tools | tail -n 1)
+    COMPOSEFS_REFERENCE_BIN=$("$(tests/shared-dir)/tools/reference-tools" | tail -n 1)
 fi
 export COMPOSEFS_REFERENCE_BIN
 

@@ -30,7 +30,7 @@ py=.venv/bin/python
 [ -x "$py" ] || { say "no $py: run ./run-tests once to create the virtualenv"; exit 1; }
 
 if [ -z "${COMPOSEFS_REFERENCE_BIN:-}" ]; then
-    COMPOSEFS_REFERENCE_BIN=$(../shared/tools/reference-tools | tail -n 1)
+    COMPOSEFS_REFERENCE_BIN=$("$(tests/shared-dir)/tools/reference-tools" | tail -n 1)
 fi
 export COMPOSEFS_REFERENCE_BIN
 export COMPOSEFSD_REQUIRE_VERITY=1
@@ -65,7 +65,7 @@ then
     exec "${pytest[@]}"
 fi
 
-vm=../shared/tools/verity-vm
+vm=$(tests/shared-dir)/tools/verity-vm
 [ -x "$vm" ] || cannot_run "this kernel has no fs-verity and $vm is missing"
 "$vm" --setup >&2 || cannot_run "this kernel has no fs-verity and '$vm --setup' failed"
 
