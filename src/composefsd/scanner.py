@@ -35,7 +35,6 @@ import collections
 import errno
 import fcntl
 import logging
-import marshal
 import os
 import queue
 import signal
@@ -47,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from composefsd import workerproc
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objcopy import CopyState, join_store_path, store_object
@@ -455,8 +455,8 @@ class _HashLane(threading.Thread):
     fs-verity hashes every 4 KiB block with its own hashlib call, so hashing threads
     spend most of their time holding the GIL and several of them do not add up to
     more than one CPU. Once the scan has queued ``_PROCESS_MIN_BYTES`` of data, each
-    lane starts a worker process (``python -m composefsd.scanner --hash-worker``,
-    batches over a pipe in ``marshal`` format) and only relays batches to it, keeping
+    lane starts a worker process (:mod:`composefsd.workerproc`, batches over a pipe
+    in ``marshal`` format) and only relays batches to it, keeping
     two in flight so that the worker never waits for this thread to get the GIL. If a
     worker cannot be started or dies, the lane hashes in-process from then on.
     """
@@ -517,11 +517,8 @@ class _HashLane(threading.Thread):
             if self.proc is None:
                 self.proc = _start_worker()
                 self.depth = 2 if _widen_pipes(self.proc) else 1
-            assert self.proc.stdin is not None
             items = [(path, node.size) for path, node in batch]
-            request = marshal.dumps((items, pipe.compute, pipe.inline, pipe.store))
-            self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
-            self.proc.stdin.flush()
+            workerproc.send(self.proc, (items, pipe.compute, pipe.inline, pipe.store))
             return True
         except (OSError, ValueError) as exc:
             self._give_up(exc)
@@ -530,11 +527,7 @@ class _HashLane(threading.Thread):
     def _receive(self) -> list[_HashResult] | None:
         try:
             assert self.proc is not None and self.proc.stdout is not None
-            header = self.proc.stdout.read(4)
-            if len(header) < 4:
-                raise EOFError("hash worker exited")
-            reply = self.proc.stdout.read(int.from_bytes(header, "little"))
-            results: list[_HashResult] = marshal.loads(reply)
+            results: list[_HashResult] = workerproc.receive(self.proc.stdout)
             return results
         except (OSError, EOFError, ValueError, AssertionError) as exc:
             self._give_up(exc)
@@ -548,22 +541,8 @@ class _HashLane(threading.Thread):
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        if self.pipeline.cancelled:
-            proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            workerproc.stop(proc, kill=self.pipeline.cancelled, timeout=10)
 
 
 def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
@@ -584,19 +563,7 @@ def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
-    # The package may not be installed (a source checkout on sys.path): tell the child
-    # where this copy of it lives.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
-    return subprocess.Popen(
-        [sys.executable, "-m", "composefsd.scanner", "--hash-worker"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        close_fds=True,
-    )
+    return workerproc.start("composefsd.scanner", "_worker_main")
 
 
 def _worker_main() -> None:
@@ -605,13 +572,11 @@ def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:
-        header = inp.read(4)
-        if len(header) < 4:
+        try:
+            request = workerproc.receive(inp)
+        except EOFError:
             return
-        request = marshal.loads(inp.read(int.from_bytes(header, "little")))
-        reply = marshal.dumps(_hash_batch(*request))
-        out.write(len(reply).to_bytes(4, "little") + reply)
-        out.flush()
+        workerproc.write_message(out, _hash_batch(*request))
 
 
 class _Pipeline:
@@ -910,7 +875,3 @@ def fill_digest_store(
             pipeline.add(path, node)
     pipeline.finish()
     return sum(pipeline.stored)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--hash-worker"]:
-    _worker_main()

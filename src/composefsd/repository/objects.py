@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from composefsd import workerproc
 from composefsd.fsverity import (
     Algorithm,
     FsVerityHasher,
@@ -968,10 +969,10 @@ def _worker_main() -> None:
     inp, out = sys.stdin.buffer, sys.stdout.buffer
 
     def receive() -> object:
-        header = inp.read(4)
-        if len(header) < 4:
+        try:
+            return workerproc.receive(inp)
+        except EOFError:
             return None
-        return marshal.loads(inp.read(int.from_bytes(header, "little")))
 
     config_tuple = receive()
     if config_tuple is None:
@@ -985,10 +986,9 @@ def _worker_main() -> None:
             if tasks is None or os.getppid() != parent:
                 return
             assert isinstance(tasks, list)
-            reply = marshal.dumps(_run_batch(store, tasks, config.hashing_copy, buf))
+            reply = _run_batch(store, tasks, config.hashing_copy, buf)
             try:
-                out.write(len(reply).to_bytes(4, "little") + reply)
-                out.flush()
+                workerproc.write_message(out, reply)
             except BrokenPipeError:
                 # The parent is gone (killed): what this batch published is complete
                 # objects; leave without a traceback, and without flushing again.
@@ -996,23 +996,12 @@ def _worker_main() -> None:
 
 
 def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from composefsd.repository.objects import _worker_main; _worker_main()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        close_fds=True,
-        pass_fds=tuple(pass_fds),
+    # Its stderr stays ours: an import worker's failure is worth seeing.
+    proc = workerproc.start(
+        "composefsd.repository.objects", "_worker_main", pass_fds=pass_fds, quiet=False
     )
-    assert proc.stdin is not None
-    request = marshal.dumps(
+    workerproc.send(
+        proc,
         (
             config.objects_dir,
             config.algorithm,
@@ -1020,10 +1009,8 @@ def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.P
             config.verity,
             config.fsync_each,
             config.hashing_copy,
-        )
+        ),
     )
-    proc.stdin.write(len(request).to_bytes(4, "little") + request)
-    proc.stdin.flush()
     return proc
 
 
@@ -1059,36 +1046,18 @@ class _Lane(threading.Thread):
         imp = self.importer
         if self.proc is None:
             self.proc = _start_worker(imp.config, imp.pass_fds)
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        request = marshal.dumps(tasks)
-        self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
-        self.proc.stdin.flush()
-        header = self.proc.stdout.read(4)
-        if len(header) < 4:
-            raise RepositoryError(f"import worker exited with status {self.proc.wait()}")
-        results: list[_Result | _Failure] = marshal.loads(
-            self.proc.stdout.read(int.from_bytes(header, "little"))
-        )
+        assert self.proc.stdout is not None
+        workerproc.send(self.proc, tasks)
+        try:
+            results: list[_Result | _Failure] = workerproc.receive(self.proc.stdout)
+        except EOFError:
+            raise RepositoryError(f"import worker exited with status {self.proc.wait()}") from None
         return results
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        if self.importer.failure is not None:
-            proc.kill()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            workerproc.stop(proc, kill=self.importer.failure is not None, timeout=30)
 
 
 class Importer:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import marshal
 import os
 import queue
 import stat
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from composefsd import workerproc
 from composefsd.fsverity import (
     Algorithm,
     VerityError,
@@ -232,28 +232,15 @@ def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     while True:
-        header = inp.read(4)
-        if len(header) < 4:
+        try:
+            algorithm, items = workerproc.receive(inp)
+        except EOFError:
             return
-        algorithm, items = marshal.loads(inp.read(int.from_bytes(header, "little")))
-        reply = marshal.dumps(_check_batch(items, algorithm))
-        out.write(len(reply).to_bytes(4, "little") + reply)
-        out.flush()
+        workerproc.write_message(out, _check_batch(items, algorithm))
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
-    # Run from a source checkout too: tell the child where this copy of the package is.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (package_root, env.get("PYTHONPATH"))))
-    return subprocess.Popen(
-        [sys.executable, "-c", "from composefsd.repository.verify import _worker_main as m; m()"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        close_fds=True,
-    )
+    return workerproc.start("composefsd.repository.verify", "_worker_main")
 
 
 _Batch = list[tuple[int, bytes, int]]
@@ -300,16 +287,9 @@ class _Lane(threading.Thread):
         try:
             if self.proc is None:
                 self.proc = _start_worker()
-            assert self.proc.stdin is not None and self.proc.stdout is not None
-            request = marshal.dumps((self.algorithm, items))
-            self.proc.stdin.write(len(request).to_bytes(4, "little") + request)
-            self.proc.stdin.flush()
-            header = self.proc.stdout.read(4)
-            if len(header) < 4:
-                raise EOFError("checking worker exited")
-            results: list[_Wire] = marshal.loads(
-                self.proc.stdout.read(int.from_bytes(header, "little"))
-            )
+            assert self.proc.stdout is not None
+            workerproc.send(self.proc, (self.algorithm, items))
+            results: list[_Wire] = workerproc.receive(self.proc.stdout)
             if len(results) != len(items):
                 raise ValueError("checking worker answered for a different number of files")
             return results
@@ -322,22 +302,8 @@ class _Lane(threading.Thread):
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        except OSError:
-            pass
-        if self.cancelled:
-            proc.kill()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            workerproc.stop(proc, kill=self.cancelled, timeout=10)
 
 
 def default_workers() -> int:
