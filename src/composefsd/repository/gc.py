@@ -53,6 +53,7 @@ from composefsd.repository.images import (
     SYMLINK_TMP_PREFIX,
     is_hex_digest,
     iter_refs,
+    prune_empty_ref_dirs,
     resolve_image,
     split_digest_prefix,
 )
@@ -230,7 +231,7 @@ def collect_garbage(
                 _remove(repo.images_dir / name)
             for path in stale_refs:
                 if _remove(path):
-                    _prune_empty(repo, path.parent)
+                    prune_empty_ref_dirs(repo, path.parent)
 
         objects_removed = bytes_removed = objects_kept = 0
         objects_dir = repo.objects_dir
@@ -305,12 +306,3 @@ def _size(entry: os.DirEntry[str]) -> int:
     except FileNotFoundError:
         return 0
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
-
-
-def _prune_empty(repo: Repository, directory: Path) -> None:
-    while directory != repo.refs_dir and repo.refs_dir in directory.parents:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
-        directory = directory.parent

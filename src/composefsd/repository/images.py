@@ -89,6 +89,7 @@ __all__ = [
     "iter_refs",
     "list_images",
     "normalize_ref",
+    "prune_empty_ref_dirs",
     "ref_target",
     "remove_image",
     "remove_ref",
@@ -725,7 +726,8 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
     )
 
 
-def _prune_empty_dirs(repo: Repository, directory: Path) -> None:
+def prune_empty_ref_dirs(repo: Repository, directory: Path) -> None:
+    """Remove ``directory`` and its parents up to ``images/refs`` while they are empty."""
     while directory != repo.refs_dir and repo.refs_dir in directory.parents:
         try:
             directory.rmdir()
@@ -746,7 +748,7 @@ def remove_ref(repo: Repository, name: str) -> None:
         if not stat.S_ISLNK(st.st_mode):
             raise ImageNotFoundError(f"{ref!r} is a directory of refs, not a ref")
         os.unlink(link)
-        _prune_empty_dirs(repo, link.parent)
+        prune_empty_ref_dirs(repo, link.parent)
         _fsync_dir(link.parent if link.parent.exists() else repo.refs_dir)
 
 
@@ -760,7 +762,7 @@ def remove_image(repo: Repository, name: str) -> list[str]:
         for ref, path, target in list(iter_refs(repo)):
             if target == digest:
                 os.unlink(path)
-                _prune_empty_dirs(repo, path.parent)
+                prune_empty_ref_dirs(repo, path.parent)
                 removed.append(ref)
         os.unlink(repo.images_dir / digest)
         _fsync_dir(repo.images_dir)
