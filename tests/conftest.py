@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import users
 
 REPO = Path(__file__).resolve().parent.parent
 # run-tests exports where tests/shared-dir found it; else it sits beside the checkout.
@@ -46,3 +50,32 @@ _LINE_NUMBER = re.compile(rb" \(line \d+\)$", re.MULTILINE)
 def without_line_numbers(stderr: bytes) -> bytes:
     """Our dumpfile errors are C's messages plus " (line N)"; drop that to compare with C."""
     return _LINE_NUMBER.sub(b"", stderr)
+
+
+@dataclass(frozen=True, slots=True)
+class TestUsers:
+    """Two non-root users made for this session, and a group only ``alice`` is in."""
+
+    alice: users.TestUser
+    bob: users.TestUser
+    #: A supplementary group of alice's (bob is not a member).
+    group: int
+
+    __test__ = False
+
+
+@pytest.fixture(scope="session")
+def test_users() -> Iterator[TestUsers]:
+    """Non-root users created for the session and deleted after it (tests run as root)."""
+    assert os.geteuid() == 0, "the tests run as root (they create users)"
+    users.remove_stale_users()
+    group = users.create_group()
+    made: list[users.TestUser] = []
+    try:
+        made.append(users.create_user(groups=(group,)))
+        made.append(users.create_user())
+        yield TestUsers(made[0], made[1], group)
+    finally:
+        for user in made:
+            users.delete_user(user)
+        users.delete_group(group)

@@ -1,0 +1,151 @@
+"""Throw-away local users for tests that need callers other than root.
+
+:func:`create_user` adds a system user (and its own group) with a unique name,
+and :func:`delete_user` removes both again; the ``test_users`` fixture in
+``conftest.py`` makes two for the session and a group they share. Each user's
+GECOS field names the pid of the test process that made it, so that users left
+behind by a killed run are removed by the next one (:func:`remove_stale_users`),
+and concurrent runs never touch each other's users.
+
+Processes run as such a user with :func:`run_as` (``subprocess`` with ``user=``,
+``group=`` and ``extra_groups=``). They cannot enter pytest's ``tmp_path`` (0700,
+root's): give them directories made with :func:`public_dir`.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_COMMENT = "composefsd test pid="
+
+
+@dataclass(frozen=True, slots=True)
+class TestUser:
+    name: str
+    uid: int
+    gid: int
+    #: Supplementary groups (gids) besides ``gid``.
+    groups: tuple[int, ...] = ()
+
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_users() -> None:
+    """Delete test users and groups whose creating process is gone."""
+    with open("/etc/passwd", encoding="utf-8", errors="replace") as f:
+        rows = [line.rstrip("\n").split(":") for line in f]
+    for row in rows:
+        if len(row) >= 5 and row[4].startswith(_COMMENT):
+            try:
+                pid = int(row[4][len(_COMMENT) :])
+            except ValueError:
+                continue
+            if not _alive(pid):
+                subprocess.run(["userdel", row[0]], capture_output=True, check=False)
+    with open("/etc/group", encoding="utf-8", errors="replace") as f:
+        groups = [line.split(":")[0] for line in f]
+    for name in groups:
+        if name.startswith("cfsdg") and name[5:].isdigit() and not _alive(int(name[5:])):
+            subprocess.run(["groupdel", name], capture_output=True, check=False)
+
+
+def create_group() -> int:
+    """A new group for this test process (``cfsdg<pid>``); its gid."""
+    name = f"cfsdg{os.getpid()}"
+    subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+    return grp.getgrnam(name).gr_gid
+
+
+def delete_group(gid: int) -> None:
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        return
+    subprocess.run(["groupdel", name], capture_output=True, check=False)
+
+
+def create_user(groups: Sequence[int] = ()) -> TestUser:
+    """A new system user with its own group, member of ``groups`` too."""
+    name = "cfsdt" + secrets.token_hex(4)
+    argv = [
+        "useradd",
+        "--system",
+        "--no-create-home",
+        "--home-dir",
+        "/nonexistent",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--user-group",
+        "--comment",
+        f"{_COMMENT}{os.getpid()}",
+    ]
+    if groups:
+        argv += ["--groups", ",".join(grp.getgrgid(g).gr_name for g in groups)]
+    subprocess.run([*argv, name], check=True, capture_output=True)
+    pw = pwd.getpwnam(name)
+    return TestUser(name, pw.pw_uid, pw.pw_gid, tuple(groups))
+
+
+def delete_user(user: TestUser) -> None:
+    subprocess.run(["userdel", user.name], capture_output=True, check=False)
+
+
+def run_as(user: TestUser, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run(argv)`` as ``user`` (its uid, gid and supplementary groups)."""
+    env = dict(kwargs.pop("env", None) or os.environ)
+    env["HOME"] = "/nonexistent"
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.run(
+        list(argv),
+        user=user.uid,
+        group=user.gid,
+        extra_groups=list(user.groups),
+        env=env,
+        **kwargs,
+    )
+
+
+def popen_as(user: TestUser, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(argv)`` as ``user``."""
+    env = dict(kwargs.pop("env", None) or os.environ)
+    env["HOME"] = "/nonexistent"
+    env.pop("XDG_RUNTIME_DIR", None)
+    return subprocess.Popen(
+        list(argv),
+        user=user.uid,
+        group=user.gid,
+        extra_groups=list(user.groups),
+        env=env,
+        **kwargs,
+    )
+
+
+def public_dir(prefix: str = "cfsd-pub-") -> Path:
+    """A new directory under /tmp that every user may enter (0755, root's)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
