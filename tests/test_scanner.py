@@ -572,17 +572,15 @@ def _after_lstat(
     monkeypatch: pytest.MonkeyPatch, name: bytes, action: Callable[[bytes], None]
 ) -> None:
     """Run ``action(path)`` right after the scanner has stat'ed ``name``: a racing writer."""
-    original = scanner._Walker.make_node
+    original = scanner._Walker._entry
 
-    def make_node(
-        self: Any, dir_fd: int | None, nm: bytes, path: bytes, st: os.stat_result
-    ) -> Node:
-        node = original(self, dir_fd, nm, path, st)
+    def entry(self: Any, dir_fd: int, ent: os.DirEntry[str], nm: bytes, rel: bytes) -> Any:
+        made = original(self, dir_fd, ent, nm, rel)
         if nm == name:
-            action(path)
-        return node
+            action(self.full_path(rel))
+        return made
 
-    monkeypatch.setattr(scanner._Walker, "make_node", make_node)
+    monkeypatch.setattr(scanner._Walker, "_entry", entry)
 
 
 def test_file_vanishing_between_scan_and_hash(
@@ -603,7 +601,20 @@ def test_file_shrinking_below_inline_size(workdir: Path, monkeypatch: pytest.Mon
     src.mkdir()
     (src / "small").write_bytes(b"0123456789")
     _after_lstat(monkeypatch, b"small", lambda p: _write(p, b"012"))
-    with pytest.raises(ScanError) as info:  # C's read_content: a short read is ENODATA
+    # C reads what is there (a short read is its ENODATA); we see that the file is no
+    # longer what was scanned, and say which one.
+    with pytest.raises(ScanError) as info:
+        scan_directory(src)
+    path = os.fsdecode(src / "small")
+    assert str(info.value) == (
+        f"error computing digest: {path}: its size changed from 10 to 3 bytes"
+    )
+    assert info.value.errno == errno.EAGAIN and info.value.path == os.fsencode(path)
+    # A short read after the file was opened is still C's ENODATA.
+    monkeypatch.undo()
+    (src / "small").write_bytes(b"0123456789")
+    monkeypatch.setattr(scanner, "_read_all", lambda fd: os.read(fd, 3))
+    with pytest.raises(ScanError) as info:
         scan_directory(src)
     assert str(info.value) == "error computing digest: No data available"
 
@@ -618,12 +629,13 @@ def test_scan_error_wins_and_stops_workers(workdir: Path, monkeypatch: pytest.Mo
     _after_lstat(monkeypatch, b"gone", os.unlink)
     _after_lstat_dir = scanner._Walker._read_dir
 
-    def read_dir(self: Any, fd: int, node: Node, path: bytes) -> Any:
-        if path.endswith(b"/b"):
+    def read_dir(self: Any, fd: int, node: Node, rel: bytes) -> Any:
+        if rel == b"b":
+            path = self.full_path(rel)
             raise ScanError(
                 errno.EIO, "error accessing " + os.fsdecode(path) + ": Input/output error"
             )
-        return _after_lstat_dir(self, fd, node, path)
+        return _after_lstat_dir(self, fd, node, rel)
 
     monkeypatch.setattr(scanner._Walker, "_read_dir", read_dir)
     before = threading.active_count()
@@ -745,7 +757,7 @@ def test_worker_processes(
 
 
 def test_no_worker_processes_available(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    def unavailable() -> None:
+    def unavailable(root_fd: int) -> None:
         raise OSError(errno.ENOENT, "no python here")
 
     expected = write_image(scan_directory(tree))
@@ -756,7 +768,7 @@ def test_no_worker_processes_available(tree: bytes, monkeypatch: pytest.MonkeyPa
 
 def test_worker_process_dying(tree: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     # A worker that exits at once: its lane redoes the batch itself.
-    def short_lived() -> subprocess.Popen[bytes]:
+    def short_lived(root_fd: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-c", "import sys; sys.stdin.buffer.read(1)"],
             stdin=subprocess.PIPE,

@@ -3,9 +3,25 @@
 :func:`scan_directory` reproduces C ``mkcomposefs`` 1.0.8 on a directory SOURCE
 (reference notes, sections 7.3, 7.4 and 9.2): the same nodes, so the writer
 produces the same image bytes, the same error messages, and, with a digest
-store, the same objects.
+store, the same objects. :func:`scan_source` only walks a tree (no hashing) and
+lists its regular files for an importer; the repository uses it.
 
-How it differs from C, none of which changes the image or the store:
+Every access after the source itself is opened goes through file descriptors:
+
+* the source is opened ``O_PATH | O_NOFOLLOW`` and, if a directory, reopened
+  through that fd; each directory is opened from its parent's fd with
+  ``O_NOFOLLOW`` and must be the inode its entry was stat'ed as; each entry is
+  opened ``O_PATH | O_NOFOLLOW`` from its directory's fd, and its stat, xattrs
+  and symlink target are read from that fd (``/proc/self/fd/N``, as C does for
+  long paths), so they all belong to one inode, whatever is renamed meanwhile;
+* regular files are hashed and copied by relative path beneath the source's fd,
+  never following a symlink, and only if they are still the inode scanned
+  (:mod:`composefsd.beneath`): someone who can write the tree cannot make us read
+  a file outside it (C reopens by full path, and would). A file that changed
+  after it was scanned fails with a message naming it.
+
+How it differs from C, none of which changes the image or the store of a tree
+that holds still:
 
 * Files are hashed while the tree is still being scanned, in ``threads`` lanes:
   in-process for small trees, in worker processes once a scan has queued
@@ -17,7 +33,10 @@ How it differs from C, none of which changes the image or the store:
   ``d_type``. They differ only on filesystems that report ``DT_UNKNOWN``, where C
   keeps device nodes it was asked to skip.
 * Paths longer than ``PATH_MAX`` are scanned relative to directory fds, as C
-  does; like C, hashing then fails on such a file with ENAMETOOLONG.
+  does; C then fails to hash files down there (ENAMETOOLONG, it opens them by
+  full path), we hash them.
+* A file that changed between scan and hash (another inode, size or mtime) is an
+  error here; C reads whatever is there then.
 
 Opt-in beyond C, ``ScanOptions.preserve_hardlinks``: paths sharing one
 ``(st_dev, st_ino)`` become one inode. The first path in image order (depth
@@ -44,9 +63,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from composefsd import workerproc
+from composefsd.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objcopy import CopyState, join_store_path, store_object
@@ -55,10 +75,12 @@ __all__ = [
     "ScanError",
     "ScanOptions",
     "ScanProgress",
+    "SourceScan",
     "default_threads",
     "fill_digest_store",
     "payload_for_digest",
     "scan_directory",
+    "scan_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,7 +93,7 @@ _S_IFREG = stat.S_IFREG
 _S_IFLNK = stat.S_IFLNK
 _DEVICE_TYPES = frozenset((stat.S_IFBLK, stat.S_IFCHR))
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _PROGRESS_INTERVAL = 0.25
 # Hashing work is handed out in batches of this many files, bytes of data or bytes of
 # paths, whichever is hit first. The path limit keeps a worker request (and 256 replies
@@ -84,6 +106,9 @@ _PIPE_SIZE = 1 << 20
 _PROCESS_MIN_BYTES = 128 << 20
 
 Progress = Callable[["ScanProgress"], None]
+#: Where the walk hands each regular file with data: (path relative to the source,
+#: its node, its key).
+_Sink = Callable[[bytes, Node, FileKey], None]
 
 
 class ScanError(OSError):
@@ -143,6 +168,20 @@ class ScanProgress:
     objects_stored: int = 0
 
 
+@dataclass(slots=True)
+class SourceScan:
+    """What :func:`scan_source` found: the tree, and its regular files to import."""
+
+    root: Node
+    #: Regular files of at least one byte, in scan order, as (path relative to the
+    #: source, node, key); a hardlinked inode once (``preserve_hardlinks``).
+    files: list[tuple[bytes, Node, FileKey]] = field(default_factory=list)
+    #: Nodes in the tree, hardlink entries and the root included.
+    entries: int = 0
+    #: Regular files (empty ones included, hardlink entries not).
+    regular_files: int = 0
+
+
 def default_threads() -> int:
     """C's default ``--threads``: the CPUs in this process's affinity mask."""
     try:
@@ -167,6 +206,18 @@ def _access_error(path: bytes, exc: OSError) -> ScanError:
     return _error("error accessing", path, exc.errno)
 
 
+def _changed_error(kind: str, exc: ChangedError) -> ScanError:
+    return ScanError(exc.errno or errno.EAGAIN, f"{kind}: {exc}", exc.path)
+
+
+def join_display(display: bytes, rel: bytes) -> bytes:
+    """C ``maybe_join_path``: the source as named, then ``rel``; no separator is added
+    after a trailing slash."""
+    if not rel:
+        return display
+    return display + rel if display.endswith(b"/") else display + b"/" + rel
+
+
 # -- phase 1: the tree ----------------------------------------------------------------------
 
 
@@ -180,156 +231,230 @@ class _DirFd:
         self.pending = pending
 
 
-class _Walker:
-    """Builds the tree and hands each regular file of non-zero size to the pipeline."""
+#: A subdirectory waiting to be opened: its parent, name, node, path relative to the
+#: source, and the (st_dev, st_ino) its entry had.
+_Pending = tuple[_DirFd, bytes, Node, bytes, tuple[int, int]]
 
-    def __init__(self, options: ScanOptions, pipeline: _Pipeline) -> None:
+
+class _Walker:
+    """Builds the tree and hands each regular file of non-zero size to ``sink``."""
+
+    def __init__(
+        self,
+        options: ScanOptions,
+        display: bytes,
+        sink: _Sink,
+        progress: Callable[[int], None] | None,
+        max_entries: int | None = None,
+    ) -> None:
         self.options = options
-        self.pipeline = pipeline
-        self.progress = pipeline.progress
+        self.display = display
+        self.sink = sink
+        self.progress = progress
+        self.max_entries = max_entries
         self.entries = 0
-        self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes]]] = {}
+        self.regular_files = 0
+        self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes, FileKey]]] = {}
         self._next_report = time.monotonic() + _PROGRESS_INTERVAL
         self._open_fds: set[int] = set()
 
+    def full_path(self, rel: bytes) -> bytes:
+        return join_display(self.display, rel)
+
     # Node construction mirrors C lcfs_load_node_from_file: stat, readlink, mtime, xattrs.
-    def make_node(self, dir_fd: int | None, name: bytes, path: bytes, st: os.stat_result) -> Node:
-        opts = self.options
+    def _node(self, st: os.stat_result) -> Node:
         mode = st.st_mode
-        if opts.use_epoch:
+        if self.options.use_epoch:
             sec = nsec = 0
         else:
             sec, nsec = divmod(st.st_mtime_ns, _NS)
         # Positional: this runs once per entry, and keywords cost noticeably more.
         node = Node(mode, 1, st.st_uid, st.st_gid, st.st_rdev & _U32, st.st_size, sec, nsec)
-        ftype = mode & 0o170000
-        if ftype == _S_IFDIR:
+        if mode & 0o170000 == _S_IFDIR:
             node.children = {}
-        elif ftype == _S_IFLNK:
-            try:
-                target = os.readlink(name, dir_fd=dir_fd)
-            except OSError as exc:
-                raise _access_error(path, exc) from exc
-            if not target:
-                raise _error("error accessing", path, errno.EINVAL)
-            if len(target) >= PATH_MAX:
-                raise _error("error accessing", path, errno.ENAMETOOLONG)
-            node.payload = target
-            node.size = len(target)
-        if not opts.skip_xattrs:
-            try:
-                names = os.listxattr(path, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno != errno.ENAMETOOLONG or dir_fd is None:
-                    raise _access_error(path, exc) from exc
-                self._read_xattrs_by_fd(node, dir_fd, name, path)
-            else:
-                if names:
-                    self._add_xattrs(node, names, path, path, False)
         return node
 
-    def _read_xattrs_by_fd(self, node: Node, dir_fd: int, name: bytes, path: bytes) -> None:
-        # The full path is too long for the kernel: go through an O_PATH fd, as C always does.
+    def _set_target(self, node: Node, target: bytes, rel: bytes) -> None:
+        if not target:
+            raise _error("error accessing", self.full_path(rel), errno.EINVAL)
+        if len(target) >= PATH_MAX:
+            raise _error("error accessing", self.full_path(rel), errno.ENAMETOOLONG)
+        node.payload = target
+        node.size = len(target)
+
+    def from_fd(self, fd: int, rel: bytes) -> tuple[Node, os.stat_result] | None:
+        """The node of the inode an ``O_PATH | O_NOFOLLOW`` fd stands for; None for a
+        device that ``skip_devices`` leaves out."""
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            st = os.fstat(fd)
         except OSError as exc:
-            raise _access_error(path, exc) from exc
-        try:
-            proc = f"/proc/self/fd/{fd}".encode()
+            raise _access_error(self.full_path(rel), exc) from exc
+        if self.options.skip_devices and st.st_mode & 0o170000 in _DEVICE_TYPES and rel:
+            return None
+        node = self._node(st)
+        proc = f"/proc/self/fd/{fd}"
+        if st.st_mode & 0o170000 == _S_IFLNK:
+            try:
+                target = os.readlink(b"", dir_fd=fd)
+            except OSError as exc:
+                raise _access_error(self.full_path(rel), exc) from exc
+            self._set_target(node, target, rel)
+        if not self.options.skip_xattrs:
             try:
                 names = os.listxattr(proc)
             except OSError as exc:
-                raise _access_error(path, exc) from exc
-            self._add_xattrs(node, names, proc, path, True)
-        finally:
-            os.close(fd)
+                raise _access_error(self.full_path(rel), exc) from exc
+            if names:
+                self._add_xattrs(node, names, proc, rel)
+        return node, st
 
-    def _add_xattrs(
-        self, node: Node, names: list[str], target: bytes, path: bytes, follow: bool
-    ) -> None:
+    def _entry(
+        self, dir_fd: int, entry: os.DirEntry[str], name: bytes, rel: bytes
+    ) -> tuple[Node, os.stat_result] | None:
+        """The node of one directory entry (None: a device left out)."""
+        if not self.options.skip_xattrs:
+            # Stat, xattrs and link target all from one fd: they belong to one inode.
+            try:
+                fd = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _access_error(self.full_path(rel), exc) from exc
+            try:
+                return self.from_fd(fd, rel)
+            finally:
+                os.close(fd)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            raise _access_error(self.full_path(rel), exc) from exc
+        if self.options.skip_devices and st.st_mode & 0o170000 in _DEVICE_TYPES:
+            return None
+        node = self._node(st)
+        if st.st_mode & 0o170000 == _S_IFLNK:
+            # No xattrs to read: the target is all, and whoever can swap the entry
+            # meanwhile could read its link target anyway.
+            try:
+                target = os.readlink(name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise _access_error(self.full_path(rel), exc) from exc
+            self._set_target(node, target, rel)
+        return node, st
+
+    def _add_xattrs(self, node: Node, names: list[str], proc: str, rel: bytes) -> None:
         user_only = self.options.user_xattrs
         for key_str in names:
             key = os.fsencode(key_str)
             if user_only and not key.startswith(b"user."):
                 continue
             try:
-                value = os.getxattr(target, key, follow_symlinks=follow)
+                value = os.getxattr(proc, key)
                 node.set_xattr(key, value)
             except OSError as exc:  # TreeError is an OSError too
-                raise _access_error(path, exc) from exc
+                raise _access_error(self.full_path(rel), exc) from exc
 
-    def scan(self, src: bytes) -> Node:
+    def open_source(self, src: bytes) -> tuple[Node, os.stat_result, int]:
+        """The root node of ``src`` (C semantics: ``lstat``, so a symlink or a file is a
+        one-node tree) and the fd its files are read through afterwards: the
+        directory, or for a regular file an ``O_PATH`` fd on it, else -1. The caller
+        closes it, and calls :meth:`walk` for a directory and :meth:`add_root_file`
+        for a file."""
         try:
-            st = os.lstat(src)
+            fd = os.open(src, _PATH_FLAGS)
         except OSError as exc:
             raise _access_error(src, exc) from exc
-        root = self.make_node(None, src, src, st)
-        self.entries = 1
-        ftype = st.st_mode & 0o170000
-        if ftype == _S_IFREG and st.st_size > 0:
-            self.pipeline.add(src, root)
-        if ftype != _S_IFDIR:
-            return root
         try:
-            fd = os.open(src, _DIR_FLAGS)
-        except OSError as exc:
-            raise _access_error(src, exc) from exc
-        self._open_fds.add(fd)
+            made = self.from_fd(fd, b"")
+            assert made is not None
+            root, st = made
+            self.entries = 1
+            ftype = st.st_mode & 0o170000
+            if ftype == _S_IFREG:
+                keep, fd = fd, -1
+                return root, st, keep
+            if ftype != _S_IFDIR:
+                return root, st, -1
+            try:
+                return root, st, os.open(".", _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                raise _access_error(src, exc) from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def add_root_file(self, root: Node, st: os.stat_result) -> None:
+        """The source is a regular file: it is the one file of the tree."""
+        self.regular_files = 1
+        if st.st_size > 0:
+            self.sink(b"", root, file_key(st))
+
+    def walk(self, root_fd: int, root: Node) -> None:
+        """Scan the directory open at ``root_fd`` (not closed) into ``root``'s children."""
+        stack: list[_Pending] = []
         try:
-            self._walk(fd, root, src)
+            subdirs = self._read_dir(root_fd, root, b"")
+            self._push(stack, root_fd, subdirs, own=False)
+            while stack:
+                parent, name, node, rel, ident = stack.pop()
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+                except OSError as exc:
+                    raise _access_error(self.full_path(rel), exc) from exc
+                self._open_fds.add(fd)
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    raise _access_error(self.full_path(rel), exc) from exc
+                if (st.st_dev, st.st_ino) != ident:
+                    path = self.full_path(rel)
+                    raise ScanError(
+                        errno.EAGAIN,
+                        f"error accessing {os.fsdecode(path)}: it was replaced while the "
+                        f"tree was being scanned",
+                        path,
+                    )
+                parent.pending -= 1
+                if parent.pending == 0 and parent.fd != root_fd:
+                    self._close(parent.fd)
+                subdirs = self._read_dir(fd, node, rel)
+                self._push(stack, fd, subdirs, own=True)
         finally:
             for leftover in self._open_fds:
                 os.close(leftover)
             self._open_fds.clear()
-        return root
 
     def _close(self, fd: int) -> None:
         self._open_fds.discard(fd)
         os.close(fd)
 
-    def _walk(self, root_fd: int, root: Node, src: bytes) -> None:
-        stack: list[tuple[_DirFd, bytes, Node, bytes]] = []
-        subdirs = self._read_dir(root_fd, root, src)
-        self._push(stack, root_fd, subdirs)
-        while stack:
-            parent, name, node, path = stack.pop()
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
-            except OSError as exc:
-                raise _access_error(path, exc) from exc
-            self._open_fds.add(fd)
-            parent.pending -= 1
-            if parent.pending == 0:
-                self._close(parent.fd)
-            subdirs = self._read_dir(fd, node, path)
-            self._push(stack, fd, subdirs)
-
     def _push(
         self,
-        stack: list[tuple[_DirFd, bytes, Node, bytes]],
+        stack: list[_Pending],
         fd: int,
-        subdirs: list[tuple[bytes, Node, bytes]],
+        subdirs: list[tuple[bytes, Node, bytes, tuple[int, int]]],
+        *,
+        own: bool,
     ) -> None:
         if not subdirs:
-            self._close(fd)
+            if own:
+                self._close(fd)
             return
         holder = _DirFd(fd, len(subdirs))
-        stack.extend((holder, name, node, path) for name, node, path in reversed(subdirs))
+        stack.extend(
+            (holder, name, node, rel, ident) for name, node, rel, ident in reversed(subdirs)
+        )
 
-    def _read_dir(self, fd: int, node: Node, path: bytes) -> list[tuple[bytes, Node, bytes]]:
-        opts = self.options
+    def _read_dir(
+        self, fd: int, node: Node, rel: bytes
+    ) -> list[tuple[bytes, Node, bytes, tuple[int, int]]]:
         children = node.children
         assert children is not None
-        subdirs: list[tuple[bytes, Node, bytes]] = []
-        add_file = self.pipeline.add
-        skip_devices = opts.skip_devices
-        track_links = opts.preserve_hardlinks
-        # C maybe_join_path: no separator is added after a trailing slash.
-        sep = b"" if path.endswith(b"/") else b"/"
+        subdirs: list[tuple[bytes, Node, bytes, tuple[int, int]]] = []
+        sink = self.sink
+        track_links = self.options.preserve_hardlinks
+        prefix = rel + b"/" if rel else b""
         try:
             it = os.scandir(fd)
         except OSError as exc:
-            raise _access_error(path, exc) from exc
+            raise _access_error(self.full_path(rel), exc) from exc
         with it:
             while True:
                 try:
@@ -337,51 +462,67 @@ class _Walker:
                 except StopIteration:
                     break
                 except OSError as exc:
-                    raise _access_error(path, exc) from exc
+                    raise _access_error(self.full_path(rel), exc) from exc
                 name = os.fsencode(entry.name)
-                child_path = path + sep + name
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as exc:
-                    raise _access_error(child_path, exc) from exc
-                ftype = st.st_mode & 0o170000
-                if skip_devices and ftype in _DEVICE_TYPES:
+                child_rel = prefix + name
+                made = self._entry(fd, entry, name, child_rel)
+                if made is None:
                     continue
-                child = self.make_node(fd, name, child_path, st)
+                child, st = made
                 children[name] = child
+                ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
-                    subdirs.append((name, child, child_path))
-                elif track_links and st.st_nlink > 1:
-                    # Hashed once its paths are known to be one inode (link_hardlinks).
-                    key = (st.st_dev, st.st_ino)
-                    self.inodes.setdefault(key, []).append((node, name, child, child_path))
-                elif ftype == _S_IFREG and st.st_size > 0:
-                    add_file(child_path, child)
+                    subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
+                elif ftype == _S_IFREG:
+                    if track_links and st.st_nlink > 1:
+                        # Handed on once its paths are known to be one inode (link_hardlinks).
+                        key = (st.st_dev, st.st_ino)
+                        self.inodes.setdefault(key, []).append(
+                            (node, name, child, child_rel, file_key(st))
+                        )
+                    else:
+                        self.regular_files += 1
+                        if st.st_size > 0:
+                            sink(child_rel, child, file_key(st))
                 self.entries += 1
-                if self.progress is not None and not self.entries & 1023:
-                    self._report()
+                if not self.entries & 1023:
+                    self._tick()
         return subdirs
 
-    def _report(self) -> None:
+    def _tick(self) -> None:
+        if self.max_entries is not None and self.entries > self.max_entries:
+            raise ScanError(
+                errno.E2BIG,
+                f"{os.fsdecode(self.display)} has more than {self.max_entries} entries, "
+                f"the most a tree may have here",
+                self.display,
+            )
         now = time.monotonic()
-        if now >= self._next_report and self.progress is not None:
+        if self.progress is not None and now >= self._next_report:
             self._next_report = now + _PROGRESS_INTERVAL
-            self.pipeline.entries = self.entries
-            self.progress(self.pipeline.snapshot("scan"))
+            self.progress(self.entries)
 
     def link_hardlinks(self) -> None:
         for group in self.inodes.values():
             # Image order: depth first, names bytewise; all paths share the source prefix.
             group.sort(key=lambda item: item[3].split(b"/"))
-            _parent, _name, target, target_path = group[0]
+            _parent, _name, target, target_rel, key = group[0]
             if len(group) > 1:
                 target.nlink = len(group)
-                for parent, name, _node, _path in group[1:]:
+                for parent, name, _node, _rel, _key in group[1:]:
                     assert parent.children is not None
                     parent.children[name] = Node(mode=target.mode, link_to=target)
-            if target.mode & 0o170000 == _S_IFREG and target.size > 0:
-                self.pipeline.add(target_path, target)
+            self.regular_files += 1
+            if target.size > 0:
+                self.sink(target_rel, target, key)
         self.inodes.clear()
+
+    def finish(self) -> None:
+        """After the walk: link hardlinks (if asked) and check the entry limit."""
+        if self.options.preserve_hardlinks:
+            self.link_hardlinks()
+        if self.max_entries is not None and self.entries > self.max_entries:
+            self._tick()
 
 
 # -- phase 2: digests and the store ---------------------------------------------------------
@@ -396,19 +537,21 @@ def _read_all(fd: int) -> bytes:
         parts.append(chunk)
 
 
-#: One hashing result: (digest, inline content, already in the store), or the errno of
-#: the failure.
-_HashResult = tuple[bytes | None, bytes | None, bool] | int
+#: One hashing result: (digest, inline content, already in the store), or the failure:
+#: its errno, or (errno, full path, what changed) for a file that is not the one scanned.
+_HashResult = tuple[bytes | None, bytes | None, bool] | int | tuple[int, bytes, str]
+#: A file to hash: (path relative to the source, lstat size, key).
+_HashItem = tuple[bytes, int, FileKey]
 
 
 def _hash_one(
-    path: bytes, size: int, compute: bool, inline: bool
+    opener: BeneathOpener, rel: bytes, size: int, key: FileKey, compute: bool, inline: bool
 ) -> tuple[bytes | None, bytes | None]:
     """C lcfs_node_set_from_content for one regular file whose lstat size is ``size`` > 0."""
     small = inline and size <= RECOMMENDED_INLINE_CONTENT_MAX
     if not (compute or small):
         return None, None
-    fd = os.open(path, _READ_FLAGS)
+    fd = opener.open(rel, key)
     try:
         if small:
             data = _read_all(fd)
@@ -422,30 +565,40 @@ def _hash_one(
 
 
 def _hash_batch(
-    items: list[tuple[bytes, int]], compute: bool, inline: bool, store: bytes | None
+    items: list[_HashItem],
+    compute: bool,
+    inline: bool,
+    store: bytes | None,
+    root_fd: int,
+    display: bytes,
 ) -> list[_HashResult]:
-    """Hash a batch of files; stops at the first failure, whose errno ends the list.
+    """Hash a batch of files beneath ``root_fd``; stops at the first failure, which
+    ends the list.
 
     With a ``store``, also say whether each object to store is already there (the
     lstat C's copy phase would do; doing it here spares the copying threads a round
     of GIL-bound no-ops when the store is already full). Module-level and free of
-    tree objects, so that worker processes can run it.
+    tree objects, so that worker processes can run it (``root_fd`` is inherited).
     """
     out: list[_HashResult] = []
-    for path, size in items:
-        try:
-            digest, content = _hash_one(path, size, compute, inline)
-        except OSError as exc:
-            out.append(exc.errno or errno.EIO)
-            break
-        present = False
-        if store is not None and content is None and digest is not None:
+    with BeneathOpener(root_fd, display) as opener:
+        for rel, size, key in items:
             try:
-                os.lstat(join_store_path(store, payload_for_digest(digest)))
-                present = True
-            except OSError:
-                pass
-        out.append((digest, content, present))
+                digest, content = _hash_one(opener, rel, size, key, compute, inline)
+            except ChangedError as exc:
+                out.append((exc.errno or errno.EAGAIN, exc.path, exc.reason))
+                break
+            except OSError as exc:
+                out.append(exc.errno or errno.EIO)
+                break
+            present = False
+            if store is not None and content is None and digest is not None:
+                try:
+                    os.lstat(join_store_path(store, payload_for_digest(digest)))
+                    present = True
+                except OSError:
+                    pass
+            out.append((digest, content, present))
     return out
 
 
@@ -471,7 +624,7 @@ class _HashLane(threading.Thread):
     def run(self) -> None:
         pipe = self.pipeline
         get = pipe.work.get
-        inflight: collections.deque[list[tuple[bytes, Node]]] = collections.deque()
+        inflight: collections.deque[list[_Item]] = collections.deque()
         eof = False
         try:
             while True:
@@ -503,22 +656,20 @@ class _HashLane(threading.Thread):
         finally:
             self.stop()
 
-    def _local(self, batches: list[list[tuple[bytes, Node]]]) -> None:
+    def _local(self, batches: list[list[_Item]]) -> None:
         pipe = self.pipeline
         for batch in batches:
             if pipe.cancelled or pipe.digest_error is not None:
                 return
-            items = [(path, node.size) for path, node in batch]
-            pipe.done(batch, _hash_batch(items, pipe.compute, pipe.inline, pipe.store))
+            pipe.done(batch, _hash_batch(*pipe.request(batch)))
 
-    def _send(self, batch: list[tuple[bytes, Node]]) -> bool:
+    def _send(self, batch: list[_Item]) -> bool:
         pipe = self.pipeline
         try:
             if self.proc is None:
-                self.proc = _start_worker()
+                self.proc = _start_worker(pipe.root_fd)
                 self.depth = 2 if _widen_pipes(self.proc) else 1
-            items = [(path, node.size) for path, node in batch]
-            workerproc.send(self.proc, (items, pipe.compute, pipe.inline, pipe.store))
+            workerproc.send(self.proc, pipe.request(batch))
             return True
         except (OSError, ValueError) as exc:
             self._give_up(exc)
@@ -562,8 +713,8 @@ def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
     return True
 
 
-def _start_worker() -> subprocess.Popen[bytes]:
-    return workerproc.start("composefsd.scanner", "_worker_main")
+def _start_worker(root_fd: int) -> subprocess.Popen[bytes]:
+    return workerproc.start("composefsd.scanner", "_worker_main", pass_fds=(root_fd,))
 
 
 def _worker_main() -> None:
@@ -579,12 +730,19 @@ def _worker_main() -> None:
         workerproc.write_message(out, _hash_batch(*request))
 
 
+#: A file queued for hashing: (path relative to the source, node, key); key None for
+#: files of a tree scanned earlier (:func:`fill_digest_store`).
+_Item = tuple[bytes, Node, FileKey | None]
+
+
 class _Pipeline:
     """Hash files in batches while the tree is still being scanned, then copy the ones to
     store with ``threads`` copying threads.
 
     Hashing runs in ``threads`` lanes (:class:`_HashLane`), in-process for small
-    trees and in worker processes for large ones.
+    trees and in worker processes for large ones. Every file is opened beneath
+    ``root_fd`` (:mod:`composefsd.beneath`); ``display`` is the source as named,
+    for messages.
 
     Errors are reported the way C's phase order would report them: a scan error wins
     over a digest error, which wins over a store error; so a digest failure stops
@@ -594,6 +752,8 @@ class _Pipeline:
     def __init__(
         self,
         *,
+        root_fd: int,
+        display: bytes,
         threads: int,
         compute: bool,
         inline: bool,
@@ -601,6 +761,8 @@ class _Pipeline:
         progress: Progress | None,
         hash_files: bool = True,
     ) -> None:
+        self.root_fd = root_fd
+        self.display = display
         self.threads = max(1, threads)
         self.compute = compute
         self.inline = inline
@@ -619,10 +781,12 @@ class _Pipeline:
         self.processes_wanted = False
         self.copy_state = CopyState()
         self.claimed: dict[bytes, object] = {}
-        self.work: queue.SimpleQueue[list[tuple[bytes, Node]] | None] = queue.SimpleQueue()
-        self.copy_queue: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
+        self.work: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
+        self.copy_queue: queue.SimpleQueue[tuple[bytes, FileKey | None, bytes] | None] = (
+            queue.SimpleQueue()
+        )
         self._lock = threading.Lock()
-        self._batch: list[tuple[bytes, Node]] = []
+        self._batch: list[_Item] = []
         self._batch_bytes = 0
         self._batch_path_bytes = 0
         self._queued_bytes = 0
@@ -631,7 +795,7 @@ class _Pipeline:
         self.stored = [0] * self.threads
 
     # -- hashing ------------------------------------------------------------------------
-    def add(self, path: bytes, node: Node) -> None:
+    def add(self, rel: bytes, node: Node, key: FileKey | None) -> None:
         size = node.size
         self.files_total += 1
         self.bytes_total += size
@@ -639,17 +803,27 @@ class _Pipeline:
             self.files_done += 1
             self.bytes_done += size
             if self.store is not None and node.content is None and node.payload is not None:
-                self.copy_queue.put((path, node.payload))
+                self.copy_queue.put((rel, key, node.payload))
             return
-        self._batch.append((path, node))
+        self._batch.append((rel, node, key))
         self._batch_bytes += size
-        self._batch_path_bytes += len(path)
+        self._batch_path_bytes += len(rel)
         if (
             len(self._batch) >= _BATCH_FILES
             or self._batch_bytes >= _BATCH_BYTES
             or self._batch_path_bytes >= _BATCH_PATH_BYTES
         ):
             self._submit()
+
+    def request(
+        self, batch: list[_Item]
+    ) -> tuple[list[_HashItem], bool, bool, bytes | None, int, bytes]:
+        """The arguments of :func:`_hash_batch` for ``batch`` (also a worker's request)."""
+        items: list[_HashItem] = []
+        for rel, node, key in batch:
+            assert key is not None
+            items.append((rel, node.size, key))
+        return items, self.compute, self.inline, self.store, self.root_fd, self.display
 
     def _submit(self) -> None:
         batch, size = self._batch, self._batch_bytes
@@ -666,18 +840,25 @@ class _Pipeline:
             self.processes_wanted = True
         self.work.put(batch)
 
-    def done(self, batch: list[tuple[bytes, Node]], results: list[_HashResult]) -> None:
+    def done(self, batch: list[_Item], results: list[_HashResult]) -> None:
         """Apply a batch's results to its nodes (called from the lanes)."""
         store = self.store
         put = self.copy_queue.put
         files = size = 0
-        for (path, node), result in zip(batch, results, strict=False):
+        for (rel, node, key), result in zip(batch, results, strict=False):
             if isinstance(result, int):
-                with self._lock:
-                    if self.digest_error is None:
-                        self.digest_error = _error("error computing digest", None, result)
+                self._digest_failed(_error("error computing digest", None, result))
+                break
+            if len(result) == 3 and isinstance(result[1], bytes) and isinstance(result[2], str):
+                err, path, reason = result
+                assert isinstance(err, int)
+                self._digest_failed(
+                    ScanError(err, f"error computing digest: {os.fsdecode(path)}: {reason}", path)
+                )
                 break
             digest, content, present = result
+            assert digest is None or isinstance(digest, bytes)
+            assert content is None or isinstance(content, bytes)
             if digest is not None:
                 node.digest = digest
                 node.payload = payload_for_digest(digest)
@@ -691,10 +872,15 @@ class _Pipeline:
                 and node.content is None
                 and node.payload is not None
             ):
-                put((path, node.payload))
+                put((rel, key, node.payload))
         with self._lock:
             self.files_done += files
             self.bytes_done += size
+
+    def _digest_failed(self, error: ScanError) -> None:
+        with self._lock:
+            if self.digest_error is None:
+                self.digest_error = error
 
     def fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -715,22 +901,44 @@ class _Pipeline:
         assert store is not None
         get = self.copy_queue.get
         claimed = self.claimed
-        while True:
-            item = get()
-            if item is None:
-                return
-            if self.cancelled or self.digest_error is not None or self.store_error is not None:
-                continue
-            path, payload = item
-            if claimed.setdefault(payload, item) is not item:
-                continue
-            try:
-                if store_object(path, store, payload, self.copy_state):
-                    self.stored[slot] += 1
-            except OSError as exc:
-                with self._lock:
-                    if self.store_error is None:
-                        self.store_error = _error("cannot fill store", None, exc.errno)
+        with BeneathOpener(self.root_fd, self.display) as opener:
+            while True:
+                item = get()
+                if item is None:
+                    return
+                if self.cancelled or self.digest_error is not None or self.store_error is not None:
+                    continue
+                rel, key, payload = item
+                if claimed.setdefault(payload, item) is not item:
+                    continue
+                try:
+                    if self._copy_one(opener, rel, key, store, payload):
+                        self.stored[slot] += 1
+                except ChangedError as exc:
+                    self._store_failed(_changed_error("cannot fill store", exc))
+                except OSError as exc:
+                    self._store_failed(_error("cannot fill store", None, exc.errno))
+
+    def _copy_one(
+        self, opener: BeneathOpener, rel: bytes, key: FileKey | None, store: bytes, payload: bytes
+    ) -> bool:
+        # C lstat()s the object first and copies only if it is missing: same here, so
+        # that a full store does not even open the sources.
+        try:
+            os.lstat(join_store_path(store, payload))
+            return False
+        except OSError:
+            pass
+        fd = opener.open(rel, key)
+        try:
+            return store_object(fd, store, payload, self.copy_state)
+        finally:
+            os.close(fd)
+
+    def _store_failed(self, error: ScanError) -> None:
+        with self._lock:
+            if self.store_error is None:
+                self.store_error = error
 
     # -- control ------------------------------------------------------------------------
     def snapshot(self, phase: str) -> ScanProgress:
@@ -815,27 +1023,104 @@ def scan_directory(
     if opts.skip_xattrs and opts.user_xattrs:
         raise _error("error accessing", src, errno.EINVAL)
     pipeline = _Pipeline(
+        root_fd=-1,
+        display=src,
         threads=opts.threads or default_threads(),
         compute=opts.compute_digests,
         inline=opts.inline_small,
         store=os.fsencode(digest_store) if digest_store is not None else None,
         progress=progress,
     )
-    walker = _Walker(opts, pipeline)
-    # Hashing overlaps the scan; copying into the store waits for the scan to succeed,
-    # so that a tree C would reject adds nothing to the store.
+
+    def entries(count: int) -> None:
+        pipeline.entries = count
+        if progress is not None:
+            progress(pipeline.snapshot("scan"))
+
+    walker = _Walker(opts, src, pipeline.add, entries if progress is not None else None)
+    root, st, root_fd = walker.open_source(src)
+    pipeline.root_fd = root_fd
     try:
-        root = walker.scan(src)
-        if opts.preserve_hardlinks:
-            walker.link_hardlinks()
-    except BaseException:
-        pipeline.abort()
-        raise
-    pipeline.entries = walker.entries
-    if progress is not None:
-        progress(pipeline.snapshot("scan"))
-    pipeline.finish()
+        # Hashing overlaps the scan; copying into the store waits for the scan to
+        # succeed, so that a tree C would reject adds nothing to the store.
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                walker.walk(root_fd, root)
+            elif stat.S_ISREG(st.st_mode):
+                walker.add_root_file(root, st)
+            walker.finish()
+        except BaseException:
+            pipeline.abort()
+            raise
+        pipeline.entries = walker.entries
+        if progress is not None:
+            progress(pipeline.snapshot("scan"))
+        pipeline.finish()
+    finally:
+        if root_fd >= 0:
+            os.close(root_fd)
     return root
+
+
+def scan_source(
+    root_fd: int,
+    display: bytes,
+    options: ScanOptions | None = None,
+    progress: Progress | None = None,
+    *,
+    max_entries: int | None = None,
+) -> SourceScan:
+    """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
+    reading any file's data; list its regular files for an importer, which reads
+    them beneath ``root_fd`` (:mod:`composefsd.beneath`).
+
+    Of ``options`` only what selects metadata applies (``use_epoch``,
+    ``skip_devices``, the xattr choices, ``preserve_hardlinks``). ``display`` names
+    the source in messages. More than ``max_entries`` entries is a
+    :class:`ScanError` (E2BIG). Errors are :class:`ScanError`, as for
+    :func:`scan_directory`.
+    """
+    opts = options or ScanOptions()
+    if opts.skip_xattrs and opts.user_xattrs:
+        raise _error("error accessing", display, errno.EINVAL)
+    result = SourceScan(Node(stat.S_IFDIR))
+
+    def add(rel: bytes, node: Node, key: FileKey) -> None:
+        result.files.append((rel, node, key))
+
+    def entries(count: int) -> None:
+        if progress is not None:
+            progress(ScanProgress("scan", count))
+
+    walker = _Walker(opts, display, add, entries, max_entries)
+    made = walker.from_fd(root_fd, b"")
+    assert made is not None
+    root, st = made
+    if not stat.S_ISDIR(st.st_mode):
+        raise _error("error accessing", display, errno.ENOTDIR)
+    walker.entries = 1
+    walker.walk(root_fd, root)
+    walker.finish()
+    result.root = root
+    result.entries = walker.entries
+    result.regular_files = walker.regular_files
+    if progress is not None:
+        progress(ScanProgress("scan", walker.entries))
+    return result
+
+
+def _open_for_reading(src: bytes) -> int:
+    """The fd :class:`BeneathOpener` reads a tree scanned from ``src`` through (see
+    :meth:`_Walker.open_source`)."""
+    fd = os.open(src, _PATH_FLAGS)
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            return os.open(".", _DIR_FLAGS, dir_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    keep, fd = fd, -1
+    return keep
 
 
 def fill_digest_store(
@@ -848,30 +1133,40 @@ def fill_digest_store(
     """Copy the files of an already scanned tree into ``store``, as C ``fill_store`` does.
 
     ``source`` is the directory ``root`` was scanned from. Every regular file with
-    a payload and no inline content is copied from ``source/<its path>`` to
-    ``store/<payload>`` unless that exists. Returns the number of objects added.
-    Raises :class:`ScanError` ``cannot fill store: ...``.
+    a payload and no inline content is copied from ``source/<its path>`` (walked to
+    beneath ``source`` without following symlinks) to ``store/<payload>`` unless
+    that exists. Returns the number of objects added. Raises :class:`ScanError`
+    ``cannot fill store: ...``.
     """
     src = os.fsencode(source)
-    pipeline = _Pipeline(
-        threads=threads or default_threads(),
-        compute=False,
-        inline=False,
-        store=os.fsencode(store),
-        progress=progress,
-        hash_files=False,
-    )
-    stack: list[tuple[bytes, Node]] = [(src, root)]
-    while stack:
-        path, node = stack.pop()
-        if node.link_to is not None:
-            continue
-        if node.children is not None:
-            base = path.rstrip(b"/")
-            stack.extend(
-                (base + b"/" + name, child) for name, child in sorted(node.children.items())
-            )
-        elif node.mode & 0o170000 == _S_IFREG and node.content is None and node.payload is not None:
-            pipeline.add(path, node)
-    pipeline.finish()
+    try:
+        root_fd = _open_for_reading(src)
+    except OSError as exc:
+        raise _error("cannot fill store", None, exc.errno) from exc
+    try:
+        pipeline = _Pipeline(
+            root_fd=root_fd,
+            display=src,
+            threads=threads or default_threads(),
+            compute=False,
+            inline=False,
+            store=os.fsencode(store),
+            progress=progress,
+            hash_files=False,
+        )
+        stack: list[tuple[bytes, Node]] = [(b"", root)]
+        while stack:
+            rel, node = stack.pop()
+            if node.link_to is not None:
+                continue
+            if node.children is not None:
+                prefix = rel + b"/" if rel else b""
+                stack.extend(
+                    (prefix + name, child) for name, child in sorted(node.children.items())
+                )
+            elif node.mode & 0o170000 == _S_IFREG and node.content is None and node.payload:
+                pipeline.add(rel, node, None)
+        pipeline.finish()
+    finally:
+        os.close(root_fd)
     return sum(pipeline.stored)
