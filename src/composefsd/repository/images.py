@@ -22,11 +22,18 @@ A leading ``refs/`` is accepted and dropped.
 
 CreateImage from a directory (:func:`create_from_directory`) gives the image C
 ``mkcomposefs --digest-store`` gives for the same tree and options, and the same
-objects: the tree is scanned by :func:`composefsd.scanner.scan_directory`
-without digests, then every regular file is hashed with the repository's
-algorithm and published if new by an :class:`~composefsd.repository.objects.Importer`
-(worker processes for large trees), files of 64 bytes or less are inlined, and
-:func:`composefsd.image.writer.write_image` writes the image.
+objects: the tree is walked by :func:`composefsd.scanner.scan_source` (no file
+is read), then every regular file is hashed with the repository's algorithm and
+published if new by an :class:`~composefsd.repository.objects.Importer` (worker
+processes for large trees), files of 64 bytes or less are inlined, and
+:func:`composefsd.image.writer.write_image` writes the image. Files are read
+beneath the source directory's fd, never through a symlink, and only if they are
+the inode the scan saw (:mod:`composefsd.beneath`), so a tree that its owner
+changes meanwhile cannot lead the import outside it.
+
+A tree scanned elsewhere, with somebody else's rights (the service scans a
+caller's tree as the caller), is imported by :func:`create_from_scan`: its
+files are opened with those rights (:class:`ScannedSource`).
 
 In a SHA-512 repository objects are named by their SHA-512 digests; the image
 writer only knows SHA-256 ``trusted.overlay.metacopy`` digests (C composefs
@@ -45,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from composefsd.beneath import check_relpath
+from composefsd.credentials import Credentials
 from composefsd.fsverity import Algorithm, VerityError, measure_verity
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
@@ -71,7 +80,14 @@ from composefsd.repository.objects import (
     sync_objects,
 )
 from composefsd.repository.progress import ProgressCallback, Throttle
-from composefsd.scanner import ScanError, ScanOptions, ScanProgress, default_threads, scan_directory
+from composefsd.scanner import (
+    ScanError,
+    ScanOptions,
+    ScanProgress,
+    SourceScan,
+    default_threads,
+    scan_source,
+)
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -82,8 +98,10 @@ __all__ = [
     "CreateResult",
     "ImageDetails",
     "ImageEntry",
+    "ScannedSource",
     "create_from_directory",
     "create_from_dumpfile",
+    "create_from_scan",
     "describe_image",
     "is_hex_digest",
     "iter_refs",
@@ -154,6 +172,21 @@ class CreateResult:
     image_written: bool = False
     image_size: int = 0
     entries: int = 0
+
+
+@dataclass(slots=True)
+class ScannedSource:
+    """A source tree already scanned, to import with :func:`create_from_scan`.
+
+    ``fd`` is the source directory (open; not closed here): its files are read
+    beneath it. ``display`` names it in messages; ``credentials`` are the rights
+    its files are opened with (None: this process's own).
+    """
+
+    scan: SourceScan
+    fd: int
+    display: bytes
+    credentials: Credentials | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -372,55 +405,39 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
 # -- creating -------------------------------------------------------------------------------
 
 
-def _collect_directory(root: Node, src: bytes) -> tuple[list[ImportTask], list[Node], int, int]:
-    """Import tasks for every regular file (not hardlink entries) with data."""
+def _scan_tasks(scan: SourceScan) -> tuple[list[ImportTask], list[Node]]:
+    """Import tasks for every regular file with data (hardlinked inodes once)."""
     tasks: list[ImportTask] = []
     nodes: list[Node] = []
-    files = entries = 0
-    stack: list[tuple[bytes, Node]] = [(src, root)]
-    while stack:
-        path, node = stack.pop()
-        entries += 1
-        if node.link_to is not None:
-            continue
-        children = node.children
-        if children is not None:
-            sep = b"" if path.endswith(b"/") else b"/"
-            stack.extend((path + sep + name, child) for name, child in children.items())
-        elif node.mode & _S_IFMT == _S_IFREG:
-            files += 1
-            if node.size > 0:
-                inline = node.size <= RECOMMENDED_INLINE_CONTENT_MAX
-                tasks.append(ImportTask(path, node.size, None, inline))
-                nodes.append(node)
-    return tasks, nodes, files, entries
-
-
-def _check_payload(payload: bytes) -> None:
-    parts = payload.split(b"/")
-    if payload.startswith(b"/") or any(p in (b"", b".", b"..") for p in parts):
-        raise SourceError(
-            f"object path {os.fsdecode(payload)!r} in the dumpfile is not a plain relative path"
-        )
+    for rel, node, key in scan.files:
+        inline = node.size <= RECOMMENDED_INLINE_CONTENT_MAX
+        tasks.append(ImportTask(rel, node.size, None, inline, False, key))
+        nodes.append(node)
+    return tasks, nodes
 
 
 def _collect_dumpfile(
-    root: Node, objects_dir: bytes, algorithm: Algorithm
+    root: Node, algorithm: Algorithm
 ) -> tuple[list[ImportTask], list[Node], int, int]:
     tasks: list[ImportTask] = []
     nodes: list[Node] = []
     files = 0
     walked = root.walk()
-    base = objects_dir.rstrip(b"/") + b"/"
     for _path, node in walked:
         if node.link_to is not None or node.mode & _S_IFMT != _S_IFREG:
             continue
         files += 1
         if node.size == 0 or node.content is not None or node.payload is None:
             continue
-        _check_payload(node.payload)
+        try:
+            check_relpath(node.payload)
+        except ValueError:
+            raise SourceError(
+                f"object path {os.fsdecode(node.payload)!r} in the dumpfile is not a plain "
+                f"relative path"
+            ) from None
         expected = node.digest if algorithm is Algorithm.SHA256 else None
-        tasks.append(ImportTask(base + node.payload, node.size, expected, False))
+        tasks.append(ImportTask(node.payload, node.size, expected, False))
         nodes.append(node)
     return tasks, nodes, files, len(walked)
 
@@ -432,6 +449,7 @@ def _import(
     options: CreateOptions,
     lock: RepoLock,
     throttle: Throttle,
+    source: tuple[int, bytes, Credentials | None],
     cache: DigestCache | None = None,
 ) -> list[ImportResult]:
     total = sum(t.size for t in tasks if not t.inline)
@@ -446,13 +464,17 @@ def _import(
     def report(files: int, nbytes: int) -> None:
         throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")
 
+    source_fd, display, credentials = source
     config = ImportConfig(
         objects_dir=os.fspath(repo.objects_dir),
         algorithm=repo.hash_algorithm.value,
         policy=repo.verity.value,
         verity=store.state.verity,
+        source_fd=source_fd,
+        display=display,
         fsync_each=repo.fsync_each,
         hashing_copy=repo.hashing_copy,
+        credentials=credentials,
     )
     importer = Importer(
         config,
@@ -549,58 +571,162 @@ def _finish(
     )
 
 
-def create_from_directory(
-    repo: Repository,
-    source: str | os.PathLike[str],
-    options: CreateOptions,
-    ref: str | None,
-    progress: ProgressCallback | None,
-) -> CreateResult:
-    ref_name = normalize_ref(ref) if ref is not None else None
+_SOURCE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _scan_options(options: CreateOptions) -> ScanOptions:
+    return ScanOptions(
+        use_epoch=options.use_epoch,
+        skip_devices=options.skip_devices,
+        skip_xattrs=options.skip_xattrs,
+        user_xattrs=options.user_xattrs,
+        preserve_hardlinks=options.preserve_hardlinks,
+    )
+
+
+def open_source_directory(
+    source: str | os.PathLike[str] | bytes | int, display: bytes | None = None
+) -> tuple[int, bytes]:
+    """Open a CreateImage source: a directory path (a symlink to one is followed), or
+    an open directory fd (``O_PATH`` will do; reopened, not consumed). Returns the
+    new fd (the caller closes it) and the source's name for messages: ``display``,
+    else the path."""
+    if isinstance(source, int):
+        display = display or b"<source directory fd>"
+        try:
+            return os.open(".", _SOURCE_FLAGS, dir_fd=source), display
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR:
+                raise SourceError(
+                    "the source file descriptor is not a directory", errno=errno.ENOTDIR
+                ) from exc
+            raise SourceError(
+                f"cannot open the source directory: {os_error_text(exc)}", errno=exc.errno
+            ) from exc
     src = os.fsencode(source)
     try:
-        st = os.stat(src)
+        return os.open(src, _SOURCE_FLAGS), display or src
     except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise SourceError(
+                f"source {os.fsdecode(src)} is not a directory", errno=errno.ENOTDIR
+            ) from exc
         what = "does not exist" if exc.errno == errno.ENOENT else os_error_text(exc)
         raise SourceError(f"source {os.fsdecode(src)}: {what}", errno=exc.errno) from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(f"source {os.fsdecode(src)} is not a directory", errno=errno.ENOTDIR)
-    repo.ensure_writable()
+
+
+def scan_source_directory(
+    fd: int,
+    display: bytes,
+    options: CreateOptions,
+    progress: ProgressCallback | None = None,
+    *,
+    max_entries: int | None = None,
+) -> SourceScan:
+    """Walk the source directory open at ``fd`` as CreateImage does (``scan``
+    progress), with this process's rights; scan errors become :class:`SourceError`."""
     throttle = Throttle(progress)
 
     def scan_progress(p: ScanProgress) -> None:
         throttle("scan", p.entries, None)
 
+    throttle("scan", 0, None, force=True)
+    try:
+        with gc_paused():
+            scan = scan_source(
+                fd,
+                display,
+                _scan_options(options),
+                scan_progress if throttle.active else None,
+                max_entries=max_entries,
+            )
+    except ScanError as exc:
+        raise SourceError(str(exc), errno=exc.errno) from exc
+    throttle("scan", scan.entries, scan.entries, force=True)
+    return scan
+
+
+def create_from_directory(
+    repo: Repository,
+    source: str | os.PathLike[str] | int,
+    options: CreateOptions,
+    ref: str | None,
+    progress: ProgressCallback | None,
+    display: bytes | None = None,
+) -> CreateResult:
+    """CreateImage from a directory path or an open directory fd, read with this
+    process's rights (module notes); ``display`` names the source in messages."""
+    ref_name = normalize_ref(ref) if ref is not None else None
+    fd, display = open_source_directory(source, display)
+    try:
+        repo.ensure_writable()
+        with writer_lock(repo.path) as lock, repo.object_store() as store:
+            store.probe_verity()
+            scan = scan_source_directory(fd, display, options, progress)
+            cache = None
+            if options.digest_cache and not isinstance(source, int):
+                cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
+            scanned = ScannedSource(scan, fd, display)
+            return _create_scanned(repo, store, lock, scanned, options, ref_name, progress, cache)
+    finally:
+        os.close(fd)
+
+
+def create_from_scan(
+    repo: Repository,
+    source: ScannedSource,
+    options: CreateOptions,
+    ref: str | None,
+    progress: ProgressCallback | None,
+) -> CreateResult:
+    """CreateImage from a tree scanned already (:class:`ScannedSource`); its files
+    are opened with ``source.credentials``'s rights. No digest cache is used: it
+    would skip opening files, and opening them is what proves the rights."""
+    ref_name = normalize_ref(ref) if ref is not None else None
+    repo.ensure_writable()
     with writer_lock(repo.path) as lock, repo.object_store() as store:
         store.probe_verity()
-        throttle("scan", 0, None, force=True)
-        scan_options = ScanOptions(
-            use_epoch=options.use_epoch,
-            skip_devices=options.skip_devices,
-            skip_xattrs=options.skip_xattrs,
-            user_xattrs=options.user_xattrs,
-            threads=1,
-            compute_digests=False,
-            inline_small=False,
-            preserve_hardlinks=options.preserve_hardlinks,
-        )
-        try:
-            with gc_paused():
-                root = scan_directory(src, scan_options, scan_progress if throttle.active else None)
-        except ScanError as exc:
-            raise SourceError(str(exc), errno=exc.errno) from exc
-        tasks, nodes, files, entries = _collect_directory(root, src)
-        throttle("scan", entries, entries, force=True)
-        cache = None
-        if options.digest_cache:
-            cache = DigestCache.open(repo.cache_dir, src, repo.hash_algorithm)
-        results = _import(repo, store, tasks, options, lock, throttle, cache)
-        if cache is not None:
-            cache.save(tasks, results)
-        _apply(nodes, results, repo.hash_algorithm, keep_digest=False)
-        return _finish(
-            repo, store, root, tasks, results, options, ref_name, files, entries, throttle
-        )
+        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None)
+
+
+def _create_scanned(
+    repo: Repository,
+    store: ObjectStore,
+    lock: RepoLock,
+    source: ScannedSource,
+    options: CreateOptions,
+    ref: str | None,
+    progress: ProgressCallback | None,
+    cache: DigestCache | None,
+) -> CreateResult:
+    throttle = Throttle(progress)
+    scan = source.scan
+    tasks, nodes = _scan_tasks(scan)
+    results = _import(
+        repo,
+        store,
+        tasks,
+        options,
+        lock,
+        throttle,
+        (source.fd, source.display, source.credentials),
+        cache,
+    )
+    if cache is not None:
+        cache.save(tasks, results)
+    _apply(nodes, results, repo.hash_algorithm, keep_digest=False)
+    return _finish(
+        repo,
+        store,
+        scan.root,
+        tasks,
+        results,
+        options,
+        ref,
+        scan.regular_files,
+        scan.entries,
+        throttle,
+    )
 
 
 def create_from_dumpfile(
@@ -630,30 +756,35 @@ def create_from_dumpfile(
             ) from exc
     objdir = os.fsencode(objects_dir)
     try:
-        st = os.stat(objdir)
+        objects_fd = os.open(objdir, _SOURCE_FLAGS)
     except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            raise SourceError(
+                f"objects directory {os.fsdecode(objdir)} is not a directory", errno=errno.ENOTDIR
+            ) from exc
         raise SourceError(
             f"objects directory {os.fsdecode(objdir)}: {os_error_text(exc)}", errno=exc.errno
         ) from exc
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(
-            f"objects directory {os.fsdecode(objdir)} is not a directory", errno=errno.ENOTDIR
-        )
     try:
-        with gc_paused():
-            root = parse_dumpfile(data)
-    except DumpfileError as exc:
-        raise SourceError(f"invalid dumpfile: {exc}", errno=errno.EINVAL) from exc
-    tasks, nodes, files, entries = _collect_dumpfile(root, objdir, repo.hash_algorithm)
-    repo.ensure_writable()
-    throttle = Throttle(progress)
-    with writer_lock(repo.path) as lock, repo.object_store() as store:
-        store.probe_verity()
-        results = _import(repo, store, tasks, options, lock, throttle)
-        _apply(nodes, results, repo.hash_algorithm, keep_digest=True)
-        return _finish(
-            repo, store, root, tasks, results, options, ref_name, files, entries, throttle
-        )
+        try:
+            with gc_paused():
+                root = parse_dumpfile(data)
+        except DumpfileError as exc:
+            raise SourceError(f"invalid dumpfile: {exc}", errno=errno.EINVAL) from exc
+        tasks, nodes, files, entries = _collect_dumpfile(root, repo.hash_algorithm)
+        repo.ensure_writable()
+        throttle = Throttle(progress)
+        with writer_lock(repo.path) as lock, repo.object_store() as store:
+            store.probe_verity()
+            results = _import(
+                repo, store, tasks, options, lock, throttle, (objects_fd, objdir, None)
+            )
+            _apply(nodes, results, repo.hash_algorithm, keep_digest=True)
+            return _finish(
+                repo, store, root, tasks, results, options, ref_name, files, entries, throttle
+            )
+    finally:
+        os.close(objects_fd)
 
 
 # -- listing and removal --------------------------------------------------------------------

@@ -70,6 +70,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from composefsd import workerproc
+from composefsd.beneath import BeneathOpener, ChangedError, FileKey, file_key
+from composefsd.credentials import Credentials, CredentialsError, acting_as
 from composefsd.fsverity import (
     Algorithm,
     FsVerityHasher,
@@ -698,16 +700,20 @@ def sync_objects(objects_dir: str | os.PathLike[str], rels: Iterable[str]) -> No
 
 @dataclass(slots=True, frozen=True)
 class ImportTask:
-    """One file to import. ``inline``: only read its content (a file of at most 64
-    bytes that the image stores inline). ``expected``: the digest it must have;
-    when given and the object exists, the source is not even read."""
+    """One file to import, at ``rel`` beneath the import's source directory.
 
-    path: bytes
+    ``inline``: only read its content (a file of at most 64 bytes that the image
+    stores inline). ``expected``: the digest it must have; when given and the
+    object exists, the source is not even read. ``key``: the file as the scan saw
+    it; the file opened must still be that one (:mod:`composefsd.beneath`)."""
+
+    rel: bytes
     size: int
     expected: bytes | None = None
     inline: bool = False
     #: Hash it while copying it (it is known to need copying).
     hashing_copy: bool = False
+    key: FileKey | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -716,20 +722,26 @@ class ImportResult:
     content: bytes | None
     written: bool
     verity: bool
-    #: The source's (dev, ino, size, mtime_ns, ctime_ns) when it was hashed.
-    stat: tuple[int, int, int, int, int] | None = None
+    #: The source's key (dev, ino, size, mtime_ns, ctime_ns) when it was hashed.
+    stat: FileKey | None = None
 
 
 @dataclass(slots=True, frozen=True)
 class ImportConfig:
-    """Everything a worker process needs to publish into a repository."""
+    """Everything a worker process needs to read the source and publish into a
+    repository. ``source_fd`` is the directory files are read beneath (worker
+    processes inherit it), ``display`` its name for messages, and ``credentials``
+    whose rights to read with (None: the importing process's own)."""
 
     objects_dir: str
     algorithm: str
     policy: str
     verity: bool | None
+    source_fd: int
+    display: bytes = b"."
     fsync_each: bool = False
     hashing_copy: bool = False
+    credentials: Credentials | None = None
 
     def store(self, state: PublishState | None = None) -> ObjectStore:
         return ObjectStore(
@@ -740,13 +752,50 @@ class ImportConfig:
             fsync_each=self.fsync_each,
         )
 
+    def opener(self) -> BeneathOpener:
+        return BeneathOpener(self.source_fd, self.display)
+
+    def to_wire(self) -> tuple[object, ...]:
+        creds = self.credentials.to_wire() if self.credentials is not None else None
+        return (
+            self.objects_dir,
+            self.algorithm,
+            self.policy,
+            self.verity,
+            self.source_fd,
+            self.display,
+            self.fsync_each,
+            self.hashing_copy,
+            creds,
+        )
+
+    @classmethod
+    def from_wire(cls, wire: tuple[object, ...]) -> ImportConfig:
+        (objects_dir, algorithm, policy, verity, source_fd, display, fsync_each, copy, creds) = wire
+        assert isinstance(objects_dir, str) and isinstance(algorithm, str)
+        assert isinstance(policy, str) and isinstance(source_fd, int)
+        assert isinstance(display, bytes)
+        assert verity is None or isinstance(verity, bool)
+        return cls(
+            objects_dir,
+            algorithm,
+            policy,
+            verity,
+            source_fd,
+            display,
+            bool(fsync_each),
+            bool(copy),
+            Credentials.from_wire(creds) if creds is not None else None,  # type: ignore[arg-type]
+        )
+
 
 class DigestCache:
     """Digests of one source tree's files from the previous import of that tree.
 
-    Entries are keyed by path and hold the file's ``(st_dev, st_ino, st_size,
-    st_mtime_ns, st_ctime_ns)`` as it was when hashed. An entry is used only if
-    the file still has exactly those, and only to find an object that exists; a
+    Entries are keyed by path relative to the tree and hold the file's
+    ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` as it was when hashed.
+    An entry is used only if the scan found exactly those (the file is then not
+    even opened), and only to find an object that exists; a
     file whose object is missing is hashed again as it is copied. The ctime
     cannot be set from userspace and moves with every change of the file, so an
     unchanged key means unchanged content, unless a change landed within the
@@ -759,7 +808,7 @@ class DigestCache:
     import of the tree that changed it; a missing or unreadable one is empty.
     """
 
-    VERSION = 1
+    VERSION = 2
     RACY_NS = 2_000_000_000
 
     def __init__(
@@ -803,22 +852,17 @@ class DigestCache:
         hits: dict[int, ImportResult] = {}
         rest: list[ImportTask] = []
         entries = self.entries
-        # Without verity to look at, a hit costs two stat calls; this loop is most of
+        # Without verity to look at, a hit costs one stat call; this loop is most of
         # what re-importing an unchanged tree costs, so it avoids per-call overhead.
         plain = not store._wants_verity()
         dir_fd = store.dir_fd
         for i, task in enumerate(tasks):
-            cached = entries.get(task.path) if not task.inline else None
-            if cached is None:
+            key = task.key
+            cached = entries.get(task.rel) if not task.inline and key is not None else None
+            if cached is None or key is None:
                 rest.append(task)
                 continue
-            try:
-                st = os.stat(task.path, follow_symlinks=False)
-            except OSError:
-                rest.append(task)
-                continue
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if key != cached[:5] or not stat.S_ISREG(st.st_mode) or st.st_size != task.size:
+            if key != cached[:5] or key[2] != task.size:
                 rest.append(task)
                 continue
             digest = cached[5]
@@ -827,18 +871,18 @@ class DigestCache:
                 try:
                     ost = os.stat(hexed[:2] + "/" + hexed[2:], dir_fd=dir_fd, follow_symlinks=False)
                 except FileNotFoundError:
-                    rest.append(ImportTask(task.path, task.size, task.expected, False, True))
+                    rest.append(_copy_task(task))
                     continue
-                if stat.S_ISREG(ost.st_mode) and ost.st_size == st.st_size:
+                if stat.S_ISREG(ost.st_mode) and ost.st_size == task.size:
                     hits[i] = ImportResult(digest, None, False, False, key)
                 else:
                     rest.append(task)  # damaged: the import replaces it
                 continue
-            found = store.existing(digest, st.st_size)
+            found = store.existing(digest, task.size)
             if isinstance(found, ObjectResult):
                 hits[i] = ImportResult(digest, None, False, found.verity, key)
             else:
-                rest.append(ImportTask(task.path, task.size, task.expected, False, True))
+                rest.append(_copy_task(task))
         return hits, rest
 
     def save(self, tasks: Sequence[ImportTask], results: Sequence[ImportResult]) -> None:
@@ -850,7 +894,7 @@ class DigestCache:
         for task, result in zip(tasks, results, strict=True):
             st = result.stat
             if st is not None and result.digest is not None and st[4] < limit:
-                fresh[task.path] = (*st, result.digest)
+                fresh[task.rel] = (*st, result.digest)
         if fresh == self.entries:
             return
         directory = os.path.dirname(self.path)
@@ -870,33 +914,55 @@ class DigestCache:
 
 
 # Marshal-friendly forms of tasks, results and failures.
-#: (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a source file.
-_StatKey = tuple[int, int, int, int, int]
-#: A digest cache entry: the stat key, then the digest.
+#: A digest cache entry: the key, then the digest.
 _Cached = tuple[int, int, int, int, int, bytes]
-_Task = tuple[bytes, int, "bytes | None", bool, bool]
-_Result = tuple["bytes | None", "bytes | None", bool, bool, "_StatKey | None"]
+#: (rel, size, expected, inline, hashing copy, key)
+_Task = tuple[bytes, int, "bytes | None", bool, bool, "FileKey | None"]
+_Result = tuple["bytes | None", "bytes | None", bool, bool, "FileKey | None"]
 _Failure = tuple[str, "int | None", str]
 
 
-def _stat_key(st: os.stat_result) -> _StatKey:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+def _copy_task(task: ImportTask) -> ImportTask:
+    """``task``, hashed as it is copied (an unchanged file whose object is gone)."""
+    return ImportTask(task.rel, task.size, task.expected, False, True, task.key)
 
 
-def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytearray) -> _Result:
-    path, size, expected, inline, copy = task
-    if expected is not None and not inline:
-        found = store.existing(expected, size)
-        if isinstance(found, ObjectResult):
-            return expected, None, False, found.verity, None
-    # An unchanged file whose object is gone: it will be copied, hash it on the way.
-    hashing_copy = hashing_copy or copy
+def _source_error(opener: BeneathOpener, rel: bytes, exc: OSError) -> SourceError:
+    if isinstance(exc, ChangedError):
+        return SourceError(str(exc), errno=exc.errno)
+    path = os.fsdecode(opener.full_path(rel))
+    return SourceError(f"cannot read {path}: {os_error_text(exc)}", errno=exc.errno)
+
+
+def _open_sources(
+    opener: BeneathOpener, tasks: Sequence[_Task], skip: Sequence[bool], creds: Credentials | None
+) -> tuple[list[int | None], SourceError | None]:
+    """Open the sources of ``tasks`` (not those ``skip`` marks), with ``creds``'s rights;
+    stops at the first failure, which is returned with the fds opened before it."""
+    fds: list[int | None] = []
     try:
-        fd = os.open(path, _SOURCE_FLAGS)
-    except OSError as exc:
-        raise SourceError(
-            f"cannot read {os.fsdecode(path)}: {os_error_text(exc)}", errno=exc.errno
-        ) from exc
+        with acting_as(creds):
+            for task, skipped in zip(tasks, skip, strict=True):
+                if skipped:
+                    fds.append(None)
+                    continue
+                try:
+                    fds.append(opener.open(task[0], task[5]))
+                except OSError as exc:
+                    return fds, _source_error(opener, task[0], exc)
+    except CredentialsError as exc:
+        who = f"uid {creds.uid}" if creds is not None else "this process"
+        return fds, SourceError(
+            f"cannot read {os.fsdecode(opener.display)} with the rights of {who}: {exc.strerror}",
+            errno=exc.errno,
+        )
+    return fds, None
+
+
+def _import_fd(
+    store: ObjectStore, fd: int, task: _Task, hashing_copy: bool, buf: bytearray, path: str
+) -> _Result:
+    _rel, size, expected, inline, copy, _key = task
     try:
         if inline:
             # C lcfs_node_set_from_content: read it all; shorter than stat said is ENODATA.
@@ -905,26 +971,22 @@ def _import_one(store: ObjectStore, task: _Task, hashing_copy: bool, buf: bytear
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
             return None, data[:size], False, False, None
         st = os.fstat(fd)
-        if hashing_copy:
+        # An unchanged file whose object is gone: it will be copied, hash it on the way.
+        if hashing_copy or copy:
             result = store.import_fd_hashing_copy(fd, expected=expected, buf=buf)
         else:
             result = store.import_fd(fd, expected=expected)
         _check_unchanged(fd, st)
     except SourceError as exc:
-        raise SourceError(f"{os.fsdecode(path)}: {exc.message}", errno=exc.errno) from exc
+        raise SourceError(f"{path}: {exc.message}", errno=exc.errno) from exc
     except OSError as exc:
         # Repository-side failures arrive as RepositoryError; this one is the source's.
-        raise SourceError(
-            f"cannot read {os.fsdecode(path)}: {os_error_text(exc)}", errno=exc.errno
-        ) from exc
-    finally:
-        os.close(fd)
+        raise SourceError(f"cannot read {path}: {os_error_text(exc)}", errno=exc.errno) from exc
     if result.size != size:
         raise SourceError(
-            f"{os.fsdecode(path)}: {result.size} bytes, not {size} as when it was scanned",
-            errno=errno.EAGAIN,
+            f"{path}: {result.size} bytes, not {size} as when it was scanned", errno=errno.EAGAIN
         )
-    return bytes.fromhex(result.digest), None, result.written, result.verity, _stat_key(st)
+    return bytes.fromhex(result.digest), None, result.written, result.verity, file_key(st)
 
 
 def _failure(exc: BaseException) -> _Failure:
@@ -949,21 +1011,58 @@ def _raise_failure(failure: _Failure) -> None:
 
 
 def _run_batch(
-    store: ObjectStore, tasks: Sequence[_Task], hashing_copy: bool, buf: bytearray
+    store: ObjectStore,
+    opener: BeneathOpener,
+    tasks: Sequence[_Task],
+    hashing_copy: bool,
+    buf: bytearray,
+    creds: Credentials | None = None,
 ) -> list[_Result | _Failure]:
-    """Import a batch; a failure ends it (and is its last entry)."""
+    """Import a batch; a failure ends it (and is its last entry).
+
+    Three steps, so that ``creds`` are only in effect while the sources are
+    opened: the repository is looked up and written with this process's rights.
+    """
     out: list[_Result | _Failure] = []
-    for task in tasks:
-        try:
-            out.append(_import_one(store, task, hashing_copy, buf))
-        except Exception as exc:  # reported to the parent, which raises it
-            out.append(_failure(exc))
-            break
+    found: list[ObjectResult | None] = []
+    try:
+        for _rel, size, expected, inline, _copy, _key in tasks:
+            hit = store.existing(expected, size) if expected is not None and not inline else None
+            found.append(hit if isinstance(hit, ObjectResult) else None)
+    except Exception as exc:  # reported to the parent, which raises it
+        return [_failure(exc)]
+    fds, failure = _open_sources(opener, tasks, [f is not None for f in found], creds)
+    try:
+        for i, fd in enumerate(fds):
+            hit = found[i]
+            if hit is not None:
+                out.append((bytes.fromhex(hit.digest), None, False, hit.verity, None))
+                continue
+            assert fd is not None
+            path = os.fsdecode(opener.full_path(tasks[i][0]))
+            try:
+                out.append(_import_fd(store, fd, tasks[i], hashing_copy, buf, path))
+            except Exception as exc:  # reported to the parent, which raises it
+                out.append(_failure(exc))
+                return out
+            finally:
+                os.close(fd)
+                fds[i] = None
+    finally:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+    if failure is not None:
+        out.append(_failure(failure))
     return out
 
 
 def _worker_main() -> None:
-    """An import worker process: a config, then batches from stdin, results to stdout."""
+    """An import worker process: a config, then batches from stdin, results to stdout.
+
+    It reads the source beneath the inherited ``config.source_fd`` and, with
+    ``config.credentials``, opens it with the caller's rights
+    (:func:`composefsd.credentials.acting_as`; this process has one thread)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
@@ -978,15 +1077,15 @@ def _worker_main() -> None:
     if config_tuple is None:
         return
     assert isinstance(config_tuple, tuple)
-    config = ImportConfig(*config_tuple)
+    config = ImportConfig.from_wire(config_tuple)
     buf = bytearray(_COPY_BUFSIZE)
-    with config.store() as store:
+    with config.store() as store, config.opener() as opener:
         while True:
             tasks = receive()
             if tasks is None or os.getppid() != parent:
                 return
             assert isinstance(tasks, list)
-            reply = _run_batch(store, tasks, config.hashing_copy, buf)
+            reply = _run_batch(store, opener, tasks, config.hashing_copy, buf, config.credentials)
             try:
                 workerproc.write_message(out, reply)
             except BrokenPipeError:
@@ -998,19 +1097,12 @@ def _worker_main() -> None:
 def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
     # Its stderr stays ours: an import worker's failure is worth seeing.
     proc = workerproc.start(
-        "composefsd.repository.objects", "_worker_main", pass_fds=pass_fds, quiet=False
+        "composefsd.repository.objects",
+        "_worker_main",
+        pass_fds=(*pass_fds, config.source_fd),
+        quiet=False,
     )
-    workerproc.send(
-        proc,
-        (
-            config.objects_dir,
-            config.algorithm,
-            config.policy,
-            config.verity,
-            config.fsync_each,
-            config.hashing_copy,
-        ),
-    )
+    workerproc.send(proc, config.to_wire())
     return proc
 
 
@@ -1023,6 +1115,7 @@ class _Lane(threading.Thread):
     def run(self) -> None:
         imp = self.importer
         buf = bytearray(_COPY_BUFSIZE)
+        opener = imp.config.opener()
         try:
             while True:
                 item = imp.work.get()
@@ -1035,11 +1128,12 @@ class _Lane(threading.Thread):
                     results = self._remote(tasks)
                 else:
                     assert imp.store is not None
-                    results = _run_batch(imp.store, tasks, imp.config.hashing_copy, buf)
+                    results = _run_batch(imp.store, opener, tasks, imp.config.hashing_copy, buf)
                 imp.done(start, tasks, results)
         except BaseException as exc:  # never die silently: it would hang run()
             imp.fail(_failure(exc))
         finally:
+            opener.close()
             self.stop()
 
     def _remote(self, tasks: list[_Task]) -> list[_Result | _Failure]:
@@ -1067,7 +1161,9 @@ class Importer:
     the first failure (:class:`SourceError`, :class:`VerityRequiredError`,
     :class:`RepositoryError`). ``progress(files_done, bytes_done)`` is called from
     the calling thread a few times a second. ``pass_fds`` go to worker processes
-    (the repository lock fd).
+    (the repository lock fd), as does ``config.source_fd``. With
+    ``config.credentials`` the import always runs in worker processes: a process
+    with other threads cannot switch rights for one of them.
     """
 
     def __init__(
@@ -1116,7 +1212,9 @@ class Importer:
         if not tasks:
             return []
         total = sum(t.size for t in tasks if not t.inline)
-        if self.use_processes_opt is None:
+        if self.config.credentials is not None:
+            self.use_processes = True
+        elif self.use_processes_opt is None:
             self.use_processes = self.threads > 1 and total >= _PROCESS_MIN_BYTES
         else:
             self.use_processes = self.use_processes_opt
@@ -1130,7 +1228,7 @@ class Importer:
             for i, t in enumerate(tasks):
                 if not batch:
                     start = i
-                batch.append((t.path, t.size, t.expected, t.inline, t.hashing_copy))
+                batch.append((t.rel, t.size, t.expected, t.inline, t.hashing_copy, t.key))
                 batch_bytes += 0 if t.inline else t.size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
                     self.work.put((start, batch))

@@ -46,8 +46,10 @@ from composefsd.repository.images import (
     CreateResult,
     ImageDetails,
     ImageEntry,
+    ScannedSource,
     create_from_directory,
     create_from_dumpfile,
+    create_from_scan,
     describe_image,
     list_images,
     remove_image,
@@ -329,21 +331,37 @@ class Repository:
     # -- images -----------------------------------------------------------------------------
     def create_image(
         self,
-        source: str | os.PathLike[str],
+        source: str | os.PathLike[str] | int,
         *,
         options: CreateOptions | None = None,
         ref: str | None = None,
         progress: ProgressCallback | None = None,
+        display: bytes | None = None,
     ) -> CreateResult:
-        """Import the directory ``source`` and build its image (module
-        :mod:`composefsd.repository.images`); ``ref`` names it under
-        ``images/refs/``. Without a ref (or a pin) the next GC removes the image.
+        """Import the directory ``source`` (a path, or an open directory fd) and build
+        its image (module :mod:`composefsd.repository.images`); ``ref`` names it
+        under ``images/refs/``. Without a ref (or a pin) the next GC removes the image.
+        ``display`` names the source in messages (default: the path).
 
         Raises :class:`SourceError`, :class:`VerityRequiredError`,
         :class:`ReadOnlyRepositoryError`, :class:`InvalidNameError` (bad ref) or
         :class:`RepositoryError`; the repository is consistent afterwards either way.
         """
-        return create_from_directory(self, source, options or CreateOptions(), ref, progress)
+        return create_from_directory(
+            self, source, options or CreateOptions(), ref, progress, display
+        )
+
+    def create_image_from_scan(
+        self,
+        source: ScannedSource,
+        *,
+        options: CreateOptions | None = None,
+        ref: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> CreateResult:
+        """As :meth:`create_image`, for a tree scanned already, whose files are opened
+        with ``source.credentials``'s rights (:func:`create_from_scan`)."""
+        return create_from_scan(self, source, options or CreateOptions(), ref, progress)
 
     def create_image_from_dumpfile(
         self,
