@@ -314,7 +314,7 @@ def test_create_image_from_fd(env: Env, flags: int) -> None:
 
 
 def test_create_image_from_fd_large_tree_uses_workers(env: Env) -> None:
-    # Enough data for import worker processes, which open /proc/<pid>/fd/N themselves.
+    # Enough data for import worker processes, which read beneath the fd they inherit.
     big = env.tmp / "big"
     big.mkdir()
     for i in range(3):

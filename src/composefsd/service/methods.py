@@ -22,10 +22,16 @@ Behaviour beyond the IDL text:
   :class:`~composefsd.service.context.CallCancelled` is raised from inside the
   repository operation, which stops it where it stands; the repository leaves at
   most unreferenced objects behind (GC removes them), never a half-visible image.
-* **CreateImage** from ``sourceDirectoryFileDescriptor`` reads the tree through
-  ``/proc/<composefsd pid>/fd/N`` (not ``/proc/self``: import workers are separate
-  processes and resolve the path themselves) and keeps no digest cache for it
-  (the path means nothing the next time).
+* **CreateImage** reads the caller's tree with the caller's rights: a caller
+  with composefsd's own uid (root, usually) in-process; any other in a scan
+  worker that has become the caller and import workers that open files as the
+  caller (:mod:`composefsd.service.sourcescan`), so it gets exactly the files it
+  could open itself. Either way files are read beneath the source directory's fd
+  and must be the inodes the scan saw (:mod:`composefsd.beneath`). A tree read
+  with a caller's rights may have at most
+  :attr:`RepositoryInterface.max_source_entries` entries. A
+  ``sourceDirectoryFileDescriptor`` is reopened, never resolved by a path, and
+  its tree gets no digest cache (a path to key it by means nothing the next time).
 * **Mount** with ``where`` attaches in composefsd's mount namespace; without it,
   the detached mount fd goes with the reply and the image is pinned
   (:mod:`composefsd.service.mounts`) before it leaves. ``where``, ``upperDirectory``
@@ -47,13 +53,13 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import composefsd
+from composefsd.credentials import Credentials
 from composefsd.image.reader import ImageFormatError
 from composefsd.kernel import IdMapping, ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
@@ -61,6 +67,7 @@ from composefsd.kernel.repomount import mount_repository_image, repository_mount
 from composefsd.repository import (
     CorruptRepositoryError,
     CreateOptions,
+    CreateResult,
     ImageNotFoundError,
     InvalidNameError,
     NotARepositoryError,
@@ -76,8 +83,9 @@ from composefsd.repository import (
 )
 from composefsd.repository.images import is_hex_digest, iter_refs, normalize_ref
 from composefsd.repository.verify import VerifyReport
-from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
+from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
+from composefsd.service.sourcescan import scan_as
 
 __all__ = ["INTERFACE", "RepositoryInterface", "describe_repository", "reply_error"]
 
@@ -330,6 +338,22 @@ def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> d
     return out
 
 
+def caller_rights(peer: Peer) -> Credentials | None:
+    """The rights to read a caller's files with: None if they are this process's
+    own (the same uid), else the peer's uid, gid and groups."""
+    if peer.uid == os.geteuid():
+        return None
+    return Credentials(peer.uid, peer.gid, tuple(sorted(peer.groups)))
+
+
+def _fd_name(fd: int | None) -> bytes:
+    """What a passed directory fd is, for messages only (never opened by this name)."""
+    try:
+        return os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return b"<sourceDirectoryFileDescriptor>"
+
+
 class RepositoryInterface:
     """Implements io.composefs.Repository on ``repo`` (module notes)."""
 
@@ -339,6 +363,8 @@ class RepositoryInterface:
     progress_interval: float = 0.25
     #: Seconds after which the last progress reply is repeated while nothing new comes.
     heartbeat: float = 5.0
+    #: Most entries a tree scanned with a caller's rights (not ours) may have.
+    max_source_entries: int | None = 1_000_000
 
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
@@ -388,32 +414,17 @@ class RepositoryInterface:
         fd: int | None = None
         if source_fd_index is not None:
             fd = ctx.take_fd(source_fd_index, "sourceDirectoryFileDescriptor")
+        options = CreateOptions(
+            use_epoch=_bool(use_epoch),
+            skip_xattrs=_bool(skip_xattrs),
+            user_xattrs=_bool(user_xattrs),
+            skip_devices=_bool(skip_devices),
+            min_version=lo,
+            max_version=hi,
+        )
         try:
-            if fd is not None:
-                try:
-                    st = os.fstat(fd)
-                except OSError as exc:
-                    raise _error("SourceError", message=f"source fd: {exc.strerror}") from None
-                if not stat.S_ISDIR(st.st_mode):
-                    raise _error(
-                        "SourceError", message="sourceDirectoryFileDescriptor is not a directory"
-                    )
-                # The trailing slash makes lstat() follow the magic link to the directory.
-                path = f"/proc/{os.getpid()}/fd/{fd}/"
-            else:
-                assert source_path is not None
-                path = source_path
-            options = CreateOptions(
-                use_epoch=_bool(use_epoch),
-                skip_xattrs=_bool(skip_xattrs),
-                user_xattrs=_bool(user_xattrs),
-                skip_devices=_bool(skip_devices),
-                min_version=lo,
-                max_version=hi,
-                digest_cache=fd is None,
-            )
             with self._reporter(ctx) as report, _mapped(image=ref, source_path=source_path):
-                result = self.repo.create_image(path, options=options, ref=ref, progress=report)
+                result = self._create(ctx.peer, source_path, fd, options, ref, report)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -437,6 +448,40 @@ class RepositoryInterface:
         if result.ref is not None:
             out["ref"] = result.ref
         return out
+
+    def _create(
+        self,
+        peer: Peer,
+        source_path: str | None,
+        fd: int | None,
+        options: CreateOptions,
+        ref: str | None,
+        report: _Reporter,
+    ) -> CreateResult:
+        """Import the caller's tree with the caller's rights (module notes)."""
+        display = os.fsencode(source_path) if source_path is not None else _fd_name(fd)
+        creds = caller_rights(peer)
+        if creds is None:
+            # The caller has our rights: read its tree in-process.
+            source: str | int = fd if fd is not None else str(source_path)
+            return self.repo.create_image(
+                source, options=options, ref=ref, progress=report, display=display
+            )
+        scanned = scan_as(
+            creds,
+            path=source_path,
+            fd=fd,
+            display=display,
+            options=options,
+            progress=report,
+            max_entries=self.max_source_entries,
+        )
+        try:
+            return self.repo.create_image_from_scan(
+                scanned, options=options, ref=ref, progress=report
+            )
+        finally:
+            os.close(scanned.fd)
 
     # -- Verify -----------------------------------------------------------------------------
     def Verify(self, image: str | None, *, _request: CallContext) -> dict[str, Any]:
