@@ -79,3 +79,13 @@ def test_users() -> Iterator[TestUsers]:
         for user in made:
             users.delete_user(user)
         users.delete_group(group)
+
+
+@pytest.fixture(scope="session")
+def user_python() -> Iterator[users.UserPython]:
+    """A Python test users can run composefsd code with (see tests/users.py)."""
+    dest = users.public_dir("cfsd-pylib-")
+    try:
+        yield users.make_user_python(dest)
+    finally:
+        users.remove_tree(dest)

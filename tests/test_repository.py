@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import stat
 import subprocess
 import sys
@@ -994,10 +995,25 @@ repo.create_image(sys.argv[2], ref="never", options=CreateOptions(threads=2), pr
 """
 
 
+def _past_user_space(pid: int, pidfd: int) -> bool:
+    """Whether worker ``pid`` can no longer touch the repository: it has ended, or it
+    is in the kernel's exit path with its files closed. (The kernel drops a
+    process's flocks in exit_files(), after exit_mm(), so no user code runs after
+    that; the task shows as running until exit_notify() makes it a zombie, and on
+    a busy machine it can be preempted in between.)"""
+    if select.select([pidfd], [], [], 0)[0]:
+        return True  # exited: a zombie, or reaped already
+    try:
+        return os.listdir(f"/proc/{pid}/fd") == []
+    except FileNotFoundError:
+        return True
+
+
 def test_killed_parent_leaves_workers_to_finish_cleanly(tmp_path: Path) -> None:
     """kill -9 of CreateImage while worker processes import: they finish their batch
-    and exit, holding the repository lock until then (GC waits for them), and the
-    repository is clean, with no image and no ref."""
+    and exit, holding the repository lock until then (GC waits for them; once GC has
+    the lock none of them can write any more), and the repository is clean, with no
+    image and no ref."""
     src = tmp_path / "src"
     rng = random.Random(9)
     for i in range(200):
@@ -1025,15 +1041,25 @@ def test_killed_parent_leaves_workers_to_finish_cleanly(tmp_path: Path) -> None:
             break
         time.sleep(0.002)
     assert children, "no import workers were running"
-    proc.kill()
-    proc.wait()
-    stderr = proc.stderr.read() if proc.stderr else ""
-    with gc_lock(repo.path, timeout=30):  # held by the workers until they exit
-        for pid in children:
-            assert (
-                not Path(f"/proc/{pid}").exists()
-                or "zombie" in Path(f"/proc/{pid}/status").read_text()
-            )
+    # pidfds name these very processes even after they are reaped (no pid reuse).
+    pidfds = {int(pid): os.pidfd_open(int(pid)) for pid in children}
+    try:
+        proc.kill()
+        proc.wait()
+        stderr = proc.stderr.read() if proc.stderr else ""
+        with gc_lock(repo.path, timeout=30):  # held by the workers until they exit
+            assert all(_past_user_space(pid, fd) for pid, fd in pidfds.items())
+            objects_at_lock = repo_objects(repo)
+            # ...and they do end (a generous bound: this waits for an event).
+            pending = list(pidfds.values())
+            while pending:
+                ready, _, _ = select.select(pending, [], [], 60)
+                assert ready, "a worker did not finish exiting within 60 s"
+                pending = [fd for fd in pending if fd not in ready]
+            assert repo_objects(repo) == objects_at_lock
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
     assert "Traceback" not in stderr
     assert repo.list_images() == [] and not (repo.refs_dir / "never").exists()
     report = repo.fsck()

@@ -149,3 +149,39 @@ def public_dir(prefix: str = "cfsd-pub-") -> Path:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class UserPython:
+    """A Python that test users can run with composefsd importable: the system
+    interpreter and a copy of the package and its dependency in a public directory
+    (the checkout and the test virtualenv may sit below a 0700 home, as /root is)."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+
+    __test__ = False
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.argv, *args]
+
+
+def make_user_python(dest: Path) -> UserPython:
+    """Copy composefsd and varlink below ``dest`` (which users must be able to enter)."""
+    import varlink
+
+    import composefsd
+
+    lib = dest / "pylib"
+    lib.mkdir(mode=0o755)
+    for module in (composefsd, varlink):
+        src = Path(module.__file__).parent
+        shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [lib, *lib.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    assert python is not None, "the tests need /usr/bin/python3 for non-root users"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(lib)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return UserPython((python,), env)
