@@ -591,9 +591,13 @@ def test_mount_writable_fds_and_idmap(env: Env) -> None:
     env.call("Unmount", str(env.mnt), True)
 
 
+def _mounts_below(root: Path) -> list[str]:
+    return [m.mountpoint for m in list_composefs_mounts() if m.mountpoint.startswith(f"{root}/")]
+
+
 def test_mount_errors(env: Env) -> None:
     digest = env.create()
-    before = len(list_composefs_mounts())
+    before = _mounts_below(env.tmp)
 
     def err(image: str = "app", where: Path | None = env.mnt, **fields: Any) -> VarlinkReplyError:
         ctx = env.ctx("Mount", fds=fields.pop("fds", None))
@@ -644,7 +648,7 @@ def test_mount_errors(env: Env) -> None:
     assert invalid(uidMap=[]) == "uidMap"
     assert invalid(uidMap=mapping, gidMap=[{"inside": -1, "outside": 0, "count": 1}]) == "gidMap"
     assert invalid(verity="sometimes") == "verity"
-    assert len(list_composefs_mounts()) == before
+    assert _mounts_below(env.tmp) == before
     assert not (env.tmp / "run" / "pins").exists()
 
 
@@ -961,12 +965,24 @@ def test_dispatch_through_service(env: Env) -> None:
         ctx.close_fds()
         return [*({"parameters": r} for r in env.replies), *replies]
 
+    # Another composefs mount, of another repository, mounted first: "all" lists it
+    # too (as it lists whatever else the machine has mounted), and ours is found by
+    # where it is.
+    other = Repository.init(env.tmp / "other-repo")
+    other.create_image(_tree(env.tmp / "other-src", seed=7), ref="x")
+    (env.tmp / "other-mnt").mkdir()
+    with mount_repository_image(other, "x") as m:
+        m.attach(env.tmp / "other-mnt")
     (r,) = call("CreateImage", {"sourcePath": str(env.src), "ref": "app", "useEpoch": True})
     digest = r["parameters"]["digest"]
     assert call("ListImages", {"image": "app"})[0]["parameters"]["images"][0]["refs"] == ["app"]
     out = call("Mount", {"image": "app", "where": str(env.mnt), "verity": "disabled"})
     assert out[0]["parameters"]["imageCheck"] == "userspace"  # expected digest still checked
-    assert call("ListMounts", {"all": True})[0]["parameters"]["mounts"][0]["digest"] == digest
+    every = call("ListMounts", {"all": True})[0]["parameters"]["mounts"]
+    ours = [m for m in every if m["where"] == str(env.mnt)]
+    assert [(m["digest"], m["inRepository"]) for m in ours] == [(digest, True)]
+    foreign = [m for m in every if m["where"] == str(env.tmp / "other-mnt")]
+    assert [m["inRepository"] for m in foreign] == [False]
     assert call("Unmount", {"where": str(env.mnt), "lazy": False})[0]["parameters"] == {
         "digest": digest
     }
