@@ -53,7 +53,7 @@ from composefsd.repository.images import (
     SYMLINK_TMP_PREFIX,
     is_hex_digest,
     iter_refs,
-    prune_empty_ref_dirs,
+    prune_all_empty_ref_dirs,
     resolve_image,
     split_digest_prefix,
 )
@@ -64,7 +64,7 @@ from composefsd.repository.progress import ProgressCallback, Throttle
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
 
-__all__ = ["GcResult", "collect_garbage"]
+__all__ = ["GcResult", "collect_garbage", "discard_added"]
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +230,11 @@ def collect_garbage(
             for name in unreferenced + stale_links:
                 _remove(repo.images_dir / name)
             for path in stale_refs:
-                if _remove(path):
-                    prune_empty_ref_dirs(repo, path.parent)
+                _remove(path)
+            # Every empty ref directory, also those a killed or failed writer left.
+            pruned = prune_all_empty_ref_dirs(repo)
+            if pruned:
+                log.info("gc: removed %d empty ref directories", pruned)
 
         objects_removed = bytes_removed = objects_kept = 0
         objects_dir = repo.objects_dir
@@ -280,6 +283,55 @@ def collect_garbage(
     )
     log.info("gc%s: %s", " (dry run)" if dry_run else "", result)
     return result
+
+
+#: Slack for the timestamps of image links against the clock (coarse filesystems).
+_CLOCK_SLACK = 2.0
+
+
+def discard_added(
+    repo: Repository, objects: Iterable[str], since: float, image_link: str | None = None
+) -> int:
+    """Undo what an operation that began at ``since`` (``time.time()``) and failed
+    added: the ``images/<hex>`` link ``image_link`` it created, unless a ref names
+    that image, and the ``objects`` (hex digests) it wrote, unless someone came to
+    depend on them. Returns the number of objects removed.
+
+    Only done when no other operation holds the repository: this takes the GC lock
+    without waiting (else :class:`RepositoryBusyError`, and nothing is removed). An
+    object another writer found and reused meanwhile is part of an image that
+    writer published since ``since``: every such image, and what it uses, is kept.
+    A repository with composefs-rs splitstreams is left alone (their objects cannot
+    be traced: :class:`RepositoryError`).
+    """
+    digests = sorted(set(objects))
+    with gc_lock(repo.path, timeout=0):
+        _check_no_streams(repo)
+        if image_link is not None:
+            named = {d for _name, _path, d in iter_refs(repo)}
+            if image_link not in named:
+                _remove(repo.images_dir / image_link)
+        keep: set[str] = set()
+        try:
+            entries = list(os.scandir(repo.images_dir))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if not (is_hex_digest(entry.name, repo.hash_algorithm) and entry.is_symlink()):
+                continue
+            try:
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime >= since - _CLOCK_SLACK and os.path.lexists(repo.object_path(entry.name)):
+                keep.add(object_relpath(entry.name))
+                keep |= _image_objects(repo, entry.name)
+        removed = 0
+        for digest in digests:
+            rel = object_relpath(digest)
+            if rel not in keep and _remove(repo.objects_dir / rel):
+                removed += 1
+    return removed
 
 
 def _prune_caches(repo: Repository) -> None:

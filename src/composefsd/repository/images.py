@@ -47,8 +47,10 @@ import logging
 import mmap
 import os
 import stat
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +64,7 @@ from composefsd.image.writer import write_image
 from composefsd.repository.errors import (
     ImageNotFoundError,
     InvalidNameError,
+    RepositoryBusyError,
     RepositoryError,
     SourceError,
     os_error_text,
@@ -107,6 +110,7 @@ __all__ = [
     "iter_refs",
     "list_images",
     "normalize_ref",
+    "prune_all_empty_ref_dirs",
     "prune_empty_ref_dirs",
     "ref_target",
     "remove_image",
@@ -172,6 +176,16 @@ class CreateResult:
     image_written: bool = False
     image_size: int = 0
     entries: int = 0
+
+
+@dataclass(slots=True)
+class Added:
+    """What one CreateImage added to the repository so far (undone if it fails)."""
+
+    #: Digests (hex) of the objects it wrote, the image object included.
+    objects: list[str] = field(default_factory=list)
+    #: The ``images/<hex>`` link it created, if it did (not one that was there).
+    image_link: str | None = None
 
 
 @dataclass(slots=True)
@@ -364,12 +378,15 @@ def _replace_symlink(target: str, link: Path, tmp_dir: Path) -> None:
         raise
 
 
-def _link_image(repo: Repository, hexdigest: str) -> None:
+def _link_image(repo: Repository, hexdigest: str) -> bool:
+    """Create ``images/<hex>`` (or repair it); True if it was not there."""
     target = _image_target(hexdigest)
     link = repo.images_dir / hexdigest
+    created = True
     try:
         os.symlink(target, link)
     except FileExistsError:
+        created = False
         try:
             current = os.readlink(link)
         except OSError:
@@ -377,6 +394,7 @@ def _link_image(repo: Repository, hexdigest: str) -> None:
         if current != target:
             _replace_symlink(target, link, repo.images_dir)
     _fsync_dir(repo.images_dir)
+    return created
 
 
 def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
@@ -390,10 +408,10 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
         ) from exc
     try:
         _replace_symlink(ref_target(ref, hexdigest), link, repo.images_dir)
-    except IsADirectoryError as exc:
-        raise InvalidNameError(f"ref {ref!r} is a directory of refs") from exc
     except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        # Leave no empty directory behind that mkdir above made for this ref.
+        prune_empty_ref_dirs(repo, parent)
+        if isinstance(exc, IsADirectoryError) or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise InvalidNameError(f"ref {ref!r} is a directory of refs") from exc
         raise
     for directory in (parent, *parent.parents):
@@ -450,6 +468,7 @@ def _import(
     lock: RepoLock,
     throttle: Throttle,
     source: tuple[int, bytes, Credentials | None],
+    added: Added,
     cache: DigestCache | None = None,
 ) -> list[ImportResult]:
     total = sum(t.size for t in tasks if not t.inline)
@@ -482,7 +501,10 @@ def _import(
         pass_fds=(lock.fd,),
         progress=report if throttle.active else None,
     )
-    fresh = iter(importer.run(todo))
+    try:
+        fresh = iter(importer.run(todo))
+    finally:
+        added.objects.extend(importer.written)
     return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
@@ -514,6 +536,7 @@ def _finish(
     files: int,
     entries: int,
     throttle: Throttle,
+    added: Added,
 ) -> CreateResult:
     throttle("image", 0, None, force=True)
     try:
@@ -524,6 +547,8 @@ def _finish(
     except OSError as exc:
         raise SourceError(f"cannot build the image: {os_error_text(exc)}", errno=exc.errno) from exc
     image_result: ObjectResult = store.store_bytes(image)
+    if image_result.written:
+        added.objects.append(image_result.digest)
     written: dict[bytes, int] = {}
     present: set[bytes] = set()
     bytes_total = 0
@@ -549,7 +574,8 @@ def _finish(
     throttle("publish", 0, None, force=True)
     hexdigest = image_result.digest
     try:
-        _link_image(repo, hexdigest)
+        if _link_image(repo, hexdigest):
+            added.image_link = hexdigest
         if ref is not None:
             _set_ref(repo, ref, hexdigest)
     except OSError as exc:
@@ -658,16 +684,23 @@ def create_from_directory(
     process's rights (module notes); ``display`` names the source in messages."""
     ref_name = normalize_ref(ref) if ref is not None else None
     fd, display = open_source_directory(source, display)
+    added = Added()
     try:
         repo.ensure_writable()
-        with writer_lock(repo.path) as lock, repo.object_store() as store:
+        with (
+            _undone_on_failure(repo, added),
+            writer_lock(repo.path) as lock,
+            repo.object_store() as store,
+        ):
             store.probe_verity()
             scan = scan_source_directory(fd, display, options, progress)
             cache = None
             if options.digest_cache and not isinstance(source, int):
                 cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
             scanned = ScannedSource(scan, fd, display)
-            return _create_scanned(repo, store, lock, scanned, options, ref_name, progress, cache)
+            return _create_scanned(
+                repo, store, lock, scanned, options, ref_name, progress, cache, added
+            )
     finally:
         os.close(fd)
 
@@ -684,9 +717,50 @@ def create_from_scan(
     would skip opening files, and opening them is what proves the rights."""
     ref_name = normalize_ref(ref) if ref is not None else None
     repo.ensure_writable()
-    with writer_lock(repo.path) as lock, repo.object_store() as store:
+    added = Added()
+    with (
+        _undone_on_failure(repo, added),
+        writer_lock(repo.path) as lock,
+        repo.object_store() as store,
+    ):
         store.probe_verity()
-        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None)
+        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None, added)
+
+
+@contextmanager
+def _undone_on_failure(repo: Repository, added: Added) -> Iterator[None]:
+    """A CreateImage that fails leaves nothing it alone added: the image link and the
+    objects it made (``added``, filled meanwhile) are removed unless someone came to
+    depend on them (:func:`composefsd.repository.gc.discard_added`). Entered before
+    the repository lock is taken, so that the removal runs after it was let go.
+    When other operations hold the repository, what it added stays for the next
+    GC, and an error of ours says so."""
+    from composefsd.repository.gc import discard_added
+
+    since = time.time()
+    try:
+        yield
+    except BaseException as exc:
+        if not added.objects and added.image_link is None:
+            raise
+        try:
+            removed = discard_added(repo, added.objects, since, added.image_link)
+        except (RepositoryError, OSError) as cleanup:
+            why = (
+                "other operations are using the repository"
+                if isinstance(cleanup, RepositoryBusyError)
+                else str(cleanup)
+            )
+            note = (
+                f"the {len(set(added.objects))} objects it wrote are left for the next "
+                f"garbage collection ({why})"
+            )
+            log.warning("failed CreateImage in %s: %s", repo.path, note)
+            if isinstance(exc, RepositoryError):
+                raise type(exc)(f"{exc.message}; {note}", errno=exc.errno) from exc
+            raise
+        log.info("failed CreateImage in %s: removed the %d objects it wrote", repo.path, removed)
+        raise
 
 
 def _create_scanned(
@@ -698,6 +772,7 @@ def _create_scanned(
     ref: str | None,
     progress: ProgressCallback | None,
     cache: DigestCache | None,
+    added: Added,
 ) -> CreateResult:
     throttle = Throttle(progress)
     scan = source.scan
@@ -710,6 +785,7 @@ def _create_scanned(
         lock,
         throttle,
         (source.fd, source.display, source.credentials),
+        added,
         cache,
     )
     if cache is not None:
@@ -726,6 +802,7 @@ def _create_scanned(
         scan.regular_files,
         scan.entries,
         throttle,
+        added,
     )
 
 
@@ -774,14 +851,28 @@ def create_from_dumpfile(
         tasks, nodes, files, entries = _collect_dumpfile(root, repo.hash_algorithm)
         repo.ensure_writable()
         throttle = Throttle(progress)
-        with writer_lock(repo.path) as lock, repo.object_store() as store:
+        added = Added()
+        with (
+            _undone_on_failure(repo, added),
+            writer_lock(repo.path) as lock,
+            repo.object_store() as store,
+        ):
             store.probe_verity()
-            results = _import(
-                repo, store, tasks, options, lock, throttle, (objects_fd, objdir, None)
-            )
+            source = (objects_fd, objdir, None)
+            results = _import(repo, store, tasks, options, lock, throttle, source, added)
             _apply(nodes, results, repo.hash_algorithm, keep_digest=True)
             return _finish(
-                repo, store, root, tasks, results, options, ref_name, files, entries, throttle
+                repo,
+                store,
+                root,
+                tasks,
+                results,
+                options,
+                ref_name,
+                files,
+                entries,
+                throttle,
+                added,
             )
     finally:
         os.close(objects_fd)
@@ -855,6 +946,21 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
         verity=verity,
         entries=entries,
     )
+
+
+def prune_all_empty_ref_dirs(repo: Repository) -> int:
+    """Remove every empty directory below ``images/refs`` (deepest first, so that a
+    directory emptied by its children's removal goes too); returns how many."""
+    removed = 0
+    for dirpath, _dirnames, _files in os.walk(repo.refs_dir, topdown=False):
+        if Path(dirpath) == repo.refs_dir:
+            continue
+        try:
+            os.rmdir(dirpath)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def prune_empty_ref_dirs(repo: Repository, directory: Path) -> None:

@@ -1186,11 +1186,15 @@ class Importer:
         self.failure: _Failure | None = None
         self.files_done = 0
         self.bytes_done = 0
+        #: Digests (hex) of the objects this import wrote, failed or not (known once
+        #: their batch came back: a worker killed mid-batch takes its own with it).
+        self.written: list[str] = []
         self._results: list[_Result | None] = []
         self._lock = threading.Lock()
 
     def done(self, start: int, tasks: list[_Task], results: list[_Result | _Failure]) -> None:
         files = size = 0
+        written: list[str] = []
         for i, result in enumerate(results):
             if isinstance(result[0], str):
                 self.fail(result)
@@ -1198,9 +1202,13 @@ class Importer:
             self._results[start + i] = result
             files += 1
             size += tasks[i][1]
+            digest = result[0]
+            if result[2] and isinstance(digest, bytes):
+                written.append(digest.hex())
         with self._lock:
             self.files_done += files
             self.bytes_done += size
+            self.written.extend(written)
 
     def fail(self, failure: _Failure) -> None:
         with self._lock:
