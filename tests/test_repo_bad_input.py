@@ -9,12 +9,15 @@ not read; the repository is on a read-only filesystem, or on a full one.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +27,9 @@ import pytest
 import composefsd.cli.composefsctl as composefsctl
 import composefsd.repository.fsck
 import composefsd.repository.verify  # noqa: F401 -- loaded before privileges are dropped
-from composefsd.repository import Repository
+from composefsd.repository import Repository, RepositoryError, reader_lock
+from composefsd.repository import images as images_mod
+from composefsd.repository.gc import discard_added
 
 NOBODY = 65534
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
@@ -233,15 +238,110 @@ def test_full_disk(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
     good = _good_repo(repo, _tree(tmp_path / "src", 6, 4, 50000))
     big = _tree(tmp_path / "big", 7, 12, 600_000)  # 7 MiB: does not fit
 
+    before = _objects(repo)
+    free = os.statvfs(mnt).f_bfree
     result = _ctl(repo, "create-image", str(big), "--ref", "big")
     _assert_error(result, f"cannot write an object in {repo / 'objects'}: No space left on device")
     assert not (repo / "images" / "refs" / "big").exists()
     _assert_intact(repo, good)
+    # It left nothing it had written: the disk is no fuller than before.
+    assert _objects(repo) == before
+    assert os.statvfs(mnt).f_bfree == free
 
-    # What the failed run wrote is garbage: GC frees it and the repository works on.
-    assert _ctl(repo, "gc").returncode == 0
+    assert "objects_removed: 0" in _ctl(repo, "gc", "--json").stdout.replace('"', "")
     small = _tree(tmp_path / "small", 8, 3, 100_000)
     result = _ctl(repo, "create-image", str(small), "--ref", "small")
     assert result.returncode == 0, result.stderr
     assert _ctl(repo, "verify", "good", "small").returncode == 0
     _assert_intact(repo, good)
+
+
+def test_full_disk_beside_another_operation(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
+    # While another operation holds the repository, a failed CreateImage cannot know
+    # whether it uses what was written: it leaves that to GC, and says so.
+    mnt = tmpfs("4m")
+    repo_path = mnt / "repo"
+    good = _good_repo(repo_path, _tree(tmp_path / "src", 6, 4, 50000))
+    big = _tree(tmp_path / "big", 7, 12, 600_000)
+    repo = Repository.open(repo_path)
+    before = _objects(repo_path)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reader_lock(repo_path):
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(RepositoryError) as info:
+            repo.create_image(big, ref="big")
+    finally:
+        release.set()
+        holder.join()
+    left = _objects(repo_path) - before
+    assert left
+    assert str(info.value) == (
+        f"cannot write an object in {repo_path / 'objects'}: No space left on device; the "
+        f"{len(left)} objects it wrote are left for the next garbage collection (other "
+        f"operations are using the repository)"
+    )
+    _assert_intact(repo_path, good)
+    assert repo.gc().objects_removed == len(left)
+    assert _objects(repo_path) == before
+
+
+def test_failed_ref_leaves_no_image_objects_or_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    good = repo.create_image(_tree(tmp_path / "src", 6, 4, 5000), ref="good").digest
+    before = _objects(repo.path)
+    real = images_mod._replace_symlink
+
+    def full(target: str, link: Path, tmp_dir: Path) -> None:
+        if "refs" in link.parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(target, link, tmp_dir)
+
+    monkeypatch.setattr(images_mod, "_replace_symlink", full)
+    with pytest.raises(RepositoryError) as info:
+        repo.create_image(_tree(tmp_path / "new", 9, 4, 5000), ref="new/deep/name")
+    assert str(info.value).endswith(": No space left on device")
+    assert not (repo.refs_dir / "new").exists()
+    assert [e.digest for e in repo.list_images()] == [good]
+    assert _objects(repo.path) == before
+    assert repo.fsck().ok
+
+
+def test_discard_keeps_what_another_writer_reused(tmp_path: Path) -> None:
+    # The failed import wrote X and Y; meanwhile another CreateImage reused X for an
+    # image it published: only Y goes.
+    repo = Repository.init(tmp_path / "repo")
+    since = time.time()
+    with repo.object_store() as store:
+        x = store.store_bytes(b"x" * 5000).digest
+        y = store.store_bytes(b"y" * 5000).digest
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_bytes(b"x" * 5000)
+    published = repo.create_image(other, ref="other")
+    assert published.objects_written == 0  # it found X
+    assert discard_added(repo, [x, y], since) == 1
+    assert repo.object_path(x).exists() and not repo.object_path(y).exists()
+    assert repo.verify_image("other").ok
+
+
+def test_gc_prunes_empty_ref_directories(tmp_path: Path) -> None:
+    repo = Repository.init(tmp_path / "repo")
+    repo.create_image(_tree(tmp_path / "src", 6, 2, 500), ref="keep/me")
+    (repo.refs_dir / "left" / "by" / "a" / "crash").mkdir(parents=True)
+    (repo.refs_dir / "keep" / "empty").mkdir()
+    assert repo.gc(dry_run=True).dry_run
+    assert (repo.refs_dir / "left" / "by" / "a" / "crash").is_dir()
+    repo.gc()
+    assert sorted(p.name for p in repo.refs_dir.iterdir()) == ["keep"]
+    assert [p.name for p in (repo.refs_dir / "keep").iterdir()] == ["me"]
+    assert repo.resolve_image("keep/me")
