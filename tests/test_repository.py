@@ -567,6 +567,19 @@ def test_dumpfile_import_errors_leave_no_damage(tmp_path: Path, reference_bin: P
     victim.unlink()
     with pytest.raises(SourceError, match="No such file"):
         repo.create_image_from_dumpfile(dump, bad_store, ref="bad")
+    # Objects are read beneath the objects directory: a symlink on the way (to a
+    # directory holding the right bytes, even) or as the object is refused.
+    elsewhere = tmp_path / "elsewhere"
+    subprocess.run(["cp", "-a", str(store), str(elsewhere)], check=True)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for sub in store.iterdir():
+        (linked / sub.name).symlink_to(elsewhere / sub.name)
+    with pytest.raises(SourceError, match="a directory on its path is a symbolic link"):
+        repo.create_image_from_dumpfile(dump, linked, ref="bad")
+    victim.symlink_to(elsewhere / objs[-1])
+    with pytest.raises(SourceError, match="it is a symbolic link"):
+        repo.create_image_from_dumpfile(dump, bad_store, ref="bad")
     assert repo.list_images() == []
     assert not (repo.refs_dir / "bad").exists()
     assert repo.fsck().ok

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -43,6 +44,9 @@ from composefsd.repository import CreateOptions, Repository, SourceError
 from composefsd.repository import objects as objects_mod
 from composefsd.scanner import ScanError, ScanOptions, scan_directory
 from composefsd.service import client
+from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
+from composefsd.service.methods import RepositoryInterface
+from composefsd.service.mounts import MountTracker
 from conftest import TestUsers
 from ctlrun import run_ctl
 from servicehelpers import Daemon, start_daemon
@@ -610,3 +614,97 @@ def test_workers_for_a_caller_are_out_of_its_reach(test_users: TestUsers, mode: 
     finally:
         own.kill()
         own.wait()
+
+
+# -- hostile input from a caller read with its rights (methods, no sockets) --------------
+
+
+def _children() -> set[str]:
+    return set(Path(f"/proc/self/task/{os.getpid()}/children").read_text().split())
+
+
+class _Caller:
+    """RepositoryInterface.CreateImage called the way the transport calls it, by a peer."""
+
+    def __init__(self, tmp: Path, user: users.TestUser | None) -> None:
+        self.repo = Repository.init(tmp / "repo")
+        self.iface = RepositoryInterface(self.repo, MountTracker(tmp / "run"))
+        uid, gid, groups = (0, 0, ()) if user is None else (user.uid, user.gid, user.groups)
+        self.peer = Peer(os.getpid(), uid, gid, frozenset(groups))
+
+    def create(self, path: Path | None = None, fd: int | None = None, **kw: Any) -> dict[str, Any]:
+        ctx = CallContext(
+            peer=self.peer,
+            method=f"{IFACE}.CreateImage",
+            more=True,
+            fds=[fd] if fd is not None else [],
+            send_continues=kw.pop("send", None) or (lambda _params: None),
+        )
+        args = [str(path) if path else None, 0 if fd is not None else None, None, *[None] * 6]
+        try:
+            return dict(self.iface.CreateImage(*args, _request=ctx))
+        finally:
+            ctx.close_fds()
+
+    def error(self, path: Path | None = None, fd: int | None = None, **kw: Any) -> Any:
+        with pytest.raises(VarlinkReplyError) as info:
+            self.create(path, fd, **kw)
+        return info.value
+
+
+def test_caller_tree_entry_limit(tmp_path: Path, test_users: TestUsers, alice_tree: Path) -> None:
+    for i in range(60):
+        (alice_tree / "sub" / f"n{i}").write_bytes(b"")
+    caller = _Caller(tmp_path, test_users.alice)
+    caller.iface.max_source_entries = 50
+    e = caller.error(alice_tree)
+    assert e.name == f"{IFACE}.SourceError"
+    assert e.parameters["message"] == (
+        f"{alice_tree} has more than 50 entries, the most a tree may have here"
+    )
+    # Root's own trees are not bounded by it.
+    root = _Caller(tmp_path / "root", None)
+    root.iface.max_source_entries = 50
+    assert root.create(alice_tree)["files"] == 64
+
+
+def test_caller_fds_of_the_wrong_kind(
+    tmp_path: Path, test_users: TestUsers, alice_tree: Path
+) -> None:
+    caller = _Caller(tmp_path, test_users.alice)
+    children = _children()
+    file_fd = os.open(alice_tree / "mine", os.O_RDONLY | os.O_CLOEXEC)
+    e = caller.error(fd=file_fd)
+    assert e.name == f"{IFACE}.SourceError"
+    assert e.parameters["message"] == "the source file descriptor is not a directory"
+    a, b = socket.socketpair()
+    try:
+        e = caller.error(fd=os.dup(a.fileno()))
+        assert e.parameters["message"] == "the source file descriptor is not a directory"
+    finally:
+        a.close()
+        b.close()
+    # An fd on a directory she may not read (however she got it): reopening it needs
+    # her read permission, which she does not have.
+    closed = alice_tree.parent / "closed"
+    closed.mkdir(mode=0o700)
+    e = caller.error(fd=os.open(closed, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    assert e.parameters["message"] == ("cannot open the source directory: Permission denied")
+    assert caller.repo.list_images() == []
+    assert _children() == children  # every scan worker is gone
+
+
+def test_caller_scan_cancelled(tmp_path: Path, test_users: TestUsers, alice_tree: Path) -> None:
+    # The caller goes away while its tree is being scanned: the scan worker is killed.
+    for i in range(3000):
+        (alice_tree / "sub" / f"e{i}").write_bytes(b"")
+    caller = _Caller(tmp_path, test_users.alice)
+    children = _children()
+
+    def gone(params: dict[str, Any]) -> None:
+        raise CallCancelled("CreateImage: the client disconnected")
+
+    with pytest.raises(CallCancelled):
+        caller.create(alice_tree, send=gone)
+    assert _children() == children
+    assert caller.repo.list_images() == [] and caller.repo.fsck().ok

@@ -177,18 +177,19 @@ class BeneathOpener:
                     dir_fd = self._enter(head)
             except OSError as exc:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    # Scanned as a directory: somebody swapped it since.
+                    why = "was replaced by" if key is not None else "is"
                     raise ChangedError(
                         self.full_path(rel),
-                        "a directory on its path was replaced by a symbolic link or a file",
+                        f"a directory on its path {why} a symbolic link or a file",
                     ) from exc
                 raise
             try:
                 fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    raise ChangedError(
-                        self.full_path(rel), "it was replaced by a symbolic link"
-                    ) from exc
+                    why = "it was replaced by" if key is not None else "it is"
+                    raise ChangedError(self.full_path(rel), f"{why} a symbolic link") from exc
                 raise
         try:
             st = os.fstat(fd)
