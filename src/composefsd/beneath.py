@@ -178,18 +178,18 @@ class BeneathOpener:
             except OSError as exc:
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                     # Scanned as a directory: somebody swapped it since.
-                    why = "was replaced by" if key is not None else "is"
+                    verb = "was replaced by" if key is not None else "is"
                     raise ChangedError(
                         self.full_path(rel),
-                        f"a directory on its path {why} a symbolic link or a file",
+                        f"a directory on its path {verb} a symbolic link or a file",
                     ) from exc
                 raise
             try:
                 fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    why = "it was replaced by" if key is not None else "it is"
-                    raise ChangedError(self.full_path(rel), f"{why} a symbolic link") from exc
+                    verb = "it was replaced by" if key is not None else "it is"
+                    raise ChangedError(self.full_path(rel), f"{verb} a symbolic link") from exc
                 raise
         try:
             st = os.fstat(fd)

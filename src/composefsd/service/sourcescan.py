@@ -33,6 +33,7 @@ import marshal
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -183,9 +184,14 @@ def scan_as(
             try:
                 message = workerproc.receive(proc.stdout)
             except (EOFError, ValueError) as exc:
+                # Its output ends when it exits: the status is there at once.
+                try:
+                    status: int | str = proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    status = "unknown"
                 raise SourceError(
                     f"the scan of {os.fsdecode(display)} ended unexpectedly "
-                    f"(the scan worker exited with status {proc.poll()})"
+                    f"(the scan worker exited with status {status})"
                 ) from exc
             kind = message[0]
             if kind == "progress":
