@@ -30,8 +30,8 @@ import composefsd.repository.verify  # noqa: F401 -- loaded before privileges ar
 from composefsd.repository import Repository, RepositoryError, reader_lock
 from composefsd.repository import images as images_mod
 from composefsd.repository.gc import discard_added
+from conftest import TestUsers
 
-NOBODY = 65534
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
 
 
@@ -145,8 +145,8 @@ def world_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _run_as(uid: int, argv: list[str]) -> tuple[int, str]:
-    """Run ``composefsctl argv`` as ``uid`` in a forked child; (exit status, output).
+def _run_as(uid: int, gid: int, argv: list[str]) -> tuple[int, str]:
+    """Run ``composefsctl argv`` as ``uid``/``gid`` in a forked child; (exit status, output).
 
     Not a subprocess of a fresh interpreter: this interpreter lives under /root
     (mode 0700), which the unprivileged user cannot reach. The child drops its
@@ -164,7 +164,7 @@ def _run_as(uid: int, argv: list[str]) -> tuple[int, str]:
             sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(gid)
             os.setuid(uid)
             os.environ["HOME"] = "/nonexistent"
             status = composefsctl.main(argv)
@@ -185,7 +185,8 @@ def _run_as(uid: int, argv: list[str]) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(wait_status), b"".join(chunks).decode()
 
 
-def test_unreadable_file(world_dir: Path) -> None:
+def test_unreadable_file(world_dir: Path, test_users: TestUsers) -> None:
+    bob = test_users.bob
     repo = world_dir / "repo"
     src = _tree(world_dir / "src", 3, 6, 20000)
     good = _good_repo(repo, src)
@@ -193,15 +194,16 @@ def test_unreadable_file(world_dir: Path) -> None:
     secret.write_bytes(b"x" * 5000)
     secret.chmod(0)
     for path in (repo, src):
-        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", str(path)], check=True)
+        subprocess.run(["chown", "-R", f"{bob.uid}:{bob.gid}", str(path)], check=True)
 
-    status, output = _run_as(NOBODY, ["--repo", str(repo), "create-image", str(src), "--ref", "x"])
+    argv = ["--repo", str(repo), "create-image", str(src), "--ref", "x"]
+    status, output = _run_as(bob.uid, bob.gid, argv)
     assert status == 1
     assert output == f"composefsctl: error: cannot read {secret}: Permission denied\n"
     assert not (repo / "images" / "refs" / "x").exists()
     _assert_intact(repo, good)
     # The owner sees a clean repository too (fsck needs no privileges).
-    status, output = _run_as(NOBODY, ["--repo", str(repo), "fsck"])
+    status, output = _run_as(bob.uid, bob.gid, ["--repo", str(repo), "fsck"])
     assert status == 0, output
     assert output.endswith(": clean\n")
 
