@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal, overload
 
 from composefsd.service.fds import close_all
+from composefsd.service.runtime import default_socket_path
 
 __all__ = [
     "INTERFACE",
@@ -156,17 +157,12 @@ class Reply(dict[str, Any]):
 
 
 def default_address(uid: int | None = None) -> str:
-    """Where composefsd listens by default: ``/run/composefs/io.composefs.Repository``
-    for root, ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
-    (``/tmp/composefs-$UID/...`` without XDG_RUNTIME_DIR)."""
-    if uid is None:
-        uid = os.geteuid()
-    if uid == 0:
-        return f"/run/composefs/{INTERFACE}"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "composefs", INTERFACE)
-    return f"/tmp/composefs-{uid}/{INTERFACE}"
+    """Where composefsd listens by default
+    (:func:`~composefsd.service.runtime.default_socket_path`):
+    ``/run/composefs/io.composefs.Repository`` for root,
+    ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
+    (``/tmp/composefs-$UID/...`` without an absolute XDG_RUNTIME_DIR)."""
+    return str(default_socket_path(uid))
 
 
 class Connection:
