@@ -58,6 +58,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from composefsd.dirs import make_dir
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.service.runtime import default_runtime_dir, secure_directory
 
@@ -374,7 +375,7 @@ class MountTracker:
             # Checked each time: a directory removed meanwhile (a tmp cleaner) could
             # have been made again by someone else.
             secure_directory(self.runtime_dir, 0o700)
-            self.pin_dir.mkdir(mode=0o700, exist_ok=True)
+            make_dir(self.pin_dir, 0o700, exist_ok=True)
             tmp = self.pin_dir / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{now_ns}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -385,7 +386,7 @@ class MountTracker:
                 os.close(fd)
             try:
                 for attempt in range(3):
-                    pin.path.parent.mkdir(mode=0o700, exist_ok=True)
+                    make_dir(pin.path.parent, 0o700, exist_ok=True)
                     try:
                         os.rename(tmp, pin.path)
                         break

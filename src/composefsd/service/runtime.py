@@ -18,7 +18,7 @@ by a process with effective uid E when it and every directory on the way to it
   (like ``/tmp``: others may add entries there, but not remove or rename ours).
 
 :func:`secure_directory` creates what is missing (each directory made gets its
-mode explicitly, whatever the umask) and refuses an untrusted one;
+mode exactly, whatever the umask: :mod:`composefsd.dirs`) and refuses an untrusted one;
 :func:`check_directory` only checks (the client side). Both walk the path with
 ``O_PATH|O_NOFOLLOW`` file descriptors, so what is checked is what is used.
 """
@@ -30,6 +30,8 @@ import os
 import stat
 from pathlib import Path
 from typing import Final
+
+from composefsd.dirs import make_dir
 
 __all__ = [
     "UnsafeDirectoryError",
@@ -118,24 +120,16 @@ def _walk(path: str | os.PathLike[str], create: int | None) -> None:
                     os.close(stack.pop()[0])
                 continue
             here = os.path.join(here, name)
-            made = False
             try:
                 child = os.open(name, _PATH_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 if create is None:
                     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), here) from None
-                mode = create if not todo else PARENT_MODE
-                try:
-                    os.mkdir(name, mode, dir_fd=fd)
-                    made = True
-                except FileExistsError:
-                    pass  # someone was faster: judged like any existing entry
+                # One made by someone faster is judged below like any existing entry.
+                make_dir(name, create if not todo else PARENT_MODE, dir_fd=fd, exist_ok=True)
                 child = os.open(name, _PATH_FLAGS, dir_fd=fd)
             try:
                 st = os.fstat(child)
-                if made:
-                    # The umask narrowed it; the parent is trusted, so it is still ours.
-                    os.chmod(f"/proc/self/fd/{child}", mode)
                 target = None
                 if stat.S_ISLNK(st.st_mode):
                     if st.st_uid not in (0, euid):
