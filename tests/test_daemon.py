@@ -14,8 +14,10 @@ import array
 import json
 import os
 import random
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -155,6 +157,7 @@ class Env:
         notify: bool = True,
         wait: bool = True,
         socket_path: Path | None = None,
+        umask: int = -1,
     ) -> Daemon:
         path = socket_path or self.socket_path
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY"))}
@@ -186,6 +189,7 @@ class Env:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=self.tmp,
+            umask=umask,
         )
         daemon = Daemon(proc, path, notify_sock)
         self.daemons.append(daemon)
@@ -421,6 +425,77 @@ def test_restart_keeps_mounts(env: Env) -> None:
     assert composefs_mount_at(str(mnt)) is None
     c.close()
     assert d.stop()[0] == 0
+
+
+def _modes(root: Path) -> dict[str, str]:
+    """Type and mode of everything under ``root`` but symlinks, by relative path."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if not stat.S_ISLNK(st.st_mode):
+            kind = "d" if stat.S_ISDIR(st.st_mode) else "s" if stat.S_ISSOCK(st.st_mode) else "f"
+            # Pins are named by mount id and time: one name for them all.
+            name = re.sub(
+                r"^(run/pins/[0-9a-f]+/)[0-9]+-[0-9]+$", r"\1PIN", str(path.relative_to(root))
+            )
+            out[name] = f"{kind}{stat.S_IMODE(st.st_mode):04o}"
+    return out
+
+
+def test_modes_do_not_depend_on_the_umask(env: Env) -> None:
+    """composefsd.service runs with UMask=0077: what the daemon makes in the
+    repository (and the repository's missing parents), the socket's directory and
+    the runtime directory gets its intended mode all the same, the one it gets
+    under the usual 0022: a repository stays readable (directories 0755, objects
+    and images 0644; the repository itself 0700 and a digest cache private as
+    before; test_repository checks the cache, too recent a tree writes none),
+    runtime files stay private."""
+    src = _tree(env.tmp / "src")
+    found = {}
+    for umask in (0o022, 0o077):
+        top = env.tmp / f"umask{umask:03o}"
+        sock = top / "sock" / "io.composefs.Repository"
+        d = env.start(
+            "--repo",
+            str(top / "new" / "parent" / "repo"),
+            "--runtime-dir",
+            str(top / "run"),
+            socket_path=sock,
+            umask=umask,
+        )
+        c = d.client()
+        c.one("CreateImage", {"sourcePath": str(src), "ref": "app/v1/stable"})
+        c.send(f"{IFACE}.Mount", {"image": "app/v1/stable"})
+        _reply, fds = c.reply()
+        for fd in fds:
+            os.close(fd)  # the pin stays for its grace period
+        found[umask] = _modes(top)
+        c.close()
+        assert d.stop()[0] == 0
+    assert found[0o077] == found[0o022]
+    modes = found[0o077]
+    repo = "new/parent/repo"
+    expected = {
+        repo: "d0700",
+        "new": "d0755",
+        "new/parent": "d0755",
+        "sock": "d0700",
+        "sock/io.composefs.Repository": "s0600",
+    }
+    for path, mode in modes.items():
+        if path in expected:
+            assert mode == expected[path], path
+        elif path.startswith(f"{repo}/cache"):
+            assert mode == ("d0700" if path == f"{repo}/cache" else "f0600"), path
+        elif path.startswith(repo + "/"):
+            assert mode in ("d0755", "f0644"), path
+        elif path.startswith("run"):
+            assert mode in ("d0700", "f0600"), path
+        else:
+            raise AssertionError(f"unexpected {path} ({mode})")
+    assert f"{repo}/images/refs/app/v1" in modes
+    assert sum(p.startswith(f"{repo}/objects/") for p in modes) > 10
+    assert sum(p.startswith("run/pins/") for p in modes) == 2
 
 
 @pytest.mark.parametrize(

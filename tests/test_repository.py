@@ -922,6 +922,40 @@ def test_digest_cache_is_trusted_only_for_unchanged_files(
     assert cache_file.exists()
 
 
+def test_modes_do_not_depend_on_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under umask 0077 (composefsd.service has UMask=0077) a repository is made as
+    readable as under 0022: missing parents and every directory in it 0755, objects
+    0644; the repository itself 0700 and the digest cache private, as always."""
+    src = tmp_path / "src"
+    simple_tree(src)
+    monkeypatch.setattr(objects_mod.DigestCache, "RACY_NS", -(10**18))  # cache everything now
+    old = os.umask(0o077)
+    try:
+        repo = Repository.init(tmp_path / "new" / "parent" / "repo")
+        repo.create_image(src, ref="app/v1/stable")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE((tmp_path / p).stat().st_mode) for p in ("new", "new/parent")] == [
+        0o755,
+        0o755,
+    ]
+    assert stat.S_IMODE(repo.path.stat().st_mode) == 0o700
+    cache = [repo.cache_dir, *repo.cache_dir.iterdir()]
+    assert len(cache) == 2
+    modes = {}
+    for path in repo.path.rglob("*"):
+        st = path.lstat()
+        if not stat.S_ISLNK(st.st_mode):
+            modes[path] = stat.S_IMODE(st.st_mode)
+    for path, mode in modes.items():
+        if path in cache:
+            assert mode == (0o700 if path == repo.cache_dir else 0o600), path
+        else:
+            assert mode == (0o755 if path.is_dir() else 0o644), path
+    assert repo.refs_dir / "app" / "v1" in modes
+    assert sum(p.parent.parent == repo.path / "objects" for p in modes) >= 4
+
+
 # -- image operations ------------------------------------------------------------------------------
 
 

@@ -249,19 +249,18 @@ def test_socket_unit() -> None:
 
 # Options that give the service its own mount namespace (systemd.exec(5)): with any
 # of them, mounts made at "where" would not be visible outside the service.
+# (PrivateNetwork= too, unless PrivateMounts=no says otherwise: see below.)
 NAMESPACING = {
     "PrivateMounts",
     "PrivateTmp",
     "PrivateDevices",
     "PrivateUsers",
-    "PrivateNetwork",
     "ProtectSystem",
     "ProtectHome",
     "ProtectKernelTunables",
     "ProtectKernelModules",
     "ProtectKernelLogs",
     "ProtectControlGroups",
-    "ProtectHostname",
     "ProtectProc",
     "ProcSubset",
     "ReadOnlyPaths",
@@ -280,10 +279,26 @@ NAMESPACING = {
 }
 
 
+_OFF = {"no", "false", "off", "0", ""}
+
+
 def test_service_unit() -> None:
     svc = UNITS / "composefsd.service"
-    keys = {k for _, k, _ in _directives(svc)}
-    assert not keys & NAMESPACING, keys & NAMESPACING
+    namespacing = {k for s, k, v in _directives(svc) if k in NAMESPACING and v not in _OFF}
+    assert not namespacing, namespacing
+    # A network namespace alone; without PrivateMounts=no it would bring a mount
+    # namespace along (systemd.exec(5), PrivateMounts=).
+    assert _values(svc, "Service", "PrivateNetwork") == ["yes"]
+    assert _values(svc, "Service", "PrivateMounts") == ["no"]
+    assert _values(svc, "Service", "ProtectHostname") == ["yes"]  # a UTS namespace only
+    assert _values(svc, "Service", "IPAddressDeny") == ["any"]
+    assert _values(svc, "Service", "UMask") == ["0077"]
+    assert _values(svc, "Service", "KeyringMode") == ["private"]
+    assert _values(svc, "Service", "RestrictNamespaces") == ["user"]
+    assert _values(svc, "Service", "SystemCallFilter") == [
+        "@system-service @mount",
+        "~@privileged @resources",
+    ]
     assert _values(svc, "Service", "Type") == ["notify"]
     assert _values(svc, "Service", "ExecStart") == ["/usr/local/bin/composefsd $COMPOSEFSD_OPTIONS"]
     assert _values(svc, "Unit", "Requires") == ["composefsd.socket"]
@@ -299,7 +314,65 @@ def test_service_unit() -> None:
     assert _values(svc, "Service", "NoNewPrivileges") == ["yes"]
     assert _values(svc, "Service", "RestrictAddressFamilies") == ["AF_UNIX"]
     assert _values(svc, "Service", "SystemCallArchitectures") == ["native"]
-    assert "@mount" in _values(svc, "Service", "SystemCallFilter")[0]
+
+
+# -- systemd-analyze security ----------------------------------------------------------------------
+
+#: The goals: the daemon must keep the host's mount namespace, the boot-mount
+#: units only run varlinkctl and can be sandboxed almost entirely.
+DAEMON_GOAL = 4.0
+MOUNT_UNIT_GOAL = 3.0
+_EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+) ")
+
+
+def _exposure(unit: Path) -> float:
+    """What ``systemd-analyze security`` (offline, on the unit file) rates it."""
+    assert SYSTEMD_ANALYZE is not None
+    env = dict(os.environ, LC_ALL="C")
+    env.pop("SYSTEMD_LOG_LEVEL", None)
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    found = _EXPOSURE.findall(proc.stdout)
+    assert [name for name, _ in found] == [unit.name], proc.stdout + proc.stderr
+    return float(found[0][1])
+
+
+def test_daemon_exposure(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    for svc in (UNITS / "composefsd.service", inst.unit_dir / "composefsd.service"):
+        assert _exposure(svc) <= DAEMON_GOAL
+
+
+def test_boot_mount_unit_exposure(tmp_path: Path) -> None:
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, _sample(), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    units = sorted(gen.glob("*.service"))
+    assert len(units) == 4
+    for unit in units:
+        assert _exposure(unit) <= MOUNT_UNIT_GOAL, unit.name
+
+
+def test_exposure_check_can_fail(tmp_path: Path) -> None:
+    """The measure moves: without the sandbox lines a boot-mount unit rates far
+    above its goal, and the daemon without its [Service] hardening above its own."""
+    inst = _install(tmp_path)
+    proc, gen = _generate(inst.generator, "/srv/app app/v1\n", tmp_path)
+    assert proc.returncode == 0
+    unit = gen / "composefs-mount@srv-app.service"
+    keep = ("Type=", "RemainAfterExit=", "TimeoutSec=", "ExecStart", "ExecStop=")
+    lines = unit.read_text().split("[Service]\n")
+    bare = [line for line in lines[1].splitlines() if line.startswith(keep)]
+    unit.write_text(lines[0] + "[Service]\n" + "\n".join(bare) + "\n")
+    assert _exposure(unit) > 9.0
+    svc = inst.unit_dir / "composefsd.service"
+    head, _, _ = svc.read_text().partition("NoNewPrivileges=")
+    svc.write_text(head + "\n[Install]\nAlso=composefsd.socket\n")
+    assert _exposure(svc) > DAEMON_GOAL
 
 
 def test_install_units_writes_the_paths(tmp_path: Path) -> None:
@@ -408,6 +481,49 @@ def _exec_json(unit: Path, key: str, method: str) -> dict[str, object]:
     return doc
 
 
+def _assert_sandboxed(unit: Path) -> None:
+    """varlinkctl as uid 0 without a capability, in namespaces of its own, that can
+    reach the daemon's socket path and nothing else."""
+    one = {
+        "CapabilityBoundingSet": "",
+        "NoNewPrivileges": "yes",
+        "PrivateUsers": "yes",
+        "PrivateNetwork": "yes",
+        "PrivateDevices": "yes",
+        "PrivateMounts": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "read-only",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        "RestrictAddressFamilies": "AF_UNIX",
+        "IPAddressDeny": "any",
+        "RestrictNamespaces": "yes",
+        "RestrictRealtime": "yes",
+        "RestrictSUIDSGID": "yes",
+        "LockPersonality": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "SystemCallArchitectures": "native",
+        "SystemCallErrorNumber": "EPERM",
+        "DevicePolicy": "closed",
+    }
+    for key, value in one.items():
+        assert _values(unit, "Service", key) == [value], key
+    assert _values(unit, "Service", "SystemCallFilter") == [
+        "@system-service",
+        "~@privileged @resources",
+    ]
+    # Not before local-fs.target: /tmp may not be there yet. And root it stays,
+    # for the daemon's authorization.
+    for key in ("PrivateTmp", "User", "DynamicUser", "DeviceAllow"):
+        assert _values(unit, "Service", key) == [], key
+
+
 def test_generator_sample(tmp_path: Path) -> None:
     inst = _install(tmp_path)
     proc, gen = _generate(inst.generator, _sample(), tmp_path)
@@ -449,7 +565,10 @@ def test_generator_sample(tmp_path: Path) -> None:
         assert _values(unit, "Service", "ExecStart")[0].startswith(inst.varlinkctl + " ")
         assert _values(unit, "Service", "Type") == ["oneshot"]
         assert _values(unit, "Service", "RemainAfterExit") == ["yes"]
-        assert _values(unit, "Service", "ExecStartPre") == [f"-/bin/mkdir -p {where}"]
+        # Made outside the sandbox ("+"), traversable by everyone (UMask=0022).
+        assert _values(unit, "Service", "ExecStartPre") == [f"-+/bin/mkdir -p {where}"]
+        assert _values(unit, "Service", "UMask") == ["0022"]
+        _assert_sandboxed(unit)
         assert _values(unit, "Unit", "DefaultDependencies") == ["no"]
         assert _values(unit, "Unit", "Requires") == ["composefsd.socket"]
         after = _values(unit, "Unit", "After")[0].split()
@@ -496,9 +615,38 @@ Conflicts=umount.target
 Type=oneshot
 RemainAfterExit=yes
 TimeoutSec=2min
-ExecStartPre=-/bin/mkdir -p /srv/app
+ExecStartPre=-+/bin/mkdir -p /srv/app
 ExecStart={v} call {SOCKET} io.composefs.Repository.Mount '{{"image":"app/v1","where":"/srv/app","verity":"disabled"}}'
 ExecStop={v} call {SOCKET} io.composefs.Repository.Unmount '{{"where":"/srv/app"}}'
+UMask=0022
+CapabilityBoundingSet=
+NoNewPrivileges=yes
+PrivateUsers=yes
+PrivateNetwork=yes
+PrivateDevices=yes
+PrivateMounts=yes
+ProtectSystem=strict
+ProtectHome=read-only
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX
+IPAddressDeny=any
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+DevicePolicy=closed
 """
     )
 

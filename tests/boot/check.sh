@@ -14,8 +14,8 @@
 # checks what it can cheaply (mounts, content, the Varlink answers) and leaves
 # raw data in /sdvm/out/ for run_boots.py to check the rest (unit timestamps,
 # the journal, Python processes): exec-trace.txt, units.txt, mountinfo.txt,
-# NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json, restart.txt,
-# mounts-after.json, check-times.txt.
+# NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json,
+# composefsd-ns-{mnt,net,uts}.txt, restart.txt, mounts-after.json, check-times.txt.
 set -u
 mode=$1 data=$2 vctl=$3
 O=/sdvm/out
@@ -114,6 +114,29 @@ else
 fi
 "$vctl" call "$S" "$I.ListMounts" '{}' >"$O/mounts-before.json" 2>&1 || fail "ListMounts: $(cat "$O/mounts-before.json")"
 stamp varlink
+
+# The unit's hardening: the host's mount namespace (its mounts are everyone's),
+# a network namespace and hostname namespace of its own, umask 0077.
+pid=$(systemctl show -p MainPID --value composefsd.service)
+for ns in mnt net uts; do
+    readlink "/proc/$pid/ns/$ns" >"$O/composefsd-ns-$ns.txt" 2>&1
+    readlink "/proc/1/ns/$ns" >>"$O/composefsd-ns-$ns.txt" 2>&1
+done
+if cmp -s <(sed -n 1p "$O/composefsd-ns-mnt.txt") <(sed -n 2p "$O/composefsd-ns-mnt.txt"); then
+    ok "composefsd (pid $pid) runs in the host's mount namespace"
+else
+    fail "composefsd (pid $pid) has a mount namespace of its own: $(tr '\n' ' ' <"$O/composefsd-ns-mnt.txt")"
+fi
+for ns in net uts; do
+    if [ "$(sort -u "$O/composefsd-ns-$ns.txt" | wc -l)" = 2 ]; then
+        ok "composefsd has a $ns namespace of its own"
+    else
+        fail "composefsd shares the host's $ns namespace: $(tr '\n' ' ' <"$O/composefsd-ns-$ns.txt")"
+    fi
+done
+umask_line=$(grep '^Umask:' "/proc/$pid/status")
+if [ "$umask_line" = "Umask:	0077" ]; then ok "composefsd runs with umask 0077"; else fail "composefsd: $umask_line"; fi
+stamp hardening
 
 # A restarted daemon still knows the boot mounts.
 if systemctl restart composefsd.service; then

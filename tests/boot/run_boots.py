@@ -15,8 +15,11 @@ Boots (``--only NAME ...`` runs some of them):
             digest: socket activation (the socket listens first, the daemon
             starts at the first boot mount's connection), both mounted before
             local-fs.target with the source's content, no unit failed,
-            varlinkctl info and Verify, ListMounts after a daemon restart, and
-            a clean (non-forced) shutdown that unmounts through the daemon
+            varlinkctl info and Verify, the unit's hardening as it runs
+            (composefsd in the host's mount namespace, with a network and
+            hostname namespace of its own and umask 0077; the boot-mount
+            units sandboxed), ListMounts after a daemon restart, and a clean
+            (non-forced) shutdown that unmounts through the daemon
   optional  an optional mount of a missing image fails exactly its unit
             (NoSuchImage in the journal); the boot goes on; and composefsd
             mounts with a read-only /tmp (as before local-fs.target on a

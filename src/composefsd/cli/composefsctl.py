@@ -6,6 +6,9 @@ is set and composefsd's default socket (``/run/composefs/io.composefs.Repository
 for root, ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise) accepts
 a connection, commands become io.composefs.Repository calls. ADDRESS is a socket
 path, ``unix:PATH`` or ``exec:PATH`` (a composefsd to start for this one command).
+A socket served by another user than root or the caller is refused, and so is a
+default socket in a directory another user could change (exit status 3): nothing,
+no call and no directory fd, goes to such a server.
 
 **Directly** (``--direct``, or when no daemon answers): every subcommand opens the
 repository given by ``--repo PATH`` (or ``$COMPOSEFSD_REPOSITORY``, or the default
@@ -19,7 +22,8 @@ found at its default address, and are a usage error with an explicit one.
 Output is the same in both modes where they overlap (``--json`` gives the same
 keys, less those the service does not report). Exit status: 0 on success; 1 when
 the operation failed or when ``verify`` or ``fsck`` found problems; 2 for a usage
-error; 3 when the daemon cannot be reached (or the connection broke). Errors are
+error; 3 when the daemon cannot be reached (or the connection broke, or the server
+is not trusted). Errors are
 one line on stderr, ``composefsctl: error: <what went wrong>``; through the daemon
 the line names the Varlink error, e.g. ``io.composefs.Repository.NoSuchImage: no
 image or ref 'os/v9'``. Long operations show their progress on stderr when it is a
@@ -63,6 +67,7 @@ from composefsd.service.client import (
     Reply,
     VarlinkCallError,
     VarlinkClientError,
+    VarlinkUntrustedError,
     default_address,
 )
 from composefsd.service.methods import describe_repository
@@ -71,7 +76,7 @@ __all__ = ["main"]
 
 PROG = "composefsctl"
 log = logging.getLogger(__name__)
-#: Exit status when the daemon cannot be reached.
+#: Exit status when the daemon cannot be reached (or is not to be trusted).
 EXIT_UNREACHABLE = 3
 
 
@@ -1137,7 +1142,11 @@ def _connect(args: argparse.Namespace) -> Connection | None:
     if not os.path.exists(address):
         return None
     try:
-        return client.connect(address, timeout=args.timeout)
+        return client.connect(address, timeout=args.timeout, check_directory=True)
+    except VarlinkUntrustedError as exc:
+        # Someone else's socket where ours belongs: say so rather than quietly
+        # working directly, so that it gets removed.
+        raise _Unreachable(str(exc)) from None
     except VarlinkClientError as exc:
         log.debug("no daemon at %s (%s): working directly", address, exc)
         return None

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING
 
 from composefsd.beneath import check_relpath
 from composefsd.credentials import Credentials
+from composefsd.dirs import make_dirs
 from composefsd.fsverity import Algorithm, VerityError, measure_verity
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
@@ -401,7 +402,7 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
     link = repo.refs_dir / ref
     parent = link.parent
     try:
-        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        make_dirs(parent, 0o755)
     except (FileExistsError, NotADirectoryError) as exc:
         raise InvalidNameError(
             f"ref {ref!r} cannot be created: a part of its path is a ref itself"

@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from composefsd import workerproc
 from composefsd.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.credentials import Credentials, CredentialsError, acting_as
+from composefsd.dirs import make_dir, make_dirs
 from composefsd.fsverity import (
     Algorithm,
     FsVerityHasher,
@@ -513,10 +514,7 @@ class ObjectStore:
                 try:
                     linked = tmp.link(self.dir_fd, rel)
                 except FileNotFoundError:
-                    try:
-                        os.mkdir(rel[:2], _DIR_MODE, dir_fd=self.dir_fd)
-                    except FileExistsError:
-                        pass
+                    make_dir(rel[:2], _DIR_MODE, dir_fd=self.dir_fd, exist_ok=True)
                     linked = tmp.link(self.dir_fd, rel)
             except OSError as exc:
                 raise self._repo_error(exc, f"publish object {rel}") from exc
@@ -900,8 +898,9 @@ class DigestCache:
         directory = os.path.dirname(self.path)
         tmp = os.path.join(directory, random_name(".tmp-cache-"))
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            with open(tmp, "xb") as f:
+            make_dirs(directory, 0o700)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            with open(os.open(tmp, flags, 0o600), "wb") as f:
                 f.write(marshal.dumps((self.key, fresh)))
             os.rename(tmp, self.path)
         except OSError as exc:

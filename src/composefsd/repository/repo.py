@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from composefsd.dirs import make_dir, make_dirs
 from composefsd.fsverity import (
     Algorithm,
     VerityAlgorithmMismatchError,
@@ -217,8 +218,8 @@ class Repository:
                 )
         else:
             try:
-                p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                p.mkdir(mode=0o700)
+                make_dirs(p.parent, 0o755)
+                make_dir(p, 0o700)
             except FileExistsError:
                 return cls.init(p, algorithm=alg, verity=policy)
             except OSError as exc:
@@ -229,7 +230,7 @@ class Repository:
         try:
             _check_writable_fs(p)
             for sub in _SKELETON:
-                (p / sub).mkdir(mode=0o755, exist_ok=True)
+                make_dir(p / sub, 0o755, exist_ok=True)
             with ObjectStore(p / "objects", alg, policy) as store:
                 store.probe_verity()
             _write_meta(p, RepoMetadata.new(alg, policy), policy is VerityPolicy.REQUIRED)
@@ -296,7 +297,7 @@ class Repository:
         if reason is None:
             for sub in _SKELETON:
                 try:
-                    (p / sub).mkdir(mode=0o755, exist_ok=True)
+                    make_dir(p / sub, 0o755, exist_ok=True)
                 except OSError:
                     pass
         return cls(p, meta, meta_verity=_meta_has_verity(meta_path), read_only_reason=reason)

@@ -6,7 +6,8 @@
   ``varlinkctl call exec:…``); then ``SYSTEMD_VARLINK_LISTEN=<path>``, which asks
   a Varlink service to listen on that path (``-`` means a connected socket on
   stdin).
-* :func:`listen_unix`: bind and listen on a path with a given mode.
+* :func:`listen_unix`: bind and listen on a path with a given mode, in a directory
+  nobody else controls.
 * :func:`notify`: ``sd_notify`` over ``$NOTIFY_SOCKET``.
 * :func:`is_listening`: ``SO_ACCEPTCONN``, which tells the two kinds of activated
   sockets apart.
@@ -20,6 +21,8 @@ import os
 import socket
 import stat
 from typing import Final
+
+from composefsd.service.runtime import secure_directory
 
 __all__ = [
     "SD_LISTEN_FDS_START",
@@ -139,18 +142,20 @@ def _check_stale(path: str) -> None:
 def listen_unix(path: str, mode: int = 0o600) -> socket.socket:
     """A listening AF_UNIX stream socket at ``path`` with permissions ``mode``.
 
-    Parent directories are created (0755); a stale socket is replaced, a live one
-    (something accepts connections on it) is an error. ``@name`` is an abstract
-    address (no file, no mode).
+    The directory must be trusted (:func:`~composefsd.service.runtime.secure_directory`,
+    else :class:`~composefsd.service.runtime.UnsafeDirectoryError`): missing, it is
+    created with 0700, or 0755 when ``mode`` lets others connect. A stale socket
+    is replaced, a live one (something accepts connections on it) is an error.
+    ``@name`` is an abstract address (no file, no mode).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if path.startswith("@"):
             sock.bind("\0" + path[1:])
         else:
-            parent = os.path.dirname(path)
-            if parent:
-                os.makedirs(parent, mode=0o755, exist_ok=True)
+            # Others can reach a socket of a wider mode only through a directory they may enter.
+            directory_mode = 0o755 if mode & 0o077 else 0o700
+            secure_directory(os.path.dirname(os.path.abspath(path)), directory_mode)
             _check_stale(path)
             sock.bind(path)
             # Nobody can connect before listen(), so there is no window with a looser mode.

@@ -13,6 +13,15 @@ or ``exec:PATH``, which starts PATH with a connected socket on fd 3 and
 child's pid, as ``varlinkctl call exec:PATH`` does. A plain path that is an
 executable file rather than a socket is treated like ``exec:``.
 
+Whom it talks to: a Unix socket whose server (SO_PEERCRED, as it was when it
+began to listen) is neither root nor our own uid is refused with
+:class:`VarlinkUntrustedError` before anything is sent, since anyone who could
+put a socket at that path could be listening there: a call, and above all an
+fd sent with it, would go to them. ``check_directory=True`` (for addresses
+nobody chose, like :func:`default_address`) also refuses a socket whose
+directory another user could change (:func:`~composefsd.service.runtime.check_directory`).
+An ``exec:`` server is our own child on a socketpair.
+
 File descriptors travel as SCM_RIGHTS with the first byte of the message they
 belong to (the systemd convention); fds that come with a reply are attached to
 it (:attr:`Reply.fds`) and belong to the caller from then on. Error replies
@@ -40,7 +49,9 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal, overload
 
+from composefsd.service.context import peer_credentials
 from composefsd.service.fds import close_all
+from composefsd.service.runtime import UnsafeDirectoryError, check_directory, default_socket_path
 
 __all__ = [
     "INTERFACE",
@@ -52,6 +63,7 @@ __all__ = [
     "VarlinkDisconnected",
     "VarlinkProtocolError",
     "VarlinkTimeout",
+    "VarlinkUntrustedError",
     "connect",
     "default_address",
     "spawn",
@@ -88,6 +100,18 @@ class VarlinkConnectError(VarlinkClientError):
         super().__init__(f"cannot connect to {address}: {message}")
         self.address = address
         self.errno = err
+
+
+class VarlinkUntrustedError(VarlinkClientError):
+    """The socket at ``address`` may belong to someone else: its server runs as
+    ``peer_uid`` (neither root nor us), or its directory is not under root's or our
+    control. Nothing was sent to it."""
+
+    def __init__(self, address: str, reason: str, peer_uid: int | None = None) -> None:
+        super().__init__(f"refusing {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.peer_uid = peer_uid
 
 
 class VarlinkDisconnected(VarlinkClientError):
@@ -156,17 +180,12 @@ class Reply(dict[str, Any]):
 
 
 def default_address(uid: int | None = None) -> str:
-    """Where composefsd listens by default: ``/run/composefs/io.composefs.Repository``
-    for root, ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
-    (``/tmp/composefs-$UID/...`` without XDG_RUNTIME_DIR)."""
-    if uid is None:
-        uid = os.geteuid()
-    if uid == 0:
-        return f"/run/composefs/{INTERFACE}"
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "composefs", INTERFACE)
-    return f"/tmp/composefs-{uid}/{INTERFACE}"
+    """Where composefsd listens by default
+    (:func:`~composefsd.service.runtime.default_socket_path`):
+    ``/run/composefs/io.composefs.Repository`` for root,
+    ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
+    (``/tmp/composefs-$UID/...`` without an absolute XDG_RUNTIME_DIR)."""
+    return str(default_socket_path(uid))
 
 
 class Connection:
@@ -555,18 +574,46 @@ def _reap(pid: int, wait: float) -> None:
         time.sleep(0.01)
 
 
+def _check_socket_directory(address: str, path: str) -> None:
+    if path.startswith("@"):
+        return  # abstract: no directory, the peer check alone decides
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        check_directory(directory)
+    except UnsafeDirectoryError as exc:
+        raise VarlinkUntrustedError(
+            address, f"another user could have put this socket there: {exc}"
+        ) from None
+    except OSError as exc:
+        raise VarlinkConnectError(address, f"{directory}: {exc.strerror}", exc.errno) from None
+
+
+def _check_peer(address: str, sock: socket.socket) -> None:
+    uid = peer_credentials(sock).uid
+    euid = os.geteuid()
+    if uid not in (0, euid):
+        who = "root" if euid == 0 else f"root or uid {euid} (you)"
+        raise VarlinkUntrustedError(
+            address, f"its server runs as uid {uid}, not as {who}", peer_uid=uid
+        )
+
+
 def _connect_unix(address: str, path: str, timeout: float | None) -> socket.socket:
     target = "\0" + path[1:] if path.startswith("@") else path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(target)
+        _check_peer(address, sock)
     except TimeoutError:
         sock.close()
         raise VarlinkConnectError(address, "timed out", errno.ETIMEDOUT) from None
     except OSError as exc:
         sock.close()
         raise VarlinkConnectError(address, exc.strerror or str(exc), exc.errno) from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -614,14 +661,19 @@ def connect(
     *,
     timeout: float | None = DEFAULT_TIMEOUT,
     connect_timeout: float | None = 10.0,
+    check_directory: bool = False,
 ) -> Connection:
     """Connect to ``address`` (see the module notes). ``timeout`` is the default
-    per-reply timeout of the connection. Raises :class:`VarlinkConnectError`."""
+    per-reply timeout of the connection; ``check_directory`` also checks the
+    socket's directory. Raises :class:`VarlinkConnectError`, or
+    :class:`VarlinkUntrustedError` for a server that may be someone else's."""
     spec = address
     if spec.startswith("unix:"):
         path = spec[len("unix:") :].split(";", 1)[0]
         if not path:
             raise VarlinkConnectError(address, "no socket path in the address", errno.EINVAL)
+        if check_directory:
+            _check_socket_directory(address, path)
         sock = _connect_unix(address, path, connect_timeout)
         return Connection(sock, address=address, timeout=timeout)
     if spec.startswith("exec:"):
@@ -636,6 +688,9 @@ def connect(
         raise VarlinkConnectError(
             address, "not an address (a socket path, unix:PATH or exec:PATH)", errno.EINVAL
         )
+    if check_directory:
+        # Before anything else: a program put there would be run, as us.
+        _check_socket_directory(address, spec)
     try:
         st = os.stat(spec)
     except OSError:

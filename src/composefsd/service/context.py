@@ -1,4 +1,5 @@
-"""What a method sees of the call it serves: the peer, its fds, ``more``, cancellation.
+"""What a method sees of the call it serves: the peer, its fds, ``more``, cancellation;
+and who the peer of a Unix socket is (:func:`peer_credentials`, the client asks it too).
 
 The transport (:mod:`composefsd.service.transport`) makes one :class:`CallContext`
 per call and hands it to the method as ``_request`` (the keyword the ``varlink``
@@ -8,13 +9,21 @@ context is their only link to the connection.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError"]
+__all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError", "peer_credentials"]
+
+log = logging.getLogger(__name__)
+
+_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 
 
 @dataclass(slots=True, frozen=True)
@@ -26,6 +35,40 @@ class Peer:
     gid: int
     #: Supplementary groups, read from /proc/PID/status at connect time (may be empty).
     groups: frozenset[int] = frozenset()
+
+
+def _groups_from_proc(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The peer of a connected AF_UNIX socket, as it was at connect time.
+
+    Supplementary groups come from SO_PEERGROUPS (or /proc/PID/status). A socket
+    without credentials gives uid and gid -1, which no authorization accepts.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+    except OSError as e:
+        log.warning("no peer credentials on fd %d: %s", sock.fileno(), e)
+        return Peer(0, -1, -1)
+    for count in (64, 65536):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, count * 4)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            break
+        return Peer(pid, uid, gid, frozenset(struct.unpack(f"{len(raw) // 4}I", raw)))
+    return Peer(pid, uid, gid, _groups_from_proc(pid))
 
 
 class VarlinkReplyError(Exception):

@@ -17,7 +17,11 @@
   ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` (or
   ``/tmp/composefs-<uid>/...``) otherwise. A socket composefsd creates itself gets
   ``--socket-mode`` (default 0600) and, with ``--group``, that group; it is removed
-  on exit.
+  on exit. Its directory, and the runtime directory, must be under the control of
+  root and composefsd's uid alone (:mod:`composefsd.service.runtime`): one that
+  another user owns or may write (a ``/tmp/composefs-<uid>`` made by someone
+  else) is refused at start-up; a missing one is created (0700; the socket's 0755
+  when ``--socket-mode`` lets others connect).
 * **Authorization** (peer credentials from SO_PEERCRED): the read-only methods
   (Describe, ListImages, ListMounts, Verify, and org.varlink.service's) are open to
   every peer that may connect, unless ``--restrict-read``; everything else
@@ -64,15 +68,20 @@ from composefsd.repository import NotARepositoryError, Repository, RepositoryErr
 from composefsd.service.activation import listen_unix, notify, sockets_from_environment
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
-from composefsd.service.mounts import MountTracker, default_runtime_dir
+from composefsd.service.mounts import MountTracker
+from composefsd.service.runtime import (
+    UnsafeDirectoryError,
+    check_directory,
+    default_runtime_dir,
+    default_socket_path,
+)
 from composefsd.service.transport import Server
 
-__all__ = ["READ_ONLY_METHODS", "Authorization", "default_socket_path", "main"]
+__all__ = ["READ_ONLY_METHODS", "Authorization", "main"]
 
 log = logging.getLogger("composefsd")
 
 IDL_DIR = Path(__file__).resolve().parent
-SOCKET_NAME = INTERFACE
 #: Methods everyone who can connect may call (unless --restrict-read).
 READ_ONLY_METHODS = frozenset(
     f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")
@@ -83,17 +92,6 @@ SHUTDOWN_GRACE = 10.0
 
 class _StartupError(Exception):
     """A one-line reason to exit with status 1 before serving."""
-
-
-def default_socket_path() -> Path:
-    """``/run/composefs/io.composefs.Repository`` for root, else under
-    ``$XDG_RUNTIME_DIR/composefs`` or ``/tmp/composefs-<uid>``."""
-    if os.geteuid() == 0:
-        return Path("/run/composefs") / SOCKET_NAME
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "composefs" / SOCKET_NAME
-    return Path(f"/tmp/composefs-{os.geteuid()}") / SOCKET_NAME
 
 
 def is_read_only(method: str) -> bool:
@@ -259,6 +257,29 @@ def _repository(path: str | None, create: bool) -> Repository:
         raise _StartupError(f"repository {target}: {exc.strerror or exc}") from None
 
 
+def _untrusted(exc: UnsafeDirectoryError) -> str:
+    return (
+        f"{exc}: another user could replace what composefsd puts there "
+        f"(remove it, or choose another path)"
+    )
+
+
+def _runtime_dir(path: str | None) -> Path:
+    runtime_dir = Path(path) if path else default_runtime_dir()
+    try:
+        # Made when the first pin is written; one that exists must be ours already.
+        check_directory(runtime_dir)
+    except FileNotFoundError:
+        pass
+    except UnsafeDirectoryError as exc:
+        raise _StartupError(
+            f"refusing the runtime directory {runtime_dir}: {_untrusted(exc)}"
+        ) from None
+    except OSError as exc:
+        raise _StartupError(f"runtime directory {runtime_dir}: {exc.strerror or exc}") from None
+    return runtime_dir
+
+
 @dataclass(slots=True)
 class _Listener:
     """A socket composefsd bound itself, removed on exit if it is still ours."""
@@ -277,6 +298,8 @@ def _sockets(
 ) -> tuple[list[socket.socket], _Listener | None]:
     try:
         inherited = sockets_from_environment()
+    except UnsafeDirectoryError as exc:
+        raise _StartupError(f"socket activation: {_untrusted(exc)}") from None
     except (OSError, ValueError) as exc:
         raise _StartupError(f"socket activation: {exc}") from None
     if inherited:
@@ -284,6 +307,8 @@ def _sockets(
     path = Path(listen) if listen is not None else default_socket_path()
     try:
         sock = listen_unix(str(path), mode)
+    except UnsafeDirectoryError as exc:
+        raise _StartupError(f"refusing to listen on {path}: {_untrusted(exc)}") from None
     except OSError as exc:
         raise _StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
     try:
@@ -369,8 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         group = _group(args.group)
         repo = _repository(args.repo, create=not args.no_create)
-        runtime_dir = Path(args.runtime_dir) if args.runtime_dir else default_runtime_dir()
-        tracker = MountTracker(runtime_dir)
+        tracker = MountTracker(_runtime_dir(args.runtime_dir))
         try:
             tracker.rediscover()
         except OSError as exc:

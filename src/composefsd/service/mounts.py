@@ -14,8 +14,9 @@ counts as mounted, for :class:`MountTracker`:
   is recorded as a *pin*, a small JSON file
   ``<runtime dir>/pins/<digest>/<mount id>-<nanoseconds>`` (runtime dir:
   ``/run/composefsd`` for root, ``$XDG_RUNTIME_DIR/composefsd`` otherwise, else
-  ``/tmp/composefsd-<uid>``), written *before* the fd leaves, so a restarted
-  daemon still honours it. A pin stays live
+  ``/tmp/composefsd-<uid>``; only a directory no other user can change is used,
+  see :mod:`composefsd.service.runtime`), written *before* the fd leaves, so a
+  restarted daemon still honours it. A pin stays live
 
   - for :data:`PIN_GRACE` seconds after it was made, whatever happens (the fd
     may sit in a socket buffer, where no process table shows it), and after that
@@ -57,14 +58,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from composefsd.dirs import make_dir
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.service.runtime import default_runtime_dir, secure_directory
 
 __all__ = [
     "PIN_GRACE",
     "MountTracker",
     "NamespaceMount",
     "Pin",
-    "default_runtime_dir",
     "mount_id_of_fd",
 ]
 
@@ -75,17 +77,6 @@ PIN_GRACE = 300.0
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")
 _PIN_NAME = re.compile(r"([0-9]+)-([0-9]+)")
 _TMP_PREFIX = ".tmp-"
-
-
-def default_runtime_dir() -> Path:
-    """``/run/composefsd`` for root, ``$XDG_RUNTIME_DIR/composefsd`` otherwise, else
-    ``/tmp/composefsd-<uid>``."""
-    if os.geteuid() == 0:
-        return Path("/run/composefsd")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "composefsd"
-    return Path(f"/tmp/composefsd-{os.geteuid()}")
 
 
 def _read_text(path: str) -> str | None:
@@ -381,7 +372,10 @@ class MountTracker:
             }
         ).encode()
         with self._lock:
-            self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Checked each time: a directory removed meanwhile (a tmp cleaner) could
+            # have been made again by someone else.
+            secure_directory(self.runtime_dir, 0o700)
+            make_dir(self.pin_dir, 0o700, exist_ok=True)
             tmp = self.pin_dir / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{now_ns}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -392,7 +386,7 @@ class MountTracker:
                 os.close(fd)
             try:
                 for attempt in range(3):
-                    pin.path.parent.mkdir(mode=0o700, exist_ok=True)
+                    make_dir(pin.path.parent, 0o700, exist_ok=True)
                     try:
                         os.rename(tmp, pin.path)
                         break

@@ -40,7 +40,6 @@ import inspect
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -52,7 +51,13 @@ from varlink.error import VarlinkError
 from varlink.server import Service as VarlinkService
 
 from composefsd.service.activation import is_listening
-from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
+from composefsd.service.context import (
+    CallCancelled,
+    CallContext,
+    Peer,
+    VarlinkReplyError,
+    peer_credentials,
+)
 from composefsd.service.fds import close_all
 from composefsd.service.protocol import (
     Decoder,
@@ -71,7 +76,6 @@ __all__ = [
     "SYSTEM_ERROR",
     "Authorizer",
     "Server",
-    "peer_credentials",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,6 @@ PERMISSION_DENIED: Final = "org.varlink.service.PermissionDenied"
 _RECV_SIZE: Final = 1 << 16
 #: Stop reading from a connection with this many calls queued; resume at half.
 _MAX_QUEUED: Final = 64
-_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL
 _Outcome = tuple[bytes, list[int]] | None
 #: The outcome that closes the connection (compared by identity).
@@ -101,40 +104,6 @@ def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             received.frombytes(data[: len(data) - len(data) % received.itemsize])
             fds.extend(received)
     return fds
-
-
-def _groups_from_proc(pid: int) -> frozenset[int]:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return frozenset(int(g) for g in line.split()[1:])
-    except (OSError, ValueError):
-        pass
-    return frozenset()
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    """The peer of a connected AF_UNIX socket, as it was at connect time.
-
-    Supplementary groups come from SO_PEERGROUPS (or /proc/PID/status). A socket
-    without credentials gives uid and gid -1, which no authorization accepts.
-    """
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-    except OSError as e:
-        log.warning("no peer credentials on fd %d: %s", sock.fileno(), e)
-        return Peer(0, -1, -1)
-    for count in (64, 65536):
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, count * 4)
-        except OSError as e:
-            if e.errno == errno.ERANGE:
-                continue
-            break
-        return Peer(pid, uid, gid, frozenset(struct.unpack(f"{len(raw) // 4}I", raw)))
-    return Peer(pid, uid, gid, _groups_from_proc(pid))
 
 
 def _hung_up(fd: int) -> bool:
