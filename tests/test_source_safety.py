@@ -708,3 +708,27 @@ def test_caller_scan_cancelled(tmp_path: Path, test_users: TestUsers, alice_tree
         caller.create(alice_tree, send=gone)
     assert _children() == children
     assert caller.repo.list_images() == [] and caller.repo.fsck().ok
+
+
+def test_caller_scan_cancelled_without_cap_kill(
+    tmp_path: Path, test_users: TestUsers, alice_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under the unit without CAP_KILL the worker that became alice could not be
+    # signalled: it must end anyway (its output is closed: it dies at its next
+    # progress report).
+    for i in range(20_000):
+        (alice_tree / "sub" / f"e{i}").write_bytes(b"")
+    caller = _Caller(tmp_path, test_users.alice)
+    children = _children()
+
+    def no_cap_kill(self: subprocess.Popen[bytes]) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(subprocess.Popen, "kill", no_cap_kill)
+
+    def gone(params: dict[str, Any]) -> None:
+        raise CallCancelled("CreateImage: the client disconnected")
+
+    with pytest.raises(CallCancelled):
+        caller.create(alice_tree, send=gone)
+    assert _children() == children

@@ -14,6 +14,7 @@ work in child Python processes instead. The three share this plumbing:
 
 from __future__ import annotations
 
+import logging
 import marshal
 import os
 import subprocess
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 __all__ = ["receive", "send", "start", "stop", "write_message"]
+
+log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,19 +67,42 @@ def receive(stream: IO[bytes]) -> Any:
 
 
 def stop(proc: subprocess.Popen[bytes], *, kill: bool, timeout: float) -> None:
-    """End the worker: EOF on its input, SIGKILL too if ``kill``, and reap it (killing
-    it after ``timeout`` seconds)."""
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    except OSError:
-        pass
+    """End the worker: EOF on its input; if ``kill``, its output closed too and
+    SIGKILL; and reap it, killing it after ``timeout`` seconds.
+
+    A worker that took on a caller's ids can only be signalled with CAP_KILL; one
+    that cannot be signalled still ends at its next write into the closed output
+    (Python ignores SIGPIPE, so the write fails and it exits). One that neither
+    ends nor can be killed is left to be reaped later (with a warning), rather
+    than hang the caller.
+    """
+    _close(proc.stdin)
     if kill:
-        proc.kill()
+        _close(proc.stdout)
+        _kill(proc)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        _kill(proc)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d does not end; leaving it", proc.pid)
+    _close(proc.stdout)
+
+
+def _close(stream: IO[bytes] | None) -> None:
+    try:
+        if stream is not None:
+            stream.close()
+    except OSError:
+        pass
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
         proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        log.warning("cannot kill worker process %d: %s", proc.pid, exc.strerror)

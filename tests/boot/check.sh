@@ -138,6 +138,37 @@ umask_line=$(grep '^Umask:' "/proc/$pid/status")
 if [ "$umask_line" = "Umask:	0077" ]; then ok "composefsd runs with umask 0077"; else fail "composefsd: $umask_line"; fi
 stamp hardening
 
+# A caller other than root (uid 4711, in composefsd --group cfsboot, which may
+# use the socket) gets, under the unit's system call filter, exactly the files
+# it could open itself: a root-only file of its tree refuses the CreateImage.
+tree=/run/caller-tree
+mkdir -p "$tree/sub"
+printf 'mine\n' >"$tree/mine"
+head -c 20000 /dev/zero | tr '\0' c >"$tree/sub/data"
+chown -R 4711:4711 "$tree"
+printf 'root only\n' >"$tree/sub/secret"
+chmod 600 "$tree/sub/secret"
+as_caller() {
+    setpriv --reuid=4711 --regid=4711 --clear-groups \
+        /usr/bin/python3 "$here/varlink_call.py" /run/composefs/io.composefs.Repository \
+        "$I.CreateImage" "{\"sourcePath\":\"$tree\"}"
+}
+as_caller >"$O/caller-denied.json" 2>&1
+if grep -q "\"error\": *\"$I.SourceError\"" "$O/caller-denied.json" &&
+    grep -q "cannot read $tree/sub/secret: Permission denied" "$O/caller-denied.json"; then
+    ok "uid 4711's CreateImage cannot read the root-only $tree/sub/secret"
+else
+    fail "uid 4711's CreateImage of a tree with a root-only file: $(cat "$O/caller-denied.json")"
+fi
+rm "$tree/sub/secret"
+as_caller >"$O/caller-image.json" 2>&1
+if grep -q '"digest"' "$O/caller-image.json"; then
+    ok "uid 4711's CreateImage of its own tree works under the unit"
+else
+    fail "uid 4711's CreateImage of its own tree: $(cat "$O/caller-image.json")"
+fi
+stamp caller
+
 # A restarted daemon still knows the boot mounts.
 if systemctl restart composefsd.service; then
     ok "systemctl restart composefsd.service"

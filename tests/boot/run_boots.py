@@ -18,7 +18,10 @@ Boots (``--only NAME ...`` runs some of them):
             varlinkctl info and Verify, the unit's hardening as it runs
             (composefsd in the host's mount namespace, with a network and
             hostname namespace of its own and umask 0077; the boot-mount
-            units sandboxed), ListMounts after a daemon restart, and a clean
+            units sandboxed), a non-root caller's CreateImage read with its
+            rights under the unit's system call filter (a root-only file of
+            its tree refused, its own tree imported), ListMounts after a
+            daemon restart, and a clean
             (non-forced) shutdown that unmounts through the daemon
   optional  an optional mount of a missing image fails exactly its unit
             (NoSuchImage in the journal); the boot goes on; and composefsd
@@ -126,6 +129,7 @@ class Boot:
     name: str
     conf: str  # mounts.conf
     mode: str  # check.sh mode
+    caller: bool = False  # a non-root user, uid 4711, may use the socket and CreateImage
     expect: list[tuple[str, Image]] = field(default_factory=list)  # mounted at the end
     absent: list[str] = field(default_factory=list)
     fine: list[str] = field(default_factory=list)  # other boot mounts that succeed
@@ -157,6 +161,27 @@ def install(overlay: Path, composefsd: str, varlinkctl: str, repo: Path) -> None
     assert wanted.is_symlink(), f"install-units --enable did not enable the socket:\n{proc.stderr}"
     (overlay / "etc/composefs/composefsd.env").write_text(f"COMPOSEFSD_REPOSITORY={GUEST_REPO}\n")
     shutil.copytree(repo, overlay / GUEST_REPO.lstrip("/"), symlinks=True)
+
+
+CALLER_UID = 4711
+CALLER_GROUP = "cfsboot"
+
+
+def add_caller(overlay: Path) -> None:
+    """A non-root caller as an administrator would add one: a user and group
+    (the guest's /etc/passwd and /etc/group are the host's, plus these), the
+    socket group-accessible and composefsd's --group."""
+    etc = overlay / "etc"
+    for name, line in (
+        ("passwd", f"{CALLER_GROUP}:x:{CALLER_UID}:{CALLER_UID}::/nonexistent:/usr/sbin/nologin\n"),
+        ("group", f"{CALLER_GROUP}:x:{CALLER_UID}:\n"),
+    ):
+        (etc / name).write_text(Path("/etc", name).read_text() + line)
+    dropin = etc / "systemd/system/composefsd.socket.d"
+    dropin.mkdir(parents=True)
+    (dropin / "caller.conf").write_text(f"[Socket]\nSocketMode=0660\nSocketGroup={CALLER_GROUP}\n")
+    env = etc / "composefs/composefsd.env"
+    env.write_text(env.read_text() + f"COMPOSEFSD_OPTIONS=--group {CALLER_GROUP}\n")
 
 
 def harness(dirpath: Path, boot: Boot) -> None:
@@ -628,6 +653,7 @@ def main() -> int:
             "happy",
             expect=[("/srv/app", app), ("/opt/tools", tools)],
             graceful=True,
+            caller=True,
         ),
         "optional": Boot(
             "optional",
@@ -659,6 +685,8 @@ def main() -> int:
             ov = bdir / "overlay"
             install(ov, composefsd, varlinkctl, repo)
             (ov / "etc/composefs/mounts.conf").write_text(boot.conf)
+            if boot.caller:
+                add_caller(ov)
             overlays.append(ov)
         if boot.graceful:
             hv = bdir / "harness"

@@ -163,6 +163,7 @@ def scan_as(
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     proc = None
     root_fd = -1
+    done = False
     try:
         pass_fds = [child.fileno()] if fd is None else [child.fileno(), fd]
         proc = workerproc.start("composefsd.service.sourcescan", "_worker_main", pass_fds=pass_fds)
@@ -214,6 +215,7 @@ def scan_as(
                 except ValueError as exc:
                     raise SourceError(str(exc)) from exc
                 keep, root_fd = root_fd, -1
+                done = True
                 return ScannedSource(scan, keep, display, credentials)
             else:
                 raise SourceError(f"the scan worker sent {kind!r}")
@@ -223,7 +225,9 @@ def scan_as(
         if root_fd >= 0:
             os.close(root_fd)
         if proc is not None:
-            workerproc.stop(proc, kill=True, timeout=10)
+            # Done, it exits by itself; otherwise (an error, a cancelled call) it
+            # must not go on reading the caller's tree.
+            workerproc.stop(proc, kill=not done, timeout=10)
 
 
 def _worker_main() -> None:
