@@ -601,7 +601,8 @@ def _finish(
 _SOURCE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def _scan_options(options: CreateOptions) -> ScanOptions:
+def scan_options(options: CreateOptions) -> ScanOptions:
+    """What of ``options`` the scan of a source directory needs."""
     return ScanOptions(
         use_epoch=options.use_epoch,
         skip_devices=options.skip_devices,
@@ -645,13 +646,14 @@ def open_source_directory(
 def scan_source_directory(
     fd: int,
     display: bytes,
-    options: CreateOptions,
+    options: ScanOptions,
     progress: ProgressCallback | None = None,
     *,
     max_entries: int | None = None,
 ) -> SourceScan:
     """Walk the source directory open at ``fd`` as CreateImage does (``scan``
-    progress), with this process's rights; scan errors become :class:`SourceError`."""
+    progress, ``options`` from :func:`scan_options`), with this process's rights;
+    scan errors become :class:`SourceError`."""
     throttle = Throttle(progress)
 
     def scan_progress(p: ScanProgress) -> None:
@@ -663,7 +665,7 @@ def scan_source_directory(
             scan = scan_source(
                 fd,
                 display,
-                _scan_options(options),
+                options,
                 scan_progress if throttle.active else None,
                 max_entries=max_entries,
             )
@@ -688,13 +690,8 @@ def create_from_directory(
     added = Added()
     try:
         repo.ensure_writable()
-        with (
-            _undone_on_failure(repo, added),
-            writer_lock(repo.path) as lock,
-            repo.object_store() as store,
-        ):
-            store.probe_verity()
-            scan = scan_source_directory(fd, display, options, progress)
+        with _creating(repo, added) as (lock, store):
+            scan = scan_source_directory(fd, display, scan_options(options), progress)
             cache = None
             if options.digest_cache and not isinstance(source, int):
                 cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
@@ -719,13 +716,22 @@ def create_from_scan(
     ref_name = normalize_ref(ref) if ref is not None else None
     repo.ensure_writable()
     added = Added()
+    with _creating(repo, added) as (lock, store):
+        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None, added)
+
+
+@contextmanager
+def _creating(repo: Repository, added: Added) -> Iterator[tuple[RepoLock, ObjectStore]]:
+    """The frame of every CreateImage: undone on failure (:func:`_undone_on_failure`),
+    under the writer lock, with the object store and its fs-verity probed (under the
+    required policy an unsupported filesystem fails here, before any work)."""
     with (
         _undone_on_failure(repo, added),
         writer_lock(repo.path) as lock,
         repo.object_store() as store,
     ):
         store.probe_verity()
-        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None, added)
+        yield lock, store
 
 
 @contextmanager
@@ -853,12 +859,7 @@ def create_from_dumpfile(
         repo.ensure_writable()
         throttle = Throttle(progress)
         added = Added()
-        with (
-            _undone_on_failure(repo, added),
-            writer_lock(repo.path) as lock,
-            repo.object_store() as store,
-        ):
-            store.probe_verity()
+        with _creating(repo, added) as (lock, store):
             source = (objects_fd, objdir, None)
             results = _import(repo, store, tasks, options, lock, throttle, source, added)
             _apply(nodes, results, repo.hash_algorithm, keep_digest=True)

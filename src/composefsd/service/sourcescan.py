@@ -28,6 +28,7 @@ fails, which also ends a scan stuck in a FUSE filesystem the caller mounted.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import marshal
 import os
@@ -45,9 +46,10 @@ from composefsd.repository import CreateOptions, Progress, SourceError
 from composefsd.repository.images import (
     ScannedSource,
     open_source_directory,
+    scan_options,
     scan_source_directory,
 )
-from composefsd.scanner import SourceScan
+from composefsd.scanner import ScanOptions, SourceScan
 from composefsd.service.fds import close_all, receive_fds
 
 __all__ = ["decode_scan", "encode_scan", "scan_as"]
@@ -129,16 +131,6 @@ def decode_scan(blob: bytes) -> SourceScan:
     return SourceScan(nodes[0], files, int(entries), int(regular))
 
 
-def _options_wire(options: CreateOptions) -> tuple[bool, bool, bool, bool, bool]:
-    return (
-        options.use_epoch,
-        options.skip_devices,
-        options.skip_xattrs,
-        options.user_xattrs,
-        options.preserve_hardlinks,
-    )
-
-
 def scan_as(
     credentials: Credentials,
     *,
@@ -175,7 +167,7 @@ def scan_as(
                 os.fsencode(path) if path is not None else None,
                 fd,
                 pass_fds[0],
-                _options_wire(options),
+                dataclasses.astuple(scan_options(options)),
                 max_entries,
                 display,
             ),
@@ -258,14 +250,7 @@ def _worker_main() -> None:
         os.close(fd)
     socket.send_fds(channel, [b"R"], [root_fd])
     send(("opened",))
-    use_epoch, skip_devices, skip_xattrs, user_xattrs, hardlinks = options_wire
-    options = CreateOptions(
-        use_epoch=use_epoch,
-        skip_devices=skip_devices,
-        skip_xattrs=skip_xattrs,
-        user_xattrs=user_xattrs,
-        preserve_hardlinks=hardlinks,
-    )
+    options = ScanOptions(*options_wire)
 
     def report(p: Progress) -> None:
         send(("progress", p.done))
