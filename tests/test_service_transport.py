@@ -31,11 +31,13 @@ from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
 from composefsd.service.activation import listen_unix
 from composefsd.service.context import Peer
 from composefsd.service.protocol import (
+    MAX_DEPTH,
     Decoder,
     ProtocolError,
     encode_call,
     encode_error,
     encode_reply,
+    json_depth,
     parse_call,
     parse_reply,
 )
@@ -391,6 +393,33 @@ def test_parse_call_refuses(raw: bytes, message: str) -> None:
         parse_call(raw)
 
 
+def test_json_nesting_limit() -> None:
+    def call_at(depth: int) -> bytes:
+        # The envelope and "parameters" are two levels; the rest is one array deep each.
+        inner = b"[" * (depth - 2) + b"]" * (depth - 2)
+        return b'{"method":"a.b.C","parameters":{"x":' + inner + b"}}"
+
+    assert json_depth(call_at(10), 5) == 10
+    assert json_depth(call_at(MAX_DEPTH + 1), MAX_DEPTH) == MAX_DEPTH + 1
+    parse_call(call_at(MAX_DEPTH))
+    with pytest.raises(ProtocolError, match=f"nested {MAX_DEPTH + 1} levels deep"):
+        parse_call(call_at(MAX_DEPTH + 1))
+    with pytest.raises(ProtocolError, match="nested 100000 levels"):
+        parse_call(b"[" * 100_000 + b"]" * 100_000)
+    # Unclosed: refused before the decoder sees it, too.
+    with pytest.raises(ProtocolError, match="nested 100000 levels"):
+        parse_call(b'{"method":"a.b.C","parameters":{"x":' + b"[" * 99_998)
+    # Brackets in strings, escaped quotes included, are not nesting.
+    text = '[{\\"' * 1000
+    call = parse_call(b'{"method":"a.b.C","parameters":{"x":"' + text.encode() + b'"}}')
+    assert call.parameters["x"] == '[{"' * 1000
+    with pytest.raises(ProtocolError, match="nested"):
+        parse_reply(b'{"parameters":{"x":' + b"[" * 500 + b"]" * 500 + b"}}")
+    assert parse_call(call_at(8), max_depth=8).method == "a.b.C"
+    with pytest.raises(ProtocolError, match="at most 7"):
+        parse_call(call_at(8), max_depth=7)
+
+
 def test_replies_encode_and_parse() -> None:
     assert encode_reply({"a": 1}) == b'{"parameters":{"a":1}}\0'
     assert encode_reply({"a": 1}, continues=True) == b'{"parameters":{"a":1},"continues":true}\0'
@@ -641,6 +670,65 @@ async def test_malformed_message_closes_the_connection(served: Harness, raw: byt
 async def test_calls_queued_behind_a_malformed_one_are_dropped(served: Harness) -> None:
     client = await served.connect()
     await client.send(b"{\0" + encode_call(T + "Echo", {"text": "never"}))
+    await client.assert_closed()
+
+
+async def test_deeply_nested_json_is_a_protocol_error(
+    served: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="composefsd.service.transport")
+    client = await served.connect()
+    nested = b"[" * 100_000 + b"]" * 100_000
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x","blob":{"a":'
+        + nested
+        + b"}}}\0"
+    )
+    await client.assert_closed()
+    # Logged as what it is, in one line, without a traceback.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert any(
+        "protocol error" in r.getMessage() and "100003 levels deep" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    other = await served.connect()
+    assert (await other.call(T + "Echo", {"text": "alive"}))["parameters"] == {"text": "alive"}
+
+
+# Lone surrogates, as JSON escapes (the encoder would refuse to write them).
+SURROGATE_CASES: list[tuple[str, bytes, str]] = [
+    ("Echo", b'{"text":"a\\udcffb"}', "text"),
+    ("Echo", b'{"text":"x","labels":{"k":"\\ud800"}}', "labels[k]"),
+    ("Echo", b'{"text":"x","labels":{"\\udcff":"v"}}', "labels[\\udcff]"),
+    ("Echo", b'{"text":"x","names":{"\\udcff":{}}}', "names[\\udcff]"),
+    ("Echo", b'{"text":"x","item":{"name":"n","tags":["ok","\\udfff"]}}', "item.tags[1]"),
+    ("Echo", b'{"text":"x","blob":{"a":[1,{"b":"\\udcff"}]}}', "blob[a][1][b]"),
+    ("Echo", b'{"text":"x","blob":{"\\udcff":1}}', "blob[\\udcff]"),
+    ("Echo", b'{"text":"x","\\udcff":1}', "\\udcff"),
+    ("org.varlink.service.GetInterfaceDescription", b'{"interface":"\\udcff"}', "interface"),
+]
+
+
+@pytest.mark.parametrize(("method", "parameters", "path"), SURROGATE_CASES)
+async def test_lone_surrogates_are_invalid_parameters(
+    client: Client, caplog: pytest.LogCaptureFixture, method: str, parameters: bytes, path: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="composefsd.service.transport")
+    full = (method if "." in method else T + method).encode()
+    await client.send(b'{"method":"' + full + b'","parameters":' + parameters + b"}\0")
+    reply, _ = await client.recv()
+    assert reply == {"error": INVALID, "parameters": {"parameter": path}}
+    assert not caplog.records
+    # A valid surrogate pair is one character, and fine.
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"\\ud83d\\ude00"}}\0'
+    )
+    assert (await client.recv())[0] == {"parameters": {"text": "\U0001f600"}}
+
+
+async def test_lone_surrogate_in_the_method_name_closes_the_connection(served: Harness) -> None:
+    client = await served.connect()
+    await client.send(b'{"method":"org.example.test.\\udcff"}\0')
     await client.assert_closed()
 
 

@@ -10,7 +10,9 @@ came with them) and hands back complete messages with their fds. It enforces a
 size limit and an fd limit, and refuses fds that arrive in the middle of a
 message. :func:`parse_call` turns one message into a :class:`Call`, refusing
 anything the specification says must close the connection (invalid JSON, a
-missing ``method``, wrongly typed or conflicting flags, unknown header keys).
+missing ``method``, wrongly typed or conflicting flags, unknown header keys),
+and JSON nested deeper than :data:`MAX_DEPTH` (checked before decoding: Python's
+decoder recurses once per level and would hit the interpreter's recursion limit).
 The ``encode_*`` functions build replies and calls, NUL included.
 
 Every violation raises :class:`ProtocolError`; the transport's answer to it is to
@@ -19,13 +21,17 @@ close the connection.
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Final
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_FDS",
     "MAX_MESSAGE_SIZE",
     "Call",
@@ -36,6 +42,7 @@ __all__ = [
     "encode_call",
     "encode_error",
     "encode_reply",
+    "json_depth",
     "parse_call",
     "parse_reply",
 ]
@@ -44,6 +51,9 @@ __all__ = [
 MAX_MESSAGE_SIZE: Final = 16 << 20
 #: Most fds accepted with one message.
 MAX_FDS: Final = 16
+#: Deepest nesting of JSON arrays and objects accepted in a message. Varlink's own
+#: envelope takes two levels; the deepest io.composefs.Repository value four more.
+MAX_DEPTH: Final = 64
 
 
 class ProtocolError(Exception):
@@ -181,7 +191,27 @@ _CALL_KEYS: Final = frozenset({"method", "parameters", "oneway", "more", "upgrad
 _REPLY_KEYS: Final = frozenset({"parameters", "continues", "error"})
 
 
-def _loads(data: bytes) -> Any:
+# A JSON string, escapes included: what to skip when counting brackets.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(range(256)).translate(None, b"[]{}")
+# Opening brackets become 1, closing ones -1 as signed bytes.
+_BRACKET_SIGN: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """How deeply the JSON text ``data`` nests arrays and objects, or any number up
+    to ``limit`` when it cannot nest deeper than that. Exact for valid JSON; what it
+    says of invalid JSON does not matter (the decoder refuses it anyway)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return 0
+    signs = _JSON_STRING.sub(b"", data).translate(_BRACKET_SIGN, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", signs)), default=0)
+
+
+def _loads(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    depth = json_depth(data, max_depth)
+    if depth > max_depth:
+        raise ProtocolError(f"JSON nested {depth} levels deep (at most {max_depth})")
     try:
         return _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -197,14 +227,19 @@ def _flag(obj: dict[str, Any], key: str) -> bool:
     return value
 
 
-def parse_call(data: bytes) -> Call:
+def parse_call(data: bytes, max_depth: int = MAX_DEPTH) -> Call:
     """The call in one message (NUL stripped); :class:`ProtocolError` if it is not one."""
-    obj = _loads(data)
+    obj = _loads(data, max_depth)
     if type(obj) is not dict:
         raise ProtocolError("a call must be a JSON object")
     method = obj.get("method")
     if type(method) is not str or not method:
         raise ProtocolError("a call needs a 'method' string")
+    if not method.isascii():
+        try:
+            method.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("the method name holds a lone surrogate") from None
     params = obj.get("parameters")
     if params is None:
         params = {}

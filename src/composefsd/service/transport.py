@@ -55,6 +55,7 @@ from composefsd.service.activation import is_listening
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.fds import close_all
 from composefsd.service.protocol import (
+    MAX_DEPTH,
     Decoder,
     Message,
     ProtocolError,
@@ -448,12 +449,14 @@ class Server:
         max_fds: int = 16,
         workers: int = 8,
         max_connections: int = 4096,
+        max_depth: int = MAX_DEPTH,
     ) -> None:
         self._service = service
         self._authorize = authorize
         self.max_message_size = max_message_size
         self.max_fds = max_fds
         self.max_connections = max_connections
+        self.max_depth = max_depth
         self._anc_size = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varlink")
         self._validators: dict[str, InterfaceValidator] = {}
@@ -641,7 +644,7 @@ class Server:
     def _process(self, call: _Call, msg: Message) -> _Outcome:
         conn = call.conn
         try:
-            envelope = parse_call(msg.data)
+            envelope = parse_call(msg.data, self.max_depth)
         except ProtocolError as e:
             close_all(msg.fds)
             log.info("%r: protocol error, closing: %s", conn, e)
