@@ -60,6 +60,7 @@ from typing import Any
 from varlink.server import Service as VarlinkService
 
 import composefsd
+from composefsd.image.escape import printable
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.service.activation import listen_unix, notify, sockets_from_environment
 from composefsd.service.context import Peer
@@ -133,7 +134,17 @@ _PRIORITY = {
 }
 
 
-class _JournalFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Escapes the message with :func:`~composefsd.image.escape.printable`: names in
+    it come from callers and the repository, and a newline in one must not forge a
+    log entry. Tracebacks, added after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class _JournalFormatter(_Formatter):
     """``<priority>message``: journald reads the priority off the prefix and stamps
     the time itself."""
 
@@ -150,7 +161,7 @@ def _setup_logging(level: str) -> None:
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s composefsd[%(process)d] %(levelname)s: %(message)s")
+            _Formatter("%(asctime)s composefsd[%(process)d] %(levelname)s: %(message)s")
         )
     root = logging.getLogger()
     for old in list(root.handlers):
