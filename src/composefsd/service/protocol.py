@@ -82,29 +82,29 @@ class Decoder:
     ``feed(data, fds)`` takes one read: the fds must arrive with the first byte of
     a message (the read must not continue a partial message) and belong to the
     first message that starts in ``data``. The decoder owns the fds of a partial
-    message until it is complete; :meth:`discard` gives them back.
+    message until it is complete; :meth:`discard` gives them back. A partial
+    message is kept in one ``bytearray`` that grows in place, not as a list of
+    chunks, so that a server holding many of them does not fragment its heap.
     """
 
-    __slots__ = ("_broken", "_buf", "_buf_len", "_fds", "max_fds", "max_message_size")
+    __slots__ = ("_broken", "_buf", "_fds", "max_fds", "max_message_size")
 
     def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS) -> None:
         self.max_message_size = max_message_size
         self.max_fds = max_fds
-        self._buf: list[bytes] = []
-        self._buf_len = 0
+        self._buf = bytearray()
         self._fds: list[int] = []
         self._broken = False
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete message held."""
-        return self._buf_len
+        return len(self._buf)
 
     def discard(self) -> list[int]:
         """Drop any partial message; returns its fds (the caller closes them)."""
         fds, self._fds = self._fds, []
-        self._buf = []
-        self._buf_len = 0
+        self._buf = bytearray()
         return fds
 
     def _fail(self, message: str, fds: Sequence[int], out: list[Message]) -> ProtocolError:
@@ -114,8 +114,7 @@ class Decoder:
         for msg in out:
             owned.update(msg.fds)
         self._fds = []
-        self._buf = []
-        self._buf_len = 0
+        self._buf = bytearray()
         return ProtocolError(message, sorted(owned))
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
@@ -124,8 +123,9 @@ class Decoder:
         out: list[Message] = []
         if self._broken:
             raise ProtocolError("the stream already failed", fds)
+        buf = self._buf
         if fds:
-            if self._buf_len:
+            if buf:
                 raise self._fail("file descriptors arrived in the middle of a message", fds, out)
             if len(fds) > self.max_fds:
                 raise self._fail(
@@ -136,36 +136,36 @@ class Decoder:
             if not data:
                 raise self._fail("file descriptors without data", fds, out)
         limit = self.max_message_size
-        parts = data.split(b"\0")
-        tail = parts.pop()
-        if parts:
-            first = parts[0]
-            if self._buf:
-                self._buf.append(first)
-                first = b"".join(self._buf)
-                first_fds = self._fds
-                self._buf = []
-                self._buf_len = 0
-                self._fds = []
-            else:
-                first_fds = list(fds)
-            out.append(Message(first, first_fds))
-            if len(first) > limit:
-                raise self._fail(self._too_long(len(first)), fds, out)
-            for part in parts[1:]:
-                if len(part) > limit:
-                    raise self._fail(self._too_long(len(part)), fds, out)
-                out.append(Message(part))
-            if tail:
-                self._buf = [tail]
-                self._buf_len = len(tail)
-        elif tail:
-            if not self._buf:
-                self._fds = list(fds)
-            self._buf.append(tail)
-            self._buf_len += len(tail)
-        if self._buf_len > limit:
-            raise self._fail(self._too_long(self._buf_len), fds, out)
+        end = data.find(b"\0")
+        if end < 0:
+            if data:
+                if len(buf) + len(data) > limit:
+                    raise self._fail(self._too_long(len(buf) + len(data)), fds, out)
+                if not buf:
+                    self._fds = list(fds)
+                buf += data
+            return out
+        if buf:
+            if len(buf) + end > limit:
+                raise self._fail(self._too_long(len(buf) + end), fds, out)
+            buf += memoryview(data)[:end]
+            out.append(Message(bytes(buf), self._fds))
+            self._buf = bytearray()
+            self._fds = []
+        else:
+            out.append(Message(data[:end], list(fds)))
+            if end > limit:
+                raise self._fail(self._too_long(end), fds, out)
+        start = end + 1
+        while (end := data.find(b"\0", start)) >= 0:
+            if end - start > limit:
+                raise self._fail(self._too_long(end - start), fds, out)
+            out.append(Message(data[start:end]))
+            start = end + 1
+        if start < len(data):
+            if len(data) - start > limit:
+                raise self._fail(self._too_long(len(data) - start), fds, out)
+            self._buf = bytearray(memoryview(data)[start:])
         return out
 
     def _too_long(self, size: int) -> str:
