@@ -1325,6 +1325,26 @@ async def test_connection_limit_per_uid(start: Start) -> None:
         assert (await c.call(T + "Echo", {"text": "kept"}))["parameters"] == {"text": "kept"}
 
 
+async def test_varlinkctl_reads_the_refusal(start: Start, reference_bin: Path) -> None:
+    harness = await start(max_connections_per_uid=1, privileged_uids=frozenset())
+    kept = await harness.connect()
+    await wait_for(lambda: harness.server.connections == 1)
+    proc = await asyncio.create_subprocess_exec(
+        str(reference_bin / "varlinkctl"),
+        "call",
+        f"unix:{harness.path}",
+        T + "Echo",
+        '{"text":"x"}',
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    assert TOO_MANY in err.decode(), err
+    assert json.loads(out)["limit"] == 1
+    assert (await kept.call(T + "Echo", {"text": "kept"}))["parameters"] == {"text": "kept"}
+
+
 async def test_privileged_peers_are_never_refused(start: Start) -> None:
     # uid 0 (this test) is privileged by default: the limits are not for it.
     harness = await start(max_connections_per_uid=1, max_connections=1)
