@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from composefsd.repository import Repository, VerityPolicy
-from ctlrun import run_ctl
+from ctlrun import FORGED_REF, PLANTED_REFS, check_escaped, plant_refs, run_ctl
 
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
 
@@ -399,6 +399,34 @@ def test_image_management(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixt
     assert status == 1 and err.startswith("composefsctl: error: ")
     assert run_ctl(capsys, "--repo", r, "gc")[0] == 0
     assert run_ctl(capsys, "--repo", r, "fsck")[0] == 0
+
+
+def test_untrusted_names_are_printed_escaped(
+    tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    r = str(repo)
+    src = str(_tree(tmp_path / "t"))
+    digest = run_ctl(capsys, "--repo", r, "create-image", src, "--ref", "good")[1].strip()
+    # New refs with such names are refused...
+    status, out, err = run_ctl(capsys, "--repo", r, "create-image", src, "--ref", FORGED_REF)
+    assert (status, out) == (1, "")
+    assert err.count("\n") == 1 and err.startswith("composefsctl: error: invalid ref name ")
+    check_line = err.rstrip("\n")
+    assert check_line.isprintable()
+    # ...and old ones are printed escaped: one image, one row.
+    plant_refs(repo, digest)
+    status, out, _ = run_ctl(capsys, "--repo", r, "images")
+    assert status == 0 and out.count("\n") == 1, out
+    assert out.startswith(digest)
+    check_escaped(out)
+    listed = json.loads(run_ctl(capsys, "--repo", r, "images", "--json")[1])
+    assert sorted(listed[0]["refs"]) == sorted(["good", *PLANTED_REFS])
+    status, out, _ = run_ctl(capsys, "--repo", r, "describe", "good")
+    assert status == 0 and len(out.splitlines()) == 8
+    check_escaped(out)
+    status, out, _ = run_ctl(capsys, "--repo", r, "remove-image", "good", "-v")
+    assert status == 0 and out.count("\n") == 1
+    check_escaped(out)
 
 
 def test_entry_point(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Progress
 from composefsd.service.client import VarlinkCallError
-from ctlrun import run_ctl
+from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
 from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
 
 
@@ -241,6 +241,29 @@ def test_images_same_as_direct(
     for a, b in zip(mine, theirs, strict=True):
         assert a["created"] == pytest.approx(b["created"], abs=1e-5)
         assert {**a, "created": 0} == {**b, "created": 0}
+
+
+def test_untrusted_names_are_printed_escaped(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tree: Path
+) -> None:
+    d = start_daemon(tmp_path / "repo")
+    try:
+        digest = _create(capsys, d, tree, "--ref", "good")
+        status, out, err = run_ctl(
+            capsys, "--connect", d.address, "create-image", str(tree), "--ref", FORGED_REF
+        )
+        assert (status, out) == (1, "")
+        assert err.count("\n") == 1 and err.rstrip("\n").isprintable()
+        assert "io.composefs.Repository.InvalidName" in err and "control characters" in err
+        plant_refs(d.repo, digest)
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "images")
+        assert status == 0 and out.count("\n") == 1, out
+        check_escaped(out)
+        status, out, _ = run_ctl(capsys, "--connect", d.address, "remove-image", "good", "-v")
+        assert status == 0 and out.count("\n") == 1
+        check_escaped(out)
+    finally:
+        assert d.stop() == 0, d.log_text()
 
 
 def test_verify(capsys: pytest.CaptureFixture[str], daemon: Daemon, tree: Path) -> None:

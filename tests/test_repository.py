@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import select
 import stat
 import subprocess
@@ -48,6 +49,7 @@ from composefsd.repository import (
 )
 from composefsd.repository import objects as objects_mod
 from composefsd.repository import repo as repo_mod
+from composefsd.repository.images import normalize_ref
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.objects import ObjectStore, PublishState
 from composefsd.scanner import ScanOptions, scan_directory
@@ -479,6 +481,74 @@ def test_create_image_refs_replace_atomically_and_nest(tmp_path: Path) -> None:
         repo.create_image(one, ref="os")
     with pytest.raises(InvalidNameError, match="is a ref itself"):
         repo.create_image(one, ref="os/stable/deeper")
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("a\nb", "control characters"),
+        ("os/v1\n0123abcd  1.0 KiB  2024-01-01 00:00:00  forged", "control characters"),
+        ("a\rb", "control characters"),
+        ("a\tb", "control characters"),
+        ("a\x1b[31mred", "control characters"),
+        ("a\x7f", "control characters"),
+        ("a\x85b", "control characters"),
+        ("a\x9bb", "control characters"),
+        ("a\0b", "control characters"),
+        ("a\udcffb", "not valid Unicode"),
+        ("/".join(["d"] * 1999), "1999 components, at most 64"),
+        ("/".join(["d"] * 65), "65 components, at most 64"),
+        ("/".join(["x" * 255] * 5), "1279 bytes, at most 1024"),
+        ("é" * 513, "1026 bytes, at most 1024"),
+    ],
+    ids=[
+        "newline",
+        "forged-row",
+        "cr",
+        "tab",
+        "escape",
+        "del",
+        "nel",
+        "csi",
+        "nul",
+        "surrogate",
+        "1999-levels",
+        "65-levels",
+        "1279-bytes",
+        "1026-bytes-utf8",
+    ],
+)
+def test_ref_name_limits(tmp_path: Path, bad: str, why: str) -> None:
+    """Untrusted names (CreateImage's ref, any image name) are checked before any
+    file system work: control characters would forge rows in listings and log lines,
+    and a 1999-level name recursed past Python's limit when its directories were made."""
+    with pytest.raises(InvalidNameError, match=re.escape(why)) as info:
+        normalize_ref(bad)
+    # The message itself is printable and short, whatever the name holds.
+    message = str(info.value)
+    assert message.isprintable() and len(message) < 300, message
+    repo = Repository.init(tmp_path / "repo")
+    src = tmp_path / "src"
+    simple_tree(src)
+    with pytest.raises(InvalidNameError, match=re.escape(why)):
+        repo.create_image(src, ref=bad)
+    with pytest.raises(InvalidNameError, match=re.escape(why)):
+        repo.resolve_image(bad)
+    assert not list(repo.refs_dir.iterdir())
+
+
+def test_ref_names_at_the_limits(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    simple_tree(src)
+    repo = Repository.init(tmp_path / "repo")
+    deep = "/".join(f"d{i}" for i in range(64))
+    long = "/".join(["x" * 255] * 4)  # 1023 bytes
+    wide = "é" * 127 + "/" + "ü" * 127 + "/" + "ß" * 127 + "/" + "ø" * 127 + "/" + "abcd"
+    assert len(wide.encode()) == 1024
+    for name in (deep, long, wide, "printable ☃ & spaces", "back\\slash"):
+        digest = repo.create_image(src, ref=name).digest
+        assert repo.resolve_image(name) == digest
+        assert normalize_ref("refs/" + name) == name
 
 
 def test_sha512_repository(tmp_path: Path) -> None:

@@ -100,6 +100,20 @@ def test_call_sends_method_and_parameters(server: FakeServer) -> None:
     assert conn.closed
 
 
+def test_refusal_before_the_call_is_the_reply(server: FakeServer) -> None:
+    """A server that refuses the connection answers and closes before reading the
+    call: sending fails, and the error it sent is what the call raises."""
+    conn = server.connection()
+    refusal = {"limit": 128, "message": "uid 1000 has 128 connections open"}
+    server.send({"error": "io.composefs.Repository.TooManyConnections", "parameters": refusal})
+    server.close()
+    with pytest.raises(VarlinkCallError) as info:
+        conn.call("io.composefs.Repository.Describe", {"pad": "x" * (1 << 20)})
+    assert info.value.name == "io.composefs.Repository.TooManyConnections"
+    assert info.value.parameters == refusal
+    assert conn.closed
+
+
 def test_more_yields_every_reply_and_the_last(server: FakeServer) -> None:
     conn = server.connection()
     server.send(

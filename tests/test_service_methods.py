@@ -43,6 +43,7 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
 )
+from composefsd.repository import verify as verify_module
 from composefsd.repository.meta import RepoMetadata
 from composefsd.service import methods as methods_module
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
@@ -451,6 +452,25 @@ def test_verify_one(env: Env) -> None:
     kinds = sorted(p["kind"] for p in out["problems"])
     assert kinds == ["corrupt-object", "missing-object"]
     assert all(p["object"] for p in out["problems"])
+
+
+def test_verify_uses_half_the_cpus_at_most(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One caller's Verify cannot take every CPU (the transport runs few at once)."""
+    seen: list[int | None] = []
+    real = verify_module.check_files
+
+    def check_files(*args: Any, workers: int | None = None) -> None:
+        seen.append(workers)
+        real(*args, workers=workers)
+
+    monkeypatch.setattr(verify_module, "check_files", check_files)
+    env.create()
+    env.create(_tree(env.tmp / "other", seed=2), ref="other")
+    env.call("Verify", "app")
+    env.call("Verify", None, more=True)
+    half = max(1, verify_module.default_workers() // 2)
+    assert RepositoryInterface.verify_workers == half
+    assert seen == [half, half, half]
 
 
 def test_verify_all(env: Env) -> None:

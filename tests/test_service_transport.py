@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -28,14 +29,17 @@ import pytest
 import varlink
 
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.service import transport
 from composefsd.service.activation import listen_unix
 from composefsd.service.context import Peer
 from composefsd.service.protocol import (
+    MAX_DEPTH,
     Decoder,
     ProtocolError,
     encode_call,
     encode_error,
     encode_reply,
+    json_depth,
     parse_call,
     parse_reply,
 )
@@ -47,6 +51,7 @@ IDL = DATA / "org.example.test.varlink"
 T = "org.example.test."
 SYSTEM_ERROR = "io.composefs.Repository.SystemError"
 INVALID = "org.varlink.service.InvalidParameter"
+TOO_MANY = "io.composefs.Repository.TooManyConnections"
 
 
 def _load_example() -> ModuleType:
@@ -391,6 +396,33 @@ def test_parse_call_refuses(raw: bytes, message: str) -> None:
         parse_call(raw)
 
 
+def test_json_nesting_limit() -> None:
+    def call_at(depth: int) -> bytes:
+        # The envelope and "parameters" are two levels; the rest is one array deep each.
+        inner = b"[" * (depth - 2) + b"]" * (depth - 2)
+        return b'{"method":"a.b.C","parameters":{"x":' + inner + b"}}"
+
+    assert json_depth(call_at(10), 5) == 10
+    assert json_depth(call_at(MAX_DEPTH + 1), MAX_DEPTH) == MAX_DEPTH + 1
+    parse_call(call_at(MAX_DEPTH))
+    with pytest.raises(ProtocolError, match=f"nested {MAX_DEPTH + 1} levels deep"):
+        parse_call(call_at(MAX_DEPTH + 1))
+    with pytest.raises(ProtocolError, match="nested 100000 levels"):
+        parse_call(b"[" * 100_000 + b"]" * 100_000)
+    # Unclosed: refused before the decoder sees it, too.
+    with pytest.raises(ProtocolError, match="nested 100000 levels"):
+        parse_call(b'{"method":"a.b.C","parameters":{"x":' + b"[" * 99_998)
+    # Brackets in strings, escaped quotes included, are not nesting.
+    text = '[{\\"' * 1000
+    call = parse_call(b'{"method":"a.b.C","parameters":{"x":"' + text.encode() + b'"}}')
+    assert call.parameters["x"] == '[{"' * 1000
+    with pytest.raises(ProtocolError, match="nested"):
+        parse_reply(b'{"parameters":{"x":' + b"[" * 500 + b"]" * 500 + b"}}")
+    assert parse_call(call_at(8), max_depth=8).method == "a.b.C"
+    with pytest.raises(ProtocolError, match="at most 7"):
+        parse_call(call_at(8), max_depth=7)
+
+
 def test_replies_encode_and_parse() -> None:
     assert encode_reply({"a": 1}) == b'{"parameters":{"a":1}}\0'
     assert encode_reply({"a": 1}, continues=True) == b'{"parameters":{"a":1},"continues":true}\0'
@@ -549,7 +581,9 @@ async def test_many_pipelined_calls(client: Client) -> None:
         assert (await client.recv())[0] == {"parameters": {"number": i, "text": ""}}
 
 
-async def test_large_reply_to_a_slow_reader(client: Client) -> None:
+async def test_large_reply_to_a_slow_reader(start: Start) -> None:
+    # The call is as large as the reply: above the default limit, hence a larger one.
+    client = await (await start(max_message_size=16 << 20)).connect()
     big = "x" * (8 << 20)
     await client.send(
         encode_call(T + "Echo", {"text": big}) + encode_call(T + "Echo", {"text": "after"})
@@ -641,6 +675,65 @@ async def test_malformed_message_closes_the_connection(served: Harness, raw: byt
 async def test_calls_queued_behind_a_malformed_one_are_dropped(served: Harness) -> None:
     client = await served.connect()
     await client.send(b"{\0" + encode_call(T + "Echo", {"text": "never"}))
+    await client.assert_closed()
+
+
+async def test_deeply_nested_json_is_a_protocol_error(
+    served: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="composefsd.service.transport")
+    client = await served.connect()
+    nested = b"[" * 100_000 + b"]" * 100_000
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"x","blob":{"a":'
+        + nested
+        + b"}}}\0"
+    )
+    await client.assert_closed()
+    # Logged as what it is, in one line, without a traceback.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    assert any(
+        "protocol error" in r.getMessage() and "100003 levels deep" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+    other = await served.connect()
+    assert (await other.call(T + "Echo", {"text": "alive"}))["parameters"] == {"text": "alive"}
+
+
+# Lone surrogates, as JSON escapes (the encoder would refuse to write them).
+SURROGATE_CASES: list[tuple[str, bytes, str]] = [
+    ("Echo", b'{"text":"a\\udcffb"}', "text"),
+    ("Echo", b'{"text":"x","labels":{"k":"\\ud800"}}', "labels[k]"),
+    ("Echo", b'{"text":"x","labels":{"\\udcff":"v"}}', "labels[\\udcff]"),
+    ("Echo", b'{"text":"x","names":{"\\udcff":{}}}', "names[\\udcff]"),
+    ("Echo", b'{"text":"x","item":{"name":"n","tags":["ok","\\udfff"]}}', "item.tags[1]"),
+    ("Echo", b'{"text":"x","blob":{"a":[1,{"b":"\\udcff"}]}}', "blob[a][1][b]"),
+    ("Echo", b'{"text":"x","blob":{"\\udcff":1}}', "blob[\\udcff]"),
+    ("Echo", b'{"text":"x","\\udcff":1}', "\\udcff"),
+    ("org.varlink.service.GetInterfaceDescription", b'{"interface":"\\udcff"}', "interface"),
+]
+
+
+@pytest.mark.parametrize(("method", "parameters", "path"), SURROGATE_CASES)
+async def test_lone_surrogates_are_invalid_parameters(
+    client: Client, caplog: pytest.LogCaptureFixture, method: str, parameters: bytes, path: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="composefsd.service.transport")
+    full = (method if "." in method else T + method).encode()
+    await client.send(b'{"method":"' + full + b'","parameters":' + parameters + b"}\0")
+    reply, _ = await client.recv()
+    assert reply == {"error": INVALID, "parameters": {"parameter": path}}
+    assert not caplog.records
+    # A valid surrogate pair is one character, and fine.
+    await client.send(
+        b'{"method":"org.example.test.Echo","parameters":{"text":"\\ud83d\\ude00"}}\0'
+    )
+    assert (await client.recv())[0] == {"parameters": {"text": "\U0001f600"}}
+
+
+async def test_lone_surrogate_in_the_method_name_closes_the_connection(served: Harness) -> None:
+    client = await served.connect()
+    await client.send(b'{"method":"org.example.test.\\udcff"}\0')
     await client.assert_closed()
 
 
@@ -910,6 +1003,99 @@ async def test_message_size_limit(start: Start) -> None:
     await client.assert_closed()
 
 
+def _partial(text_size: int) -> bytes:
+    """The first bytes of an Echo call whose text goes on and on."""
+    return b'{"method":"org.example.test.Echo","parameters":{"text":"' + b"x" * text_size
+
+
+async def test_input_budget_closes_the_largest_holders(start: Start) -> None:
+    # Nobody privileged here: every connection may be closed.
+    harness = await start(
+        max_message_size=200 << 10, max_buffered_input=500 << 10, privileged_uids=frozenset()
+    )
+    server = harness.server
+    sizes = {"a": 150 << 10, "b": 180 << 10, "c": 100 << 10}
+    clients = {name: await harness.connect() for name in sizes}
+    held = 0
+    for name, size in sizes.items():
+        await clients[name].send(_partial(size))
+        held += len(_partial(size))
+        await wait_for(lambda: server.buffered_input == held)  # noqa: B023
+    # 120 KiB more is over the budget: the largest holder (b) goes.
+    d = await harness.connect()
+    await d.send(_partial(120 << 10))
+    await clients["b"].assert_closed()
+    await wait_for(lambda: server.connections == 3)
+    assert server.buffered_input == held - len(_partial(180 << 10)) + len(_partial(120 << 10))
+    for name in ("a", "c"):
+        await clients[name].send(b'"}}\0')
+        reply, _ = await clients[name].recv()
+        assert len(reply["parameters"]["text"]) == sizes[name]
+    await wait_for(lambda: server.buffered_input == len(_partial(120 << 10)))
+    d.close()
+    await wait_for(lambda: server.buffered_input == 0 and server.connections == 2)
+
+
+async def test_privileged_connections_are_closed_last(start: Start) -> None:
+    # Everyone is root here, so the largest holder still goes: privileged peers are
+    # spared only while someone unprivileged holds input (test_daemon_limits).
+    harness = await start(max_message_size=200 << 10, max_buffered_input=250 << 10)
+    a = await harness.connect()
+    await a.send(_partial(150 << 10))
+    await wait_for(lambda: harness.server.buffered_input > 0)
+    b = await harness.connect()
+    await b.send(_partial(110 << 10))
+    await a.assert_closed()
+    await b.send(b'"}}\0')
+    assert len((await b.recv())[0]["parameters"]["text"]) == 110 << 10
+
+
+async def test_queued_and_running_calls_count_as_held_input(start: Start) -> None:
+    harness = await start(max_message_size=100 << 10)
+    server = harness.server
+    client = await harness.connect()
+    sleep = encode_call(T + "Sleep", {"seconds": 30, "tag": "held"})
+    echo = encode_call(T + "Echo", {"text": "y" * (50 << 10)})
+    await client.send(sleep + echo)
+    assert await get(harness.impl.started) == "held"
+    await wait_for(lambda: server.buffered_input == len(sleep) + len(echo) - 2)
+    client.close()
+    await wait_for(lambda: server.buffered_input == 0 and server.calls_in_flight == 0)
+
+
+async def test_incomplete_message_times_out(start: Start) -> None:
+    harness = await start(message_timeout=0.2)
+    slow = await harness.connect()
+    await slow.send(_partial(10))
+    await slow.assert_closed()
+    await wait_for(lambda: harness.server.connections == 0)
+    # Messages that end are not held against the connection, however long it lives.
+    steady = await harness.connect()
+    for _ in range(3):
+        call = encode_call(T + "Echo", {"text": "steady"})
+        await steady.send(call[:10])
+        await steady.send(call[10:])
+        assert (await steady.recv())[0] == {"parameters": {"text": "steady"}}
+        await asyncio.sleep(0.15)
+    assert harness.server.connections == 1
+
+
+async def test_heap_is_trimmed_after_connections_holding_input_close(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(transport, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+    harness = await start()
+    clients = [await harness.connect() for _ in range(8)]
+    for c in clients:
+        await c.send(_partial(200 << 10))
+    await wait_for(lambda: harness.server.buffered_input >= 8 * (200 << 10), timeout=3)
+    assert not trims
+    for c in clients:
+        c.close()
+    await wait_for(lambda: len(trims) == 1)
+
+
 # Errors
 
 
@@ -1101,17 +1287,160 @@ async def test_connected_socket_mode_waits_for_a_oneway_call() -> None:
 
 
 async def test_connection_limit(start: Start) -> None:
-    harness = await start(max_connections=2)
+    # Privileged peers are never refused: here nobody is.
+    harness = await start(max_connections=2, privileged_uids=frozenset())
     a = await harness.connect()
     b = await harness.connect()
     await wait_for(lambda: harness.server.connections == 2)
     c = await harness.connect()
+    await c.send(encode_call(T + "Echo", {"text": "c"}))
+    reply, _ = await c.recv()
+    assert reply == {
+        "error": TOO_MANY,
+        "parameters": {"limit": 2, "message": "2 connections are open, at most 2 are allowed"},
+    }
     await c.assert_closed()
     assert (await a.call(T + "Echo", {"text": "a"}))["parameters"] == {"text": "a"}
     b.close()
     await wait_for(lambda: harness.server.connections == 1)
     d = await harness.connect()
     assert (await d.call(T + "Echo", {"text": "d"}))["parameters"] == {"text": "d"}
+
+
+async def test_connection_limit_per_uid(start: Start) -> None:
+    harness = await start(max_connections_per_uid=2, privileged_uids=frozenset())
+    kept = [await harness.connect() for _ in range(2)]
+    await wait_for(lambda: harness.server.connections == 2)
+    refused = await harness.connect()
+    # A call sent before the refusal arrives gets it as its reply.
+    await refused.send(encode_call(T + "Echo", {"text": "late"}))
+    reply, _ = await refused.recv()
+    assert reply["error"] == TOO_MANY
+    assert reply["parameters"] == {
+        "limit": 2,
+        "message": f"uid {os.getuid()} has 2 connections open, at most 2 are allowed",
+    }
+    await refused.assert_closed()
+    for c in kept:
+        assert (await c.call(T + "Echo", {"text": "kept"}))["parameters"] == {"text": "kept"}
+
+
+async def test_varlinkctl_reads_the_refusal(start: Start, reference_bin: Path) -> None:
+    harness = await start(max_connections_per_uid=1, privileged_uids=frozenset())
+    kept = await harness.connect()
+    await wait_for(lambda: harness.server.connections == 1)
+    proc = await asyncio.create_subprocess_exec(
+        str(reference_bin / "varlinkctl"),
+        "call",
+        f"unix:{harness.path}",
+        T + "Echo",
+        '{"text":"x"}',
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    assert TOO_MANY in err.decode(), err
+    assert json.loads(out)["limit"] == 1
+    assert (await kept.call(T + "Echo", {"text": "kept"}))["parameters"] == {"text": "kept"}
+
+
+async def test_privileged_peers_are_never_refused(start: Start) -> None:
+    # uid 0 (this test) is privileged by default: the limits are not for it.
+    harness = await start(max_connections_per_uid=1, max_connections=1)
+    clients = [await harness.connect() for _ in range(5)]
+    for i, c in enumerate(clients):
+        assert (await c.call(T + "Echo", {"text": str(i)}))["parameters"] == {"text": str(i)}
+    assert harness.server.connections == 5
+
+
+async def test_cheap_calls_do_not_wait_for_heavy_ones(start: Start) -> None:
+    harness = await start(heavy_methods=frozenset({T + "Sleep"}), heavy_workers=1)
+    first = await harness.connect()
+    await first.send(encode_call(T + "Sleep", {"seconds": 30, "tag": "first"}))
+    assert await get(harness.impl.started) == "first"
+    # The one heavy worker is busy: another heavy call waits for it...
+    second = await harness.connect()
+    await second.send(encode_call(T + "Sleep", {"seconds": 30, "tag": "second"}))
+    await wait_for(lambda: len(harness.server._heavy.waiting()) == 1)
+    # ...and cheap calls do not.
+    cheap = await harness.connect()
+    for i in range(20):
+        assert (await cheap.call(T + "Echo", {"text": str(i)}))["parameters"] == {"text": str(i)}
+    # A waiting call whose client leaves never runs.
+    second.close()
+    await wait_for(lambda: harness.server.calls_in_flight == 1)
+    first.close()
+    assert await get(harness.impl.ended) == ("first", "cancelled")
+    await wait_for(lambda: harness.server.calls_in_flight == 0)
+    assert harness.impl.started.empty()
+
+
+async def test_heavy_calls_per_uid(start: Start) -> None:
+    harness = await start(
+        heavy_methods=frozenset({T + "Sleep"}),
+        heavy_workers=2,
+        heavy_calls_per_uid=1,
+        privileged_uids=frozenset(),
+    )
+    one, two = await harness.connect(), await harness.connect()
+    await one.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "one"}))
+    await two.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "two"}))
+    # A heavy worker is free, but this uid has its one heavy call running.
+    assert await get(harness.impl.started) == "one"
+    await wait_for(lambda: len(harness.server._heavy.waiting()) == 1)
+    assert harness.impl.started.empty()
+    assert await get(harness.impl.ended) == ("one", "done")
+    assert await get(harness.impl.started) == "two"
+    for c in (one, two):
+        assert "slept" in (await c.recv())[0]["parameters"]
+
+
+async def test_shutdown_cancels_heavy_calls_still_waiting(start: Start) -> None:
+    harness = await start(heavy_methods=frozenset({T + "Sleep"}), heavy_workers=1)
+    running, waiting = await harness.connect(), await harness.connect()
+    await running.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "running"}))
+    assert await get(harness.impl.started) == "running"
+    await waiting.send(encode_call(T + "Sleep", {"seconds": 0.3, "tag": "waiting"}))
+    await wait_for(lambda: len(harness.server._heavy.waiting()) == 1)
+    await harness.server.shutdown(grace=5.0)
+    reply, _ = await waiting.recv()
+    assert reply["error"] == SYSTEM_ERROR and reply["parameters"]["errnoName"] == "ECANCELED"
+    assert "slept" in (await running.recv())[0]["parameters"]
+    assert harness.impl.started.empty()
+
+
+async def test_lanes_take_uids_in_turn() -> None:
+    """A uid with many waiting calls delays another uid's call by one turn at most."""
+    lane = transport._Lane("test", workers=1, per_uid=1, privileged=frozenset())
+    order: list[tuple[int, int]] = []
+    done = asyncio.Event()
+    jobs = [(1000, i) for i in range(5)] + [(2000, 0), (2000, 1), (3000, 0)]
+
+    def job(uid: int, i: int) -> Callable[[], None]:
+        def run() -> None:
+            order.append((uid, i))
+            if len(order) == len(jobs):
+                loop.call_soon_threadsafe(done.set)
+
+        return run
+
+    loop = asyncio.get_running_loop()
+    for uid, i in jobs:
+        call: Any = types.SimpleNamespace(conn=types.SimpleNamespace(peer=Peer(1, uid, uid)))
+        lane.submit(uid, call, job(uid, i), lambda: None)
+    await asyncio.wait_for(done.wait(), 10)
+    lane.shutdown()
+    assert order == [
+        (1000, 0),
+        (1000, 1),
+        (2000, 0),
+        (3000, 0),
+        (1000, 2),
+        (2000, 1),
+        (1000, 3),
+        (1000, 4),
+    ]
 
 
 async def test_idle_tracking(served: Harness) -> None:

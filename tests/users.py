@@ -9,7 +9,9 @@ and concurrent runs never touch each other's users.
 
 Processes run as such a user with :func:`run_as` (``subprocess`` with ``user=``,
 ``group=`` and ``extra_groups=``). They cannot enter pytest's ``tmp_path`` (0700,
-root's): give them directories made with :func:`public_dir`.
+root's): give them directories made with :func:`public_dir`. Nor, perhaps, run the
+test's own interpreter (it may live under /root): :func:`python` finds one they can
+run, for scripts that need only the standard library.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pwd
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +141,26 @@ def popen_as(user: TestUser, argv: Sequence[str], **kwargs: Any) -> subprocess.P
         env=env,
         **kwargs,
     )
+
+
+def others_can_run(path: str) -> bool:
+    """Whether users other than the owner can execute ``path`` (every directory on
+    the way searchable by others, the file executable by them)."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & 0o001:
+            return False
+        return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+    except OSError:
+        return False
+
+
+def python() -> str:
+    """A Python 3 interpreter the test users can run."""
+    for candidate in (sys.executable, shutil.which("python3") or "", "/usr/bin/python3"):
+        if candidate and others_can_run(candidate):
+            return candidate
+    raise RuntimeError("no Python interpreter other users can run")
 
 
 def public_dir(prefix: str = "cfsd-pub-") -> Path:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
+from composefsd.image.escape import printable
 from composefsd.kernel import MountError, parse_mapping, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
@@ -110,6 +111,12 @@ def _time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _say(text: str, file: TextIO | None = None) -> None:
+    """Print one line of human-readable output. Names in it come from callers, the
+    repository or the daemon: escaped, they cannot forge rows or drive the terminal."""
+    print(printable(text), file=sys.stdout if file is None else file)
+
+
 def _print_json(doc: Any, out: TextIO) -> None:
     json.dump(doc, out, indent=2, sort_keys=False)
     out.write("\n")
@@ -137,6 +144,7 @@ class _ProgressPrinter:
             text = f"{p.phase}: {count}"
         if p.detail:
             text += f" {p.detail}"
+        text = printable(text)
         if self.tty:
             pad = max(0, self.width - len(text))
             self.stream.write("\r" + text + " " * pad)
@@ -180,7 +188,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         algorithm=f"fsverity-{args.algorithm}-12",
         verity=VerityPolicy(args.verity),
     )
-    print(f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: {repo.verity})")
+    _say(f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: {repo.verity})")
     return 0
 
 
@@ -228,9 +236,9 @@ def _cmd_create_image(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(asdict(result), sys.stdout)
     else:
-        print(result.digest)
+        _say(result.digest)
         if args.verbose:
-            print(
+            _say(
                 f"{result.files} files, {result.objects_written} objects written "
                 f"({_size(result.bytes_written)}), {result.objects_reused} reused, "
                 f"{_size(result.bytes_total)} in objects, "
@@ -248,19 +256,19 @@ def _print_verify(report: VerifyReport, out: TextIO) -> None:
         )
         if report.no_verity:
             line += f", {len(report.no_verity)} without fs-verity"
-        print(line, file=out)
+        _say(line, file=out)
         return
-    print(f"{report.digest}: FAILED", file=out)
+    _say(f"{report.digest}: FAILED", file=out)
     for text in report.image_problems:
-        print(f"  image: {text}", file=out)
+        _say(f"  image: {text}", file=out)
     for digest in report.missing:
-        print(f"  missing object: {digest}", file=out)
+        _say(f"  missing object: {digest}", file=out)
     for digest, reason in report.corrupt:
-        print(f"  corrupt object: {digest}: {reason}", file=out)
+        _say(f"  corrupt object: {digest}: {reason}", file=out)
     if report.verity_required:
         for digest in report.no_verity:
-            print(f"  no fs-verity: {digest}", file=out)
-    print(
+            _say(f"  no fs-verity: {digest}", file=out)
+    _say(
         f"  ({report.objects_checked} objects checked, {len(report.missing)} missing, "
         f"{len(report.corrupt)} corrupt)",
         file=out,
@@ -295,10 +303,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _print_fsck(report: FsckReport, out: TextIO) -> None:
     for problem in report.problems:
         note = "" if problem.fatal else " (harmless)"
-        print(f"fsck: {problem.kind}: {problem.path}: {problem.message}{note}", file=out)
+        _say(f"fsck: {problem.kind}: {problem.path}: {problem.message}{note}", file=out)
     fatal = sum(1 for p in report.problems if p.fatal)
     verdict = "clean" if report.ok else f"{fatal} problem{'s' if fatal != 1 else ''}"
-    print(
+    _say(
         f"fsck: {report.objects_checked} objects ({report.verity_measured} measured by "
         f"fs-verity), {report.images_checked} images, {report.refs_checked} refs: {verdict}",
         file=out,
@@ -328,7 +336,7 @@ def _cmd_images(args: argparse.Namespace) -> int:
         return 0
     for e in entries:
         refs = ", ".join(e.refs) if e.refs else "-"
-        print(f"{e.digest}  {_size(e.size):>10}  {_time(e.created)}  {refs}")
+        _say(f"{e.digest}  {_size(e.size):>10}  {_time(e.created)}  {refs}")
     return 0
 
 
@@ -338,14 +346,14 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(asdict(d), sys.stdout)
         return 0
-    print(f"digest:            {d.digest}")
-    print(f"size:              {_size(d.size)} ({d.size} bytes)")
-    print(f"created:           {_time(d.created)}")
-    print(f"refs:              {', '.join(d.refs) if d.refs else '-'}")
-    print(f"composefs version: {d.composefs_version}")
-    print(f"objects:           {d.object_count} ({_size(d.objects_size)})")
-    print(f"entries:           {d.entries}")
-    print(f"fs-verity:         {'yes' if d.verity else 'no'}")
+    _say(f"digest:            {d.digest}")
+    _say(f"size:              {_size(d.size)} ({d.size} bytes)")
+    _say(f"created:           {_time(d.created)}")
+    _say(f"refs:              {', '.join(d.refs) if d.refs else '-'}")
+    _say(f"composefs version: {d.composefs_version}")
+    _say(f"objects:           {d.object_count} ({_size(d.objects_size)})")
+    _say(f"entries:           {d.entries}")
+    _say(f"fs-verity:         {'yes' if d.verity else 'no'}")
     return 0
 
 
@@ -374,7 +382,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         _print_json(asdict(result), sys.stdout)
         return 0
     verb = "would remove" if result.dry_run else "removed"
-    print(
+    _say(
         f"gc: {verb} {result.objects_removed} objects ({_size(result.bytes_removed)}), "
         f"{result.images_removed} images, {result.links_removed} dangling links"
     )
@@ -445,9 +453,9 @@ def _cmd_mount(args: argparse.Namespace) -> int:
             "none": "image digest not checked",
         }[mount.image_check]
         objects = "object verity enforced" if mount.object_verity else "object verity off"
-        print(f"mounted {mount.source} at {result['where']}: {checked}, {objects}")
+        _say(f"mounted {mount.source} at {result['where']}: {checked}, {objects}")
         for note in mount.notes:
-            print(f"  note: {note}")
+            _say(f"  note: {note}")
     return 0
 
 
@@ -456,7 +464,7 @@ def _cmd_unmount(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"where": gone.mountpoint, "digest": gone.digest}, sys.stdout)
     elif args.verbose:
-        print(f"unmounted {gone.source} from {gone.mountpoint}")
+        _say(f"unmounted {gone.source} from {gone.mountpoint}")
     return 0
 
 
@@ -482,19 +490,19 @@ def _cmd_mounts(args: argparse.Namespace) -> int:
         return 0
     for m in mounts:
         mode = "ro" if m.read_only else "rw"
-        print(f"{m.mountpoint}  {m.digest or m.source}  {mode}  verity={m.verity}")
+        _say(f"{m.mountpoint}  {m.digest or m.source}  {mode}  verity={m.verity}")
     return 0
 
 
 def _print_status(d: dict[str, Any], service: str) -> None:
-    print(f"repository:  {d['path']}")
-    print(f"algorithm:   {d['algorithm']}")
-    print(f"fs-verity:   {d['verity']}")
-    print(f"images:      {d['images']} ({d['refs']} ref{'s' if d['refs'] != 1 else ''})")
-    print(f"mounts:      {d['mounts']}")
+    _say(f"repository:  {d['path']}")
+    _say(f"algorithm:   {d['algorithm']}")
+    _say(f"fs-verity:   {d['verity']}")
+    _say(f"images:      {d['images']} ({d['refs']} ref{'s' if d['refs'] != 1 else ''})")
+    _say(f"mounts:      {d['mounts']}")
     if d.get("readOnlyReason"):
-        print(f"read-only:   {d['readOnlyReason']}")
-    print(f"service:     {service}")
+        _say(f"read-only:   {d['readOnlyReason']}")
+    _say(f"service:     {service}")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -598,9 +606,9 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(doc, sys.stdout)
     else:
-        print(doc["digest"])
+        _say(doc["digest"])
         if args.verbose:
-            print(
+            _say(
                 f"{doc['files']} files, {doc['objects_written']} objects written "
                 f"({_size(doc['bytes_written'])}), {doc['objects_reused']} reused, "
                 f"fs-verity: {'yes' if doc['verity_enabled'] else 'no'}",
@@ -640,18 +648,18 @@ def _print_verify_doc(d: dict[str, Any], out: TextIO) -> None:
         )
         if d["no_verity"]:
             line += f", {len(d['no_verity'])} without fs-verity"
-        print(line, file=out)
+        _say(line, file=out)
         return
-    print(f"{d['digest']}: FAILED", file=out)
+    _say(f"{d['digest']}: FAILED", file=out)
     for text in d["image_problems"]:
-        print(f"  image: {text}", file=out)
+        _say(f"  image: {text}", file=out)
     for digest in d["missing"]:
-        print(f"  missing object: {digest}", file=out)
+        _say(f"  missing object: {digest}", file=out)
     for c in d["corrupt"]:
-        print(f"  corrupt object: {c['digest']}: {c['reason']}", file=out)
+        _say(f"  corrupt object: {c['digest']}: {c['reason']}", file=out)
     for digest in d["no_verity"]:
-        print(f"  no fs-verity: {digest}", file=out)
-    print(
+        _say(f"  no fs-verity: {digest}", file=out)
+    _say(
         f"  ({d['objects_checked']} objects checked, {len(d['missing'])} missing, "
         f"{len(d['corrupt'])} corrupt)",
         file=out,
@@ -696,7 +704,7 @@ def _client_images(conn: Connection, args: argparse.Namespace) -> int:
         return 0
     for e in docs:
         refs = ", ".join(e["refs"]) if e["refs"] else "-"
-        print(f"{e['digest']}  {_size(e['size']):>10}  {_time(e['created'])}  {refs}")
+        _say(f"{e['digest']}  {_size(e['size']):>10}  {_time(e['created'])}  {refs}")
     return 0
 
 
@@ -710,7 +718,7 @@ def _report_removed(args: argparse.Namespace, refs: list[str]) -> None:
     if args.json:
         _print_json({"image": args.image, "removed_refs": refs}, sys.stdout)
     elif args.verbose:
-        print(f"removed image {args.image} (refs: {', '.join(refs) if refs else '-'})")
+        _say(f"removed image {args.image} (refs: {', '.join(refs) if refs else '-'})")
 
 
 def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
@@ -731,7 +739,7 @@ def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
         _print_json(doc, sys.stdout)
         return 0
     verb = "would remove" if doc["dry_run"] else "removed"
-    print(
+    _say(
         f"gc: {verb} {doc['objects_removed']} objects ({_size(doc['bytes_removed'])}), "
         f"{doc['images_removed']} images, {doc['links_removed']} dangling links"
     )
@@ -798,7 +806,7 @@ def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
         }.get(reply["imageCheck"], f"image check: {reply['imageCheck']}")
         objects = "object verity enforced" if reply["objectVerity"] else "object verity off"
         how = " (attached here)" if args.fd_attach else ""
-        print(f"mounted composefs:{digest} at {where}{how}: {checked}, {objects}")
+        _say(f"mounted composefs:{digest} at {where}{how}: {checked}, {objects}")
     return 0
 
 
@@ -811,7 +819,7 @@ def _client_unmount(conn: Connection, args: argparse.Namespace) -> int:
         _print_json({"where": params["where"], "digest": digest}, sys.stdout)
     elif args.verbose:
         what = f"composefs:{digest}" if digest else "composefs"
-        print(f"unmounted {what} from {params['where']}")
+        _say(f"unmounted {what} from {params['where']}")
     return 0
 
 
@@ -834,7 +842,7 @@ def _client_mounts(conn: Connection, args: argparse.Namespace) -> int:
         return 0
     for m in docs:
         mode = "ro" if m["readOnly"] else "rw"
-        print(f"{m['mountpoint']}  {m['digest'] or m['source']}  {mode}  verity={m['verity']}")
+        _say(f"{m['mountpoint']}  {m['digest'] or m['source']}  {mode}  verity={m['verity']}")
     return 0
 
 
@@ -1177,12 +1185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Usage as exc:
         command_parser.error(str(exc))
     except _Unreachable as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
         return EXIT_UNREACHABLE
     except VarlinkCallError as exc:
         return _error(_call_error_text(exc))
     except VarlinkClientError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
         return EXIT_UNREACHABLE
     except (_Failed, RepositoryError, MountError) as exc:
         return _error(str(exc))
@@ -1212,7 +1220,7 @@ def _os_error_text(exc: OSError) -> str:
 
 
 def _error(message: str) -> int:
-    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.write(f"{PROG}: error: {printable(message)}\n")
     return 1
 
 

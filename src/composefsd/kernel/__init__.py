@@ -3,7 +3,8 @@ devices, user namespaces, and the composefs mount logic built on them.
 
 This package is the only place in composefsd that uses ctypes or raw syscalls
 (:mod:`~composefsd.kernel.syscalls`, :mod:`~composefsd.kernel.loop`,
-:mod:`~composefsd.kernel.userns`). :mod:`~composefsd.kernel.mount` mounts images;
+:mod:`~composefsd.kernel.userns`, and :mod:`~composefsd.kernel.memory` for the C
+library's heap). :mod:`~composefsd.kernel.mount` mounts images;
 :mod:`~composefsd.kernel.mountinfo` finds the active composefs mounts.
 """
 

@@ -18,7 +18,11 @@ image created without a ref is removed by the next GC unless it is pinned.
 
 Ref names are ``/``-separated paths under ``images/refs/``; no component may be
 empty or start with ``.`` (so ``.`` and ``..`` and our temporary names are out).
-A leading ``refs/`` is accepted and dropped.
+A leading ``refs/`` is accepted and dropped. A name is at most
+:data:`REF_MAX_BYTES` bytes of UTF-8 in at most :data:`REF_MAX_COMPONENTS`
+components of at most 255 bytes each, and holds no control character (C0, DEL,
+C1) and no lone surrogate: names end up in listings, logs and terminals, where
+a newline would forge a row and an escape sequence would drive the terminal.
 
 CreateImage from a directory (:func:`create_from_directory`) gives the image C
 ``mkcomposefs --digest-store`` gives for the same tree and options, and the same
@@ -46,6 +50,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -97,6 +102,8 @@ if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
 
 __all__ = [
+    "REF_MAX_BYTES",
+    "REF_MAX_COMPONENTS",
     "SYMLINK_TMP_PREFIX",
     "CreateOptions",
     "CreateResult",
@@ -127,7 +134,12 @@ _S_IFMT = 0o170000
 _S_IFREG = stat.S_IFREG
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NAME_MAX = 255
-_REF_MAX = 4000
+#: Longest ref name, in bytes of UTF-8 (``refs/`` excluded).
+REF_MAX_BYTES = 1024
+#: Most ``/``-separated components in a ref name (each one is a directory level).
+REF_MAX_COMPONENTS = 64
+# C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(slots=True, frozen=True)
@@ -249,17 +261,39 @@ def split_digest_prefix(name: str, algorithm: Algorithm, what: str) -> tuple[str
     return rest.lower(), True
 
 
+def _shown(name: str) -> str:
+    """``name`` quoted and escaped for a message, cut short if it is long."""
+    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+
+
 def normalize_ref(name: str) -> str:
-    """Check a ref name and drop a leading ``refs/``; :class:`InvalidNameError` if bad."""
+    """Check a ref name (module notes) and drop a leading ``refs/``;
+    :class:`InvalidNameError` if bad."""
     if not isinstance(name, str) or not name:
         raise InvalidNameError("a ref name must be a non-empty string")
     ref = name[5:] if name.startswith("refs/") else name
-    if not ref or len(ref) > _REF_MAX or "\0" in ref:
+    if not ref:
         raise InvalidNameError(f"invalid ref name {name!r}")
-    for part in ref.split("/"):
+    try:
+        size = len(ref.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidNameError(f"invalid ref name {_shown(name)}: not valid Unicode") from None
+    if _CONTROL.search(ref):
+        raise InvalidNameError(f"invalid ref name {_shown(name)}: control characters")
+    parts = ref.split("/")
+    if len(parts) > REF_MAX_COMPONENTS:
+        raise InvalidNameError(
+            f"invalid ref name {_shown(name)}: {len(parts)} components, "
+            f"at most {REF_MAX_COMPONENTS}"
+        )
+    if size > REF_MAX_BYTES:
+        raise InvalidNameError(
+            f"invalid ref name {_shown(name)}: {size} bytes, at most {REF_MAX_BYTES}"
+        )
+    for part in parts:
         if not part or part.startswith(".") or len(part.encode()) > _NAME_MAX:
             raise InvalidNameError(
-                f"invalid ref name {name!r}: components must be non-empty, at most "
+                f"invalid ref name {_shown(name)}: components must be non-empty, at most "
                 f"{_NAME_MAX} bytes, and must not start with '.'"
             )
     return ref

@@ -398,13 +398,20 @@ class Repository:
         return remove_image(self, name_or_digest)
 
     # -- checks -----------------------------------------------------------------------------
-    def verify_image(self, name: str, *, progress: ProgressCallback | None = None) -> VerifyReport:
-        """Check one image and every object it uses (:mod:`composefsd.repository.verify`)."""
+    def verify_image(
+        self,
+        name: str,
+        *,
+        progress: ProgressCallback | None = None,
+        workers: int | None = None,
+    ) -> VerifyReport:
+        """Check one image and every object it uses (:mod:`composefsd.repository.verify`);
+        ``workers`` caps the hashing processes (default: one per CPU)."""
         from composefsd.repository.verify import verify_image
 
         with reader_lock(self.path):
             digest = self.resolve_image(name)
-            return verify_image(self, digest, progress=progress)
+            return verify_image(self, digest, progress=progress, workers=workers)
 
     def fsck(self, *, progress: ProgressCallback | None = None) -> FsckReport:
         """Check the whole repository (:mod:`composefsd.repository.fsck`)."""

@@ -407,10 +407,29 @@ class Connection:
             self._abort()
             raise VarlinkTimeout(f"{self.address}: timed out sending the call") from None
         except OSError as exc:
+            refusal = self._refusal() if exc.errno in (errno.EPIPE, errno.ECONNRESET) else None
             self._abort()
+            if refusal is not None:
+                raise refusal from None
             raise VarlinkDisconnected(
                 f"{self.address}: cannot send: {exc.strerror or exc}"
             ) from None
+
+    def _refusal(self) -> VarlinkCallError | None:
+        """The error a server sent before closing without reading the call, if it did
+        (composefsd refusing a connection: TooManyConnections)."""
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.settimeout(0)
+            data = sock.recv(_RECV_SIZE)
+            doc = json.loads(data.partition(b"\0")[0])
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+            return None
+        params = doc.get("parameters")
+        return VarlinkCallError(doc["error"], params if isinstance(params, dict) else {})
 
     def _read_message(self, timeout: float | None, method: str) -> tuple[bytes, list[int]]:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -4,7 +4,7 @@
 
     composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
                [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
-               [--runtime-dir DIR]
+               [--runtime-dir DIR] [limits]
 
 * **Repository**: ``--repo``, else ``$COMPOSEFSD_REPOSITORY``, else
   ``/sysroot/composefs`` for root and ``~/.var/lib/composefs`` otherwise; created
@@ -28,6 +28,15 @@
   (CreateImage, Mount, Unmount, RemoveImage, GarbageCollect) needs uid 0, the
   daemon's own uid, or membership (primary or supplementary) of ``--group``.
   Refused calls get ``org.varlink.service.PermissionDenied``.
+* **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
+  ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
+  ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
+  and ``--heavy-calls-per-uid``. The heavy methods are Verify, CreateImage and
+  GarbageCollect. Root and the daemon's own uid are the privileged uids (never
+  refused a connection, closed last for holding input, not limited per uid). The
+  soft limit on open files is raised to the hard one at start (the unit sets
+  ``LimitNOFILE``), and ``--max-connections`` is lowered to leave 256 of them
+  for everything else, so that the file limit is never what locks root out.
 * **Life cycle**: sd_notify ``READY=1`` once serving, ``STOPPING=1`` when SIGTERM
   or SIGINT arrives; running calls then get up to 10 s to finish and are
   cancelled after that (long operations stop at their next progress point and
@@ -52,6 +61,7 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -64,6 +74,7 @@ from typing import Any
 from varlink.server import Service as VarlinkService
 
 import composefsd
+from composefsd.image.escape import printable
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.service.activation import listen_unix, notify, sockets_from_environment
 from composefsd.service.context import Peer
@@ -75,9 +86,20 @@ from composefsd.service.runtime import (
     default_runtime_dir,
     default_socket_path,
 )
-from composefsd.service.transport import Server
+from composefsd.service.transport import (
+    DEFAULT_HEAVY_CALLS_PER_UID,
+    DEFAULT_HEAVY_WORKERS,
+    DEFAULT_MAX_BUFFERED_INPUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_UID,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MESSAGE_TIMEOUT,
+    DEFAULT_WORKERS,
+    DEFAULT_WORKERS_PER_UID,
+    Server,
+)
 
-__all__ = ["READ_ONLY_METHODS", "Authorization", "main"]
+__all__ = ["HEAVY_METHODS", "READ_ONLY_METHODS", "Authorization", "main"]
 
 log = logging.getLogger("composefsd")
 
@@ -86,8 +108,13 @@ IDL_DIR = Path(__file__).resolve().parent
 READ_ONLY_METHODS = frozenset(
     f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")
 )
+#: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
+HEAVY_METHODS = frozenset(f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect"))
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
+#: Open files kept out of --max-connections' reach: listening sockets, privileged
+#: connections, worker pipes, the repository's files.
+_FD_RESERVE = 256
 
 
 class _StartupError(Exception):
@@ -131,7 +158,17 @@ _PRIORITY = {
 }
 
 
-class _JournalFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Escapes the message with :func:`~composefsd.image.escape.printable`: names in
+    it come from callers and the repository, and a newline in one must not forge a
+    log entry. Tracebacks, added after the message, keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+class _JournalFormatter(_Formatter):
     """``<priority>message``: journald reads the priority off the prefix and stamps
     the time itself."""
 
@@ -148,7 +185,7 @@ def _setup_logging(level: str) -> None:
         handler.setFormatter(_JournalFormatter("%(message)s"))
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s composefsd[%(process)d] %(levelname)s: %(message)s")
+            _Formatter("%(asctime)s composefsd[%(process)d] %(levelname)s: %(message)s")
         )
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -178,6 +215,103 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _bytes(text: str) -> int:
+    """A size in bytes, with an optional K, M or G (binary) suffix."""
+    number, unit = text[:-1], text[-1:].upper()
+    if unit.isdigit():
+        number, unit = text, ""
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return _count(number) * _UNITS[unit]
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "limits",
+        "what one local user may take of the service (root and the daemon's uid "
+        "are exempt from the per-uid ones)",
+    )
+    g.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help=f"connections of unprivileged peers in all (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    g.add_argument(
+        "--max-connections-per-uid",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_MAX_CONNECTIONS_PER_UID,
+        help=f"connections of one uid (default {DEFAULT_MAX_CONNECTIONS_PER_UID})",
+    )
+    g.add_argument(
+        "--max-message-size",
+        metavar="BYTES",
+        type=_bytes,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help=f"longest call; K, M, G suffixes (default {DEFAULT_MAX_MESSAGE_SIZE >> 10}K)",
+    )
+    g.add_argument(
+        "--max-buffered-input",
+        metavar="BYTES",
+        type=_bytes,
+        default=DEFAULT_MAX_BUFFERED_INPUT,
+        help="input held across all connections before the largest holders are "
+        f"disconnected (default {DEFAULT_MAX_BUFFERED_INPUT >> 20}M)",
+    )
+    g.add_argument(
+        "--message-timeout",
+        metavar="SEC",
+        type=_seconds,
+        default=DEFAULT_MESSAGE_TIMEOUT,
+        help="disconnect a peer whose message stays incomplete this long "
+        f"(default {DEFAULT_MESSAGE_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--workers",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_WORKERS,
+        help=f"threads for calls other than the heavy ones (default {DEFAULT_WORKERS})",
+    )
+    g.add_argument(
+        "--workers-per-uid",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_WORKERS_PER_UID,
+        help=f"of those, at most this many for one uid (default {DEFAULT_WORKERS_PER_UID})",
+    )
+    g.add_argument(
+        "--heavy-workers",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_HEAVY_WORKERS,
+        help="threads for Verify, CreateImage and GarbageCollect "
+        f"(default {DEFAULT_HEAVY_WORKERS})",
+    )
+    g.add_argument(
+        "--heavy-calls-per-uid",
+        metavar="N",
+        type=_count,
+        default=DEFAULT_HEAVY_CALLS_PER_UID,
+        help=f"of those, at most this many for one uid (default {DEFAULT_HEAVY_CALLS_PER_UID})",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -226,8 +360,49 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where pins of handed-out mounts are kept (default /run/composefsd for root)",
     )
+    _add_limits(p)
     p.add_argument("--version", action="version", version=f"composefsd {composefsd.__version__}")
     return p
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def _server(service: Any, authorize: Authorization, args: argparse.Namespace) -> Server:
+    files = _raise_fd_limit()
+    max_connections = args.max_connections
+    if files != resource.RLIM_INFINITY and max_connections > files - _FD_RESERVE:
+        max_connections = max(1, files - _FD_RESERVE)
+        log.warning(
+            "at most %d connections (not %d): the open file limit is %d",
+            max_connections,
+            args.max_connections,
+            files,
+        )
+    return Server(
+        service,
+        authorize=authorize,
+        max_message_size=args.max_message_size,
+        max_connections=max_connections,
+        max_connections_per_uid=args.max_connections_per_uid,
+        max_buffered_input=args.max_buffered_input,
+        message_timeout=args.message_timeout,
+        workers=args.workers,
+        workers_per_uid=args.workers_per_uid,
+        heavy_methods=HEAVY_METHODS,
+        heavy_workers=args.heavy_workers,
+        heavy_calls_per_uid=args.heavy_calls_per_uid,
+        privileged_uids=frozenset({0, os.geteuid()}),
+    )
 
 
 def _group(text: str | None) -> int | None:
@@ -407,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("serving %r (verity %s)", str(repo.path), repo.verity.value)
 
     authorize = Authorization(os.geteuid(), group, args.restrict_read)
-    server = Server(service, authorize=authorize)
+    server = _server(service, authorize, args)
     try:
         return asyncio.run(_serve(server, sockets, args.idle_timeout))
     except KeyboardInterrupt:

@@ -38,7 +38,8 @@ Behaviour beyond the IDL text:
   and ``workDirectory`` must be absolute.
 * **Verify** without ``image`` checks the images listed when it starts, oldest
   first, and sends one result reply per image (images removed meanwhile are
-  skipped); with no images at all the one final reply is empty.
+  skipped); with no images at all the one final reply is empty. Each call hashes
+  in at most :attr:`RepositoryInterface.verify_workers` processes.
 * **RemoveImage** refuses with ``ImageInUse`` while the image is mounted in any
   mount namespace or pinned by a detached mount; ``where`` lists mount points
   (namespace-qualified when not composefsd's) and ``detached mount N`` entries.
@@ -82,7 +83,7 @@ from composefsd.repository import (
     VerityRequiredError,
 )
 from composefsd.repository.images import is_hex_digest, iter_refs, normalize_ref
-from composefsd.repository.verify import VerifyReport
+from composefsd.repository.verify import VerifyReport, default_workers
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
 from composefsd.service.sourcescan import scan_as
@@ -365,6 +366,9 @@ class RepositoryInterface:
     heartbeat: float = 5.0
     #: Most entries a tree scanned with a caller's rights (not ours) may have.
     max_source_entries: int | None = 1_000_000
+    #: Hashing processes one Verify may use: half the CPUs, so that the Verify calls
+    #: the transport lets one uid run cannot take all of them.
+    verify_workers: int = max(1, default_workers() // 2)
 
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
@@ -489,7 +493,9 @@ class RepositoryInterface:
         repo = self.repo
         if image is not None:
             with self._reporter(ctx) as report, _mapped(image=image):
-                return _verify_result(repo.verify_image(image, progress=report))
+                return _verify_result(
+                    repo.verify_image(image, progress=report, workers=self.verify_workers)
+                )
         if not ctx.more:
             raise VarlinkReplyError(_EXPECTED_MORE)
         with _mapped():
@@ -504,7 +510,9 @@ class RepositoryInterface:
                     pending = None
                 try:
                     with _mapped(image=digest):
-                        pending = _verify_result(repo.verify_image(digest, progress=report))
+                        pending = _verify_result(
+                            repo.verify_image(digest, progress=report, workers=self.verify_workers)
+                        )
                 except VarlinkReplyError as exc:
                     if exc.name != f"{INTERFACE}.NoSuchImage":
                         raise

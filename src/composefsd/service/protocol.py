@@ -10,7 +10,9 @@ came with them) and hands back complete messages with their fds. It enforces a
 size limit and an fd limit, and refuses fds that arrive in the middle of a
 message. :func:`parse_call` turns one message into a :class:`Call`, refusing
 anything the specification says must close the connection (invalid JSON, a
-missing ``method``, wrongly typed or conflicting flags, unknown header keys).
+missing ``method``, wrongly typed or conflicting flags, unknown header keys),
+and JSON nested deeper than :data:`MAX_DEPTH` (checked before decoding: Python's
+decoder recurses once per level and would hit the interpreter's recursion limit).
 The ``encode_*`` functions build replies and calls, NUL included.
 
 Every violation raises :class:`ProtocolError`; the transport's answer to it is to
@@ -19,13 +21,17 @@ close the connection.
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Final
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_FDS",
     "MAX_MESSAGE_SIZE",
     "Call",
@@ -36,6 +42,7 @@ __all__ = [
     "encode_call",
     "encode_error",
     "encode_reply",
+    "json_depth",
     "parse_call",
     "parse_reply",
 ]
@@ -44,6 +51,9 @@ __all__ = [
 MAX_MESSAGE_SIZE: Final = 16 << 20
 #: Most fds accepted with one message.
 MAX_FDS: Final = 16
+#: Deepest nesting of JSON arrays and objects accepted in a message. Varlink's own
+#: envelope takes two levels; the deepest io.composefs.Repository value four more.
+MAX_DEPTH: Final = 64
 
 
 class ProtocolError(Exception):
@@ -72,29 +82,29 @@ class Decoder:
     ``feed(data, fds)`` takes one read: the fds must arrive with the first byte of
     a message (the read must not continue a partial message) and belong to the
     first message that starts in ``data``. The decoder owns the fds of a partial
-    message until it is complete; :meth:`discard` gives them back.
+    message until it is complete; :meth:`discard` gives them back. A partial
+    message is kept in one ``bytearray`` that grows in place, not as a list of
+    chunks, so that a server holding many of them does not fragment its heap.
     """
 
-    __slots__ = ("_broken", "_buf", "_buf_len", "_fds", "max_fds", "max_message_size")
+    __slots__ = ("_broken", "_buf", "_fds", "max_fds", "max_message_size")
 
     def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE, max_fds: int = MAX_FDS) -> None:
         self.max_message_size = max_message_size
         self.max_fds = max_fds
-        self._buf: list[bytes] = []
-        self._buf_len = 0
+        self._buf = bytearray()
         self._fds: list[int] = []
         self._broken = False
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete message held."""
-        return self._buf_len
+        return len(self._buf)
 
     def discard(self) -> list[int]:
         """Drop any partial message; returns its fds (the caller closes them)."""
         fds, self._fds = self._fds, []
-        self._buf = []
-        self._buf_len = 0
+        self._buf = bytearray()
         return fds
 
     def _fail(self, message: str, fds: Sequence[int], out: list[Message]) -> ProtocolError:
@@ -104,8 +114,7 @@ class Decoder:
         for msg in out:
             owned.update(msg.fds)
         self._fds = []
-        self._buf = []
-        self._buf_len = 0
+        self._buf = bytearray()
         return ProtocolError(message, sorted(owned))
 
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
@@ -114,8 +123,9 @@ class Decoder:
         out: list[Message] = []
         if self._broken:
             raise ProtocolError("the stream already failed", fds)
+        buf = self._buf
         if fds:
-            if self._buf_len:
+            if buf:
                 raise self._fail("file descriptors arrived in the middle of a message", fds, out)
             if len(fds) > self.max_fds:
                 raise self._fail(
@@ -126,36 +136,36 @@ class Decoder:
             if not data:
                 raise self._fail("file descriptors without data", fds, out)
         limit = self.max_message_size
-        parts = data.split(b"\0")
-        tail = parts.pop()
-        if parts:
-            first = parts[0]
-            if self._buf:
-                self._buf.append(first)
-                first = b"".join(self._buf)
-                first_fds = self._fds
-                self._buf = []
-                self._buf_len = 0
-                self._fds = []
-            else:
-                first_fds = list(fds)
-            out.append(Message(first, first_fds))
-            if len(first) > limit:
-                raise self._fail(self._too_long(len(first)), fds, out)
-            for part in parts[1:]:
-                if len(part) > limit:
-                    raise self._fail(self._too_long(len(part)), fds, out)
-                out.append(Message(part))
-            if tail:
-                self._buf = [tail]
-                self._buf_len = len(tail)
-        elif tail:
-            if not self._buf:
-                self._fds = list(fds)
-            self._buf.append(tail)
-            self._buf_len += len(tail)
-        if self._buf_len > limit:
-            raise self._fail(self._too_long(self._buf_len), fds, out)
+        end = data.find(b"\0")
+        if end < 0:
+            if data:
+                if len(buf) + len(data) > limit:
+                    raise self._fail(self._too_long(len(buf) + len(data)), fds, out)
+                if not buf:
+                    self._fds = list(fds)
+                buf += data
+            return out
+        if buf:
+            if len(buf) + end > limit:
+                raise self._fail(self._too_long(len(buf) + end), fds, out)
+            buf += memoryview(data)[:end]
+            out.append(Message(bytes(buf), self._fds))
+            self._buf = bytearray()
+            self._fds = []
+        else:
+            out.append(Message(data[:end], list(fds)))
+            if end > limit:
+                raise self._fail(self._too_long(end), fds, out)
+        start = end + 1
+        while (end := data.find(b"\0", start)) >= 0:
+            if end - start > limit:
+                raise self._fail(self._too_long(end - start), fds, out)
+            out.append(Message(data[start:end]))
+            start = end + 1
+        if start < len(data):
+            if len(data) - start > limit:
+                raise self._fail(self._too_long(len(data) - start), fds, out)
+            self._buf = bytearray(memoryview(data)[start:])
         return out
 
     def _too_long(self, size: int) -> str:
@@ -181,7 +191,27 @@ _CALL_KEYS: Final = frozenset({"method", "parameters", "oneway", "more", "upgrad
 _REPLY_KEYS: Final = frozenset({"parameters", "continues", "error"})
 
 
-def _loads(data: bytes) -> Any:
+# A JSON string, escapes included: what to skip when counting brackets.
+_JSON_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS: Final = bytes(range(256)).translate(None, b"[]{}")
+# Opening brackets become 1, closing ones -1 as signed bytes.
+_BRACKET_SIGN: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def json_depth(data: bytes, limit: int) -> int:
+    """How deeply the JSON text ``data`` nests arrays and objects, or any number up
+    to ``limit`` when it cannot nest deeper than that. Exact for valid JSON; what it
+    says of invalid JSON does not matter (the decoder refuses it anyway)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return 0
+    signs = _JSON_STRING.sub(b"", data).translate(_BRACKET_SIGN, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", signs)), default=0)
+
+
+def _loads(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    depth = json_depth(data, max_depth)
+    if depth > max_depth:
+        raise ProtocolError(f"JSON nested {depth} levels deep (at most {max_depth})")
     try:
         return _DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -197,14 +227,19 @@ def _flag(obj: dict[str, Any], key: str) -> bool:
     return value
 
 
-def parse_call(data: bytes) -> Call:
+def parse_call(data: bytes, max_depth: int = MAX_DEPTH) -> Call:
     """The call in one message (NUL stripped); :class:`ProtocolError` if it is not one."""
-    obj = _loads(data)
+    obj = _loads(data, max_depth)
     if type(obj) is not dict:
         raise ProtocolError("a call must be a JSON object")
     method = obj.get("method")
     if type(method) is not str or not method:
         raise ProtocolError("a call needs a 'method' string")
+    if not method.isascii():
+        try:
+            method.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("the method name holds a lone surrogate") from None
     params = obj.get("parameters")
     if params is None:
         params = {}

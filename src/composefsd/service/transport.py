@@ -29,6 +29,32 @@ become their error replies, anything else ``io.composefs.Repository.SystemError`
 A client that disconnects has its running call's ``ctx.cancelled`` set (oneway
 calls excepted) and its queued calls dropped. A client that only shuts down its
 sending side still gets the replies to what it sent.
+
+Limits, so that one local user cannot take the service from the others (the
+defaults are the ``DEFAULT_*`` constants; uids in ``privileged_uids``, root by
+default, are exempt where noted):
+
+* **Input.** A message longer than ``max_message_size`` closes the connection. A
+  connection stops being read while it holds ``max_message_size`` bytes or 64
+  calls not yet started. The input held across all connections (partial
+  messages, queued calls, calls running) is kept under ``max_buffered_input``:
+  past it, the connection holding the most is closed, privileged ones last. A
+  connection whose message stays incomplete for ``message_timeout`` seconds is
+  closed. Input is kept in one ``bytearray`` per connection, and after
+  connections holding input have gone the heap is trimmed
+  (:func:`~composefsd.kernel.memory.trim_heap`), so the memory is given back.
+* **Connections.** At most ``max_connections_per_uid`` per uid and
+  ``max_connections`` in all for unprivileged peers; privileged ones are always
+  accepted. A refused peer gets one ``io.composefs.Repository.TooManyConnections``
+  error (read as the reply to its first call) and is disconnected; refusals are
+  logged at most once per ten seconds and uid.
+* **Work.** Calls run in two lanes of worker threads: ``heavy_methods`` in
+  ``heavy_workers`` threads, at most ``heavy_calls_per_uid`` of them for one
+  uid; everything else in ``workers`` threads, at most ``workers_per_uid`` for
+  one uid. Each lane takes the uids with waiting calls in turn, so a uid that
+  floods a lane waits behind its own calls only, and cheap calls never wait for
+  heavy ones. (Parsing, authorization and validation of a heavy call run in the
+  other lane; only the method itself waits for a heavy worker.)
 """
 
 from __future__ import annotations
@@ -42,14 +68,16 @@ import select
 import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Final
 
 from varlink.error import VarlinkError
 from varlink.server import Service as VarlinkService
 
+from composefsd.kernel.memory import trim_heap
 from composefsd.service.activation import is_listening
 from composefsd.service.context import (
     CallCancelled,
@@ -60,6 +88,8 @@ from composefsd.service.context import (
 )
 from composefsd.service.fds import close_all
 from composefsd.service.protocol import (
+    MAX_DEPTH,
+    Call,
     Decoder,
     Message,
     ProtocolError,
@@ -70,10 +100,20 @@ from composefsd.service.protocol import (
 from composefsd.service.validate import INVALID_PARAMETER, InterfaceValidator, InvalidParameter
 
 __all__ = [
+    "DEFAULT_HEAVY_CALLS_PER_UID",
+    "DEFAULT_HEAVY_WORKERS",
+    "DEFAULT_MAX_BUFFERED_INPUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_UID",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MESSAGE_TIMEOUT",
+    "DEFAULT_WORKERS",
+    "DEFAULT_WORKERS_PER_UID",
     "INTERFACE_NOT_FOUND",
     "METHOD_NOT_FOUND",
     "PERMISSION_DENIED",
     "SYSTEM_ERROR",
+    "TOO_MANY_CONNECTIONS",
     "Authorizer",
     "Server",
 ]
@@ -83,13 +123,35 @@ log = logging.getLogger(__name__)
 Authorizer = Callable[[Peer, str], bool]
 
 SYSTEM_ERROR: Final = "io.composefs.Repository.SystemError"
+TOO_MANY_CONNECTIONS: Final = "io.composefs.Repository.TooManyConnections"
 INTERFACE_NOT_FOUND: Final = "org.varlink.service.InterfaceNotFound"
 METHOD_NOT_FOUND: Final = "org.varlink.service.MethodNotFound"
 PERMISSION_DENIED: Final = "org.varlink.service.PermissionDenied"
 
+#: The largest call io.composefs.Repository needs is a Mount with full uid and gid
+#: maps (340 extents each) and three paths: about 60 KiB.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 256 << 10
+DEFAULT_MAX_BUFFERED_INPUT: Final = 32 << 20
+#: Seconds a message may stay incomplete.
+DEFAULT_MESSAGE_TIMEOUT: Final = 20.0
+#: sd-varlink's limit on connections per server.
+DEFAULT_MAX_CONNECTIONS: Final = 4096
+DEFAULT_MAX_CONNECTIONS_PER_UID: Final = 128
+DEFAULT_WORKERS: Final = 8
+DEFAULT_WORKERS_PER_UID: Final = 4
+DEFAULT_HEAVY_WORKERS: Final = 2
+DEFAULT_HEAVY_CALLS_PER_UID: Final = 1
+
 _RECV_SIZE: Final = 1 << 16
 #: Stop reading from a connection with this many calls queued; resume at half.
 _MAX_QUEUED: Final = 64
+#: Trim the heap once this much input was dropped with connections since the last trim.
+_TRIM_AFTER: Final = 1 << 20
+#: Seconds between two heap trims at most, so that a stream of drops costs little.
+_TRIM_INTERVAL: Final = 1.0
+#: Input drained from a refused connection before closing it, so that closing with
+#: unread data does not turn the peer's read of the refusal into ECONNRESET.
+_REFUSAL_DRAIN: Final = 1 << 16
 _SEND_FLAGS: Final = socket.MSG_NOSIGNAL
 _Outcome = tuple[bytes, list[int]] | None
 #: The outcome that closes the connection (compared by identity).
@@ -169,16 +231,188 @@ class _Target:
         self.direct = True
 
 
+def _stopping_reply() -> tuple[bytes, list[int]]:
+    """The outcome of a call dropped because the service stops before it could run."""
+    return _error_reply(
+        SYSTEM_ERROR, {"message": "the service is stopping", "errnoName": "ECANCELED"}
+    ), []
+
+
+class _LogLimit:
+    """Logs one message per key at most every ``interval`` seconds, and says how
+    many it held back in between (a flood of refusals must not flood the journal)."""
+
+    __slots__ = ("_due", "interval")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._due: dict[Hashable, tuple[float, int]] = {}
+
+    def __call__(self, key: Hashable, level: int, message: str, *args: object) -> None:
+        now = time.monotonic()
+        due, held = self._due.get(key, (0.0, 0))
+        if now < due:
+            self._due[key] = (due, held + 1)
+            return
+        if held:
+            message += " (and %d more like it)"
+            args = (*args, held)
+        log.log(level, message, *args)
+        if len(self._due) > 4096:
+            self._due = {k: v for k, v in self._due.items() if v[0] > now}
+        self._due[key] = (now + self.interval, 0)
+
+
 class _Call:
     """A call between its start on the loop and its outcome coming back."""
 
-    __slots__ = ("cancelled", "conn", "oneway")
+    __slots__ = ("cancelled", "conn", "oneway", "size")
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, size: int) -> None:
         self.conn = conn
         self.cancelled = threading.Event()
         #: Set by the worker once the envelope is parsed.
         self.oneway = False
+        #: Bytes of the message, counted as input held until the call ends.
+        self.size = size
+
+
+@dataclass(slots=True, frozen=True)
+class _Job:
+    """A call waiting in a :class:`_Lane`."""
+
+    call: _Call
+    run: Callable[[], None]
+    #: Releases what the call holds (its fds) if it is dropped without running.
+    discard: Callable[[], None]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A call parsed, authorized and validated, ready for its method."""
+
+    envelope: Call
+    target: _Target
+    ctx: CallContext
+    data: bytes
+
+
+class _Lane:
+    """Worker threads for one kind of call, shared fairly between uids.
+
+    At most ``workers`` calls run at once, and at most ``per_uid`` of one uid (any
+    number up to ``workers`` for privileged uids). Waiting calls queue per uid, and
+    a free worker takes the next uid in turn that is under its limit. Everything
+    but :meth:`_run` happens on the event loop.
+    """
+
+    __slots__ = (
+        "_executor",
+        "_loop",
+        "_queues",
+        "_running",
+        "_total",
+        "_turn",
+        "per_uid",
+        "privileged",
+        "workers",
+    )
+
+    def __init__(self, name: str, workers: int, per_uid: int, privileged: frozenset[int]) -> None:
+        self.workers = max(1, workers)
+        self.per_uid = max(1, per_uid)
+        self.privileged = privileged
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[int, deque[_Job]] = {}
+        #: uids with waiting calls, the next to be served first.
+        self._turn: deque[int] = deque()
+        self._running: Counter[int] = Counter()
+        self._total = 0
+
+    def submit(
+        self, uid: int, call: _Call, job: Callable[[], None], discard: Callable[[], None]
+    ) -> None:
+        """Run ``job`` for ``call`` when its turn comes; ``discard`` releases what it
+        holds if it is dropped before that."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        queue = self._queues.get(uid)
+        if queue is None:
+            queue = self._queues[uid] = deque()
+            self._turn.append(uid)
+        queue.append(_Job(call, job, discard))
+        self._pump()
+
+    def drop(self, call: _Call) -> bool:
+        """Take ``call`` out of its queue and discard it if it has not started; True
+        if it was there."""
+        uid = call.conn.peer.uid
+        queue = self._queues.get(uid)
+        if queue is None:
+            return False
+        for i, queued in enumerate(queue):
+            if queued.call is call:
+                del queue[i]
+                if not queue:
+                    del self._queues[uid]
+                    self._turn.remove(uid)
+                queued.discard()
+                return True
+        return False
+
+    def waiting(self) -> list[_Call]:
+        return [job.call for queue in self._queues.values() for job in queue]
+
+    def _limit(self, uid: int) -> int:
+        return self.workers if uid in self.privileged else self.per_uid
+
+    def _pump(self) -> None:
+        turn = self._turn
+        while self._total < self.workers and turn:
+            for _ in range(len(turn)):
+                uid = turn[0]
+                turn.rotate(-1)
+                if self._running[uid] < self._limit(uid):
+                    break
+            else:
+                return  # every uid with waiting calls is at its limit
+            queue = self._queues[uid]
+            job = queue.popleft()
+            if not queue:
+                # rotate() put it last.
+                del self._queues[uid]
+                turn.pop()
+            self._running[uid] += 1
+            self._total += 1
+            self._executor.submit(self._run, uid, job.run)
+
+    def _run(self, uid: int, job: Callable[[], None]) -> None:
+        try:
+            job()
+        finally:
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(self._done, uid)
+            except RuntimeError:
+                pass  # the loop is closed: nothing more will run
+
+    def _done(self, uid: int) -> None:
+        self._total -= 1
+        self._running[uid] -= 1
+        if not self._running[uid]:
+            del self._running[uid]
+        self._pump()
+
+    def shutdown(self) -> None:
+        """Discard the waiting calls and let the running ones end on their own."""
+        for queue in self._queues.values():
+            for job in queue:
+                job.discard()
+        self._queues.clear()
+        self._turn.clear()
+        self._executor.shutdown(wait=False)
 
 
 class _Connection:
@@ -189,12 +423,16 @@ class _Connection:
         "eof",
         "fd",
         "given",
+        "held",
         "loop",
         "peer",
+        "privileged",
         "queue",
+        "queued_bytes",
         "reading",
         "server",
         "sock",
+        "timer",
         "wbuf",
     )
 
@@ -211,11 +449,16 @@ class _Connection:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.privileged = peer.uid in server.privileged_uids
         self.given = given
         self.decoder = Decoder(server.max_message_size, server.max_fds)
         self.queue: deque[Message] = deque()
+        self.queued_bytes = 0
+        #: Input held: the partial message, queued calls, the running call's message.
+        self.held = 0
         self.wbuf: deque[tuple[bytes | memoryview, list[int]]] = deque()
         self.call: _Call | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.eof = False
         self.closed = False
         self.reading = True
@@ -255,20 +498,67 @@ class _Connection:
             return
         if messages:
             self.queue.extend(messages)
-            if self.call is None:
-                self._next()
-            if len(self.queue) >= _MAX_QUEUED and self.reading:
-                self._stop_reading()
+            self.queued_bytes += sum(len(m.data) for m in messages)
+            # A message ended: the one now incomplete, if any, gets its own time.
+            self._stop_timer()
+        self._account()
+        if self.closed:
+            return  # closed for holding too much input
+        if self.decoder.pending and self.timer is None:
+            self.timer = self.loop.call_later(self.server.message_timeout, self._timed_out)
+        if messages and self.call is None:
+            self._next()
+        if self.reading and (
+            len(self.queue) >= _MAX_QUEUED or self.queued_bytes >= self.server.max_message_size
+        ):
+            self._stop_reading()
+
+    def _account(self) -> None:
+        """Tell the server how much input this connection holds now."""
+        call = self.call
+        held = self.decoder.pending + self.queued_bytes + (call.size if call is not None else 0)
+        if held != self.held:
+            change, self.held = held - self.held, held
+            self.server._held_changed(self, change)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.server._log_limit(
+            ("timeout", self.peer.uid),
+            logging.INFO,
+            "%r: closing: a message stayed incomplete for %g s (%d bytes so far)",
+            self,
+            self.server.message_timeout,
+            self.decoder.pending,
+        )
+        self._lost()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _stop_reading(self) -> None:
         if self.reading:
             self.reading = False
             self.loop.remove_reader(self.fd)
+            # The rest of a partial message waits in the socket because of us.
+            self._stop_timer()
+
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.eof and not self.closed:
+            self.reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+            if self.decoder.pending and self.timer is None:
+                self.timer = self.loop.call_later(self.server.message_timeout, self._timed_out)
 
     def _on_eof(self) -> None:
         self.eof = True
         self._stop_reading()
+        dropped = self.decoder.pending
         close_all(self.decoder.discard())
+        self._account()
+        self.server._input_dropped(dropped)
         if _hung_up(self.fd):
             self._lost()
         elif self.call is None and not self.queue and not self.wbuf:
@@ -288,11 +578,15 @@ class _Connection:
                 self._close()
             return
         msg = self.queue.popleft()
-        if not self.reading and not self.eof and len(self.queue) <= _MAX_QUEUED // 2:
-            self.reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
-        call = _Call(self)
+        self.queued_bytes -= len(msg.data)
+        if (
+            len(self.queue) <= _MAX_QUEUED // 2
+            and self.queued_bytes < self.server.max_message_size // 2
+        ):
+            self._resume_reading()
+        call = _Call(self, len(msg.data))
         self.call = call
+        self._account()
         self.server._start(call, msg)
 
     def _send_continues(self, call: _Call, data: bytes) -> None:
@@ -302,6 +596,8 @@ class _Connection:
     def _finished(self, call: _Call, outcome: _Outcome) -> None:
         """The worker's result for ``call``, on the loop."""
         self.call = None
+        if not self.closed:
+            self._account()
         if outcome is _CLOSE:
             self._lost()
         elif outcome is not None:
@@ -382,12 +678,15 @@ class _Connection:
         if call is not None and not call.oneway:
             call.cancelled.set()
         self._close()
+        if call is not None and not call.oneway:
+            self.server._drop_waiting(call)
 
     def _close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._stop_reading()
+        self._stop_timer()
         if self.wbuf:
             self.loop.remove_writer(self.fd)
             for _, fds in self.wbuf:
@@ -395,6 +694,7 @@ class _Connection:
             self.wbuf.clear()
         while self.queue:
             close_all(self.queue.popleft().fds)
+        self.queued_bytes = 0
         close_all(self.decoder.discard())
         self.sock.close()
         self.server._closed(self)
@@ -405,7 +705,8 @@ class Server:
 
     ``authorize(peer, "iface.Method")`` runs (in a worker thread) before every call
     of a known method, ``org.varlink.service`` ones included; False refuses it with
-    ``org.varlink.service.PermissionDenied``.
+    ``org.varlink.service.PermissionDenied``. The limits are explained in the
+    module notes.
     """
 
     def __init__(
@@ -413,21 +714,48 @@ class Server:
         service: VarlinkService,
         *,
         authorize: Authorizer | None = None,
-        max_message_size: int = 16 << 20,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_fds: int = 16,
-        workers: int = 8,
-        max_connections: int = 4096,
+        workers: int = DEFAULT_WORKERS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_depth: int = MAX_DEPTH,
+        max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
+        max_buffered_input: int = DEFAULT_MAX_BUFFERED_INPUT,
+        message_timeout: float = DEFAULT_MESSAGE_TIMEOUT,
+        workers_per_uid: int = DEFAULT_WORKERS_PER_UID,
+        heavy_methods: frozenset[str] = frozenset(),
+        heavy_workers: int = DEFAULT_HEAVY_WORKERS,
+        heavy_calls_per_uid: int = DEFAULT_HEAVY_CALLS_PER_UID,
+        privileged_uids: frozenset[int] = frozenset({0}),
     ) -> None:
         self._service = service
         self._authorize = authorize
         self.max_message_size = max_message_size
         self.max_fds = max_fds
         self.max_connections = max_connections
+        self.max_depth = max_depth
+        self.max_connections_per_uid = max_connections_per_uid
+        self.max_buffered_input = max_buffered_input
+        self.message_timeout = message_timeout
+        self.heavy_methods = heavy_methods
+        self.privileged_uids = privileged_uids
         self._anc_size = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="varlink")
+        self._lane = _Lane("varlink", workers, workers_per_uid, privileged_uids)
+        self._heavy = _Lane("varlink-heavy", heavy_workers, heavy_calls_per_uid, privileged_uids)
         self._validators: dict[str, InterfaceValidator] = {}
         self._methods: dict[str, _Target] = {}
         self._conns: set[_Connection] = set()
+        #: Open connections per uid, and of unprivileged peers in all.
+        self._per_uid: Counter[int] = Counter()
+        self._unprivileged = 0
+        #: Input held by all connections, and the connections holding any.
+        self._held = 0
+        self._holding: set[_Connection] = set()
+        #: Input dropped with connections since the heap was last trimmed.
+        self._released = 0
+        self._trim: asyncio.TimerHandle | None = None
+        self._last_trim = 0.0
+        self._log_limit = _LogLimit()
         self._listeners: list[socket.socket] = []
         self._running: set[_Call] = set()
         self._given = 0
@@ -445,8 +773,14 @@ class Server:
 
     @property
     def calls_in_flight(self) -> int:
-        """Calls running in workers (including those of connections already gone)."""
+        """Calls running in workers or waiting for one (including those of connections
+        already gone)."""
         return len(self._running)
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes of input held by all connections (module notes)."""
+        return self._held
 
     # Serving
 
@@ -466,7 +800,7 @@ class Server:
                 loop.add_reader(sock.fileno(), self._on_accept, sock)
             else:
                 self._given += 1
-                self._add_connection(sock, given=True)
+                self._add_connection(sock, peer_credentials(sock), given=True)
         self._check_done()
         try:
             await self._done.wait()
@@ -482,7 +816,10 @@ class Server:
             call.cancelled.set()
         for conn in list(self._conns):
             conn._close()
-        self._executor.shutdown(wait=False)
+        if self._trim is not None:
+            self._trim.cancel()
+        self._lane.shutdown()
+        self._heavy.shutdown()
 
     def _stop_accepting(self) -> None:
         if self._loop is not None:
@@ -505,26 +842,78 @@ class Server:
                 loop.remove_reader(lsock.fileno())
                 loop.call_later(1.0, self._resume_accepting, lsock)
                 return
-            if len(self._conns) >= self.max_connections:
-                log.warning("refusing a connection: %d connections open", len(self._conns))
-                sock.close()
-                continue
             sock.setblocking(False)
-            self._add_connection(sock, given=False)
+            peer = peer_credentials(sock)
+            if peer.uid not in self.privileged_uids:
+                if self._per_uid[peer.uid] >= self.max_connections_per_uid:
+                    self._refuse(
+                        sock,
+                        peer,
+                        self.max_connections_per_uid,
+                        f"uid {peer.uid} has {self._per_uid[peer.uid]} connections open, "
+                        f"at most {self.max_connections_per_uid} are allowed",
+                    )
+                    continue
+                if self._unprivileged >= self.max_connections:
+                    self._refuse(
+                        sock,
+                        peer,
+                        self.max_connections,
+                        f"{self._unprivileged} connections are open, "
+                        f"at most {self.max_connections} are allowed",
+                    )
+                    continue
+            self._add_connection(sock, peer, given=False)
+
+    def _refuse(self, sock: socket.socket, peer: Peer, limit: int, message: str) -> None:
+        """Answer with one TooManyConnections error and disconnect."""
+        self._log_limit(
+            ("refused", peer.uid),
+            logging.WARNING,
+            "refusing a connection of pid %d (uid %d): %s",
+            peer.pid,
+            peer.uid,
+            message,
+        )
+        try:
+            # Whatever the peer sent already: closing with unread input would
+            # reset the connection before it reads the refusal. (Fds that came
+            # with it are closed by the kernel: no room was given for them.)
+            sock.recv(_REFUSAL_DRAIN)
+        except OSError:
+            pass
+        try:
+            sock.send(encode_error(TOO_MANY_CONNECTIONS, {"limit": limit, "message": message}))
+        except OSError:
+            pass
+        sock.close()
 
     def _resume_accepting(self, lsock: socket.socket) -> None:
         if not self._closing and lsock in self._listeners and self._loop is not None:
             self._loop.add_reader(lsock.fileno(), self._on_accept, lsock)
 
-    def _add_connection(self, sock: socket.socket, *, given: bool) -> None:
+    def _add_connection(self, sock: socket.socket, peer: Peer, *, given: bool) -> None:
         assert self._loop is not None
-        conn = _Connection(self, self._loop, sock, peer_credentials(sock), given)
+        conn = _Connection(self, self._loop, sock, peer, given)
         self._conns.add(conn)
+        self._per_uid[peer.uid] += 1
+        if not conn.privileged:
+            self._unprivileged += 1
         self.last_activity = time.monotonic()
         log.debug("%r: connected", conn)
 
     def _closed(self, conn: _Connection) -> None:
         self._conns.discard(conn)
+        uid = conn.peer.uid
+        self._per_uid[uid] -= 1
+        if not self._per_uid[uid]:
+            del self._per_uid[uid]
+        if not conn.privileged:
+            self._unprivileged -= 1
+        if conn.held:
+            held, conn.held = conn.held, 0
+            self._held_changed(conn, -held)
+            self._input_dropped(held)
         self.last_activity = time.monotonic()
         log.debug("%r: closed", conn)
         if conn.given:
@@ -541,12 +930,56 @@ class Server:
         ):
             self._done.set()
 
+    # Input held
+
+    def _held_changed(self, conn: _Connection, change: int) -> None:
+        self._held += change
+        if conn.held:
+            self._holding.add(conn)
+        else:
+            self._holding.discard(conn)
+        if change > 0 and self._held > self.max_buffered_input:
+            self._shed_input()
+
+    def _shed_input(self) -> None:
+        """Close the connections holding the most input, privileged ones last,
+        until the input held fits the budget again."""
+        while self._held > self.max_buffered_input and self._holding:
+            victim = max(self._holding, key=lambda c: (not c.privileged, c.held))
+            self._log_limit(
+                ("shed", victim.peer.uid),
+                logging.WARNING,
+                "%r: closing: it holds %d bytes of input and all connections together more than %d",
+                victim,
+                victim.held,
+                self.max_buffered_input,
+            )
+            self._holding.discard(victim)
+            victim._lost()
+
+    def _input_dropped(self, size: int) -> None:
+        """``size`` bytes of input were let go without being used: once enough has
+        gone, the heap is trimmed (module notes)."""
+        self._released += size
+        if self._released < _TRIM_AFTER or self._trim is not None or self._loop is None:
+            return
+        delay = max(0.0, self._last_trim + _TRIM_INTERVAL - time.monotonic())
+        self._trim = self._loop.call_later(delay, self._trim_heap)
+
+    def _trim_heap(self) -> None:
+        self._trim = None
+        self._released = 0
+        self._last_trim = time.monotonic()
+        trim_heap()
+
     # Calls
 
     def _start(self, call: _Call, msg: Message) -> None:
         self._running.add(call)
         self.last_activity = time.monotonic()
-        self._executor.submit(self._work, call, msg)
+        self._lane.submit(
+            call.conn.peer.uid, call, lambda: self._work(call, msg), lambda: close_all(msg.fds)
+        )
 
     def _finished(self, call: _Call) -> None:
         self._running.discard(call)
@@ -557,19 +990,63 @@ class Server:
             if not self._given:
                 self._check_done()
 
-    def _work(self, call: _Call, msg: Message) -> None:
-        """Worker thread: run one call, hand its outcome to the loop."""
-        try:
-            outcome = self._process(call, msg)
-        except BaseException:
-            log.exception("%r: call processing failed", call.conn)
-            outcome = _CLOSE
+    def _drop_waiting(self, call: _Call) -> None:
+        """``call``'s client went away: if it still waits for a worker, it never runs."""
+        for lane in (self._lane, self._heavy):
+            if lane.drop(call):
+                call.conn._finished(call, None)
+                return
+
+    def _post(self, call: _Call, outcome: _Outcome) -> None:
+        """Worker thread: hand ``outcome`` to the loop."""
         try:
             call.conn.loop.call_soon_threadsafe(call.conn._finished, call, outcome)
         except RuntimeError:
             # The loop is closed: nobody will send anything.
             if outcome is not None:
                 close_all(outcome[1])
+
+    def _work(self, call: _Call, msg: Message) -> None:
+        """Worker thread: run one call (or queue it for a heavy worker)."""
+        try:
+            prepared = self._prepare(call, msg)
+            if not isinstance(prepared, _Prepared):
+                outcome = prepared
+            elif prepared.envelope.method in self.heavy_methods:
+                self._hand_over(call, prepared)
+                return
+            else:
+                outcome = self._execute(call, prepared)
+        except BaseException:
+            log.exception("%r: call processing failed", call.conn)
+            outcome = _CLOSE
+        self._post(call, outcome)
+
+    def _hand_over(self, call: _Call, prepared: _Prepared) -> None:
+        """Worker thread: queue a prepared heavy call for the heavy lane."""
+
+        def job() -> None:
+            try:
+                outcome = self._execute(call, prepared)
+            except BaseException:
+                log.exception("%r: call processing failed", call.conn)
+                outcome = _CLOSE
+            self._post(call, outcome)
+
+        def discard() -> None:
+            close_all(prepared.ctx.fds)
+
+        def queue() -> None:
+            if call.cancelled.is_set() or self._closing:
+                discard()
+                call.conn._finished(call, None if call.oneway else _stopping_reply())
+            else:
+                self._heavy.submit(call.conn.peer.uid, call, job, discard)
+
+        try:
+            call.conn.loop.call_soon_threadsafe(queue)
+        except RuntimeError:
+            close_all(prepared.ctx.fds)
 
     def _lookup(self, method: str) -> _Target:
         target = self._methods.get(method)
@@ -607,35 +1084,46 @@ class Server:
 
         return send_continues
 
-    def _process(self, call: _Call, msg: Message) -> _Outcome:
+    def _prepare(self, call: _Call, msg: Message) -> _Outcome | _Prepared:
+        """Parse, look up, authorize and validate: the outcome if that already
+        decides the call, else the call ready to run."""
         conn = call.conn
         try:
-            envelope = parse_call(msg.data)
+            envelope = parse_call(msg.data, self.max_depth)
         except ProtocolError as e:
             close_all(msg.fds)
             log.info("%r: protocol error, closing: %s", conn, e)
             return _CLOSE
         call.oneway = envelope.oneway
-        fds: list[int | None] = list(msg.fds)
         ctx = CallContext(
             peer=conn.peer,
             method=envelope.method,
             more=envelope.more,
             oneway=envelope.oneway,
-            fds=fds,
+            fds=list(msg.fds),
             cancelled=call.cancelled,
         )
         ctx.send_continues = self._continues_sender(call, envelope.more)
-        ok = False
         try:
             target = self._lookup(envelope.method)
             if self._authorize is not None and not self._authorize(conn.peer, envelope.method):
                 raise VarlinkReplyError(PERMISSION_DENIED)
-            params = envelope.parameters
             try:
-                target.validator.check_call(target.name, params)
+                target.validator.check_call(target.name, envelope.parameters)
             except InvalidParameter as e:
                 raise VarlinkReplyError(INVALID_PARAMETER, {"parameter": e.parameter}) from None
+        except Exception as e:
+            close_all(ctx.fds)
+            return self._failed(conn, envelope, ctx, e)
+        return _Prepared(envelope, target, ctx, msg.data)
+
+    def _execute(self, call: _Call, prepared: _Prepared) -> _Outcome:
+        """Run the method of a prepared call: its reply, with the fds it pushed."""
+        envelope, target, ctx = prepared.envelope, prepared.target, prepared.ctx
+        params = envelope.parameters
+        ok = False
+        try:
+            ctx.check_cancelled()
             func = target.func
             if target.direct and func is not None:
                 args = [params.get(k) for k in target.fields]
@@ -646,25 +1134,17 @@ class Server:
                 reply = encode_reply(out)
                 ok = True
             else:
-                replies = list(self._service.handle(msg.data, _request=ctx))
+                replies = list(self._service.handle(prepared.data, _request=ctx))
                 if not replies:
                     reply = encode_reply()
                     ok = True
                 else:
                     reply = b"\0".join(replies) + b"\0"
                     ok = not replies[-1].startswith(b'{"error"')
-        except VarlinkReplyError as e:
-            reply = _error_reply(e.name, e.parameters)
-        except VarlinkError as e:
-            error = e.as_dict()
-            reply = _error_reply(str(error.get("error")), error.get("parameters"))
-        except CallCancelled as e:
-            reply = _error_reply(SYSTEM_ERROR, {"message": str(e), "errnoName": "ECANCELED"})
         except Exception as e:
-            log.exception("%r: %s failed", conn, envelope.method)
-            reply = _error_reply(SYSTEM_ERROR, _system_error(e))
+            return self._failed(call.conn, envelope, ctx, e)
         finally:
-            close_all(fds)
+            close_all(ctx.fds)
         out_fds = ctx.out_fds
         ctx.out_fds = []
         if not ok or envelope.oneway:
@@ -674,12 +1154,34 @@ class Server:
             return None
         return reply, out_fds
 
+    def _failed(
+        self, conn: _Connection, envelope: Call, ctx: CallContext, e: Exception
+    ) -> _Outcome:
+        """The error reply for what a call raised; the fds the method pushed are closed
+        (those it received are the caller's to close)."""
+        if isinstance(e, VarlinkReplyError):
+            reply = _error_reply(e.name, e.parameters)
+        elif isinstance(e, VarlinkError):
+            error = e.as_dict()
+            reply = _error_reply(str(error.get("error")), error.get("parameters"))
+        elif isinstance(e, CallCancelled):
+            reply = _error_reply(SYSTEM_ERROR, {"message": str(e), "errnoName": "ECANCELED"})
+        else:
+            log.error("%r: %s failed", conn, envelope.method, exc_info=e)
+            reply = _error_reply(SYSTEM_ERROR, _system_error(e))
+        close_all(ctx.out_fds)
+        ctx.out_fds = []
+        if envelope.oneway:
+            return None
+        return reply, []
+
     # Stopping
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting and reading; let running calls finish for up to ``grace``
         seconds, then cancel the rest (``ctx.cancelled``) and wait for them; close
-        every connection. :meth:`serve` returns afterwards."""
+        every connection. Calls still waiting for a heavy worker are cancelled at
+        once. :meth:`serve` returns afterwards."""
         if self._closing:
             if self._done is not None:
                 await self._done.wait()
@@ -688,6 +1190,10 @@ class Server:
         self._stop_accepting()
         loop = self._loop
         if loop is not None:
+            for call in self._heavy.waiting():
+                call.cancelled.set()
+                self._heavy.drop(call)
+                call.conn._finished(call, None if call.oneway else _stopping_reply())
             for conn in list(self._conns):
                 if conn.call is None:
                     conn._close()
@@ -715,6 +1221,9 @@ class Server:
                             log.warning("still waiting for %d calls", len(self._running))
             for conn in list(self._conns):
                 conn._close()
-        self._executor.shutdown(wait=False)
+        if self._trim is not None:
+            self._trim.cancel()
+        self._lane.shutdown()
+        self._heavy.shutdown()
         if self._done is not None:
             self._done.set()

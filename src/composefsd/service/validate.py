@@ -12,7 +12,11 @@ The rules: a field not declared is refused at any depth; a field that is not
 nullable (``?``) must be present and not ``null``; ``bool`` is not ``int``,
 ``float`` is not ``int`` (an ``int`` is a valid ``float``), strings are not
 arrays, structs and maps are JSON objects, enum values are the declared names,
-``int`` fits in int64 or uint64, ``object`` is any JSON object.
+``int`` fits in int64 or uint64, ``object`` is any JSON object. Every string
+(values, map keys, and anything inside an ``object``) must be valid Unicode:
+JSON's ``\\udcff`` escape yields a lone surrogate, which no UTF-8 encoder (a reply,
+a log line, a file name) accepts. Paths in :class:`InvalidParameter` show such
+characters as ``\\udcff`` text.
 """
 
 from __future__ import annotations
@@ -82,14 +86,51 @@ def _check_float(value: Any) -> None:
         raise _Bad()
 
 
+def _is_unicode(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate (the only str UTF-8 cannot encode)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_string(value: Any) -> None:
-    if type(value) is not str:
+    if type(value) is not str or not _is_unicode(value):
         raise _Bad()
+
+
+def _check_json_strings(value: Any) -> None:
+    """Every string and key inside a JSON value is valid Unicode (the nesting is
+    bounded by the protocol's depth limit)."""
+    t = type(value)
+    if t is str:
+        if not _is_unicode(value):
+            raise _Bad()
+    elif t is list:
+        for i, item in enumerate(value):
+            try:
+                _check_json_strings(item)
+            except _Bad as e:
+                e.parts.append(f"[{i}]")
+                raise
+    elif t is dict:
+        for key, item in value.items():
+            if not _is_unicode(key):
+                raise _Bad(f"[{key}]")
+            try:
+                _check_json_strings(item)
+            except _Bad as e:
+                e.parts.append(f"[{key}]")
+                raise
 
 
 def _check_object(value: Any) -> None:
     if type(value) is not dict:
         raise _Bad()
+    _check_json_strings(value)
 
 
 def _check_string_set(value: Any) -> None:
@@ -97,7 +138,7 @@ def _check_string_set(value: Any) -> None:
         raise _Bad()
     for key, item in value.items():
         # Each member maps to the empty struct.
-        if type(item) is not dict or item:
+        if type(item) is not dict or item or not _is_unicode(key):
             raise _Bad(f"[{key}]")
 
 
@@ -172,6 +213,8 @@ def _dict_checker(element: Checker) -> Checker:
         if type(value) is not dict:
             raise _Bad()
         for key, item in value.items():
+            if not _is_unicode(key):
+                raise _Bad(f"[{key}]")
             try:
                 element(item)
             except _Bad as e:
@@ -182,7 +225,9 @@ def _dict_checker(element: Checker) -> Checker:
 
 
 def _path(e: _Bad) -> str:
-    return "".join(reversed(e.parts)).lstrip(".")
+    path = "".join(reversed(e.parts)).lstrip(".")
+    # A key holding a lone surrogate is shown as its escape, so the reply encodes.
+    return path if _is_unicode(path) else path.encode("utf-8", "backslashreplace").decode()
 
 
 class InterfaceValidator:
