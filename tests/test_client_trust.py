@@ -29,7 +29,6 @@ import users
 from composefsd.service import client
 from composefsd.service.client import VarlinkUntrustedError
 from conftest import TestUsers
-from userproc import PYTHON, python_env
 
 OTHER = 4242
 
@@ -98,7 +97,7 @@ class Fake:
 class World:
     users: TestUsers
     public: Path
-    env: dict[str, str]
+    py: users.UserPython
     fakes: list[Fake]
 
     def bob_dir(self, path: Path, mode: int = 0o755) -> Path:
@@ -113,8 +112,8 @@ class World:
         log = log_dir / "events"
         proc = users.popen_as(
             self.users.bob,
-            [PYTHON, "-c", FAKE_SERVER, address, str(log)],
-            env=self.env,
+            self.py.command("-c", FAKE_SERVER, address, str(log)),
+            env=self.py.env,
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -139,8 +138,8 @@ class World:
     def composefsctl_as_alice(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return users.run_as(
             self.users.alice,
-            [PYTHON, "-m", "composefsd.cli.composefsctl", *argv],
-            env=self.env,
+            self.py.command("-m", "composefsd.cli.composefsctl", *argv),
+            env=self.py.env,
             capture_output=True,
             text=True,
             timeout=120,
@@ -148,10 +147,10 @@ class World:
 
 
 @pytest.fixture
-def world(test_users: TestUsers) -> Iterator[World]:
+def world(test_users: TestUsers, user_python: users.UserPython) -> Iterator[World]:
     public = users.public_dir()
     planted = Path(f"/tmp/composefs-{test_users.alice.uid}")
-    w = World(test_users, public, python_env(public), [])
+    w = World(test_users, public, user_python, [])
 
     def clean() -> None:
         if planted.is_symlink():

@@ -42,7 +42,6 @@ from conftest import TestUsers
 from servicehelpers import Daemon, make_tree, start_daemon
 
 IFACE = "io.composefs.Repository"
-PEER = Path(__file__).resolve().parent / "peer.py"
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -65,10 +64,13 @@ def status_kib(pid: int, field: str) -> int:
 class Peer:
     """tests/peer.py run as a test user; its reports are JSON lines."""
 
-    def __init__(self, user: users.TestUser, address: str, *args: str) -> None:
+    def __init__(
+        self, py: users.UserPython, user: users.TestUser, address: str, *args: str
+    ) -> None:
         self.proc = users.popen_as(
             user,
-            [users.python(), str(PEER), address, *args],
+            py.command(py.script("peer.py"), address, *args),
+            env=py.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -138,7 +140,9 @@ def raw_call(address: str, message: bytes, timeout: float = 60) -> dict[str, Any
 # -- 7: bad input -----------------------------------------------------------------------------
 
 
-def test_deeply_nested_json_is_a_protocol_error(daemon: Daemon, test_users: TestUsers) -> None:
+def test_deeply_nested_json_is_a_protocol_error(
+    daemon: Daemon, test_users: TestUsers, user_python: users.UserPython
+) -> None:
     nested = b"[" * 100_000 + b"]" * 100_000
     script = (
         "import socket,sys\n"
@@ -149,7 +153,8 @@ def test_deeply_nested_json_is_a_protocol_error(daemon: Daemon, test_users: Test
     )
     out = users.run_as(
         test_users.alice,
-        [users.python(), "-c", script, daemon.address],
+        user_python.command("-c", script, daemon.address),
+        env=user_python.env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -189,7 +194,7 @@ def test_lone_surrogates_are_invalid_parameters(
 
 
 def test_bad_ref_names_are_invalid_names(
-    daemon: Daemon, test_users: TestUsers, tmp_path: Path
+    daemon: Daemon, test_users: TestUsers, tmp_path: Path, user_python: users.UserPython
 ) -> None:
     tree = make_tree(tmp_path / "tree")
     deep = "/".join(["d"] * 1999)
@@ -218,7 +223,8 @@ def test_bad_ref_names_are_invalid_names(
     for name in (deep, "a\x1b[2Jb"):
         out = users.run_as(
             test_users.alice,
-            [users.python(), "-c", script, daemon.address, name],
+            user_python.command("-c", script, daemon.address, name),
+            env=user_python.env,
             capture_output=True,
             text=True,
             timeout=60,
@@ -296,7 +302,7 @@ def wait_for_log(d: Daemon, text: str, timeout: float = 60.0) -> str:
 
 
 def test_partial_messages_cannot_take_the_daemons_memory(
-    tmp_path: Path, test_users: TestUsers, peers: list[Peer]
+    tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
     """With the default limits: 250 connections (125 each from two users, under the
     per-uid limit) each send 16 MiB of a message that never ends; then 250 hold
@@ -317,7 +323,7 @@ def test_partial_messages_cannot_take_the_daemons_memory(
         samples: list[tuple[str, int]] = []
         for phase, size in (("16 MiB each", 16 << 20), ("200 KiB each", 200 << 10)):
             attackers = [
-                Peer(user, d.address, "partial", "125", str(size))
+                Peer(user_python, user, d.address, "partial", "125", str(size))
                 for user in (test_users.alice, test_users.bob)
             ]
             peers.extend(attackers)
@@ -356,11 +362,11 @@ def test_partial_messages_cannot_take_the_daemons_memory(
 
 
 def test_incomplete_messages_time_out(
-    tmp_path: Path, test_users: TestUsers, peers: list[Peer]
+    tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
     d = open_daemon(tmp_path / "repo", "--message-timeout", "1")
     try:
-        slow = Peer(test_users.alice, d.address, "partial", "20", "1000")
+        slow = Peer(user_python, test_users.alice, d.address, "partial", "20", "1000")
         peers.append(slow)
         assert slow.report()["connections"] == 20
         # The daemon closes each once its message has been incomplete for 1 s.
@@ -380,7 +386,7 @@ def test_incomplete_messages_time_out(
 
 
 def test_one_uid_cannot_lock_others_out(
-    tmp_path: Path, test_users: TestUsers, peers: list[Peer]
+    tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
     """alice opens 4,096 connections: the first 128 (the default per-uid limit) are
     served, the rest refused with TooManyConnections; meanwhile bob and root are
@@ -389,7 +395,7 @@ def test_one_uid_cannot_lock_others_out(
     d = open_daemon(tmp_path / "repo")
     held: list[socket.socket] = []
     try:
-        alice = Peer(test_users.alice, d.address, "connections", "4096")
+        alice = Peer(user_python, test_users.alice, d.address, "connections", "4096")
         peers.append(alice)
         got = alice.report()
         assert (got["answered"], got["refused"], got["other"]) == (128, 3968, []), got
@@ -402,7 +408,7 @@ def test_one_uid_cannot_lock_others_out(
             },
         }
         # bob is another uid: unaffected.
-        bob = Peer(test_users.bob, d.address, "connections", "20")
+        bob = Peer(user_python, test_users.bob, d.address, "connections", "20")
         peers.append(bob)
         assert bob.report()["answered"] == 20
         # Root is always served, however many connections it holds.
@@ -419,7 +425,7 @@ def test_one_uid_cannot_lock_others_out(
         # Once alice lets go, she is served again.
         alice.finish()
         bob.finish()
-        again = Peer(test_users.alice, d.address, "connections", "1")
+        again = Peer(user_python, test_users.alice, d.address, "connections", "1")
         peers.append(again)
         assert again.report()["answered"] == 1
         again.finish()
@@ -464,7 +470,7 @@ def _big_tree(root: Path, seed: int) -> Path:
 
 
 def test_heavy_calls_of_one_uid_do_not_starve_others(
-    tmp_path: Path, test_users: TestUsers, peers: list[Peer]
+    tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
     """alice runs 64 loops of Verify; root's Describe keeps answering with a p99 under
     100 ms, and bob's Verify runs in its turn, not after alice's."""
@@ -477,12 +483,26 @@ def test_heavy_calls_of_one_uid_do_not_starve_others(
                 conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(tree), "ref": f"img{i}"})
         quiet = _describe_latencies(d.address, 50)
         flood = Peer(
-            test_users.alice, d.address, "flood", "64", f"{IFACE}.Verify", '{"image":"img0"}'
+            user_python,
+            test_users.alice,
+            d.address,
+            "flood",
+            "64",
+            f"{IFACE}.Verify",
+            '{"image":"img0"}',
         )
         peers.append(flood)
         assert flood.report() == {"flooding": 64}
         busy = _describe_latencies(d.address, 200)
-        bob = Peer(test_users.bob, d.address, "flood", "1", f"{IFACE}.Verify", '{"image":"img1"}')
+        bob = Peer(
+            user_python,
+            test_users.bob,
+            d.address,
+            "flood",
+            "1",
+            f"{IFACE}.Verify",
+            '{"image":"img1"}',
+        )
         peers.append(bob)
         assert bob.report() == {"flooding": 1}
         bob_done = bob.finish()

@@ -40,7 +40,6 @@ from composefsd.service.runtime import (
 )
 from conftest import TestUsers
 from servicehelpers import wait_ready
-from userproc import PYTHON, python_env
 
 OTHER = 4242  # some uid that is neither root nor ours
 
@@ -234,12 +233,12 @@ def test_pins_only_in_a_trusted_runtime_dir(tmp_path: Path, umask077: None) -> N
 class Alice:
     users: TestUsers
     home: Path  # 0700, alice's: her repository, log and notify socket live here
-    env: dict[str, str]
+    py: users.UserPython
     socket_dir: Path  # /tmp/composefs-<uid>: where her daemon listens by default
     runtime_dir: Path  # /tmp/composefsd-<uid>
 
     def daemon_argv(self, *extra: str, idle_exit: bool = True) -> list[str]:
-        argv = [PYTHON, "-m", "composefsd.service.daemon", "--repo", str(self.home / "repo")]
+        argv = self.py.command("-m", "composefsd.service.daemon", "--repo", str(self.home / "repo"))
         if idle_exit:
             # Should a daemon that ought to refuse serve after all, it stops by itself.
             argv += ["--idle-timeout", "3"]
@@ -249,7 +248,7 @@ class Alice:
         return users.run_as(
             self.users.alice,
             self.daemon_argv(*extra),
-            env=self.env,
+            env=self.py.env,
             capture_output=True,
             text=True,
             timeout=120,
@@ -263,7 +262,7 @@ class Alice:
 
 
 @pytest.fixture
-def alice(test_users: TestUsers) -> Iterator[Alice]:
+def alice(test_users: TestUsers, user_python: users.UserPython) -> Iterator[Alice]:
     public = users.public_dir()
     home = public / "alice"
     home.mkdir(mode=0o700)
@@ -280,7 +279,7 @@ def alice(test_users: TestUsers) -> Iterator[Alice]:
 
     clean()  # a uid of a killed earlier run may come again
     try:
-        yield Alice(test_users, home, python_env(public), paths[0], paths[1])
+        yield Alice(test_users, home, user_python, paths[0], paths[1])
     finally:
         clean()
         users.remove_tree(public)
@@ -355,7 +354,7 @@ def test_daemon_makes_its_socket_directory(alice: Alice, socket_mode: str, dir_m
     notify.bind(str(notify_path))
     os.chown(notify_path, a.uid, a.gid)
     log = alice.home / "daemon.log"
-    env = dict(alice.env, NOTIFY_SOCKET=str(notify_path))
+    env = dict(alice.py.env, NOTIFY_SOCKET=str(notify_path))
     daemon = alice.daemon_argv("--socket-mode", socket_mode, idle_exit=False)
     with open(log, "wb") as out:
         proc = users.popen_as(
@@ -374,8 +373,8 @@ def test_daemon_makes_its_socket_directory(alice: Alice, socket_mode: str, dir_m
         assert stat.S_IMODE(sock.stat().st_mode) == int(socket_mode, 8)
         status = users.run_as(
             a,
-            [PYTHON, "-m", "composefsd.cli.composefsctl", "status"],
-            env=alice.env,
+            alice.py.command("-m", "composefsd.cli.composefsctl", "status"),
+            env=alice.py.env,
             capture_output=True,
             text=True,
             timeout=120,

@@ -143,6 +143,17 @@ def popen_as(user: TestUser, argv: Sequence[str], **kwargs: Any) -> subprocess.P
     )
 
 
+def public_dir(prefix: str = "cfsd-pub-") -> Path:
+    """A new directory under /tmp that every user may enter (0755, root's)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def others_can_run(path: str) -> bool:
     """Whether users other than the owner can execute ``path`` (every directory on
     the way searchable by others, the file executable by them)."""
@@ -155,56 +166,62 @@ def others_can_run(path: str) -> bool:
         return False
 
 
-def python() -> str:
-    """A Python 3 interpreter the test users can run."""
-    for candidate in (sys.executable, shutil.which("python3") or "", "/usr/bin/python3"):
-        if candidate and others_can_run(candidate):
-            return candidate
-    raise RuntimeError("no Python interpreter other users can run")
-
-
-def public_dir(prefix: str = "cfsd-pub-") -> Path:
-    """A new directory under /tmp that every user may enter (0755, root's)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass(frozen=True, slots=True)
 class UserPython:
-    """A Python that test users can run with composefsd importable: the system
-    interpreter and a copy of the package and its dependency in a public directory
-    (the checkout and the test virtualenv may sit below a 0700 home, as /root is)."""
+    """A Python test users can run, with composefsd importable.
 
-    argv: tuple[str, ...]
+    The interpreter pytest runs in may live where such a user cannot go (a
+    virtualenv pointing into /root, mode 0700), and so may the checkout: so this
+    is an interpreter other users may run (the system's ``/usr/bin/python3``
+    here) with a copy of composefsd, the ``varlink`` package and the tests'
+    stand-alone scripts (``peer.py``) in a public directory on ``PYTHONPATH``.
+    """
+
+    python: str
     env: dict[str, str]
+    lib: Path
 
     __test__ = False
 
     def command(self, *args: str) -> list[str]:
-        return [*self.argv, *args]
+        return [self.python, *args]
+
+    def script(self, name: str) -> str:
+        """The copy of the test script ``name`` (from tests/)."""
+        return str(self.lib / name)
+
+
+#: Test scripts users run (standard library only).
+_SCRIPTS = ("peer.py",)
 
 
 def make_user_python(dest: Path) -> UserPython:
-    """Copy composefsd and varlink below ``dest`` (which users must be able to enter)."""
+    """Copy composefsd, varlink and the scripts below ``dest`` (which users must be
+    able to enter); the environment drops what would tie a process to ours
+    (LISTEN_*, NOTIFY_SOCKET, XDG_*, COMPOSEFSD_*, PYTHON*, JOURNAL_STREAM)."""
     import varlink
 
     import composefsd
 
+    candidates = (sys.executable, shutil.which("python3") or "", "/usr/bin/python3")
+    runnable = [c for c in candidates if c and others_can_run(c)]
+    assert runnable, "no Python interpreter that other users may run"
+    python = runnable[0]
     lib = dest / "pylib"
     lib.mkdir(mode=0o755)
     for module in (composefsd, varlink):
         src = Path(module.__file__).parent
         shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in _SCRIPTS:
+        shutil.copy(Path(__file__).parent / name, lib / name)
     for path in [lib, *lib.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    assert python is not None, "the tests need /usr/bin/python3 for non-root users"
-    env = dict(os.environ)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LISTEN_", "NOTIFY_", "XDG_", "COMPOSEFSD_", "PYTHON"))
+    }
+    env.pop("JOURNAL_STREAM", None)
     env["PYTHONPATH"] = str(lib)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return UserPython((python,), env)
+    return UserPython(python, env, lib)
