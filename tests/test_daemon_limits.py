@@ -551,6 +551,7 @@ def test_open_file_limit_is_raised_and_respected(tmp_path: Path) -> None:
         ("--max-connections-per-uid", "many", "not a number"),
         ("--message-timeout", "0", "must be more than 0"),
         ("--heavy-workers", "0", "must be at least 1"),
+        ("--max-source-entries", "-5", "must be at least 1"),
     ],
 )
 def test_bad_limit_options(tmp_path: Path, option: str, value: str, message: str) -> None:

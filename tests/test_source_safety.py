@@ -523,6 +523,33 @@ def test_caller_path_is_resolved_with_its_rights(
     assert status == 0, err
 
 
+def test_caller_tree_entry_limit_option(
+    tmp_path: Path, test_users: TestUsers, user_python: users.UserPython, alice_tree: Path
+) -> None:
+    d = start_daemon(
+        tmp_path / "repo",
+        "--socket-mode",
+        "0666",
+        "--group",
+        str(test_users.group),
+        "--max-source-entries",
+        "5",
+    )
+    d.rundir.chmod(0o755)
+    try:
+        ctl = Service(d, user_python).ctl
+        status, out, err = ctl(test_users.alice, "create-image", str(alice_tree))
+        assert (status, out) == (1, "")
+        assert err == (
+            f"composefsctl: error: {IFACE}.SourceError: {alice_tree} has more than 5 "
+            f"entries, the most a tree may have here\n"
+        )
+        status, _, err = ctl(None, "create-image", str(alice_tree))  # root: not bounded
+        assert status == 0, err
+    finally:
+        d.stop()
+
+
 def test_caller_large_tree_in_worker_processes(
     service: Service, test_users: TestUsers, alice_tree: Path
 ) -> None:

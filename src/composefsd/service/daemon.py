@@ -31,7 +31,8 @@
 * **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
   ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
   ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
-  and ``--heavy-calls-per-uid``. The heavy methods are Verify, CreateImage and
+  and ``--heavy-calls-per-uid``; ``--max-source-entries`` bounds a tree that
+  CreateImage reads with a caller's rights. The heavy methods are Verify, CreateImage and
   GarbageCollect. Root and the daemon's own uid are the privileged uids (never
   refused a connection, closed last for holding input, not limited per uid). The
   soft limit on open files is raised to the hard one at start (the unit sets
@@ -312,6 +313,15 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_HEAVY_CALLS_PER_UID,
         help=f"of those, at most this many for one uid (default {DEFAULT_HEAVY_CALLS_PER_UID})",
     )
+    default_entries = RepositoryInterface.max_source_entries
+    g.add_argument(
+        "--max-source-entries",
+        metavar="N",
+        type=_count,
+        default=default_entries,
+        help="entries a CreateImage tree read with the caller's rights (callers other "
+        f"than the privileged uids) may have (default {default_entries})",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -496,7 +506,9 @@ def _sockets(
     return [sock], listener
 
 
-def build_service(repo: Repository, tracker: MountTracker) -> Any:
+def build_service(
+    repo: Repository, tracker: MountTracker, *, max_source_entries: int | None = None
+) -> Any:
     """The varlink.Service with the io.composefs.Repository interface registered."""
     service = VarlinkService(
         vendor="composefsd",
@@ -505,7 +517,10 @@ def build_service(repo: Repository, tracker: MountTracker) -> Any:
         url="https://github.com/containers/composefs",
         interface_dir=str(IDL_DIR),
     )
-    service._set_interface(INTERFACE, RepositoryInterface(repo, tracker))
+    iface = RepositoryInterface(repo, tracker)
+    if max_source_entries is not None:
+        iface.max_source_entries = max_source_entries
+    service._set_interface(INTERFACE, iface)
     return service
 
 
@@ -574,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker.rediscover()
         except OSError as exc:
             log.warning("cannot look for mounts in use: %s", exc)
-        service = build_service(repo, tracker)
+        service = build_service(repo, tracker, max_source_entries=args.max_source_entries)
         sockets, listener = _sockets(args.listen, args.socket_mode, group)
     except _StartupError as exc:
         log.error("%s", exc)

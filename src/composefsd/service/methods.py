@@ -365,7 +365,7 @@ class RepositoryInterface:
     #: Seconds after which the last progress reply is repeated while nothing new comes.
     heartbeat: float = 5.0
     #: Most entries a tree scanned with a caller's rights (not ours) may have.
-    max_source_entries: int | None = 1_000_000
+    max_source_entries: int = 1_000_000
     #: Hashing processes one Verify may use: half the CPUs, so that the Verify calls
     #: the transport lets one uid run cannot take all of them.
     verify_workers: int = max(1, default_workers() // 2)
