@@ -50,7 +50,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal, overload
 
 from composefsd.service.context import peer_credentials
-from composefsd.service.fds import close_all
+from composefsd.service.fds import close_all, fds_from_ancillary
 from composefsd.service.runtime import UnsafeDirectoryError, check_directory, default_socket_path
 
 __all__ = [
@@ -465,12 +465,7 @@ class Connection:
             raise VarlinkDisconnected(
                 f"{self.address}: the connection broke: {exc.strerror or exc}"
             ) from None
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
+        fds = fds_from_ancillary(ancdata)
         if flags & socket.MSG_CTRUNC:
             close_all(fds)
             self._abort()

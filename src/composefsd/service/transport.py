@@ -86,7 +86,7 @@ from composefsd.service.context import (
     VarlinkReplyError,
     peer_credentials,
 )
-from composefsd.service.fds import close_all
+from composefsd.service.fds import close_all, fds_from_ancillary
 from composefsd.service.protocol import (
     MAX_DEPTH,
     Call,
@@ -156,16 +156,6 @@ _SEND_FLAGS: Final = socket.MSG_NOSIGNAL
 _Outcome = tuple[bytes, list[int]] | None
 #: The outcome that closes the connection (compared by identity).
 _CLOSE: Final[_Outcome] = (b"", [])
-
-
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds.extend(received)
-    return fds
 
 
 def _hung_up(fd: int) -> bool:
@@ -481,7 +471,7 @@ class _Connection:
             log.debug("%r: receive failed: %s", self, e)
             self._lost()
             return
-        fds = _received_fds(anc) if anc else []
+        fds = fds_from_ancillary(anc) if anc else []
         if flags & socket.MSG_CTRUNC:
             close_all(fds)
             self._abort(f"more than {self.server.max_fds} file descriptors with one message")
