@@ -29,15 +29,16 @@ from typing import Any
 
 import pytest
 
+import users
 from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
 from composefsd.repository import Repository
 from composefsd.service.context import Peer
 from composefsd.service.daemon import Authorization
+from conftest import TestUsers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
-NOBODY = 65534
 
 
 # -- a raw Varlink client -------------------------------------------------------------------
@@ -571,12 +572,11 @@ print(json.dumps(out))
 """
 
 
-def _as_nobody(sock: Path, *methods: str, groups: tuple[int, ...] = ()) -> list[str]:
-    out = subprocess.run(
-        ["/usr/bin/python3", "-c", _CLIENT, str(sock), *methods],
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=list(groups),
+def _as_user(py: users.UserPython, user: users.TestUser, sock: Path, *methods: str) -> list[str]:
+    out = users.run_as(
+        user,
+        py.command("-c", _CLIENT, str(sock), *methods),
+        env=py.env,
         capture_output=True,
         text=True,
         timeout=30,
@@ -595,28 +595,36 @@ def public_dir() -> Iterator[Path]:
     path.rmdir()
 
 
-def test_other_uid_refused_mutating_calls(env: Env, public_dir: Path) -> None:
+def test_other_uid_refused_mutating_calls(
+    env: Env, public_dir: Path, test_users: TestUsers, user_python: users.UserPython
+) -> None:
+    alice, bob = test_users.alice, test_users.bob
     sock = public_dir / "sock"
     d = env.start("--socket-mode", "0666", socket_path=sock)
     describe, gc = f"{IFACE}.Describe", f"{IFACE}.GarbageCollect"
     denied = "org.varlink.service.PermissionDenied"
-    assert _as_nobody(sock, describe, gc, "org.varlink.service.GetInfo") == ["ok", denied, "ok"]
+    assert _as_user(user_python, bob, sock, describe, gc, "org.varlink.service.GetInfo") == [
+        "ok",
+        denied,
+        "ok",
+    ]
     # Every mutating method is refused before its parameters are even looked at.
     mutating = [
         f"{IFACE}.{m}" for m in ("CreateImage", "Mount", "Unmount", "RemoveImage", "GarbageCollect")
     ]
-    assert _as_nobody(sock, *mutating) == [denied] * len(mutating)
+    assert _as_user(user_python, bob, sock, *mutating) == [denied] * len(mutating)
     readonly = [f"{IFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts")]
-    assert _as_nobody(sock, *readonly) == ["ok"] * len(readonly)
+    assert _as_user(user_python, bob, sock, *readonly) == ["ok"] * len(readonly)
     assert d.stop()[0] == 0
 
-    d = env.start("--socket-mode", "0666", "--restrict-read", "--group", "4242", socket_path=sock)
-    assert _as_nobody(sock, describe, gc) == [denied, denied]
-    assert _as_nobody(sock, describe, gc, groups=(4242,)) == ["ok", "ok"]
+    group = str(test_users.group)  # alice's supplementary group, not bob's
+    d = env.start("--socket-mode", "0666", "--restrict-read", "--group", group, socket_path=sock)
+    assert _as_user(user_python, bob, sock, describe, gc) == [denied, denied]
+    assert _as_user(user_python, alice, sock, describe, gc) == ["ok", "ok"]
     assert d.stop()[0] == 0
 
-    d = env.start(socket_path=sock)  # 0600: nobody cannot even connect
+    d = env.start(socket_path=sock)  # 0600: other users cannot even connect
     with pytest.raises(subprocess.CalledProcessError) as info:
-        _as_nobody(sock, describe)
+        _as_user(user_python, bob, sock, describe)
     assert "PermissionError" in info.value.stderr
     assert d.stop()[0] == 0
