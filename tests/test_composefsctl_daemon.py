@@ -22,6 +22,7 @@ from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Progress
 from composefsd.service.client import VarlinkCallError
+from conftest import TestUsers
 from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
 from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
 
@@ -725,7 +726,7 @@ def test_exec_address(capsys: pytest.CaptureFixture[str], tmp_path: Path, tree: 
 
 
 def test_refused_for_another_user(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tree: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tree: Path, test_users: TestUsers
 ) -> None:
     """A non-root client of a world-connectable daemon: read-only calls work,
     mutating ones fail with PermissionDenied, named on the error line."""
@@ -741,9 +742,10 @@ def test_refused_for_another_user(
                 status = 99
                 try:
                     os.close(r)
+                    bob = test_users.bob
                     os.setgroups([])
-                    os.setresgid(65534, 65534, 65534)
-                    os.setresuid(65534, 65534, 65534)
+                    os.setresgid(bob.gid, bob.gid, bob.gid)
+                    os.setresuid(bob.uid, bob.uid, bob.uid)
                     err = io.StringIO()
                     out = io.StringIO()
                     import contextlib
