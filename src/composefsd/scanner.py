@@ -311,33 +311,51 @@ class _Walker:
     def _entry(
         self, dir_fd: int, entry: os.DirEntry[str], name: bytes, rel: bytes
     ) -> tuple[Node, os.stat_result] | None:
-        """The node of one directory entry (None: a device left out)."""
-        if not self.options.skip_xattrs:
-            # Stat, xattrs and link target all from one fd: they belong to one inode.
+        """The node of one directory entry (None: a device left out). This runs once
+        per entry: :meth:`from_fd` is inlined."""
+        opts = self.options
+        if opts.skip_xattrs:
             try:
-                fd = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
+                st = entry.stat(follow_symlinks=False)
             except OSError as exc:
                 raise _access_error(self.full_path(rel), exc) from exc
-            try:
-                return self.from_fd(fd, rel)
-            finally:
-                os.close(fd)
+            ftype = st.st_mode & 0o170000
+            if opts.skip_devices and ftype in _DEVICE_TYPES:
+                return None
+            node = self._node(st)
+            if ftype == _S_IFLNK:
+                # No xattrs to read: the target is all, and whoever can swap the
+                # entry meanwhile could read its link target anyway.
+                try:
+                    target = os.readlink(name, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise _access_error(self.full_path(rel), exc) from exc
+                self._set_target(node, target, rel)
+            return node, st
+        # Stat, xattrs and link target all from one fd: they belong to one inode.
         try:
-            st = entry.stat(follow_symlinks=False)
+            fd = os.open(name, _PATH_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             raise _access_error(self.full_path(rel), exc) from exc
-        if self.options.skip_devices and st.st_mode & 0o170000 in _DEVICE_TYPES:
-            return None
-        node = self._node(st)
-        if st.st_mode & 0o170000 == _S_IFLNK:
-            # No xattrs to read: the target is all, and whoever can swap the entry
-            # meanwhile could read its link target anyway.
-            try:
-                target = os.readlink(name, dir_fd=dir_fd)
-            except OSError as exc:
-                raise _access_error(self.full_path(rel), exc) from exc
-            self._set_target(node, target, rel)
-        return node, st
+        try:
+            st = os.fstat(fd)
+            ftype = st.st_mode & 0o170000
+            if opts.skip_devices and ftype in _DEVICE_TYPES:
+                return None
+            node = self._node(st)
+            proc = f"/proc/self/fd/{fd}"
+            if ftype == _S_IFLNK:
+                self._set_target(node, os.readlink(b"", dir_fd=fd), rel)
+            names = os.listxattr(proc)
+            if names:
+                self._add_xattrs(node, names, proc, rel)
+            return node, st
+        except ScanError:
+            raise
+        except OSError as exc:  # TreeError is an OSError too
+            raise _access_error(self.full_path(rel), exc) from exc
+        finally:
+            os.close(fd)
 
     def _add_xattrs(self, node: Node, names: list[str], proc: str, rel: bytes) -> None:
         user_only = self.options.user_xattrs
