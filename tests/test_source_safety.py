@@ -192,11 +192,15 @@ def test_scanner_store_copy_never_follows_a_swap(
     assert_no_secret(tmp_path)
 
 
+@pytest.mark.parametrize("when", ["listing", "reading"])
 def test_scanner_reads_xattrs_of_the_inode_it_stated(
-    stage: Stage, monkeypatch: pytest.MonkeyPatch
+    stage: Stage, when: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Between the stat of d/shadow and the reading of its xattrs, the name is swapped
-    # for another file with other xattrs: the node keeps the scanned inode's.
+    # The name d/shadow is swapped for another file with other xattrs (trusted.*
+    # included) between the stat of the entry and the reading of its xattrs: when
+    # they are first listed (by name in the directory's fd), or once the entry is
+    # open. The node never gets the other file's xattrs: the scan stops, or reads
+    # them from the inode it stat'ed.
     shadow = stage.tree / "d" / "shadow"
     os.setxattr(shadow, b"user.orig", b"1")
     other = stage.pub / "other"
@@ -208,14 +212,23 @@ def test_scanner_reads_xattrs_of_the_inode_it_stated(
 
     def listxattr(target: Any = None, *, follow_symlinks: bool = True) -> list[str]:
         text = os.fsdecode(target)
-        real = os.readlink(text) if text.startswith("/proc/self/fd/") else text
-        if real == str(shadow) and not swapped:
+        by_fd = text.startswith("/proc/self/fd/") and text.count("/") == 4
+        if os.path.realpath(text) == str(shadow) and by_fd == (when == "reading") and not swapped:
             swapped.append(True)
             os.rename(other, shadow)
         return real_listxattr(target, follow_symlinks=follow_symlinks)
 
     monkeypatch.setattr(os, "listxattr", listxattr)
-    root = scan_directory(stage.tree, ScanOptions(compute_digests=False, inline_small=False))
+    options = ScanOptions(compute_digests=False, inline_small=False)
+    if when == "listing":
+        with pytest.raises(ScanError) as info:
+            scan_directory(stage.tree, options)
+        assert swapped
+        assert str(info.value) == (
+            f"error accessing {shadow}: it was replaced while the tree was being scanned"
+        )
+        return
+    root = scan_directory(stage.tree, options)
     assert swapped
     node = root.children[b"d"].children[b"shadow"]  # type: ignore[index]
     assert node.xattrs == [(b"user.orig", b"1")]
