@@ -192,6 +192,23 @@ def test_scanner_store_copy_never_follows_a_swap(
     assert_no_secret(tmp_path)
 
 
+def test_scanner_refuses_a_directory_swapped_after_its_stat(
+    stage: Stage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # d is stat'ed, then replaced by another directory before it is entered: its
+    # node's metadata would describe one directory and its children another's.
+    def swap() -> None:
+        os.rename(stage.tree / "d", stage.tree / "d.old")
+        (stage.tree / "d").mkdir()
+
+    _after_scanning(monkeypatch, b"d", swap)
+    with pytest.raises(ScanError) as info:
+        scan_directory(stage.tree, ScanOptions(compute_digests=False, inline_small=False))
+    assert str(info.value) == (
+        f"error accessing {stage.tree / 'd'}: it was replaced while the tree was being scanned"
+    )
+
+
 @pytest.mark.parametrize("when", ["listing", "reading"])
 def test_scanner_reads_xattrs_of_the_inode_it_stated(
     stage: Stage, when: str, monkeypatch: pytest.MonkeyPatch

@@ -345,6 +345,22 @@ class _Walker:
                 self._xattrs_of(node, st, dir_fd, name, rel)
         return node, st
 
+    def _check_same(self, fd: int, ident: tuple[int, int], rel: bytes) -> None:
+        """ScanError unless ``fd`` is the inode (st_dev, st_ino) ``ident`` the entry
+        at ``rel`` was stat'ed as."""
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise _access_error(self.full_path(rel), exc) from exc
+        if (st.st_dev, st.st_ino) != ident:
+            path = self.full_path(rel)
+            raise ScanError(
+                errno.EAGAIN,
+                f"error accessing {os.fsdecode(path)}: it was replaced while the tree "
+                f"was being scanned",
+                path,
+            )
+
     def _xattrs_of(
         self, node: Node, st: os.stat_result, dir_fd: int, name: bytes, rel: bytes
     ) -> None:
@@ -354,15 +370,7 @@ class _Walker:
         except OSError as exc:
             raise _access_error(self.full_path(rel), exc) from exc
         try:
-            now = os.fstat(fd)
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-                path = self.full_path(rel)
-                raise ScanError(
-                    errno.EAGAIN,
-                    f"error accessing {os.fsdecode(path)}: it was replaced while the "
-                    f"tree was being scanned",
-                    path,
-                )
+            self._check_same(fd, (st.st_dev, st.st_ino), rel)
             proc = f"/proc/self/fd/{fd}"
             try:
                 names = os.listxattr(proc)
@@ -432,18 +440,7 @@ class _Walker:
                 except OSError as exc:
                     raise _access_error(self.full_path(rel), exc) from exc
                 self._open_fds.add(fd)
-                try:
-                    st = os.fstat(fd)
-                except OSError as exc:
-                    raise _access_error(self.full_path(rel), exc) from exc
-                if (st.st_dev, st.st_ino) != ident:
-                    path = self.full_path(rel)
-                    raise ScanError(
-                        errno.EAGAIN,
-                        f"error accessing {os.fsdecode(path)}: it was replaced while the "
-                        f"tree was being scanned",
-                        path,
-                    )
+                self._check_same(fd, ident, rel)
                 parent.pending -= 1
                 if parent.pending == 0 and parent.fd != root_fd:
                     self._close(parent.fd)
