@@ -52,7 +52,7 @@ from composefsd.repository import repo as repo_mod
 from composefsd.repository.images import normalize_ref
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.objects import ObjectStore, PublishState
-from composefsd.scanner import ScanOptions, scan_directory
+from composefsd.sources.directory import ScanOptions, scan_directory
 
 TREE_SEEDS = [11, 2024, 77]
 #: (our options, C mkcomposefs arguments)

@@ -1,4 +1,4 @@
-"""composefsd.scanner and composefsd.objcopy against C mkcomposefs 1.0.8 on real trees.
+"""composefsd.sources.directory and composefsd.sources.objcopy against C mkcomposefs 1.0.8 on real trees.
 
 The trees are built on a private tmpfs (large xattrs of every namespace, devices,
 whiteouts, odd names, extreme mtimes and ids), scanned by both implementations,
@@ -24,14 +24,13 @@ from typing import Any
 
 import pytest
 
-from composefsd import scanner
 from composefsd.fsverity import digest_bytes
 from composefsd.image.dump_print import format_dump
 from composefsd.image.reader import read_image
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
-from composefsd.objcopy import CopyState, copy_fd_data, join_store_path, store_object
-from composefsd.scanner import (
+from composefsd.sources import directory as scanner
+from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
     ScanProgress,
@@ -39,6 +38,7 @@ from composefsd.scanner import (
     payload_for_digest,
     scan_directory,
 )
+from composefsd.sources.objcopy import CopyState, copy_fd_data, join_store_path, store_object
 
 # -- the test tree ------------------------------------------------------------------------
 

@@ -36,17 +36,17 @@ from typing import Any
 import pytest
 
 import users
-from composefsd import scanner
 from composefsd.image.reader import read_image
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
 from composefsd.repository import CreateOptions, Repository, SourceError
 from composefsd.repository import objects as objects_mod
-from composefsd.scanner import ScanError, ScanOptions, scan_directory
 from composefsd.service import client
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import RepositoryInterface
 from composefsd.service.mounts import MountTracker
+from composefsd.sources import directory as scanner
+from composefsd.sources.directory import ScanError, ScanOptions, scan_directory
 from conftest import TestUsers
 from ctlrun import run_ctl
 from servicehelpers import Daemon, start_daemon

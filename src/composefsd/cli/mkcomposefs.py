@@ -28,7 +28,7 @@ from composefsd.fsverity import digest_bytes
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
-from composefsd.scanner import ScanError, ScanOptions, default_threads, scan_directory
+from composefsd.sources.directory import ScanError, ScanOptions, default_threads, scan_directory
 
 __all__ = ["main"]
 

@@ -26,13 +26,13 @@ a newline would forge a row and an escape sequence would drive the terminal.
 
 CreateImage from a directory (:func:`create_from_directory`) gives the image C
 ``mkcomposefs --digest-store`` gives for the same tree and options, and the same
-objects: the tree is walked by :func:`composefsd.scanner.scan_source` (no file
+objects: the tree is walked by :func:`composefsd.sources.directory.scan_source` (no file
 is read), then every regular file is hashed with the repository's algorithm and
 published if new by an :class:`~composefsd.repository.objects.Importer` (worker
 processes for large trees), files of 64 bytes or less are inlined, and
 :func:`composefsd.image.writer.write_image` writes the image. Files are read
 beneath the source directory's fd, never through a symlink, and only if they are
-the inode the scan saw (:mod:`composefsd.beneath`), so a tree that its owner
+the inode the scan saw (:mod:`composefsd.sources.beneath`), so a tree that its owner
 changes meanwhile cannot lead the import outside it.
 
 A tree scanned elsewhere, with somebody else's rights (the service scans a
@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composefsd.beneath import check_relpath
 from composefsd.credentials import Credentials
 from composefsd.dirs import make_dirs
 from composefsd.fsverity import Algorithm, VerityError, measure_verity
@@ -89,7 +88,8 @@ from composefsd.repository.objects import (
     sync_objects,
 )
 from composefsd.repository.progress import ProgressCallback, Throttle
-from composefsd.scanner import (
+from composefsd.sources.beneath import check_relpath
+from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
     ScanProgress,

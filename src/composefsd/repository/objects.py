@@ -8,7 +8,7 @@ algorithm). Publishing one (:class:`ObjectStore`):
    digest that differs from its name) is replaced.
 2. Otherwise the data goes into an unnamed ``O_TMPFILE`` in ``objects/``, copied
    from the source with reflink (``FICLONE``), else ``copy_file_range``, else
-   read/write (:func:`composefsd.objcopy.copy_fd_data`). Where ``O_TMPFILE`` is
+   read/write (:func:`composefsd.sources.objcopy.copy_fd_data`). Where ``O_TMPFILE`` is
    not supported (or ``/proc`` is missing) a named ``objects/.tmp-object-*`` file
    takes its place.
 3. The file is made mode 0644 and reopened read-only through
@@ -38,7 +38,7 @@ instead, as C mkcomposefs does; on /usr that was slower.
 Bulk imports (:class:`Importer`) hash each file with the repository's algorithm
 and publish it if it is new, in ``threads`` lanes: in-process threads for small
 amounts of data, one worker process per lane for large ones (per-block fs-verity
-hashing holds the GIL, as explained in :mod:`composefsd.scanner`). Worker
+hashing holds the GIL, as explained in :mod:`composefsd.sources.directory`). Worker
 processes publish objects themselves, under the caller's repository lock,
 whose fd they inherit so that it outlives a killed parent until they exit.
 
@@ -70,7 +70,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from composefsd import workerproc
-from composefsd.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.credentials import Credentials, CredentialsError, acting_as
 from composefsd.dirs import make_dir, make_dirs
 from composefsd.fsverity import (
@@ -87,7 +86,6 @@ from composefsd.fsverity import (
     measure_verity,
 )
 from composefsd.image.tree import gc_paused
-from composefsd.objcopy import CopyState, copy_fd_data
 from composefsd.repository.errors import (
     RepositoryError,
     SourceError,
@@ -95,6 +93,8 @@ from composefsd.repository.errors import (
     os_error_text,
 )
 from composefsd.repository.meta import VerityPolicy
+from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
+from composefsd.sources.objcopy import CopyState, copy_fd_data
 
 __all__ = [
     "OBJECT_MODE",
@@ -703,7 +703,7 @@ class ImportTask:
     ``inline``: only read its content (a file of at most 64 bytes that the image
     stores inline). ``expected``: the digest it must have; when given and the
     object exists, the source is not even read. ``key``: the file as the scan saw
-    it; the file opened must still be that one (:mod:`composefsd.beneath`)."""
+    it; the file opened must still be that one (:mod:`composefsd.sources.beneath`)."""
 
     rel: bytes
     size: int

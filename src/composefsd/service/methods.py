@@ -27,7 +27,7 @@ Behaviour beyond the IDL text:
   worker that has become the caller and import workers that open files as the
   caller (:mod:`composefsd.service.sourcescan`), so it gets exactly the files it
   could open itself. Either way files are read beneath the source directory's fd
-  and must be the inodes the scan saw (:mod:`composefsd.beneath`). A tree read
+  and must be the inodes the scan saw (:mod:`composefsd.sources.beneath`). A tree read
   with a caller's rights may have at most
   :attr:`RepositoryInterface.max_source_entries` entries. A
   ``sourceDirectoryFileDescriptor`` is reopened, never resolved by a path, and

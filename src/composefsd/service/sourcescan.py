@@ -49,8 +49,8 @@ from composefsd.repository.images import (
     scan_options,
     scan_source_directory,
 )
-from composefsd.scanner import ScanOptions, SourceScan
 from composefsd.service.fds import close_all, receive_fds
+from composefsd.sources.directory import ScanOptions, SourceScan
 
 __all__ = ["decode_scan", "encode_scan", "scan_as"]
 

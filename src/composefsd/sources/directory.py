@@ -16,7 +16,7 @@ Every access after the source itself is opened goes through file descriptors:
   long paths), so they all belong to one inode, whatever is renamed meanwhile;
 * regular files are hashed and copied by relative path beneath the source's fd,
   never following a symlink, and only if they are still the inode scanned
-  (:mod:`composefsd.beneath`): someone who can write the tree cannot make us read
+  (:mod:`composefsd.sources.beneath`): someone who can write the tree cannot make us read
   a file outside it (C reopens by full path, and would). A file that changed
   after it was scanned fails with a message naming it.
 
@@ -66,10 +66,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from composefsd import workerproc
-from composefsd.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
-from composefsd.objcopy import CopyState, join_store_path, store_object
+from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
+from composefsd.sources.objcopy import CopyState, join_store_path, store_object
 
 __all__ = [
     "ScanError",
@@ -744,7 +744,7 @@ def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
 
 
 def _start_worker(root_fd: int) -> subprocess.Popen[bytes]:
-    return workerproc.start("composefsd.scanner", "_worker_main", pass_fds=(root_fd,))
+    return workerproc.start("composefsd.sources.directory", "_worker_main", pass_fds=(root_fd,))
 
 
 def _worker_main() -> None:
@@ -771,7 +771,7 @@ class _Pipeline:
 
     Hashing runs in ``threads`` lanes (:class:`_HashLane`), in-process for small
     trees and in worker processes for large ones. Every file is opened beneath
-    ``root_fd`` (:mod:`composefsd.beneath`); ``display`` is the source as named,
+    ``root_fd`` (:mod:`composefsd.sources.beneath`); ``display`` is the source as named,
     for messages.
 
     Errors are reported the way C's phase order would report them: a scan error wins
@@ -1102,7 +1102,7 @@ def scan_source(
 ) -> SourceScan:
     """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
     reading any file's data; list its regular files for an importer, which reads
-    them beneath ``root_fd`` (:mod:`composefsd.beneath`).
+    them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`).
 
     Of ``options`` only what selects metadata applies (``use_epoch``,
     ``skip_devices``, the xattr choices, ``preserve_hardlinks``). ``display`` names
