@@ -52,8 +52,8 @@ from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.images import SYMLINK_TMP_PREFIX, is_hex_digest
 from composefsd.repository.meta import RepoMetadata, VerityPolicy
-from composefsd.repository.objects import TMP_PREFIX
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import TMP_PREFIX
 from composefsd.repository.verify import (
     FileCheck,
     RepositoryView,

@@ -58,8 +58,8 @@ from composefsd.repository.images import (
     split_digest_prefix,
 )
 from composefsd.repository.locking import gc_lock, reader_lock
-from composefsd.repository.objects import object_relpath
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import object_relpath
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -69,7 +69,7 @@ __all__ = ["GcResult", "collect_garbage", "discard_added"]
 log = logging.getLogger(__name__)
 
 _TEMP_PREFIXES = (".tmp",)
-#: Digest caches (:class:`~composefsd.repository.objects.DigestCache`) of trees not
+#: Digest caches (:class:`~composefsd.repository.digestcache.DigestCache`) of trees not
 #: imported for this long are dropped.
 CACHE_MAX_AGE = 30 * 24 * 3600
 

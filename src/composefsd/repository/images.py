@@ -7,7 +7,7 @@ Layout (composefs-rs's, reference notes section 1.1)::
 
 All links are relative symlinks. An image is visible once ``images/<hex>``
 exists; CreateImage makes the objects and the image durable first (fsync of
-everything it wrote, see :func:`composefsd.repository.objects.sync_objects`),
+everything it wrote, see :func:`composefsd.repository.store.sync_objects`),
 then creates ``images/<hex>`` and fsyncs ``images/``, then points the ref at it
 (a temporary symlink renamed over the ref, then an fsync of its directory). A
 killed CreateImage therefore leaves at most unreferenced objects, which GC
@@ -28,7 +28,7 @@ CreateImage from a directory (:func:`create_from_directory`) gives the image C
 ``mkcomposefs --digest-store`` gives for the same tree and options, and the same
 objects: the tree is walked by :func:`composefsd.sources.directory.scan_source` (no file
 is read), then every regular file is hashed with the repository's algorithm and
-published if new by an :class:`~composefsd.repository.objects.Importer` (worker
+published if new by an :class:`~composefsd.repository.importer.Importer` (worker
 processes for large trees), files of 64 bytes or less are inlined, and
 :func:`composefsd.image.writer.write_image` writes the image. Files are read
 beneath the source directory's fd, never through a symlink, and only if they are
@@ -66,6 +66,7 @@ from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
 from composefsd.image.writer import write_image
+from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
     ImageNotFoundError,
     InvalidNameError,
@@ -74,20 +75,16 @@ from composefsd.repository.errors import (
     SourceError,
     os_error_text,
 )
+from composefsd.repository.importer import ImportConfig, Importer, ImportResult, ImportTask
 from composefsd.repository.locking import RepoLock, reader_lock, writer_lock
-from composefsd.repository.objects import (
-    DigestCache,
-    ImportConfig,
-    Importer,
-    ImportResult,
-    ImportTask,
+from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import (
     ObjectResult,
     ObjectStore,
     object_relpath,
     random_name,
     sync_objects,
 )
-from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.sources.beneath import check_relpath
 from composefsd.sources.directory import (
     ScanError,
@@ -157,7 +154,7 @@ class CreateOptions:
     #: Hashing and copying lanes; None: one per CPU this process may run on.
     threads: int | None = None
     #: Reuse digests of unchanged files from the previous import of the same tree
-    #: (:class:`~composefsd.repository.objects.DigestCache`).
+    #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
 
     def __post_init__(self) -> None:

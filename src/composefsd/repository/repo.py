@@ -59,8 +59,8 @@ from composefsd.repository.images import (
 )
 from composefsd.repository.locking import reader_lock
 from composefsd.repository.meta import META_JSON, RepoMetadata, VerityPolicy, parse_algorithm
-from composefsd.repository.objects import ObjectStore, PublishState, TmpFile, object_relpath
 from composefsd.repository.progress import ProgressCallback
+from composefsd.repository.store import ObjectStore, PublishState, TmpFile, object_relpath
 
 if TYPE_CHECKING:
     from composefsd.repository.fsck import FsckReport

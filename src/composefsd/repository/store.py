@@ -1,7 +1,7 @@
-"""Publishing objects under ``objects/XX/<rest of hex>``, and bulk imports of files.
+"""Publishing objects under ``objects/XX/<rest of hex>``: :class:`ObjectStore`.
 
 An object is a regular file named by its fs-verity digest (the repository's
-algorithm). Publishing one (:class:`ObjectStore`):
+algorithm). Publishing one:
 
 1. If ``objects/XX/rest`` exists as a regular file of the right size, it is reused
    (deduplication). A damaged one (wrong size or type, or a kernel-measured
@@ -35,43 +35,28 @@ once so that the filesystem batches the journal commits; one ``sync()`` for
 thousands of objects). ``fsync_each`` fsyncs every object before it is linked
 instead, as C mkcomposefs does; on /usr that was slower.
 
-Bulk imports (:class:`Importer`) hash each file with the repository's algorithm
-and publish it if it is new, in ``threads`` lanes: in-process threads for small
-amounts of data, one worker process per lane for large ones (per-block fs-verity
-hashing holds the GIL, as explained in :mod:`composefsd.sources.directory`). Worker
-processes publish objects themselves, under the caller's repository lock,
-whose fd they inherit so that it outlives a killed parent until they exit.
-
 Hash first, copy only what is new (:meth:`ObjectStore.import_fd`), was measured
 against hashing while copying (:meth:`ObjectStore.import_fd_hashing_copy`, one
 read of the source): on /usr into an empty repository both take about as long
 (the disk is the limit), and on a repository that already has the objects the
 latter writes and throws away a copy of everything (20 s against 13 s). So
 hashing while copying is used only for files known to need copying: unchanged
-files (per the :class:`DigestCache`) whose object is gone.
+files (per the :class:`~composefsd.repository.digestcache.DigestCache`) whose
+object is gone. Bulk imports are :mod:`composefsd.repository.importer`'s.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
-import marshal
 import os
-import queue
-import signal
 import stat
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from composefsd import workerproc
-from composefsd.credentials import Credentials, CredentialsError, acting_as
-from composefsd.dirs import make_dir, make_dirs
+from composefsd.dirs import make_dir
 from composefsd.fsverity import (
     Algorithm,
     FsVerityHasher,
@@ -85,7 +70,6 @@ from composefsd.fsverity import (
     enable_verity,
     measure_verity,
 )
-from composefsd.image.tree import gc_paused
 from composefsd.repository.errors import (
     RepositoryError,
     SourceError,
@@ -93,21 +77,17 @@ from composefsd.repository.errors import (
     os_error_text,
 )
 from composefsd.repository.meta import VerityPolicy
-from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.sources.objcopy import CopyState, copy_fd_data
 
 __all__ = [
+    "COPY_BUFSIZE",
     "OBJECT_MODE",
     "TMP_PREFIX",
-    "DigestCache",
-    "ImportConfig",
-    "ImportResult",
-    "ImportTask",
-    "Importer",
     "ObjectResult",
     "ObjectStore",
     "PublishState",
     "TmpFile",
+    "check_unchanged",
     "object_relpath",
     "random_name",
     "sync_objects",
@@ -117,22 +97,16 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-object-"
 OBJECT_MODE = 0o644
+#: The read buffer of a copy that hashes what it copies.
+COPY_BUFSIZE = 1 << 20
 _DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_TABLE = bytes(_NAME_CHARS[i % len(_NAME_CHARS)] for i in range(256))
 # O_TMPFILE errors that mean "not here" (EISDIR: kernels that predate it).
 _NO_TMPFILE = frozenset((errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS))
 _BUSY_RETRIES = 3
 _BUSY_SLEEP = 0.001
-_COPY_BUFSIZE = 1 << 20
-# Work units of the importer: this many files or bytes, whichever comes first.
-_BATCH_FILES = 64
-_BATCH_BYTES = 32 << 20
-# From this much data on the importer uses worker processes.
-_PROCESS_MIN_BYTES = 128 << 20
-_PROGRESS_INTERVAL = 0.2
 _SYNC_THREADS = 16
 _SYNC_ALL_MIN = 2000
 # Errors of a copy that are the repository's side failing, not the source's.
@@ -156,13 +130,6 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         if written <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
-
-
-def _read_all(fd: int) -> bytes:
-    parts: list[bytes] = []
-    while chunk := os.read(fd, 65536):
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 @dataclass(slots=True, frozen=True)
@@ -600,13 +567,13 @@ class ObjectStore:
             raise SourceError(f"its digest is {digest.hex()}, not {expected.hex()}")
         found = self.existing(digest, st.st_size)
         if isinstance(found, ObjectResult):
-            _check_unchanged(src_fd, st)
+            check_unchanged(src_fd, st)
             return found
         tmp = self._new_tmp()
         try:
             os.lseek(src_fd, 0, os.SEEK_SET)
             self._copy(src_fd, tmp)
-            _check_unchanged(src_fd, st)
+            check_unchanged(src_fd, st)
         except BaseException:
             tmp.close()
             raise
@@ -620,7 +587,7 @@ class ObjectStore:
         st = os.fstat(src_fd)
         if not stat.S_ISREG(st.st_mode):
             raise SourceError("not a regular file", errno=errno.EINVAL)
-        view = memoryview(buf if buf is not None else bytearray(_COPY_BUFSIZE))
+        view = memoryview(buf if buf is not None else bytearray(COPY_BUFSIZE))
         hasher = FsVerityHasher(self.algorithm)
         tmp = self._new_tmp()
         try:
@@ -636,7 +603,7 @@ class ObjectStore:
                 except OSError as exc:
                     raise self._repo_error(exc, "write an object") from exc
                 offset += got
-            _check_unchanged(src_fd, st)
+            check_unchanged(src_fd, st)
             digest = hasher.digest()
             if expected is not None and digest != expected:
                 raise SourceError(f"its digest is {digest.hex()}, not {expected.hex()}")
@@ -650,7 +617,7 @@ class ObjectStore:
         return self._publish(tmp, digest, offset, found is _REPLACE)
 
 
-def _check_unchanged(fd: int, before: os.stat_result) -> None:
+def check_unchanged(fd: int, before: os.stat_result) -> None:
     after = os.fstat(fd)
     if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
         before.st_size,
@@ -691,585 +658,3 @@ def sync_objects(objects_dir: str | os.PathLike[str], rels: Iterable[str]) -> No
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-# -- bulk imports -----------------------------------------------------------------------
-
-
-@dataclass(slots=True, frozen=True)
-class ImportTask:
-    """One file to import, at ``rel`` beneath the import's source directory.
-
-    ``inline``: only read its content (a file of at most 64 bytes that the image
-    stores inline). ``expected``: the digest it must have; when given and the
-    object exists, the source is not even read. ``key``: the file as the scan saw
-    it; the file opened must still be that one (:mod:`composefsd.sources.beneath`)."""
-
-    rel: bytes
-    size: int
-    expected: bytes | None = None
-    inline: bool = False
-    #: Hash it while copying it (it is known to need copying).
-    hashing_copy: bool = False
-    key: FileKey | None = None
-
-
-@dataclass(slots=True, frozen=True)
-class ImportResult:
-    digest: bytes | None
-    content: bytes | None
-    written: bool
-    verity: bool
-    #: The source's key (dev, ino, size, mtime_ns, ctime_ns) when it was hashed.
-    stat: FileKey | None = None
-
-
-@dataclass(slots=True, frozen=True)
-class ImportConfig:
-    """Everything a worker process needs to read the source and publish into a
-    repository. ``source_fd`` is the directory files are read beneath (worker
-    processes inherit it), ``display`` its name for messages, and ``credentials``
-    whose rights to read with (None: the importing process's own)."""
-
-    objects_dir: str
-    algorithm: str
-    policy: str
-    verity: bool | None
-    source_fd: int
-    display: bytes = b"."
-    fsync_each: bool = False
-    hashing_copy: bool = False
-    credentials: Credentials | None = None
-
-    def store(self, state: PublishState | None = None) -> ObjectStore:
-        return ObjectStore(
-            self.objects_dir,
-            Algorithm.parse(self.algorithm),
-            VerityPolicy(self.policy),
-            state=state or PublishState(self.verity),
-            fsync_each=self.fsync_each,
-        )
-
-    def opener(self) -> BeneathOpener:
-        return BeneathOpener(self.source_fd, self.display)
-
-    def to_wire(self) -> tuple[object, ...]:
-        creds = self.credentials.to_wire() if self.credentials is not None else None
-        return (
-            self.objects_dir,
-            self.algorithm,
-            self.policy,
-            self.verity,
-            self.source_fd,
-            self.display,
-            self.fsync_each,
-            self.hashing_copy,
-            creds,
-        )
-
-    @classmethod
-    def from_wire(cls, wire: tuple[object, ...]) -> ImportConfig:
-        (objects_dir, algorithm, policy, verity, source_fd, display, fsync_each, copy, creds) = wire
-        assert isinstance(objects_dir, str) and isinstance(algorithm, str)
-        assert isinstance(policy, str) and isinstance(source_fd, int)
-        assert isinstance(display, bytes)
-        assert verity is None or isinstance(verity, bool)
-        return cls(
-            objects_dir,
-            algorithm,
-            policy,
-            verity,
-            source_fd,
-            display,
-            bool(fsync_each),
-            bool(copy),
-            Credentials.from_wire(creds) if creds is not None else None,  # type: ignore[arg-type]
-        )
-
-
-class DigestCache:
-    """Digests of one source tree's files from the previous import of that tree.
-
-    Entries are keyed by path relative to the tree and hold the file's
-    ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` as it was when hashed.
-    An entry is used only if the scan found exactly those (the file is then not
-    even opened), and only to find an object that exists; a
-    file whose object is missing is hashed again as it is copied. The ctime
-    cannot be set from userspace and moves with every change of the file, so an
-    unchanged key means unchanged content, unless a change landed within the
-    timestamp granularity of the hashing: entries whose ctime is less than
-    ``RACY_NS`` before the import began are not kept (git's "racy clean" rule).
-
-    The cache lives in the repository (``cache/digests-<alg>-<hash of the
-    source path>``): whoever can write it can write the objects anyway. It is
-    rewritten (atomically, without fsync: losing it only costs time) after an
-    import of the tree that changed it; a missing or unreadable one is empty.
-    """
-
-    VERSION = 2
-    RACY_NS = 2_000_000_000
-
-    def __init__(
-        self, path: str | None, key: tuple[int, str, bytes], entries: dict[bytes, _Cached]
-    ) -> None:
-        self.path = path
-        self.key = key
-        self.entries = entries
-        self.stamp_ns = time.time_ns()
-
-    @classmethod
-    def open(
-        cls, cache_dir: str | os.PathLike[str], source: bytes, algorithm: Algorithm
-    ) -> DigestCache:
-        real = os.path.realpath(source)
-        name = f"digests-{algorithm.value}-{hashlib.sha256(real).hexdigest()[:32]}"
-        path = os.path.join(os.fspath(cache_dir), name)
-        key = (cls.VERSION, algorithm.value, source)
-        entries: dict[bytes, _Cached] = {}
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            with gc_paused():
-                doc = marshal.loads(data)
-            if isinstance(doc, tuple) and len(doc) == 2 and doc[0] == key:
-                loaded = doc[1]
-                if isinstance(loaded, dict):
-                    entries = loaded
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, EOFError, TypeError) as exc:
-            log.info("ignoring unreadable digest cache %s: %s", path, exc)
-        return cls(path, key, entries)
-
-    def resolve(
-        self, store: ObjectStore, tasks: Sequence[ImportTask]
-    ) -> tuple[dict[int, ImportResult], list[ImportTask]]:
-        """Split ``tasks``: results for the cache hits (by index), and the tasks left
-        to import. A file that is unchanged but whose object is gone is marked to be
-        hashed as it is copied."""
-        hits: dict[int, ImportResult] = {}
-        rest: list[ImportTask] = []
-        entries = self.entries
-        # Without verity to look at, a hit costs one stat call; this loop is most of
-        # what re-importing an unchanged tree costs, so it avoids per-call overhead.
-        plain = not store._wants_verity()
-        dir_fd = store.dir_fd
-        for i, task in enumerate(tasks):
-            key = task.key
-            cached = entries.get(task.rel) if not task.inline and key is not None else None
-            if cached is None or key is None:
-                rest.append(task)
-                continue
-            if key != cached[:5] or key[2] != task.size:
-                rest.append(task)
-                continue
-            digest = cached[5]
-            if plain:
-                hexed = digest.hex()
-                try:
-                    ost = os.stat(hexed[:2] + "/" + hexed[2:], dir_fd=dir_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    rest.append(_copy_task(task))
-                    continue
-                if stat.S_ISREG(ost.st_mode) and ost.st_size == task.size:
-                    hits[i] = ImportResult(digest, None, False, False, key)
-                else:
-                    rest.append(task)  # damaged: the import replaces it
-                continue
-            found = store.existing(digest, task.size)
-            if isinstance(found, ObjectResult):
-                hits[i] = ImportResult(digest, None, False, found.verity, key)
-            else:
-                rest.append(_copy_task(task))
-        return hits, rest
-
-    def save(self, tasks: Sequence[ImportTask], results: Sequence[ImportResult]) -> None:
-        """Keep the digests of this import (unless racy); written only if changed."""
-        if self.path is None:
-            return
-        limit = self.stamp_ns - self.RACY_NS
-        fresh: dict[bytes, _Cached] = {}
-        for task, result in zip(tasks, results, strict=True):
-            st = result.stat
-            if st is not None and result.digest is not None and st[4] < limit:
-                fresh[task.rel] = (*st, result.digest)
-        if fresh == self.entries:
-            return
-        directory = os.path.dirname(self.path)
-        tmp = os.path.join(directory, random_name(".tmp-cache-"))
-        try:
-            make_dirs(directory, 0o700)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            with open(os.open(tmp, flags, 0o600), "wb") as f:
-                f.write(marshal.dumps((self.key, fresh)))
-            os.rename(tmp, self.path)
-        except OSError as exc:
-            log.warning("cannot write digest cache %s: %s", self.path, os_error_text(exc))
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        self.entries = fresh
-
-
-# Marshal-friendly forms of tasks, results and failures.
-#: A digest cache entry: the key, then the digest.
-_Cached = tuple[int, int, int, int, int, bytes]
-#: (rel, size, expected, inline, hashing copy, key)
-_Task = tuple[bytes, int, "bytes | None", bool, bool, "FileKey | None"]
-_Result = tuple["bytes | None", "bytes | None", bool, bool, "FileKey | None"]
-_Failure = tuple[str, "int | None", str]
-
-
-def _copy_task(task: ImportTask) -> ImportTask:
-    """``task``, hashed as it is copied (an unchanged file whose object is gone)."""
-    return ImportTask(task.rel, task.size, task.expected, False, True, task.key)
-
-
-def _source_error(opener: BeneathOpener, rel: bytes, exc: OSError) -> SourceError:
-    if isinstance(exc, ChangedError):
-        return SourceError(str(exc), errno=exc.errno)
-    path = os.fsdecode(opener.full_path(rel))
-    return SourceError(f"cannot read {path}: {os_error_text(exc)}", errno=exc.errno)
-
-
-def _open_sources(
-    opener: BeneathOpener, tasks: Sequence[_Task], skip: Sequence[bool], creds: Credentials | None
-) -> tuple[list[int | None], SourceError | None]:
-    """Open the sources of ``tasks`` (not those ``skip`` marks), with ``creds``'s rights;
-    stops at the first failure, which is returned with the fds opened before it."""
-    fds: list[int | None] = []
-    try:
-        with acting_as(creds):
-            for task, skipped in zip(tasks, skip, strict=True):
-                if skipped:
-                    fds.append(None)
-                    continue
-                try:
-                    fds.append(opener.open(task[0], task[5]))
-                except OSError as exc:
-                    return fds, _source_error(opener, task[0], exc)
-    except CredentialsError as exc:
-        who = f"uid {creds.uid}" if creds is not None else "this process"
-        return fds, SourceError(
-            f"cannot read {os.fsdecode(opener.display)} with the rights of {who}: {exc.strerror}",
-            errno=exc.errno,
-        )
-    return fds, None
-
-
-def _import_fd(
-    store: ObjectStore, fd: int, task: _Task, hashing_copy: bool, buf: bytearray, path: str
-) -> _Result:
-    _rel, size, expected, inline, copy, _key = task
-    try:
-        if inline:
-            # C lcfs_node_set_from_content: read it all; shorter than stat said is ENODATA.
-            data = _read_all(fd)
-            if len(data) < size:
-                raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
-            return None, data[:size], False, False, None
-        st = os.fstat(fd)
-        # An unchanged file whose object is gone: it will be copied, hash it on the way.
-        if hashing_copy or copy:
-            result = store.import_fd_hashing_copy(fd, expected=expected, buf=buf)
-        else:
-            result = store.import_fd(fd, expected=expected)
-        _check_unchanged(fd, st)
-    except SourceError as exc:
-        raise SourceError(f"{path}: {exc.message}", errno=exc.errno) from exc
-    except OSError as exc:
-        # Repository-side failures arrive as RepositoryError; this one is the source's.
-        raise SourceError(f"cannot read {path}: {os_error_text(exc)}", errno=exc.errno) from exc
-    if result.size != size:
-        raise SourceError(
-            f"{path}: {result.size} bytes, not {size} as when it was scanned", errno=errno.EAGAIN
-        )
-    return bytes.fromhex(result.digest), None, result.written, result.verity, file_key(st)
-
-
-def _failure(exc: BaseException) -> _Failure:
-    if isinstance(exc, VerityRequiredError):
-        return "verity", exc.errno, exc.message
-    if isinstance(exc, SourceError):
-        return "source", exc.errno, exc.message
-    if isinstance(exc, RepositoryError):
-        return "repo", exc.errno, exc.message
-    if isinstance(exc, OSError):
-        return "repo", exc.errno, f"cannot write an object: {os_error_text(exc)}"
-    return "internal", None, f"{type(exc).__name__}: {exc}"
-
-
-def _raise_failure(failure: _Failure) -> None:
-    kind, err, message = failure
-    if kind == "verity":
-        raise VerityRequiredError(message, errno=err)
-    if kind == "source":
-        raise SourceError(message, errno=err)
-    raise RepositoryError(message, errno=err)
-
-
-def _run_batch(
-    store: ObjectStore,
-    opener: BeneathOpener,
-    tasks: Sequence[_Task],
-    hashing_copy: bool,
-    buf: bytearray,
-    creds: Credentials | None = None,
-) -> list[_Result | _Failure]:
-    """Import a batch; a failure ends it (and is its last entry).
-
-    Three steps, so that ``creds`` are only in effect while the sources are
-    opened: the repository is looked up and written with this process's rights.
-    """
-    out: list[_Result | _Failure] = []
-    found: list[ObjectResult | None] = []
-    try:
-        for _rel, size, expected, inline, _copy, _key in tasks:
-            hit = store.existing(expected, size) if expected is not None and not inline else None
-            found.append(hit if isinstance(hit, ObjectResult) else None)
-    except Exception as exc:  # reported to the parent, which raises it
-        return [_failure(exc)]
-    fds, failure = _open_sources(opener, tasks, [f is not None for f in found], creds)
-    try:
-        for i, fd in enumerate(fds):
-            hit = found[i]
-            if hit is not None:
-                out.append((bytes.fromhex(hit.digest), None, False, hit.verity, None))
-                continue
-            assert fd is not None
-            path = os.fsdecode(opener.full_path(tasks[i][0]))
-            try:
-                out.append(_import_fd(store, fd, tasks[i], hashing_copy, buf, path))
-            except Exception as exc:  # reported to the parent, which raises it
-                out.append(_failure(exc))
-                return out
-            finally:
-                os.close(fd)
-                fds[i] = None
-    finally:
-        for fd in fds:
-            if fd is not None:
-                os.close(fd)
-    if failure is not None:
-        out.append(_failure(failure))
-    return out
-
-
-def _worker_main() -> None:
-    """An import worker process: a config, then batches from stdin, results to stdout.
-
-    It reads the source beneath the inherited ``config.source_fd`` and, with
-    ``config.credentials``, opens it with the caller's rights
-    (:func:`composefsd.credentials.acting_as`; this process has one thread)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-
-    def receive() -> object:
-        try:
-            return workerproc.receive(inp)
-        except EOFError:
-            return None
-
-    config_tuple = receive()
-    if config_tuple is None:
-        return
-    assert isinstance(config_tuple, tuple)
-    config = ImportConfig.from_wire(config_tuple)
-    buf = bytearray(_COPY_BUFSIZE)
-    with config.store() as store, config.opener() as opener:
-        while True:
-            tasks = receive()
-            if tasks is None or os.getppid() != parent:
-                return
-            assert isinstance(tasks, list)
-            reply = _run_batch(store, opener, tasks, config.hashing_copy, buf, config.credentials)
-            try:
-                workerproc.write_message(out, reply)
-            except BrokenPipeError:
-                # The parent is gone (killed): what this batch published is complete
-                # objects; leave without a traceback, and without flushing again.
-                os._exit(0)
-
-
-def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
-    # Its stderr stays ours: an import worker's failure is worth seeing.
-    proc = workerproc.start(
-        "composefsd.repository.objects",
-        "_worker_main",
-        pass_fds=(*pass_fds, config.source_fd),
-        quiet=False,
-    )
-    workerproc.send(proc, config.to_wire())
-    return proc
-
-
-class _Lane(threading.Thread):
-    def __init__(self, importer: Importer, index: int) -> None:
-        super().__init__(name=f"cfs-import-{index}", daemon=True)
-        self.importer = importer
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def run(self) -> None:
-        imp = self.importer
-        buf = bytearray(_COPY_BUFSIZE)
-        opener = imp.config.opener()
-        try:
-            while True:
-                item = imp.work.get()
-                if item is None:
-                    return
-                if imp.failure is not None:
-                    continue
-                start, tasks = item
-                if imp.use_processes:
-                    results = self._remote(tasks)
-                else:
-                    assert imp.store is not None
-                    results = _run_batch(imp.store, opener, tasks, imp.config.hashing_copy, buf)
-                imp.done(start, tasks, results)
-        except BaseException as exc:  # never die silently: it would hang run()
-            imp.fail(_failure(exc))
-        finally:
-            opener.close()
-            self.stop()
-
-    def _remote(self, tasks: list[_Task]) -> list[_Result | _Failure]:
-        imp = self.importer
-        if self.proc is None:
-            self.proc = _start_worker(imp.config, imp.pass_fds)
-        assert self.proc.stdout is not None
-        workerproc.send(self.proc, tasks)
-        try:
-            results: list[_Result | _Failure] = workerproc.receive(self.proc.stdout)
-        except EOFError:
-            raise RepositoryError(f"import worker exited with status {self.proc.wait()}") from None
-        return results
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            workerproc.stop(proc, kill=self.importer.failure is not None, timeout=30)
-
-
-class Importer:
-    """Imports many files into a repository's objects, in ``threads`` lanes.
-
-    ``run(tasks)`` returns one :class:`ImportResult` per task, in order, or raises
-    the first failure (:class:`SourceError`, :class:`VerityRequiredError`,
-    :class:`RepositoryError`). ``progress(files_done, bytes_done)`` is called from
-    the calling thread a few times a second. ``pass_fds`` go to worker processes
-    (the repository lock fd), as does ``config.source_fd``. With
-    ``config.credentials`` the import always runs in worker processes: a process
-    with other threads cannot switch rights for one of them.
-    """
-
-    def __init__(
-        self,
-        config: ImportConfig,
-        *,
-        threads: int,
-        use_processes: bool | None = None,
-        pass_fds: Sequence[int] = (),
-        progress: Callable[[int, int], None] | None = None,
-    ) -> None:
-        self.config = config
-        self.threads = max(1, threads)
-        self.use_processes_opt = use_processes
-        self.use_processes = False
-        self.pass_fds = tuple(pass_fds)
-        self.progress = progress
-        self.store: ObjectStore | None = None
-        self.work: queue.SimpleQueue[tuple[int, list[_Task]] | None] = queue.SimpleQueue()
-        self.failure: _Failure | None = None
-        self.files_done = 0
-        self.bytes_done = 0
-        #: Digests (hex) of the objects this import wrote, failed or not (known once
-        #: their batch came back: a worker killed mid-batch takes its own with it).
-        self.written: list[str] = []
-        self._results: list[_Result | None] = []
-        self._lock = threading.Lock()
-
-    def done(self, start: int, tasks: list[_Task], results: list[_Result | _Failure]) -> None:
-        files = size = 0
-        written: list[str] = []
-        for i, result in enumerate(results):
-            if isinstance(result[0], str):
-                self.fail(result)
-                break
-            self._results[start + i] = result
-            files += 1
-            size += tasks[i][1]
-            digest = result[0]
-            if result[2] and isinstance(digest, bytes):
-                written.append(digest.hex())
-        with self._lock:
-            self.files_done += files
-            self.bytes_done += size
-            self.written.extend(written)
-
-    def fail(self, failure: _Failure) -> None:
-        with self._lock:
-            if self.failure is None:
-                self.failure = failure
-
-    def run(self, tasks: Sequence[ImportTask]) -> list[ImportResult]:
-        self._results = [None] * len(tasks)
-        if not tasks:
-            return []
-        total = sum(t.size for t in tasks if not t.inline)
-        if self.config.credentials is not None:
-            self.use_processes = True
-        elif self.use_processes_opt is None:
-            self.use_processes = self.threads > 1 and total >= _PROCESS_MIN_BYTES
-        else:
-            self.use_processes = self.use_processes_opt
-        lanes = [_Lane(self, i) for i in range(min(self.threads, len(tasks)))]
-        if not self.use_processes:
-            self.store = self.config.store()
-        try:
-            batch: list[_Task] = []
-            batch_bytes = 0
-            start = 0
-            for i, t in enumerate(tasks):
-                if not batch:
-                    start = i
-                batch.append((t.rel, t.size, t.expected, t.inline, t.hashing_copy, t.key))
-                batch_bytes += 0 if t.inline else t.size
-                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    self.work.put((start, batch))
-                    batch, batch_bytes = [], 0
-            if batch:
-                self.work.put((start, batch))
-            for _ in lanes:
-                self.work.put(None)
-            for lane in lanes:
-                lane.start()
-            for lane in lanes:
-                while lane.is_alive():
-                    lane.join(_PROGRESS_INTERVAL)
-                    if self.progress is not None:
-                        self.progress(self.files_done, self.bytes_done)
-        except BaseException:
-            self.fail(("internal", None, "interrupted"))
-            for lane in lanes:
-                if lane.proc is not None:
-                    lane.proc.kill()
-            for lane in lanes:
-                if lane.is_alive():
-                    lane.join()
-            raise
-        finally:
-            if self.store is not None:
-                self.store.close()
-                self.store = None
-        if self.failure is not None:
-            _raise_failure(self.failure)
-        if self.progress is not None:
-            self.progress(self.files_done, self.bytes_done)
-        out: list[ImportResult] = []
-        for r in self._results:
-            assert r is not None
-            out.append(ImportResult(r[0], r[1], r[2], r[3], r[4]))
-        return out
