@@ -12,6 +12,7 @@ repositories. Start with :class:`Repository` (``Repository.init(path)`` or
 """
 
 from composefsd.repository.errors import (
+    CorruptObjectError,
     CorruptRepositoryError,
     ImageNotFoundError,
     InvalidNameError,
@@ -37,6 +38,7 @@ from composefsd.repository.repo import Repository, default_path
 from composefsd.repository.store import ObjectResult
 
 __all__ = [
+    "CorruptObjectError",
     "CorruptRepositoryError",
     "CreateOptions",
     "CreateResult",

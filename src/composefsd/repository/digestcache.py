@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from composefsd.dirs import make_dirs
 from composefsd.fsverity import Algorithm
 from composefsd.image.tree import gc_paused
+from composefsd.objectlayout import object_relpath
 from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
@@ -97,6 +98,7 @@ class DigestCache:
         # what re-importing an unchanged tree costs, so it avoids per-call overhead.
         plain = not store._wants_verity()
         dir_fd = store.dir_fd
+        relpath = object_relpath
         for i, task in enumerate(tasks):
             key = task.key
             cached = entries.get(task.rel) if not task.inline and key is not None else None
@@ -108,9 +110,8 @@ class DigestCache:
                 continue
             digest = cached[5]
             if plain:
-                hexed = digest.hex()
                 try:
-                    ost = os.stat(hexed[:2] + "/" + hexed[2:], dir_fd=dir_fd, follow_symlinks=False)
+                    ost = os.stat(relpath(digest.hex()), dir_fd=dir_fd, follow_symlinks=False)
                 except FileNotFoundError:
                     rest.append(_copy_task(task))
                     continue

@@ -66,8 +66,10 @@ from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
 from composefsd.image.writer import write_image
+from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
+    CorruptObjectError,
     ImageNotFoundError,
     InvalidNameError,
     RepositoryBusyError,
@@ -81,7 +83,6 @@ from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import (
     ObjectResult,
     ObjectStore,
-    object_relpath,
     random_name,
     sync_objects,
 )
@@ -111,7 +112,6 @@ __all__ = [
     "create_from_dumpfile",
     "create_from_scan",
     "describe_image",
-    "is_hex_digest",
     "iter_refs",
     "list_images",
     "normalize_ref",
@@ -126,7 +126,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYMLINK_TMP_PREFIX = ".symlink-"
-_HEX = frozenset("0123456789abcdef")
 _S_IFMT = 0o170000
 _S_IFREG = stat.S_IFREG
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -238,10 +237,6 @@ class ImageDetails:
 
 
 # -- names --------------------------------------------------------------------------------
-
-
-def is_hex_digest(name: str, algorithm: Algorithm) -> bool:
-    return len(name) == 2 * algorithm.digest_size and _HEX.issuperset(name)
 
 
 def split_digest_prefix(name: str, algorithm: Algorithm, what: str) -> tuple[str, bool]:
@@ -549,8 +544,7 @@ def _apply(
             node.set_content(result.content)
             continue
         assert result.digest is not None
-        hexed = result.digest.hex().encode()
-        node.payload = hexed[:2] + b"/" + hexed[2:]
+        node.payload = object_payload(result.digest)
         if not keep_digest:
             node.digest = result.digest if sha256 else None
         elif not sha256:
@@ -951,12 +945,12 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
             except VerityError:
                 verity = False
             if st.st_size == 0:
-                raise RepositoryError(f"image {digest} is empty")
+                raise CorruptObjectError(f"image {digest} is empty")
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
                 try:
                     info = read_image(buf)
                 except ImageFormatError as exc:
-                    raise RepositoryError(f"image {digest} does not parse: {exc}") from exc
+                    raise CorruptObjectError(f"image {digest} does not parse: {exc}") from exc
                 objects: dict[bytes, int] = {}
                 entries = 0
                 for _path, node in info.root.walk():

@@ -29,6 +29,7 @@ from composefsd import workerproc
 from composefsd.credentials import Credentials, CredentialsError, acting_as
 from composefsd.fsverity import Algorithm
 from composefsd.repository.errors import (
+    CorruptObjectError,
     RepositoryError,
     SourceError,
     VerityRequiredError,
@@ -226,6 +227,8 @@ def _failure(exc: BaseException) -> _Failure:
         return "verity", exc.errno, exc.message
     if isinstance(exc, SourceError):
         return "source", exc.errno, exc.message
+    if isinstance(exc, CorruptObjectError):
+        return "corrupt", exc.errno, exc.message
     if isinstance(exc, RepositoryError):
         return "repo", exc.errno, exc.message
     if isinstance(exc, OSError):
@@ -239,6 +242,8 @@ def _raise_failure(failure: _Failure) -> None:
         raise VerityRequiredError(message, errno=err)
     if kind == "source":
         raise SourceError(message, errno=err)
+    if kind == "corrupt":
+        raise CorruptObjectError(message, errno=err)
     raise RepositoryError(message, errno=err)
 
 

@@ -52,7 +52,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -70,7 +70,16 @@ from composefsd.fsverity import (
     enable_verity,
     measure_verity,
 )
+from composefsd.objectlayout import (
+    TMP_PREFIX,
+    contains,
+    is_hex_digest,
+    iter_objects,
+    object_relpath,
+)
 from composefsd.repository.errors import (
+    CorruptObjectError,
+    InvalidNameError,
     RepositoryError,
     SourceError,
     VerityRequiredError,
@@ -82,25 +91,23 @@ from composefsd.sources.objcopy import CopyState, copy_fd_data
 __all__ = [
     "COPY_BUFSIZE",
     "OBJECT_MODE",
-    "TMP_PREFIX",
     "ObjectResult",
     "ObjectStore",
     "PublishState",
     "TmpFile",
     "check_unchanged",
-    "object_relpath",
     "random_name",
     "sync_objects",
 ]
 
 log = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-object-"
 OBJECT_MODE = 0o644
 #: The read buffer of a copy that hashes what it copies.
 COPY_BUFSIZE = 1 << 20
 _DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_OBJECT_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_TABLE = bytes(_NAME_CHARS[i % len(_NAME_CHARS)] for i in range(256))
 # O_TMPFILE errors that mean "not here" (EISDIR: kernels that predate it).
@@ -111,11 +118,6 @@ _SYNC_THREADS = 16
 _SYNC_ALL_MIN = 2000
 # Errors of a copy that are the repository's side failing, not the source's.
 _WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS))
-
-
-def object_relpath(hexdigest: str) -> str:
-    """``XX/rest``: the object's path relative to ``objects/``."""
-    return f"{hexdigest[:2]}/{hexdigest[2:]}"
 
 
 def random_name(prefix: str) -> str:
@@ -266,7 +268,9 @@ _REPLACE = object()
 
 
 class ObjectStore:
-    """Publishes objects into one repository's ``objects/`` directory.
+    """Publishes objects into one repository's ``objects/`` directory, and reads them
+    (:meth:`contains`, :meth:`open`, :meth:`iter_objects`; the layout is
+    :mod:`composefsd.objectlayout`'s).
 
     Thread-safe; every method opens and closes its own temporary fds. ``close()``
     (or the context manager) releases the directory fd.
@@ -399,9 +403,7 @@ class ObjectStore:
         if not self._wants_verity():
             return False
         try:
-            fd = os.open(
-                rel, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=self.dir_fd
-            )
+            fd = os.open(rel, _OBJECT_FLAGS, dir_fd=self.dir_fd)
         except OSError as exc:
             raise self._repo_error(exc, f"open object {rel}") from exc
         try:
@@ -435,6 +437,25 @@ class ObjectStore:
     # -- lookups ------------------------------------------------------------------------
     def rel(self, digest: bytes) -> str:
         return object_relpath(digest.hex())
+
+    def _checked_rel(self, hexdigest: str) -> str:
+        if not is_hex_digest(hexdigest, self.algorithm):
+            raise InvalidNameError(f"not a {self.algorithm.value} digest: {hexdigest!r}")
+        return object_relpath(hexdigest)
+
+    def contains(self, hexdigest: str) -> bool:
+        """Whether something is at the object's path (a damaged object counts too)."""
+        self._checked_rel(hexdigest)
+        return contains(self.dir_fd, hexdigest)
+
+    def open(self, hexdigest: str) -> int:
+        """A read-only fd on the object (not following a symlink); ``OSError`` if it
+        cannot be opened, :class:`InvalidNameError` for a name that is no digest."""
+        return os.open(self._checked_rel(hexdigest), _OBJECT_FLAGS, dir_fd=self.dir_fd)
+
+    def iter_objects(self) -> Iterator[str]:
+        """The hex digests of the well-named objects (regular files) present."""
+        return iter_objects(self.dir_fd, self.algorithm)
 
     def existing(self, digest: bytes, size: int) -> ObjectResult | object | None:
         """The reusable object of that digest and size, None if absent, or ``_REPLACE``."""
@@ -494,7 +515,7 @@ class ObjectStore:
         found = self.existing(digest, size)
         if isinstance(found, ObjectResult):
             return found
-        raise RepositoryError(f"object {rel} appeared damaged while being published")
+        raise CorruptObjectError(f"object {rel} appeared damaged while being published")
 
     def _verity_new(self, holder: list[TmpFile], digest: bytes) -> bool:
         """Enable and check verity on ``holder[-1]``; a copy made because of ETXTBSY is
