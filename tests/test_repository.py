@@ -47,11 +47,13 @@ from composefsd.repository import (
     default_path,
     gc_lock,
 )
-from composefsd.repository import objects as objects_mod
+from composefsd.repository import digestcache as digestcache_mod
+from composefsd.repository import importer as importer_mod
 from composefsd.repository import repo as repo_mod
+from composefsd.repository import store as store_mod
 from composefsd.repository.images import normalize_ref
 from composefsd.repository.meta import RepoMetadata
-from composefsd.repository.objects import ObjectStore, PublishState
+from composefsd.repository.store import ObjectStore, PublishState
 from composefsd.sources.directory import ScanOptions, scan_directory
 
 TREE_SEEDS = [11, 2024, 77]
@@ -428,8 +430,8 @@ def test_create_image_in_worker_processes(
     tmp_path: Path, reference_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Large trees import in worker processes: same image and objects."""
-    monkeypatch.setattr(objects_mod, "_PROCESS_MIN_BYTES", 0)
-    monkeypatch.setattr(objects_mod, "_BATCH_FILES", 2)
+    monkeypatch.setattr(importer_mod, "_PROCESS_MIN_BYTES", 0)
+    monkeypatch.setattr(importer_mod, "_BATCH_FILES", 2)
     src = tmp_path / "src"
     rng = random.Random(3)
     for i in range(30):
@@ -708,9 +710,9 @@ def _forbid_verity(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("fs-verity was attempted under the disabled policy")
 
-    for module in (objects_mod, repo_mod, fsverity):
+    for module in (store_mod, repo_mod, fsverity):
         monkeypatch.setattr(module, "enable_verity", forbidden)
-    monkeypatch.setattr(objects_mod, "measure_verity", forbidden)
+    monkeypatch.setattr(store_mod, "measure_verity", forbidden)
 
 
 def test_disabled_never_attempts_verity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -757,8 +759,8 @@ class FakeVerity:
 
 
 def _fake_kernel(monkeypatch: pytest.MonkeyPatch, fake: FakeVerity) -> None:
-    monkeypatch.setattr(objects_mod, "enable_verity", fake.enable)
-    monkeypatch.setattr(objects_mod, "measure_verity", fake.measure)
+    monkeypatch.setattr(store_mod, "enable_verity", fake.enable)
+    monkeypatch.setattr(store_mod, "measure_verity", fake.measure)
 
 
 @pytest.mark.parametrize("policy", [VerityPolicy.TRY, VerityPolicy.REQUIRED])
@@ -905,7 +907,7 @@ def test_failed_copy_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         os.write(dst_fd, b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(objects_mod, "copy_fd_data", broken)
+    monkeypatch.setattr(store_mod, "copy_fd_data", broken)
     for tmpfile in (True, False):
         state = PublishState()
         state.tmpfile = tmpfile
@@ -925,14 +927,14 @@ def test_source_changing_during_import_is_refused(
     repo = Repository.init(tmp_path / "repo")
     src = tmp_path / "src"
     src.write_bytes(b"1" * 50_000)
-    real = objects_mod.copy_fd_data
+    real = store_mod.copy_fd_data
 
     def copy_then_touch(src_fd: int, dst_fd: int, state: Any) -> None:
         real(src_fd, dst_fd, state)
         with open(src, "r+b") as f:
             f.write(b"2")
 
-    monkeypatch.setattr(objects_mod, "copy_fd_data", copy_then_touch)
+    monkeypatch.setattr(store_mod, "copy_fd_data", copy_then_touch)
     with repo.object_store() as store:
         fd = os.open(src, os.O_RDONLY)
         try:
@@ -953,21 +955,21 @@ def test_digest_cache_is_trusted_only_for_unchanged_files(
     repo.create_image(src, ref="x")  # files just written: too recent to cache
     assert not repo.cache_dir.exists() or not list(repo.cache_dir.iterdir())
     hashed: list[int] = []
-    real = objects_mod.digest_fd
+    real = store_mod.digest_fd
 
     def counting(fd: int, *args: Any, **kwargs: Any) -> bytes:
         hashed.append(fd)
         return real(fd, *args, **kwargs)
 
-    real_hasher = objects_mod.FsVerityHasher
+    real_hasher = store_mod.FsVerityHasher
 
     def counting_hasher(*args: Any, **kwargs: Any) -> Any:
         hashed.append(-1)
         return real_hasher(*args, **kwargs)
 
-    monkeypatch.setattr(objects_mod, "digest_fd", counting)
-    monkeypatch.setattr(objects_mod, "FsVerityHasher", counting_hasher)
-    monkeypatch.setattr(objects_mod.DigestCache, "RACY_NS", -(10**18))  # cache everything now
+    monkeypatch.setattr(store_mod, "digest_fd", counting)
+    monkeypatch.setattr(store_mod, "FsVerityHasher", counting_hasher)
+    monkeypatch.setattr(digestcache_mod.DigestCache, "RACY_NS", -(10**18))  # cache everything now
     repo.create_image(src, ref="x")
     assert len(hashed) == 4  # a, b/c, b/same, big: the first run cached nothing
     [cache_file] = list(repo.cache_dir.iterdir())
@@ -998,7 +1000,7 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path, monkeypatch: pytest.Mo
     0644; the repository itself 0700 and the digest cache private, as always."""
     src = tmp_path / "src"
     simple_tree(src)
-    monkeypatch.setattr(objects_mod.DigestCache, "RACY_NS", -(10**18))  # cache everything now
+    monkeypatch.setattr(digestcache_mod.DigestCache, "RACY_NS", -(10**18))  # cache everything now
     old = os.umask(0o077)
     try:
         repo = Repository.init(tmp_path / "new" / "parent" / "repo")
@@ -1102,9 +1104,9 @@ def test_source_errors(tmp_path: Path) -> None:
 KILLED_PARENT = r"""
 import sys
 from composefsd.repository import CreateOptions, Repository
-from composefsd.repository import objects
-objects._PROCESS_MIN_BYTES = 0
-objects._BATCH_FILES = 1
+from composefsd.repository import importer
+importer._PROCESS_MIN_BYTES = 0
+importer._BATCH_FILES = 1
 repo = Repository.open(sys.argv[1])
 def progress(p):
     print(p.phase, p.done, flush=True)

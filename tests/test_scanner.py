@@ -29,16 +29,16 @@ from composefsd.image.dump_print import format_dump
 from composefsd.image.reader import read_image
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
+from composefsd.objectlayout import join_store_path, object_payload
 from composefsd.sources import directory as scanner
 from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
     ScanProgress,
     fill_digest_store,
-    payload_for_digest,
     scan_directory,
 )
-from composefsd.sources.objcopy import CopyState, copy_fd_data, join_store_path, store_object
+from composefsd.sources.objcopy import CopyState, copy_fd_data, store_object
 
 # -- the test tree ------------------------------------------------------------------------
 
@@ -305,7 +305,7 @@ def test_tree_details(tree: bytes) -> None:
     # Over 64 bytes: external, payload derived from the fs-verity digest.
     data = Path(os.fsdecode(tree + b"/f65")).read_bytes()
     assert f65.content is None and f65.digest == digest_bytes(data)
-    assert f65.payload == payload_for_digest(f65.digest)
+    assert f65.payload == object_payload(f65.digest)
     assert len(f65.payload) == 65 and f65.payload[2:3] == b"/"
     # Hardlinks are not detected by default: separate inodes, nlink 1, same payload.
     twin = root.children[b"hardlink-to-f65"]

@@ -30,6 +30,7 @@ from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mount
 from composefsd.kernel.repomount import mount_repository_image
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
 from composefsd.repository import (
+    CorruptObjectError,
     CorruptRepositoryError,
     ImageNotFoundError,
     InvalidNameError,
@@ -949,7 +950,11 @@ def test_pins_survive_restart_and_expire(env: Env) -> None:
         (RepositoryBusyError("busy"), "RepositoryBusy", {"message": "busy"}),
         (CorruptRepositoryError("meta"), "RepositoryCorrupt", {"message": "meta"}),
         (NotARepositoryError("gone"), "RepositoryCorrupt", {"message": "gone"}),
-        (RepositoryError("image x is empty"), "RepositoryCorrupt", {"message": "image x is empty"}),
+        (
+            CorruptObjectError("image x is empty"),
+            "RepositoryCorrupt",
+            {"message": "image x is empty"},
+        ),
         (
             RepositoryError("cannot list", errno=errno.EIO),
             "SystemError",

@@ -40,7 +40,7 @@ from composefsd.image.reader import read_image
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
 from composefsd.repository import CreateOptions, Repository, SourceError
-from composefsd.repository import objects as objects_mod
+from composefsd.repository import importer as importer_mod
 from composefsd.service import client
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import RepositoryInterface
@@ -144,13 +144,13 @@ def _after_scanning(
 
 def _before_import(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
     """Run ``action`` when the scan is done and the import of the files begins."""
-    original = objects_mod.Importer.run
+    original = importer_mod.Importer.run
 
     def run(self: Any, tasks: Any) -> Any:
         action()
         return original(self, tasks)
 
-    monkeypatch.setattr(objects_mod.Importer, "run", run)
+    monkeypatch.setattr(importer_mod.Importer, "run", run)
 
 
 # -- mkcomposefs --digest-store: the scanner ----------------------------------------------
@@ -268,7 +268,7 @@ def test_create_image_never_follows_a_swap(
     action, reason = SWAPS[swap]
     repo = Repository.init(tmp_path / "repo")
     if workers:
-        monkeypatch.setattr(objects_mod, "_PROCESS_MIN_BYTES", 0)
+        monkeypatch.setattr(importer_mod, "_PROCESS_MIN_BYTES", 0)
     _before_import(monkeypatch, lambda: action(stage))
     fd = os.open(stage.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if by_fd else None
     try:

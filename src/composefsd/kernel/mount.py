@@ -46,6 +46,7 @@ from composefsd.kernel.syscalls import (
     umount2,
 )
 from composefsd.kernel.userns import IdMapping, create_userns
+from composefsd.objectlayout import iter_objects, object_relpath
 from composefsd.verity_policy import VerityPolicy
 
 if TYPE_CHECKING:
@@ -348,28 +349,17 @@ def _check_image(
     return checks
 
 
-def _sample_object(basedir_fd: int) -> int | None:
-    """An fd on some object file below ``basedir_fd`` (objects live in XX/ subdirectories)."""
+def _sample_object(basedir_fd: int, algorithm: Algorithm) -> int | None:
+    """An fd on some object below ``basedir_fd``; temporaries are no sample."""
     try:
-        top = os.open(f"/proc/self/fd/{basedir_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        for hexdigest in iter_objects(basedir_fd, algorithm):
+            return os.open(
+                object_relpath(hexdigest),
+                os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                dir_fd=basedir_fd,
+            )
     except OSError:
         return None
-    try:
-        for entry in os.scandir(top):
-            if entry.is_dir(follow_symlinks=False):
-                sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=top)
-                try:
-                    for obj in os.scandir(sub):
-                        if obj.is_file(follow_symlinks=False):
-                            return os.open(obj.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=sub)
-                finally:
-                    os.close(sub)
-            elif entry.is_file(follow_symlinks=False):
-                return os.open(entry.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=top)
-    except OSError:
-        return None
-    finally:
-        os.close(top)
     return None
 
 
@@ -384,7 +374,7 @@ def _objects_have_verity(basedir_fds: Sequence[int], algorithm: Algorithm) -> bo
 
     seen = False
     for fd in basedir_fds:
-        obj = _sample_object(fd)
+        obj = _sample_object(fd, algorithm)
         if obj is None:
             continue
         try:

@@ -6,11 +6,13 @@ repositories. Start with :class:`Repository` (``Repository.init(path)`` or
 ``Repository.open(path)``). The lock discipline is documented in
 :mod:`composefsd.repository.locking`, the verity policy in
 :mod:`composefsd.repository.meta`, object publishing in
-:mod:`composefsd.repository.objects`, CreateImage in
+:mod:`composefsd.repository.store` (bulk imports in
+:mod:`composefsd.repository.importer`), CreateImage in
 :mod:`composefsd.repository.images` and GC in :mod:`composefsd.repository.gc`.
 """
 
 from composefsd.repository.errors import (
+    CorruptObjectError,
     CorruptRepositoryError,
     ImageNotFoundError,
     InvalidNameError,
@@ -31,11 +33,12 @@ from composefsd.repository.images import (
 )
 from composefsd.repository.locking import gc_lock, reader_lock, writer_lock
 from composefsd.repository.meta import RepoMetadata, VerityPolicy
-from composefsd.repository.objects import ObjectResult
 from composefsd.repository.progress import Progress, ProgressCallback
 from composefsd.repository.repo import Repository, default_path
+from composefsd.repository.store import ObjectResult
 
 __all__ = [
+    "CorruptObjectError",
     "CorruptRepositoryError",
     "CreateOptions",
     "CreateResult",

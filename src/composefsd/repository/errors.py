@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "CorruptObjectError",
     "CorruptRepositoryError",
     "ImageNotFoundError",
     "InvalidNameError",
@@ -46,7 +47,12 @@ class UnsupportedRepositoryError(RepositoryError):
 
 
 class CorruptRepositoryError(RepositoryError):
-    """``meta.json`` exists but cannot be read or parsed."""
+    """Damaged content: ``meta.json`` exists but cannot be read or parsed, or (as
+    :class:`CorruptObjectError`) an image or object is damaged."""
+
+
+class CorruptObjectError(CorruptRepositoryError):
+    """An image is empty or does not parse, or an object is not what its name says."""
 
 
 class ImageNotFoundError(RepositoryError):

@@ -49,10 +49,16 @@ from typing import Any
 
 from composefsd.fsverity import Algorithm
 from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.objectlayout import (
+    C_TMP_PREFIX,
+    is_hex_digest,
+    is_object_dir_name,
+    is_object_rest,
+    is_temp_name,
+)
 from composefsd.repository.errors import RepositoryError, os_error_text
-from composefsd.repository.images import SYMLINK_TMP_PREFIX, is_hex_digest
+from composefsd.repository.images import SYMLINK_TMP_PREFIX
 from composefsd.repository.meta import RepoMetadata, VerityPolicy
-from composefsd.repository.objects import TMP_PREFIX
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.verify import (
     FileCheck,
@@ -68,11 +74,8 @@ log = logging.getLogger(__name__)
 
 #: Kinds that never make a report fail on their own.
 NON_FATAL_KINDS = frozenset({"stray-temp-file"})
-_HEX = frozenset("0123456789abcdef")
-# Named temporaries: ours (TMP_PREFIX, ".tmp-object-") and C mkcomposefs's ".tmpXXXXXX"
-# under objects/; ours (SYMLINK_TMP_PREFIX) next to the links.
-_TEMP_PREFIXES = (".tmp", TMP_PREFIX)
-_LINK_TEMP_PREFIXES = (SYMLINK_TMP_PREFIX, ".tmp")
+# Named temporaries next to the links: ours (SYMLINK_TMP_PREFIX) and C's.
+_LINK_TEMP_PREFIXES = (SYMLINK_TMP_PREFIX, C_TMP_PREFIX)
 
 
 @dataclass(slots=True, frozen=True)
@@ -178,14 +181,14 @@ class _Checker:
                 self.report.add("stat-failed", rel, exc.strerror or str(exc))
                 continue
             if not is_dir:
-                if entry.name.startswith(_TEMP_PREFIXES):
+                if is_temp_name(entry.name):
                     self.report.add("stray-temp-file", rel, "leftover temporary file", fatal=False)
                 else:
                     self.report.add(
                         "unexpected-file-type", rel, "only XX directories belong in objects/"
                     )
                 continue
-            if len(entry.name) != 2 or not _HEX.issuperset(entry.name):
+            if not is_object_dir_name(entry.name):
                 self.report.add("object-invalid-name", rel, "not a two-hex-digit directory")
                 continue
             try:
@@ -195,7 +198,7 @@ class _Checker:
                 continue
             for obj in inner:
                 orel = f"{rel}/{obj.name}"
-                if len(obj.name) != rest_len or not _HEX.issuperset(obj.name):
+                if not is_object_rest(obj.name, self.algorithm):
                     self.report.add(
                         "object-invalid-name",
                         orel,

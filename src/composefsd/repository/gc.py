@@ -44,21 +44,21 @@ from typing import TYPE_CHECKING
 
 from composefsd.image.reader import ImageFormatError, iter_objects, read_image
 from composefsd.image.tree import gc_paused
+from composefsd.objectlayout import is_hex_digest, is_temp_name, object_relpath
 from composefsd.repository.errors import (
+    CorruptObjectError,
     ImageNotFoundError,
     RepositoryError,
     os_error_text,
 )
 from composefsd.repository.images import (
     SYMLINK_TMP_PREFIX,
-    is_hex_digest,
     iter_refs,
     prune_all_empty_ref_dirs,
     resolve_image,
     split_digest_prefix,
 )
 from composefsd.repository.locking import gc_lock, reader_lock
-from composefsd.repository.objects import object_relpath
 from composefsd.repository.progress import ProgressCallback, Throttle
 
 if TYPE_CHECKING:
@@ -68,8 +68,7 @@ __all__ = ["GcResult", "collect_garbage", "discard_added"]
 
 log = logging.getLogger(__name__)
 
-_TEMP_PREFIXES = (".tmp",)
-#: Digest caches (:class:`~composefsd.repository.objects.DigestCache`) of trees not
+#: Digest caches (:class:`~composefsd.repository.digestcache.DigestCache`) of trees not
 #: imported for this long are dropped.
 CACHE_MAX_AGE = 30 * 24 * 3600
 
@@ -144,12 +143,12 @@ def _image_objects(repo: Repository, digest: str) -> set[str]:
         ) from exc
     try:
         if os.fstat(fd).st_size == 0:
-            raise RepositoryError(f"image {digest} is empty; refusing to collect garbage")
+            raise CorruptObjectError(f"image {digest} is empty; refusing to collect garbage")
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
             try:
                 root = read_image(buf).root
             except ImageFormatError as exc:
-                raise RepositoryError(
+                raise CorruptObjectError(
                     f"image {digest} does not parse ({exc}); refusing to collect garbage, "
                     f"since the objects it uses are unknown: remove or repair it first"
                 ) from exc
@@ -245,7 +244,7 @@ def collect_garbage(
         for done, entry in enumerate(top):
             throttle("sweep", done, len(top))
             if not entry.is_dir(follow_symlinks=False):
-                if entry.name.startswith(_TEMP_PREFIXES) and not entry.is_symlink():
+                if is_temp_name(entry.name) and not entry.is_symlink():
                     size = _size(entry)
                     if dry_run or _remove(entry.path):
                         objects_removed += 1

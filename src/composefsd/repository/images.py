@@ -7,7 +7,7 @@ Layout (composefs-rs's, reference notes section 1.1)::
 
 All links are relative symlinks. An image is visible once ``images/<hex>``
 exists; CreateImage makes the objects and the image durable first (fsync of
-everything it wrote, see :func:`composefsd.repository.objects.sync_objects`),
+everything it wrote, see :func:`composefsd.repository.store.sync_objects`),
 then creates ``images/<hex>`` and fsyncs ``images/``, then points the ref at it
 (a temporary symlink renamed over the ref, then an fsync of its directory). A
 killed CreateImage therefore leaves at most unreferenced objects, which GC
@@ -28,7 +28,7 @@ CreateImage from a directory (:func:`create_from_directory`) gives the image C
 ``mkcomposefs --digest-store`` gives for the same tree and options, and the same
 objects: the tree is walked by :func:`composefsd.sources.directory.scan_source` (no file
 is read), then every regular file is hashed with the repository's algorithm and
-published if new by an :class:`~composefsd.repository.objects.Importer` (worker
+published if new by an :class:`~composefsd.repository.importer.Importer` (worker
 processes for large trees), files of 64 bytes or less are inlined, and
 :func:`composefsd.image.writer.write_image` writes the image. Files are read
 beneath the source directory's fd, never through a symlink, and only if they are
@@ -66,7 +66,10 @@ from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
 from composefsd.image.writer import write_image
+from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
+from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
+    CorruptObjectError,
     ImageNotFoundError,
     InvalidNameError,
     RepositoryBusyError,
@@ -74,20 +77,15 @@ from composefsd.repository.errors import (
     SourceError,
     os_error_text,
 )
+from composefsd.repository.importer import ImportConfig, Importer, ImportResult, ImportTask
 from composefsd.repository.locking import RepoLock, reader_lock, writer_lock
-from composefsd.repository.objects import (
-    DigestCache,
-    ImportConfig,
-    Importer,
-    ImportResult,
-    ImportTask,
+from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import (
     ObjectResult,
     ObjectStore,
-    object_relpath,
     random_name,
     sync_objects,
 )
-from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.sources.beneath import check_relpath
 from composefsd.sources.directory import (
     ScanError,
@@ -114,7 +112,6 @@ __all__ = [
     "create_from_dumpfile",
     "create_from_scan",
     "describe_image",
-    "is_hex_digest",
     "iter_refs",
     "list_images",
     "normalize_ref",
@@ -129,7 +126,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SYMLINK_TMP_PREFIX = ".symlink-"
-_HEX = frozenset("0123456789abcdef")
 _S_IFMT = 0o170000
 _S_IFREG = stat.S_IFREG
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -157,7 +153,7 @@ class CreateOptions:
     #: Hashing and copying lanes; None: one per CPU this process may run on.
     threads: int | None = None
     #: Reuse digests of unchanged files from the previous import of the same tree
-    #: (:class:`~composefsd.repository.objects.DigestCache`).
+    #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -241,10 +237,6 @@ class ImageDetails:
 
 
 # -- names --------------------------------------------------------------------------------
-
-
-def is_hex_digest(name: str, algorithm: Algorithm) -> bool:
-    return len(name) == 2 * algorithm.digest_size and _HEX.issuperset(name)
 
 
 def split_digest_prefix(name: str, algorithm: Algorithm, what: str) -> tuple[str, bool]:
@@ -552,8 +544,7 @@ def _apply(
             node.set_content(result.content)
             continue
         assert result.digest is not None
-        hexed = result.digest.hex().encode()
-        node.payload = hexed[:2] + b"/" + hexed[2:]
+        node.payload = object_payload(result.digest)
         if not keep_digest:
             node.digest = result.digest if sha256 else None
         elif not sha256:
@@ -954,12 +945,12 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
             except VerityError:
                 verity = False
             if st.st_size == 0:
-                raise RepositoryError(f"image {digest} is empty")
+                raise CorruptObjectError(f"image {digest} is empty")
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
                 try:
                     info = read_image(buf)
                 except ImageFormatError as exc:
-                    raise RepositoryError(f"image {digest} does not parse: {exc}") from exc
+                    raise CorruptObjectError(f"image {digest} does not parse: {exc}") from exc
                 objects: dict[bytes, int] = {}
                 entries = 0
                 for _path, node in info.root.walk():

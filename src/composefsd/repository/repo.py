@@ -32,6 +32,7 @@ from composefsd.fsverity import (
     enable_verity,
     measure_verity,
 )
+from composefsd.objectlayout import is_hex, object_relpath
 from composefsd.repository.errors import (
     CorruptRepositoryError,
     InvalidNameError,
@@ -59,8 +60,8 @@ from composefsd.repository.images import (
 )
 from composefsd.repository.locking import reader_lock
 from composefsd.repository.meta import META_JSON, RepoMetadata, VerityPolicy, parse_algorithm
-from composefsd.repository.objects import ObjectStore, PublishState, TmpFile, object_relpath
 from composefsd.repository.progress import ProgressCallback
+from composefsd.repository.store import ObjectStore, PublishState, TmpFile
 
 if TYPE_CHECKING:
     from composefsd.repository.fsck import FsckReport
@@ -74,7 +75,6 @@ ENV_REPOSITORY = "COMPOSEFSD_REPOSITORY"
 SYSTEM_PATH = Path("/sysroot/composefs")
 USER_SUBDIR = Path(".var/lib/composefs")
 _SKELETON = ("objects", "images", "images/refs")
-_HEX = frozenset("0123456789abcdef")
 
 
 def default_path() -> Path:
@@ -165,12 +165,12 @@ class Repository:
         return self.path / "cache"
 
     def object_path(self, hexdigest: str) -> Path:
-        if len(hexdigest) < 3 or not _HEX.issuperset(hexdigest):
+        if len(hexdigest) < 3 or not is_hex(hexdigest):
             raise InvalidNameError(f"not a hex digest: {hexdigest!r}")
         return self.objects_dir / object_relpath(hexdigest)
 
     def image_path(self, hexdigest: str) -> Path:
-        if not _HEX.issuperset(hexdigest) or not hexdigest:
+        if not is_hex(hexdigest):
             raise InvalidNameError(f"not a hex digest: {hexdigest!r}")
         return self.images_dir / hexdigest
 

@@ -54,7 +54,7 @@ from composefsd.fsverity import (
 )
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import S_IFMT, Node
-from composefsd.repository.images import is_hex_digest
+from composefsd.objectlayout import is_hex_digest
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 

@@ -61,10 +61,10 @@ from typing import Any, NoReturn
 
 import composefsd
 from composefsd.credentials import Credentials
-from composefsd.image.reader import ImageFormatError
 from composefsd.kernel import IdMapping, ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
 from composefsd.kernel.repomount import mount_repository_image, repository_mounts
+from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import (
     CorruptRepositoryError,
     CreateOptions,
@@ -82,7 +82,7 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
 )
-from composefsd.repository.images import is_hex_digest, iter_refs, normalize_ref
+from composefsd.repository.images import iter_refs, normalize_ref
 from composefsd.repository.verify import VerifyReport, default_workers
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
@@ -116,13 +116,6 @@ def _system_error(message: str, err: int | None) -> VarlinkReplyError:
     if name is not None:
         params["errnoName"] = name
     return _error("SystemError", **params)
-
-
-def _is_corruption(exc: RepositoryError) -> bool:
-    if isinstance(exc.__cause__, ImageFormatError):
-        return True
-    text = exc.message
-    return " is empty" in text or "damaged" in text
 
 
 def reply_error(
@@ -161,8 +154,6 @@ def reply_error(
     if isinstance(exc, UnsupportedRepositoryError):
         return _system_error(str(exc), exc.errno)
     if isinstance(exc, RepositoryError):
-        if exc.errno is None and _is_corruption(exc):
-            return _error("RepositoryCorrupt", message=str(exc))
         return _system_error(str(exc), exc.errno)
     if isinstance(exc, OSError):
         text = exc.strerror or str(exc)

@@ -68,8 +68,9 @@ from dataclasses import dataclass, field
 from composefsd import workerproc
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
+from composefsd.objectlayout import join_store_path, object_payload
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
-from composefsd.sources.objcopy import CopyState, join_store_path, store_object
+from composefsd.sources.objcopy import CopyState, store_object
 
 __all__ = [
     "ScanError",
@@ -78,7 +79,6 @@ __all__ = [
     "SourceScan",
     "default_threads",
     "fill_digest_store",
-    "payload_for_digest",
     "scan_directory",
     "scan_source",
 ]
@@ -188,12 +188,6 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0)) or 1
     except OSError:
         return os.cpu_count() or 1
-
-
-def payload_for_digest(digest: bytes) -> bytes:
-    """The object path C uses for a digest: ``hex[0:2]/hex[2:]``."""
-    hexed = digest.hex().encode()
-    return hexed[:2] + b"/" + hexed[2:]
 
 
 def _error(kind: str, path: bytes | None, err: int | None) -> ScanError:
@@ -624,7 +618,7 @@ def _hash_batch(
             present = False
             if store is not None and content is None and digest is not None:
                 try:
-                    os.lstat(join_store_path(store, payload_for_digest(digest)))
+                    os.lstat(join_store_path(store, object_payload(digest)))
                     present = True
                 except OSError:
                     pass
@@ -891,7 +885,7 @@ class _Pipeline:
             assert content is None or isinstance(content, bytes)
             if digest is not None:
                 node.digest = digest
-                node.payload = payload_for_digest(digest)
+                node.payload = object_payload(digest)
             if content is not None:
                 node.set_content(content)
             files += 1

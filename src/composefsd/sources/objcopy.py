@@ -22,12 +22,12 @@ import string
 import threading
 
 from composefsd.fsverity import VerityUnsupportedError, enable_verity
+from composefsd.objectlayout import C_TMP_PREFIX, join_store_path
 
 __all__ = [
     "FICLONE",
     "CopyState",
     "copy_fd_data",
-    "join_store_path",
     "mkdir_parents",
     "store_object",
 ]
@@ -77,13 +77,6 @@ class CopyState:
     def add_dir(self, path: bytes) -> None:
         with self._lock:
             self._dirs.add(path)
-
-
-def join_store_path(base: bytes, rel: bytes) -> bytes:
-    """C ``join_paths``: trailing slashes of ``base`` are trimmed; an empty base stays empty."""
-    if not base:
-        return rel
-    return base.rstrip(b"/") + b"/" + rel
 
 
 def _ensure_dir(path: bytes, mode: int) -> None:
@@ -219,7 +212,7 @@ def store_object(
         return False
     except OSError:
         pass
-    tmp, dst_fd = _mkostemp(join_store_path(store, b".tmp"))
+    tmp, dst_fd = _mkostemp(join_store_path(store, C_TMP_PREFIX.encode()))
     try:
         try:
             if isinstance(source, int):
