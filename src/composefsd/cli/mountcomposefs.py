@@ -174,7 +174,7 @@ class _MountFailure(Exception):
 
 def _measure(fd: int) -> bytes:
     """C ``lcfs_fd_measure_fsverity``: the image's 32-byte (SHA-256) fs-verity digest."""
-    from composefsd.fsverity import (
+    from composefsd.kernel.verity import (
         VerityAlgorithmMismatchError,
         VerityError,
         VerityNotEnabledError,

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composefsd.fsverity import Algorithm
 from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.kernel.verity import Algorithm
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.images import SYMLINK_TMP_PREFIX, is_hex_digest
 from composefsd.repository.meta import RepoMetadata, VerityPolicy

@@ -72,20 +72,18 @@ from dataclasses import dataclass
 from composefsd import workerproc
 from composefsd.credentials import Credentials, CredentialsError, acting_as
 from composefsd.dirs import make_dir, make_dirs
-from composefsd.fsverity import (
+from composefsd.fsverity import FsVerityHasher, digest_bytes, digest_fd
+from composefsd.image.tree import gc_paused
+from composefsd.kernel.verity import (
     Algorithm,
-    FsVerityHasher,
     VerityAlreadyEnabledError,
     VerityError,
     VerityFileBusyError,
     VerityNotEnabledError,
     VerityUnsupportedError,
-    digest_bytes,
-    digest_fd,
     enable_verity,
     measure_verity,
 )
-from composefsd.image.tree import gc_paused
 from composefsd.repository.errors import (
     RepositoryError,
     SourceError,

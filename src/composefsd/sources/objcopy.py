@@ -21,7 +21,7 @@ import stat
 import string
 import threading
 
-from composefsd.fsverity import VerityUnsupportedError, enable_verity
+from composefsd.kernel.verity import VerityUnsupportedError, enable_verity
 
 __all__ = [
     "FICLONE",
