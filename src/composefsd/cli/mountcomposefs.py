@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from composefsd.cli.getopt import GetoptError, gnu_getopt
+from composefsd.image.format import COMPOSEFS_MAGIC, HEADER_SIZE
 
 __all__ = ["main"]
 
@@ -62,8 +63,6 @@ Supported options:
 # The C errnos behind its two verity messages (lcfs-mount.h).
 _ENOVERITY = errno.ENOTTY
 _EWRONGVERITY = errno.EILSEQ
-_LCFS_EROFS_MAGIC = 0xD078629A
-_HEADER_SIZE = 32
 _MAX_DIGEST_SIZE = 64
 _LCFS_DIGEST_SIZE = 32
 
@@ -235,12 +234,12 @@ def _mount(
                 )
             expected = measured.hex()
     try:
-        header = os.pread(image_fd, _HEADER_SIZE, 0)
+        header = os.pread(image_fd, HEADER_SIZE, 0)
     except OSError as e:
         raise _MountFailure(e.errno or errno.EIO, f"cannot read the image: {e.strerror}") from None
-    if len(header) != _HEADER_SIZE:
+    if len(header) != HEADER_SIZE:
         raise _MountFailure(errno.EINVAL, "the image is shorter than a composefs header")
-    if int.from_bytes(header[:4], "little") != _LCFS_EROFS_MAGIC:
+    if int.from_bytes(header[:4], "little") != COMPOSEFS_MAGIC:
         raise _MountFailure(errno.EINVAL, "the image has no composefs magic number")
 
     from composefsd.kernel.mount import MountError, MountOptions, VerityPolicy, mount_image
