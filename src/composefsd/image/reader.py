@@ -29,7 +29,6 @@ import errno
 import gc
 import mmap
 import stat
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,7 +77,6 @@ _S_IFLNK = stat.S_IFLNK
 _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
 
-_U16 = struct.Struct("<H")
 
 # What to do with an xattr, decided once per distinct full name.
 _ACT_STORE = 0
