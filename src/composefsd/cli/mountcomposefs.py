@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from composefsd.cli.getopt import GetoptError, gnu_getopt
-from composefsd.image.format import COMPOSEFS_MAGIC, HEADER_SIZE
 
 __all__ = ["main"]
 
@@ -233,6 +232,9 @@ def _mount(
                     _EWRONGVERITY, f"the image measures {measured.hex()}, expected {digest}"
                 )
             expected = measured.hex()
+    # Loaded here, as the mount code below loads it anyway: --help and bad options stay cheap.
+    from composefsd.image.format import COMPOSEFS_MAGIC, HEADER_SIZE
+
     try:
         header = os.pread(image_fd, HEADER_SIZE, 0)
     except OSError as e:
