@@ -1,4 +1,5 @@
-"""composefsd.fsverity against fsverity-utils, C composefs, and the kernel ioctls."""
+"""composefsd.fsverity against fsverity-utils and C composefs, and composefsd.kernel.verity's
+ioctls against the kernel."""
 
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ import pytest
 
 from composefsd import fsverity
 from composefsd.fsverity import (
-    Algorithm,
     FsVerityHasher,
+    c_compat_digest_bytes,
+    digest_bytes,
+    digest_fd,
+    measure_or_compute,
+)
+from composefsd.kernel.verity import (
+    Algorithm,
     VerityAlgorithmMismatchError,
     VerityAlreadyEnabledError,
     VerityError,
     VerityFileBusyError,
     VerityNotEnabledError,
     VerityUnsupportedError,
-    c_compat_digest_bytes,
-    digest_bytes,
-    digest_fd,
     enable_verity,
-    measure_or_compute,
     measure_verity,
 )
 

@@ -978,7 +978,7 @@ def test_disabled_never_asks_fs_verity_for_the_image_digest(
     took the kernel's measurement where the image had fs-verity. It hashes in
     userspace, as the README and the IDL say; Try takes the kernel's word.
     A stand-in for FS_IOC_MEASURE_VERITY plays the kernel that has it."""
-    import composefsd.fsverity as fsverity_mod
+    import composefsd.kernel.verity as fsverity_mod
 
     asked: list[int] = []
 

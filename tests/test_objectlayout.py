@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.fsverity import Algorithm, digest_bytes
+from composefsd.fsverity import digest_bytes
+from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import (
     TMP_PREFIX,
     contains,

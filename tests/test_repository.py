@@ -21,15 +21,11 @@ from typing import Any
 import pytest
 
 import gen_tree
-from composefsd import fsverity
-from composefsd.fsverity import (
-    VerityFileBusyError,
-    VerityNotEnabledError,
-    digest_bytes,
-    digest_fd,
-)
+from composefsd.fsverity import digest_bytes, digest_fd
 from composefsd.image.reader import read_image
 from composefsd.image.writer import write_image
+from composefsd.kernel import verity as fsverity
+from composefsd.kernel.verity import VerityFileBusyError, VerityNotEnabledError
 from composefsd.repository import (
     CorruptRepositoryError,
     CreateOptions,

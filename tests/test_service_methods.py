@@ -25,10 +25,10 @@ import pytest
 import varlink  # type: ignore[import-untyped]
 from varlink import scanner
 
-from composefsd.kernel import IdMapping, create_userns
 from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
 from composefsd.kernel.repomount import mount_repository_image
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.kernel.userns import IdMapping, create_userns
 from composefsd.repository import (
     CorruptObjectError,
     CorruptRepositoryError,

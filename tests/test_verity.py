@@ -52,15 +52,7 @@ import pytest
 
 import treecompare
 from composefsd.cli import mountcomposefs
-from composefsd.fsverity import (
-    VerityError,
-    VerityNotEnabledError,
-    c_compat_digest_bytes,
-    digest_bytes,
-    digest_fd,
-    enable_verity,
-    measure_verity,
-)
+from composefsd.fsverity import c_compat_digest_bytes, digest_bytes, digest_fd
 from composefsd.kernel.mount import (
     NO_VERITY,
     WRONG_VERITY,
@@ -72,6 +64,12 @@ from composefsd.kernel.mount import (
     unmount,
 )
 from composefsd.kernel.repomount import mount_repository_image
+from composefsd.kernel.verity import (
+    VerityError,
+    VerityNotEnabledError,
+    enable_verity,
+    measure_verity,
+)
 from composefsd.repository import CreateOptions, Repository, VerityPolicy
 from servicehelpers import Daemon, start_daemon
 from test_mount import (
@@ -569,7 +567,7 @@ def test_try_is_required_here(app: App, work: Path) -> None:
 
 def test_disabled_uses_no_verity(app: App, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Disabled must not even ask the kernel: fs-verity measurements fail loudly here.
-    import composefsd.fsverity as fsverity_mod
+    import composefsd.kernel.verity as fsverity_mod
 
     def no_measure(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("Disabled asked the kernel for an fs-verity digest")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from composefsd.fsverity import Algorithm
+    from composefsd.kernel.verity import Algorithm
 
 __all__ = [
     "C_TMP_PREFIX",

@@ -40,7 +40,7 @@ pytest=("$py" -m pytest -p no:cacheprovider -ra tests/test_verity.py "$@")
 # Can this kernel do it? The same probe as the module's.
 if [ "$(id -u)" = 0 ] && "$py" - <<'EOF'
 import os, sys, tempfile
-from composefsd.fsverity import VerityError, enable_verity
+from composefsd.kernel.verity import VerityError, enable_verity
 
 scratch = os.environ.get("VERITY_SCRATCH")
 for directory in [scratch] if scratch else [tempfile.gettempdir(), "/var/tmp"]:

@@ -44,13 +44,14 @@ from dataclasses import asdict
 from typing import Any, NoReturn, TextIO
 
 from composefsd.image.escape import printable
-from composefsd.kernel import MountError, parse_mapping, unmount
+from composefsd.kernel.mount import MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
     mount_repository_image,
     mounted_images,
     repository_mounts,
 )
+from composefsd.kernel.userns import parse_mapping
 from composefsd.repository import (
     CreateOptions,
     Progress,

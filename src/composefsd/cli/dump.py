@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from composefsd.cli.info import LoadError, load_image_file
+from composefsd.image.format import HEADER_SIZE
 from composefsd.image.reader import ImageFormatError, read_header
 from composefsd.image.writer import write_image
 
 __all__ = ["main"]
 
 _PROG = "composefs-dump"
-_HEADER_SIZE = 32
 
 
 class _Exit(Exception):
@@ -55,9 +55,9 @@ def _image_version(path: str, bsrc: bytes) -> int:
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             # C maps the header even past the end of a short file (reading zeros).
-            header = os.pread(fd, _HEADER_SIZE, 0)
+            header = os.pread(fd, HEADER_SIZE, 0)
         else:
-            with mmap.mmap(fd, _HEADER_SIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
+            with mmap.mmap(fd, HEADER_SIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
                 header = mm[:]
     except OSError as e:
         _err(b"Failed to get image version '%s'" % bsrc, e.errno or errno.EINVAL)

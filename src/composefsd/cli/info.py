@@ -18,9 +18,10 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO, NoReturn
 
 from composefsd.cli.getopt import GetoptError, gnu_getopt
-from composefsd.fsverity import VerityError, measure_or_compute
+from composefsd.fsverity import measure_or_compute
 from composefsd.image.dump_print import print_dump, print_ls
 from composefsd.image.reader import ImageInfo, iter_objects, read_image
+from composefsd.kernel.verity import VerityError
 
 __all__ = ["load_image_file", "main"]
 

@@ -62,8 +62,6 @@ Supported options:
 # The C errnos behind its two verity messages (lcfs-mount.h).
 _ENOVERITY = errno.ENOTTY
 _EWRONGVERITY = errno.EILSEQ
-_LCFS_EROFS_MAGIC = 0xD078629A
-_HEADER_SIZE = 32
 _MAX_DIGEST_SIZE = 64
 _LCFS_DIGEST_SIZE = 32
 
@@ -174,7 +172,7 @@ class _MountFailure(Exception):
 
 def _measure(fd: int) -> bytes:
     """C ``lcfs_fd_measure_fsverity``: the image's 32-byte (SHA-256) fs-verity digest."""
-    from composefsd.fsverity import (
+    from composefsd.kernel.verity import (
         VerityAlgorithmMismatchError,
         VerityError,
         VerityNotEnabledError,
@@ -234,13 +232,16 @@ def _mount(
                     _EWRONGVERITY, f"the image measures {measured.hex()}, expected {digest}"
                 )
             expected = measured.hex()
+    # Loaded here, as the mount code below loads it anyway: --help and bad options stay cheap.
+    from composefsd.image.format import COMPOSEFS_MAGIC, HEADER_SIZE
+
     try:
-        header = os.pread(image_fd, _HEADER_SIZE, 0)
+        header = os.pread(image_fd, HEADER_SIZE, 0)
     except OSError as e:
         raise _MountFailure(e.errno or errno.EIO, f"cannot read the image: {e.strerror}") from None
-    if len(header) != _HEADER_SIZE:
+    if len(header) != HEADER_SIZE:
         raise _MountFailure(errno.EINVAL, "the image is shorter than a composefs header")
-    if int.from_bytes(header[:4], "little") != _LCFS_EROFS_MAGIC:
+    if int.from_bytes(header[:4], "little") != COMPOSEFS_MAGIC:
         raise _MountFailure(errno.EINVAL, "the image has no composefs magic number")
 
     from composefsd.kernel.mount import MountError, MountOptions, VerityPolicy, mount_image

@@ -29,18 +29,34 @@ import errno
 import gc
 import mmap
 import stat
-import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from composefsd.image.format import (
+    BLOCK_SIZE,
+    BLOCK_SIZE_BITS,
+    COMPACT_INODE_READ,
+    COMPOSEFS_MAGIC,
+    COMPOSEFS_VERSION,
+    DIRENT_READ,
+    EROFS_MAGIC,
+    EXTENDED_INODE_READ,
+    HEADER,
+    HEADER_FLAG_HAS_ACL,
+    INODE_SLOT_BITS,
+    LAYOUT_CHUNK_BASED,
+    LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN,
+    SUPERBLOCK,
+    SUPERBLOCK_OFFSET,
+    XATTR_ENTRY,
+    XATTR_PREFIXES,
+    XATTR_SHARED_REF,
+)
 from composefsd.image.tree import INLINE_CONTENT_MAX, PATH_MAX, XATTR_ESTIMATE_MAX_READER, Node
 
 __all__ = [
-    "CFS_MAGIC",
-    "CFS_VERSION",
-    "EROFS_MAGIC",
-    "FLAG_HAS_ACL",
     "ImageFormatError",
     "ImageHeader",
     "ImageInfo",
@@ -51,23 +67,6 @@ __all__ = [
     "read_superblock",
 ]
 
-CFS_MAGIC = 0xD078629A
-CFS_VERSION = 1
-EROFS_MAGIC = 0xE0F5E1E2
-FLAG_HAS_ACL = 1
-
-_BLOCK = 4096
-_SB_OFFSET = 1024
-_SLOT_BITS = 5
-_XATTR_PREFIXES = (
-    b"",
-    b"user.",
-    b"system.posix_acl_access",
-    b"system.posix_acl_default",
-    b"trusted.",
-    b"lustre.",
-    b"security.",
-)
 _NAME_MAX = 255
 _XATTR_NAME_MAX = 255
 
@@ -78,22 +77,6 @@ _S_IFLNK = stat.S_IFLNK
 _S_IFCHR = stat.S_IFCHR
 _S_IFBLK = stat.S_IFBLK
 
-_LAYOUT_FLAT_PLAIN = 0
-_LAYOUT_FLAT_INLINE = 2
-_LAYOUT_CHUNK_BASED = 4
-
-_HEADER = struct.Struct("<IIII")
-# magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
-# build_time, build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr
-_SUPER = struct.Struct("<IIIBBHQQIIII")
-# i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_u, i_uid, i_gid
-_COMPACT = struct.Struct("<HHHHI4xI4xHH4x")
-# i_format, i_xattr_icount, i_mode, i_size, i_u, i_uid, i_gid, i_mtime, i_mtime_nsec, i_nlink
-_EXTENDED = struct.Struct("<HHH2xQI4xIIqII16x")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_DIRENT = struct.Struct("<QH2x")
 
 # What to do with an xattr, decided once per distinct full name.
 _ACT_STORE = 0
@@ -162,14 +145,14 @@ def _buffer(buf: bytes | bytearray | memoryview | mmap.mmap) -> bytes | mmap.mma
 def read_header(buf: bytes | bytearray | memoryview | mmap.mmap) -> ImageHeader:
     """Parse and check the composefs header alone (C ``lcfs_version_from_fd``)."""
     data = _buffer(buf)
-    if len(data) < _HEADER.size:
+    if len(data) < HEADER.size:
         raise ImageFormatError(
             errno.EINVAL, f"image is {len(data)} bytes, too short for the composefs header"
         )
-    magic, version, flags, cfs_version = _HEADER.unpack_from(data, 0)
-    if magic != CFS_MAGIC:
+    magic, version, flags, cfs_version = HEADER.unpack_from(data, 0)
+    if magic != COMPOSEFS_MAGIC:
         raise ImageFormatError(errno.EINVAL, f"bad composefs magic 0x{magic:08x}")
-    if version != CFS_VERSION:
+    if version != COMPOSEFS_VERSION:
         raise ImageFormatError(errno.ENOTSUP, f"unsupported composefs header version {version}")
     return ImageHeader(version=version, flags=flags, composefs_version=cfs_version)
 
@@ -191,7 +174,7 @@ class _SuperFields(NamedTuple):
 
 def _unpack_super(data: bytes | mmap.mmap) -> _SuperFields:
     """The EROFS superblock's fields; raises if its magic is wrong."""
-    sb = _SuperFields._make(_SUPER.unpack_from(data, _SB_OFFSET))
+    sb = _SuperFields._make(SUPERBLOCK.unpack_from(data, SUPERBLOCK_OFFSET))
     if sb.magic != EROFS_MAGIC:
         raise ImageFormatError(errno.EINVAL, f"bad EROFS superblock magic 0x{sb.magic:08x}")
     return sb
@@ -208,7 +191,7 @@ class ImageSuperblock:
 
     @property
     def has_acl(self) -> bool:
-        return bool(self.header.flags & FLAG_HAS_ACL)
+        return bool(self.header.flags & HEADER_FLAG_HAS_ACL)
 
 
 def read_superblock(head: bytes | bytearray | memoryview, file_size: int) -> ImageSuperblock:
@@ -220,22 +203,22 @@ def read_superblock(head: bytes | bytearray | memoryview, file_size: int) -> Ima
     pointing outside the file.
     """
     data = _buffer(head)
-    if file_size < _BLOCK or len(data) < _BLOCK:
+    if file_size < BLOCK_SIZE or len(data) < BLOCK_SIZE:
         raise ImageFormatError(
-            errno.EINVAL, f"image is {file_size} bytes, smaller than one {_BLOCK}-byte block"
+            errno.EINVAL, f"image is {file_size} bytes, smaller than one {BLOCK_SIZE}-byte block"
         )
     header = read_header(data)
     sb = _unpack_super(data)
     blkszbits, root_nid, inos, blocks = sb.blkszbits, sb.root_nid, sb.inos, sb.blocks
     meta_blkaddr, xattr_blkaddr = sb.meta_blkaddr, sb.xattr_blkaddr
-    if blkszbits != 12:
+    if blkszbits != BLOCK_SIZE_BITS:
         raise ImageFormatError(errno.EINVAL, f"EROFS block size 2^{blkszbits} is not 4096")
-    if blocks * _BLOCK != file_size:
-        what = "truncated" if blocks * _BLOCK > file_size else "longer than its superblock says"
+    if blocks * BLOCK_SIZE != file_size:
+        what = "truncated" if blocks * BLOCK_SIZE > file_size else "longer than its superblock says"
         raise ImageFormatError(
             errno.EINVAL,
             f"image is {what}: the superblock says {blocks} blocks "
-            f"({blocks * _BLOCK} bytes), the file has {file_size} bytes",
+            f"({blocks * BLOCK_SIZE} bytes), the file has {file_size} bytes",
         )
     for what, addr in (("metadata", meta_blkaddr), ("shared xattr", xattr_blkaddr)):
         if addr >= blocks:
@@ -257,17 +240,17 @@ def read_image(
     """
     data = _buffer(buf)
     size = len(data)
-    if size < _BLOCK:
+    if size < BLOCK_SIZE:
         raise ImageFormatError(
-            errno.EINVAL, f"image is {size} bytes, smaller than one {_BLOCK}-byte block"
+            errno.EINVAL, f"image is {size} bytes, smaller than one {BLOCK_SIZE}-byte block"
         )
     header = read_header(data)
     sb = _unpack_super(data)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
     build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
     meta_blkaddr, xattr_blkaddr = sb.meta_blkaddr, sb.xattr_blkaddr
-    meta_start = meta_blkaddr * _BLOCK
-    xattr_start = xattr_blkaddr * _BLOCK
+    meta_start = meta_blkaddr * BLOCK_SIZE
+    xattr_start = xattr_blkaddr * BLOCK_SIZE
     if meta_start >= size:
         raise ImageFormatError(
             errno.EINVAL, f"metadata block {meta_blkaddr} is past the end of the image"
@@ -423,7 +406,7 @@ class _Reader:
         """Build the node for ``nid``; directories get a frame pushed on the stack."""
         data = self._data
         size = self._size
-        off = self._meta + (nid << _SLOT_BITS)
+        off = self._meta + (nid << INODE_SLOT_BITS)
         if off >= size:
             raise ImageFormatError(
                 errno.EINVAL, f"inode {nid} at offset 0x{off:x} is past end of image"
@@ -451,11 +434,11 @@ class _Reader:
                 mtime,
                 mtime_nsec,
                 nlink,
-            ) = _EXTENDED.unpack_from(data, off)
+            ) = EXTENDED_INODE_READ.unpack_from(data, off)
             isize = 64
         else:
-            i_format, icount, mode, nlink, file_size, i_u, uid, gid = _COMPACT.unpack_from(
-                data, off
+            i_format, icount, mode, nlink, file_size, i_u, uid, gid = (
+                COMPACT_INODE_READ.unpack_from(data, off)
             )
             mtime = self._mtime
             mtime_nsec = self._mtime_nsec
@@ -486,7 +469,7 @@ class _Reader:
             raise self._inode_error(nid, off, f"xattr area of {xattr_size} bytes")
         self._spend(isize + xattr_size, f"inode {nid}")
         layout = (i_format >> 1) & 7
-        tailpacked = layout == _LAYOUT_FLAT_INLINE
+        tailpacked = layout == LAYOUT_FLAT_INLINE
 
         if ftype == _S_IFDIR:
             node.children = {}
@@ -498,7 +481,7 @@ class _Reader:
                     errno.EINVAL,
                     f"inode {nid}: symlink target of {file_size} bytes is too long",
                 )
-            start = tail if tailpacked else i_u * _BLOCK
+            start = tail if tailpacked else i_u * BLOCK_SIZE
             if start + file_size > size:
                 raise self._inode_error(nid, off, f"symlink target of {file_size} bytes")
             self._spend(file_size, f"inode {nid}")
@@ -508,9 +491,9 @@ class _Reader:
             node.payload = target
             node.size = len(target)
         elif ftype == _S_IFREG and file_size != 0:
-            if layout == _LAYOUT_FLAT_PLAIN or tailpacked:
+            if layout == LAYOUT_FLAT_PLAIN or tailpacked:
                 self._read_content(node, nid, off, file_size, tailpacked, tail, i_u)
-            elif layout != _LAYOUT_CHUNK_BASED:
+            elif layout != LAYOUT_CHUNK_BASED:
                 raise ImageFormatError(
                     errno.EINVAL, f"inode {nid}: regular file with unsupported layout {layout}"
                 )
@@ -536,7 +519,7 @@ class _Reader:
             )
         data = self._data
         if tailpacked:
-            tail_size = file_size % _BLOCK
+            tail_size = file_size % BLOCK_SIZE
             if tail_size == 0:
                 # C would return uninitialised memory here.
                 raise ImageFormatError(
@@ -546,7 +529,7 @@ class _Reader:
         else:
             tail_size = 0
             oob_size = file_size
-        oob = raw_blkaddr * _BLOCK
+        oob = raw_blkaddr * BLOCK_SIZE
         if oob_size and oob + oob_size > self._size:
             raise self._inode_error(nid, off, f"file data block {raw_blkaddr}")
         if tail + tail_size > self._size:
@@ -571,7 +554,7 @@ class _Reader:
         filters: frozenset[bytes] | None,
     ) -> list[tuple[bytes, int]]:
         size = self._size
-        n_blocks = -(-file_size // _BLOCK)
+        n_blocks = -(-file_size // BLOCK_SIZE)
         # C computes n_blocks - 1 in u64: a zero-size inline directory would make it
         # loop "forever"; refuse instead.
         if tailpacked and n_blocks == 0:
@@ -579,21 +562,21 @@ class _Reader:
         last_oob = n_blocks - 1 if tailpacked else n_blocks
         entries: list[tuple[bytes, int]] = []
         if last_oob:
-            start = raw_blkaddr * _BLOCK
-            if not tailpacked and file_size % _BLOCK:
-                end = start + (last_oob - 1) * _BLOCK + file_size % _BLOCK
+            start = raw_blkaddr * BLOCK_SIZE
+            if not tailpacked and file_size % BLOCK_SIZE:
+                end = start + (last_oob - 1) * BLOCK_SIZE + file_size % BLOCK_SIZE
             else:
-                end = start + last_oob * _BLOCK
+                end = start + last_oob * BLOCK_SIZE
             if end > size:
                 raise self._inode_error(
                     nid, off, f"directory data of {last_oob} blocks at block {raw_blkaddr}"
                 )
             self._spend(end - start, f"directory inode {nid}")
             for block in range(last_oob):
-                bstart = start + block * _BLOCK
-                self._read_chunk(nid, bstart, min(_BLOCK, end - bstart), filters, entries)
+                bstart = start + block * BLOCK_SIZE
+                self._read_chunk(nid, bstart, min(BLOCK_SIZE, end - bstart), filters, entries)
         if tailpacked:
-            tail_size = file_size % _BLOCK
+            tail_size = file_size % BLOCK_SIZE
             if tail + tail_size > size:
                 raise self._inode_error(nid, off, f"inline directory data of {tail_size} bytes")
             self._spend(tail_size, f"directory inode {nid}")
@@ -631,7 +614,7 @@ class _Reader:
         n = first_nameoff // 12
         if n == 0:
             return
-        dirents = list(_DIRENT.iter_unpack(data[start : start + first_nameoff]))
+        dirents = list(DIRENT_READ.iter_unpack(data[start : start + first_nameoff]))
         end = start + chunk_size
         for i in range(n):
             child_nid, nameoff = dirents[i]
@@ -667,9 +650,9 @@ class _Reader:
     # -- xattrs ---------------------------------------------------------------------
     def _name_action(self, index: int, suffix: bytes, nid: int) -> tuple[int, bytes]:
         key = (index, suffix)
-        if index >= len(_XATTR_PREFIXES):
+        if index >= len(XATTR_PREFIXES):
             raise ImageFormatError(errno.EINVAL, f"inode {nid}: unknown xattr name index {index}")
-        name = _cstr(_XATTR_PREFIXES[index] + suffix)
+        name = _cstr(XATTR_PREFIXES[index] + suffix)
         if name == _REDIRECT:
             res = (_ACT_REDIRECT, name)
         elif name == _METACOPY:
@@ -695,7 +678,7 @@ class _Reader:
         size = self._size
         shared_count = data[area + 4]
         pos = area + 12 + shared_count * 4
-        entry = _XATTR_ENTRY.unpack_from
+        entry = XATTR_ENTRY.unpack_from
         # (name_index, suffix, value, value offset) in C's processing order.
         items: list[tuple[int, bytes, bytes, int]] = []
         # C quirk: "while (entry + 4 < end)" drops a final entry of exactly 4 bytes.
@@ -721,7 +704,9 @@ class _Reader:
                     f"{area_end - area}-byte xattr area",
                 )
             shared = self._shared
-            for (idx,) in _U32.iter_unpack(data[area + 12 : area + 12 + 4 * shared_count]):
+            for (idx,) in XATTR_SHARED_REF.iter_unpack(
+                data[area + 12 : area + 12 + 4 * shared_count]
+            ):
                 hit = shared.get(idx)
                 if hit is None:
                     epos = self._xattr_start + idx * 4

@@ -24,6 +24,31 @@ import os
 import struct
 from itertools import accumulate, chain
 
+from .format import (
+    BLOCK_SIZE,
+    BLOCK_SIZE_BITS,
+    COMPACT_INODE,
+    COMPOSEFS_MAGIC,
+    COMPOSEFS_VERSION,
+    DIRENT_FIELDS,
+    EROFS_MAGIC,
+    EXTENDED_INODE,
+    FEATURE_COMPAT_MTIME,
+    FEATURE_COMPAT_XATTR_FILTER,
+    HEADER,
+    HEADER_FLAG_HAS_ACL,
+    INODE_SLOT_SIZE,
+    LAYOUT_CHUNK_BASED,
+    LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN,
+    SUPERBLOCK,
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+    XATTR_SHARED_REF,
+)
 from .tree import VALID_FILE_TYPES, Node, TreeError, gc_paused
 from .xxhash import xxh32
 
@@ -50,34 +75,16 @@ _FILE_TYPE = {
     _S_IFLNK >> 12: 7,
 }
 
-BLOCK = 4096
-_HALF_BLOCK = 2048
-_SLOT = 32
-_SUPER_OFFSET = 1024
-_INODES_START = _SUPER_OFFSET + 128
+_HALF_BLOCK = BLOCK_SIZE // 2
+_INODES_START = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
 _MAX_CHUNKS = 1024
 _MAX_SHARED_REFS = 128
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
-_COMPOSEFS_MAGIC = 0xD078629A
-_COMPOSEFS_HEADER_VERSION = 1
-_HEADER_FLAG_HAS_ACL = 1
-_EROFS_MAGIC = 0xE0F5E1E2
-_FEATURE_COMPAT = 0x2 | 0x4  # MTIME | XATTR_FILTER
+_FEATURE_COMPAT = FEATURE_COMPAT_MTIME | FEATURE_COMPAT_XATTR_FILTER
 _FILTER_SEED = 0x25BBE08F
 
-_LAYOUT_FLAT_PLAIN = 0
-_LAYOUT_FLAT_INLINE = 2
-_LAYOUT_CHUNK_BASED = 4
-
-_HEADER = struct.Struct("<IIII16x")
-_SUPER = struct.Struct("<IIIBBHQQIIII")  # up to xattr_blkaddr; the rest of the 128 bytes is 0
-_COMPACT = struct.Struct("<HHHHIIIIHHI")
-_EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
-_XATTR_HEADER = struct.Struct("<IB7x")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_U32S = struct.Struct("<I")
 # The inode's 16-bit xattr icount bounds its xattr area.
 _MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4
@@ -97,12 +104,11 @@ _SELINUX = b"security.selinux"
 _ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
 _METACOPY_HEADER = b"\x00\x24\x00\x01"  # version 0, length 36, flags 0, sha256
 
-_XATTR_PREFIXES = (
-    (b"user.", 1),
-    (b"system.posix_acl_access", 2),
-    (b"system.posix_acl_default", 3),
-    (b"trusted.", 4),
-    (b"security.", 6),
+# (prefix, index) in the order C tries them: all but the whole name and lustre's.
+_XATTR_PREFIXES = tuple(
+    (prefix, index)
+    for index, prefix in enumerate(XATTR_PREFIXES)
+    if prefix not in (b"", b"lustre.")
 )
 _ROOT_WHITEOUT_NAMES = tuple(b"%02x" % i for i in range(256))
 
@@ -474,7 +480,7 @@ def _key_info(key: bytes) -> tuple[int, bytes, int]:
 
 def _entry(info: tuple[int, bytes, int], value: bytes) -> bytes:
     index, suffix, _ = info
-    raw = _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    raw = XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
     return raw + b"\0" * (-len(raw) & 3)
 
 
@@ -545,7 +551,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             block = 0
             for idx, name in enumerate(names):
                 length = 12 + len(name)
-                if block + length > BLOCK:
+                if block + length > BLOCK_SIZE:
                     starts.append(idx)
                     block = 0
                 block += length
@@ -555,14 +561,14 @@ def _emit(plan: _Plan, version: int) -> bytes:
             else:
                 tail = block
             chunk_starts[i] = starts
-            dsize = n_blocks * BLOCK + tail
+            dsize = n_blocks * BLOCK_SIZE + tail
         else:
             dsize = size
             if ftype == _S_IFLNK:
                 tail = size
             elif ftype == _S_IFREG and size > 0:
                 if node.content is not None:
-                    n_blocks, tail = divmod(size, BLOCK)
+                    n_blocks, tail = divmod(size, BLOCK_SIZE)
                     if tail > _HALF_BLOCK:
                         n_blocks += 1
                         tail = 0
@@ -596,7 +602,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 head = entry_heads.get((k, len(v)))
                 if head is None:
                     index, suffix, _ = keyinfo[k]
-                    head = _XATTR_ENTRY.pack(len(suffix), index, len(v)) + suffix
+                    head = XATTR_ENTRY.pack(len(suffix), index, len(v)) + suffix
                     entry_heads[(k, len(v))] = head
                 parts.append(head)
                 parts.append(v)
@@ -616,21 +622,21 @@ def _emit(plan: _Plan, version: int) -> bytes:
         pos = (pos + 31) & ~31
         if ftype == _S_IFLNK:
             total = isz + xsz + tail
-            if total >= BLOCK:
+            if total >= BLOCK_SIZE:
                 n_blocks += 1
                 tail = 0
-            if pos // BLOCK != (pos + total - 1) // BLOCK:
-                pos = (pos + BLOCK - 1) & ~(BLOCK - 1)
+            if pos // BLOCK_SIZE != (pos + total - 1) // BLOCK_SIZE:
+                pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
         elif tail:
-            rem = BLOCK - ((pos + isz + xsz) % BLOCK)
+            rem = BLOCK_SIZE - ((pos + isz + xsz) % BLOCK_SIZE)
             if rem < tail:
                 pad = (rem + 31) & ~31
-                if tail <= BLOCK - ((pos + isz + xsz + pad) % BLOCK):
+                if tail <= BLOCK_SIZE - ((pos + isz + xsz + pad) % BLOCK_SIZE):
                     pos += pad
                 else:
                     n_blocks += 1
                     tail = 0
-                    pos = (pos + BLOCK - 1) & ~(BLOCK - 1)
+                    pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
         inode_pos[i] = pos
         if pos > end:
             pieces.append(bytes(pos - end))
@@ -646,7 +652,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         pos = end
 
         # A self-contained inode: header, xattrs and inline tail, now.
-        layout = _LAYOUT_FLAT_INLINE if tail else _LAYOUT_FLAT_PLAIN
+        layout = LAYOUT_FLAT_INLINE if tail else LAYOUT_FLAT_PLAIN
         i_u = 0
         tail_bytes = b""
         if ftype == _S_IFREG:
@@ -656,7 +662,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             elif content is not None:
                 tail_bytes = content
             else:
-                layout = _LAYOUT_CHUNK_BASED
+                layout = LAYOUT_CHUNK_BASED
                 i_u = chunkbits_of[i] - 12
                 tail_bytes = ff_tails.get(tail) or ff_tails.setdefault(tail, b"\xff" * tail)
         elif ftype == _S_IFLNK:
@@ -668,42 +674,42 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         head = _inode_header(compact, layout, xsz, mode, nlinks[i], size, i_u, i, node)
         if xsz:
-            pieces.append(head + _XATTR_HEADER.pack(name_filter, 0) + xarea + tail_bytes)
+            pieces.append(head + XATTR_IBODY_HEADER.pack(name_filter, 0) + xarea + tail_bytes)
         else:
             pieces.append(head + tail_bytes if tail_bytes else head)
     inodes_end = (pos + 31) & ~31
     if inodes_end > end:
         pieces.append(bytes(inodes_end - end))
-    data_start = (inodes_end + shared_size + BLOCK - 1) & ~(BLOCK - 1)
-    image_size = data_start + n_data_blocks * BLOCK
-    if inode_pos[0] // _SLOT >= 0xFFFF:
+    data_start = (inodes_end + shared_size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
+    image_size = data_start + n_data_blocks * BLOCK_SIZE
+    if inode_pos[0] // INODE_SLOT_SIZE >= 0xFFFF:
         raise WriteError(errno.EFBIG, "root inode beyond the 16-bit nid range")
 
     # -- emit -----------------------------------------------------------------------
     buf = bytearray(image_size)
-    _HEADER.pack_into(
+    HEADER.pack_into(
         buf,
         0,
-        _COMPOSEFS_MAGIC,
-        _COMPOSEFS_HEADER_VERSION,
-        _HEADER_FLAG_HAS_ACL if has_acl else 0,
+        COMPOSEFS_MAGIC,
+        COMPOSEFS_VERSION,
+        HEADER_FLAG_HAS_ACL if has_acl else 0,
         version,
     )
-    _SUPER.pack_into(
+    SUPERBLOCK.pack_into(
         buf,
-        _SUPER_OFFSET,
-        _EROFS_MAGIC,
+        SUPERBLOCK_OFFSET,
+        EROFS_MAGIC,
         0,
         _FEATURE_COMPAT,
-        12,
+        BLOCK_SIZE_BITS,
         0,
-        inode_pos[0] // _SLOT,
+        inode_pos[0] // INODE_SLOT_SIZE,
         count,
         min_sec & _U64,
         min_nsec,
-        image_size // BLOCK,
+        image_size // BLOCK_SIZE,
         0,
-        inodes_end // BLOCK,
+        inodes_end // BLOCK_SIZE,
     )
     area = b"".join(pieces)
     buf[_INODES_START : _INODES_START + len(area)] = area
@@ -711,21 +717,21 @@ def _emit(plan: _Plan, version: int) -> bytes:
     shared_table = b"".join(shared_entries)
     buf[inodes_end : inodes_end + len(shared_table)] = shared_table
 
-    nid_of = [p // _SLOT for p in inode_pos]
-    shared_base = inodes_end % BLOCK
+    nid_of = [p // INODE_SLOT_SIZE for p in inode_pos]
+    shared_base = inodes_end % BLOCK_SIZE
     ftype_of = [_FILE_TYPE[(m & _S_IFMT) >> 12] for m in modes]
     dirent_packers: dict[int, struct.Struct] = {}
-    first_block = data_start // BLOCK
+    first_block = data_start // BLOCK_SIZE
     for i, off, isz, xsz, tail, n_blocks, rel_block in deferred:
         node = nodes[i]
         mode = modes[i]
         ftype = mode & _S_IFMT
-        layout = _LAYOUT_FLAT_INLINE if tail else _LAYOUT_FLAT_PLAIN
-        size = n_blocks * BLOCK + tail if ftype == _S_IFDIR else sizes[i]
+        layout = LAYOUT_FLAT_INLINE if tail else LAYOUT_FLAT_PLAIN
+        size = n_blocks * BLOCK_SIZE + tail if ftype == _S_IFDIR else sizes[i]
         blkaddr = first_block + rel_block if n_blocks else 0
         i_u = blkaddr
         if ftype == _S_IFREG and size > 0 and node.content is None:
-            layout = _LAYOUT_CHUNK_BASED
+            layout = LAYOUT_CHUNK_BASED
             # The chunk format shares i_u with raw_blkaddr (C union quirk).
             i_u = (blkaddr & 0xFFFF0000) | (chunkbits_of[i] - 12)
         elif ftype == _S_IFCHR or ftype == _S_IFBLK:
@@ -739,10 +745,10 @@ def _emit(plan: _Plan, version: int) -> bytes:
         split = xsplit.get(i)
         if split is not None:
             name_filter, refs, inline = split
-            _XATTR_HEADER.pack_into(buf, off, name_filter, len(refs))
+            XATTR_IBODY_HEADER.pack_into(buf, off, name_filter, len(refs))
             ref_off = off + 12
             for kv in refs:
-                _U32S.pack_into(buf, ref_off, (shared_base + shared_offset[kv]) // 4)
+                XATTR_SHARED_REF.pack_into(buf, ref_off, (shared_base + shared_offset[kv]) // 4)
                 ref_off += 4
             buf[ref_off : ref_off + len(inline)] = inline
             off += xsz
@@ -755,7 +761,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             for c in range(len(dstarts)):
                 a, b = bounds[c], bounds[c + 1]
                 if c < n_blocks:
-                    where = (blkaddr + c) * BLOCK
+                    where = (blkaddr + c) * BLOCK_SIZE
                 elif tail:
                     where = off
                 else:
@@ -775,7 +781,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 )
                 packer = dirent_packers.get(n)
                 if packer is None:
-                    packer = dirent_packers[n] = struct.Struct("<" + "QHBx" * n)
+                    packer = dirent_packers[n] = struct.Struct("<" + DIRENT_FIELDS * n)
                 packer.pack_into(buf, where, *fields)
                 where += 12 * n
                 joined = b"".join(chunk_names)
@@ -783,22 +789,22 @@ def _emit(plan: _Plan, version: int) -> bytes:
         elif ftype == _S_IFLNK:
             target = node.payload
             assert target is not None
-            where = blkaddr * BLOCK if n_blocks else off
+            where = blkaddr * BLOCK_SIZE if n_blocks else off
             buf[where : where + len(target)] = target
         elif ftype == _S_IFREG and size > 0:
             content = node.content
             if content is None:
                 if n_blocks:
-                    where = blkaddr * BLOCK
-                    buf[where : where + BLOCK] = b"\xff" * BLOCK
+                    where = blkaddr * BLOCK_SIZE
+                    buf[where : where + BLOCK_SIZE] = b"\xff" * BLOCK_SIZE
                 else:
                     buf[off : off + tail] = b"\xff" * tail
             else:
                 if tail:
                     buf[off : off + tail] = content[size - tail :]
                 if n_blocks:
-                    where = blkaddr * BLOCK
-                    first = content[:BLOCK]
+                    where = blkaddr * BLOCK_SIZE
+                    first = content[:BLOCK_SIZE]
                     buf[where : where + len(first)] = first
     return bytes(buf)
 
@@ -816,10 +822,10 @@ def _inode_header(
 ) -> bytes:
     icount = (xattr_size - 12) // 4 + 1 if xattr_size else 0
     if compact:
-        return _COMPACT.pack(
+        return COMPACT_INODE.pack(
             layout << 1, icount, mode & 0xFFFF, nlink, size, 0, i_u, ino, node.uid, node.gid, 0
         )
-    return _EXTENDED.pack(
+    return EXTENDED_INODE.pack(
         layout << 1 | 1,
         icount,
         mode & 0xFFFF,

@@ -50,7 +50,7 @@ from composefsd.objectlayout import iter_objects, object_relpath
 from composefsd.verity_policy import VerityPolicy
 
 if TYPE_CHECKING:
-    from composefsd.fsverity import Algorithm
+    from composefsd.kernel.verity import Algorithm
 
 # mount.composefs runs this once per mount, as a fresh process: fs-verity hashing,
 # loop devices and tempfile are imported only by the mounts that need them.
@@ -119,7 +119,7 @@ class MountOptions:
     #: The image's expected fs-verity digest (hex); a mismatch refuses the mount
     #: under every policy.
     expected_digest: str | None = None
-    #: The hash of the digests: an :class:`~composefsd.fsverity.Algorithm` or its name.
+    #: The hash of the digests: an :class:`~composefsd.kernel.verity.Algorithm` or its name.
     algorithm: Algorithm | str = "sha256"
     #: None: read-only unless an upperdir is given.
     read_only: bool | None = None
@@ -225,7 +225,7 @@ def _fstat(fd: int, what: str) -> os.stat_result:
 
 
 def _algorithm(value: Algorithm | str) -> Algorithm:
-    from composefsd.fsverity import Algorithm
+    from composefsd.kernel.verity import Algorithm
 
     try:
         return Algorithm.parse(value)
@@ -285,7 +285,11 @@ class _Checks:
 
 def _measure(fd: int, algorithm: Algorithm) -> str | None:
     """The kernel's digest of the image, or None where it has none or cannot say."""
-    from composefsd.fsverity import VerityNotEnabledError, VerityUnsupportedError, measure_verity
+    from composefsd.kernel.verity import (
+        VerityNotEnabledError,
+        VerityUnsupportedError,
+        measure_verity,
+    )
 
     try:
         return measure_verity(fd, algorithm).hex()
@@ -296,12 +300,12 @@ def _measure(fd: int, algorithm: Algorithm) -> str | None:
 def _check_image(
     fd: int, label: str, opts: MountOptions, alg: Algorithm, expected: str | None
 ) -> _Checks:
-    from composefsd.fsverity import (
+    from composefsd.fsverity import digest_fd
+    from composefsd.kernel.verity import (
         VerityAlgorithmMismatchError,
         VerityError,
         VerityNotEnabledError,
         VerityUnsupportedError,
-        digest_fd,
         measure_verity,
     )
 
@@ -370,7 +374,7 @@ def _objects_have_verity(basedir_fds: Sequence[int], algorithm: Algorithm) -> bo
     objects or on none, and overlayfs would fail reads with EIO on a kernel or
     filesystem without fs-verity, which is exactly what Try must avoid.
     """
-    from composefsd.fsverity import VerityError, measure_verity
+    from composefsd.kernel.verity import VerityError, measure_verity
 
     seen = False
     for fd in basedir_fds:

@@ -11,8 +11,8 @@ import time
 from collections.abc import Sequence
 
 from composefsd.dirs import make_dirs
-from composefsd.fsverity import Algorithm
 from composefsd.image.tree import gc_paused
+from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import object_relpath
 from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composefsd.fsverity import Algorithm
 from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import (
     C_TMP_PREFIX,
     is_hex_digest,

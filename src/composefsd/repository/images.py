@@ -61,11 +61,11 @@ from typing import TYPE_CHECKING
 
 from composefsd.credentials import Credentials
 from composefsd.dirs import make_dirs
-from composefsd.fsverity import Algorithm, VerityError, measure_verity
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
 from composefsd.image.writer import write_image
+from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
 from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from composefsd import workerproc
 from composefsd.credentials import Credentials, CredentialsError, acting_as
-from composefsd.fsverity import Algorithm
+from composefsd.kernel.verity import Algorithm
 from composefsd.repository.errors import (
     CorruptObjectError,
     RepositoryError,

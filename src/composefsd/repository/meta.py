@@ -50,7 +50,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from composefsd.fsverity import Algorithm
+from composefsd.kernel.verity import Algorithm
 from composefsd.repository.errors import (
     CorruptRepositoryError,
     InvalidNameError,

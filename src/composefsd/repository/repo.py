@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composefsd.dirs import make_dir, make_dirs
-from composefsd.fsverity import (
+from composefsd.kernel.verity import (
     Algorithm,
     VerityAlgorithmMismatchError,
     VerityError,

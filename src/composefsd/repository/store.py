@@ -57,16 +57,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from composefsd.dirs import make_dir
-from composefsd.fsverity import (
+from composefsd.fsverity import FsVerityHasher, digest_bytes, digest_fd
+from composefsd.kernel.verity import (
     Algorithm,
-    FsVerityHasher,
     VerityAlreadyEnabledError,
     VerityError,
     VerityFileBusyError,
     VerityNotEnabledError,
     VerityUnsupportedError,
-    digest_bytes,
-    digest_fd,
     enable_verity,
     measure_verity,
 )

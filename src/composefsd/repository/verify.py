@@ -43,17 +43,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from composefsd import workerproc
-from composefsd.fsverity import (
+from composefsd.fsverity import digest_bytes, digest_fd
+from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.image.tree import S_IFMT, Node
+from composefsd.kernel.verity import (
     Algorithm,
     VerityError,
     VerityNotEnabledError,
     VerityUnsupportedError,
-    digest_bytes,
-    digest_fd,
     measure_verity,
 )
-from composefsd.image.reader import ImageFormatError, read_image
-from composefsd.image.tree import S_IFMT, Node
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle

@@ -61,9 +61,10 @@ from typing import Any, NoReturn
 
 import composefsd
 from composefsd.credentials import Credentials
-from composefsd.kernel import IdMapping, ImageVerityError, MountError, unmount
+from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
 from composefsd.kernel.repomount import mount_repository_image, repository_mounts
+from composefsd.kernel.userns import IdMapping
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import (
     CorruptRepositoryError,

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import logging
 import os
 import queue
@@ -68,6 +67,7 @@ from dataclasses import dataclass, field
 from composefsd import workerproc
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
+from composefsd.kernel.files import set_pipe_size
 from composefsd.objectlayout import join_store_path, object_payload
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.sources.objcopy import CopyState, store_object
@@ -729,8 +729,7 @@ def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
     try:
         for f in (proc.stdin, proc.stdout):
             assert f is not None
-            fcntl.fcntl(f.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
-            if fcntl.fcntl(f.fileno(), fcntl.F_GETPIPE_SZ) < _PIPE_SIZE:
+            if set_pipe_size(f.fileno(), _PIPE_SIZE) < _PIPE_SIZE:
                 return False
     except OSError:
         return False

@@ -14,18 +14,17 @@ Everything here is safe to call from several threads at once with one shared
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
 import string
 import threading
 
-from composefsd.fsverity import VerityUnsupportedError, enable_verity
+from composefsd.kernel.files import clone_file
+from composefsd.kernel.verity import VerityUnsupportedError, enable_verity
 from composefsd.objectlayout import C_TMP_PREFIX, join_store_path
 
 __all__ = [
-    "FICLONE",
     "CopyState",
     "copy_fd_data",
     "mkdir_parents",
@@ -33,9 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: ``_IOW(0x94, 9, int)`` from linux/fs.h.
-FICLONE = 0x40049409
 
 # C copies with an 8 KiB buffer; the size is invisible in the result, so use more.
 _CLASSIC_BUFSIZE = 1 << 20
@@ -160,7 +156,7 @@ def copy_fd_data(src_fd: int, dst_fd: int, state: CopyState) -> None:
     st = os.fstat(src_fd)
     if st.st_dev not in state.no_reflink_from:
         try:
-            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            clone_file(src_fd, dst_fd)
             return
         except OSError as exc:
             if exc.errno in _NO_REFLINK:
