@@ -88,6 +88,7 @@ from composefsd.service.codec import (
     ServerConnection,
     encode_error,
     encode_reply,
+    parse_reply,
 )
 from composefsd.service.context import (
     CallCancelled,
@@ -1130,7 +1131,8 @@ class Server:
                     ok = True
                 else:
                     reply = b"\0".join(replies) + b"\0"
-                    ok = not replies[-1].startswith(b'{"error"')
+                    # Service.handle says how the call ended only in the JSON it made.
+                    ok = parse_reply(replies[-1]).ok
         except Exception as e:
             return self._failed(call.conn, envelope, ctx, e)
         finally:
