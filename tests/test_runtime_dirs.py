@@ -387,3 +387,55 @@ def test_daemon_makes_its_socket_directory(alice: Alice, socket_mode: str, dir_m
             proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()
     assert not (alice.socket_dir / "io.composefs.Repository").exists()
+
+
+@pytest.mark.parametrize("xdg", ["run/user/relative", "", "absolute"])
+def test_daemon_and_client_agree_on_the_default_socket(
+    alice: Alice, xdg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's daemon and her composefsctl, under the same XDG_RUNTIME_DIR, meet at
+    one socket: $XDG_RUNTIME_DIR/composefs/... for an absolute value, and
+    /tmp/composefs-<uid>/... for a relative or empty one, which systemd ignores too
+    (sd-path's from_environment)."""
+    a = alice.users.alice
+    if xdg == "absolute":
+        xdg_dir = alice.home / "xdg"
+        xdg_dir.mkdir(mode=0o700)
+        os.chown(xdg_dir, a.uid, a.gid)
+        xdg = str(xdg_dir)
+        expected = xdg_dir / "composefs" / "io.composefs.Repository"
+    else:
+        expected = alice.socket_dir / "io.composefs.Repository"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", xdg)
+    assert default_socket_path(a.uid) == expected
+    # run_as and popen_as drop XDG_RUNTIME_DIR: set it again under them.
+    with_xdg = ["/usr/bin/env", f"XDG_RUNTIME_DIR={xdg}"]
+    notify_path = alice.home / "notify"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    notify.bind(str(notify_path))
+    os.chown(notify_path, a.uid, a.gid)
+    log = alice.home / "daemon.log"
+    env = dict(alice.py.env, NOTIFY_SOCKET=str(notify_path))
+    with open(log, "wb") as out:
+        proc = users.popen_as(
+            a, [*with_xdg, *alice.daemon_argv(idle_exit=False)], env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_ready(notify, proc, log, 120)
+        assert stat.S_ISSOCK(expected.stat().st_mode)
+        status = users.run_as(
+            a,
+            [*with_xdg, *alice.py.command("-m", "composefsd.cli.composefsctl", "status")],
+            env=alice.py.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0, status.stderr
+        assert f"at {expected}\n" in status.stdout
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    assert not expected.exists()
