@@ -88,3 +88,11 @@ def test_client_size_limit_and_discard() -> None:
     # The complete message's fds stay queued until handed out or discarded.
     assert info.value.fds == []
     assert client.discard() == [3]
+
+
+def test_calls_escape_what_is_not_ascii() -> None:
+    """A file name that is not UTF-8 (lone surrogates after surrogateescape) still
+    goes out, for the server to judge, as the client's json.dumps sent it before."""
+    assert encode_call("a.b.C", {"p": "/tmp/\udcff", "q": "é"}) == (
+        b'{"method":"a.b.C","parameters":{"p":"/tmp/\\udcff","q":"\\u00e9"}}\0'
+    )

@@ -307,6 +307,12 @@ def _default(obj: object) -> Any:
 _ENCODER: Final = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_default
 )
+# Calls escape what is not ASCII: a str holding lone surrogates (a file name that is
+# not UTF-8, decoded with surrogateescape) then still goes out, and the server
+# answers InvalidParameter instead of the client failing to encode it.
+_CALL_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=_default
+)
 
 
 def encode_reply(parameters: dict[str, Any] | None = None, *, continues: bool = False) -> bytes:
@@ -338,7 +344,7 @@ def encode_call(
         obj["oneway"] = True
     if more:
         obj["more"] = True
-    return _ENCODER.encode(obj).encode() + b"\0"
+    return _CALL_ENCODER.encode(obj).encode() + b"\0"
 
 
 @dataclass(slots=True, frozen=True)
