@@ -59,7 +59,7 @@ from composefsd.service.codec import (
     parse_reply,
 )
 from composefsd.service.context import peer_credentials
-from composefsd.service.fds import close_all, fds_from_ancillary
+from composefsd.service.fds import close_all, receive_fds
 from composefsd.service.runtime import UnsafeDirectoryError, check_directory, default_socket_path
 
 __all__ = [
@@ -418,9 +418,7 @@ class Connection:
         assert sock is not None
         sock.settimeout(timeout)
         try:
-            data, ancdata, flags, _ = sock.recvmsg(
-                _RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
+            data, fds = receive_fds(sock, _RECV_SIZE, MAX_FDS)
         except TimeoutError:
             self._abort()
             raise VarlinkTimeout(
@@ -430,14 +428,11 @@ class Connection:
             return
         except OSError as exc:
             self._abort()
+            if exc.errno == errno.EMSGSIZE:
+                raise VarlinkProtocolError(f"{self.address}: too many fds with one reply") from None
             raise VarlinkDisconnected(
                 f"{self.address}: the connection broke: {exc.strerror or exc}"
             ) from None
-        fds = fds_from_ancillary(ancdata)
-        if flags & socket.MSG_CTRUNC:
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(f"{self.address}: too many fds with one reply")
         if not data:
             close_all(fds)
             self._eof = True
