@@ -16,6 +16,7 @@ alice's) and alice's composefsctl reaches it there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -254,6 +255,39 @@ class Alice:
             timeout=120,
         )
 
+    @contextlib.contextmanager
+    def serving(self, argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+        """Runs ``argv`` (her daemon, maybe behind a wrapper) as alice: ready when
+        the block starts, stopped with SIGTERM after it, and must exit with 0."""
+        a = self.users.alice
+        notify_path = self.home / "notify"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        notify.bind(str(notify_path))
+        os.chown(notify_path, a.uid, a.gid)
+        log = self.home / "daemon.log"
+        env = dict(self.py.env, NOTIFY_SOCKET=str(notify_path))
+        with open(log, "wb") as out:
+            proc = users.popen_as(a, argv, env=env, stdout=out, stderr=out)
+        try:
+            wait_ready(notify, proc, log, 120)
+            yield proc
+        finally:
+            notify.close()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()
+
+    def status(self, *wrapper: str) -> subprocess.CompletedProcess[str]:
+        """``composefsctl status`` as alice (behind ``wrapper``, if any)."""
+        return users.run_as(
+            self.users.alice,
+            [*wrapper, *self.py.command("-m", "composefsd.cli.composefsctl", "status")],
+            env=self.py.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     def plant(self, path: Path, owner: users.TestUser, mode: int) -> None:
         """What ``owner`` does before alice's daemon first starts."""
         path.mkdir()
@@ -349,41 +383,43 @@ def test_daemon_makes_its_socket_directory(alice: Alice, socket_mode: str, dir_m
     0700 (0755 when others may connect), even under umask 0077; her composefsctl,
     looking at the default address, talks to it there."""
     a = alice.users.alice
-    notify_path = alice.home / "notify"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    notify.bind(str(notify_path))
-    os.chown(notify_path, a.uid, a.gid)
-    log = alice.home / "daemon.log"
-    env = dict(alice.py.env, NOTIFY_SOCKET=str(notify_path))
     daemon = alice.daemon_argv("--socket-mode", socket_mode, idle_exit=False)
-    with open(log, "wb") as out:
-        proc = users.popen_as(
-            a,
-            ["/bin/sh", "-c", 'umask 077; exec "$@"', "sh", *daemon],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        wait_ready(notify, proc, log, 120)
+    with alice.serving(["/bin/sh", "-c", 'umask 077; exec "$@"', "sh", *daemon]):
         st = alice.socket_dir.lstat()
         assert stat.S_ISDIR(st.st_mode) and st.st_uid == a.uid
         assert stat.S_IMODE(st.st_mode) == dir_mode
         sock = alice.socket_dir / "io.composefs.Repository"
         assert stat.S_IMODE(sock.stat().st_mode) == int(socket_mode, 8)
-        status = users.run_as(
-            a,
-            alice.py.command("-m", "composefsd.cli.composefsctl", "status"),
-            env=alice.py.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        status = alice.status()
         assert status.returncode == 0, status.stderr
         assert f"at {sock}\n" in status.stdout
-    finally:
-        notify.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()
     assert not (alice.socket_dir / "io.composefs.Repository").exists()
+
+
+@pytest.mark.parametrize("xdg", ["run/user/relative", "", "absolute"])
+def test_daemon_and_client_agree_on_the_default_socket(
+    alice: Alice, xdg: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's daemon and her composefsctl, under the same XDG_RUNTIME_DIR, meet at
+    one socket: $XDG_RUNTIME_DIR/composefs/... for an absolute value, and
+    /tmp/composefs-<uid>/... for a relative or empty one, which systemd ignores too
+    (sd-path's from_environment)."""
+    a = alice.users.alice
+    if xdg == "absolute":
+        xdg_dir = alice.home / "xdg"
+        xdg_dir.mkdir(mode=0o700)
+        os.chown(xdg_dir, a.uid, a.gid)
+        xdg = str(xdg_dir)
+        expected = xdg_dir / "composefs" / "io.composefs.Repository"
+    else:
+        expected = alice.socket_dir / "io.composefs.Repository"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", xdg)
+    assert default_socket_path(a.uid) == expected
+    # run_as and popen_as drop XDG_RUNTIME_DIR: set it again under them.
+    with_xdg = ["/usr/bin/env", f"XDG_RUNTIME_DIR={xdg}"]
+    with alice.serving([*with_xdg, *alice.daemon_argv(idle_exit=False)]):
+        assert stat.S_ISSOCK(expected.stat().st_mode)
+        status = alice.status(*with_xdg)
+        assert status.returncode == 0, status.stderr
+        assert f"at {expected}\n" in status.stdout
+    assert not expected.exists()

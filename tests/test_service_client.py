@@ -217,21 +217,32 @@ def test_fds_come_with_the_reply(server: FakeServer, tmp_path: Path) -> None:
     os.close(b)
 
 
-def test_fds_after_a_coalesced_continues_reply(server: FakeServer, tmp_path: Path) -> None:
-    """fds belong to the message that starts in the chunk they came with, even when a
-    preceding fd-less message was delivered in the same read (systemd#43823)."""
+def test_fds_go_to_the_first_reply_of_their_read(server: FakeServer, tmp_path: Path) -> None:
+    """The fds of a read belong to the first reply that starts in it, as in sd-varlink
+    (varlink_read: the codec's module notes), also when the kernel joined an fd-less
+    piece in front of the one that carried them (systemd#43823, which sd-varlink
+    treats the same way). This replaced the rule that gave them to the last reply
+    starting in the read, which no other Varlink implementation follows."""
     conn = server.connection()
     fd = os.open(tmp_path, os.O_RDONLY)
-    # A partial message, then the rest of it plus a message that carries the fd.
+    # A partial message, then the rest of it plus a message, the fd attached: read
+    # as one piece, which starts with the first message.
     first = json.dumps({"parameters": {"n": 1}, "continues": True}).encode() + b"\0"
     server.send(first[:5])
     it = conn.call("i.f.M", more=True)
     time.sleep(0.05)
     server.send(first[5:] + json.dumps({"parameters": {"fd": 0}}).encode() + b"\0", fds=[fd])
     replies = list(it)
-    assert replies[0].fds == []
-    assert len(replies[1].fds) == 1
-    replies[1].close_fds()
+    assert len(replies[0].fds) == 1
+    assert replies[1].fds == []
+    replies[0].close_fds()
+    # Two replies in one write, the fd with it: the first gets it.
+    server.send({"parameters": {"n": 1}, "continues": True}, {"parameters": {"fd": 0}}, fds=[fd])
+    replies = list(conn.call("i.f.M", more=True))
+    assert [len(r.fds) for r in replies] == [1, 0]
+    got = replies[0].fds[0]
+    assert got is not None and os.path.samestat(os.fstat(got), os.fstat(fd))
+    replies[0].close_fds()
     os.close(fd)
 
 

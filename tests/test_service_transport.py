@@ -31,8 +31,7 @@ import varlink
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
 from composefsd.service import transport
 from composefsd.service.activation import listen_unix
-from composefsd.service.context import Peer
-from composefsd.service.protocol import (
+from composefsd.service.codec import (
     MAX_DEPTH,
     Decoder,
     ProtocolError,
@@ -43,6 +42,7 @@ from composefsd.service.protocol import (
     parse_call,
     parse_reply,
 )
+from composefsd.service.context import Peer
 from composefsd.service.transport import Server
 from composefsd.service.validate import InterfaceValidator, InvalidParameter
 
@@ -986,6 +986,30 @@ async def test_fds_in_the_middle_of_a_message_close_the_connection(
     await client.send(call[5:], [fd])
     os.close(fd)
     await client.assert_closed()
+
+
+async def test_fds_of_one_write_go_to_its_first_call(client: Client, tmp_path: Path) -> None:
+    """A call without fds and one with fds in one write (one sendmsg, the fds
+    attached): the fds came with the first call's first byte, so they are the first
+    call's, as sd-varlink has it (varlink_read: the codec's module notes); the second
+    call has none."""
+    path = tmp_path / "f"
+    path.write_text("in one write")
+    before = open_fds()
+    fd = os.open(path, os.O_RDONLY)
+    two = encode_call(T + "IgnoreFds") + encode_call(T + "ReadFd", {"fileDescriptor": 0})
+    await client.send(two, [fd])
+    assert (await client.recv(T + "IgnoreFds")) == ({"parameters": {}}, [])
+    reply, _ = await client.recv(T + "ReadFd")
+    assert reply == {"error": INVALID, "parameters": {"parameter": "fileDescriptor"}}
+    # The first call does get them: it can use them.
+    two = encode_call(T + "ReadFd", {"fileDescriptor": 0}) + encode_call(T + "IgnoreFds")
+    await client.send(two, [fd])
+    assert (await client.recv(T + "ReadFd")) == ({"parameters": {"data": "in one write"}}, [])
+    assert (await client.recv(T + "IgnoreFds")) == ({"parameters": {}}, [])
+    os.close(fd)
+    # Closed after the call that got them, taken or not.
+    assert open_fds() == before
 
 
 async def test_message_size_limit(start: Start) -> None:

@@ -22,10 +22,13 @@ nobody chose, like :func:`default_address`) also refuses a socket whose
 directory another user could change (:func:`~composefsd.service.runtime.check_directory`).
 An ``exec:`` server is our own child on a socketpair.
 
-File descriptors travel as SCM_RIGHTS with the first byte of the message they
-belong to (the systemd convention); fds that come with a reply are attached to
-it (:attr:`Reply.fds`) and belong to the caller from then on. Error replies
-raise :class:`VarlinkCallError`.
+The wire format is :class:`composefsd.service.codec.ClientConnection`; this
+module does the socket I/O, timeouts and trust checks. File descriptors
+travel as SCM_RIGHTS with the first byte of the message they belong to, and
+those of one read go to the first reply that starts in it, as in sd-varlink
+(the codec's module notes); fds that come with a reply are attached to it
+(:attr:`Reply.fds`) and belong to the caller from then on. Error replies raise
+:class:`VarlinkCallError`.
 
 A :class:`Connection` is not thread-safe: use one per thread. While the
 replies of a ``more`` call are being iterated the connection is busy;
@@ -45,12 +48,18 @@ import signal
 import socket
 import stat
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final, Literal, overload
 
+from composefsd.service.codec import (
+    MAX_MESSAGE_SIZE,
+    ClientConnection,
+    MessageTooLarge,
+    ProtocolError,
+    parse_reply,
+)
 from composefsd.service.context import peer_credentials
-from composefsd.service.fds import close_all, fds_from_ancillary
+from composefsd.service.fds import close_all, receive_fds
 from composefsd.service.runtime import UnsafeDirectoryError, check_directory, default_socket_path
 
 __all__ = [
@@ -75,9 +84,8 @@ log = logging.getLogger(__name__)
 INTERFACE: Final = "io.composefs.Repository"
 #: sd-varlink's default call timeout, in seconds.
 DEFAULT_TIMEOUT: Final = 45.0
-#: Largest message accepted (sd-varlink's buffer limit).
-MAX_MESSAGE_SIZE: Final = 16 << 20
-#: Most fds taken from one read.
+#: Most fds taken from one read (the kernel's SCM_MAX_FD). The largest reply
+#: accepted is the codec's MAX_MESSAGE_SIZE (imported here under that name).
 MAX_FDS: Final = 253
 
 _RECV_SIZE = 256 * 1024
@@ -205,11 +213,7 @@ class Connection:
         self.timeout = timeout
         #: The server process started for an ``exec:`` address.
         self.pid = pid
-        self._buffer = bytearray()
-        #: Complete messages not yet consumed, with their fds.
-        self._messages: deque[tuple[bytes, list[int]]] = deque()
-        #: fds that arrived with the message now being assembled.
-        self._pending_fds: list[int] = []
+        self._wire = ClientConnection(MAX_MESSAGE_SIZE, MAX_FDS)
         self._eof = False
         self._busy = False
 
@@ -247,12 +251,7 @@ class Connection:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-        for _, fds in self._messages:
-            close_all(fds)
-        self._messages.clear()
-        close_all(self._pending_fds)
-        self._pending_fds = []
-        self._buffer.clear()
+        close_all(self._wire.discard())
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -314,14 +313,8 @@ class Connection:
         if more and oneway:
             raise ValueError("a call cannot be both 'more' and 'oneway'")
         wait = self.timeout if isinstance(timeout, _Inherit) else timeout
-        message: dict[str, Any] = {"method": method}
-        if parameters:
-            message["parameters"] = dict(parameters)
-        if more:
-            message["more"] = True
-        if oneway:
-            message["oneway"] = True
-        self._send(json.dumps(message, separators=(",", ":")).encode() + b"\0", fds, wait)
+        self._require_open()
+        self._send(self._wire.send_call(method, parameters, oneway=oneway, more=more), fds, wait)
         if oneway:
             return None
         if more:
@@ -329,7 +322,7 @@ class Connection:
             return _MoreReplies(self, method, wait)
         self._busy = True
         try:
-            return self._reply(method, wait, more=False)
+            return self._reply(method, wait)
         finally:
             self._busy = False
 
@@ -345,40 +338,30 @@ class Connection:
             raise VarlinkProtocolError("GetInterfaceDescription: no 'description' string")
         return description
 
-    def _reply(self, method: str, timeout: float | None, *, more: bool) -> Reply:
-        data, fds = self._read_message(timeout, method)
-        try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(f"{method}: the reply is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(f"{method}: the reply is not a JSON object")
-        params = doc.get("parameters")
-        if params is None:
-            params = {}
-        error = doc.get("error")
-        continues = doc.get("continues", False)
-        if not isinstance(params, dict) or not isinstance(continues, bool):
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(f"{method}: malformed reply {data[:200]!r}")
-        if error is not None:
-            close_all(fds)
-            if not isinstance(error, str):
+    def _reply(self, method: str, timeout: float | None) -> Reply:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                reply = self._wire.next_reply()
+            except ProtocolError as exc:
+                close_all(exc.fds)
                 self._abort()
-                raise VarlinkProtocolError(f"{method}: malformed error in reply {data[:200]!r}")
-            raise VarlinkCallError(error, params)
-        if continues and not more:
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(
-                f"{method}: 'continues' in the reply to a call without 'more'"
-            )
-        return Reply(params, fds, continues)
+                raise VarlinkProtocolError(f"{method}: {exc}") from None
+            if reply is not None:
+                break
+            if self._sock is None:
+                raise VarlinkDisconnected(f"{self.address}: the connection is closed")
+            if self._eof:
+                self._abort()
+                raise VarlinkDisconnected(
+                    f"{self.address}: the server closed the connection before replying to {method}"
+                )
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._fill(remaining, method, timeout)
+        if reply.error is not None:
+            close_all(reply.fds)
+            raise VarlinkCallError(reply.error, reply.parameters)
+        return Reply(reply.parameters, reply.fds, reply.continues)
 
     # -- the wire ----------------------------------------------------------------------------
 
@@ -423,36 +406,19 @@ class Connection:
         try:
             sock.settimeout(0)
             data = sock.recv(_RECV_SIZE)
-            doc = json.loads(data.partition(b"\0")[0])
-        except (OSError, ValueError):
+            reply = parse_reply(data.partition(b"\0")[0])
+        except (OSError, ProtocolError):
             return None
-        if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+        if reply.error is None:
             return None
-        params = doc.get("parameters")
-        return VarlinkCallError(doc["error"], params if isinstance(params, dict) else {})
-
-    def _read_message(self, timeout: float | None, method: str) -> tuple[bytes, list[int]]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._messages:
-            if self._sock is None:
-                raise VarlinkDisconnected(f"{self.address}: the connection is closed")
-            if self._eof:
-                self._abort()
-                raise VarlinkDisconnected(
-                    f"{self.address}: the server closed the connection before replying to {method}"
-                )
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._fill(remaining, method, timeout)
-        return self._messages.popleft()
+        return VarlinkCallError(reply.error, reply.parameters)
 
     def _fill(self, timeout: float | None, method: str, total: float | None) -> None:
         sock = self._sock
         assert sock is not None
         sock.settimeout(timeout)
         try:
-            data, ancdata, flags, _ = sock.recvmsg(
-                _RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-            )
+            data, fds = receive_fds(sock, _RECV_SIZE, MAX_FDS)
         except TimeoutError:
             self._abort()
             raise VarlinkTimeout(
@@ -462,61 +428,27 @@ class Connection:
             return
         except OSError as exc:
             self._abort()
+            if exc.errno == errno.EMSGSIZE:
+                raise VarlinkProtocolError(f"{self.address}: too many fds with one reply") from None
             raise VarlinkDisconnected(
                 f"{self.address}: the connection broke: {exc.strerror or exc}"
             ) from None
-        fds = fds_from_ancillary(ancdata)
-        if flags & socket.MSG_CTRUNC:
-            close_all(fds)
-            self._abort()
-            raise VarlinkProtocolError(f"{self.address}: too many fds with one reply")
         if not data:
             close_all(fds)
             self._eof = True
             return
-        self._take_chunk(data, fds)
-
-    def _take_chunk(self, data: bytes, fds: list[int]) -> None:
-        """Split ``data`` into messages, giving ``fds`` to the right one.
-
-        fds travel with the first byte of their message. The kernel ends a read
-        right after the piece of data that carried fds, but may put earlier fd-less
-        pieces in front of it in the same read (systemd#43823): so the fds belong to
-        the *last* message that starts in this chunk."""
-        start = 0
-        if fds:
-            start = -1 if self._buffer else 0
-            nul = data.find(b"\0")
-            while 0 <= nul < len(data) - 1:
-                start = nul + 1
-                nul = data.find(b"\0", start)
-            if start < 0:
-                close_all(fds)
-                self._abort()
-                raise VarlinkProtocolError(
-                    f"{self.address}: fds arrived in the middle of a message"
-                )
-            if start:
-                self._buffer += data[:start]
-                self._split()
-            self._pending_fds = fds
-        self._buffer += data[start:]
-        self._split()
-        if len(self._buffer) > MAX_MESSAGE_SIZE:
+        try:
+            self._wire.receive_data(data, fds)
+        except MessageTooLarge as exc:
+            close_all(exc.fds)
             self._abort()
             raise VarlinkProtocolError(
-                f"{self.address}: a reply is larger than {MAX_MESSAGE_SIZE} bytes"
-            )
-
-    def _split(self) -> None:
-        while True:
-            nul = self._buffer.find(b"\0")
-            if nul < 0:
-                return
-            message = bytes(self._buffer[:nul])
-            del self._buffer[: nul + 1]
-            fds, self._pending_fds = self._pending_fds, []
-            self._messages.append((message, fds))
+                f"{self.address}: a reply is larger than {exc.limit} bytes"
+            ) from None
+        except ProtocolError as exc:
+            close_all(exc.fds)
+            self._abort()
+            raise VarlinkProtocolError(f"{self.address}: {exc}") from None
 
 
 class _MoreReplies(Iterator[Reply]):
@@ -536,7 +468,7 @@ class _MoreReplies(Iterator[Reply]):
             raise StopIteration
         conn = self._conn
         try:
-            reply = conn._reply(self._method, self._timeout, more=True)
+            reply = conn._reply(self._method, self._timeout)
         except VarlinkCallError:
             self._done = True
             conn._busy = False

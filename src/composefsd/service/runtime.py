@@ -3,8 +3,10 @@ change them.
 
 Defaults (:func:`user_runtime_dir`): ``/run/<name>`` for root; for other users
 ``$XDG_RUNTIME_DIR/<name>`` (only an absolute one counts, as in systemd), else
-``/tmp/<name>-<uid>``. The socket is :func:`default_socket_path`, the pins of
-handed-out mounts live under :func:`default_runtime_dir`.
+``/tmp/<name>-<uid>``. The socket is :func:`default_socket_path`, the one place
+that says where it is (the daemon listens there, the client's
+``default_address`` looks there); the pins of handed-out mounts live under
+:func:`default_runtime_dir`.
 
 A socket whose directory another user can write is a socket that user can
 replace with a server of their own; a directory of pins they control steers
@@ -70,6 +72,8 @@ def user_runtime_dir(name: str, uid: int | None = None) -> Path:
     if uid == 0:
         return Path("/run") / name
     xdg = os.environ.get("XDG_RUNTIME_DIR")
+    # systemd's rule (sd-path.c, from_environment() for SD_PATH_USER_RUNTIME, which
+    # xdg_user_runtime_dir() uses): a relative or empty value counts as unset.
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / name
     return Path(f"/tmp/{name}-{uid}")

@@ -2,8 +2,9 @@
 
 One event loop owns every socket. Each connection has a reader callback that
 takes what ``recvmsg`` returns (bytes plus SCM_RIGHTS fds, close-on-exec) and
-feeds :class:`~composefsd.service.protocol.Decoder`, which splits messages on NUL
-and ties fds to the message whose first byte came with them. Calls on one
+feeds its :class:`~composefsd.service.codec.ServerConnection`, which splits
+messages on NUL and ties fds to the message whose first byte came with them (the
+codec's module notes: sd-varlink's rule). Calls on one
 connection run strictly one after another (a client may pipeline; replies come
 in call order); calls on different connections run concurrently in a bounded
 thread pool, so the loop itself never does a method's work.
@@ -79,6 +80,16 @@ from varlink.server import Service as VarlinkService
 
 from composefsd.kernel.memory import trim_heap
 from composefsd.service.activation import is_listening
+from composefsd.service.codec import (
+    MAX_DEPTH,
+    Call,
+    Message,
+    ProtocolError,
+    ServerConnection,
+    encode_error,
+    encode_reply,
+    parse_reply,
+)
 from composefsd.service.context import (
     CallCancelled,
     CallContext,
@@ -87,16 +98,6 @@ from composefsd.service.context import (
     peer_credentials,
 )
 from composefsd.service.fds import close_all, fds_from_ancillary
-from composefsd.service.protocol import (
-    MAX_DEPTH,
-    Call,
-    Decoder,
-    Message,
-    ProtocolError,
-    encode_error,
-    encode_reply,
-    parse_call,
-)
 from composefsd.service.validate import INVALID_PARAMETER, InterfaceValidator, InvalidParameter
 
 __all__ = [
@@ -409,7 +410,6 @@ class _Connection:
     __slots__ = (
         "call",
         "closed",
-        "decoder",
         "eof",
         "fd",
         "given",
@@ -424,6 +424,7 @@ class _Connection:
         "sock",
         "timer",
         "wbuf",
+        "wire",
     )
 
     def __init__(
@@ -441,7 +442,7 @@ class _Connection:
         self.peer = peer
         self.privileged = peer.uid in server.privileged_uids
         self.given = given
-        self.decoder = Decoder(server.max_message_size, server.max_fds)
+        self.wire = ServerConnection(server.max_message_size, server.max_fds, server.max_depth)
         self.queue: deque[Message] = deque()
         self.queued_bytes = 0
         #: Input held: the partial message, queued calls, the running call's message.
@@ -481,7 +482,7 @@ class _Connection:
             self._on_eof()
             return
         try:
-            messages = self.decoder.feed(data, fds)
+            messages = self.wire.receive_data(data, fds)
         except ProtocolError as e:
             close_all(e.fds)
             self._abort(str(e))
@@ -494,7 +495,7 @@ class _Connection:
         self._account()
         if self.closed:
             return  # closed for holding too much input
-        if self.decoder.pending and self.timer is None:
+        if self.wire.pending and self.timer is None:
             self.timer = self.loop.call_later(self.server.message_timeout, self._timed_out)
         if messages and self.call is None:
             self._next()
@@ -506,7 +507,7 @@ class _Connection:
     def _account(self) -> None:
         """Tell the server how much input this connection holds now."""
         call = self.call
-        held = self.decoder.pending + self.queued_bytes + (call.size if call is not None else 0)
+        held = self.wire.pending + self.queued_bytes + (call.size if call is not None else 0)
         if held != self.held:
             change, self.held = held - self.held, held
             self.server._held_changed(self, change)
@@ -519,7 +520,7 @@ class _Connection:
             "%r: closing: a message stayed incomplete for %g s (%d bytes so far)",
             self,
             self.server.message_timeout,
-            self.decoder.pending,
+            self.wire.pending,
         )
         self._lost()
 
@@ -539,14 +540,14 @@ class _Connection:
         if not self.reading and not self.eof and not self.closed:
             self.reading = True
             self.loop.add_reader(self.fd, self._on_readable)
-            if self.decoder.pending and self.timer is None:
+            if self.wire.pending and self.timer is None:
                 self.timer = self.loop.call_later(self.server.message_timeout, self._timed_out)
 
     def _on_eof(self) -> None:
         self.eof = True
         self._stop_reading()
-        dropped = self.decoder.pending
-        close_all(self.decoder.discard())
+        dropped = self.wire.pending
+        close_all(self.wire.discard())
         self._account()
         self.server._input_dropped(dropped)
         if _hung_up(self.fd):
@@ -685,7 +686,7 @@ class _Connection:
         while self.queue:
             close_all(self.queue.popleft().fds)
         self.queued_bytes = 0
-        close_all(self.decoder.discard())
+        close_all(self.wire.discard())
         self.sock.close()
         self.server._closed(self)
 
@@ -1079,7 +1080,7 @@ class Server:
         decides the call, else the call ready to run."""
         conn = call.conn
         try:
-            envelope = parse_call(msg.data, self.max_depth)
+            envelope = conn.wire.call(msg)
         except ProtocolError as e:
             close_all(msg.fds)
             log.info("%r: protocol error, closing: %s", conn, e)
@@ -1130,7 +1131,8 @@ class Server:
                     ok = True
                 else:
                     reply = b"\0".join(replies) + b"\0"
-                    ok = not replies[-1].startswith(b'{"error"')
+                    # Service.handle says how the call ended only in the JSON it made.
+                    ok = parse_reply(replies[-1]).ok
         except Exception as e:
             return self._failed(call.conn, envelope, ctx, e)
         finally:
