@@ -71,7 +71,7 @@ from composefsd.service.client import (
     VarlinkUntrustedError,
     default_address,
 )
-from composefsd.service.methods import describe_repository
+from composefsd.service.replies import describe_repository
 
 __all__ = ["main"]
 
