@@ -18,10 +18,12 @@ import pytest
 
 from composefsd.cli import composefsctl
 from composefsd.cli.composefsctl import EXIT_UNREACHABLE, main
+from composefsd.cli.composefsctl.output import ProgressPrinter
+from composefsd.cli.composefsctl.remote import call_error_text
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Progress
-from composefsd.service.client import VarlinkCallError
+from composefsd.service.client import Reply, VarlinkCallError
 from conftest import TestUsers
 from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
 from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
@@ -169,7 +171,7 @@ def test_progress_bar_on_a_terminal() -> None:
             return True
 
     stream = Tty()
-    printer = composefsctl._ProgressPrinter(stream)
+    printer = ProgressPrinter(stream)
     printer(Progress("import", 50, 200))
     printer(Progress("import", 200, 200))
     printer(Progress("sync", 3))
@@ -181,7 +183,7 @@ def test_progress_bar_on_a_terminal() -> None:
     # A shorter line blanks out the rest of the longer one; finish() clears the line.
     assert f"\rsync: 3{' ' * (52 - 7)}\r       \r" in text
     assert text.endswith("\r       \r")
-    printer.reply(composefsctl.Reply({"progress": {"phase": "mark", "done": 1, "total": 2}}))
+    printer.reply(Reply({"progress": {"phase": "mark", "done": 1, "total": 2}}))
     assert "mark [" in stream.getvalue()
 
 
@@ -682,7 +684,7 @@ def test_fallback_to_direct_mode_without_daemon(
     repo = tmp_path / "repo"
     assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
     monkeypatch.setattr("composefsd.repository.repo.default_path", lambda: repo)
-    monkeypatch.setattr("composefsd.cli.composefsctl.default_path", lambda: repo)
+    monkeypatch.setattr("composefsd.cli.composefsctl.direct.default_path", lambda: repo)
     # No socket at the default address.
     status, out, _ = run_ctl(capsys, "create-image", str(tree))
     assert status == 0 and len(out.strip()) == 64
@@ -772,7 +774,7 @@ def test_refused_for_another_user(
 
 
 def test_error_texts() -> None:
-    text = composefsctl._call_error_text
+    text = call_error_text
     assert text(
         VarlinkCallError(
             "io.composefs.Repository.SystemError", {"message": "boom", "errnoName": "EIO"}

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from composefsd.cli.cerr import Exit as _Exit
+from composefsd.cli.cerr import err, usage_error
+from composefsd.cli.cerr import stderr as _stderr
 from composefsd.cli.info import LoadError, load_image_file
 from composefsd.image.format import HEADER_SIZE
 from composefsd.image.reader import ImageFormatError, read_header
@@ -25,25 +28,12 @@ __all__ = ["main"]
 _PROG = "composefs-dump"
 
 
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+def _err(msg: bytes, errnum: int) -> NoReturn:
+    err(_PROG, msg, errnum)
 
 
-def _stderr(msg: bytes) -> None:
-    sys.stderr.flush()
-    sys.stderr.buffer.write(msg)
-    sys.stderr.buffer.flush()
-
-
-def _err(msg: bytes, err: int) -> NoReturn:
-    _stderr(b"%s: %s: %s\n" % (_PROG.encode(), msg, os.strerror(err).encode()))
-    raise _Exit(1)
-
-
-def _usage(argv0: str) -> None:
-    _stderr(b"usage: %s SRC DEST\n" % os.fsencode(argv0))
+def _usage(argv0: str) -> bytes:
+    return b"usage: %s SRC DEST\n" % os.fsencode(argv0)
 
 
 def _image_version(path: str, bsrc: bytes) -> int:
@@ -77,14 +67,10 @@ def _image_version(path: str, bsrc: bytes) -> int:
 def _run(argv: Sequence[str]) -> None:
     argv0 = argv[0] if argv else _PROG
     if len(argv) <= 1:
-        _stderr(b"No source path specified\n")
-        _usage(argv0)
-        raise _Exit(1)
+        usage_error(b"No source path specified\n", _usage(argv0))
     src = argv[1]
     if len(argv) <= 2:
-        _stderr(b"No destination path specified\n")
-        _usage(argv0)
-        raise _Exit(1)
+        usage_error(b"No destination path specified\n", _usage(argv0))
     dst = argv[2]
     bsrc = os.fsencode(src)
 

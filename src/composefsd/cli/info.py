@@ -17,6 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, NoReturn
 
+from composefsd.cli.cerr import Exit as _Exit
+from composefsd.cli.cerr import err, usage_error
+from composefsd.cli.cerr import stderr as _stderr
 from composefsd.cli.getopt import GetoptError, gnu_getopt
 from composefsd.fsverity import measure_or_compute
 from composefsd.image.dump_print import print_dump, print_ls
@@ -29,26 +32,12 @@ _PROG = "composefs-info"
 _LONGOPTS = {"basedir": True, "filter": True}
 
 
-class _Exit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+def _err(msg: bytes, errnum: int) -> NoReturn:
+    err(_PROG, msg, errnum)
 
 
-def _stderr(msg: bytes) -> None:
-    sys.stderr.flush()
-    sys.stderr.buffer.write(msg)
-    sys.stderr.buffer.flush()
-
-
-def _err(msg: bytes, err: int) -> NoReturn:
-    """C ``err(EXIT_FAILURE, ...)``: program name, message, ": ", strerror."""
-    _stderr(b"%s: %s: %s\n" % (_PROG.encode(), msg, os.strerror(err).encode()))
-    raise _Exit(1)
-
-
-def _usage(argv0: str) -> None:
-    _stderr(
+def _usage(argv0: str) -> bytes:
+    return (
         b"usage: %s [--basedir=path] [ls|objects|dump|missing-objects|measure-file] IMAGES...\n"
         % os.fsencode(argv0)
     )
@@ -85,9 +74,7 @@ def load_image_file(path: str | bytes, *, filters: Sequence[bytes] | None = None
 
 def _measure_files(argv0: str, files: Sequence[str], out: BinaryIO) -> None:
     if not files:
-        _stderr(b"No files specified\n")
-        _usage(argv0)
-        raise _Exit(1)
+        usage_error(b"No files specified\n", _usage(argv0))
     for path in files:
         bpath = os.fsencode(path)
         try:
@@ -130,7 +117,7 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
         _stderr(b"%s: %s\n" % (os.fsencode(argv0), str(e).encode()))
         out.write(b"Def\n")
         out.flush()
-        _usage(argv0)
+        _stderr(_usage(argv0))
         raise _Exit(1) from e
 
     basedir: str | None = None
@@ -152,9 +139,7 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
             filters.append(os.fsencode(value))
 
     if not operands:
-        _stderr(b"No command specified\n")
-        _usage(argv0)
-        raise _Exit(1)
+        usage_error(b"No command specified\n", _usage(argv0))
     command, images = operands[0], operands[1:]
 
     if command == "measure-file":
@@ -190,9 +175,7 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
             _err(b"Can't open basedir `%s`\n" % os.fsencode(basedir), e.errno or errno.EINVAL)
 
     if not images:
-        _stderr(b"No image path specified\n")
-        _usage(argv0)
-        raise _Exit(1)
+        usage_error(b"No image path specified\n", _usage(argv0))
 
     for image in images:
         bimage = os.fsencode(image)

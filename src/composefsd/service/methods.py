@@ -56,10 +56,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
-import composefsd
 from composefsd.credentials import Credentials
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
@@ -83,13 +82,14 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
 )
-from composefsd.repository.images import iter_refs, normalize_ref
+from composefsd.repository.images import normalize_ref
 from composefsd.repository.verify import VerifyReport, default_workers
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
+from composefsd.service.replies import describe_repository, mount_reply
 from composefsd.service.sourcescan import scan_as
 
-__all__ = ["INTERFACE", "RepositoryInterface", "describe_repository", "reply_error"]
+__all__ = ["INTERFACE", "RepositoryInterface", "reply_error"]
 
 log = logging.getLogger(__name__)
 
@@ -298,36 +298,6 @@ def _mapping(value: list[dict[str, Any]] | None, field_name: str) -> list[IdMapp
         raise _invalid(field_name) from None
     if not out:
         raise _invalid(field_name)
-    return out
-
-
-def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> dict[str, Any]:
-    """The Describe reply for ``repo``, given the composefs mounts to count
-    (composefsctl's direct ``status`` prints the same)."""
-    images = 0
-    try:
-        with os.scandir(repo.images_dir) as it:
-            for entry in it:
-                if is_hex_digest(entry.name, repo.hash_algorithm) and entry.is_symlink():
-                    images += 1
-    except FileNotFoundError:
-        pass
-    try:
-        repo.ensure_writable()
-        reason = None
-    except ReadOnlyRepositoryError as exc:
-        reason = str(exc)
-    out: dict[str, Any] = {
-        "path": str(repo.path),
-        "algorithm": repo.hash_name,
-        "verity": repo.verity.value,
-        "images": images,
-        "refs": sum(1 for _ in iter_refs(repo)),
-        "mounts": len(repository_mounts(repo, mounts)),
-        "version": composefsd.__version__,
-    }
-    if reason is not None:
-        out["readOnlyReason"] = reason
     return out
 
 
@@ -588,14 +558,8 @@ class RepositoryInterface:
                     expected_digest=expected_digest,
                 )
                 with mount:
-                    digest = mount.source.partition(":")[2]
-                    out: dict[str, Any] = {
-                        "digest": digest,
-                        "imageCheck": mount.image_check,
-                        "objectVerity": mount.object_verity,
-                        "readOnly": mount.read_only,
-                        "idmapped": mount.idmapped,
-                    }
+                    out = mount_reply(mount)
+                    digest = out["digest"]
                     if where is not None:
                         mount.attach(where)
                         out["where"] = where

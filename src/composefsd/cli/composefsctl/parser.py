@@ -1,0 +1,249 @@
+"""The command line of ``composefsctl``: its options and subcommands, parsed into
+the namespace both modes run from (the module notes of
+:mod:`composefsd.cli.composefsctl` say what they do)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from composefsd.service.client import DEFAULT_TIMEOUT
+from composefsd.verity_policy import VerityPolicy
+
+__all__ = ["PROG", "ArgumentParser", "parse_args"]
+
+PROG = "composefsctl"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _version(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return None if value in (0.0, float("inf")) else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = ArgumentParser(add_help=False)
+    common.add_argument(
+        "--repo",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="the repository (default: $COMPOSEFSD_REPOSITORY, else /sysroot/composefs for "
+        "root, ~/.var/lib/composefs otherwise)",
+    )
+    common.add_argument(
+        "--progress",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show progress on stderr even when it is not a terminal",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="say more about what was done",
+    )
+    common.add_argument(
+        "--connect",
+        metavar="ADDRESS",
+        default=argparse.SUPPRESS,
+        help="go through the composefsd at ADDRESS (a socket path, unix:PATH or exec:PATH; "
+        "default: $COMPOSEFSD_SOCKET, else the default socket if a daemon answers there)",
+    )
+    common.add_argument(
+        "--direct",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="work on the repository directly even if a daemon runs",
+    )
+    common.add_argument(
+        "--timeout",
+        metavar="SEC",
+        type=_timeout,
+        default=argparse.SUPPRESS,
+        help="through the daemon: wait at most SEC seconds for each reply (default 45; 0: forever)",
+    )
+
+    parser = ArgumentParser(
+        prog=PROG,
+        description="Manage a composefs object repository (composefs-rs compatible layout), "
+        "through composefsd when one answers, else directly.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(parser=p)
+        return p
+
+    p = command("status", "show the repository (and the daemon serving it)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("init", "create a new repository")
+    p.add_argument("--algorithm", choices=("sha256", "sha512"), default="sha256")
+    p.add_argument(
+        "--verity",
+        choices=[v.value for v in VerityPolicy],
+        default=VerityPolicy.TRY.value,
+        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
+    )
+
+    p = command("create-image", "import a directory tree as an image")
+    p.add_argument("source", metavar="SOURCE", nargs="?", help="the directory to import")
+    p.add_argument("--ref", metavar="NAME", help="name the image with this ref")
+    p.add_argument(
+        "--from-dumpfile",
+        metavar="DUMP",
+        help="build the image from a composefs dumpfile ('-': stdin) instead of SOURCE",
+    )
+    p.add_argument(
+        "--objects", metavar="DIR", help="with --from-dumpfile: the directory of its objects"
+    )
+    p.add_argument("--use-epoch", action="store_true", help="make all mtimes zero")
+    p.add_argument("--skip-xattrs", action="store_true", help="don't store file xattrs")
+    p.add_argument("--user-xattrs", action="store_true", help="only store user.* xattrs")
+    p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
+    p.add_argument("--min-version", type=_version, default=0, metavar="N")
+    p.add_argument("--max-version", type=_version, default=1, metavar="N")
+    p.add_argument(
+        "--preserve-hardlinks",
+        action="store_true",
+        help="keep hardlinked files as hardlinks in the image (C mkcomposefs does not)",
+    )
+    p.add_argument("--threads", type=_positive, metavar="N", help="hashing and copying lanes")
+    p.add_argument(
+        "--by-path",
+        action="store_true",
+        help="through the daemon: send SOURCE's path (as the daemon sees it) instead of an "
+        "fd on the directory",
+    )
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    p = command("verify", "check images and every object they use")
+    p.add_argument("images", metavar="IMAGE", nargs="*", help="digest or ref name")
+    p.add_argument("--all", action="store_true", help="verify every image")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = command("fsck", "check the whole repository")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = command("images", "list the images")
+    p.add_argument("--json", action="store_true")
+
+    p = command("describe", "show one image")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("--json", action="store_true")
+
+    p = command("remove-ref", "remove a ref (the image stays until GC)")
+    p.add_argument("name", metavar="NAME")
+
+    p = command("remove-image", "remove an image and its refs")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("--json", action="store_true", help="print the refs that named it as JSON")
+
+    p = command("gc", "remove what no ref or pin reaches")
+    p.add_argument(
+        "--pin",
+        metavar="IMAGE",
+        action="append",
+        default=[],
+        help="also keep this image (repeatable)",
+    )
+    p.add_argument("--dry-run", "-n", action="store_true", help="only report what would go")
+    p.add_argument("--json", action="store_true")
+
+    p = command("mount", "mount an image (needs root)")
+    p.add_argument("image", metavar="IMAGE", help="digest or ref name")
+    p.add_argument("where", metavar="WHERE", help="the directory to mount it on")
+    p.add_argument(
+        "--verity",
+        choices=[v.value for v in VerityPolicy],
+        help="fs-verity checks: required, try or disabled (default: the repository's policy)",
+    )
+    p.add_argument("--expected-digest", metavar="HEX", help="refuse unless IMAGE is this digest")
+    p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
+    p.add_argument("--upperdir", metavar="DIR", help="overlay upper directory for writes")
+    p.add_argument("--workdir", metavar="DIR", help="overlay work directory (same filesystem)")
+    p.add_argument(
+        "--idmap-userns",
+        metavar="PATH",
+        help="idmap through this user namespace (/proc/PID/ns/user)",
+    )
+    p.add_argument(
+        "--uid-map",
+        metavar="MAP",
+        help="idmap with this uid mapping, INSIDE:OUTSIDE:COUNT[,...]",
+    )
+    p.add_argument("--gid-map", metavar="MAP", help="gid mapping (default: the uid mapping)")
+    p.add_argument(
+        "--fd-attach",
+        action="store_true",
+        help="through the daemon: receive the detached mount and attach it here (in this "
+        "process's mount namespace) instead of having the daemon attach it",
+    )
+    p.add_argument("--json", action="store_true", help="print what was mounted and checked")
+
+    p = command("unmount", "unmount a composefs mount")
+    p.add_argument("where", metavar="WHERE")
+    p.add_argument("--lazy", action="store_true", help="detach even if files are open")
+    p.add_argument("--json", action="store_true", help="print what was unmounted as JSON")
+
+    p = command("mounts", "list the mounted images of the repository")
+    p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+#: The values of the options every subcommand takes (given before or after it, so
+#: the parsers leave them out unless given).
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "repo": None,
+    "progress": False,
+    "verbose": False,
+    "connect": None,
+    "direct": False,
+    "timeout": DEFAULT_TIMEOUT,
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line ``argv`` (without the program name), every common option set;
+    ``args.parser`` is the subcommand's parser, for usage errors found later."""
+    args = _parser().parse_args(list(argv))
+    for name, value in _COMMON_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    return args

@@ -1,0 +1,315 @@
+"""The ``composefsctl`` commands as io.composefs.Repository calls to a composefsd:
+each sends the command line's parameters (and fds on the directories it names),
+and turns the replies into the documents direct mode prints. Nothing here loads
+repository code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from composefsd.cli.composefsctl import output
+from composefsd.cli.composefsctl.arguments import (
+    check_mount,
+    check_verify,
+    check_xattrs,
+    id_mappings,
+    open_userns,
+)
+from composefsd.cli.composefsctl.errors import Failed, Usage
+from composefsd.service.client import INTERFACE, Connection, Reply, VarlinkCallError
+
+__all__ = ["COMMANDS", "call_error_text"]
+
+
+def _method(name: str) -> str:
+    return f"{INTERFACE}.{name}"
+
+
+def _opt(params: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None and value is not False:
+        params[key] = value
+
+
+def _more(
+    conn: Connection,
+    method: str,
+    params: dict[str, Any],
+    printer: output.ProgressPrinter | None,
+    fds: Sequence[int] = (),
+) -> Iterator[Reply]:
+    """The non-progress replies of a ``more`` call; progress goes to ``printer``."""
+    try:
+        for reply in conn.call(_method(method), params, more=True, fds=fds):
+            if "progress" in reply:
+                if printer is not None:
+                    printer.reply(reply)
+                continue
+            if printer is not None:
+                printer.finish()
+            yield reply
+    finally:
+        if printer is not None:
+            printer.finish()
+
+
+def _open_dir_fd(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Failed(f"{what} {path}: {exc.strerror}") from None
+
+
+def _client_status(conn: Connection, args: argparse.Namespace) -> int:
+    doc = dict(conn.call(_method("Describe")))
+    if args.json:
+        output.print_json(doc, sys.stdout)
+    else:
+        output.print_status(doc, f"composefsd {doc.get('version', '?')} at {conn.address}")
+    return 0
+
+
+def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
+    if args.source is None:
+        raise Usage("give SOURCE, the directory to import")
+    check_xattrs(args)
+    params: dict[str, Any] = {}
+    fds: list[int] = []
+    if args.by_path:
+        params["sourcePath"] = os.path.abspath(args.source)
+    else:
+        fds.append(_open_dir_fd(args.source, "source"))
+        params["sourceDirectoryFileDescriptor"] = 0
+    _opt(params, "ref", args.ref)
+    _opt(params, "useEpoch", args.use_epoch)
+    _opt(params, "skipXattrs", args.skip_xattrs)
+    _opt(params, "userXattrs", args.user_xattrs)
+    _opt(params, "skipDevices", args.skip_devices)
+    if args.min_version != 0:
+        params["minVersion"] = args.min_version
+    if args.max_version != 1:
+        params["maxVersion"] = args.max_version
+    printer = output.progress(args)
+    result: Reply | None = None
+    try:
+        for reply in _more(conn, "CreateImage", params, printer, fds):
+            result = reply
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert result is not None
+    doc = {
+        "digest": result["digest"],
+        "ref": result.get("ref"),
+        "files": result.get("files", 0),
+        "objects_written": result.get("objectsWritten", 0),
+        "objects_reused": result.get("objectsReused", 0),
+        "bytes_written": result.get("bytesWritten", 0),
+        "verity_enabled": result.get("verityEnabled", False),
+    }
+    output.report_created(doc, args)
+    return 0
+
+
+def _verify_doc(reply: Reply) -> dict[str, Any]:
+    """A Verify result in the shape of ``VerifyReport.to_dict()`` (less bytes_checked
+    and verity_required, which the service does not report)."""
+    problems = reply.get("problems") or []
+    return {
+        "digest": reply.get("digest", ""),
+        "ok": bool(reply.get("ok")),
+        "image_problems": [p["message"] for p in problems if p.get("kind") == "image"],
+        "missing": [p.get("object") for p in problems if p.get("kind") == "missing-object"],
+        "corrupt": [
+            {
+                "digest": p.get("object"),
+                "reason": p["message"].removeprefix(f"object {p.get('object')}: "),
+            }
+            for p in problems
+            if p.get("kind") == "corrupt-object"
+        ],
+        "no_verity": [p.get("object") for p in problems if p.get("kind") == "no-verity"],
+        "objects_checked": reply.get("objectsChecked", 0),
+        "verity_measured": reply.get("verityMeasured", 0),
+    }
+
+
+def _client_verify(conn: Connection, args: argparse.Namespace) -> int:
+    check_verify(args)
+    printer = output.progress(args)
+    docs: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = [{}] if args.all else [{"image": n} for n in args.images]
+    for params in calls:
+        for reply in _more(conn, "Verify", params, printer):
+            if "digest" not in reply:
+                continue  # Verify of all images in an empty repository
+            doc = _verify_doc(reply)
+            docs.append(doc)
+            if not args.json:
+                output.print_verify(doc, sys.stdout)
+                sys.stdout.flush()
+    if args.json:
+        output.print_json(docs, sys.stdout)
+    return 0 if all(d["ok"] for d in docs) else 1
+
+
+def _client_images(conn: Connection, args: argparse.Namespace) -> int:
+    entries = conn.call(_method("ListImages"))["images"]
+    docs = [
+        {
+            "digest": e["digest"],
+            "size": e["size"],
+            "refs": list(e["refs"]),
+            "created": e["createdUSec"] / 1_000_000,
+        }
+        for e in entries
+    ]
+    output.report_images(docs, args)
+    return 0
+
+
+def _client_remove_image(conn: Connection, args: argparse.Namespace) -> int:
+    refs = conn.call(_method("RemoveImage"), {"image": args.image})["removedRefs"]
+    output.report_removed(args, refs)
+    return 0
+
+
+def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    _opt(params, "dryRun", args.dry_run)
+    result: Reply | None = None
+    for reply in _more(conn, "GarbageCollect", params, output.progress(args)):
+        result = reply
+    assert result is not None
+    doc = {
+        "objects_removed": result.get("objectsRemoved", 0),
+        "bytes_removed": result.get("bytesRemoved", 0),
+        "images_removed": result.get("imagesRemoved", 0),
+        "links_removed": result.get("linksRemoved", 0),
+        "dry_run": bool(result.get("dryRun", args.dry_run)),
+    }
+    output.report_gc(doc, args)
+    return 0
+
+
+def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
+    check_mount(args)
+    where = os.path.abspath(args.where)
+    params: dict[str, Any] = {"image": args.image}
+    _opt(params, "expectedDigest", args.expected_digest)
+    _opt(params, "verity", args.verity)
+    if args.rw:
+        params["readOnly"] = False
+    fds: list[int] = []
+    try:
+        if args.upperdir is not None:
+            params["upperDirectoryFileDescriptor"] = len(fds)
+            fds.append(_open_dir_fd(args.upperdir, "upperdir"))
+            params["workDirectoryFileDescriptor"] = len(fds)
+            fds.append(_open_dir_fd(args.workdir, "workdir"))
+        if args.idmap_userns is not None:
+            params["userNamespaceFileDescriptor"] = len(fds)
+            fds.append(open_userns(args.idmap_userns))
+        uid_map, gid_map = id_mappings(args)
+        if uid_map is not None:
+            params["uidMap"] = [asdict(m) for m in uid_map]
+        if gid_map is not None:
+            params["gidMap"] = [asdict(m) for m in gid_map]
+        if not args.fd_attach:
+            params["where"] = where
+        reply = conn.call(_method("Mount"), params, fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if args.fd_attach:
+        from composefsd.kernel.syscalls import move_mount
+
+        mount_fd = reply.take_fd("mountFileDescriptor")
+        reply.close_fds()
+        try:
+            move_mount(mount_fd, where)
+        finally:
+            os.close(mount_fd)
+    digest = reply["digest"]
+    output.report_mount(
+        output.mount_doc(where, f"composefs:{digest}", digest, reply), args, attached=args.fd_attach
+    )
+    return 0
+
+
+def _client_unmount(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"where": os.path.abspath(args.where)}
+    _opt(params, "lazy", args.lazy)
+    reply = conn.call(_method("Unmount"), params)
+    digest = reply.get("digest")
+    source = f"composefs:{digest}" if digest else "composefs"
+    output.report_unmounted(args, params["where"], source, digest)
+    return 0
+
+
+def _client_mounts(conn: Connection, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    _opt(params, "all", args.all)
+    mounts = conn.call(_method("ListMounts"), params)["mounts"]
+    docs = [
+        {
+            "mountpoint": m["where"],
+            "source": m["source"],
+            "digest": m.get("digest"),
+            "readOnly": m["readOnly"],
+            "verity": m["verity"],
+        }
+        for m in mounts
+    ]
+    output.report_mounts(docs, args)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
+    "status": _client_status,
+    "create-image": _client_create_image,
+    "verify": _client_verify,
+    "images": _client_images,
+    "remove-image": _client_remove_image,
+    "gc": _client_gc,
+    "mount": _client_mount,
+    "unmount": _client_unmount,
+    "mounts": _client_mounts,
+}
+
+
+def call_error_text(exc: VarlinkCallError) -> str:
+    """One line naming the error and saying what it means."""
+    p = exc.parameters
+    short = exc.name.rpartition(".")[2]
+    if isinstance(p.get("message"), str):
+        text = p["message"]
+        if p.get("errnoName"):
+            text += f" ({p['errnoName']})"
+    elif short == "NoSuchImage":
+        text = f"no image or ref {p.get('image')!r}"
+    elif short == "NotMounted":
+        text = f"nothing composefs is mounted at {p.get('where')}"
+    elif short == "ImageInUse":
+        where = ", ".join(p.get("where") or []) or "?"
+        text = f"image {p.get('image')!r} is in use: {where}"
+    elif short == "InvalidParameter":
+        text = f"invalid parameter {p.get('parameter')!r}"
+    elif short == "PermissionDenied":
+        text = "permission denied (composefsd refuses this call to this user)"
+    elif short == "MethodNotFound":
+        text = f"the service has no method {p.get('method')!r} (an older composefsd?)"
+    elif short == "InterfaceNotFound":
+        text = f"the service does not offer {p.get('interface')!r} (not composefsd?)"
+    elif short == "ExpectedMore":
+        text = "the method must be called with 'more'"
+    elif p:
+        text = json.dumps(p, sort_keys=True)
+    else:
+        text = "failed"
+    return f"{exc.name}: {text}"

@@ -1,0 +1,100 @@
+"""composefsctl's client path loads no repository code: a command sent to the
+daemon imports neither composefsd.repository nor the modules built on it (the
+repository's mount logic, the daemon's methods, composefsctl's direct commands);
+only a command that runs directly does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from servicehelpers import Daemon, make_tree, start_daemon
+
+#: Modules that hold or import the repository's code.
+_REPOSITORY_CODE = (
+    "composefsd.repository",
+    "composefsd.kernel.repomount",
+    "composefsd.service.methods",
+    "composefsd.service.replies",
+    "composefsd.cli.composefsctl.direct",
+)
+
+# Runs composefsctl in a fresh interpreter (so that nothing this test process
+# imported counts) for each command line of argv[1] (a JSON list), then prints
+# the exit statuses and the repository modules loaded.
+_PROBE = f"""
+import json, sys
+from composefsd.cli.composefsctl import main
+statuses = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        statuses.append(main(argv))
+    except SystemExit as exc:
+        statuses.append(exc.code)
+loaded = sorted(
+    m for m in sys.modules
+    if any(m == p or m.startswith(p + ".") for p in {_REPOSITORY_CODE!r})
+)
+print(json.dumps({{"statuses": statuses, "loaded": loaded}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("repo") / "repo")
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+def _probe(argvs: list[list[str]], env: dict[str, str] | None = None) -> dict[str, list[object]]:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("COMPOSEFSD_SOCKET", "COMPOSEFSD_REPOSITORY")
+    }
+    full_env |= env or {}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argvs)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=True,
+    )
+    result: dict[str, list[object]] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def test_daemon_commands_load_no_repository_code(daemon: Daemon, tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    connect = ["--connect", daemon.address]
+    result = _probe(
+        [
+            ["--help"],
+            [*connect, "status", "--json"],
+            [*connect, "create-image", str(tree), "--ref", "probe"],
+            [*connect, "images"],
+            [*connect, "verify", "--all"],
+            [*connect, "verify", "no-such-image"],
+            [*connect, "mounts", "--all"],
+            [*connect, "gc", "--dry-run"],
+        ]
+    )
+    assert result["statuses"] == [0, 0, 0, 0, 0, 1, 0, 0]
+    assert result["loaded"] == []
+    # The daemon found through $COMPOSEFSD_SOCKET, as a user would have it.
+    result = _probe([["images", "--json"]], env={"COMPOSEFSD_SOCKET": daemon.address})
+    assert result == {"statuses": [0], "loaded": []}
+
+
+def test_direct_commands_load_the_repository(daemon: Daemon) -> None:
+    # The probe sees the modules when they are loaded: a command run directly.
+    result = _probe([["--direct", "--repo", str(daemon.repo), "images"]])
+    assert result["statuses"] == [0]
+    assert "composefsd.repository" in result["loaded"]
+    assert "composefsd.cli.composefsctl.direct" in result["loaded"]
