@@ -936,6 +936,38 @@ def test_pins_survive_restart_and_expire(env: Env) -> None:
     assert MountTracker(env.tmp / "run", grace=0).live_pins() == []
 
 
+def test_a_reused_mount_id_does_not_keep_a_pin(env: Env) -> None:
+    """The kernel gives a freed mnt_id to the next mount made, anywhere on the
+    system: an fd on that later mount, whose fdinfo shows the pin's id, must not keep
+    the dead pin alive (it did, and GC then kept the image). A /proc of the test's
+    making stands for the process holding that fd: fdinfo with the pin's id, and the
+    fd a link to the pinned mount, then to a file on another mount."""
+    env.create()
+    env.call("Mount", *_mount_args("app", None), ctx=(ctx := env.ctx("Mount")))
+    fd = ctx.out_fds.pop()
+    (pin,) = MountTracker(env.tmp / "run", grace=0).live_pins()
+    assert pin.mount_id_unique is not None
+    proc = env.tmp / "proc"
+    (proc / "4242" / "fdinfo").mkdir(parents=True)
+    (proc / "4242" / "fd").mkdir()
+    (proc / "4242" / "fdinfo" / "7").write_text(
+        f"pos:\t0\nflags:\t010000000\nmnt_id:\t{pin.mount_id}\n"
+    )
+    link = proc / "4242" / "fd" / "7"
+
+    def live() -> list[Path]:
+        return [p.path for p in MountTracker(env.tmp / "run", grace=0, proc=str(proc)).live_pins()]
+
+    try:
+        link.symlink_to(f"/proc/{os.getpid()}/fd/{fd}")
+        assert live() == [pin.path]  # the pinned mount itself
+    finally:
+        os.close(fd)
+    link.unlink()
+    link.symlink_to("/")
+    assert live() == [] and not pin.path.exists()  # a later mount with the same mnt_id
+
+
 # -- error mapping --------------------------------------------------------------------------
 
 

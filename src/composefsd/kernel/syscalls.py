@@ -43,6 +43,7 @@ __all__ = [
     "open_tree",
     "syscall_table",
     "umount2",
+    "unique_mount_id",
     "unshare",
 ]
 
@@ -72,6 +73,8 @@ MNT_DETACH: Final = 0x2
 UMOUNT_NOFOLLOW: Final = 0x8
 
 CLONE_NEWUSER: Final = 0x10000000
+
+STATX_MNT_ID_UNIQUE: Final = 0x4000
 
 
 @dataclass(slots=True, frozen=True)
@@ -317,3 +320,36 @@ def ioctl_ptr(fd: int, request: int, arg: ctypes.Structure, what: str) -> int:
     """An ioctl whose argument is a pointer to ``arg``."""
     res = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.byref(arg))
     return _check(res, what)
+
+
+class _Statx(ctypes.Structure):
+    # struct statx is 256 bytes; only stx_mask (offset 0) and stx_mnt_id (0x90) are read.
+    _fields_ = [
+        ("stx_mask", ctypes.c_uint32),
+        ("_head", ctypes.c_uint8 * 0x8C),
+        ("stx_mnt_id", ctypes.c_uint64),
+        ("_tail", ctypes.c_uint8 * 0x68),
+    ]
+
+
+_statx = getattr(_libc, "statx", None)
+
+
+def unique_mount_id(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> int | None:
+    """The 64-bit id of the mount ``path`` (followed) is on, which the kernel never
+    hands out again (``STATX_MNT_ID_UNIQUE``, Linux 6.8); None where the kernel or
+    the C library cannot tell it. The ``mnt_id`` of fdinfo and mountinfo is reused
+    as soon as its mount is freed, so only this one identifies a mount over time.
+    Raises :class:`KernelError` if ``path`` cannot be looked at."""
+    if _statx is None:
+        return None
+    buf = _Statx()
+    res = _statx(
+        ctypes.c_int(AT_FDCWD),
+        ctypes.c_char_p(_path(path)),
+        ctypes.c_int(0),
+        ctypes.c_uint(STATX_MNT_ID_UNIQUE),
+        ctypes.byref(buf),
+    )
+    _check(res, f"statx({os.fsdecode(_path(path))})")
+    return int(buf.stx_mnt_id) if buf.stx_mask & STATX_MNT_ID_UNIQUE else None

@@ -26,11 +26,15 @@ counts as mounted, for :class:`MountTracker`:
     opened through it, since those all sit on that mount).
 
   A pin of another boot (``bootId`` differs) is dead. A dead pin is removed when
-  it is next looked at (GC, RemoveImage, start-up). Mount ids are reused by the
-  kernel, so a reused id can keep a dead pin alive a little longer; that errs on
-  the safe side. Reading another process's fdinfo needs ptrace access (root
-  with CAP_SYS_PTRACE, or the same uid and no capabilities we lack): while the
-  process a mount was handed to is alive and hidden from us, its pin is kept;
+  it is next looked at (GC, RemoveImage, start-up). The kernel hands a freed
+  ``mnt_id`` to the next mount made, anywhere on the system, so an fd whose
+  fdinfo shows the pin's id is only taken as holding it if the mount it is on
+  has the pin's unique mount id too (``mountIdUnique``, statx
+  ``STATX_MNT_ID_UNIQUE``, Linux 6.8); a pin without one (an older kernel)
+  errs on the safe side and stays while its id is seen. Reading another
+  process's fdinfo needs ptrace access (root with CAP_SYS_PTRACE, or the same
+  uid and no capabilities we lack): while the process a mount was handed to is
+  alive and hidden from us, its pin is kept;
   other hidden processes are assumed not to hold it. What this cannot see, once
   the grace period is over: a process whose only hold on a detached mount is its
   working directory or a memory mapping, and a hidden process the fd was passed
@@ -60,6 +64,7 @@ from pathlib import Path
 
 from composefsd.dirs import make_dir
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.kernel.syscalls import unique_mount_id
 from composefsd.service.runtime import default_runtime_dir, secure_directory
 
 __all__ = [
@@ -103,6 +108,23 @@ def mount_id_of_fd(fd: int) -> int | None:
     return None if text is None else _fdinfo_mount_id(text)
 
 
+def _held(pin: Pin, fds: Iterable[str]) -> bool:
+    """Whether one of ``fds`` (open fds whose fdinfo shows the pin's ``mnt_id``) is
+    on the pinned mount itself rather than on a later mount given the freed id."""
+    for fd in fds:
+        if pin.mount_id_unique is None:
+            return True
+        try:
+            unique = unique_mount_id(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESRCH):
+                continue  # closed, or its process ended, since fdinfo was read
+            return True  # cannot tell: keep the pin
+        if unique is None or unique == pin.mount_id_unique:
+            return True
+    return False
+
+
 def _boot_id() -> str:
     return (_read_text("/proc/sys/kernel/random/boot_id") or "").strip()
 
@@ -141,6 +163,8 @@ class Pin:
     peer_pid: int | None
     peer_uid: int | None
     path: Path
+    #: The mount's id that is never reused (None: the kernel cannot tell it).
+    mount_id_unique: int | None = None
 
     def describe(self) -> str:
         who = f" held by pid {self.peer_pid}" if self.peer_pid is not None else ""
@@ -311,10 +335,11 @@ class MountTracker:
             if name.isdigit():
                 yield name
 
-    def _open_fd_mount_ids(self) -> tuple[set[int], set[int]]:
-        """``mnt_id`` of every open fd of every process we may look at, and the pids
-        of processes whose fds we may not look at."""
-        ids: set[int] = set()
+    def _open_fds_on(self, mount_ids: set[int]) -> tuple[dict[int, list[str]], set[int]]:
+        """The open fds (``/proc/PID/fd/N``) whose fdinfo ``mnt_id`` is one of
+        ``mount_ids``, by that id, of every process we may look at; and the pids of
+        processes whose fds we may not look at."""
+        found: dict[int, list[str]] = {}
         hidden: set[int] = set()
         for pid in self._pids():
             base = f"{self._proc}/{pid}/fdinfo"
@@ -329,9 +354,9 @@ class MountTracker:
                 text = _read_text(f"{base}/{fd}")
                 if text is not None:
                     mount_id = _fdinfo_mount_id(text)
-                    if mount_id is not None:
-                        ids.add(mount_id)
-        return ids, hidden
+                    if mount_id in mount_ids:
+                        found.setdefault(mount_id, []).append(f"{self._proc}/{pid}/fd/{fd}")
+        return found, hidden
 
     # -- pins -------------------------------------------------------------------------------
     def pin_detached(
@@ -349,6 +374,10 @@ class MountTracker:
         mount_id = mount_id_of_fd(mount_fd)
         if mount_id is None:
             raise OSError(errno.EINVAL, f"cannot read the mount id of fd {mount_fd}")
+        try:
+            mount_id_unique = unique_mount_id(f"/proc/self/fd/{mount_fd}")
+        except OSError:
+            mount_id_unique = None
         now_ns = time.time_ns()
         pin = Pin(
             digest=digest,
@@ -359,6 +388,7 @@ class MountTracker:
             peer_pid=peer_pid,
             peer_uid=peer_uid,
             path=self.pin_dir / digest / f"{mount_id}-{now_ns}",
+            mount_id_unique=mount_id_unique,
         )
         data = json.dumps(
             {
@@ -369,6 +399,7 @@ class MountTracker:
                 "bootId": pin.boot_id,
                 "peerPid": peer_pid,
                 "peerUid": peer_uid,
+                "mountIdUnique": mount_id_unique,
             }
         ).encode()
         with self._lock:
@@ -456,6 +487,7 @@ class MountTracker:
             doc = {}
         peer_pid = doc.get("peerPid")
         peer_uid = doc.get("peerUid")
+        unique = doc.get("mountIdUnique")
         return Pin(
             digest=digest,
             mount_id=mount_id,
@@ -465,6 +497,7 @@ class MountTracker:
             peer_pid=peer_pid if isinstance(peer_pid, int) else None,
             peer_uid=peer_uid if isinstance(peer_uid, int) else None,
             path=path,
+            mount_id_unique=unique if isinstance(unique, int) else None,
         )
 
     def live_pins(self, mounts: Iterable[NamespaceMount] | None = None) -> list[Pin]:
@@ -492,9 +525,9 @@ class MountTracker:
                 remaining = [p for p in undecided if (p.mount_id, p.digest) not in attached]
                 live.extend(p for p in undecided if (p.mount_id, p.digest) in attached)
                 if remaining:
-                    open_ids, hidden_pids = self._open_fd_mount_ids()
+                    open_fds, hidden_pids = self._open_fds_on({p.mount_id for p in remaining})
                     for pin in remaining:
-                        if pin.mount_id in open_ids:
+                        if _held(pin, open_fds.get(pin.mount_id, ())):
                             live.append(pin)
                         elif pin.peer_pid in hidden_pids:
                             # The process it went to hides its fds from us.
