@@ -139,18 +139,3 @@ def exec_wrapper(path: Path, repo: Path, runtime_dir: Path, *args: str) -> Path:
     path.write_text(f"#!/bin/sh\nexec {argv}\n")
     path.chmod(0o755)
     return path
-
-
-def make_tree(root: Path, files: int = 12, seed: int = 1) -> Path:
-    """A small tree with a few distinct contents, a symlink and a fixed mtime."""
-    import random
-
-    rng = random.Random(seed)
-    for i in range(files):
-        path = root / f"d{i % 3}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.choice([0, 10, 100, 5000, 70000])))
-    (root / "link").symlink_to("d0/f0")
-    (root / "hello").write_text("hello from composefs\n")
-    os.utime(root / "hello", (1_000_000, 1_000_000))
-    return root

@@ -24,7 +24,8 @@ from composefsd.repository import Progress
 from composefsd.service.client import VarlinkCallError
 from conftest import TestUsers
 from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
-from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
+from servicehelpers import CTL, Daemon, exec_wrapper, short_dir, start_daemon
+from trees import small_tree
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("tree"))
+    return small_tree(tmp_path_factory.mktemp("tree"))
 
 
 @pytest.fixture(autouse=True)

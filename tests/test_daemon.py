@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -36,6 +35,7 @@ from composefsd.repository import Repository
 from composefsd.service.context import Peer
 from composefsd.service.daemon import Authorization
 from conftest import TestUsers
+from trees import random_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
@@ -219,12 +219,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def _tree(root: Path, seed: int = 1, files: int = 30, size: int = 20_000) -> Path:
-    rng = random.Random(seed)
-    for i in range(files):
-        f = root / f"d{i % 3}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.randrange(size)))
-    return root
+    return random_tree(root, seed=seed, files=files, sizes=range(size), link=None)
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import resource
 import select
 import socket
@@ -39,7 +38,8 @@ from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service.client import VarlinkCallError, connect
 from composefsd.service.daemon import _Formatter, _JournalFormatter
 from conftest import TestUsers
-from servicehelpers import Daemon, make_tree, start_daemon
+from servicehelpers import Daemon, start_daemon
+from trees import random_tree, small_tree
 
 IFACE = "io.composefs.Repository"
 
@@ -196,7 +196,7 @@ def test_lone_surrogates_are_invalid_parameters(
 def test_bad_ref_names_are_invalid_names(
     daemon: Daemon, test_users: TestUsers, tmp_path: Path, user_python: users.UserPython
 ) -> None:
-    tree = make_tree(tmp_path / "tree")
+    tree = small_tree(tmp_path / "tree")
     deep = "/".join(["d"] * 1999)
     lines_before = len(daemon.log_text().splitlines())
     with connect(daemon.address) as conn:
@@ -269,7 +269,7 @@ def test_names_in_the_daemons_log_are_escaped(tmp_path: Path, mnt: Path) -> None
     d = start_daemon(tmp_path / "repo", env={**os.environ, "JOURNAL_STREAM": "8:1234"})
     try:
         with connect(d.address) as conn:
-            tree = make_tree(tmp_path / "tree")
+            tree = small_tree(tmp_path / "tree")
             conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(tree), "ref": "base"})
             conn.call(f"{IFACE}.Mount", {"image": "base", "where": str(mnt)})
             conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
@@ -461,12 +461,9 @@ def _describe_latencies(address: str, count: int) -> list[float]:
 
 def _big_tree(root: Path, seed: int) -> Path:
     """About 12 MiB in 48 files: a Verify of it takes a while (it hashes in userspace)."""
-    rng = random.Random(seed)
-    for i in range(48):
-        path = root / f"d{i % 4}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.randrange(128 << 10, 384 << 10)))
-    return root
+    return random_tree(
+        root, seed=seed, files=48, dirs=4, sizes=range(128 << 10, 384 << 10), link=None
+    )
 
 
 def test_heavy_calls_of_one_uid_do_not_starve_others(

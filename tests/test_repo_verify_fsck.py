@@ -19,6 +19,7 @@ from composefsd.repository import verify as verify_mod
 from composefsd.repository.fsck import FsckProblem, fsck
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.verify import verify_image
+from trees import write_tree
 
 SEED = 20240603
 
@@ -36,11 +37,7 @@ def _make_tree(root: Path, rng: random.Random, variant: int) -> dict[str, bytes]
         f"only-{variant}": rng.randbytes(9000 + variant),
     }
     files["same-as-a"] = files["a"]
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (root / "sub" / "link").symlink_to("../a")
+    write_tree(root, files, {"sub/link": "../a"})
     return files
 
 

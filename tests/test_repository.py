@@ -53,6 +53,7 @@ from composefsd.repository.images import normalize_ref
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.objects import ObjectStore, PublishState
 from composefsd.sources.directory import ScanOptions, scan_directory
+from trees import write_tree
 
 TREE_SEEDS = [11, 2024, 77]
 #: (our options, C mkcomposefs arguments)
@@ -144,11 +145,7 @@ def simple_tree(root: Path, seed: int = 5) -> dict[str, bytes]:
         "big": rng.randbytes((1 << 20) + 3),
     }
     files["b/same"] = files["a"]
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    (root / "b" / "link").symlink_to("../a")
+    write_tree(root, files, {"b/link": "../a"})
     return files
 
 

@@ -31,6 +31,7 @@ from composefsd.kernel.mountinfo import list_composefs_mounts
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Repository
 from composefsd.service.client import VarlinkCallError, connect
+from trees import random_tree
 
 IFACE = "io.composefs.Repository"
 CLIENTS = 64
@@ -50,11 +51,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def _tree(root: Path, seed: int) -> Path:
-    rng = random.Random(seed)
-    for i in range(24):
-        f = root / f"d{i % 4}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.choice([0, 50, 3000, 40_000])))
+    random_tree(root, seed=seed, files=24, dirs=4, sizes=(0, 50, 3000, 40_000), link=None)
     (root / "seed").write_text(str(seed))
     return root
 

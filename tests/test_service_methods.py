@@ -49,6 +49,7 @@ from composefsd.service import methods as methods_module
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_error
 from composefsd.service.mounts import MountTracker
+from trees import random_tree
 
 IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
 IDL = varlink.Interface(IDL_PATH.read_text())
@@ -111,13 +112,7 @@ def check_error(err: VarlinkReplyError) -> VarlinkReplyError:
 
 
 def _tree(root: Path, seed: int = 1, files: int = 20) -> Path:
-    rng = random.Random(seed)
-    for i in range(files):
-        f = root / f"d{i % 4}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.choice([0, 30, 5000, 70_000])))
-    (root / "link").symlink_to("d0/f0")
-    return root
+    return random_tree(root, seed=seed, files=files, dirs=4, sizes=(0, 30, 5000, 70_000))
 
 
 def _hashes(root: Path) -> dict[str, str]:

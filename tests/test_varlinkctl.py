@@ -22,7 +22,8 @@ import composefsd
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service import client
-from servicehelpers import DAEMON, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
+from servicehelpers import DAEMON, Daemon, exec_wrapper, short_dir, start_daemon
+from trees import small_tree
 
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
@@ -57,7 +58,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("tree"))
+    return small_tree(tmp_path_factory.mktemp("tree"))
 
 
 @pytest.fixture
