@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from composefsd.kernel.mountinfo import list_composefs_mounts
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from ctlrun import run_ctl
+from servicehelpers import unmount_below
 from trees import random_tree
 
 
@@ -25,9 +25,7 @@ def setup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[
     assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
     assert run_ctl(capsys, "--repo", str(repo), "create-image", str(src), "--ref", "app")[0] == 0
     yield repo, src, mnt
-    for m in reversed(list_composefs_mounts()):
-        if m.mountpoint.startswith(str(tmp_path)):
-            umount2(m.mountpoint, MNT_DETACH)
+    unmount_below(tmp_path)
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:

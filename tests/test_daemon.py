@@ -29,12 +29,13 @@ from typing import Any
 import pytest
 
 import users
-from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
-from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.kernel.mountinfo import composefs_mount_at
+from composefsd.kernel.syscalls import move_mount
 from composefsd.repository import Repository
 from composefsd.service.context import Peer
 from composefsd.service.daemon import Authorization
 from conftest import TestUsers
+from servicehelpers import unmount_below
 from trees import random_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -206,9 +207,7 @@ class Env:
                 d.proc.wait()
             if d.notify is not None:
                 d.notify.close()
-        for m in reversed(list_composefs_mounts()):
-            if m.mountpoint.startswith(str(self.tmp)):
-                umount2(m.mountpoint, MNT_DETACH)
+        unmount_below(self.tmp)
 
 
 @pytest.fixture

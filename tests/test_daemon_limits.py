@@ -33,25 +33,16 @@ from typing import Any
 import pytest
 
 import users
-from composefsd.kernel.mountinfo import composefs_mount_at
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service.client import VarlinkCallError, connect
 from composefsd.service.daemon import _Formatter, _JournalFormatter
 from conftest import TestUsers
-from servicehelpers import Daemon, start_daemon
+from servicehelpers import Daemon, running_daemon, start_daemon
 from trees import random_tree, small_tree
 
 IFACE = "io.composefs.Repository"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def open_daemon(repo: Path, *args: str) -> Daemon:
-    """A daemon every user may connect to (socket 0666 in a 0755 directory)."""
-    d = start_daemon(repo, "--socket-mode", "0666", *args)
-    d.rundir.chmod(0o755)
-    return d
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -116,9 +107,9 @@ def peers() -> Iterator[list[Peer]]:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = open_daemon(tmp_path / "repo")
-    yield d
-    assert d.stop() == 0
+    """A daemon every user may connect to, for one test."""
+    with running_daemon(tmp_path / "repo", public=True) as d:
+        yield d
 
 
 def raw_call(address: str, message: bytes, timeout: float = 60) -> dict[str, Any] | None:
@@ -256,15 +247,6 @@ def test_log_formatters_escape_the_message_not_the_traceback() -> None:
     assert plain == "ERROR: removed a\\n<3>forged"
 
 
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "mnt\n<3>forged entry"
-    where.mkdir()
-    yield where
-    while composefs_mount_at(str(where)) is not None:
-        umount2(str(where), MNT_DETACH)
-
-
 def test_names_in_the_daemons_log_are_escaped(tmp_path: Path, mnt: Path) -> None:
     d = start_daemon(tmp_path / "repo", env={**os.environ, "JOURNAL_STREAM": "8:1234"})
     try:
@@ -309,7 +291,7 @@ def test_partial_messages_cannot_take_the_daemons_memory(
     200 KiB each, under the message limit but 50 MiB in all, over the input budget.
     Root holds a partial message of its own throughout and is served all along; the
     daemon's RSS stays under the bound and comes back down once they are gone."""
-    d = open_daemon(tmp_path / "repo")
+    d = start_daemon(tmp_path / "repo", public=True)
     pid = d.proc.pid
     try:
         with connect(d.address) as conn:
@@ -364,7 +346,7 @@ def test_partial_messages_cannot_take_the_daemons_memory(
 def test_incomplete_messages_time_out(
     tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
-    d = open_daemon(tmp_path / "repo", "--message-timeout", "1")
+    d = start_daemon(tmp_path / "repo", "--message-timeout", "1", public=True)
     try:
         slow = Peer(user_python, test_users.alice, d.address, "partial", "20", "1000")
         peers.append(slow)
@@ -392,7 +374,7 @@ def test_one_uid_cannot_lock_others_out(
     served, the rest refused with TooManyConnections; meanwhile bob and root are
     served, root beyond any limit. (test_service_transport shows varlinkctl reading
     the refusal.)"""
-    d = open_daemon(tmp_path / "repo")
+    d = start_daemon(tmp_path / "repo", public=True)
     held: list[socket.socket] = []
     try:
         alice = Peer(user_python, test_users.alice, d.address, "connections", "4096")
@@ -472,7 +454,7 @@ def test_heavy_calls_of_one_uid_do_not_starve_others(
     """alice runs 64 loops of Verify; root's Describe keeps answering with a p99 under
     100 ms, and bob's Verify runs in its turn, not after alice's."""
     repo = tmp_path / "repo"
-    d = open_daemon(repo)
+    d = start_daemon(repo, public=True)
     try:
         with connect(d.address) as conn:
             for i in range(3):
@@ -526,7 +508,7 @@ def test_open_file_limit_is_raised_and_respected(tmp_path: Path) -> None:
         pytest.skip(f"the hard limit on open files is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
     try:
-        d = open_daemon(tmp_path / "repo", "--max-connections", str(hard))
+        d = start_daemon(tmp_path / "repo", "--max-connections", str(hard), public=True)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from composefsd.kernel.mountinfo import list_composefs_mounts
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Repository
 from composefsd.service.client import VarlinkCallError, connect
+from servicehelpers import Daemon, running_daemon, unmount_below
 from trees import random_tree
 
 IFACE = "io.composefs.Repository"
@@ -56,56 +53,17 @@ def _tree(root: Path, seed: int) -> Path:
     return root
 
 
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    socket: str
-    repo: Path
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    repo, sock = tmp_path / "repo", tmp_path / "run" / "composefsd.sock"
+    """composefsd on a new repository, at its default log level (debug lines for 64
+    clients' calls would be load of their own); its exit status is not checked."""
+    repo = tmp_path / "repo"
     Repository.init(repo)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "composefsd.service.daemon",
-            "--repo",
-            str(repo),
-            "--listen",
-            str(sock),
-            "--runtime-dir",
-            str(tmp_path / "rundir"),
-        ],
-        stderr=open(tmp_path / "daemon.log", "wb"),  # noqa: SIM115
-    )
-    deadline = time.monotonic() + 30
-    while True:
+    with running_daemon(repo, log_level="info", check_exit=False) as d:
         try:
-            with connect(str(sock)) as conn:
-                conn.call(f"{IFACE}.Describe")
-            break
-        except OSError:
-            pass
-        except Exception:
-            pass
-        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()
-        assert time.monotonic() < deadline, "daemon did not come up"
-        time.sleep(0.1)
-    try:
-        yield Daemon(proc, str(sock), repo)
-    finally:
-        for m in reversed(list_composefs_mounts()):
-            if m.mountpoint.startswith(str(tmp_path)):
-                umount2(m.mountpoint, MNT_DETACH)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield d
+        finally:
+            unmount_below(tmp_path)
 
 
 @dataclass
@@ -119,7 +77,7 @@ def _client(n: int, d: Daemon, sources: list[Path], mnt: Path, stop: float, tall
     rng = random.Random(n)
     calls: Counter[str] = Counter()
     errors: list[str] = []
-    with connect(d.socket) as conn:
+    with connect(d.address) as conn:
         while time.monotonic() < stop:
             op = rng.choices(
                 ["Describe", "ListImages", "ListMounts", "Verify", "CreateImage", "Mount"],
@@ -158,7 +116,7 @@ def _client(n: int, d: Daemon, sources: list[Path], mnt: Path, stop: float, tall
 
 def test_64_clients_mixing_every_call(daemon: Daemon, tmp_path: Path) -> None:
     sources = [_tree(tmp_path / f"src{i}", i) for i in range(4)]
-    with connect(daemon.socket) as conn:
+    with connect(daemon.address) as conn:
         conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(sources[0]), "ref": "base"})
     pid = daemon.proc.pid
     time.sleep(0.5)  # let the daemon notice that the set-up connection closed

@@ -49,6 +49,7 @@ from composefsd.service import methods as methods_module
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_error
 from composefsd.service.mounts import MountTracker
+from servicehelpers import unmount_below
 from trees import random_tree
 
 IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
@@ -199,9 +200,7 @@ def _mount_args(image: str, where: Path | None, **fields: Any) -> list[Any]:
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
-    for m in reversed(list_composefs_mounts()):
-        if m.mountpoint.startswith(str(tmp_path)):
-            umount2(m.mountpoint, MNT_DETACH)
+    unmount_below(tmp_path)
 
 
 def _name(err: VarlinkReplyError) -> str:
