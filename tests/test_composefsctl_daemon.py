@@ -19,7 +19,7 @@ from composefsd.cli import composefsctl
 from composefsd.cli.composefsctl import EXIT_UNREACHABLE, main
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.repository import Progress
-from composefsd.service.client import VarlinkCallError
+from composefsd.service.client import Reply, VarlinkCallError
 from conftest import TestUsers
 from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
 from servicehelpers import CTL, Daemon, exec_wrapper, short_dir, start_daemon
@@ -157,7 +157,7 @@ def test_progress_bar_on_a_terminal() -> None:
     # A shorter line blanks out the rest of the longer one; finish() clears the line.
     assert f"\rsync: 3{' ' * (52 - 7)}\r       \r" in text
     assert text.endswith("\r       \r")
-    printer.reply(composefsctl.Reply({"progress": {"phase": "mark", "done": 1, "total": 2}}))
+    printer.reply(Reply({"progress": {"phase": "mark", "done": 1, "total": 2}}))
     assert "mark [" in stream.getvalue()
 
 

@@ -58,9 +58,10 @@ class Peer:
     def __init__(
         self, py: users.UserPython, user: users.TestUser, address: str, *args: str
     ) -> None:
+        self.argv = py.command(py.script("peer.py"), address, *args)
         self.proc = users.popen_as(
             user,
-            py.command(py.script("peer.py"), address, *args),
+            self.argv,
             env=py.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -75,7 +76,7 @@ class Peer:
         if not line:
             self.proc.kill()
             _, err = self.proc.communicate()
-            raise AssertionError(f"peer {self.proc.args[2:]} reported nothing: {err}")
+            raise AssertionError(f"peer {self.argv[2:]} reported nothing: {err}")
         doc: dict[str, Any] = json.loads(line)
         return doc
 

@@ -1678,7 +1678,8 @@ def test_string_form_as_root_uses_run_not_tmp(
 
     def mkdtemp(*args: Any, **kwargs: Any) -> str:
         parents.append(kwargs.get("dir"))
-        return real_mkdtemp(*args, **kwargs)
+        path: str = real_mkdtemp(*args, **kwargs)
+        return path
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     before = set(Path("/run").glob(".composefs.*"))

@@ -96,7 +96,8 @@ def test_clean_repository(built: Built) -> None:
     objects = {_hex(d) for d in built.files_one.values() if len(d) > 64}
     assert report.objects_checked == len(objects)
     assert report.bytes_checked == sum(len(d) for d in {*built.files_one.values()} if len(d) > 64)
-    assert report.missing == report.corrupt == report.image_problems == report.no_verity == []
+    assert report.missing == [] and report.corrupt == []
+    assert report.image_problems == [] and report.no_verity == []
     # No fs-verity on this kernel/filesystem: everything was computed.
     assert report.verity_measured == 0
     assert seen[0] == Progress("image", 0, 1)
@@ -344,7 +345,7 @@ def test_verity_required_without_verity(built: Built) -> None:
     assert not report.ok and report.verity_required
     objects = sorted({_hex(d) for d in built.files_one.values() if len(d) > 64})
     assert report.no_verity == sorted([*objects, built.one])
-    assert report.missing == report.corrupt == report.image_problems == []
+    assert report.missing == [] and report.corrupt == [] and report.image_problems == []
 
     freport = fsck(view)
     assert not freport.ok

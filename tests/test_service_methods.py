@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import varlink  # type: ignore[import-untyped]
+import varlink
 from varlink import scanner
 
 from composefsd.kernel import IdMapping, create_userns
@@ -34,6 +34,7 @@ from composefsd.repository import (
     ImageNotFoundError,
     InvalidNameError,
     NotARepositoryError,
+    Progress,
     ReadOnlyRepositoryError,
     Repository,
     RepositoryBusyError,
@@ -240,11 +241,12 @@ def test_read_only_repository(env: Env) -> None:
         ctx = env.ctx("Describe")
         out = check_reply("Describe", ro.Describe(_request=ctx))
         assert "read-only" in out["readOnlyReason"]
-        for method, args in [
+        calls: list[tuple[str, list[Any]]] = [
             ("CreateImage", [str(env.src), None, "x", *[None] * 6]),
             ("RemoveImage", ["app"]),
             ("GarbageCollect", [None]),
-        ]:
+        ]
+        for method, args in calls:
             with pytest.raises(VarlinkReplyError) as info:
                 getattr(ro, method)(*args, _request=env.ctx(method))
             assert _name(check_error(info.value)) == "ReadOnlyRepository", method
@@ -414,7 +416,7 @@ def test_progress_heartbeat(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     real = env.repo.gc
 
     def slow_gc(**kw: Any) -> Any:
-        kw["progress"](methods_module.Progress("mark", 1, 2))
+        kw["progress"](Progress("mark", 1, 2))
         time.sleep(1.0)
         return real(**kw)
 

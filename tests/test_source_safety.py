@@ -690,7 +690,12 @@ class _Caller:
             fds=[fd] if fd is not None else [],
             send_continues=kw.pop("send", None) or (lambda _params: None),
         )
-        args = [str(path) if path else None, 0 if fd is not None else None, None, *[None] * 6]
+        args: list[Any] = [
+            str(path) if path else None,
+            0 if fd is not None else None,
+            None,
+            *[None] * 6,
+        ]
         try:
             return dict(self.iface.CreateImage(*args, _request=ctx))
         finally:

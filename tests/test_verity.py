@@ -174,7 +174,7 @@ def _attach(dm: DetachedMount, where: Path) -> Path:
     return where
 
 
-def _super_options(mnt: Path) -> list[str]:
+def _super_options(mnt: Path) -> tuple[str, ...]:
     return _entry_at(mnt).super_options
 
 
