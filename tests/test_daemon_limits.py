@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 
 import users
+from composefsd.kernel.mountinfo import composefs_mount_at
+from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service.client import VarlinkCallError, connect
 from composefsd.service.daemon import _Formatter, _JournalFormatter
 from conftest import TestUsers
@@ -246,6 +248,16 @@ def test_log_formatters_escape_the_message_not_the_traceback() -> None:
     record.exc_text = None
     plain = _Formatter("%(levelname)s: %(message)s").format(record)
     assert plain == "ERROR: removed a\\n<3>forged"
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """conftest's mnt, at a name that would forge a journal entry if logged as is."""
+    where = tmp_path / "mnt\n<3>forged entry"
+    where.mkdir()
+    yield where
+    while composefs_mount_at(str(where)) is not None:
+        umount2(str(where), MNT_DETACH)
 
 
 def test_names_in_the_daemons_log_are_escaped(tmp_path: Path, mnt: Path) -> None:
