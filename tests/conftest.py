@@ -1,4 +1,9 @@
-"""Shared fixtures: where the C reference tools and the C test assets are."""
+"""Shared fixtures: where the C reference tools and the C test assets are, the session's
+test users, and a composefsd with a source tree and a mount point for the service tests.
+
+The helpers behind them live in tests/servicehelpers.py (running the daemon) and
+tests/trees.py (source trees); a module needing another kind of daemon (another scope,
+options or exit check) overrides ``daemon`` with one built on ``running_daemon``."""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ from pathlib import Path
 import pytest
 
 import users
+from composefsd.kernel.mountinfo import composefs_mount_at
+from composefsd.kernel.syscalls import MNT_DETACH, umount2
+from servicehelpers import Daemon, running_daemon
+from trees import small_tree
 
 REPO = Path(__file__).resolve().parent.parent
 # run-tests exports where tests/shared-dir found it; else it sits beside the checkout.
@@ -89,3 +98,26 @@ def user_python() -> Iterator[users.UserPython]:
         yield users.make_user_python(dest)
     finally:
         users.remove_tree(dest)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One composefsd on a new repository for a module's tests; it must exit 0 at the end."""
+    with running_daemon(tmp_path_factory.mktemp("repo") / "repo") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A module's ``trees.small_tree``."""
+    return small_tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """A mount point that is cleaned up even if the test leaves something mounted."""
+    where = tmp_path / "mnt"
+    where.mkdir()
+    yield where
+    while composefs_mount_at(str(where)) is not None:
+        umount2(where, MNT_DETACH)

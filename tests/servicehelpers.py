@@ -1,5 +1,9 @@
 """Running composefsd for tests: a daemon on a temporary socket and repository,
-ready once it has sent READY=1 (sd_notify) and stopped with SIGTERM."""
+ready once it has sent READY=1 (sd_notify) and stopped with SIGTERM.
+
+The one home of the daemon helpers: ``start_daemon`` (and ``running_daemon`` around
+it), used by the fixtures in tests/conftest.py (``daemon``, ``tree``, ``mnt``) and by
+tests that need a daemon of their own; ``unmount_below`` for fixtures' clean-up."""
 
 from __future__ import annotations
 
@@ -11,8 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from composefsd.kernel.mountinfo import list_composefs_mounts
+from composefsd.kernel.syscalls import MNT_DETACH, umount2
 
 DAEMON = [sys.executable, "-m", "composefsd.service.daemon"]
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
@@ -88,8 +97,13 @@ def start_daemon(
     *args: str,
     env: dict[str, str] | None = None,
     timeout: float = 30.0,
+    public: bool = False,
+    log_level: str = "debug",
 ) -> Daemon:
-    """composefsd --repo REPO --listen <short dir>/sock ARGS, ready to serve."""
+    """composefsd --repo REPO --listen <short dir>/sock ARGS, ready to serve.
+
+    ``public``: every user may connect (socket mode 0666 in a 0755 directory).
+    """
     rundir = short_dir()
     sock = rundir / "sock"
     log = rundir / "log"
@@ -109,7 +123,8 @@ def start_daemon(
         "--runtime-dir",
         str(rundir / "runtime"),
         "--log-level",
-        "debug",
+        log_level,
+        *(["--socket-mode", "0666"] if public else []),
         *args,
     ]
     with open(log, "wb") as out:
@@ -120,7 +135,36 @@ def start_daemon(
         wait_ready(notify, proc, log, timeout)
     finally:
         notify.close()
+    if public:
+        rundir.chmod(0o755)
     return Daemon(proc=proc, rundir=rundir, socket=sock, repo=repo, log=log, _cleanup=[rundir])
+
+
+@contextmanager
+def running_daemon(
+    repo: Path,
+    *args: str,
+    check_exit: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    public: bool = False,
+    log_level: str = "debug",
+) -> Iterator[Daemon]:
+    """``start_daemon``, stopped on leaving; with ``check_exit`` it must then exit 0."""
+    d = start_daemon(repo, *args, env=env, timeout=timeout, public=public, log_level=log_level)
+    try:
+        yield d
+    finally:
+        status = d.stop()
+    if check_exit:
+        assert status == 0, f"composefsd exited with {status}; log:\n{d.log_text()}"
+
+
+def unmount_below(root: Path) -> None:
+    """Detach every composefs mount whose mount point starts with ``root``, innermost first."""
+    for m in reversed(list_composefs_mounts()):
+        if m.mountpoint.startswith(str(root)):
+            umount2(m.mountpoint, MNT_DETACH)
 
 
 def exec_wrapper(path: Path, repo: Path, runtime_dir: Path, *args: str) -> Path:
@@ -139,18 +183,3 @@ def exec_wrapper(path: Path, repo: Path, runtime_dir: Path, *args: str) -> Path:
     path.write_text(f"#!/bin/sh\nexec {argv}\n")
     path.chmod(0o755)
     return path
-
-
-def make_tree(root: Path, files: int = 12, seed: int = 1) -> Path:
-    """A small tree with a few distinct contents, a symlink and a fixed mtime."""
-    import random
-
-    rng = random.Random(seed)
-    for i in range(files):
-        path = root / f"d{i % 3}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.choice([0, 10, 100, 5000, 70000])))
-    (root / "link").symlink_to("d0/f0")
-    (root / "hello").write_text("hello from composefs\n")
-    os.utime(root / "hello", (1_000_000, 1_000_000))
-    return root

@@ -29,6 +29,7 @@ import users
 from composefsd.service import client
 from composefsd.service.client import VarlinkUntrustedError
 from conftest import TestUsers
+from users import UserPython
 
 OTHER = 4242
 
@@ -97,7 +98,7 @@ class Fake:
 class World:
     users: TestUsers
     public: Path
-    py: users.UserPython
+    py: UserPython
     fakes: list[Fake]
 
     def bob_dir(self, path: Path, mode: int = 0o755) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,13 @@ import pytest
 
 from composefsd.repository import Repository, VerityPolicy
 from ctlrun import FORGED_REF, PLANTED_REFS, check_escaped, plant_refs, run_ctl
+from trees import random_tree
 
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
 
 
 def _tree(root: Path, seed: int = 1) -> Path:
-    rng = random.Random(seed)
-    for i in range(12):
-        path = root / f"d{i % 3}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.choice([0, 10, 100, 5000, 70000])))
-    (root / "link").symlink_to("d0/f0")
+    random_tree(root, seed=seed)
     os.utime(root / "d1" / "f1", (1_000_000, 1_000_000))
     return root
 

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +20,11 @@ from composefsd.cli.composefsctl import EXIT_UNREACHABLE, main
 from composefsd.cli.composefsctl.output import ProgressPrinter
 from composefsd.cli.composefsctl.remote import call_error_text
 from composefsd.kernel.mountinfo import composefs_mount_at
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.repository import Progress
 from composefsd.service.client import Reply, VarlinkCallError
 from conftest import TestUsers
 from ctlrun import FORGED_REF, check_escaped, plant_refs, run_ctl
-from servicehelpers import CTL, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("repo") / "repo")
-    yield d
-    assert d.stop() == 0, d.log_text()
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("tree"))
+from servicehelpers import CTL, Daemon, exec_wrapper, short_dir, start_daemon
 
 
 @pytest.fixture(autouse=True)
@@ -47,16 +33,6 @@ def _no_ambient_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("COMPOSEFSD_SOCKET", raising=False)
     monkeypatch.delenv("COMPOSEFSD_REPOSITORY", raising=False)
     monkeypatch.setattr(composefsctl, "default_address", lambda: str(tmp_path / "no-daemon"))
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    """A mount point that is cleaned up even if the test leaves something mounted."""
-    where = tmp_path / "mnt"
-    where.mkdir()
-    yield where
-    while composefs_mount_at(str(where)) is not None:
-        umount2(where, MNT_DETACH)
 
 
 def _create(capsys: pytest.CaptureFixture[str], d: Daemon, tree: Path, *extra: str) -> str:
@@ -732,8 +708,7 @@ def test_refused_for_another_user(
 ) -> None:
     """A non-root client of a world-connectable daemon: read-only calls work,
     mutating ones fail with PermissionDenied, named on the error line."""
-    d = start_daemon(tmp_path / "repo", "--socket-mode", "0666")
-    os.chmod(d.rundir, 0o755)
+    d = start_daemon(tmp_path / "repo", public=True)
     try:
         _create(capsys, d, tree, "--ref", "p/v1")
         results: dict[str, Any] = {}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from servicehelpers import Daemon, make_tree, start_daemon
+from servicehelpers import Daemon, start_daemon
+from trees import small_tree
 
 #: Modules that hold or import the repository's code.
 _REPOSITORY_CODE = (
@@ -71,7 +72,7 @@ def _probe(argvs: list[list[str]], env: dict[str, str] | None = None) -> dict[st
 
 
 def test_daemon_commands_load_no_repository_code(daemon: Daemon, tmp_path: Path) -> None:
-    tree = make_tree(tmp_path / "tree")
+    tree = small_tree(tmp_path / "tree")
     connect = ["--connect", daemon.address]
     result = _probe(
         [

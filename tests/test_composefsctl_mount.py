@@ -5,34 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from composefsd.kernel.mountinfo import list_composefs_mounts
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from ctlrun import run_ctl
+from servicehelpers import unmount_below
+from trees import random_tree
 
 
 @pytest.fixture
 def setup(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple[Path, Path, Path]]:
     """(repo, source tree, mountpoint) with the tree imported as ref "app"."""
     repo, src, mnt = tmp_path / "repo", tmp_path / "src", tmp_path / "mnt"
-    rng = random.Random(7)
-    for i in range(20):
-        f = src / f"d{i % 4}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.choice([0, 30, 5000, 200_000])))
-    (src / "link").symlink_to("d0/f0")
+    random_tree(src, seed=7, files=20, dirs=4, sizes=(0, 30, 5000, 200_000))
     mnt.mkdir()
     assert run_ctl(capsys, "--repo", str(repo), "init")[0] == 0
     assert run_ctl(capsys, "--repo", str(repo), "create-image", str(src), "--ref", "app")[0] == 0
     yield repo, src, mnt
-    for m in reversed(list_composefs_mounts()):
-        if m.mountpoint.startswith(str(tmp_path)):
-            umount2(m.mountpoint, MNT_DETACH)
+    unmount_below(tmp_path)
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:

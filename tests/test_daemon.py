@@ -13,7 +13,6 @@ from __future__ import annotations
 import array
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -30,12 +29,14 @@ from typing import Any
 import pytest
 
 import users
-from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
-from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.kernel.mountinfo import composefs_mount_at
+from composefsd.kernel.syscalls import move_mount
 from composefsd.repository import Repository
 from composefsd.service.context import Peer
 from composefsd.service.daemon import Authorization
 from conftest import TestUsers
+from servicehelpers import unmount_below
+from trees import random_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
@@ -206,9 +207,7 @@ class Env:
                 d.proc.wait()
             if d.notify is not None:
                 d.notify.close()
-        for m in reversed(list_composefs_mounts()):
-            if m.mountpoint.startswith(str(self.tmp)):
-                umount2(m.mountpoint, MNT_DETACH)
+        unmount_below(self.tmp)
 
 
 @pytest.fixture
@@ -219,12 +218,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def _tree(root: Path, seed: int = 1, files: int = 30, size: int = 20_000) -> Path:
-    rng = random.Random(seed)
-    for i in range(files):
-        f = root / f"d{i % 3}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.randrange(size)))
-    return root
+    return random_tree(root, seed=seed, files=files, sizes=range(size), link=None)
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import resource
 import select
 import socket
@@ -39,19 +38,13 @@ from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service.client import VarlinkCallError, connect
 from composefsd.service.daemon import _Formatter, _JournalFormatter
 from conftest import TestUsers
-from servicehelpers import Daemon, make_tree, start_daemon
+from servicehelpers import Daemon, running_daemon, start_daemon
+from trees import random_tree, small_tree
 
 IFACE = "io.composefs.Repository"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def open_daemon(repo: Path, *args: str) -> Daemon:
-    """A daemon every user may connect to (socket 0666 in a 0755 directory)."""
-    d = start_daemon(repo, "--socket-mode", "0666", *args)
-    d.rundir.chmod(0o755)
-    return d
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -67,9 +60,10 @@ class Peer:
     def __init__(
         self, py: users.UserPython, user: users.TestUser, address: str, *args: str
     ) -> None:
+        self.argv = py.command(py.script("peer.py"), address, *args)
         self.proc = users.popen_as(
             user,
-            py.command(py.script("peer.py"), address, *args),
+            self.argv,
             env=py.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -84,7 +78,7 @@ class Peer:
         if not line:
             self.proc.kill()
             _, err = self.proc.communicate()
-            raise AssertionError(f"peer {self.proc.args[2:]} reported nothing: {err}")
+            raise AssertionError(f"peer {self.argv[2:]} reported nothing: {err}")
         doc: dict[str, Any] = json.loads(line)
         return doc
 
@@ -116,9 +110,9 @@ def peers() -> Iterator[list[Peer]]:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = open_daemon(tmp_path / "repo")
-    yield d
-    assert d.stop() == 0
+    """A daemon every user may connect to, for one test."""
+    with running_daemon(tmp_path / "repo", public=True) as d:
+        yield d
 
 
 def raw_call(address: str, message: bytes, timeout: float = 60) -> dict[str, Any] | None:
@@ -196,7 +190,7 @@ def test_lone_surrogates_are_invalid_parameters(
 def test_bad_ref_names_are_invalid_names(
     daemon: Daemon, test_users: TestUsers, tmp_path: Path, user_python: users.UserPython
 ) -> None:
-    tree = make_tree(tmp_path / "tree")
+    tree = small_tree(tmp_path / "tree")
     deep = "/".join(["d"] * 1999)
     lines_before = len(daemon.log_text().splitlines())
     with connect(daemon.address) as conn:
@@ -258,6 +252,7 @@ def test_log_formatters_escape_the_message_not_the_traceback() -> None:
 
 @pytest.fixture
 def mnt(tmp_path: Path) -> Iterator[Path]:
+    """conftest's mnt, at a name that would forge a journal entry if logged as is."""
     where = tmp_path / "mnt\n<3>forged entry"
     where.mkdir()
     yield where
@@ -269,7 +264,7 @@ def test_names_in_the_daemons_log_are_escaped(tmp_path: Path, mnt: Path) -> None
     d = start_daemon(tmp_path / "repo", env={**os.environ, "JOURNAL_STREAM": "8:1234"})
     try:
         with connect(d.address) as conn:
-            tree = make_tree(tmp_path / "tree")
+            tree = small_tree(tmp_path / "tree")
             conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(tree), "ref": "base"})
             conn.call(f"{IFACE}.Mount", {"image": "base", "where": str(mnt)})
             conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
@@ -309,7 +304,7 @@ def test_partial_messages_cannot_take_the_daemons_memory(
     200 KiB each, under the message limit but 50 MiB in all, over the input budget.
     Root holds a partial message of its own throughout and is served all along; the
     daemon's RSS stays under the bound and comes back down once they are gone."""
-    d = open_daemon(tmp_path / "repo")
+    d = start_daemon(tmp_path / "repo", public=True)
     pid = d.proc.pid
     try:
         with connect(d.address) as conn:
@@ -364,7 +359,7 @@ def test_partial_messages_cannot_take_the_daemons_memory(
 def test_incomplete_messages_time_out(
     tmp_path: Path, test_users: TestUsers, peers: list[Peer], user_python: users.UserPython
 ) -> None:
-    d = open_daemon(tmp_path / "repo", "--message-timeout", "1")
+    d = start_daemon(tmp_path / "repo", "--message-timeout", "1", public=True)
     try:
         slow = Peer(user_python, test_users.alice, d.address, "partial", "20", "1000")
         peers.append(slow)
@@ -392,7 +387,7 @@ def test_one_uid_cannot_lock_others_out(
     served, the rest refused with TooManyConnections; meanwhile bob and root are
     served, root beyond any limit. (test_service_transport shows varlinkctl reading
     the refusal.)"""
-    d = open_daemon(tmp_path / "repo")
+    d = start_daemon(tmp_path / "repo", public=True)
     held: list[socket.socket] = []
     try:
         alice = Peer(user_python, test_users.alice, d.address, "connections", "4096")
@@ -461,12 +456,9 @@ def _describe_latencies(address: str, count: int) -> list[float]:
 
 def _big_tree(root: Path, seed: int) -> Path:
     """About 12 MiB in 48 files: a Verify of it takes a while (it hashes in userspace)."""
-    rng = random.Random(seed)
-    for i in range(48):
-        path = root / f"d{i % 4}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.randrange(128 << 10, 384 << 10)))
-    return root
+    return random_tree(
+        root, seed=seed, files=48, dirs=4, sizes=range(128 << 10, 384 << 10), link=None
+    )
 
 
 def test_heavy_calls_of_one_uid_do_not_starve_others(
@@ -475,7 +467,7 @@ def test_heavy_calls_of_one_uid_do_not_starve_others(
     """alice runs 64 loops of Verify; root's Describe keeps answering with a p99 under
     100 ms, and bob's Verify runs in its turn, not after alice's."""
     repo = tmp_path / "repo"
-    d = open_daemon(repo)
+    d = start_daemon(repo, public=True)
     try:
         with connect(d.address) as conn:
             for i in range(3):
@@ -529,7 +521,7 @@ def test_open_file_limit_is_raised_and_respected(tmp_path: Path) -> None:
         pytest.skip(f"the hard limit on open files is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
     try:
-        d = open_daemon(tmp_path / "repo", "--max-connections", str(hard))
+        d = start_daemon(tmp_path / "repo", "--max-connections", str(hard), public=True)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:

@@ -153,7 +153,7 @@ def _ours(tool: str) -> Callable[[], int | None]:
         from composefsd.cli.info import main
     else:
         from composefsd.cli.dump import main
-    return main  # type: ignore[no-any-return]
+    return main
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def _run(cmd: list[str], args: list[str], cwd: Path | None = None) -> tuple[int,
 def images(reference_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cli")
     out = {}
+    args: list[str]
     for name, dump, args in (
         ("special", SPECIAL, []),
         ("v0", b"/ 4096 40755 2 0 0 0 0.0 - - -\n/x 9 100644 1 0 0 0 0.0 zz/top - -\n", []),

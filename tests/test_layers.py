@@ -99,8 +99,8 @@ def _raw_kernel_calls(tree: ast.AST) -> list[tuple[int, str]]:
     """ctypes imports and fcntl.ioctl calls (also through ``from fcntl import ioctl``
     and ``import fcntl as x``)."""
     found: list[tuple[int, str]] = []
-    fcntl_names = set()
-    ioctl_names = set()
+    fcntl_names: set[str] = set()
+    ioctl_names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:

@@ -21,7 +21,8 @@ import pytest
 
 from composefsd.cli import mkcomposefs as cli
 from conftest import without_line_numbers
-from test_scanner import make_tree, private_tmpfs, store_listing
+from test_scanner import store_listing
+from trees import private_tmpfs, scanner_tree
 
 FLAGS = ["--use-epoch", "--skip-devices", "--skip-xattrs", "--user-xattrs", "--digest-store"]
 
@@ -41,7 +42,7 @@ def scratch() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def cli_tree(scratch: Path) -> Path:
     root = scratch / "cli-tree"
-    make_tree(os.fsencode(root), big_xattrs=False, seed=7)
+    scanner_tree(os.fsencode(root), big_xattrs=False, seed=7)
     return root
 
 

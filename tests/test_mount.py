@@ -72,6 +72,7 @@ from composefsd.kernel.syscalls import (
 )
 from composefsd.kernel.userns import IdMapping, create_userns, parse_mapping
 from composefsd.repository import CreateOptions, Repository, VerityPolicy
+from trees import app_tree
 
 CLONE_NEWNS = 0x00020000
 OVERFLOW_ID = 65534  # what an idmapped mount shows for an id its mapping lacks
@@ -322,44 +323,11 @@ class App:
     other_digest: str  # a second image of the same repository
 
 
-def _make_app_tree(src: Path) -> None:
-    rng = random.Random(4)
-    (src / "sub").mkdir(parents=True)
-    (src / "hello").write_bytes(rng.randbytes(5000))
-    os.setxattr(src / "hello", b"user.test", b"value")
-    (src / "inline").write_bytes(b"tiny\n")
-    (src / "big").write_bytes(rng.randbytes(300_000))
-    (src / "sub" / "deep").write_bytes(rng.randbytes(7000))
-    (src / "sub" / "empty").write_bytes(b"")
-    (src / "link").symlink_to("hello")
-    os.mknod(src / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    os.mknod(src / "loopdev", stat.S_IFBLK | 0o660, os.makedev(7, 200))
-    os.mknod(src / "gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))
-    os.mknod(src / "sub" / "gone2", stat.S_IFCHR | 0o000, os.makedev(0, 0))
-    os.link(src / "hello", src / "hello-hard")
-    for name, uid, gid, mode in [
-        ("hello", 1000, 2000, 0o640),
-        ("big", 0, 0, 0o644),
-        # Unmapped by the idmap tests' 0:100000:65536, so shown as the overflow id
-        # (readable by all: root has no DAC override on an unmapped owner's file).
-        ("sub/deep", 70000, 80000, 0o644),
-        ("sub", 3, 4, 0o750),
-        ("null", 0, 5, 0o666),  # mknod applies the umask
-        ("loopdev", 0, 6, 0o660),
-    ]:
-        os.lchown(src / name, uid, gid)
-        if mode is not None:
-            os.chmod(src / name, mode)
-    for path in sorted(src.rglob("*"), key=lambda p: -len(p.parts)):
-        os.utime(path, ns=(1_600_000_000_123_456_789,) * 2, follow_symlinks=False)
-    os.utime(src, ns=(1_700_000_000_000_000_001,) * 2)
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, reference_bin: Path) -> App:
     base = tmp_path_factory.mktemp("app")
     src = base / "src"
-    _make_app_tree(src)
+    app_tree(src)
     repo = Repository.init(base / "repo")
     assert repo.verity is VerityPolicy.TRY
     result = repo.create_image(src, ref="app", options=CreateOptions(preserve_hardlinks=True))
@@ -1710,7 +1678,8 @@ def test_string_form_as_root_uses_run_not_tmp(
 
     def mkdtemp(*args: Any, **kwargs: Any) -> str:
         parents.append(kwargs.get("dir"))
-        return real_mkdtemp(*args, **kwargs)
+        path: str = real_mkdtemp(*args, **kwargs)
+        return path
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     before = set(Path("/run").glob(".composefs.*"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from composefsd.repository import Repository, RepositoryError, reader_lock
 from composefsd.repository import images as images_mod
 from composefsd.repository.gc import discard_added
 from conftest import TestUsers
+from trees import random_tree
 
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
 
@@ -42,11 +42,7 @@ def _ctl(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _tree(root: Path, seed: int, files: int, size: int) -> Path:
-    rng = random.Random(seed)
-    for i in range(files):
-        path = root / f"d{i % 3}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(size))
+    random_tree(root, seed=seed, files=files, sizes=size, link=None)
     (root / "small").write_bytes(b"inline\n")
     return root
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from composefsd.repository import Repository
 from composefsd.repository.verify import verify_image
+from trees import random_files
 
 SEED = 0xC0FFEE
 TRIALS = 30
@@ -33,12 +34,7 @@ SIZES = [0, 10, 64, 65, 100, 3000, 4096, 20000, 100_000, 400_000]
 
 
 def _make_tree(root: Path, rng: random.Random) -> list[Path]:
-    files: list[Path] = []
-    for i in range(240):
-        path = root / f"d{i % 12}" / f"f{i}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.choice(SIZES)))
-        files.append(path)
+    files = random_files(root, seed=rng, files=240, dirs=12, sizes=SIZES, link=None)
     for i in range(2):
         path = root / f"big{i}"
         path.write_bytes(rng.randbytes(3 << 20))

@@ -34,13 +34,7 @@ from composefsd.repository import (
     reader_lock,
     writer_lock,
 )
-
-
-def _tree(root: Path, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
+from trees import write_tree
 
 
 def _hex(data: bytes) -> str:
@@ -91,7 +85,7 @@ def _setup(tmp_path: Path) -> Setup:
         "D": {"d1": data["d1"]},
     }
     for name, files in trees.items():
-        _tree(tmp_path / name, files)
+        write_tree(tmp_path / name, files)
     a = repo.create_image(tmp_path / "A", ref="a").digest
     b = repo.create_image(tmp_path / "B", ref="group/b").digest
     c = repo.create_image(tmp_path / "C").digest  # no ref: garbage

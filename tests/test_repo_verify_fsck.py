@@ -19,6 +19,7 @@ from composefsd.repository import verify as verify_mod
 from composefsd.repository.fsck import FsckProblem, fsck
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.verify import verify_image
+from trees import write_tree
 
 SEED = 20240603
 
@@ -36,11 +37,7 @@ def _make_tree(root: Path, rng: random.Random, variant: int) -> dict[str, bytes]
         f"only-{variant}": rng.randbytes(9000 + variant),
     }
     files["same-as-a"] = files["a"]
-    for rel, data in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (root / "sub" / "link").symlink_to("../a")
+    write_tree(root, files, {"sub/link": "../a"})
     return files
 
 
@@ -99,7 +96,8 @@ def test_clean_repository(built: Built) -> None:
     objects = {_hex(d) for d in built.files_one.values() if len(d) > 64}
     assert report.objects_checked == len(objects)
     assert report.bytes_checked == sum(len(d) for d in {*built.files_one.values()} if len(d) > 64)
-    assert report.missing == report.corrupt == report.image_problems == report.no_verity == []
+    assert report.missing == [] and report.corrupt == []
+    assert report.image_problems == [] and report.no_verity == []
     # No fs-verity on this kernel/filesystem: everything was computed.
     assert report.verity_measured == 0
     assert seen[0] == Progress("image", 0, 1)
@@ -347,7 +345,7 @@ def test_verity_required_without_verity(built: Built) -> None:
     assert not report.ok and report.verity_required
     objects = sorted({_hex(d) for d in built.files_one.values() if len(d) > 64})
     assert report.no_verity == sorted([*objects, built.one])
-    assert report.missing == report.corrupt == report.image_problems == []
+    assert report.missing == [] and report.corrupt == [] and report.image_problems == []
 
     freport = fsck(view)
     assert not freport.ok

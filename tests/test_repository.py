@@ -51,6 +51,7 @@ from composefsd.repository.images import normalize_ref
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.store import ObjectStore, PublishState
 from composefsd.sources.directory import ScanOptions, scan_directory
+from trees import write_tree
 
 TREE_SEEDS = [11, 2024, 77]
 #: (our options, C mkcomposefs arguments)
@@ -142,11 +143,7 @@ def simple_tree(root: Path, seed: int = 5) -> dict[str, bytes]:
         "big": rng.randbytes((1 << 20) + 3),
     }
     files["b/same"] = files["a"]
-    for rel, data in files.items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    (root / "b" / "link").symlink_to("../a")
+    write_tree(root, files, {"b/link": "../a"})
     return files
 
 
@@ -923,7 +920,7 @@ def test_source_changing_during_import_is_refused(
     repo = Repository.init(tmp_path / "repo")
     src = tmp_path / "src"
     src.write_bytes(b"1" * 50_000)
-    real = store_mod.copy_fd_data
+    real = store_mod.copy_fd_data  # type: ignore[attr-defined]  # patched where the store looks it up
 
     def copy_then_touch(src_fd: int, dst_fd: int, state: Any) -> None:
         real(src_fd, dst_fd, state)
@@ -951,13 +948,13 @@ def test_digest_cache_is_trusted_only_for_unchanged_files(
     repo.create_image(src, ref="x")  # files just written: too recent to cache
     assert not repo.cache_dir.exists() or not list(repo.cache_dir.iterdir())
     hashed: list[int] = []
-    real = store_mod.digest_fd
+    real = store_mod.digest_fd  # type: ignore[attr-defined]
 
     def counting(fd: int, *args: Any, **kwargs: Any) -> bytes:
         hashed.append(fd)
         return real(fd, *args, **kwargs)
 
-    real_hasher = store_mod.FsVerityHasher
+    real_hasher = store_mod.FsVerityHasher  # type: ignore[attr-defined]
 
     def counting_hasher(*args: Any, **kwargs: Any) -> Any:
         hashed.append(-1)

@@ -41,6 +41,7 @@ from composefsd.service.runtime import (
 )
 from conftest import TestUsers
 from servicehelpers import wait_ready
+from users import TestUser, UserPython
 
 OTHER = 4242  # some uid that is neither root nor ours
 
@@ -234,7 +235,7 @@ def test_pins_only_in_a_trusted_runtime_dir(tmp_path: Path, umask077: None) -> N
 class Alice:
     users: TestUsers
     home: Path  # 0700, alice's: her repository, log and notify socket live here
-    py: users.UserPython
+    py: UserPython
     socket_dir: Path  # /tmp/composefs-<uid>: where her daemon listens by default
     runtime_dir: Path  # /tmp/composefsd-<uid>
 
@@ -288,7 +289,7 @@ class Alice:
             timeout=120,
         )
 
-    def plant(self, path: Path, owner: users.TestUser, mode: int) -> None:
+    def plant(self, path: Path, owner: TestUser, mode: int) -> None:
         """What ``owner`` does before alice's daemon first starts."""
         path.mkdir()
         os.chown(path, owner.uid, owner.gid)

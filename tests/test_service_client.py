@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from composefsd.service import client
+from composefsd.service import client, codec
 from composefsd.service.client import (
     Connection,
     Reply,
@@ -327,7 +327,7 @@ def test_oversized_reply(server: FakeServer) -> None:
 
     def flood() -> None:
         try:
-            server.sock.sendall(b"x" * (client.MAX_MESSAGE_SIZE + 300_000))
+            server.sock.sendall(b"x" * (codec.MAX_MESSAGE_SIZE + 300_000))
         except OSError:
             pass
 

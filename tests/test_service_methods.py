@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import varlink  # type: ignore[import-untyped]
+import varlink
 from varlink import scanner
 
 from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
@@ -35,6 +35,7 @@ from composefsd.repository import (
     ImageNotFoundError,
     InvalidNameError,
     NotARepositoryError,
+    Progress,
     ReadOnlyRepositoryError,
     Repository,
     RepositoryBusyError,
@@ -50,6 +51,8 @@ from composefsd.service import methods as methods_module
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_error
 from composefsd.service.mounts import MountTracker
+from servicehelpers import unmount_below
+from trees import random_tree
 
 IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
 IDL = varlink.Interface(IDL_PATH.read_text())
@@ -112,13 +115,7 @@ def check_error(err: VarlinkReplyError) -> VarlinkReplyError:
 
 
 def _tree(root: Path, seed: int = 1, files: int = 20) -> Path:
-    rng = random.Random(seed)
-    for i in range(files):
-        f = root / f"d{i % 4}" / f"f{i}"
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_bytes(rng.randbytes(rng.choice([0, 30, 5000, 70_000])))
-    (root / "link").symlink_to("d0/f0")
-    return root
+    return random_tree(root, seed=seed, files=files, dirs=4, sizes=(0, 30, 5000, 70_000))
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -205,9 +202,7 @@ def _mount_args(image: str, where: Path | None, **fields: Any) -> list[Any]:
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
     yield e
-    for m in reversed(list_composefs_mounts()):
-        if m.mountpoint.startswith(str(tmp_path)):
-            umount2(m.mountpoint, MNT_DETACH)
+    unmount_below(tmp_path)
 
 
 def _name(err: VarlinkReplyError) -> str:
@@ -247,11 +242,12 @@ def test_read_only_repository(env: Env) -> None:
         ctx = env.ctx("Describe")
         out = check_reply("Describe", ro.Describe(_request=ctx))
         assert "read-only" in out["readOnlyReason"]
-        for method, args in [
+        calls: list[tuple[str, list[Any]]] = [
             ("CreateImage", [str(env.src), None, "x", *[None] * 6]),
             ("RemoveImage", ["app"]),
             ("GarbageCollect", [None]),
-        ]:
+        ]
+        for method, args in calls:
             with pytest.raises(VarlinkReplyError) as info:
                 getattr(ro, method)(*args, _request=env.ctx(method))
             assert _name(check_error(info.value)) == "ReadOnlyRepository", method
@@ -421,7 +417,7 @@ def test_progress_heartbeat(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     real = env.repo.gc
 
     def slow_gc(**kw: Any) -> Any:
-        kw["progress"](methods_module.Progress("mark", 1, 2))
+        kw["progress"](Progress("mark", 1, 2))
         time.sleep(1.0)
         return real(**kw)
 

@@ -1108,7 +1108,12 @@ async def test_heap_is_trimmed_after_connections_holding_input_close(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trims: list[float] = []
-    monkeypatch.setattr(transport, "trim_heap", lambda: trims.append(time.monotonic()) or True)
+
+    def trim_heap() -> bool:
+        trims.append(time.monotonic())
+        return True
+
+    monkeypatch.setattr(transport, "trim_heap", trim_heap)
     harness = await start()
     clients = [await harness.connect() for _ in range(8)]
     for c in clients:

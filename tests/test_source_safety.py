@@ -49,7 +49,7 @@ from composefsd.sources import directory as scanner
 from composefsd.sources.directory import ScanError, ScanOptions, scan_directory
 from conftest import TestUsers
 from ctlrun import run_ctl
-from servicehelpers import Daemon, start_daemon
+from servicehelpers import Daemon, running_daemon, start_daemon
 
 SECRET = b"TOP-SECRET:" * 400
 INNOCENT = b"innocent..." * 400
@@ -345,11 +345,8 @@ print(n)
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path / "repo")
-    try:
+    with running_daemon(tmp_path / "repo", check_exit=False) as d:
         yield d
-    finally:
-        d.stop()
 
 
 def _shadow_object(repo: Path, digest: str) -> bytes | None:
@@ -435,12 +432,10 @@ class Service:
 def service(
     tmp_path: Path, test_users: TestUsers, user_python: users.UserPython
 ) -> Iterator[Service]:
-    d = start_daemon(tmp_path / "repo", "--socket-mode", "0666", "--group", str(test_users.group))
-    d.rundir.chmod(0o755)
-    try:
+    with running_daemon(
+        tmp_path / "repo", "--group", str(test_users.group), public=True, check_exit=False
+    ) as d:
         yield Service(d, user_python)
-    finally:
-        d.stop()
 
 
 @pytest.fixture
@@ -558,14 +553,12 @@ def test_caller_tree_entry_limit_option(
 ) -> None:
     d = start_daemon(
         tmp_path / "repo",
-        "--socket-mode",
-        "0666",
         "--group",
         str(test_users.group),
         "--max-source-entries",
         "5",
+        public=True,
     )
-    d.rundir.chmod(0o755)
     try:
         ctl = Service(d, user_python).ctl
         status, out, err = ctl(test_users.alice, "create-image", str(alice_tree))
@@ -697,7 +690,12 @@ class _Caller:
             fds=[fd] if fd is not None else [],
             send_continues=kw.pop("send", None) or (lambda _params: None),
         )
-        args = [str(path) if path else None, 0 if fd is not None else None, None, *[None] * 6]
+        args: list[Any] = [
+            str(path) if path else None,
+            0 if fd is not None else None,
+            None,
+            *[None] * 6,
+        ]
         try:
             return dict(self.iface.CreateImage(*args, _request=ctx))
         finally:

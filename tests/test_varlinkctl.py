@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,8 @@ import pytest
 
 import composefsd
 from composefsd.kernel.mountinfo import composefs_mount_at
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service import client
-from servicehelpers import DAEMON, Daemon, exec_wrapper, make_tree, short_dir, start_daemon
+from servicehelpers import DAEMON, Daemon, exec_wrapper, short_dir
 
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
@@ -46,27 +44,6 @@ def varlinkctl(reference_bin: Path) -> str:
     version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("systemd 257"), version.stdout
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = start_daemon(tmp_path_factory.mktemp("repo") / "repo")
-    yield d
-    assert d.stop() == 0, d.log_text()
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("tree"))
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "mnt"
-    where.mkdir()
-    yield where
-    while composefs_mount_at(str(where)) is not None:
-        umount2(where, MNT_DETACH)
 
 
 def _vctl(varlinkctl: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

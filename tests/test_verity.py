@@ -78,11 +78,11 @@ from test_mount import (
     _assert_same_tree,
     _entry_at,
     _idmapped_view,
-    _make_app_tree,
     _mkcomposefs,
     _unmount_below,
     _whiteout_view,
 )
+from trees import app_tree
 
 SCRATCH_ENV = "VERITY_SCRATCH"
 REQUIRE_ENV = "COMPOSEFSD_REQUIRE_VERITY"
@@ -172,7 +172,7 @@ def _attach(dm: DetachedMount, where: Path) -> Path:
     return where
 
 
-def _super_options(mnt: Path) -> list[str]:
+def _super_options(mnt: Path) -> tuple[str, ...]:
     return _entry_at(mnt).super_options
 
 
@@ -253,7 +253,7 @@ class App:
 def _make_tree(src: Path) -> None:
     """test_mount's tree with one of everything, plus files on the fs-verity block and
     Merkle-level boundaries (4096 bytes; past 128 blocks, where a second tree level starts)."""
-    _make_app_tree(src)
+    app_tree(src)
     rng = random.Random(6)
     (src / "block").write_bytes(rng.randbytes(4096))
     (src / "sub" / "two-levels").write_bytes(rng.randbytes(128 * 4096 + 1))

@@ -210,6 +210,7 @@ def make_user_python(dest: Path) -> UserPython:
     lib = dest / "pylib"
     lib.mkdir(mode=0o755)
     for module in (composefsd, varlink):
+        assert module.__file__ is not None
         src = Path(module.__file__).parent
         shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in _SCRIPTS:
