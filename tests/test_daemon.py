@@ -32,6 +32,7 @@ import users
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import move_mount
 from composefsd.repository import Repository
+from composefsd.repository.digestcache import DigestCache
 from composefsd.service.context import Peer
 from composefsd.service.daemon import Authorization
 from conftest import TestUsers
@@ -443,9 +444,14 @@ def test_modes_do_not_depend_on_the_umask(env: Env) -> None:
     the runtime directory gets its intended mode all the same, the one it gets
     under the usual 0022: a repository stays readable (directories 0755, objects
     and images 0644; the repository itself 0700 and a digest cache private as
-    before; test_repository checks the cache, too recent a tree writes none),
-    runtime files stay private."""
+    before), runtime files stay private."""
     src = _tree(env.tmp / "src")
+    # Both runs write a digest cache only once the tree is older than the cache's
+    # racy window (test_repository checks that a newer one writes none): wait for
+    # that, so that what each run makes does not depend on how long the first took.
+    newest = max(p.lstat().st_ctime_ns for p in [src, *src.rglob("*")])
+    while time.time_ns() < newest + DigestCache.RACY_NS + 100_000_000:
+        time.sleep(0.1)
     found = {}
     for umask in (0o022, 0o077):
         top = env.tmp / f"umask{umask:03o}"
@@ -489,6 +495,7 @@ def test_modes_do_not_depend_on_the_umask(env: Env) -> None:
         else:
             raise AssertionError(f"unexpected {path} ({mode})")
     assert f"{repo}/images/refs/app/v1" in modes
+    assert sum(p.startswith(f"{repo}/cache/") for p in modes) == 1
     assert sum(p.startswith(f"{repo}/objects/") for p in modes) > 10
     assert sum(p.startswith("run/pins/") for p in modes) == 2
 
