@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Dumpfile -> image: our ``mkcomposefs --from-file`` against C mkcomposefs 1.0.8, same run.
+"""Dumpfile -> image and back: our ``mkcomposefs --from-file`` and ``composefs-info dump``
+against C composefs 1.0.8's, same run.
 
     python benchmarks/bench_dump_to_image.py [--tree /usr | --dump FILE] [--rounds 3]
 
@@ -9,7 +10,9 @@ builds an image of ``--tree`` (default /usr, about 137,000 entries here) and C
 Both tools then turn that dumpfile into an image, alternately, best of
 ``--rounds``; both are whole processes, timed by wall clock, so interpreter start-up
 counts against us. The images must be byte-identical. Peak memory (max RSS) of our
-process is printed beside the limit (1 GiB).
+process is printed beside the limit (1 GiB). Then both ``composefs-info dump``
+read the image back (the reader of Verify, fsck and Mount), best of ``--rounds``;
+the dumps must be identical.
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ from _common import reference_bin
 MEMORY_LIMIT = 1 << 30
 
 
-def our_mkcomposefs() -> list[str]:
-    script = shutil.which("mkcomposefs", path=str(Path(sys.executable).parent))
+def our_tool(name: str, module: str) -> list[str]:
+    script = shutil.which(name, path=str(Path(sys.executable).parent))
     if script:
         return [script]
-    return [sys.executable, "-m", "composefsd.cli.mkcomposefs"]
+    return [sys.executable, "-m", module]
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
+def run(cmd: list[str], stdout: int | None = subprocess.DEVNULL) -> tuple[float, int]:
     """Wall time and max RSS (bytes) of one process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=stdout)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -76,7 +79,8 @@ def main() -> int:
 
     c_out, py_out = work / "c.cfs", work / "py.cfs"
     c_cmd = [str(ref / "mkcomposefs"), "--from-file", str(dump), str(c_out)]
-    py_cmd = [*our_mkcomposefs(), "--from-file", str(dump), str(py_out)]
+    py_cmd = [*our_tool("mkcomposefs", "composefsd.cli.mkcomposefs"), "--from-file"]
+    py_cmd += [str(dump), str(py_out)]
     c_times, py_times, py_rss = [], [], 0
     for _ in range(args.rounds):
         t, _rss = run(c_cmd)
@@ -85,8 +89,21 @@ def main() -> int:
         py_times.append(t)
         py_rss = max(py_rss, rss)
     identical = c_out.read_bytes() == py_out.read_bytes()
-    c_out.unlink()
-    py_out.unlink()
+
+    # Reading it back: both tools dump the same image (C's) to a file.
+    c_dump, py_dump = work / "c.dump", work / "py.dump"
+    read_times: dict[str, list[float]] = {"c": [], "py": []}
+    for _ in range(args.rounds):
+        for who, tool, out_path in (
+            ("c", [str(ref / "composefs-info")], c_dump),
+            ("py", our_tool("composefs-info", "composefsd.cli.info"), py_dump),
+        ):
+            with open(out_path, "wb") as out:
+                t, _rss = run([*tool, "dump", str(c_out)], stdout=out.fileno())
+            read_times[who].append(t)
+    dumps_identical = c_dump.read_bytes() == py_dump.read_bytes()
+    for path in (c_out, py_out, c_dump, py_dump):
+        path.unlink()
 
     c_best, py_best = min(c_times), min(py_times)
     print(f"load average: {os.getloadavg()[0]:.2f}")
@@ -95,7 +112,12 @@ def main() -> int:
     print(f"ratio ours/C: {py_best / c_best:.2f}x (target <= 2x)")
     print(f"peak memory (ours): {py_rss / 2**20:.0f} MiB (limit {MEMORY_LIMIT >> 20} MiB)")
     print(f"images identical: {identical}")
-    return 0 if identical and py_rss < MEMORY_LIMIT else 1
+    c_read, py_read = min(read_times["c"]), min(read_times["py"])
+    print(f"C composefs-info dump:          {c_read:.3f} s (best of {args.rounds})")
+    print(f"composefsd composefs-info dump: {py_read:.3f} s (best of {args.rounds})")
+    print(f"ratio ours/C (reading): {py_read / c_read:.2f}x")
+    print(f"dumps identical: {dumps_identical}")
+    return 0 if identical and dumps_identical and py_rss < MEMORY_LIMIT else 1
 
 
 if __name__ == "__main__":

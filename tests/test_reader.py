@@ -588,8 +588,9 @@ def test_huge_claimed_sizes_allocate_nothing_big(small_image: bytes) -> None:
         assert peak < 8 * 1024 * 1024
 
 
-def test_usr_sized_image_reads_fast(reference_bin: Path, tmp_path: Path) -> None:
-    """A 60,000-entry image reads and dumps in well under the time a user would notice."""
+def test_usr_sized_image_reads(reference_bin: Path, tmp_path: Path) -> None:
+    """A 60,000-entry image reads whole and dumps as C does (how fast, beside C:
+    benchmarks/bench_dump_to_image.py)."""
     lines = [b"/ 4096 40755 2 0 0 0 0.0 - - -"]
     for d in range(300):
         lines.append(b"/d%03d 4096 40755 2 0 0 0 0.0 - - - security.selinux=usr_t" % d)
@@ -600,12 +601,8 @@ def test_usr_sized_image_reads_fast(reference_bin: Path, tmp_path: Path) -> None
             )
     image = tmp_path / "wide.cfs"
     _mkcomposefs(reference_bin, b"\n".join(lines) + b"\n", image)
-    data = image.read_bytes()
-    start = time.perf_counter()
-    info = read_image(data)
-    elapsed = time.perf_counter() - start
+    info = read_image(image.read_bytes())
     assert info.inodes_read == 1 + 300 + 300 * 200
-    assert elapsed < 2.0, f"reading took {elapsed:.2f}s"
     assert format_dump(info.root) == _c_info(reference_bin, "dump", image)
 
 
