@@ -41,6 +41,7 @@ from composefsd.repository.store import (
     PublishState,
     check_unchanged,
 )
+from composefsd.sources.base import ImportTask
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 
 __all__ = ["ImportConfig", "ImportResult", "ImportTask", "Importer"]
@@ -58,24 +59,6 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         parts.append(chunk)
     return b"".join(parts)
-
-
-@dataclass(slots=True, frozen=True)
-class ImportTask:
-    """One file to import, at ``rel`` beneath the import's source directory.
-
-    ``inline``: only read its content (a file of at most 64 bytes that the image
-    stores inline). ``expected``: the digest it must have; when given and the
-    object exists, the source is not even read. ``key``: the file as the scan saw
-    it; the file opened must still be that one (:mod:`composefsd.sources.beneath`)."""
-
-    rel: bytes
-    size: int
-    expected: bytes | None = None
-    inline: bool = False
-    #: Hash it while copying it (it is known to need copying).
-    hashing_copy: bool = False
-    key: FileKey | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -63,9 +63,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from composefsd import workerproc
+from composefsd.credentials import Credentials
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objectlayout import join_store_path, object_payload
+from composefsd.sources.base import ImportTask, SourceTree
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.sources.objcopy import CopyState, store_object
 
@@ -78,6 +80,7 @@ __all__ = [
     "fill_digest_store",
     "scan_directory",
     "scan_source",
+    "source_tree",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,10 +184,7 @@ class SourceScan:
 
 def default_threads() -> int:
     """C's default ``--threads``: the CPUs in this process's affinity mask."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
+    return workerproc.cpus()
 
 
 def _error(kind: str, path: bytes | None, err: int | None) -> ScanError:
@@ -1027,6 +1027,23 @@ def scan_source(
     if progress is not None:
         progress(ScanProgress("scan", walker.entries))
     return result
+
+
+def source_tree(
+    scan: SourceScan, fd: int, display: bytes, credentials: Credentials | None = None
+) -> SourceTree:
+    """The :class:`~composefsd.sources.base.SourceTree` of a scan of the directory open
+    at ``fd``: every regular file with data is imported (hardlinked inodes once),
+    those of at most 64 bytes to be inlined."""
+    imports: list[ImportTask] = []
+    nodes: list[Node] = []
+    for rel, node, key in scan.files:
+        inline = node.size <= RECOMMENDED_INLINE_CONTENT_MAX
+        imports.append(ImportTask(rel, node.size, None, inline, False, key))
+        nodes.append(node)
+    return SourceTree(
+        scan.root, fd, display, imports, nodes, credentials, scan.regular_files, scan.entries
+    )
 
 
 def _open_for_reading(src: bytes) -> int:
