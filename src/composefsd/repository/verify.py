@@ -236,10 +236,7 @@ _LaneItem = tuple[int, _Wire] | BaseException | None
 
 def default_workers() -> int:
     """Checking processes by default: one per CPU this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
+    return workerproc.cpus()
 
 
 def check_files(
