@@ -39,6 +39,11 @@ A tree scanned elsewhere, with somebody else's rights (the service scans a
 caller's tree as the caller), is imported by :func:`create_from_scan`: its
 files are opened with those rights (:class:`ScannedSource`).
 
+Every source becomes a :class:`~composefsd.sources.base.SourceTree` (a directory
+through :func:`composefsd.sources.directory.source_tree`, a dumpfile through
+:func:`composefsd.sources.dumpfile.dumpfile_tree`), which one code path imports,
+writes and publishes (:func:`_create`).
+
 In a SHA-512 repository objects are named by their SHA-512 digests; the image
 writer only knows SHA-256 ``trusted.overlay.metacopy`` digests (C composefs
 format), so those images carry the redirect to the object but no per-file digest.
@@ -61,9 +66,8 @@ from typing import TYPE_CHECKING
 
 from composefsd.credentials import Credentials
 from composefsd.dirs import make_dirs
-from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
 from composefsd.image.reader import ImageFormatError, read_image
-from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
+from composefsd.image.tree import Node, gc_paused
 from composefsd.image.writer import write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
 from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
@@ -77,7 +81,7 @@ from composefsd.repository.errors import (
     SourceError,
     os_error_text,
 )
-from composefsd.repository.importer import ImportConfig, Importer, ImportResult, ImportTask
+from composefsd.repository.importer import ImportConfig, Importer, ImportResult
 from composefsd.repository.locking import RepoLock, reader_lock, writer_lock
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import (
@@ -86,7 +90,7 @@ from composefsd.repository.store import (
     random_name,
     sync_objects,
 )
-from composefsd.sources.beneath import check_relpath
+from composefsd.sources.base import ImportTask, SourceTree, SourceTreeError
 from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
@@ -94,7 +98,9 @@ from composefsd.sources.directory import (
     SourceScan,
     default_threads,
     scan_source,
+    source_tree,
 )
+from composefsd.sources.dumpfile import dumpfile_tree
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -450,54 +456,17 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
 # -- creating -------------------------------------------------------------------------------
 
 
-def _scan_tasks(scan: SourceScan) -> tuple[list[ImportTask], list[Node]]:
-    """Import tasks for every regular file with data (hardlinked inodes once)."""
-    tasks: list[ImportTask] = []
-    nodes: list[Node] = []
-    for rel, node, key in scan.files:
-        inline = node.size <= RECOMMENDED_INLINE_CONTENT_MAX
-        tasks.append(ImportTask(rel, node.size, None, inline, False, key))
-        nodes.append(node)
-    return tasks, nodes
-
-
-def _collect_dumpfile(
-    root: Node, algorithm: Algorithm
-) -> tuple[list[ImportTask], list[Node], int, int]:
-    tasks: list[ImportTask] = []
-    nodes: list[Node] = []
-    files = 0
-    walked = root.walk()
-    for _path, node in walked:
-        if node.link_to is not None or node.mode & _S_IFMT != _S_IFREG:
-            continue
-        files += 1
-        if node.size == 0 or node.content is not None or node.payload is None:
-            continue
-        try:
-            check_relpath(node.payload)
-        except ValueError:
-            raise SourceError(
-                f"object path {os.fsdecode(node.payload)!r} in the dumpfile is not a plain "
-                f"relative path"
-            ) from None
-        expected = node.digest if algorithm is Algorithm.SHA256 else None
-        tasks.append(ImportTask(node.payload, node.size, expected, False))
-        nodes.append(node)
-    return tasks, nodes, files, len(walked)
-
-
 def _import(
     repo: Repository,
     store: ObjectStore,
-    tasks: list[ImportTask],
+    tree: SourceTree,
     options: CreateOptions,
     lock: RepoLock,
     throttle: Throttle,
-    source: tuple[int, bytes, Credentials | None],
     added: Added,
-    cache: DigestCache | None = None,
+    cache: DigestCache | None,
 ) -> list[ImportResult]:
+    tasks = tree.imports
     total = sum(t.size for t in tasks if not t.inline)
     count = len(tasks)
     throttle("import", 0, total, f"0/{count} files", force=True)
@@ -510,17 +479,16 @@ def _import(
     def report(files: int, nbytes: int) -> None:
         throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")
 
-    source_fd, display, credentials = source
     config = ImportConfig(
         objects_dir=os.fspath(repo.objects_dir),
         algorithm=repo.hash_algorithm.value,
         policy=repo.verity.value,
         verity=store.state.verity,
-        source_fd=source_fd,
-        display=display,
+        source_fd=tree.source_fd,
+        display=tree.display,
         fsync_each=repo.fsync_each,
         hashing_copy=repo.hashing_copy,
-        credentials=credentials,
+        credentials=tree.credentials,
     )
     importer = Importer(
         config,
@@ -535,17 +503,18 @@ def _import(
     return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
-def _apply(
-    nodes: list[Node], results: list[ImportResult], algorithm: Algorithm, keep_digest: bool
-) -> None:
+def _apply(tree: SourceTree, results: list[ImportResult], algorithm: Algorithm) -> None:
+    """Give the tree's files their contents or objects. The image format's digests are
+    SHA-256 fs-verity digests: a SHA-512 repository's files carry none."""
     sha256 = algorithm is Algorithm.SHA256
-    for node, result in zip(nodes, results, strict=True):
+    set_digests = tree.set_digests
+    for node, result in zip(tree.nodes, results, strict=True):
         if result.content is not None:
             node.set_content(result.content)
             continue
         assert result.digest is not None
         node.payload = object_payload(result.digest)
-        if not keep_digest:
+        if set_digests:
             node.digest = result.digest if sha256 else None
         elif not sha256:
             node.digest = None
@@ -720,10 +689,8 @@ def create_from_directory(
             cache = None
             if options.digest_cache and not isinstance(source, int):
                 cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
-            scanned = ScannedSource(scan, fd, display)
-            return _create_scanned(
-                repo, store, lock, scanned, options, ref_name, progress, cache, added
-            )
+            tree = source_tree(scan, fd, display)
+            return _create(repo, store, lock, tree, options, ref_name, progress, cache, added)
     finally:
         os.close(fd)
 
@@ -741,8 +708,9 @@ def create_from_scan(
     ref_name = normalize_ref(ref) if ref is not None else None
     repo.ensure_writable()
     added = Added()
+    tree = source_tree(source.scan, source.fd, source.display, source.credentials)
     with _creating(repo, added) as (lock, store):
-        return _create_scanned(repo, store, lock, source, options, ref_name, progress, None, added)
+        return _create(repo, store, lock, tree, options, ref_name, progress, None, added)
 
 
 @contextmanager
@@ -795,44 +763,34 @@ def _undone_on_failure(repo: Repository, added: Added) -> Iterator[None]:
         raise
 
 
-def _create_scanned(
+def _create(
     repo: Repository,
     store: ObjectStore,
     lock: RepoLock,
-    source: ScannedSource,
+    tree: SourceTree,
     options: CreateOptions,
     ref: str | None,
     progress: ProgressCallback | None,
     cache: DigestCache | None,
     added: Added,
 ) -> CreateResult:
+    """The part of CreateImage every source shares: import the tree's files, write
+    the image, publish it (under ``lock``, undone on failure through ``added``)."""
     throttle = Throttle(progress)
-    scan = source.scan
-    tasks, nodes = _scan_tasks(scan)
-    results = _import(
-        repo,
-        store,
-        tasks,
-        options,
-        lock,
-        throttle,
-        (source.fd, source.display, source.credentials),
-        added,
-        cache,
-    )
+    results = _import(repo, store, tree, options, lock, throttle, added, cache)
     if cache is not None:
-        cache.save(tasks, results)
-    _apply(nodes, results, repo.hash_algorithm, keep_digest=False)
+        cache.save(tree.imports, results)
+    _apply(tree, results, repo.hash_algorithm)
     return _finish(
         repo,
         store,
-        scan.root,
-        tasks,
+        tree.root,
+        tree.imports,
         results,
         options,
         ref,
-        scan.regular_files,
-        scan.entries,
+        tree.files,
+        tree.entries,
         throttle,
         added,
     )
@@ -876,31 +834,13 @@ def create_from_dumpfile(
         ) from exc
     try:
         try:
-            with gc_paused():
-                root = parse_dumpfile(data)
-        except DumpfileError as exc:
-            raise SourceError(f"invalid dumpfile: {exc}", errno=errno.EINVAL) from exc
-        tasks, nodes, files, entries = _collect_dumpfile(root, repo.hash_algorithm)
+            tree = dumpfile_tree(data, objects_fd, objdir, repo.hash_algorithm)
+        except SourceTreeError as exc:
+            raise SourceError(exc.message, errno=exc.errno) from exc
         repo.ensure_writable()
-        throttle = Throttle(progress)
         added = Added()
         with _creating(repo, added) as (lock, store):
-            source = (objects_fd, objdir, None)
-            results = _import(repo, store, tasks, options, lock, throttle, source, added)
-            _apply(nodes, results, repo.hash_algorithm, keep_digest=True)
-            return _finish(
-                repo,
-                store,
-                root,
-                tasks,
-                results,
-                options,
-                ref_name,
-                files,
-                entries,
-                throttle,
-                added,
-            )
+            return _create(repo, store, lock, tree, options, ref_name, progress, None, added)
     finally:
         os.close(objects_fd)
 

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
-import signal
 import subprocess
-import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from composefsd import workerproc
@@ -43,6 +41,7 @@ from composefsd.repository.store import (
     PublishState,
     check_unchanged,
 )
+from composefsd.sources.base import ImportTask
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 
 __all__ = ["ImportConfig", "ImportResult", "ImportTask", "Importer"]
@@ -60,24 +59,6 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 65536):
         parts.append(chunk)
     return b"".join(parts)
-
-
-@dataclass(slots=True, frozen=True)
-class ImportTask:
-    """One file to import, at ``rel`` beneath the import's source directory.
-
-    ``inline``: only read its content (a file of at most 64 bytes that the image
-    stores inline). ``expected``: the digest it must have; when given and the
-    object exists, the source is not even read. ``key``: the file as the scan saw
-    it; the file opened must still be that one (:mod:`composefsd.sources.beneath`)."""
-
-    rel: bytes
-    size: int
-    expected: bytes | None = None
-    inline: bool = False
-    #: Hash it while copying it (it is known to need copying).
-    hashing_copy: bool = False
-    key: FileKey | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -294,101 +275,46 @@ def _run_batch(
     return out
 
 
-def _worker_main() -> None:
-    """An import worker process: a config, then batches from stdin, results to stdout.
+_Batch = tuple[int, list[_Task]]
+_BatchRunner = Callable[[list[_Task]], list[_Result | _Failure]]
+
+
+@contextmanager
+def _worker_session(wire: tuple[object, ...]) -> Iterator[_BatchRunner]:
+    """An import worker process's state, from its first message (an :class:`ImportConfig`).
 
     It reads the source beneath the inherited ``config.source_fd`` and, with
     ``config.credentials``, opens it with the caller's rights
     (:func:`composefsd.credentials.acting_as`; this process has one thread)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-
-    def receive() -> object:
-        try:
-            return workerproc.receive(inp)
-        except EOFError:
-            return None
-
-    config_tuple = receive()
-    if config_tuple is None:
-        return
-    assert isinstance(config_tuple, tuple)
-    config = ImportConfig.from_wire(config_tuple)
+    config = ImportConfig.from_wire(wire)
     buf = bytearray(COPY_BUFSIZE)
     with config.store() as store, config.opener() as opener:
-        while True:
-            tasks = receive()
-            if tasks is None or os.getppid() != parent:
-                return
-            assert isinstance(tasks, list)
-            reply = _run_batch(store, opener, tasks, config.hashing_copy, buf, config.credentials)
-            try:
-                workerproc.write_message(out, reply)
-            except BrokenPipeError:
-                # The parent is gone (killed): what this batch published is complete
-                # objects; leave without a traceback, and without flushing again.
-                os._exit(0)
+        yield lambda tasks: _run_batch(
+            store, opener, tasks, config.hashing_copy, buf, config.credentials
+        )
+
+
+def _worker_main() -> None:
+    """An import worker process: a config, then batches from stdin, results to stdout."""
+    workerproc.serve(init=_worker_session)
 
 
 def _start_worker(config: ImportConfig, pass_fds: Sequence[int]) -> subprocess.Popen[bytes]:
     # Its stderr stays ours: an import worker's failure is worth seeing.
-    proc = workerproc.start(
+    return workerproc.start(
         "composefsd.repository.importer",
         "_worker_main",
         pass_fds=(*pass_fds, config.source_fd),
         quiet=False,
     )
-    workerproc.send(proc, config.to_wire())
-    return proc
 
 
-class _Lane(threading.Thread):
-    def __init__(self, importer: Importer, index: int) -> None:
-        super().__init__(name=f"cfs-import-{index}", daemon=True)
-        self.importer = importer
-        self.proc: subprocess.Popen[bytes] | None = None
+def _worker_lost(status: int) -> RepositoryError:
+    return RepositoryError(f"import worker exited with status {status}")
 
-    def run(self) -> None:
-        imp = self.importer
-        buf = bytearray(COPY_BUFSIZE)
-        opener = imp.config.opener()
-        try:
-            while True:
-                item = imp.work.get()
-                if item is None:
-                    return
-                if imp.failure is not None:
-                    continue
-                start, tasks = item
-                if imp.use_processes:
-                    results = self._remote(tasks)
-                else:
-                    assert imp.store is not None
-                    results = _run_batch(imp.store, opener, tasks, imp.config.hashing_copy, buf)
-                imp.done(start, tasks, results)
-        except BaseException as exc:  # never die silently: it would hang run()
-            imp.fail(_failure(exc))
-        finally:
-            opener.close()
-            self.stop()
 
-    def _remote(self, tasks: list[_Task]) -> list[_Result | _Failure]:
-        imp = self.importer
-        if self.proc is None:
-            self.proc = _start_worker(imp.config, imp.pass_fds)
-        assert self.proc.stdout is not None
-        workerproc.send(self.proc, tasks)
-        try:
-            results: list[_Result | _Failure] = workerproc.receive(self.proc.stdout)
-        except EOFError:
-            raise RepositoryError(f"import worker exited with status {self.proc.wait()}") from None
-        return results
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            workerproc.stop(proc, kill=self.importer.failure is not None, timeout=30)
+def _batch_tasks(batch: _Batch) -> list[_Task]:
+    return batch[1]
 
 
 class Importer:
@@ -419,7 +345,6 @@ class Importer:
         self.pass_fds = tuple(pass_fds)
         self.progress = progress
         self.store: ObjectStore | None = None
-        self.work: queue.SimpleQueue[tuple[int, list[_Task]] | None] = queue.SimpleQueue()
         self.failure: _Failure | None = None
         self.files_done = 0
         self.bytes_done = 0
@@ -429,7 +354,8 @@ class Importer:
         self._results: list[_Result | None] = []
         self._lock = threading.Lock()
 
-    def done(self, start: int, tasks: list[_Task], results: list[_Result | _Failure]) -> None:
+    def done(self, batch: _Batch, results: list[_Result | _Failure]) -> None:
+        start, tasks = batch
         files = size = 0
         written: list[str] = []
         for i, result in enumerate(results):
@@ -452,6 +378,48 @@ class Importer:
             if self.failure is None:
                 self.failure = failure
 
+    def _lane_failed(self, exc: BaseException) -> None:
+        self.fail(_failure(exc))
+
+    def _failed(self) -> bool:
+        return self.failure is not None
+
+    @contextmanager
+    def _in_process(self) -> Iterator[_BatchRunner]:
+        """A lane's way to import a batch itself: its own opener and copy buffer."""
+        buf = bytearray(COPY_BUFSIZE)
+        with self.config.opener() as opener:
+
+            def run(tasks: list[_Task]) -> list[_Result | _Failure]:
+                assert self.store is not None
+                return _run_batch(self.store, opener, tasks, self.config.hashing_copy, buf)
+
+            yield run
+
+    def _lanes(self, count: int) -> workerproc.Pool[_Batch, list[_Task], _Result | _Failure]:
+        # Worker processes publish under the caller's lock: one that is lost fails the
+        # import (its batch's objects are complete, but which ones is unknown).
+        lanes: workerproc.Pool[_Batch, list[_Task], _Result | _Failure] = workerproc.Pool(
+            "cfs-import",
+            count,
+            request=_batch_tasks,
+            local=self._in_process,
+            done=self.done,
+            fail=self._lane_failed,
+            start=lambda: _start_worker(self.config, self.pass_fds),
+            first=self.config.to_wire(),
+            skip=self._failed,
+            kill=self._failed,
+            lost=_worker_lost,
+            stop_timeout=30,
+        )
+        lanes.processes = self.use_processes
+        return lanes
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.files_done, self.bytes_done)
+
     def run(self, tasks: Sequence[ImportTask]) -> list[ImportResult]:
         self._results = [None] * len(tasks)
         if not tasks:
@@ -463,7 +431,7 @@ class Importer:
             self.use_processes = self.threads > 1 and total >= _PROCESS_MIN_BYTES
         else:
             self.use_processes = self.use_processes_opt
-        lanes = [_Lane(self, i) for i in range(min(self.threads, len(tasks)))]
+        lanes = self._lanes(min(self.threads, len(tasks)))
         if not self.use_processes:
             self.store = self.config.store()
         try:
@@ -476,27 +444,16 @@ class Importer:
                 batch.append((t.rel, t.size, t.expected, t.inline, t.hashing_copy, t.key))
                 batch_bytes += 0 if t.inline else t.size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    self.work.put((start, batch))
+                    lanes.put((start, batch))
                     batch, batch_bytes = [], 0
             if batch:
-                self.work.put((start, batch))
-            for _ in lanes:
-                self.work.put(None)
-            for lane in lanes:
-                lane.start()
-            for lane in lanes:
-                while lane.is_alive():
-                    lane.join(_PROGRESS_INTERVAL)
-                    if self.progress is not None:
-                        self.progress(self.files_done, self.bytes_done)
+                lanes.put((start, batch))
+            lanes.close()
+            lanes.start()
+            lanes.join(_PROGRESS_INTERVAL, self._report)
         except BaseException:
             self.fail(("internal", None, "interrupted"))
-            for lane in lanes:
-                if lane.proc is not None:
-                    lane.proc.kill()
-            for lane in lanes:
-                if lane.is_alive():
-                    lane.join()
+            lanes.abort()
             raise
         finally:
             if self.store is not None:

@@ -29,14 +29,12 @@ What "lacks verity" means depends on the repository's policy:
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
 import os
 import queue
 import stat
 import subprocess
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +64,6 @@ __all__ = [
     "check_files",
     "verify_image",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Objects are opened without following a final symlink (an object must be a regular
 #: file) and without blocking (a FIFO planted under objects/ must not hang us).
@@ -218,24 +214,16 @@ def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> Fi
     return FileCheck(*_check(path, algorithm, expected_size))
 
 
-def _check_batch(items: list[tuple[bytes, int]], algorithm: str) -> list[_Wire]:
+def _check_batch(request: tuple[str, list[tuple[bytes, int]]]) -> list[_Wire]:
+    """Check a batch: (algorithm name, [(path, expected size)...]), in a lane or a worker."""
+    algorithm, items = request
     alg = Algorithm.parse(algorithm)
     return [_check(path, alg, size) for path, size in items]
 
 
 def _worker_main() -> None:
     """A checking worker process: batches on stdin, answers on stdout, until EOF."""
-    import signal
-
-    # The parent handles ^C and stops us; a traceback from here would be noise.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        try:
-            algorithm, items = workerproc.receive(inp)
-        except EOFError:
-            return
-        workerproc.write_message(out, _check_batch(items, algorithm))
+    workerproc.serve(_check_batch)
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
@@ -246,71 +234,9 @@ _Batch = list[tuple[int, bytes, int]]
 _LaneItem = tuple[int, _Wire] | BaseException | None
 
 
-class _Lane(threading.Thread):
-    """Feeds batches to one worker process and passes its answers on. If the worker
-    cannot be started or dies, the lane checks in-process from then on."""
-
-    def __init__(
-        self,
-        work: queue.SimpleQueue[_Batch | None],
-        out: queue.SimpleQueue[_LaneItem],
-        algorithm: str,
-        index: int,
-    ) -> None:
-        super().__init__(name=f"cfs-check-{index}", daemon=True)
-        self.work = work
-        self.out = out
-        self.algorithm = algorithm
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.use_proc = True
-        self.cancelled = False
-
-    def run(self) -> None:
-        try:
-            while (batch := self.work.get()) is not None:
-                if self.cancelled:
-                    continue
-                items = [(path, size) for _, path, size in batch]
-                results = self._remote(items) if self.use_proc else None
-                if results is None:
-                    results = _check_batch(items, self.algorithm)
-                for (index, _, _), result in zip(batch, results, strict=True):
-                    self.out.put((index, result))
-        except BaseException as exc:  # never die silently: the collector would wait forever
-            self.out.put(exc)
-        finally:
-            self.stop()
-            self.out.put(None)
-
-    def _remote(self, items: list[tuple[bytes, int]]) -> list[_Wire] | None:
-        try:
-            if self.proc is None:
-                self.proc = _start_worker()
-            assert self.proc.stdout is not None
-            workerproc.send(self.proc, (self.algorithm, items))
-            results: list[_Wire] = workerproc.receive(self.proc.stdout)
-            if len(results) != len(items):
-                raise ValueError("checking worker answered for a different number of files")
-            return results
-        except (OSError, EOFError, ValueError) as exc:
-            if not self.cancelled:
-                log.info("checking in-process from now on: %s", exc)
-            self.use_proc = False
-            self.stop()
-            return None
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            workerproc.stop(proc, kill=self.cancelled, timeout=10)
-
-
 def default_workers() -> int:
     """Checking processes by default: one per CPU this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
+    return workerproc.cpus()
 
 
 def check_files(
@@ -336,8 +262,7 @@ def check_files(
             on_result(i, check_file(path, algorithm, size))
         return
     order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
-    work: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
-    out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
+    batches: list[_Batch] = []
     batch: _Batch = []
     batch_cost = 0
     for i in order:
@@ -345,16 +270,38 @@ def check_files(
         batch.append((i, path, size))
         batch_cost += max(size, 0) + _FILE_COST_BYTES
         if batch_cost >= _BATCH_COST:
-            work.put(batch)
+            batches.append(batch)
             batch, batch_cost = [], 0
     if batch:
-        work.put(batch)
-    lanes = [_Lane(work, out, algorithm.value, i) for i in range(min(n, len(files)))]
-    for lane in lanes:
-        work.put(None)
-        lane.start()
+        batches.append(batch)
+    out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
+    alg = algorithm.value
+
+    def done(batch: _Batch, results: list[_Wire]) -> None:
+        for (index, _, _), result in zip(batch, results, strict=True):
+            out.put((index, result))
+
+    # If a worker cannot be started or dies, its lane checks in-process from then on.
+    lanes: workerproc.Pool[_Batch, tuple[str, list[tuple[bytes, int]]], _Wire]
+    lanes = workerproc.Pool(
+        "cfs-check",
+        min(n, len(files)),
+        request=lambda batch: (alg, [(path, size) for _, path, size in batch]),
+        local=lambda: contextlib.nullcontext(_check_batch),
+        done=done,
+        fail=out.put,
+        finished=lambda: out.put(None),
+        start=_start_worker,
+        exact=True,
+        note="checking",
+    )
+    lanes.processes = True
+    for batch in batches:
+        lanes.put(batch)
+    lanes.close()
+    lanes.start()
     error: BaseException | None = None
-    running = len(lanes)
+    running = len(lanes.lanes)
     try:
         while running:
             item = out.get()
@@ -367,13 +314,7 @@ def check_files(
     finally:
         if running:
             # Leaving early (the callback raised, or ^C): stop the workers now.
-            for lane in lanes:
-                lane.cancelled = True
-                proc = lane.proc
-                if proc is not None:
-                    proc.kill()
-            for lane in lanes:
-                lane.join()
+            lanes.abort()
     if error is not None:
         raise error
 

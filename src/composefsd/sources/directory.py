@@ -26,7 +26,7 @@ that holds still:
 * Files are hashed while the tree is still being scanned, in ``threads`` lanes:
   in-process for small trees, in worker processes once a scan has queued
   ``_PROCESS_MIN_BYTES`` (per-block fs-verity hashing is GIL-bound in threads;
-  see :class:`_HashLane`). C scans first, then hashes. Copying into the store
+  see :class:`_Pipeline`). C scans first, then hashes. Copying into the store
   starts once every digest is known, by ``threads`` threads, as in C; a failed
   scan or digest leaves the store untouched, also as in C.
 * ``--skip-devices`` decides by the ``lstat`` mode where C looks at readdir's
@@ -50,25 +50,24 @@ option every path is its own inode with ``nlink`` 1, exactly as C does it.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import errno
 import logging
 import os
 import queue
-import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from composefsd import workerproc
+from composefsd.credentials import Credentials
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
-from composefsd.kernel.files import set_pipe_size
 from composefsd.objectlayout import join_store_path, object_payload
+from composefsd.sources.base import ImportTask, SourceTree
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.sources.objcopy import CopyState, store_object
 
@@ -81,6 +80,7 @@ __all__ = [
     "fill_digest_store",
     "scan_directory",
     "scan_source",
+    "source_tree",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ _BATCH_FILES = 256
 _BATCH_BYTES = 32 << 20
 _BATCH_PATH_BYTES = 128 << 10
 _PIPE_SIZE = 1 << 20
-# From this much queued data on, hashing moves to worker processes (see _HashLane).
+# From this much queued data on, hashing moves to worker processes (see _Pipeline).
 _PROCESS_MIN_BYTES = 128 << 20
 
 Progress = Callable[["ScanProgress"], None]
@@ -184,10 +184,7 @@ class SourceScan:
 
 def default_threads() -> int:
     """C's default ``--threads``: the CPUs in this process's affinity mask."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
+    return workerproc.cpus()
 
 
 def _error(kind: str, path: bytes | None, err: int | None) -> ScanError:
@@ -566,6 +563,8 @@ def _read_all(fd: int) -> bytes:
 _HashResult = tuple[bytes | None, bytes | None, bool] | int | tuple[int, bytes, str]
 #: A file to hash: (path relative to the source, lstat size, key).
 _HashItem = tuple[bytes, int, FileKey]
+#: A batch to hash: :func:`_hash_batch`'s arguments.
+_HashRequest = tuple[list[_HashItem], bool, bool, "bytes | None", int, bytes]
 
 
 def _hash_one(
@@ -626,114 +625,11 @@ def _hash_batch(
     return out
 
 
-class _HashLane(threading.Thread):
-    """One of the pipeline's hashing threads, optionally driving one worker process.
-
-    fs-verity hashes every 4 KiB block with its own hashlib call, so hashing threads
-    spend most of their time holding the GIL and several of them do not add up to
-    more than one CPU. Once the scan has queued ``_PROCESS_MIN_BYTES`` of data, each
-    lane starts a worker process (:mod:`composefsd.workerproc`, batches over a pipe
-    in ``marshal`` format) and only relays batches to it, keeping
-    two in flight so that the worker never waits for this thread to get the GIL. If a
-    worker cannot be started or dies, the lane hashes in-process from then on.
-    """
-
-    def __init__(self, pipeline: _Pipeline, index: int) -> None:
-        super().__init__(name=f"cfs-hash-{index}", daemon=True)
-        self.pipeline = pipeline
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.use_proc = True
-        self.depth = 1
-
-    def run(self) -> None:
-        pipe = self.pipeline
-        get = pipe.work.get
-        inflight: collections.deque[list[_Item]] = collections.deque()
-        eof = False
-        try:
-            while True:
-                while not eof and len(inflight) < self.depth:
-                    try:
-                        batch = get(block=not inflight)
-                    except queue.Empty:
-                        break
-                    if batch is None:
-                        eof = True
-                    elif pipe.cancelled or pipe.digest_error is not None:
-                        continue
-                    elif self.use_proc and pipe.processes_wanted and self._send(batch):
-                        inflight.append(batch)
-                    else:
-                        self._local([*inflight, batch])
-                        inflight.clear()
-                if inflight:
-                    results = self._receive()
-                    if results is None:
-                        self._local(list(inflight))
-                        inflight.clear()
-                    else:
-                        pipe.done(inflight.popleft(), results)
-                elif eof:
-                    return
-        except BaseException as exc:  # never die silently: it would hang finish()
-            pipe.fail(exc)
-        finally:
-            self.stop()
-
-    def _local(self, batches: list[list[_Item]]) -> None:
-        pipe = self.pipeline
-        for batch in batches:
-            if pipe.cancelled or pipe.digest_error is not None:
-                return
-            pipe.done(batch, _hash_batch(*pipe.request(batch)))
-
-    def _send(self, batch: list[_Item]) -> bool:
-        pipe = self.pipeline
-        try:
-            if self.proc is None:
-                self.proc = _start_worker(pipe.root_fd)
-                self.depth = 2 if _widen_pipes(self.proc) else 1
-            workerproc.send(self.proc, pipe.request(batch))
-            return True
-        except (OSError, ValueError) as exc:
-            self._give_up(exc)
-            return False
-
-    def _receive(self) -> list[_HashResult] | None:
-        try:
-            assert self.proc is not None and self.proc.stdout is not None
-            results: list[_HashResult] = workerproc.receive(self.proc.stdout)
-            return results
-        except (OSError, EOFError, ValueError, AssertionError) as exc:
-            self._give_up(exc)
-            return None
-
-    def _give_up(self, exc: BaseException) -> None:
-        if not self.pipeline.cancelled:
-            log.info("hashing in-process from now on: %s", exc)
-        self.use_proc = False
-        self.stop()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            workerproc.stop(proc, kill=self.pipeline.cancelled, timeout=10)
-
-
-def _widen_pipes(proc: subprocess.Popen[bytes]) -> bool:
-    """Give both pipes room for two requests and two replies, or say it is not possible.
-
-    With two batches in flight, this lane writes the next request while the worker
-    writes a reply; if neither pipe could hold a whole message, both would block.
-    """
-    try:
-        for f in (proc.stdin, proc.stdout):
-            assert f is not None
-            if set_pipe_size(f.fileno(), _PIPE_SIZE) < _PIPE_SIZE:
-                return False
-    except OSError:
-        return False
-    return True
+def _hash_request(
+    request: _HashRequest,
+) -> list[_HashResult]:
+    """:func:`_hash_batch` of a request (:meth:`_Pipeline.request`), in a lane or a worker."""
+    return _hash_batch(*request)
 
 
 def _start_worker(root_fd: int) -> subprocess.Popen[bytes]:
@@ -742,15 +638,7 @@ def _start_worker(root_fd: int) -> subprocess.Popen[bytes]:
 
 def _worker_main() -> None:
     """The worker process: hash batches from stdin, answer on stdout, until EOF."""
-    # The parent handles ^C and stops us; a traceback from here would only be noise.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        try:
-            request = workerproc.receive(inp)
-        except EOFError:
-            return
-        workerproc.write_message(out, _hash_batch(*request))
+    workerproc.serve(_hash_request)
 
 
 #: A file queued for hashing: (path relative to the source, node, key); key None for
@@ -762,7 +650,7 @@ class _Pipeline:
     """Hash files in batches while the tree is still being scanned, then copy the ones to
     store with ``threads`` copying threads.
 
-    Hashing runs in ``threads`` lanes (:class:`_HashLane`), in-process for small
+    Hashing runs in ``threads`` lanes (:class:`composefsd.workerproc.Pool`), in-process for small
     trees and in worker processes for large ones. Every file is opened beneath
     ``root_fd`` (:mod:`composefsd.sources.beneath`); ``display`` is the source as named,
     for messages.
@@ -801,10 +689,8 @@ class _Pipeline:
         self.store_error: ScanError | None = None
         self.internal_error: BaseException | None = None
         self.cancelled = False
-        self.processes_wanted = False
         self.copy_state = CopyState()
         self.claimed: dict[bytes, object] = {}
-        self.work: queue.SimpleQueue[list[_Item] | None] = queue.SimpleQueue()
         self.copy_queue: queue.SimpleQueue[tuple[bytes, FileKey | None, bytes] | None] = (
             queue.SimpleQueue()
         )
@@ -813,7 +699,25 @@ class _Pipeline:
         self._batch_bytes = 0
         self._batch_path_bytes = 0
         self._queued_bytes = 0
-        self._lanes: list[_HashLane] = []
+        # fs-verity hashes every 4 KiB block with its own hashlib call, so hashing
+        # threads spend most of their time holding the GIL and several of them do not
+        # add up to more than one CPU. Once the scan has queued _PROCESS_MIN_BYTES of
+        # data, each lane relays batches to a worker process instead, two in flight so
+        # that the worker never waits for its lane to get the GIL. A worker that cannot
+        # be started or dies leaves its lane hashing in-process.
+        self.lanes: workerproc.Pool[list[_Item], _HashRequest, _HashResult] = workerproc.Pool(
+            "cfs-hash",
+            self.threads,
+            request=self.request,
+            local=lambda: contextlib.nullcontext(_hash_request),
+            done=self.done,
+            fail=self.fail,
+            start=lambda: _start_worker(self.root_fd),
+            skip=self._hashing_stopped,
+            depth=2,
+            pipe_size=_PIPE_SIZE,
+            note="hashing",
+        )
         self._copiers: list[threading.Thread] = []
         self.stored = [0] * self.threads
 
@@ -838,9 +742,7 @@ class _Pipeline:
         ):
             self._submit()
 
-    def request(
-        self, batch: list[_Item]
-    ) -> tuple[list[_HashItem], bool, bool, bytes | None, int, bytes]:
+    def request(self, batch: list[_Item]) -> _HashRequest:
         """The arguments of :func:`_hash_batch` for ``batch`` (also a worker's request)."""
         items: list[_HashItem] = []
         for rel, node, key in batch:
@@ -851,17 +753,16 @@ class _Pipeline:
     def _submit(self) -> None:
         batch, size = self._batch, self._batch_bytes
         self._batch, self._batch_bytes, self._batch_path_bytes = [], 0, 0
-        if not batch or self.cancelled or self.digest_error is not None:
+        if not batch or self._hashing_stopped():
             return
-        if not self._lanes:
-            for i in range(self.threads):
-                lane = _HashLane(self, i)
-                lane.start()
-                self._lanes.append(lane)
+        self.lanes.start()
         self._queued_bytes += size
         if self.threads > 1 and self._queued_bytes >= _PROCESS_MIN_BYTES:
-            self.processes_wanted = True
-        self.work.put(batch)
+            self.lanes.processes = True
+        self.lanes.put(batch)
+
+    def _hashing_stopped(self) -> bool:
+        return self.cancelled or self.digest_error is not None
 
     def done(self, batch: list[_Item], results: list[_HashResult]) -> None:
         """Apply a batch's results to its nodes (called from the lanes)."""
@@ -979,9 +880,8 @@ class _Pipeline:
         """The scan is complete: hash the rest, copy, and raise the first error, if any."""
         try:
             self._submit()
-            for _ in self._lanes:
-                self.work.put(None)
-            self._join(self._lanes, "digest")
+            self.lanes.close()
+            self._join(self.lanes.lanes, "digest")
             # Copy only now, as C does: copying while hashing was measured to slow both
             # down (file creation and fsync contend with the hashers for the CPUs).
             if self.internal_error is None and self.digest_error is None:
@@ -1011,16 +911,13 @@ class _Pipeline:
     def abort(self) -> None:
         """Stop every worker without doing more work; used when the scan failed."""
         self.cancelled = True
-        for lane in self._lanes:
-            proc = lane.proc
-            if proc is not None:
-                proc.kill()
-        for _ in self._lanes:
-            self.work.put(None)
+        self.lanes.cancel()
+        self.lanes.close()
         for _ in self._copiers:
             self.copy_queue.put(None)
-        for t in (*self._lanes, *self._copiers):
-            t.join()
+        for t in (*self.lanes.lanes, *self._copiers):
+            if t.is_alive():
+                t.join()
 
 
 def scan_directory(
@@ -1130,6 +1027,23 @@ def scan_source(
     if progress is not None:
         progress(ScanProgress("scan", walker.entries))
     return result
+
+
+def source_tree(
+    scan: SourceScan, fd: int, display: bytes, credentials: Credentials | None = None
+) -> SourceTree:
+    """The :class:`~composefsd.sources.base.SourceTree` of a scan of the directory open
+    at ``fd``: every regular file with data is imported (hardlinked inodes once),
+    those of at most 64 bytes to be inlined."""
+    imports: list[ImportTask] = []
+    nodes: list[Node] = []
+    for rel, node, key in scan.files:
+        inline = node.size <= RECOMMENDED_INLINE_CONTENT_MAX
+        imports.append(ImportTask(rel, node.size, None, inline, False, key))
+        nodes.append(node)
+    return SourceTree(
+        scan.root, fd, display, imports, nodes, credentials, scan.regular_files, scan.entries
+    )
 
 
 def _open_for_reading(src: bytes) -> int:
