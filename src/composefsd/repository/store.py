@@ -84,7 +84,7 @@ from composefsd.repository.errors import (
     os_error_text,
 )
 from composefsd.repository.meta import VerityPolicy
-from composefsd.sources.objcopy import CopyState, copy_fd_data
+from composefsd.sources.objcopy import CopyState, copy_fd_data, write_all
 
 __all__ = [
     "COPY_BUFSIZE",
@@ -121,15 +121,6 @@ _WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 def random_name(prefix: str) -> str:
     """``prefix`` plus 12 random letters and digits."""
     return prefix + os.urandom(12).translate(_NAME_TABLE).decode()
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[written:]
 
 
 @dataclass(slots=True, frozen=True)
@@ -339,7 +330,7 @@ class ObjectStore:
         tmp = self._new_tmp()
         try:
             try:
-                _write_all(tmp.fd, b"composefsd verity probe\n")
+                write_all(tmp.fd, b"composefsd verity probe\n")
                 tmp.seal()
             except OSError as exc:
                 raise self._repo_error(exc, "write a test file") from exc
@@ -479,18 +470,22 @@ class ObjectStore:
         return ObjectResult(digest.hex(), False, bool(verity), size)
 
     # -- publishing -----------------------------------------------------------------------
+    def _seal(self, tmp: TmpFile) -> None:
+        """Give a written object its mode, its data to the disk if asked, and seal it."""
+        try:
+            os.fchmod(tmp.fd, OBJECT_MODE)
+            if self.fsync_each:
+                os.fsync(tmp.fd)
+            tmp.seal()
+        except OSError as exc:
+            raise self._repo_error(exc, "write an object") from exc
+
     def _publish(self, tmp: TmpFile, digest: bytes, size: int, replace: bool) -> ObjectResult:
         """Seal, verity, link. ``tmp`` is consumed (closed) whatever happens."""
         rel = self.rel(digest)
         holder = [tmp]
         try:
-            try:
-                os.fchmod(tmp.fd, OBJECT_MODE)
-                if self.fsync_each:
-                    os.fsync(tmp.fd)
-                tmp.seal()
-            except OSError as exc:
-                raise self._repo_error(exc, "write an object") from exc
+            self._seal(tmp)
             verity = self._wants_verity() and self._verity_new(holder, digest)
             tmp = holder[-1]
             try:
@@ -537,12 +532,9 @@ class ObjectStore:
                 holder.append(fresh)
                 try:
                     self._copy(tmp.fd, fresh)
-                    os.fchmod(fresh.fd, OBJECT_MODE)
-                    if self.fsync_each:
-                        os.fsync(fresh.fd)
-                    fresh.seal()
                 except OSError as exc:
                     raise self._repo_error(exc, "write an object") from exc
+                self._seal(fresh)
                 continue
             measured = measure_verity(tmp.fd, self.algorithm)
             if measured != digest:
@@ -562,7 +554,7 @@ class ObjectStore:
             return found
         tmp = self._new_tmp()
         try:
-            _write_all(tmp.fd, data)
+            write_all(tmp.fd, data)
         except OSError as exc:
             tmp.close()
             raise self._repo_error(exc, "write an object") from exc
@@ -618,7 +610,7 @@ class ObjectStore:
                 chunk = view[:got]
                 hasher.update(chunk)
                 try:
-                    _write_all(tmp.fd, chunk)
+                    write_all(tmp.fd, chunk)
                 except OSError as exc:
                     raise self._repo_error(exc, "write an object") from exc
                 offset += got

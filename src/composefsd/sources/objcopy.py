@@ -29,6 +29,7 @@ __all__ = [
     "copy_fd_data",
     "mkdir_parents",
     "store_object",
+    "write_all",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,18 +124,20 @@ def _mkostemp(template_prefix: bytes) -> tuple[bytes, int]:
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), template_prefix)
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of ``data`` to ``fd``, however many writes it takes."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            # A regular file never legitimately accepts zero bytes.
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
 def _copy_classic(src_fd: int, dst_fd: int) -> None:
-    while True:
-        chunk = os.read(src_fd, _CLASSIC_BUFSIZE)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            written = os.write(dst_fd, view)
-            if written <= 0:
-                # A regular file never legitimately accepts zero bytes.
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[written:]
+    while chunk := os.read(src_fd, _CLASSIC_BUFSIZE):
+        write_all(dst_fd, chunk)
 
 
 def _copy_range(src_fd: int, dst_fd: int, size: int) -> None:
