@@ -29,7 +29,6 @@ average, since other jobs on the machine skew single runs.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import resource
@@ -41,8 +40,7 @@ import time
 from pathlib import Path
 
 from _common import reference_bin, warm_cache
-
-FICLONE = 0x40049409
+from composefsd.kernel.files import clone_file
 
 CHILD = r"""
 import json, sys, time
@@ -88,7 +86,7 @@ def fs_facts(workdir: Path) -> str:
         a.write(b"x" * 8192)
         a.flush()
         try:
-            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+            clone_file(a.fileno(), b.fileno())
             reflink = "yes"
         except OSError as exc:
             reflink = f"no ({exc.strerror})"

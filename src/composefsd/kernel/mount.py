@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
+from composefsd.image.format import BLOCK_SIZE
 from composefsd.image.reader import ImageFormatError, ImageSuperblock, read_superblock
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, list_composefs_mounts
 from composefsd.kernel.syscalls import (
@@ -573,7 +574,7 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
         if not stat.S_ISREG(st.st_mode):
             raise MountError(errno.EINVAL, f"image {label} is not a regular file")
         try:
-            head = os.pread(image_fd, 4096, 0)
+            head = os.pread(image_fd, BLOCK_SIZE, 0)
         except OSError as e:
             raise MountError(
                 e.errno or errno.EIO, f"cannot read image {label}: {e.strerror}"

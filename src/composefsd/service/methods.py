@@ -60,6 +60,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
+from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
 from composefsd.kernel.repomount import mount_repository_image, repository_mounts
@@ -96,7 +97,6 @@ log = logging.getLogger(__name__)
 INTERFACE = "io.composefs.Repository"
 _INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
 _EXPECTED_MORE = "org.varlink.service.ExpectedMore"
-_VERSION_MAX = 1
 
 
 def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
@@ -366,9 +366,9 @@ class RepositoryInterface:
             source_path = _absolute(source_path, "sourcePath")
         lo = 0 if min_version is None else min_version
         hi = 1 if max_version is None else max_version
-        if not 0 <= lo <= _VERSION_MAX:
+        if not 0 <= lo <= VERSION_MAX:
             raise _invalid("minVersion")
-        if not 0 <= hi <= _VERSION_MAX:
+        if not 0 <= hi <= VERSION_MAX:
             raise _invalid("maxVersion")
         if _bool(skip_xattrs) and _bool(user_xattrs):
             raise _invalid("userXattrs")
