@@ -37,7 +37,7 @@ changes meanwhile cannot lead the import outside it.
 
 A tree scanned elsewhere, with somebody else's rights (the service scans a
 caller's tree as the caller), is imported by :func:`create_from_scan`: its
-files are opened with those rights (:class:`ScannedSource`).
+files are opened with those rights (``SourceTree.credentials``).
 
 Every source becomes a :class:`~composefsd.sources.base.SourceTree` (a directory
 through :func:`composefsd.sources.directory.source_tree`, a dumpfile through
@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composefsd.credentials import Credentials
 from composefsd.dirs import make_dirs
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import Node, gc_paused
@@ -113,7 +112,6 @@ __all__ = [
     "CreateResult",
     "ImageDetails",
     "ImageEntry",
-    "ScannedSource",
     "create_from_directory",
     "create_from_dumpfile",
     "create_from_scan",
@@ -201,21 +199,6 @@ class Added:
     objects: list[str] = field(default_factory=list)
     #: The ``images/<hex>`` link it created, if it did (not one that was there).
     image_link: str | None = None
-
-
-@dataclass(slots=True)
-class ScannedSource:
-    """A source tree already scanned, to import with :func:`create_from_scan`.
-
-    ``fd`` is the source directory (open; not closed here): its files are read
-    beneath it. ``display`` names it in messages; ``credentials`` are the rights
-    its files are opened with (None: this process's own).
-    """
-
-    scan: SourceScan
-    fd: int
-    display: bytes
-    credentials: Credentials | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -697,18 +680,18 @@ def create_from_directory(
 
 def create_from_scan(
     repo: Repository,
-    source: ScannedSource,
+    tree: SourceTree,
     options: CreateOptions,
     ref: str | None,
     progress: ProgressCallback | None,
 ) -> CreateResult:
-    """CreateImage from a tree scanned already (:class:`ScannedSource`); its files
-    are opened with ``source.credentials``'s rights. No digest cache is used: it
+    """CreateImage from a tree scanned already (a directory's
+    :class:`~composefsd.sources.base.SourceTree`); its files are opened with
+    ``tree.credentials``'s rights. No digest cache is used: it
     would skip opening files, and opening them is what proves the rights."""
     ref_name = normalize_ref(ref) if ref is not None else None
     repo.ensure_writable()
     added = Added()
-    tree = source_tree(source.scan, source.fd, source.display, source.credentials)
     with _creating(repo, added) as (lock, store):
         return _create(repo, store, lock, tree, options, ref_name, progress, None, added)
 

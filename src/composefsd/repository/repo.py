@@ -48,7 +48,6 @@ from composefsd.repository.images import (
     CreateResult,
     ImageDetails,
     ImageEntry,
-    ScannedSource,
     create_from_directory,
     create_from_dumpfile,
     create_from_scan,
@@ -62,6 +61,7 @@ from composefsd.repository.locking import reader_lock
 from composefsd.repository.meta import META_JSON, RepoMetadata, VerityPolicy, parse_algorithm
 from composefsd.repository.progress import ProgressCallback
 from composefsd.repository.store import ObjectStore, PublishState, TmpFile
+from composefsd.sources.base import SourceTree
 
 if TYPE_CHECKING:
     from composefsd.repository.fsck import FsckReport
@@ -354,15 +354,15 @@ class Repository:
 
     def create_image_from_scan(
         self,
-        source: ScannedSource,
+        tree: SourceTree,
         *,
         options: CreateOptions | None = None,
         ref: str | None = None,
         progress: ProgressCallback | None = None,
     ) -> CreateResult:
         """As :meth:`create_image`, for a tree scanned already, whose files are opened
-        with ``source.credentials``'s rights (:func:`create_from_scan`)."""
-        return create_from_scan(self, source, options or CreateOptions(), ref, progress)
+        with ``tree.credentials``'s rights (:func:`create_from_scan`)."""
+        return create_from_scan(self, tree, options or CreateOptions(), ref, progress)
 
     def create_image_from_dumpfile(
         self,

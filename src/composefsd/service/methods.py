@@ -447,7 +447,7 @@ class RepositoryInterface:
                 scanned, options=options, ref=ref, progress=report
             )
         finally:
-            os.close(scanned.fd)
+            os.close(scanned.source_fd)
 
     # -- Verify -----------------------------------------------------------------------------
     def Verify(self, image: str | None, *, _request: CallContext) -> dict[str, Any]:

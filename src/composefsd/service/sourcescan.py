@@ -44,13 +44,13 @@ from composefsd.credentials import Credentials, CredentialsError, drop_to
 from composefsd.image.tree import Node, gc_paused
 from composefsd.repository import CreateOptions, Progress, SourceError
 from composefsd.repository.images import (
-    ScannedSource,
     open_source_directory,
     scan_options,
     scan_source_directory,
 )
 from composefsd.service.fds import close_all, receive_fds
-from composefsd.sources.directory import ScanOptions, SourceScan
+from composefsd.sources.base import SourceTree
+from composefsd.sources.directory import ScanOptions, SourceScan, source_tree
 
 __all__ = ["decode_scan", "encode_scan", "scan_as"]
 
@@ -140,10 +140,11 @@ def scan_as(
     options: CreateOptions,
     progress: Callable[[Progress], None] | None = None,
     max_entries: int | None = None,
-) -> ScannedSource:
+) -> SourceTree:
     """Scan the caller's source (``path``, or the directory ``fd`` it passed, which
     is not closed) with ``credentials``' rights (module notes). The returned
-    :class:`ScannedSource` holds the source directory's fd; the caller closes it.
+    :class:`~composefsd.sources.base.SourceTree` holds the source directory's fd
+    (``source_fd``); the caller closes it.
 
     ``progress`` gets ``scan`` reports and may raise (a cancelled call): the worker
     is then killed. Raises :class:`SourceError` for what the caller's rights do not
@@ -208,7 +209,7 @@ def scan_as(
                     raise SourceError(str(exc)) from exc
                 keep, root_fd = root_fd, -1
                 done = True
-                return ScannedSource(scan, keep, display, credentials)
+                return source_tree(scan, keep, display, credentials)
             else:
                 raise SourceError(f"the scan worker sent {kind!r}")
     finally:
