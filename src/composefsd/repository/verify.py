@@ -261,19 +261,6 @@ def check_files(
         for i, (path, size) in enumerate(files):
             on_result(i, check_file(path, algorithm, size))
         return
-    order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
-    batches: list[_Batch] = []
-    batch: _Batch = []
-    batch_cost = 0
-    for i in order:
-        path, size = files[i]
-        batch.append((i, path, size))
-        batch_cost += max(size, 0) + _FILE_COST_BYTES
-        if batch_cost >= _BATCH_COST:
-            batches.append(batch)
-            batch, batch_cost = [], 0
-    if batch:
-        batches.append(batch)
     out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
     alg = algorithm.value
 
@@ -296,7 +283,17 @@ def check_files(
         note="checking",
     )
     lanes.processes = True
-    for batch in batches:
+    order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
+    batch: _Batch = []
+    batch_cost = 0
+    for i in order:
+        path, size = files[i]
+        batch.append((i, path, size))
+        batch_cost += max(size, 0) + _FILE_COST_BYTES
+        if batch_cost >= _BATCH_COST:
+            lanes.put(batch)
+            batch, batch_cost = [], 0
+    if batch:
         lanes.put(batch)
     lanes.close()
     lanes.start()
