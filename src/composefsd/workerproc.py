@@ -297,10 +297,6 @@ class Pool(Generic[BatchT, RequestT, ResultT]):
             for lane in self.lanes:
                 lane.start()
 
-    @property
-    def started(self) -> bool:
-        return self._started
-
     def join(self, interval: float | None = None, tick: Callable[[], None] | None = None) -> None:
         """Wait for every lane to end, calling ``tick`` every ``interval`` seconds."""
         for lane in self.lanes:
