@@ -39,6 +39,7 @@ from composefsd.image.format import (
     COMPACT_INODE_READ,
     COMPOSEFS_MAGIC,
     COMPOSEFS_VERSION,
+    COMPOSEFS_VERSION_V2,
     DIRENT_READ,
     EROFS_MAGIC,
     EXTENDED_INODE_READ,
@@ -95,8 +96,6 @@ _DROPPED = frozenset(
     (b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts")
 )
 _DIGEST_XATTR_SIZE = 4 + 32
-#: composefs_version of composefs-rs's V2, the first format whose whiteouts are not escaped.
-_FIRST_UNESCAPED_VERSION = 2
 _NAME_CACHE_MAX = 65536
 
 
@@ -256,6 +255,14 @@ def read_image(
             errno.EINVAL, f"image is {size} bytes, smaller than one {BLOCK_SIZE}-byte block"
         )
     header = read_header(data)
+    if not c_quirks:
+        # A repository's image is whole: no block short or past what the superblock says.
+        read_superblock(data[:BLOCK_SIZE], size)
+    if not c_quirks and header.composefs_version > COMPOSEFS_VERSION_V2:
+        # C never looks at it; composefs-rs refuses a format it does not know.
+        raise ImageFormatError(
+            errno.ENOTSUP, f"unknown composefs image format version {header.composefs_version}"
+        )
     sb = _unpack_super(data)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
     build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
@@ -276,7 +283,7 @@ def read_image(
     if not c_quirks:
         # Only V2 stores whiteouts as themselves; in V0/V1 the 0/0 devices are
         # the writer's 00..ff overlay stubs, never part of the tree.
-        reader.keep_whiteouts = header.composefs_version >= _FIRST_UNESCAPED_VERSION
+        reader.keep_whiteouts = header.composefs_version == COMPOSEFS_VERSION_V2
         reader.exact = True
     # The tree is hundreds of thousands of acyclic objects; letting the cyclic
     # collector rescan them on every allocation burst costs a third of the time.
