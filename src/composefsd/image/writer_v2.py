@@ -53,6 +53,7 @@ from .format import (
     XATTR_FILTER_SEED,
     XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
+    XATTR_SHARED_REF,
     metacopy_value,
 )
 from .tree import S_IFMT, VALID_FILE_TYPES, Node, TreeError, gc_paused
@@ -80,6 +81,7 @@ _MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
 _MAX_SHARED_REFS = 0xFF
 _XATTR_NAME_MAX = 0xFF
 _XATTR_VALUE_MAX = 0xFFFF
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4
 _EXTERNAL_TAIL = b"\xff\xff\xff\xff"  # the one chunk index: "no block" (a hole)
 
 _OVERLAY_PREFIX = b"trusted.overlay."
@@ -247,6 +249,10 @@ def _write(root: Node) -> bytes:
     layouts = [0] * count
     sizes = [0] * count
     xsizes = [0] * count
+    # Per inode with xattrs: (name filter, shared references, the inline entries).
+    xareas: dict[int, tuple[int, list[int], bytes]] = {}
+    filter_cache: dict[tuple[tuple[int, bytes], ...], int] = {}
+    heads: dict[tuple[int, bytes, int], bytes] = {}
     dir_blocks: dict[int, list[tuple[int, int]]] = {}
     dir_inline: dict[int, tuple[int, int]] = {}
     n_blocks = [0] * count
@@ -257,12 +263,33 @@ def _write(root: Node) -> bytes:
         xs = all_xattrs[i]
         xsz = 0
         if xs:
-            n_shared = sum(1 for x in xs if x in shared_rel)
-            if n_shared > _MAX_SHARED_REFS:
-                raise WriteError(errno.E2BIG, f"{n_shared} shared xattrs on one inode")
-            xsz = 12 + 4 * n_shared + sum(_entry_size(x) for x in xs if x not in shared_rel)
+            refs: list[int] = []
+            parts: list[bytes] = []
+            for x in xs:
+                rel = shared_rel.get(x)
+                if rel is not None:
+                    refs.append(rel)
+                    continue
+                index, suffix, value = x
+                head = heads.get((index, suffix, len(value)))
+                if head is None:
+                    head = XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix
+                    heads[(index, suffix, len(value))] = head
+                parts += (head, value, _PADS[(len(head) + len(value)) & 3])
+            if len(refs) > _MAX_SHARED_REFS:
+                raise WriteError(errno.E2BIG, f"{len(refs)} shared xattrs on one inode")
+            local = b"".join(parts)
+            xsz = 12 + 4 * len(refs) + len(local)
             if xsz > _MAX_XATTR_AREA:
                 raise WriteError(errno.E2BIG, "xattrs too large for one inode")
+            keys = tuple([(x[0], x[1]) for x in xs])
+            name_filter = filter_cache.get(keys)
+            if name_filter is None:
+                bits = 0
+                for index, suffix in keys:
+                    bits |= 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & 31)
+                name_filter = filter_cache[keys] = ~bits & _U32
+            xareas[i] = (name_filter, refs, local)
         xsizes[i] = xsz
         inline = 0
         layout = LAYOUT_FLAT_PLAIN
@@ -423,21 +450,13 @@ def _write(root: Node) -> bytes:
         )
         off += _INODE_SIZE
         if xsz:
-            xs = all_xattrs[i]
-            bits = 0
-            for x in xs:
-                bits |= 1 << (xxh32(x[1], XATTR_FILTER_SEED + x[0]) & 31)
-            refs = [(inodes_end + shared_rel[x]) // 4 for x in xs if x in shared_rel]
-            XATTR_IBODY_HEADER.pack_into(buf, off, ~bits & _U32, len(refs))
+            name_filter, refs, local = xareas[i]
+            XATTR_IBODY_HEADER.pack_into(buf, off, name_filter, len(refs))
             p = off + 12
-            for r in refs:
-                buf[p : p + 4] = r.to_bytes(4, "little")
+            for rel in refs:
+                XATTR_SHARED_REF.pack_into(buf, p, (inodes_end + rel) // 4)
                 p += 4
-            for x in xs:
-                if x not in shared_rel:
-                    raw = _pack_entry(x)
-                    buf[p : p + len(raw)] = raw
-                    p += len(raw)
+            buf[p : p + len(local)] = local
             off += xsz
         if mode == _S_IFDIR:
             entry = dirs[i]
