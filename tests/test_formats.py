@@ -347,8 +347,13 @@ def test_v2_bad_offsets() -> None:
     far = bytearray(data)
     for k in range(n_dirents):
         struct.pack_into("<Q", far, dirents + 12 * k, 1 << 40)
+    slash = bytearray(data)
+    offsets = [struct.unpack_from("<H", data, dirents + 12 * k + 8)[0] for k in range(n_dirents)]
+    first = next(k for k in range(n_dirents) if offsets[k + 1] - offsets[k] > 2)
+    slash[dirents + offsets[first]] = ord("/")  # the first name that is not . or ..
     cases = {
         "entries naming inodes past the end": bytes(far),
+        "a name with a slash": bytes(slash),
         "root nid past the end": patched(SUPERBLOCK_OFFSET + 14, "<H", 0xFFFF),
         "root nid into the header": patched(SUPERBLOCK_OFFSET + 14, "<H", 0),
         "xattr block past the end": patched(SUPERBLOCK_OFFSET + 44, "<I", 1 << 30),

@@ -437,6 +437,11 @@ class _Reader:
                     raise ImageFormatError(
                         errno.EINVAL, f"empty name for inode {nid} in a directory"
                     )
+                if self.exact and b"/" in name:
+                    # C takes it as it is; a repository's tree never has such a name.
+                    raise ImageFormatError(
+                        errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'"
+                    )
                 if len(name) > _NAME_MAX:
                     raise ImageFormatError(
                         errno.ENAMETOOLONG,
