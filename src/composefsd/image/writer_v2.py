@@ -120,10 +120,25 @@ class _Inodes:
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []
-        #: Entries naming each inode (its nlink for a leaf).
+        #: Each inode's nlink: entries naming it for a leaf, 2 + subdirectories for a
+        #: directory.
         self.links: list[int] = []
         #: Per inode: (sorted names, the inode index each names), or None for a leaf.
         self.dirs: list[tuple[list[bytes], list[int]] | None] = []
+
+
+def _resolve(entry: Node) -> Node:
+    try:
+        return entry.target()
+    except TreeError as e:
+        raise WriteError(errno.ELOOP, str(e)) from None
+
+
+def _check_names(names: list[bytes]) -> None:
+    joined = b"".join(names)
+    if b"/" in joined or b"\0" in joined or not all(names) or max(map(len, names)) > 255:
+        bad = next(n for n in names if not n or b"/" in n or b"\0" in n or len(n) > 255)
+        raise WriteError(errno.EINVAL, f"invalid directory entry name {bad!r}")
 
 
 def _collect(root: Node) -> _Inodes:
@@ -133,23 +148,21 @@ def _collect(root: Node) -> _Inodes:
     out = _Inodes()
     nodes, links, dirs = out.nodes, out.links, out.dirs
     index_of: dict[int, int] = {}
-    # Directories whose entries still need their inode indexes: (dir index, node).
-    pending: list[tuple[int, Node]] = []
-    # Popped in depth-first pre-order, each directory before its entries.
-    stack: list[Node] = [root]
+    parents: list[int] = []
+    # Per directory: its index, sorted names, and the inode each names (None for . and ..).
+    pending: list[tuple[int, list[bytes], list[Node | None]]] = []
+    # (inode, parent index), popped in depth-first pre-order: a directory, then
+    # each entry's subtree in name order.
+    stack: list[tuple[Node, int]] = [(root, 0)]
     while stack:
-        entry = stack.pop()
-        try:
-            node = entry.target()
-        except TreeError as e:
-            raise WriteError(errno.ELOOP, str(e)) from None
+        node, parent = stack.pop()
+        mode = node.mode & S_IFMT
         seen = index_of.get(id(node))
         if seen is not None:
-            if node.mode & S_IFMT == _S_IFDIR:
+            if mode == _S_IFDIR:
                 raise WriteError(errno.EINVAL, "a directory is in the tree twice")
             links[seen] += 1
             continue
-        mode = node.mode & S_IFMT
         if mode not in VALID_FILE_TYPES:
             raise WriteError(errno.EINVAL, f"invalid file type in mode {node.mode:o}")
         i = len(nodes)
@@ -157,33 +170,36 @@ def _collect(root: Node) -> _Inodes:
         nodes.append(node)
         links.append(1)
         dirs.append(None)
+        parents.append(parent)
         if mode == _S_IFDIR:
             children = node.children or {}
             if b"." in children or b".." in children:
                 raise WriteError(errno.EINVAL, "a directory entry may not be named . or ..")
-            for name in children:
-                if not name or b"/" in name or b"\0" in name or len(name) > 255:
-                    raise WriteError(errno.EINVAL, f"invalid directory entry name {name!r}")
-            pending.append((i, node))
-            stack.extend(children[n] for n in sorted(children, reverse=True))
+            names = [*children, b".", b".."]
+            names.sort()
+            _check_names(names)
+            resolved: list[Node | None] = []
+            for name in names:
+                child = children.get(name)
+                if child is not None and child.link_to is not None:
+                    child = _resolve(child)
+                resolved.append(child)
+            pending.append((i, names, resolved))
+            stack.extend((c, i) for c in reversed(resolved) if c is not None)
         elif node.children:
             raise WriteError(errno.EINVAL, "a non-directory has children")
-    parents: dict[int, int] = {0: 0}
-    for i, node in pending:
-        children = node.children or {}
-        for child in children.values():
-            target = child.target()
-            if target.mode & S_IFMT == _S_IFDIR:
-                parents[index_of[id(target)]] = i
-    for i, node in pending:
-        children = node.children or {}
-        names = [*children, b".", b".."]
-        names.sort()
-        targets = [
-            i if n == b"." else parents[i] if n == b".." else index_of[id(children[n].target())]
-            for n in names
-        ]
+    for i, names, resolved in pending:
+        targets: list[int] = []
+        subdirs = 0
+        for name, child in zip(names, resolved, strict=True):
+            if child is None:
+                targets.append(i if name == b"." else parents[i])
+            else:
+                targets.append(index_of[id(child)])
+                if child.mode & S_IFMT == _S_IFDIR:
+                    subdirs += 1
         dirs[i] = (names, targets)
+        links[i] = 2 + subdirs
     return out
 
 
@@ -446,7 +462,7 @@ def _write(root: Node) -> bytes:
             node.gid & _U32,
             node.mtime_sec & _U64,
             0,
-            links[i] if mode != _S_IFDIR else 2 + _subdirs(dirs[i], nodes),
+            links[i],
         )
         off += _INODE_SIZE
         if xsz:
@@ -476,14 +492,3 @@ def _write(root: Node) -> bytes:
         elif layout == LAYOUT_CHUNK_BASED and node.digest is not None:
             buf[off : off + 4] = _EXTERNAL_TAIL
     return bytes(buf)
-
-
-def _subdirs(entry: tuple[list[bytes], list[int]] | None, nodes: list[Node]) -> int:
-    """Subdirectory entries of a directory (its nlink beyond . and ..)."""
-    assert entry is not None
-    names, targets = entry
-    return sum(
-        1
-        for name, t in zip(names, targets, strict=True)
-        if name != b"." and name != b".." and nodes[t].mode & S_IFMT == _S_IFDIR
-    )
