@@ -20,6 +20,7 @@ __all__ = [
     "COMPOSEFS_VERSION",
     "COMPOSEFS_VERSION_V2",
     "DIRENT_FIELDS",
+    "DIRENT_FILE_TYPES",
     "DIRENT_READ",
     "DIRENT_SIZE",
     "EROFS_MAGIC",
@@ -121,6 +122,8 @@ XATTR_PREFIXES = (
 # -- directory entries ------------------------------------------------------------------
 
 DIRENT_SIZE = 12
+#: An entry's ``file_type`` by the file's ``S_IF*`` type >> 12.
+DIRENT_FILE_TYPES = {0o10: 1, 0o04: 2, 0o02: 3, 0o06: 4, 0o01: 5, 0o14: 6, 0o12: 7}
 #: One entry's fields for a struct format: nid, nameoff, file_type, reserved.
 DIRENT_FIELDS = "QHBx"
 #: One entry as the reader needs it: nid, nameoff.

@@ -241,11 +241,14 @@ def read_image(
     """Load an image into a tree; ``filters`` keeps only these top-level names.
 
     With ``c_quirks`` (the C tools ``composefs-info`` and ``composefs-dump``) the
-    tree is what C libcomposefs 1.0.8 reads. Without, it is what the image holds,
-    for a repository and for writing the image again in its own format:
-    composefs-rs's V2 whiteouts (character devices 0/0, not escaped in V2) are
-    kept, a sha512 ``metacopy`` digest is read (C knows only sha256) and the
-    redirect is read exactly.
+    tree is what C libcomposefs 1.0.8 reads. Without, it is the tree that was
+    written, as composefs-rs reads it, for a repository and for writing the image
+    again in any format (:mod:`composefsd.image.formats`): V2's whiteouts
+    (character devices 0/0, not escaped in V2) are kept, a sha512 ``metacopy``
+    digest is read (C knows only sha256), the redirect is read exactly, the
+    ``opaque`` marks V1 adds to directories holding whiteouts are dropped; and an
+    image whose size is not its superblock's, whose ``composefs_version`` is above
+    2 or that has a name holding ``/`` is refused.
 
     Raises :class:`ImageFormatError` for anything C would reject and for anything
     that is out of bounds or inconsistent.
@@ -258,13 +261,14 @@ def read_image(
         )
     header = read_header(data)
     if not c_quirks:
-        # A repository's image is whole: no block short or past what the superblock says.
+        # C checks neither; a repository's image is whole (no block short or past
+        # what the superblock says) and in a format composefs-rs knows.
         read_superblock(data[:BLOCK_SIZE], size)
-    if not c_quirks and header.composefs_version > COMPOSEFS_VERSION_V2:
-        # C never looks at it; composefs-rs refuses a format it does not know.
-        raise ImageFormatError(
-            errno.ENOTSUP, f"unknown composefs image format version {header.composefs_version}"
-        )
+        if header.composefs_version > COMPOSEFS_VERSION_V2:
+            raise ImageFormatError(
+                errno.ENOTSUP,
+                f"unknown composefs image format version {header.composefs_version}",
+            )
     sb = _unpack_super(data)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
     build_time, build_time_nsec = sb.build_time, sb.build_time_nsec

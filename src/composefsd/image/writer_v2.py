@@ -26,6 +26,7 @@ laid out first (positions only) and then packed into one pre-zeroed buffer.
 from __future__ import annotations
 
 import errno
+import stat
 import struct
 
 from .format import (
@@ -35,6 +36,7 @@ from .format import (
     COMPOSEFS_VERSION,
     COMPOSEFS_VERSION_V2,
     DIRENT_FIELDS,
+    DIRENT_FILE_TYPES,
     DIRENT_SIZE,
     EROFS_MAGIC,
     EXTENDED_INODE,
@@ -62,13 +64,11 @@ from .xxhash import xxh32
 
 __all__ = ["write_image_v2"]
 
-_S_IFLNK = 0o120000
-_S_IFREG = 0o100000
-_S_IFBLK = 0o060000
-_S_IFDIR = 0o040000
-_S_IFCHR = 0o020000
-# EROFS dirent file types by S_IF* >> 12.
-_FILE_TYPE = {0o14: 6, 0o12: 7, 0o10: 1, 0o06: 4, 0o04: 2, 0o02: 3, 0o01: 5}
+_S_IFLNK = stat.S_IFLNK
+_S_IFREG = stat.S_IFREG
+_S_IFBLK = stat.S_IFBLK
+_S_IFDIR = stat.S_IFDIR
+_S_IFCHR = stat.S_IFCHR
 
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
@@ -414,7 +414,7 @@ def _write(root: Node) -> bytes:
         entry_bytes = _pack_entry(x)
         buf[off : off + len(entry_bytes)] = entry_bytes
 
-    ftype_of = [_FILE_TYPE[(n.mode & S_IFMT) >> 12] for n in nodes]
+    ftype_of = [DIRENT_FILE_TYPES[(n.mode & S_IFMT) >> 12] for n in nodes]
     packers: dict[int, struct.Struct] = {}
 
     def put_dirents(where: int, names: list[bytes], targets: list[int]) -> None:
