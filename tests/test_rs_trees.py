@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import marshal
 import os
 import subprocess
 import sys
@@ -305,3 +306,17 @@ def test_rs_style_inline_files_carry_no_digest(tmp_path: Path) -> None:
     assert rs[b"small"].payload is None
     assert c[b"small"].content == b"tiny" and c[b"small"].digest is not None
     assert rs[b"big"].digest == c[b"big"].digest is not None
+
+
+def test_scan_options_cross_to_a_worker_process_intact() -> None:
+
+    for options in (
+        ScanOptions(),
+        ScanOptions(True, True, False, True, 3, False, False, True, ReadStyle.COMPOSEFS_RS),
+    ):
+        wire = marshal.loads(marshal.dumps(options.to_wire()))
+        assert ScanOptions.from_wire(wire) == options
+    with pytest.raises(ValueError):
+        ScanOptions.from_wire(ScanOptions().to_wire()[:-1])
+    with pytest.raises(ValueError):
+        ScanOptions.from_wire((*ScanOptions().to_wire()[:-1], "no-such-style"))
