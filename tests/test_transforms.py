@@ -400,3 +400,8 @@ def test_a_reader_returning_too_much_is_refused() -> None:
 def test_selabel_reports_whether_a_policy_applied() -> None:
     assert selabel(rootfs(), read) is False
     assert selabel(with_policy(rootfs(), b"/.* a_t\n"), read) is True
+
+
+def test_names_in_messages_are_quoted_as_rust_debug_prints_them() -> None:
+    err = TransformError(TransformErrorKind.NOT_FOUND, b'a\xffb"\n')
+    assert str(err) == 'Directory entry "a\\xFFb\\"\\n" does not exist'
