@@ -28,7 +28,6 @@ fails, which also ends a scan stuck in a FUSE filesystem the caller mounted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import marshal
 import os
@@ -168,7 +167,7 @@ def scan_as(
                 os.fsencode(path) if path is not None else None,
                 fd,
                 pass_fds[0],
-                dataclasses.astuple(scan_options(options)),
+                scan_options(options).to_wire(),
                 max_entries,
                 display,
             ),
@@ -251,7 +250,7 @@ def _worker_main() -> None:
         os.close(fd)
     socket.send_fds(channel, [b"R"], [root_fd])
     send(("opened",))
-    options = ScanOptions(*options_wire)
+    options = ScanOptions.from_wire(options_wire)
 
     def report(p: Progress) -> None:
         send(("progress", p.done))
