@@ -44,6 +44,20 @@ through :func:`composefsd.sources.directory.source_tree`, a dumpfile through
 :func:`composefsd.sources.dumpfile.dumpfile_tree`), which one code path imports,
 writes and publishes (:func:`_create`).
 
+Formats
+-------
+
+A repository's images are written in its formats (``meta.json``'s
+``erofs_formats``, :class:`~composefsd.repository.meta.FormatConfig`), as
+composefs-rs's ``commit_images`` writes them: one image per format, each an
+object with its ``images/<hex>`` link, and only the default format's image named
+by the ref and returned as the result's digest; the others are listed in
+``CreateResult.extra_images`` and, like composefs-rs's, are anonymous (the next
+GC removes them unless they are pinned). ``CreateOptions.erofs_version`` writes
+one image in that format instead (cfsctl's ``--erofs-version``), and
+``min_version``/``max_version`` one in the C-compatible format C mkcomposefs picks
+in that range (V0 or V1).
+
 In a SHA-512 repository objects are named by their SHA-512 digests; the image
 writer only knows SHA-256 ``trusted.overlay.metacopy`` digests (C composefs
 format), so those images carry the redirect to the object but no per-file digest.
@@ -65,9 +79,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composefsd.dirs import make_dirs
+from composefsd.image.formats import ErofsVersion, image_version, write_format
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import Node, gc_paused
-from composefsd.image.writer import write_image
+from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
 from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
@@ -144,14 +159,20 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 @dataclass(slots=True, frozen=True)
 class CreateOptions:
-    """CreateImage options; the first six mirror C mkcomposefs's."""
+    """CreateImage options; the first six mirror C mkcomposefs's.
+
+    Which images are written (module notes, "Formats"): with ``min_version`` or
+    ``max_version``, one image in the C-compatible format C mkcomposefs picks in
+    that range (default 0..1); with ``erofs_version``, one image in that format;
+    with neither, one per format of the repository.
+    """
 
     use_epoch: bool = False
     skip_xattrs: bool = False
     user_xattrs: bool = False
     skip_devices: bool = False
-    min_version: int = 0
-    max_version: int = 1
+    min_version: int | None = None
+    max_version: int | None = None
     #: Paths of one inode become hardlinks in the image (C does not do this).
     preserve_hardlinks: bool = False
     #: Hashing and copying lanes; None: one per CPU this process may run on.
@@ -159,10 +180,20 @@ class CreateOptions:
     #: Reuse digests of unchanged files from the previous import of the same tree
     #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
+    #: Write one image in this format instead of the repository's formats.
+    erofs_version: ErofsVersion | None = None
 
     def __post_init__(self) -> None:
         if self.skip_xattrs and self.user_xattrs:
             raise ValueError("skip_xattrs and user_xattrs exclude each other")
+        if self.erofs_version is not None:
+            object.__setattr__(self, "erofs_version", ErofsVersion(self.erofs_version))
+            if self.min_version is not None or self.max_version is not None:
+                raise ValueError("erofs_version excludes min_version and max_version")
+        for name in ("min_version", "max_version"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= VERSION_MAX:
+                raise ValueError(f"{name} must be 0..{VERSION_MAX}, not {value}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
 
@@ -189,6 +220,11 @@ class CreateResult:
     image_written: bool = False
     image_size: int = 0
     entries: int = 0
+    #: The format of the image ``digest`` names.
+    erofs_version: ErofsVersion = ErofsVersion.V1
+    #: The images written beside it in the repository's extra formats (unnamed:
+    #: no ref names them, so the next GC removes them unless pinned).
+    extra_images: dict[ErofsVersion, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -197,8 +233,8 @@ class Added:
 
     #: Digests (hex) of the objects it wrote, the image object included.
     objects: list[str] = field(default_factory=list)
-    #: The ``images/<hex>`` link it created, if it did (not one that was there).
-    image_link: str | None = None
+    #: The ``images/<hex>`` links it created (not ones that were there).
+    image_links: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -519,14 +555,17 @@ def _finish(
     throttle("image", 0, None, force=True)
     try:
         with gc_paused():
-            image = write_image(
-                root, min_version=options.min_version, max_version=options.max_version
-            )
+            images = _write_images(repo, root, options)
     except OSError as exc:
         raise SourceError(f"cannot build the image: {os_error_text(exc)}", errno=exc.errno) from exc
-    image_result: ObjectResult = store.store_bytes(image)
-    if image_result.written:
-        added.objects.append(image_result.digest)
+    stored: list[tuple[ErofsVersion, ObjectResult]] = []
+    for version, data in images:
+        stored_image = store.store_bytes(data)
+        if stored_image.written:
+            added.objects.append(stored_image.digest)
+        stored.append((version, stored_image))
+    image_result = stored[0][1]
+    image = images[0][1]
     written: dict[bytes, int] = {}
     present: set[bytes] = set()
     bytes_total = 0
@@ -540,8 +579,7 @@ def _finish(
         if result.written:
             written[result.digest] = task.size
     rels = [object_relpath(d.hex()) for d in written]
-    if image_result.written:
-        rels.append(object_relpath(image_result.digest))
+    rels += [object_relpath(r.digest) for _v, r in stored if r.written]
     throttle("sync", 0, len(rels), force=True)
     try:
         sync_objects(repo.objects_dir, rels)
@@ -552,8 +590,11 @@ def _finish(
     throttle("publish", 0, None, force=True)
     hexdigest = image_result.digest
     try:
-        if _link_image(repo, hexdigest):
-            added.image_link = hexdigest
+        # The extra formats' images first: a published ref never names an image
+        # whose siblings are still missing.
+        for _version, stored_image in reversed(stored):
+            if _link_image(repo, stored_image.digest):
+                added.image_links.append(stored_image.digest)
         if ref is not None:
             _set_ref(repo, ref, hexdigest)
     except OSError as exc:
@@ -572,7 +613,25 @@ def _finish(
         image_written=image_result.written,
         image_size=len(image),
         entries=entries,
+        erofs_version=stored[0][0],
+        extra_images={v: r.digest for v, r in stored[1:]},
     )
+
+
+def _write_images(
+    repo: Repository, root: Node, options: CreateOptions
+) -> list[tuple[ErofsVersion, bytes]]:
+    """The images CreateImage writes (:class:`CreateOptions`), the named one first."""
+    if options.min_version is not None or options.max_version is not None:
+        lo = 0 if options.min_version is None else options.min_version
+        hi = 1 if options.max_version is None else options.max_version
+        data = write_image(root, min_version=lo, max_version=hi)
+        return [(image_version(data), data)]
+    if options.erofs_version is not None:
+        versions = [options.erofs_version]
+    else:
+        versions = list(repo.formats.versions())
+    return [(version, write_format(root, version)) for version in versions]
 
 
 _SOURCE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -724,10 +783,14 @@ def _undone_on_failure(repo: Repository, added: Added) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if not added.objects and added.image_link is None:
+        if not added.objects and not added.image_links:
             raise
         try:
-            removed = discard_added(repo, added.objects, since, added.image_link)
+            # One link per call: each goes unless a ref names its image.
+            for link in added.image_links[1:]:
+                discard_added(repo, (), since, link)
+            first = added.image_links[0] if added.image_links else None
+            removed = discard_added(repo, added.objects, since, first)
         except (RepositoryError, OSError) as cleanup:
             why = (
                 "other operations are using the repository"
