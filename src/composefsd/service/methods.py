@@ -60,6 +60,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
+from composefsd.image.formats import ErofsVersion
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
@@ -356,6 +357,9 @@ class RepositoryInterface:
         skip_devices: bool | None,
         min_version: int | None,
         max_version: int | None,
+        # Defaults for the fields added later, so that callers written before
+        # them (tests calling the method directly) keep working.
+        erofs_version: int | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -364,12 +368,18 @@ class RepositoryInterface:
             raise _invalid("sourcePath")
         if source_path is not None:
             source_path = _absolute(source_path, "sourcePath")
-        lo = 0 if min_version is None else min_version
-        hi = 1 if max_version is None else max_version
-        if not 0 <= lo <= VERSION_MAX:
+        if min_version is not None and not 0 <= min_version <= VERSION_MAX:
             raise _invalid("minVersion")
-        if not 0 <= hi <= VERSION_MAX:
+        if max_version is not None and not 0 <= max_version <= VERSION_MAX:
             raise _invalid("maxVersion")
+        version: ErofsVersion | None = None
+        if erofs_version is not None:
+            if min_version is not None or max_version is not None:
+                raise _invalid("erofsVersion")
+            try:
+                version = ErofsVersion(erofs_version)
+            except ValueError:
+                raise _invalid("erofsVersion") from None
         if _bool(skip_xattrs) and _bool(user_xattrs):
             raise _invalid("userXattrs")
         if ref is not None:
@@ -385,8 +395,9 @@ class RepositoryInterface:
             skip_xattrs=_bool(skip_xattrs),
             user_xattrs=_bool(user_xattrs),
             skip_devices=_bool(skip_devices),
-            min_version=lo,
-            max_version=hi,
+            min_version=min_version,
+            max_version=max_version,
+            erofs_version=version,
         )
         try:
             with self._reporter(ctx) as report, _mapped(image=ref, source_path=source_path):
@@ -405,6 +416,7 @@ class RepositoryInterface:
         )
         out: dict[str, Any] = {
             "digest": result.digest,
+            "erofsVersion": int(result.erofs_version),
             "files": result.files,
             "objectsWritten": result.objects_written,
             "objectsReused": result.objects_reused,
@@ -413,6 +425,10 @@ class RepositoryInterface:
         }
         if result.ref is not None:
             out["ref"] = result.ref
+        if result.extra_images:
+            out["extraImages"] = [
+                {"erofsVersion": int(v), "digest": d} for v, d in result.extra_images.items()
+            ]
         return out
 
     def _create(

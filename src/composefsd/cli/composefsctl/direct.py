@@ -58,8 +58,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
         path,
         algorithm=f"fsverity-{args.algorithm}-12",
         verity=VerityPolicy(args.verity),
+        erofs_version=args.erofs_version,
     )
-    output.say(f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: {repo.verity})")
+    output.say(
+        f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: "
+        f"{repo.verity}, images: V{int(repo.erofs_version)})"
+    )
     return 0
 
 
@@ -73,6 +77,7 @@ def _create_options(args: argparse.Namespace) -> CreateOptions:
             skip_devices=args.skip_devices,
             min_version=args.min_version,
             max_version=args.max_version,
+            erofs_version=args.erofs_version,
             preserve_hardlinks=args.preserve_hardlinks,
             threads=args.threads,
         )

@@ -90,10 +90,9 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
     _opt(params, "skipXattrs", args.skip_xattrs)
     _opt(params, "userXattrs", args.user_xattrs)
     _opt(params, "skipDevices", args.skip_devices)
-    if args.min_version != 0:
-        params["minVersion"] = args.min_version
-    if args.max_version != 1:
-        params["maxVersion"] = args.max_version
+    _opt(params, "minVersion", args.min_version)
+    _opt(params, "maxVersion", args.max_version)
+    _opt(params, "erofsVersion", args.erofs_version)
     printer = output.progress(args)
     result: Reply | None = None
     try:
@@ -111,6 +110,10 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
         "objects_reused": result.get("objectsReused", 0),
         "bytes_written": result.get("bytesWritten", 0),
         "verity_enabled": result.get("verityEnabled", False),
+        "erofs_version": result.get("erofsVersion"),
+        "extra_images": {
+            str(image["erofsVersion"]): image["digest"] for image in result.get("extraImages", [])
+        },
     }
     output.report_created(doc, args)
     return 0
