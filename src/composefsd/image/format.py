@@ -18,6 +18,7 @@ __all__ = [
     "COMPACT_INODE_READ",
     "COMPOSEFS_MAGIC",
     "COMPOSEFS_VERSION",
+    "COMPOSEFS_VERSION_V2",
     "DIRENT_FIELDS",
     "DIRENT_READ",
     "DIRENT_SIZE",
@@ -34,13 +35,17 @@ __all__ = [
     "LAYOUT_CHUNK_BASED",
     "LAYOUT_FLAT_INLINE",
     "LAYOUT_FLAT_PLAIN",
+    "METACOPY_ALGORITHMS",
     "SUPERBLOCK",
     "SUPERBLOCK_OFFSET",
     "SUPERBLOCK_SIZE",
+    "V2_CHUNK_FORMAT",
     "XATTR_ENTRY",
+    "XATTR_FILTER_SEED",
     "XATTR_IBODY_HEADER",
     "XATTR_PREFIXES",
     "XATTR_SHARED_REF",
+    "metacopy_value",
 ]
 
 # -- composefs header, at offset 0 -------------------------------------------------
@@ -48,6 +53,8 @@ __all__ = [
 COMPOSEFS_MAGIC = 0xD078629A
 #: The header's own version (``LCFS_EROFS_VERSION``), not the image format version.
 COMPOSEFS_VERSION = 1
+#: ``composefs_version`` of composefs-rs's V2 layout (C writes 0 or 1 there).
+COMPOSEFS_VERSION_V2 = 2
 HEADER_FLAG_HAS_ACL = 1
 HEADER_SIZE = 32
 #: magic, version, flags, composefs_version; the rest of the 32 bytes is reserved (0).
@@ -74,6 +81,8 @@ INODE_SLOT_SIZE = 1 << INODE_SLOT_BITS
 LAYOUT_FLAT_PLAIN = 0
 LAYOUT_FLAT_INLINE = 2
 LAYOUT_CHUNK_BASED = 4
+#: V2 writes every external file as one chunk: chunk bits 12 + 31, whatever the size.
+V2_CHUNK_FORMAT = 31
 #: i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_reserved, i_u, i_ino, i_uid,
 #: i_gid, i_reserved2 (32 bytes).
 COMPACT_INODE = struct.Struct("<HHHHIIIIHHI")
@@ -89,6 +98,8 @@ EXTENDED_INODE_READ = struct.Struct("<HHH2xQI4xIIqII16x")
 
 # -- xattrs ---------------------------------------------------------------------------
 
+#: Seed of the xattr name filter's hash (xxh32 of the suffix, seed + name index).
+XATTR_FILTER_SEED = 0x25BBE08F
 #: The inode's xattr area header: h_name_filter, h_shared_count, reserved (12 bytes).
 XATTR_IBODY_HEADER = struct.Struct("<IB7x")
 #: One entry of the shared xattr index array after that header: the entry's offset
@@ -114,3 +125,19 @@ DIRENT_SIZE = 12
 DIRENT_FIELDS = "QHBx"
 #: One entry as the reader needs it: nid, nameoff.
 DIRENT_READ = struct.Struct("<QH2x")
+
+# -- overlayfs metacopy xattr (struct ovl_metacopy) ----------------------------------
+
+#: The kernel's fs-verity algorithm number by digest size: sha256 (the only one C
+#: libcomposefs writes) and sha512 (composefs-rs repositories).
+METACOPY_ALGORITHMS = {32: 1, 64: 2}
+#: version (0), total length, flags (0), digest algorithm; the digest follows.
+_METACOPY_HEAD = struct.Struct("<BBBB")
+
+
+def metacopy_value(digest: bytes) -> bytes:
+    """``trusted.overlay.metacopy`` for a file whose fs-verity digest is ``digest``."""
+    algorithm = METACOPY_ALGORITHMS.get(len(digest))
+    if algorithm is None:
+        raise ValueError(f"no fs-verity algorithm has {len(digest)}-byte digests")
+    return _METACOPY_HEAD.pack(0, 4 + len(digest), 0, algorithm) + digest

@@ -39,6 +39,7 @@ from composefsd.image.format import (
     COMPACT_INODE_READ,
     COMPOSEFS_MAGIC,
     COMPOSEFS_VERSION,
+    COMPOSEFS_VERSION_V2,
     DIRENT_READ,
     EROFS_MAGIC,
     EXTENDED_INODE_READ,
@@ -48,6 +49,7 @@ from composefsd.image.format import (
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
+    METACOPY_ALGORITHMS,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
     XATTR_ENTRY,
@@ -232,8 +234,16 @@ def read_image(
     buf: bytes | bytearray | memoryview | mmap.mmap,
     *,
     filters: Sequence[bytes] | None = None,
+    c_quirks: bool = True,
 ) -> ImageInfo:
     """Load an image into a tree; ``filters`` keeps only these top-level names.
+
+    With ``c_quirks`` (the C tools ``composefs-info`` and ``composefs-dump``) the
+    tree is what C libcomposefs 1.0.8 reads. Without, it is what the image holds,
+    for a repository and for writing the image again in its own format:
+    composefs-rs's V2 whiteouts (character devices 0/0, not escaped in V2) are
+    kept, a sha512 ``metacopy`` digest is read (C knows only sha256) and the
+    redirect is read exactly.
 
     Raises :class:`ImageFormatError` for anything C would reject and for anything
     that is out of bounds or inconsistent.
@@ -245,6 +255,14 @@ def read_image(
             errno.EINVAL, f"image is {size} bytes, smaller than one {BLOCK_SIZE}-byte block"
         )
     header = read_header(data)
+    if not c_quirks:
+        # A repository's image is whole: no block short or past what the superblock says.
+        read_superblock(data[:BLOCK_SIZE], size)
+    if not c_quirks and header.composefs_version > COMPOSEFS_VERSION_V2:
+        # C never looks at it; composefs-rs refuses a format it does not know.
+        raise ImageFormatError(
+            errno.ENOTSUP, f"unknown composefs image format version {header.composefs_version}"
+        )
     sb = _unpack_super(data)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
     build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
@@ -262,6 +280,11 @@ def read_image(
     if build_time >= 1 << 63:
         build_time -= 1 << 64
     reader = _Reader(data, meta_start, xattr_start, build_time, build_time_nsec)
+    if not c_quirks:
+        # Only V2 stores whiteouts as themselves; in V0/V1 the 0/0 devices are
+        # the writer's 00..ff overlay stubs, never part of the tree.
+        reader.keep_whiteouts = header.composefs_version == COMPOSEFS_VERSION_V2
+        reader.exact = True
     # The tree is hundreds of thousands of acyclic objects; letting the cyclic
     # collector rescan them on every allocation burst costs a third of the time.
     gc_enabled = gc.isenabled()
@@ -306,6 +329,16 @@ def _cstr(b: bytes) -> bytes:
     return b if i < 0 else b[:i]
 
 
+def _metacopy_ok(value: bytes) -> bool:
+    """A well-formed ``ovl_metacopy`` carrying a digest of a known algorithm."""
+    size = len(value) - 4
+    return (
+        size in METACOPY_ALGORITHMS
+        and value[:3] == bytes((0, len(value), 0))
+        and value[3] == METACOPY_ALGORITHMS[size]
+    )
+
+
 class _Whiteout:
     """Marker in the nid map for an inode that is a real whiteout."""
 
@@ -326,7 +359,9 @@ class _Reader:
         "_size",
         "_stack",
         "_xattr_start",
+        "exact",
         "inodes_read",
+        "keep_whiteouts",
     )
 
     def __init__(
@@ -354,6 +389,8 @@ class _Reader:
         self._budget = 2 * self._size + 65536
         self._stack: list[tuple[dict[bytes, Node], Iterable[tuple[bytes, int]]]] = []
         self.inodes_read = 0
+        self.keep_whiteouts = False
+        self.exact = False
 
     def _spend(self, n: int, what: str) -> None:
         self._budget -= n
@@ -445,7 +482,7 @@ class _Reader:
             isize = 32
         ftype = mode & _S_IFMT
         rdev = i_u if ftype in (_S_IFCHR, _S_IFBLK) else 0
-        if ftype == _S_IFCHR and rdev == 0:
+        if ftype == _S_IFCHR and rdev == 0 and not self.keep_whiteouts:
             self._seen[nid] = _WHITEOUT
             return None
 
@@ -750,7 +787,11 @@ class _Reader:
                     self._set_xattr(node, index, nid, key, value)
             elif action == _ACT_REDIRECT:
                 value_size = len(value)
-                if value_size > 1 and value[0] == 0x2F:
+                if self.exact:
+                    node.payload = _cstr(
+                        value[1:] if value_size > 1 and value[0] == 0x2F else value
+                    )
+                elif value_size > 1 and value[0] == 0x2F:
                     # C bug: skips the '/' but grows the length, so strndup reads
                     # up to two bytes past the value.
                     start = value_start + 1
@@ -758,7 +799,7 @@ class _Reader:
                 else:
                     node.payload = _cstr(value)
             elif action == _ACT_METACOPY:
-                if len(value) == _DIGEST_XATTR_SIZE:
+                if len(value) == _DIGEST_XATTR_SIZE or (self.exact and _metacopy_ok(value)):
                     node.digest = value[4:]
             else:  # escaped whiteout on a regular file: it was a whiteout
                 node.mode = (node.mode & ~_S_IFMT) | _S_IFCHR

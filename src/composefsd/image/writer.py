@@ -45,9 +45,11 @@ from .format import (
     SUPERBLOCK_OFFSET,
     SUPERBLOCK_SIZE,
     XATTR_ENTRY,
+    XATTR_FILTER_SEED,
     XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
     XATTR_SHARED_REF,
+    metacopy_value,
 )
 from .tree import VALID_FILE_TYPES, Node, TreeError, gc_paused
 from .xxhash import xxh32
@@ -83,7 +85,7 @@ _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
 _FEATURE_COMPAT = FEATURE_COMPAT_MTIME | FEATURE_COMPAT_XATTR_FILTER
-_FILTER_SEED = 0x25BBE08F
+_FILTER_SEED = XATTR_FILTER_SEED
 
 # The inode's 16-bit xattr icount bounds its xattr area.
 _MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
@@ -102,7 +104,6 @@ _USER_WHITEOUTS = b"user.overlay.whiteouts"
 _USER_OPAQUE = b"user.overlay.opaque"
 _SELINUX = b"security.selinux"
 _ACL_KEYS = (b"system.posix_acl_access", b"system.posix_acl_default")
-_METACOPY_HEADER = b"\x00\x24\x00\x01"  # version 0, length 36, flags 0, sha256
 
 # (prefix, index) in the order C tries them: all but the whole name and lustre's.
 _XATTR_PREFIXES = tuple(
@@ -173,7 +174,7 @@ def _rewrite_xattrs(
     sets: list[tuple[bytes, bytes]] = []
     if external:
         digest = node.digest
-        sets.append((_METACOPY, _METACOPY_HEADER + digest if digest is not None else b""))
+        sets.append((_METACOPY, metacopy_value(digest) if digest is not None else b""))
         if node.payload:
             sets.append((_REDIRECT, b"/" + node.payload))
     if whiteout:
@@ -375,7 +376,7 @@ def _plan(root: Node, version: int) -> _Plan:
                     first_error = first_error or e
             else:
                 digest = node.digest
-                meta = (_METACOPY, _METACOPY_HEADER + digest if digest is not None else b"")
+                meta = (_METACOPY, metacopy_value(digest) if digest is not None else b"")
                 payload = node.payload
                 xattrs = [meta, (_REDIRECT, b"/" + payload)] if payload else [meta]
         else:

@@ -1,15 +1,470 @@
-"""EROFS image writer for composefs-rs's format V2 (its original layout)."""
+"""EROFS image writer for composefs-rs's format V2 (its original layout).
+
+Byte-identical to composefs-rs 0.9's ``mkfs_erofs_versioned(.., FormatVersion::V2)``.
+What sets V2 apart from the C layout (:mod:`composefsd.image.writer`):
+
+* inodes in depth-first pre-order (a directory, then each entry's subtree in
+  name order), every one an extended 64-byte inode whose ``i_ino`` is its nid
+  and whose ``mtime_nsec`` is 0;
+* no 00..ff whiteout stubs, no whiteout escaping, no root ``opaque`` mark: a
+  whiteout is stored as the character device 0/0 it is;
+* xattr prefixes include ``lustre.``; an inode's xattrs are its ``metacopy`` and
+  ``redirect`` then its own in name order; the shared table is ascending by
+  (prefix index, suffix, value) and referenced by absolute offset / 4
+  (``xattr_blkaddr`` is 0);
+* an external file is one chunk (chunk format 31) with one inline index, and
+  only when it has a digest; inline content is never split into blocks;
+* an inline tail that would cross a block boundary moves its inode to start
+  just past the boundary (the 32-byte slot after it), not to the boundary;
+* ``build_time`` 0, header flags 0, ``composefs_version`` 2;
+* a leaf's ``nlink`` is the number of entries naming it in the tree.
+
+Like the C-layout writer, the input tree is never modified, and the image is
+laid out first (positions only) and then packed into one pre-zeroed buffer.
+"""
 
 from __future__ import annotations
 
 import errno
+import struct
 
-from .tree import Node
+from .format import (
+    BLOCK_SIZE,
+    BLOCK_SIZE_BITS,
+    COMPOSEFS_MAGIC,
+    COMPOSEFS_VERSION,
+    COMPOSEFS_VERSION_V2,
+    DIRENT_FIELDS,
+    DIRENT_SIZE,
+    EROFS_MAGIC,
+    EXTENDED_INODE,
+    FEATURE_COMPAT_MTIME,
+    FEATURE_COMPAT_XATTR_FILTER,
+    HEADER,
+    INODE_SLOT_SIZE,
+    LAYOUT_CHUNK_BASED,
+    LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN,
+    SUPERBLOCK,
+    SUPERBLOCK_OFFSET,
+    SUPERBLOCK_SIZE,
+    V2_CHUNK_FORMAT,
+    XATTR_ENTRY,
+    XATTR_FILTER_SEED,
+    XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+    metacopy_value,
+)
+from .tree import S_IFMT, VALID_FILE_TYPES, Node, TreeError, gc_paused
 from .writer import WriteError
+from .xxhash import xxh32
 
 __all__ = ["write_image_v2"]
+
+_S_IFLNK = 0o120000
+_S_IFREG = 0o100000
+_S_IFBLK = 0o060000
+_S_IFDIR = 0o040000
+_S_IFCHR = 0o020000
+# EROFS dirent file types by S_IF* >> 12.
+_FILE_TYPE = {0o14: 6, 0o12: 7, 0o10: 1, 0o06: 4, 0o04: 2, 0o02: 3, 0o01: 5}
+
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+_INODE_SIZE = EXTENDED_INODE.size
+_INODES_START = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
+_HALF_BLOCK = BLOCK_SIZE // 2
+_FEATURE_COMPAT = FEATURE_COMPAT_MTIME | FEATURE_COMPAT_XATTR_FILTER
+# The 16-bit xattr icount bounds the area; the 8-bit shared count bounds its references.
+_MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
+_MAX_SHARED_REFS = 0xFF
+_XATTR_NAME_MAX = 0xFF
+_XATTR_VALUE_MAX = 0xFFFF
+_EXTERNAL_TAIL = b"\xff\xff\xff\xff"  # the one chunk index: "no block" (a hole)
+
+_OVERLAY_PREFIX = b"trusted.overlay."
+_OVERLAY_ESCAPED_PREFIX = b"trusted.overlay.overlay."
+_METACOPY = b"trusted.overlay.metacopy"
+_REDIRECT = b"trusted.overlay.redirect"
+
+# (prefix, index) from the last to the first, as composefs-rs tries them; the
+# whole-name index 0 is the fallback.
+_PREFIXES = tuple((p, i) for i, p in reversed(list(enumerate(XATTR_PREFIXES))) if p)
+
+#: One xattr as stored: (name index, suffix, value).
+_XAttr = tuple[int, bytes, bytes]
+
+
+def _encode_key(key: bytes) -> tuple[int, bytes]:
+    for prefix, index in _PREFIXES:
+        if key.startswith(prefix):
+            return index, key[len(prefix) :]
+    return 0, key
+
+
+def _entry_size(x: _XAttr) -> int:
+    return (4 + len(x[1]) + len(x[2]) + 3) & ~3
+
+
+def _pack_entry(x: _XAttr) -> bytes:
+    raw = XATTR_ENTRY.pack(len(x[1]), x[0], len(x[2])) + x[1] + x[2]
+    return raw + b"\0" * (-len(raw) & 3)
+
+
+class _Inodes:
+    """Per-inode facts in depth-first order, as parallel lists."""
+
+    __slots__ = ("dirs", "links", "nodes")
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        #: Entries naming each inode (its nlink for a leaf).
+        self.links: list[int] = []
+        #: Per inode: (sorted names, the inode index each names), or None for a leaf.
+        self.dirs: list[tuple[list[bytes], list[int]] | None] = []
+
+
+def _collect(root: Node) -> _Inodes:
+    """The inodes in composefs-rs's depth-first order, with every check it makes."""
+    if root.mode & S_IFMT != _S_IFDIR or root.children is None:
+        raise WriteError(errno.ENOTDIR, "root is not a directory")
+    out = _Inodes()
+    nodes, links, dirs = out.nodes, out.links, out.dirs
+    index_of: dict[int, int] = {}
+    # Directories whose entries still need their inode indexes: (dir index, node).
+    pending: list[tuple[int, Node]] = []
+    # Popped in depth-first pre-order, each directory before its entries.
+    stack: list[Node] = [root]
+    while stack:
+        entry = stack.pop()
+        try:
+            node = entry.target()
+        except TreeError as e:
+            raise WriteError(errno.ELOOP, str(e)) from None
+        seen = index_of.get(id(node))
+        if seen is not None:
+            if node.mode & S_IFMT == _S_IFDIR:
+                raise WriteError(errno.EINVAL, "a directory is in the tree twice")
+            links[seen] += 1
+            continue
+        mode = node.mode & S_IFMT
+        if mode not in VALID_FILE_TYPES:
+            raise WriteError(errno.EINVAL, f"invalid file type in mode {node.mode:o}")
+        i = len(nodes)
+        index_of[id(node)] = i
+        nodes.append(node)
+        links.append(1)
+        dirs.append(None)
+        if mode == _S_IFDIR:
+            children = node.children or {}
+            if b"." in children or b".." in children:
+                raise WriteError(errno.EINVAL, "a directory entry may not be named . or ..")
+            for name in children:
+                if not name or b"/" in name or b"\0" in name or len(name) > 255:
+                    raise WriteError(errno.EINVAL, f"invalid directory entry name {name!r}")
+            pending.append((i, node))
+            stack.extend(children[n] for n in sorted(children, reverse=True))
+        elif node.children:
+            raise WriteError(errno.EINVAL, "a non-directory has children")
+    parents: dict[int, int] = {0: 0}
+    for i, node in pending:
+        children = node.children or {}
+        for child in children.values():
+            target = child.target()
+            if target.mode & S_IFMT == _S_IFDIR:
+                parents[index_of[id(target)]] = i
+    for i, node in pending:
+        children = node.children or {}
+        names = [*children, b".", b".."]
+        names.sort()
+        targets = [
+            i if n == b"." else parents[i] if n == b".." else index_of[id(children[n].target())]
+            for n in names
+        ]
+        dirs[i] = (names, targets)
+    return out
+
+
+def _xattrs(node: Node) -> list[_XAttr]:
+    """The inode's xattrs in composefs-rs's order, before sharing."""
+    out: list[_XAttr] = []
+    if node.mode & S_IFMT == _S_IFREG and node.size > 0 and node.content is None:
+        digest = node.digest
+        if digest is not None:
+            try:
+                out.append((4, _METACOPY[8:], metacopy_value(digest)))
+            except ValueError as e:
+                raise WriteError(errno.EINVAL, str(e)) from None
+        else:
+            out.append((4, _METACOPY[8:], b""))
+        if node.payload:
+            out.append((4, _REDIRECT[8:], b"/" + node.payload))
+    for key, value in sorted(node.xattrs):
+        if key.startswith(_OVERLAY_PREFIX):
+            key = _OVERLAY_ESCAPED_PREFIX + key[len(_OVERLAY_PREFIX) :]
+        index, suffix = _encode_key(key)
+        if not suffix and not index:
+            raise WriteError(errno.EINVAL, "empty xattr name")
+        if len(suffix) > _XATTR_NAME_MAX:
+            raise WriteError(errno.ERANGE, f"xattr name {key!r} is too long")
+        if len(value) > _XATTR_VALUE_MAX:
+            raise WriteError(errno.E2BIG, f"xattr {key!r} value of {len(value)} bytes")
+        out.append((index, suffix, value))
+    return out
 
 
 def write_image_v2(root: Node) -> bytes:
     """Serialise ``root`` in format V2; raises :class:`WriteError`."""
-    raise WriteError(errno.ENOTSUP, "format V2 is not written yet")
+    with gc_paused():
+        return _write(root)
+
+
+def _write(root: Node) -> bytes:
+    inodes = _collect(root)
+    nodes = inodes.nodes
+    links = inodes.links
+    dirs = inodes.dirs
+    count = len(nodes)
+
+    # -- xattrs and their sharing --------------------------------------------------
+    all_xattrs = [_xattrs(n) if n.xattrs or n.mode & S_IFMT == _S_IFREG else [] for n in nodes]
+    uses: dict[_XAttr, int] = {}
+    for xs in all_xattrs:
+        for x in xs:
+            uses[x] = uses.get(x, 0) + 1
+    shared = sorted(x for x, n in uses.items() if n > 1)
+    shared_rel: dict[_XAttr, int] = {}
+    offset = 0
+    for x in shared:
+        shared_rel[x] = offset
+        offset += _entry_size(x)
+    shared_size = offset
+
+    # -- layout ----------------------------------------------------------------------
+    # Per inode: position, layout, size, i_u (without block address), xattr
+    # area size, inline bytes, and for directories the per-block entry ranges.
+    positions = [0] * count
+    layouts = [0] * count
+    sizes = [0] * count
+    xsizes = [0] * count
+    dir_blocks: dict[int, list[tuple[int, int]]] = {}
+    dir_inline: dict[int, tuple[int, int]] = {}
+    n_blocks = [0] * count
+    pos = _INODES_START
+    for i in range(count):
+        node = nodes[i]
+        mode = node.mode & S_IFMT
+        xs = all_xattrs[i]
+        xsz = 0
+        if xs:
+            n_shared = sum(1 for x in xs if x in shared_rel)
+            if n_shared > _MAX_SHARED_REFS:
+                raise WriteError(errno.E2BIG, f"{n_shared} shared xattrs on one inode")
+            xsz = 12 + 4 * n_shared + sum(_entry_size(x) for x in xs if x not in shared_rel)
+            if xsz > _MAX_XATTR_AREA:
+                raise WriteError(errno.E2BIG, "xattrs too large for one inode")
+        xsizes[i] = xsz
+        inline = 0
+        layout = LAYOUT_FLAT_PLAIN
+        if mode == _S_IFDIR:
+            entry = dirs[i]
+            assert entry is not None
+            names = entry[0]
+            ranges: list[tuple[int, int]] = []
+            start = 0
+            used = 0
+            for k, name in enumerate(names):
+                length = DIRENT_SIZE + len(name)
+                if used + length > BLOCK_SIZE:
+                    ranges.append((start, k))
+                    start, used = k, 0
+                used += length
+            if used > _HALF_BLOCK:
+                ranges.append((start, len(names)))
+                start, used = len(names), 0
+            dir_blocks[i] = ranges
+            n_blocks[i] = len(ranges)
+            size = BLOCK_SIZE * len(ranges) + used
+            if start < len(names):
+                dir_inline[i] = (start, len(names))
+                inline = used
+                layout = LAYOUT_FLAT_INLINE
+        elif mode == _S_IFREG:
+            size = node.size
+            if size and node.content is None:
+                layout = LAYOUT_CHUNK_BASED
+                if node.digest is not None:
+                    inline = 4
+            elif size:
+                content = node.content or b""
+                if len(content) != size:
+                    raise WriteError(
+                        errno.EINVAL, f"inline content of {len(content)} bytes for size {size}"
+                    )
+                inline = size
+                layout = LAYOUT_FLAT_INLINE
+        elif mode == _S_IFLNK:
+            if not node.payload:
+                raise WriteError(errno.EINVAL, "symlink without a target")
+            size = inline = len(node.payload)
+            layout = LAYOUT_FLAT_INLINE
+        else:
+            size = 0
+            if mode in (_S_IFCHR, _S_IFBLK):
+                if node.rdev > _U32:
+                    raise WriteError(errno.EOVERFLOW, f"device number {node.rdev} exceeds 32 bits")
+                if node.rdev == 0 and mode == _S_IFCHR and links[i] > 1:
+                    raise WriteError(errno.EINVAL, "a whiteout is hardlinked")
+        if size > _U64:
+            raise WriteError(errno.EFBIG, f"file size {size} exceeds 64 bits")
+        sizes[i] = size
+        layouts[i] = layout
+
+        pos = (pos + INODE_SLOT_SIZE - 1) & ~(INODE_SLOT_SIZE - 1)
+        if layout == LAYOUT_FLAT_INLINE:
+            # Measured from the last metadata byte to one past the tail, so a
+            # tail ending exactly on a boundary moves the inode too.
+            inline_start = pos + _INODE_SIZE + xsz
+            last_meta = inline_start - 1
+            if last_meta // BLOCK_SIZE != (inline_start + size % BLOCK_SIZE) // BLOCK_SIZE:
+                pos += BLOCK_SIZE - last_meta % BLOCK_SIZE
+                pos = (pos + INODE_SLOT_SIZE - 1) & ~(INODE_SLOT_SIZE - 1)
+            # Only the inline data must stay in one block (the inode may straddle).
+            at = pos + _INODE_SIZE + xsz
+            if inline and at // BLOCK_SIZE != (at + inline - 1) // BLOCK_SIZE:
+                raise WriteError(errno.EFBIG, f"inline data of {inline} bytes cannot fit a block")
+        positions[i] = pos
+        pos += _INODE_SIZE + xsz + inline
+    inodes_end = (pos + INODE_SLOT_SIZE - 1) & ~(INODE_SLOT_SIZE - 1)
+    data_start = (inodes_end + shared_size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
+    first_block = [0] * count
+    block = data_start // BLOCK_SIZE
+    for i in range(count):
+        first_block[i] = block
+        block += n_blocks[i]
+    image_size = block * BLOCK_SIZE
+    if block > _U32:
+        raise WriteError(errno.EFBIG, "image exceeds 2^32 blocks")
+
+    # -- emit --------------------------------------------------------------------------
+    buf = bytearray(image_size)
+    HEADER.pack_into(buf, 0, COMPOSEFS_MAGIC, COMPOSEFS_VERSION, 0, COMPOSEFS_VERSION_V2)
+    nid_of = [p // INODE_SLOT_SIZE for p in positions]
+    SUPERBLOCK.pack_into(
+        buf,
+        SUPERBLOCK_OFFSET,
+        EROFS_MAGIC,
+        0,
+        _FEATURE_COMPAT,
+        BLOCK_SIZE_BITS,
+        0,
+        nid_of[0] & 0xFFFF,
+        count,
+        0,
+        0,
+        block,
+        0,
+        0,
+    )
+    for x in shared:
+        off = inodes_end + shared_rel[x]
+        entry_bytes = _pack_entry(x)
+        buf[off : off + len(entry_bytes)] = entry_bytes
+
+    ftype_of = [_FILE_TYPE[(n.mode & S_IFMT) >> 12] for n in nodes]
+    packers: dict[int, struct.Struct] = {}
+
+    def put_dirents(where: int, names: list[bytes], targets: list[int]) -> None:
+        n = len(names)
+        packer = packers.get(n)
+        if packer is None:
+            packer = packers[n] = struct.Struct("<" + DIRENT_FIELDS * n)
+        fields: list[int] = []
+        nameoff = DIRENT_SIZE * n
+        for name, t in zip(names, targets, strict=True):
+            fields += (nid_of[t], nameoff, ftype_of[t])
+            nameoff += len(name)
+        packer.pack_into(buf, where, *fields)
+        joined = b"".join(names)
+        where += DIRENT_SIZE * n
+        buf[where : where + len(joined)] = joined
+
+    for i in range(count):
+        node = nodes[i]
+        mode = node.mode & S_IFMT
+        off = positions[i]
+        layout = layouts[i]
+        size = sizes[i]
+        i_u = 0
+        if mode == _S_IFDIR:
+            if n_blocks[i]:
+                i_u = first_block[i]
+        elif layout == LAYOUT_CHUNK_BASED:
+            i_u = V2_CHUNK_FORMAT
+        elif mode == _S_IFCHR or mode == _S_IFBLK:
+            i_u = node.rdev
+        xsz = xsizes[i]
+        icount = (xsz - 12) // 4 + 1 if xsz else 0
+        EXTENDED_INODE.pack_into(
+            buf,
+            off,
+            layout << 1 | 1,
+            icount,
+            node.mode & 0xFFFF,
+            0,
+            size,
+            i_u,
+            nid_of[i] & _U32,
+            node.uid & _U32,
+            node.gid & _U32,
+            node.mtime_sec & _U64,
+            0,
+            links[i] if mode != _S_IFDIR else 2 + _subdirs(dirs[i], nodes),
+        )
+        off += _INODE_SIZE
+        if xsz:
+            xs = all_xattrs[i]
+            bits = 0
+            for x in xs:
+                bits |= 1 << (xxh32(x[1], XATTR_FILTER_SEED + x[0]) & 31)
+            refs = [(inodes_end + shared_rel[x]) // 4 for x in xs if x in shared_rel]
+            XATTR_IBODY_HEADER.pack_into(buf, off, ~bits & _U32, len(refs))
+            p = off + 12
+            for r in refs:
+                buf[p : p + 4] = r.to_bytes(4, "little")
+                p += 4
+            for x in xs:
+                if x not in shared_rel:
+                    raw = _pack_entry(x)
+                    buf[p : p + len(raw)] = raw
+                    p += len(raw)
+            off += xsz
+        if mode == _S_IFDIR:
+            entry = dirs[i]
+            assert entry is not None
+            names, targets = entry
+            for b, (a, z) in enumerate(dir_blocks[i]):
+                put_dirents((first_block[i] + b) * BLOCK_SIZE, names[a:z], targets[a:z])
+            span = dir_inline.get(i)
+            if span is not None:
+                put_dirents(off, names[span[0] : span[1]], targets[span[0] : span[1]])
+        elif mode == _S_IFLNK:
+            target = node.payload or b""
+            buf[off : off + len(target)] = target
+        elif layout == LAYOUT_FLAT_INLINE:
+            content = node.content or b""
+            buf[off : off + len(content)] = content
+        elif layout == LAYOUT_CHUNK_BASED and node.digest is not None:
+            buf[off : off + 4] = _EXTERNAL_TAIL
+    return bytes(buf)
+
+
+def _subdirs(entry: tuple[list[bytes], list[int]] | None, nodes: list[Node]) -> int:
+    """Subdirectory entries of a directory (its nlink beyond . and ..)."""
+    assert entry is not None
+    names, targets = entry
+    return sum(
+        1
+        for name, t in zip(names, targets, strict=True)
+        if name != b"." and name != b".." and nodes[t].mode & S_IFMT == _S_IFDIR
+    )

@@ -339,7 +339,7 @@ class _Checker:
         finally:
             os.close(fd)
         try:
-            image = read_image(data)
+            image = read_image(data, c_quirks=False)
         except (ImageFormatError, OSError, ValueError) as exc:
             report.add("image-invalid", rel, f"not a valid composefs image: {exc}")
             return

@@ -463,7 +463,7 @@ def verify_image(
     if data is None:
         return report
     try:
-        image = read_image(data)
+        image = read_image(data, c_quirks=False)
     except (ImageFormatError, OSError, ValueError) as exc:
         # ImageFormatError is the reader's verdict; anything else it raises on a
         # damaged image is a verdict too, not a reason to stop verifying.
