@@ -22,7 +22,14 @@ from composefsd.image.escape import (
 )
 from composefsd.image.tree import Node
 
-__all__ = ["format_dump", "format_ls", "print_dump", "print_ls"]
+__all__ = [
+    "format_dump",
+    "format_ls",
+    "format_rs_dump",
+    "print_dump",
+    "print_ls",
+    "print_rs_dump",
+]
 
 _S_IFMT = stat.S_IFMT(0o177777)
 _FLUSH_BYTES = 1 << 20
@@ -102,6 +109,73 @@ def _iter_dump(root: Node) -> Iterator[bytes]:
         yield line + b"\n"
 
 
+def _rs_nlinks(root: Node) -> dict[int, int]:
+    """id(inode) -> how many entries stand for it, for inodes with more than one."""
+    counts: dict[int, int] = {}
+    for _path, node in _walk(root):
+        if node.link_to is not None:
+            target = node.target()
+            counts[id(target)] = counts.get(id(target), 1) + 1
+    return counts
+
+
+def _iter_rs_dump(root: Node) -> Iterator[bytes]:
+    """composefs-rs 0.9 ``write_dumpfile``: what differs from C is in :func:`format_rs_dump`."""
+    nlinks = _rs_nlinks(root)
+    first_path: dict[int, bytes] = {}
+    for path, node in _walk(root):
+        shown = escape_lone_dash(path) if path else b"/"
+        target = node.target()
+        ftype = target.mode & _S_IFMT
+        if ftype == stat.S_IFDIR:
+            children = target.children or {}
+            nlink = 2 + sum(1 for c in children.values() if c.link_to is None and c.is_dir)
+            size = rdev = 0
+            payload = content = digest = None
+        else:
+            nlink = nlinks.get(id(target), 1)
+            if nlink > 1:
+                seen = first_path.get(id(target))
+                if seen is not None:
+                    yield shown + b" 0 @120000 - - - - 0.0 " + escape_lone_dash(seen) + b" - -\n"
+                    continue
+                first_path[id(target)] = path
+            rdev = target.rdev if ftype in (stat.S_IFBLK, stat.S_IFCHR) else 0
+            payload = content = digest = None
+            if ftype == stat.S_IFREG:
+                if target.payload:
+                    payload = target.payload
+                    digest = target.payload.replace(b"/", b"")
+                    size = target.size
+                else:
+                    content = target.content
+                    size = len(content) if content is not None else 0
+            elif ftype == stat.S_IFLNK:
+                payload = target.payload
+                size = len(payload) if payload is not None else 0
+            else:
+                size = 0
+        line = b"%s %d %o %d %d %d %d %d.%d %s %s %s" % (
+            shown,
+            size,
+            target.mode,
+            nlink,
+            target.uid,
+            target.gid,
+            rdev,
+            target.mtime_sec,
+            target.mtime_nsec,
+            escape_lone_dash(payload) if payload else b"-",
+            escape_lone_dash(content) if content else b"-",
+            digest if digest else b"-",
+        )
+        if target.xattrs:
+            line += b"".join(
+                [b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in sorted(target.xattrs)]
+            )
+        yield line + b"\n"
+
+
 def _iter_ls(root: Node) -> Iterator[bytes]:
     walk = _walk(root)
     next(walk)  # not the root
@@ -139,6 +213,25 @@ def format_dump(root: Node) -> bytes:
 def print_dump(root: Node, out: BinaryIO) -> None:
     """Write ``format_dump(root)`` to ``out``, streaming (memory stays small)."""
     _write(_iter_dump(root), out)
+
+
+def format_rs_dump(root: Node) -> bytes:
+    """The dumpfile composefs-rs 0.9 (``cfsctl create-dumpfile``) prints for ``root``.
+
+    It differs from C's in: xattrs sorted by name; a directory's size is 0 and its
+    nlink 2 plus its subdirectories; every later path of an inode with several
+    (of any type) is ``PATH 0 @120000 - - - - 0.0 FIRST-PATH - -``, where FIRST-PATH
+    is its first path in dump order; a leaf's nlink is the number of its paths;
+    a regular file shows a payload and digest only when it is external (the digest
+    is its object id, the payload without its slash), an inline one its content only;
+    rdev is shown for devices only.
+    """
+    return b"".join(_iter_rs_dump(root))
+
+
+def print_rs_dump(root: Node, out: BinaryIO) -> None:
+    """Write ``format_rs_dump(root)`` to ``out``, streaming."""
+    _write(_iter_rs_dump(root), out)
 
 
 def format_ls(root: Node) -> bytes:

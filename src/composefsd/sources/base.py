@@ -9,13 +9,31 @@ the repository reports either as a bad source.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from composefsd.credentials import Credentials
 from composefsd.image.tree import Node
 from composefsd.sources.beneath import FileKey
 
-__all__ = ["ImportTask", "SourceTree", "SourceTreeError"]
+__all__ = ["ImportTask", "ReadStyle", "SourceTree", "SourceTreeError"]
+
+
+class ReadStyle(enum.Enum):
+    """Whose reading of a directory tree a source reproduces.
+
+    ``C``: C ``mkcomposefs`` 1.0.8 (every path its own inode unless hardlinks are
+    asked for, and then only regular files; xattrs in the order the filesystem
+    lists them; inline files also carry their digest). ``COMPOSEFS_RS``:
+    composefs-rs 0.9 ``read_filesystem``, which CreateImage in a repository uses so
+    that its ids equal ``cfsctl create-image --no-propagate-usr-to-root``: paths of
+    one inode are always one inode, whatever its type (symlinks, devices and fifos
+    too); xattrs sorted by name; a file of at most 64 bytes is inline content only,
+    with no digest; a directory's size is 0.
+    """
+
+    C = "c"
+    COMPOSEFS_RS = "composefs-rs"
 
 
 @dataclass(slots=True, frozen=True)

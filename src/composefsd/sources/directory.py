@@ -46,6 +46,26 @@ inode's ``nlink`` is the number of its paths inside the scanned tree, which is
 what a mounted image then reports (links outside the tree cannot be reached
 through it). Files with a single path keep ``nlink`` 1, as in C. Without this
 option every path is its own inode with ``nlink`` 1, exactly as C does it.
+
+``ScanOptions.style = ReadStyle.COMPOSEFS_RS`` reads as composefs-rs 0.9
+``read_filesystem`` does (what CreateImage in a repository uses), which differs
+from C in exactly these ways, each visible in the golden
+``dumpfile.*.no-propagate-usr-to-root.txt`` of its trees:
+
+* hardlinks are kept for every file type: symlinks, fifos, devices and sockets
+  with several paths are one inode too, not just regular files (t2-special
+  ``/hl/dev-link``, ``/hl/fifo-link``, ``/hl/sym-link``);
+* a file of at most 64 bytes is inline content and nothing else: no digest, so
+  no ``trusted.overlay.metacopy`` digest and no payload (every small file);
+* xattrs are in name order (composefs-rs keeps them in a sorted map; t3-xattrs
+  ``/x/escapes``), which the image writer does anyway but a dump shows;
+* a directory's size is 0 (the writer computes directory sizes itself).
+
+Device numbers, modes, owners, nanosecond mtimes and xattr values are read the same
+way. One deliberate difference: a path is only looked up among the others when
+the filesystem reports ``st_nlink > 1`` for it (composefs-rs compares every path's
+inode, which costs a table of every file), so a filesystem that reports 1 for a
+linked file gives separate inodes here.
 """
 
 from __future__ import annotations
@@ -67,7 +87,7 @@ from composefsd.credentials import Credentials
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
 from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objectlayout import join_store_path, object_payload
-from composefsd.sources.base import ImportTask, SourceTree
+from composefsd.sources.base import ImportTask, ReadStyle, SourceTree
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
 from composefsd.sources.objcopy import CopyState, store_object
 
@@ -148,6 +168,9 @@ class ScanOptions:
     inline_small: bool = True
     #: Turn paths of one inode into hardlinks (not done by C; see the module notes).
     preserve_hardlinks: bool = False
+    #: Read as C mkcomposefs or as composefs-rs does (:class:`ReadStyle`; the module
+    #: notes list what differs). ``COMPOSEFS_RS`` implies ``preserve_hardlinks``.
+    style: ReadStyle = ReadStyle.C
 
 
 @dataclass(slots=True, frozen=True)
@@ -248,6 +271,8 @@ class _Walker:
         self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes, FileKey]]] = {}
         self._next_report = time.monotonic() + _PROGRESS_INTERVAL
         self._open_fds: set[int] = set()
+        self.rs_style = options.style is ReadStyle.COMPOSEFS_RS
+        self.track_links = options.preserve_hardlinks or self.rs_style
 
     def full_path(self, rel: bytes) -> bytes:
         return join_display(self.display, rel)
@@ -263,6 +288,8 @@ class _Walker:
         node = Node(mode, 1, st.st_uid, st.st_gid, st.st_rdev & _U32, st.st_size, sec, nsec)
         if mode & 0o170000 == _S_IFDIR:
             node.children = {}
+            if self.rs_style:
+                node.size = 0
         return node
 
     def _set_target(self, node: Node, target: bytes, rel: bytes) -> None:
@@ -373,8 +400,11 @@ class _Walker:
 
     def _add_xattrs(self, node: Node, names: list[str], proc: str, rel: bytes) -> None:
         user_only = self.options.user_xattrs
-        for key_str in names:
-            key = os.fsencode(key_str)
+        keys = [os.fsencode(k) for k in names]
+        if self.rs_style:
+            # composefs-rs keeps xattrs in a map sorted by name.
+            keys.sort()
+        for key in keys:
             if user_only and not key.startswith(b"user."):
                 continue
             try:
@@ -470,7 +500,8 @@ class _Walker:
         assert children is not None
         subdirs: list[tuple[bytes, Node, bytes, tuple[int, int]]] = []
         sink = self.sink
-        track_links = self.options.preserve_hardlinks
+        track_links = self.track_links
+        any_type = self.rs_style
         prefix = rel + b"/" if rel else b""
         try:
             it = os.scandir(fd)
@@ -494,6 +525,13 @@ class _Walker:
                 ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
+                elif any_type and ftype != _S_IFREG:
+                    # composefs-rs links paths of one inode whatever its type.
+                    if st.st_nlink > 1:
+                        key = (st.st_dev, st.st_ino)
+                        self.inodes.setdefault(key, []).append(
+                            (node, name, child, child_rel, file_key(st))
+                        )
                 elif ftype == _S_IFREG:
                     if track_links and st.st_nlink > 1:
                         # Handed on once its paths are known to be one inode (link_hardlinks).
@@ -533,6 +571,8 @@ class _Walker:
                 for parent, name, _node, _rel, _key in group[1:]:
                     assert parent.children is not None
                     parent.children[name] = Node(mode=target.mode, link_to=target)
+            if target.mode & 0o170000 != _S_IFREG:
+                continue
             self.regular_files += 1
             if target.size > 0:
                 self.sink(target_rel, target, key)
@@ -540,7 +580,7 @@ class _Walker:
 
     def finish(self) -> None:
         """After the walk: link hardlinks (if asked) and check the entry limit."""
-        if self.options.preserve_hardlinks:
+        if self.track_links:
             self.link_hardlinks()
         if self.max_entries is not None and self.entries > self.max_entries:
             self._tick()
@@ -564,13 +604,20 @@ _HashResult = tuple[bytes | None, bytes | None, bool] | int | tuple[int, bytes, 
 #: A file to hash: (path relative to the source, lstat size, key).
 _HashItem = tuple[bytes, int, FileKey]
 #: A batch to hash: :func:`_hash_batch`'s arguments.
-_HashRequest = tuple[list[_HashItem], bool, bool, "bytes | None", int, bytes]
+_HashRequest = tuple[list[_HashItem], bool, bool, "bytes | None", int, bytes, bool]
 
 
 def _hash_one(
-    opener: BeneathOpener, rel: bytes, size: int, key: FileKey, compute: bool, inline: bool
+    opener: BeneathOpener,
+    rel: bytes,
+    size: int,
+    key: FileKey,
+    compute: bool,
+    inline: bool,
+    inline_digest: bool = True,
 ) -> tuple[bytes | None, bytes | None]:
-    """C lcfs_node_set_from_content for one regular file whose lstat size is ``size`` > 0."""
+    """C lcfs_node_set_from_content for one regular file whose lstat size is ``size`` > 0;
+    without ``inline_digest`` (composefs-rs), an inlined file gets no digest."""
     small = inline and size <= RECOMMENDED_INLINE_CONTENT_MAX
     if not (compute or small):
         return None, None
@@ -578,7 +625,7 @@ def _hash_one(
     try:
         if small:
             data = _read_all(fd)
-            digest = c_compat_digest_bytes(data) if compute else None
+            digest = c_compat_digest_bytes(data) if compute and inline_digest else None
             if len(data) < size:
                 raise OSError(errno.ENODATA, os.strerror(errno.ENODATA))
             return digest, data[:size]
@@ -594,6 +641,7 @@ def _hash_batch(
     store: bytes | None,
     root_fd: int,
     display: bytes,
+    inline_digest: bool = True,
 ) -> list[_HashResult]:
     """Hash a batch of files beneath ``root_fd``; stops at the first failure, which
     ends the list.
@@ -607,7 +655,7 @@ def _hash_batch(
     with BeneathOpener(root_fd, display) as opener:
         for rel, size, key in items:
             try:
-                digest, content = _hash_one(opener, rel, size, key, compute, inline)
+                digest, content = _hash_one(opener, rel, size, key, compute, inline, inline_digest)
             except ChangedError as exc:
                 out.append((exc.errno or errno.EAGAIN, exc.path, exc.reason))
                 break
@@ -671,8 +719,10 @@ class _Pipeline:
         store: bytes | None,
         progress: Progress | None,
         hash_files: bool = True,
+        inline_digest: bool = True,
     ) -> None:
         self.root_fd = root_fd
+        self.inline_digest = inline_digest
         self.display = display
         self.threads = max(1, threads)
         self.compute = compute
@@ -748,7 +798,15 @@ class _Pipeline:
         for rel, node, key in batch:
             assert key is not None
             items.append((rel, node.size, key))
-        return items, self.compute, self.inline, self.store, self.root_fd, self.display
+        return (
+            items,
+            self.compute,
+            self.inline,
+            self.store,
+            self.root_fd,
+            self.display,
+            self.inline_digest,
+        )
 
     def _submit(self) -> None:
         batch, size = self._batch, self._batch_bytes
@@ -950,6 +1008,7 @@ def scan_directory(
         inline=opts.inline_small,
         store=os.fsencode(digest_store) if digest_store is not None else None,
         progress=progress,
+        inline_digest=opts.style is ReadStyle.C,
     )
 
     def entries(count: int) -> None:
