@@ -29,6 +29,7 @@ from composefsd.repository import (
 )
 from composefsd.service.client import VarlinkCallError, connect
 from conftest import SHARED
+from ctlrun import run_ctl
 from servicehelpers import DAEMON, running_daemon, short_dir
 from trees import small_tree
 
@@ -331,3 +332,69 @@ def test_unknown_read_only_compatible_feature_opens_read_only(tmp_path: Path) ->
             assert "future_ro" in info.value.parameters["message"], name
     assert sorted(p for p, _d, _f in os.walk(path)) == before
     assert Repository.open(path).resolve_image("app") == digest
+
+
+@pytest.mark.parametrize(
+    ("params", "parameter"),
+    [
+        ({"erofsVersion": 3}, "erofsVersion"),
+        ({"erofsVersion": -1}, "erofsVersion"),
+        ({"erofsVersion": 1 << 40}, "erofsVersion"),
+        ({"erofsVersion": "1"}, "erofsVersion"),
+        ({"erofsVersion": True}, "erofsVersion"),
+        ({"erofsVersion": 1, "minVersion": 0}, "erofsVersion"),
+        ({"erofsVersion": 2, "maxVersion": 1}, "erofsVersion"),
+        ({"minVersion": 2}, "minVersion"),
+        ({"xattrs": "keepUserXattrs"}, "xattrs"),
+        ({"xattrs": "keep-user-xattrs", "propagateUsrToRoot": True}, "xattrs"),
+        ({"xattrs": "all", "propagateUsrToRoot": True}, "xattrs"),
+        ({"propagateUsrToRoot": True, "minVersion": 0}, "propagateUsrToRoot"),
+        ({"bootable": True, "maxVersion": 1}, "bootable"),
+        ({"bootable": "yes"}, "bootable"),
+    ],
+)
+def test_create_image_refuses_bad_format_and_transform_options(
+    tmp_path: Path, params: dict[str, Any], parameter: str
+) -> None:
+    path = tmp_path / "r"
+    Repository.init(path)
+    src = small_tree(tmp_path / "src")
+    with (
+        running_daemon(path) as daemon,
+        connect(daemon.address) as conn,
+        pytest.raises(VarlinkCallError) as info,
+    ):
+        conn.call("io.composefs.Repository.CreateImage", {"sourcePath": str(src), **params})
+    assert info.value.name == "org.varlink.service.InvalidParameter"
+    assert info.value.parameters == {"parameter": parameter}
+    assert Repository.open(path).list_images() == []
+
+
+def test_composefsctl_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r"
+    src = small_tree(tmp_path / "src")
+    status, out, _ = run_ctl(capsys, "--repo", str(path), "init", "--erofs-version", "2")
+    assert status == 0 and out.endswith("images: V2)\n")
+    status, out, _ = run_ctl(capsys, "--repo", str(path), "status")
+    assert "format:      V2\n" in out
+    status, out, _ = run_ctl(capsys, "--repo", str(path), "status", "--json")
+    doc = json.loads(out)
+    assert (doc["erofsVersion"], doc["extraErofsVersions"]) == (2, [])
+    # Init again with other formats: refused, the repository unchanged.
+    status, _, err = run_ctl(capsys, "--repo", str(path), "init")
+    assert status == 1 and "images V2, not fsverity-sha256-12, try and V1" in err
+    status, out, _ = run_ctl(capsys, "--repo", str(path), "create-image", str(src), "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert (result["erofs_version"], result["extra_images"]) == (2, {})
+    for argv, message in [
+        (["init", "--erofs-version", "3"], "not an EROFS format version"),
+        (["create-image", str(src), "--erofs-version", "V1"], "not an EROFS format version"),
+        (["create-image", str(src), "--erofs-version", "1", "--min-version", "0"], "exclude"),
+        (["create-image", str(src), "--xattrs", "keep-user-xattrs"], "only goes with"),
+        (["create-image", str(src), "--bootable", "--max-version", "1"], "exclude"),
+        (["create-image", str(src), "--xattrs", "all", "--propagate-usr-to-root"], "invalid"),
+    ]:
+        status, _, err = run_ctl(capsys, "--repo", str(tmp_path / "r2"), *argv)
+        assert status == 2 and message in err, (argv, err)
+    assert not (tmp_path / "r2").exists()

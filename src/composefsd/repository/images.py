@@ -24,13 +24,20 @@ components of at most 255 bytes each, and holds no control character (C0, DEL,
 C1) and no lone surrogate: names end up in listings, logs and terminals, where
 a newline would forge a row and an escape sequence would drive the terminal.
 
-CreateImage from a directory (:func:`create_from_directory`) gives the image C
-``mkcomposefs --digest-store`` gives for the same tree and options, and the same
-objects: the tree is walked by :func:`composefsd.sources.directory.scan_source` (no file
-is read), then every regular file is hashed with the repository's algorithm and
-published if new by an :class:`~composefsd.repository.importer.Importer` (worker
-processes for large trees), files of 64 bytes or less are inlined, and
-:func:`composefsd.image.writer.write_image` writes the image. Files are read
+CreateImage from a directory (:func:`create_from_directory`) gives the image
+composefs-rs gives for the same tree, algorithm and format (``cfsctl
+create-image --no-propagate-usr-to-root``, or with ``CreateOptions.transform``
+cfsctl's transforms), and the same objects: the tree is walked by
+:func:`composefsd.sources.directory.scan_source` in the composefs-rs style
+(:class:`~composefsd.sources.base.ReadStyle`; no file is read), then every
+regular file is hashed with the repository's algorithm and published if new by
+an :class:`~composefsd.repository.importer.Importer` (worker processes for large
+trees), files of 64 bytes or less are inlined, the transforms are applied
+(:func:`composefsd.image.transforms.apply_transform`) and
+:func:`composefsd.image.formats.write_format` writes the images (next section).
+A version range (``CreateOptions.min_version``/``max_version``) asks for the
+image and objects C ``mkcomposefs --digest-store`` gives instead: C's reading of
+the tree and :func:`composefsd.image.writer.write_image`. Files are read
 beneath the source directory's fd, never through a symlink, and only if they are
 the inode the scan saw (:mod:`composefsd.sources.beneath`), so a tree that its owner
 changes meanwhile cannot lead the import outside it.
@@ -81,6 +88,7 @@ from typing import TYPE_CHECKING
 from composefsd.dirs import make_dirs
 from composefsd.image.formats import ErofsVersion, image_version, write_format
 from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.image.transforms import Transform, TransformError, apply_transform
 from composefsd.image.tree import Node, gc_paused
 from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
@@ -104,7 +112,7 @@ from composefsd.repository.store import (
     random_name,
     sync_objects,
 )
-from composefsd.sources.base import ImportTask, SourceTree, SourceTreeError
+from composefsd.sources.base import ImportTask, ReadStyle, SourceTree, SourceTreeError
 from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
@@ -162,9 +170,12 @@ class CreateOptions:
     """CreateImage options; the first six mirror C mkcomposefs's.
 
     Which images are written (module notes, "Formats"): with ``min_version`` or
-    ``max_version``, one image in the C-compatible format C mkcomposefs picks in
-    that range (default 0..1); with ``erofs_version``, one image in that format;
-    with neither, one per format of the repository.
+    ``max_version``, C mkcomposefs's image (its reading of the tree, and the
+    format it picks in that range, default 0..1: :attr:`c_compatible`); with
+    ``erofs_version``, one image in that format; with neither, one per format of
+    the repository. Without a version range the tree is read as composefs-rs
+    reads it, and ``transform`` (composefs-rs's transforms, cfsctl's flags) is
+    applied to it before the images are written.
     """
 
     use_epoch: bool = False
@@ -182,6 +193,13 @@ class CreateOptions:
     digest_cache: bool = True
     #: Write one image in this format instead of the repository's formats.
     erofs_version: ErofsVersion | None = None
+    #: composefs-rs's transforms (none by default: cfsctl --no-propagate-usr-to-root).
+    transform: Transform = field(default_factory=Transform)
+
+    @property
+    def c_compatible(self) -> bool:
+        """Whether C mkcomposefs's image is asked for (a version range is given)."""
+        return self.min_version is not None or self.max_version is not None
 
     def __post_init__(self) -> None:
         if self.skip_xattrs and self.user_xattrs:
@@ -194,6 +212,8 @@ class CreateOptions:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= VERSION_MAX:
                 raise ValueError(f"{name} must be 0..{VERSION_MAX}, not {value}")
+        if self.c_compatible and not self.transform.is_identity:
+            raise ValueError("composefs-rs's transforms do not apply to C mkcomposefs's image")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
 
@@ -522,11 +542,14 @@ def _import(
     return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
-def _apply(tree: SourceTree, results: list[ImportResult], algorithm: Algorithm) -> None:
-    """Give the tree's files their contents or objects. The image format's digests are
-    SHA-256 fs-verity digests: a SHA-512 repository's files carry none."""
+def _apply(
+    tree: SourceTree, results: list[ImportResult], algorithm: Algorithm, c_compatible: bool
+) -> None:
+    """Give the tree's files their contents or objects. composefs-rs's images carry
+    every object's digest in the repository's algorithm; C's format only knows
+    SHA-256 digests, so in C's image a SHA-512 repository's files carry none."""
     sha256 = algorithm is Algorithm.SHA256
-    set_digests = tree.set_digests
+    set_digests = tree.set_digests or not c_compatible
     for node, result in zip(tree.nodes, results, strict=True):
         if result.content is not None:
             node.set_content(result.content)
@@ -534,9 +557,34 @@ def _apply(tree: SourceTree, results: list[ImportResult], algorithm: Algorithm) 
         assert result.digest is not None
         node.payload = object_payload(result.digest)
         if set_digests:
-            node.digest = result.digest if sha256 else None
+            node.digest = result.digest if sha256 or not c_compatible else None
         elif not sha256:
             node.digest = None
+
+
+def _transform(repo: Repository, tree: SourceTree, transform: Transform) -> None:
+    """Apply composefs-rs's transforms to the imported tree; the bootable transform
+    reads the tree's SELinux policy files, from their objects."""
+    if transform.is_identity:
+        return
+
+    def read_content(node: Node) -> bytes:
+        if node.content is not None or not node.payload:
+            return node.content or b""
+        path = repo.objects_dir / os.fsdecode(node.payload)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot read object {os.fsdecode(node.payload)}: {os_error_text(exc)}",
+                errno=exc.errno,
+            ) from exc
+
+    try:
+        with gc_paused():
+            apply_transform(tree.root, transform, read_content)
+    except TransformError as exc:
+        raise SourceError(f"{os.fsdecode(tree.display)}: {exc}") from exc
 
 
 def _finish(
@@ -645,6 +693,7 @@ def scan_options(options: CreateOptions) -> ScanOptions:
         skip_xattrs=options.skip_xattrs,
         user_xattrs=options.user_xattrs,
         preserve_hardlinks=options.preserve_hardlinks,
+        style=ReadStyle.C if options.c_compatible else ReadStyle.COMPOSEFS_RS,
     )
 
 
@@ -826,7 +875,8 @@ def _create(
     results = _import(repo, store, tree, options, lock, throttle, added, cache)
     if cache is not None:
         cache.save(tree.imports, results)
-    _apply(tree, results, repo.hash_algorithm)
+    _apply(tree, results, repo.hash_algorithm, options.c_compatible)
+    _transform(repo, tree, options.transform)
     return _finish(
         repo,
         store,
@@ -851,11 +901,12 @@ def create_from_dumpfile(
     progress: ProgressCallback | None,
 ) -> CreateResult:
     """CreateImage from a dumpfile (bytes, or the path of one) whose external files
-    live in ``objects_dir`` under their payload paths. The image is what C
-    ``mkcomposefs --from-file`` makes of the dumpfile, except that payloads name
-    the repository's objects (identical for canonical ``XX/rest`` payloads).
-    Digests the dumpfile gives are checked against the objects' content.
-    The scan options of ``options`` do not apply; the versions and threads do."""
+    live in ``objects_dir`` under their payload paths. The images are written in
+    the repository's formats (a version range: what C ``mkcomposefs --from-file``
+    makes of the dumpfile), except that payloads name the repository's objects
+    (identical for canonical ``XX/rest`` payloads). Digests the dumpfile gives
+    are checked against the objects' content. The scan options of ``options`` do
+    not apply; the formats, transforms and threads do."""
     ref_name = normalize_ref(ref) if ref is not None else None
     if isinstance(dumpfile, bytes):
         data = dumpfile

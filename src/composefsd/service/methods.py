@@ -61,6 +61,7 @@ from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
 from composefsd.image.formats import ErofsVersion
+from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
@@ -302,6 +303,27 @@ def _mapping(value: list[dict[str, Any]] | None, field_name: str) -> list[IdMapp
     return out
 
 
+_XATTR_FILTERS = {
+    "allowlistOnly": XattrFilter.ALLOWLIST_ONLY,
+    "keepUserXattrs": XattrFilter.KEEP_USER_XATTRS,
+}
+
+
+def _transform(propagate: bool | None, xattrs: str | None, bootable: bool | None) -> Transform:
+    """CreateImage's transforms as cfsctl's flags give them: the xattr filter only
+    with propagateUsrToRoot (cfsctl ignores it otherwise; we refuse it)."""
+    if xattrs is not None and not propagate:
+        raise _invalid("xattrs")
+    if propagate:
+        try:
+            kept = _XATTR_FILTERS[xattrs or "allowlistOnly"]
+        except KeyError:
+            raise _invalid("xattrs") from None
+    else:
+        kept = XattrFilter.ALL
+    return Transform(_bool(propagate), kept, _bool(bootable))
+
+
 def caller_rights(peer: Peer) -> Credentials | None:
     """The rights to read a caller's files with: None if they are this process's
     own (the same uid), else the peer's uid, gid and groups."""
@@ -360,6 +382,9 @@ class RepositoryInterface:
         # Defaults for the fields added later, so that callers written before
         # them (tests calling the method directly) keep working.
         erofs_version: int | None = None,
+        propagate_usr_to_root: bool | None = None,
+        xattrs: str | None = None,
+        bootable: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -380,6 +405,9 @@ class RepositoryInterface:
                 version = ErofsVersion(erofs_version)
             except ValueError:
                 raise _invalid("erofsVersion") from None
+        transform = _transform(propagate_usr_to_root, xattrs, bootable)
+        if (min_version is not None or max_version is not None) and not transform.is_identity:
+            raise _invalid("propagateUsrToRoot" if propagate_usr_to_root else "bootable")
         if _bool(skip_xattrs) and _bool(user_xattrs):
             raise _invalid("userXattrs")
         if ref is not None:
@@ -398,6 +426,7 @@ class RepositoryInterface:
             min_version=min_version,
             max_version=max_version,
             erofs_version=version,
+            transform=transform,
         )
         try:
             with self._reporter(ctx) as report, _mapped(image=ref, source_path=source_path):

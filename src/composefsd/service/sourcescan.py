@@ -49,7 +49,7 @@ from composefsd.repository.images import (
     scan_source_directory,
 )
 from composefsd.service.fds import close_all, receive_fds
-from composefsd.sources.base import SourceTree
+from composefsd.sources.base import ReadStyle, SourceTree
 from composefsd.sources.directory import ScanOptions, SourceScan, source_tree
 
 __all__ = ["decode_scan", "encode_scan", "scan_as"]
@@ -61,6 +61,16 @@ log = logging.getLogger(__name__)
 _WireNode = tuple[
     int, bytes, int, int, int, int, int, int, int, int, "bytes | None", list[Any], int
 ]
+
+
+def _options_wire(options: ScanOptions) -> tuple[Any, ...]:
+    """``options`` as marshal takes them: the fields in order, the style by value."""
+    return tuple(v.value if isinstance(v, ReadStyle) else v for v in dataclasses.astuple(options))
+
+
+def _options_from_wire(wire: tuple[Any, ...]) -> ScanOptions:
+    options = ScanOptions(*wire)
+    return dataclasses.replace(options, style=ReadStyle(options.style))
 
 
 def encode_scan(scan: SourceScan) -> bytes:
@@ -168,7 +178,7 @@ def scan_as(
                 os.fsencode(path) if path is not None else None,
                 fd,
                 pass_fds[0],
-                dataclasses.astuple(scan_options(options)),
+                _options_wire(scan_options(options)),
                 max_entries,
                 display,
             ),
@@ -251,7 +261,7 @@ def _worker_main() -> None:
         os.close(fd)
     socket.send_fds(channel, [b"R"], [root_fd])
     send(("opened",))
-    options = ScanOptions(*options_wire)
+    options = _options_from_wire(options_wire)
 
     def report(p: Progress) -> None:
         send(("progress", p.done))

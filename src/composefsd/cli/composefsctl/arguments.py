@@ -20,6 +20,15 @@ def check_xattrs(args: argparse.Namespace) -> None:
         args.min_version is not None or args.max_version is not None
     ):
         raise Usage("--erofs-version and --min-version/--max-version exclude each other")
+    if args.xattrs is not None and not args.propagate_usr_to_root:
+        raise Usage("--xattrs only goes with --propagate-usr-to-root")
+    if (args.propagate_usr_to_root or args.bootable) and (
+        args.min_version is not None or args.max_version is not None
+    ):
+        raise Usage(
+            "--min-version/--max-version (C mkcomposefs's image) exclude composefs-rs's "
+            "transforms (--propagate-usr-to-root, --bootable)"
+        )
 
 
 def check_verify(args: argparse.Namespace) -> None:

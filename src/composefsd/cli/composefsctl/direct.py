@@ -21,6 +21,7 @@ from composefsd.cli.composefsctl.arguments import (
     open_userns,
 )
 from composefsd.cli.composefsctl.errors import Failed, Usage
+from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.kernel.mount import unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
@@ -78,6 +79,15 @@ def _create_options(args: argparse.Namespace) -> CreateOptions:
             min_version=args.min_version,
             max_version=args.max_version,
             erofs_version=args.erofs_version,
+            transform=Transform(
+                propagate_usr_to_root=args.propagate_usr_to_root,
+                xattrs=(
+                    XattrFilter(args.xattrs or XattrFilter.ALLOWLIST_ONLY.value)
+                    if args.propagate_usr_to_root
+                    else XattrFilter.ALL
+                ),
+                bootable=args.bootable,
+            ),
             preserve_hardlinks=args.preserve_hardlinks,
             threads=args.threads,
         )

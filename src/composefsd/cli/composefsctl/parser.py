@@ -166,6 +166,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-version", type=_version, metavar="N")
     p.add_argument(
+        "--propagate-usr-to-root",
+        action="store_true",
+        help="composefs-rs's container transform (cfsctl's default): the root directory "
+        "takes /usr's metadata, /run is emptied, xattrs are filtered (--xattrs)",
+    )
+    p.add_argument(
+        "--xattrs",
+        choices=("allowlist-only", "keep-user-xattrs"),
+        help="with --propagate-usr-to-root: keep security.capability only (allowlist-only, "
+        "the default) or also user.* xattrs",
+    )
+    p.add_argument(
+        "--bootable",
+        action="store_true",
+        help="as cfsctl --bootable: empty /boot and /sysroot, label from the tree's own "
+        "SELinux policy",
+    )
+    p.add_argument(
         "--preserve-hardlinks",
         action="store_true",
         help="keep hardlinked files as hardlinks in the image (C mkcomposefs does not)",

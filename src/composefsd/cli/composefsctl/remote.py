@@ -27,6 +27,10 @@ from composefsd.service.client import INTERFACE, Connection, Reply, VarlinkCallE
 __all__ = ["COMMANDS", "call_error_text"]
 
 
+#: ``--xattrs`` values (cfsctl's) as the IDL's XattrFilter names them.
+_XATTR_FILTERS = {"allowlist-only": "allowlistOnly", "keep-user-xattrs": "keepUserXattrs"}
+
+
 def _method(name: str) -> str:
     return f"{INTERFACE}.{name}"
 
@@ -93,6 +97,10 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
     _opt(params, "minVersion", args.min_version)
     _opt(params, "maxVersion", args.max_version)
     _opt(params, "erofsVersion", args.erofs_version)
+    _opt(params, "propagateUsrToRoot", args.propagate_usr_to_root)
+    if args.xattrs is not None:
+        params["xattrs"] = _XATTR_FILTERS[args.xattrs]
+    _opt(params, "bootable", args.bootable)
     printer = output.progress(args)
     result: Reply | None = None
     try:
