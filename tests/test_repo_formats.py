@@ -199,14 +199,19 @@ def test_bad_formats_are_refused(
 # -- CreateImage ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", [ErofsVersion.V0, ErofsVersion.V1])
-def test_create_image_writes_the_repository_format(tmp_path: Path, version: ErofsVersion) -> None:
+@pytest.mark.parametrize("algorithm", ["sha256", "sha512"])
+@pytest.mark.parametrize("version", list(ErofsVersion))
+def test_create_image_writes_the_repository_format(
+    tmp_path: Path, version: ErofsVersion, algorithm: str
+) -> None:
     src = small_tree(tmp_path / "src")
-    repo = Repository.init(tmp_path / "r", erofs_version=version)
+    repo = Repository.init(tmp_path / "r", algorithm=algorithm, erofs_version=version)
     result = repo.create_image(src, ref="app")
     assert (result.erofs_version, result.extra_images) == (version, {})
     assert image_version((repo.images_dir / result.digest).read_bytes()) is version
-    assert repo.describe_image("app").composefs_version == version
+    details = repo.describe_image("app")
+    assert (details.composefs_version, details.object_count) == (version, 6)
+    assert repo.verify_image("app").ok
     # Per call: one image in another format, no extras.
     other = ErofsVersion.V1 if version is ErofsVersion.V0 else ErofsVersion.V0
     single = repo.create_image(src, options=CreateOptions(erofs_version=other))

@@ -985,7 +985,7 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
                 raise CorruptObjectError(f"image {digest} is empty")
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
                 try:
-                    info = read_image(buf)
+                    info = read_image(buf, c_quirks=False)
                 except ImageFormatError as exc:
                     raise CorruptObjectError(f"image {digest} does not parse: {exc}") from exc
                 objects: dict[bytes, int] = {}
