@@ -184,6 +184,8 @@ def test_formats_read_as_composefs_rs_reads_them(
         ({"default": 1, "extra": 2}, CorruptRepositoryError, "extra' is not a list"),
         ({"extra": [1]}, CorruptRepositoryError, "has no 'default'"),
         ([1], CorruptRepositoryError, "has no 'default'"),
+        ({"default": 1, "extra": [[[[]]]] * 3}, CorruptRepositoryError, "not an integer"),
+        ("[" * 100_000 + "]" * 100_000, CorruptRepositoryError, "not valid JSON"),
     ],
 )
 def test_bad_formats_are_refused(
@@ -192,6 +194,10 @@ def test_bad_formats_are_refused(
     path = tmp_path / "r"
     Repository.init(path)
     _write_meta(path, _meta_doc(erofs_formats=formats))
+    if isinstance(formats, str):
+        # Nested too deep for the JSON parser.
+        text = json.dumps(_meta_doc(erofs_formats=0)).replace("0}", formats + "}")
+        (path / "meta.json").write_text(text)
     with pytest.raises(error, match=message):
         Repository.open(path)
 

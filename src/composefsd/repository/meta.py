@@ -304,7 +304,7 @@ class RepoMetadata:
         """
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptRepositoryError(f"{where} is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise CorruptRepositoryError(f"{where} is not a JSON object")
