@@ -115,16 +115,18 @@ def test_oci_image_round_trip(path: Path) -> None:
     assert write_format(read_image(data, c_quirks=False).root, version) == data
 
 
+@pytest.mark.parametrize("source", [ErofsVersion.V0, ErofsVersion.V1], ids=["from-v0", "from-v1"])
 @pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
 @pytest.mark.parametrize("tree", TREES)
-def test_one_tree_in_every_format(tree: str, hash_name: str) -> None:
-    """The tree read from the V0 image, written as V0, V1 and V2, is cfsctl's three images.
+def test_one_tree_in_every_format(tree: str, hash_name: str, source: ErofsVersion) -> None:
+    """The tree read from the V0 or V1 image, written as V0, V1 and V2, is cfsctl's three
+    images.
 
-    V0 keeps every fact of the tree (V2 drops sub-second mtimes, V1 adds the
-    opaque marks of whiteout directories), so this checks the V2 writer against
-    a tree that never went through the V2 reader.
+    Those formats keep every fact of the tree (V2 drops sub-second mtimes; the
+    marks V1 adds to whiteout directories are dropped when read), so this checks
+    the V2 writer against trees that never went through the V2 reader.
     """
-    root = read_image(_tree_image(tree, hash_name, 0), c_quirks=False).root
+    root = read_image(_tree_image(tree, hash_name, source), c_quirks=False).root
     for version in ErofsVersion:
         assert write_format(root, version) == _tree_image(tree, hash_name, version), version
 
@@ -345,8 +347,13 @@ def test_v2_bad_offsets() -> None:
     far = bytearray(data)
     for k in range(n_dirents):
         struct.pack_into("<Q", far, dirents + 12 * k, 1 << 40)
+    slash = bytearray(data)
+    offsets = [struct.unpack_from("<H", data, dirents + 12 * k + 8)[0] for k in range(n_dirents)]
+    first = next(k for k in range(n_dirents) if offsets[k + 1] - offsets[k] > 2)
+    slash[dirents + offsets[first]] = ord("/")  # the first name that is not . or ..
     cases = {
         "entries naming inodes past the end": bytes(far),
+        "a name with a slash": bytes(slash),
         "root nid past the end": patched(SUPERBLOCK_OFFSET + 14, "<H", 0xFFFF),
         "root nid into the header": patched(SUPERBLOCK_OFFSET + 14, "<H", 0),
         "xattr block past the end": patched(SUPERBLOCK_OFFSET + 44, "<I", 1 << 30),

@@ -95,6 +95,8 @@ _ESC_WHITEOUT = b"trusted.overlay.overlay.whiteout"
 _DROPPED = frozenset(
     (b"trusted.overlay.overlay.whiteouts", b"user.overlay.whiteout", b"user.overlay.whiteouts")
 )
+#: The marks V1 puts on a directory holding whiteouts, as read back (unescaped).
+_OPAQUE_MARKS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 _DIGEST_XATTR_SIZE = 4 + 32
 _NAME_CACHE_MAX = 65536
 
@@ -294,6 +296,8 @@ def read_image(
     finally:
         if gc_enabled:
             gc.enable()
+    if not c_quirks and header.composefs_version == 1:
+        _drop_opaque_marks(root)
     return ImageInfo(
         root=root,
         composefs_version=header.composefs_version,
@@ -305,6 +309,21 @@ def read_image(
         blocks=blocks,
         root_nid=root_nid,
     )
+
+
+def _drop_opaque_marks(root: Node) -> None:
+    """Undo what V1 adds to a directory holding whiteouts (whatever it held before is
+    lost: the writer sets the marks over it), so the tree is the one written."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        children = node.children
+        if not children:
+            continue
+        if any(c.mode & _S_IFMT == _S_IFCHR and c.rdev == 0 for c in children.values()):
+            for key in _OPAQUE_MARKS:
+                node.unset_xattr(key)
+        stack.extend(c for c in children.values() if c.children)
 
 
 def iter_objects(root: Node) -> set[bytes]:
@@ -417,6 +436,11 @@ class _Reader:
                 if not name:
                     raise ImageFormatError(
                         errno.EINVAL, f"empty name for inode {nid} in a directory"
+                    )
+                if self.exact and b"/" in name:
+                    # C takes it as it is; a repository's tree never has such a name.
+                    raise ImageFormatError(
+                        errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'"
                     )
                 if len(name) > _NAME_MAX:
                     raise ImageFormatError(

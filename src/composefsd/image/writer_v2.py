@@ -53,6 +53,7 @@ from .format import (
     XATTR_FILTER_SEED,
     XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
+    XATTR_SHARED_REF,
     metacopy_value,
 )
 from .tree import S_IFMT, VALID_FILE_TYPES, Node, TreeError, gc_paused
@@ -80,6 +81,7 @@ _MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
 _MAX_SHARED_REFS = 0xFF
 _XATTR_NAME_MAX = 0xFF
 _XATTR_VALUE_MAX = 0xFFFF
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4
 _EXTERNAL_TAIL = b"\xff\xff\xff\xff"  # the one chunk index: "no block" (a hole)
 
 _OVERLAY_PREFIX = b"trusted.overlay."
@@ -118,10 +120,25 @@ class _Inodes:
 
     def __init__(self) -> None:
         self.nodes: list[Node] = []
-        #: Entries naming each inode (its nlink for a leaf).
+        #: Each inode's nlink: entries naming it for a leaf, 2 + subdirectories for a
+        #: directory.
         self.links: list[int] = []
         #: Per inode: (sorted names, the inode index each names), or None for a leaf.
         self.dirs: list[tuple[list[bytes], list[int]] | None] = []
+
+
+def _resolve(entry: Node) -> Node:
+    try:
+        return entry.target()
+    except TreeError as e:
+        raise WriteError(errno.ELOOP, str(e)) from None
+
+
+def _check_names(names: list[bytes]) -> None:
+    joined = b"".join(names)
+    if b"/" in joined or b"\0" in joined or not all(names) or max(map(len, names)) > 255:
+        bad = next(n for n in names if not n or b"/" in n or b"\0" in n or len(n) > 255)
+        raise WriteError(errno.EINVAL, f"invalid directory entry name {bad!r}")
 
 
 def _collect(root: Node) -> _Inodes:
@@ -131,23 +148,21 @@ def _collect(root: Node) -> _Inodes:
     out = _Inodes()
     nodes, links, dirs = out.nodes, out.links, out.dirs
     index_of: dict[int, int] = {}
-    # Directories whose entries still need their inode indexes: (dir index, node).
-    pending: list[tuple[int, Node]] = []
-    # Popped in depth-first pre-order, each directory before its entries.
-    stack: list[Node] = [root]
+    parents: list[int] = []
+    # Per directory: its index, sorted names, and the inode each names (None for . and ..).
+    pending: list[tuple[int, list[bytes], list[Node | None]]] = []
+    # (inode, parent index), popped in depth-first pre-order: a directory, then
+    # each entry's subtree in name order.
+    stack: list[tuple[Node, int]] = [(root, 0)]
     while stack:
-        entry = stack.pop()
-        try:
-            node = entry.target()
-        except TreeError as e:
-            raise WriteError(errno.ELOOP, str(e)) from None
+        node, parent = stack.pop()
+        mode = node.mode & S_IFMT
         seen = index_of.get(id(node))
         if seen is not None:
-            if node.mode & S_IFMT == _S_IFDIR:
+            if mode == _S_IFDIR:
                 raise WriteError(errno.EINVAL, "a directory is in the tree twice")
             links[seen] += 1
             continue
-        mode = node.mode & S_IFMT
         if mode not in VALID_FILE_TYPES:
             raise WriteError(errno.EINVAL, f"invalid file type in mode {node.mode:o}")
         i = len(nodes)
@@ -155,33 +170,36 @@ def _collect(root: Node) -> _Inodes:
         nodes.append(node)
         links.append(1)
         dirs.append(None)
+        parents.append(parent)
         if mode == _S_IFDIR:
             children = node.children or {}
             if b"." in children or b".." in children:
                 raise WriteError(errno.EINVAL, "a directory entry may not be named . or ..")
-            for name in children:
-                if not name or b"/" in name or b"\0" in name or len(name) > 255:
-                    raise WriteError(errno.EINVAL, f"invalid directory entry name {name!r}")
-            pending.append((i, node))
-            stack.extend(children[n] for n in sorted(children, reverse=True))
+            names = [*children, b".", b".."]
+            names.sort()
+            _check_names(names)
+            resolved: list[Node | None] = []
+            for name in names:
+                child = children.get(name)
+                if child is not None and child.link_to is not None:
+                    child = _resolve(child)
+                resolved.append(child)
+            pending.append((i, names, resolved))
+            stack.extend((c, i) for c in reversed(resolved) if c is not None)
         elif node.children:
             raise WriteError(errno.EINVAL, "a non-directory has children")
-    parents: dict[int, int] = {0: 0}
-    for i, node in pending:
-        children = node.children or {}
-        for child in children.values():
-            target = child.target()
-            if target.mode & S_IFMT == _S_IFDIR:
-                parents[index_of[id(target)]] = i
-    for i, node in pending:
-        children = node.children or {}
-        names = [*children, b".", b".."]
-        names.sort()
-        targets = [
-            i if n == b"." else parents[i] if n == b".." else index_of[id(children[n].target())]
-            for n in names
-        ]
+    for i, names, resolved in pending:
+        targets: list[int] = []
+        subdirs = 0
+        for name, child in zip(names, resolved, strict=True):
+            if child is None:
+                targets.append(i if name == b"." else parents[i])
+            else:
+                targets.append(index_of[id(child)])
+                if child.mode & S_IFMT == _S_IFDIR:
+                    subdirs += 1
         dirs[i] = (names, targets)
+        links[i] = 2 + subdirs
     return out
 
 
@@ -247,6 +265,10 @@ def _write(root: Node) -> bytes:
     layouts = [0] * count
     sizes = [0] * count
     xsizes = [0] * count
+    # Per inode with xattrs: (name filter, shared references, the inline entries).
+    xareas: dict[int, tuple[int, list[int], bytes]] = {}
+    filter_cache: dict[tuple[tuple[int, bytes], ...], int] = {}
+    heads: dict[tuple[int, bytes, int], bytes] = {}
     dir_blocks: dict[int, list[tuple[int, int]]] = {}
     dir_inline: dict[int, tuple[int, int]] = {}
     n_blocks = [0] * count
@@ -257,12 +279,33 @@ def _write(root: Node) -> bytes:
         xs = all_xattrs[i]
         xsz = 0
         if xs:
-            n_shared = sum(1 for x in xs if x in shared_rel)
-            if n_shared > _MAX_SHARED_REFS:
-                raise WriteError(errno.E2BIG, f"{n_shared} shared xattrs on one inode")
-            xsz = 12 + 4 * n_shared + sum(_entry_size(x) for x in xs if x not in shared_rel)
+            refs: list[int] = []
+            parts: list[bytes] = []
+            for x in xs:
+                rel = shared_rel.get(x)
+                if rel is not None:
+                    refs.append(rel)
+                    continue
+                index, suffix, value = x
+                head = heads.get((index, suffix, len(value)))
+                if head is None:
+                    head = XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix
+                    heads[(index, suffix, len(value))] = head
+                parts += (head, value, _PADS[(len(head) + len(value)) & 3])
+            if len(refs) > _MAX_SHARED_REFS:
+                raise WriteError(errno.E2BIG, f"{len(refs)} shared xattrs on one inode")
+            local = b"".join(parts)
+            xsz = 12 + 4 * len(refs) + len(local)
             if xsz > _MAX_XATTR_AREA:
                 raise WriteError(errno.E2BIG, "xattrs too large for one inode")
+            keys = tuple([(x[0], x[1]) for x in xs])
+            name_filter = filter_cache.get(keys)
+            if name_filter is None:
+                bits = 0
+                for index, suffix in keys:
+                    bits |= 1 << (xxh32(suffix, XATTR_FILTER_SEED + index) & 31)
+                name_filter = filter_cache[keys] = ~bits & _U32
+            xareas[i] = (name_filter, refs, local)
         xsizes[i] = xsz
         inline = 0
         layout = LAYOUT_FLAT_PLAIN
@@ -419,25 +462,17 @@ def _write(root: Node) -> bytes:
             node.gid & _U32,
             node.mtime_sec & _U64,
             0,
-            links[i] if mode != _S_IFDIR else 2 + _subdirs(dirs[i], nodes),
+            links[i],
         )
         off += _INODE_SIZE
         if xsz:
-            xs = all_xattrs[i]
-            bits = 0
-            for x in xs:
-                bits |= 1 << (xxh32(x[1], XATTR_FILTER_SEED + x[0]) & 31)
-            refs = [(inodes_end + shared_rel[x]) // 4 for x in xs if x in shared_rel]
-            XATTR_IBODY_HEADER.pack_into(buf, off, ~bits & _U32, len(refs))
+            name_filter, refs, local = xareas[i]
+            XATTR_IBODY_HEADER.pack_into(buf, off, name_filter, len(refs))
             p = off + 12
-            for r in refs:
-                buf[p : p + 4] = r.to_bytes(4, "little")
+            for rel in refs:
+                XATTR_SHARED_REF.pack_into(buf, p, (inodes_end + rel) // 4)
                 p += 4
-            for x in xs:
-                if x not in shared_rel:
-                    raw = _pack_entry(x)
-                    buf[p : p + len(raw)] = raw
-                    p += len(raw)
+            buf[p : p + len(local)] = local
             off += xsz
         if mode == _S_IFDIR:
             entry = dirs[i]
@@ -457,14 +492,3 @@ def _write(root: Node) -> bytes:
         elif layout == LAYOUT_CHUNK_BASED and node.digest is not None:
             buf[off : off + 4] = _EXTERNAL_TAIL
     return bytes(buf)
-
-
-def _subdirs(entry: tuple[list[bytes], list[int]] | None, nodes: list[Node]) -> int:
-    """Subdirectory entries of a directory (its nlink beyond . and ..)."""
-    assert entry is not None
-    names, targets = entry
-    return sum(
-        1
-        for name, t in zip(names, targets, strict=True)
-        if name != b"." and name != b".." and nodes[t].mode & S_IFMT == _S_IFDIR
-    )
