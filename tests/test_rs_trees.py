@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import marshal
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from composefsd.image.transforms import (
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objectlayout import object_payload
 from composefsd.sources.base import ReadStyle
-from composefsd.sources.directory import ScanOptions, scan_directory, scan_source
+from composefsd.sources.directory import ScanOptions, SourceScan, scan_directory, scan_source
 from conftest import SHARED
 
 RS_DATA = SHARED / "testdata" / "composefs-rs"
@@ -223,3 +224,99 @@ def test_c_style_is_unchanged_on_golden_trees(unpacked: Path) -> None:
     )
     assert b"/hl/small-link 4 @100644 2" in linked
     assert b"/hl/sym-link 3 120777 1" in linked
+
+
+# -- the composefs-rs reading on a tree made here ----------------------------------------------
+
+
+def _made_tree(base: Path) -> Path:
+    """Files with a second path each in z/ (after them in image order)."""
+    top = base / "src"
+    (top / "z").mkdir(parents=True)
+    (top / "small").write_bytes(b"tiny")
+    (top / "big").write_bytes(b"B" * 5000)
+    os.link(top / "big", top / "z" / "big-link")
+    os.symlink("small", top / "sym")
+    os.link(top / "sym", top / "z" / "sym-link", follow_symlinks=False)
+    os.mkfifo(top / "fifo")
+    os.link(top / "fifo", top / "z" / "fifo-link")
+    for key in (b"trusted.zz", b"trusted.aa", b"trusted.mm"):
+        os.setxattr(top / "small", key, b"v")
+    return top
+
+
+def kids(node: Node) -> dict[bytes, Node]:
+    assert node.children is not None
+    return node.children
+
+
+def _scan(top: Path, style: ReadStyle) -> SourceScan:
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return scan_source(fd, os.fsencode(top), ScanOptions(style=style))
+    finally:
+        os.close(fd)
+
+
+def test_rs_style_links_every_file_type(tmp_path: Path) -> None:
+    top = _made_tree(tmp_path)
+    scan = _scan(top, ReadStyle.COMPOSEFS_RS)
+    children = kids(scan.root)
+    sub = kids(children[b"z"])
+    for name in (b"big", b"sym", b"fifo"):
+        inode = children[name]
+        assert inode.link_to is None and inode.nlink == 2, name
+        assert sub[name + b"-link"].link_to is inode, name
+    # Only regular files are imported, a linked one once.
+    assert sorted(rel for rel, _node, _key in scan.files) == [b"big", b"small"]
+    assert scan.regular_files == 2
+    assert children[b"z"].size == 0 and scan.root.size == 0
+
+
+def test_rs_style_sorts_xattrs_c_style_keeps_their_order(tmp_path: Path) -> None:
+    top = _made_tree(tmp_path)
+    listed = [os.fsencode(k) for k in os.listxattr(top / "small")]
+    c_keys = [k for k, _ in kids(_scan(top, ReadStyle.C).root)[b"small"].xattrs]
+    rs_keys = [k for k, _ in kids(_scan(top, ReadStyle.COMPOSEFS_RS).root)[b"small"].xattrs]
+    assert c_keys == listed
+    assert rs_keys == sorted(listed)
+
+
+def test_c_style_links_nothing_but_regular_files_and_only_if_asked(tmp_path: Path) -> None:
+    top = _made_tree(tmp_path)
+    plain = _scan(top, ReadStyle.C)
+    assert all(n.link_to is None for _p, n in plain.root.walk())
+    assert kids(plain.root)[b"z"].size > 0
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        linked = scan_source(fd, b"src", ScanOptions(preserve_hardlinks=True))
+    finally:
+        os.close(fd)
+    sub = kids(kids(linked.root)[b"z"])
+    assert sub[b"big-link"].link_to is kids(linked.root)[b"big"]
+    assert sub[b"sym-link"].link_to is None and sub[b"fifo-link"].link_to is None
+
+
+def test_rs_style_inline_files_carry_no_digest(tmp_path: Path) -> None:
+    top = _made_tree(tmp_path)
+    rs = scan_directory(top, ScanOptions(threads=1, style=ReadStyle.COMPOSEFS_RS)).children
+    c = scan_directory(top, ScanOptions(threads=1)).children
+    assert rs is not None and c is not None
+    assert rs[b"small"].content == b"tiny" and rs[b"small"].digest is None
+    assert rs[b"small"].payload is None
+    assert c[b"small"].content == b"tiny" and c[b"small"].digest is not None
+    assert rs[b"big"].digest == c[b"big"].digest is not None
+
+
+def test_scan_options_cross_to_a_worker_process_intact() -> None:
+
+    for options in (
+        ScanOptions(),
+        ScanOptions(True, True, False, True, 3, False, False, True, ReadStyle.COMPOSEFS_RS),
+    ):
+        wire = marshal.loads(marshal.dumps(options.to_wire()))
+        assert ScanOptions.from_wire(wire) == options
+    with pytest.raises(ValueError):
+        ScanOptions.from_wire(ScanOptions().to_wire()[:-1])
+    with pytest.raises(ValueError):
+        ScanOptions.from_wire((*ScanOptions().to_wire()[:-1], "no-such-style"))

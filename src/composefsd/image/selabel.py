@@ -22,13 +22,17 @@ every inode from the policy the tree itself carries, the way composefs-boot's
 Patterns are Python ``re`` bytes patterns with ``.`` matching newlines, where
 composefs-rs compiles them with the Rust ``regex`` crate (Unicode off), falling back
 to PCRE2: the file_contexts syntax (classes, groups, ``?*+{}``, alternation, escapes)
-means the same in both; a pattern Python cannot compile is an error naming its line.
+means the same in all three; a pattern Python cannot compile (POSIX ``[[:alpha:]]``
+classes are not Python's, a mid-pattern ``(?i)`` neither) is an error naming its line.
+All rules are one alternation tried in priority order, so a lookup is one
+``fullmatch`` in C, not a Python loop over thousands of rules.
 """
 
 from __future__ import annotations
 
 import re
 import stat
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +65,63 @@ _IFMT_CHAR = {
     stat.S_IFCHR: b"c",
 }
 _NONE = "<<none>>"
+#: POSIX classes as the Rust regex crate reads them (ASCII), for a bracket expression.
+_POSIX_CLASSES = {
+    "alnum": "0-9A-Za-z",
+    "alpha": "A-Za-z",
+    "ascii": "\\x00-\\x7F",
+    "blank": "\\t ",
+    "cntrl": "\\x00-\\x1F\\x7F",
+    "digit": "0-9",
+    "graph": "!-~",
+    "lower": "a-z",
+    "print": " -~",
+    "punct": "!-/:-@\\[-`{-~",
+    "space": "\\t\\n\\v\\f\\r ",
+    "upper": "A-Z",
+    "word": "0-9A-Za-z_",
+    "xdigit": "0-9A-Fa-f",
+}
+
+
+def _posix_classes(regex: str) -> str:
+    """``regex`` with each ``[:name:]`` inside a bracket expression spelled out, as
+    Python's ``re`` has no POSIX classes (it would read ``[[:alpha:]]`` as a set of
+    ``[:alph`` followed by ``]``)."""
+    if "[:" not in regex:
+        return regex
+    out: list[str] = []
+    i, n, in_class = 0, len(regex), False
+    while i < n:
+        c = regex[i]
+        if c == "\\":
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if not in_class:
+            out.append(c)
+            i += 1
+            if c == "[":
+                in_class = True
+                if i < n and regex[i] == "^":
+                    out.append("^")
+                    i += 1
+                if i < n and regex[i] == "]":
+                    out.append("\\]")
+                    i += 1
+            continue
+        if regex.startswith("[:", i):
+            end = regex.find(":]", i + 2)
+            spelled = _POSIX_CLASSES.get(regex[i + 2 : end]) if end > 0 else None
+            if spelled is not None:
+                out.append(spelled)
+                i = end + 2
+                continue
+        if c == "]":
+            in_class = False
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _policy_error(message: str) -> TransformError:
@@ -95,7 +156,8 @@ class Policy:
     #: (pattern source, context) in priority order: the last line read comes first.
     rules: list[tuple[bytes, str]] = field(default_factory=list)
     aliases: dict[bytes, bytes] = field(default_factory=dict)
-    _compiled: list[re.Pattern[bytes]] = field(default_factory=list)
+    #: How many groups each rule's pattern has, in the order of ``rules``.
+    _groups: list[int] = field(default_factory=list)
     _combined: re.Pattern[bytes] | None = None
     _group_rule: dict[int, int] = field(default_factory=dict)
 
@@ -121,14 +183,18 @@ class Policy:
                 ifmt, context, rest = b".", nxt, parts[2:]
             if rest:
                 raise _policy_error(f"{what}: {line_nr}: trailing data")
-            source = b"(?:" + regex.encode() + b")" + ifmt
+            source = b"(?:" + _posix_classes(regex).encode() + b")" + ifmt
             try:
-                compiled = re.compile(source, re.DOTALL)
-            except (re.error, OverflowError, RecursionError) as exc:
+                with warnings.catch_warnings():
+                    # Python warns where it reads a pattern otherwise than it may be
+                    # meant (a nested set): refuse rather than match differently.
+                    warnings.simplefilter("error", FutureWarning)
+                    compiled = re.compile(source, re.DOTALL)
+            except (re.error, FutureWarning, OverflowError, RecursionError) as exc:
                 raise _policy_error(f"{what}: {line_nr}: bad regex {regex!r}: {exc}") from exc
             added.append((source, context))
-            self._compiled.append(compiled)
-            if len(self._compiled) > POLICY_RULES_MAX:
+            self._groups.append(compiled.groups)
+            if len(self._groups) > POLICY_RULES_MAX:
                 raise _policy_error(f"{what}: more than {POLICY_RULES_MAX} rules")
         # Kept in reading order until finish() reverses them.
         self.rules.extend(added)
@@ -149,7 +215,7 @@ class Policy:
     def finish(self) -> None:
         """Put the rules in priority order and build the matcher."""
         self.rules.reverse()
-        self._compiled.reverse()
+        self._groups.reverse()
         # One alternation tried in order finds the first rule that matches the whole
         # key, as composefs-rs's leftmost-first DFA does; the group of the rule that
         # matched closes last, so it is the match's lastindex.
@@ -159,28 +225,21 @@ class Policy:
         for i, (source, _context) in enumerate(self.rules):
             parts.append(b"(" + source + b")")
             self._group_rule[group] = i
-            group += 1 + self._compiled[i].groups
+            group += 1 + self._groups[i]
         try:
             self._combined = re.compile(b"|".join(parts), re.DOTALL) if parts else None
-        except (re.error, OverflowError, RecursionError):
-            # E.g. a rule with a global inline flag: match rule by rule instead.
-            self._combined = None
+        except (re.error, OverflowError, RecursionError) as exc:
+            raise _policy_error(f"SELinux policy: cannot combine its rules: {exc}") from exc
 
     def lookup(self, path: bytes, ifmt: bytes) -> str | None:
         """The label for ``path`` of type ``ifmt``, or None (no match, ``<<none>>``)."""
         key = path + ifmt
-        index: int | None = None
-        if self._combined is not None:
-            m = self._combined.fullmatch(key)
-            if m is not None and m.lastindex is not None:
-                index = self._group_rule.get(m.lastindex)
-        else:
-            for i, pattern in enumerate(self._compiled):
-                if pattern.fullmatch(key):
-                    index = i
-                    break
-        if index is None:
+        if self._combined is None:
             return None
+        m = self._combined.fullmatch(key)
+        if m is None or m.lastindex is None:
+            return None
+        index = self._group_rule[m.lastindex]
         context = self.rules[index][1]
         return None if context == _NONE else context
 

@@ -41,6 +41,7 @@ __all__ = [
     "directory",
     "directory_opt",
     "entries",
+    "inodes",
     "relink",
     "set_xattrs",
 ]
@@ -117,10 +118,12 @@ _FORMATS = {
 
 def _debug_quote(name: bytes) -> str:
     """Rust's ``{:?}`` of an ``OsStr``, for the names a tree holds."""
-    text = name.decode("utf-8", "backslashreplace")
+    text = name.decode("utf-8", "surrogateescape")
     out = []
     for ch in text:
-        if ch in '"\\':
+        if 0xDC80 <= ord(ch) <= 0xDCFF:
+            out.append(f"\\x{ord(ch) - 0xDC00:02X}")
+        elif ch in '"\\':
             out.append("\\" + ch)
         elif ch == "\n":
             out.append("\\n")

@@ -28,7 +28,6 @@ fails, which also ends a scan stuck in a FUSE filesystem the caller mounted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import marshal
 import os
@@ -49,7 +48,7 @@ from composefsd.repository.images import (
     scan_source_directory,
 )
 from composefsd.service.fds import close_all, receive_fds
-from composefsd.sources.base import ReadStyle, SourceTree
+from composefsd.sources.base import SourceTree
 from composefsd.sources.directory import ScanOptions, SourceScan, source_tree
 
 __all__ = ["decode_scan", "encode_scan", "scan_as"]
@@ -61,16 +60,6 @@ log = logging.getLogger(__name__)
 _WireNode = tuple[
     int, bytes, int, int, int, int, int, int, int, int, "bytes | None", list[Any], int
 ]
-
-
-def _options_wire(options: ScanOptions) -> tuple[Any, ...]:
-    """``options`` as marshal takes them: the fields in order, the style by value."""
-    return tuple(v.value if isinstance(v, ReadStyle) else v for v in dataclasses.astuple(options))
-
-
-def _options_from_wire(wire: tuple[Any, ...]) -> ScanOptions:
-    options = ScanOptions(*wire)
-    return dataclasses.replace(options, style=ReadStyle(options.style))
 
 
 def encode_scan(scan: SourceScan) -> bytes:
@@ -178,7 +167,7 @@ def scan_as(
                 os.fsencode(path) if path is not None else None,
                 fd,
                 pass_fds[0],
-                _options_wire(scan_options(options)),
+                scan_options(options).to_wire(),
                 max_entries,
                 display,
             ),
@@ -261,7 +250,7 @@ def _worker_main() -> None:
         os.close(fd)
     socket.send_fds(channel, [b"R"], [root_fd])
     send(("opened",))
-    options = _options_from_wire(options_wire)
+    options = ScanOptions.from_wire(options_wire)
 
     def report(p: Progress) -> None:
         send(("progress", p.done))

@@ -12,8 +12,11 @@ import the files, write the image, publish it.
 The sources:
 
 * :mod:`~composefsd.sources.directory`: a directory tree, scanned as C
-  ``mkcomposefs`` does (:func:`~composefsd.sources.directory.scan_source`, then
-  :func:`~composefsd.sources.directory.source_tree`);
+  ``mkcomposefs`` does or, with ``ScanOptions.style``
+  (:class:`~composefsd.sources.base.ReadStyle`), as composefs-rs does
+  (:func:`~composefsd.sources.directory.scan_source`, then
+  :func:`~composefsd.sources.directory.source_tree`); composefs-rs's transforms
+  of the tree read are :mod:`composefsd.image.transforms`;
 * :mod:`~composefsd.sources.dumpfile`: a composefs dumpfile whose files name
   objects in a directory (:func:`~composefsd.sources.dumpfile.dumpfile_tree`).
 

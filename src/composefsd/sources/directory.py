@@ -172,6 +172,38 @@ class ScanOptions:
     #: notes list what differs). ``COMPOSEFS_RS`` implies ``preserve_hardlinks``.
     style: ReadStyle = ReadStyle.C
 
+    def to_wire(self) -> tuple[bool | int | str, ...]:
+        """The options as plain values, for a worker process (:meth:`from_wire`)."""
+        return (
+            self.use_epoch,
+            self.skip_devices,
+            self.skip_xattrs,
+            self.user_xattrs,
+            self.threads,
+            self.compute_digests,
+            self.inline_small,
+            self.preserve_hardlinks,
+            self.style.value,
+        )
+
+    @classmethod
+    def from_wire(cls, wire: tuple[bool | int | str, ...]) -> ScanOptions:
+        """The options :meth:`to_wire` gave; ValueError or TypeError for anything else."""
+        epoch, devices, no_xattrs, user_xattrs, threads, compute, inline, links, style = wire
+        if not isinstance(threads, int) or not isinstance(style, str):
+            raise TypeError("scan options: wrong value types")
+        return cls(
+            use_epoch=bool(epoch),
+            skip_devices=bool(devices),
+            skip_xattrs=bool(no_xattrs),
+            user_xattrs=bool(user_xattrs),
+            threads=threads,
+            compute_digests=bool(compute),
+            inline_small=bool(inline),
+            preserve_hardlinks=bool(links),
+            style=ReadStyle(style),
+        )
+
 
 @dataclass(slots=True, frozen=True)
 class ScanProgress:
