@@ -41,7 +41,9 @@ def repo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     path = tmp_path / "repo"
     status, out, _ = run_ctl(capsys, "--repo", str(path), "init")
     assert status == 0
-    assert out == f"initialized fsverity-sha256-12 repository in {path} (fs-verity: try)\n"
+    assert out == (
+        f"initialized fsverity-sha256-12 repository in {path} (fs-verity: try, images: V1)\n"
+    )
     return path
 
 
@@ -139,7 +141,8 @@ def test_create_image_matches_c(
     assert status == 0, err
     digest = out.strip()
     assert out == digest + "\n" and err == ""
-    assert digest == _c_digest(reference_bin, tree)
+    # A new repository's images are V1: C mkcomposefs --min-version=1's.
+    assert digest == _c_digest(reference_bin, tree, "--min-version=1")
     assert Repository.open(repo).resolve_image("t") == digest
 
     status, out, _ = run_ctl(
@@ -184,7 +187,8 @@ def test_create_image_from_dumpfile(
             check=True,
             stdout=f,
         )
-    expected = _c_digest(reference_bin, dump, "--from-file")
+    # Written in the repository's format, V1: C mkcomposefs --min-version=1's image.
+    expected = _c_digest(reference_bin, dump, "--from-file", "--min-version=1")
     status, out, err = run_ctl(
         capsys,
         "--repo",

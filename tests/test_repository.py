@@ -22,6 +22,7 @@ import pytest
 
 import gen_tree
 from composefsd.fsverity import digest_bytes, digest_fd
+from composefsd.image.formats import ErofsVersion
 from composefsd.image.reader import read_image
 from composefsd.image.writer import write_image
 from composefsd.kernel import verity as fsverity
@@ -55,10 +56,15 @@ from trees import write_tree
 
 TREE_SEEDS = [11, 2024, 77]
 #: (our options, C mkcomposefs arguments)
+# A version range asks for the image C mkcomposefs --digest-store writes; without
+# one CreateImage writes the repository's format the composefs-rs way.
 COMBOS: list[tuple[CreateOptions, list[str]]] = [
-    (CreateOptions(), []),
-    (CreateOptions(use_epoch=True, skip_devices=True), ["--use-epoch", "--skip-devices"]),
-    (CreateOptions(user_xattrs=True), ["--user-xattrs"]),
+    (CreateOptions(min_version=0, max_version=1), []),
+    (
+        CreateOptions(use_epoch=True, skip_devices=True, min_version=0),
+        ["--use-epoch", "--skip-devices"],
+    ),
+    (CreateOptions(user_xattrs=True, max_version=1), ["--user-xattrs"]),
     (
         CreateOptions(skip_xattrs=True, min_version=1, max_version=1),
         ["--skip-xattrs", "--min-version=1", "--max-version=1"],
@@ -172,7 +178,7 @@ def test_init_writes_composefs_rs_metadata_and_layout(tmp_path: Path) -> None:
     meta = (repo.path / "meta.json").read_bytes()
     assert meta == (
         b'{\n  "version": 1,\n  "algorithm": "fsverity-sha256-12",\n  "features": {\n'
-        b'    "compatible": [\n      "composefsd-verity-try"\n    ],\n'
+        b'    "compatible": [],\n'
         b'    "read-only-compatible": [\n      "v1_erofs"\n    ],\n'
         b'    "incompatible": []\n  },\n  "erofs_formats": {\n    "default": 1\n  }\n}\n'
     )
@@ -194,7 +200,9 @@ def test_init_records_policy_and_algorithm(tmp_path: Path, policy: VerityPolicy)
     repo = Repository.init(tmp_path / "r", algorithm="fsverity-sha512-12", verity=policy)
     doc = json.loads((repo.path / "meta.json").read_bytes())
     assert doc["algorithm"] == "fsverity-sha512-12"
-    assert doc["features"]["compatible"] == [f"composefsd-verity-{policy.value}"]
+    # "try" is composefs-rs's insecure mode: no flag, as cfsctl init --insecure writes.
+    flags = [] if policy is VerityPolicy.TRY else [f"composefsd-verity-{policy.value}"]
+    assert doc["features"]["compatible"] == flags
     opened = Repository.open(repo.path)
     assert (opened.hash_name, opened.verity) == ("sha512", policy)
 
@@ -432,7 +440,9 @@ def test_create_image_in_worker_processes(
         (src / f"d{i % 4}" / f"f{i}").write_bytes(rng.randbytes(rng.choice([10, 100, 9000])))
     c_image = c_mkcomposefs(reference_bin, src, tmp_path / "c.img", [])
     repo = Repository.init(tmp_path / "repo")
-    result = repo.create_image(src, options=CreateOptions(threads=3, digest_cache=False))
+    # Plain files only: composefs-rs's V0 is C's default image here.
+    options = CreateOptions(threads=3, digest_cache=False, erofs_version=ErofsVersion.V0)
+    result = repo.create_image(src, options=options)
     assert (repo.images_dir / result.digest).read_bytes() == c_image
     assert repo_objects(repo, result.digest) == store_listing(tmp_path / "c.store")
 
@@ -444,9 +454,11 @@ def test_preserve_hardlinks_is_opt_in(tmp_path: Path, reference_bin: Path) -> No
     os.link(src / "tiny", src / "hard-tiny")
     c_image = c_mkcomposefs(reference_bin, src, tmp_path / "c.img", [])
     repo = Repository.init(tmp_path / "repo")
-    plain = repo.create_image(src, ref="plain")
+    # C mkcomposefs's image (a version range asks for it) breaks hardlinks.
+    plain = repo.create_image(src, ref="plain", options=CreateOptions(min_version=0))
     assert (repo.images_dir / plain.digest).read_bytes() == c_image
-    linked = repo.create_image(src, options=CreateOptions(preserve_hardlinks=True), ref="hl")
+    options = CreateOptions(preserve_hardlinks=True, min_version=0)
+    linked = repo.create_image(src, options=options, ref="hl")
     assert linked.digest != plain.digest
     # The same as writing the scanner's hardlink-preserving tree with these objects.
     root = scan_directory(src, ScanOptions(preserve_hardlinks=True))
@@ -1048,7 +1060,7 @@ def test_list_describe_resolve_remove(tmp_path: Path, reference_bin: Path) -> No
     assert (details.digest, details.refs, details.composefs_version) == (
         d1,
         ["first", "group/alias"],
-        0,
+        1,  # a new repository's images are V1
     )
     assert details.size == listing[d1].size and details.created == listing[d1].created
 

@@ -221,6 +221,8 @@ def test_describe(env: Env) -> None:
         "images": 0,
         "refs": 0,
         "mounts": 0,
+        "erofsVersion": 1,
+        "extraErofsVersions": [],
         "version": out["version"],
     }
     env.create()
@@ -270,8 +272,10 @@ def test_create_image_by_path_with_progress(env: Env) -> None:
     assert out["files"] == 20
     assert out["objectsWritten"] + out["objectsReused"] > 0
     assert out["bytesWritten"] > 0 and out["verityEnabled"] is False
+    assert out["erofsVersion"] == 1  # the repository's format
     assert set(out) == {
         "digest",
+        "erofsVersion",
         "ref",
         "files",
         "objectsWritten",
@@ -291,7 +295,8 @@ def test_create_image_by_path_with_progress(env: Env) -> None:
 
 def test_create_image_options(env: Env) -> None:
     (env.src / "d0").chmod(0o755)
-    plain = env.call("CreateImage", str(env.src), None, None, *[None] * 6)["digest"]
+    # minVersion/maxVersion 0..0: C mkcomposefs's V0 image.
+    plain = env.call("CreateImage", str(env.src), None, None, *[None] * 4, 0, 0)["digest"]
     epoch = env.call("CreateImage", str(env.src), None, None, True, True, None, True, 1, 1)
     assert epoch["digest"] != plain
     user = env.call("CreateImage", str(env.src), None, None, None, None, True, None, 0, 0)

@@ -307,7 +307,8 @@ def test_composefsctl_create_image_never_follows_a_swap(
 
 def test_create_image_unchanged_tree_still_imports(stage: Stage, tmp_path: Path) -> None:
     # The checks cost nothing in behaviour: the same tree gives the same image as
-    # mkcomposefs --digest-store, by path and by fd, and again from the digest cache.
+    # mkcomposefs --digest-store --min-version=1 (the repository's format, V1), by
+    # path and by fd, and again from the digest cache.
     repo = Repository.init(tmp_path / "repo")
     first = repo.create_image(stage.tree, ref="a")
     fd = os.open(stage.tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -319,7 +320,7 @@ def test_create_image_unchanged_tree_still_imports(stage: Stage, tmp_path: Path)
     assert again.digest == first.digest and again.objects_written == 0
     expected = scan_directory(stage.tree, digest_store=tmp_path / "store")
     image = (repo.objects_dir / first.digest[:2] / first.digest[2:]).read_bytes()
-    assert image == write_image(expected)
+    assert image == write_image(expected, min_version=1)
 
 
 # -- a real attacker racing root's CreateImage through the daemon ------------------------

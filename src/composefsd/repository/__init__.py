@@ -21,6 +21,7 @@ from composefsd.repository.errors import (
     RepositoryBusyError,
     RepositoryError,
     SourceError,
+    UnknownFeatureError,
     UnsupportedRepositoryError,
     VerityRequiredError,
 )
@@ -32,7 +33,7 @@ from composefsd.repository.images import (
     ImageEntry,
 )
 from composefsd.repository.locking import gc_lock, reader_lock, writer_lock
-from composefsd.repository.meta import RepoMetadata, VerityPolicy
+from composefsd.repository.meta import FormatConfig, RepoMetadata, VerityPolicy
 from composefsd.repository.progress import Progress, ProgressCallback
 from composefsd.repository.repo import Repository, default_path
 from composefsd.repository.store import ObjectResult
@@ -42,6 +43,7 @@ __all__ = [
     "CorruptRepositoryError",
     "CreateOptions",
     "CreateResult",
+    "FormatConfig",
     "GcResult",
     "ImageDetails",
     "ImageEntry",
@@ -57,6 +59,7 @@ __all__ = [
     "RepositoryBusyError",
     "RepositoryError",
     "SourceError",
+    "UnknownFeatureError",
     "UnsupportedRepositoryError",
     "VerityPolicy",
     "VerityRequiredError",

@@ -20,6 +20,7 @@ __all__ = [
     "RepositoryBusyError",
     "RepositoryError",
     "SourceError",
+    "UnknownFeatureError",
     "UnsupportedRepositoryError",
     "VerityRequiredError",
 ]
@@ -44,6 +45,15 @@ class NotARepositoryError(RepositoryError):
 class UnsupportedRepositoryError(RepositoryError):
     """``meta.json`` names a newer format version, an unknown algorithm, or an
     incompatible feature flag this implementation does not know."""
+
+
+class UnknownFeatureError(UnsupportedRepositoryError):
+    """``meta.json`` lists incompatible feature flags this implementation does not
+    know (``features``, in the file's order): the repository must not be opened."""
+
+    def __init__(self, message: str, *, features: list[str]) -> None:
+        super().__init__(message)
+        self.features = list(features)
 
 
 class CorruptRepositoryError(RepositoryError):

@@ -24,13 +24,20 @@ components of at most 255 bytes each, and holds no control character (C0, DEL,
 C1) and no lone surrogate: names end up in listings, logs and terminals, where
 a newline would forge a row and an escape sequence would drive the terminal.
 
-CreateImage from a directory (:func:`create_from_directory`) gives the image C
-``mkcomposefs --digest-store`` gives for the same tree and options, and the same
-objects: the tree is walked by :func:`composefsd.sources.directory.scan_source` (no file
-is read), then every regular file is hashed with the repository's algorithm and
-published if new by an :class:`~composefsd.repository.importer.Importer` (worker
-processes for large trees), files of 64 bytes or less are inlined, and
-:func:`composefsd.image.writer.write_image` writes the image. Files are read
+CreateImage from a directory (:func:`create_from_directory`) gives the image
+composefs-rs gives for the same tree, algorithm and format (``cfsctl
+create-image --no-propagate-usr-to-root``, or with ``CreateOptions.transform``
+cfsctl's transforms), and the same objects: the tree is walked by
+:func:`composefsd.sources.directory.scan_source` in the composefs-rs style
+(:class:`~composefsd.sources.base.ReadStyle`; no file is read), then every
+regular file is hashed with the repository's algorithm and published if new by
+an :class:`~composefsd.repository.importer.Importer` (worker processes for large
+trees), files of 64 bytes or less are inlined, the transforms are applied
+(:func:`composefsd.image.transforms.apply_transform`) and
+:func:`composefsd.image.formats.write_format` writes the images (next section).
+A version range (``CreateOptions.min_version``/``max_version``) asks for the
+image and objects C ``mkcomposefs --digest-store`` gives instead: C's reading of
+the tree and :func:`composefsd.image.writer.write_image`. Files are read
 beneath the source directory's fd, never through a symlink, and only if they are
 the inode the scan saw (:mod:`composefsd.sources.beneath`), so a tree that its owner
 changes meanwhile cannot lead the import outside it.
@@ -43,6 +50,20 @@ Every source becomes a :class:`~composefsd.sources.base.SourceTree` (a directory
 through :func:`composefsd.sources.directory.source_tree`, a dumpfile through
 :func:`composefsd.sources.dumpfile.dumpfile_tree`), which one code path imports,
 writes and publishes (:func:`_create`).
+
+Formats
+-------
+
+A repository's images are written in its formats (``meta.json``'s
+``erofs_formats``, :class:`~composefsd.repository.meta.FormatConfig`), as
+composefs-rs's ``commit_images`` writes them: one image per format, each an
+object with its ``images/<hex>`` link, and only the default format's image named
+by the ref and returned as the result's digest; the others are listed in
+``CreateResult.extra_images`` and, like composefs-rs's, are anonymous (the next
+GC removes them unless they are pinned). ``CreateOptions.erofs_version`` writes
+one image in that format instead (cfsctl's ``--erofs-version``), and
+``min_version``/``max_version`` one in the C-compatible format C mkcomposefs picks
+in that range (V0 or V1).
 
 In a SHA-512 repository objects are named by their SHA-512 digests; the image
 writer only knows SHA-256 ``trusted.overlay.metacopy`` digests (C composefs
@@ -65,9 +86,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composefsd.dirs import make_dirs
+from composefsd.image.formats import ErofsVersion, image_version, write_format
 from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.image.transforms import Transform, TransformError, apply_transform
 from composefsd.image.tree import Node, gc_paused
-from composefsd.image.writer import write_image
+from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
 from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
@@ -89,7 +112,7 @@ from composefsd.repository.store import (
     random_name,
     sync_objects,
 )
-from composefsd.sources.base import ImportTask, SourceTree, SourceTreeError
+from composefsd.sources.base import ImportTask, ReadStyle, SourceTree, SourceTreeError
 from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
@@ -144,14 +167,23 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 @dataclass(slots=True, frozen=True)
 class CreateOptions:
-    """CreateImage options; the first six mirror C mkcomposefs's."""
+    """CreateImage options; the first six mirror C mkcomposefs's.
+
+    Which images are written (module notes, "Formats"): with ``min_version`` or
+    ``max_version``, C mkcomposefs's image (its reading of the tree, and the
+    format it picks in that range, default 0..1: :attr:`c_compatible`); with
+    ``erofs_version``, one image in that format; with neither, one per format of
+    the repository. Without a version range the tree is read as composefs-rs
+    reads it, and ``transform`` (composefs-rs's transforms, cfsctl's flags) is
+    applied to it before the images are written.
+    """
 
     use_epoch: bool = False
     skip_xattrs: bool = False
     user_xattrs: bool = False
     skip_devices: bool = False
-    min_version: int = 0
-    max_version: int = 1
+    min_version: int | None = None
+    max_version: int | None = None
     #: Paths of one inode become hardlinks in the image (C does not do this).
     preserve_hardlinks: bool = False
     #: Hashing and copying lanes; None: one per CPU this process may run on.
@@ -159,10 +191,29 @@ class CreateOptions:
     #: Reuse digests of unchanged files from the previous import of the same tree
     #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
+    #: Write one image in this format instead of the repository's formats.
+    erofs_version: ErofsVersion | None = None
+    #: composefs-rs's transforms (none by default: cfsctl --no-propagate-usr-to-root).
+    transform: Transform = field(default_factory=Transform)
+
+    @property
+    def c_compatible(self) -> bool:
+        """Whether C mkcomposefs's image is asked for (a version range is given)."""
+        return self.min_version is not None or self.max_version is not None
 
     def __post_init__(self) -> None:
         if self.skip_xattrs and self.user_xattrs:
             raise ValueError("skip_xattrs and user_xattrs exclude each other")
+        if self.erofs_version is not None:
+            object.__setattr__(self, "erofs_version", ErofsVersion(self.erofs_version))
+            if self.min_version is not None or self.max_version is not None:
+                raise ValueError("erofs_version excludes min_version and max_version")
+        for name in ("min_version", "max_version"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= VERSION_MAX:
+                raise ValueError(f"{name} must be 0..{VERSION_MAX}, not {value}")
+        if self.c_compatible and not self.transform.is_identity:
+            raise ValueError("composefs-rs's transforms do not apply to C mkcomposefs's image")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
 
@@ -189,6 +240,11 @@ class CreateResult:
     image_written: bool = False
     image_size: int = 0
     entries: int = 0
+    #: The format of the image ``digest`` names.
+    erofs_version: ErofsVersion = ErofsVersion.V1
+    #: The images written beside it in the repository's extra formats (unnamed:
+    #: no ref names them, so the next GC removes them unless pinned).
+    extra_images: dict[ErofsVersion, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -197,8 +253,8 @@ class Added:
 
     #: Digests (hex) of the objects it wrote, the image object included.
     objects: list[str] = field(default_factory=list)
-    #: The ``images/<hex>`` link it created, if it did (not one that was there).
-    image_link: str | None = None
+    #: The ``images/<hex>`` links it created (not ones that were there).
+    image_links: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)
@@ -486,11 +542,14 @@ def _import(
     return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
-def _apply(tree: SourceTree, results: list[ImportResult], algorithm: Algorithm) -> None:
-    """Give the tree's files their contents or objects. The image format's digests are
-    SHA-256 fs-verity digests: a SHA-512 repository's files carry none."""
+def _apply(
+    tree: SourceTree, results: list[ImportResult], algorithm: Algorithm, c_compatible: bool
+) -> None:
+    """Give the tree's files their contents or objects. composefs-rs's images carry
+    every object's digest in the repository's algorithm; C's format only knows
+    SHA-256 digests, so in C's image a SHA-512 repository's files carry none."""
     sha256 = algorithm is Algorithm.SHA256
-    set_digests = tree.set_digests
+    set_digests = tree.set_digests or not c_compatible
     for node, result in zip(tree.nodes, results, strict=True):
         if result.content is not None:
             node.set_content(result.content)
@@ -498,9 +557,34 @@ def _apply(tree: SourceTree, results: list[ImportResult], algorithm: Algorithm) 
         assert result.digest is not None
         node.payload = object_payload(result.digest)
         if set_digests:
-            node.digest = result.digest if sha256 else None
+            node.digest = result.digest if sha256 or not c_compatible else None
         elif not sha256:
             node.digest = None
+
+
+def _transform(repo: Repository, tree: SourceTree, transform: Transform) -> None:
+    """Apply composefs-rs's transforms to the imported tree; the bootable transform
+    reads the tree's SELinux policy files, from their objects."""
+    if transform.is_identity:
+        return
+
+    def read_content(node: Node) -> bytes:
+        if node.content is not None or not node.payload:
+            return node.content or b""
+        path = repo.objects_dir / os.fsdecode(node.payload)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot read object {os.fsdecode(node.payload)}: {os_error_text(exc)}",
+                errno=exc.errno,
+            ) from exc
+
+    try:
+        with gc_paused():
+            apply_transform(tree.root, transform, read_content)
+    except TransformError as exc:
+        raise SourceError(f"{os.fsdecode(tree.display)}: {exc}") from exc
 
 
 def _finish(
@@ -519,14 +603,17 @@ def _finish(
     throttle("image", 0, None, force=True)
     try:
         with gc_paused():
-            image = write_image(
-                root, min_version=options.min_version, max_version=options.max_version
-            )
+            images = _write_images(repo, root, options)
     except OSError as exc:
         raise SourceError(f"cannot build the image: {os_error_text(exc)}", errno=exc.errno) from exc
-    image_result: ObjectResult = store.store_bytes(image)
-    if image_result.written:
-        added.objects.append(image_result.digest)
+    stored: list[tuple[ErofsVersion, ObjectResult]] = []
+    for version, data in images:
+        stored_image = store.store_bytes(data)
+        if stored_image.written:
+            added.objects.append(stored_image.digest)
+        stored.append((version, stored_image))
+    image_result = stored[0][1]
+    image = images[0][1]
     written: dict[bytes, int] = {}
     present: set[bytes] = set()
     bytes_total = 0
@@ -540,8 +627,7 @@ def _finish(
         if result.written:
             written[result.digest] = task.size
     rels = [object_relpath(d.hex()) for d in written]
-    if image_result.written:
-        rels.append(object_relpath(image_result.digest))
+    rels += [object_relpath(r.digest) for _v, r in stored if r.written]
     throttle("sync", 0, len(rels), force=True)
     try:
         sync_objects(repo.objects_dir, rels)
@@ -552,8 +638,11 @@ def _finish(
     throttle("publish", 0, None, force=True)
     hexdigest = image_result.digest
     try:
-        if _link_image(repo, hexdigest):
-            added.image_link = hexdigest
+        # The extra formats' images first: a published ref never names an image
+        # whose siblings are still missing.
+        for _version, stored_image in reversed(stored):
+            if _link_image(repo, stored_image.digest):
+                added.image_links.append(stored_image.digest)
         if ref is not None:
             _set_ref(repo, ref, hexdigest)
     except OSError as exc:
@@ -572,7 +661,25 @@ def _finish(
         image_written=image_result.written,
         image_size=len(image),
         entries=entries,
+        erofs_version=stored[0][0],
+        extra_images={v: r.digest for v, r in stored[1:]},
     )
+
+
+def _write_images(
+    repo: Repository, root: Node, options: CreateOptions
+) -> list[tuple[ErofsVersion, bytes]]:
+    """The images CreateImage writes (:class:`CreateOptions`), the named one first."""
+    if options.min_version is not None or options.max_version is not None:
+        lo = 0 if options.min_version is None else options.min_version
+        hi = 1 if options.max_version is None else options.max_version
+        data = write_image(root, min_version=lo, max_version=hi)
+        return [(image_version(data), data)]
+    if options.erofs_version is not None:
+        versions = [options.erofs_version]
+    else:
+        versions = list(repo.formats.versions())
+    return [(version, write_format(root, version)) for version in versions]
 
 
 _SOURCE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -586,6 +693,7 @@ def scan_options(options: CreateOptions) -> ScanOptions:
         skip_xattrs=options.skip_xattrs,
         user_xattrs=options.user_xattrs,
         preserve_hardlinks=options.preserve_hardlinks,
+        style=ReadStyle.C if options.c_compatible else ReadStyle.COMPOSEFS_RS,
     )
 
 
@@ -724,10 +832,14 @@ def _undone_on_failure(repo: Repository, added: Added) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        if not added.objects and added.image_link is None:
+        if not added.objects and not added.image_links:
             raise
         try:
-            removed = discard_added(repo, added.objects, since, added.image_link)
+            # One link per call: each goes unless a ref names its image.
+            for link in added.image_links[1:]:
+                discard_added(repo, (), since, link)
+            first = added.image_links[0] if added.image_links else None
+            removed = discard_added(repo, added.objects, since, first)
         except (RepositoryError, OSError) as cleanup:
             why = (
                 "other operations are using the repository"
@@ -763,7 +875,8 @@ def _create(
     results = _import(repo, store, tree, options, lock, throttle, added, cache)
     if cache is not None:
         cache.save(tree.imports, results)
-    _apply(tree, results, repo.hash_algorithm)
+    _apply(tree, results, repo.hash_algorithm, options.c_compatible)
+    _transform(repo, tree, options.transform)
     return _finish(
         repo,
         store,
@@ -788,11 +901,12 @@ def create_from_dumpfile(
     progress: ProgressCallback | None,
 ) -> CreateResult:
     """CreateImage from a dumpfile (bytes, or the path of one) whose external files
-    live in ``objects_dir`` under their payload paths. The image is what C
-    ``mkcomposefs --from-file`` makes of the dumpfile, except that payloads name
-    the repository's objects (identical for canonical ``XX/rest`` payloads).
-    Digests the dumpfile gives are checked against the objects' content.
-    The scan options of ``options`` do not apply; the versions and threads do."""
+    live in ``objects_dir`` under their payload paths. The images are written in
+    the repository's formats (a version range: what C ``mkcomposefs --from-file``
+    makes of the dumpfile), except that payloads name the repository's objects
+    (identical for canonical ``XX/rest`` payloads). Digests the dumpfile gives
+    are checked against the objects' content. The scan options of ``options`` do
+    not apply; the formats, transforms and threads do."""
     ref_name = normalize_ref(ref) if ref is not None else None
     if isinstance(dumpfile, bytes):
         data = dumpfile
@@ -871,7 +985,7 @@ def describe_image(repo: Repository, name: str) -> ImageDetails:
                 raise CorruptObjectError(f"image {digest} is empty")
             with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
                 try:
-                    info = read_image(buf)
+                    info = read_image(buf, c_quirks=False)
                 except ImageFormatError as exc:
                     raise CorruptObjectError(f"image {digest} does not parse: {exc}") from exc
                 objects: dict[bytes, int] = {}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composefsd.dirs import make_dir, make_dirs
+from composefsd.image.formats import ErofsVersion
 from composefsd.kernel.verity import (
     Algorithm,
     VerityAlgorithmMismatchError,
@@ -58,7 +59,14 @@ from composefsd.repository.images import (
     resolve_image,
 )
 from composefsd.repository.locking import reader_lock
-from composefsd.repository.meta import META_JSON, RepoMetadata, VerityPolicy, parse_algorithm
+from composefsd.repository.meta import (
+    META_JSON,
+    FormatConfig,
+    RepoMetadata,
+    VerityPolicy,
+    parse_algorithm,
+    parse_erofs_version,
+)
 from composefsd.repository.progress import ProgressCallback
 from composefsd.repository.store import ObjectStore, PublishState, TmpFile
 from composefsd.sources.base import SourceTree
@@ -141,10 +149,20 @@ class Repository:
         self.hash_name: str = meta.algorithm.value
         self.meta_verity = meta_verity
         self.verity: VerityPolicy = meta.policy(meta_verity)
+        #: The formats CreateImage writes (``meta.json``'s ``erofs_formats``).
+        self.formats: FormatConfig = meta.format_config()
         self.read_only_reason = read_only_reason
 
     def __repr__(self) -> str:
-        return f"Repository({str(self.path)!r}, {self.algorithm}, verity={self.verity.value})"
+        return (
+            f"Repository({str(self.path)!r}, {self.algorithm}, verity={self.verity.value}, "
+            f"erofs=V{int(self.erofs_version)})"
+        )
+
+    @property
+    def erofs_version(self) -> ErofsVersion:
+        """The default format of the repository's images."""
+        return self.formats.default
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -182,9 +200,16 @@ class Repository:
         *,
         algorithm: str | Algorithm = "fsverity-sha256-12",
         verity: VerityPolicy | str = VerityPolicy.TRY,
+        erofs_version: ErofsVersion | int | str | None = None,
+        formats: FormatConfig | None = None,
     ) -> Repository:
         """Create a repository at ``path`` (parents included), or open it if it
-        already is one with the same algorithm and policy.
+        already is one with the same algorithm, policy and image formats.
+
+        Images are written in ``erofs_version`` (default V1, as ``cfsctl init``),
+        or in ``formats`` (a default and extra formats, as composefs-rs's
+        ``RepositoryConfig`` allows); give one or neither. The formats are fixed for
+        the repository's life: asking for others later is refused.
 
         An existing directory is only used if it is empty; anything else that is
         not a repository is refused. Under the required policy, fs-verity must work
@@ -198,6 +223,11 @@ class Repository:
             raise InvalidNameError(
                 f"unknown verity policy {verity!r} (expected required, try or disabled)"
             ) from None
+        if formats is None:
+            version = ErofsVersion.V1 if erofs_version is None else erofs_version
+            formats = FormatConfig(parse_erofs_version(version))
+        elif erofs_version is not None:
+            raise InvalidNameError("give erofs_version or formats, not both")
         p = Path(os.path.abspath(path))
         created = False
         if p.exists() or p.is_symlink():
@@ -205,10 +235,15 @@ class Repository:
                 raise NotARepositoryError(f"{p} exists and is not a directory")
             if os.path.lexists(p / META_JSON):
                 repo = cls.open(p)
-                if repo.hash_algorithm is not alg or repo.verity is not policy:
+                if (
+                    repo.hash_algorithm is not alg
+                    or repo.verity is not policy
+                    or repo.formats != formats
+                ):
                     raise RepositoryError(
-                        f"{p} is already a repository with {repo.algorithm} and verity "
-                        f"{repo.verity.value}, not {alg.composefs_rs_name} and {policy.value}"
+                        f"{p} is already a repository with {repo.algorithm}, verity "
+                        f"{repo.verity.value} and images {_formats_text(repo.formats)}, not "
+                        f"{alg.composefs_rs_name}, {policy.value} and {_formats_text(formats)}"
                     )
                 return repo
             if not _is_empty_skeleton(p):
@@ -221,7 +256,7 @@ class Repository:
                 make_dirs(p.parent, 0o755)
                 make_dir(p, 0o700)
             except FileExistsError:
-                return cls.init(p, algorithm=alg, verity=policy)
+                return cls.init(p, algorithm=alg, verity=policy, formats=formats)
             except OSError as exc:
                 raise RepositoryError(
                     f"cannot create repository {p}: {os_error_text(exc)}", errno=exc.errno
@@ -233,10 +268,11 @@ class Repository:
                 make_dir(p / sub, 0o755, exist_ok=True)
             with ObjectStore(p / "objects", alg, policy) as store:
                 store.probe_verity()
-            _write_meta(p, RepoMetadata.new(alg, policy), policy is VerityPolicy.REQUIRED)
+            meta = RepoMetadata.new(alg, policy, formats)
+            _write_meta(p, meta, policy is VerityPolicy.REQUIRED)
         except FileExistsError:
             # Another process initialised it meanwhile: theirs stands, compare with it.
-            return cls.init(p, algorithm=alg, verity=policy)
+            return cls.init(p, algorithm=alg, verity=policy, formats=formats)
         except BaseException as exc:
             _undo_init(p, created)
             if isinstance(exc, OSError):
@@ -244,7 +280,13 @@ class Repository:
                     f"cannot create repository {p}: {os_error_text(exc)}", errno=exc.errno
                 ) from exc
             raise
-        log.info("created repository %s (%s, verity %s)", p, alg.composefs_rs_name, policy.value)
+        log.info(
+            "created repository %s (%s, verity %s, images %s)",
+            p,
+            alg.composefs_rs_name,
+            policy.value,
+            _formats_text(formats),
+        )
         return cls.open(p)
 
     @classmethod
@@ -430,6 +472,12 @@ class Repository:
     ) -> GcResult:
         """Remove what no ref or pin reaches (:mod:`composefsd.repository.gc`)."""
         return collect_garbage(self, pins=pins, dry_run=dry_run, progress=progress, timeout=timeout)
+
+
+def _formats_text(formats: FormatConfig) -> str:
+    """``V1`` or ``V1 (+V2)``, for messages."""
+    extra = [f"+V{int(v)}" for v in formats.versions()][1:]
+    return f"V{int(formats.default)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _write_problem(path: Path) -> str | None:

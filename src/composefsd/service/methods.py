@@ -60,6 +60,8 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
+from composefsd.image.formats import ErofsVersion
+from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
@@ -301,6 +303,27 @@ def _mapping(value: list[dict[str, Any]] | None, field_name: str) -> list[IdMapp
     return out
 
 
+_XATTR_FILTERS = {
+    "allowlistOnly": XattrFilter.ALLOWLIST_ONLY,
+    "keepUserXattrs": XattrFilter.KEEP_USER_XATTRS,
+}
+
+
+def _transform(propagate: bool | None, xattrs: str | None, bootable: bool | None) -> Transform:
+    """CreateImage's transforms as cfsctl's flags give them: the xattr filter only
+    with propagateUsrToRoot (cfsctl ignores it otherwise; we refuse it)."""
+    if xattrs is not None and not propagate:
+        raise _invalid("xattrs")
+    if propagate:
+        try:
+            kept = _XATTR_FILTERS[xattrs or "allowlistOnly"]
+        except KeyError:
+            raise _invalid("xattrs") from None
+    else:
+        kept = XattrFilter.ALL
+    return Transform(_bool(propagate), kept, _bool(bootable))
+
+
 def caller_rights(peer: Peer) -> Credentials | None:
     """The rights to read a caller's files with: None if they are this process's
     own (the same uid), else the peer's uid, gid and groups."""
@@ -356,6 +379,12 @@ class RepositoryInterface:
         skip_devices: bool | None,
         min_version: int | None,
         max_version: int | None,
+        # Defaults for the fields added later, so that callers written before
+        # them (tests calling the method directly) keep working.
+        erofs_version: int | None = None,
+        propagate_usr_to_root: bool | None = None,
+        xattrs: str | None = None,
+        bootable: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -364,12 +393,21 @@ class RepositoryInterface:
             raise _invalid("sourcePath")
         if source_path is not None:
             source_path = _absolute(source_path, "sourcePath")
-        lo = 0 if min_version is None else min_version
-        hi = 1 if max_version is None else max_version
-        if not 0 <= lo <= VERSION_MAX:
+        if min_version is not None and not 0 <= min_version <= VERSION_MAX:
             raise _invalid("minVersion")
-        if not 0 <= hi <= VERSION_MAX:
+        if max_version is not None and not 0 <= max_version <= VERSION_MAX:
             raise _invalid("maxVersion")
+        version: ErofsVersion | None = None
+        if erofs_version is not None:
+            if min_version is not None or max_version is not None:
+                raise _invalid("erofsVersion")
+            try:
+                version = ErofsVersion(erofs_version)
+            except ValueError:
+                raise _invalid("erofsVersion") from None
+        transform = _transform(propagate_usr_to_root, xattrs, bootable)
+        if (min_version is not None or max_version is not None) and not transform.is_identity:
+            raise _invalid("propagateUsrToRoot" if propagate_usr_to_root else "bootable")
         if _bool(skip_xattrs) and _bool(user_xattrs):
             raise _invalid("userXattrs")
         if ref is not None:
@@ -385,8 +423,10 @@ class RepositoryInterface:
             skip_xattrs=_bool(skip_xattrs),
             user_xattrs=_bool(user_xattrs),
             skip_devices=_bool(skip_devices),
-            min_version=lo,
-            max_version=hi,
+            min_version=min_version,
+            max_version=max_version,
+            erofs_version=version,
+            transform=transform,
         )
         try:
             with self._reporter(ctx) as report, _mapped(image=ref, source_path=source_path):
@@ -405,6 +445,7 @@ class RepositoryInterface:
         )
         out: dict[str, Any] = {
             "digest": result.digest,
+            "erofsVersion": int(result.erofs_version),
             "files": result.files,
             "objectsWritten": result.objects_written,
             "objectsReused": result.objects_reused,
@@ -413,6 +454,10 @@ class RepositoryInterface:
         }
         if result.ref is not None:
             out["ref"] = result.ref
+        if result.extra_images:
+            out["extraImages"] = [
+                {"erofsVersion": int(v), "digest": d} for v, d in result.extra_images.items()
+            ]
         return out
 
     def _create(

@@ -42,6 +42,8 @@ def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> d
         "images": images,
         "refs": sum(1 for _ in iter_refs(repo)),
         "mounts": len(repository_mounts(repo, mounts)),
+        "erofsVersion": int(repo.erofs_version),
+        "extraErofsVersions": [int(v) for v in repo.formats.versions()][1:],
         "version": composefsd.__version__,
     }
     if reason is not None:

@@ -13,9 +13,22 @@ __all__ = ["check_mount", "check_verify", "check_xattrs", "id_mappings", "open_u
 
 
 def check_xattrs(args: argparse.Namespace) -> None:
-    """``create-image``: the xattr options that exclude each other."""
+    """``create-image``: the xattr and format options that exclude each other."""
     if args.skip_xattrs and args.user_xattrs:
         raise Usage("--skip-xattrs and --user-xattrs exclude each other")
+    if args.erofs_version is not None and (
+        args.min_version is not None or args.max_version is not None
+    ):
+        raise Usage("--erofs-version and --min-version/--max-version exclude each other")
+    if args.xattrs is not None and not args.propagate_usr_to_root:
+        raise Usage("--xattrs only goes with --propagate-usr-to-root")
+    if (args.propagate_usr_to_root or args.bootable) and (
+        args.min_version is not None or args.max_version is not None
+    ):
+        raise Usage(
+            "--min-version/--max-version (C mkcomposefs's image) exclude composefs-rs's "
+            "transforms (--propagate-usr-to-root, --bootable)"
+        )
 
 
 def check_verify(args: argparse.Namespace) -> None:

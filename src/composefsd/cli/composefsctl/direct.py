@@ -21,6 +21,7 @@ from composefsd.cli.composefsctl.arguments import (
     open_userns,
 )
 from composefsd.cli.composefsctl.errors import Failed, Usage
+from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.kernel.mount import unmount
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.repomount import (
@@ -58,8 +59,12 @@ def _cmd_init(args: argparse.Namespace) -> int:
         path,
         algorithm=f"fsverity-{args.algorithm}-12",
         verity=VerityPolicy(args.verity),
+        erofs_version=args.erofs_version,
     )
-    output.say(f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: {repo.verity})")
+    output.say(
+        f"initialized {repo.algorithm} repository in {repo.path} (fs-verity: "
+        f"{repo.verity}, images: V{int(repo.erofs_version)})"
+    )
     return 0
 
 
@@ -73,6 +78,16 @@ def _create_options(args: argparse.Namespace) -> CreateOptions:
             skip_devices=args.skip_devices,
             min_version=args.min_version,
             max_version=args.max_version,
+            erofs_version=args.erofs_version,
+            transform=Transform(
+                propagate_usr_to_root=args.propagate_usr_to_root,
+                xattrs=(
+                    XattrFilter(args.xattrs or XattrFilter.ALLOWLIST_ONLY.value)
+                    if args.propagate_usr_to_root
+                    else XattrFilter.ALL
+                ),
+                bootable=args.bootable,
+            ),
             preserve_hardlinks=args.preserve_hardlinks,
             threads=args.threads,
         )

@@ -133,6 +133,9 @@ def print_status(d: dict[str, Any], service: str) -> None:
     say(f"repository:  {d['path']}")
     say(f"algorithm:   {d['algorithm']}")
     say(f"fs-verity:   {d['verity']}")
+    if "erofsVersion" in d:
+        extra = "".join(f" +V{v}" for v in d.get("extraErofsVersions", []))
+        say(f"format:      V{d['erofsVersion']}{extra}")
     say(f"images:      {d['images']} ({d['refs']} ref{'s' if d['refs'] != 1 else ''})")
     say(f"mounts:      {d['mounts']}")
     if d.get("readOnlyReason"):

@@ -43,6 +43,12 @@ def _version(text: str) -> int:
     return value
 
 
+def _erofs_version(text: str) -> int:
+    if text not in ("0", "1", "2"):
+        raise argparse.ArgumentTypeError(f"not an EROFS format version (0, 1 or 2): {text!r}")
+    return int(text)
+
+
 def _timeout(text: str) -> float | None:
     try:
         value = float(text)
@@ -120,6 +126,15 @@ def _parser() -> argparse.ArgumentParser:
         default=VerityPolicy.TRY.value,
         help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
     )
+    p.add_argument(
+        "--erofs-version",
+        type=_erofs_version,
+        default=1,
+        metavar="N",
+        help="the format of the repository's images, as cfsctl init's: 1 (default; C "
+        "mkcomposefs --min-version=1), 0 (C mkcomposefs --max-version=0) or 2 "
+        "(composefs-rs's older format)",
+    )
 
     p = command("create-image", "import a directory tree as an image")
     p.add_argument("source", metavar="SOURCE", nargs="?", help="the directory to import")
@@ -136,8 +151,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-xattrs", action="store_true", help="don't store file xattrs")
     p.add_argument("--user-xattrs", action="store_true", help="only store user.* xattrs")
     p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
-    p.add_argument("--min-version", type=_version, default=0, metavar="N")
-    p.add_argument("--max-version", type=_version, default=1, metavar="N")
+    p.add_argument(
+        "--erofs-version",
+        type=_erofs_version,
+        metavar="N",
+        help="write one image in this format (0, 1 or 2) instead of the repository's formats",
+    )
+    p.add_argument(
+        "--min-version",
+        type=_version,
+        metavar="N",
+        help="write one image in the format C mkcomposefs chooses from --min-version "
+        "(default 0) to --max-version (default 1)",
+    )
+    p.add_argument("--max-version", type=_version, metavar="N")
+    p.add_argument(
+        "--propagate-usr-to-root",
+        action="store_true",
+        help="composefs-rs's container transform (cfsctl's default): the root directory "
+        "takes /usr's metadata, /run is emptied, xattrs are filtered (--xattrs)",
+    )
+    p.add_argument(
+        "--xattrs",
+        choices=("allowlist-only", "keep-user-xattrs"),
+        help="with --propagate-usr-to-root: keep security.capability only (allowlist-only, "
+        "the default) or also user.* xattrs",
+    )
+    p.add_argument(
+        "--bootable",
+        action="store_true",
+        help="as cfsctl --bootable: empty /boot and /sysroot, label from the tree's own "
+        "SELinux policy",
+    )
     p.add_argument(
         "--preserve-hardlinks",
         action="store_true",

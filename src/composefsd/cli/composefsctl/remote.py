@@ -27,6 +27,10 @@ from composefsd.service.client import INTERFACE, Connection, Reply, VarlinkCallE
 __all__ = ["COMMANDS", "call_error_text"]
 
 
+#: ``--xattrs`` values (cfsctl's) as the IDL's XattrFilter names them.
+_XATTR_FILTERS = {"allowlist-only": "allowlistOnly", "keep-user-xattrs": "keepUserXattrs"}
+
+
 def _method(name: str) -> str:
     return f"{INTERFACE}.{name}"
 
@@ -90,10 +94,13 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
     _opt(params, "skipXattrs", args.skip_xattrs)
     _opt(params, "userXattrs", args.user_xattrs)
     _opt(params, "skipDevices", args.skip_devices)
-    if args.min_version != 0:
-        params["minVersion"] = args.min_version
-    if args.max_version != 1:
-        params["maxVersion"] = args.max_version
+    _opt(params, "minVersion", args.min_version)
+    _opt(params, "maxVersion", args.max_version)
+    _opt(params, "erofsVersion", args.erofs_version)
+    _opt(params, "propagateUsrToRoot", args.propagate_usr_to_root)
+    if args.xattrs is not None:
+        params["xattrs"] = _XATTR_FILTERS[args.xattrs]
+    _opt(params, "bootable", args.bootable)
     printer = output.progress(args)
     result: Reply | None = None
     try:
@@ -111,6 +118,10 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
         "objects_reused": result.get("objectsReused", 0),
         "bytes_written": result.get("bytesWritten", 0),
         "verity_enabled": result.get("verityEnabled", False),
+        "erofs_version": result.get("erofsVersion"),
+        "extra_images": {
+            str(image["erofsVersion"]): image["digest"] for image in result.get("extraImages", [])
+        },
     }
     output.report_created(doc, args)
     return 0
