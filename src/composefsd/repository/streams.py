@@ -52,6 +52,7 @@ __all__ = [
     "read_stream",
     "resolve_stream",
     "stream_links",
+    "trace_streams",
 ]
 
 log = logging.getLogger(__name__)
@@ -354,23 +355,38 @@ def reachable(repo: Repository, roots: Iterable[str] = ()) -> Reach:
     """What composefs-rs's GC keeps alive through streams.
 
     Roots are the streams ``streams/refs/**`` name plus those of ``roots`` that are
-    content ids of streams (other names, e.g. images', are ignored here). For each
-    root stream, its object is live, and it is traced: every object ref is live, and
+    content ids of streams (other names, e.g. images', are ignored here); each is
+    traced as :func:`trace_streams` does. Raises :class:`StreamError` where
+    composefs-rs's GC would fail.
+    """
+    entries = _stream_entries(repo)
+    extra = set(roots)
+    root_ids = _root_streams(repo, entries) | {c for c in entries if c in extra}
+    return _trace(repo, entries, root_ids)
+
+
+def trace_streams(repo: Repository, content_ids: Iterable[str]) -> Reach:
+    """What the streams ``content_ids`` keep alive, as composefs-rs's GC walks them:
+    a root stream's object is live, and it is traced: every object ref is live, and
     every named ref's stream object is live and, if some ``streams/<id>`` names that
     object, traced too. Unnamed stream refs keep nothing alive (composefs-rs only
     follows named refs). Each stream is traced once, iteratively: cycles and deep
-    chains in a hostile repository cost nothing more.
-
-    Raises :class:`StreamError` where composefs-rs's GC would fail.
-    """
+    chains in a hostile repository cost nothing more. :class:`StreamNotFoundError`
+    for a content id that is no stream."""
     entries = _stream_entries(repo)
+    roots = set(content_ids)
+    missing = sorted(roots - entries.keys())
+    if missing:
+        raise StreamNotFoundError(f"no stream {missing[0]!r} in {repo.path}")
+    return _trace(repo, entries, roots)
+
+
+def _trace(repo: Repository, entries: dict[str, str], root_ids: set[str]) -> Reach:
     # composefs-rs maps a digest to one of the names linking to it; any one will do
     # (same object, same references), the first by name is deterministic.
     by_digest: dict[str, str] = {}
     for content_id in sorted(entries):
         by_digest.setdefault(entries[content_id], content_id)
-    extra = set(roots)
-    root_ids = _root_streams(repo, entries) | {c for c in entries if c in extra}
     reach = Reach()
     stack = sorted(root_ids, reverse=True)
     reach.objects.update(entries[c] for c in root_ids)
