@@ -23,6 +23,13 @@ repository controls: each is bounds-checked against the data before use, and
 decompression is bounded. Where composefs-rs refuses a file, so do we; where it
 accepts one (trailing bytes after the last section, overlapping sections, an
 empty range anywhere), we do too, so that both agree on what a repository holds.
+
+:func:`parse` / :func:`read_refs` read everything but the stream section (what GC
+and fsck need; composefs-rs's reader does not look into it when opening either),
+:func:`iter_chunks` decodes the stream section, :class:`SplitStreamWriter` writes
+byte for byte what composefs-rs writes. zstd is the standard library's
+``compression.zstd`` (``backports.zstd`` before Python 3.14); the compressed bytes
+equal composefs-rs's where both use the same libzstd (:func:`zstd_version_info`).
 """
 
 from __future__ import annotations
