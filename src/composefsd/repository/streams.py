@@ -351,17 +351,20 @@ def _root_streams(repo: Repository, entries: dict[str, str]) -> set[str]:
     return roots
 
 
-def reachable(repo: Repository, roots: Iterable[str] = ()) -> Reach:
+def reachable(repo: Repository, roots: Iterable[str] = (), *, with_refs: bool = True) -> Reach:
     """What composefs-rs's GC keeps alive through streams.
 
-    Roots are the streams ``streams/refs/**`` name plus those of ``roots`` that are
-    content ids of streams (other names, e.g. images', are ignored here); each is
-    traced as :func:`trace_streams` does. Raises :class:`StreamError` where
+    Roots are the streams ``streams/refs/**`` name (unless ``with_refs`` is False:
+    then only ``roots``, to ask what one stream keeps alive) plus those of ``roots``
+    that are content ids of streams (other names, e.g. images', are ignored here);
+    each is traced as :func:`trace_streams` does. Raises :class:`StreamError` where
     composefs-rs's GC would fail.
     """
     entries = _stream_entries(repo)
     extra = set(roots)
-    root_ids = _root_streams(repo, entries) | {c for c in entries if c in extra}
+    root_ids = {c for c in entries if c in extra}
+    if with_refs:
+        root_ids |= _root_streams(repo, entries)
     return _trace(repo, entries, root_ids)
 
 
