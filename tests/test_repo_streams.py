@@ -298,3 +298,53 @@ def test_cat_refuses_content_longer_than_declared(golden: tuple[str, Repository]
         path.unlink()
         with pytest.raises(StreamError, match="cannot open object"):
             cat(store, link.digest, io.BytesIO())
+
+
+def test_stream_link_targets_are_read_as_composefs_rs_reads_them(tmp_path: Path) -> None:
+    """Only the last ``XX/rest`` of a stream link counts, in either case; a ref's
+    stream is its target's last component."""
+    repo = Repository.init(tmp_path / "repo", algorithm="sha256")
+    streams = repo.path / "streams"
+    (streams / "refs" / "sub").mkdir(parents=True)
+    digest = "ab" + "0" * 62
+    targets = {
+        "plain": f"../objects/ab/{'0' * 62}",
+        "upper": f"elsewhere/AB/{'0' * 62}",
+        "short": "../objects/ab/00",
+        "not-hex": f"../objects/zz/{'0' * 62}",
+        "non-ascii": f"../objects/a\u0130/{'0' * 61}",
+        "no-slash": f"../objects/ab0{'0' * 62}",
+    }
+    for name, target in targets.items():
+        (streams / name).symlink_to(target)
+    (streams / "dir").mkdir()
+    found = {s.content_id: s for s in iter_streams(repo)}
+    assert {k: v.digest for k, v in found.items()} == {
+        "dir": None,
+        "no-slash": None,
+        "non-ascii": None,
+        "not-hex": None,
+        "plain": digest,
+        "short": None,
+        "upper": digest,
+    }
+    assert found["plain"].well_formed and not found["upper"].well_formed
+    assert found["dir"].target is None
+    refs = {
+        "a": "../plain",
+        "sub/b": "../../upper/",
+        "c": "../plain/.",
+        "d": "..",
+        "e": "/",
+        "f": "../missing",
+    }
+    for name, target in refs.items():
+        (streams / "refs" / name).symlink_to(target)
+    assert {r.name: r.content_id for r in iter_stream_refs(repo)} == {
+        "a": "plain",
+        "sub/b": "upper",
+        "c": "plain",
+        "d": None,
+        "e": None,
+        "f": None,
+    }

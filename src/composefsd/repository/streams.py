@@ -118,9 +118,10 @@ def _link_digest(target: str, digest_size: int) -> str | None:
     """composefs-rs's ``from_object_pathname``: the last ``2 * size + 1`` bytes are
     ``XX/rest`` in hex (either case); whatever comes before is not looked at."""
     width = 2 * digest_size + 1
-    tail = target[-width:].lower()
-    if len(target) < width or tail[2] != "/":
+    tail = target[-width:]
+    if len(target) < width or tail[2] != "/" or not tail.isascii():
         return None
+    tail = tail.lower()
     hexed = tail[:2] + tail[3:]
     return hexed if HEX_DIGITS.issuperset(hexed) else None
 
