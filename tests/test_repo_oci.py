@@ -204,3 +204,31 @@ def test_manifest_stream_with_two_objects_is_refused(golden: tuple[str, Reposito
         with pytest.raises(OciError):
             open_image(repo, store, image.manifest_digest)
     assert algorithm
+
+
+def test_fresh_pulls_recorded_beside_the_repositories(golden: tuple[str, Repository]) -> None:
+    """expected/oci/<alg>: the same images pulled into a fresh repository (``boot``
+    without --bootable there). Their ``oci images`` list and ``inspect`` documents
+    are ours on the golden repository, but for the extra tag and the boot image."""
+    algorithm, repo = golden
+    pulls = RS / "expected" / "oci" / algorithm
+    commands = json.loads((pulls / "commands.json").read_text())
+    # The first listing, right after the five pulls (later ones follow tag/untag).
+    listed = next(
+        c for c in commands if c.get("command") == "cfsctl --repo $REPO oci images --json"
+    )
+    ours = {tag: image.info(tag) for tag, image in list_images(repo) if tag != "multi:v2"}
+    assert {i["name"]: i for i in json.loads(listed["stdout"])["images"]} == ours
+    version = repo_erofs_version(repo)
+    with repo.object_store() as store:
+        for inspect in sorted(pulls.glob("images/*/inspect.json")):
+            tag = inspect.parent.name
+            expected = json.loads(inspect.read_text())
+            ours_doc = open_tag(repo, store, tag).inspect(version)
+            if tag == "boot":
+                assert ours_doc["composefs_boot_erofs"] is not None
+                ours_doc["composefs_boot_erofs"] = None
+            assert ours_doc == expected, tag
+            # inspect --manifest / --config print the JSON text and a newline.
+            assert (inspect.parent / "manifest.json").read_text() == ours_doc["manifest"] + "\n"
+            assert (inspect.parent / "config.json").read_text() == ours_doc["config"] + "\n"
