@@ -232,3 +232,21 @@ def test_fresh_pulls_recorded_beside_the_repositories(golden: tuple[str, Reposit
             # inspect --manifest / --config print the JSON text and a newline.
             assert (inspect.parent / "manifest.json").read_text() == ours_doc["manifest"] + "\n"
             assert (inspect.parent / "config.json").read_text() == ours_doc["config"] + "\n"
+
+
+def test_erofs_version_follows_meta(golden: tuple[str, Repository]) -> None:
+    """composefs-rs's choice: erofs_formats.default, else the v1_erofs flag (V1),
+    else V2; a V2 repository's inspect shows the composefs.image ref (none here)."""
+    _algorithm, repo = golden
+    assert repo_erofs_version(repo) == 1
+    repo.meta.erofs_default = None
+    assert repo_erofs_version(repo) == 1
+    repo.meta.read_only_compatible = []
+    assert repo_erofs_version(repo) == 2
+    repo.meta.erofs_default = 2
+    assert repo_erofs_version(repo) == 2
+    with repo.object_store() as store:
+        image = open_tag(repo, store, "boot")
+    assert image.inspect(2)["composefs_erofs"] is None
+    assert image.inspect(2)["composefs_boot_erofs"] is None
+    assert image.inspect(0) == image.inspect(1)
