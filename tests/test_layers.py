@@ -25,6 +25,7 @@ _RANKS = {
     "image": 0,
     "fsverity": 1,
     "objectlayout": 1,
+    "splitstream": 1,
     "sources": 2,
     "credentials": 2,
     "dirs": 2,
