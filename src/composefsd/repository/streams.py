@@ -256,11 +256,12 @@ def _root_streams(repo: Repository, entries: dict[str, str]) -> set[str]:
     return roots
 
 
-def reachable(repo: Repository, roots: Iterable[str] = ()) -> Reach:
+def reachable(repo: Repository, roots: Iterable[str] = (), *, with_refs: bool = True) -> Reach:
     """What composefs-rs's GC keeps alive through streams.
 
-    Roots are the streams ``streams/refs/**`` name plus those of ``roots`` that are
-    content ids of streams (other names, e.g. images', are ignored here). For each
+    Roots are the streams ``streams/refs/**`` name (unless ``with_refs`` is False: then
+    only ``roots``, to ask what one stream keeps alive) plus those of ``roots`` that
+    are content ids of streams (other names, e.g. images', are ignored here). For each
     root stream, its object is live, and it is traced: every object ref is live, and
     every named ref's stream object is live and, if some ``streams/<id>`` names that
     object, traced too. Unnamed stream refs keep nothing alive (composefs-rs only
@@ -276,7 +277,9 @@ def reachable(repo: Repository, roots: Iterable[str] = ()) -> Reach:
     for content_id in sorted(entries):
         by_digest.setdefault(entries[content_id], content_id)
     extra = set(roots)
-    root_ids = _root_streams(repo, entries) | {c for c in entries if c in extra}
+    root_ids = (_root_streams(repo, entries) if with_refs else set()) | {
+        c for c in entries if c in extra
+    }
     reach = Reach()
     stack = sorted(root_ids, reverse=True)
     reach.objects.update(entries[c] for c in root_ids)
