@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from composefsd.repository import Repository
-from composefsd.repository.gc import GcResult
+from composefsd.repository.gc import GcResult, discard_added
+from composefsd.repository.streams import reachable
 from rsgolden import (
     ALGORITHMS,
     commands,
@@ -115,3 +117,19 @@ def test_extra_roots_name_images_and_streams(golden: tuple[str, Path]) -> None:
     assert (path / "streams" / config).exists()
     assert (path / "images" / image).exists()
     assert repo.fsck().ok
+
+
+def test_failed_create_keeps_objects_streams_use(golden: tuple[str, Path]) -> None:
+    """A failed CreateImage removes the objects it wrote, but not one a stream uses
+    (a cfsctl import may have found it there and reused it)."""
+    alg, path = golden
+    repo = Repository.open(path)
+    used = sorted(reachable(repo).objects)[0]
+    before = repo.gc(dry_run=True).objects_removed
+    # An object cfsctl gc removed from the snapshot.
+    after = set(expected_listing(f"repo-{alg}.after-gc.listing.txt"))
+    gone = [line for line in expected_listing(f"repo-{alg}.listing.txt") if line not in after]
+    garbage = gone[0].split()[1].removeprefix("objects/").replace("/", "")
+    assert discard_added(repo, [used, garbage], time.time()) == 1
+    assert repo.object_path(used).exists() and not repo.object_path(garbage).exists()
+    assert repo.gc(dry_run=True).objects_removed == before - 1
