@@ -3,6 +3,9 @@ cfsctl-written golden repositories, and on hostile copies of them."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import re
 import shutil
@@ -15,10 +18,13 @@ from composefsd.image.reader import iter_objects, read_image
 from composefsd.repository import Repository
 from composefsd.repository.streams import (
     StreamError,
+    StreamNotFoundError,
+    cat,
     iter_stream_refs,
     iter_streams,
     reachable,
     read_stream,
+    resolve_stream,
 )
 from conftest import SHARED
 
@@ -119,10 +125,12 @@ def test_reachable_after_untag(golden: tuple[str, Repository]) -> None:
 
 def test_additional_roots_name_streams(golden: tuple[str, Repository]) -> None:
     _algorithm, repo = golden
+    layer = next(s for s in iter_streams(repo) if s.content_id.startswith("oci-layer-"))
+    only = reachable(repo, [layer.content_id, "no-such-stream"], with_refs=False)
     shutil.rmtree(repo.path / "streams" / "refs")
     assert reachable(repo).objects == set()
-    layer = next(s for s in iter_streams(repo) if s.content_id.startswith("oci-layer-"))
     reach = reachable(repo, [layer.content_id, "no-such-stream"])
+    assert reach == only
     assert reach.streams == {layer.content_id}
     with repo.object_store() as store:
         assert layer.digest is not None
@@ -210,13 +218,11 @@ def _tiny_stream(content_type: int, named: list[str], size: int) -> bytes:
     """A splitstream with named refs only (the writer proper is tested elsewhere)."""
     import struct
 
-    import zstandard
+    from composefsd.splitstream import zstd_compress
 
     refs = b"".join(bytes.fromhex(d) for d in named)
-    names = zstandard.ZstdCompressor().compress(
-        b"".join(f"{i}:n{i}\0".encode() for i in range(len(named)))
-    )
-    stream = zstandard.ZstdCompressor().compress(b"")
+    names = zstd_compress(b"".join(f"{i}:n{i}\0".encode() for i in range(len(named))))
+    stream = zstd_compress(b"")
     info_start = 32
     sr = (info_start + 80, info_start + 80 + len(refs))
     nr = (sr[1], sr[1] + len(names))
@@ -224,3 +230,121 @@ def _tiny_stream(content_type: int, named: list[str], size: int) -> bytes:
     header = struct.pack("<11sBHBBQQ", b"SplitStream", 0, 0, 1 if size == 32 else 2, 12, 32, 112)
     info = struct.pack("<10Q", *sr, sr[1], sr[1], *st, *nr, content_type, 0)
     return header + info + refs + names + stream
+
+
+def test_cat_rebuilds_every_stream(golden: tuple[str, Repository]) -> None:
+    """Each stream's content has the sha256 its content id names: layers are the
+    uncompressed layer tars (diff_id), configs and manifests the OCI layout's blobs."""
+    _algorithm, repo = golden
+    blobs = RS / "inputs" / "oci" / "layout" / "blobs" / "sha256"
+    with repo.object_store() as store:
+        for link in iter_streams(repo):
+            assert link.digest is not None
+            out = io.BytesIO()
+            size = cat(store, link.digest, out)
+            data = out.getvalue()
+            assert size == len(data) == read_stream(store, link.digest).stream_size
+            sha = link.content_id.rsplit("sha256:", 1)[1]
+            assert hashlib.sha256(data).hexdigest() == sha, link.content_id
+            if not link.content_id.startswith("oci-layer-"):
+                assert data == (blobs / sha).read_bytes()
+
+
+def test_cat_command_output(golden: tuple[str, Repository]) -> None:
+    """``cfsctl cat refs/named/single-layer`` as recorded."""
+    algorithm, repo = golden
+    recorded = json.loads(
+        (RS / "expected" / "repos" / f"repo-{algorithm}.commands.json").read_text()
+    )
+    cats = [c for c in recorded if c.get("command", "").startswith("cfsctl --repo $REPO cat ")]
+    assert cats
+    with repo.object_store() as store:
+        for command in cats:
+            name = command["command"].rsplit(" ", 1)[1]
+            _content_id, digest = resolve_stream(repo, name)
+            out = io.BytesIO()
+            cat(store, digest, out)
+            assert len(out.getvalue()) == command["stdout_size"]
+            assert hashlib.sha256(out.getvalue()).hexdigest() == command["stdout_sha256"]
+
+
+def test_resolve_stream_names(golden: tuple[str, Repository]) -> None:
+    _algorithm, repo = golden
+    layer = next(s for s in iter_streams(repo) if s.content_id.startswith("oci-layer-"))
+    assert resolve_stream(repo, layer.content_id) == (layer.content_id, layer.digest)
+    tag = resolve_stream(repo, "refs/oci/multi:v2")
+    assert tag == resolve_stream(repo, "refs/oci/multi")
+    assert tag[0].startswith("oci-manifest-sha256:")
+    for bad in ("refs/", "refs/../x", "refs/oci/nope", "nope", "refs", "..", "a/b", "", "refs/oci"):
+        with pytest.raises(StreamNotFoundError):
+            resolve_stream(repo, bad)
+
+
+def test_cat_refuses_content_longer_than_declared(golden: tuple[str, Repository]) -> None:
+    """An object that grew (a damaged repository) cannot make cat write more than the
+    stream declares; a missing object is reported."""
+    _algorithm, repo = golden
+    link = next(s for s in iter_streams(repo) if s.content_id.startswith("oci-config-"))
+    assert link.digest is not None
+    with repo.object_store() as store:
+        (obj,) = read_stream(store, link.digest).refs.object_refs
+        path = repo.object_path(obj)
+        data = path.read_bytes()
+        path.chmod(0o644)
+        path.write_bytes(data + b"more")
+        out = io.BytesIO()
+        with pytest.raises(StreamError, match="longer than"):
+            cat(store, link.digest, out)
+        path.unlink()
+        with pytest.raises(StreamError, match="cannot open object"):
+            cat(store, link.digest, io.BytesIO())
+
+
+def test_stream_link_targets_are_read_as_composefs_rs_reads_them(tmp_path: Path) -> None:
+    """Only the last ``XX/rest`` of a stream link counts, in either case; a ref's
+    stream is its target's last component."""
+    repo = Repository.init(tmp_path / "repo", algorithm="sha256")
+    streams = repo.path / "streams"
+    (streams / "refs" / "sub").mkdir(parents=True)
+    digest = "ab" + "0" * 62
+    targets = {
+        "plain": f"../objects/ab/{'0' * 62}",
+        "upper": f"elsewhere/AB/{'0' * 62}",
+        "short": "../objects/ab/00",
+        "not-hex": f"../objects/zz/{'0' * 62}",
+        "non-ascii": f"../objects/a\u0130/{'0' * 61}",
+        "no-slash": f"../objects/ab0{'0' * 62}",
+    }
+    for name, target in targets.items():
+        (streams / name).symlink_to(target)
+    (streams / "dir").mkdir()
+    found = {s.content_id: s for s in iter_streams(repo)}
+    assert {k: v.digest for k, v in found.items()} == {
+        "dir": None,
+        "no-slash": None,
+        "non-ascii": None,
+        "not-hex": None,
+        "plain": digest,
+        "short": None,
+        "upper": digest,
+    }
+    assert found["plain"].well_formed and not found["upper"].well_formed
+    assert found["dir"].target is None
+    refs = {
+        "a": "../plain",
+        "sub/b": "../../upper/",
+        "c": "../plain/.",
+        "d": "..",
+        "e": "/",
+        "f": "../missing",
+    }
+    for name, target in refs.items():
+        (streams / "refs" / name).symlink_to(target)
+    assert {r.name: r.content_id for r in iter_stream_refs(repo)} == {
+        "a": "plain",
+        "sub/b": "upper",
+        "c": "plain",
+        "d": None,
+        "e": None,
+        "f": None,
+    }

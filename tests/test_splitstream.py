@@ -3,7 +3,9 @@ and hostile variants of them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 import tarfile
 from functools import cache
@@ -11,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from composefsd import splitstream as ss
 from conftest import SHARED
@@ -172,7 +173,7 @@ def test_bad_ranges_are_refused() -> None:
 def _with_named_refs(entry: dict[str, Any], raw: bytes, records: bytes) -> bytes:
     """``raw`` with its named-refs section replaced by ``records`` compressed (appended
     at the end of the file, where composefs-rs allows any section to be)."""
-    section = zstandard.ZstdCompressor(level=3).compress(records)
+    section = ss.zstd_compress(records)
     start = len(raw)
     return _patched(raw, _info_field(entry, 6), "<QQ", start, start + len(section)) + section
 
@@ -231,12 +232,12 @@ def test_named_refs_that_are_not_zstd_or_too_large_are_refused() -> None:
         with pytest.raises(ss.SplitStreamError):
             ss.read_refs(patched, size)
     # Two whole frames are read as one section, as the zstd crate's decoder does.
-    doubled = section + zstandard.ZstdCompressor().compress(b"0:extra\0")
+    doubled = section + ss.zstd_compress(b"0:extra\0")
     start = len(raw)
     patched = _patched(raw, _info_field(entry, 6), "<QQ", start, start + len(doubled)) + doubled
     assert ("extra", entry["stream_refs"][0]) in ss.read_refs(patched, size).named_refs
     # A small frame that expands past the limit is refused, not decompressed.
-    bomb = zstandard.ZstdCompressor(level=19).compress(b"x" * (ss.NAMED_REFS_MAX + 1))
+    bomb = ss.zstd_compress(b"x" * (ss.NAMED_REFS_MAX + 1))
     assert len(bomb) < 4096
     start = len(raw)
     patched = _patched(raw, _info_field(entry, 6), "<QQ", start, start + len(bomb)) + bomb
@@ -266,3 +267,189 @@ def test_read_refs_takes_mmap(tmp_path: Path) -> None:
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mapped:
         refs = ss.read_refs(mapped, digest_size(entry))
     assert list(refs.object_refs) == entry["object_refs"]
+
+
+# --- the stream section and the writer ---------------------------------------------
+
+
+@cache
+def object_sizes() -> dict[str, int]:
+    """Sizes of the objects in the golden repositories (every object a golden stream
+    references is among them): the writer needs them for ``stream_size``."""
+    sizes: dict[str, int] = {}
+    for alg in ("sha256", "sha512"):
+        with tarfile.open(RS / "repos" / f"repo-{alg}.tar.gz") as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                if member.isfile() and len(parts) == 4 and parts[1] == "objects":
+                    sizes[parts[2] + parts[3]] = member.size
+    return sizes
+
+
+def decoded_chunks(raw: bytes, size: int) -> list[dict[str, Any]]:
+    """The chunks of ``raw`` in streams.json's form (inline pieces joined)."""
+    out: list[dict[str, Any]] = []
+    inline = b""
+    for chunk in ss.iter_chunks(raw, ss.parse(raw, size)):
+        if isinstance(chunk, bytes):
+            inline += chunk
+            continue
+        if inline:
+            out.append({"inline": len(inline), "sha256": hashlib.sha256(inline).hexdigest()})
+            inline = b""
+        out.append({"external": chunk.index, "object": chunk.digest})
+    if inline:
+        out.append({"inline": len(inline), "sha256": hashlib.sha256(inline).hexdigest()})
+    return out
+
+
+def test_every_golden_stream_has_the_decoded_chunks() -> None:
+    for label, entry, raw in golden_streams():
+        assert decoded_chunks(raw, digest_size(entry)) == entry["chunks"], label
+
+
+def reencode(raw: bytes, size: int) -> bytes:
+    parsed = ss.parse(raw, size)
+    sizes = object_sizes()
+    chunks: list[bytes | tuple[str, int]] = [
+        (c.digest, sizes[c.digest]) if isinstance(c, ss.ObjectChunk) else c
+        for c in ss.iter_chunks(raw, parsed)
+    ]
+    return ss.write_splitstream(
+        size,
+        parsed.refs.content_type,
+        chunks,
+        named_refs=parsed.refs.named_refs,
+        stream_refs=parsed.refs.stream_refs,
+    )
+
+
+def test_every_golden_stream_reencodes() -> None:
+    """Byte for byte where our libzstd is the one that wrote the golden data (1.5.4,
+    Debian 12's, which run-tests builds the binding against); with another libzstd
+    the compressed sections may differ, so there the decoded parts are compared."""
+    same_zstd = ss.zstd_version_info()[:3] == (1, 5, 4)
+    for label, entry, raw in golden_streams():
+        size = digest_size(entry)
+        out = reencode(raw, size)
+        if same_zstd:
+            assert out == raw, label
+        else:
+            assert ss.parse(out, size).refs == ss.parse(raw, size).refs, label
+            assert decoded_chunks(out, size) == entry["chunks"], label
+        assert ss.parse(out, size).stream_size == entry["info"]["stream_size"], label
+
+
+def test_ci_builds_against_the_golden_libzstd() -> None:
+    """run-tests builds the binding against the system libzstd, Debian 12's 1.5.4,
+    so that the byte-for-byte re-encoding above runs in CI."""
+    if os.environ.get("CI"):
+        assert ss.zstd_version_info()[:3] == (1, 5, 4)
+
+
+def test_writer_output_parses_back() -> None:
+    digest_a, digest_b, digest_c = ("a" * 64, "b" * 64, "c" * 64)
+    writer = ss.SplitStreamWriter(32, ss.CONTENT_TYPE_OCI_CONFIG)
+    writer.add_named_ref("zeta", digest_b)
+    writer.add_named_ref("alpha:with:colons", digest_a)
+    writer.add_named_ref("zeta", digest_c)  # re-pointed: b stays in the stream refs
+    writer.write_inline(b"head")
+    writer.write_inline(b"er")
+    writer.write_object(digest_a, 100)
+    writer.write_object(digest_b, 7)
+    writer.write_object(digest_a, 100)
+    writer.write_inline(b"x" * 3_000_000)
+    data = writer.finish()
+    parsed = ss.parse(data, 32)
+    assert parsed.refs.stream_refs == (digest_b, digest_a, digest_c)
+    assert parsed.refs.named_refs == (("alpha:with:colons", digest_a), ("zeta", digest_c))
+    assert parsed.refs.object_refs == (digest_a, digest_b)
+    assert parsed.stream_size == 6 + 207 + 3_000_000
+    chunks = list(ss.iter_chunks(data, parsed))
+    assert chunks[0] == b"header"
+    assert chunks[1:4] == [
+        ss.ObjectChunk(0, digest_a),
+        ss.ObjectChunk(1, digest_b),
+        ss.ObjectChunk(0, digest_a),
+    ]
+    assert b"".join(c for c in chunks[4:] if isinstance(c, bytes)) == b"x" * 3_000_000
+    assert all(len(c) <= 1 << 20 for c in chunks if isinstance(c, bytes))
+    # An empty stream, as composefs-rs writes one (its zstd frame declares size 0).
+    empty = ss.write_splitstream(64, ss.CONTENT_TYPE_OCI_LAYER, [])
+    assert list(ss.iter_chunks(empty, ss.parse(empty, 64))) == []
+
+
+def test_writer_refuses_bad_input() -> None:
+    writer = ss.SplitStreamWriter(32, 0)
+    for bad in ("A" * 64, "a" * 63, "a" * 128, "g" * 64, ""):
+        with pytest.raises(ValueError):
+            writer.write_object(bad, 1)
+        with pytest.raises(ValueError):
+            writer.add_named_ref("n", bad)
+    with pytest.raises(ValueError):
+        writer.add_named_ref("a\0b", "a" * 64)
+    with pytest.raises(ValueError):
+        ss.SplitStreamWriter(20, 0)
+
+
+def _layer_stream() -> tuple[dict[str, Any], bytes]:
+    for _label, entry, raw in golden_streams():
+        if entry["info"]["content_type"] == ss.CONTENT_TYPE_OCI_LAYER and len(entry["chunks"]) > 8:
+            return entry, raw
+    raise AssertionError("no layer stream with chunks")
+
+
+def _read_all(data: bytes, size: int) -> None:
+    list(ss.iter_chunks(data, ss.parse(data, size)))
+
+
+def test_every_truncation_of_a_layer_stream_is_refused() -> None:
+    entry, raw = _layer_stream()
+    for length in range(len(raw)):
+        with pytest.raises(ss.SplitStreamError):
+            _read_all(raw[:length], digest_size(entry))
+
+
+def _with_stream(size: int, decompressed: bytes, stream_size: int, objects: int = 1) -> bytes:
+    """A splitstream with ``objects`` object refs and the given stream section."""
+    base = ss.write_splitstream(size, 0, [("d" * (2 * size), 1)] if objects else [])
+    section = ss.zstd_compress(decompressed)
+    start = len(base)
+    out = bytearray(base + section)
+    struct.pack_into("<QQ", out, 32 + 32, start, start + len(section))
+    struct.pack_into("<Q", out, 32 + 72, stream_size)
+    return bytes(out)
+
+
+def test_hostile_stream_sections_are_refused() -> None:
+    q = struct.Struct("<q").pack
+    cases = {
+        "object index past the refs": (q(1), 10),
+        "negative huge inline": (q(-(2**63)), 10),
+        "inline beyond stream_size": (q(-11) + b"x" * 11, 10),
+        "inline cut short": (q(-5) + b"abc", 10),
+        "header cut short": (q(0) + b"\0\0\0", 10),
+        "more than the limit": (q(0) * 10, 0),
+    }
+    for what, (section, declared) in cases.items():
+        with pytest.raises(ss.SplitStreamError):
+            _read_all(_with_stream(32, section, declared), 32)
+        assert what
+    # Within bounds these read.
+    _read_all(_with_stream(32, q(-5) + b"abcde" + q(0), 6), 32)
+
+
+def test_a_zstd_bomb_in_the_stream_section_is_stopped_early() -> None:
+    """A small section that would decompress to a gigabyte of zero headers (object 0,
+    over and over) is refused once it passes what stream_size allows."""
+    bomb = ss.zstd_compress(bytes(64 << 20))
+    assert len(bomb) < 8192
+    data = _with_stream(32, b"", 1000)
+    start = len(data)
+    patched = bytearray(data + bomb)
+    struct.pack_into("<QQ", patched, 32 + 32, start, start + len(bomb))
+    chunks = 0
+    with pytest.raises(ss.SplitStreamError, match="more than"):
+        for _chunk in ss.iter_chunks(bytes(patched), ss.parse(bytes(patched), 32)):
+            chunks += 1
+    assert chunks <= 9 * 1000 // 8 + 1

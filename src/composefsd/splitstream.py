@@ -23,20 +23,31 @@ repository controls: each is bounds-checked against the data before use, and
 decompression is bounded. Where composefs-rs refuses a file, so do we; where it
 accepts one (trailing bytes after the last section, overlapping sections, an
 empty range anywhere), we do too, so that both agree on what a repository holds.
+
+:func:`parse` / :func:`read_refs` read everything but the stream section (what GC
+and fsck need; composefs-rs's reader does not look into it when opening either),
+:func:`iter_chunks` decodes the stream section, :class:`SplitStreamWriter` writes
+byte for byte what composefs-rs writes. zstd is the standard library's
+``compression.zstd`` (``backports.zstd`` before Python 3.14); the compressed bytes
+equal composefs-rs's where both use the same libzstd (:func:`zstd_version_info`).
 """
 
 from __future__ import annotations
 
-import io
 import mmap
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias
 
-import zstandard
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 from composefsd.kernel.verity import LOG_BLOCK_SIZE, Algorithm
+from composefsd.objectlayout import is_hex
 
 __all__ = [
     "CONTENT_TYPE_OCI_CONFIG",
@@ -50,12 +61,24 @@ __all__ = [
     "OCI_CONFIG_PREFIX",
     "OCI_LAYER_PREFIX",
     "OCI_MANIFEST_PREFIX",
+    "ZSTD_LEVEL",
     "Buffer",
+    "Chunk",
+    "ObjectChunk",
     "SplitStream",
     "SplitStreamError",
+    "SplitStreamWriter",
     "StreamRefs",
+    "ZstdSection",
+    "iter_chunks",
     "parse",
     "read_refs",
+    "stream_limit",
+    "write_splitstream",
+    "zstd_compress",
+    "zstd_decompress",
+    "zstd_pieces",
+    "zstd_version_info",
 ]
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
@@ -86,10 +109,10 @@ INFO_SIZE = _INFO.size
 #: short records (an OCI config has one per layer plus a few image refs).
 NAMED_REFS_MAX = 16 << 20
 
-_ZSTD_MAGIC = 0xFD2FB528
-_ZSTD_SKIPPABLE_MASK = 0xFFFFFFF0
-_ZSTD_SKIPPABLE = 0x184D2A50
-_ZSTD_BLOCK_MAX = 128 << 10
+#: composefs-rs compresses with the zstd crate's default level, 3, without checksums.
+ZSTD_LEVEL = 3
+_PIECE = 1 << 20
+_I64 = struct.Struct("<q")
 
 
 class SplitStreamError(Exception):
@@ -269,90 +292,292 @@ def read_refs(data: Buffer, digest_size: int) -> StreamRefs:
 # --- zstd --------------------------------------------------------------------------
 
 
-def _frame_end(data: memoryview, pos: int, what: str) -> tuple[int, int]:
-    """Walk one zstd frame's block headers from ``pos``: (where it ends, an upper
-    bound of what it decompresses to). Refuses a truncated frame, which libzstd's
-    streaming reader would silently stop at, and bytes that are no frame at all."""
-    if len(data) - pos < 4:
-        raise SplitStreamError(f"zstd {what}: {len(data) - pos} stray bytes at offset {pos}")
-    (magic,) = struct.unpack_from("<I", data, pos)
-    if magic & _ZSTD_SKIPPABLE_MASK == _ZSTD_SKIPPABLE:
-        if len(data) - pos < 8:
-            raise SplitStreamError(f"zstd {what}: skippable frame at {pos} is truncated")
-        (size,) = struct.unpack_from("<I", data, pos + 4)
-        end = pos + 8 + size
-        if end > len(data):
-            raise SplitStreamError(f"zstd {what}: skippable frame at {pos} is truncated")
-        return end, 0
-    if magic != _ZSTD_MAGIC:
-        raise SplitStreamError(f"zstd {what}: no zstd frame at offset {pos}")
-    if len(data) - pos < 5:
-        raise SplitStreamError(f"zstd {what}: frame header at {pos} is truncated")
-    descriptor = data[pos + 4]
-    fcs_flag = descriptor >> 6
-    single_segment = bool(descriptor & 0x20)
-    if descriptor & 0x08:
-        raise SplitStreamError(f"zstd {what}: frame at {pos} sets a reserved bit")
-    checksum = bool(descriptor & 0x04)
-    header = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
-    header += (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
-    cursor = pos + header
-    bound = 0
-    while True:
-        if len(data) - cursor < 3:
-            raise SplitStreamError(f"zstd {what}: frame at {pos} is truncated at {cursor}")
-        block = data[cursor] | data[cursor + 1] << 8 | data[cursor + 2] << 16
-        last, kind, size = block & 1, (block >> 1) & 3, block >> 3
-        cursor += 3
-        if kind == 3:
-            raise SplitStreamError(f"zstd {what}: reserved block type at offset {cursor - 3}")
-        cursor += 1 if kind == 1 else size
-        bound += _ZSTD_BLOCK_MAX if kind == 2 else size
-        if cursor > len(data):
-            raise SplitStreamError(f"zstd {what}: frame at {pos} is truncated at {len(data)}")
-        if last:
-            break
-    if checksum:
-        cursor += 4
-        if cursor > len(data):
-            raise SplitStreamError(f"zstd {what}: frame checksum at {pos} is truncated")
-    return cursor, bound
-
-
-def zstd_check(data: Buffer, what: str) -> int:
-    """Check that ``data`` is whole zstd frames and nothing else; return an upper
-    bound of their decompressed size. No frames at all (empty data) is accepted."""
-    view = memoryview(data).cast("B")
-    pos = 0
-    bound = 0
-    while pos < len(view):
-        pos, frame_bound = _frame_end(view, pos, what)
-        bound += frame_bound
-    return bound
-
-
-def zstd_reader(data: Buffer, limit: int, what: str) -> Iterator[bytes]:
-    """Decompress checked ``data`` in pieces, refusing more than ``limit`` bytes."""
-    zstd_check(data, what)
-    reader = zstandard.ZstdDecompressor().stream_reader(
-        io.BytesIO(memoryview(data).cast("B")), read_across_frames=True, closefd=False
-    )
+def zstd_pieces(data: Buffer, limit: int, what: str) -> Generator[bytes, None, None]:
+    """Decompress ``data`` (zero or more whole zstd frames, as the zstd crate's
+    reader takes them) in pieces of at most 1 MiB, refusing more than ``limit``
+    bytes in all, a truncated frame and bytes that are no frame."""
+    rest: Buffer = memoryview(data).cast("B")
     total = 0
-    while True:
-        try:
-            piece = reader.read(min(1 << 20, limit - total + 1))
-        except zstandard.ZstdError as exc:
-            raise SplitStreamError(f"zstd {what}: {exc}") from None
-        if not piece:
-            return
-        total += len(piece)
-        if total > limit:
-            raise SplitStreamError(f"zstd {what}: decompresses to more than {limit} bytes")
-        yield piece
+    while len(rest):
+        decompressor = zstd.ZstdDecompressor()
+        pending: Buffer = rest
+        while not decompressor.eof:
+            if decompressor.needs_input and not len(pending):
+                raise SplitStreamError(f"zstd {what}: truncated frame")
+            try:
+                piece = decompressor.decompress(pending, max_length=min(_PIECE, limit - total + 1))
+            except zstd.ZstdError as exc:
+                raise SplitStreamError(f"zstd {what}: {exc}") from None
+            pending = b""
+            total += len(piece)
+            if total > limit:
+                raise SplitStreamError(f"zstd {what}: decompresses to more than {limit} bytes")
+            if piece:
+                yield piece
+        rest = decompressor.unused_data
 
 
 def zstd_decompress(data: Buffer, limit: int, what: str) -> bytes:
-    """All of checked ``data`` decompressed, refusing more than ``limit`` bytes."""
-    if not len(data):
-        return b""
-    return b"".join(zstd_reader(data, limit, what))
+    """All of ``data`` decompressed (see :func:`zstd_pieces`)."""
+    return b"".join(zstd_pieces(data, limit, what))
+
+
+class ZstdSection:
+    """Compresses one section as composefs-rs's zstd ``Encoder`` does: every write
+    goes in with ``ZSTD_e_continue`` and the frame is ended by an empty
+    ``ZSTD_e_end``, so the frame header declares no content size, except for an
+    empty section, where the first call already ends the frame (and declares 0).
+    With the same libzstd (composefs-rs 0.9 as packaged links the system's), the
+    bytes are the same."""
+
+    __slots__ = ("_compressor", "_out", "_written")
+
+    def __init__(self) -> None:
+        self._compressor = zstd.ZstdCompressor(level=ZSTD_LEVEL)
+        self._out: list[bytes] = []
+        self._written = False
+
+    def write(self, data: Buffer) -> None:
+        if len(data):
+            self._written = True
+            self._out.append(self._compressor.compress(data, zstd.ZstdCompressor.CONTINUE))
+
+    def finish(self) -> bytes:
+        if self._written:
+            self._out.append(self._compressor.flush(zstd.ZstdCompressor.FLUSH_FRAME))
+        else:
+            self._out.append(self._compressor.compress(b"", zstd.ZstdCompressor.FLUSH_FRAME))
+        return b"".join(self._out)
+
+
+def zstd_compress(data: Buffer) -> bytes:
+    """One section compressed as composefs-rs does (see :class:`ZstdSection`)."""
+    section = ZstdSection()
+    section.write(data)
+    return section.finish()
+
+
+# --- the stream section ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectChunk:
+    """An external chunk: the whole content of object ``digest`` (object ref ``index``)."""
+
+    index: int
+    digest: str
+
+
+Chunk: TypeAlias = bytes | ObjectChunk
+
+
+class _Pieces:
+    """Exact reads over an iterator of byte pieces."""
+
+    __slots__ = ("_buf", "_it", "_pos")
+
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self._it = it
+        self._buf = b""
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, fewer only at the end."""
+        if self._pos + n <= len(self._buf):
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+        parts = [self._buf[self._pos :]]
+        have = len(parts[0])
+        self._buf, self._pos = b"", 0
+        while have < n:
+            piece = next(self._it, None)
+            if piece is None:
+                break
+            take = n - have
+            if len(piece) > take:
+                parts.append(piece[:take])
+                self._buf, self._pos = piece, take
+                have = n
+            else:
+                parts.append(piece)
+                have += len(piece)
+        return b"".join(parts)
+
+
+def stream_limit(stream: SplitStream) -> int:
+    """The most the stream section may decompress to: every chunk is an 8-byte
+    header plus at least one byte of the rebuilt file (the declared
+    ``stream_size``), except external chunks of empty objects, allowed once per
+    object ref."""
+    return 9 * stream.stream_size + 8 * len(stream.refs.object_refs)
+
+
+def iter_chunks(data: Buffer, stream: SplitStream) -> Generator[Chunk, None, None]:
+    """The chunks of ``stream`` (parsed from ``data``) in order: inline bytes (a long
+    inline chunk comes in pieces of at most 1 MiB) and :class:`ObjectChunk`.
+
+    Raises :class:`SplitStreamError` for a stream section outside the file, bad
+    zstd, a chunk header cut short, an inline chunk running past the end, an object
+    index past the object refs, or more inline bytes than ``stream_size``.
+    """
+    view = memoryview(data).cast("B")
+    section = _range(view, stream.stream_start, stream.stream_end, "stream")
+    reader = _Pieces(zstd_pieces(section, stream_limit(stream), "stream"))
+    objects = stream.refs.object_refs
+    inline_left = stream.stream_size
+    offset = 0
+    while True:
+        header = reader.read(8)
+        if not header:
+            return
+        if len(header) < 8:
+            raise SplitStreamError(
+                f"splitstream chunk header at stream offset {offset} is cut short"
+            )
+        (value,) = _I64.unpack(header)
+        offset += 8
+        if value >= 0:
+            if value >= len(objects):
+                raise SplitStreamError(
+                    f"splitstream chunk at stream offset {offset - 8} names object {value} "
+                    f"of {len(objects)}"
+                )
+            yield ObjectChunk(value, objects[value])
+            continue
+        size = -value
+        if size > inline_left:
+            raise SplitStreamError(
+                f"splitstream inline chunk of {size} bytes at stream offset {offset - 8} "
+                f"is more than the declared stream size leaves ({inline_left})"
+            )
+        inline_left -= size
+        while size:
+            piece = reader.read(min(size, _PIECE))
+            if not piece:
+                raise SplitStreamError(
+                    f"splitstream inline chunk at stream offset {offset} is cut short"
+                )
+            size -= len(piece)
+            offset += len(piece)
+            yield piece
+
+
+# --- writing -----------------------------------------------------------------------
+
+
+class SplitStreamWriter:
+    """Builds a splitstream byte for byte as composefs-rs's ``SplitStreamWriter``:
+
+    * stream refs in the order they are first added; named refs sorted by name
+      (a name added again points to the new stream, the old one stays in the
+      stream refs);
+    * object refs in order of first use; adjacent inline writes coalesced;
+    * header, info, stream refs, object refs, named refs, stream, back to back.
+    """
+
+    def __init__(self, digest_size: int, content_type: int) -> None:
+        self._algorithm = _algorithm_for(digest_size)
+        self._digest_size = digest_size
+        self.content_type = content_type
+        self._stream_refs: dict[str, int] = {}
+        self._object_refs: dict[str, int] = {}
+        self._named: dict[str, int] = {}
+        self._inline: list[bytes] = []
+        self._inline_size = 0
+        self._stream = ZstdSection()
+        self.total_size = 0
+
+    def _check_digest(self, digest: str) -> None:
+        if len(digest) != 2 * self._digest_size or not is_hex(digest):
+            raise ValueError(f"not a {self._algorithm.value} digest: {digest!r}")
+
+    def add_stream_ref(self, digest: str) -> int:
+        """The index of stream ``digest`` (added if new)."""
+        self._check_digest(digest)
+        return self._stream_refs.setdefault(digest, len(self._stream_refs))
+
+    def add_named_ref(self, name: str, digest: str) -> None:
+        if "\0" in name:
+            raise ValueError(f"a named ref cannot contain NUL: {name!r}")
+        self._named[name] = self.add_stream_ref(digest)
+
+    def add_object_ref(self, digest: str) -> int:
+        """The index of object ``digest`` (added if new)."""
+        self._check_digest(digest)
+        return self._object_refs.setdefault(digest, len(self._object_refs))
+
+    def _flush_inline(self) -> None:
+        if self._inline_size:
+            self._stream.write(_I64.pack(-self._inline_size))
+            for data in self._inline:
+                self._stream.write(data)
+            self._inline.clear()
+            self._inline_size = 0
+
+    def write_inline(self, data: Buffer) -> None:
+        if len(data):
+            self._inline.append(bytes(data))
+            self._inline_size += len(data)
+            self.total_size += len(data)
+
+    def write_object(self, digest: str, size: int) -> None:
+        """An external chunk: object ``digest``, whose content is ``size`` bytes."""
+        self._flush_inline()
+        index = self.add_object_ref(digest)
+        self._stream.write(_I64.pack(index))
+        self.total_size += size
+
+    def finish(self) -> bytes:
+        self._flush_inline()
+        stream = self._stream.finish()
+        names = ZstdSection()
+        for name in sorted(self._named):
+            names.write(f"{self._named[name]}:{name}\0".encode())
+        named = names.finish()
+        stream_refs = b"".join(bytes.fromhex(d) for d in self._stream_refs)
+        object_refs = b"".join(bytes.fromhex(d) for d in self._object_refs)
+        info_start = HEADER_SIZE
+        sr_start = info_start + INFO_SIZE
+        or_start = sr_start + len(stream_refs)
+        nr_start = or_start + len(object_refs)
+        s_start = nr_start + len(named)
+        s_end = s_start + len(stream)
+        header = _HEADER.pack(
+            MAGIC, 0, 0, self._algorithm.kernel_id, LOG_BLOCK_SIZE, info_start, sr_start
+        )
+        info = _INFO.pack(
+            sr_start, or_start, or_start, nr_start, s_start, s_end, nr_start, s_start,
+            self.content_type, self.total_size,
+        )  # fmt: skip
+        return b"".join((header, info, stream_refs, object_refs, named, stream))
+
+
+def write_splitstream(
+    digest_size: int,
+    content_type: int,
+    chunks: Iterable[Buffer | tuple[str, int]],
+    *,
+    named_refs: Iterable[tuple[str, str]] = (),
+    stream_refs: Iterable[str] = (),
+) -> bytes:
+    """A whole splitstream: ``stream_refs`` first (in order), then ``named_refs``
+    (``(name, stream digest)``), then ``chunks``: inline bytes or ``(object digest,
+    object size)``."""
+    writer = SplitStreamWriter(digest_size, content_type)
+    for digest in stream_refs:
+        writer.add_stream_ref(digest)
+    for name, digest in named_refs:
+        writer.add_named_ref(name, digest)
+    for chunk in chunks:
+        if isinstance(chunk, tuple):
+            writer.write_object(*chunk)
+        else:
+            writer.write_inline(chunk)
+    return writer.finish()
+
+
+def zstd_version_info() -> tuple[int, ...]:
+    """The version of the libzstd in use: its bytes are the golden data's only with
+    the same version (1.5.4)."""
+    return tuple(zstd.zstd_version_info)

@@ -26,14 +26,14 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from composefsd.objectlayout import HEX_DIGITS, object_relpath
-from composefsd.repository.errors import CorruptRepositoryError, os_error_text
-from composefsd.splitstream import SplitStream, SplitStreamError, parse
+from composefsd.repository.errors import CorruptRepositoryError, RepositoryError, os_error_text
+from composefsd.splitstream import Chunk, SplitStream, SplitStreamError, iter_chunks, parse
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -43,20 +43,31 @@ __all__ = [
     "Reach",
     "StreamError",
     "StreamLink",
+    "StreamNotFoundError",
     "StreamRef",
+    "cat",
     "iter_stream_refs",
     "iter_streams",
     "reachable",
     "read_stream",
+    "resolve_stream",
     "stream_links",
+    "trace_streams",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_COPY_SIZE = 1 << 20
 
 
 class StreamError(CorruptRepositoryError):
     """A stream or stream ref that cannot be followed: a ref to no stream, a stream
     whose object is missing or does not parse, a non-link where a link belongs."""
+
+
+class StreamNotFoundError(RepositoryError):
+    """No stream of that content id or ref name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +118,10 @@ def _link_digest(target: str, digest_size: int) -> str | None:
     """composefs-rs's ``from_object_pathname``: the last ``2 * size + 1`` bytes are
     ``XX/rest`` in hex (either case); whatever comes before is not looked at."""
     width = 2 * digest_size + 1
-    tail = target[-width:].lower()
-    if len(target) < width or tail[2] != "/":
+    tail = target[-width:]
+    if len(target) < width or tail[2] != "/" or not tail.isascii():
         return None
+    tail = tail.lower()
     hexed = tail[:2] + tail[3:]
     return hexed if HEX_DIGITS.issuperset(hexed) else None
 
@@ -182,16 +194,23 @@ def iter_stream_refs(repo: Repository) -> Iterator[StreamRef]:
         stack.extend(reversed(subdirs))
 
 
-def read_stream(store: ObjectStore, digest: str) -> SplitStream:
-    """Parse the splitstream stored as object ``digest`` (opened by digest below
-    ``objects/``, never through a link). :class:`StreamError` if it is missing or
-    does not parse."""
+def _open_object(store: ObjectStore, digest: str, what: str) -> int:
     try:
-        fd = store.open(digest)
+        return store.open(digest)
     except OSError as exc:
         raise StreamError(
-            f"cannot open stream object {digest}: {os_error_text(exc)}", errno=exc.errno
+            f"cannot open {what} {digest}: {os_error_text(exc)}", errno=exc.errno
         ) from exc
+
+
+def _with_stream(
+    store: ObjectStore, digest: str, use: Callable[[mmap.mmap | bytes, SplitStream], _T]
+) -> _T:
+    """``use(data, parsed)`` on the splitstream stored as object ``digest``, opened
+    by digest below ``objects/`` (never through a link) and mapped, not read: a
+    hostile "stream" may be a huge object. A :class:`SplitStreamError` from
+    parsing or from ``use`` becomes :class:`StreamError`."""
+    fd = _open_object(store, digest, "stream object")
     problem: str
     try:
         st = os.fstat(fd)
@@ -200,17 +219,94 @@ def read_stream(store: ObjectStore, digest: str) -> SplitStream:
         if st.st_size == 0:
             problem = "it is empty"
         else:
-            # Mapped, not read: a hostile "stream" may be a huge object.
-            with mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ) as data:
+            data = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+            try:
+                return use(data, parse(data, store.algorithm.digest_size))
+            except SplitStreamError as exc:
+                # Only the text leaves this block: the traceback holds views of
+                # the mapping, which could not be closed while it lives.
+                problem = str(exc)
+            finally:
                 try:
-                    return parse(data, store.algorithm.digest_size)
-                except SplitStreamError as exc:
-                    # Only the text leaves this block: the traceback holds views
-                    # of the mapping, which could then not be closed.
-                    problem = str(exc)
+                    data.close()
+                except BufferError:
+                    # Views of it live on in an exception that is passing through;
+                    # the mapping goes when they do.
+                    pass
     finally:
         os.close(fd)
     raise StreamError(f"stream object {digest}: {problem}")
+
+
+def read_stream(store: ObjectStore, digest: str) -> SplitStream:
+    """Parse the splitstream stored as object ``digest``. :class:`StreamError` if
+    it is missing or does not parse."""
+    return _with_stream(store, digest, lambda _data, parsed: parsed)
+
+
+def cat(store: ObjectStore, digest: str, out: BinaryIO) -> int:
+    """Write the file stream ``digest`` stores to ``out`` (``cfsctl cat``): inline
+    chunks as they are, object chunks from the objects (opened by digest). Returns
+    the size written. :class:`StreamError` if the stream is damaged, an object is
+    missing, or the content would exceed the size the stream declares (nothing
+    more than that is written)."""
+
+    def write(data: mmap.mmap | bytes, parsed: SplitStream) -> int:
+        chunks = iter_chunks(data, parsed)
+        try:
+            return _copy_chunks(store, digest, parsed.stream_size, chunks, out)
+        finally:
+            # Ends the generator now, and with it its views of the mapping.
+            chunks.close()
+
+    return _with_stream(store, digest, write)
+
+
+def _copy_chunks(
+    store: ObjectStore, digest: str, size: int, chunks: Iterator[Chunk], out: BinaryIO
+) -> int:
+    left = size
+    for chunk in chunks:
+        if isinstance(chunk, bytes):
+            # iter_chunks keeps inline bytes within the declared size.
+            out.write(chunk)
+            left -= len(chunk)
+            continue
+        fd = _open_object(store, chunk.digest, "object")
+        try:
+            while piece := os.read(fd, _COPY_SIZE):
+                if len(piece) > left:
+                    raise StreamError(
+                        f"stream {digest}: object {chunk.digest} makes the content longer "
+                        f"than the {size} bytes it declares"
+                    )
+                out.write(piece)
+                left -= len(piece)
+        finally:
+            os.close(fd)
+    return size - left
+
+
+def resolve_stream(repo: Repository, name: str) -> tuple[str, str]:
+    """``(content id, stream object digest)`` for a content id or ``refs/<name>``,
+    as ``cfsctl cat`` takes them. :class:`StreamNotFoundError` if there is none."""
+    content_id = name
+    if name.startswith("refs/"):
+        ref = name.removeprefix("refs/")
+        if not ref or any(part in ("", ".", "..") for part in ref.split("/")):
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
+        target = _readlink(str(_streams_dir(repo) / "refs" / ref))
+        found = _rust_file_name(target) if target is not None else None
+        if found is None:
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
+        content_id = found
+    if not content_id or "/" in content_id or content_id in (".", "..", "refs"):
+        raise StreamNotFoundError(f"no stream {content_id!r} in {repo.path}")
+    target = _readlink(str(_streams_dir(repo) / content_id))
+    digest = _link_digest(target, repo.hash_algorithm.digest_size) if target else None
+    if digest is None:
+        raise StreamNotFoundError(f"no stream {content_id!r} in {repo.path}")
+    return content_id, digest
 
 
 def _stream_entries(repo: Repository) -> dict[str, str]:
@@ -259,27 +355,42 @@ def _root_streams(repo: Repository, entries: dict[str, str]) -> set[str]:
 def reachable(repo: Repository, roots: Iterable[str] = (), *, with_refs: bool = True) -> Reach:
     """What composefs-rs's GC keeps alive through streams.
 
-    Roots are the streams ``streams/refs/**`` name (unless ``with_refs`` is False: then
-    only ``roots``, to ask what one stream keeps alive) plus those of ``roots`` that
-    are content ids of streams (other names, e.g. images', are ignored here). For each
-    root stream, its object is live, and it is traced: every object ref is live, and
+    Roots are the streams ``streams/refs/**`` name (unless ``with_refs`` is False:
+    then only ``roots``, to ask what one stream keeps alive) plus those of ``roots``
+    that are content ids of streams (other names, e.g. images', are ignored here);
+    each is traced as :func:`trace_streams` does. Raises :class:`StreamError` where
+    composefs-rs's GC would fail.
+    """
+    entries = _stream_entries(repo)
+    extra = set(roots)
+    root_ids = {c for c in entries if c in extra}
+    if with_refs:
+        root_ids |= _root_streams(repo, entries)
+    return _trace(repo, entries, root_ids)
+
+
+def trace_streams(repo: Repository, content_ids: Iterable[str]) -> Reach:
+    """What the streams ``content_ids`` keep alive, as composefs-rs's GC walks them:
+    a root stream's object is live, and it is traced: every object ref is live, and
     every named ref's stream object is live and, if some ``streams/<id>`` names that
     object, traced too. Unnamed stream refs keep nothing alive (composefs-rs only
     follows named refs). Each stream is traced once, iteratively: cycles and deep
-    chains in a hostile repository cost nothing more.
-
-    Raises :class:`StreamError` where composefs-rs's GC would fail.
-    """
+    chains in a hostile repository cost nothing more. :class:`StreamNotFoundError`
+    for a content id that is no stream."""
     entries = _stream_entries(repo)
+    roots = set(content_ids)
+    missing = sorted(roots - entries.keys())
+    if missing:
+        raise StreamNotFoundError(f"no stream {missing[0]!r} in {repo.path}")
+    return _trace(repo, entries, roots)
+
+
+def _trace(repo: Repository, entries: dict[str, str], root_ids: set[str]) -> Reach:
     # composefs-rs maps a digest to one of the names linking to it; any one will do
     # (same object, same references), the first by name is deterministic.
     by_digest: dict[str, str] = {}
     for content_id in sorted(entries):
         by_digest.setdefault(entries[content_id], content_id)
-    extra = set(roots)
-    root_ids = (_root_streams(repo, entries) if with_refs else set()) | {
-        c for c in entries if c in extra
-    }
     reach = Reach()
     stack = sorted(root_ids, reverse=True)
     reach.objects.update(entries[c] for c in root_ids)
