@@ -99,7 +99,7 @@ def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert status == 2 and "invalid choice: 'md5'" in err
     status, _, err = run_ctl(capsys, "--repo", str(tmp_path), "verify")
     assert status == 2 and err.endswith(
-        "composefsctl: error: give the IMAGE(s) to verify, or --all\n"
+        "composefsctl: error: give the IMAGE(s) to verify, or --all, or --stream NAME\n"
     )
     status, _, err = run_ctl(capsys, "--repo", str(tmp_path), "create-image")
     assert status == 2 and "give either SOURCE" in err

@@ -538,6 +538,7 @@ def test_remove_image_and_gc(
             "bytes_removed": 0,
             "images_removed": 0,
             "links_removed": 0,
+            "streams_pruned": 0,
             "dry_run": True,
         }
         status, out, _ = run_ctl(capsys, "--connect", d.address, "remove-image", "gc/v1", "--json")

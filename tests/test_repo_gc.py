@@ -25,6 +25,7 @@ import pytest
 
 from composefsd.fsverity import digest_bytes
 from composefsd.repository import (
+    CorruptRepositoryError,
     ImageNotFoundError,
     Progress,
     Repository,
@@ -203,12 +204,17 @@ def test_gc_refuses_when_reachability_is_unknown(tmp_path: Path) -> None:
         repo.gc()
     assert _snapshot(repo.path) == before
     image.write_bytes(original)
-    # composefs-rs splitstreams: objects they use cannot be traced by us.
+    # composefs-rs splitstreams: a stream a ref names that cannot be read stops GC
+    # too (tests/test_fsck_streams.py has the damage cases on cfsctl's repositories).
     (repo.path / "streams" / "refs").mkdir(parents=True)
     repo.gc(dry_run=True)  # an empty streams/ is fine
-    (repo.path / "streams" / "oci-config-sha256:00").symlink_to("../objects/00/00")
+    bogus = repo.objects_dir / "00" / ("0" * 62)
+    bogus.parent.mkdir(exist_ok=True)
+    bogus.write_bytes(b"not a splitstream")
+    (repo.path / "streams" / "oci-config-sha256:00").symlink_to("../objects/00/" + "0" * 62)
+    (repo.path / "streams" / "refs" / "tag").symlink_to("../oci-config-sha256:00")
     before = _snapshot(repo.path)
-    with pytest.raises(RepositoryError, match="splitstreams"):
+    with pytest.raises(CorruptRepositoryError, match="refusing to collect garbage"):
         repo.gc()
     assert _snapshot(repo.path) == before
 

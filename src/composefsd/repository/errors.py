@@ -14,6 +14,7 @@ __all__ = [
     "CorruptObjectError",
     "CorruptRepositoryError",
     "ImageNotFoundError",
+    "ImageReferencedError",
     "InvalidNameError",
     "NotARepositoryError",
     "ReadOnlyRepositoryError",
@@ -67,6 +68,17 @@ class CorruptObjectError(CorruptRepositoryError):
 
 class ImageNotFoundError(RepositoryError):
     """No image or ref of that name."""
+
+
+class ImageReferencedError(RepositoryError):
+    """The image cannot be removed: composefs-rs streams still need it (an OCI
+    image's config stream names its EROFS image). ``refs`` are the refs under
+    ``streams/refs`` (relative to it) through which they are live."""
+
+    def __init__(self, message: str, *, image: str, refs: list[str]) -> None:
+        super().__init__(message)
+        self.image = image
+        self.refs = refs
 
 
 class InvalidNameError(RepositoryError, ValueError):

@@ -1,6 +1,8 @@
-"""Check a whole repository: meta.json, every object, every image link and every ref.
+"""Check a whole repository: meta.json, every object, every stream, every image link
+and every ref.
 
-:func:`fsck` runs in four phases, each reported through the progress callback:
+:func:`fsck` runs in six phases, each reported through the progress callback (the
+two stream phases only where composefs-rs made ``streams/``):
 
 1. ``metadata``: ``meta.json`` parses and its algorithm is the repository's.
 2. ``objects``: every directory under ``objects/`` is named ``XX`` (two hex
@@ -8,16 +10,25 @@
    the repository's algorithm, opens, and has that fs-verity digest (measured by
    the kernel where the file has verity, computed otherwise, in worker processes
    for large amounts, see :func:`~composefsd.repository.verify.check_files`).
-3. ``images``: every ``images/<hex>`` is a symlink to ``objects/XX/rest`` for the
+3. ``streams`` (composefs-rs's splitstreams, as its fsck checks them): every
+   ``streams/<name>`` is a symlink that resolves to an object of the repository,
+   the splitstream's header and reference sections parse
+   (:func:`composefsd.splitstream.read_refs`), and every object it references and
+   every object a named ref names exists.
+4. ``stream-refs``: every link under ``streams/refs/`` resolves.
+5. ``images``: every ``images/<hex>`` is a symlink to ``objects/XX/rest`` for the
    same digest, and the image parses, and every object it refers to exists.
-4. ``refs``: every link under ``images/refs/`` leads to an ``images/<hex>``.
+6. ``refs``: every link under ``images/refs/`` leads to an ``images/<hex>``.
 
 Problems carry composefs-rs's kebab-case kinds (``object-invalid-name``,
 ``object-open-failed``, ``object-digest-mismatch``, ``object-verity-failed``,
 ``object-verity-missing``, ``entry-not-symlink``, ``broken-symlink``,
 ``stat-failed``, ``unexpected-file-type``, ``image-open-failed``,
 ``image-read-failed``, ``image-invalid``, ``image-missing-object``,
-``metadata-parse-failed``, ``metadata-algorithm-mismatch``), plus one of ours:
+``stream-open-failed`` (the stream cannot be opened or its splitstream does not
+parse: a truncated or garbled one), ``stream-read-failed`` (reading it failed),
+``missing-object-ref``, ``missing-named-ref``, ``metadata-parse-failed``,
+``metadata-algorithm-mismatch``), plus one of ours:
 
 * ``stray-temp-file``: a named temporary file (``.tmp*`` under ``objects/``, as
   C mkcomposefs and the named-file fallback of object publishing leave behind when
@@ -33,8 +44,10 @@ Objects lacking fs-verity follow the policy rules of
 ``object-verity-missing``; under ``try`` one on a filesystem that supports
 fs-verity is a non-fatal ``object-verity-missing``; under ``disabled`` nothing.
 
-Unknown top-level entries (composefs-rs's ``streams/``, lock files) are not
-looked at. Paths in problems are relative to the repository.
+A stream link whose target is not ``objects/XX/rest`` of this repository is
+reported (``stream-open-failed``) and not followed: fsck never reads files outside
+the repository through a planted link. Other unknown top-level entries (lock
+files) are not looked at. Paths in problems are relative to the repository.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import (
     C_TMP_PREFIX,
+    digest_of_relpath,
     is_hex_digest,
     is_object_dir_name,
     is_object_rest,
@@ -61,12 +75,14 @@ from composefsd.repository.images import SYMLINK_TMP_PREFIX
 from composefsd.repository.meta import RepoMetadata, VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.verify import (
+    OPEN_FLAGS,
     FileCheck,
     RepositoryView,
     check_files,
     lacks_verity,
     referenced_objects,
 )
+from composefsd.splitstream import SplitStreamError, read_refs
 
 __all__ = ["NON_FATAL_KINDS", "FsckProblem", "FsckReport", "fsck"]
 
@@ -100,6 +116,9 @@ class FsckReport:
     verity_measured: int = 0
     images_checked: int = 0
     refs_checked: int = 0
+    #: Entries of ``streams/`` and links under ``streams/refs`` looked at.
+    streams_checked: int = 0
+    stream_refs_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -119,6 +138,8 @@ class FsckReport:
             "verity_measured": self.verity_measured,
             "images_checked": self.images_checked,
             "refs_checked": self.refs_checked,
+            "streams_checked": self.streams_checked,
+            "stream_refs_checked": self.stream_refs_checked,
         }
 
 
@@ -135,6 +156,8 @@ def fsck(
     checker = _Checker(repo, progress)
     checker.check_meta()
     present = checker.check_objects(workers)
+    checker.check_streams(present)
+    checker.check_stream_refs()
     checker.check_images(present)
     checker.check_refs()
     return checker.report
@@ -273,6 +296,135 @@ class _Checker:
         report.objects_checked = len(listed)
         step("objects", done, total, force=True)
         return present
+
+    # -- streams ----------------------------------------------------------------------
+    def _object_missing(self, digest: str, present: set[str], rel: str) -> bool:
+        """Whether the object ``digest`` does not exist (an lstat problem is reported)."""
+        if digest in present:
+            return False
+        # Objects written after the objects phase listed the store are fine too.
+        try:
+            os.lstat(self.repo.object_path(digest))
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            self.report.add("stat-failed", rel, f"object {digest}: {exc.strerror}")
+        return False
+
+    def check_streams(self, present: set[str]) -> None:
+        """Check every streams/<name> entry; ``present``: the objects listed before."""
+        report = self.report
+        try:
+            entries = sorted(os.scandir(self.root / "streams"), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            report.add("stat-failed", "streams", f"cannot list: {exc.strerror}")
+            return
+        entries = [e for e in entries if e.name != "refs"]
+        total = len(entries)
+        self.step("streams", 0, total, force=True)
+        for done, entry in enumerate(entries, 1):
+            self._check_stream(entry, present)
+            self.step("streams", done, total)
+        report.streams_checked = total
+        self.step("streams", total, total, force=True)
+
+    def _check_stream(self, entry: os.DirEntry[str], present: set[str]) -> None:
+        report = self.report
+        rel = f"streams/{entry.name}"
+        if not entry.is_symlink():
+            report.add("entry-not-symlink", rel, "streams/ holds only symlinks to objects")
+            return
+        try:
+            target = os.readlink(entry.path)
+        except OSError as exc:
+            report.add("stat-failed", rel, exc.strerror or str(exc))
+            return
+        try:
+            os.stat(entry.path)
+        except FileNotFoundError:
+            report.add("broken-symlink", rel, f"dangling link to {target}")
+            return
+        except OSError as exc:
+            report.add("stat-failed", rel, exc.strerror or str(exc))
+            return
+        first = Path(os.path.normpath(Path(entry.path).parent / target))
+        rest = first.relative_to(self.root) if first.is_relative_to(self.root) else None
+        digest = (
+            digest_of_relpath(str(rest.relative_to("objects")), self.algorithm)
+            if rest is not None and rest.parts[:1] == ("objects",)
+            else None
+        )
+        if digest is None:
+            report.add("stream-open-failed", rel, f"links to {target}, not to an object")
+            return
+        try:
+            # By its own path, never through the link, and without blocking.
+            fd = os.open(self.repo.object_path(digest), OPEN_FLAGS)
+        except OSError as exc:
+            report.add("stream-open-failed", rel, os_error_text(exc))
+            return
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                report.add("stream-open-failed", rel, f"{target} is not a regular file")
+                return
+            data = _read_all(fd)
+        except OSError as exc:
+            report.add("stream-read-failed", rel, os_error_text(exc))
+            return
+        finally:
+            os.close(fd)
+        try:
+            refs = read_refs(data, self.algorithm.digest_size)
+        except SplitStreamError as exc:
+            report.add("stream-open-failed", rel, f"not a valid splitstream: {exc}")
+            return
+        for digest in refs.object_refs:
+            if self._object_missing(digest, present, rel):
+                report.add("missing-object-ref", rel, f"object {digest} does not exist")
+        for name, digest in refs.named_refs:
+            if self._object_missing(digest, present, rel):
+                report.add("missing-named-ref", rel, f"ref {name}: object {digest} does not exist")
+
+    def check_stream_refs(self) -> None:
+        """Every link under streams/refs must resolve (composefs-rs: to an object,
+        through a streams/<name> entry)."""
+        refs_dir = self.root / "streams" / "refs"
+        report = self.report
+        if not refs_dir.is_dir():
+            return
+        count = 0
+        self.step("stream-refs", 0, force=True)
+        stack = [refs_dir]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                report.add("stat-failed", self.rel(directory), f"cannot list: {exc.strerror}")
+                continue
+            for entry in entries:
+                rel = self.rel(entry.path)
+                if entry.is_symlink():
+                    count += 1
+                    self.step("stream-refs", count)
+                    try:
+                        os.stat(entry.path)
+                    except FileNotFoundError:
+                        report.add(
+                            "broken-symlink", rel, f"dangling link to {os.readlink(entry.path)}"
+                        )
+                    except OSError as exc:
+                        report.add("stat-failed", rel, exc.strerror or str(exc))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                else:
+                    report.add("unexpected-file-type", rel, "refs are symlinks to streams")
+        report.stream_refs_checked = count
+        self.step("stream-refs", count, count, force=True)
 
     # -- images -----------------------------------------------------------------------
     def check_images(self, present: set[str]) -> None:

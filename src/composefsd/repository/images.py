@@ -97,6 +97,7 @@ from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
     CorruptObjectError,
     ImageNotFoundError,
+    ImageReferencedError,
     InvalidNameError,
     RepositoryBusyError,
     RepositoryError,
@@ -1038,6 +1039,9 @@ def prune_empty_ref_dirs(repo: Repository, directory: Path) -> None:
 
 
 def remove_ref(repo: Repository, name: str) -> None:
+    """Remove the ref ``images/refs/<name>``. Never refused for the sake of streams or
+    mounts: the image stays until GC, and GC keeps every image a stream ref needs
+    and every mounted one (:mod:`composefsd.repository.gc`)."""
     ref = normalize_ref(name)
     repo.ensure_writable()
     link = repo.refs_dir / ref
@@ -1055,10 +1059,28 @@ def remove_ref(repo: Repository, name: str) -> None:
 
 def remove_image(repo: Repository, name: str) -> list[str]:
     """Remove an image's link and every ref to it; returns the refs removed. Its
-    objects stay until GC."""
+    objects stay until GC.
+
+    Refused (:class:`ImageReferencedError`, nothing removed) while a composefs-rs
+    stream ref needs the image: an OCI tag's config stream names its EROFS image,
+    which composefs-rs opens through ``images/<hex>`` to mount it; and when a
+    stream cannot be followed (:class:`CorruptRepositoryError`), since whether it
+    needs the image is unknown. (Mounts are the caller's to check: the service
+    knows them.)"""
+    from composefsd.repository.gc import stream_needs
+
     repo.ensure_writable()
     with writer_lock(repo.path):
         digest = resolve_image(repo, name)
+        needed_by = stream_needs(repo, digest)
+        if needed_by:
+            shown = ", ".join(f"streams/refs/{r}" for r in needed_by)
+            raise ImageReferencedError(
+                f"image {digest} is needed by composefs-rs stream refs ({shown}); "
+                f"remove those first (cfsctl oci untag)",
+                image=digest,
+                refs=needed_by,
+            )
         removed: list[str] = []
         for ref, path, target in list(iter_refs(repo)):
             if target == digest:

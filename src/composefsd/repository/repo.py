@@ -455,6 +455,20 @@ class Repository:
             digest = self.resolve_image(name)
             return verify_image(self, digest, progress=progress, workers=workers)
 
+    def verify_stream(
+        self,
+        name: str,
+        *,
+        progress: ProgressCallback | None = None,
+        workers: int | None = None,
+    ) -> VerifyReport:
+        """Check one composefs-rs stream (a ``streams/`` entry name or ``refs/<ref>``)
+        and every object it references (:func:`composefsd.repository.verify.verify_stream`)."""
+        from composefsd.repository.verify import verify_stream
+
+        with reader_lock(self.path):
+            return verify_stream(self, name, progress=progress, workers=workers)
+
     def fsck(self, *, progress: ProgressCallback | None = None) -> FsckReport:
         """Check the whole repository (:mod:`composefsd.repository.fsck`)."""
         from composefsd.repository.fsck import fsck
@@ -466,12 +480,16 @@ class Repository:
         self,
         *,
         pins: Iterable[str] = (),
+        roots: Iterable[str] = (),
         dry_run: bool = False,
         progress: ProgressCallback | None = None,
         timeout: float | None = None,
     ) -> GcResult:
-        """Remove what no ref or pin reaches (:mod:`composefsd.repository.gc`)."""
-        return collect_garbage(self, pins=pins, dry_run=dry_run, progress=progress, timeout=timeout)
+        """Remove what no ref, stream ref, root or pin reaches
+        (:mod:`composefsd.repository.gc`)."""
+        return collect_garbage(
+            self, pins=pins, roots=roots, dry_run=dry_run, progress=progress, timeout=timeout
+        )
 
 
 def _formats_text(formats: FormatConfig) -> str:

@@ -1,4 +1,5 @@
-"""Verify one image of a repository: its own digest, its format, every object it uses.
+"""Verify one image of a repository: its own digest, its format, every object it uses;
+or one composefs-rs splitstream (:func:`verify_stream`).
 
 :func:`verify_image` checks, for the image named by ``digest``:
 
@@ -8,6 +9,14 @@
 * every object a regular file of the image refers to (payload ``XX/rest``) exists,
   is a regular file of the size the image records for it, and its fs-verity digest
   equals its name.
+
+:func:`verify_stream` checks a stream (``streams/<name>``, or the stream a
+``refs/<name>`` under ``streams/refs`` names) the same way, as composefs-rs's fsck
+checks streams and more: the link leads to an object whose fs-verity digest is its
+name, the splitstream's header and reference sections parse
+(:func:`composefsd.splitstream.read_refs`), and every object it references and
+every object its named refs name exists with the right digest (any size: the
+references do not record sizes).
 
 Digests come from the kernel (``FS_IOC_MEASURE_VERITY``) where the file has
 fs-verity, and are computed in userspace otherwise. Userspace hashing is
@@ -51,9 +60,10 @@ from composefsd.kernel.verity import (
     VerityUnsupportedError,
     measure_verity,
 )
-from composefsd.objectlayout import is_hex_digest
+from composefsd.objectlayout import digest_of_relpath, is_hex_digest
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.splitstream import SplitStreamError, read_refs
 
 __all__ = [
     "NOT_REGULAR",
@@ -63,6 +73,7 @@ __all__ = [
     "check_file",
     "check_files",
     "verify_image",
+    "verify_stream",
 ]
 
 #: Objects are opened without following a final symlink (an object must be a regular
@@ -119,6 +130,8 @@ class VerifyReport:
     bytes_checked: int = 0
     #: Whether a missing verity counts as a failure (the ``required`` policy).
     verity_required: bool = False
+    #: For :func:`verify_stream`: the stream's name (``digest`` is its object's).
+    stream: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -139,6 +152,7 @@ class VerifyReport:
             "verity_measured": self.verity_measured,
             "bytes_checked": self.bytes_checked,
             "verity_required": self.verity_required,
+            **({"stream": self.stream} if self.stream is not None else {}),
         }
 
 
@@ -390,17 +404,25 @@ def _check_image_file(
     repo: RepositoryView, digest: str, algorithm: Algorithm, report: VerifyReport
 ) -> bytes | None:
     """Check the image file; return its content if it could be read."""
-    link = repo.image_path(digest)
+    return _check_linked_object(repo, repo.image_path(digest), digest, algorithm, report)
+
+
+def _check_linked_object(
+    repo: RepositoryView, link: Path, digest: str, algorithm: Algorithm, report: VerifyReport
+) -> bytes | None:
+    """Check that ``link`` (``images/<hex>``, ``streams/<name>``) leads to the object
+    ``digest`` and that its digest is right; return its content if it could be read."""
     obj = repo.object_path(digest)
+    what = "stream" if report.stream is not None else "image"
     try:
         fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         if os.path.islink(link):
             report.image_problems.append(
-                f"{link} is a dangling link (to {os.readlink(link)}): image object missing"
+                f"{link} is a dangling link (to {os.readlink(link)}): {what} object missing"
             )
         else:
-            report.image_problems.append(f"image {digest} not found ({link} does not exist)")
+            report.image_problems.append(f"{what} {digest} not found ({link} does not exist)")
         return None
     except OSError as exc:
         report.image_problems.append(f"cannot open {link}: {exc.strerror}")
@@ -476,6 +498,72 @@ def verify_image(
     return report
 
 
+def verify_stream(
+    repo: RepositoryView,
+    name: str,
+    *,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> VerifyReport:
+    """Check the stream ``name`` (a ``streams/`` entry name or ``refs/<ref>``) of
+    ``repo`` and every object it references (module notes). Never raises for what
+    it finds: everything wrong goes into the report (``image_problems`` holds the
+    stream's own problems)."""
+    algorithm = Algorithm.parse(repo.hash_name)
+    report = VerifyReport(
+        digest="", verity_required=repo.verity is VerityPolicy.REQUIRED, stream=name
+    )
+    streams = repo.path / "streams"
+    entry = _stream_entry(streams, name)
+    if entry is None:
+        report.image_problems.append(f"{name!r} names no stream of {repo.path}")
+        return report
+    link = streams / entry
+    try:
+        target = os.readlink(link)
+    except OSError as exc:
+        report.image_problems.append(f"{link} is not a stream link: {exc.strerror}")
+        return report
+    parts = target.split("/")
+    digest = digest_of_relpath("/".join(parts[-2:]), algorithm) if len(parts) >= 3 else None
+    if digest is None or parts[-3] != "objects":
+        report.image_problems.append(f"{link} links to {target}, not to an object")
+        return report
+    report.digest = digest
+    step = Throttle(progress)
+    step("stream", 0, 1, force=True)
+    data = _check_linked_object(repo, link, digest, algorithm, report)
+    step("stream", 1, 1, force=True)
+    if data is None:
+        return report
+    try:
+        refs = read_refs(data, algorithm.digest_size)
+    except SplitStreamError as exc:
+        report.image_problems.append(f"not a valid splitstream: {exc}")
+        return report
+    sizes = dict.fromkeys(refs.object_refs, -1)
+    sizes.update((digest, -1) for _name, digest in refs.named_refs)
+    _check_objects(repo, algorithm, sizes, report, progress, workers)
+    return report
+
+
+def _stream_entry(streams: Path, name: str) -> str | None:
+    """The ``streams/`` entry ``name`` names: itself, or for ``refs/<ref>`` the last
+    component of that ref's target (as composefs-rs reads refs); None if neither.
+    Only names of entries directly in ``streams/`` come back."""
+    if name.startswith("refs/"):
+        ref = name[5:]
+        if not ref or any(p in ("", ".", "..") for p in ref.split("/")):
+            return None
+        try:
+            name = os.readlink(streams / "refs" / ref).rstrip("/").rsplit("/", 1)[-1]
+        except OSError:
+            return None
+    if not name or "/" in name or name in (".", "..", "refs"):
+        return None
+    return name if os.path.lexists(streams / name) else None
+
+
 def _check_objects(
     repo: RepositoryView,
     algorithm: Algorithm,
@@ -486,7 +574,9 @@ def _check_objects(
 ) -> None:
     digests = sorted(sizes)
     report.objects_checked = len(digests)
-    report.bytes_checked = sum(sizes.values())
+    # A negative size is unknown (stream references): any size is right, and the
+    # bytes checked are what the files hold.
+    report.bytes_checked = sum(max(size, 0) for size in sizes.values())
     total = len(digests)
     step = Throttle(progress)
     step("objects", 0, total, force=True)
@@ -501,9 +591,11 @@ def _check_objects(
             report.missing.append(digest)
         elif check.error is not None:
             report.corrupt.append((digest, check.describe_error()))
-        elif check.size != expected:
+        elif 0 <= expected != check.size:
             report.corrupt.append((digest, f"size {check.size} != expected {expected}"))
         else:
+            if expected < 0:
+                report.bytes_checked += check.size
             if check.measured:
                 report.verity_measured += 1
             elif check.why is not None and lacks_verity(policy, check.why):

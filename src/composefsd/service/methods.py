@@ -43,6 +43,8 @@ Behaviour beyond the IDL text:
 * **RemoveImage** refuses with ``ImageInUse`` while the image is mounted in any
   mount namespace or pinned by a detached mount; ``where`` lists mount points
   (namespace-qualified when not composefsd's) and ``detached mount N`` entries.
+  It refuses with ``ImageReferenced`` while a composefs-rs stream ref needs the
+  image (an OCI tag whose config stream names it); ``streamRefs`` lists those refs.
 * **GarbageCollect** keeps every image mounted in any mount namespace and every
   pinned one; it waits at most :attr:`RepositoryInterface.gc_timeout` seconds for
   operations of other processes before replying ``RepositoryBusy``.
@@ -73,6 +75,7 @@ from composefsd.repository import (
     CreateOptions,
     CreateResult,
     ImageNotFoundError,
+    ImageReferencedError,
     InvalidNameError,
     NotARepositoryError,
     Progress,
@@ -137,6 +140,13 @@ def reply_error(
         if name is not None:
             params["errnoName"] = name
         return _error("MountFailed", **params)
+    if isinstance(exc, ImageReferencedError):
+        return _error(
+            "ImageReferenced",
+            image=image if image is not None else exc.image,
+            streamRefs=list(exc.refs),
+            message=str(exc),
+        )
     if isinstance(exc, ImageNotFoundError):
         return _error("NoSuchImage", image=image if image is not None else "")
     if isinstance(exc, InvalidNameError):
@@ -703,6 +713,7 @@ class RepositoryInterface:
             "bytesRemoved": result.bytes_removed,
             "imagesRemoved": result.images_removed,
             "linksRemoved": result.links_removed,
+            "streamsPruned": result.streams_pruned,
             "dryRun": result.dry_run,
         }
 

@@ -32,11 +32,11 @@ def check_xattrs(args: argparse.Namespace) -> None:
 
 
 def check_verify(args: argparse.Namespace) -> None:
-    """``verify``: IMAGE names or ``--all``, exactly one of them."""
+    """``verify``: IMAGE names or ``--all``, not both; or only ``--stream`` names."""
     if args.all and args.images:
         raise Usage("give IMAGE names or --all, not both")
-    if not args.all and not args.images:
-        raise Usage("give the IMAGE(s) to verify, or --all")
+    if not args.all and not args.images and not args.stream:
+        raise Usage("give the IMAGE(s) to verify, or --all, or --stream NAME")
 
 
 def check_mount(args: argparse.Namespace) -> None:

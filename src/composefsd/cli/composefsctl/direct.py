@@ -128,9 +128,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     names = [entry.digest for entry in repo.list_images()] if args.all else args.images
     printer = output.progress(args)
     docs: list[dict[str, Any]] = []
+    jobs = [(name, repo.verify_image) for name in names]
+    jobs += [(name, repo.verify_stream) for name in args.stream]
     try:
-        for name in names:
-            report = repo.verify_image(name, progress=printer)
+        for name, verify in jobs:
+            report = verify(name, progress=printer)
             if printer is not None:
                 printer.finish()
             doc = report.to_dict()
@@ -191,7 +193,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     try:
         # Mounted images are roots: their files are in use (composefs-rs #346).
         pins = [*args.pin, *sorted(mounted_images(repo))]
-        result = repo.gc(pins=pins, dry_run=args.dry_run, progress=printer)
+        result = repo.gc(pins=pins, roots=args.root, dry_run=args.dry_run, progress=printer)
     finally:
         if printer is not None:
             printer.finish()

@@ -166,15 +166,18 @@ def print_verify(d: dict[str, Any], out: TextIO) -> None:
     counted = f"{d['objects_checked']} objects"
     if "bytes_checked" in d:
         counted += f", {size(d['bytes_checked'])}"
+    # A stream is shown by its name (its digest is its object's).
+    shown = f"stream {d['stream']}" if d.get("stream") is not None else d["digest"]
     if d["ok"]:
-        line = f"{d['digest']}: ok ({counted}, {d['verity_measured']} measured by fs-verity)"
+        line = f"{shown}: ok ({counted}, {d['verity_measured']} measured by fs-verity)"
         if d["no_verity"]:
             line += f", {len(d['no_verity'])} without fs-verity"
         say(line, file=out)
         return
-    say(f"{d['digest']}: FAILED", file=out)
+    say(f"{shown}: FAILED", file=out)
+    what = "stream" if d.get("stream") is not None else "image"
     for text in d["image_problems"]:
-        say(f"  image: {text}", file=out)
+        say(f"  {what}: {text}", file=out)
     for digest in d["missing"]:
         say(f"  missing object: {digest}", file=out)
     for c in d["corrupt"]:
@@ -196,9 +199,16 @@ def print_fsck(report: FsckReport, out: TextIO) -> None:
         say(f"fsck: {problem.kind}: {problem.path}: {problem.message}{note}", file=out)
     fatal = sum(1 for p in report.problems if p.fatal)
     verdict = "clean" if report.ok else f"{fatal} problem{'s' if fatal != 1 else ''}"
+    # Only repositories composefs-rs wrote to have streams; say so only there.
+    streams = (
+        f", {report.streams_checked} streams, {report.stream_refs_checked} stream refs"
+        if report.streams_checked or report.stream_refs_checked
+        else ""
+    )
     say(
         f"fsck: {report.objects_checked} objects ({report.verity_measured} measured by "
-        f"fs-verity), {report.images_checked} images, {report.refs_checked} refs: {verdict}",
+        f"fs-verity), {report.images_checked} images, {report.refs_checked} refs"
+        f"{streams}: {verdict}",
         file=out,
     )
 
@@ -239,7 +249,8 @@ def report_gc(doc: dict[str, Any], args: argparse.Namespace) -> None:
     verb = "would remove" if doc["dry_run"] else "removed"
     say(
         f"gc: {verb} {doc['objects_removed']} objects ({size(doc['bytes_removed'])}), "
-        f"{doc['images_removed']} images, {doc['links_removed']} dangling links"
+        f"{doc['images_removed']} images, {doc['links_removed']} dangling links, "
+        f"{doc.get('streams_pruned', 0)} stream links"
     )
 
 

@@ -200,6 +200,13 @@ def _parser() -> argparse.ArgumentParser:
     p = command("verify", "check images and every object they use")
     p.add_argument("images", metavar="IMAGE", nargs="*", help="digest or ref name")
     p.add_argument("--all", action="store_true", help="verify every image")
+    p.add_argument(
+        "--stream",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="also verify this composefs-rs stream (a streams/ entry or refs/NAME; repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = command("fsck", "check the whole repository")
@@ -226,6 +233,13 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="also keep this image (repeatable)",
+    )
+    p.add_argument(
+        "--root",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="also keep this entry of images/ or streams/, as cfsctl gc --root does (repeatable)",
     )
     p.add_argument("--dry-run", "-n", action="store_true", help="only report what would go")
     p.add_argument("--json", action="store_true")

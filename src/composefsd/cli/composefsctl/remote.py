@@ -202,6 +202,7 @@ def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
         "bytes_removed": result.get("bytesRemoved", 0),
         "images_removed": result.get("imagesRemoved", 0),
         "links_removed": result.get("linksRemoved", 0),
+        "streams_pruned": result.get("streamsPruned", 0),
         "dry_run": bool(result.get("dryRun", args.dry_run)),
     }
     output.report_gc(doc, args)
