@@ -20,7 +20,6 @@ from composefsd.repository.oci import (
     list_images,
     open_image,
     open_tag,
-    repo_erofs_version,
     trace_tag,
 )
 from composefsd.repository.streams import (
@@ -77,7 +76,7 @@ def test_oci_inspect(golden: tuple[str, Repository]) -> None:
     algorithm, repo = golden
     commands = [c for c in recorded(algorithm) if " oci inspect " in c["command"]]
     assert len(commands) >= 2
-    version = repo_erofs_version(repo)
+    version = repo.erofs_version
     assert version == 1
     with repo.object_store() as store:
         for command in commands:
@@ -219,7 +218,7 @@ def test_fresh_pulls_recorded_beside_the_repositories(golden: tuple[str, Reposit
     )
     ours = {tag: image.info(tag) for tag, image in list_images(repo) if tag != "multi:v2"}
     assert {i["name"]: i for i in json.loads(listed["stdout"])["images"]} == ours
-    version = repo_erofs_version(repo)
+    version = repo.erofs_version
     with repo.object_store() as store:
         for inspect in sorted(pulls.glob("images/*/inspect.json")):
             tag = inspect.parent.name
@@ -235,16 +234,10 @@ def test_fresh_pulls_recorded_beside_the_repositories(golden: tuple[str, Reposit
 
 
 def test_erofs_version_follows_meta(golden: tuple[str, Repository]) -> None:
-    """composefs-rs's choice: erofs_formats.default, else the v1_erofs flag (V1),
-    else V2; a V2 repository's inspect shows the composefs.image ref (none here)."""
+    """The golden repositories are V1 (meta.json's rule is tested in test_repo_formats);
+    a V2 repository's inspect shows the composefs.image ref (none here)."""
     _algorithm, repo = golden
-    assert repo_erofs_version(repo) == 1
-    repo.meta.erofs_default = None
-    assert repo_erofs_version(repo) == 1
-    repo.meta.read_only_compatible = []
-    assert repo_erofs_version(repo) == 2
-    repo.meta.erofs_default = 2
-    assert repo_erofs_version(repo) == 2
+    assert repo.erofs_version == 1
     with repo.object_store() as store:
         image = open_tag(repo, store, "boot")
     assert image.inspect(2)["composefs_erofs"] is None

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from composefsd.objectlayout import is_hex
 from composefsd.repository.errors import RepositoryError, os_error_text
-from composefsd.repository.meta import FEATURE_V1_EROFS
 from composefsd.repository.streams import (
     StreamError,
     StreamNotFoundError,
@@ -248,14 +247,6 @@ def _media_type(descriptor: object) -> str | None:
         value = descriptor.get("mediaType")
         return value if isinstance(value, str) else None
     return None
-
-
-def repo_erofs_version(repo: Repository) -> int:
-    """The EROFS format of the repository's images as composefs-rs decides it:
-    ``erofs_formats.default``, else V1 if the ``v1_erofs`` flag is set, else V2."""
-    if repo.meta.erofs_default is not None:
-        return repo.meta.erofs_default
-    return 1 if FEATURE_V1_EROFS in repo.meta.read_only_compatible else 2
 
 
 def _external(
