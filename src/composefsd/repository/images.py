@@ -92,7 +92,7 @@ from composefsd.image.transforms import Transform, TransformError, apply_transfo
 from composefsd.image.tree import Node, gc_paused
 from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
-from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
+from composefsd.objectlayout import is_hex_digest, link_file_name, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
     CorruptObjectError,
@@ -347,10 +347,9 @@ def _image_target(hexdigest: str) -> str:
 
 
 def _target_digest(target: str, algorithm: Algorithm) -> str | None:
-    """The image a ref link names: its last component, if that is a digest (as in
-    composefs-rs, which takes the target's basename)."""
-    base = target.rstrip("/").rsplit("/", 1)[-1]
-    return base if is_hex_digest(base, algorithm) else None
+    """The image a ref link names: its file name, if that is a digest."""
+    base = link_file_name(target)
+    return base if base is not None and is_hex_digest(base, algorithm) else None
 
 
 def iter_refs(repo: Repository) -> Iterator[tuple[str, Path, str | None]]:

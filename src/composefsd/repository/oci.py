@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from composefsd.objectlayout import is_hex
+from composefsd.objectlayout import is_hex, link_file_name
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.streams import (
     StreamError,
@@ -118,8 +118,8 @@ def _valid_digest(text: str) -> bool:
 
 def _manifest_digest_of(target: str) -> str | None:
     """The manifest digest a tag link names (its last component after ``oci-manifest-``)."""
-    part = target.rsplit("/", 1)[-1]
-    if not part.startswith(OCI_MANIFEST_PREFIX):
+    part = link_file_name(target)
+    if part is None or not part.startswith(OCI_MANIFEST_PREFIX):
         return None
     digest = part.removeprefix(OCI_MANIFEST_PREFIX)
     return digest if _valid_digest(digest) else None

@@ -60,7 +60,7 @@ from composefsd.kernel.verity import (
     VerityUnsupportedError,
     measure_verity,
 )
-from composefsd.objectlayout import digest_of_relpath, is_hex_digest
+from composefsd.objectlayout import digest_of_relpath, is_hex_digest, link_file_name
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.splitstream import SplitStreamError, read_refs
@@ -556,9 +556,12 @@ def _stream_entry(streams: Path, name: str) -> str | None:
         if not ref or any(p in ("", ".", "..") for p in ref.split("/")):
             return None
         try:
-            name = os.readlink(streams / "refs" / ref).rstrip("/").rsplit("/", 1)[-1]
+            found = link_file_name(os.readlink(streams / "refs" / ref))
         except OSError:
             return None
+        if found is None:
+            return None
+        name = found
     if not name or "/" in name or name in (".", "..", "refs"):
         return None
     return name if os.path.lexists(streams / name) else None
