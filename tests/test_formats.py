@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import random
 import stat
 import struct
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +38,13 @@ from composefsd.image.formats import ErofsVersion, image_version, write_format
 from composefsd.image.reader import ImageFormatError, iter_objects, read_image
 from composefsd.image.tree import Node, new_directory
 from composefsd.image.writer import WriteError
-from conftest import SHARED
-
-RS = SHARED / "testdata" / "composefs-rs"
-TREES = ["t1-basic", "t2-special", "t3-xattrs", "t4-names", "t5-big", "t6-rootfs"]
-
-
-@cache
-def _trees_json() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((RS / "expected" / "trees.json").read_text())
-    return data
-
-
-@cache
-def _image(rel: str) -> bytes:
-    return gzip.decompress((RS / rel).read_bytes())
+from rsgolden import EXPECTED, TREES, golden_image, trees_json
 
 
 def _golden_images() -> list[Any]:
     """Every image cfsctl create-image wrote for the trees, with what it printed."""
     out = []
-    for tree, facts in _trees_json()["trees"].items():
+    for tree, facts in trees_json().items():
         for entry in facts["images"]:
             out.append(
                 pytest.param(
@@ -72,11 +56,11 @@ def _golden_images() -> list[Any]:
 
 
 def _oci_images() -> list[Path]:
-    return sorted((RS / "expected" / "oci").glob("*/images/*/composefs-erofs.gz"))
+    return sorted((EXPECTED / "oci").glob("*/images/*/composefs-erofs.gz"))
 
 
 def _tree_image(tree: str, hash_name: str, version: int) -> bytes:
-    return _image(f"expected/trees/{tree}/image.{hash_name}.v{version}.erofs.gz")
+    return golden_image(f"expected/trees/{tree}/image.{hash_name}.v{version}.erofs.gz")
 
 
 def test_golden_set_is_complete() -> None:
@@ -92,7 +76,7 @@ def test_golden_set_is_complete() -> None:
 
 @pytest.mark.parametrize("entry", _golden_images())
 def test_golden_image_round_trip(entry: dict[str, Any]) -> None:
-    data = _image(entry["image_file"])
+    data = golden_image(entry["image_file"])
     version = ErofsVersion(int(entry["erofs_version"]))
     assert image_version(data) is version
     hash_name, hexid = entry["stdout"].split(":")
