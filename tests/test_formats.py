@@ -26,7 +26,6 @@ import pytest
 from composefsd.fsverity import digest_bytes
 from composefsd.image.format import (
     BLOCK_SIZE,
-    COMPOSEFS_VERSION_V2,
     EXTENDED_INODE_READ,
     HEADER,
     INODE_SLOT_SIZE,
@@ -119,7 +118,7 @@ def test_v2_layout_facts() -> None:
     """What sets V2 apart, read from a golden image's bytes."""
     data = _tree_image("t2-special", "sha256", 2)
     _, version, flags, cfs_version = HEADER.unpack_from(data, 0)
-    assert (version, flags, cfs_version) == (1, 0, COMPOSEFS_VERSION_V2)
+    assert (version, flags, cfs_version) == (1, 0, ErofsVersion.V2)
     sb = SUPERBLOCK.unpack_from(data, SUPERBLOCK_OFFSET)
     root_nid, inos, build_time, build_nsec, _, _, xattr_blkaddr = sb[5:12]
     assert (build_time, build_nsec, xattr_blkaddr) == (0, 0, 0)
