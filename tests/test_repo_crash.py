@@ -24,6 +24,7 @@ import pytest
 
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import Repository
+from composefsd.repository import images as images_mod
 from composefsd.repository.images import SYMLINK_TMP_PREFIX
 from composefsd.repository.verify import verify_image
 from trees import random_files
@@ -92,6 +93,33 @@ def test_check_passes_over_a_killed_writers_temporary_link(tmp_path: Path) -> No
     (repo.images_dir / "stray").symlink_to(f"../../{digest}")
     with pytest.raises(AssertionError, match="stray"):
         _check(repo.path)
+
+
+def test_only_a_moved_ref_goes_through_a_temporary_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new ref is made in place (as composefs-rs makes one), so that a killed
+    CreateImage with a new ref can leave no temporary behind; moving a ref to
+    another image replaces it atomically through one."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 5000)
+    repo = Repository.init(tmp_path / "repo")
+    temporaries: list[str] = []
+    real = images_mod._replace_symlink
+
+    def recording(target: str, link: Path, tmp_dir: Path) -> None:
+        temporaries.append(link.name)
+        real(target, link, tmp_dir)
+
+    monkeypatch.setattr(images_mod, "_replace_symlink", recording)
+    first = repo.create_image(tree, ref="a/b").digest
+    repo.create_image(tree, ref="a/b")  # the same image: nothing to replace
+    assert temporaries == []
+    (tree / "file").write_bytes(b"y" * 5000)
+    second = repo.create_image(tree, ref="a/b").digest
+    assert second != first and temporaries == ["b"]
+    assert repo.resolve_image("a/b") == second
 
 
 def _timed_run(cmd: list[str]) -> tuple[str, dict[str | None, float]]:
