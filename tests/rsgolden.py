@@ -21,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from composefsd.image.reader import iter_objects
+from composefsd.image.tree import Node
 from conftest import SHARED
 
 RS = SHARED / "testdata" / "composefs-rs"
@@ -130,6 +132,12 @@ def listing(root: Path) -> list[str]:
             else:
                 lines.append((rp, f"? {rp}"))
     return [line for _, line in sorted(lines)]
+
+
+def image_objects(root: Node, hash_name: str) -> list[str]:
+    """``cfsctl image-objects`` of an image whose tree is ``root``: the objects its
+    files name, ``<alg>:<hex>``, sorted."""
+    return sorted(f"{hash_name}:{p.replace(b'/', b'').decode()}" for p in iter_objects(root))
 
 
 def listed_objects(lines: list[str]) -> set[str]:
