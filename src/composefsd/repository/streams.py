@@ -51,6 +51,7 @@ __all__ = [
     "reachable",
     "read_stream",
     "resolve_stream",
+    "stream_entry",
     "stream_links",
     "trace_streams",
 ]
@@ -266,21 +267,30 @@ def _copy_chunks(
     return size - left
 
 
-def resolve_stream(repo: Repository, name: str) -> tuple[str, str]:
-    """``(content id, stream object digest)`` for a content id or ``refs/<name>``,
-    as ``cfsctl cat`` takes them. :class:`StreamNotFoundError` if there is none."""
+def stream_entry(streams: Path, name: str) -> str:
+    """The ``streams/`` entry a content id or ``refs/<name>`` names, as ``cfsctl
+    cat`` takes them (a ref names its target's last component); whether that entry
+    exists is the caller's to find out. :class:`StreamNotFoundError` for a ref that
+    does not resolve and for a name that cannot be an entry of ``streams``."""
     content_id = name
     if name.startswith("refs/"):
         ref = name.removeprefix("refs/")
         if not ref or any(part in ("", ".", "..") for part in ref.split("/")):
-            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
-        target = _readlink(str(_streams_dir(repo) / "refs" / ref))
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {streams.parent}")
+        target = _readlink(str(streams / "refs" / ref))
         found = link_file_name(target) if target is not None else None
         if found is None:
-            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {streams.parent}")
         content_id = found
     if not content_id or "/" in content_id or content_id in (".", "..", "refs"):
-        raise StreamNotFoundError(f"no stream {content_id!r} in {repo.path}")
+        raise StreamNotFoundError(f"no stream {content_id!r} in {streams.parent}")
+    return content_id
+
+
+def resolve_stream(repo: Repository, name: str) -> tuple[str, str]:
+    """``(content id, stream object digest)`` for a content id or ``refs/<name>``
+    (:func:`stream_entry`). :class:`StreamNotFoundError` if there is none."""
+    content_id = stream_entry(_streams_dir(repo), name)
     target = _readlink(str(_streams_dir(repo) / content_id))
     digest = digest_of_link_target(target, repo.hash_algorithm) if target else None
     if digest is None:
