@@ -57,6 +57,10 @@ __all__ = [
 COMPOSEFS_MAGIC = 0xD078629A
 #: The header's own version (``LCFS_EROFS_VERSION``), not the image format version.
 COMPOSEFS_VERSION = 1
+HEADER_FLAG_HAS_ACL = 1
+HEADER_SIZE = 32
+#: magic, version, flags, composefs_version; the rest of the 32 bytes is reserved (0).
+HEADER = struct.Struct("<IIII")
 
 
 class ErofsVersion(IntEnum):
@@ -68,11 +72,6 @@ class ErofsVersion(IntEnum):
     V1 = 1
     V2 = 2
 
-
-HEADER_FLAG_HAS_ACL = 1
-HEADER_SIZE = 32
-#: magic, version, flags, composefs_version; the rest of the 32 bytes is reserved (0).
-HEADER = struct.Struct("<IIII")
 
 # -- EROFS superblock -----------------------------------------------------------------
 
