@@ -21,7 +21,7 @@ from composefsd.image.transforms import CFSCTL_DEFAULT, Transform
 from composefsd.repository import CreateOptions, Repository
 from composefsd.service.client import connect
 from ctlrun import run_ctl
-from rsgolden import TREES, golden_image, image_objects, trees_json
+from rsgolden import ALGORITHMS, TREES, golden_image, image_objects, trees_json
 from servicehelpers import running_daemon
 
 #: trees.json's variants of create-image, as CreateImage options.
@@ -29,7 +29,7 @@ TRANSFORMS = {"default": CFSCTL_DEFAULT, "no-propagate-usr-to-root": Transform()
 
 
 @pytest.mark.parametrize("version", [ErofsVersion.V0, ErofsVersion.V1, ErofsVersion.V2])
-@pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
+@pytest.mark.parametrize("hash_name", ALGORITHMS)
 def test_create_image_in_each_format_is_cfsctls(
     tmp_path: Path,
     rs_trees: Path,
