@@ -21,7 +21,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from composefsd.image.formats import ErofsVersion
 from composefsd.image.reader import iter_objects
+from composefsd.image.transforms import CFSCTL_DEFAULT, Transform, XattrFilter
 from composefsd.image.tree import Node
 from conftest import SHARED
 
@@ -31,6 +33,22 @@ EXPECTED_REPOS = EXPECTED / "repos"
 ALGORITHMS = ("sha256", "sha512")
 #: The golden trees, ``inputs/trees/<name>.tar.gz``.
 TREES = ("t1-basic", "t2-special", "t3-xattrs", "t4-names", "t5-big", "t6-rootfs")
+
+#: cfsctl's flags, as trees.json names them, and the transform with their effect.
+VARIANTS: dict[str, Transform] = {
+    "default": CFSCTL_DEFAULT,
+    "no-propagate-usr-to-root": Transform(),
+    "keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS),
+    "bootable": Transform(True, XattrFilter.ALLOWLIST_ONLY, True),
+    "bootable+keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS, True),
+}
+#: trees.json's erofs_version -> the format (``default(1)``: no --erofs-version).
+VERSIONS = {
+    "0": ErofsVersion.V0,
+    "1": ErofsVersion.V1,
+    "2": ErofsVersion.V2,
+    "default(1)": ErofsVersion.V1,
+}
 
 _GC_LINE = re.compile(r"Objects: (\d+) removed \((\d+) bytes\)")
 _PRUNED_LINE = re.compile(r"Pruned symlinks: (\d+) images, (\d+) streams")

@@ -17,15 +17,12 @@ import pytest
 
 from composefsd.image.formats import ErofsVersion
 from composefsd.image.reader import read_image
-from composefsd.image.transforms import CFSCTL_DEFAULT, Transform
+from composefsd.image.transforms import CFSCTL_DEFAULT
 from composefsd.repository import CreateOptions, Repository
 from composefsd.service.client import connect
 from ctlrun import run_ctl
-from rsgolden import ALGORITHMS, TREES, golden_image, image_objects, trees_json
+from rsgolden import ALGORITHMS, TREES, VARIANTS, golden_image, image_objects, trees_json
 from servicehelpers import running_daemon
-
-#: trees.json's variants of create-image, as CreateImage options.
-TRANSFORMS = {"default": CFSCTL_DEFAULT, "no-propagate-usr-to-root": Transform()}
 
 
 @pytest.mark.parametrize("version", [ErofsVersion.V0, ErofsVersion.V1, ErofsVersion.V2])
@@ -42,7 +39,7 @@ def test_create_image_in_each_format_is_cfsctls(
         for entry in trees_json()[tree]["images"]:
             if entry["hash"] != hash_name or ErofsVersion(int(entry["erofs_version"])) != version:
                 continue
-            options = CreateOptions(transform=TRANSFORMS[entry["variant"]])
+            options = CreateOptions(transform=VARIANTS[entry["variant"]])
             result = repo.create_image(rs_trees / tree, options=options, ref=f"{tree}.x")
             where = f"{tree} {hash_name} V{int(version)} {entry['variant']}"
             assert f"{hash_name}:{result.digest}" == entry["stdout"], where

@@ -23,33 +23,14 @@ from composefsd.fsverity import digest_bytes, digest_fd
 from composefsd.image.dump_print import format_dump, format_rs_dump
 from composefsd.image.formats import ErofsVersion, write_format
 from composefsd.image.transforms import (
-    CFSCTL_DEFAULT,
-    Transform,
     TransformError,
-    XattrFilter,
     apply_transform,
 )
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objectlayout import object_payload
 from composefsd.sources.base import ReadStyle
 from composefsd.sources.directory import ScanOptions, SourceScan, scan_directory, scan_source
-from rsgolden import ALGORITHMS, EXPECTED, RS, TREES, golden_image, trees_json
-
-#: cfsctl's flags, as trees.json names them, and the transform with their effect.
-VARIANTS: dict[str, Transform] = {
-    "default": CFSCTL_DEFAULT,
-    "no-propagate-usr-to-root": Transform(),
-    "keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS),
-    "bootable": Transform(True, XattrFilter.ALLOWLIST_ONLY, True),
-    "bootable+keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS, True),
-}
-#: trees.json's erofs_version -> the format (``default(1)``: no --erofs-version).
-VERSIONS = {
-    "0": ErofsVersion.V0,
-    "1": ErofsVersion.V1,
-    "2": ErofsVersion.V2,
-    "default(1)": ErofsVersion.V1,
-}
+from rsgolden import ALGORITHMS, EXPECTED, RS, TREES, VARIANTS, VERSIONS, golden_image, trees_json
 
 
 class RsTree:
