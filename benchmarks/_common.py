@@ -1,13 +1,29 @@
-"""Helpers the benchmarks share: where the C reference tools are, and page-cache warming."""
+"""Helpers the benchmarks share: where the C reference tools are, page-cache warming,
+and the best time of a few rounds."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def best_of(rounds: int, fn: Callable[[], object]) -> float:
+    """The shortest of ``rounds`` timed calls of ``fn``, in seconds; garbage is
+    collected before each, so that no round pays for the one before."""
+    best = float("inf")
+    for _ in range(rounds):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def reference_bin() -> Path:

@@ -14,27 +14,14 @@ The V2 image read back and written again must give the same bytes.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from _common import reference_bin
+from _common import best_of, reference_bin
 from composefsd.image.formats import ErofsVersion, write_format
 from composefsd.image.reader import read_image
-
-
-def best(rounds: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(rounds):
-        gc.collect()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> int:
@@ -58,9 +45,9 @@ def main() -> int:
     write_times: dict[ErofsVersion, float] = {}
     for version in ErofsVersion:
         images[version] = write_format(root, version)
-        write_times[version] = best(args.rounds, lambda v=version: write_format(root, v))
+        write_times[version] = best_of(args.rounds, lambda v=version: write_format(root, v))
     read_times = {
-        v: best(args.rounds, lambda v=v: read_image(images[v], c_quirks=False))
+        v: best_of(args.rounds, lambda v=v: read_image(images[v], c_quirks=False))
         for v in ErofsVersion
     }
     back = read_image(images[ErofsVersion.V2], c_quirks=False).root

@@ -50,11 +50,15 @@ from composefsd.image.tree import Node, new_directory
 from composefsd.image.writer import write_image
 from composefsd.objectlayout import object_payload, object_relpath
 from composefsd.repository import Repository
+from composefsd.repository.oci import OCI_REF_PREFIX
 from composefsd.repository.streams import reachable
 from composefsd.splitstream import (
     CONTENT_TYPE_OCI_CONFIG,
     CONTENT_TYPE_OCI_LAYER,
     CONTENT_TYPE_OCI_MANIFEST,
+    OCI_CONFIG_PREFIX,
+    OCI_LAYER_PREFIX,
+    OCI_MANIFEST_PREFIX,
     write_splitstream,
 )
 
@@ -115,7 +119,7 @@ def build(path: Path, n_objects: int, n_images: int) -> tuple[int, list[str]]:
         data = make_stream(LAYER, refs, [], OBJECT_SIZE)
         sid = _digest(rng)
         _put_object(path, sid, data)
-        _link(path / "streams" / f"oci-layer-{diff_id}", sid)
+        _link(path / "streams" / (OCI_LAYER_PREFIX + diff_id), sid)
         layers.append((diff_id, sid, refs))
     live = len(used) + n_layers
     for i in range(n_images):
@@ -138,16 +142,16 @@ def build(path: Path, n_objects: int, n_images: int) -> tuple[int, list[str]]:
         config = _digest(rng)
         config_id = "sha256:" + _digest(rng).hex()
         _put_object(path, config, make_stream(CONFIG, [config_json], config_named, 300))
-        _link(path / "streams" / f"oci-config-{config_id}", config)
+        _link(path / "streams" / (OCI_CONFIG_PREFIX + config_id), config)
         manifest_named = [(f"config:{config_id}", config)]
         manifest_named += [(diff_id, sid) for diff_id, sid, _refs in mine]
         manifest = _digest(rng)
         manifest_id = "sha256:" + _digest(rng).hex()
         _put_object(path, manifest, make_stream(MANIFEST, [manifest_json], manifest_named, 300))
-        _link(path / "streams" / f"oci-manifest-{manifest_id}", manifest)
-        tag = path / "streams" / "refs" / "oci" / f"image{i}"
+        _link(path / "streams" / (OCI_MANIFEST_PREFIX + manifest_id), manifest)
+        tag = path / "streams" / "refs" / OCI_REF_PREFIX / f"image{i}"
         tag.parent.mkdir(parents=True, exist_ok=True)
-        tag.symlink_to(f"../../oci-manifest-{manifest_id}")
+        tag.symlink_to(f"../../{OCI_MANIFEST_PREFIX}{manifest_id}")
         live += 5  # the image, two JSON objects, the config and manifest streams
     return live, [object_relpath(d.hex()) for d in objects[len(used) :]]
 

@@ -36,23 +36,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from _common import best_of
+from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import Repository
+from composefsd.repository.oci import OCI_REF_PREFIX
 from composefsd.repository.streams import reachable
 from composefsd.splitstream import (
     CONTENT_TYPE_OCI_CONFIG,
     CONTENT_TYPE_OCI_LAYER,
     CONTENT_TYPE_OCI_MANIFEST,
+    OCI_CONFIG_PREFIX,
+    OCI_LAYER_PREFIX,
+    OCI_MANIFEST_PREFIX,
     SplitStreamWriter,
     iter_chunks,
     parse,
     read_refs,
 )
-
-INLINE_MAX = 64
 
 
 def fake_digest(rng: random.Random, size: int) -> str:
@@ -74,7 +77,7 @@ def layer_stream(rng: random.Random, files: int, size: int, sizes: tuple[int, in
         header = f"usr/lib/file-{i:06d}".encode().ljust(100, b"\0") + bytes(412)
         writer.write_inline(header)
         if i % 4 == 0:
-            data = rng.randbytes(rng.randint(1, INLINE_MAX))
+            data = rng.randbytes(rng.randint(1, RECOMMENDED_INLINE_CONTENT_MAX))
             writer.write_inline(data + bytes(-len(data) % 512))
         else:
             length = rng.randint(*sizes)
@@ -91,7 +94,7 @@ def build(
     size = Algorithm.SHA512.digest_size
     rng = random.Random(13)
     streams = repo.path / "streams"
-    (streams / "refs" / "oci").mkdir(parents=True)
+    (streams / "refs" / OCI_REF_PREFIX).mkdir(parents=True)
     paths: list[str] = []
     referenced = 0
 
@@ -104,7 +107,7 @@ def build(
             referenced += parse(data, size).stream_size
             layer = store.store_bytes(data).digest
             diff_id = f"sha256:{rng.randbytes(32).hex()}"
-            link(layer, f"oci-layer-{diff_id}")
+            link(layer, OCI_LAYER_PREFIX + diff_id)
             paths.append(str(repo.object_path(layer)))
             config = SplitStreamWriter(size, CONTENT_TYPE_OCI_CONFIG)
             config.add_named_ref(diff_id, layer)
@@ -112,27 +115,18 @@ def build(
             config.write_object(fake_digest(rng, size), 600)
             config_obj = store.store_bytes(config.finish()).digest
             config_digest = f"sha256:{rng.randbytes(32).hex()}"
-            link(config_obj, f"oci-config-{config_digest}")
+            link(config_obj, OCI_CONFIG_PREFIX + config_digest)
             manifest = SplitStreamWriter(size, CONTENT_TYPE_OCI_MANIFEST)
             manifest.add_named_ref(f"config:{config_digest}", config_obj)
             manifest.add_named_ref(diff_id, layer)
             manifest.write_object(fake_digest(rng, size), 800)
             manifest_obj = store.store_bytes(manifest.finish()).digest
             manifest_digest = f"sha256:{rng.randbytes(32).hex()}"
-            link(manifest_obj, f"oci-manifest-{manifest_digest}")
-            (streams / "refs" / "oci" / f"image-{n}").symlink_to(
-                f"../../oci-manifest-{manifest_digest}"
+            link(manifest_obj, OCI_MANIFEST_PREFIX + manifest_digest)
+            (streams / "refs" / OCI_REF_PREFIX / f"image-{n}").symlink_to(
+                f"../../{OCI_MANIFEST_PREFIX}{manifest_digest}"
             )
     return repo, paths, referenced
-
-
-def best_of(rounds: int, fn: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def read_refs_all(paths: list[str], size: int) -> int:

@@ -107,6 +107,15 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield d
 
 
+@pytest.fixture(scope="session")
+def rs_trees(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The composefs-rs golden trees, extracted once a session (``rsgolden.unpack_trees``):
+    ``<path>/<tree>``. Tests must not change them."""
+    from rsgolden import unpack_trees  # rsgolden imports this module
+
+    return unpack_trees(tmp_path_factory.mktemp("rs-trees"))
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A module's ``trees.small_tree``."""

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import errno
 import gzip
-import json
 import random
 import stat
 import struct
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ import pytest
 from composefsd.fsverity import digest_bytes
 from composefsd.image.format import (
     BLOCK_SIZE,
-    COMPOSEFS_VERSION_V2,
     EXTENDED_INODE_READ,
     HEADER,
     INODE_SLOT_SIZE,
@@ -37,30 +34,16 @@ from composefsd.image.format import (
     metacopy_value,
 )
 from composefsd.image.formats import ErofsVersion, image_version, write_format
-from composefsd.image.reader import ImageFormatError, iter_objects, read_image
+from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import Node, new_directory
 from composefsd.image.writer import WriteError
-from conftest import SHARED
-
-RS = SHARED / "testdata" / "composefs-rs"
-TREES = ["t1-basic", "t2-special", "t3-xattrs", "t4-names", "t5-big", "t6-rootfs"]
-
-
-@cache
-def _trees_json() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((RS / "expected" / "trees.json").read_text())
-    return data
-
-
-@cache
-def _image(rel: str) -> bytes:
-    return gzip.decompress((RS / rel).read_bytes())
+from rsgolden import ALGORITHMS, EXPECTED, TREES, golden_image, image_objects, trees_json
 
 
 def _golden_images() -> list[Any]:
     """Every image cfsctl create-image wrote for the trees, with what it printed."""
     out = []
-    for tree, facts in _trees_json()["trees"].items():
+    for tree, facts in trees_json().items():
         for entry in facts["images"]:
             out.append(
                 pytest.param(
@@ -72,17 +55,17 @@ def _golden_images() -> list[Any]:
 
 
 def _oci_images() -> list[Path]:
-    return sorted((RS / "expected" / "oci").glob("*/images/*/composefs-erofs.gz"))
+    return sorted((EXPECTED / "oci").glob("*/images/*/composefs-erofs.gz"))
 
 
 def _tree_image(tree: str, hash_name: str, version: int) -> bytes:
-    return _image(f"expected/trees/{tree}/image.{hash_name}.v{version}.erofs.gz")
+    return golden_image(f"expected/trees/{tree}/image.{hash_name}.v{version}.erofs.gz")
 
 
 def test_golden_set_is_complete() -> None:
     """The parametrisations below cover all three formats in both algorithms."""
     seen = {(e["hash"], e["erofs_version"]) for e in (p.values[0] for p in _golden_images())}
-    assert seen == {(h, v) for h in ("sha256", "sha512") for v in ("0", "1", "2")}
+    assert seen == {(h, v) for h in ALGORITHMS for v in ("0", "1", "2")}
     assert len(_golden_images()) == len(TREES) * 8
     assert len(_oci_images()) == 10
 
@@ -92,7 +75,7 @@ def test_golden_set_is_complete() -> None:
 
 @pytest.mark.parametrize("entry", _golden_images())
 def test_golden_image_round_trip(entry: dict[str, Any]) -> None:
-    data = _image(entry["image_file"])
+    data = golden_image(entry["image_file"])
     version = ErofsVersion(int(entry["erofs_version"]))
     assert image_version(data) is version
     hash_name, hexid = entry["stdout"].split(":")
@@ -102,10 +85,7 @@ def test_golden_image_round_trip(entry: dict[str, Any]) -> None:
     assert info.composefs_version == version
     assert write_format(info.root, version) == data
 
-    objects = sorted(
-        f"{hash_name}:{p.replace(b'/', b'').decode()}" for p in iter_objects(info.root)
-    )
-    assert objects == entry["image_objects_sorted"]
+    assert image_objects(info.root, hash_name) == entry["image_objects_sorted"]
 
 
 @pytest.mark.parametrize("path", _oci_images(), ids=lambda p: f"{p.parts[-4]}-{p.parts[-2]}")
@@ -116,7 +96,7 @@ def test_oci_image_round_trip(path: Path) -> None:
 
 
 @pytest.mark.parametrize("source", [ErofsVersion.V0, ErofsVersion.V1], ids=["from-v0", "from-v1"])
-@pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
+@pytest.mark.parametrize("hash_name", ALGORITHMS)
 @pytest.mark.parametrize("tree", TREES)
 def test_one_tree_in_every_format(tree: str, hash_name: str, source: ErofsVersion) -> None:
     """The tree read from the V0 or V1 image, written as V0, V1 and V2, is cfsctl's three
@@ -135,7 +115,7 @@ def test_v2_layout_facts() -> None:
     """What sets V2 apart, read from a golden image's bytes."""
     data = _tree_image("t2-special", "sha256", 2)
     _, version, flags, cfs_version = HEADER.unpack_from(data, 0)
-    assert (version, flags, cfs_version) == (1, 0, COMPOSEFS_VERSION_V2)
+    assert (version, flags, cfs_version) == (1, 0, ErofsVersion.V2)
     sb = SUPERBLOCK.unpack_from(data, SUPERBLOCK_OFFSET)
     root_nid, inos, build_time, build_nsec, _, _, xattr_blkaddr = sb[5:12]
     assert (build_time, build_nsec, xattr_blkaddr) == (0, 0, 0)
@@ -393,7 +373,7 @@ def _launcher(module: str, name: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-@pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
+@pytest.mark.parametrize("hash_name", ALGORITHMS)
 @pytest.mark.parametrize("tree", ["t2-special", "t3-xattrs", "t6-rootfs"])
 def test_composefs_info_reads_v2_like_c(
     tree: str, hash_name: str, reference_bin: Path, tmp_path: Path

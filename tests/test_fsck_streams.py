@@ -14,7 +14,7 @@ from composefsd.repository import Repository
 from composefsd.repository.errors import CorruptRepositoryError
 from composefsd.repository.fsck import FsckReport
 from composefsd.splitstream import StreamRefs, read_refs
-from rsgolden import ALGORITHMS, commands, listing, unpack_repo
+from rsgolden import ALGORITHMS, listing, runs_of, unpack_repo
 
 
 def _kinds(report: FsckReport) -> set[tuple[str, str]]:
@@ -38,9 +38,7 @@ def _refs(repo: Repository, stream: str) -> StreamRefs:
 def test_golden_repositories_fsck_clean_like_cfsctl(algorithm: str, tmp_path: Path) -> None:
     path = unpack_repo(algorithm, tmp_path)
     (recorded,) = [
-        json.loads(c["stdout"])
-        for c in commands(algorithm)
-        if c["command"] == "cfsctl --repo $REPO fsck --json"
+        json.loads(c["stdout"]) for c in runs_of(algorithm, "cfsctl --repo $REPO fsck --json")
     ]
     report = Repository.open(path).fsck()
     assert report.ok and report.problems == []

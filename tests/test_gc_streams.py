@@ -17,17 +17,17 @@ from composefsd.repository.gc import GcResult, discard_added
 from composefsd.repository.streams import reachable
 from rsgolden import (
     ALGORITHMS,
-    commands,
     expected_listing,
     gc_counts,
     listing,
+    runs_of,
     unpack_repo,
 )
 
 
 def _recorded(algorithm: str, command: str) -> list[str]:
     """Stdout of every recorded run of ``cfsctl <command>``, in order."""
-    return [c["stdout"] for c in commands(algorithm) if c["command"] == f"cfsctl {command}"]
+    return [c["stdout"] for c in runs_of(algorithm, f"cfsctl {command}")]
 
 
 def _same_counts(result: GcResult, stdout: str, *, pruned: bool = False) -> None:

@@ -12,6 +12,7 @@ from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import (
     TMP_PREFIX,
     contains,
+    digest_of_link_target,
     digest_of_relpath,
     is_hex,
     is_hex_digest,
@@ -19,6 +20,7 @@ from composefsd.objectlayout import (
     is_object_rest,
     is_temp_name,
     iter_objects,
+    link_file_name,
     object_payload,
     object_relpath,
 )
@@ -131,3 +133,50 @@ def test_object_store_reads_through_the_layout(tmp_path: Path) -> None:
                 store.contains(bad)
             with pytest.raises(InvalidNameError):
                 store.open(bad)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (f"../objects/ab/{'0' * 62}", "ab" + "0" * 62),
+        # composefs-rs looks at the tail only, in either case.
+        (f"elsewhere/AB/{'0' * 61}F", "ab" + "0" * 61 + "f"),
+        (f"ab/{'0' * 62}", "ab" + "0" * 62),
+        (f"../objects/ab/{'0' * 62}/", None),
+        ("../objects/ab/00", None),
+        (f"../objects/zz/{'0' * 62}", None),
+        (f"../objects/a\u0130/{'0' * 61}", None),
+        (f"../objects/ab0{'0' * 62}", None),
+        ("", None),
+    ],
+)
+def test_link_targets_name_objects_as_composefs_rs_reads_them(
+    target: str, expected: str | None
+) -> None:
+    assert digest_of_link_target(target, SHA256) == expected
+
+
+def test_link_target_width_follows_the_algorithm() -> None:
+    digest = "cd" + "1" * 126
+    target = "../objects/" + object_relpath(digest)
+    assert digest_of_link_target(target, SHA512) == digest
+    assert digest_of_link_target(target, SHA256) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("../abc", "abc"),
+        ("../abc/", "abc"),
+        ("../abc/.", "abc"),
+        ("abc//./", "abc"),
+        ("/abc", "abc"),
+        ("..", None),
+        ("../abc/..", None),
+        (".", None),
+        ("/", None),
+        ("", None),
+    ],
+)
+def test_ref_link_file_name_is_rusts_path_file_name(target: str, expected: str | None) -> None:
+    assert link_file_name(target) == expected

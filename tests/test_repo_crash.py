@@ -20,7 +20,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import Repository
+from composefsd.repository import images as images_mod
+from composefsd.repository.images import SYMLINK_TMP_PREFIX
 from composefsd.repository.verify import verify_image
 from trees import random_files
 
@@ -49,17 +54,72 @@ def _rewrite_some(files: list[Path], rng: random.Random) -> None:
 
 
 def _check(repo_path: Path) -> int:
-    """fsck clean and every image link verifies; returns the number of images."""
+    """fsck clean and every image link verifies; returns the number of images.
+
+    A writer killed between making a temporary link in ``images/`` and renaming it
+    to ``images/<hex>`` or to a ref leaves that temporary (``.symlink-*``, its
+    target relative to where it was going): not an image, so it is not verified;
+    fsck reports it as a non-fatal leftover and GC removes it. Anything else that
+    is not an image must not be there."""
     repo = Repository.open(repo_path)
     report = repo.fsck()
     assert report.ok, [str(p) for p in report.problems]
-    images = [
-        e.name for e in os.scandir(repo_path / "images") if e.name != "refs" and e.is_symlink()
-    ]
+    images: list[str] = []
+    for entry in os.scandir(repo_path / "images"):
+        if entry.name == "refs":
+            continue
+        if is_hex_digest(entry.name, repo.hash_algorithm):
+            assert entry.is_symlink(), entry.name
+            images.append(entry.name)
+        else:
+            assert entry.name.startswith(SYMLINK_TMP_PREFIX) and entry.is_symlink(), entry.name
     for digest in images:
         vr = verify_image(repo, digest)
         assert vr.ok, vr
     return len(images)
+
+
+def test_check_passes_over_a_killed_writers_temporary_link(tmp_path: Path) -> None:
+    """A kill between the temporary link and its rename (a ref's temporary in
+    ``images/`` points to ``../../<hex>``) leaves a repository that checks out; a
+    stray non-image entry does not."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 5000)
+    repo = Repository.init(tmp_path / "repo")
+    digest = repo.create_image(tree, ref="a/b").digest
+    (repo.images_dir / f"{SYMLINK_TMP_PREFIX}killed000000").symlink_to(f"../../{digest}")
+    assert _check(repo.path) == 1
+    (repo.images_dir / "stray").symlink_to(f"../../{digest}")
+    with pytest.raises(AssertionError, match="stray"):
+        _check(repo.path)
+
+
+def test_only_a_moved_ref_goes_through_a_temporary_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new ref is made in place (as composefs-rs makes one), so that a killed
+    CreateImage with a new ref can leave no temporary behind; moving a ref to
+    another image replaces it atomically through one."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(b"x" * 5000)
+    repo = Repository.init(tmp_path / "repo")
+    temporaries: list[str] = []
+    real = images_mod._replace_symlink
+
+    def recording(target: str, link: Path, tmp_dir: Path) -> None:
+        temporaries.append(link.name)
+        real(target, link, tmp_dir)
+
+    monkeypatch.setattr(images_mod, "_replace_symlink", recording)
+    first = repo.create_image(tree, ref="a/b").digest
+    repo.create_image(tree, ref="a/b")  # the same image: nothing to replace
+    assert temporaries == []
+    (tree / "file").write_bytes(b"y" * 5000)
+    second = repo.create_image(tree, ref="a/b").digest
+    assert second != first and temporaries == ["b"]
+    assert repo.resolve_image("a/b") == second
 
 
 def _timed_run(cmd: list[str]) -> tuple[str, dict[str | None, float]]:
@@ -153,6 +213,8 @@ def test_kill_create_image_at_random_moments(tmp_path: Path) -> None:
     ).stdout.strip()
     subprocess.run([*base, "gc"], check=True, capture_output=True)
     assert _check(repo_path) >= 2
+    # GC took the killed writers' temporaries with it.
+    assert not [e for e in os.listdir(repo_path / "images") if e.startswith(SYMLINK_TMP_PREFIX)]
     repo = Repository.open(repo_path)
     assert repo.resolve_image("after") == final
     assert verify_image(repo, first).ok

@@ -28,18 +28,16 @@ from composefsd.repository import (
     UnsupportedRepositoryError,
 )
 from composefsd.service.client import VarlinkCallError, connect
-from conftest import SHARED
 from ctlrun import run_ctl
+from rsgolden import read_json
 from servicehelpers import DAEMON, running_daemon, short_dir
 from trees import small_tree
-
-RS_DATA = SHARED / "testdata" / "composefs-rs"
 
 
 @pytest.fixture(scope="module")
 def rs_meta() -> dict[str, bytes]:
     """cfsctl's meta.json texts (``cfsctl init --insecure [--erofs-version 2]``)."""
-    summary = json.loads((RS_DATA / "expected" / "oci" / "summary.json").read_text())
+    summary = read_json("expected/oci/summary.json")
     return {name: text.encode() for name, text in summary["meta_json"].items()}
 
 

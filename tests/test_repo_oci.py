@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,32 +27,21 @@ from composefsd.repository.streams import (
     trace_streams,
 )
 from composefsd.splitstream import CONTENT_TYPE_OCI_MANIFEST, write_splitstream
-from conftest import SHARED
-
-RS = SHARED / "testdata" / "composefs-rs"
-ALGORITHMS = ("sha256", "sha512")
-
-
-def unpack(algorithm: str, dest: Path) -> Repository:
-    with tarfile.open(RS / "repos" / f"repo-{algorithm}.tar.gz") as tar:
-        tar.extractall(dest, filter="tar")
-    return Repository.open(dest / f"repo-{algorithm}")
-
-
-def recorded(algorithm: str) -> list[dict[str, Any]]:
-    path = RS / "expected" / "repos" / f"repo-{algorithm}.commands.json"
-    return [c for c in json.loads(path.read_text()) if "command" in c]
-
-
-def stdout_of(algorithm: str, command: str) -> str:
-    (found,) = [c for c in recorded(algorithm) if c["command"] == command]
-    assert found["exit"] == 0
-    return str(found["stdout"])
+from rsgolden import (
+    ALGORITHMS,
+    EXPECTED,
+    commands,
+    expected_listing,
+    listed_objects,
+    read_json,
+    stdout_of,
+    unpack_repo,
+)
 
 
 @pytest.fixture(params=ALGORITHMS)
 def golden(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Repository]:
-    return request.param, unpack(request.param, tmp_path)
+    return request.param, Repository.open(unpack_repo(request.param, tmp_path))
 
 
 def test_tags_are_listed(golden: tuple[str, Repository]) -> None:
@@ -74,19 +61,19 @@ def test_oci_images_json(golden: tuple[str, Repository]) -> None:
 
 def test_oci_inspect(golden: tuple[str, Repository]) -> None:
     algorithm, repo = golden
-    commands = [c for c in recorded(algorithm) if " oci inspect " in c["command"]]
-    assert len(commands) >= 2
+    inspects = [c for c in commands(algorithm) if " oci inspect " in c["command"]]
+    assert len(inspects) >= 2
     version = repo.erofs_version
     assert version == 1
     with repo.object_store() as store:
-        for command in commands:
+        for command in inspects:
             tag = command["command"].rsplit(" ", 1)[1]
             assert open_tag(repo, store, tag).inspect(version) == json.loads(command["stdout"])
 
 
 def test_image_parts(golden: tuple[str, Repository]) -> None:
     _algorithm, repo = golden
-    manifest = json.loads((RS / "inputs" / "oci" / "MANIFEST.json").read_text())
+    manifest = read_json("inputs/oci/MANIFEST.json")
     with repo.object_store() as store:
         for entry in manifest["images"]:
             image = open_tag(repo, store, entry["tag"])
@@ -110,13 +97,7 @@ def test_tag_encoding() -> None:
 
 
 def _kept_after_untag(algorithm: str) -> set[str]:
-    lines = (RS / "expected" / "repos" / f"repo-{algorithm}.after-untag-gc.listing.txt").read_text()
-    out = set()
-    for line in lines.splitlines():
-        if line.startswith("f objects/"):
-            rel = line.split()[1].removeprefix("objects/")
-            out.add(rel.replace("/", ""))
-    return out
+    return listed_objects(expected_listing(f"repo-{algorithm}.after-untag-gc.listing.txt"))
 
 
 def test_traces_are_what_cfsctl_keeps(golden: tuple[str, Repository]) -> None:
@@ -210,12 +191,10 @@ def test_fresh_pulls_recorded_beside_the_repositories(golden: tuple[str, Reposit
     without --bootable there). Their ``oci images`` list and ``inspect`` documents
     are ours on the golden repository, but for the extra tag and the boot image."""
     algorithm, repo = golden
-    pulls = RS / "expected" / "oci" / algorithm
-    commands = json.loads((pulls / "commands.json").read_text())
+    pulls = EXPECTED / "oci" / algorithm
+    pulled = read_json(f"expected/oci/{algorithm}/commands.json")
     # The first listing, right after the five pulls (later ones follow tag/untag).
-    listed = next(
-        c for c in commands if c.get("command") == "cfsctl --repo $REPO oci images --json"
-    )
+    listed = next(c for c in pulled if c.get("command") == "cfsctl --repo $REPO oci images --json")
     ours = {tag: image.info(tag) for tag, image in list_images(repo) if tag != "multi:v2"}
     assert {i["name"]: i for i in json.loads(listed["stdout"])["images"]} == ours
     version = repo.erofs_version

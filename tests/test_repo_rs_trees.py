@@ -11,68 +11,43 @@ as ``cfsctl compute-id`` for the transforms and the bootable variant.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from composefsd.image.formats import ErofsVersion
 from composefsd.image.reader import read_image
-from composefsd.image.transforms import CFSCTL_DEFAULT, Transform
+from composefsd.image.transforms import CFSCTL_DEFAULT
 from composefsd.repository import CreateOptions, Repository
 from composefsd.service.client import connect
-from conftest import SHARED
 from ctlrun import run_ctl
+from rsgolden import ALGORITHMS, TREES, VARIANTS, golden_image, image_objects, trees_json
 from servicehelpers import running_daemon
-from test_rs_trees import TREES, unpacked  # noqa: F401 -- the unpacked trees fixture
-
-RS_DATA = SHARED / "testdata" / "composefs-rs"
-#: trees.json's variants of create-image, as CreateImage options.
-TRANSFORMS = {"default": CFSCTL_DEFAULT, "no-propagate-usr-to-root": Transform()}
-
-
-@pytest.fixture(scope="module")
-def trees_json() -> dict[str, Any]:
-    trees: dict[str, Any] = json.loads((RS_DATA / "expected" / "trees.json").read_text())["trees"]
-    return trees
-
-
-def _image_objects(repo: Repository, digest: str) -> list[str]:
-    """``cfsctl image-objects``: the objects the image names, ``<alg>:<hex>``, sorted."""
-    info = read_image((repo.images_dir / digest).read_bytes(), c_quirks=False)
-    payloads = {
-        node.payload
-        for _path, node in info.root.walk()
-        if node.payload and node.link_to is None and node.mode & 0o170000 == 0o100000
-    }
-    return sorted(f"{repo.hash_name}:{p.decode().strip('/').replace('/', '')}" for p in payloads)
 
 
 @pytest.mark.parametrize("version", [ErofsVersion.V0, ErofsVersion.V1, ErofsVersion.V2])
-@pytest.mark.parametrize("hash_name", ["sha256", "sha512"])
+@pytest.mark.parametrize("hash_name", ALGORITHMS)
 def test_create_image_in_each_format_is_cfsctls(
     tmp_path: Path,
-    unpacked: Path,  # noqa: F811
-    trees_json: dict[str, Any],
+    rs_trees: Path,
     hash_name: str,
     version: ErofsVersion,
 ) -> None:
     repo = Repository.init(tmp_path / "r", algorithm=hash_name, erofs_version=version)
     checked = 0
     for tree in TREES:
-        for entry in trees_json[tree]["images"]:
+        for entry in trees_json()[tree]["images"]:
             if entry["hash"] != hash_name or ErofsVersion(int(entry["erofs_version"])) != version:
                 continue
-            options = CreateOptions(transform=TRANSFORMS[entry["variant"]])
-            result = repo.create_image(unpacked / tree, options=options, ref=f"{tree}.x")
+            options = CreateOptions(transform=VARIANTS[entry["variant"]])
+            result = repo.create_image(rs_trees / tree, options=options, ref=f"{tree}.x")
             where = f"{tree} {hash_name} V{int(version)} {entry['variant']}"
             assert f"{hash_name}:{result.digest}" == entry["stdout"], where
             assert result.erofs_version is version and result.extra_images == {}
             image = (repo.images_dir / result.digest).read_bytes()
-            assert image == gzip.decompress((RS_DATA / entry["image_file"]).read_bytes()), where
-            assert _image_objects(repo, result.digest) == entry["image_objects_sorted"], where
+            assert image == golden_image(entry["image_file"]), where
+            root = read_image(image, c_quirks=False).root
+            assert image_objects(root, hash_name) == entry["image_objects_sorted"], where
             checked += 1
     # Every tree in cfsctl's default variant, and in V1 without the transform too.
     assert checked == len(TREES) * (2 if version is ErofsVersion.V1 else 1)
@@ -81,8 +56,7 @@ def test_create_image_in_each_format_is_cfsctls(
 
 def test_dual_format_repository_writes_cfsctls_v1_and_v2(
     tmp_path: Path,
-    unpacked: Path,  # noqa: F811
-    trees_json: dict[str, Any],
+    rs_trees: Path,
 ) -> None:
     """A repository with V1 and an extra V2 (as bootc configures one): both images
     are cfsctl's, the V1 one named."""
@@ -92,19 +66,19 @@ def test_dual_format_repository_writes_cfsctls_v1_and_v2(
     repo = Repository.init(tmp_path / "r", formats=formats)
     expected = {
         entry["erofs_version"]: entry["stdout"].partition(":")[2]
-        for entry in trees_json["t3-xattrs"]["images"]
+        for entry in trees_json()["t3-xattrs"]["images"]
         if entry["hash"] == "sha256" and entry["variant"] == "default"
     }
     result = repo.create_image(
-        unpacked / "t3-xattrs", options=CreateOptions(transform=CFSCTL_DEFAULT), ref="t3"
+        rs_trees / "t3-xattrs", options=CreateOptions(transform=CFSCTL_DEFAULT), ref="t3"
     )
     assert result.digest == expected["1"]
     assert result.extra_images == {ErofsVersion.V2: expected["2"]}
     assert repo.resolve_image("t3") == expected["1"]
 
 
-def _compute_id(trees_json: dict[str, Any], tree: str, version: str, variant: str) -> str:
-    for entry in trees_json[tree]["compute_id"]:
+def _compute_id(tree: str, version: str, variant: str) -> str:
+    for entry in trees_json()[tree]["compute_id"]:
         if (entry["hash"], entry["erofs_version"], entry["variant"]) == (
             "sha256",
             version,
@@ -117,10 +91,9 @@ def _compute_id(trees_json: dict[str, Any], tree: str, version: str, variant: st
 def test_transforms_through_the_daemon_and_composefsctl(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    unpacked: Path,  # noqa: F811
-    trees_json: dict[str, Any],
+    rs_trees: Path,
 ) -> None:
-    tree = unpacked / "t6-rootfs"
+    tree = rs_trees / "t6-rootfs"
     repo_path = tmp_path / "r"
     Repository.init(repo_path, erofs_version=2)
     method = "io.composefs.Repository.CreateImage"
@@ -135,17 +108,13 @@ def test_transforms_through_the_daemon_and_composefsctl(
                 "erofsVersion": 1,
             },
         )
-        assert boot["digest"] == _compute_id(
-            trees_json, "t6-rootfs", "1", "bootable+keep-user-xattrs"
-        )
+        assert boot["digest"] == _compute_id("t6-rootfs", "1", "bootable+keep-user-xattrs")
         assert boot["erofsVersion"] == 1 and "extraImages" not in boot
         plain = conn.call(method, {"sourcePath": str(tree), "bootable": True})
         assert plain["erofsVersion"] == 2
         # cfsctl --no-propagate-usr-to-root --bootable has no golden id; the
         # transform still changes the image.
-        assert plain["digest"] != _compute_id(
-            trees_json, "t6-rootfs", "2", "no-propagate-usr-to-root"
-        )
+        assert plain["digest"] != _compute_id("t6-rootfs", "2", "no-propagate-usr-to-root")
         status, out, err = run_ctl(
             capsys,
             "--connect",
@@ -157,7 +126,7 @@ def test_transforms_through_the_daemon_and_composefsctl(
             "keep-user-xattrs",
         )
         assert (status, err) == (0, "")
-        assert out.strip() == _compute_id(trees_json, "t6-rootfs", "2", "keep-user-xattrs")
+        assert out.strip() == _compute_id("t6-rootfs", "2", "keep-user-xattrs")
     # Directly, the same options give the same ids.
     status, out, err = run_ctl(
         capsys,
@@ -172,18 +141,18 @@ def test_transforms_through_the_daemon_and_composefsctl(
         "0",
     )
     assert (status, err) == (0, "")
-    assert out.strip() == _compute_id(trees_json, "t6-rootfs", "0", "bootable")
+    assert out.strip() == _compute_id("t6-rootfs", "0", "bootable")
     status, out, err = run_ctl(
         capsys, "--repo", str(repo_path), "--direct", "create-image", str(tree)
     )
-    assert out.strip() == _compute_id(trees_json, "t6-rootfs", "2", "no-propagate-usr-to-root")
+    assert out.strip() == _compute_id("t6-rootfs", "2", "no-propagate-usr-to-root")
     # A tree without /boot cannot be made bootable: SourceError, nothing named.
     status, out, err = run_ctl(
         capsys,
         "--repo",
         str(repo_path),
         "create-image",
-        str(unpacked / "t1-basic"),
+        str(rs_trees / "t1-basic"),
         "--bootable",
         "--ref",
         "nope",

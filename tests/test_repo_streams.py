@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,25 +24,7 @@ from composefsd.repository.streams import (
     read_stream,
     resolve_stream,
 )
-from conftest import SHARED
-
-RS = SHARED / "testdata" / "composefs-rs"
-ALGORITHMS = ("sha256", "sha512")
-
-
-def unpack(algorithm: str, dest: Path) -> Repository:
-    with tarfile.open(RS / "repos" / f"repo-{algorithm}.tar.gz") as tar:
-        tar.extractall(dest, filter="tar")
-    return Repository.open(dest / f"repo-{algorithm}")
-
-
-def listed(algorithm: str, which: str) -> list[str]:
-    return (RS / "expected" / "repos" / f"repo-{algorithm}.{which}").read_text().splitlines()
-
-
-def listed_objects(lines: list[str]) -> set[str]:
-    found = (re.match(r"f objects/(\w\w)/(\w+) ", line) for line in lines)
-    return {m.group(1) + m.group(2) for m in found if m}
+from rsgolden import ALGORITHMS, RS, commands, expected_listing, listed_objects, unpack_repo
 
 
 def listed_links(lines: list[str], prefix: str) -> dict[str, str]:
@@ -66,12 +46,12 @@ def image_part(repo: Repository) -> set[str]:
 
 @pytest.fixture(params=ALGORITHMS)
 def golden(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Repository]:
-    return request.param, unpack(request.param, tmp_path)
+    return request.param, Repository.open(unpack_repo(request.param, tmp_path))
 
 
 def test_streams_listing_matches(golden: tuple[str, Repository]) -> None:
     algorithm, repo = golden
-    lines = listed(algorithm, "listing.txt")
+    lines = expected_listing(f"repo-{algorithm}.listing.txt")
     links = listed_links(lines, "streams/")
     expected = {cid: target for cid, target in links.items() if not cid.startswith("refs/")}
     found = list(iter_streams(repo))
@@ -104,7 +84,7 @@ def test_reachable_is_what_cfsctl_gc_keeps(golden: tuple[str, Repository]) -> No
     present = {
         d + r for d in os.listdir(repo.objects_dir) for r in os.listdir(repo.objects_dir / d)
     }
-    kept = listed_objects(listed(algorithm, "after-gc.listing.txt"))
+    kept = listed_objects(expected_listing(f"repo-{algorithm}.after-gc.listing.txt"))
     assert (reach.objects | image_part(repo)) & present == kept
     assert len(present - kept) == 12  # the README's "Objects: 12 removed"
     assert reach.streams == {s.content_id for s in iter_streams(repo)}
@@ -119,7 +99,7 @@ def test_reachable_after_untag(golden: tuple[str, Repository]) -> None:
     present = {
         d + r for d in os.listdir(repo.objects_dir) for r in os.listdir(repo.objects_dir / d)
     }
-    kept = listed_objects(listed(algorithm, "after-untag-gc.listing.txt"))
+    kept = listed_objects(expected_listing(f"repo-{algorithm}.after-untag-gc.listing.txt"))
     assert (reach.objects | image_part(repo)) & present == kept
 
 
@@ -253,10 +233,7 @@ def test_cat_rebuilds_every_stream(golden: tuple[str, Repository]) -> None:
 def test_cat_command_output(golden: tuple[str, Repository]) -> None:
     """``cfsctl cat refs/named/single-layer`` as recorded."""
     algorithm, repo = golden
-    recorded = json.loads(
-        (RS / "expected" / "repos" / f"repo-{algorithm}.commands.json").read_text()
-    )
-    cats = [c for c in recorded if c.get("command", "").startswith("cfsctl --repo $REPO cat ")]
+    cats = [c for c in commands(algorithm) if c["command"].startswith("cfsctl --repo $REPO cat ")]
     assert cats
     with repo.object_store() as store:
         for command in cats:

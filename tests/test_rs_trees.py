@@ -1,7 +1,7 @@
 """Directory trees read and transformed as composefs-rs 0.9 does, against cfsctl's golden data.
 
 The six golden trees (testdata/composefs-rs/inputs/trees) are unpacked once per
-session, exactly, as root. Each is read in the composefs-rs style
+session, exactly, as root (the ``rs_trees`` fixture). Each is read in the composefs-rs style
 (:class:`~composefsd.sources.base.ReadStyle`), its files given the digests of the
 hash algorithm in question, transformed (:mod:`composefsd.image.transforms`) and
 then compared with what cfsctl printed and wrote: ``create-dumpfile`` outputs,
@@ -12,15 +12,10 @@ included), and the bytes of the images ``create-image`` stored.
 from __future__ import annotations
 
 import copy
-import gzip
-import json
 import marshal
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,64 +23,18 @@ from composefsd.fsverity import digest_bytes, digest_fd
 from composefsd.image.dump_print import format_dump, format_rs_dump
 from composefsd.image.formats import ErofsVersion, write_format
 from composefsd.image.transforms import (
-    CFSCTL_DEFAULT,
-    Transform,
     TransformError,
-    XattrFilter,
     apply_transform,
 )
 from composefsd.image.tree import RECOMMENDED_INLINE_CONTENT_MAX, Node
 from composefsd.objectlayout import object_payload
 from composefsd.sources.base import ReadStyle
 from composefsd.sources.directory import ScanOptions, SourceScan, scan_directory, scan_source
-from conftest import SHARED
-
-RS_DATA = SHARED / "testdata" / "composefs-rs"
-TREES = ("t1-basic", "t2-special", "t3-xattrs", "t4-names", "t5-big", "t6-rootfs")
-HASHES = ("sha256", "sha512")
-#: cfsctl's flags, as trees.json names them, and the transform with their effect.
-VARIANTS: dict[str, Transform] = {
-    "default": CFSCTL_DEFAULT,
-    "no-propagate-usr-to-root": Transform(),
-    "keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS),
-    "bootable": Transform(True, XattrFilter.ALLOWLIST_ONLY, True),
-    "bootable+keep-user-xattrs": Transform(True, XattrFilter.KEEP_USER_XATTRS, True),
-}
-#: trees.json's erofs_version -> the format (``default(1)``: no --erofs-version).
-VERSIONS = {
-    "0": ErofsVersion.V0,
-    "1": ErofsVersion.V1,
-    "2": ErofsVersion.V2,
-    "default(1)": ErofsVersion.V1,
-}
-
-
-@pytest.fixture(scope="session")
-def golden() -> dict[str, Any]:
-    trees: dict[str, Any] = json.loads((RS_DATA / "expected" / "trees.json").read_text())["trees"]
-    return trees
-
-
-@pytest.fixture(scope="session")
-def unpacked(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The golden trees, unpacked exactly by the data's own extractor (needs root)."""
-    assert os.geteuid() == 0, "the golden trees hold devices and other owners: run as root"
-    dest = tmp_path_factory.mktemp("rs-trees")
-    for name in TREES:
-        subprocess.run(
-            [
-                sys.executable,
-                str(RS_DATA / "gen" / "extract.py"),
-                str(RS_DATA / "inputs" / "trees" / f"{name}.tar.gz"),
-                str(dest / name),
-            ],
-            check=True,
-        )
-    return dest
+from rsgolden import ALGORITHMS, EXPECTED, RS, TREES, VARIANTS, VERSIONS, golden_image, trees_json
 
 
 class RsTree:
-    """One unpacked tree read as composefs-rs does, with a fresh copy per use."""
+    """One rs_trees tree read as composefs-rs does, with a fresh copy per use."""
 
     def __init__(self, path: Path, algorithm: str) -> None:
         self.path = path
@@ -123,15 +72,15 @@ class RsTree:
 _cache: dict[tuple[str, str], RsTree] = {}
 
 
-def rs_tree(unpacked: Path, tree: str, algorithm: str) -> RsTree:
+def rs_tree(rs_trees: Path, tree: str, algorithm: str) -> RsTree:
     key = (tree, algorithm)
     if key not in _cache:
-        _cache[key] = RsTree(unpacked / tree, algorithm)
+        _cache[key] = RsTree(rs_trees / tree, algorithm)
     return _cache[key]
 
 
-def transformed(unpacked: Path, tree: str, algorithm: str, variant: str) -> Node:
-    root, read_content = rs_tree(unpacked, tree, algorithm).fresh()
+def transformed(rs_trees: Path, tree: str, algorithm: str, variant: str) -> Node:
+    root, read_content = rs_tree(rs_trees, tree, algorithm).fresh()
     apply_transform(root, VARIANTS[variant], read_content)
     return root
 
@@ -142,18 +91,16 @@ def transformed(unpacked: Path, tree: str, algorithm: str, variant: str) -> Node
 def _dumpfiles() -> list[tuple[str, str, str]]:
     out = []
     for tree in TREES:
-        for path in sorted((RS_DATA / "expected" / "trees" / tree).glob("dumpfile.*.txt")):
+        for path in sorted((EXPECTED / "trees" / tree).glob("dumpfile.*.txt")):
             _, algorithm, variant, _ = path.name.split(".")
             out.append((tree, algorithm, variant))
     return out
 
 
 @pytest.mark.parametrize(("tree", "algorithm", "variant"), _dumpfiles())
-def test_dumpfile_matches_cfsctl(unpacked: Path, tree: str, algorithm: str, variant: str) -> None:
-    expected = (
-        RS_DATA / "expected" / "trees" / tree / f"dumpfile.{algorithm}.{variant}.txt"
-    ).read_bytes()
-    got = format_rs_dump(transformed(unpacked, tree, algorithm, variant))
+def test_dumpfile_matches_cfsctl(rs_trees: Path, tree: str, algorithm: str, variant: str) -> None:
+    expected = (EXPECTED / "trees" / tree / f"dumpfile.{algorithm}.{variant}.txt").read_bytes()
+    got = format_rs_dump(transformed(rs_trees, tree, algorithm, variant))
     assert got == expected
 
 
@@ -166,61 +113,61 @@ def test_every_golden_dumpfile_is_covered() -> None:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("algorithm", HASHES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("tree", TREES)
-def test_compute_id_matches_cfsctl(
-    unpacked: Path, golden: dict[str, Any], tree: str, algorithm: str, variant: str
-) -> None:
+def test_compute_id_matches_cfsctl(rs_trees: Path, tree: str, algorithm: str, variant: str) -> None:
     runs = [
-        r for r in golden[tree]["compute_id"] if r["hash"] == algorithm and r["variant"] == variant
+        r
+        for r in trees_json()[tree]["compute_id"]
+        if r["hash"] == algorithm and r["variant"] == variant
     ]
     assert {r["erofs_version"] for r in runs} == set(VERSIONS)
     for run in runs:
         if run["exit"] != 0:
             with pytest.raises(TransformError) as info:
-                transformed(unpacked, tree, algorithm, variant)
+                transformed(rs_trees, tree, algorithm, variant)
             assert f"Error: {info.value}" == run["stderr"].strip()
             continue
         image = write_format(
-            transformed(unpacked, tree, algorithm, variant), VERSIONS[run["erofs_version"]]
+            transformed(rs_trees, tree, algorithm, variant), VERSIONS[run["erofs_version"]]
         )
         assert digest_bytes(image, algorithm).hex() == run["id"], run["command"]
 
 
-@pytest.mark.parametrize("algorithm", HASHES)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("tree", TREES)
-def test_image_bytes_match_cfsctl(unpacked: Path, tree: str, algorithm: str) -> None:
-    folder = RS_DATA / "expected" / "trees" / tree
+def test_image_bytes_match_cfsctl(rs_trees: Path, tree: str, algorithm: str) -> None:
+    folder = EXPECTED / "trees" / tree
     images = sorted(folder.glob(f"image.{algorithm}.v*.erofs.gz"))
     assert len(images) == 4
     for path in images:
         parts = path.name.split(".")
         version = ErofsVersion(int(parts[2][1:]))
         variant = parts[3] if len(parts) == 6 else "default"
-        expected = gzip.decompress(path.read_bytes())
-        assert write_format(transformed(unpacked, tree, algorithm, variant), version) == expected, (
+        expected = golden_image(str(path.relative_to(RS)))
+        assert write_format(transformed(rs_trees, tree, algorithm, variant), version) == expected, (
             path.name
         )
 
 
-def test_bootable_needs_boot_as_cfsctl_says(unpacked: Path) -> None:
+def test_bootable_needs_boot_as_cfsctl_says(rs_trees: Path) -> None:
     with pytest.raises(TransformError) as info:
-        transformed(unpacked, "t1-basic", "sha256", "bootable")
+        transformed(rs_trees, "t1-basic", "sha256", "bootable")
     assert str(info.value) == 'Directory entry "boot" does not exist'
 
 
 # -- C stays C ----------------------------------------------------------------------------------
 
 
-def test_c_style_is_unchanged_on_golden_trees(unpacked: Path) -> None:
+def test_c_style_is_unchanged_on_golden_trees(rs_trees: Path) -> None:
     """The C reading of t2-special still breaks every hardlink and gives inline files
     digests, and its hardlink option still links regular files only."""
-    root = scan_directory(unpacked / "t2-special", ScanOptions(threads=1))
+    root = scan_directory(rs_trees / "t2-special", ScanOptions(threads=1))
     dump = format_dump(root)
     assert b" @" not in dump
     assert b"/hl/small 4 100644 1 7 0 0 1625632067.93341208 82/bc12" in dump
     linked = format_dump(
-        scan_directory(unpacked / "t2-special", ScanOptions(threads=1, preserve_hardlinks=True))
+        scan_directory(rs_trees / "t2-special", ScanOptions(threads=1, preserve_hardlinks=True))
     )
     assert b"/hl/small-link 4 @100644 2" in linked
     assert b"/hl/sym-link 3 120777 1" in linked

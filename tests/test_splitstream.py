@@ -4,7 +4,6 @@ and hostile variants of them."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 import tarfile
@@ -15,10 +14,7 @@ from typing import Any
 import pytest
 
 from composefsd import splitstream as ss
-from conftest import SHARED
-
-RS = SHARED / "testdata" / "composefs-rs"
-EXPECTED = RS / "expected"
+from rsgolden import ALGORITHMS, EXPECTED, RS, read_json, repo_tar
 
 
 @cache
@@ -27,14 +23,12 @@ def golden_streams() -> tuple[tuple[str, dict[str, Any], bytes], ...]:
     the raw files beside the OCI pulls' streams.json and the streams inside the repo tars."""
     out: list[tuple[str, dict[str, Any], bytes]] = []
     for listing in sorted(EXPECTED.glob("oci/*/streams*/streams.json")):
-        for content_id, entry in json.loads(listing.read_text()).items():
+        for content_id, entry in read_json(str(listing.relative_to(RS))).items():
             raw = (listing.parent / entry["raw_file"]).read_bytes()
             out.append((f"{listing.parent.relative_to(EXPECTED)}/{content_id}", entry, raw))
-    for alg in ("sha256", "sha512"):
-        decoded = json.loads(
-            (EXPECTED / "repos" / f"repo-{alg}.streams" / "streams.json").read_text()
-        )
-        with tarfile.open(RS / "repos" / f"repo-{alg}.tar.gz") as tar:
+    for alg in ALGORITHMS:
+        decoded = read_json(f"expected/repos/repo-{alg}.streams/streams.json")
+        with tarfile.open(repo_tar(alg)) as tar:
             for content_id, entry in decoded.items():
                 rel = entry["symlink_target"].removeprefix("../")
                 member = tar.extractfile(f"repo-{alg}/{rel}")
@@ -277,8 +271,8 @@ def object_sizes() -> dict[str, int]:
     """Sizes of the objects in the golden repositories (every object a golden stream
     references is among them): the writer needs them for ``stream_size``."""
     sizes: dict[str, int] = {}
-    for alg in ("sha256", "sha512"):
-        with tarfile.open(RS / "repos" / f"repo-{alg}.tar.gz") as tar:
+    for alg in ALGORITHMS:
+        with tarfile.open(repo_tar(alg)) as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/")
                 if member.isfile() and len(parts) == 4 and parts[1] == "objects":

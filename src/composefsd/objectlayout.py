@@ -30,6 +30,7 @@ __all__ = [
     "HEX_DIGITS",
     "TMP_PREFIX",
     "contains",
+    "digest_of_link_target",
     "digest_of_relpath",
     "is_hex",
     "is_hex_digest",
@@ -38,6 +39,7 @@ __all__ = [
     "is_temp_name",
     "iter_objects",
     "join_store_path",
+    "link_file_name",
     "object_payload",
     "object_relpath",
 ]
@@ -97,6 +99,30 @@ def digest_of_relpath(rel: str, algorithm: Algorithm) -> str | None:
         return None
     hexdigest = rel[:2] + rel[3:]
     return hexdigest if HEX_DIGITS.issuperset(hexdigest) else None
+
+
+def digest_of_link_target(target: str, algorithm: Algorithm) -> str | None:
+    """The object a link to an object names (``images/<id>``, ``streams/<name>``:
+    ``../objects/XX/rest``), read as composefs-rs's ``from_object_pathname`` reads
+    it, so that both agree on what a repository's links keep alive: the last
+    ``2 * size + 1`` characters are ``XX/rest`` in hex of either case (returned in
+    lowercase); whatever comes before is not looked at. None if they are not."""
+    width = 2 * algorithm.digest_size + 1
+    tail = target[-width:]
+    if len(target) < width or tail[2] != "/" or not tail.isascii():
+        return None
+    hexdigest = (tail[:2] + tail[3:]).lower()
+    return hexdigest if HEX_DIGITS.issuperset(hexdigest) else None
+
+
+def link_file_name(target: str) -> str | None:
+    """The name a ref link's target ends in, as composefs-rs reads refs (Rust's
+    ``Path::file_name``): the last component, ignoring ``.`` components and
+    trailing slashes; None when that is ``..`` or there is none."""
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    if not parts or parts[-1] == "..":
+        return None
+    return parts[-1]
 
 
 def join_store_path(base: bytes, rel: bytes) -> bytes:

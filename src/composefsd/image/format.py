@@ -10,6 +10,7 @@ are here, side by side.
 from __future__ import annotations
 
 import struct
+from enum import IntEnum
 
 __all__ = [
     "BLOCK_SIZE",
@@ -18,7 +19,6 @@ __all__ = [
     "COMPACT_INODE_READ",
     "COMPOSEFS_MAGIC",
     "COMPOSEFS_VERSION",
-    "COMPOSEFS_VERSION_V2",
     "DIRENT_FIELDS",
     "DIRENT_FILE_TYPES",
     "DIRENT_READ",
@@ -31,6 +31,7 @@ __all__ = [
     "HEADER",
     "HEADER_FLAG_HAS_ACL",
     "HEADER_SIZE",
+    "INODES_START",
     "INODE_SLOT_BITS",
     "INODE_SLOT_SIZE",
     "LAYOUT_CHUNK_BASED",
@@ -41,11 +42,13 @@ __all__ = [
     "SUPERBLOCK_OFFSET",
     "SUPERBLOCK_SIZE",
     "V2_CHUNK_FORMAT",
+    "XATTR_AREA_MAX",
     "XATTR_ENTRY",
     "XATTR_FILTER_SEED",
     "XATTR_IBODY_HEADER",
     "XATTR_PREFIXES",
     "XATTR_SHARED_REF",
+    "ErofsVersion",
     "metacopy_value",
 ]
 
@@ -54,12 +57,21 @@ __all__ = [
 COMPOSEFS_MAGIC = 0xD078629A
 #: The header's own version (``LCFS_EROFS_VERSION``), not the image format version.
 COMPOSEFS_VERSION = 1
-#: ``composefs_version`` of composefs-rs's V2 layout (C writes 0 or 1 there).
-COMPOSEFS_VERSION_V2 = 2
 HEADER_FLAG_HAS_ACL = 1
 HEADER_SIZE = 32
 #: magic, version, flags, composefs_version; the rest of the 32 bytes is reserved (0).
 HEADER = struct.Struct("<IIII")
+
+
+class ErofsVersion(IntEnum):
+    """An image format, by the header's ``composefs_version``: C writes 0 or 1,
+    composefs-rs also 2 (its older layout); :mod:`composefsd.image.formats` says
+    what each one is."""
+
+    V0 = 0
+    V1 = 1
+    V2 = 2
+
 
 # -- EROFS superblock -----------------------------------------------------------------
 
@@ -68,6 +80,8 @@ BLOCK_SIZE = 4096
 BLOCK_SIZE_BITS = 12
 SUPERBLOCK_OFFSET = 1024
 SUPERBLOCK_SIZE = 128
+#: Both writers put the inodes right after the superblock (``meta_blkaddr`` 0).
+INODES_START = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
 FEATURE_COMPAT_MTIME = 0x2
 FEATURE_COMPAT_XATTR_FILTER = 0x4
 #: magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
@@ -108,6 +122,8 @@ XATTR_IBODY_HEADER = struct.Struct("<IB7x")
 XATTR_SHARED_REF = struct.Struct("<I")
 #: e_name_len, e_name_index, e_value_size; the name suffix and value follow.
 XATTR_ENTRY = struct.Struct("<BBH")
+#: The largest xattr area of an inode: its 16-bit ``i_xattr_icount`` bounds it.
+XATTR_AREA_MAX = 12 + 4 * (0xFFFF - 1)
 #: Name prefixes by ``e_name_index`` (0: the name is stored whole).
 XATTR_PREFIXES = (
     b"",

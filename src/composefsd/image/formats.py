@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import errno
 import mmap
-from enum import IntEnum
 
-from .reader import ImageFormatError, read_header
+from .format import ErofsVersion
+from .reader import format_version, read_header
 from .tree import Node
 from .writer import WriteError, write_image
 from .writer_v2 import write_image_v2
 
 __all__ = ["ErofsVersion", "image_version", "write_format"]
-
-
-class ErofsVersion(IntEnum):
-    """An image format, by the ``composefs_version`` its header carries."""
-
-    V0 = 0
-    V1 = 1
-    V2 = 2
 
 
 def write_format(root: Node, version: ErofsVersion) -> bytes:
@@ -51,10 +43,4 @@ def image_version(data: bytes | bytearray | memoryview | mmap.mmap) -> ErofsVers
     Raises :class:`~composefsd.image.reader.ImageFormatError` for a bad header and
     for a ``composefs_version`` outside 0..2.
     """
-    version = read_header(data).composefs_version
-    try:
-        return ErofsVersion(version)
-    except ValueError:
-        raise ImageFormatError(
-            errno.ENOTSUP, f"unknown composefs image format version {version}"
-        ) from None
+    return format_version(read_header(data))

@@ -39,7 +39,6 @@ from composefsd.image.format import (
     COMPACT_INODE_READ,
     COMPOSEFS_MAGIC,
     COMPOSEFS_VERSION,
-    COMPOSEFS_VERSION_V2,
     DIRENT_READ,
     EROFS_MAGIC,
     EXTENDED_INODE_READ,
@@ -55,6 +54,7 @@ from composefsd.image.format import (
     XATTR_ENTRY,
     XATTR_PREFIXES,
     XATTR_SHARED_REF,
+    ErofsVersion,
 )
 from composefsd.image.tree import INLINE_CONTENT_MAX, PATH_MAX, XATTR_ESTIMATE_MAX_READER, Node
 
@@ -161,6 +161,18 @@ def read_header(buf: bytes | bytearray | memoryview | mmap.mmap) -> ImageHeader:
     return ImageHeader(version=version, flags=flags, composefs_version=cfs_version)
 
 
+def format_version(header: ImageHeader) -> ErofsVersion:
+    """The image format ``header`` names; :class:`ImageFormatError` (``ENOTSUP``)
+    for a ``composefs_version`` no writer knows (C's reader does not check it)."""
+    try:
+        return ErofsVersion(header.composefs_version)
+    except ValueError:
+        raise ImageFormatError(
+            errno.ENOTSUP,
+            f"unknown composefs image format version {header.composefs_version}",
+        ) from None
+
+
 class _SuperFields(NamedTuple):
     magic: int
     checksum: int
@@ -264,11 +276,7 @@ def read_image(
         # C checks neither; a repository's image is whole (no block short or past
         # what the superblock says) and in a format composefs-rs knows.
         read_superblock(data[:BLOCK_SIZE], size)
-        if header.composefs_version > COMPOSEFS_VERSION_V2:
-            raise ImageFormatError(
-                errno.ENOTSUP,
-                f"unknown composefs image format version {header.composefs_version}",
-            )
+        format_version(header)
     sb = _unpack_super(data)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
     build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
@@ -289,7 +297,7 @@ def read_image(
     if not c_quirks:
         # Only V2 stores whiteouts as themselves; in V0/V1 the 0/0 devices are
         # the writer's 00..ff overlay stubs, never part of the tree.
-        reader.keep_whiteouts = header.composefs_version == COMPOSEFS_VERSION_V2
+        reader.keep_whiteouts = header.composefs_version == ErofsVersion.V2
         reader.exact = True
     # The tree is hundreds of thousands of acyclic objects; letting the cyclic
     # collector rescan them on every allocation burst costs a third of the time.
@@ -300,7 +308,7 @@ def read_image(
     finally:
         if gc_enabled:
             gc.enable()
-    if not c_quirks and header.composefs_version == 1:
+    if not c_quirks and header.composefs_version == ErofsVersion.V1:
         _drop_opaque_marks(root)
     return ImageInfo(
         root=root,

@@ -39,12 +39,13 @@ from .format import (
     HEADER,
     HEADER_FLAG_HAS_ACL,
     INODE_SLOT_SIZE,
+    INODES_START,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
-    SUPERBLOCK_SIZE,
+    XATTR_AREA_MAX,
     XATTR_ENTRY,
     XATTR_FILTER_SEED,
     XATTR_IBODY_HEADER,
@@ -68,7 +69,6 @@ _S_IFCHR = 0o020000
 _FILE_TYPE = DIRENT_FILE_TYPES
 
 _HALF_BLOCK = BLOCK_SIZE // 2
-_INODES_START = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
 _MAX_CHUNKS = 1024
 _MAX_SHARED_REFS = 128
 _U32 = 0xFFFFFFFF
@@ -77,8 +77,6 @@ _U64 = (1 << 64) - 1
 _FEATURE_COMPAT = FEATURE_COMPAT_MTIME | FEATURE_COMPAT_XATTR_FILTER
 _FILTER_SEED = XATTR_FILTER_SEED
 
-# The inode's 16-bit xattr icount bounds its xattr area.
-_MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
 _PADS = (b"", b"\0\0\0", b"\0\0", b"\0")  # zeros to the next multiple of 4
 
 _OVERLAY_PREFIX = b"trusted.overlay."
@@ -527,7 +525,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
     chunk_starts: dict[int, list[int]] = {}
     chunkbits_of: dict[int, int] = {}
     n_data_blocks = 0
-    end = pos = _INODES_START
+    end = pos = INODES_START
     for i in range(count):
         mode = modes[i]
         ftype = mode & _S_IFMT
@@ -608,7 +606,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             name_filter = cached_filter
             xarea = b"".join(parts)
             xsz = 12 + 4 * len(refs) + len(xarea)
-            if xsz > _MAX_XATTR_AREA:
+            if xsz > XATTR_AREA_MAX:
                 raise WriteError(errno.EINVAL, "xattrs too large for one inode")
         pos = (pos + 31) & ~31
         if ftype == _S_IFLNK:
@@ -703,7 +701,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         inodes_end // BLOCK_SIZE,
     )
     area = b"".join(pieces)
-    buf[_INODES_START : _INODES_START + len(area)] = area
+    buf[INODES_START : INODES_START + len(area)] = area
     del area, pieces
     shared_table = b"".join(shared_entries)
     buf[inodes_end : inodes_end + len(shared_table)] = shared_table

@@ -34,7 +34,6 @@ from .format import (
     BLOCK_SIZE_BITS,
     COMPOSEFS_MAGIC,
     COMPOSEFS_VERSION,
-    COMPOSEFS_VERSION_V2,
     DIRENT_FIELDS,
     DIRENT_FILE_TYPES,
     DIRENT_SIZE,
@@ -44,18 +43,20 @@ from .format import (
     FEATURE_COMPAT_XATTR_FILTER,
     HEADER,
     INODE_SLOT_SIZE,
+    INODES_START,
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
-    SUPERBLOCK_SIZE,
     V2_CHUNK_FORMAT,
+    XATTR_AREA_MAX,
     XATTR_ENTRY,
     XATTR_FILTER_SEED,
     XATTR_IBODY_HEADER,
     XATTR_PREFIXES,
     XATTR_SHARED_REF,
+    ErofsVersion,
     metacopy_value,
 )
 from .tree import S_IFMT, VALID_FILE_TYPES, Node, TreeError, gc_paused
@@ -73,11 +74,9 @@ _S_IFCHR = stat.S_IFCHR
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 _INODE_SIZE = EXTENDED_INODE.size
-_INODES_START = SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE
 _HALF_BLOCK = BLOCK_SIZE // 2
 _FEATURE_COMPAT = FEATURE_COMPAT_MTIME | FEATURE_COMPAT_XATTR_FILTER
-# The 16-bit xattr icount bounds the area; the 8-bit shared count bounds its references.
-_MAX_XATTR_AREA = 12 + 4 * (0xFFFF - 1)
+# The inode's 8-bit shared xattr count bounds its references.
 _MAX_SHARED_REFS = 0xFF
 _XATTR_NAME_MAX = 0xFF
 _XATTR_VALUE_MAX = 0xFFFF
@@ -272,7 +271,7 @@ def _write(root: Node) -> bytes:
     dir_blocks: dict[int, list[tuple[int, int]]] = {}
     dir_inline: dict[int, tuple[int, int]] = {}
     n_blocks = [0] * count
-    pos = _INODES_START
+    pos = INODES_START
     for i in range(count):
         node = nodes[i]
         mode = node.mode & S_IFMT
@@ -296,7 +295,7 @@ def _write(root: Node) -> bytes:
                 raise WriteError(errno.E2BIG, f"{len(refs)} shared xattrs on one inode")
             local = b"".join(parts)
             xsz = 12 + 4 * len(refs) + len(local)
-            if xsz > _MAX_XATTR_AREA:
+            if xsz > XATTR_AREA_MAX:
                 raise WriteError(errno.E2BIG, "xattrs too large for one inode")
             keys = tuple([(x[0], x[1]) for x in xs])
             name_filter = filter_cache.get(keys)
@@ -391,7 +390,7 @@ def _write(root: Node) -> bytes:
 
     # -- emit --------------------------------------------------------------------------
     buf = bytearray(image_size)
-    HEADER.pack_into(buf, 0, COMPOSEFS_MAGIC, COMPOSEFS_VERSION, 0, COMPOSEFS_VERSION_V2)
+    HEADER.pack_into(buf, 0, COMPOSEFS_MAGIC, COMPOSEFS_VERSION, 0, ErofsVersion.V2)
     nid_of = [p // INODE_SLOT_SIZE for p in positions]
     SUPERBLOCK.pack_into(
         buf,

@@ -56,6 +56,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,24 +312,38 @@ class _Checker:
             self.report.add("stat-failed", rel, f"object {digest}: {exc.strerror}")
         return False
 
-    def check_streams(self, present: set[str]) -> None:
-        """Check every streams/<name> entry; ``present``: the objects listed before."""
-        report = self.report
+    def _each_entry(
+        self,
+        top: str,
+        check: Callable[[os.DirEntry[str]], None],
+        absent: tuple[type[OSError], ...],
+    ) -> int:
+        """``check`` every entry of ``top`` (``streams``, ``images``) but ``refs``, by
+        name, as the progress phase ``top``; how many. Listing errors in ``absent``
+        mean there is nothing to check; others are reported."""
         try:
-            entries = sorted(os.scandir(self.root / "streams"), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            return
+            entries = sorted(os.scandir(self.root / top), key=lambda e: e.name)
+        except absent:
+            return 0
         except OSError as exc:
-            report.add("stat-failed", "streams", f"cannot list: {exc.strerror}")
-            return
+            self.report.add("stat-failed", top, f"cannot list: {exc.strerror}")
+            return 0
         entries = [e for e in entries if e.name != "refs"]
         total = len(entries)
-        self.step("streams", 0, total, force=True)
+        self.step(top, 0, total, force=True)
         for done, entry in enumerate(entries, 1):
-            self._check_stream(entry, present)
-            self.step("streams", done, total)
-        report.streams_checked = total
-        self.step("streams", total, total, force=True)
+            check(entry)
+            self.step(top, done, total)
+        self.step(top, total, total, force=True)
+        return total
+
+    def check_streams(self, present: set[str]) -> None:
+        """Check every streams/<name> entry; ``present``: the objects listed before."""
+        self.report.streams_checked = self._each_entry(
+            "streams",
+            lambda entry: self._check_stream(entry, present),
+            (FileNotFoundError, NotADirectoryError),
+        )
 
     def _check_stream(self, entry: os.DirEntry[str], present: set[str]) -> None:
         report = self.report
@@ -429,23 +444,9 @@ class _Checker:
     # -- images -----------------------------------------------------------------------
     def check_images(self, present: set[str]) -> None:
         """Check every images/<hex> entry; ``present``: the objects listed before."""
-        images_dir = self.root / "images"
-        report = self.report
-        try:
-            entries = sorted(os.scandir(images_dir), key=lambda e: e.name)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            report.add("stat-failed", "images", f"cannot list: {exc.strerror}")
-            return
-        entries = [e for e in entries if e.name != "refs"]
-        total = len(entries)
-        self.step("images", 0, total, force=True)
-        for done, entry in enumerate(entries, 1):
-            self._check_image(entry, present)
-            self.step("images", done, total)
-        report.images_checked = total
-        self.step("images", total, total, force=True)
+        self.report.images_checked = self._each_entry(
+            "images", lambda entry: self._check_image(entry, present), (FileNotFoundError,)
+        )
 
     def _check_image(self, entry: os.DirEntry[str], present: set[str]) -> None:
         report = self.report

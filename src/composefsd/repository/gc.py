@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING
 from composefsd.image.reader import ImageFormatError, iter_objects, read_image
 from composefsd.image.tree import gc_paused
 from composefsd.objectlayout import (
-    digest_of_relpath,
+    digest_of_link_target,
     is_hex_digest,
     is_temp_name,
     object_relpath,
@@ -162,15 +162,6 @@ def _pin_digest(repo: Repository, pin: str) -> str | None:
         raise
 
 
-def _link_digest(target: str, algorithm: Algorithm) -> str | None:
-    """The object an ``images/`` link names (``../objects/XX/rest``):
-    its last two components, as composefs-rs reads them; None if they name none."""
-    parts = target.rstrip("/").split("/")
-    if len(parts) < 2:
-        return None
-    return digest_of_relpath(f"{parts[-2]}/{parts[-1]}", algorithm)
-
-
 @dataclass(slots=True, frozen=True)
 class _Link:
     """One entry of ``images/``: a symlink to an object."""
@@ -205,7 +196,12 @@ def _image_links(directory: Path, algorithm: Algorithm) -> tuple[list[_Link], li
         except FileNotFoundError:
             continue
         links.append(
-            _Link(name, entry.path, _link_digest(target, algorithm), os.path.exists(entry.path))
+            _Link(
+                name,
+                entry.path,
+                digest_of_link_target(target, algorithm),
+                os.path.exists(entry.path),
+            )
         )
     return links, temps
 

@@ -92,7 +92,7 @@ from composefsd.image.transforms import Transform, TransformError, apply_transfo
 from composefsd.image.tree import Node, gc_paused
 from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
-from composefsd.objectlayout import is_hex_digest, object_payload, object_relpath
+from composefsd.objectlayout import is_hex_digest, link_file_name, object_payload, object_relpath
 from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
     CorruptObjectError,
@@ -347,10 +347,9 @@ def _image_target(hexdigest: str) -> str:
 
 
 def _target_digest(target: str, algorithm: Algorithm) -> str | None:
-    """The image a ref link names: its last component, if that is a digest (as in
-    composefs-rs, which takes the target's basename)."""
-    base = target.rstrip("/").rsplit("/", 1)[-1]
-    return base if is_hex_digest(base, algorithm) else None
+    """The image a ref link names: its file name, if that is a digest."""
+    base = link_file_name(target)
+    return base if base is not None and is_hex_digest(base, algorithm) else None
 
 
 def iter_refs(repo: Repository) -> Iterator[tuple[str, Path, str | None]]:
@@ -451,6 +450,13 @@ def _replace_symlink(target: str, link: Path, tmp_dir: Path) -> None:
         raise
 
 
+def _readlink_or_none(link: Path) -> str | None:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None
+
+
 def _link_image(repo: Repository, hexdigest: str) -> bool:
     """Create ``images/<hex>`` (or repair it); True if it was not there."""
     target = _image_target(hexdigest)
@@ -460,11 +466,7 @@ def _link_image(repo: Repository, hexdigest: str) -> bool:
         os.symlink(target, link)
     except FileExistsError:
         created = False
-        try:
-            current = os.readlink(link)
-        except OSError:
-            current = None
-        if current != target:
+        if _readlink_or_none(link) != target:
             _replace_symlink(target, link, repo.images_dir)
     _fsync_dir(repo.images_dir)
     return created
@@ -479,8 +481,17 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
         raise InvalidNameError(
             f"ref {ref!r} cannot be created: a part of its path is a ref itself"
         ) from exc
+    target = ref_target(ref, hexdigest)
     try:
-        _replace_symlink(ref_target(ref, hexdigest), link, repo.images_dir)
+        # As composefs-rs's replace_symlinkat: a new ref is made in place, and only
+        # a ref to another image goes through a temporary. A writer killed between
+        # the two steps leaves the temporary in images/, where it is not an image
+        # and cfsctl gc cannot read its target.
+        try:
+            os.symlink(target, link)
+        except FileExistsError:
+            if _readlink_or_none(link) != target:
+                _replace_symlink(target, link, repo.images_dir)
     except OSError as exc:
         # Leave no empty directory behind that mkdir above made for this ref.
         prune_empty_ref_dirs(repo, parent)

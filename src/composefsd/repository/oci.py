@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from composefsd.objectlayout import is_hex
+from composefsd.image.formats import ErofsVersion
+from composefsd.objectlayout import is_hex, link_file_name
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.streams import (
     StreamError,
@@ -118,8 +119,8 @@ def _valid_digest(text: str) -> bool:
 
 def _manifest_digest_of(target: str) -> str | None:
     """The manifest digest a tag link names (its last component after ``oci-manifest-``)."""
-    part = target.rsplit("/", 1)[-1]
-    if not part.startswith(OCI_MANIFEST_PREFIX):
+    part = link_file_name(target)
+    if part is None or not part.startswith(OCI_MANIFEST_PREFIX):
         return None
     digest = part.removeprefix(OCI_MANIFEST_PREFIX)
     return digest if _valid_digest(digest) else None
@@ -211,10 +212,10 @@ class OciImage:
     def erofs_image(self, erofs_version: int) -> str | None:
         """The image for a repository whose images are in that format: V0 and V1
         share the ``.v1`` slot, V2 has the plain one (no fallback, as composefs-rs)."""
-        return self.image_ref if erofs_version == 2 else self.image_ref_v1
+        return self.image_ref if erofs_version == ErofsVersion.V2 else self.image_ref_v1
 
     def boot_erofs_image(self, erofs_version: int) -> str | None:
-        key = BOOT_IMAGE_REF_KEY if erofs_version == 2 else BOOT_IMAGE_REF_KEY_V1
+        key = BOOT_IMAGE_REF_KEY if erofs_version == ErofsVersion.V2 else BOOT_IMAGE_REF_KEY_V1
         return self.boot_image_refs.get(key)
 
     def info(self, name: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from composefsd.objectlayout import HEX_DIGITS, object_relpath
+from composefsd.objectlayout import digest_of_link_target, link_file_name, object_relpath
 from composefsd.repository.errors import CorruptRepositoryError, RepositoryError, os_error_text
 from composefsd.splitstream import Chunk, SplitStream, SplitStreamError, iter_chunks, parse
 
@@ -51,6 +51,7 @@ __all__ = [
     "reachable",
     "read_stream",
     "resolve_stream",
+    "stream_entry",
     "stream_links",
     "trace_streams",
 ]
@@ -114,27 +115,6 @@ def _streams_dir(repo: Repository) -> Path:
     return repo.path / "streams"
 
 
-def _link_digest(target: str, digest_size: int) -> str | None:
-    """composefs-rs's ``from_object_pathname``: the last ``2 * size + 1`` bytes are
-    ``XX/rest`` in hex (either case); whatever comes before is not looked at."""
-    width = 2 * digest_size + 1
-    tail = target[-width:]
-    if len(target) < width or tail[2] != "/" or not tail.isascii():
-        return None
-    tail = tail.lower()
-    hexed = tail[:2] + tail[3:]
-    return hexed if HEX_DIGITS.issuperset(hexed) else None
-
-
-def _rust_file_name(target: str) -> str | None:
-    """``Path::file_name``: the last component, ignoring ``.`` and trailing
-    slashes; None when that is ``..`` or there is none."""
-    parts = [p for p in target.split("/") if p not in ("", ".")]
-    if not parts or parts[-1] == "..":
-        return None
-    return parts[-1]
-
-
 def _scandir(directory: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(directory) as it:
@@ -156,12 +136,12 @@ def _readlink(path: str) -> str | None:
 
 def iter_streams(repo: Repository) -> Iterator[StreamLink]:
     """Every entry of ``streams/`` but ``refs``, sorted by content id."""
-    size = repo.hash_algorithm.digest_size
+    algorithm = repo.hash_algorithm
     for entry in _scandir(_streams_dir(repo)):
         if entry.name == "refs":
             continue
         target = _readlink(entry.path) if entry.is_symlink() else None
-        digest = _link_digest(target, size) if target is not None else None
+        digest = digest_of_link_target(target, algorithm) if target is not None else None
         yield StreamLink(entry.name, target, digest)
 
 
@@ -185,7 +165,7 @@ def iter_stream_refs(repo: Repository) -> Iterator[StreamRef]:
                 target = _readlink(entry.path)
                 if target is None:
                     continue
-                content_id = _rust_file_name(target)
+                content_id = link_file_name(target)
                 if content_id is not None and not os.path.islink(streams / content_id):
                     content_id = None
                 yield StreamRef(name, target, content_id)
@@ -287,23 +267,32 @@ def _copy_chunks(
     return size - left
 
 
-def resolve_stream(repo: Repository, name: str) -> tuple[str, str]:
-    """``(content id, stream object digest)`` for a content id or ``refs/<name>``,
-    as ``cfsctl cat`` takes them. :class:`StreamNotFoundError` if there is none."""
+def stream_entry(streams: Path, name: str) -> str:
+    """The ``streams/`` entry a content id or ``refs/<name>`` names, as ``cfsctl
+    cat`` takes them (a ref names its target's last component); whether that entry
+    exists is the caller's to find out. :class:`StreamNotFoundError` for a ref that
+    does not resolve and for a name that cannot be an entry of ``streams``."""
     content_id = name
     if name.startswith("refs/"):
         ref = name.removeprefix("refs/")
         if not ref or any(part in ("", ".", "..") for part in ref.split("/")):
-            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
-        target = _readlink(str(_streams_dir(repo) / "refs" / ref))
-        found = _rust_file_name(target) if target is not None else None
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {streams.parent}")
+        target = _readlink(str(streams / "refs" / ref))
+        found = link_file_name(target) if target is not None else None
         if found is None:
-            raise StreamNotFoundError(f"no stream ref {ref!r} in {repo.path}")
+            raise StreamNotFoundError(f"no stream ref {ref!r} in {streams.parent}")
         content_id = found
     if not content_id or "/" in content_id or content_id in (".", "..", "refs"):
-        raise StreamNotFoundError(f"no stream {content_id!r} in {repo.path}")
+        raise StreamNotFoundError(f"no stream {content_id!r} in {streams.parent}")
+    return content_id
+
+
+def resolve_stream(repo: Repository, name: str) -> tuple[str, str]:
+    """``(content id, stream object digest)`` for a content id or ``refs/<name>``
+    (:func:`stream_entry`). :class:`StreamNotFoundError` if there is none."""
+    content_id = stream_entry(_streams_dir(repo), name)
     target = _readlink(str(_streams_dir(repo) / content_id))
-    digest = _link_digest(target, repo.hash_algorithm.digest_size) if target else None
+    digest = digest_of_link_target(target, repo.hash_algorithm) if target else None
     if digest is None:
         raise StreamNotFoundError(f"no stream {content_id!r} in {repo.path}")
     return content_id, digest
@@ -336,7 +325,7 @@ def _root_streams(repo: Repository, entries: dict[str, str]) -> set[str]:
         for entry in _scandir(directory):
             if entry.is_symlink():
                 target = _readlink(entry.path)
-                content_id = _rust_file_name(target) if target is not None else None
+                content_id = link_file_name(target) if target is not None else None
                 if content_id is None:
                     continue
                 if content_id not in entries:

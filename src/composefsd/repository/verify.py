@@ -63,6 +63,7 @@ from composefsd.kernel.verity import (
 from composefsd.objectlayout import digest_of_relpath, is_hex_digest
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.streams import StreamNotFoundError, stream_entry
 from composefsd.splitstream import SplitStreamError, read_refs
 
 __all__ = [
@@ -548,20 +549,12 @@ def verify_stream(
 
 
 def _stream_entry(streams: Path, name: str) -> str | None:
-    """The ``streams/`` entry ``name`` names: itself, or for ``refs/<ref>`` the last
-    component of that ref's target (as composefs-rs reads refs); None if neither.
-    Only names of entries directly in ``streams/`` come back."""
-    if name.startswith("refs/"):
-        ref = name[5:]
-        if not ref or any(p in ("", ".", "..") for p in ref.split("/")):
-            return None
-        try:
-            name = os.readlink(streams / "refs" / ref).rstrip("/").rsplit("/", 1)[-1]
-        except OSError:
-            return None
-    if not name or "/" in name or name in (".", "..", "refs"):
+    """The existing ``streams/`` entry ``name`` names (:func:`stream_entry`), or None."""
+    try:
+        entry = stream_entry(streams, name)
+    except StreamNotFoundError:
         return None
-    return name if os.path.lexists(streams / name) else None
+    return entry if os.path.lexists(streams / entry) else None
 
 
 def _check_objects(

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from composefsd.image.format import ErofsVersion
 from composefsd.service.client import DEFAULT_TIMEOUT
 from composefsd.verity_policy import VerityPolicy
 
@@ -43,9 +44,13 @@ def _version(text: str) -> int:
     return value
 
 
+_EROFS_VERSIONS = [str(int(v)) for v in ErofsVersion]
+
+
 def _erofs_version(text: str) -> int:
-    if text not in ("0", "1", "2"):
-        raise argparse.ArgumentTypeError(f"not an EROFS format version (0, 1 or 2): {text!r}")
+    if text not in _EROFS_VERSIONS:
+        known = f"{', '.join(_EROFS_VERSIONS[:-1])} or {_EROFS_VERSIONS[-1]}"
+        raise argparse.ArgumentTypeError(f"not an EROFS format version ({known}): {text!r}")
     return int(text)
 
 
