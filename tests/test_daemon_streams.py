@@ -355,3 +355,30 @@ def test_gc_refuses_an_image_the_repository_reader_refuses(tmp_path: Path) -> No
         assert e.name == f"{INTERFACE}.RepositoryCorrupt"
         assert f"image {digest} does not parse" in e.parameters["message"]
     assert listing(repo.path) == before
+
+
+def test_verify_all_output_is_the_same_through_the_daemon_and_directly(
+    capsys: pytest.CaptureFixture[str], served: tuple[Path, Daemon, Connection]
+) -> None:
+    path, d, _conn = served
+    config = _first(path / "streams", "oci-config-")
+    obj = _stream_object(path, config)
+    obj.write_bytes(obj.read_bytes()[:-3])
+    status, out, _ = run_ctl(capsys, "--connect", d.address, "verify", "--all", "--json")
+    dstatus, direct, _ = run_ctl(capsys, "--repo", str(path), "verify", "--all", "--json")
+    assert (status, dstatus) == (1, 1)
+    docs, ddocs = json.loads(out), json.loads(direct)
+    assert len(docs) == len(ddocs) == 9 + 18
+    for doc, ddoc in zip(docs, ddocs, strict=True):
+        assert doc == {
+            k: v for k, v in ddoc.items() if k not in ("bytes_checked", "verity_required")
+        }
+    # The config stream, and the manifest naming it (its object is now corrupt).
+    failed = {doc.get("stream"): doc for doc in docs if not doc["ok"]}
+    assert failed[config]["image_problems"]
+    assert all(name.startswith("oci-manifest-") for name in set(failed) - {config})
+    status, out, _ = run_ctl(capsys, "--connect", d.address, "verify", "--all")
+    _, direct, _ = run_ctl(capsys, "--repo", str(path), "verify", "--all")
+    # The same lines but for the bytes checked, which only direct mode knows.
+    assert len(out.splitlines()) == len(direct.splitlines())
+    assert f"stream {config}: FAILED\n" in out and f"stream {config}: FAILED\n" in direct
