@@ -292,11 +292,18 @@ def test_a_stream_name_that_is_not_utf8_is_shown_escaped(
     path, _d, conn = served
     config = _first(path / "streams", "oci-config-")
     target = os.readlink(path / "streams" / config)
-    os.symlink(target, os.path.join(os.fsencode(path / "streams"), b"odd\xff"))
+    os.symlink(target, os.path.join(os.fsencode(path / "streams"), b"odd\xc3\xa9\xff"))
     results = [r for r in _results(conn, "Verify", {}) if "stream" in r]
     (odd,) = [r for r in results if r["stream"].startswith("odd")]
-    assert odd["stream"] == "odd\\udcff"
+    assert odd["stream"] == "odd\u00e9\\udcff"
     assert odd["ok"], odd
+    # A broken one: its problem's message names it, escaped too.
+    os.symlink("../objects/00/" + "0" * 62, os.path.join(os.fsencode(path / "streams"), b"bad\xff"))
+    results = [r for r in _results(conn, "Verify", {}) if "stream" in r]
+    (bad,) = [r for r in results if r["stream"].startswith("bad")]
+    assert bad["stream"] == "bad\\udcff" and not bad["ok"]
+    assert [p["kind"] for p in bad["problems"]] == ["stream"]
+    assert "bad\\udcff" in bad["problems"][0]["message"]
 
 
 # -- a V2 image in a SHA-512 repository -------------------------------------------------------

@@ -165,7 +165,7 @@ def _text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("ascii")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
