@@ -4,8 +4,11 @@ and hostile variants of them."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
+import subprocess
+import sys
 import tarfile
 from functools import cache
 from pathlib import Path
@@ -447,3 +450,30 @@ def test_a_zstd_bomb_in_the_stream_section_is_stopped_early() -> None:
         for _chunk in ss.iter_chunks(bytes(patched), ss.parse(bytes(patched), 32)):
             chunks += 1
     assert chunks <= 9 * 1000 // 8 + 1
+
+
+_ZSTD_MODULES = ("backports.zstd", "compression.zstd")
+
+
+def test_zstd_is_loaded_only_to_compress_or_decompress() -> None:
+    """Importing the repository, the daemon and composefsctl (and running its --help)
+    leaves the zstd extension unloaded; the first section compressed loads it."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "import composefsd.repository, composefsd.service.daemon\n"
+        "from composefsd.cli.composefsctl import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        f"names = {_ZSTD_MODULES!r}\n"
+        "before = [m for m in names if m in sys.modules]\n"
+        "from composefsd import splitstream\n"
+        "splitstream.zstd_compress(b'x')\n"
+        "after = [m for m in names if m in sys.modules]\n"
+        "print(json.dumps([before, after]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    before, after = json.loads(out)
+    assert before == []
+    assert len(after) == 1

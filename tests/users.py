@@ -173,9 +173,8 @@ class UserPython:
     The interpreter pytest runs in may live where such a user cannot go (a
     virtualenv pointing into /root, mode 0700), and so may the checkout: so this
     is an interpreter other users may run (the system's ``/usr/bin/python3``
-    here) with a copy of composefsd, the ``varlink`` and ``backports.zstd``
-    packages and the tests' stand-alone scripts (``peer.py``) in a public
-    directory on ``PYTHONPATH``.
+    here) with a copy of composefsd, the ``varlink`` package and the tests'
+    stand-alone scripts (``peer.py``) in a public directory on ``PYTHONPATH``.
     """
 
     python: str
@@ -214,13 +213,6 @@ def make_user_python(dest: Path) -> UserPython:
         assert module.__file__ is not None
         src = Path(module.__file__).parent
         shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))
-    if sys.version_info < (3, 14):
-        # composefsd.splitstream's zstd binding (in the standard library from 3.14).
-        import backports.zstd
-
-        src = Path(backports.zstd.__file__).parent
-        dest_zstd = lib / "backports" / "zstd"
-        shutil.copytree(src, dest_zstd, ignore=shutil.ignore_patterns("__pycache__"))
     for name in _SCRIPTS:
         shutil.copy(Path(__file__).parent / name, lib / name)
     for path in [lib, *lib.rglob("*")]:

@@ -30,6 +30,9 @@ and fsck need; composefs-rs's reader does not look into it when opening either),
 byte for byte what composefs-rs writes. zstd is the standard library's
 ``compression.zstd`` (``backports.zstd`` before Python 3.14); the compressed bytes
 equal composefs-rs's where both use the same libzstd (:func:`zstd_version_info`).
+It is imported by the functions that compress or decompress, on first use: a
+process that never decodes a stream (the daemon at start, ``composefsctl --help``,
+a caller's scan worker) never loads the extension.
 """
 
 from __future__ import annotations
@@ -39,12 +42,8 @@ import struct
 import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TypeAlias
-
-if sys.version_info >= (3, 14):
-    from compression import zstd
-else:
-    from backports import zstd
 
 from composefsd.kernel.verity import LOG_BLOCK_SIZE, Algorithm
 from composefsd.objectlayout import is_hex
@@ -292,10 +291,20 @@ def read_refs(data: Buffer, digest_size: int) -> StreamRefs:
 # --- zstd --------------------------------------------------------------------------
 
 
+def _zstd() -> ModuleType:
+    """The zstd binding (module notes: imported only where it is used)."""
+    if sys.version_info >= (3, 14):
+        from compression import zstd
+    else:
+        from backports import zstd
+    return zstd
+
+
 def zstd_pieces(data: Buffer, limit: int, what: str) -> Generator[bytes, None, None]:
     """Decompress ``data`` (zero or more whole zstd frames, as the zstd crate's
     reader takes them) in pieces of at most 1 MiB, refusing more than ``limit``
     bytes in all, a truncated frame and bytes that are no frame."""
+    zstd = _zstd()
     rest: Buffer = memoryview(data).cast("B")
     total = 0
     while len(rest):
@@ -333,20 +342,20 @@ class ZstdSection:
     __slots__ = ("_compressor", "_out", "_written")
 
     def __init__(self) -> None:
-        self._compressor = zstd.ZstdCompressor(level=ZSTD_LEVEL)
+        self._compressor = _zstd().ZstdCompressor(level=ZSTD_LEVEL)
         self._out: list[bytes] = []
         self._written = False
 
     def write(self, data: Buffer) -> None:
         if len(data):
             self._written = True
-            self._out.append(self._compressor.compress(data, zstd.ZstdCompressor.CONTINUE))
+            self._out.append(self._compressor.compress(data, self._compressor.CONTINUE))
 
     def finish(self) -> bytes:
         if self._written:
-            self._out.append(self._compressor.flush(zstd.ZstdCompressor.FLUSH_FRAME))
+            self._out.append(self._compressor.flush(self._compressor.FLUSH_FRAME))
         else:
-            self._out.append(self._compressor.compress(b"", zstd.ZstdCompressor.FLUSH_FRAME))
+            self._out.append(self._compressor.compress(b"", self._compressor.FLUSH_FRAME))
         return b"".join(self._out)
 
 
@@ -580,4 +589,4 @@ def write_splitstream(
 def zstd_version_info() -> tuple[int, ...]:
     """The version of the libzstd in use: its bytes are the golden data's only with
     the same version (1.5.4)."""
-    return tuple(zstd.zstd_version_info)
+    return tuple(_zstd().zstd_version_info)

@@ -25,9 +25,12 @@ which the layer streams keep); composefsd also parses it and keeps every object 
 uses, so that a mountable image never loses an object, whatever wrote it. On a
 consistent repository the two sets are the same.
 
-1. **Mark.** Every live image is parsed (:func:`composefsd.image.reader.read_image`)
-   and every object it refers to (:func:`~composefsd.image.reader.iter_objects`)
-   is live, and so is the image object itself. Every live stream is read. An image
+1. **Mark.** Every live image is parsed the repository way
+   (:func:`composefsd.image.reader.read_image` without ``c_quirks``, as verify and
+   fsck read it: V2 whiteouts, SHA-512 digests, an image whose size is not its
+   superblock's refused) and every object it refers to
+   (:func:`~composefsd.image.reader.iter_objects`) is live, and so is the image
+   object itself. Every live stream is read. An image
    that cannot be parsed stops the collection before anything is removed: what it
    uses is unknown. So does everything that stops ``cfsctl gc`` in ``streams/``
    (:func:`~composefsd.repository.streams.reachable`): a stream ref to no stream
@@ -221,7 +224,7 @@ def _image_objects(repo: Repository, digest: str) -> set[str]:
             raise CorruptObjectError(f"image {digest} is empty; refusing to collect garbage")
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as buf, gc_paused():
             try:
-                root = read_image(buf).root
+                root = read_image(buf, c_quirks=False).root
             except ImageFormatError as exc:
                 raise CorruptObjectError(
                     f"image {digest} does not parse ({exc}); refusing to collect garbage, "

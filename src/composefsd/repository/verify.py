@@ -47,7 +47,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from composefsd import workerproc
 from composefsd.fsverity import digest_bytes, digest_fd
@@ -63,8 +63,16 @@ from composefsd.kernel.verity import (
 from composefsd.objectlayout import digest_of_relpath, is_hex_digest
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
-from composefsd.repository.streams import StreamNotFoundError, stream_entry
+from composefsd.repository.streams import (
+    StreamNotFoundError,
+    iter_stream_refs,
+    iter_streams,
+    stream_entry,
+)
 from composefsd.splitstream import SplitStreamError, read_refs
+
+if TYPE_CHECKING:
+    from composefsd.repository.repo import Repository
 
 __all__ = [
     "NOT_REGULAR",
@@ -73,6 +81,8 @@ __all__ = [
     "VerifyReport",
     "check_file",
     "check_files",
+    "stream_entry_path",
+    "stream_names",
     "verify_image",
     "verify_stream",
 ]
@@ -546,6 +556,21 @@ def verify_stream(
     sizes.update((digest, -1) for _name, digest in refs.named_refs)
     _check_objects(repo, algorithm, sizes, report, progress, workers)
     return report
+
+
+def stream_names(repo: Repository) -> list[str]:
+    """The names under which a check of everything verifies streams: every entry of
+    ``streams/`` (sorted), then ``refs/<name>`` for every link under
+    ``streams/refs`` that names no stream (:func:`verify_stream` reports it)."""
+    names = [link.content_id for link in iter_streams(repo)]
+    names += [f"refs/{ref.name}" for ref in iter_stream_refs(repo) if ref.content_id is None]
+    return names
+
+
+def stream_entry_path(repo: RepositoryView, name: str) -> Path:
+    """Where the stream ``name`` of :func:`stream_names` lives (its link)."""
+    streams = repo.path / "streams"
+    return streams / "refs" / name[5:] if name.startswith("refs/") else streams / name
 
 
 def _stream_entry(streams: Path, name: str) -> str | None:

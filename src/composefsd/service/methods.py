@@ -36,18 +36,24 @@ Behaviour beyond the IDL text:
   the detached mount fd goes with the reply and the image is pinned
   (:mod:`composefsd.service.mounts`) before it leaves. ``where``, ``upperDirectory``
   and ``workDirectory`` must be absolute.
-* **Verify** without ``image`` checks the images listed when it starts, oldest
-  first, and sends one result reply per image (images removed meanwhile are
-  skipped); with no images at all the one final reply is empty. Each call hashes
-  in at most :attr:`RepositoryInterface.verify_workers` processes.
+* **Verify** without ``image`` or ``stream`` checks the images listed when it
+  starts, oldest first, then the composefs-rs streams (every ``streams/`` entry by
+  name, then every ``streams/refs`` link that names no stream, as ``refs/<name>``),
+  and sends one result reply per image or stream (images and streams removed
+  meanwhile are skipped); with none at all the one final reply is empty. A stream
+  that cannot be read or does not parse is a problem of its result, never an
+  error of the call. Names that are not UTF-8 are shown with ``\\udcXX`` escapes.
+  Each call hashes in at most :attr:`RepositoryInterface.verify_workers` processes.
 * **RemoveImage** refuses with ``ImageInUse`` while the image is mounted in any
   mount namespace or pinned by a detached mount; ``where`` lists mount points
   (namespace-qualified when not composefsd's) and ``detached mount N`` entries.
   It refuses with ``ImageReferenced`` while a composefs-rs stream ref needs the
   image (an OCI tag whose config stream names it); ``streamRefs`` lists those refs.
 * **GarbageCollect** keeps every image mounted in any mount namespace and every
-  pinned one; it waits at most :attr:`RepositoryInterface.gc_timeout` seconds for
-  operations of other processes before replying ``RepositoryBusy``.
+  pinned one, and the extra ``roots`` (at most :data:`MAX_GC_ROOTS`, each a name
+  of one directory entry: :func:`entry_name_ok`); it waits at most
+  :attr:`RepositoryInterface.gc_timeout` seconds for operations of other processes
+  before replying ``RepositoryBusy``.
 """
 
 from __future__ import annotations
@@ -89,19 +95,34 @@ from composefsd.repository import (
     VerityRequiredError,
 )
 from composefsd.repository.images import normalize_ref
-from composefsd.repository.verify import VerifyReport, default_workers
+from composefsd.repository.verify import (
+    VerifyReport,
+    default_workers,
+    stream_entry_path,
+    stream_names,
+)
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
 from composefsd.service.replies import describe_repository, mount_reply
 from composefsd.service.sourcescan import scan_as
 
-__all__ = ["INTERFACE", "RepositoryInterface", "reply_error"]
+__all__ = [
+    "INTERFACE",
+    "MAX_GC_ROOTS",
+    "RepositoryInterface",
+    "entry_name_ok",
+    "reply_error",
+    "stream_name_ok",
+]
 
 log = logging.getLogger(__name__)
 
 INTERFACE = "io.composefs.Repository"
 _INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
 _EXPECTED_MORE = "org.varlink.service.ExpectedMore"
+
+#: Most extra roots one GarbageCollect takes (cfsctl callers pass a handful).
+MAX_GC_ROOTS = 1024
 
 
 def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
@@ -110,6 +131,42 @@ def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
 
 def _invalid(parameter: str) -> VarlinkReplyError:
     return VarlinkReplyError(_INVALID_PARAMETER, {"parameter": parameter})
+
+
+def entry_name_ok(name: str) -> bool:
+    """Whether ``name`` can name an entry directly in ``images/`` or ``streams/``:
+    one component by the IDL's name rules (non-empty, at most 255 bytes, not
+    starting with ".", no control characters), so never ``..`` or a path."""
+    if "/" in name:
+        return False
+    try:
+        normalize_ref(name)
+    except InvalidNameError:
+        return False
+    return True
+
+
+def stream_name_ok(name: str) -> bool:
+    """Whether ``name`` can name a stream: a ``streams/`` entry (:func:`entry_name_ok`)
+    other than the ``refs`` directory, or ``refs/<ref>`` with a ref name by the
+    IDL's rules (no ``..`` component)."""
+    if not name.startswith("refs/"):
+        return name != "refs" and entry_name_ok(name)
+    try:
+        normalize_ref(name)
+    except InvalidNameError:
+        return False
+    return True
+
+
+def _text(text: str) -> str:
+    """``text`` for a reply: a name that is not UTF-8 (decoded with surrogateescape)
+    shown with ``\\udcXX`` escapes, since no reply can carry a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _errno_name(err: int | None) -> str | None:
@@ -260,7 +317,10 @@ class _Reporter:
 
 
 def _problems(report: VerifyReport) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = [{"kind": "image", "message": p} for p in report.image_problems]
+    # A stream report's own problems (its link, object, splitstream) are in
+    # image_problems too; the kind says which it is.
+    own = "stream" if report.stream is not None else "image"
+    out: list[dict[str, Any]] = [{"kind": own, "message": _text(p)} for p in report.image_problems]
     out += [
         {"kind": "missing-object", "object": d, "message": f"object {d} is missing"}
         for d in report.missing
@@ -282,13 +342,18 @@ def _problems(report: VerifyReport) -> list[dict[str, Any]]:
 
 
 def _verify_result(report: VerifyReport) -> dict[str, Any]:
-    return {
-        "digest": report.digest,
+    out: dict[str, Any] = {
         "ok": report.ok,
         "objectsChecked": report.objects_checked,
         "verityMeasured": report.verity_measured,
         "problems": _problems(report),
     }
+    # A stream whose link names no object has no digest.
+    if report.digest:
+        out["digest"] = report.digest
+    if report.stream is not None:
+        out["stream"] = _text(report.stream)
+    return out
 
 
 def _bool(value: bool | None, default: bool = False) -> bool:
@@ -505,9 +570,18 @@ class RepositoryInterface:
             os.close(scanned.source_fd)
 
     # -- Verify -----------------------------------------------------------------------------
-    def Verify(self, image: str | None, *, _request: CallContext) -> dict[str, Any]:
+    def Verify(
+        self, image: str | None, stream: str | None = None, *, _request: CallContext
+    ) -> dict[str, Any]:
         ctx = _request
         repo = self.repo
+        if stream is not None:
+            if image is not None or not stream_name_ok(stream):
+                raise _invalid("stream")
+            with self._reporter(ctx) as report, _mapped():
+                return _verify_result(
+                    repo.verify_stream(stream, progress=report, workers=self.verify_workers)
+                )
         if image is not None:
             with self._reporter(ctx) as report, _mapped(image=image):
                 return _verify_result(
@@ -517,6 +591,7 @@ class RepositoryInterface:
             raise VarlinkReplyError(_EXPECTED_MORE)
         with _mapped():
             digests = [e.digest for e in repo.list_images()]
+            streams = stream_names(repo)
         pending: dict[str, Any] | None = None
         with self._reporter(ctx) as report:
             for digest in digests:
@@ -534,6 +609,16 @@ class RepositoryInterface:
                     if exc.name != f"{INTERFACE}.NoSuchImage":
                         raise
                     log.debug("image %s went away while verifying all images", digest)
+            for name in streams:
+                if not os.path.lexists(stream_entry_path(repo, name)):
+                    log.debug("stream %r went away while verifying all streams", name)
+                    continue
+                if pending is not None:
+                    report.send(pending)
+                with _mapped():
+                    pending = _verify_result(
+                        repo.verify_stream(name, progress=report, workers=self.verify_workers)
+                    )
         return pending if pending is not None else {}
 
     # -- Mount ------------------------------------------------------------------------------
@@ -697,8 +782,16 @@ class RepositoryInterface:
         return {"removedRefs": removed}
 
     # -- GarbageCollect ---------------------------------------------------------------------
-    def GarbageCollect(self, dry_run: bool | None, *, _request: CallContext) -> dict[str, Any]:
+    def GarbageCollect(
+        self, dry_run: bool | None, roots: list[str] | None = None, *, _request: CallContext
+    ) -> dict[str, Any]:
         repo = self.repo
+        roots = roots or []
+        if len(roots) > MAX_GC_ROOTS:
+            raise _invalid("roots")
+        for i, root in enumerate(roots):
+            if not entry_name_ok(root):
+                raise _invalid(f"roots[{i}]")
         with (
             self.tracker.exclusive(),
             self._reporter(_request) as report,
@@ -706,7 +799,11 @@ class RepositoryInterface:
         ):
             pins = sorted(self.gc_pins())
             result = repo.gc(
-                pins=pins, dry_run=_bool(dry_run), progress=report, timeout=self.gc_timeout
+                pins=pins,
+                roots=roots,
+                dry_run=_bool(dry_run),
+                progress=report,
+                timeout=self.gc_timeout,
             )
         return {
             "objectsRemoved": result.objects_removed,

@@ -16,7 +16,7 @@ location: ``/sysroot/composefs`` for root, ``~/.var/lib/composefs`` otherwise) a
 takes the repository's locks, so it may run beside the service and other
 ``composefsctl`` processes. ``init``, ``fsck``, ``describe``, ``remove-ref`` and a
 few options (``create-image --from-dumpfile/--preserve-hardlinks/--threads``,
-``gc --pin/--root``, ``verify --stream``) have no daemon method: they run
+``gc --pin``) have no daemon method: they run
 directly when the daemon was only found at its default address, and are a usage
 error with an explicit one.
 
@@ -81,10 +81,6 @@ def _direct_only(args: argparse.Namespace) -> str | None:
                 return f"create-image {flag} has no daemon equivalent"
     if args.command == "gc" and args.pin:
         return "gc --pin has no daemon equivalent (the daemon pins mounted images itself)"
-    if args.command == "gc" and args.root:
-        return "gc --root has no daemon equivalent"
-    if args.command == "verify" and args.stream:
-        return "verify --stream has no daemon equivalent"
     return None
 
 

@@ -36,6 +36,7 @@ from composefsd.repository import (
     VerityPolicy,
     default_path,
 )
+from composefsd.repository.verify import stream_names
 from composefsd.service.replies import describe_repository, mount_reply
 
 __all__ = ["run"]
@@ -126,10 +127,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     check_verify(args)
     repo = _open(args)
     names = [entry.digest for entry in repo.list_images()] if args.all else args.images
+    # --all is everything, as the daemon's Verify without image or stream.
+    streams = [*stream_names(repo), *args.stream] if args.all else args.stream
     printer = output.progress(args)
     docs: list[dict[str, Any]] = []
     jobs = [(name, repo.verify_image) for name in names]
-    jobs += [(name, repo.verify_stream) for name in args.stream]
+    jobs += [(name, repo.verify_stream) for name in streams]
     try:
         for name, verify in jobs:
             report = verify(name, progress=printer)

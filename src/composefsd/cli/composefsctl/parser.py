@@ -202,9 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
 
-    p = command("verify", "check images and every object they use")
+    p = command("verify", "check images or composefs-rs streams and every object they use")
     p.add_argument("images", metavar="IMAGE", nargs="*", help="digest or ref name")
-    p.add_argument("--all", action="store_true", help="verify every image")
+    p.add_argument(
+        "--all", action="store_true", help="verify every image and every composefs-rs stream"
+    )
     p.add_argument(
         "--stream",
         metavar="NAME",

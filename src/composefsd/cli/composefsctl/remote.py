@@ -131,10 +131,11 @@ def _verify_doc(reply: Reply) -> dict[str, Any]:
     """A Verify result in the shape of ``VerifyReport.to_dict()`` (less bytes_checked
     and verity_required, which the service does not report)."""
     problems = reply.get("problems") or []
-    return {
+    own = "stream" if "stream" in reply else "image"
+    doc: dict[str, Any] = {
         "digest": reply.get("digest", ""),
         "ok": bool(reply.get("ok")),
-        "image_problems": [p["message"] for p in problems if p.get("kind") == "image"],
+        "image_problems": [p["message"] for p in problems if p.get("kind") == own],
         "missing": [p.get("object") for p in problems if p.get("kind") == "missing-object"],
         "corrupt": [
             {
@@ -148,6 +149,9 @@ def _verify_doc(reply: Reply) -> dict[str, Any]:
         "objects_checked": reply.get("objectsChecked", 0),
         "verity_measured": reply.get("verityMeasured", 0),
     }
+    if "stream" in reply:
+        doc["stream"] = reply["stream"]
+    return doc
 
 
 def _client_verify(conn: Connection, args: argparse.Namespace) -> int:
@@ -155,10 +159,11 @@ def _client_verify(conn: Connection, args: argparse.Namespace) -> int:
     printer = output.progress(args)
     docs: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = [{}] if args.all else [{"image": n} for n in args.images]
+    calls += [{"stream": n} for n in args.stream]
     for params in calls:
         for reply in _more(conn, "Verify", params, printer):
-            if "digest" not in reply:
-                continue  # Verify of all images in an empty repository
+            if "digest" not in reply and "stream" not in reply:
+                continue  # Verify of everything in an empty repository
             doc = _verify_doc(reply)
             docs.append(doc)
             if not args.json:
@@ -193,6 +198,8 @@ def _client_remove_image(conn: Connection, args: argparse.Namespace) -> int:
 def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     _opt(params, "dryRun", args.dry_run)
+    if args.root:
+        params["roots"] = list(args.root)
     result: Reply | None = None
     for reply in _more(conn, "GarbageCollect", params, output.progress(args)):
         result = reply
