@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import tarfile
 from pathlib import Path
@@ -72,3 +73,70 @@ def listing(root: Path) -> list[str]:
 def expected_listing(name: str) -> list[str]:
     """``expected/repos/<name>`` (e.g. ``repo-sha256.after-gc.listing.txt``)."""
     return (EXPECTED_REPOS / name).read_text().splitlines()
+
+
+# -- bootc's repository ------------------------------------------------------------------
+
+#: bootc tags the manifest of each image it deploys ``localhost/bootc-<manifest digest>``
+#: (``tag_image``), stored percent-encoded below ``streams/refs/oci``.
+BOOTC_TAG_PREFIX = "localhost/bootc-"
+#: The golden tags whose images the bootc repository deploys: ``single`` is an
+#: image bootc has untagged (a deployment removed), so what it alone kept is the
+#: garbage a bootc GC finds; ``multi:v2`` names ``multi``'s manifest again.
+BOOTC_DEPLOYED = ("boot", "boot-t1", "multi", "shared")
+#: cfsctl's listing of the golden repository with exactly the bootc repository's
+#: roots (tags of BOOTC_DEPLOYED's manifests, no images/refs, the import-layer
+#: stream refs) after ``cfsctl gc``.
+BOOTC_AFTER_GC = "repo-sha512.after-unref-images-gc.listing.txt"
+
+
+def bootc_tag(manifest_digest: str) -> str:
+    """The tag bootc gives an image it pulls: ``localhost/bootc-sha256:<hex>``."""
+    return BOOTC_TAG_PREFIX + manifest_digest
+
+
+def _bootc_link_name(target: str) -> str:
+    """A tag link's file name for the manifest stream ``target`` names, as
+    composefs-rs's ``encode_tag`` writes it."""
+    digest = target.rsplit("/", 1)[-1].removeprefix("oci-manifest-")
+    return bootc_tag(digest).replace("%", "%25").replace("/", "%2F")
+
+
+def bootc_repository(root: Path) -> Path:
+    """The golden SHA-512 repository laid out as bootc lays it, at ``root/composefs``
+    (mode 0700): the OCI tags replaced by one bootc tag per deployed manifest, and no
+    ``images/refs`` (bootc makes none: a config stream's ``composefs.image.v1``
+    keeps its EROFS image). Kept as cfsctl wrote them: meta.json, every object,
+    stream and ``images/`` link (those of the untagged image and of the
+    create-image images are garbage a GC removes), and the two ``oci
+    import-layer`` stream refs, composefs-rs roots a tool sharing the repository
+    may make, which composefsd must keep as well. The result's after-GC state is
+    then cfsctl's recorded :data:`BOOTC_AFTER_GC`."""
+    root.mkdir(parents=True, exist_ok=True)
+    repo = unpack_repo("sha512", root).rename(root / "composefs")
+    repo.chmod(0o700)
+    tags = repo / "streams" / "refs" / "oci"
+    for tag in sorted(os.listdir(tags)):
+        target = os.readlink(tags / tag)
+        os.unlink(tags / tag)
+        if tag in BOOTC_DEPLOYED:
+            (tags / _bootc_link_name(target)).symlink_to(target)
+    shutil.rmtree(repo / "images" / "refs")
+    return repo
+
+
+def bootc_listing(lines: list[str]) -> list[str]:
+    """A golden listing of the SHA-512 repository as the bootc repository would show
+    it: each tag line as bootc's tag of the same manifest (once per manifest),
+    ``images/refs`` left out."""
+    out: dict[str, str] = {}
+    for line in lines:
+        path = line.split(" ", 2)[1]
+        if path.startswith("images/refs"):
+            continue
+        if path.startswith("streams/refs/oci/"):
+            target = line.partition(" -> ")[2]
+            path = f"streams/refs/oci/{_bootc_link_name(target)}"
+            line = f"l {path} -> {target}"
+        out[path] = line
+    return [out[path] for path in sorted(out)]
