@@ -11,9 +11,13 @@ import re
 import shutil
 import stat
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from composefsd.fsverity import digest_bytes
+from composefsd.image.escape import unescape
+from composefsd.repository import Repository, oci
 from conftest import SHARED
 
 RS = SHARED / "testdata" / "composefs-rs"
@@ -140,3 +144,84 @@ def bootc_listing(lines: list[str]) -> list[str]:
             line = f"l {path} -> {target}"
         out[path] = line
     return [out[path] for path in sorted(out)]
+
+
+def settled_listing(repo: Path, before: list[str]) -> list[str]:
+    """``repo``'s listing without the directories composefsd may add beside
+    composefs-rs's files once they are empty again: ``images/refs`` (made at open)
+    and the ``objects/XX`` of objects it wrote and collected. Any other line not in
+    ``before`` stays in, and such a directory must be empty."""
+    out = []
+    for line in listing(repo):
+        kind, path = line.split(" ", 2)[:2]
+        if line not in before and kind == "d":
+            assert path == "images/refs" or path.startswith("objects/"), line
+            assert not os.listdir(repo / path), line
+            continue
+        out.append(line)
+    return out
+
+
+#: What cfsctl printed for each OCI image's tree (``cfsctl oci dump``, fresh pulls
+#: of the same layout into a SHA-512 repository), by golden tag.
+OCI_DUMPS = RS / "expected" / "oci" / "sha512" / "images"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One EROFS image an OCI tag of the bootc repository owns."""
+
+    tag: str
+    #: The config stream's named ref that names it (``composefs.image.v1``, ...).
+    key: str
+    digest: str
+    #: The golden dumpfile of its tree.
+    dump: Path
+
+
+def bootc_deployments(repo: Path) -> list[Deployment]:
+    """The images the bootc tags own, by tag and key, each with its golden dump
+    (``boot`` was pulled --bootable: its config also names the bootable image)."""
+    with open(RS / "inputs" / "oci" / "MANIFEST.json") as fh:
+        golden = {i["manifest_digest"]: i["tag"] for i in json.load(fh)["images"]}
+    out = []
+    for tag, image in oci.list_images(Repository.open(repo)):
+        for key, digest in sorted(image.images.items()):
+            name = "dump.bootable.txt" if key.startswith(oci.BOOT_IMAGE_REF_KEY) else "dump.txt"
+            dump = OCI_DUMPS / golden[image.manifest_digest] / name
+            out.append(Deployment(tag, key, digest, dump))
+    return out
+
+
+def check_tree(mnt: Path, dump: Path) -> int:
+    """Every entry of a golden SHA-512 dump read through the mount ``mnt``: type,
+    mode, owner, size, symlink target, hardlinks, and each file's content (inline
+    bytes, or its fs-verity digest for an external file). Returns the number of
+    regular files read."""
+    read = 0
+    for line in dump.read_bytes().splitlines():
+        fields = line.split(b" ")
+        path = mnt / os.fsdecode(unescape(fields[0])).lstrip("/")
+        st = os.lstat(path)
+        if fields[2].startswith(b"@"):  # a hardlink: the same inode as its target
+            target = mnt / os.fsdecode(unescape(fields[8])).lstrip("/")
+            assert os.lstat(target).st_ino == st.st_ino, path
+            continue
+        size, mode, _nlink, uid, gid, rdev = (
+            int(f, 8 if i == 1 else 10) for i, f in enumerate(fields[1:7])
+        )
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A whiteout shows as an "xattr whiteout" (test_mount._whiteout_view).
+            mode = stat.S_IFREG | stat.S_IMODE(mode)
+        assert (st.st_mode, st.st_uid, st.st_gid) == (mode, uid, gid), path
+        if stat.S_ISLNK(mode):
+            assert os.fsencode(os.readlink(path)) == unescape(fields[8]), path
+        elif stat.S_ISREG(mode):
+            data = path.read_bytes()
+            assert len(data) == size, path
+            if fields[8] != b"-":
+                assert digest_bytes(data, "sha512").hex() == fields[10].decode(), path
+            else:
+                assert data == (unescape(fields[9]) if fields[9] != b"-" else b""), path
+            read += 1
+    return read

@@ -21,88 +21,23 @@ from typing import Any
 
 import pytest
 
-from composefsd.fsverity import digest_bytes
-from composefsd.image.escape import unescape
 from composefsd.repository import Repository, oci
 from composefsd.service.client import INTERFACE, Connection, VarlinkCallError, connect
 from ctlrun import run_ctl
 from rsgolden import (
     BOOTC_AFTER_GC,
     BOOTC_TAG_PREFIX,
-    RS,
+    bootc_deployments,
     bootc_listing,
     bootc_repository,
+    check_tree,
     expected_listing,
     listing,
+    settled_listing,
 )
 from servicehelpers import Daemon, running_daemon, unmount_below
 from test_service_methods import check_reply
 from trees import small_tree
-
-#: What cfsctl printed for each image's tree (``cfsctl oci dump``, fresh pulls of
-#: the same OCI layout into a SHA-512 repository).
-DUMPS = RS / "expected" / "oci" / "sha512" / "images"
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """One EROFS image an OCI tag of the repository owns."""
-
-    tag: str
-    key: str
-    digest: str
-    #: The golden dumpfile of its tree.
-    dump: Path
-
-
-def deployments(repo: Path) -> list[Deployment]:
-    """The images the bootc tags own, with the golden dump of each (``boot`` was
-    pulled --bootable: its config also names the bootable image)."""
-    out = []
-    for tag, image in oci.list_images(Repository.open(repo)):
-        golden_tag = {
-            "sha256:673b5a58e6432e63e63438486be3dbe2c9063dddd9b4e757ea5b8e43e2a1458b": "boot",
-            "sha256:19b21c170e3b95e190ec24c3c96ffdf6fbc4becd2c453010b338e38c675e3585": "boot-t1",
-            "sha256:87da34e8ead086069d0d8748d6bd8dfdf534c24114438e78b7b582fda55bf044": "multi",
-            "sha256:a44a5667c10f5e858b4980ca90d0a13574db97ffe066a49ed6f46336ab18cd4f": "shared",
-        }[image.manifest_digest]
-        for key, digest in sorted(image.images.items()):
-            name = "dump.bootable.txt" if key.startswith(oci.BOOT_IMAGE_REF_KEY) else "dump.txt"
-            out.append(Deployment(tag, key, digest, DUMPS / golden_tag / name))
-    return out
-
-
-def check_tree(mnt: Path, dump: Path) -> int:
-    """Every entry of the golden dump read through the mount: type, mode, owner,
-    size, symlink target, and each file's content (inline bytes, or its fs-verity
-    digest for an external file). Returns the number of files read."""
-    read = 0
-    for line in dump.read_bytes().splitlines():
-        fields = line.split(b" ")
-        path = mnt / os.fsdecode(unescape(fields[0])).lstrip("/")
-        st = os.lstat(path)
-        if fields[2].startswith(b"@"):  # a hardlink: the same inode as its target
-            target = mnt / os.fsdecode(unescape(fields[8])).lstrip("/")
-            assert os.lstat(target).st_ino == st.st_ino, path
-            continue
-        size, mode, _nlink, uid, gid, rdev = (
-            int(f, 8 if i == 1 else 10) for i, f in enumerate(fields[1:7])
-        )
-        if stat.S_ISCHR(mode) and rdev == 0:
-            # A whiteout shows as an "xattr whiteout" (test_mount._whiteout_view).
-            mode = stat.S_IFREG | stat.S_IMODE(mode)
-        assert (st.st_mode, st.st_uid, st.st_gid) == (mode, uid, gid), path
-        if stat.S_ISLNK(mode):
-            assert os.fsencode(os.readlink(path)) == unescape(fields[8]), path
-        elif stat.S_ISREG(mode):
-            data = path.read_bytes()
-            assert len(data) == size, path
-            if fields[8] != b"-":
-                assert digest_bytes(data, "sha512").hex() == fields[10].decode(), path
-            else:
-                assert data == (unescape(fields[9]) if fields[9] != b"-" else b""), path
-            read += 1
-    return read
 
 
 @dataclass
@@ -132,18 +67,7 @@ class Bootc:
         return info.value
 
     def current(self) -> list[str]:
-        """The repository's listing without what composefsd may add beside
-        composefs-rs's files: empty directories, images/refs (made at open) and
-        object fan-out directories of objects it wrote and collected."""
-        out = []
-        for line in listing(self.repo):
-            kind, path = line.split(" ", 2)[:2]
-            if line not in self.before and kind == "d":
-                assert path == "images/refs" or path.startswith("objects/"), line
-                assert not os.listdir(self.repo / path), line
-                continue
-            out.append(line)
-        return out
+        return settled_listing(self.repo, self.before)
 
     def check_needed_unchanged(self) -> None:
         now = set(listing(self.repo))
@@ -186,7 +110,7 @@ def test_every_method_keeps_what_composefs_rs_needs(
     assert [tag for tag, _, _ in oci_before] == sorted(
         BOOTC_TAG_PREFIX + digest for _, digest, _ in oci_before
     )
-    deployed = deployments(repo)
+    deployed = bootc_deployments(repo)
     assert len(deployed) == 5
 
     desc = bootc.call("Describe")
@@ -285,7 +209,7 @@ def test_every_method_keeps_what_composefs_rs_needs(
 
 
 def test_deployment_unmounted_is_referenced_by_its_tag(bootc: Bootc) -> None:
-    for d in deployments(bootc.repo):
+    for d in bootc_deployments(bootc.repo):
         err = bootc.error("RemoveImage", image=d.digest)
         assert err.name == f"{INTERFACE}.ImageReferenced", err
         assert err.parameters["image"] == d.digest
