@@ -25,7 +25,11 @@ Covered:
 * the C tools: C ``mount.composefs -o digest=,verity`` mounts our repository's
   images, and C ``mkcomposefs --digest-store`` stores mount with ours (``mount_image``
   and our ``mount.composefs``);
-* an idmapped mount under Required.
+* an idmapped mount under Required;
+* bootc's repository (test_bootc_repository) made secure as composefs-rs makes it:
+  Describe says required, Verify measures every digest in the kernel, each
+  deployment mounts with ``verity=require`` and reads as cfsctl dumped it,
+  RemoveImage and GC leave what composefs-rs needs, with its fs-verity.
 
 The VM runs code many times slower than the host (verity-vm says 40-50x; a Python
 start costs seconds), so trees are small and nearly everything runs in-process;
@@ -70,7 +74,18 @@ from composefsd.kernel.verity import (
     enable_verity,
     measure_verity,
 )
-from composefsd.repository import CreateOptions, Repository, VerityPolicy
+from composefsd.repository import CreateOptions, Repository, VerityPolicy, oci
+from composefsd.service.client import Connection, VarlinkCallError, connect
+from rsgolden import (
+    BOOTC_AFTER_GC,
+    bootc_deployments,
+    bootc_listing,
+    bootc_repository,
+    check_tree,
+    expected_listing,
+    listing,
+    settled_listing,
+)
 from servicehelpers import Daemon, start_daemon
 from test_mount import (
     SHIFT,
@@ -203,10 +218,10 @@ def _kernel_digest(path: Path) -> str:
         os.close(fd)
 
 
-def _has_verity(path: Path) -> bool:
+def _has_verity(path: Path, algorithm: str = "sha256") -> bool:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        measure_verity(fd)
+        measure_verity(fd, algorithm)
     except VerityNotEnabledError:
         return False
     finally:
@@ -214,10 +229,10 @@ def _has_verity(path: Path) -> bool:
     return True
 
 
-def _enable(path: Path) -> None:
+def _enable(path: Path, algorithm: str = "sha256") -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        enable_verity(fd, path=path)
+        enable_verity(fd, algorithm, path=path)
     finally:
         os.close(fd)
 
@@ -782,3 +797,83 @@ def test_c_made_store_mounts_with_ours(
         ours = _our_mount(capfd, monkeypatch, options, img, work / "bad")
         assert ours == (1, f"mount.composefs: Failed to mount composefs {img}: {reason}\n\n")
         assert _c_mount(reference_bin, options, img, work / "bad") == ours
+
+
+# -- bootc's repository, verity-enabled ------------------------------------------------------------
+
+
+def _bootc_error(conn: Connection, method: str, **params: Any) -> VarlinkCallError:
+    with pytest.raises(VarlinkCallError) as info:
+        conn.call(f"{IFACE}.{method}", params)
+    return info.value
+
+
+def test_bootc_repository_with_verity(work: Path) -> None:
+    """The golden SHA-512 repository as bootc lays it (test_bootc_repository), made
+    secure as composefs-rs makes it: fs-verity on every object and on meta.json."""
+    repo = bootc_repository(work / "sysroot")
+    for path in [*_object_files(repo / "objects"), repo / "meta.json"]:
+        _enable(path, "sha512")
+    before = listing(repo)
+    needed = bootc_listing(expected_listing(BOOTC_AFTER_GC))
+    deployed = bootc_deployments(repo)
+    oci_before = [
+        (t, i.manifest_digest, i.images) for t, i in oci.list_images(Repository.open(repo))
+    ]
+    daemon = start_daemon(repo, timeout=DAEMON_START_TIMEOUT)
+    try:
+        with connect(daemon.address, timeout=DAEMON_START_TIMEOUT) as conn:
+
+            def call(method: str, **params: Any) -> dict[str, Any]:
+                return dict(conn.call(f"{IFACE}.{method}", params))
+
+            desc = call("Describe")
+            assert (desc["algorithm"], desc["verity"], desc["erofsVersion"]) == (
+                "sha512",
+                "required",
+                1,
+            )
+            for checked in conn.call(f"{IFACE}.Verify", {}, more=True):
+                if checked.get("digest"):
+                    assert checked["ok"], checked
+                    assert checked["verityMeasured"] == checked["objectsChecked"], checked
+            mounts = []
+            for i, d in enumerate(deployed):
+                (one,) = [
+                    r
+                    for r in conn.call(f"{IFACE}.Verify", {"image": d.digest}, more=True)
+                    if r.get("digest")
+                ]
+                assert (one["ok"], one["verityMeasured"]) == (True, one["objectsChecked"])
+                mnt = work / f"mnt{i}"
+                mnt.mkdir()
+                reply = call("Mount", image=d.digest, verity="required", where=str(mnt))
+                assert (reply["imageCheck"], reply["objectVerity"]) == ("kernel", True)
+                assert _verity_option(mnt) == "require"
+                assert check_tree(mnt, d.dump) > 0
+                mounts.append(mnt)
+
+            err = _bootc_error(conn, "RemoveImage", image=deployed[0].digest)
+            assert err.name == f"{IFACE}.ImageInUse"
+            garbage = [
+                line for line in before if line not in needed and line.startswith("f objects/")
+            ]
+            gc = call("GarbageCollect")
+            assert (gc["objectsRemoved"], gc["streamsPruned"]) == (len(garbage), 2)
+            assert settled_listing(repo, before) == needed
+            for mnt in mounts:
+                call("Unmount", where=str(mnt))
+            for d in deployed:
+                err = _bootc_error(conn, "RemoveImage", image=d.digest)
+                assert err.name == f"{IFACE}.ImageReferenced"
+            assert call("GarbageCollect")["objectsRemoved"] == 0
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_text()
+    assert settled_listing(repo, before) == needed
+    kept = [*_object_files(repo / "objects"), repo / "meta.json"]
+    assert all(_has_verity(p, "sha512") for p in kept)
+    assert Repository.open(repo).fsck().ok
+    assert [
+        (t, i.manifest_digest, i.images) for t, i in oci.list_images(Repository.open(repo))
+    ] == oci_before
