@@ -123,7 +123,10 @@ def test_every_method_keeps_what_composefs_rs_needs(
     assert all(i["refs"] == [] for i in images.values())
 
     verified = [r for r in bootc.calls("Verify") if "progress" not in r or r["progress"] is None]
-    assert {r["digest"] for r in verified} == set(images)
+    # Every image, then every stream (each streams/ entry), all sound.
+    assert {r["digest"] for r in verified if r.get("stream") is None} == set(images)
+    streams = sorted(e.name for e in (repo / "streams").iterdir() if e.name != "refs")
+    assert sorted(r["stream"] for r in verified if r.get("stream") is not None) == streams
     assert all(r["ok"] and r["problems"] == [] for r in verified), verified
     for d in deployed:
         (one,) = [r for r in bootc.calls("Verify", image=d.digest) if r.get("digest")]
