@@ -94,7 +94,7 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
 )
-from composefsd.repository.images import normalize_ref
+from composefsd.repository.images import image_link_names, normalize_ref
 from composefsd.repository.verify import (
     VerifyReport,
     default_workers,
@@ -591,6 +591,9 @@ class RepositoryInterface:
             raise VarlinkReplyError(_EXPECTED_MORE)
         with _mapped():
             digests = [e.digest for e in repo.list_images()]
+            # Links that list_images leaves out (dangling, or leading elsewhere than
+            # their object) are verified too, to be reported.
+            digests += sorted(set(image_link_names(repo)) - set(digests))
             streams = stream_names(repo)
         pending: dict[str, Any] | None = None
         with self._reporter(ctx) as report:
