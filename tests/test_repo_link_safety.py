@@ -6,8 +6,8 @@ or RemoveImage caller.
 Each planted link ends in ``objects/XX/rest`` (so that the composefs-rs way of
 reading a link, its last ``XX/rest``, names an object) but leads to a file outside
 the repository whose content digest we know: that digest must appear in no reply,
-and no file below the outside directory may be opened (``os.open`` is watched, and
-every path it is given is resolved as the kernel would resolve it).
+and nothing below the outside directory may be opened (``os.open`` is watched: what
+each fd it returns is open on).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def planted(tmp_path: Path) -> Planted:
 
 @pytest.fixture
 def watched(planted: Planted, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Every path below the outside directory that ``os.open`` was asked to open."""
+    """What below the outside directory ``os.open`` opened (after all links)."""
     seen: list[str] = []
     real_open = os.open
     outside = os.path.realpath(planted.outside)
@@ -83,11 +83,11 @@ def watched(planted: Planted, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[
     def watching_open(
         path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
     ) -> int:
-        base = "" if dir_fd is None else os.readlink(f"/proc/self/fd/{dir_fd}")
-        full = os.path.realpath(os.path.join(base, os.fsdecode(path)))
-        if full == outside or full.startswith(outside + "/"):
-            seen.append(full)
-        return real_open(path, flags, mode, dir_fd=dir_fd)
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        opened = os.readlink(f"/proc/self/fd/{fd}")  # what was opened, after all links
+        if opened == outside or opened.startswith(outside + "/"):
+            seen.append(opened)
+        return fd
 
     monkeypatch.setattr(os, "open", watching_open)
     yield seen
@@ -193,4 +193,26 @@ def test_daemon_verify_never_follows(planted: Planted, tmp_path: Path, watched: 
     assert results[STREAM]["ok"] is False
     assert "leading outside objects/" in results[STREAM]["problems"][0]["message"]
     assert planted.secret_digest not in repr(replies)
+    assert watched == []
+
+
+def test_object_directory_link_never_followed(planted: Planted, watched: list[str]) -> None:
+    """An ``objects/XX`` directory swapped for a link to a copy outside: its objects
+    are reported, not read there."""
+    objects = planted.repo.objects_dir
+    report = verify_image(planted.repo, planted.image)
+    assert report.ok and report.objects_checked > 0
+    victim = next(
+        d.name
+        for d in sorted(objects.iterdir())
+        if d.name != planted.image[:2] and any(d.iterdir())
+    )
+    moved = planted.outside / "objects" / victim
+    os.rename(objects / victim, moved)
+    (objects / victim).symlink_to(moved)
+    report = verify_image(planted.repo, planted.image)
+    assert not report.ok and report.corrupt
+    assert all(d.startswith(victim) for d, _ in report.corrupt)
+    kinds = {(p.kind, p.path) for p in fsck(planted.repo).problems}
+    assert ("unexpected-file-type", f"objects/{victim}") in kinds
     assert watched == []

@@ -91,7 +91,8 @@ __all__ = [
 
 #: Objects are opened without following a final symlink (an object must be a regular
 #: file) and without blocking (a FIFO planted under objects/ must not hang us).
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_DIR_NOFOLLOW = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Work is measured in bytes to hash, each file counting this much more for opening
 # it (measured: ~30 us per file, about what hashing 32 KiB costs).
 _FILE_COST_BYTES = 32 << 10
@@ -216,9 +217,20 @@ def _measure(fd: int, algorithm: Algorithm) -> tuple[bytes | None, str | None]:
         return None, str(exc)
 
 
+def _open_no_symlinks(path: bytes) -> int:
+    """``path`` (``objects/XX/rest``) opened with neither its last component nor its
+    directory (``XX``) a symlink: a planted ``objects/XX`` link cannot lead out."""
+    head, tail = os.path.split(path)
+    dir_fd = os.open(head or b".", _DIR_NOFOLLOW)
+    try:
+        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = _open_no_symlinks(path)
     except OSError as exc:
         return exc.errno or errno.EIO, 0, None, False, None
     try:
@@ -238,7 +250,7 @@ def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
 
 
 def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> FileCheck:
-    """Open ``path`` (no symlinks, no blocking), check it is a regular file of
+    """Open ``path`` (no symlink as it or its directory, no blocking), check it is a regular file of
     ``expected_size`` bytes (any size if negative), and work out its digest: measured
     by the kernel if the file has fs-verity, computed otherwise. Never raises OSError."""
     return FileCheck(*_check(path, algorithm, expected_size))
