@@ -29,6 +29,7 @@ from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mount
 from composefsd.kernel.repomount import mount_repository_image
 from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
 from composefsd.kernel.userns import IdMapping, create_userns
+from composefsd.kernel.verity import VerityAlgorithmMismatchError, VerityNotEnabledError
 from composefsd.repository import (
     CorruptObjectError,
     CorruptRepositoryError,
@@ -454,6 +455,37 @@ def test_verify_one(env: Env) -> None:
     kinds = sorted(p["kind"] for p in out["problems"])
     assert kinds == ["corrupt-object", "missing-object"]
     assert all(p["object"] for p in out["problems"])
+
+
+def test_verify_no_verity_says_why(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with fs-verity in another hash algorithm is not reported as having none."""
+    digest = env.create()
+
+    def other_algorithm(fd: int, algorithm: Any) -> bytes:
+        raise VerityAlgorithmMismatchError(
+            errno.EOVERFLOW,
+            f"fd {fd}: its fs-verity uses sha512 with a 64-byte digest, expected sha256 (32 bytes)",
+            expected=1,
+            actual=2,
+        )
+
+    monkeypatch.setattr(verify_module, "measure_verity", other_algorithm)
+    out = env.call("Verify", digest)
+    assert out["ok"] is True and out["problems"]  # under "try": worth knowing only
+    assert {p["kind"] for p in out["problems"]} == {"no-verity"}
+    for problem in out["problems"]:
+        assert "its fs-verity uses sha512 with a 64-byte digest" in problem["message"]
+        assert "not enabled" not in problem["message"]
+        assert problem["message"].startswith(f"object {problem['object']}: ")
+
+    def not_enabled(fd: int, algorithm: Any) -> bytes:
+        raise VerityNotEnabledError(errno.ENODATA, f"fd {fd}: no fs-verity")
+
+    monkeypatch.setattr(verify_module, "measure_verity", not_enabled)
+    out = env.call("Verify", digest)
+    assert {p["message"].partition(": ")[2] for p in out["problems"]} == {
+        "fs-verity is not enabled on the object (allowed by the repository's policy)"
+    }
 
 
 def test_verify_uses_half_the_cpus_at_most(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,8 @@ __all__ = [
     "iter_objects",
     "join_store_path",
     "link_file_name",
+    "object_link_digest",
+    "object_link_target",
     "object_payload",
     "object_relpath",
 ]
@@ -113,6 +115,30 @@ def digest_of_link_target(target: str, algorithm: Algorithm) -> str | None:
         return None
     hexdigest = (tail[:2] + tail[3:]).lower()
     return hexdigest if HEX_DIGITS.issuperset(hexdigest) else None
+
+
+#: What composefsd and composefs-rs write as the target of ``images/<id>`` and
+#: ``streams/<name>`` (both one level below the repository), before ``XX/rest``.
+OBJECT_LINK_PREFIX = "../objects/"
+
+
+def object_link_target(hexdigest: str) -> str:
+    """``../objects/XX/rest``: the target of the ``images/`` or ``streams/`` link to
+    the object ``hexdigest``."""
+    return OBJECT_LINK_PREFIX + object_relpath(hexdigest)
+
+
+def object_link_digest(target: str, algorithm: Algorithm) -> str | None:
+    """The object an ``images/<id>`` or ``streams/<name>`` link leads to, for those
+    that open it: None unless ``target`` is exactly ``../objects/XX/rest`` in
+    lowercase hex of ``algorithm``. Such a link is then opened as the object of that
+    digest below ``objects/``, never by following the link, so that a link planted
+    to lead elsewhere (``/etc/shadow``, ``../../x/objects/XX/rest``) is never read.
+    The digest is :func:`digest_of_link_target`'s (what GC keeps alive for it)."""
+    digest = digest_of_link_target(target, algorithm)
+    if digest is None or target != object_link_target(digest):
+        return None
+    return digest
 
 
 def link_file_name(target: str) -> str | None:

@@ -23,6 +23,7 @@ from composefsd.kernel.mount import (
 from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.userns import IdMapping
 from composefsd.repository import Repository, VerityPolicy, reader_lock
+from composefsd.repository.images import open_image_object
 
 __all__ = ["mount_repository_image", "mounted_images", "repository_mounts"]
 
@@ -71,7 +72,13 @@ def mount_repository_image(
             name=digest,
             layer_mode=layer_mode,
         )
-        return mount_image(repo.image_path(digest), options)
+        # The image's object by its digest, never through images/<digest> (which
+        # whoever writes the repository could aim outside it).
+        fd = open_image_object(repo, digest)
+        try:
+            return mount_image(fd, options)
+        finally:
+            os.close(fd)
 
 
 def repository_mounts(

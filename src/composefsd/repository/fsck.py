@@ -44,10 +44,13 @@ Objects lacking fs-verity follow the policy rules of
 ``object-verity-missing``; under ``try`` one on a filesystem that supports
 fs-verity is a non-fatal ``object-verity-missing``; under ``disabled`` nothing.
 
-A stream link whose target is not ``objects/XX/rest`` of this repository is
-reported (``stream-open-failed``) and not followed: fsck never reads files outside
-the repository through a planted link. Other unknown top-level entries (lock
-files) are not looked at. Paths in problems are relative to the repository.
+An ``images/<hex>`` or ``streams/<name>`` link whose target is not exactly
+``../objects/XX/rest`` (:func:`~composefsd.objectlayout.object_link_digest`) is
+reported (``image-invalid``, ``stream-open-failed``) and not followed; the objects
+of the others are opened below ``objects/`` by their digest, never through the
+link: fsck never reads files outside the repository through a planted link.
+Other unknown top-level entries (lock files) are not looked at. Paths in problems
+are relative to the repository.
 """
 
 from __future__ import annotations
@@ -65,23 +68,24 @@ from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import (
     C_TMP_PREFIX,
-    digest_of_relpath,
     is_hex_digest,
     is_object_dir_name,
     is_object_rest,
     is_temp_name,
+    object_link_digest,
 )
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.images import SYMLINK_TMP_PREFIX
 from composefsd.repository.meta import RepoMetadata, VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import NotRegularObjectError, open_object, open_objects_dir
 from composefsd.repository.verify import (
-    OPEN_FLAGS,
     FileCheck,
     RepositoryView,
     check_files,
     lacks_verity,
     referenced_objects,
+    verity_text,
 )
 from composefsd.splitstream import SplitStreamError, read_refs
 
@@ -283,7 +287,7 @@ class _Checker:
                 report.add(
                     "object-verity-missing",
                     rel,
-                    _verity_text(why),
+                    verity_text(why),
                     fatal=policy is VerityPolicy.REQUIRED,
                 )
             elif why not in ("not-enabled", "unsupported"):
@@ -356,40 +360,18 @@ class _Checker:
         except OSError as exc:
             report.add("stat-failed", rel, exc.strerror or str(exc))
             return
-        try:
-            os.stat(entry.path)
-        except FileNotFoundError:
-            report.add("broken-symlink", rel, f"dangling link to {target}")
-            return
-        except OSError as exc:
-            report.add("stat-failed", rel, exc.strerror or str(exc))
-            return
-        first = Path(os.path.normpath(Path(entry.path).parent / target))
-        rest = first.relative_to(self.root) if first.is_relative_to(self.root) else None
-        digest = (
-            digest_of_relpath(str(rest.relative_to("objects")), self.algorithm)
-            if rest is not None and rest.parts[:1] == ("objects",)
-            else None
-        )
+        digest = object_link_digest(target, self.algorithm)
         if digest is None:
-            report.add("stream-open-failed", rel, f"links to {target}, not to an object")
+            report.add(
+                "stream-open-failed",
+                rel,
+                f"links to {target}: a stream link leading outside objects/ "
+                "(not ../objects/XX/rest); not followed",
+            )
             return
-        try:
-            # By its own path, never through the link, and without blocking.
-            fd = os.open(self.repo.object_path(digest), OPEN_FLAGS)
-        except OSError as exc:
-            report.add("stream-open-failed", rel, os_error_text(exc))
+        data = self._read_linked(rel, target, digest, "stream")
+        if data is None:
             return
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                report.add("stream-open-failed", rel, f"{target} is not a regular file")
-                return
-            data = _read_all(fd)
-        except OSError as exc:
-            report.add("stream-read-failed", rel, os_error_text(exc))
-            return
-        finally:
-            os.close(fd)
         try:
             refs = read_refs(data, self.algorithm.digest_size)
         except SplitStreamError as exc:
@@ -441,6 +423,37 @@ class _Checker:
         report.stream_refs_checked = count
         self.step("stream-refs", count, count, force=True)
 
+    def _read_linked(self, rel: str, target: str, digest: str, what: str) -> bytes | None:
+        """The content of the object ``digest`` that the ``images/``/``streams/`` link
+        ``rel`` (to ``target``) names, opened below ``objects/`` and never through
+        the link; None when a problem was reported."""
+        report = self.report
+        try:
+            objects_fd = open_objects_dir(self.root / "objects")
+        except OSError as exc:
+            report.add("stat-failed", "objects", os_error_text(exc))
+            return None
+        try:
+            fd = open_object(objects_fd, digest)
+        except FileNotFoundError:
+            report.add("broken-symlink", rel, f"dangling link to {target}")
+            return None
+        except NotRegularObjectError:
+            report.add(f"{what}-open-failed", rel, f"{target} is not a regular file")
+            return None
+        except OSError as exc:
+            report.add(f"{what}-open-failed", rel, os_error_text(exc))
+            return None
+        finally:
+            os.close(objects_fd)
+        try:
+            return _read_all(fd)
+        except OSError as exc:
+            report.add(f"{what}-read-failed", rel, os_error_text(exc))
+            return None
+        finally:
+            os.close(fd)
+
     # -- images -----------------------------------------------------------------------
     def check_images(self, present: set[str]) -> None:
         """Check every images/<hex> entry; ``present``: the objects listed before."""
@@ -462,35 +475,12 @@ class _Checker:
             report.add("image-invalid", rel, f"name is not a {self.algorithm.value} digest")
             return
         target = os.readlink(entry.path)
-        expected = Path(self.repo.object_path(name))
-        try:
-            st = os.stat(entry.path)
-        except FileNotFoundError:
-            report.add("broken-symlink", rel, f"dangling link to {target}")
+        if object_link_digest(target, self.algorithm) != name:
+            report.add("image-invalid", rel, f"links to {target}, not to its object; not followed")
             return
-        except OSError as exc:
-            report.add("stat-failed", rel, exc.strerror or str(exc))
+        data = self._read_linked(rel, target, name, "image")
+        if data is None:
             return
-        try:
-            ost = os.stat(expected, follow_symlinks=False)
-            same = (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino)
-        except OSError:
-            same = False
-        if not same:
-            report.add("image-invalid", rel, f"links to {target}, not to its object")
-            return
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            report.add("image-open-failed", rel, exc.strerror or str(exc))
-            return
-        try:
-            data = _read_all(fd)
-        except OSError as exc:
-            report.add("image-read-failed", rel, exc.strerror or str(exc))
-            return
-        finally:
-            os.close(fd)
         try:
             image = read_image(data, c_quirks=False)
         except (ImageFormatError, OSError, ValueError) as exc:
@@ -561,14 +551,6 @@ class _Checker:
             return
         if not stat.S_ISREG(st.st_mode):
             self.report.add("broken-symlink", rel, f"{target} is not an image file")
-
-
-def _verity_text(why: str) -> str:
-    if why == "not-enabled":
-        return "fs-verity is not enabled on the object"
-    if why == "unsupported":
-        return "the filesystem does not support fs-verity"
-    return why
 
 
 def _read_all(fd: int) -> bytes:

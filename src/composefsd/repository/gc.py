@@ -211,9 +211,10 @@ def _image_links(directory: Path, algorithm: Algorithm) -> tuple[list[_Link], li
 
 def _image_objects(repo: Repository, digest: str) -> set[str]:
     """Object paths (``XX/rest``) the image object of ``digest`` refers to."""
-    path = repo.object_path(digest)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        # By its digest below objects/ (store.open_object): no symlink is followed.
+        with repo.object_store() as store:
+            fd = store.open(digest)
     except OSError as exc:
         raise RepositoryError(
             f"cannot open image {digest}: {os_error_text(exc)}; refusing to collect garbage",

@@ -92,7 +92,14 @@ from composefsd.image.transforms import Transform, TransformError, apply_transfo
 from composefsd.image.tree import Node, gc_paused
 from composefsd.image.writer import VERSION_MAX, write_image
 from composefsd.kernel.verity import Algorithm, VerityError, measure_verity
-from composefsd.objectlayout import is_hex_digest, link_file_name, object_payload, object_relpath
+from composefsd.objectlayout import (
+    is_hex_digest,
+    link_file_name,
+    object_link_digest,
+    object_link_target,
+    object_payload,
+    object_relpath,
+)
 from composefsd.repository.digestcache import DigestCache
 from composefsd.repository.errors import (
     CorruptObjectError,
@@ -108,8 +115,11 @@ from composefsd.repository.importer import ImportConfig, Importer, ImportResult
 from composefsd.repository.locking import RepoLock, reader_lock, writer_lock
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import (
+    NotRegularObjectError,
     ObjectResult,
     ObjectStore,
+    open_object,
+    open_objects_dir,
     random_name,
     sync_objects,
 )
@@ -140,9 +150,11 @@ __all__ = [
     "create_from_dumpfile",
     "create_from_scan",
     "describe_image",
+    "image_link_names",
     "iter_refs",
     "list_images",
     "normalize_ref",
+    "open_image_object",
     "prune_all_empty_ref_dirs",
     "prune_empty_ref_dirs",
     "ref_target",
@@ -343,7 +355,7 @@ def ref_target(ref: str, hexdigest: str) -> str:
 
 
 def _image_target(hexdigest: str) -> str:
-    return "../objects/" + object_relpath(hexdigest)
+    return object_link_target(hexdigest)
 
 
 def _target_digest(target: str, algorithm: Algorithm) -> str | None:
@@ -957,6 +969,19 @@ def create_from_dumpfile(
 # -- listing and removal --------------------------------------------------------------------
 
 
+def image_link_names(repo: Repository) -> list[str]:
+    """The names of ``images/`` that are symlinks named by a digest, sorted: every
+    image link, including those :func:`list_images` leaves out (dangling, or not
+    leading to their object), which Verify and fsck report."""
+    try:
+        with os.scandir(repo.images_dir) as it:
+            return sorted(
+                e.name for e in it if is_hex_digest(e.name, repo.hash_algorithm) and e.is_symlink()
+            )
+    except FileNotFoundError:
+        return []
+
+
 def list_images(repo: Repository) -> list[ImageEntry]:
     """Every image (``images/<hex>`` whose object exists), oldest first."""
     with reader_lock(repo.path):
@@ -969,8 +994,12 @@ def list_images(repo: Repository) -> list[ImageEntry]:
         for entry in entries:
             if not is_hex_digest(entry.name, repo.hash_algorithm) or not entry.is_symlink():
                 continue
+            # Only a link to its own object is an image; its size is the object's,
+            # looked up there (a link leading elsewhere is not followed).
+            if not _linked_image_object(repo, Path(entry.path), entry.name):
+                continue
             try:
-                size = os.stat(entry.path).st_size
+                size = os.stat(repo.object_path(entry.name), follow_symlinks=False).st_size
                 created = entry.stat(follow_symlinks=False).st_mtime
             except FileNotFoundError:
                 continue
@@ -979,14 +1008,56 @@ def list_images(repo: Repository) -> list[ImageEntry]:
     return out
 
 
+def _linked_image_object(repo: Repository, link: Path, digest: str) -> bool:
+    """Whether ``link`` (``images/<digest>``) is a link to its object exactly as
+    ``object_link_target`` writes it, the only links whose object is opened."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return False
+    return object_link_digest(target, repo.hash_algorithm) == digest
+
+
+def open_image_object(repo: Repository, digest: str) -> int:
+    """A read-only fd on the image ``digest``'s object, for reading or mounting it.
+
+    ``images/<digest>`` must be a link to ``../objects/XX/rest`` of that digest
+    (else :class:`CorruptObjectError`): the object is then opened below
+    ``objects/`` by its digest, never through the link, so that a link planted to
+    lead outside the repository is never followed by the daemon.
+    :class:`ImageNotFoundError` when there is no link or no object."""
+    link = repo.images_dir / digest
+    if not _linked_image_object(repo, link, digest):
+        if not os.path.lexists(link):
+            raise ImageNotFoundError(f"no image {digest} in {repo.path}")
+        raise CorruptObjectError(
+            f"{link} is not a link to its object ../objects/{object_relpath(digest)}; not followed"
+        )
+    try:
+        objects_fd = open_objects_dir(repo.objects_dir)
+    except OSError as exc:
+        raise RepositoryError(
+            f"cannot open {repo.objects_dir}: {os_error_text(exc)}", errno=exc.errno
+        ) from exc
+    try:
+        return open_object(objects_fd, digest)
+    except FileNotFoundError:
+        raise ImageNotFoundError(f"image {digest}: its object is missing") from None
+    except NotRegularObjectError:
+        raise CorruptObjectError(f"image {digest}: its object is not a regular file") from None
+    except OSError as exc:
+        raise RepositoryError(
+            f"cannot open image {digest}: {os_error_text(exc)}", errno=exc.errno
+        ) from exc
+    finally:
+        os.close(objects_fd)
+
+
 def describe_image(repo: Repository, name: str) -> ImageDetails:
     with reader_lock(repo.path):
         digest = resolve_image(repo, name)
         link = repo.images_dir / digest
-        try:
-            fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise ImageNotFoundError(f"image {digest}: its object is missing") from None
+        fd = open_image_object(repo, digest)
         try:
             st = os.fstat(fd)
             try:

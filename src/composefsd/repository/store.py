@@ -89,11 +89,14 @@ from composefsd.sources.objcopy import CopyState, copy_fd_data, write_all
 __all__ = [
     "COPY_BUFSIZE",
     "OBJECT_MODE",
+    "NotRegularObjectError",
     "ObjectResult",
     "ObjectStore",
     "PublishState",
     "TmpFile",
     "check_unchanged",
+    "open_object",
+    "open_objects_dir",
     "random_name",
     "sync_objects",
 ]
@@ -105,7 +108,8 @@ OBJECT_MODE = 0o644
 COPY_BUFSIZE = 1 << 20
 _DIR_MODE = 0o755
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_OBJECT_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_OBJECT_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+_WALK_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _NAME_TABLE = bytes(_NAME_CHARS[i % len(_NAME_CHARS)] for i in range(256))
 # O_TMPFILE errors that mean "not here" (EISDIR: kernels that predate it).
@@ -116,6 +120,36 @@ _SYNC_THREADS = 16
 _SYNC_ALL_MIN = 2000
 # Errors of a copy that are the repository's side failing, not the source's.
 _WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS))
+
+
+class NotRegularObjectError(OSError):
+    """What is at an object's path is not a regular file (a FIFO, a device, ...)."""
+
+
+def open_objects_dir(objects_dir: str | os.PathLike[str]) -> int:
+    """An ``O_PATH`` fd on a repository's ``objects/`` (not a symlink), for
+    :func:`open_object`."""
+    return os.open(objects_dir, _WALK_FLAGS)
+
+
+def open_object(objects_fd: int, hexdigest: str) -> int:
+    """A read-only fd on the object ``hexdigest`` (checked by the caller) below the
+    directory fd ``objects_fd``: neither ``XX`` nor ``rest`` may be a symlink
+    (``ENOTDIR``, ``ELOOP``), so nothing outside ``objects/`` is ever opened; it is
+    opened without blocking and must be a regular file
+    (:class:`NotRegularObjectError`, the fd closed)."""
+    sub = os.open(hexdigest[:2], _WALK_FLAGS, dir_fd=objects_fd)
+    try:
+        fd = os.open(hexdigest[2:], _OBJECT_FLAGS, dir_fd=sub)
+    finally:
+        os.close(sub)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularObjectError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def random_name(prefix: str) -> str:
@@ -438,9 +472,10 @@ class ObjectStore:
         return contains(self.dir_fd, hexdigest)
 
     def open(self, hexdigest: str) -> int:
-        """A read-only fd on the object (not following a symlink); ``OSError`` if it
+        """A read-only fd on the object (:func:`open_object`); ``OSError`` if it
         cannot be opened, :class:`InvalidNameError` for a name that is no digest."""
-        return os.open(self._checked_rel(hexdigest), _OBJECT_FLAGS, dir_fd=self.dir_fd)
+        self._checked_rel(hexdigest)
+        return open_object(self.dir_fd, hexdigest)
 
     def iter_objects(self) -> Iterator[str]:
         """The hex digests of the well-named objects (regular files) present."""

@@ -31,7 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from composefsd.objectlayout import digest_of_link_target, link_file_name, object_relpath
+from composefsd.objectlayout import (
+    digest_of_link_target,
+    link_file_name,
+    object_link_target,
+)
 from composefsd.repository.errors import CorruptRepositoryError, RepositoryError, os_error_text
 from composefsd.splitstream import Chunk, SplitStream, SplitStreamError, iter_chunks, parse
 
@@ -85,9 +89,7 @@ class StreamLink:
     @property
     def well_formed(self) -> bool:
         """Exactly ``../objects/XX/rest`` (what both tools write)."""
-        return (
-            self.digest is not None and self.target == f"../objects/{object_relpath(self.digest)}"
-        )
+        return self.digest is not None and self.target == object_link_target(self.digest)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,9 +60,10 @@ from composefsd.kernel.verity import (
     VerityUnsupportedError,
     measure_verity,
 )
-from composefsd.objectlayout import digest_of_relpath, is_hex_digest
+from composefsd.objectlayout import is_hex_digest, object_link_digest, object_relpath
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
+from composefsd.repository.store import NotRegularObjectError, open_object, open_objects_dir
 from composefsd.repository.streams import (
     StreamNotFoundError,
     iter_stream_refs,
@@ -85,11 +86,13 @@ __all__ = [
     "stream_names",
     "verify_image",
     "verify_stream",
+    "verity_text",
 ]
 
 #: Objects are opened without following a final symlink (an object must be a regular
 #: file) and without blocking (a FIFO planted under objects/ must not hang us).
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_DIR_NOFOLLOW = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Work is measured in bytes to hash, each file counting this much more for opening
 # it (measured: ~30 us per file, about what hashing 32 KiB costs).
 _FILE_COST_BYTES = 32 << 10
@@ -133,6 +136,9 @@ class VerifyReport:
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     #: Files without kernel fs-verity, as the repository's policy asks (module notes).
     no_verity: list[str] = field(default_factory=list)
+    #: Why the kernel could not measure each of ``no_verity`` (``FileCheck.why``;
+    #: :func:`verity_text` says it in words).
+    no_verity_why: dict[str, str] = field(default_factory=dict)
     #: Distinct objects the image refers to (all of them were looked at).
     objects_checked: int = 0
     #: How many object digests the kernel measured; the rest were computed.
@@ -211,9 +217,20 @@ def _measure(fd: int, algorithm: Algorithm) -> tuple[bytes | None, str | None]:
         return None, str(exc)
 
 
+def _open_no_symlinks(path: bytes) -> int:
+    """``path`` (``objects/XX/rest``) opened with neither its last component nor its
+    directory (``XX``) a symlink: a planted ``objects/XX`` link cannot lead out."""
+    head, tail = os.path.split(path)
+    dir_fd = os.open(head or b".", _DIR_NOFOLLOW)
+    try:
+        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
     try:
-        fd = os.open(path, OPEN_FLAGS)
+        fd = _open_no_symlinks(path)
     except OSError as exc:
         return exc.errno or errno.EIO, 0, None, False, None
     try:
@@ -233,7 +250,7 @@ def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
 
 
 def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> FileCheck:
-    """Open ``path`` (no symlinks, no blocking), check it is a regular file of
+    """Open ``path`` (no symlink as it or its directory, no blocking), check it is a regular file of
     ``expected_size`` bytes (any size if negative), and work out its digest: measured
     by the kernel if the file has fs-verity, computed otherwise. Never raises OSError."""
     return FileCheck(*_check(path, algorithm, expected_size))
@@ -354,6 +371,15 @@ def lacks_verity(policy: VerityPolicy, why: str) -> bool:
     return False
 
 
+def verity_text(why: str) -> str:
+    """Why the kernel did not measure a file (``FileCheck.why``), in words."""
+    if why == "not-enabled":
+        return "fs-verity is not enabled on the object"
+    if why == "unsupported":
+        return "the filesystem does not support fs-verity"
+    return why
+
+
 def _payload_digest(payload: bytes, algorithm: Algorithm) -> str | None:
     """The object digest named by a payload ``XX/rest``, or None if it names none."""
     try:
@@ -415,43 +441,60 @@ def _check_image_file(
     repo: RepositoryView, digest: str, algorithm: Algorithm, report: VerifyReport
 ) -> bytes | None:
     """Check the image file; return its content if it could be read."""
-    return _check_linked_object(repo, repo.image_path(digest), digest, algorithm, report)
+    link = repo.image_path(digest)
+    try:
+        target = os.readlink(link)
+    except FileNotFoundError:
+        report.image_problems.append(f"image {digest} not found ({link} does not exist)")
+        return None
+    except OSError as exc:
+        report.image_problems.append(f"{link} is not a link to an object: {exc.strerror}")
+        return None
+    if object_link_digest(target, algorithm) != digest:
+        report.image_problems.append(
+            f"{link} links to {target!r}, not to its object ../objects/"
+            f"{object_relpath(digest)}; not followed"
+        )
+        return None
+    return _check_linked_object(repo, link, target, digest, algorithm, report)
 
 
 def _check_linked_object(
-    repo: RepositoryView, link: Path, digest: str, algorithm: Algorithm, report: VerifyReport
+    repo: RepositoryView,
+    link: Path,
+    target: str,
+    digest: str,
+    algorithm: Algorithm,
+    report: VerifyReport,
 ) -> bytes | None:
-    """Check that ``link`` (``images/<hex>``, ``streams/<name>``) leads to the object
-    ``digest`` and that its digest is right; return its content if it could be read."""
-    obj = repo.object_path(digest)
+    """Check the object ``digest`` that ``link`` (``images/<hex>``, ``streams/<name>``,
+    leading to ``target``) names, opened below ``objects/``, and that its digest is
+    right; return its content if it could be read."""
     what = "stream" if report.stream is not None else "image"
     try:
-        fd = os.open(link, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        if os.path.islink(link):
-            report.image_problems.append(
-                f"{link} is a dangling link (to {os.readlink(link)}): {what} object missing"
-            )
-        else:
-            report.image_problems.append(f"{what} {digest} not found ({link} does not exist)")
-        return None
+        objects_fd = open_objects_dir(repo.path / "objects")
     except OSError as exc:
-        report.image_problems.append(f"cannot open {link}: {exc.strerror}")
+        report.image_problems.append(f"cannot open {repo.path / 'objects'}: {exc.strerror}")
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            report.image_problems.append(f"{link} is not a regular file")
-            return None
-        try:
-            ost = os.stat(obj, follow_symlinks=False)
-            same = (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino)
-        except OSError:
-            same = False
-        if not same:
-            report.image_problems.append(f"{link} does not lead to its object {obj}")
+        fd = open_object(objects_fd, digest)
+    except FileNotFoundError:
+        report.image_problems.append(
+            f"{link} is a dangling link (to {target}): {what} object missing"
+        )
+        return None
+    except NotRegularObjectError:
+        report.image_problems.append(f"{link} leads to {target}, which is not a regular file")
+        return None
+    except OSError as exc:
+        report.image_problems.append(f"cannot open {link} (to {target}): {exc.strerror}")
+        return None
+    finally:
+        os.close(objects_fd)
+    try:
+        size = os.fstat(fd).st_size
         measured, why = _measure(fd, algorithm)
-        data = _read_all(fd, st.st_size)
+        data = _read_all(fd, size)
     except OSError as exc:
         report.image_problems.append(f"cannot read {link}: {exc.strerror}")
         return None
@@ -461,6 +504,7 @@ def _check_linked_object(
         assert why is not None
         if lacks_verity(repo.verity, why):
             report.no_verity.append(digest)
+            report.no_verity_why[digest] = why
         measured = digest_bytes(data, algorithm)
     if measured.hex() != digest:
         report.image_problems.append(f"digest mismatch: {measured.hex()}")
@@ -535,15 +579,17 @@ def verify_stream(
     except OSError as exc:
         report.image_problems.append(f"{link} is not a stream link: {exc.strerror}")
         return report
-    parts = target.split("/")
-    digest = digest_of_relpath("/".join(parts[-2:]), algorithm) if len(parts) >= 3 else None
-    if digest is None or parts[-3] != "objects":
-        report.image_problems.append(f"{link} links to {target}, not to an object")
+    digest = object_link_digest(target, algorithm)
+    if digest is None:
+        report.image_problems.append(
+            f"{link} links to {target!r}: a stream link leading outside objects/ "
+            "(not ../objects/XX/rest); not followed"
+        )
         return report
     report.digest = digest
     step = Throttle(progress)
     step("stream", 0, 1, force=True)
-    data = _check_linked_object(repo, link, digest, algorithm, report)
+    data = _check_linked_object(repo, link, target, digest, algorithm, report)
     step("stream", 1, 1, force=True)
     if data is None:
         return report
@@ -618,6 +664,7 @@ def _check_objects(
                 report.verity_measured += 1
             elif check.why is not None and lacks_verity(policy, check.why):
                 report.no_verity.append(digest)
+                report.no_verity_why[digest] = check.why
             if check.digest != digest:
                 report.corrupt.append((digest, f"digest mismatch: {check.digest}"))
         done += 1

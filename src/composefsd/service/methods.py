@@ -94,12 +94,13 @@ from composefsd.repository import (
     VerityPolicy,
     VerityRequiredError,
 )
-from composefsd.repository.images import normalize_ref
+from composefsd.repository.images import image_link_names, normalize_ref
 from composefsd.repository.verify import (
     VerifyReport,
     default_workers,
     stream_entry_path,
     stream_names,
+    verity_text,
 )
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
@@ -334,8 +335,15 @@ def _problems(report: VerifyReport) -> list[dict[str, Any]]:
         if report.verity_required
         else "allowed by the repository's policy"
     )
+    # Say the kernel's reason: "not enabled" would be wrong for an object that has
+    # fs-verity in another hash algorithm (sha256 verity in a sha512 repository).
     out += [
-        {"kind": "no-verity", "object": d, "message": f"{d} has no fs-verity ({why})"}
+        {
+            "kind": "no-verity",
+            "object": d,
+            "message": f"object {d}: {verity_text(report.no_verity_why.get(d, 'not-enabled'))}"
+            f" ({why})",
+        }
         for d in report.no_verity
     ]
     return out
@@ -591,6 +599,9 @@ class RepositoryInterface:
             raise VarlinkReplyError(_EXPECTED_MORE)
         with _mapped():
             digests = [e.digest for e in repo.list_images()]
+            # Links that list_images leaves out (dangling, or leading elsewhere than
+            # their object) are verified too, to be reported.
+            digests += sorted(set(image_link_names(repo)) - set(digests))
             streams = stream_names(repo)
         pending: dict[str, Any] | None = None
         with self._reporter(ctx) as report:
