@@ -168,7 +168,8 @@ def test_every_method_keeps_what_composefs_rs_needs(
     # A deployment image: in use while mounted; referenced by its tag otherwise.
     first = deployed[0]
     err = bootc.error("RemoveImage", image=first.digest)
-    assert (err.name, err.parameters["where"]) == (f"{INTERFACE}.ImageInUse", [str(mounts[0])])
+    # Mounts of the same image elsewhere on the machine (not ours) would be named too.
+    assert err.name == f"{INTERFACE}.ImageInUse" and str(mounts[0]) in err.parameters["where"]
     bootc.call("Unmount", where=str(mounts[0]))
     err = bootc.error("RemoveImage", image=first.digest)
     assert err.name == f"{INTERFACE}.ImageReferenced"
