@@ -59,7 +59,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -393,33 +393,18 @@ class _Checker:
             return
         count = 0
         self.step("stream-refs", 0, force=True)
-        stack = [refs_dir]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            except OSError as exc:
-                report.add("stat-failed", self.rel(directory), f"cannot list: {exc.strerror}")
-                continue
-            for entry in entries:
-                rel = self.rel(entry.path)
-                if entry.is_symlink():
-                    count += 1
-                    self.step("stream-refs", count)
-                    try:
-                        os.stat(entry.path)
-                    except FileNotFoundError:
-                        report.add(
-                            "broken-symlink", rel, f"dangling link to {os.readlink(entry.path)}"
-                        )
-                    except OSError as exc:
-                        report.add("stat-failed", rel, exc.strerror or str(exc))
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                else:
-                    report.add("unexpected-file-type", rel, "refs are symlinks to streams")
+        for entry, rel in self._ref_entries(refs_dir):
+            if entry.is_symlink():
+                count += 1
+                self.step("stream-refs", count)
+                try:
+                    os.stat(entry.path)
+                except FileNotFoundError:
+                    report.add("broken-symlink", rel, f"dangling link to {os.readlink(entry.path)}")
+                except OSError as exc:
+                    report.add("stat-failed", rel, exc.strerror or str(exc))
+            else:
+                report.add("unexpected-file-type", rel, "refs are symlinks to streams")
         report.stream_refs_checked = count
         self.step("stream-refs", count, count, force=True)
 
@@ -502,33 +487,40 @@ class _Checker:
                 report.add("stat-failed", rel, f"object {digest}: {exc.strerror}")
 
     # -- refs -------------------------------------------------------------------------
-    def check_refs(self) -> None:
-        refs_dir = self.root / "images" / "refs"
-        report = self.report
-        self.step("refs", 0, force=True)
-        count = 0
+    def _ref_entries(self, refs_dir: Path) -> Iterator[tuple[os.DirEntry[str], str]]:
+        """Every entry below ``refs_dir`` but its directories, with its name in the
+        repository, a directory at a time in name order; a directory that cannot be
+        listed is reported (one that is gone, or is no directory, is skipped)."""
         stack = [refs_dir]
         while stack:
             directory = stack.pop()
             try:
                 entries = sorted(os.scandir(directory), key=lambda e: e.name)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                report.add("stat-failed", self.rel(directory), f"cannot list: {exc.strerror}")
+                self.report.add("stat-failed", self.rel(directory), f"cannot list: {exc.strerror}")
                 continue
             for entry in entries:
-                rel = self.rel(entry.path)
-                if entry.name.startswith(_LINK_TEMP_PREFIXES):
-                    report.add("stray-temp-file", rel, "leftover temporary link", fatal=False)
-                elif entry.is_symlink():
-                    count += 1
-                    self.step("refs", count)
-                    self._check_ref(Path(entry.path), rel)
-                elif entry.is_dir(follow_symlinks=False):
+                if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
                 else:
-                    report.add("entry-not-symlink", rel, "refs are symlinks to images")
+                    yield entry, self.rel(entry.path)
+
+    def check_refs(self) -> None:
+        refs_dir = self.root / "images" / "refs"
+        report = self.report
+        self.step("refs", 0, force=True)
+        count = 0
+        for entry, rel in self._ref_entries(refs_dir):
+            if entry.name.startswith(_LINK_TEMP_PREFIXES):
+                report.add("stray-temp-file", rel, "leftover temporary link", fatal=False)
+            elif entry.is_symlink():
+                count += 1
+                self.step("refs", count)
+                self._check_ref(Path(entry.path), rel)
+            else:
+                report.add("entry-not-symlink", rel, "refs are symlinks to images")
         report.refs_checked = count
         self.step("refs", count, count, force=True)
 
