@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from composefsd.image.format import ErofsVersion
+from composefsd.repository.errors import InvalidNameError
+from composefsd.repository.meta import ALGORITHM_NAMES, erofs_version_option
 from composefsd.service.client import DEFAULT_TIMEOUT
 from composefsd.verity_policy import VerityPolicy
 
@@ -44,14 +45,11 @@ def _version(text: str) -> int:
     return value
 
 
-_EROFS_VERSIONS = [str(int(v)) for v in ErofsVersion]
-
-
 def _erofs_version(text: str) -> int:
-    if text not in _EROFS_VERSIONS:
-        known = f"{', '.join(_EROFS_VERSIONS[:-1])} or {_EROFS_VERSIONS[-1]}"
-        raise argparse.ArgumentTypeError(f"not an EROFS format version ({known}): {text!r}")
-    return int(text)
+    try:
+        return int(erofs_version_option(text))
+    except InvalidNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timeout(text: str) -> float | None:
@@ -124,7 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command("init", "create a new repository")
-    p.add_argument("--algorithm", choices=("sha256", "sha512"), default="sha256")
+    p.add_argument(
+        "--algorithm",
+        choices=ALGORITHM_NAMES,
+        default="sha256",
+        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
+        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
+    )
     p.add_argument(
         "--verity",
         choices=[v.value for v in VerityPolicy],
