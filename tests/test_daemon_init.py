@@ -6,6 +6,7 @@ Everything runs the real daemon (``python -m composefsd.service.daemon``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ import pytest
 
 from composefsd.image.formats import ErofsVersion
 from composefsd.repository import InvalidNameError, Repository
-from composefsd.repository.meta import erofs_version_option, parse_erofs_version
+from composefsd.repository.meta import parse_erofs_version
 from composefsd.service.client import connect
+from composefsd.service.options import erofs_version_argument
 from ctlrun import run_ctl
 from rsgolden import read_json
 from servicehelpers import DAEMON, running_daemon, short_dir
@@ -188,10 +190,10 @@ def test_hostile_values_are_refused(
 
 
 def test_option_parsing_has_one_strict_spelling() -> None:
-    assert [erofs_version_option(t) for t in ("0", "1", "2")] == list(ErofsVersion)
+    assert [erofs_version_argument(t) for t in ("0", "1", "2")] == list(ErofsVersion)
     for bad in ("V1", "1.0", "+1", "\u0661"):
-        with pytest.raises(InvalidNameError, match="not an EROFS format version"):
-            erofs_version_option(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="not an EROFS format version"):
+            erofs_version_argument(bad)
     # The API's looser spelling still refuses digits int() does not take.
     with pytest.raises(InvalidNameError, match="unknown EROFS format version"):
         parse_erofs_version("\u00b2")

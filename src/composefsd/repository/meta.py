@@ -79,8 +79,6 @@ from composefsd.repository.errors import (
 from composefsd.verity_policy import VerityPolicy
 
 __all__ = [
-    "ALGORITHM_NAMES",
-    "EROFS_VERSION_NAMES",
     "FEATURE_V1_EROFS",
     "KNOWN_COMPATIBLE",
     "KNOWN_INCOMPATIBLE",
@@ -91,7 +89,6 @@ __all__ = [
     "FormatConfig",
     "RepoMetadata",
     "VerityPolicy",
-    "erofs_version_option",
     "parse_algorithm",
     "parse_erofs_version",
 ]
@@ -108,12 +105,6 @@ POLICY_FLAGS: dict[str, VerityPolicy] = {
 KNOWN_COMPATIBLE = frozenset(POLICY_FLAGS)
 KNOWN_READ_ONLY_COMPATIBLE = frozenset({FEATURE_V1_EROFS})
 KNOWN_INCOMPATIBLE: frozenset[str] = frozenset()
-
-#: How command lines (``composefsctl init``, ``composefsd``) name an algorithm:
-#: cfsctl's ``--hash`` spelling and meta.json's.
-ALGORITHM_NAMES = tuple(name for a in Algorithm for name in (a.value, a.composefs_rs_name))
-#: How command lines name an image format.
-EROFS_VERSION_NAMES = tuple(str(int(v)) for v in ErofsVersion)
 
 
 def parse_algorithm(value: str | Algorithm) -> Algorithm:
@@ -142,15 +133,6 @@ def parse_erofs_version(value: object) -> ErofsVersion:
         except ValueError:
             pass
     raise InvalidNameError(f"unknown EROFS format version {value!r}: expected 0, 1 or 2")
-
-
-def erofs_version_option(text: str) -> ErofsVersion:
-    """An image format on a command line: exactly one of :data:`EROFS_VERSION_NAMES`
-    (stricter than :func:`parse_erofs_version`, as cfsctl's option is)."""
-    if text not in EROFS_VERSION_NAMES:
-        known = f"{', '.join(EROFS_VERSION_NAMES[:-1])} or {EROFS_VERSION_NAMES[-1]}"
-        raise InvalidNameError(f"not an EROFS format version ({known}): {text!r}")
-    return ErofsVersion(int(text))
 
 
 @dataclass(slots=True, frozen=True)

@@ -84,12 +84,12 @@ from composefsd.image.escape import printable
 from composefsd.image.format import ErofsVersion
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
-from composefsd.repository.errors import InvalidNameError
-from composefsd.repository.meta import ALGORITHM_NAMES, erofs_version_option, parse_algorithm
+from composefsd.repository.meta import parse_algorithm
 from composefsd.service.activation import listen_unix, notify, sockets_from_environment
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
+from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -254,13 +254,6 @@ def _bytes(text: str) -> int:
     return _count(number) * _UNITS[unit]
 
 
-def _erofs_version(text: str) -> ErofsVersion:
-    try:
-        return erofs_version_option(text)
-    except InvalidNameError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _add_limits(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "limits",
@@ -388,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--erofs-version",
         metavar="N",
-        type=_erofs_version,
+        type=erofs_version_argument,
         help="image format of a repository composefsd creates: 1 (default, as cfsctl init's), "
         "0 or 2; an existing repository must have it",
     )

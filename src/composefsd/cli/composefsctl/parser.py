@@ -9,9 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from composefsd.repository.errors import InvalidNameError
-from composefsd.repository.meta import ALGORITHM_NAMES, erofs_version_option
 from composefsd.service.client import DEFAULT_TIMEOUT
+from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
 from composefsd.verity_policy import VerityPolicy
 
 __all__ = ["PROG", "ArgumentParser", "parse_args"]
@@ -43,13 +42,6 @@ def _version(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
-
-
-def _erofs_version(text: str) -> int:
-    try:
-        return int(erofs_version_option(text))
-    except InvalidNameError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _timeout(text: str) -> float | None:
@@ -137,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--erofs-version",
-        type=_erofs_version,
+        type=erofs_version_argument,
         default=1,
         metavar="N",
         help="the format of the repository's images, as cfsctl init's: 1 (default; C "
@@ -162,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
     p.add_argument(
         "--erofs-version",
-        type=_erofs_version,
+        type=erofs_version_argument,
         metavar="N",
         help="write one image in this format (0, 1 or 2) instead of the repository's formats",
     )
