@@ -170,6 +170,9 @@ def main() -> int:
             str(work / "run"),
             "--log-level",
             "warning",
+            # C mkcomposefs's digests, for a like-for-like Mount against C's.
+            "--algorithm",
+            "sha256",
         ]
     )
     try:

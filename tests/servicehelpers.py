@@ -25,6 +25,17 @@ from composefsd.kernel.syscalls import MNT_DETACH, umount2
 
 DAEMON = [sys.executable, "-m", "composefsd.service.daemon"]
 CTL = [sys.executable, "-m", "composefsd.cli.composefsctl"]
+#: The algorithm of a repository a test's daemon creates: the tests compare digests
+#: with C mkcomposefs's, which are sha256 (composefsd's own default is sha512).
+TEST_ALGORITHM = "sha256"
+
+
+def creation_args(repo: Path, args: tuple[str, ...], algorithm: str | None) -> list[str]:
+    """``--algorithm ALGORITHM`` if composefsd is to create ``repo`` and ``args`` name
+    no algorithm (an existing repository keeps its own); None: composefsd's default."""
+    if algorithm is None or "--algorithm" in args or (repo / "meta.json").exists():
+        return []
+    return ["--algorithm", algorithm]
 
 
 @dataclass
@@ -99,10 +110,12 @@ def start_daemon(
     timeout: float = 30.0,
     public: bool = False,
     log_level: str = "debug",
+    algorithm: str | None = TEST_ALGORITHM,
 ) -> Daemon:
     """composefsd --repo REPO --listen <short dir>/sock ARGS, ready to serve.
 
     ``public``: every user may connect (socket mode 0666 in a 0755 directory).
+    ``algorithm``: of the repository if the daemon creates it (:func:`creation_args`).
     """
     rundir = short_dir()
     sock = rundir / "sock"
@@ -125,6 +138,7 @@ def start_daemon(
         "--log-level",
         log_level,
         *(["--socket-mode", "0666"] if public else []),
+        *creation_args(repo, args, algorithm),
         *args,
     ]
     with open(log, "wb") as out:
@@ -149,9 +163,18 @@ def running_daemon(
     timeout: float = 30.0,
     public: bool = False,
     log_level: str = "debug",
+    algorithm: str | None = TEST_ALGORITHM,
 ) -> Iterator[Daemon]:
     """``start_daemon``, stopped on leaving; with ``check_exit`` it must then exit 0."""
-    d = start_daemon(repo, *args, env=env, timeout=timeout, public=public, log_level=log_level)
+    d = start_daemon(
+        repo,
+        *args,
+        env=env,
+        timeout=timeout,
+        public=public,
+        log_level=log_level,
+        algorithm=algorithm,
+    )
     try:
         yield d
     finally:
@@ -177,6 +200,7 @@ def exec_wrapper(path: Path, repo: Path, runtime_dir: Path, *args: str) -> Path:
             str(repo),
             "--runtime-dir",
             str(runtime_dir),
+            *creation_args(repo, args, TEST_ALGORITHM),
             *args,
         ]
     )

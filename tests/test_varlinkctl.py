@@ -20,7 +20,14 @@ import pytest
 import composefsd
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.service import client
-from servicehelpers import DAEMON, Daemon, exec_wrapper, short_dir
+from servicehelpers import (
+    DAEMON,
+    TEST_ALGORITHM,
+    Daemon,
+    creation_args,
+    exec_wrapper,
+    short_dir,
+)
 
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
@@ -289,6 +296,7 @@ def _socket_activate(sock: Path, repo: Path, runtime: Path, *flags: str) -> subp
             str(repo),
             "--runtime-dir",
             str(runtime),
+            *creation_args(repo, (), TEST_ALGORITHM),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -125,7 +125,8 @@ def parse_erofs_version(value: object) -> ErofsVersion:
     if isinstance(value, ErofsVersion):
         return value
     text = value.strip().upper().removeprefix("V") if isinstance(value, str) else None
-    number = int(text) if text is not None and text.isdigit() else value
+    # isdigit() alone admits digits int() refuses ("²").
+    number = int(text) if text is not None and text.isascii() and text.isdigit() else value
     if isinstance(number, int) and not isinstance(number, bool):
         try:
             return ErofsVersion(number)

@@ -4,12 +4,17 @@
 
     composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
                [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
-               [--runtime-dir DIR] [limits]
+               [--algorithm ALG] [--erofs-version N] [--runtime-dir DIR] [limits]
 
 * **Repository**: ``--repo``, else ``$COMPOSEFSD_REPOSITORY``, else
   ``/sysroot/composefs`` for root and ``~/.var/lib/composefs`` otherwise; created
-  (``fsverity-sha256-12``, verity ``try``) if it does not exist, unless
-  ``--no-create``.
+  if it does not exist, unless ``--no-create``: in ``--algorithm`` (default
+  ``sha512``) and ``--erofs-version`` (default 1), verity ``try``. The defaults are
+  ``cfsctl init``'s and bootc's, which keeps its repository in
+  ``/sysroot/composefs`` and works only on SHA-512 ones: whichever of composefsd
+  and bootc comes first, the other can use the repository. For an existing
+  repository the two options are checks: one that disagrees with ``meta.json`` is
+  a start-up failure (as ``cfsctl --hash`` refuses such a repository).
 * **Sockets**: socket activation first (``LISTEN_FDS``/``LISTEN_FDNAMES``, a
   listening or a connected socket such as ``varlinkctl call exec:`` gives, or
   ``SYSTEMD_VARLINK_LISTEN``), else ``--listen PATH``, else
@@ -76,11 +81,15 @@ from varlink.server import Service as VarlinkService
 
 import composefsd
 from composefsd.image.escape import printable
+from composefsd.image.format import ErofsVersion
+from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
+from composefsd.repository.meta import parse_algorithm
 from composefsd.service.activation import listen_unix, notify, sockets_from_environment
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
+from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -116,6 +125,10 @@ SHUTDOWN_GRACE = 10.0
 #: Open files kept out of --max-connections' reach: listening sockets, privileged
 #: connections, worker pipes, the repository's files.
 _FD_RESERVE = 256
+#: What a repository composefsd creates is in unless told otherwise: bootc's and
+#: ``cfsctl init``'s (module notes).
+CREATE_ALGORITHM = Algorithm.SHA512
+CREATE_EROFS_VERSION = ErofsVersion.V1
 
 
 class _StartupError(Exception):
@@ -359,6 +372,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-create", action="store_true", help="fail if the repository does not exist")
     p.add_argument(
+        "--algorithm",
+        metavar="ALG",
+        choices=ALGORITHM_NAMES,
+        help="digest of a repository composefsd creates: sha512 (default, as bootc's and "
+        "cfsctl init's) or sha256; an existing repository must have it",
+    )
+    p.add_argument(
+        "--erofs-version",
+        metavar="N",
+        type=erofs_version_argument,
+        help="image format of a repository composefsd creates: 1 (default, as cfsctl init's), "
+        "0 or 2; an existing repository must have it",
+    )
+    p.add_argument(
         "--log-level",
         metavar="LEVEL",
         default="info",
@@ -426,20 +453,44 @@ def _group(text: str | None) -> int | None:
         raise _StartupError(f"unknown group {text!r}") from None
 
 
-def _repository(path: str | None, create: bool) -> Repository:
+def _repository(
+    path: str | None,
+    create: bool,
+    algorithm: str | None = None,
+    erofs_version: ErofsVersion | None = None,
+) -> Repository:
+    """Open the repository, or create it; ``algorithm`` and ``erofs_version``, when
+    given, must be what an existing one has."""
     target = Path(path) if path is not None else default_path()
+    alg = None if algorithm is None else parse_algorithm(algorithm)
     try:
         try:
-            return Repository.open(target)
+            repo = Repository.open(target)
         except NotARepositoryError:
             if not create:
                 raise
-        # Refuses a directory that has anything but an empty repository skeleton.
-        return Repository.init(target)
+            # Refuses a directory that has anything but an empty repository skeleton,
+            # and one that another process made meanwhile with other settings.
+            return Repository.init(
+                target,
+                algorithm=CREATE_ALGORITHM if alg is None else alg,
+                erofs_version=CREATE_EROFS_VERSION if erofs_version is None else erofs_version,
+            )
     except RepositoryError as exc:
         raise _StartupError(str(exc)) from None
     except OSError as exc:
         raise _StartupError(f"repository {target}: {exc.strerror or exc}") from None
+    if alg is not None and repo.hash_algorithm is not alg:
+        raise _StartupError(
+            f"repository {target} is {repo.algorithm}, not {alg.composefs_rs_name} "
+            f"(--algorithm {algorithm})"
+        )
+    if erofs_version is not None and repo.erofs_version is not erofs_version:
+        raise _StartupError(
+            f"repository {target} writes images in V{int(repo.erofs_version)}, not "
+            f"V{int(erofs_version)} (--erofs-version {int(erofs_version)})"
+        )
+    return repo
 
 
 def _untrusted(exc: UnsafeDirectoryError) -> str:
@@ -583,7 +634,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sockets: list[socket.socket] = []
     try:
         group = _group(args.group)
-        repo = _repository(args.repo, create=not args.no_create)
+        repo = _repository(
+            args.repo,
+            create=not args.no_create,
+            algorithm=args.algorithm,
+            erofs_version=args.erofs_version,
+        )
         tracker = MountTracker(_runtime_dir(args.runtime_dir))
         try:
             tracker.rediscover()
@@ -594,7 +650,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _StartupError as exc:
         log.error("%s", exc)
         return 1
-    log.info("serving %r (verity %s)", str(repo.path), repo.verity.value)
+    log.info(
+        "serving %r (%s, images V%d, verity %s)",
+        str(repo.path),
+        repo.algorithm,
+        int(repo.erofs_version),
+        repo.verity.value,
+    )
 
     authorize = Authorization(os.geteuid(), group, args.restrict_read)
     server = _server(service, authorize, args)

@@ -58,7 +58,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     path = args.repo if args.repo is not None else default_path()
     repo = Repository.init(
         path,
-        algorithm=f"fsverity-{args.algorithm}-12",
+        algorithm=args.algorithm,
         verity=VerityPolicy(args.verity),
         erofs_version=args.erofs_version,
     )

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from composefsd.image.format import ErofsVersion
 from composefsd.service.client import DEFAULT_TIMEOUT
+from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
 from composefsd.verity_policy import VerityPolicy
 
 __all__ = ["PROG", "ArgumentParser", "parse_args"]
@@ -42,16 +42,6 @@ def _version(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
-
-
-_EROFS_VERSIONS = [str(int(v)) for v in ErofsVersion]
-
-
-def _erofs_version(text: str) -> int:
-    if text not in _EROFS_VERSIONS:
-        known = f"{', '.join(_EROFS_VERSIONS[:-1])} or {_EROFS_VERSIONS[-1]}"
-        raise argparse.ArgumentTypeError(f"not an EROFS format version ({known}): {text!r}")
-    return int(text)
 
 
 def _timeout(text: str) -> float | None:
@@ -124,7 +114,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = command("init", "create a new repository")
-    p.add_argument("--algorithm", choices=("sha256", "sha512"), default="sha256")
+    p.add_argument(
+        "--algorithm",
+        choices=ALGORITHM_NAMES,
+        default="sha256",
+        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
+        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
+    )
     p.add_argument(
         "--verity",
         choices=[v.value for v in VerityPolicy],
@@ -133,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--erofs-version",
-        type=_erofs_version,
+        type=erofs_version_argument,
         default=1,
         metavar="N",
         help="the format of the repository's images, as cfsctl init's: 1 (default; C "
@@ -158,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-devices", action="store_true", help="don't store device nodes")
     p.add_argument(
         "--erofs-version",
-        type=_erofs_version,
+        type=erofs_version_argument,
         metavar="N",
         help="write one image in this format (0, 1 or 2) instead of the repository's formats",
     )
