@@ -173,30 +173,42 @@ def _diff_id(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _hostile() -> dict[str, bytes]:
+def _with_checksum(header: bytearray) -> bytearray:
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header[:512]):06o}\0 ".encode()
+    return header
+
+
+def _hostile() -> dict[str, tuple[bytes, str]]:
+    """Each hostile tar and the offset its error must name."""
     good = _tar(("a", b"x" * 1000), ("b" * 200, b"small"))
     bad_sum = bytearray(good)
     bad_sum[0] ^= 1
     huge = bytearray(_tar(("a", b"")))
     huge[124:136] = b"77777777777\0"
-    huge[148:156] = b"        "
-    huge[148:156] = f"{sum(huge[:512]):06o}\0 ".encode()
+    huge_pax = bytearray(_tar(("a", b"")))
+    huge_pax[156:157] = b"x"
+    huge_pax[124:136] = b"00077777777\0"
+    pax_at_end = bytearray(_tar(("a", b""))[:512])
+    pax_at_end[156:157] = b"x"
     lone = _tar(("a", b"x"))[:1024] + bytes(512) + b"\1" * 512
     return {
-        "truncated-data": good[:700],
-        "truncated-header": good[:300],
-        "bad-checksum": bytes(bad_sum),
-        "huge-size": bytes(huge[:2048]),
-        "not-tar": b"hello, this is not a tar file at all" * 40,
-        "lone-zero-block": lone,
+        "truncated-data": (good[:700], "offset 700 in the data of the entry at offset 0"),
+        "truncated-header": (good[:300], "offset 300 in a header"),
+        "bad-checksum": (bytes(bad_sum), "header at offset 0 has a bad checksum"),
+        "huge-size": (bytes(_with_checksum(huge)[:2048]), "offset 2048"),
+        "huge-pax": (bytes(_with_checksum(huge_pax)[:2048]), "header at offset 0 is 16777215"),
+        "not-tar": (b"hello, this is not a tar file at all" * 40, "offset 0"),
+        "lone-zero-block": (lone, "lone zero block at offset 1024"),
+        "pax-at-end": (bytes(_with_checksum(pax_at_end)), "offset 512 after an extension"),
     }
 
 
 @pytest.mark.parametrize("case", sorted(_hostile()))
 def test_hostile_tars_are_refused_and_leave_no_link(tmp_path: Path, case: str) -> None:
     repo = _repo(tmp_path, "sha256")
-    data = _hostile()[case]
-    with pytest.raises(TarFormatError, match="offset"):
+    data, where = _hostile()[case]
+    with pytest.raises(TarFormatError, match=where):
         import_layer(repo, io.BytesIO(data), _diff_id(data), "name")
     assert not (repo.path / "streams").exists() or not any((repo.path / "streams").rglob("*"))
 
