@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def test_golden_imports(tmp_path: Path, algorithm: str) -> None:
         if line.startswith("l streams/") or line.startswith("f objects/")
     )
     assert _listing(repo.path, renamed) == expected
+    report = repo.fsck()
+    assert report.problems == []
+    assert report.ok
 
 
 def test_reimport_is_idempotent_and_reads_nothing(tmp_path: Path) -> None:
@@ -211,6 +215,7 @@ def test_hostile_tars_are_refused_and_leave_no_link(tmp_path: Path, case: str) -
     with pytest.raises(TarFormatError, match=where):
         import_layer(repo, io.BytesIO(data), _diff_id(data), "name")
     assert not (repo.path / "streams").exists() or not any((repo.path / "streams").rglob("*"))
+    assert repo.fsck().ok
 
 
 @pytest.mark.parametrize("name", ["../x", "a/../b", "bad\nname", "", ".hidden"])
@@ -323,3 +328,25 @@ def test_golden_repository_imports(tmp_path: Path, algorithm: str) -> None:
         _check_stream(ours, decoded[f"oci-layer-{diff_id}"], len(printed) // 2)
         link = repo.path / "streams" / "refs" / name
         assert os.readlink(link) == "../" * (name.count("/") + 1) + f"oci-layer-{diff_id}"
+
+
+def test_import_from_a_pipe_with_short_writes(tmp_path: Path) -> None:
+    """A pipe delivers the tar in pieces that match no header or block boundary."""
+    repo = _repo(tmp_path, "sha256")
+    diff_id, _name, layer, _printed = _imports("sha256")[0]
+    data = layer_tar(layer)
+    expected = import_layer(_repo(tmp_path / "other", "sha256"), io.BytesIO(data), diff_id)
+    rfd, wfd = os.pipe()
+
+    def feed() -> None:
+        with open(wfd, "wb", buffering=0) as out:
+            for start in range(0, len(data), 333):
+                out.write(data[start : start + 333])
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    try:
+        with open(rfd, "rb", buffering=0) as reader:
+            assert import_layer(repo, reader, diff_id) == expected
+    finally:
+        thread.join()
