@@ -662,6 +662,32 @@ class ObjectStore:
             return found
         return self._publish(tmp, digest, offset, found is _REPLACE)
 
+    def store_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> ObjectResult:
+        """Publish the concatenation of ``chunks`` as an object, reading them once:
+        each is hashed and written to a temporary file, dropped if the object
+        exists. For data that arrives as a stream (a tar member) and must never be
+        held whole; an exception from ``chunks`` leaves nothing behind."""
+        hasher = FsVerityHasher(self.algorithm)
+        tmp = self._new_tmp()
+        try:
+            size = 0
+            for chunk in chunks:
+                hasher.update(chunk)
+                try:
+                    write_all(tmp.fd, chunk)
+                except OSError as exc:
+                    raise self._repo_error(exc, "write an object") from exc
+                size += memoryview(chunk).nbytes
+            digest = hasher.digest()
+            found = self.existing(digest, size)
+        except BaseException:
+            tmp.close()
+            raise
+        if isinstance(found, ObjectResult):
+            tmp.close()
+            return found
+        return self._publish(tmp, digest, size, found is _REPLACE)
+
 
 def check_unchanged(fd: int, before: os.stat_result) -> None:
     after = os.fstat(fd)

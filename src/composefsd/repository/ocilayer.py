@@ -1,0 +1,342 @@
+"""Import an OCI layer tar as composefs-rs 0.9 does (``cfsctl oci import-layer``).
+
+The tar becomes an ``ocilayer`` splitstream (:mod:`composefsd.splitstream`):
+headers (extension headers included), padding, the data of entries that are not
+regular files and regular-file data of at most 64 bytes inline; larger regular
+files as objects, then their padding inline. Everything after the end-of-archive
+blocks (record padding) is kept inline, so ``cat`` gives back the exact tar.
+
+The stream is linked as ``streams/oci-layer-<diff_id>`` and, with a name,
+``streams/refs/<name>`` (relative symlinks), after the objects are durable. As
+composefs-rs, an existing ``oci-layer-<diff_id>`` is reused without reading the
+tar. Unlike ``cfsctl oci import-layer``, the tar's digest is checked against
+``diff_id`` unless ``verify=False``; a mismatch links nothing (the objects
+written stay for GC, as for other failed writes).
+
+The tar is read in bounded chunks: memory does not grow with the layer's size.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from composefsd.objectlayout import is_hex, object_link_target, object_relpath
+from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
+from composefsd.repository.images import _replace_symlink, normalize_ref, ref_target
+from composefsd.repository.locking import writer_lock
+from composefsd.repository.store import sync_objects
+from composefsd.repository.streams import StreamNotFoundError, resolve_stream
+from composefsd.splitstream import CONTENT_TYPE_OCI_LAYER, OCI_LAYER_PREFIX, SplitStreamWriter
+
+if TYPE_CHECKING:
+    from composefsd.repository.repo import Repository
+    from composefsd.repository.store import ObjectStore
+
+__all__ = ["LayerDigestError", "TarFormatError", "import_layer", "layer_content_id"]
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512
+#: composefs-rs's INLINE_CONTENT_MAX_V0: larger regular files become objects.
+INLINE_MAX = 64
+#: The largest PAX or GNU long-name extension we accept: they are held in memory.
+EXTENSION_MAX = 1 << 20
+_READ = 1 << 20
+_REGULAR = (b"0", b"\0")
+_EXTENSIONS = (b"x", b"L", b"K")
+_DIGEST_HEX = {"sha256": 64, "sha512": 128}
+
+
+class TarFormatError(RepositoryError):
+    """The layer is not a tar composefs-rs can split; the message names the offset."""
+
+
+class LayerDigestError(RepositoryError):
+    """The layer's bytes do not hash to the diff_id it was given."""
+
+
+def layer_content_id(diff_id: str) -> str:
+    """``oci-layer-<diff_id>``; :class:`InvalidNameError` for a malformed diff_id."""
+    algorithm, sep, hexdigest = diff_id.partition(":")
+    if not sep or _DIGEST_HEX.get(algorithm) != len(hexdigest) or not is_hex(hexdigest):
+        raise InvalidNameError(f"not a sha256/sha512 diff_id: {diff_id[:200]!r}")
+    return OCI_LAYER_PREFIX + diff_id
+
+
+class _Input:
+    """The tar, read in bounded chunks, hashed as it goes, its offset counted."""
+
+    def __init__(self, reader: BinaryIO, hash_name: str) -> None:
+        self._reader = reader
+        self._buf = bytearray()
+        self._pos = 0
+        self.offset = 0
+        self.hasher = hashlib.new(hash_name)
+
+    def _fill(self, need: int) -> bool:
+        while len(self._buf) - self._pos < need:
+            data = self._reader.read(max(_READ, need))
+            if not data:
+                return False
+            self.hasher.update(data)
+            if self._pos:
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += data
+        return True
+
+    def available(self) -> int:
+        return len(self._buf) - self._pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if not self._fill(n):
+            raise TarFormatError(
+                f"the tar ends at offset {self.offset + self.available()} in {what}"
+            )
+        data = bytes(self._buf[self._pos : self._pos + n])
+        self._pos += n
+        self.offset += n
+        return data
+
+    def at_eof(self) -> bool:
+        return not self._fill(1)
+
+    def pieces(self, n: int, what: str) -> Iterator[bytes]:
+        """``n`` bytes in chunks of at most ``_READ``."""
+        while n:
+            step = min(n, _READ)
+            if not self._fill(1):
+                raise TarFormatError(f"the tar ends at offset {self.offset} in {what}")
+            step = min(step, self.available())
+            yield self.take(step, what)
+            n -= step
+
+    def rest(self) -> Iterator[bytes]:
+        while not self.at_eof():
+            yield self.take(self.available(), "trailing padding")
+
+
+def _checksum_ok(header: bytes) -> bool:
+    field = header[148:156].split(b"\0", 1)[0].strip(b" ")
+    try:
+        stored = int(field, 8)
+    except ValueError:
+        return False
+    blanked = header[:148] + b" " * 8 + header[156:]
+    unsigned = sum(blanked)
+    if stored == unsigned:
+        return True
+    # Some old tars summed signed chars.
+    return stored == unsigned - 256 * sum(1 for b in blanked if b > 127)
+
+
+def _size(header: bytes, offset: int) -> int:
+    field = header[124:136]
+    if field[0] & 0x80:
+        # GNU base-256: big-endian, the first byte's high bit a marker.
+        if field[0] & 0x40:
+            raise TarFormatError(f"the header at offset {offset} has a negative size")
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise TarFormatError(f"the header at offset {offset} has a bad size field") from None
+
+
+def _pax_size(data: bytes, offset: int) -> int | None:
+    """The ``size`` record of a PAX extension, if any."""
+    size: int | None = None
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos)
+        length_text = data[pos:space] if space > 0 else b""
+        if not length_text.isdigit() or int(length_text) <= 0:
+            raise TarFormatError(f"the PAX extension at offset {offset} has a bad record")
+        end = pos + int(length_text)
+        if end > len(data) or data[end - 1 : end] != b"\n":
+            raise TarFormatError(f"the PAX extension at offset {offset} has a bad record")
+        key, _, value = data[space + 1 : end - 1].partition(b"=")
+        if key == b"size":
+            if not value.isdigit():
+                raise TarFormatError(f"the PAX extension at offset {offset} has a bad size")
+            size = int(value)
+        pos = end
+    return size
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: list[str]) -> None:
+    """The tar into ``writer``: composefs-rs's ``split_async``."""
+    pax_size: int | None = None
+    pending = False
+    while True:
+        if inp.at_eof():
+            if pending:
+                raise TarFormatError(
+                    f"the tar ends at offset {inp.offset} after an extension header"
+                )
+            # composefs-rs accepts a clean end at a header boundary, end blocks or not.
+            return
+        start = inp.offset
+        header = inp.take(BLOCK, "a header")
+        if header == bytes(BLOCK):
+            second = inp.take(BLOCK, "the end-of-archive blocks")
+            if second != bytes(BLOCK):
+                raise TarFormatError(f"a lone zero block at offset {start}")
+            writer.write_inline(header + second)
+            for piece in inp.rest():
+                writer.write_inline(piece)
+            return
+        if not _checksum_ok(header):
+            raise TarFormatError(f"the header at offset {start} has a bad checksum")
+        writer.write_inline(header)
+        kind = header[156:157]
+        size = _size(header, start)
+        if kind == b"S":
+            raise TarFormatError(f"the entry at offset {start} is sparse, which is not supported")
+        if kind in _EXTENSIONS or kind == b"g":
+            if size > EXTENSION_MAX:
+                raise TarFormatError(
+                    f"the extension header at offset {start} is {size} bytes, "
+                    f"at most {EXTENSION_MAX}"
+                )
+            data = inp.take(_padded(size), "an extension header")
+            writer.write_inline(data)
+            pending = kind != b"g"
+            if kind == b"x":
+                found = _pax_size(data[:size], start)
+                if found is not None:
+                    pax_size = found
+            continue
+        pending = False
+        if pax_size is not None:
+            size = pax_size
+            pax_size = None
+        stored = _padded(size)
+        if kind in _REGULAR and size > INLINE_MAX:
+            result = store.store_chunks(
+                inp.pieces(size, f"the data of the entry at offset {start}")
+            )
+            if result.written:
+                written.append(result.digest)
+            writer.write_object(result.digest, size)
+            writer.write_inline(inp.take(stored - size, "padding"))
+        else:
+            for piece in inp.pieces(stored, f"the data of the entry at offset {start}"):
+                writer.write_inline(piece)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _existing_stream(repo: Repository, content_id: str) -> str | None:
+    try:
+        return resolve_stream(repo, content_id)[1]
+    except StreamNotFoundError:
+        return None
+
+
+def _name_stream(repo: Repository, content_id: str, name: str) -> None:
+    streams = repo.path / "streams"
+    link = streams / "refs" / name
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InvalidNameError(
+            f"stream ref {name!r} cannot be created: a part of its path is a ref itself"
+        ) from exc
+    target = ref_target(name, content_id)
+    try:
+        os.symlink(target, link)
+    except FileExistsError:
+        if os.path.islink(link) and os.readlink(link) == target:
+            return
+        if not os.path.islink(link):
+            raise InvalidNameError(f"stream ref {name!r} is a directory of refs") from None
+        _replace_symlink(target, link, link.parent)
+    directory = link.parent
+    while True:
+        _fsync_dir(directory)
+        if directory == streams:
+            break
+        directory = directory.parent
+
+
+def import_layer(
+    repo: Repository,
+    reader: BinaryIO,
+    diff_id: str,
+    name: str | None = None,
+    *,
+    verify: bool = True,
+) -> str:
+    """Import the layer tar read from ``reader`` (uncompressed); the hex id of its
+    splitstream object. ``name``: also ``streams/refs/<name>``. ``verify``: check
+    that the tar's digest is ``diff_id`` (:class:`LayerDigestError`)."""
+    content_id = layer_content_id(diff_id)
+    if name is not None:
+        # Checked as image refs are, but kept as given: cfsctl makes
+        # streams/refs/refs/x of "refs/x".
+        normalize_ref(name)
+    ref = name
+    repo.ensure_writable()
+    streams = repo.path / "streams"
+    try:
+        with writer_lock(repo.path), repo.object_store() as store:
+            store.probe_verity()
+            found = _existing_stream(repo, content_id)
+            if found is not None:
+                if ref is not None:
+                    _name_stream(repo, content_id, ref)
+                return found
+            hash_name = diff_id.partition(":")[0]
+            inp = _Input(reader, hash_name)
+            writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_LAYER)
+            written: list[str] = []
+            _split(inp, store, writer, written)
+            actual = inp.hasher.hexdigest()
+            if verify and actual != diff_id.partition(":")[2]:
+                raise LayerDigestError(
+                    f"the layer's {hash_name} is {actual}, not its diff_id {diff_id}"
+                )
+            result = store.store_bytes(writer.finish())
+            if result.written:
+                written.append(result.digest)
+            sync_objects(repo.objects_dir, [object_relpath(d) for d in written])
+            streams.mkdir(exist_ok=True, mode=0o755)
+            link = streams / content_id
+            target = object_link_target(result.digest)
+            try:
+                os.symlink(target, link)
+            except FileExistsError:
+                if os.readlink(link) != target:
+                    raise RepositoryError(
+                        f"streams/{content_id} in {repo.path} names another object"
+                    ) from None
+            _fsync_dir(streams)
+            if ref is not None:
+                _name_stream(repo, content_id, ref)
+            log.info("imported layer %s as stream %s", diff_id, result.digest)
+            return result.digest
+    except OSError as exc:
+        raise RepositoryError(
+            f"cannot import layer {diff_id}: {os_error_text(exc)}",
+            errno=exc.errno if exc.errno is not None else errno.EIO,
+        ) from exc
