@@ -634,51 +634,56 @@ class ObjectStore:
         if not stat.S_ISREG(st.st_mode):
             raise SourceError("not a regular file", errno=errno.EINVAL)
         view = memoryview(buf if buf is not None else bytearray(COPY_BUFSIZE))
-        hasher = FsVerityHasher(self.algorithm)
+
+        def chunks() -> Iterator[memoryview]:
+            offset = 0
+            while got := os.preadv(src_fd, [view], offset):
+                yield view[:got]
+                offset += got
+
         tmp = self._new_tmp()
         try:
-            offset = 0
-            while True:
-                got = os.preadv(src_fd, [view], offset)
-                if not got:
-                    break
-                chunk = view[:got]
-                hasher.update(chunk)
-                try:
-                    write_all(tmp.fd, chunk)
-                except OSError as exc:
-                    raise self._repo_error(exc, "write an object") from exc
-                offset += got
+            digest, size = self._write_hashing(tmp, chunks())
             check_unchanged(src_fd, st)
-            digest = hasher.digest()
             if expected is not None and digest != expected:
                 raise SourceError(f"its digest is {digest.hex()}, not {expected.hex()}")
-            found = self.existing(digest, offset)
         except BaseException:
             tmp.close()
             raise
-        if isinstance(found, ObjectResult):
-            tmp.close()
-            return found
-        return self._publish(tmp, digest, offset, found is _REPLACE)
+        return self._publish_new(tmp, digest, size)
 
     def store_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> ObjectResult:
         """Publish the concatenation of ``chunks`` as an object, reading them once:
         each is hashed and written to a temporary file, dropped if the object
         exists. For data that arrives as a stream (a tar member) and must never be
         held whole; an exception from ``chunks`` leaves nothing behind."""
-        hasher = FsVerityHasher(self.algorithm)
         tmp = self._new_tmp()
         try:
-            size = 0
-            for chunk in chunks:
-                hasher.update(chunk)
-                try:
-                    write_all(tmp.fd, chunk)
-                except OSError as exc:
-                    raise self._repo_error(exc, "write an object") from exc
-                size += memoryview(chunk).nbytes
-            digest = hasher.digest()
+            digest, size = self._write_hashing(tmp, chunks)
+        except BaseException:
+            tmp.close()
+            raise
+        return self._publish_new(tmp, digest, size)
+
+    def _write_hashing(
+        self, tmp: TmpFile, chunks: Iterable[bytes | bytearray | memoryview]
+    ) -> tuple[bytes, int]:
+        """Write ``chunks`` to ``tmp`` and hash them on the way: (digest, size)."""
+        hasher = FsVerityHasher(self.algorithm)
+        size = 0
+        for chunk in chunks:
+            hasher.update(chunk)
+            try:
+                write_all(tmp.fd, chunk)
+            except OSError as exc:
+                raise self._repo_error(exc, "write an object") from exc
+            size += memoryview(chunk).nbytes
+        return hasher.digest(), size
+
+    def _publish_new(self, tmp: TmpFile, digest: bytes, size: int) -> ObjectResult:
+        """Publish ``tmp``, written and hashed, unless the object already exists
+        (then ``tmp`` is dropped)."""
+        try:
             found = self.existing(digest, size)
         except BaseException:
             tmp.close()
