@@ -106,13 +106,13 @@ def test_only_a_moved_ref_goes_through_a_temporary_link(
     (tree / "file").write_bytes(b"x" * 5000)
     repo = Repository.init(tmp_path / "repo")
     temporaries: list[str] = []
-    real = images_mod._replace_symlink
+    real = images_mod.replace_symlink
 
     def recording(target: str, link: Path, tmp_dir: Path) -> None:
         temporaries.append(link.name)
         real(target, link, tmp_dir)
 
-    monkeypatch.setattr(images_mod, "_replace_symlink", recording)
+    monkeypatch.setattr(images_mod, "replace_symlink", recording)
     first = repo.create_image(tree, ref="a/b").digest
     repo.create_image(tree, ref="a/b")  # the same image: nothing to replace
     assert temporaries == []

@@ -150,6 +150,7 @@ __all__ = [
     "create_from_dumpfile",
     "create_from_scan",
     "describe_image",
+    "fsync_dir",
     "image_link_names",
     "iter_refs",
     "list_images",
@@ -160,6 +161,7 @@ __all__ = [
     "ref_target",
     "remove_image",
     "remove_ref",
+    "replace_symlink",
     "resolve_image",
 ]
 
@@ -434,7 +436,8 @@ def resolve_image(repo: Repository, name: str) -> str:
 # -- links --------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path``: the links made in it are durable."""
     fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
@@ -442,7 +445,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_symlink(target: str, link: Path, tmp_dir: Path) -> None:
+def replace_symlink(target: str, link: Path, tmp_dir: Path) -> None:
     """Point ``link`` at ``target`` atomically: a temporary symlink in ``tmp_dir``
     (same filesystem) renamed over it."""
     while True:
@@ -479,8 +482,8 @@ def _link_image(repo: Repository, hexdigest: str) -> bool:
     except FileExistsError:
         created = False
         if _readlink_or_none(link) != target:
-            _replace_symlink(target, link, repo.images_dir)
-    _fsync_dir(repo.images_dir)
+            replace_symlink(target, link, repo.images_dir)
+    fsync_dir(repo.images_dir)
     return created
 
 
@@ -503,7 +506,7 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
             os.symlink(target, link)
         except FileExistsError:
             if _readlink_or_none(link) != target:
-                _replace_symlink(target, link, repo.images_dir)
+                replace_symlink(target, link, repo.images_dir)
     except OSError as exc:
         # Leave no empty directory behind that mkdir above made for this ref.
         prune_empty_ref_dirs(repo, parent)
@@ -511,7 +514,7 @@ def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
             raise InvalidNameError(f"ref {ref!r} is a directory of refs") from exc
         raise
     for directory in (parent, *parent.parents):
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if directory == repo.refs_dir:
             break
 
@@ -1136,7 +1139,7 @@ def remove_ref(repo: Repository, name: str) -> None:
             raise ImageNotFoundError(f"{ref!r} is a directory of refs, not a ref")
         os.unlink(link)
         prune_empty_ref_dirs(repo, link.parent)
-        _fsync_dir(link.parent if link.parent.exists() else repo.refs_dir)
+        fsync_dir(link.parent if link.parent.exists() else repo.refs_dir)
 
 
 def remove_image(repo: Repository, name: str) -> list[str]:
@@ -1170,7 +1173,7 @@ def remove_image(repo: Repository, name: str) -> list[str]:
                 prune_empty_ref_dirs(repo, path.parent)
                 removed.append(ref)
         os.unlink(repo.images_dir / digest)
-        _fsync_dir(repo.images_dir)
+        fsync_dir(repo.images_dir)
         if removed:
-            _fsync_dir(repo.refs_dir)
+            fsync_dir(repo.refs_dir)
     return removed

@@ -23,12 +23,11 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from composefsd.objectlayout import is_hex, object_link_target, object_relpath
 from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
-from composefsd.repository.images import _replace_symlink, normalize_ref, ref_target
+from composefsd.repository.images import fsync_dir, normalize_ref, ref_target, replace_symlink
 from composefsd.repository.locking import writer_lock
 from composefsd.repository.store import sync_objects
 from composefsd.repository.streams import StreamNotFoundError, resolve_stream
@@ -238,14 +237,6 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
                 writer.write_inline(piece)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _existing_stream(repo: Repository, content_id: str) -> str | None:
     try:
         return resolve_stream(repo, content_id)[1]
@@ -270,10 +261,10 @@ def _name_stream(repo: Repository, content_id: str, name: str) -> None:
             return
         if not os.path.islink(link):
             raise InvalidNameError(f"stream ref {name!r} is a directory of refs") from None
-        _replace_symlink(target, link, link.parent)
+        replace_symlink(target, link, link.parent)
     directory = link.parent
     while True:
-        _fsync_dir(directory)
+        fsync_dir(directory)
         if directory == streams:
             break
         directory = directory.parent
@@ -330,7 +321,7 @@ def import_layer(
                     raise RepositoryError(
                         f"streams/{content_id} in {repo.path} names another object"
                     ) from None
-            _fsync_dir(streams)
+            fsync_dir(streams)
             if ref is not None:
                 _name_stream(repo, content_id, ref)
             log.info("imported layer %s as stream %s", diff_id, result.digest)
