@@ -23,25 +23,30 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from composefsd.image.formats import ErofsVersion
 from composefsd.objectlayout import is_hex, link_file_name
-from composefsd.repository.errors import RepositoryError, os_error_text
+from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
+from composefsd.repository.images import fsync_dir
 from composefsd.repository.streams import (
     StreamError,
     StreamNotFoundError,
+    existing_stream,
+    name_stream,
     read_stream,
     stream_links,
     trace_streams,
+    write_stream,
 )
 from composefsd.splitstream import (
     CONTENT_TYPE_OCI_CONFIG,
     CONTENT_TYPE_OCI_MANIFEST,
     OCI_CONFIG_PREFIX,
     OCI_MANIFEST_PREFIX,
+    SplitStreamWriter,
     StreamRefs,
 )
 
@@ -57,14 +62,20 @@ __all__ = [
     "OCI_REF_PREFIX",
     "OciError",
     "OciImage",
+    "OciTagError",
     "OciTrace",
+    "check_tag",
     "decode_tag",
     "encode_tag",
     "iter_tags",
     "list_images",
     "open_image",
     "open_tag",
+    "tag_image",
     "trace_tag",
+    "untag_image",
+    "write_config_stream",
+    "write_manifest_stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +101,10 @@ class OciError(RepositoryError):
     what its name says, a manifest or config that is not valid JSON."""
 
 
+class OciTagError(InvalidNameError):
+    """A tag that cannot name an image (:func:`check_tag`)."""
+
+
 def encode_tag(tag: str) -> str:
     """A tag as its file name below ``streams/refs/oci``."""
     return tag.replace("%", "%25").replace("/", "%2F")
@@ -110,6 +125,30 @@ def decode_tag(encoded: str) -> str:
             out.append(c)
             i += 1
     return "".join(out)
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if it can name an image: its file name below ``streams/refs/oci``.
+    composefs-rs refuses only a leading ``@`` (a digest reference); names that
+    cannot be one file (empty, ``.``, ``..``, longer than a file name, NUL) or
+    carry control characters (they end up in logs and listings) are refused too.
+    :class:`OciTagError` if bad."""
+    if not isinstance(tag, str) or not tag:
+        raise OciTagError("an OCI tag must be a non-empty string")
+    if tag.startswith("@"):
+        raise OciTagError(f"invalid tag {tag!r}: a leading '@' is reserved for digests")
+    encoded = encode_tag(tag)
+    if encoded in (".", ".."):
+        raise OciTagError(f"invalid tag {tag!r}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in tag):
+        raise OciTagError(f"invalid tag {tag!r}: control characters")
+    try:
+        size = len(encoded.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise OciTagError(f"invalid tag {tag!r}: not valid Unicode") from None
+    if size > 255:
+        raise OciTagError(f"invalid tag {tag[:64]!r}...: longer than 255 bytes as a file name")
+    return tag
 
 
 def _valid_digest(text: str) -> bool:
@@ -405,3 +444,120 @@ def trace_tag(repo: Repository, tag: str) -> OciTrace:
         streams=frozenset(reach.streams),
         images=image.images,
     )
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def _sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _with_json(
+    store: ObjectStore, writer: SplitStreamWriter, data: bytes, written: list[str]
+) -> None:
+    """The JSON document as the stream's one external object (composefs-rs's
+    ``write_external``: fs-verity covers it on its own)."""
+    stored = store.store_bytes(data)
+    if stored.written:
+        written.append(stored.digest)
+    writer.write_object(stored.digest, len(data))
+
+
+def write_config_stream(
+    repo: Repository,
+    store: ObjectStore,
+    config_json: bytes,
+    layer_refs: Iterable[tuple[str, str]],
+    image_refs: Mapping[str, str] | None = None,
+) -> str:
+    """Write ``oci-config-<sha256 of config_json>`` as composefs-rs's
+    ``write_config_raw``: named refs ``<diff_id>`` → layer stream (``layer_refs``, in
+    the config's diff_id order), then the EROFS images (``image_refs``, named-ref
+    key → image: ``composefs.image``, ``composefs.image.v1``, then boot keys in name
+    order), then the JSON, byte for byte, as one object. Replaces the link of an
+    existing config stream (the old stream is left for GC). The stream's digest."""
+    writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_CONFIG)
+    for diff_id, verity in layer_refs:
+        writer.add_named_ref(diff_id, verity)
+    images = dict(image_refs or {})
+    for key in (IMAGE_REF_KEY, IMAGE_REF_KEY_V1):
+        if key in images:
+            writer.add_named_ref(key, images.pop(key))
+    for key in sorted(images):
+        if not key.startswith(BOOT_IMAGE_REF_KEY):
+            raise ValueError(f"not an image named-ref key: {key!r}")
+        writer.add_named_ref(key, images[key])
+    written: list[str] = []
+    _with_json(store, writer, config_json, written)
+    content_id = OCI_CONFIG_PREFIX + _sha256_digest(config_json)
+    return write_stream(repo, store, writer, content_id, written=written)
+
+
+def write_manifest_stream(
+    repo: Repository,
+    store: ObjectStore,
+    manifest_json: bytes,
+    config_digest: str,
+    config_verity: str,
+    layer_refs: Iterable[tuple[str, str]],
+    *,
+    manifest_digest: str | None = None,
+    tag: str | None = None,
+) -> str:
+    """Write ``oci-manifest-<digest>`` as composefs-rs's ``write_manifest`` /
+    ``rewrite_manifest``: named refs ``config:<config_digest>`` → config stream,
+    then ``<diff_id>`` → layer stream per layer (config order), then the JSON as one
+    object; with ``tag``, also the tag. ``manifest_digest`` defaults to the JSON's
+    sha256 (a digest that is not is refused: the manifest would lie about itself).
+    Replaces the link of an existing manifest stream. The stream's digest."""
+    computed = _sha256_digest(manifest_json)
+    if manifest_digest is None:
+        manifest_digest = computed
+    elif manifest_digest != computed:
+        raise OciError(f"manifest {manifest_digest} has the digest {computed}")
+    if tag is not None:
+        check_tag(tag)
+    writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_MANIFEST)
+    writer.add_named_ref(_CONFIG_KEY_PREFIX + config_digest, config_verity)
+    for diff_id, verity in layer_refs:
+        writer.add_named_ref(diff_id, verity)
+    written: list[str] = []
+    _with_json(store, writer, manifest_json, written)
+    ref = OCI_REF_PREFIX + encode_tag(tag) if tag is not None else None
+    return write_stream(
+        repo, store, writer, OCI_MANIFEST_PREFIX + manifest_digest, ref=ref, written=written
+    )
+
+
+def tag_image(repo: Repository, manifest_digest: str, tag: str) -> None:
+    """Point ``tag`` at the manifest (``cfsctl oci tag``), replacing what it named.
+    :class:`StreamNotFoundError` if the repository has no such manifest."""
+    check_tag(tag)
+    if not _valid_digest(manifest_digest):
+        raise OciError(f"not a manifest digest: {manifest_digest[:200]!r}")
+    content_id = OCI_MANIFEST_PREFIX + manifest_digest
+    if existing_stream(repo, content_id) is None:
+        raise StreamNotFoundError(f"no OCI manifest {manifest_digest} in {repo.path}")
+    name_stream(repo, content_id, OCI_REF_PREFIX + encode_tag(tag))
+
+
+def untag_image(repo: Repository, tag: str) -> str:
+    """Remove ``tag`` (``cfsctl oci untag``); the manifest digest it named. The image
+    stays until GC finds nothing else keeps it. :class:`StreamNotFoundError` if
+    there is no such tag."""
+    check_tag(tag)
+    directory = repo.path / "streams" / "refs" / OCI_REF_PREFIX.rstrip("/")
+    link = directory / encode_tag(tag)
+    try:
+        target = os.readlink(link)
+    except OSError:
+        raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
+    try:
+        os.unlink(link)
+    except FileNotFoundError:
+        raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
+    except OSError as exc:
+        raise RepositoryError(f"cannot remove OCI tag {tag!r}: {os_error_text(exc)}") from exc
+    fsync_dir(directory)
+    return _manifest_digest_of(target) or target

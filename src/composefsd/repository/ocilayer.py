@@ -21,16 +21,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
-from composefsd.objectlayout import is_hex, object_link_target, object_relpath
+from composefsd.objectlayout import is_hex
 from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
-from composefsd.repository.images import fsync_dir, normalize_ref, ref_target, replace_symlink
+from composefsd.repository.images import normalize_ref
 from composefsd.repository.locking import writer_lock
-from composefsd.repository.store import sync_objects
-from composefsd.repository.streams import StreamNotFoundError, resolve_stream
+from composefsd.repository.streams import existing_stream, name_stream, write_stream
 from composefsd.splitstream import CONTENT_TYPE_OCI_LAYER, OCI_LAYER_PREFIX, SplitStreamWriter
 
 if TYPE_CHECKING:
@@ -237,39 +235,6 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
                 writer.write_inline(piece)
 
 
-def _existing_stream(repo: Repository, content_id: str) -> str | None:
-    try:
-        return resolve_stream(repo, content_id)[1]
-    except StreamNotFoundError:
-        return None
-
-
-def _name_stream(repo: Repository, content_id: str, name: str) -> None:
-    streams = repo.path / "streams"
-    link = streams / "refs" / name
-    try:
-        link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise InvalidNameError(
-            f"stream ref {name!r} cannot be created: a part of its path is a ref itself"
-        ) from exc
-    target = ref_target(name, content_id)
-    try:
-        os.symlink(target, link)
-    except FileExistsError:
-        if os.path.islink(link) and os.readlink(link) == target:
-            return
-        if not os.path.islink(link):
-            raise InvalidNameError(f"stream ref {name!r} is a directory of refs") from None
-        replace_symlink(target, link, link.parent)
-    directory = link.parent
-    while True:
-        fsync_dir(directory)
-        if directory == streams:
-            break
-        directory = directory.parent
-
-
 def import_layer(
     repo: Repository,
     reader: BinaryIO,
@@ -288,14 +253,13 @@ def import_layer(
         normalize_ref(name)
     ref = name
     repo.ensure_writable()
-    streams = repo.path / "streams"
     try:
         with writer_lock(repo.path), repo.object_store() as store:
             store.probe_verity()
-            found = _existing_stream(repo, content_id)
+            found = existing_stream(repo, content_id)
             if found is not None:
                 if ref is not None:
-                    _name_stream(repo, content_id, ref)
+                    name_stream(repo, content_id, ref)
                 return found
             hash_name = diff_id.partition(":")[0]
             inp = _Input(reader, hash_name)
@@ -307,25 +271,9 @@ def import_layer(
                 raise LayerDigestError(
                     f"the layer's {hash_name} is {actual}, not its diff_id {diff_id}"
                 )
-            result = store.store_bytes(writer.finish())
-            if result.written:
-                written.append(result.digest)
-            sync_objects(repo.objects_dir, [object_relpath(d) for d in written])
-            streams.mkdir(exist_ok=True, mode=0o755)
-            link = streams / content_id
-            target = object_link_target(result.digest)
-            try:
-                os.symlink(target, link)
-            except FileExistsError:
-                if os.readlink(link) != target:
-                    raise RepositoryError(
-                        f"streams/{content_id} in {repo.path} names another object"
-                    ) from None
-            fsync_dir(streams)
-            if ref is not None:
-                _name_stream(repo, content_id, ref)
-            log.info("imported layer %s as stream %s", diff_id, result.digest)
-            return result.digest
+            digest = write_stream(repo, store, writer, content_id, ref=ref, written=written)
+            log.info("imported layer %s as stream %s", diff_id, digest)
+            return digest
     except OSError as exc:
         raise RepositoryError(
             f"cannot import layer {diff_id}: {os_error_text(exc)}",

@@ -35,9 +35,24 @@ from composefsd.objectlayout import (
     digest_of_link_target,
     link_file_name,
     object_link_target,
+    object_relpath,
 )
-from composefsd.repository.errors import CorruptRepositoryError, RepositoryError, os_error_text
-from composefsd.splitstream import Chunk, SplitStream, SplitStreamError, iter_chunks, parse
+from composefsd.repository.errors import (
+    CorruptRepositoryError,
+    InvalidNameError,
+    RepositoryError,
+    os_error_text,
+)
+from composefsd.repository.images import fsync_dir, ref_target, replace_symlink
+from composefsd.repository.store import sync_objects
+from composefsd.splitstream import (
+    Chunk,
+    SplitStream,
+    SplitStreamError,
+    SplitStreamWriter,
+    iter_chunks,
+    parse,
+)
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -50,14 +65,18 @@ __all__ = [
     "StreamNotFoundError",
     "StreamRef",
     "cat",
+    "existing_stream",
     "iter_stream_refs",
     "iter_streams",
+    "link_stream",
+    "name_stream",
     "reachable",
     "read_stream",
     "resolve_stream",
     "stream_entry",
     "stream_links",
     "trace_streams",
+    "write_stream",
 ]
 
 log = logging.getLogger(__name__)
@@ -404,3 +423,85 @@ def _trace(repo: Repository, entries: dict[str, str], root_ids: set[str]) -> Rea
                 elif target not in reach.streams:
                     stack.append(target)
     return reach
+
+
+def existing_stream(repo: Repository, content_id: str) -> str | None:
+    """The stream object ``streams/<content_id>`` names, None if there is none
+    (composefs-rs's ``has_stream``)."""
+    try:
+        return resolve_stream(repo, content_id)[1]
+    except StreamNotFoundError:
+        return None
+
+
+def link_stream(repo: Repository, content_id: str, digest: str) -> None:
+    """Point ``streams/<content_id>`` at object ``digest``, atomically replacing the
+    link it had (a config or manifest stream rewritten with new refs), and make
+    the link durable. The object must be durable already: a stream becomes
+    visible only with everything it names (composefs-rs's ``write_stream``)."""
+    streams = _streams_dir(repo)
+    streams.mkdir(exist_ok=True, mode=0o755)
+    link = streams / content_id
+    target = object_link_target(digest)
+    try:
+        os.symlink(target, link)
+    except FileExistsError:
+        if _readlink(str(link)) == target:
+            return
+        if not os.path.islink(link):
+            raise RepositoryError(f"streams/{content_id} in {repo.path} is not a link") from None
+        replace_symlink(target, link, streams)
+    fsync_dir(streams)
+
+
+def name_stream(repo: Repository, content_id: str, name: str) -> None:
+    """Make ``streams/refs/<name>`` → ``streams/<content_id>`` (a GC root; an OCI
+    tag when ``name`` is ``oci/<encoded tag>``), replacing what it named. The
+    caller has checked ``name`` (no empty, ``.`` or ``..`` components)."""
+    streams = _streams_dir(repo)
+    link = streams / "refs" / name
+    try:
+        link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise InvalidNameError(
+            f"stream ref {name!r} cannot be created: a part of its path is a ref itself"
+        ) from exc
+    target = ref_target(name, content_id)
+    try:
+        os.symlink(target, link)
+    except FileExistsError:
+        if os.path.islink(link) and os.readlink(link) == target:
+            return
+        if not os.path.islink(link):
+            raise InvalidNameError(f"stream ref {name!r} is a directory of refs") from None
+        replace_symlink(target, link, link.parent)
+    directory = link.parent
+    while True:
+        fsync_dir(directory)
+        if directory == streams:
+            break
+        directory = directory.parent
+
+
+def write_stream(
+    repo: Repository,
+    store: ObjectStore,
+    writer: SplitStreamWriter,
+    content_id: str,
+    *,
+    ref: str | None = None,
+    written: Iterable[str] = (),
+) -> str:
+    """Store the stream ``writer`` built as an object and link it as
+    ``streams/<content_id>`` (and ``streams/refs/<ref>``); its digest.
+    ``written``: objects the stream names that this operation wrote, made durable
+    first together with the stream itself."""
+    result = store.store_bytes(writer.finish())
+    fresh = list(written)
+    if result.written:
+        fresh.append(result.digest)
+    sync_objects(repo.objects_dir, [object_relpath(d) for d in fresh])
+    link_stream(repo, content_id, result.digest)
+    if ref is not None:
+        name_stream(repo, content_id, ref)
+    return result.digest
