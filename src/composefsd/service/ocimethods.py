@@ -1,0 +1,290 @@
+"""The io.composefs.Oci interface: OCI images of the repository, as composefs-rs
+stores them (:mod:`composefsd.repository.oci`), over Varlink.
+
+:class:`OciInterface` is registered with ``varlink.Service`` beside
+:class:`~composefsd.service.methods.RepositoryInterface` and called by the
+transport the same way (IDL input fields positionally, the
+:class:`~composefsd.service.context.CallContext` as ``_request``). Every library
+error becomes one of the interface's errors (:func:`oci_reply_error`), or, for
+what is not about OCI images (a mount that fails, a read-only repository), the
+error io.composefs.Repository gives for it.
+
+Behaviour beyond the IDL text:
+
+* An image is named by a tag or by ``@`` and its manifest digest
+  (:func:`parse_image_name`); a tag is checked by
+  :func:`~composefsd.repository.oci.check_tag` before anything is opened.
+* **Mount** resolves the image to the composefs image its config names for the
+  repository's format and hands the rest to io.composefs.Repository's Mount, so
+  both mount exactly alike (verity policy, idmaps, detached fds, pins).
+* **Tag** and **Untag** hold the repository's writer lock, so a garbage
+  collection never sees half of one; the reads hold the reader lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from composefsd.kernel.verity import Algorithm
+from composefsd.objectlayout import is_hex_digest
+from composefsd.repository import Repository, reader_lock, writer_lock
+from composefsd.repository.oci import (
+    OciError,
+    OciImage,
+    OciTagError,
+    check_tag,
+    list_images,
+    open_image,
+    open_tag,
+    tag_image,
+    untag_image,
+)
+from composefsd.repository.streams import StreamError, StreamNotFoundError
+from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
+from composefsd.service.methods import RepositoryInterface, reply_error
+
+__all__ = [
+    "INTERFACE",
+    "OciInterface",
+    "image_summary",
+    "oci_reply_error",
+    "parse_image_name",
+]
+
+log = logging.getLogger(__name__)
+
+INTERFACE = "io.composefs.Oci"
+_INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
+#: The OCI digest algorithms a manifest digest may use, with their hex lengths.
+_DIGEST_ALGORITHMS = {"sha256": Algorithm.SHA256, "sha512": Algorithm.SHA512}
+
+
+def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
+    return VarlinkReplyError(f"{INTERFACE}.{error}", parameters)
+
+
+def _invalid(parameter: str) -> VarlinkReplyError:
+    return VarlinkReplyError(_INVALID_PARAMETER, {"parameter": parameter})
+
+
+def _shown(name: str) -> str:
+    """A caller's name for an error reply: bounded, so that a huge one is not echoed."""
+    return name if len(name) <= 300 else name[:300] + "..."
+
+
+def parse_image_name(name: str) -> tuple[str | None, str | None]:
+    """``(tag, None)`` or ``(None, manifest digest)`` for an image name: a tag, or
+    ``@<algorithm>:<hex>`` as cfsctl takes a manifest digest. InvalidTag (or
+    ImageNotFound for a malformed digest) if it can be neither."""
+    if name.startswith("@"):
+        digest = name[1:]
+        algorithm, colon, hexed = digest.partition(":")
+        alg = _DIGEST_ALGORITHMS.get(algorithm)
+        if not colon or alg is None or not is_hex_digest(hexed, alg):
+            raise _error(
+                "ImageNotFound",
+                image=_shown(name),
+                message="not a manifest digest (@sha256:<64 hex digits>)",
+            )
+        return None, digest
+    try:
+        return check_tag(name), None
+    except OciTagError as exc:
+        raise _error("InvalidTag", tag=_shown(name), message=str(exc)) from None
+
+
+def oci_reply_error(exc: BaseException, *, image: str | None = None) -> VarlinkReplyError | None:
+    """The interface error for a library exception; io.composefs.Repository's
+    (:func:`~composefsd.service.methods.reply_error`) for one that is not about OCI
+    images; None for anything else."""
+    shown = _shown(image) if image is not None else ""
+    if isinstance(exc, VarlinkReplyError):
+        return exc
+    if isinstance(exc, OciTagError):
+        return _error("InvalidTag", tag=shown, message=str(exc))
+    if isinstance(exc, StreamNotFoundError):
+        return _error("ImageNotFound", image=shown)
+    if isinstance(exc, OciError | StreamError):
+        return _error("ImageCorrupt", image=shown, message=str(exc))
+    return reply_error(exc)
+
+
+@contextlib.contextmanager
+def _mapped(*, image: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except CallCancelled:
+        raise
+    except Exception as exc:
+        mapped = oci_reply_error(exc, image=image)
+        if mapped is None or mapped is exc:
+            raise
+        if mapped.name.endswith(".SystemError"):
+            log.warning("%s", exc)
+        raise mapped from exc
+
+
+def _diff_ids(image: OciImage) -> list[str]:
+    """The layers in order: the config's diff_ids, or an artifact's layer digests."""
+    rootfs = (image.config or {}).get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+        return list(ids)
+    return [d for d, _size in _layer_blobs(image) if d]
+
+
+def _layer_blobs(image: OciImage) -> list[tuple[str, int]]:
+    """The manifest's layer descriptors as (digest, size); what is malformed counts 0."""
+    layers = image.manifest.get("layers")
+    out: list[tuple[str, int]] = []
+    for d in layers if isinstance(layers, list) else []:
+        if not isinstance(d, dict):
+            continue
+        digest, size = d.get("digest"), d.get("size")
+        out.append(
+            (
+                digest if isinstance(digest, str) else "",
+                size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0,
+            )
+        )
+    return out
+
+
+def image_summary(tag: str, image: OciImage, erofs_version: int) -> dict[str, Any]:
+    """ListImages' entry for ``image`` under ``tag``."""
+    out: dict[str, Any] = {
+        "tag": tag,
+        "manifestDigest": image.manifest_digest,
+        "configDigest": image.config_digest,
+        "architecture": image.architecture,
+        "os": image.os,
+        "layers": _diff_ids(image),
+        "size": sum(size for _d, size in _layer_blobs(image)),
+    }
+    image_id = image.erofs_image(erofs_version)
+    if image_id is not None:
+        out["imageId"] = image_id
+    if image.created is not None:
+        out["created"] = image.created
+    return out
+
+
+class OciInterface:
+    """Implements io.composefs.Oci on the repository ``repository`` serves (module notes)."""
+
+    def __init__(self, repository: RepositoryInterface) -> None:
+        self.repository = repository
+
+    @property
+    def repo(self) -> Repository:
+        return self.repository.repo
+
+    def _open(self, name: str) -> OciImage:
+        """The image ``name`` (a tag or ``@digest``) names; library errors raised."""
+        tag, digest = parse_image_name(name)
+        repo = self.repo
+        with reader_lock(repo.path), repo.object_store() as store:
+            if tag is not None:
+                return open_tag(repo, store, tag)
+            assert digest is not None
+            return open_image(repo, store, digest)
+
+    # -- ListImages -------------------------------------------------------------------------
+    def ListImages(self, *, _request: CallContext) -> dict[str, Any]:
+        repo = self.repo
+        with _mapped(), reader_lock(repo.path):
+            images = list_images(repo)
+        version = int(repo.erofs_version)
+        return {"images": [image_summary(tag, image, version) for tag, image in images]}
+
+    # -- Inspect ----------------------------------------------------------------------------
+    def Inspect(self, image: str, *, _request: CallContext) -> dict[str, Any]:
+        with _mapped(image=image):
+            found = self._open(image)
+        out: dict[str, Any] = {
+            "manifest": found.manifest,
+            "manifestDigest": found.manifest_digest,
+            "configDigest": found.config_digest,
+            "images": found.images,
+        }
+        if found.config is not None:
+            out["config"] = found.config
+        image_id = found.erofs_image(int(self.repo.erofs_version))
+        if image_id is not None:
+            out["imageId"] = image_id
+        return out
+
+    # -- Tag / Untag ------------------------------------------------------------------------
+    def Tag(self, image: str, tag: str, *, _request: CallContext) -> dict[str, Any]:
+        try:
+            check_tag(tag)
+        except OciTagError as exc:
+            raise _error("InvalidTag", tag=_shown(tag), message=str(exc)) from None
+        repo = self.repo
+        with _mapped(image=image):
+            found = self._open(image)
+            with writer_lock(repo.path):
+                tag_image(repo, found.manifest_digest, tag)
+        log.info("tagged %s as %r for pid %d", found.manifest_digest, tag, _request.peer.pid)
+        return {"manifestDigest": found.manifest_digest}
+
+    def Untag(self, tag: str, *, _request: CallContext) -> dict[str, Any]:
+        try:
+            check_tag(tag)
+        except OciTagError as exc:
+            raise _error("InvalidTag", tag=_shown(tag), message=str(exc)) from None
+        repo = self.repo
+        with _mapped(image=tag), writer_lock(repo.path):
+            digest = untag_image(repo, tag)
+        log.info("untagged %r (%s) for pid %d", tag, digest, _request.peer.pid)
+        return {"manifestDigest": digest}
+
+    # -- Mount ------------------------------------------------------------------------------
+    def Mount(
+        self,
+        image: str,
+        bootable: bool | None,
+        verity: str | None,
+        read_only: bool | None,
+        upper_path: str | None,
+        upper_fd_index: int | None,
+        work_path: str | None,
+        work_fd_index: int | None,
+        userns_fd_index: int | None,
+        uid_map: list[dict[str, Any]] | None,
+        gid_map: list[dict[str, Any]] | None,
+        where: str | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        version = int(self.repo.erofs_version)
+        with _mapped(image=image):
+            found = self._open(image)
+        if bootable:
+            image_id = found.boot_erofs_image(version)
+            missing = "has no bootable composefs image (pull it with bootable)"
+        else:
+            image_id = found.erofs_image(version)
+            missing = f"has no composefs image in format V{version}"
+        if image_id is None:
+            raise _error("ImageNotFound", image=_shown(image), message=f"{image!r} {missing}")
+        # The id is the image's digest, checked again by the mount itself: a
+        # config naming another repository's id finds nothing here.
+        return self.repository.Mount(
+            image_id,
+            image_id,
+            verity,
+            read_only,
+            upper_path,
+            upper_fd_index,
+            work_path,
+            work_fd_index,
+            userns_fd_index,
+            uid_map,
+            gid_map,
+            where,
+            _request=_request,
+        )
