@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from composefsd.repository.images import ImageDetails
 
 __all__ = [
+    "LayerProgressPrinter",
     "ProgressPrinter",
     "mount_doc",
     "print_description",
@@ -117,6 +118,38 @@ class ProgressPrinter:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
             self.width = 0
+
+
+class LayerProgressPrinter(ProgressPrinter):
+    """Pull progress: on a terminal one bar per layer (a finished layer's line stays,
+    the next one starts below it); elsewhere a line per report, naming the layer."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._current: tuple[str, str | None] | None = None
+
+    def reply(self, reply: Reply) -> bool:
+        p = reply.get("progress")
+        if not isinstance(p, dict):
+            return False
+        phase = str(p.get("phase", ""))
+        layer = p.get("layer") if isinstance(p.get("layer"), str) else None
+        key = (phase, layer)
+        if self.tty and self._current is not None and key != self._current and self.width:
+            # Keep the finished bar: the next phase or layer gets a line of its own.
+            self.stream.write("\n")
+            self.width = 0
+        self._current = key
+        shown = f"{phase} {layer[:19]}" if layer else phase
+        self.show(shown, int(p.get("done", 0)), p.get("total"))
+        return True
+
+    def finish(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.width = 0
+        self._current = None
 
 
 def progress(args: argparse.Namespace) -> ProgressPrinter | None:
