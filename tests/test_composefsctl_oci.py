@@ -160,14 +160,47 @@ def _progress(phase: str, done: int, total: int | None, layer: str | None = None
     return Reply({"progress": p})
 
 
+def _screen(text: str) -> list[str]:
+    """What a terminal shows after ``text``: lines, with the cursor-up-N-lines
+    (ESC [ N F) and erase-line (ESC [ 2 K) sequences the printer uses applied."""
+    rows: list[str] = []
+    row = 0
+    i = 0
+    while i < len(text):
+        if text.startswith("\x1b[", i):
+            end = i + 2
+            while not text[end].isalpha():
+                end += 1
+            arg, cmd = text[i + 2 : end], text[end]
+            if cmd == "F":
+                row -= int(arg)
+            elif cmd == "K" and row < len(rows):
+                rows[row] = ""
+            i = end + 1
+            continue
+        nl = text.find("\n", i)
+        esc = text.find("\x1b[", i)
+        stop = min(x for x in (nl, esc, len(text)) if x >= 0)
+        while len(rows) <= row:
+            rows.append("")
+        rows[row] += text[i:stop]
+        if stop == nl:
+            row += 1
+            stop += 1
+        i = stop
+    return rows
+
+
 def test_layer_progress_bars() -> None:
-    """On a terminal each layer keeps its own bar line; elsewhere plain lines."""
+    """On a terminal each layer has its own bar line, redrawn in place while layers
+    are fetched together; elsewhere plain lines."""
     a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     replies = [
         _progress("manifest", 1, 1),
         _progress("fetch", 10, 100, a),
+        _progress("fetch", 5, 50, b),
         _progress("fetch", 100, 100, a),
-        _progress("skip", 1, 1, b),
+        _progress("fetch", 50, 50, b),
         _progress("image", 0, None),
     ]
     tty = _Tty()
@@ -176,23 +209,26 @@ def test_layer_progress_bars() -> None:
         assert printer.reply(r)
     printer.finish()
     assert not printer.reply(Reply({"digest": "x"}))
-    lines = tty.getvalue().split("\n")
-    # One line per phase/layer, the last state of each kept (after its last \r).
-    finals = [line.rsplit("\r", 1)[-1].rstrip() for line in lines if line]
-    assert len(finals) == 4
-    assert finals[1].startswith("fetch sha256:aaaaaaaaaaaa [") and "100% 100/100" in finals[1]
-    assert finals[2].startswith("skip sha256:bbbbbbbbbbbb [")
-    assert finals[3] == "image: 0"
+    screen = _screen(tty.getvalue())
+    assert len(screen) == 4, screen
+    assert screen[0].startswith("manifest [") and screen[0].endswith("100% 1/1")
+    assert screen[1].startswith("fetch sha256:aaaaaaaaaaaa [") and "100% 100/100" in screen[1]
+    assert screen[2].startswith("fetch sha256:bbbbbbbbbbbb [") and "100% 50/50" in screen[2]
+    assert screen[3] == "image: 0"
+    # Only the layer lines were rewritten: nothing scrolled away, no line repeated.
+    assert tty.getvalue().count("\n") == 1 + 2 + 3 + 3 + 3 + 4
 
     plain = io.StringIO()
     printer = LayerProgressPrinter(plain)
-    for r in replies:
+    for r in [*replies, _progress("skip", 0, 0, b)]:
         printer.reply(r)
     printer.finish()
     assert plain.getvalue().splitlines() == [
         "manifest: 1/1",
         "fetch sha256:aaaaaaaaaaaa: 10/100",
+        "fetch sha256:bbbbbbbbbbbb: 5/50",
         "fetch sha256:aaaaaaaaaaaa: 100/100",
-        "skip sha256:bbbbbbbbbbbb: 1/1",
+        "fetch sha256:bbbbbbbbbbbb: 50/50",
         "image: 0",
+        "skip sha256:bbbbbbbbbbbb: 0/0",
     ]
