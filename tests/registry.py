@@ -322,6 +322,38 @@ def write_layout(
     return images
 
 
+def add_index(layout: Path, tag: str, platforms: dict[str, str]) -> Blob:
+    """Tag in ``layout`` an image index whose instances are the images tagged
+    ``platforms[arch]`` (all linux); returns the index blob."""
+    index_path = layout / "index.json"
+    index = json.loads(index_path.read_text())
+    by_tag = {d["annotations"]["org.opencontainers.image.ref.name"]: d for d in index["manifests"]}
+    instances = []
+    for arch, image_tag in platforms.items():
+        desc = {k: v for k, v in by_tag[image_tag].items() if k != "annotations"}
+        instances.append({**desc, "platform": {"architecture": arch, "os": "linux"}})
+    data = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": instances,
+        },
+        sort_keys=True,
+    ).encode()
+    blob = Blob(_digest(data), len(data), data)
+    (layout / "blobs" / "sha256" / blob.digest.split(":")[1]).write_bytes(data)
+    index["manifests"].append(
+        {
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": blob.digest,
+            "size": blob.size,
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }
+    )
+    index_path.write_text(json.dumps(index, sort_keys=True))
+    return blob
+
+
 def read_layout(layout: Path, tag: str) -> LayoutImage:
     """The manifest, config and layers of ``tag`` in an existing OCI layout."""
     blobs = layout / "blobs" / "sha256"

@@ -28,6 +28,7 @@ from composefsd.service.imageproxy import (
     ImageProxyBusyError,
     ImageProxyError,
     ImageProxySource,
+    PlatformNotFoundError,
     ProxyAuthError,
     ProxyDiedError,
     ProxyOptions,
@@ -43,6 +44,7 @@ from registry import (
     CuttingProxy,
     LayoutImage,
     Registry,
+    add_index,
     copy,
     pid_is_reaped,
     read_layout,
@@ -230,9 +232,13 @@ def test_registry_hangs_up_mid_blob(registry: Registry, big: tuple[Path, LayoutI
         with open_image_proxy(ref, PLAIN, creds=None) as source:
             _check_manifest = source.fetch_manifest()
             assert _check_manifest[0] == image.manifest.digest
-            with pytest.raises(BlobTransferError) as info:
-                _blob_bytes(source, layer.digest, layer.size)
-            assert info.value.skopeo_message
+            with source.open_blob(layer.digest, layer.size) as stream:
+                with pytest.raises(BlobTransferError) as info:
+                    stream.read()
+                assert info.value.skopeo_message
+                # The error stays: a later read is no clean end of the blob.
+                with pytest.raises(BlobTransferError):
+                    stream.read()
             assert cutter.cuts >= 1
             # The proxy survives a failed transfer: the next request works.
             assert source.fetch_manifest()[1] == image.manifest.data
@@ -240,14 +246,81 @@ def test_registry_hangs_up_mid_blob(registry: Registry, big: tuple[Path, LayoutI
         cutter.close()
 
 
+@pytest.fixture(scope="module")
+def multiarch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, LayoutImage]]:
+    """A layout whose tag ``multi`` is an index of an amd64 and an arm64 image."""
+    layout = tmp_path_factory.mktemp("multiarch") / "layout"
+    images = write_layout(
+        layout, {"amd64": [[("arch", b"amd64\n")]], "arm64": [[("arch", b"arm64\n")]]}
+    )
+    add_index(layout, "multi", {"amd64": "amd64", "arm64": "arm64"})
+    return layout, images
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_manifest_list_resolves_to_the_platform(
+    registry: Registry, multiarch: tuple[Path, dict[str, LayoutImage]], arch: str
+) -> None:
+    """The index is resolved to the instance for the (overridden) architecture;
+    its manifest and digest are that instance's."""
+    layout, images = multiarch
+    ref = registry.push(f"oci:{layout}:multi", "multiarch", "multi", "--all")
+    for reference in (ref, f"oci:{layout}:multi"):
+        options = ProxyOptions(tls_verify=False if reference == ref else None, override_arch=arch)
+        with open_image_proxy(reference, options, creds=None) as source:
+            _check_image(source, images[arch])
+
+
+def test_manifest_list_without_the_platform(
+    registry: Registry, multiarch: tuple[Path, dict[str, LayoutImage]]
+) -> None:
+    layout, _ = multiarch
+    ref = registry.push(f"oci:{layout}:multi", "multiarch", "multi", "--all")
+    options = ProxyOptions(tls_verify=False, override_arch="s390x")
+    with open_image_proxy(ref, options, creds=None) as source:
+        with pytest.raises(PlatformNotFoundError):
+            source.fetch_manifest()
+        # Not for this platform is a kind of not found.
+        assert issubclass(PlatformNotFoundError, ImageNotFoundError)
+
+
+def test_registries_conf_rewrites_the_location(
+    registry: Registry, small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path
+) -> None:
+    """registries.conf reaches skopeo: a name under an unused loopback address is
+    served from the test registry (nothing leaves the machine if it did not)."""
+    layout, images = small
+    registry.push(f"oci:{layout}:one", "small", "one")
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        "[[registry]]\n"
+        'prefix = "127.0.0.2:9/mirrored"\n'
+        f'location = "{registry.host}/small"\n'
+        "insecure = true\n"
+    )
+    options = ProxyOptions(registries_conf=str(conf))
+    with open_image_proxy("docker://127.0.0.2:9/mirrored:one", options, creds=None) as source:
+        _check_image(source, images["one"])
+
+
 # --- local transports ---------------------------------------------------------------
 
 
 def test_oci_layout(small: tuple[Path, dict[str, LayoutImage]]) -> None:
     layout, images = small
+    before = set(os.listdir("/proc/self/fd"))
     for tag, image in images.items():
         with open_image_proxy(f"oci:{layout}:{tag}", ProxyOptions(), creds=None) as source:
             _check_image(source, image)
+    # Every pipe, socket and file of the proxy is closed again.
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_golden_layout_direct() -> None:
+    for tag in GOLDEN_TAGS:
+        reference = f"oci:{GOLDEN_LAYOUT}:{tag}"
+        with open_image_proxy(reference, ProxyOptions(), creds=None) as source:
+            _check_image(source, read_layout(GOLDEN_LAYOUT, tag))
 
 
 def test_oci_archive(small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path) -> None:

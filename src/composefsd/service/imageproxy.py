@@ -57,6 +57,7 @@ __all__ = [
     "ImageProxyBusyError",
     "ImageProxyError",
     "ImageProxySource",
+    "PlatformNotFoundError",
     "ProxyAuthError",
     "ProxyDiedError",
     "ProxyOptions",
@@ -143,6 +144,11 @@ class ImageNotFoundError(RequestError):
     """No such image: an unknown tag or repository, a layout or archive without it."""
 
 
+class PlatformNotFoundError(ImageNotFoundError):
+    """The image is a manifest list without an instance for this platform (or the
+    one ``override_arch``/``override_os``/``override_variant`` ask for)."""
+
+
 class ProxyAuthError(RequestError):
     """The registry refused the credentials (or wants some)."""
 
@@ -182,6 +188,10 @@ _CLASSES: tuple[tuple[type[RequestError], tuple[str, ...]], ...] = (
         ("unauthorized", "authentication required", "invalid username/password"),
     ),
     (ImageAccessDeniedError, ("permission denied",)),
+    (
+        PlatformNotFoundError,
+        ("no image found in manifest list for", "no image found in image index for"),
+    ),
     (
         ImageNotFoundError,
         (
@@ -234,7 +244,8 @@ class ProxyOptions:
     override_variant: str | None = None
     #: ``--tmpdir``: where skopeo unpacks ``oci-archive:`` and ``docker-archive:``.
     tmpdir: str | None = None
-    #: ``CONTAINERS_REGISTRIES_CONF``: registries.conf for mirrors and search.
+    #: ``--registries-conf`` (a hidden global flag): registries.conf for
+    #: mirrors, location rewrites and insecure registries.
     registries_conf: str | None = None
     #: ``CONTAINERS_STORAGE_CONF``: storage.conf for ``containers-storage:``.
     storage_conf: str | None = None
@@ -302,6 +313,7 @@ def _command(skopeo: str, options: ProxyOptions, sockfd: int, authfd: int | None
         ("--override-os", options.override_os),
         ("--override-variant", options.override_variant),
         ("--tmpdir", options.tmpdir),
+        ("--registries-conf", options.registries_conf),
     ):
         if value is not None:
             cmd += [flag, value]
@@ -327,12 +339,8 @@ def _environment(options: ProxyOptions, creds: Credentials | None) -> dict[str, 
         env = dict(os.environ)
     else:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/"}
-    for name, value in (
-        ("CONTAINERS_REGISTRIES_CONF", options.registries_conf),
-        ("CONTAINERS_STORAGE_CONF", options.storage_conf),
-    ):
-        if value is not None:
-            env[name] = value
+    if options.storage_conf is not None:
+        env["CONTAINERS_STORAGE_CONF"] = options.storage_conf
     return env
 
 
@@ -575,26 +583,34 @@ class _BlobReader(io.RawIOBase):
         self._digest = digest
         self._done = 0
         self.finished = False
+        # A failed transfer keeps failing: a caller that swallowed the first
+        # error must not take the next read's b"" for a complete blob.
+        self._error: ImageProxyError | None = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        if self._error is not None:
+            raise self._error
         if self.finished:
             return 0
         if self._fd is None:
             raise ValueError("read from a closed blob stream")
-        view = memoryview(buffer).cast("B")
-        n = os.readv(self._fd, [view])
-        self._done += n
-        if self._done > self._size:
-            raise BlobTransferError(
-                f"blob {self._digest} is longer than its {self._size} bytes",
-                method="GetBlob",
-                skopeo_message=None,
-            )
-        if n == 0:
-            self._end()
+        try:
+            n = os.readv(self._fd, [memoryview(buffer).cast("B")])
+            self._done += n
+            if self._done > self._size:
+                raise BlobTransferError(
+                    f"blob {self._digest} is longer than its {self._size} bytes",
+                    method="GetBlob",
+                    skopeo_message=None,
+                )
+            if n == 0:
+                self._end()
+        except ImageProxyError as exc:
+            self._error = exc
+            raise
         return n
 
     def _end(self) -> None:
