@@ -333,7 +333,10 @@ def test_oci_archive(small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path)
 
 def test_docker_archive(small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path) -> None:
     """docker-archive stores Docker formats and uncompressed layers: skopeo hands
-    out the manifest converted to OCI; every blob is still its digest."""
+    out the manifest converted to OCI (its digest the Docker manifest's, its config
+    containers/image's OCI conversion, which fetch_config takes from GetFullConfig),
+    and skopeo 1.9.3 labels the uncompressed layers ``tar+gzip``: a puller must go
+    by the bytes, not the media type. Every blob is still its digest."""
     layout, images = small
     archive = tmp_path / "image.tar"
     copy(f"oci:{layout}:two", f"docker-archive:{archive}:small:two")
@@ -592,6 +595,12 @@ elif mode == "fds":
     socket.send_fds(sock, [json.dumps({"success": True, "value": "0.2.3"}).encode()], [r, w])
 elif mode == "image":
     reply("0.2.3"); sock.recv(65536); reply("seven")
+elif mode == "digest":
+    reply("0.2.3"); sock.recv(65536); reply(1)
+    sock.recv(65536)
+    r, w = os.pipe()
+    os.write(w, b"{}")
+    socket.send_fds(sock, [json.dumps({"success": True, "value": "md5:0", "pipeid": 5}).encode()], [r])
 elif mode == "optional":
     reply("0.2.8"); sock.recv(65536); reply(0)
 elif mode == "failure":
@@ -631,6 +640,22 @@ def test_fake_skopeo_breaks_protocol(
         open_image_proxy("oci:/nowhere:x", ProxyOptions(), creds=None)
     # Nothing leaks: no fd passed by the fake stays open here.
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_fake_skopeo_bad_manifest_digest(
+    fake_skopeo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "digest")
+    source = open_image_proxy("oci:/nowhere:x", ProxyOptions(), creds=None)
+    try:
+        with pytest.raises(ProxyProtocolError):
+            source.fetch_manifest()
+        # Requests and replies may no longer pair up: the proxy is ended.
+        assert source.returncode is not None
+        with pytest.raises(ProxyDiedError):
+            source.fetch_manifest()
+    finally:
+        source.close()
 
 
 def test_fake_skopeo_error_code(fake_skopeo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -461,10 +461,20 @@ class _Proxy:
             pipeid = reply.get("pipeid", 0)
             if not isinstance(pipeid, int) or isinstance(pipeid, bool) or pipeid < 0:
                 raise ProxyProtocolError(f"skopeo's {method} reply has a bad pipeid")
+        except ProxyProtocolError:
+            close_all(fds)
+            self.broken()
+            raise
         except BaseException:
             close_all(fds)
             raise
         return _Reply(reply.get("value"), pipeid, fds)
+
+    def broken(self) -> None:
+        """After a reply that broke the protocol, requests and replies may no
+        longer pair up: end skopeo, so that every later request fails plainly."""
+        self.dead = True
+        self.reap(graceful=False)
 
     def call(self, method: str, args: Sequence[object]) -> object:
         """A request without a pipe; its value."""
@@ -473,6 +483,7 @@ class _Proxy:
         reply = self.receive(method)
         if reply.fds:
             close_all(reply.fds)
+            self.broken()
             raise ProxyProtocolError(f"skopeo's {method} reply passed unexpected fds")
         return reply.value
 
@@ -484,6 +495,7 @@ class _Proxy:
         reply = self.receive(method)
         if len(reply.fds) != 1 or reply.pipeid == 0:
             close_all(reply.fds)
+            self.broken()
             raise ProxyProtocolError(f"skopeo's {method} reply passed no pipe")
         try:
             self.send("FinishPipe", [reply.pipeid])
@@ -508,13 +520,14 @@ class _Proxy:
         reply = self.receive("FinishPipe")
         if reply.fds:
             close_all(reply.fds)
+            self.broken()
             raise ProxyProtocolError("skopeo's FinishPipe reply passed unexpected fds")
 
     def check_open(self) -> None:
         if self.closed:
             raise ImageProxyError("the image proxy is closed")
         if self.dead:
-            raise ProxyDiedError("the image proxy died earlier")
+            raise ProxyDiedError("the image proxy has ended after an earlier failure")
 
     def read_pipe(self, method: str, fd: int, limit: int) -> bytes:
         """All of a pipe (closing it) and the FinishPipe verdict; at most ``limit``."""
@@ -680,8 +693,7 @@ class ImageProxySource:
             value, fd, _ = proxy.call_pipe("GetManifest", [self._image])
             if not isinstance(value, str) or not _DIGEST.match(value):
                 os.close(fd)
-                with contextlib.suppress(RequestError):
-                    proxy.call_finish()
+                proxy.broken()
                 raise ProxyProtocolError(f"skopeo's GetManifest gave a bad digest {value!r}")
             return value, proxy.read_pipe("GetManifest", fd, MAX_MANIFEST_SIZE)
 
