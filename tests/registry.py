@@ -529,3 +529,17 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
     _require_tools()
     with running_registry(tmp_path_factory.mktemp("auth-registry"), auth=AUTH) as reg:
         yield reg
+
+
+#: The tags of composefs-rs's golden OCI layout (inputs/oci/layout).
+GOLDEN_TAGS = ("single", "multi", "shared", "boot", "boot-t1")
+
+
+@pytest.fixture(scope="session")
+def golden_registry(registry: Registry) -> dict[str, str]:
+    """composefs-rs's golden OCI layout pushed (digests preserved) to ``registry``
+    as ``golden:<tag>``: tag -> ``docker://`` reference."""
+    from rsgolden import RS  # here: rsgolden imports conftest, which imports us
+
+    layout = RS / "inputs" / "oci" / "layout"
+    return {tag: registry.push(f"oci:{layout}:{tag}", "golden", tag) for tag in GOLDEN_TAGS}

@@ -41,6 +41,7 @@ from composefsd.service.imageproxy import (
 )
 from registry import (
     AUTH,
+    GOLDEN_TAGS,
     CuttingProxy,
     LayoutImage,
     Registry,
@@ -53,7 +54,6 @@ from registry import (
 from rsgolden import RS
 
 GOLDEN_LAYOUT = RS / "inputs" / "oci" / "layout"
-GOLDEN_TAGS = ("single", "multi", "shared", "boot")
 #: A uid no account has: a caller without any rights of its own.
 NOBODY = Credentials(64123, 64123)
 PLAIN = ProxyOptions(tls_verify=False)
@@ -132,9 +132,8 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LayoutImage]:
 
 
 @pytest.mark.parametrize("tag", GOLDEN_TAGS)
-def test_golden_layout_through_plain_registry(registry: Registry, tag: str) -> None:
-    ref = registry.push(f"oci:{GOLDEN_LAYOUT}:{tag}", "golden", tag)
-    with open_image_proxy(ref, PLAIN, creds=None) as source:
+def test_golden_layout_through_plain_registry(golden_registry: dict[str, str], tag: str) -> None:
+    with open_image_proxy(golden_registry[tag], PLAIN, creds=None) as source:
         _check_image(source, read_layout(GOLDEN_LAYOUT, tag))
 
 
