@@ -379,10 +379,12 @@ def read_layout(layout: Path, tag: str) -> LayoutImage:
 class CuttingProxy:
     """A TCP forwarder to ``upstream`` on 127.0.0.1: once a client asks for a path
     containing ``/blobs/<digest>``, the response to it is cut after ``cut_after``
-    bytes (headers included) and both connections are closed. Every other byte is
-    forwarded as is. ``cuts`` counts the connections it cut."""
+    bytes (headers included) and both connections are closed, or, with ``stall``,
+    kept open with nothing more forwarded (a registry that stops answering).
+    Every other byte is forwarded as is. ``cuts`` counts the connections it cut or
+    stalled; ``stalled`` is set at the first stall."""
 
-    def __init__(self, upstream: str, digest: str, cut_after: int) -> None:
+    def __init__(self, upstream: str, digest: str, cut_after: int, *, stall: bool = False) -> None:
         host, _, port = upstream.rpartition(":")
         self._upstream = (host, int(port))
         self._needle = f"/blobs/{digest}".encode()
@@ -390,6 +392,8 @@ class CuttingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.cuts = 0
+        self._stall = stall
+        self.stalled = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._open: list[socket.socket] = []
@@ -462,6 +466,9 @@ class CuttingProxy:
                         client.sendall(data[:room])
                     with self._lock:
                         self.cuts += 1
+                    if self._stall:
+                        self.stalled.set()
+                        return
                     for s in (client, upstream):
                         with contextlib.suppress(OSError):
                             s.shutdown(socket.SHUT_RDWR)

@@ -13,6 +13,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,6 +301,38 @@ def test_registries_conf_rewrites_the_location(
     options = ProxyOptions(registries_conf=str(conf))
     with open_image_proxy("docker://127.0.0.2:9/mirrored:one", options, creds=None) as source:
         _check_image(source, images["one"])
+
+
+def test_close_from_another_thread_ends_a_stalled_transfer(
+    registry: Registry, big: tuple[Path, LayoutImage]
+) -> None:
+    """A registry that stops answering mid-blob blocks the reader (no timer bounds
+    a transfer); close() from another thread ends skopeo and the reader gets a
+    typed error instead of hanging."""
+    layout, image = big
+    registry.push(f"oci:{layout}:big", "big", "stall")
+    layer = image.layers[0]
+    cutter = CuttingProxy(registry.host, layer.digest, cut_after=64 * 1024, stall=True)
+    errors: list[BaseException] = []
+    try:
+        source = open_image_proxy(f"docker://{cutter.host}/big:stall", PLAIN, creds=None)
+
+        def read() -> None:
+            try:
+                _blob_bytes(source, layer.digest, layer.size)
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert cutter.stalled.wait(120), "the blob request never reached the registry"
+        source.close()
+        reader.join(120)
+        assert not reader.is_alive(), "the reader still hangs after close()"
+        assert len(errors) == 1 and isinstance(errors[0], ProxyDiedError), errors
+        assert pid_is_reaped(source.pid)
+    finally:
+        cutter.close()
 
 
 # --- local transports ---------------------------------------------------------------
