@@ -233,7 +233,8 @@ class ProxyOptions:
     #: ``--tls-verify``: False allows plain HTTP and unverified TLS.
     tls_verify: bool | None = None
     #: ``USER:PASSWORD`` for a ``docker://`` registry (never on the command line,
-    #: nor in this record's repr, which logs may show).
+    #: nor in this record's repr, which logs may show). Takes the place of
+    #: ``authfile``, as skopeo's --creds overrides its auth file.
     creds: str | None = field(default=None, repr=False)
     #: ``--no-creds``: access the registry anonymously.
     no_creds: bool = False
