@@ -19,6 +19,12 @@ import pytest
 import users
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.kernel.syscalls import MNT_DETACH, umount2
+from registry import (  # noqa: F401 - fixtures
+    auth_registry,
+    golden_registry,
+    registry,
+    tls_registry,
+)
 from servicehelpers import Daemon, running_daemon
 from trees import small_tree
 
