@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from typing import Any
 import pytest
 
 from composefsd.image.dump_print import format_rs_dump
+from composefsd.image.escape import escape_equal, escape_lone_dash
 from composefsd.image.formats import ErofsVersion
+from composefsd.image.ocitar import EntryKind, TarEntry, entry_node, iter_entries
 from composefsd.image.transforms import XattrFilter
 from composefsd.repository import Repository
 from composefsd.repository.fsck import fsck
@@ -35,8 +38,8 @@ from composefsd.repository.ocibuild import (
     transformed_tree,
 )
 from composefsd.repository.ocilayer import import_layer
-from composefsd.repository.streams import existing_stream, read_stream
-from composefsd.splitstream import read_refs
+from composefsd.repository.streams import existing_stream, read_stream, use_chunks
+from composefsd.splitstream import Chunk, read_refs
 from rsgolden import ALGORITHMS, EXPECTED, RS, listing, read_json, unpack_repo
 from test_oci_write import IMAGES, SAME_ZSTD, _blob, _import_time, _repo
 
@@ -351,3 +354,68 @@ def test_hostile_layer_leaves_no_tag(
     assert listing(repo.path) == before
     assert fsck(repo).ok
     assert existing_stream(repo, "oci-manifest-" + digest) is not None
+
+
+# -- each layer's entries, as ``cfsctl oci layer --dumpfile`` prints them -------------------
+
+
+def _absolute(path: bytes) -> bytes:
+    """composefs-rs's ``make_absolute_path`` (the path as printed, ``.`` kept)."""
+    out = b"/" + path.removeprefix(b"/")
+    while len(out) > 1 and out.endswith(b"/"):
+        out = out[:-1]
+    return out
+
+
+def _entry_line(entry: TarEntry) -> bytes:
+    """composefs-rs's ``TarEntry`` Display: one dumpfile line, nlink 1."""
+    path = escape_lone_dash(_absolute(entry.path))
+    if entry.kind is EntryKind.HARDLINK:
+        assert entry.link is not None
+        target = escape_lone_dash(_absolute(entry.link))
+        return path + b" 0 @120000 - - - - 0.0 " + target + b" - -"
+    node = entry_node(entry)
+    payload = content = digest = b"-"
+    size = 0
+    if entry.kind is EntryKind.REGULAR:
+        size = entry.size
+        if node.payload:
+            payload, digest = node.payload, node.payload.replace(b"/", b"")
+        elif node.content:
+            content = escape_lone_dash(node.content)
+    elif entry.kind is EntryKind.SYMLINK:
+        assert node.payload is not None
+        size, payload = len(node.payload), escape_lone_dash(node.payload)
+    line = b"%s %d %o 1 %d %d %d %d.%d %s %s %s" % (
+        path,
+        size,
+        node.mode,
+        node.uid,
+        node.gid,
+        node.rdev,
+        node.mtime_sec,
+        node.mtime_nsec,
+        payload,
+        content,
+        digest,
+    )
+    return line + b"".join(b" " + escape_equal(k) + b"=" + escape_equal(v) for k, v in node.xattrs)
+
+
+def test_layer_entries_are_cfsctls(golden: tuple[str, Repository]) -> None:
+    algorithm, repo = golden
+    layers = {x["name"]: x["diff_id"] for i in IMAGES.values() for x in i["layers"]}
+    dumps = sorted((OCI / algorithm / "layers").glob("*.dumpfile.txt"))
+    assert len(dumps) == 7
+    with repo.object_store() as store:
+        for dump in dumps:
+            verity = existing_stream(repo, "oci-layer-" + layers[dump.name.split(".")[0]])
+            assert verity is not None
+
+            def lines(_parsed: object, chunks: Iterator[Chunk]) -> list[bytes]:
+                return [
+                    _entry_line(e)
+                    for e in iter_entries(c if isinstance(c, bytes) else c.digest for c in chunks)
+                ]
+
+            assert use_chunks(store, verity, lines) == dump.read_bytes().splitlines(), dump.name

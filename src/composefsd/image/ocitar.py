@@ -43,6 +43,7 @@ __all__ = [
     "TarEntry",
     "TarError",
     "checksum_ok",
+    "entry_node",
     "header_number",
     "iter_entries",
     "padded",
@@ -185,7 +186,7 @@ class TarEntry:
     content: bytes | None = None
     #: A regular file's object (hex digest), for larger files.
     object: str | None = None
-    #: A symlink's target, as stored.
+    #: A symlink's or hardlink's target, as stored.
     link: bytes | None = None
     #: A hardlink's target, as components below the root.
     link_components: tuple[bytes, ...] = ()
@@ -467,6 +468,7 @@ def _entry(
             raise TarError("a symlink with an empty or NUL-holding target", path=path, offset=start)
         entry.link = link
     elif kind is EntryKind.HARDLINK:
+        entry.link = link
         entry.link_components = components(link, "hardlink target", start)
         if not entry.link_components:
             raise TarError("a hardlink to the root directory", path=path, offset=start)
@@ -496,6 +498,32 @@ def _set_stat(node: Node, entry: TarEntry) -> None:
         ) from None
 
 
+def entry_node(entry: TarEntry) -> Node:
+    """The inode a directory or leaf entry makes (not a hardlink's: it has none).
+    A regular file that is an object gets payload ``XX/rest`` and its digest."""
+    if entry.kind is EntryKind.HARDLINK:
+        raise TarError("a hardlink makes no inode", path=entry.path, offset=entry.offset)
+    if entry.kind is EntryKind.DIRECTORY:
+        node = new_directory(stat.S_IFDIR | entry.mode)
+    else:
+        node = Node(mode=_FILE_TYPES[entry.kind] | entry.mode)
+    _set_stat(node, entry)
+    if entry.kind is EntryKind.REGULAR:
+        if entry.object is not None:
+            node.payload = f"{entry.object[:2]}/{entry.object[2:]}".encode()
+            node.digest = bytes.fromhex(entry.object)
+            node.size = entry.size
+        else:
+            node.set_content(entry.content)
+    elif entry.kind is EntryKind.SYMLINK:
+        assert entry.link is not None
+        node.payload = entry.link
+        node.size = len(entry.link)
+    elif entry.kind in (EntryKind.CHAR, EntryKind.BLOCK):
+        node.rdev = entry.rdev
+    return node
+
+
 class LayerTree:
     """A tree that layers are applied to, entry by entry, as composefs-rs does.
 
@@ -509,40 +537,20 @@ class LayerTree:
         # replaces the root's metadata with /usr's.
         self.root = new_directory(stat.S_IFDIR)
 
-    def _directory(self, parts: tuple[bytes, ...], entry: TarEntry) -> Node:
+    def _directory(self, parts: tuple[bytes, ...], entry: TarEntry, what: str) -> Node:
         node = self.root
         for name in parts:
             assert node.children is not None
             child = node.children.get(name)
             if child is None:
                 raise TarError(
-                    f"its parent {name!r} does not exist", path=entry.path, offset=entry.offset
+                    f"{what} {name!r} does not exist", path=entry.path, offset=entry.offset
                 )
             if child.link_to is not None or not child.is_dir:
                 raise TarError(
-                    f"its parent {name!r} is not a directory", path=entry.path, offset=entry.offset
+                    f"{what} {name!r} is not a directory", path=entry.path, offset=entry.offset
                 )
             node = child
-        return node
-
-    def _leaf(self, entry: TarEntry) -> Node:
-        mode = _FILE_TYPES[entry.kind] | entry.mode
-        node = Node(mode=mode)
-        _set_stat(node, entry)
-        if entry.kind is EntryKind.REGULAR:
-            if entry.object is not None:
-                digest = bytes.fromhex(entry.object)
-                node.payload = b"%s/%s" % (entry.object[:2].encode(), entry.object[2:].encode())
-                node.digest = digest
-                node.size = entry.size
-            else:
-                node.set_content(entry.content)
-        elif entry.kind is EntryKind.SYMLINK:
-            assert entry.link is not None
-            node.payload = entry.link
-            node.size = len(entry.link)
-        else:
-            node.rdev = entry.rdev
         return node
 
     def apply(self, entry: TarEntry) -> None:
@@ -553,11 +561,10 @@ class LayerTree:
             self.root.mode = stat.S_IFDIR | entry.mode
             _set_stat(self.root, entry)
             return
-        if entry.kind is EntryKind.DIRECTORY:
-            node = new_directory(stat.S_IFDIR | entry.mode)
-            _set_stat(node, entry)
-        elif entry.kind is EntryKind.HARDLINK:
-            parent = self._directory(entry.link_components[:-1], entry)
+        if entry.kind is EntryKind.HARDLINK:
+            parent = self._directory(
+                entry.link_components[:-1], entry, "the directory of its hardlink target,"
+            )
             assert parent.children is not None
             found = parent.children.get(entry.link_components[-1])
             if found is None:
@@ -571,8 +578,8 @@ class LayerTree:
             target = found.target()
             node = Node(mode=target.mode, link_to=target)
         else:
-            node = self._leaf(entry)
-        directory = self._directory(entry.components[:-1], entry)
+            node = entry_node(entry)
+        directory = self._directory(entry.components[:-1], entry, "its parent")
         children = directory.children
         assert children is not None
         name = entry.components[-1]
