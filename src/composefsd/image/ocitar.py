@@ -292,9 +292,10 @@ class _Chunks:
                 raise TarError(f"the layer ends in {what}", offset=self.offset)
             n -= step
 
-    def read_data(self, size: int, keep: bool, what: str) -> bytes | str:
+    def read_data(self, size: int, keep: int, what: str) -> bytes | str | None:
         """An entry's data: its object's digest (then its padding, inline), or its
-        inline bytes (all of them read, the first ``size`` kept if ``keep``)."""
+        inline bytes (all of them read; the first ``size`` returned if that is at
+        most ``keep``, else None: hostile data is never held)."""
         stored = padded(size)
         if not stored:
             return b""
@@ -307,9 +308,9 @@ class _Chunks:
             if stored > size:
                 self.skip_inline(stored - size, f"the padding of {what}")
             return digest
-        if not keep:
+        if size > keep:
             self.skip_inline(stored, what)
-            return b""
+            return None
         data = self.read_inline(stored, what)
         if data is None:
             raise TarError(f"the layer ends in {what}", offset=self.offset)
@@ -358,7 +359,7 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
                     f"an extension header of {size} bytes, at most {EXTENSION_MAX}",
                     offset=start,
                 )
-            data = reader.read_data(size, True, "an extension header")
+            data = reader.read_data(size, EXTENSION_MAX, "an extension header")
             if not isinstance(data, bytes):
                 raise TarError("an extension header stored as an object", offset=start)
             if flag == b"g":
@@ -451,7 +452,7 @@ def _entry(
         offset=start,
     )
     what = f"the data of {path!r}"
-    data = reader.read_data(size, kind is EntryKind.REGULAR, what)
+    data = reader.read_data(size, INLINE_MAX if kind is EntryKind.REGULAR else 0, what)
     if isinstance(data, str):
         if kind is not EntryKind.REGULAR:
             raise TarError(f"a {kind.value} entry stored as an object", path=path, offset=start)
@@ -460,7 +461,7 @@ def _entry(
         entry.object = data
         return entry
     if kind is EntryKind.REGULAR:
-        if size > INLINE_MAX:
+        if data is None:
             raise TarError(f"a {size}-byte file stored inline", path=path, offset=start)
         entry.content = data
     elif kind is EntryKind.SYMLINK:

@@ -34,6 +34,7 @@ from composefsd.image.transforms import (
     apply_transform,
 )
 from composefsd.image.tree import Node, gc_paused
+from composefsd.image.writer import WriteError
 from composefsd.objectlayout import object_relpath
 from composefsd.repository.errors import RepositoryError, os_error_text
 from composefsd.repository.images import link_image
@@ -151,13 +152,20 @@ def transformed_tree(
     return root
 
 
+def _write(root: Node, version: ErofsVersion) -> bytes:
+    try:
+        with gc_paused():
+            return write_format(root, version)
+    except WriteError as exc:
+        raise OciBuildError(f"cannot write the image: {exc}", errno=exc.errno) from exc
+
+
 def write_images(root: Node, versions: Iterable[ErofsVersion]) -> list[tuple[ErofsVersion, bytes]]:
     """The tree in each format, once per format."""
     out: list[tuple[ErofsVersion, bytes]] = []
-    with gc_paused():
-        for version in versions:
-            if all(v != version for v, _ in out):
-                out.append((version, write_format(root, version)))
+    for version in versions:
+        if all(v != version for v, _ in out):
+            out.append((version, _write(root, version)))
     return out
 
 
@@ -174,7 +182,7 @@ def compute_id(
     ``version`` (default: the repository's format), nothing written."""
     root = transformed_tree(repo, store, image, image_transform(bootable=bootable, xattrs=xattrs))
     fmt = repo.erofs_version if version is None else version
-    data = write_format(root, fmt)
+    data = _write(root, fmt)
     return digest_bytes(data, repo.hash_algorithm).hex()
 
 
