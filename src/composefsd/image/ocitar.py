@@ -46,6 +46,7 @@ __all__ = [
     "entry_node",
     "header_number",
     "iter_entries",
+    "makedev",
     "padded",
     "pax_records",
 ]
@@ -194,7 +195,7 @@ class TarEntry:
     offset: int = 0
 
 
-def components(path: bytes, what: str, offset: int) -> tuple[bytes, ...]:
+def _components(path: bytes, what: str, offset: int) -> tuple[bytes, ...]:
     """composefs-rs's ``make_absolute_path`` then Rust's ``Path::components``:
     empty and ``.`` components dropped; ``..`` refused, NUL refused."""
     if b"\0" in path:
@@ -437,7 +438,7 @@ def _entry(
         link = pending.long_link
     else:
         link = _cstring(header[157:257])
-    parts = components(path, "path", start)
+    parts = _components(path, "path", start)
     entry = TarEntry(
         path=path,
         components=parts,
@@ -470,7 +471,7 @@ def _entry(
         entry.link = link
     elif kind is EntryKind.HARDLINK:
         entry.link = link
-        entry.link_components = components(link, "hardlink target", start)
+        entry.link_components = _components(link, "hardlink target", start)
         if not entry.link_components:
             raise TarError("a hardlink to the root directory", path=path, offset=start)
     elif kind in (EntryKind.CHAR, EntryKind.BLOCK):
