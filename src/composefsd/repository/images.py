@@ -472,7 +472,7 @@ def _readlink_or_none(link: Path) -> str | None:
         return None
 
 
-def _link_image(repo: Repository, hexdigest: str) -> bool:
+def link_image(repo: Repository, hexdigest: str) -> bool:
     """Create ``images/<hex>`` (or repair it); True if it was not there."""
     target = _image_target(hexdigest)
     link = repo.images_dir / hexdigest
@@ -668,7 +668,7 @@ def _finish(
         # The extra formats' images first: a published ref never names an image
         # whose siblings are still missing.
         for _version, stored_image in reversed(stored):
-            if _link_image(repo, stored_image.digest):
+            if link_image(repo, stored_image.digest):
                 added.image_links.append(stored_image.digest)
         if ref is not None:
             _set_ref(repo, ref, hexdigest)

@@ -24,6 +24,16 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
+from composefsd.image.ocitar import (
+    BLOCK,
+    EXTENSION_MAX,
+    INLINE_MAX,
+    TarError,
+    checksum_ok,
+    header_number,
+    padded,
+    pax_records,
+)
 from composefsd.objectlayout import is_hex
 from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
 from composefsd.repository.images import normalize_ref
@@ -39,11 +49,6 @@ __all__ = ["LayerDigestError", "TarFormatError", "import_layer", "layer_content_
 
 log = logging.getLogger(__name__)
 
-BLOCK = 512
-#: composefs-rs's INLINE_CONTENT_MAX_V0: larger regular files become objects.
-INLINE_MAX = 64
-#: The largest PAX or GNU long-name extension we accept: they are held in memory.
-EXTENSION_MAX = 1 << 20
 _READ = 1 << 20
 _REGULAR = (b"0", b"\0")
 _EXTENSIONS = (b"x", b"L", b"K")
@@ -119,59 +124,26 @@ class _Input:
             yield self.take(self.available(), "trailing padding")
 
 
-def _checksum_ok(header: bytes) -> bool:
-    field = header[148:156].split(b"\0", 1)[0].strip(b" ")
-    try:
-        stored = int(field, 8)
-    except ValueError:
-        return False
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
-    if stored == unsigned:
-        return True
-    # Some old tars summed signed chars.
-    return stored == unsigned - 256 * sum(1 for b in blanked if b > 127)
-
-
 def _size(header: bytes, offset: int) -> int:
-    field = header[124:136]
-    if field[0] & 0x80:
-        # GNU base-256: big-endian, the first byte's high bit a marker.
-        if field[0] & 0x40:
-            raise TarFormatError(f"the header at offset {offset} has a negative size")
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
     try:
-        return int(text, 8)
-    except ValueError:
-        raise TarFormatError(f"the header at offset {offset} has a bad size field") from None
+        return header_number(header[124:136], "size")
+    except TarError as exc:
+        raise TarFormatError(f"the header at offset {offset}: {exc}") from None
 
 
 def _pax_size(data: bytes, offset: int) -> int | None:
-    """The ``size`` record of a PAX extension, if any."""
+    """The ``size`` record of a PAX extension, if any (the last one wins)."""
+    try:
+        records = pax_records(data)
+    except TarError as exc:
+        raise TarFormatError(f"the PAX extension at offset {offset}: {exc}") from None
     size: int | None = None
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        length_text = data[pos:space] if space > 0 else b""
-        if not length_text.isdigit() or int(length_text) <= 0:
-            raise TarFormatError(f"the PAX extension at offset {offset} has a bad record")
-        end = pos + int(length_text)
-        if end > len(data) or data[end - 1 : end] != b"\n":
-            raise TarFormatError(f"the PAX extension at offset {offset} has a bad record")
-        key, _, value = data[space + 1 : end - 1].partition(b"=")
+    for key, value in records:
         if key == b"size":
             if not value.isdigit():
                 raise TarFormatError(f"the PAX extension at offset {offset} has a bad size")
             size = int(value)
-        pos = end
     return size
-
-
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
 
 
 def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: list[str]) -> None:
@@ -196,7 +168,7 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
             for piece in inp.rest():
                 writer.write_inline(piece)
             return
-        if not _checksum_ok(header):
+        if not checksum_ok(header):
             raise TarFormatError(f"the header at offset {start} has a bad checksum")
         writer.write_inline(header)
         kind = header[156:157]
@@ -209,7 +181,7 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
                     f"the extension header at offset {start} is {size} bytes, "
                     f"at most {EXTENSION_MAX}"
                 )
-            data = inp.take(_padded(size), "an extension header")
+            data = inp.take(padded(size), "an extension header")
             writer.write_inline(data)
             pending = kind != b"g"
             if kind == b"x":
@@ -221,7 +193,7 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
         if pax_size is not None:
             size = pax_size
             pax_size = None
-        stored = _padded(size)
+        stored = padded(size)
         if kind in _REGULAR and size > INLINE_MAX:
             result = store.store_chunks(
                 inp.pieces(size, f"the data of the entry at offset {start}")

@@ -76,6 +76,7 @@ __all__ = [
     "stream_entry",
     "stream_links",
     "trace_streams",
+    "use_chunks",
     "write_stream",
 ]
 
@@ -243,6 +244,24 @@ def read_stream(store: ObjectStore, digest: str) -> SplitStream:
     """Parse the splitstream stored as object ``digest``. :class:`StreamError` if
     it is missing or does not parse."""
     return _with_stream(store, digest, lambda _data, parsed: parsed)
+
+
+def use_chunks(
+    store: ObjectStore, digest: str, use: Callable[[SplitStream, Iterator[Chunk]], _T]
+) -> _T:
+    """``use(parsed, chunks)`` on the splitstream stored as object ``digest``: its
+    chunks in order (inline bytes, :class:`~composefsd.splitstream.ObjectChunk`),
+    read from the mapped object. :class:`StreamError` as :func:`read_stream`, and
+    for damage met while ``use`` reads the chunks."""
+
+    def run(data: mmap.mmap | bytes, parsed: SplitStream) -> _T:
+        chunks = iter_chunks(data, parsed)
+        try:
+            return use(parsed, chunks)
+        finally:
+            chunks.close()
+
+    return _with_stream(store, digest, run)
 
 
 def cat(store: ObjectStore, digest: str, out: BinaryIO) -> int:
