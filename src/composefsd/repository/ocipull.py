@@ -57,7 +57,12 @@ from composefsd.repository.errors import (
 )
 from composefsd.repository.locking import RepoLock, join_lock, writer_lock
 from composefsd.repository.oci import _external, write_config_stream, write_manifest_stream
-from composefsd.repository.ocilayer import import_layer, layer_content_id
+from composefsd.repository.ocilayer import (
+    LayerDigestError,
+    TarFormatError,
+    import_layer,
+    layer_content_id,
+)
 from composefsd.repository.progress import Progress, ProgressCallback
 from composefsd.repository.streams import existing_stream, write_stream
 from composefsd.splitstream import (
@@ -558,18 +563,29 @@ def _fetch_layer(
                     blob.finish()
                     # Leaving the source's context reports transfer errors it
                     # found only at the end: they too must come before the link.
-                    stack.close()
+                    try:
+                        stack.close()
+                    except OSError as exc:
+                        raise BlobTransferError(
+                            f"layer {job.key}: blob {desc.digest}: {os_error_text(exc)}",
+                            errno=exc.errno,
+                        ) from exc
 
                 compression = TAR_MEDIA_TYPES.get(desc.media_type)
                 if compression is not None:
                     reader = _Decompressed(blob, compression, f"layer {job.key}")
-                    verity = import_layer(
-                        repo,
-                        cast(BinaryIO, reader),
-                        job.key,
-                        verify=job.verify_tar,
-                        check=check,
-                    )
+                    try:
+                        verity = import_layer(
+                            repo,
+                            cast(BinaryIO, reader),
+                            job.key,
+                            verify=job.verify_tar,
+                            check=check,
+                        )
+                    except (LayerFormatError, TarFormatError, LayerDigestError):
+                        # A damaged blob is the cause to name, if it is one.
+                        blob.finish()
+                        raise
                 else:
                     verity = _store_blob(repo, content_id, blob, check)
             return result(verity, False)
