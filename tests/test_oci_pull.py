@@ -4,10 +4,12 @@ re-fetches, bad input, a fetch killed mid-layer, two fetches at once, memory."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import select
 import shutil
@@ -790,4 +792,128 @@ def test_memory_stays_bounded(tmp_path: Path) -> None:
     assert list(result["layers"].values()) == [False]
     stored = sum(p.stat().st_size for p in repo.objects_dir.glob("??/*"))
     assert stored >= 100 * (2 << 20)
+    assert repo.fsck().ok
+
+
+# -- threads -------------------------------------------------------------------------------
+
+
+class _Gate:
+    """Wraps a blob: the first read announces itself and waits to be released."""
+
+    def __init__(self, raw: BinaryIO, started: threading.Event, release: threading.Event) -> None:
+        self.raw = raw
+        self.started = started
+        self.release = release
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.started.is_set():
+            self.started.set()
+            assert self.release.wait(300), "never released"
+        return self.raw.read(n)
+
+
+class GatedSource(MemSource):
+    def __init__(self, base: MemSource, gated: str) -> None:
+        super().__init__(base.manifest, base.blobs)
+        self.gated = gated
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    @contextlib.contextmanager
+    def open_blob(self, digest: str, size: int) -> Iterator[BinaryIO]:
+        with super().open_blob(digest, size) as raw:
+            if digest == self.gated:
+                yield _Gate(raw, self.started, self.release)  # type: ignore[misc]
+            else:
+                yield raw
+
+
+class _Seen(logging.Handler):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def _in_thread(target: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = target(*args)
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_threads_fetching_one_layer_store_it_once(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    gz = gzip.compress(_small_tar("f", b"y" * 5000), mtime=0)
+    base = _image([(gz, OCI_GZIP)])
+    first = GatedSource(base, _sha256(gz))
+    diff_id = _sha256(gzip.decompress(gz))
+    seen = _Seen("waiting for another fetch of oci-layer-" + diff_id)
+    logger = logging.getLogger("composefsd.repository.ocipull")
+    logger.addHandler(seen)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        t1, out1 = _in_thread(fetch_image, repo, first)
+        assert first.started.wait(300)
+        second = MemSource(base.manifest, base.blobs)
+        t2, out2 = _in_thread(fetch_image, repo, second)
+        assert seen.event.wait(300), "the second fetch never waited for the layer"
+        first.release.set()
+        t1.join()
+        t2.join()
+    finally:
+        first.release.set()
+        logger.removeHandler(seen)
+        logger.setLevel(old_level)
+    assert "error" not in out1 and "error" not in out2, (out1, out2)
+    assert second.opened == []
+    assert out2["result"].layers[0].skipped and not out1["result"].layers[0].skipped
+    assert out1["result"].manifest_verity == out2["result"].manifest_verity
+    assert repo.fsck().ok
+
+
+def test_gc_waiting_does_not_block_the_fetch_workers(tmp_path: Path) -> None:
+    """GC asks for the repository while a fetch is under way: it waits at the
+    turnstile, the fetch's workers go on (they join the caller's lock instead of
+    passing the turnstile), the fetch completes, then GC runs."""
+    repo = _repo(tmp_path)
+    big = _small_tar("big", b"b" * 20000)
+    small = _small_tar("small", b"s" * 100)
+    source = GatedSource(_image([(big, OCI_TAR), (small, OCI_TAR)]), _sha256(big))
+    fetch, fetch_out = _in_thread(lambda: fetch_image(repo, source, parallel=1))
+    try:
+        assert source.started.wait(300)
+        gc, gc_out = _in_thread(repo.gc)
+        turnstile = os.open(repo.objects_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # Until GC holds the turnstile (a condition, not a timing).
+            while True:
+                try:
+                    fcntl.flock(turnstile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    break
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+                threading.Event().wait(0.01)
+        finally:
+            os.close(turnstile)
+    finally:
+        source.release.set()
+    fetch.join(300)
+    assert not fetch.is_alive(), "the fetch deadlocked behind GC"
+    gc.join(300)
+    assert "error" not in fetch_out and "error" not in gc_out, (fetch_out, gc_out)
+    assert [x.skipped for x in fetch_out["result"].layers] == [False, False]
     assert repo.fsck().ok
