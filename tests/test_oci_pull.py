@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from backports import zstd
 
 from composefsd import splitstream as ss
 from composefsd.repository import Repository
 from composefsd.repository.oci import open_image
-from composefsd.repository.ocilayer import LayerDigestError, TarFormatError
+from composefsd.repository.ocilayer import LayerDigestError, TarFormatError, import_layer
 from composefsd.repository.ocilayout import OciLayoutSource
 from composefsd.repository.ocipull import (
     BlobDigestError,
@@ -917,3 +918,43 @@ def test_gc_waiting_does_not_block_the_fetch_workers(tmp_path: Path) -> None:
     assert "error" not in fetch_out and "error" not in gc_out, (fetch_out, gc_out)
     assert [x.skipped for x in fetch_out["result"].layers] == [False, False]
     assert repo.fsck().ok
+
+
+@pytest.mark.parametrize(
+    "media, compress",
+    [
+        ("application/vnd.docker.image.rootfs.diff.tar.gzip", lambda d: gzip.compress(d, mtime=0)),
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar", lambda d: d),
+        ("application/vnd.oci.image.layer.v1.tar+zstd", lambda d: bytes(zstd.compress(d))),
+    ],
+)
+def test_layer_media_types(tmp_path: Path, media: str, compress: Any) -> None:
+    tar = _small_tar("f", b"z" * 3000)
+    source = _image([(compress(tar), media)], diff_ids=[_sha256(tar)])
+    repo = _repo(tmp_path)
+    result = fetch_image(repo, source)
+    assert result.layers[0].verity == existing_stream(repo, "oci-layer-" + _sha256(tar))
+    with repo.object_store() as store:
+        out = io.BytesIO()
+        cat(store, result.layers[0].verity, out)
+    assert out.getvalue() == tar
+
+
+def test_import_layer_check_runs_before_the_link(tmp_path: Path) -> None:
+    """ocilayer.import_layer's ``check``: after the whole tar, before any link;
+    not at all when the stream exists."""
+    repo = _repo(tmp_path)
+    tar = _small_tar()
+    calls: list[bool] = []
+
+    def refuse() -> None:
+        calls.append(existing_stream(repo, "oci-layer-" + _sha256(tar)) is None)
+        raise BlobDigestError("no", digest=_sha256(tar))
+
+    with pytest.raises(BlobDigestError):
+        import_layer(repo, io.BytesIO(tar), _sha256(tar), check=refuse)
+    assert calls == [True]
+    assert existing_stream(repo, "oci-layer-" + _sha256(tar)) is None
+    import_layer(repo, io.BytesIO(tar), _sha256(tar), check=lambda: calls.append(False))
+    import_layer(repo, io.BytesIO(b""), _sha256(tar), check=refuse)
+    assert calls == [True, False]
