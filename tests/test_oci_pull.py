@@ -371,10 +371,24 @@ def test_transfer_error_at_the_end_links_nothing(tmp_path: Path) -> None:
     _assert_clean(repo, "oci-layer-" + _sha256(tar))
 
 
-def test_not_gzip(tmp_path: Path) -> None:
-    """A blob with the right digest whose bytes are not what its media type says."""
+def test_compression_told_by_the_bytes(tmp_path: Path) -> None:
+    """skopeo 1.9.3 labels docker-archive's uncompressed layers ``tar+gzip``: the
+    blob's first bytes decide, and a zstd blob labelled gzip is read too."""
     tar = _small_tar()
-    source = _image([(tar, OCI_GZIP)], diff_ids=[_sha256(tar)])
+    zstd_blob = bytes(zstd.compress(tar))
+    source = _image([(tar, OCI_GZIP), (zstd_blob, OCI_GZIP)], diff_ids=[_sha256(tar), _sha256(tar)])
+    repo = _repo(tmp_path)
+    result = fetch_image(repo, source)
+    assert [layer.diff_id for layer in result.layers] == [_sha256(tar), _sha256(tar)]
+    report = repo.fsck()
+    assert report.ok, report.problems
+
+
+def test_broken_gzip(tmp_path: Path) -> None:
+    """A blob with the right digest that starts as gzip and is not."""
+    tar = _small_tar()
+    blob = b"\x1f\x8b\x08\x00" + b"\xff" * 600
+    source = _image([(blob, OCI_GZIP)], diff_ids=[_sha256(tar)])
     repo = _repo(tmp_path)
     with pytest.raises(LayerFormatError, match="cannot decompress"):
         fetch_image(repo, source)
@@ -504,13 +518,19 @@ def test_manifest_not_json(tmp_path: Path, manifest: bytes) -> None:
         fetch_image(repo, MemSource(manifest, {}))
 
 
-def test_manifest_digest_checked(tmp_path: Path) -> None:
+def test_manifest_stored_under_the_source_digest(tmp_path: Path) -> None:
+    """A source names the manifest; skopeo's OCI conversion of a Docker manifest
+    keeps the Docker digest, which is not the JSON's sha256: stored under it."""
     source = _image([(_small_tar(), OCI_TAR)])
     real = source.manifest
-    source.fetch_manifest = lambda: (_sha256(b"other"), real)  # type: ignore[method-assign]
+    named = _sha256(b"the docker manifest")
+    source.fetch_manifest = lambda: (named, real)  # type: ignore[method-assign]
     repo = _repo(tmp_path)
-    with pytest.raises(BlobDigestError, match="manifest"):
-        fetch_image(repo, source)
+    result = fetch_image(repo, source)
+    assert result.manifest_digest == named
+    assert existing_stream(repo, "oci-manifest-" + named) == result.manifest_verity
+    report = repo.fsck()
+    assert report.ok, report.problems
 
 
 @pytest.mark.parametrize(

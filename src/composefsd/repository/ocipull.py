@@ -1,6 +1,7 @@
-"""Fetch an OCI image into the repository: composefs-rs 0.9's ``ImageOp::pull``
-(``skopeo.rs``) and ``import_oci_layout`` (``oci_layout.rs``), without building
-the composefs image.
+"""Pull an OCI image into the repository: composefs-rs 0.9's ``pull_image``.
+:func:`fetch_image` is its ``ImageOp::pull`` (``skopeo.rs``) and
+``import_oci_layout`` (``oci_layout.rs``); :func:`pull` adds the composefs image
+(:func:`~composefsd.repository.ocibuild.ensure_image`) and the tag.
 
 An :class:`ImageSource` hands over the manifest, the config and the layer blobs
 (the skopeo image proxy, an ``oci:`` layout read directly, a test's dict). The
@@ -8,19 +9,20 @@ fetch stores, as composefs-rs does:
 
 * every layer as ``oci-layer-<diff_id>`` (:func:`~composefsd.repository.ocilayer.import_layer`),
   largest first, several at once; a layer whose stream exists is reused unread.
-  A tar layer is decompressed by its media type (tar, tar+gzip, tar+zstd, OCI or
-  Docker names); an artifact's non-tar layer is kept as one object in an
-  ``oci_blob`` stream named ``oci-layer-<blob digest>``, as composefs-rs's pull
-  names it;
+  A tar layer (OCI or Docker tar media types) is decompressed as its first
+  bytes say (gzip, zstd or none: see :class:`_Decompressed`); an artifact's
+  non-tar layer is kept as one object in an ``oci_blob`` stream named
+  ``oci-layer-<blob digest>``, as composefs-rs's pull names it;
 * the config as ``oci-config-<digest>`` (named refs ``<diff_id>`` in config
   order); an existing config stream is reused, its layer refs read from it;
 * the manifest as ``oci-manifest-<digest>``, reused if it exists.
 
 Unlike composefs-rs (which trusts skopeo), every byte is checked here: the
-manifest's and config's digests, each blob's digest and size (before its
-layer's stream is linked), each tar's diff_id. A failure links nothing for the
-layer concerned (objects already written stay for GC) and leaves the repository
-fsck-clean; layers completed before it stay and are reused by the next fetch.
+config's digest (the manifest's is the source's to check: :class:`ImageSource`),
+each blob's digest and size (before its layer's stream is linked), each tar's
+diff_id. A failure links nothing for the layer concerned (objects already
+written stay for GC) and leaves the repository fsck-clean; layers completed
+before it stay and are reused by the next fetch.
 
 Locking: the calling thread holds the repository's shared writer lock for the
 whole fetch (GC waits, as for a composefs-rs pull, whose open repository holds
@@ -56,7 +58,13 @@ from composefsd.repository.errors import (
     os_error_text,
 )
 from composefsd.repository.locking import RepoLock, join_lock, writer_lock
-from composefsd.repository.oci import _external, write_config_stream, write_manifest_stream
+from composefsd.repository.oci import (
+    _external,
+    check_tag,
+    tag_image,
+    write_config_stream,
+    write_manifest_stream,
+)
 from composefsd.repository.ocilayer import (
     LayerDigestError,
     TarFormatError,
@@ -91,12 +99,14 @@ __all__ = [
     "ManifestFormatError",
     "OciPullError",
     "PlatformError",
+    "PullResult",
     "TagNotFoundError",
     "UnsupportedMediaTypeError",
     "check_blob",
     "check_digest",
     "fetch_image",
     "parse_descriptor",
+    "pull",
 ]
 
 log = logging.getLogger(__name__)
@@ -195,7 +205,10 @@ class ImageSource(Protocol):
 
     def fetch_manifest(self) -> tuple[str, bytes]:
         """``("sha256:<hex>", raw manifest JSON)`` of the image manifest for this
-        platform (an index resolved)."""
+        platform (an index resolved). The source has checked the manifest it got
+        against the digest; the JSON's own sha256 may differ when the source
+        converted it (skopeo hands out a Docker schema 2 manifest as OCI under
+        the Docker manifest's digest)."""
         ...
 
     def fetch_config(self, digest: str, size: int) -> bytes:
@@ -496,19 +509,48 @@ class _Blob:
         self._report(force=True)
 
 
-class _Decompressed:
-    """A decompressor's output; its errors as :class:`LayerFormatError`."""
+class _Prefixed:
+    """``head`` (already read) and then the rest of ``blob``."""
 
-    def __init__(self, blob: _Blob, compression: str, what: str) -> None:
+    def __init__(self, head: bytes, blob: _Blob) -> None:
+        self._head = head
+        self._blob = blob
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            if n is None or n < 0 or n >= len(self._head):
+                data, self._head = self._head, b""
+                return data
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return self._blob.read(n)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _Decompressed:
+    """A tar layer's decompressed bytes; the decompressor's errors as
+    :class:`LayerFormatError`. The compression is told by the blob's first bytes,
+    not by its media type: skopeo 1.9.3 hands out docker-archive's uncompressed
+    layers as ``tar+gzip``, and a tar never starts with either magic (its first
+    bytes are a file name)."""
+
+    def __init__(self, blob: _Blob, what: str) -> None:
         self._what = what
         self._zstd_error: type[Exception] = _zstd().ZstdError
         self._inner: Any
-        if compression == "gzip":
-            self._inner = gzip.GzipFile(fileobj=cast(BinaryIO, blob), mode="rb")
-        elif compression == "zstd":
-            self._inner = _zstd().ZstdFile(cast(BinaryIO, blob), mode="rb")
+        head = b""
+        while len(head) < len(_ZSTD_MAGIC) and (piece := blob.read(len(_ZSTD_MAGIC) - len(head))):
+            head += piece
+        raw = cast(BinaryIO, _Prefixed(head, blob))
+        if head.startswith(_GZIP_MAGIC):
+            self._inner = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif head.startswith(_ZSTD_MAGIC):
+            self._inner = _zstd().ZstdFile(raw, mode="rb")
         else:
-            self._inner = blob
+            self._inner = raw
 
     def read(self, n: int = -1) -> bytes:
         try:
@@ -571,9 +613,8 @@ def _fetch_layer(
                             errno=exc.errno,
                         ) from exc
 
-                compression = TAR_MEDIA_TYPES.get(desc.media_type)
-                if compression is not None:
-                    reader = _Decompressed(blob, compression, f"layer {job.key}")
+                if desc.media_type in TAR_MEDIA_TYPES:
+                    reader = _Decompressed(blob, f"layer {job.key}")
                     try:
                         verity = import_layer(
                             repo,
@@ -687,7 +728,8 @@ def fetch_image(
         raise ManifestFormatError(f"manifest {manifest_digest}: only sha256 manifests are stored")
     if len(manifest_json) > JSON_MAX:
         raise ManifestFormatError(f"manifest {manifest_digest} is larger than {JSON_MAX} bytes")
-    check_blob(manifest_json, manifest_digest, len(manifest_json), "manifest")
+    # The source has checked the manifest against its digest; the digest is not
+    # always the JSON's sha256 (ImageSource.fetch_manifest).
     manifest = _parse_manifest(manifest_json, manifest_digest)
     config_desc = manifest.config
     is_container = config_desc.media_type == MEDIA_OCI_CONFIG
@@ -768,3 +810,70 @@ def _reuse_config(
             raise ConfigFormatError(f"stream {config_id} has no reference to layer {key}")
         layers.append(LayerResult(key, desc.digest, desc.media_type, desc.size, verity, True))
     return layers
+
+
+# -- pulling -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    manifest_digest: str
+    #: The import-time manifest stream (what ``cfsctl oci pull`` prints as ``verity``).
+    manifest_verity: str
+    config_digest: str
+    config_verity: str
+    #: The composefs image in the repository's format; None for an artifact.
+    image_id: str | None
+    #: The boot image (``bootable``), in the repository's format.
+    boot_image_id: str | None
+    #: In manifest order.
+    layers: tuple[LayerResult, ...]
+
+
+def pull(
+    repo: Repository,
+    source: ImageSource,
+    *,
+    tag: str | None = None,
+    bootable: bool = False,
+    progress: ProgressCallback | None = None,
+    parallel: int | None = None,
+) -> PullResult:
+    """Fetch the image (:func:`fetch_image`), build and commit its composefs image
+    for the repository's formats (and with ``bootable`` the boot image too) and
+    point ``tag`` at it, as ``cfsctl oci pull [--bootable] REF TAG`` does. The tag
+    is written last, so a pull that fails leaves no tag (and never moves an
+    existing one). Progress as :func:`fetch_image`'s, then ``image`` (detail: the
+    manifest digest) while the composefs image is built."""
+    from composefsd.repository.ocibuild import ensure_image
+
+    if tag is not None:
+        check_tag(tag)
+    # One shared lock from the first stream to the tag: the streams written are
+    # no GC root until the tag names them.
+    with writer_lock(repo.path):
+        fetched = fetch_image(repo, source, progress=progress, parallel=parallel)
+        if progress is not None:
+            progress(Progress("image", 0, None, fetched.manifest_digest))
+        image_id = boot_id = None
+        if fetched.is_container:
+            image_id = ensure_image(repo, fetched.manifest_digest, None, None if bootable else tag)
+            if bootable:
+                boot_id = ensure_image(repo, fetched.manifest_digest, None, tag, bootable=True)
+        elif tag is not None:
+            tag_image(repo, fetched.manifest_digest, tag)
+    log.info(
+        "pulled OCI image %s%s (composefs image %s)",
+        fetched.manifest_digest,
+        f" as {tag}" if tag is not None else "",
+        image_id,
+    )
+    return PullResult(
+        manifest_digest=fetched.manifest_digest,
+        manifest_verity=fetched.manifest_verity,
+        config_digest=fetched.config_digest,
+        config_verity=fetched.config_verity,
+        image_id=image_id,
+        boot_image_id=boot_id,
+        layers=fetched.layers,
+    )
