@@ -844,14 +844,14 @@ def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
     assert _object_files(env.repo) == set()
 
 
-def _mount_in_other_namespace(env: Env) -> subprocess.Popen[str]:
-    """A process in a mount namespace of its own with "app" mounted at env.mnt there;
-    it exits when its stdin is closed."""
+def _mount_in_other_namespace(env: Env, repo: Path | None = None) -> subprocess.Popen[str]:
+    """A process in a mount namespace of its own with "app" of ``repo`` (default:
+    env's) mounted at env.mnt there; it exits when its stdin is closed."""
     code = (
         "import sys\n"
         "from composefsd.repository import Repository\n"
         "from composefsd.kernel.repomount import mount_repository_image\n"
-        f"mount_repository_image(Repository.open({str(env.repo.path)!r}), 'app')"
+        f"mount_repository_image(Repository.open({str(repo or env.repo.path)!r}), 'app')"
         f".attach({str(env.mnt)!r})\n"
         "print('mounted', flush=True)\n"
         "sys.stdin.read()\n"
@@ -880,12 +880,32 @@ def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
         assert out["imagesRemoved"] == 0 and out["objectsRemoved"] == 0
         e = env.error("RemoveImage", env.repo.list_images()[0].digest)
         assert _name(e) == "ImageInUse"
-        assert "(mount namespace mnt:[" in e.parameters["where"][0]
+        (where,) = e.parameters["where"]
+        assert where.startswith(f"{env.mnt} (mount namespace mnt:[")
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(10)
     assert env.call("GarbageCollect", None)["imagesRemoved"] == 1
+
+
+def test_another_repositorys_mount_in_another_namespace_does_not_count(env: Env) -> None:
+    digest = env.create()
+    other = Repository.init(env.tmp / "other")
+    assert other.create_image(env.src, ref="app").digest == digest
+    proc = _mount_in_other_namespace(env, other.path)
+    try:
+        theirs = [m for m in env.tracker.all_mounts() if m.mount.mountpoint == str(env.mnt)]
+        assert [(m.mount.digest, m.own) for m in theirs] == [(digest, False)]
+        assert env.tracker.in_use(env.repo) == {}
+        assert list(env.tracker.in_use(other)) == [digest]
+        assert env.call("RemoveImage", "app") == {"removedRefs": ["app"]}
+        assert env.call("GarbageCollect", None)["objectsRemoved"] > 0
+        assert _object_files(env.repo) == set()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
 
 
 # -- "in use" means in use from this repository ---------------------------------------------
