@@ -846,11 +846,20 @@ def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
 
 def _mount_in_other_namespace(env: Env, repo: Path | None = None) -> subprocess.Popen[str]:
     """A process in a mount namespace of its own with "app" of ``repo`` (default:
-    env's) mounted at env.mnt there; it exits when its stdin is closed."""
+    env's) mounted at env.mnt there; it exits when its stdin is closed.
+
+    The namespace starts with copies of every mount of ours, those of tests running
+    meanwhile too, which would hold their images in use while it lives: they go.
+    """
     code = (
-        "import sys\n"
+        "import contextlib, sys\n"
         "from composefsd.repository import Repository\n"
+        "from composefsd.kernel.mountinfo import list_composefs_mounts\n"
         "from composefsd.kernel.repomount import mount_repository_image\n"
+        "from composefsd.kernel.syscalls import MNT_DETACH, umount2\n"
+        "for m in reversed(list_composefs_mounts()):\n"
+        "    with contextlib.suppress(OSError):\n"
+        "        umount2(m.mountpoint, MNT_DETACH)\n"
         f"mount_repository_image(Repository.open({str(repo or env.repo.path)!r}), 'app')"
         f".attach({str(env.mnt)!r})\n"
         "print('mounted', flush=True)\n"
