@@ -1358,3 +1358,40 @@ def test_pins_without_cap_sys_ptrace(env: Env) -> None:
         other_ns.wait(10)
     # With the holder gone, a fully privileged tracker drops the pin too.
     assert MountTracker(env.tmp / "run", grace=0).live_pins() == []
+
+
+def test_namespaces_whose_link_cannot_be_read_are_told_apart_by_mount_ids(env: Env) -> None:
+    """Where /proc/PID/ns/mnt cannot be read (a process we may not ptrace), its
+    mountinfo, read a moment after ours and with mounts come and gone meanwhile, is
+    still our namespace: it was counted twice, and named our mount twice."""
+    digest = "a" * 64
+
+    def line(mount_id: int, where: str, source: str = "tmpfs") -> str:
+        if source == "tmpfs":
+            return f"{mount_id} 1 0:{mount_id} / {where} rw - tmpfs tmpfs rw"
+        return (
+            f"{mount_id} 1 0:{mount_id} / {where} ro - overlay {source} "
+            f"ro,lowerdir+=/l,datadir+={env.repo.objects_dir}"
+        )
+
+    common = [line(i, f"/m{i}") for i in range(20, 30)]
+    ours = [*common, line(40, "/x", f"composefs:{digest}")]
+    proc = env.tmp / "proc"
+    for pid, lines in (
+        ("self", ours),
+        # Our namespace again, read later: one mount gone, two new.
+        ("1", [*common[1:], line(40, "/x", f"composefs:{digest}"), line(41, "/y"), line(42, "/z")]),
+        # Another namespace: a copy of ours, every mount with an id of its own.
+        (
+            "7",
+            [line(100 + i, f"/m{i}") for i in range(10)] + [line(140, "/x", f"composefs:{digest}")],
+        ),
+    ):
+        (proc / pid / "ns").mkdir(parents=True)
+        (proc / pid / "ns" / "mnt").write_text("")  # not a link: cannot be read as one
+        (proc / pid / "mountinfo").write_text("\n".join(lines) + "\n")
+    found = MountTracker(env.tmp / "run", proc=str(proc)).all_mounts()
+    assert [(m.mount.mount_id, m.namespace, m.own, m.root) for m in found] == [
+        (40, "of pid self", True, ""),
+        (140, "of pid 7", False, f"{proc}/7/root"),
+    ]

@@ -71,7 +71,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from composefsd.dirs import make_dir
-from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.kernel.mountinfo import (
+    ComposefsMount,
+    composefs_mounts,
+    list_composefs_mounts,
+    parse_mountinfo,
+)
 from composefsd.kernel.repomount import ObjectsDirectory, is_repository_mount
 from composefsd.kernel.syscalls import unique_mount_id
 from composefsd.repository import Repository
@@ -317,11 +322,15 @@ class MountTracker:
         A namespace is known by ``/proc/PID/ns/mnt``. Reading that link needs ptrace
         access to the process (CAP_SYS_PTRACE for processes with capabilities we
         lack), ``mountinfo`` does not: where the link cannot be read, the mountinfo
-        is read anyway and namespaces are told apart by its content.
+        is read anyway and namespaces are told apart by their mounts' ids. A mount
+        is in one namespace only, and a copy of it made for a new namespace gets an
+        id of its own: a mountinfo whose ids are mostly those of one already read is
+        that namespace again, read a moment later (mounts come and go meanwhile,
+        and a freed id may be given to a mount elsewhere, hence "mostly").
         """
         out: list[NamespaceMount] = []
         seen: set[str] = set()
-        seen_text: set[int] = set()
+        seen_ids: list[set[int]] = []
         try:
             own_ns = os.readlink(f"{self._proc}/self/ns/mnt")
         except OSError:
@@ -338,22 +347,17 @@ class MountTracker:
             text = _read_text(f"{self._proc}/{pid}/mountinfo")
             if text is None:
                 continue  # gone, or not ours to read: another process of it may do
-            key = hash(text)
-            if key in seen_text:
-                if ns:
-                    seen.add(ns)
-                continue
-            seen_text.add(key)
+            entries = list(parse_mountinfo(text))
+            ids = {e.mount_id for e in entries}
             if ns:
                 seen.add(ns)
+            if any(2 * len(ids & earlier) > len(ids) for earlier in seen_ids):
+                continue
+            seen_ids.append(ids)
             label = ns or f"of pid {pid}"
             own = pid == "self" or (bool(ns) and ns == own_ns)
-            try:
-                mounts = list_composefs_mounts(f"{self._proc}/{pid}/mountinfo")
-            except OSError:
-                continue
             root = "" if pid == "self" else f"{self._proc}/{pid}/root"
-            out.extend(NamespaceMount(m, label, own, root) for m in mounts)
+            out.extend(NamespaceMount(m, label, own, root) for m in composefs_mounts(entries))
         return out
 
     def _pids(self, first: str | None = None) -> Iterator[str]:
