@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import varlink
@@ -42,6 +42,7 @@ from composefsd.kernel.syscalls import (
     FsContext,
     move_mount,
     umount2,
+    unshare,
 )
 from composefsd.kernel.userns import IdMapping, create_userns
 from composefsd.kernel.verity import VerityAlgorithmMismatchError, VerityNotEnabledError
@@ -69,6 +70,8 @@ from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_err
 from composefsd.service.mounts import MountTracker
 from servicehelpers import unmount_below
 from trees import random_tree
+
+CLONE_NEWNS = 0x00020000
 
 IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
 IDL = varlink.Interface(IDL_PATH.read_text())
@@ -844,35 +847,64 @@ def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
     assert _object_files(env.repo) == set()
 
 
-def _mount_in_other_namespace(env: Env, repo: Path | None = None) -> subprocess.Popen[str]:
+class _OtherNamespace:
+    """A forked child in a mount namespace of its own; it exits when ``stdin`` is
+    closed (``wait`` then reaps it)."""
+
+    def __init__(self, pid: int, stdin: BinaryIO) -> None:
+        self.pid = pid
+        self.stdin = stdin
+
+    def wait(self, timeout: float) -> int:
+        del timeout  # the child exits as soon as stdin is closed
+        return os.waitpid(self.pid, 0)[1]
+
+
+def _mount_in_other_namespace(env: Env, repo: Path | None = None) -> _OtherNamespace:
     """A process in a mount namespace of its own with "app" of ``repo`` (default:
     env's) mounted at env.mnt there; it exits when its stdin is closed.
 
-    The namespace starts with copies of every mount of ours, those of tests running
-    meanwhile too, which would hold their images in use while it lives: they go.
+    A new namespace starts with copies of every mount of ours, those of tests
+    running meanwhile too, which would hold their images in use while it lives:
+    the child drops them at once (once private, so that nothing propagates back),
+    forked rather than started, so that moment is short.
     """
-    code = (
-        "import contextlib, sys\n"
-        "from composefsd.repository import Repository\n"
-        "from composefsd.kernel.mountinfo import list_composefs_mounts\n"
-        "from composefsd.kernel.repomount import mount_repository_image\n"
-        "from composefsd.kernel.syscalls import MNT_DETACH, umount2\n"
-        "for m in reversed(list_composefs_mounts()):\n"
-        "    with contextlib.suppress(OSError):\n"
-        "        umount2(m.mountpoint, MNT_DETACH)\n"
-        f"mount_repository_image(Repository.open({str(repo or env.repo.path)!r}), 'app')"
-        f".attach({str(env.mnt)!r})\n"
-        "print('mounted', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    proc = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
-    return proc
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            # Only the two pipe ends: inherited ones (another child's stdin) would
+            # keep what they lead to open.
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                if fd > 2 and fd not in (ready_w, stop_r):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            unshare(CLONE_NEWNS)
+            subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+            for m in reversed(list_composefs_mounts()):
+                with contextlib.suppress(OSError):
+                    umount2(m.mountpoint, MNT_DETACH)
+            mount = mount_repository_image(Repository.open(repo or env.repo.path), "app")
+            mount.attach(env.mnt)
+            os.write(ready_w, b"mounted")
+            os.read(stop_r, 1)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(stop_r)
+    child = _OtherNamespace(pid, os.fdopen(stop_w, "wb"))
+    try:
+        assert os.read(ready_r, 16) == b"mounted"
+    except BaseException:
+        child.stdin.close()
+        child.wait(10)
+        raise
+    finally:
+        os.close(ready_r)
+    return child
 
 
 def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
