@@ -1427,3 +1427,18 @@ def test_namespaces_whose_link_cannot_be_read_are_told_apart_by_mount_ids(env: E
         (40, "of pid self", True, ""),
         (140, "of pid 7", False, f"{proc}/7/root"),
     ]
+    # A third namespace seen through a process whose link can be read and one whose
+    # link cannot, in whichever order /proc lists them: once.
+    third = [line(200 + i, f"/m{i}") for i in range(10)]
+    for pid, lines in (
+        ("3", [*third, line(240, "/x", f"composefs:{digest}")]),
+        ("8", [*third[2:], line(240, "/x", f"composefs:{digest}"), line(241, "/w")]),
+    ):
+        (proc / pid).mkdir()
+        (proc / pid / "mountinfo").write_text("\n".join(lines) + "\n")
+    (proc / "3" / "ns").mkdir()
+    (proc / "3" / "ns" / "mnt").write_text("")
+    (proc / "8" / "ns").mkdir()
+    (proc / "8" / "ns" / "mnt").symlink_to("mnt:[4026532999]")
+    found = MountTracker(env.tmp / "run", proc=str(proc)).all_mounts()
+    assert sorted(m.mount.mount_id for m in found) == [40, 140, 240]

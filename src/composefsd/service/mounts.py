@@ -322,7 +322,7 @@ class MountTracker:
         A namespace is known by ``/proc/PID/ns/mnt``. Reading that link needs ptrace
         access to the process (CAP_SYS_PTRACE for processes with capabilities we
         lack), ``mountinfo`` does not: where the link cannot be read, the mountinfo
-        is read anyway and namespaces are told apart by their mounts' ids. A mount
+        is read anyway and told apart from those read by their mounts' ids. A mount
         is in one namespace only, and a copy of it made for a new namespace gets an
         id of its own: a mountinfo whose ids are mostly those of one already read is
         that namespace again, read a moment later (mounts come and go meanwhile,
@@ -330,7 +330,8 @@ class MountTracker:
         """
         out: list[NamespaceMount] = []
         seen: set[str] = set()
-        seen_ids: list[set[int]] = []
+        # The mount ids of each namespace read, and whether its link was read.
+        seen_ids: list[tuple[set[int], bool]] = []
         try:
             own_ns = os.readlink(f"{self._proc}/self/ns/mnt")
         except OSError:
@@ -351,9 +352,12 @@ class MountTracker:
             ids = {e.mount_id for e in entries}
             if ns:
                 seen.add(ns)
-            if any(2 * len(ids & earlier) > len(ids) for earlier in seen_ids):
+            if any(
+                (not ns or not linked) and 2 * len(ids & earlier) > len(ids)
+                for earlier, linked in seen_ids
+            ):
                 continue
-            seen_ids.append(ids)
+            seen_ids.append((ids, bool(ns)))
             label = ns or f"of pid {pid}"
             own = pid == "self" or (bool(ns) and ns == own_ns)
             root = "" if pid == "self" else f"{self._proc}/{pid}/root"
