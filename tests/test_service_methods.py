@@ -1102,6 +1102,11 @@ def test_which_mounts_are_a_repositorys(env: Env) -> None:
     assert not objects.same(ObjectsDirectory(objects.path, objects.dev, -1))
     assert objects.same(ObjectsDirectory(objects.path))
     assert not objects.same(ObjectsDirectory("/elsewhere"))
+    # One that could not be looked up (gone meanwhile) is known by its path only.
+    unlooked = ObjectsDirectory(objects.path)
+    assert unlooked.is_layer(real) and unlooked.is_layer(real + "/.")
+    assert unlooked.is_layer(str(other.objects_dir)) is False
+    assert unlooked.is_layer("/proc/self/fd/3") is None
 
 
 def test_pins_name_their_repository(env: Env) -> None:

@@ -134,11 +134,13 @@ class ObjectsDirectory:
         if not layer.startswith("/") or layer == "/proc" or layer.startswith("/proc/"):
             return None
         try:
+            if self.dev is None:
+                raise FileNotFoundError(self.path)
             st = os.stat(root + layer)
         except (OSError, ValueError):
-            # Gone, hidden from us, or not a path at all (NUL): by its text.
+            # Either is gone or hidden from us, or not a path at all (NUL): by text.
             return os.path.normpath(layer) == self.path
-        return self.dev is not None and (st.st_dev, st.st_ino) == (self.dev, self.ino)
+        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
 
 
 def _has_image(repo: Repository, digest: str) -> bool:
