@@ -18,6 +18,7 @@ moment: ``tempfile.tempdir`` points into ``tmp_path`` so that leftovers show.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -56,7 +57,7 @@ from composefsd.kernel.mount import (
     probe_layer_mode,
     unmount,
 )
-from composefsd.kernel.mountinfo import MountEntry, parse_mountinfo
+from composefsd.kernel.mountinfo import MountEntry, list_composefs_mounts, parse_mountinfo
 from composefsd.kernel.repomount import (
     mount_repository_image,
     mounted_images,
@@ -1282,6 +1283,11 @@ def _in_private_mount_namespace(fn: Callable[[], dict[str, object]]) -> dict[str
             try:
                 unshare(CLONE_NEWNS)
                 subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+                # The copies of composefs mounts made elsewhere (tests running
+                # meanwhile) would hold their images in use as long as this lives.
+                for m in reversed(list_composefs_mounts()):
+                    with contextlib.suppress(OSError):
+                        umount2(m.mountpoint, MNT_DETACH)
                 result: dict[str, object] = {"ok": True, "value": fn()}
             except BaseException:
                 result = {"ok": False, "error": traceback.format_exc()}

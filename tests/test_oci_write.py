@@ -165,16 +165,21 @@ def test_fine_tags() -> None:
         assert check_tag(tag) == tag
 
 
-def test_manifest_digest_must_match(tmp_path: Path) -> None:
+def test_converted_manifest_under_its_source_digest(tmp_path: Path) -> None:
+    """skopeo's OCI conversion of a Docker manifest keeps the Docker digest: stored
+    under it, and read back through the tag (which names the stream's object)."""
     repo = _repo(tmp_path, "sha256")
-    with repo.object_store() as store, pytest.raises(OciError):
+    config, _ = _import_time(repo, "single")
+    image = IMAGES["single"]
+    docker_digest = "sha256:" + "d0" * 32
+    refs = [(x["diff_id"], existing_stream(repo, "oci-layer-" + x["diff_id"]) or "") for x in image["layers"]]
+    with repo.object_store() as store:
         write_manifest_stream(
-            repo,
-            store,
-            b"{}",
-            "sha256:" + "0" * 64,
-            "00" * 32,
-            [],
-            manifest_digest="sha256:" + "1" * 64,
+            repo, store, _blob(image["manifest_digest"]), image["config_digest"], config, refs,
+            manifest_digest=docker_digest, tag="converted",
         )
-    assert existing_stream(repo, "oci-manifest-sha256:" + "1" * 64) is None
+        assert open_tag(repo, store, "converted").manifest_digest == docker_digest
+        with pytest.raises(OciError):
+            write_manifest_stream(
+                repo, store, b"{}", image["config_digest"], config, [], manifest_digest="sha256:../x"
+            )

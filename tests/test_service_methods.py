@@ -8,6 +8,7 @@ Replies are checked against the IDL's reply types (:func:`check_reply`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -19,15 +20,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import varlink
 from varlink import scanner
 
-from composefsd.kernel.mountinfo import composefs_mount_at, list_composefs_mounts
-from composefsd.kernel.repomount import mount_repository_image
-from composefsd.kernel.syscalls import MNT_DETACH, move_mount, umount2
+from composefsd.kernel.mountinfo import (
+    ComposefsMount,
+    composefs_mount_at,
+    list_composefs_mounts,
+)
+from composefsd.kernel.repomount import (
+    ObjectsDirectory,
+    is_repository_mount,
+    mount_repository_image,
+)
+from composefsd.kernel.syscalls import (
+    MNT_DETACH,
+    MOUNT_ATTR_RDONLY,
+    FsContext,
+    move_mount,
+    umount2,
+    unshare,
+)
 from composefsd.kernel.userns import IdMapping, create_userns
 from composefsd.kernel.verity import VerityAlgorithmMismatchError, VerityNotEnabledError
 from composefsd.repository import (
@@ -54,6 +70,8 @@ from composefsd.service.methods import INTERFACE, RepositoryInterface, reply_err
 from composefsd.service.mounts import MountTracker
 from servicehelpers import unmount_below
 from trees import random_tree
+
+CLONE_NEWNS = 0x00020000
 
 IDL_PATH = Path(methods_module.__file__).parent / "io.composefs.Repository.varlink"
 IDL = varlink.Interface(IDL_PATH.read_text())
@@ -829,26 +847,64 @@ def test_gc_keeps_mounted_and_pinned_images(env: Env) -> None:
     assert _object_files(env.repo) == set()
 
 
-def _mount_in_other_namespace(env: Env) -> subprocess.Popen[str]:
-    """A process in a mount namespace of its own with "app" mounted at env.mnt there;
-    it exits when its stdin is closed."""
-    code = (
-        "import sys\n"
-        "from composefsd.repository import Repository\n"
-        "from composefsd.kernel.repomount import mount_repository_image\n"
-        f"mount_repository_image(Repository.open({str(env.repo.path)!r}), 'app')"
-        f".attach({str(env.mnt)!r})\n"
-        "print('mounted', flush=True)\n"
-        "sys.stdin.read()\n"
-    )
-    proc = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline() == "mounted\n"
-    return proc
+class _OtherNamespace:
+    """A forked child in a mount namespace of its own; it exits when ``stdin`` is
+    closed (``wait`` then reaps it)."""
+
+    def __init__(self, pid: int, stdin: BinaryIO) -> None:
+        self.pid = pid
+        self.stdin = stdin
+
+    def wait(self, timeout: float) -> int:
+        del timeout  # the child exits as soon as stdin is closed
+        return os.waitpid(self.pid, 0)[1]
+
+
+def _mount_in_other_namespace(env: Env, repo: Path | None = None) -> _OtherNamespace:
+    """A process in a mount namespace of its own with "app" of ``repo`` (default:
+    env's) mounted at env.mnt there; it exits when its stdin is closed.
+
+    A new namespace starts with copies of every mount of ours, those of tests
+    running meanwhile too, which would hold their images in use while it lives:
+    the child drops them at once (once private, so that nothing propagates back),
+    forked rather than started, so that moment is short.
+    """
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            # Only the two pipe ends: inherited ones (another child's stdin) would
+            # keep what they lead to open.
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                if fd > 2 and fd not in (ready_w, stop_r):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            unshare(CLONE_NEWNS)
+            subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+            for m in reversed(list_composefs_mounts()):
+                with contextlib.suppress(OSError):
+                    umount2(m.mountpoint, MNT_DETACH)
+            mount = mount_repository_image(Repository.open(repo or env.repo.path), "app")
+            mount.attach(env.mnt)
+            os.write(ready_w, b"mounted")
+            os.read(stop_r, 1)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(stop_r)
+    child = _OtherNamespace(pid, os.fdopen(stop_w, "wb"))
+    try:
+        assert os.read(ready_r, 16) == b"mounted"
+    except BaseException:
+        child.stdin.close()
+        child.wait(10)
+        raise
+    finally:
+        os.close(ready_r)
+    return child
 
 
 def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
@@ -865,12 +921,219 @@ def test_gc_keeps_images_mounted_in_other_namespaces(env: Env) -> None:
         assert out["imagesRemoved"] == 0 and out["objectsRemoved"] == 0
         e = env.error("RemoveImage", env.repo.list_images()[0].digest)
         assert _name(e) == "ImageInUse"
-        assert "(mount namespace mnt:[" in e.parameters["where"][0]
+        (where,) = e.parameters["where"]
+        assert where.startswith(f"{env.mnt} (mount namespace mnt:[")
     finally:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(10)
     assert env.call("GarbageCollect", None)["imagesRemoved"] == 1
+
+
+def test_another_repositorys_mount_in_another_namespace_does_not_count(env: Env) -> None:
+    digest = env.create()
+    other = Repository.init(env.tmp / "other")
+    assert other.create_image(env.src, ref="app").digest == digest
+    proc = _mount_in_other_namespace(env, other.path)
+    try:
+        theirs = [m for m in env.tracker.all_mounts() if m.mount.mountpoint == str(env.mnt)]
+        assert [(m.mount.digest, m.own) for m in theirs] == [(digest, False)]
+        assert env.tracker.in_use(env.repo) == {}
+        assert list(env.tracker.in_use(other)) == [digest]
+        assert env.call("RemoveImage", "app") == {"removedRefs": ["app"]}
+        assert env.call("GarbageCollect", None)["objectsRemoved"] > 0
+        assert _object_files(env.repo) == set()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+# -- "in use" means in use from this repository ---------------------------------------------
+
+
+def _same_image_elsewhere(env: Env, name: str) -> tuple[Repository, RepositoryInterface]:
+    """Another repository holding the same image as env's "app", with its own
+    interface and the same runtime directory (as two daemons on one machine)."""
+    other = Repository.init(env.tmp / name)
+    iface = RepositoryInterface(other, MountTracker(env.tmp / "run"))
+    return other, iface
+
+
+def test_a_mount_from_another_repository_does_not_hold_the_image(env: Env) -> None:
+    digest = env.create()
+    other, other_iface = _same_image_elsewhere(env, "other")
+    assert other.create_image(env.src, ref="app").digest == digest
+    where = env.tmp / "other-mnt"
+    where.mkdir()
+    mount_repository_image(other, "app").attach(where)
+    ctx = env.ctx("Mount")
+    other_iface.Mount(*_mount_args("app", None), _request=ctx)
+    (detached,) = ctx.out_fds
+    try:
+        assert env.iface.gc_pins() == set()
+        assert env.call("ListMounts", None) == {"mounts": []}
+        listed = {m["where"]: m for m in env.call("ListMounts", True)["mounts"]}
+        assert listed[str(where)]["inRepository"] is False
+        assert env.call("Describe")["mounts"] == 0
+        # Ours mounted too: only ours is named, and held.
+        env.mount("app", env.mnt)
+        e = env.error("RemoveImage", "app")
+        assert (_name(e), e.parameters["where"]) == ("ImageInUse", [str(env.mnt)])
+        env.repo.remove_ref("app")
+        assert env.call("GarbageCollect", None)["imagesRemoved"] == 0
+        assert env.iface.gc_pins() == {digest}
+        env.call("Unmount", str(env.mnt), None)
+        # Unmounted here: removable and collected although the other's are out.
+        assert env.iface.gc_pins() == set()
+        assert env.call("RemoveImage", digest) == {"removedRefs": []}
+        assert env.call("GarbageCollect", None)["objectsRemoved"] > 0
+        assert _object_files(env.repo) == set()
+        # The other repository's attached and detached mounts still hold its copy.
+        assert other_iface.gc_pins() == {digest}
+        e = check_error(_raises(other_iface.RemoveImage, "app", ctx=env.ctx("RemoveImage")))
+        assert _name(e) == "ImageInUse"
+        assert sorted(w.split(" ")[0] for w in e.parameters["where"]) == sorted(
+            [str(where), "detached"]
+        )
+        assert _hashes(where) == _hashes(env.src)
+    finally:
+        os.close(detached)
+
+
+def _raises(method: Callable[..., Any], *args: Any, ctx: CallContext) -> VarlinkReplyError:
+    with pytest.raises(VarlinkReplyError) as info:
+        method(*args, _request=ctx)
+    return info.value
+
+
+def test_mounts_through_other_paths_to_the_objects_count(env: Env) -> None:
+    digest = env.create()
+    # The repository reached through a symlink and through a bind mount of it.
+    link = env.tmp / "link"
+    link.symlink_to(env.repo.path)
+    bind = env.tmp / "bind"
+    bind.mkdir()
+    subprocess.run(["mount", "--bind", str(env.repo.path), str(bind)], check=True)
+    erofs = env.tmp / "erofs"
+    erofs.mkdir()
+    by_path = env.tmp / "by-path"
+    by_path.mkdir()
+    try:
+        by_link, by_bind = env.tmp / "by-link", env.tmp / "by-bind"
+        for repo_path, where in ((link, by_link), (bind, by_bind)):
+            where.mkdir()
+            mount_repository_image(Repository.open(repo_path), "app").attach(where)
+        # As mount.composefs or a hand-made mount names its layers: by the paths
+        # given, here the symlinked one (which mountinfo shows as it is).
+        with FsContext("erofs") as fs:
+            fs.set_string("source", str(env.repo.image_path(digest)))
+            fs.create()
+            fd = fs.mount(MOUNT_ATTR_RDONLY)
+        try:
+            move_mount(fd, erofs)
+        finally:
+            os.close(fd)
+        with FsContext("overlay") as ov:
+            ov.set_string("source", f"composefs:{digest}")
+            ov.set_string("metacopy", "on")
+            ov.set_string("redirect_dir", "on")
+            ov.set_string("lowerdir", f"{erofs}::{link}/objects")
+            ov.create()
+            fd = ov.mount(MOUNT_ATTR_RDONLY)
+        try:
+            move_mount(fd, by_path)
+        finally:
+            os.close(fd)
+        shown = {m.mountpoint: m.datadirs for m in list_composefs_mounts()}
+        assert shown[str(by_bind)] == (f"{bind}/objects",)
+        assert shown[str(by_path)] == (f"{link}/objects",)
+        assert _hashes(by_path) == _hashes(env.src)
+
+        listed = env.call("ListMounts", None)["mounts"]
+        assert sorted(m["where"] for m in listed) == sorted(map(str, (by_link, by_bind, by_path)))
+        e = env.error("RemoveImage", "app")
+        assert sorted(e.parameters["where"]) == sorted(map(str, (by_link, by_bind, by_path)))
+        for where in (by_link, by_bind):
+            env.call("Unmount", str(where), None)
+        assert env.error("RemoveImage", "app").parameters["where"] == [str(by_path)]
+        env.repo.remove_ref("app")
+        assert env.call("GarbageCollect", None)["imagesRemoved"] == 0
+        umount2(str(by_path), MNT_DETACH)
+        assert env.iface.gc_pins() == set()
+    finally:
+        for path in (by_path, erofs, bind):
+            with contextlib.suppress(OSError):
+                umount2(str(path), MNT_DETACH)
+
+
+def test_which_mounts_are_a_repositorys(env: Env) -> None:
+    digest = env.create()
+    objects = ObjectsDirectory.of(env.repo)
+    other = Repository.init(env.tmp / "other")
+    absent = "e" * 64
+
+    def mount(*datadirs: str, digest: str | None = digest) -> ComposefsMount:
+        return ComposefsMount(1, "/x", "composefs", "", digest, True, "off", datadirs)
+
+    def ours(m: ComposefsMount, *, root: str = "", repo: Repository = env.repo) -> bool:
+        return is_repository_mount(repo, m, root=root)
+
+    real = str(env.repo.objects_dir)
+    assert ours(mount(real)) and not ours(mount(real), repo=other)
+    assert ours(mount(str(other.objects_dir), real))
+    assert not ours(mount(str(other.objects_dir)))
+    assert not ours(mount(real, digest=None)) and not ours(mount(real, digest=digest[:40]))
+    # Looked up where the mount's namespace has its root; by the text where that fails.
+    assert ours(mount(real), root="/proc/self/root")
+    assert ours(mount(real + "/"), root=str(env.tmp / "nowhere"))
+    assert not ours(mount(str(env.tmp / "gone" / "objects")))
+    assert not ours(mount(real + " (deleted)"))
+    # Layers mountinfo cannot place: counted when the repository has the image.
+    for unplaced in ("/proc/self/fd/7", "/proc/1234/fd/3", "/proc", "objects", ""):
+        assert ours(mount(unplaced)), unplaced
+        assert not ours(mount(unplaced, digest=absent)), unplaced
+        assert not ours(mount(unplaced), repo=other), unplaced
+        # Beside another repository's objects it may still be ours.
+        assert ours(mount(unplaced, str(other.objects_dir))), unplaced
+    assert ours(mount()) and not ours(mount(), repo=other)
+    # An objects directory is the same by inode, else by path.
+    assert objects.same(ObjectsDirectory("/elsewhere", objects.dev, objects.ino))
+    assert not objects.same(ObjectsDirectory(objects.path, objects.dev, -1))
+    assert objects.same(ObjectsDirectory(objects.path))
+    assert not objects.same(ObjectsDirectory("/elsewhere"))
+    # One that could not be looked up (gone meanwhile) is known by its path only.
+    unlooked = ObjectsDirectory(objects.path)
+    assert unlooked.is_layer(real) and unlooked.is_layer(real + "/.")
+    assert unlooked.is_layer(str(other.objects_dir)) is False
+    assert unlooked.is_layer("/proc/self/fd/3") is None
+
+
+def test_pins_name_their_repository(env: Env) -> None:
+    digest = env.create()
+    other, other_iface = _same_image_elsewhere(env, "other")
+    other.create_image(env.src, ref="app")
+    ctx = env.ctx("Mount")
+    other_iface.Mount(*_mount_args("app", None), _request=ctx)
+    os.close(ctx.out_fds.pop())  # within the grace period: live all the same
+    (pin,) = env.tracker.live_pins()
+    assert pin.objects == ObjectsDirectory.of(other)
+    assert env.tracker.in_use(env.repo) == {}
+    assert list(env.tracker.in_use(other)) == [digest]
+    # A pin that does not name its repository (an older daemon's, or damaged) is
+    # honoured for every repository.
+    doc = json.loads(pin.path.read_text())
+    bads: list[object] = [None, "x", {"path": 5}, {"path": "relative", "dev": 1, "ino": 2}, []]
+    for bad in bads:
+        pin.path.write_text(json.dumps({**doc, "objects": bad}))
+        assert list(env.tracker.in_use(env.repo)) == [digest], bad
+    del doc["objects"]
+    pin.path.write_text(json.dumps(doc))
+    assert list(env.tracker.in_use(env.repo)) == [digest]
+    # One that names its path only is told apart by the path.
+    pin.path.write_text(json.dumps({**doc, "objects": {"path": str(other.objects_dir)}}))
+    assert env.tracker.in_use(env.repo) == {}
+    assert list(env.tracker.in_use(other)) == [digest]
 
 
 def test_gc_busy_and_corrupt(env: Env) -> None:
@@ -1132,3 +1395,55 @@ def test_pins_without_cap_sys_ptrace(env: Env) -> None:
         other_ns.wait(10)
     # With the holder gone, a fully privileged tracker drops the pin too.
     assert MountTracker(env.tmp / "run", grace=0).live_pins() == []
+
+
+def test_namespaces_whose_link_cannot_be_read_are_told_apart_by_mount_ids(env: Env) -> None:
+    """Where /proc/PID/ns/mnt cannot be read (a process we may not ptrace), its
+    mountinfo, read a moment after ours and with mounts come and gone meanwhile, is
+    still our namespace: it was counted twice, and named our mount twice."""
+    digest = "a" * 64
+
+    def line(mount_id: int, where: str, source: str = "tmpfs") -> str:
+        if source == "tmpfs":
+            return f"{mount_id} 1 0:{mount_id} / {where} rw - tmpfs tmpfs rw"
+        return (
+            f"{mount_id} 1 0:{mount_id} / {where} ro - overlay {source} "
+            f"ro,lowerdir+=/l,datadir+={env.repo.objects_dir}"
+        )
+
+    common = [line(i, f"/m{i}") for i in range(20, 30)]
+    ours = [*common, line(40, "/x", f"composefs:{digest}")]
+    proc = env.tmp / "proc"
+    for pid, lines in (
+        ("self", ours),
+        # Our namespace again, read later: one mount gone, two new.
+        ("1", [*common[1:], line(40, "/x", f"composefs:{digest}"), line(41, "/y"), line(42, "/z")]),
+        # Another namespace: a copy of ours, every mount with an id of its own.
+        (
+            "7",
+            [line(100 + i, f"/m{i}") for i in range(10)] + [line(140, "/x", f"composefs:{digest}")],
+        ),
+    ):
+        (proc / pid / "ns").mkdir(parents=True)
+        (proc / pid / "ns" / "mnt").write_text("")  # not a link: cannot be read as one
+        (proc / pid / "mountinfo").write_text("\n".join(lines) + "\n")
+    found = MountTracker(env.tmp / "run", proc=str(proc)).all_mounts()
+    assert [(m.mount.mount_id, m.namespace, m.own, m.root) for m in found] == [
+        (40, "of pid self", True, ""),
+        (140, "of pid 7", False, f"{proc}/7/root"),
+    ]
+    # A third namespace seen through a process whose link can be read and one whose
+    # link cannot, in whichever order /proc lists them: once.
+    third = [line(200 + i, f"/m{i}") for i in range(10)]
+    for pid, lines in (
+        ("3", [*third, line(240, "/x", f"composefs:{digest}")]),
+        ("8", [*third[2:], line(240, "/x", f"composefs:{digest}"), line(241, "/w")]),
+    ):
+        (proc / pid).mkdir()
+        (proc / pid / "mountinfo").write_text("\n".join(lines) + "\n")
+    (proc / "3" / "ns").mkdir()
+    (proc / "3" / "ns" / "mnt").write_text("")
+    (proc / "8" / "ns").mkdir()
+    (proc / "8" / "ns" / "mnt").symlink_to("mnt:[4026532999]")
+    found = MountTracker(env.tmp / "run", proc=str(proc)).all_mounts()
+    assert sorted(m.mount.mount_id for m in found) == [40, 140, 240]

@@ -49,6 +49,7 @@ from composefsd.kernel.verity import LOG_BLOCK_SIZE, Algorithm
 from composefsd.objectlayout import is_hex
 
 __all__ = [
+    "CONTENT_TYPE_OCI_BLOB",
     "CONTENT_TYPE_OCI_CONFIG",
     "CONTENT_TYPE_OCI_LAYER",
     "CONTENT_TYPE_OCI_MANIFEST",
@@ -88,6 +89,8 @@ MAGIC = b"SplitStream"
 CONTENT_TYPE_OCI_LAYER = int.from_bytes(b"ocilayer", "little")
 CONTENT_TYPE_OCI_CONFIG = int.from_bytes(b"ociconfg", "little")
 CONTENT_TYPE_OCI_MANIFEST = int.from_bytes(b"ocimanif", "little")
+#: An OCI artifact's non-tar layer: one object, the blob as it is.
+CONTENT_TYPE_OCI_BLOB = int.from_bytes(b"oci_blob", "little")
 
 #: Prefixes of the content ids (the names under ``streams/``) of OCI streams.
 OCI_LAYER_PREFIX = "oci-layer-"

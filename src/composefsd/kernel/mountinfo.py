@@ -9,13 +9,14 @@ that is how a restarted daemon finds which images are still mounted.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
     "ComposefsMount",
     "MountEntry",
     "composefs_mount_at",
+    "composefs_mounts",
     "list_composefs_mounts",
     "parse_mountinfo",
 ]
@@ -132,9 +133,14 @@ def composefs_mount_at(
     return None if top is None else _composefs(top)
 
 
+def composefs_mounts(entries: Iterable[MountEntry]) -> list[ComposefsMount]:
+    """The composefs mounts among ``entries``, in their order."""
+    return [m for e in entries if (m := _composefs(e)) is not None]
+
+
 def list_composefs_mounts(path: str = "/proc/self/mountinfo") -> list[ComposefsMount]:
     """Every composefs mount visible in this mount namespace, in mount order."""
-    return [m for e in parse_mountinfo(_read(path)) if (m := _composefs(e)) is not None]
+    return composefs_mounts(parse_mountinfo(_read(path)))
 
 
 def _read(path: str) -> str:

@@ -3,12 +3,26 @@
 A repository mount is named ``composefs:<image digest>``, so that mountinfo says
 which image it shows; :func:`mounted_images` reads that back, for GC to keep
 mounted images and their objects (composefs-rs #346) even across daemon restarts.
+
+Which mounts are *this* repository's is decided here, in :func:`is_repository_mount`,
+for everything that asks (GC, RemoveImage, ListMounts, Describe, the direct CLI):
+the same image can be in several repositories on one machine, and a mount of it
+from another must not hold this one's copy. A mount is this repository's when one
+of its overlay data-only layers is this repository's ``objects/`` directory: the
+same directory (device and inode) where the layer's path can be looked up, the
+same path where it cannot. That holds whoever made the mount (composefsd,
+``cfsctl``, ``mount.composefs``) and whichever path reached the directory (a
+symlink, a bind mount). Mountinfo shows no usable path for layers given as
+``/proc/self/fd/N`` strings (the string form of :mod:`composefsd.kernel.mount`)
+or as relative paths; such a mount is counted when this repository has its image,
+erring towards keeping it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from composefsd.kernel.mount import (
     WRONG_VERITY,
@@ -25,7 +39,13 @@ from composefsd.kernel.userns import IdMapping
 from composefsd.repository import Repository, VerityPolicy, reader_lock
 from composefsd.repository.images import open_image_object
 
-__all__ = ["mount_repository_image", "mounted_images", "repository_mounts"]
+__all__ = [
+    "ObjectsDirectory",
+    "is_repository_mount",
+    "mount_repository_image",
+    "mounted_images",
+    "repository_mounts",
+]
 
 
 def mount_repository_image(
@@ -81,29 +101,87 @@ def mount_repository_image(
             os.close(fd)
 
 
+@dataclass(slots=True, frozen=True)
+class ObjectsDirectory:
+    """A repository's ``objects/`` directory, as its mounts are told apart by."""
+
+    #: Its path with symlinks resolved.
+    path: str
+    #: Device and inode; None when it cannot be looked up.
+    dev: int | None = None
+    ino: int | None = None
+
+    @classmethod
+    def of(cls, repo: Repository) -> ObjectsDirectory:
+        path = os.path.realpath(repo.objects_dir)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return cls(path)
+        return cls(path, st.st_dev, st.st_ino)
+
+    def same(self, other: ObjectsDirectory) -> bool:
+        """Whether ``other`` is this directory (by inode when both know theirs)."""
+        if self.dev is not None and other.dev is not None:
+            return (self.dev, self.ino) == (other.dev, other.ino)
+        return self.path == other.path
+
+    def is_layer(self, layer: str, root: str = "") -> bool | None:
+        """Whether the overlay layer path ``layer`` (as mountinfo shows it, from
+        the view of the root ``root``, e.g. ``/proc/PID/root``; empty: ours) is
+        this directory; None when the path says nothing (relative, or an fd of
+        whoever mounted: ``/proc/...``)."""
+        if not layer.startswith("/") or layer == "/proc" or layer.startswith("/proc/"):
+            return None
+        try:
+            if self.dev is None:
+                raise FileNotFoundError(self.path)
+            st = os.stat(root + layer)
+        except (OSError, ValueError):
+            # Either is gone or hidden from us, or not a path at all (NUL): by text.
+            return os.path.normpath(layer) == self.path
+        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+
+def _has_image(repo: Repository, digest: str) -> bool:
+    return os.path.lexists(repo.image_path(digest)) or os.path.lexists(repo.object_path(digest))
+
+
+def is_repository_mount(
+    repo: Repository,
+    mount: ComposefsMount,
+    *,
+    root: str = "",
+    objects: ObjectsDirectory | None = None,
+) -> bool:
+    """Whether ``mount`` is a mount of an image of ``repo`` (module notes).
+
+    ``root`` is the root the mount's layer paths are relative to (``/proc/PID/root``
+    of a process of the mount namespace it was seen in; empty for our own);
+    ``objects`` the repository's :meth:`ObjectsDirectory.of`, to look it up once
+    for many mounts.
+    """
+    if mount.digest is None or len(mount.digest) != repo.hash_algorithm.digest_size * 2:
+        return False
+    if objects is None:
+        objects = ObjectsDirectory.of(repo)
+    unknown = not mount.datadirs
+    for layer in mount.datadirs:
+        found = objects.is_layer(layer, root)
+        if found:
+            return True
+        unknown = unknown or found is None
+    return unknown and _has_image(repo, mount.digest)
+
+
 def repository_mounts(
     repo: Repository, mounts: Sequence[ComposefsMount] | None = None
 ) -> list[ComposefsMount]:
-    """The composefs mounts of this repository's images.
-
-    A mount counts when its source names a digest of the repository's algorithm
-    and either its data layers include the repository's objects or (string-form
-    mounts list only ``/proc/self/fd/N`` layers) the repository has that image.
-    """
-    objects = os.path.realpath(repo.objects_dir)
-    width = repo.hash_algorithm.digest_size * 2
+    """The composefs mounts of this repository's images (:func:`is_repository_mount`)
+    among ``mounts`` (default: those of this mount namespace)."""
+    objects = ObjectsDirectory.of(repo)
     listed = list_composefs_mounts() if mounts is None else mounts
-    return [
-        m
-        for m in listed
-        if m.digest is not None
-        and len(m.digest) == width
-        and (
-            objects in m.datadirs
-            or os.path.lexists(repo.image_path(m.digest))
-            or os.path.lexists(repo.object_path(m.digest))
-        )
-    ]
+    return [m for m in listed if is_repository_mount(repo, m, objects=objects)]
 
 
 def mounted_images(repo: Repository) -> set[str]:

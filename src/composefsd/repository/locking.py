@@ -37,6 +37,9 @@ Rules for callers:
 * Child processes that work for an operation (CreateImage's import workers) get
   the lock fd (:attr:`RepoLock.fd`) through ``pass_fds``, so the shared lock lasts
   until the last of them exits, even if the parent is killed first.
+* Worker threads of one operation join the lock its calling thread holds
+  (:func:`join_lock`) instead of taking their own: a thread taking its own would
+  pass through the turnstile, behind a GC that waits for the caller's lock.
 * A composefs-rs process that keeps a repository open holds ``LOCK_SH`` until it
   closes it, which keeps GC (ours and theirs) waiting; :func:`gc_lock` therefore
   takes an optional ``timeout``, after which it gives up the turnstile again and
@@ -61,7 +64,7 @@ from composefsd.repository.errors import (
     RepositoryError,
 )
 
-__all__ = ["TURNSTILE", "RepoLock", "gc_lock", "reader_lock", "writer_lock"]
+__all__ = ["TURNSTILE", "RepoLock", "gc_lock", "join_lock", "reader_lock", "writer_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +175,24 @@ def reader_lock(path: str | os.PathLike[str]) -> Iterator[RepoLock]:
     """Shared lock for verify, fsck and listing: it only keeps GC away."""
     with _shared(path) as lock:
         yield lock
+
+
+@contextmanager
+def join_lock(lock: RepoLock) -> Iterator[None]:
+    """Let this thread count as holding ``lock``, which another thread of this
+    process holds and keeps until this context ends: its shared acquisitions of the
+    same repository are then reentrant (see the module's rules)."""
+    st = os.fstat(lock.fd)
+    key = (st.st_dev, st.st_ino)
+    held = _held_map()
+    if key in held:
+        yield
+        return
+    held[key] = RepoLock(lock.fd, exclusive=lock.exclusive)
+    try:
+        yield
+    finally:
+        del held[key]
 
 
 @contextmanager

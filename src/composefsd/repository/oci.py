@@ -509,13 +509,14 @@ def write_manifest_stream(
     ``rewrite_manifest``: named refs ``config:<config_digest>`` → config stream,
     then ``<diff_id>`` → layer stream per layer (config order), then the JSON as one
     object; with ``tag``, also the tag. ``manifest_digest`` defaults to the JSON's
-    sha256 (a digest that is not is refused: the manifest would lie about itself).
+    sha256; a source may name it otherwise: skopeo hands out a Docker schema 2
+    manifest converted to OCI under the Docker manifest's digest (which it
+    verified), and composefs-rs stores it so.
     Replaces the link of an existing manifest stream. The stream's digest."""
-    computed = _sha256_digest(manifest_json)
     if manifest_digest is None:
-        manifest_digest = computed
-    elif manifest_digest != computed:
-        raise OciError(f"manifest {manifest_digest} has the digest {computed}")
+        manifest_digest = _sha256_digest(manifest_json)
+    elif not _valid_digest(manifest_digest):
+        raise OciError(f"not a manifest digest: {manifest_digest[:200]!r}")
     if tag is not None:
         check_tag(tag)
     writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_MANIFEST)

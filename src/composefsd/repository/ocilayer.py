@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, BinaryIO
 
 from composefsd.image.ocitar import (
@@ -214,10 +214,14 @@ def import_layer(
     name: str | None = None,
     *,
     verify: bool = True,
+    check: Callable[[], None] | None = None,
 ) -> str:
     """Import the layer tar read from ``reader`` (uncompressed); the hex id of its
     splitstream object. ``name``: also ``streams/refs/<name>``. ``verify``: check
-    that the tar's digest is ``diff_id`` (:class:`LayerDigestError`)."""
+    that the tar's digest is ``diff_id`` (:class:`LayerDigestError`). ``check``:
+    called once the whole tar is read and before anything is linked (a puller
+    checks the compressed blob's digest there); what it raises links nothing.
+    Neither runs when the stream exists already (nothing is read then)."""
     content_id = layer_content_id(diff_id)
     if name is not None:
         # Checked as image refs are, but kept as given: cfsctl makes
@@ -243,6 +247,8 @@ def import_layer(
                 raise LayerDigestError(
                     f"the layer's {hash_name} is {actual}, not its diff_id {diff_id}"
                 )
+            if check is not None:
+                check()
             digest = write_stream(repo, store, writer, content_id, ref=ref, written=written)
             log.info("imported layer %s as stream %s", diff_id, digest)
             return digest

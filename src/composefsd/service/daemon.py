@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         tracker = MountTracker(_runtime_dir(args.runtime_dir))
         try:
-            tracker.rediscover()
+            tracker.rediscover(repo)
         except OSError as exc:
             log.warning("cannot look for mounts in use: %s", exc)
         service = build_service(repo, tracker, max_source_entries=args.max_source_entries)

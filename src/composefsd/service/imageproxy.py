@@ -56,6 +56,7 @@ __all__ = [
     "ImageNotFoundError",
     "ImageProxyBusyError",
     "ImageProxyError",
+    "ImageProxyPool",
     "ImageProxySource",
     "PlatformNotFoundError",
     "ProxyAuthError",
@@ -786,6 +787,106 @@ def open_image_proxy(
         proxy.close()
         raise
     return ImageProxySource(proxy, image, reference, version)
+
+
+class ImageProxyPool:
+    """An image source over up to ``size`` skopeo proxies of one reference, so that
+    a pull fetches several layers at once (a proxy serves one transfer at a time).
+    The first proxy opens at once (a missing image fails here); the others open as
+    parallel blobs need them. A proxy whose transfer failed is closed, not
+    reused (its conversation may be out of step)."""
+
+    def __init__(
+        self,
+        reference: str,
+        options: ProxyOptions,
+        *,
+        creds: Credentials | None,
+        size: int = 4,
+    ) -> None:
+        if size < 1:
+            raise ValueError("a pool holds at least one proxy")
+        self.reference = reference
+        self._options = options
+        self._creds = creds
+        self._size = size
+        self._cond = threading.Condition()
+        self._idle: list[ImageProxySource] = []
+        self._all: list[ImageProxySource] = []
+        self._closed = False
+        self._opening = 0
+        first = open_image_proxy(reference, options, creds=creds)
+        self._all.append(first)
+        self._idle.append(first)
+
+    @contextlib.contextmanager
+    def _source(self) -> Iterator[ImageProxySource]:
+        source: ImageProxySource | None = None
+        with self._cond:
+            while source is None:
+                if self._closed:
+                    raise ProxyDiedError(f"the proxies of {self.reference} are closed")
+                if self._idle:
+                    source = self._idle.pop()
+                elif len(self._all) + self._opening < self._size:
+                    self._opening += 1
+                    break
+                else:
+                    self._cond.wait()
+        if source is None:
+            try:
+                source = open_image_proxy(self.reference, self._options, creds=self._creds)
+            finally:
+                with self._cond:
+                    self._opening -= 1
+                    late = self._closed
+                    if source is not None and not late:
+                        self._all.append(source)
+                    self._cond.notify()
+            if late:
+                source.close()
+                raise ProxyDiedError(f"the proxies of {self.reference} are closed")
+        ok = False
+        try:
+            yield source
+            ok = True
+        finally:
+            with self._cond:
+                if ok and not self._closed:
+                    self._idle.append(source)
+                else:
+                    self._all.remove(source)
+                self._cond.notify()
+            if not ok:
+                source.close()
+
+    def fetch_manifest(self) -> tuple[str, bytes]:
+        with self._source() as source:
+            return source.fetch_manifest()
+
+    def fetch_config(self, digest: str, size: int) -> bytes:
+        with self._source() as source:
+            return source.fetch_config(digest, size)
+
+    @contextlib.contextmanager
+    def open_blob(self, digest: str, size: int) -> Iterator[BinaryIO]:
+        with self._source() as source, source.open_blob(digest, size) as blob:
+            yield blob
+
+    def close(self) -> None:
+        """End every proxy (reaped); a transfer under way then fails."""
+        with self._cond:
+            self._closed = True
+            sources = list(self._all)
+            self._cond.notify_all()
+        for source in sources:
+            source.close()
+
+    def __enter__(self) -> ImageProxyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _sha256(data: bytes) -> str:

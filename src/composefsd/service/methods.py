@@ -44,14 +44,16 @@ Behaviour beyond the IDL text:
   that cannot be read or does not parse is a problem of its result, never an
   error of the call. Names that are not UTF-8 are shown with ``\\udcXX`` escapes.
   Each call hashes in at most :attr:`RepositoryInterface.verify_workers` processes.
-* **RemoveImage** refuses with ``ImageInUse`` while the image is mounted in any
-  mount namespace or pinned by a detached mount; ``where`` lists mount points
+* **RemoveImage** refuses with ``ImageInUse`` while the image is mounted from
+  this repository in any mount namespace or pinned by a detached mount handed out
+  for it (:meth:`MountTracker.in_use`; the same image mounted from another
+  repository does not count); ``where`` lists mount points
   (namespace-qualified when not composefsd's) and ``detached mount N`` entries.
   It refuses with ``ImageReferenced`` while a composefs-rs stream ref needs the
   image (an OCI tag whose config stream names it); ``streamRefs`` lists those refs.
-* **GarbageCollect** keeps every image mounted in any mount namespace and every
-  pinned one, and the extra ``roots`` (at most :data:`MAX_GC_ROOTS`, each a name
-  of one directory entry: :func:`entry_name_ok`); it waits at most
+* **GarbageCollect** keeps every image in use as for RemoveImage, and the extra
+  ``roots`` (at most :data:`MAX_GC_ROOTS`, each a name of one directory entry:
+  :func:`entry_name_ok`); it waits at most
   :attr:`RepositoryInterface.gc_timeout` seconds for operations of other processes
   before replying ``RepositoryBusy``.
 """
@@ -74,7 +76,11 @@ from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
-from composefsd.kernel.repomount import mount_repository_image, repository_mounts
+from composefsd.kernel.repomount import (
+    ObjectsDirectory,
+    mount_repository_image,
+    repository_mounts,
+)
 from composefsd.kernel.userns import IdMapping
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import (
@@ -744,7 +750,11 @@ class RepositoryInterface:
                         log.info("mounted image %s at %s for pid %d", digest, where, ctx.peer.pid)
                     else:
                         self.tracker.pin_detached(
-                            digest, mount.fd, peer_pid=ctx.peer.pid, peer_uid=ctx.peer.uid
+                            digest,
+                            mount.fd,
+                            peer_pid=ctx.peer.pid,
+                            peer_uid=ctx.peer.uid,
+                            objects=ObjectsDirectory.of(self.repo),
                         )
                         out["mountFileDescriptor"] = ctx.push_fd(mount.detach_fd())
         finally:
@@ -812,7 +822,7 @@ class RepositoryInterface:
     def RemoveImage(self, image: str, *, _request: CallContext) -> dict[str, Any]:
         with self.tracker.exclusive(), _mapped(image=image):
             digest = self.repo.resolve_image(image)
-            users = self.tracker.in_use().get(digest)
+            users = self.tracker.in_use(self.repo).get(digest)
             if users:
                 raise _error("ImageInUse", image=image, where=users)
             removed = self.repo.remove_image(digest)
@@ -853,11 +863,13 @@ class RepositoryInterface:
         }
 
     def gc_pins(self) -> set[str]:
-        """Digests of this repository's images that are mounted anywhere or pinned."""
+        """Digests of this repository's images in use (:meth:`MountTracker.in_use`)
+        that it still has (a mount may show our objects under an image file of
+        its own)."""
         repo = self.repo
         return {
             digest
-            for digest in self.tracker.in_use()
+            for digest in self.tracker.in_use(repo)
             if is_hex_digest(digest, repo.hash_algorithm)
             and (
                 os.path.lexists(repo.images_dir / digest)

@@ -1,11 +1,16 @@
-"""Which images are in use: composefs mounts in every mount namespace, and pins.
+"""Which images of a repository are in use: its composefs mounts in every mount
+namespace, and pins.
 
 GC must never remove an image, or an object of an image, that is mounted. What
-counts as mounted, for :class:`MountTracker`:
+counts as mounted, for :meth:`MountTracker.in_use`, is always a mount *of that
+repository*: the same image mounted from another repository on the machine does
+not hold this one's copy (:func:`composefsd.kernel.repomount.is_repository_mount`
+decides, by the mount's data-only layer being the repository's ``objects/``).
 
 * **Attached mounts**, in *any* mount namespace: every ``/proc/PID/mountinfo``
   this process may read, one per namespace (``/proc/PID/ns/mnt``), is parsed for
-  ``composefs:<digest>`` sources. Nothing needs remembering for these: a daemon
+  ``composefs:<digest>`` sources, and the layer paths it shows are looked up below
+  ``/proc/PID/root``. Nothing needs remembering for these: a daemon
   that restarts sees them again, whoever made them (``Mount`` with ``where``,
   ``composefsctl mount``, ``mount.composefs``, a container runtime in its own
   namespace).
@@ -16,7 +21,10 @@ counts as mounted, for :class:`MountTracker`:
   ``/run/composefsd`` for root, ``$XDG_RUNTIME_DIR/composefsd`` otherwise, else
   ``/tmp/composefsd-<uid>``; only a directory no other user can change is used,
   see :mod:`composefsd.service.runtime`), written *before* the fd leaves, so a
-  restarted daemon still honours it. A pin stays live
+  restarted daemon still honours it. The pin names the repository's ``objects/``
+  directory (path, device, inode): daemons of other repositories share the
+  directory and ignore it (a pin without one, of an older daemon, counts for
+  every repository). A pin stays live
 
   - for :data:`PIN_GRACE` seconds after it was made, whatever happens (the fd
     may sit in a socket buffer, where no process table shows it), and after that
@@ -63,8 +71,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from composefsd.dirs import make_dir
-from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
+from composefsd.kernel.mountinfo import (
+    ComposefsMount,
+    composefs_mounts,
+    list_composefs_mounts,
+    parse_mountinfo,
+)
+from composefsd.kernel.repomount import ObjectsDirectory, is_repository_mount
 from composefsd.kernel.syscalls import unique_mount_id
+from composefsd.repository import Repository
 from composefsd.service.runtime import default_runtime_dir, secure_directory
 
 __all__ = [
@@ -125,6 +140,18 @@ def _held(pin: Pin, fds: Iterable[str]) -> bool:
     return False
 
 
+def _pin_objects(value: object) -> ObjectsDirectory | None:
+    """The ``objects`` of a pin file; None (counts everywhere) unless well formed."""
+    if not isinstance(value, dict):
+        return None
+    path, dev, ino = value.get("path"), value.get("dev"), value.get("ino")
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None
+    if isinstance(dev, int) and isinstance(ino, int):
+        return ObjectsDirectory(path, dev, ino)
+    return ObjectsDirectory(path)
+
+
 def _boot_id() -> str:
     return (_read_text("/proc/sys/kernel/random/boot_id") or "").strip()
 
@@ -142,6 +169,9 @@ class NamespaceMount:
     namespace: str
     #: Whether that is composefsd's own mount namespace.
     own: bool
+    #: What the mount's layer paths are relative to: ``/proc/PID/root`` of the
+    #: process its mountinfo was read from (empty: composefsd's own root).
+    root: str = ""
 
     def describe(self) -> str:
         """Its mount point, with the namespace when it is not ours."""
@@ -165,6 +195,12 @@ class Pin:
     path: Path
     #: The mount's id that is never reused (None: the kernel cannot tell it).
     mount_id_unique: int | None = None
+    #: The ``objects/`` of the repository it was handed out for (None: a pin that
+    #: does not say, which counts for every repository).
+    objects: ObjectsDirectory | None = None
+
+    def of_repository(self, objects: ObjectsDirectory) -> bool:
+        return self.objects is None or self.objects.same(objects)
 
     def describe(self) -> str:
         who = f" held by pid {self.peer_pid}" if self.peer_pid is not None else ""
@@ -286,11 +322,16 @@ class MountTracker:
         A namespace is known by ``/proc/PID/ns/mnt``. Reading that link needs ptrace
         access to the process (CAP_SYS_PTRACE for processes with capabilities we
         lack), ``mountinfo`` does not: where the link cannot be read, the mountinfo
-        is read anyway and namespaces are told apart by its content.
+        is read anyway and told apart from those read by their mounts' ids. A mount
+        is in one namespace only, and a copy of it made for a new namespace gets an
+        id of its own: a mountinfo whose ids are mostly those of one already read is
+        that namespace again, read a moment later (mounts come and go meanwhile,
+        and a freed id may be given to a mount elsewhere, hence "mostly").
         """
         out: list[NamespaceMount] = []
         seen: set[str] = set()
-        seen_text: set[int] = set()
+        # The mount ids of each namespace read, and whether its link was read.
+        seen_ids: list[tuple[set[int], bool]] = []
         try:
             own_ns = os.readlink(f"{self._proc}/self/ns/mnt")
         except OSError:
@@ -307,21 +348,20 @@ class MountTracker:
             text = _read_text(f"{self._proc}/{pid}/mountinfo")
             if text is None:
                 continue  # gone, or not ours to read: another process of it may do
-            key = hash(text)
-            if key in seen_text:
-                if ns:
-                    seen.add(ns)
-                continue
-            seen_text.add(key)
+            entries = list(parse_mountinfo(text))
+            ids = {e.mount_id for e in entries}
             if ns:
                 seen.add(ns)
+            if any(
+                (not ns or not linked) and 2 * len(ids & earlier) > len(ids)
+                for earlier, linked in seen_ids
+            ):
+                continue
+            seen_ids.append((ids, bool(ns)))
             label = ns or f"of pid {pid}"
             own = pid == "self" or (bool(ns) and ns == own_ns)
-            try:
-                mounts = list_composefs_mounts(f"{self._proc}/{pid}/mountinfo")
-            except OSError:
-                continue
-            out.extend(NamespaceMount(m, label, own) for m in mounts)
+            root = "" if pid == "self" else f"{self._proc}/{pid}/root"
+            out.extend(NamespaceMount(m, label, own, root) for m in composefs_mounts(entries))
         return out
 
     def _pids(self, first: str | None = None) -> Iterator[str]:
@@ -366,9 +406,11 @@ class MountTracker:
         *,
         peer_pid: int | None = None,
         peer_uid: int | None = None,
+        objects: ObjectsDirectory | None = None,
     ) -> Pin:
-        """Record that the detached mount ``mount_fd`` of image ``digest`` is handed
-        out. Raises OSError if the pin cannot be written (then do not hand it out)."""
+        """Record that the detached mount ``mount_fd`` of image ``digest`` of the
+        repository whose ``objects`` it shows is handed out. Raises OSError if the
+        pin cannot be written (then do not hand it out)."""
         if not _HEX_DIGEST.fullmatch(digest):
             raise ValueError(f"not an image digest: {digest!r}")
         mount_id = mount_id_of_fd(mount_fd)
@@ -389,6 +431,7 @@ class MountTracker:
             peer_uid=peer_uid,
             path=self.pin_dir / digest / f"{mount_id}-{now_ns}",
             mount_id_unique=mount_id_unique,
+            objects=objects,
         )
         data = json.dumps(
             {
@@ -400,6 +443,9 @@ class MountTracker:
                 "peerPid": peer_pid,
                 "peerUid": peer_uid,
                 "mountIdUnique": mount_id_unique,
+                "objects": None
+                if objects is None
+                else {"path": objects.path, "dev": objects.dev, "ino": objects.ino},
             }
         ).encode()
         with self._lock:
@@ -498,6 +544,7 @@ class MountTracker:
             peer_uid=peer_uid if isinstance(peer_uid, int) else None,
             path=path,
             mount_id_unique=unique if isinstance(unique, int) else None,
+            objects=_pin_objects(doc.get("objects")),
         )
 
     def live_pins(self, mounts: Iterable[NamespaceMount] | None = None) -> list[Pin]:
@@ -553,22 +600,27 @@ class MountTracker:
             os.rmdir(pin.path.parent)
 
     # -- what is in use ---------------------------------------------------------------------
-    def in_use(self) -> dict[str, list[str]]:
-        """Every mounted or pinned image digest, with where it is in use (mount
-        points, namespace-qualified for other namespaces, or detached mounts)."""
+    def in_use(self, repo: Repository) -> dict[str, list[str]]:
+        """Every image digest of ``repo`` mounted from it or pinned for it, with
+        where it is in use (mount points, namespace-qualified for other
+        namespaces, or detached mounts). The one answer to "is it in use"."""
         mounts = self.all_mounts()
+        objects = ObjectsDirectory.of(repo)
         out: dict[str, list[str]] = {}
         for m in mounts:
-            if m.mount.digest is not None:
+            if m.mount.digest is not None and is_repository_mount(
+                repo, m.mount, root=m.root, objects=objects
+            ):
                 out.setdefault(m.mount.digest, []).append(m.describe())
         for pin in self.live_pins(mounts):
-            out.setdefault(pin.digest, []).append(pin.describe())
+            if pin.of_repository(objects):
+                out.setdefault(pin.digest, []).append(pin.describe())
         return out
 
-    def rediscover(self) -> dict[str, list[str]]:
-        """What is in use right now (logged); called once at start-up so that a
-        restarted daemon says what it keeps protecting, and stale pins go."""
-        found = self.in_use()
+    def rediscover(self, repo: Repository) -> dict[str, list[str]]:
+        """What of ``repo`` is in use right now (logged); called once at start-up
+        so that a restarted daemon says what it keeps protecting, and stale pins go."""
+        found = self.in_use(repo)
         for digest, users in sorted(found.items()):
             log.info("image %s is in use: %s", digest, "; ".join(users))
         return found
