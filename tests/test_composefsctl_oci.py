@@ -232,3 +232,36 @@ def test_layer_progress_bars() -> None:
         "image: 0",
         "skip sha256:bbbbbbbbbbbb: 0/0",
     ]
+
+
+def test_pull(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    daemon: Daemon,
+) -> None:
+    """A pull of the golden layout by a relative path (made absolute for the daemon):
+    a progress line per report with --progress, the result as text or JSON."""
+    layout = RS / "inputs" / "oci" / "layout"
+    monkeypatch.chdir(layout.parent)
+    c = ("--connect", daemon.address)
+    status, out, err = run_ctl(capsys, *c, "oci", "pull", "oci:layout:multi", "cli/m", "--progress")
+    assert status == 0, err
+    lines = err.splitlines()
+    assert any(line.startswith("fetch sha256:") for line in lines), err
+    assert lines[-1].startswith("image")
+    multi = _manifests()["multi"]
+    assert out.splitlines()[0] == f"manifest {multi}"
+    assert out.splitlines()[2].startswith("image    ")
+
+    status, out, err = run_ctl(capsys, *c, "oci", "pull", "oci:layout:multi", "--json", "-v")
+    assert (status, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["manifestDigest"] == multi
+    assert [layer["skipped"] for layer in doc["layers"]] == [True, True, True]
+
+    status, _, err = run_ctl(capsys, *c, "oci", "pull", "oci:layout:nothing")
+    assert status == 1 and "io.composefs.Oci.PullFailed" in err
+    status, _, err = run_ctl(capsys, *c, "oci", "pull", "ftp://x")
+    assert status == 1 and "io.composefs.Oci.InvalidReference" in err
+    status, _, err = run_ctl(capsys, *c, "oci", "pull", "oci:layout:multi", "--tls-verify", "maybe")
+    assert status == 2

@@ -15,13 +15,17 @@ from typing import Any
 import pytest
 
 import users
-from composefsd.repository import Repository
+from composefsd.repository import Repository, ocipull
 from composefsd.repository import oci as repo_oci
-from composefsd.service import client
+from composefsd.repository.ocibuild import OciBuildError
+from composefsd.repository.ocilayer import LayerDigestError, TarFormatError
+from composefsd.service import client, imageproxy
 from composefsd.service.client import Connection, VarlinkCallError
 from composefsd.service.context import Peer
 from composefsd.service.daemon import HEAVY_METHODS, Authorization
+from composefsd.service.ocimethods import parse_reference, pull_reply_error
 from conftest import TestUsers
+from registry import Registry
 from rsgolden import ALGORITHMS, EXPECTED, OCI_DUMPS, RS, check_tree, unpack_repo
 from servicehelpers import Daemon, running_daemon, unmount_below
 
@@ -321,3 +325,326 @@ def test_unprivileged_peer(
         with client.connect(d.address) as conn:
             assert [i["tag"] for i in call(conn, "ListImages")["images"]] == GOLDEN_TAGS
     assert not os.path.ismount(mnt)
+
+
+# -- Pull -------------------------------------------------------------------------------------
+
+LAYOUT = RS / "inputs" / "oci" / "layout"
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon on a new (sha256, V1) repository of this test's own."""
+    with running_daemon(tmp_path / "repo") as d:
+        yield d
+    unmount_below(tmp_path)
+
+
+def _pull(conn: Connection, params: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(progress replies, final reply) of a Pull with ``more``."""
+    replies = [dict(r) for r in conn.call(f"{OCI}.Pull", params, more=True)]
+    assert all("progress" in r for r in replies[:-1]) and "progress" not in replies[-1]
+    return [r["progress"] for r in replies[:-1]], replies[-1]
+
+
+def _golden_layers(tag: str) -> list[dict[str, Any]]:
+    with open(RS / "inputs" / "oci" / "MANIFEST.json") as fh:
+        (image,) = [i for i in json.load(fh)["images"] if i["tag"] == tag]
+    layers: list[dict[str, Any]] = image["layers"]
+    return layers
+
+
+def test_pull_from_a_layout(fresh: Daemon, tmp_path: Path) -> None:
+    """The golden oci: layout, read by the daemon itself: progress per layer, the
+    ids cfsctl computed, the image mountable by tag; a second pull fetches nothing,
+    an image sharing layers fetches only its own."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    layers = _golden_layers("multi")
+    with client.connect(fresh.address) as conn:
+        progress, result = _pull(conn, {"reference": f"oci:{LAYOUT}:multi", "tag": "m/1"})
+        assert result["manifestDigest"] == _golden_manifests()["multi"]
+        assert result["imageId"] == _inspected("sha256", "multi")["composefs_erofs"]
+        assert result["layers"] == [
+            {"diffId": layer["diff_id"], "size": layer["blob_size"], "skipped": False}
+            for layer in layers
+        ]
+        phases = [p["phase"] for p in progress]
+        assert {"config", "manifest", "fetch"} <= set(phases)
+        fetched = {p["layer"]: p for p in progress if p["phase"] == "fetch"}
+        assert sorted(fetched) == sorted(layer["diff_id"] for layer in layers)
+        # Each layer's last report is complete: done == total == its blob size.
+        by_diff = {layer["diff_id"]: layer["blob_size"] for layer in layers}
+        for diff_id, p in fetched.items():
+            assert p["done"] == p["total"] == by_diff[diff_id]
+        assert call(conn, "Inspect", {"image": "m/1"})["imageId"] == result["imageId"]
+
+        reply = call(conn, "Mount", {"image": "m/1", "where": str(mnt)})
+        assert reply["digest"] == result["imageId"]
+        assert check_tree(mnt, OCI_DUMPS / "multi" / "dump.txt") > 0
+        conn.call(f"{REPOSITORY}.Unmount", {"where": str(mnt)})
+
+        progress, again = _pull(conn, {"reference": f"oci:{LAYOUT}:multi"})
+        assert again["imageId"] == result["imageId"]
+        assert [layer["skipped"] for layer in again["layers"]] == [True] * len(layers)
+        assert not [p for p in progress if p["phase"] == "fetch"]
+
+        progress, shared = _pull(conn, {"reference": f"oci:{LAYOUT}:shared", "tag": "s"})
+        assert [layer["skipped"] for layer in shared["layers"]] == [True, True, False]
+        assert shared["imageId"] == _inspected("sha256", "shared")["composefs_erofs"]
+        # Without "more": one reply, the result.
+        plain = conn.call(f"{OCI}.Pull", {"reference": f"oci:{LAYOUT}:single"})
+        assert plain["manifestDigest"] == _golden_manifests()["single"]
+        tags = [i["tag"] for i in call(conn, "ListImages")["images"]]
+        assert tags == ["m/1", "s"]
+    assert "Traceback" not in fresh.log_text()
+
+
+def test_pull_bootable(fresh: Daemon) -> None:
+    with client.connect(fresh.address) as conn:
+        _progress, result = _pull(
+            conn, {"reference": f"oci:{LAYOUT}:boot", "tag": "b", "bootable": True}
+        )
+        images = call(conn, "Inspect", {"image": "b"})["images"]
+        assert result["bootImageId"] == images[repo_oci.BOOT_IMAGE_REF_KEY_V1]
+        assert result["imageId"] == images[repo_oci.IMAGE_REF_KEY_V1]
+
+
+@pytest.mark.parametrize(
+    ("reference", "why"),
+    [
+        ("", "transport"),
+        ("ftp://example.com/x", "transport"),
+        ("dir:/srv", "transport"),
+        ("oci:", "nothing after"),
+        ("oci:relative/layout", "absolute"),
+        ("oci:/srv/../etc:tag", "'..'"),
+        ("oci-archive:/a/b/../../etc/shadow", "'..'"),
+        ("docker-archive:x.tar", "absolute"),
+        ("docker://reg.example/../x", "valid image name"),
+        ("docker://reg.example/a b", "valid image name"),
+        ("oci:/srv/layout\n:x", "control"),
+        ("oci:/" + "x" * 5000, "longer than"),
+    ],
+)
+def test_pull_bad_references(daemon: Daemon, reference: str, why: str) -> None:
+    with client.connect(daemon.address) as conn:
+        err = refused(conn, "Pull", {"reference": reference})
+        assert err.name == f"{OCI}.InvalidReference"
+        assert why in err.parameters["message"]
+        assert len(err.parameters["reference"]) <= 303
+
+
+def test_pull_bad_options_and_sources(fresh: Daemon, tmp_path: Path) -> None:
+    repo = Path(fresh.repo)
+    with client.connect(fresh.address) as conn:
+        for params, parameter in (
+            ({"authFile": "relative.json"}, "authFile"),
+            ({"certDirectory": "certs"}, "certDirectory"),
+            ({"credentials": "nocolon"}, "credentials"),
+            ({"credentials": ":password"}, "credentials"),
+        ):
+            err = refused(conn, "Pull", {"reference": f"oci:{LAYOUT}:multi", **params})
+            assert (err.name, err.parameters) == (
+                "org.varlink.service.InvalidParameter",
+                {"parameter": parameter},
+            )
+        err = refused(conn, "Pull", {"reference": f"oci:{LAYOUT}:multi", "tag": ".."})
+        assert err.name == f"{OCI}.InvalidTag"
+        err = refused(conn, "Pull", {"reference": f"oci:{LAYOUT}:nonexistent", "tag": "x"})
+        assert err.name == f"{OCI}.PullFailed" and err.parameters["reason"] == "not-found"
+        err = refused(conn, "Pull", {"reference": f"oci:{tmp_path}/none", "tag": "x"})
+        assert err.name == f"{OCI}.PullFailed"
+        assert call(conn, "ListImages") == {"images": []}
+    assert not (repo / "streams" / "refs" / "oci").exists() or not os.listdir(
+        repo / "streams" / "refs" / "oci"
+    )
+
+
+def test_pull_credentials_never_shown(fresh: Daemon) -> None:
+    """A registry that is not there: RegistryUnavailable, and the password appears
+    neither in the error nor in the daemon's log (at debug level)."""
+    secret = "s3cr3t-Pa55word"
+    with client.connect(fresh.address) as conn:
+        err = refused(
+            conn,
+            "Pull",
+            {
+                "reference": "docker://127.0.0.1:9/nothing/here:1",
+                "credentials": f"user:{secret}",
+                "tlsVerify": False,
+            },
+        )
+    assert err.name.startswith(f"{OCI}."), err
+    assert err.name in (f"{OCI}.RegistryUnavailable", f"{OCI}.PullFailed"), err
+    assert secret not in json.dumps(err.parameters)
+    assert secret not in fresh.log_text()
+
+
+def test_pull_with_the_callers_rights(
+    tmp_path: Path, test_users: TestUsers, user_python: users.UserPython, registry: Registry
+) -> None:
+    """A privileged caller other than root (a --group member) pulls through skopeo
+    run as itself: a layout it can read is pulled, one it cannot is refused, and so
+    is a registry pull with an authFile it cannot read."""
+    import shutil
+    import stat
+
+    public = users.public_dir()
+    try:
+        readable = public / "layout"
+        shutil.copytree(LAYOUT, readable)
+        hidden_dir = public / "hidden"
+        hidden_dir.mkdir(mode=0o700)
+        shutil.copytree(LAYOUT, hidden_dir / "layout")
+        for p in [readable, *readable.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() else 0))
+        secret_auth = hidden_dir / "auth.json"
+        secret_auth.write_text("{}")
+        calls = [
+            (f"{OCI}.Pull", {"reference": f"oci:{readable}:single", "tag": "mine"}),
+            (f"{OCI}.Pull", {"reference": f"oci:{hidden_dir}/layout:single", "tag": "no"}),
+            (
+                f"{OCI}.Pull",
+                {
+                    "reference": registry.push(f"oci:{LAYOUT}:multi", "svc/rights", "1"),
+                    "tlsVerify": False,
+                    "tag": "no",
+                    "authFile": str(secret_auth),
+                },
+            ),
+        ]
+        group = str(test_users.group)
+        with running_daemon(tmp_path / "repo", "--group", group, public=True) as d:
+            proc = users.run_as(
+                test_users.alice,
+                user_python.command("-c", _CLIENT, d.address, json.dumps(calls)),
+                env=user_python.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            results = json.loads(proc.stdout)
+            assert results[0] == "ok"
+            # skopeo, run as alice, cannot read the layout: access denied.
+            assert results[1] == f"{OCI}.AuthenticationFailed", results
+            assert results[2] in (f"{OCI}.AuthenticationFailed", f"{OCI}.PullFailed"), results
+            with client.connect(d.address) as conn:
+                tags = [i["tag"] for i in call(conn, "ListImages")["images"]]
+                assert tags == ["mine"]
+                single = call(conn, "Inspect", {"image": "mine"})
+                assert single["manifestDigest"] == _golden_manifests()["single"]
+    finally:
+        shutil.rmtree(public)
+
+
+def test_pull_from_registries(
+    fresh: Daemon, auth_registry: Registry, tls_registry: Registry
+) -> None:
+    """A real registry through skopeo's image proxy: basic auth with the caller's
+    credentials (a wrong password is AuthenticationFailed, and neither password is
+    shown anywhere), TLS with the certificate directory (without it the registry's
+    certificate is refused)."""
+    assert auth_registry.creds is not None and auth_registry.password is not None
+    assert tls_registry.cert_dir is not None
+    source = f"oci:{LAYOUT}:single"
+    auth_ref = auth_registry.push(source, "svc/auth", "1")
+    tls_ref = tls_registry.push(source, "svc/tls", "1")
+    single = _golden_manifests()["single"]
+    wrong = "wrong-" + auth_registry.password
+    with client.connect(fresh.address) as conn:
+        err = refused(conn, "Pull", {"reference": auth_ref, "tlsVerify": False, "tag": "a"})
+        assert err.name == f"{OCI}.AuthenticationFailed", err
+        err = refused(
+            conn,
+            "Pull",
+            {"reference": auth_ref, "tlsVerify": False, "credentials": f"composefsd:{wrong}"},
+        )
+        assert err.name == f"{OCI}.AuthenticationFailed", err
+        assert wrong not in json.dumps(err.parameters)
+        _progress, result = _pull(
+            conn,
+            {
+                "reference": auth_ref,
+                "tlsVerify": False,
+                "credentials": auth_registry.creds,
+                "tag": "a",
+            },
+        )
+        assert result["manifestDigest"] == single
+        assert result["imageId"] == _inspected("sha256", "single")["composefs_erofs"]
+
+        err = refused(conn, "Pull", {"reference": tls_ref, "tag": "t"})
+        assert err.name == f"{OCI}.RegistryUnavailable", err
+        _progress, result = _pull(
+            conn, {"reference": tls_ref, "certDirectory": str(tls_registry.cert_dir), "tag": "t"}
+        )
+        assert result["manifestDigest"] == single
+        assert [layer["skipped"] for layer in result["layers"]] == [True]
+        tags = [i["tag"] for i in call(conn, "ListImages")["images"]]
+        assert tags == ["a", "t"]
+    log = fresh.log_text()
+    assert auth_registry.password not in log and wrong not in log
+
+
+def _proxy_error(cls: type[imageproxy.RequestError], text: str) -> imageproxy.RequestError:
+    return cls(text, method="OpenImage", skopeo_message=text)
+
+
+@pytest.mark.parametrize(
+    ("exc", "name", "reason"),
+    [
+        (_proxy_error(imageproxy.ProxyAuthError, "unauthorized"), "AuthenticationFailed", None),
+        (_proxy_error(imageproxy.ImageAccessDeniedError, "denied"), "AuthenticationFailed", None),
+        (_proxy_error(imageproxy.ProxyTLSError, "x509"), "RegistryUnavailable", None),
+        (imageproxy.ProxyDiedError("skopeo died"), "RegistryUnavailable", None),
+        (_proxy_error(imageproxy.BlobTransferError, "hung up"), "RegistryUnavailable", None),
+        (imageproxy.DigestMismatchError("bad"), "DigestMismatch", None),
+        (LayerDigestError("bad tar"), "DigestMismatch", None),
+        (
+            _proxy_error(imageproxy.ImageNotFoundError, "manifest unknown"),
+            "PullFailed",
+            "not-found",
+        ),
+        (_proxy_error(imageproxy.PlatformNotFoundError, "no image"), "PullFailed", "platform"),
+        (imageproxy.ProxyStartError("no skopeo"), "PullFailed", "skopeo"),
+        (imageproxy.ProxyOptionsError("bad"), "PullFailed", "options"),
+        (ocipull.ManifestFormatError("index"), "PullFailed", "invalid-image"),
+        (ocipull.LayerFormatError("not gzip"), "PullFailed", "invalid-layer"),
+        (TarFormatError("bad header"), "PullFailed", "invalid-layer"),
+        (ocipull.LayoutError("no index.json"), "PullFailed", "source"),
+        (ocipull.TagNotFoundError("no tag"), "PullFailed", "not-found"),
+        (OciBuildError("no diff_ids"), "PullFailed", "build"),
+        (ocipull.OciPullError("other"), "PullFailed", "pull"),
+    ],
+)
+def test_pull_error_mapping(exc: Exception, name: str, reason: str | None) -> None:
+    mapped = pull_reply_error(exc)
+    assert mapped is not None
+    assert mapped.name == f"{OCI}.{name}"
+    assert mapped.parameters.get("reason") == reason
+    assert mapped.parameters["message"] == str(exc)
+
+
+def test_pull_errors_scrubbed() -> None:
+    secret = "me:hunter2-pw"
+    exc = _proxy_error(imageproxy.ProxyAuthError, "bad auth me:hunter2-pw (hunter2-pw)")
+    mapped = pull_reply_error(exc, secret=secret)
+    assert mapped is not None and "hunter2" not in json.dumps(mapped.parameters)
+    digest = ocipull.BlobDigestError("short", digest="sha256:" + "0" * 64, layer="sha256:ab")
+    mapped = pull_reply_error(digest)
+    assert mapped is not None
+    assert (mapped.name, mapped.parameters["layer"]) == (f"{OCI}.DigestMismatch", "sha256:ab")
+
+
+def test_parse_reference() -> None:
+    ref = parse_reference("oci:/srv/layout:v1")
+    assert (ref.transport, ref.path, ref.name) == ("oci:", "/srv/layout", "v1")
+    ref = parse_reference("oci:/srv/a:b/layout")
+    assert (ref.path, ref.name) == ("/srv/a:b/layout", None)
+    ref = parse_reference("oci-archive:/srv//x.tar")
+    assert (ref.transport, ref.path) == ("oci-archive:", "/srv/x.tar")
+    ref = parse_reference("docker://reg.example:5000/os/base@sha256:" + "0" * 64)
+    assert (ref.transport, ref.path) == ("docker://", None)
+    assert parse_reference("containers-storage:localhost/x:1").transport == "containers-storage:"

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import is_hex_digest
-from composefsd.repository import Repository, reader_lock, writer_lock
+from composefsd.repository import Progress, Repository, ocipull, reader_lock, writer_lock
 from composefsd.repository.oci import (
     OciError,
     OciImage,
@@ -42,16 +44,24 @@ from composefsd.repository.oci import (
     tag_image,
     untag_image,
 )
+from composefsd.repository.ocibuild import OciBuildError
+from composefsd.repository.ocilayer import LayerDigestError, TarFormatError
+from composefsd.repository.ocilayout import OciLayoutSource, parse_layout_ref
 from composefsd.repository.streams import StreamError, StreamNotFoundError
+from composefsd.service import imageproxy
 from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
-from composefsd.service.methods import RepositoryInterface, reply_error
+from composefsd.service.methods import RepositoryInterface, caller_rights, reply_error
 
 __all__ = [
     "INTERFACE",
+    "MAX_REFERENCE",
     "OciInterface",
+    "PullReference",
     "image_summary",
     "oci_reply_error",
     "parse_image_name",
+    "parse_reference",
+    "pull_reply_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,11 @@ INTERFACE = "io.composefs.Oci"
 _INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
 #: The OCI digest algorithms a manifest digest may use, with their hex lengths.
 _DIGEST_ALGORITHMS = {"sha256": Algorithm.SHA256, "sha512": Algorithm.SHA512}
+#: Longest reference, path or credentials Pull takes (PATH_MAX).
+MAX_REFERENCE = 4096
+_TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:", "containers-storage:")
+#: Transports whose reference is ``PATH[:NAME]``.
+_FILE_TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 
 
 def _error(error: str, /, **parameters: Any) -> VarlinkReplyError:
@@ -96,6 +111,50 @@ def parse_image_name(name: str) -> tuple[str | None, str | None]:
         raise _error("InvalidTag", tag=_shown(name), message=str(exc)) from None
 
 
+@dataclass(frozen=True, slots=True)
+class PullReference:
+    """A reference Pull accepts (:func:`parse_reference`)."""
+
+    text: str
+    #: ``"docker://"``, ``"oci:"``, ...
+    transport: str
+    #: File transports: the absolute path, and the tag or reference after it.
+    path: str | None = None
+    name: str | None = None
+
+
+def parse_reference(reference: str) -> PullReference:
+    """``reference`` checked before anything is opened or started: a supported
+    transport, at most :data:`MAX_REFERENCE` bytes, no control characters; a file
+    transport's path absolute (the daemon's working directory means nothing to the
+    caller) and without ``..`` components; a registry reference without ``..``
+    components or blanks. InvalidReference if not."""
+
+    def bad(why: str) -> VarlinkReplyError:
+        return _error("InvalidReference", reference=_shown(reference), message=why)
+
+    if len(reference.encode("utf-8", "surrogatepass")) > MAX_REFERENCE:
+        raise bad(f"longer than {MAX_REFERENCE} bytes")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in reference):
+        raise bad("it has control characters")
+    transport = next((t for t in _TRANSPORTS if reference.startswith(t)), None)
+    if transport is None:
+        raise bad(f"no supported transport ({', '.join(_TRANSPORTS)})")
+    rest = reference[len(transport) :]
+    if not rest:
+        raise bad(f"nothing after {transport!r}")
+    if transport in _FILE_TRANSPORTS:
+        path, name = parse_layout_ref(rest)
+        if not path.startswith("/"):
+            raise bad("the path must be absolute")
+        if ".." in path.split("/"):
+            raise bad("the path has '..' components")
+        return PullReference(reference, transport, os.path.normpath(path), name)
+    if any(c.isspace() for c in rest) or ".." in rest.split("/"):
+        raise bad("not a valid image name")
+    return PullReference(reference, transport)
+
+
 def oci_reply_error(exc: BaseException, *, image: str | None = None) -> VarlinkReplyError | None:
     """The interface error for a library exception; io.composefs.Repository's
     (:func:`~composefsd.service.methods.reply_error`) for one that is not about OCI
@@ -125,6 +184,104 @@ def _mapped(*, image: str | None = None) -> Iterator[None]:
         if mapped.name.endswith(".SystemError"):
             log.warning("%s", exc)
         raise mapped from exc
+
+
+def _scrubbed(text: str, secret: str | None) -> str:
+    """``text`` without the credentials (or their password) in it, whoever wrote it."""
+    if secret:
+        for part in (secret, secret.partition(":")[2]):
+            if part:
+                text = text.replace(part, "***")
+    return text
+
+
+def pull_reply_error(exc: BaseException, *, secret: str | None = None) -> VarlinkReplyError | None:
+    """The interface error for what a pull raised (the image proxy's, the fetch's,
+    the layer import's, the build's), its message scrubbed of ``secret``;
+    :func:`oci_reply_error` for the rest."""
+    if isinstance(exc, VarlinkReplyError):
+        return exc
+    message = _scrubbed(str(exc), secret)
+
+    def failed(reason: str, layer: str | None = None) -> VarlinkReplyError:
+        params: dict[str, Any] = {"reason": reason, "message": message}
+        if layer is not None:
+            params["layer"] = layer
+        return _error("PullFailed", **params)
+
+    if isinstance(exc, imageproxy.ProxyAuthError | imageproxy.ImageAccessDeniedError):
+        return _error("AuthenticationFailed", message=message)
+    if isinstance(
+        exc,
+        imageproxy.ProxyTLSError | imageproxy.ProxyDiedError | imageproxy.BlobTransferError,
+    ):
+        return _error("RegistryUnavailable", message=message)
+    if isinstance(exc, ocipull.BlobTransferError):
+        return _error("RegistryUnavailable", message=message)
+    if isinstance(exc, imageproxy.DigestMismatchError | LayerDigestError):
+        return _error("DigestMismatch", message=message)
+    if isinstance(exc, ocipull.BlobDigestError):
+        return (
+            _error("DigestMismatch", layer=exc.layer, message=message)
+            if exc.layer is not None
+            else _error("DigestMismatch", message=message)
+        )
+    if isinstance(exc, imageproxy.PlatformNotFoundError | ocipull.PlatformError):
+        return failed("platform")
+    if isinstance(exc, imageproxy.ImageNotFoundError | ocipull.TagNotFoundError):
+        return failed("not-found")
+    if isinstance(exc, imageproxy.ProxyOptionsError):
+        return failed("options")
+    if isinstance(exc, imageproxy.ProxyStartError):
+        return failed("skopeo")
+    if isinstance(exc, imageproxy.ContentTooLargeError | ocipull.ManifestFormatError):
+        return failed("invalid-image")
+    if isinstance(exc, ocipull.LayerFormatError | TarFormatError):
+        return failed("invalid-layer")
+    if isinstance(exc, ocipull.LayoutError):
+        return failed("source")
+    if isinstance(exc, imageproxy.ImageProxyError):
+        return failed("source")
+    if isinstance(exc, OciBuildError):
+        return failed("build")
+    if isinstance(exc, ocipull.OciPullError):
+        return failed("pull")
+    return oci_reply_error(exc)
+
+
+@contextlib.contextmanager
+def _pull_mapped(secret: str | None) -> Iterator[None]:
+    try:
+        yield
+    except CallCancelled:
+        raise
+    except Exception as exc:
+        mapped = pull_reply_error(exc, secret=secret)
+        if mapped is None or mapped is exc:
+            raise
+        if mapped.name.endswith(".SystemError"):
+            log.warning("pull failed: %s", _scrubbed(str(exc), secret))
+        # Not chained: a traceback of the cause could show the secret.
+        raise mapped from None
+
+
+#: Pull phases whose reports name a layer (the report's detail is its diff_id).
+_LAYER_PHASES = frozenset({"fetch", "skip"})
+
+
+def _pull_params(p: Progress) -> dict[str, Any]:
+    inner: dict[str, Any] = {"phase": p.phase, "done": p.done}
+    if p.total is not None:
+        inner["total"] = p.total
+    if p.phase in _LAYER_PHASES and p.detail is not None:
+        inner["layer"] = p.detail
+    return {"progress": inner}
+
+
+def _pull_key(p: Progress) -> Hashable:
+    """A report goes out at once when it is of another phase or layer, or the last
+    of a layer (its bar reaches the end); others once per interval."""
+    return (p.phase, p.detail, p.total is not None and p.done >= p.total)
 
 
 def _diff_ids(image: OciImage) -> list[str]:
@@ -172,6 +329,15 @@ def image_summary(tag: str, image: OciImage, erofs_version: int) -> dict[str, An
     return out
 
 
+def _path_option(value: str | None, field_name: str) -> str | None:
+    """An absolute path Pull passes to skopeo (read there with the caller's rights)."""
+    if value is None:
+        return None
+    if not value.startswith("/") or len(value) > MAX_REFERENCE or "\0" in value:
+        raise _invalid(field_name)
+    return value
+
+
 class OciInterface:
     """Implements io.composefs.Oci on the repository ``repository`` serves (module notes)."""
 
@@ -191,6 +357,81 @@ class OciInterface:
                 return open_tag(repo, store, tag)
             assert digest is not None
             return open_image(repo, store, digest)
+
+    # -- Pull -------------------------------------------------------------------------------
+    def Pull(
+        self,
+        reference: str,
+        tag: str | None,
+        bootable: bool | None,
+        auth_file: str | None,
+        cert_directory: str | None,
+        tls_verify: bool | None,
+        credentials: str | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        ctx = _request
+        ref = parse_reference(reference)
+        if tag is not None:
+            try:
+                check_tag(tag)
+            except OciTagError as exc:
+                raise _error("InvalidTag", tag=_shown(tag), message=str(exc)) from None
+        auth_file = _path_option(auth_file, "authFile")
+        cert_directory = _path_option(cert_directory, "certDirectory")
+        if credentials is not None:
+            user, colon, _password = credentials.partition(":")
+            if (
+                not colon
+                or not user
+                or len(credentials) > MAX_REFERENCE
+                or ref.transport != "docker://"
+            ):
+                raise _invalid("credentials")
+        options = imageproxy.ProxyOptions(
+            authfile=auth_file, cert_dir=cert_directory, tls_verify=tls_verify, creds=credentials
+        )
+        rights = caller_rights(ctx.peer)
+        repo = self.repo
+        with (
+            self.repository._reporter(ctx, _pull_params, _pull_key) as report,
+            _pull_mapped(credentials),
+        ):
+            if ref.transport == "oci:" and rights is None:
+                # The caller has our rights: read the layout here, beneath its fd.
+                assert ref.path is not None
+                source: ocipull.ImageSource = OciLayoutSource.open(ref.path, ref.name)
+            else:
+                # Several proxies, so that layers are fetched several at a time.
+                source = imageproxy.ImageProxyPool(reference, options, creds=rights)
+            try:
+                result = ocipull.pull(
+                    repo, source, tag=tag, bootable=bool(bootable), progress=report
+                )
+            finally:
+                source.close()
+        log.info(
+            "pulled %s as %s%s for pid %d: image %s",
+            _shown(reference),
+            result.manifest_digest,
+            f" (tag {tag!r})" if tag is not None else "",
+            ctx.peer.pid,
+            result.image_id,
+        )
+        out: dict[str, Any] = {
+            "manifestDigest": result.manifest_digest,
+            "configDigest": result.config_digest,
+            "layers": [
+                {"diffId": layer.diff_id, "size": layer.size, "skipped": layer.skipped}
+                for layer in result.layers
+            ],
+        }
+        if result.image_id is not None:
+            out["imageId"] = result.image_id
+        if result.boot_image_id is not None:
+            out["bootImageId"] = result.boot_image_id
+        return out
 
     # -- ListImages -------------------------------------------------------------------------
     def ListImages(self, *, _request: CallContext) -> dict[str, Any]:
