@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from composefsd.service.context import Peer
 from composefsd.service.daemon import HEAVY_METHODS, Authorization
 from composefsd.service.ocimethods import parse_reference, pull_reply_error
 from conftest import TestUsers
-from registry import Registry
+from registry import CuttingProxy, Registry, write_layout
 from rsgolden import ALGORITHMS, EXPECTED, OCI_DUMPS, RS, check_tree, unpack_repo
 from servicehelpers import Daemon, running_daemon, unmount_below
 
@@ -648,3 +649,52 @@ def test_parse_reference() -> None:
     ref = parse_reference("docker://reg.example:5000/os/base@sha256:" + "0" * 64)
     assert (ref.transport, ref.path) == ("docker://", None)
     assert parse_reference("containers-storage:localhost/x:1").transport == "containers-storage:"
+
+
+def test_pull_cancelled_on_a_stalled_registry(
+    fresh: Daemon, registry: Registry, tmp_path: Path
+) -> None:
+    """A registry that stops answering mid-blob sends no progress: when the client
+    leaves, the daemon closes skopeo under the transfer, the pull stops, no tag is
+    written and the repository stays fsck-clean; a later pull from a working
+    registry completes. SIGTERM during such a pull still ends the daemon cleanly."""
+    layout = tmp_path / "layout"
+    image = write_layout(layout, {"big": [[("blob", os.urandom(4 << 20))]]})["big"]
+    registry.push(f"oci:{layout}:big", "svc/stall", "1")
+    layer = image.layers[0]
+    cutter = CuttingProxy(registry.host, layer.digest, cut_after=64 * 1024, stall=True)
+    try:
+        params = {
+            "reference": f"docker://{cutter.host}/svc/stall:1",
+            "tlsVerify": False,
+            "tag": "stalled",
+        }
+        conn = client.connect(fresh.address)
+        replies = conn.call(f"{OCI}.Pull", params, more=True)
+        assert "progress" in next(iter(replies))
+        assert cutter.stalled.wait(120), "the blob request never reached the registry"
+        conn.close()
+        deadline = time.monotonic() + 120
+        while "pull of docker://" not in fresh.log_text():
+            assert time.monotonic() < deadline, fresh.log_text()
+            time.sleep(0.1)
+        assert "cancelled for pid" in fresh.log_text()
+        with client.connect(fresh.address) as conn:
+            assert call(conn, "ListImages") == {"images": []}
+            # (The stalled image has no /usr, which the composefs image needs.)
+            working = registry.push(f"oci:{LAYOUT}:single", "svc/ok", "1")
+            _progress, result = _pull(conn, {"reference": working, "tlsVerify": False, "tag": "ok"})
+            assert result["manifestDigest"] == _golden_manifests()["single"]
+        assert Repository.open(fresh.repo).fsck().ok
+
+        # The daemon stopping cancels a stalled pull too (within its grace period).
+        conn = client.connect(fresh.address)
+        replies = conn.call(f"{OCI}.Pull", {**params, "tag": "stalled-2"}, more=True)
+        assert "progress" in next(iter(replies))
+        cutter.stalled.clear()
+        assert fresh.stop() == 0
+        conn.close()
+        assert "stalled-2" not in os.listdir(fresh.repo / "streams" / "refs" / "oci")
+        assert Repository.open(fresh.repo).fsck().ok
+    finally:
+        cutter.close()

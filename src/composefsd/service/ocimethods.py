@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,8 @@ _DIGEST_ALGORITHMS = {"sha256": Algorithm.SHA256, "sha512": Algorithm.SHA512}
 #: Longest reference, path or credentials Pull takes (PATH_MAX).
 MAX_REFERENCE = 4096
 _TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:", "containers-storage:")
+#: Seconds between two looks at whether a pull was cancelled.
+_CANCEL_POLL = 0.2
 #: Transports whose reference is ``PATH[:NAME]``.
 _FILE_TRANSPORTS = ("oci:", "oci-archive:", "docker-archive:")
 
@@ -329,6 +332,36 @@ def image_summary(tag: str, image: OciImage, erofs_version: int) -> dict[str, An
     return out
 
 
+@contextlib.contextmanager
+def _closing_when_cancelled(
+    ctx: CallContext, source: imageproxy.ImageProxyPool | None
+) -> Iterator[None]:
+    """Close ``source`` from another thread as soon as the call is cancelled (the
+    client left, or the daemon stops): a registry that stops answering mid-blob
+    sends no progress, so the pull would otherwise hang until skopeo gives up. A
+    closed proxy fails the transfer under way at once; the pull then stops where
+    it stands, leaving at most objects for GC and no tag."""
+    if source is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_CANCEL_POLL):
+            if ctx.cancelled.is_set():
+                log.debug("%s cancelled: closing its image source", ctx.method)
+                source.close()
+                return
+
+    watcher = threading.Thread(target=watch, name=f"cancel {ctx.method}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _path_option(value: str | None, field_name: str) -> str | None:
     """An absolute path Pull passes to skopeo (read there with the caller's rights)."""
     if value is None:
@@ -406,9 +439,20 @@ class OciInterface:
                 # Several proxies, so that layers are fetched several at a time.
                 source = imageproxy.ImageProxyPool(reference, options, creds=rights)
             try:
-                result = ocipull.pull(
-                    repo, source, tag=tag, bootable=bool(bootable), progress=report
-                )
+                # Only skopeo's proxies are closed under a transfer (they are made
+                # for it); a layout's fds are not, whose numbers could be reused.
+                pool = source if isinstance(source, imageproxy.ImageProxyPool) else None
+                with _closing_when_cancelled(ctx, pool):
+                    result = ocipull.pull(
+                        repo, source, tag=tag, bootable=bool(bootable), progress=report
+                    )
+            except Exception:
+                if not ctx.cancelled.is_set():
+                    raise
+                # The source was closed under the pull: that is why it failed.
+                log.info("pull of %s cancelled for pid %d", _shown(reference), ctx.peer.pid)
+                ctx.check_cancelled()
+                raise
             finally:
                 source.close()
         log.info(
