@@ -19,6 +19,19 @@ Behaviour beyond the IDL text:
   both mount exactly alike (verity policy, idmaps, detached fds, pins).
 * **Tag** and **Untag** hold the repository's writer lock, so a garbage
   collection never sees half of one; the reads hold the reader lock.
+* **Pull** checks the reference (:func:`parse_reference`), the tag and the
+  options before anything is read or started, then reads the image with the
+  caller's rights (:func:`~composefsd.service.methods.caller_rights`): an
+  ``oci:`` layout in-process (:class:`~composefsd.repository.ocilayout.OciLayoutSource`)
+  for a caller with composefsd's own rights, everything else through skopeo's
+  proxies run as the caller (:class:`~composefsd.service.imageproxy.ImageProxyPool`),
+  and hands it to :func:`~composefsd.repository.ocipull.pull`. Progress reports
+  become ``{"progress": {phase, done, total, layer}}`` replies, each layer's
+  first and last report always sent. A cancelled call (the client gone, the
+  daemon stopping) closes the proxies under the transfer, so that a registry
+  that stalls mid-blob cannot hold the call. ``credentials`` go to skopeo only:
+  they are scrubbed from every error message and never logged
+  (:func:`pull_reply_error`).
 """
 
 from __future__ import annotations
