@@ -84,9 +84,12 @@ def test_daemon_commands_load_no_repository_code(daemon: Daemon, tmp_path: Path)
             [*connect, "verify", "no-such-image"],
             [*connect, "mounts", "--all"],
             [*connect, "gc", "--dry-run"],
+            [*connect, "oci", "images", "--json"],
+            [*connect, "oci", "inspect", "no-such-tag"],
+            [*connect, "oci", "pull", "oci:no/such/layout"],
         ]
     )
-    assert result["statuses"] == [0, 0, 0, 0, 0, 1, 0, 0]
+    assert result["statuses"] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 1]
     assert result["loaded"] == []
     # The daemon found through $COMPOSEFSD_SOCKET, as a user would have it.
     result = _probe([["images", "--json"]], env={"COMPOSEFSD_SOCKET": daemon.address})

@@ -172,14 +172,29 @@ def test_converted_manifest_under_its_source_digest(tmp_path: Path) -> None:
     config, _ = _import_time(repo, "single")
     image = IMAGES["single"]
     docker_digest = "sha256:" + "d0" * 32
-    refs = [(x["diff_id"], existing_stream(repo, "oci-layer-" + x["diff_id"]) or "") for x in image["layers"]]
+    refs = [
+        (x["diff_id"], existing_stream(repo, "oci-layer-" + x["diff_id"]) or "")
+        for x in image["layers"]
+    ]
     with repo.object_store() as store:
         write_manifest_stream(
-            repo, store, _blob(image["manifest_digest"]), image["config_digest"], config, refs,
-            manifest_digest=docker_digest, tag="converted",
+            repo,
+            store,
+            _blob(image["manifest_digest"]),
+            image["config_digest"],
+            config,
+            refs,
+            manifest_digest=docker_digest,
+            tag="converted",
         )
         assert open_tag(repo, store, "converted").manifest_digest == docker_digest
         with pytest.raises(OciError):
             write_manifest_stream(
-                repo, store, b"{}", image["config_digest"], config, [], manifest_digest="sha256:../x"
+                repo,
+                store,
+                b"{}",
+                image["config_digest"],
+                config,
+                [],
+                manifest_digest="sha256:../x",
             )

@@ -29,8 +29,12 @@ from servicehelpers import (
     short_dir,
 )
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
+OCI = "io.composefs.Oci"
+OCI_IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Oci.varlink"
+OCI_METHODS = ["Inspect", "ListImages", "Mount", "Pull", "Tag", "Untag"]
 METHODS = [
     "CreateImage",
     "Describe",
@@ -109,17 +113,40 @@ def test_info(varlinkctl: str, daemon: Daemon) -> None:
         "Product": ["composefsd"],
         "Version": [composefsd.__version__],
         "URL": ["https://github.com/containers/composefs"],
-        "Interfaces": [IFACE, "org.varlink.service"],
+        "Interfaces": [OCI, IFACE, "org.varlink.service"],
     }
     doc = json.loads(_vctl(varlinkctl, "--json=short", "info", f"unix:{daemon.address}").stdout)
-    assert sorted(doc["interfaces"]) == [IFACE, "org.varlink.service"]
+    assert sorted(doc["interfaces"]) == [OCI, IFACE, "org.varlink.service"]
 
 
 def test_list_interfaces_and_methods(varlinkctl: str, daemon: Daemon) -> None:
     out = _vctl(varlinkctl, "list-interfaces", daemon.address).stdout
-    assert out.split() == [IFACE, "org.varlink.service"]
+    assert out.split() == [OCI, IFACE, "org.varlink.service"]
     out = _vctl(varlinkctl, "list-methods", daemon.address, IFACE).stdout
     assert out.split() == [f"{IFACE}.{m}" for m in METHODS]
+    out = _vctl(varlinkctl, "list-methods", daemon.address, OCI).stdout
+    assert out.split() == [f"{OCI}.{m}" for m in OCI_METHODS]
+
+
+def test_introspect_oci(varlinkctl: str, daemon: Daemon, tmp_path: Path) -> None:
+    """io.composefs.Oci: served beside io.composefs.Repository, its IDL valid for
+    systemd's parser (types, errors and comments included), one ListImages call."""
+    out = _vctl(varlinkctl, "introspect", daemon.address, OCI).stdout
+    assert f"interface {OCI}\n" in out
+    for method in OCI_METHODS:
+        assert f"method {method}(" in out
+    for error in ("ImageNotFound", "InvalidReference", "InvalidTag", "PullFailed"):
+        assert f"error {error}(" in out
+    (tmp_path / f"{OCI}.varlink").write_text(out)
+    _vctl(varlinkctl, "validate-idl", str(tmp_path / f"{OCI}.varlink"))
+    _vctl(varlinkctl, "validate-idl", str(OCI_IDL))
+    with client.connect(daemon.address) as conn:
+        assert conn.get_interface_description(OCI) == OCI_IDL.read_text()
+    assert OCI_IDL.read_text() == (REPO_ROOT / "varlink" / f"{OCI}.varlink").read_text()
+    got = _vctl(varlinkctl, "call", daemon.address, f"{OCI}.ListImages", "{}").stdout
+    assert json.loads(got) == {"images": []}
+    name, params = _error(varlinkctl, daemon.address, f"{OCI}.Inspect", {"image": "nope"})
+    assert (name, params) == (f"{OCI}.ImageNotFound", {"image": "nope"})
 
 
 def test_introspect(varlinkctl: str, daemon: Daemon, tmp_path: Path) -> None:
@@ -271,6 +298,7 @@ def test_exec_activation(varlinkctl: str, tmp_path: Path, tree: Path) -> None:
     (image,) = _call(varlinkctl, address, "ListImages")["images"]
     assert image["digest"] == created["digest"] and image["refs"] == ["x/v1"]
     assert _vctl(varlinkctl, "list-interfaces", address).stdout.split() == [
+        OCI,
         IFACE,
         "org.varlink.service",
     ]

@@ -1,4 +1,5 @@
-"""composefsd: serves a composefs repository over Varlink (io.composefs.Repository).
+"""composefsd: serves a composefs repository over Varlink (io.composefs.Repository,
+and io.composefs.Oci for OCI images, on the same sockets).
 
 ::
 
@@ -28,18 +29,20 @@
   else) is refused at start-up; a missing one is created (0700; the socket's 0755
   when ``--socket-mode`` lets others connect).
 * **Authorization** (peer credentials from SO_PEERCRED): the read-only methods
-  (Describe, ListImages, ListMounts, Verify, and org.varlink.service's) are open to
-  every peer that may connect, unless ``--restrict-read``; everything else
-  (CreateImage, Mount, Unmount, RemoveImage, GarbageCollect) needs uid 0, the
+  (Describe, ListImages, ListMounts, Verify, io.composefs.Oci's ListImages and
+  Inspect, and org.varlink.service's) are open to every peer that may connect,
+  unless ``--restrict-read``; everything else (CreateImage, Mount, Unmount,
+  RemoveImage, GarbageCollect; Oci's Pull, Tag, Untag, Mount) needs uid 0, the
   daemon's own uid, or membership (primary or supplementary) of ``--group``.
   Refused calls get ``org.varlink.service.PermissionDenied``.
 * **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
   ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
   ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
   and ``--heavy-calls-per-uid``; ``--max-source-entries`` bounds a tree that
-  CreateImage reads with a caller's rights. The heavy methods are Verify, CreateImage and
-  GarbageCollect. Root and the daemon's own uid are the privileged uids (never
-  refused a connection, closed last for holding input, not limited per uid). The
+  CreateImage reads with a caller's rights. The heavy methods are Verify,
+  CreateImage, GarbageCollect and Oci's Pull. Root and the daemon's own uid are
+  the privileged uids (never refused a connection, closed last for holding input,
+  not limited per uid). The
   soft limit on open files is raised to the hard one at start (the unit sets
   ``LimitNOFILE``), and ``--max-connections`` is lowered to leave 256 of them
   for everything else, so that the file limit is never what locks root out.
@@ -89,6 +92,8 @@ from composefsd.service.activation import listen_unix, notify, sockets_from_envi
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
+from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
+from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
@@ -116,10 +121,14 @@ log = logging.getLogger("composefsd")
 IDL_DIR = Path(__file__).resolve().parent
 #: Methods everyone who can connect may call (unless --restrict-read).
 READ_ONLY_METHODS = frozenset(
-    f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")
+    [f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")]
+    + [f"{OCI_INTERFACE}.{m}" for m in ("ListImages", "Inspect")]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
-HEAVY_METHODS = frozenset(f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect"))
+HEAVY_METHODS = frozenset(
+    [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
+    + [f"{OCI_INTERFACE}.Pull"]
+)
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
 #: Open files kept out of --max-connections' reach: listening sockets, privileged
@@ -316,7 +325,7 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         metavar="N",
         type=_count,
         default=DEFAULT_HEAVY_WORKERS,
-        help="threads for Verify, CreateImage and GarbageCollect "
+        help="threads for Verify, CreateImage, GarbageCollect and OCI pulls "
         f"(default {DEFAULT_HEAVY_WORKERS})",
     )
     g.add_argument(
@@ -560,7 +569,11 @@ def _sockets(
 def build_service(
     repo: Repository, tracker: MountTracker, *, max_source_entries: int | None = None
 ) -> Any:
-    """The varlink.Service with the io.composefs.Repository interface registered."""
+    """The varlink.Service with composefsd's interfaces registered, each from its IDL
+    file (``<interface>.varlink`` beside this module): io.composefs.Repository and
+    io.composefs.Oci, which works through the former (its Mount, its repository).
+    Another interface is one more IDL file, handler class and line here, and its
+    methods in READ_ONLY_METHODS or HEAVY_METHODS where they belong."""
     service = VarlinkService(
         vendor="composefsd",
         product="composefsd",
@@ -572,6 +585,7 @@ def build_service(
     if max_source_entries is not None:
         iface.max_source_entries = max_source_entries
     service._set_interface(INTERFACE, iface)
+    service._set_interface(OCI_INTERFACE, OciInterface(iface))
     return service
 
 

@@ -63,10 +63,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import operator
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
@@ -117,6 +118,7 @@ __all__ = [
     "INTERFACE",
     "MAX_GC_ROOTS",
     "RepositoryInterface",
+    "caller_rights",
     "entry_name_ok",
     "reply_error",
     "stream_name_ok",
@@ -267,13 +269,25 @@ class _Reporter:
     """The progress callback of one call (module notes): throttles, repeats the last
     report as a heartbeat, and stops the work once the client has gone."""
 
-    def __init__(self, ctx: CallContext, *, interval: float, heartbeat: float) -> None:
+    def __init__(
+        self,
+        ctx: CallContext,
+        *,
+        interval: float,
+        heartbeat: float,
+        to_params: Callable[[Progress], dict[str, Any]] = _progress_params,
+        key: Callable[[Progress], Hashable] = operator.attrgetter("phase"),
+    ) -> None:
         self.ctx = ctx
         self.interval = interval
         self.heartbeat = heartbeat
+        # The reply a report becomes, and what must change for it to go out at once
+        # (else one reply per interval): the phase, unless an interface says more.
+        self._to_params = to_params
+        self._key = key
         self._lock = threading.Lock()
         self._last: dict[str, Any] | None = None
-        self._phase: str | None = None
+        self._phase: Hashable | None = None
         self._sent = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -294,10 +308,11 @@ class _Reporter:
     def __call__(self, p: Progress) -> None:
         self.ctx.check_cancelled()
         now = time.monotonic()
-        if p.phase == self._phase and now - self._sent < self.interval:
+        key = self._key(p)
+        if key == self._phase and now - self._sent < self.interval:
             return
-        self._phase = p.phase
-        self.send(_progress_params(p))
+        self._phase = key
+        self.send(self._to_params(p))
 
     def send(self, params: dict[str, Any]) -> None:
         """A progress (or result) reply now; raises CallCancelled if the client left."""
@@ -448,8 +463,20 @@ class RepositoryInterface:
         self.repo = repo
         self.tracker = tracker
 
-    def _reporter(self, ctx: CallContext) -> _Reporter:
-        return _Reporter(ctx, interval=self.progress_interval, heartbeat=self.heartbeat)
+    def _reporter(
+        self,
+        ctx: CallContext,
+        to_params: Callable[[Progress], dict[str, Any]] = _progress_params,
+        key: Callable[[Progress], Hashable] = operator.attrgetter("phase"),
+    ) -> _Reporter:
+        """The progress callback of one call (``to_params`` and ``key``: :class:`_Reporter`)."""
+        return _Reporter(
+            ctx,
+            interval=self.progress_interval,
+            heartbeat=self.heartbeat,
+            to_params=to_params,
+            key=key,
+        )
 
     # -- Describe ---------------------------------------------------------------------------
     def Describe(self, *, _request: CallContext) -> dict[str, Any]:

@@ -18,7 +18,8 @@ takes the repository's locks, so it may run beside the service and other
 few options (``create-image --from-dumpfile/--preserve-hardlinks/--threads``,
 ``gc --pin``) have no daemon method: they run
 directly when the daemon was only found at its default address, and are a usage
-error with an explicit one.
+error with an explicit one. ``oci`` (io.composefs.Oci: pull, images, inspect, tag,
+untag, mount) has no direct mode: without a daemon it fails with exit status 3.
 
 Output is the same in both modes where they overlap (``--json`` gives the same
 keys, less those the service does not report). Exit status: 0 on success; 1 when
@@ -90,6 +91,8 @@ def _connect(args: argparse.Namespace) -> Connection | None:
     if args.direct:
         if explicit is not None:
             raise Usage("--direct and --connect exclude each other")
+        if args.command in remote.DAEMON_ONLY:
+            raise Usage(f"'{args.command}' works through composefsd only (no --direct)")
         return None
     if explicit is not None and args.repo is not None:
         raise Usage(
@@ -106,7 +109,10 @@ def _connect(args: argparse.Namespace) -> Connection | None:
             return client.connect(explicit, timeout=args.timeout)
         except VarlinkClientError as exc:
             raise Unreachable(str(exc)) from None
-    if args.repo is not None or os.environ.get("COMPOSEFSD_REPOSITORY") or why_direct:
+    if args.command in remote.DAEMON_ONLY:
+        if args.repo is not None:
+            raise Usage(f"'{args.command}' works through composefsd only (no --repo)")
+    elif args.repo is not None or os.environ.get("COMPOSEFSD_REPOSITORY") or why_direct:
         return None
     address = default_address()
     if not os.path.exists(address):
@@ -131,6 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         conn = _connect(args)
         if conn is not None:
             return remote.COMMANDS[args.command](conn, args)
+        if args.command in remote.DAEMON_ONLY:
+            raise Unreachable(
+                f"'{args.command}' works through composefsd only, and no daemon answers "
+                f"at {default_address()} (start it, or give --connect ADDRESS)"
+            )
         # Only a command that runs here loads the repository code.
         from composefsd.cli.composefsctl import direct
 

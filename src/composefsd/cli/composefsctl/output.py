@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from composefsd.repository.images import ImageDetails
 
 __all__ = [
+    "LayerProgressPrinter",
     "ProgressPrinter",
     "mount_doc",
     "print_description",
@@ -85,7 +86,8 @@ class ProgressPrinter:
     def __call__(self, p: Progress) -> None:
         self.show(p.phase, p.done, p.total, p.detail)
 
-    def show(self, phase: str, done: int, total: int | None, detail: str | None = None) -> None:
+    def line(self, phase: str, done: int, total: int | None, detail: str | None = None) -> str:
+        """One report as shown: a bar on a terminal when the total is known."""
         count = f"{done}" + (f"/{total}" if total is not None else "")
         if self.tty and total:
             frac = min(1.0, max(0.0, done / total))
@@ -95,7 +97,10 @@ class ProgressPrinter:
             text = f"{phase}: {count}"
         if detail:
             text += f" {detail}"
-        text = printable(text)
+        return printable(text)
+
+    def show(self, phase: str, done: int, total: int | None, detail: str | None = None) -> None:
+        text = self.line(phase, done, total, detail)
         if self.tty:
             pad = max(0, self.width - len(text))
             self.stream.write("\r" + text + " " * pad)
@@ -117,6 +122,43 @@ class ProgressPrinter:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
             self.width = 0
+
+
+class LayerProgressPrinter(ProgressPrinter):
+    """Pull progress. On a terminal, one line per layer (and per other phase), each
+    with its bar, all redrawn in place as reports come (layers are fetched several at
+    a time); elsewhere a line per report, naming the layer."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._lines: dict[str, str] = {}
+        self._drawn = 0
+
+    def reply(self, reply: Reply) -> bool:
+        p = reply.get("progress")
+        if not isinstance(p, dict):
+            return False
+        phase = str(p.get("phase", ""))
+        layer = p.get("layer") if isinstance(p.get("layer"), str) else None
+        shown = f"{phase} {layer[:19]}" if layer else phase
+        total = p.get("total")
+        text = self.line(shown, int(p.get("done", 0)), total if isinstance(total, int) else None)
+        if not self.tty:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            return True
+        # A layer keeps its line from "fetch" to "skip"; other phases have one each.
+        self._lines[f"layer {layer}" if layer else phase] = text
+        up = f"\x1b[{self._drawn}F" if self._drawn else ""
+        self.stream.write(up + "".join(f"\x1b[2K{t}\n" for t in self._lines.values()))
+        self.stream.flush()
+        self._drawn = len(self._lines)
+        return True
+
+    def finish(self) -> None:
+        # The bars stay on the screen; the next display starts below them.
+        self._lines.clear()
+        self._drawn = 0
 
 
 def progress(args: argparse.Namespace) -> ProgressPrinter | None:

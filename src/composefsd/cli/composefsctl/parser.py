@@ -54,6 +54,36 @@ def _timeout(text: str) -> float | None:
     return None if value in (0.0, float("inf")) else value
 
 
+def _mount_options(p: argparse.ArgumentParser) -> None:
+    """The options ``mount`` and ``oci mount`` share (io.composefs.Repository.Mount's)."""
+    p.add_argument(
+        "--verity",
+        choices=[v.value for v in VerityPolicy],
+        help="fs-verity checks: required, try or disabled (default: the repository's policy)",
+    )
+    p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
+    p.add_argument("--upperdir", metavar="DIR", help="overlay upper directory for writes")
+    p.add_argument("--workdir", metavar="DIR", help="overlay work directory (same filesystem)")
+    p.add_argument(
+        "--idmap-userns",
+        metavar="PATH",
+        help="idmap through this user namespace (/proc/PID/ns/user)",
+    )
+    p.add_argument(
+        "--uid-map",
+        metavar="MAP",
+        help="idmap with this uid mapping, INSIDE:OUTSIDE:COUNT[,...]",
+    )
+    p.add_argument("--gid-map", metavar="MAP", help="gid mapping (default: the uid mapping)")
+    p.add_argument(
+        "--fd-attach",
+        action="store_true",
+        help="through the daemon: receive the detached mount and attach it here (in this "
+        "process's mount namespace) instead of having the daemon attach it",
+    )
+    p.add_argument("--json", action="store_true", help="print what was mounted and checked")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = ArgumentParser(add_help=False)
     common.add_argument(
@@ -250,33 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("mount", "mount an image (needs root)")
     p.add_argument("image", metavar="IMAGE", help="digest or ref name")
     p.add_argument("where", metavar="WHERE", help="the directory to mount it on")
-    p.add_argument(
-        "--verity",
-        choices=[v.value for v in VerityPolicy],
-        help="fs-verity checks: required, try or disabled (default: the repository's policy)",
-    )
     p.add_argument("--expected-digest", metavar="HEX", help="refuse unless IMAGE is this digest")
-    p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
-    p.add_argument("--upperdir", metavar="DIR", help="overlay upper directory for writes")
-    p.add_argument("--workdir", metavar="DIR", help="overlay work directory (same filesystem)")
-    p.add_argument(
-        "--idmap-userns",
-        metavar="PATH",
-        help="idmap through this user namespace (/proc/PID/ns/user)",
-    )
-    p.add_argument(
-        "--uid-map",
-        metavar="MAP",
-        help="idmap with this uid mapping, INSIDE:OUTSIDE:COUNT[,...]",
-    )
-    p.add_argument("--gid-map", metavar="MAP", help="gid mapping (default: the uid mapping)")
-    p.add_argument(
-        "--fd-attach",
-        action="store_true",
-        help="through the daemon: receive the detached mount and attach it here (in this "
-        "process's mount namespace) instead of having the daemon attach it",
-    )
-    p.add_argument("--json", action="store_true", help="print what was mounted and checked")
+    _mount_options(p)
 
     p = command("unmount", "unmount a composefs mount")
     p.add_argument("where", metavar="WHERE")
@@ -286,7 +291,65 @@ def _parser() -> argparse.ArgumentParser:
     p = command("mounts", "list the mounted images of the repository")
     p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
     p.add_argument("--json", action="store_true")
+
+    _oci_commands(command("oci", "OCI container images (through composefsd only)"), common)
     return parser
+
+
+def _oci_commands(oci: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """``composefsctl oci ...``: io.composefs.Oci's methods. IMAGE is a tag or
+    ``@sha256:<manifest digest>``, as cfsctl takes it."""
+    sub = oci.add_subparsers(dest="oci_command", metavar="OCI_COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(parser=p)
+        return p
+
+    p = command("pull", "pull an image into the repository and build its composefs image")
+    p.add_argument(
+        "reference",
+        metavar="REFERENCE",
+        help="docker://HOST/NAME[:TAG], oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+        "docker-archive:FILE or containers-storage:REF (relative paths are made absolute)",
+    )
+    p.add_argument("tag", metavar="TAG", nargs="?", help="tag the pulled image with this name")
+    p.add_argument("--bootable", action="store_true", help="also build the bootable image")
+    p.add_argument("--authfile", metavar="PATH", help="registry credentials file, as skopeo's")
+    p.add_argument("--cert-dir", metavar="DIR", help="TLS certificates directory, as skopeo's")
+    p.add_argument(
+        "--tls-verify",
+        choices=("true", "false"),
+        help="verify the registry's TLS certificate (default true)",
+    )
+    p.add_argument(
+        "--creds",
+        metavar="USER[:PASSWORD]",
+        help="registry credentials (without a password, it is asked for on the terminal)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = command("images", "list the tagged images")
+    p.add_argument("--json", action="store_true")
+
+    p = command("inspect", "show an image's manifest and config")
+    p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest>")
+    p.add_argument("--json", action="store_true", help="(the output is JSON either way)")
+
+    p = command("tag", "tag an image (replacing what the tag named)")
+    p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest>")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--json", action="store_true")
+
+    p = command("untag", "remove a tag (the image stays until gc)")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--json", action="store_true")
+
+    p = command("mount", "mount an image's composefs image (needs root)")
+    p.add_argument("image", metavar="IMAGE", help="tag or @sha256:<manifest digest>")
+    p.add_argument("where", metavar="WHERE", help="the directory to mount it on")
+    p.add_argument("--bootable", action="store_true", help="mount the bootable image")
+    _mount_options(p)
 
 
 #: The values of the options every subcommand takes (given before or after it, so

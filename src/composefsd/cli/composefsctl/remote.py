@@ -24,7 +24,7 @@ from composefsd.cli.composefsctl.arguments import (
 from composefsd.cli.composefsctl.errors import Failed, Usage
 from composefsd.service.client import INTERFACE, Connection, Reply, VarlinkCallError
 
-__all__ = ["COMMANDS", "call_error_text"]
+__all__ = ["COMMANDS", "DAEMON_ONLY", "call_error_text", "more_replies", "mount_call"]
 
 
 #: ``--xattrs`` values (cfsctl's) as the IDL's XattrFilter names them.
@@ -40,16 +40,19 @@ def _opt(params: dict[str, Any], key: str, value: Any) -> None:
         params[key] = value
 
 
-def _more(
+def more_replies(
     conn: Connection,
     method: str,
     params: dict[str, Any],
     printer: output.ProgressPrinter | None,
     fds: Sequence[int] = (),
 ) -> Iterator[Reply]:
-    """The non-progress replies of a ``more`` call; progress goes to ``printer``."""
+    """The non-progress replies of a ``more`` call (of io.composefs.Repository unless
+    ``method`` is qualified); progress goes to ``printer``."""
     try:
-        for reply in conn.call(_method(method), params, more=True, fds=fds):
+        for reply in conn.call(
+            method if "." in method else _method(method), params, more=True, fds=fds
+        ):
             if "progress" in reply:
                 if printer is not None:
                     printer.reply(reply)
@@ -104,7 +107,7 @@ def _client_create_image(conn: Connection, args: argparse.Namespace) -> int:
     printer = output.progress(args)
     result: Reply | None = None
     try:
-        for reply in _more(conn, "CreateImage", params, printer, fds):
+        for reply in more_replies(conn, "CreateImage", params, printer, fds):
             result = reply
     finally:
         for fd in fds:
@@ -161,7 +164,7 @@ def _client_verify(conn: Connection, args: argparse.Namespace) -> int:
     calls: list[dict[str, Any]] = [{}] if args.all else [{"image": n} for n in args.images]
     calls += [{"stream": n} for n in args.stream]
     for params in calls:
-        for reply in _more(conn, "Verify", params, printer):
+        for reply in more_replies(conn, "Verify", params, printer):
             if "digest" not in reply and "stream" not in reply:
                 continue  # Verify of everything in an empty repository
             doc = _verify_doc(reply)
@@ -201,7 +204,7 @@ def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
     if args.root:
         params["roots"] = list(args.root)
     result: Reply | None = None
-    for reply in _more(conn, "GarbageCollect", params, output.progress(args)):
+    for reply in more_replies(conn, "GarbageCollect", params, output.progress(args)):
         result = reply
     assert result is not None
     doc = {
@@ -217,10 +220,25 @@ def _client_gc(conn: Connection, args: argparse.Namespace) -> int:
 
 
 def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
-    check_mount(args)
-    where = os.path.abspath(args.where)
     params: dict[str, Any] = {"image": args.image}
     _opt(params, "expectedDigest", args.expected_digest)
+    reply, where = mount_call(conn, _method("Mount"), params, args)
+    digest = reply["digest"]
+    output.report_mount(
+        output.mount_doc(where, f"composefs:{digest}", digest, reply), args, attached=args.fd_attach
+    )
+    return 0
+
+
+def mount_call(
+    conn: Connection, method: str, params: dict[str, Any], args: argparse.Namespace
+) -> tuple[Reply, str]:
+    """Call ``method`` (io.composefs.Repository.Mount or io.composefs.Oci.Mount) with
+    ``params`` and the mount options of ``args`` (fds on the directories and user
+    namespace it names), attaching the mount here with ``--fd-attach``: the reply
+    and the absolute mount point."""
+    check_mount(args)
+    where = os.path.abspath(args.where)
     _opt(params, "verity", args.verity)
     if args.rw:
         params["readOnly"] = False
@@ -241,7 +259,7 @@ def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
             params["gidMap"] = [asdict(m) for m in gid_map]
         if not args.fd_attach:
             params["where"] = where
-        reply = conn.call(_method("Mount"), params, fds=fds)
+        reply = conn.call(method, params, fds=fds)
     finally:
         for fd in fds:
             os.close(fd)
@@ -254,11 +272,7 @@ def _client_mount(conn: Connection, args: argparse.Namespace) -> int:
             move_mount(mount_fd, where)
         finally:
             os.close(mount_fd)
-    digest = reply["digest"]
-    output.report_mount(
-        output.mount_doc(where, f"composefs:{digest}", digest, reply), args, attached=args.fd_attach
-    )
-    return 0
+    return reply, where
 
 
 def _client_unmount(conn: Connection, args: argparse.Namespace) -> int:
@@ -289,6 +303,15 @@ def _client_mounts(conn: Connection, args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_oci(conn: Connection, args: argparse.Namespace) -> int:
+    from composefsd.cli.composefsctl import oci  # it builds on this module
+
+    return oci.run(conn, args)
+
+
+#: Commands that have no direct mode: they need a daemon.
+DAEMON_ONLY = frozenset({"oci"})
+
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "status": _client_status,
     "create-image": _client_create_image,
@@ -299,6 +322,7 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "mount": _client_mount,
     "unmount": _client_unmount,
     "mounts": _client_mounts,
+    "oci": _client_oci,
 }
 
 
@@ -312,6 +336,8 @@ def call_error_text(exc: VarlinkCallError) -> str:
             text += f" ({p['errnoName']})"
     elif short == "NoSuchImage":
         text = f"no image or ref {p.get('image')!r}"
+    elif short == "ImageNotFound":
+        text = f"no OCI image {p.get('image')!r}"
     elif short == "NotMounted":
         text = f"nothing composefs is mounted at {p.get('where')}"
     elif short == "ImageInUse":
