@@ -31,6 +31,7 @@ from composefsd.image.formats import ErofsVersion
 from composefsd.objectlayout import is_hex, link_file_name
 from composefsd.repository.errors import InvalidNameError, RepositoryError, os_error_text
 from composefsd.repository.images import fsync_dir
+from composefsd.repository.locking import writer_lock
 from composefsd.repository.streams import (
     StreamError,
     StreamNotFoundError,
@@ -538,9 +539,12 @@ def tag_image(repo: Repository, manifest_digest: str, tag: str) -> None:
     if not _valid_digest(manifest_digest):
         raise OciError(f"not a manifest digest: {manifest_digest[:200]!r}")
     content_id = OCI_MANIFEST_PREFIX + manifest_digest
-    if existing_stream(repo, content_id) is None:
-        raise StreamNotFoundError(f"no OCI manifest {manifest_digest} in {repo.path}")
-    name_stream(repo, content_id, OCI_REF_PREFIX + encode_tag(tag))
+    repo.ensure_writable()
+    # A writer: a GC must not run between finding the manifest and naming it.
+    with writer_lock(repo.path):
+        if existing_stream(repo, content_id) is None:
+            raise StreamNotFoundError(f"no OCI manifest {manifest_digest} in {repo.path}")
+        name_stream(repo, content_id, OCI_REF_PREFIX + encode_tag(tag))
 
 
 def untag_image(repo: Repository, tag: str) -> str:
@@ -550,15 +554,17 @@ def untag_image(repo: Repository, tag: str) -> str:
     check_tag(tag)
     directory = repo.path / "streams" / "refs" / OCI_REF_PREFIX.rstrip("/")
     link = directory / encode_tag(tag)
-    try:
-        target = os.readlink(link)
-    except OSError:
-        raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
-    try:
-        os.unlink(link)
-    except FileNotFoundError:
-        raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
-    except OSError as exc:
-        raise RepositoryError(f"cannot remove OCI tag {tag!r}: {os_error_text(exc)}") from exc
-    fsync_dir(directory)
+    repo.ensure_writable()
+    with writer_lock(repo.path):
+        try:
+            target = os.readlink(link)
+        except OSError:
+            raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
+        try:
+            os.unlink(link)
+        except FileNotFoundError:
+            raise StreamNotFoundError(f"no OCI tag {tag!r} in {repo.path}") from None
+        except OSError as exc:
+            raise RepositoryError(f"cannot remove OCI tag {tag!r}: {os_error_text(exc)}") from exc
+        fsync_dir(directory)
     return _manifest_digest_of(target) or target

@@ -46,7 +46,7 @@ from typing import Any
 
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import is_hex_digest
-from composefsd.repository import Progress, Repository, ocipull, reader_lock, writer_lock
+from composefsd.repository import Progress, Repository, ocipull, reader_lock
 from composefsd.repository.oci import (
     OciError,
     OciImage,
@@ -524,8 +524,7 @@ class OciInterface:
         repo = self.repo
         with _mapped(image=image):
             found = self._open(image)
-            with writer_lock(repo.path):
-                tag_image(repo, found.manifest_digest, tag)
+            tag_image(repo, found.manifest_digest, tag)
         log.info("tagged %s as %r for pid %d", found.manifest_digest, tag, _request.peer.pid)
         return {"manifestDigest": found.manifest_digest}
 
@@ -535,7 +534,7 @@ class OciInterface:
         except OciTagError as exc:
             raise _error("InvalidTag", tag=_shown(tag), message=str(exc)) from None
         repo = self.repo
-        with _mapped(image=tag), writer_lock(repo.path):
+        with _mapped(image=tag):
             digest = untag_image(repo, tag)
         log.info("untagged %r (%s) for pid %d", tag, digest, _request.peer.pid)
         return {"manifestDigest": digest}
