@@ -8,24 +8,32 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
+import treecompare
 from composefsd.repository import Repository
 from composefsd.repository.oci import OciError, iter_tags, open_tag
+from composefsd.repository.ocibuild import OciBuildError, build_tree
+from composefsd.repository.ocilayer import TarFormatError
 from composefsd.repository.ocilayout import OciLayoutSource
-from composefsd.repository.ocipull import PullResult, pull
+from composefsd.repository.ocipull import BlobDigestError, PullResult, pull
 from composefsd.repository.progress import Progress
 from composefsd.repository.streams import cat, existing_stream
+from composefsd.service.imageproxy import BlobTransferError as ProxyBlobTransferError
 from composefsd.service.imageproxy import (
     ImageNotFoundError,
     ImageProxyPool,
+    PlatformNotFoundError,
     ProxyAuthError,
     ProxyOptions,
     ProxyTLSError,
@@ -33,19 +41,30 @@ from composefsd.service.imageproxy import (
 from registry import (
     AUTH,
     GOLDEN_TAGS,
+    CuttingProxy,
     LayoutImage,
     Registry,
+    add_index,
     copy,
     write_layout,
 )
 from rsgolden import ALGORITHMS, RS
+from servicehelpers import unmount_below
 from test_imageproxy import _remove_tree
 from test_oci_build import _compute_id_stdout
 from test_oci_layer_import import layer_tar
 from test_oci_pull import IMAGES, LAYERS, SAME_ZSTD, _state
+from test_oci_umoci import _layers as umoci_layers
+from test_oci_umoci import _mounted as mounted_tree
+from test_oci_umoci import _umocis as umocis_tree
+from test_oci_umoci import default_transformed
 from test_oci_write import _pulled_verity
 
 PLAIN = ProxyOptions(tls_verify=False)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _repo(tmp_path: Path, algorithm: str = "sha256", name: str = "repo") -> Repository:
@@ -406,3 +425,215 @@ def test_containers_storage(tmp_path: Path) -> None:
         _assert_safe(repo, {"two": result.manifest_digest})
     finally:
         _remove_tree(tmp_path / "graph")
+
+
+# -- the umoci oracle ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="umoci unpack and mounts need root")
+def test_pulled_tree_is_umocis_rootfs(registry: Registry, tmp_path: Path) -> None:
+    """Three gzip layers with whiteouts, an opaque directory, hardlinks across
+    layers, a file replaced by a directory (and back), xattrs, devices, long and
+    non-UTF-8 names, pushed to the registry and pulled: the mounted image is the
+    rootfs ``umoci unpack`` makes of the image copied back from the registry, but
+    for what cfsctl's default transform changes."""
+    umoci = shutil.which("umoci")
+    assert umoci is not None, "umoci is not installed (run-tests installs it)"
+    write_layout(tmp_path / "layout", {"test": umoci_layers()})
+    ref = registry.push(f"oci:{tmp_path / 'layout'}:test", "umoci", "test")
+    copy(ref, f"oci:{tmp_path / 'back'}:test", "--src-tls-verify=false", "--preserve-digests")
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        [umoci, "unpack", "--image", f"{tmp_path / 'back'}:test", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    repo = _repo(tmp_path)
+    result, _, _ = _pull(repo, ref, tag="test", parallel=3)
+    assert result.image_id is not None
+    try:
+        ours, links = mounted_tree(repo, result.image_id, tmp_path / "mnt")
+    finally:
+        unmount_below(tmp_path)
+    theirs = umocis_tree(bundle / "rootfs")
+    problems = treecompare.diff(default_transformed(theirs), ours)
+    assert not problems, "\n".join(problems)
+    assert b"/srv/caf\xe9-\xff" in ours and b"/opq/old" not in ours and b"/data" in ours
+    assert links == [0, 0, 2, 3]
+
+
+# -- bad input: a typed error, fsck clean, no tag written or moved ---------------------------
+
+
+@pytest.fixture
+def victim(
+    registry: Registry, small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path
+) -> tuple[Repository, dict[str, str]]:
+    """A repository where the tag ``t`` names ``small:base``."""
+    layout, images = small
+    repo = _repo(tmp_path, name="victim")
+    _pull(repo, registry.push(f"oci:{layout}:base", "small", "base"), tag="t")
+    tags = {"t": images["base"].manifest.digest}
+    _assert_safe(repo, tags)
+    return repo, tags
+
+
+def _push_layers(
+    registry: Registry, tmp_path: Path, name: str, layers: list[bytes], *, compress: bool = True
+) -> tuple[str, LayoutImage]:
+    layout = tmp_path / f"layout-{name}"
+    image = write_layout(layout, {"x": layers}, compress=compress)["x"]
+    return registry.push(f"oci:{layout}:x", name, "x"), image
+
+
+def _registry_blob(registry: Registry, digest: str) -> Path:
+    hexdigest = digest.partition(":")[2]
+    return registry.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
+
+
+def test_corrupted_blob(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
+) -> None:
+    """The registry serves a layer with one byte changed (same size): skopeo's
+    digest check fails the transfer; the layer is not linked."""
+    repo, tags = victim
+    ref, image = _push_layers(
+        registry,
+        tmp_path,
+        "corrupt",
+        [tree_tar([("usr/a", b"a" * 30_000)]), tree_tar([("usr/b", b"b" * 30_000)])],
+        compress=False,
+    )
+    bad = image.layers[1]
+    path = _registry_blob(registry, bad.digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BlobDigestError) as info:
+        _pull(repo, ref, tag="t")
+    assert info.value.digest == bad.digest
+    _assert_safe(repo, tags)
+    assert existing_stream(repo, "oci-layer-" + _sha256(bad.data)) is None
+
+
+def test_truncated_layer(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
+) -> None:
+    """A layer whose tar ends mid-member (its digests those of the short bytes)."""
+    repo, tags = victim
+    whole = tree_tar([("usr/a", os.urandom(20_000))])
+    ref, _ = _push_layers(registry, tmp_path, "truncated", [whole[:12_000]])
+    with pytest.raises(TarFormatError):
+        _pull(repo, ref, tag="t")
+    _assert_safe(repo, tags)
+
+
+def test_truncated_blob_in_the_registry(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
+) -> None:
+    """The registry's copy of a blob lost its tail: shorter than the manifest says."""
+    repo, tags = victim
+    ref, image = _push_layers(
+        registry, tmp_path, "short", [tree_tar([("usr/a", os.urandom(50_000))])]
+    )
+    path = _registry_blob(registry, image.layers[0].digest)
+    path.write_bytes(path.read_bytes()[:20_000])
+    with pytest.raises((ProxyBlobTransferError, BlobDigestError)):
+        _pull(repo, ref, tag="t")
+    _assert_safe(repo, tags)
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "usr/../../etc/passwd", "/../etc/shadow", "/usr/../../x"]
+)
+def test_tar_escaping_the_root(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path, name: str
+) -> None:
+    repo, tags = victim
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        usr = tarfile.TarInfo("usr")
+        usr.type = tarfile.DIRTYPE
+        tar.addfile(usr)
+        info = tarfile.TarInfo(name)
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    ref, _ = _push_layers(registry, tmp_path, "escape", [out.getvalue()])
+    with pytest.raises(OciBuildError, match=r"'\.\.'"):
+        _pull(repo, ref, tag="t")
+    _assert_safe(repo, tags)
+
+
+def test_absolute_paths_stay_inside(registry: Registry, tmp_path: Path) -> None:
+    """An absolute member name is a path below the image's root (as composefs-rs
+    and umoci read it), not an escape."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("/usr", "/usr/lib"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        info = tarfile.TarInfo("/usr/lib/abs")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abs"))
+    ref, _ = _push_layers(registry, tmp_path, "absolute", [out.getvalue()])
+    repo = _repo(tmp_path)
+    result, _, _ = _pull(repo, ref, tag="abs")
+    with repo.object_store() as store:
+        root = build_tree(repo, store, open_tag(repo, store, "abs"))
+    assert [p for p, _ in root.walk()] == [b"/", b"/usr", b"/usr/lib", b"/usr/lib/abs"]
+    _assert_safe(repo, {"abs": result.manifest_digest})
+
+
+def test_manifest_list_without_this_architecture(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
+) -> None:
+    repo, tags = victim
+    layout = tmp_path / "multiarch"
+    write_layout(
+        layout,
+        {"arm64": [tree_tar([("usr/arch", b"arm64")])], "s390x": [tree_tar([("usr/arch", b"s")])]},
+    )
+    add_index(layout, "list", {"arm64": "arm64", "s390x": "s390x"})
+    ref = registry.push(f"oci:{layout}:list", "multiarch-e2e", "list", "--all")
+    with pytest.raises(PlatformNotFoundError):
+        _pull(repo, ref, ProxyOptions(tls_verify=False, override_arch="amd64"), tag="t")
+    _assert_safe(repo, tags)
+
+
+def test_registry_hangs_up_mid_blob(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
+) -> None:
+    """Every transfer of one layer is cut: the pull fails typed; the larger layer,
+    fetched before it (largest first, one at a time), stays and is reused once the
+    registry is whole again."""
+    repo, tags = victim
+    whole = tree_tar([("usr/big", os.urandom(1 << 20))])
+    ref, image = _push_layers(
+        registry, tmp_path, "cut", [whole, tree_tar([("usr/cut", os.urandom(200_000))])]
+    )
+    cut = image.layers[1]
+    cutter = CuttingProxy(registry.host, cut.digest, cut_after=64 * 1024)
+    try:
+        with pytest.raises(ProxyBlobTransferError):
+            _pull(repo, f"docker://{cutter.host}/cut:x", tag="t", parallel=1)
+        assert cutter.cuts >= 1
+    finally:
+        cutter.close()
+    _assert_safe(repo, tags)
+    assert existing_stream(repo, "oci-layer-" + _sha256(whole)) is not None
+    result, events, opened = _pull(repo, ref, tag="t")
+    assert opened == [cut.digest]
+    assert _phase(events, "skip") == {_sha256(whole)}
+    assert dict(iter_tags(repo)) == {"t": result.manifest_digest}
+
+
+@pytest.mark.parametrize("what", ["tag", "repository"])
+def test_not_found(
+    registry: Registry, victim: tuple[Repository, dict[str, str]], what: str
+) -> None:
+    repo, tags = victim
+    ref = registry.ref("small", "nope") if what == "tag" else registry.ref("nothere", "base")
+    with pytest.raises(ImageNotFoundError):
+        _pull(repo, ref, tag="t")
+    _assert_safe(repo, tags)
