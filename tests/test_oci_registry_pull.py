@@ -12,11 +12,15 @@ import hashlib
 import io
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -35,9 +39,11 @@ from composefsd.service.imageproxy import (
     ImageProxyPool,
     PlatformNotFoundError,
     ProxyAuthError,
+    ProxyDiedError,
     ProxyOptions,
     ProxyTLSError,
 )
+from holdproxy import BOUND, HoldingProxy
 from registry import (
     AUTH,
     GOLDEN_TAGS,
@@ -46,6 +52,7 @@ from registry import (
     Registry,
     add_index,
     copy,
+    pid_is_reaped,
     write_layout,
 )
 from rsgolden import ALGORITHMS, RS
@@ -637,3 +644,170 @@ def test_not_found(
     with pytest.raises(ImageNotFoundError):
         _pull(repo, ref, tag="t")
     _assert_safe(repo, tags)
+
+
+# -- killed and concurrent pulls --------------------------------------------------------------
+
+CHILD = Path(__file__).with_name("proxypullchild.py")
+
+
+def _two_layers(registry: Registry, tmp_path: Path, name: str) -> tuple[str, LayoutImage, bytes]:
+    """An image whose larger layer (fetched first) comes before the one a test
+    holds; returns the reference, the image and the larger layer's tar."""
+    first = tree_tar([("usr/big", os.urandom(1 << 20))])
+    ref, image = _push_layers(
+        registry, tmp_path, name, [first, tree_tar([("usr/held", os.urandom(300_000))])]
+    )
+    return ref, image, first
+
+
+def _same_as_clean(resumed: PullResult, clean: PullResult) -> None:
+    assert _fresh(resumed) == clean
+
+
+def _child(repo: Repository, reference: str, tag: str, **kw: Any) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CHILD.parent), *sys.path]))
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), str(repo.path), reference, tag],
+        env=env,
+        stdout=subprocess.PIPE,
+        **kw,
+    )
+
+
+def _gone(pid: int) -> bool:
+    """No such process any more (or only a zombie for its new parent to reap)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return status.rpartition(")")[2].split()[0] == "Z"
+
+
+def test_skopeo_killed_mid_pull(registry: Registry, tmp_path: Path) -> None:
+    """kill -9 of skopeo while a layer streams: a typed error, fsck clean, no tag,
+    the layer completed before kept; the next pull fetches only the other one and
+    ends where a clean pull does."""
+    ref, image, first = _two_layers(registry, tmp_path, "killskopeo")
+    clean, _, _ = _pull(_repo(tmp_path, name="clean"), ref, tag="t")
+    repo = _repo(tmp_path)
+    held = image.layers[1]
+    errors: list[BaseException] = []
+    with HoldingProxy(registry.host, [held.digest], 64 * 1024) as proxy:
+        pool = ImageProxyPool(f"docker://{proxy.host}/killskopeo:x", PLAIN, creds=None, size=1)
+
+        def run() -> None:
+            try:
+                pull(repo, pool, tag="t", parallel=1)
+            except BaseException as exc:  # handed to the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert proxy.wait_held(1) == [held.digest]
+            pids = pool.pids
+            assert pids
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            thread.join(BOUND)
+            assert not thread.is_alive(), "the pull hangs after skopeo died"
+        finally:
+            pool.close()
+            thread.join()
+    assert len(errors) == 1 and isinstance(errors[0], ProxyDiedError), errors
+    assert all(pid_is_reaped(pid) for pid in pids)
+    _assert_safe(repo, {})
+    assert existing_stream(repo, "oci-layer-" + _sha256(first)) is not None
+    resumed, events, opened = _pull(repo, ref, tag="t")
+    assert opened == [held.digest]
+    assert _phase(events, "skip") == {_sha256(first)}
+    _same_as_clean(resumed, clean)
+    _assert_safe(repo, {"t": clean.manifest_digest})
+
+
+def test_puller_killed_mid_pull(registry: Registry, tmp_path: Path) -> None:
+    """kill -9 of the pulling process while a layer streams: fsck clean, no tag,
+    its skopeo children end too; the next pull reuses the completed layer and ends
+    where a clean pull does."""
+    ref, image, first = _two_layers(registry, tmp_path, "killpuller")
+    clean, _, _ = _pull(_repo(tmp_path, name="clean"), ref, tag="t")
+    repo = _repo(tmp_path)
+    held = image.layers[1]
+    with HoldingProxy(registry.host, [held.digest], 64 * 1024) as proxy:
+        child = _child(repo, f"docker://{proxy.host}/killpuller:x", "t", stderr=subprocess.DEVNULL)
+        try:
+            assert child.stdout is not None
+            pids = json.loads(child.stdout.readline())["pids"]
+            assert proxy.wait_held(1) == [held.digest]
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    # Orphaned, skopeo sees its socket end and exits (bounded poll, no timing).
+    pause = threading.Event()  # never set: a bounded poll interval
+    for _ in range(int(BOUND * 20)):
+        if all(_gone(pid) for pid in pids):
+            break
+        pause.wait(0.05)
+    assert all(_gone(pid) for pid in pids), "skopeo outlived its killed puller"
+    _assert_safe(repo, {})
+    assert existing_stream(repo, "oci-layer-" + _sha256(first)) is not None
+    resumed, events, opened = _pull(repo, ref, tag="t")
+    assert opened == [held.digest]
+    assert _phase(events, "skip") == {_sha256(first)}
+    _same_as_clean(resumed, clean)
+    _assert_safe(repo, {"t": clean.manifest_digest})
+
+
+def test_concurrent_pulls_store_each_layer_once(registry: Registry, tmp_path: Path) -> None:
+    """Pull A is held inside the layer both images share; pull B (another process)
+    waits for that layer's lock (its log says so) and reuses it once A goes on.
+    Every layer is imported exactly once across both."""
+    common = tree_tar([("usr/common", os.urandom(1 << 20))])
+    own_a = tree_tar([("usr/a", os.urandom(5000))])
+    own_b = tree_tar([("usr/b", os.urandom(6000))])
+    _, image_a = _push_layers(registry, tmp_path, "concur-a", [common, own_a])
+    ref_b, _ = _push_layers(registry, tmp_path, "concur-b", [common, own_b])
+    repo = _repo(tmp_path)
+    a_log = tmp_path / "a.log"
+    waiting = "waiting for another fetch of oci-layer-" + _sha256(common)
+    b_lines: list[str] = []
+    with HoldingProxy(registry.host, [image_a.layers[0].digest], 64 * 1024) as proxy:
+        with open(a_log, "wb") as a_err:
+            a = _child(repo, f"docker://{proxy.host}/concur-a:x", "a", stderr=a_err)
+        b: subprocess.Popen[bytes] | None = None
+        try:
+            proxy.wait_held(1)
+            b = _child(repo, ref_b, "b", stderr=subprocess.PIPE)
+            assert b.stderr is not None
+            while True:
+                ready, _, _ = select.select([b.stderr], [], [], BOUND)
+                assert ready, "pull B never waited for the shared layer"
+                line = b.stderr.readline().decode()
+                assert line, "pull B ended before waiting for the shared layer"
+                b_lines.append(line)
+                if waiting in line:
+                    break
+            proxy.release()
+            a_out, _ = a.communicate()
+            b_out, b_rest = b.communicate()
+            b_lines += b_rest.decode().splitlines()
+        finally:
+            for p in (a, b):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.communicate()
+    assert a.returncode == 0 and b is not None and b.returncode == 0
+    a_result = json.loads(a_out.splitlines()[-1])
+    b_result = json.loads(b_out.splitlines()[-1])
+    assert not any(a_result["layers"].values())
+    assert b_result["layers"] == {_sha256(common): True, _sha256(own_b): False}
+    logs = a_log.read_text() + "".join(b_lines)
+    for layer in (common, own_a, own_b):
+        assert logs.count(f"imported layer {_sha256(layer)} ") == 1
+    report = repo.fsck()
+    assert report.ok, report.problems
+    assert sorted(dict(iter_tags(repo))) == ["a", "b"]
