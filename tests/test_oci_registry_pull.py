@@ -269,8 +269,8 @@ def test_shared_layers_fetch_only_the_new_one(
 ) -> None:
     layout, images = small
     repo = _repo(tmp_path)
-    base = registry.push(f"oci:{layout}:base", "small", "base")
-    more = registry.push(f"oci:{layout}:more", "small", "more")
+    base = registry.push(f"oci:{layout}:base", "e2e", "base")
+    more = registry.push(f"oci:{layout}:more", "e2e", "more")
     result, _, opened = _pull(repo, base, tag="base")
     assert result == expected["base"]
     assert sorted(opened) == sorted(x.digest for x in images["base"].layers)
@@ -289,7 +289,7 @@ def test_tls_registry_with_cert_dir(
     tmp_path: Path,
 ) -> None:
     layout, _ = small
-    ref = tls_registry.push(f"oci:{layout}:base", "small", "base")
+    ref = tls_registry.push(f"oci:{layout}:base", "e2e", "base")
     repo = _repo(tmp_path)
     options = ProxyOptions(cert_dir=str(tls_registry.cert_dir))
     result, _, _ = _pull(repo, ref, options, tag="base")
@@ -301,7 +301,7 @@ def test_tls_registry_without_the_cert(
     tls_registry: Registry, small: tuple[Path, dict[str, LayoutImage]], tmp_path: Path
 ) -> None:
     layout, _ = small
-    ref = tls_registry.push(f"oci:{layout}:base", "small", "base")
+    ref = tls_registry.push(f"oci:{layout}:base", "e2e", "base")
     repo = _repo(tmp_path)
     with pytest.raises(ProxyTLSError):
         _pull(repo, ref, ProxyOptions(), tag="base")
@@ -324,7 +324,7 @@ def test_basic_auth(
     how: str,
 ) -> None:
     layout, _ = small
-    ref = auth_registry.push(f"oci:{layout}:base", "small", "base")
+    ref = auth_registry.push(f"oci:{layout}:base", "e2e", "base")
     if how == "creds":
         options = ProxyOptions(tls_verify=False, creds=auth_registry.creds)
     else:
@@ -345,7 +345,7 @@ def test_basic_auth_refused(
     how: str,
 ) -> None:
     layout, _ = small
-    ref = auth_registry.push(f"oci:{layout}:base", "small", "base")
+    ref = auth_registry.push(f"oci:{layout}:base", "e2e", "base")
     options = {
         "creds": ProxyOptions(tls_verify=False, creds=f"{AUTH[0]}:wrong"),
         "authfile": ProxyOptions(
@@ -399,7 +399,7 @@ def test_transports(
         reference = f"docker-archive:{archive}"
         copy(f"oci:{layout}:more", f"docker-archive:{archive}:small:more")
     else:
-        reference = registry.ref("small-v2s2", "more")
+        reference = registry.ref("e2e-v2s2", "more")
         copy(f"oci:{layout}:more", reference, "--format", "v2s2", *registry.dest_flags())
         options = PLAIN
     repo = _repo(tmp_path)
@@ -486,7 +486,7 @@ def victim(
     """A repository where the tag ``t`` names ``small:base``."""
     layout, images = small
     repo = _repo(tmp_path, name="victim")
-    _pull(repo, registry.push(f"oci:{layout}:base", "small", "base"), tag="t")
+    _pull(repo, registry.push(f"oci:{layout}:base", "e2e", "base"), tag="t")
     tags = {"t": images["base"].manifest.digest}
     _assert_safe(repo, tags)
     return repo, tags
@@ -508,14 +508,14 @@ def _registry_blob(registry: Registry, digest: str) -> Path:
 def test_corrupted_blob(
     registry: Registry, victim: tuple[Repository, dict[str, str]], tmp_path: Path
 ) -> None:
-    """The registry serves a layer with one byte changed (same size): skopeo's
-    digest check fails the transfer; the layer is not linked."""
+    """The registry serves a layer with one byte changed (same size): the pull's
+    own check of the blob's digest names it; the layer is not linked."""
     repo, tags = victim
     ref, image = _push_layers(
         registry,
         tmp_path,
         "corrupt",
-        [tree_tar([("usr/a", b"a" * 30_000)]), tree_tar([("usr/b", b"b" * 30_000)])],
+        [tree_tar([("usr/a", os.urandom(30_000))]), tree_tar([("usr/b", os.urandom(30_000))])],
         compress=False,
     )
     bad = image.layers[1]
@@ -647,7 +647,7 @@ def test_not_found(
     registry: Registry, victim: tuple[Repository, dict[str, str]], what: str
 ) -> None:
     repo, tags = victim
-    ref = registry.ref("small", "nope") if what == "tag" else registry.ref("nothere", "base")
+    ref = registry.ref("e2e", "nope") if what == "tag" else registry.ref("nothere", "base")
     with pytest.raises(ImageNotFoundError):
         _pull(repo, ref, tag="t")
     _assert_safe(repo, tags)
