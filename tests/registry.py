@@ -252,13 +252,14 @@ def layer_tar(files: Sequence[tuple[str, bytes]]) -> bytes:
 
 def write_layout(
     layout: Path,
-    tags: dict[str, Sequence[Sequence[tuple[str, bytes]]]],
+    tags: dict[str, Sequence[Sequence[tuple[str, bytes]] | bytes]],
     *,
     compress: bool = True,
 ) -> dict[str, LayoutImage]:
     """An OCI image layout with one image per tag, each a list of layers, each a
-    list of (path, content) files; layers gzip-compressed unless ``compress`` is
-    False. Returns what each tag's manifest, config and layers are."""
+    list of (path, content) files or a whole tar (bytes); layers gzip-compressed
+    unless ``compress`` is False. Returns what each tag's manifest, config and
+    layers are."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -273,7 +274,7 @@ def write_layout(
         stored: list[Blob] = []
         diff_ids: list[str] = []
         for files in layers:
-            tar = layer_tar(files)
+            tar = files if isinstance(files, bytes) else layer_tar(files)
             diff_ids.append(_digest(tar))
             stored.append(put(gzip.compress(tar, mtime=0) if compress else tar))
         config = put(

@@ -860,6 +860,12 @@ class ImageProxyPool:
             if not ok:
                 source.close()
 
+    @property
+    def pids(self) -> list[int]:
+        """The pids of the skopeo children this pool holds now (idle or busy)."""
+        with self._cond:
+            return [source.pid for source in self._all]
+
     def fetch_manifest(self) -> tuple[str, bytes]:
         with self._source() as source:
             return source.fetch_manifest()
