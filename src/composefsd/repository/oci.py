@@ -71,6 +71,7 @@ __all__ = [
     "iter_tags",
     "list_images",
     "open_image",
+    "open_stored",
     "open_tag",
     "tag_image",
     "trace_tag",
@@ -400,10 +401,19 @@ def open_tag(repo: Repository, store: ObjectStore, tag: str) -> OciImage:
     digest = _manifest_digest_of(target)
     if digest is None:
         raise OciError(f"OCI tag {tag!r} points to {target!r}, which is no manifest")
-    stream = stream_links(repo).get(OCI_MANIFEST_PREFIX + digest)
-    if stream is None or stream.digest is None:
-        raise StreamNotFoundError(f"OCI tag {tag!r}: no manifest {digest} in {repo.path}")
-    return open_image(repo, store, digest, stream.digest)
+    return open_stored(repo, store, digest, f"OCI tag {tag!r}: ")
+
+
+def open_stored(repo: Repository, store: ObjectStore, digest: str, what: str = "") -> OciImage:
+    """The image of the manifest stream ``oci-manifest-<digest>``, by the object its
+    link names. Not by its JSON's sha256, which composefs-rs checks when it has no
+    verity: skopeo hands out a Docker manifest converted to OCI under the Docker
+    digest, so for such an image (most of a registry's) that check always fails
+    (``cfsctl oci images`` leaves them out)."""
+    stream = existing_stream(repo, OCI_MANIFEST_PREFIX + digest)
+    if stream is None:
+        raise StreamNotFoundError(f"{what}no manifest {digest} in {repo.path}")
+    return open_image(repo, store, digest, stream)
 
 
 def list_images(repo: Repository) -> list[tuple[str, OciImage]]:
@@ -413,7 +423,7 @@ def list_images(repo: Repository) -> list[tuple[str, OciImage]]:
     with repo.object_store() as store:
         for tag, digest in iter_tags(repo):
             try:
-                out.append((tag, open_image(repo, store, digest)))
+                out.append((tag, open_stored(repo, store, digest)))
             except (OciError, StreamError, StreamNotFoundError) as exc:
                 log.warning("skipping OCI image %s: %s", tag, exc)
     return out

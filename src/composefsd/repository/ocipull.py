@@ -857,9 +857,17 @@ def pull(
             progress(Progress("image", 0, None, fetched.manifest_digest))
         image_id = boot_id = None
         if fetched.is_container:
-            image_id = ensure_image(repo, fetched.manifest_digest, None, None if bootable else tag)
+            # By the manifest stream's object, not by the digest: a manifest that
+            # skopeo converted from Docker's format is not its digest's JSON.
+            image_id = ensure_image(
+                repo,
+                fetched.manifest_digest,
+                fetched.manifest_verity,
+                None if bootable else tag,
+            )
             if bootable:
-                boot_id = ensure_image(repo, fetched.manifest_digest, None, tag, bootable=True)
+                rewritten = existing_stream(repo, OCI_MANIFEST_PREFIX + fetched.manifest_digest)
+                boot_id = ensure_image(repo, fetched.manifest_digest, rewritten, tag, bootable=True)
         elif tag is not None:
             tag_image(repo, fetched.manifest_digest, tag)
     log.info(

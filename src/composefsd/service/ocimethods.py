@@ -53,7 +53,7 @@ from composefsd.repository.oci import (
     OciTagError,
     check_tag,
     list_images,
-    open_image,
+    open_stored,
     open_tag,
     tag_image,
     untag_image,
@@ -402,7 +402,7 @@ class OciInterface:
             if tag is not None:
                 return open_tag(repo, store, tag)
             assert digest is not None
-            return open_image(repo, store, digest)
+            return open_stored(repo, store, digest)
 
     # -- Pull -------------------------------------------------------------------------------
     def Pull(
