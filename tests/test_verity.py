@@ -877,3 +877,51 @@ def test_bootc_repository_with_verity(work: Path) -> None:
     assert [
         (t, i.manifest_digest, i.images) for t, i in oci.list_images(Repository.open(repo))
     ] == oci_before
+
+
+def test_oci_pull_with_verity(work: Path) -> None:
+    """io.composefs.Oci.Pull into a repository that requires fs-verity: every object
+    it stores (layer files, streams, JSON, the composefs image) has fs-verity, and
+    Mount by tag with ``required`` is checked by the kernel; the tree is cfsctl's."""
+    from rsgolden import EXPECTED, RS
+
+    repo_path = work / "oci-repo"
+    Repository.init(repo_path, algorithm="fsverity-sha512-12", verity=VerityPolicy.REQUIRED)
+    layout = RS / "inputs" / "oci" / "layout"
+    daemon = start_daemon(repo_path, timeout=DAEMON_START_TIMEOUT)
+    try:
+        with connect(daemon.address, timeout=DAEMON_START_TIMEOUT) as conn:
+            replies = list(
+                conn.call(
+                    "io.composefs.Oci.Pull",
+                    {"reference": f"oci:{layout}:multi", "tag": "multi"},
+                    more=True,
+                )
+            )
+            final = dict(replies[-1])
+            assert final["imageId"]
+            objects = _object_files(repo_path / "objects")
+            assert objects
+            for path in objects:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    measured = measure_verity(fd, "sha512").hex()
+                finally:
+                    os.close(fd)
+                assert measured == path.parent.name + path.name, path
+            mnt = work / "oci-mnt"
+            mnt.mkdir()
+            reply = dict(
+                conn.call(
+                    "io.composefs.Oci.Mount",
+                    {"image": "multi", "verity": "required", "where": str(mnt)},
+                )
+            )
+            assert (reply["imageCheck"], reply["objectVerity"]) == ("kernel", True)
+            assert _verity_option(mnt) == "require"
+            dump = EXPECTED / "oci" / "sha512" / "images" / "multi" / "dump.txt"
+            assert check_tree(mnt, dump) > 0
+            conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
+    finally:
+        status = daemon.stop()
+    assert status == 0, daemon.log_text()
