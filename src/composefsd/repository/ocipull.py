@@ -61,6 +61,7 @@ from composefsd.repository.locking import RepoLock, join_lock, writer_lock
 from composefsd.repository.oci import (
     _external,
     check_tag,
+    open_image,
     tag_image,
     write_config_stream,
     write_manifest_stream,
@@ -815,6 +816,31 @@ def _reuse_config(
 # -- pulling -------------------------------------------------------------------------------
 
 
+def _built_images(
+    repo: Repository, fetched: FetchResult, bootable: bool
+) -> tuple[str, str | None] | None:
+    """(image, boot image or None) when the config stream already names an image
+    (and with ``bootable`` a boot image) of every format of the repository, each
+    present in ``images/``; None when one must be built.
+
+    Building again would write the very same image and streams (the image id
+    depends only on the layers, the streams only on the image ids), but it reads
+    every layer stream: on a re-pull that is nearly all the time spent. This is
+    what composefs-rs's layer sync does (``composefs_erofs_for_manifest`` before
+    ``ensure_oci_composefs_erofs``). A missing or damaged image file builds
+    again, which repairs it."""
+    with repo.object_store() as store:
+        image = open_image(repo, store, fetched.manifest_digest, fetched.manifest_verity)
+    found: dict[bool, str] = {}
+    for boot in (False, True) if bootable else (False,):
+        for version in repo.formats.versions():
+            ref = image.boot_erofs_image(version) if boot else image.erofs_image(version)
+            if ref is None or not (repo.images_dir / ref).is_file():
+                return None
+            found.setdefault(boot, ref)
+    return found[False], found.get(True)
+
+
 @dataclass(frozen=True, slots=True)
 class PullResult:
     manifest_digest: str
@@ -856,7 +882,12 @@ def pull(
         if progress is not None:
             progress(Progress("image", 0, None, fetched.manifest_digest))
         image_id = boot_id = None
-        if fetched.is_container:
+        built = _built_images(repo, fetched, bootable) if fetched.is_container else None
+        if built is not None:
+            image_id, boot_id = built
+            if tag is not None:
+                tag_image(repo, fetched.manifest_digest, tag)
+        elif fetched.is_container:
             image_id = ensure_image(repo, fetched.manifest_digest, None, None if bootable else tag)
             if bootable:
                 boot_id = ensure_image(repo, fetched.manifest_digest, None, tag, bootable=True)
