@@ -263,6 +263,11 @@ def _profiled_threads(out: list[cProfile.Profile]) -> None:
     ocipull._fetch_layer = fetch_layer
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str | None) -> None:
     """Pull ``reference`` into the repository; prints a JSON report."""
     repo = Repository.open(repo_path)
@@ -280,7 +285,8 @@ def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str
         main_prof.enable()
     with ImageProxyPool(reference, ProxyOptions(tls_verify=False), creds=None, size=pool) as src:
         opened = time.perf_counter()
-        result = ocipull.pull(repo, src, tag=tag, progress=progress)
+        parallel = int(os.environ.get("BENCH_PULL_PARALLEL", "0")) or None
+        result = ocipull.pull(repo, src, tag=tag, progress=progress, parallel=parallel)
     end = time.perf_counter()
     if main_prof is not None:
         main_prof.disable()
@@ -294,6 +300,8 @@ def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str
         "fetch": marks.get("image", end) - opened,
         "image": end - marks.get("image", end),
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu": _cpu(resource.RUSAGE_SELF),
+        "cpu_skopeo": _cpu(resource.RUSAGE_CHILDREN),
         "skipped": sum(layer.skipped for layer in result.layers),
     }
     print(json.dumps(report))

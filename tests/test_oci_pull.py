@@ -406,6 +406,33 @@ def test_not_a_tar(tmp_path: Path) -> None:
     _assert_clean(repo, "oci-layer-" + _sha256(blob))
 
 
+def _reading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("oci-read-")]
+
+
+@pytest.mark.parametrize("where", ["tar", "gzip"])
+def test_failure_far_behind_the_reading_thread(tmp_path: Path, where: str) -> None:
+    """The tar breaks at its first header, the layer's reading thread blocked
+    many chunks ahead; or the gzip stream breaks in the middle, in that thread:
+    the typed error comes out, the thread ends, nothing is linked."""
+    big = hashlib.sha256(b"seed").digest() * (12 << 15)  # 12 MiB, compressible
+    tar = bytearray(_small_tar("big", big))
+    if where == "tar":
+        tar[148] ^= 1  # the header's checksum
+        blob = gzip.compress(bytes(tar), mtime=0)
+        error: type[Exception] = TarFormatError
+    else:
+        whole = gzip.compress(bytes(tar), mtime=0)
+        blob = whole[: len(whole) // 2] + bytes(len(whole) - len(whole) // 2)
+        error = LayerFormatError
+    source = _image([(blob, OCI_GZIP)], diff_ids=[_sha256(bytes(tar))])
+    repo = _repo(tmp_path)
+    with pytest.raises(error):
+        fetch_image(repo, source)
+    assert _reading_threads() == []
+    _assert_clean(repo, "oci-layer-" + _sha256(bytes(tar)))
+
+
 def test_one_bad_layer_of_several(tmp_path: Path) -> None:
     """The good layers may complete (and are reused later); the bad one is not linked."""
     good = [gzip.compress(_small_tar(f"f{i}", bytes([i]) * 200), mtime=0) for i in range(4)]
