@@ -69,6 +69,7 @@ from composefsd.repository.oci import (
 from composefsd.repository.ocilayer import (
     LayerDigestError,
     TarFormatError,
+    check_diff_id,
     import_layer,
     layer_content_id,
 )
@@ -615,8 +616,10 @@ class _ReadAhead:
     ``inner`` raises is raised by :meth:`read`. :meth:`close` stops the thread and
     waits for it; nothing else may read ``inner`` before."""
 
-    def __init__(self, inner: _Decompressed, name: str) -> None:
+    def __init__(self, inner: _Decompressed, name: str, hash_name: str | None) -> None:
         self._inner = inner
+        #: Of everything read (the tar's diff_id), when asked for.
+        self.hasher = hashlib.new(hash_name) if hash_name is not None else None
         self._cond = threading.Condition()
         self._items: collections.deque[bytes | BaseException] = collections.deque()
         self._closed = False
@@ -629,6 +632,8 @@ class _ReadAhead:
             item: bytes | BaseException
             try:
                 item = self._inner.read(_CHUNK)
+                if self.hasher is not None:
+                    self.hasher.update(item)
             except BaseException as exc:  # handed to the reader, raised there
                 item = exc
             with self._cond:
@@ -716,20 +721,25 @@ def _fetch_layer(
                         ) from exc
 
                 if desc.media_type in TAR_MEDIA_TYPES:
+                    # The reading thread hashes the tar too (off the split's thread).
                     reader = _ReadAhead(
-                        _Decompressed(blob, f"layer {job.key}"), f"oci-read-{desc.digest[7:19]}"
+                        _Decompressed(blob, f"layer {job.key}"),
+                        f"oci-read-{desc.digest[7:19]}",
+                        job.key.partition(":")[0] if job.verify_tar else None,
                     )
 
                     def read_then_check() -> None:
                         reader.close()
                         check()
+                        if reader.hasher is not None:
+                            check_diff_id(job.key, reader.hasher.hexdigest())
 
                     try:
                         verity = import_layer(
                             repo,
                             cast(BinaryIO, reader),
                             job.key,
-                            verify=job.verify_tar,
+                            verify=False,
                             check=read_then_check,
                         )
                     except (LayerFormatError, TarFormatError, LayerDigestError):
