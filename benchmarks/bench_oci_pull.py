@@ -3,7 +3,8 @@
 composefsd.service.imageproxy.ImageProxyPool) against ``skopeo copy docker://…
 oci:DIR``, which only downloads: issue 14's "Speed" targets.
 
-    python benchmarks/bench_oci_pull.py [--mib 500] [--rounds 2] [--dir DIR] [--profile FILE]
+    python benchmarks/bench_oci_pull.py [--mib 500] [--rounds 2] [--dir DIR]
+        [--pool 4] [--parallel N] [--profile FILE]
 
 Builds, deterministically (seeded), image A: five gzip layers (level 6) of about
 ``--mib`` MB compressed in all (30/25/20/15/10 %), each a realistic mix: many
@@ -20,8 +21,9 @@ Each round, timed apart:
 * pull A into a fresh repository (verity disabled: digests computed in
   userspace), then A again (every layer present: manifests only), then B (4 of
   5 layers present). Each pull runs in a child process that does only the pull
-  (pool of skopeo proxies, fetch, composefs image, tag), which reports its time
-  and peak RSS (ru_maxrss; skopeo's own processes are not counted).
+  (pool of skopeo proxies, fetch, composefs image, tag), which reports its time,
+  its phases, its CPU time and its skopeo proxies', and its peak RSS (ru_maxrss;
+  skopeo's own processes are not counted).
 
 Reported, best of ``--rounds``: the times, the ratios against the goals (pull /
 copy ≤ 1.2, re-pull / pull ≤ 0.1, pull of B / pull of A ≈ the new layer's share
@@ -268,7 +270,9 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str | None) -> None:
+def child_pull(
+    repo_path: str, reference: str, tag: str, pool: int, parallel: int, profile: str | None
+) -> None:
     """Pull ``reference`` into the repository; prints a JSON report."""
     repo = Repository.open(repo_path)
     marks: dict[str, float] = {}
@@ -285,8 +289,7 @@ def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str
         main_prof.enable()
     with ImageProxyPool(reference, ProxyOptions(tls_verify=False), creds=None, size=pool) as src:
         opened = time.perf_counter()
-        parallel = int(os.environ.get("BENCH_PULL_PARALLEL", "0")) or None
-        result = ocipull.pull(repo, src, tag=tag, progress=progress, parallel=parallel)
+        result = ocipull.pull(repo, src, tag=tag, progress=progress, parallel=parallel or None)
     end = time.perf_counter()
     if main_prof is not None:
         main_prof.disable()
@@ -307,8 +310,11 @@ def child_pull(repo_path: str, reference: str, tag: str, pool: int, profile: str
     print(json.dumps(report))
 
 
-def run_child(repo: Path, reference: str, tag: str, pool: int, profile: Path | None = None) -> Any:
-    argv = [sys.executable, __file__, "--child", str(repo), reference, tag, str(pool)]
+def run_child(
+    repo: Path, reference: str, tag: str, args: argparse.Namespace, profile: Path | None = None
+) -> Any:
+    argv = [sys.executable, __file__, "--child", str(repo), reference, tag]
+    argv += [str(args.pool), str(args.parallel)]
     if profile is not None:
         argv.append(str(profile))
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -322,14 +328,17 @@ def run_child(repo: Path, reference: str, tag: str, pool: int, profile: Path | N
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        path, ref, tag, pool, *profile = sys.argv[2:]
-        child_pull(path, ref, tag, int(pool), profile[0] if profile else None)
+        path, ref, tag, pool, parallel, *profile = sys.argv[2:]
+        child_pull(path, ref, tag, int(pool), int(parallel), profile[0] if profile else None)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=500, help="image A's compressed MB")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     parser.add_argument("--pool", type=int, default=4, help="skopeo proxies per pull")
+    parser.add_argument(
+        "--parallel", type=int, default=0, help="layers at once (default: pull's own)"
+    )
     parser.add_argument("--profile", type=Path, help="profile one more pull of A into FILE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -361,13 +370,13 @@ def main() -> None:
                 shutil.rmtree(dest)
                 shutil.rmtree(repo, ignore_errors=True)
                 Repository.init(repo, algorithm="fsverity-sha256-12", verity="disabled")
-                firsts.append(run_child(repo, ref_a, "a", args.pool))
-                agains.append(run_child(repo, ref_a, "a", args.pool))
-                shareds.append(run_child(repo, ref_b, "b", args.pool))
+                firsts.append(run_child(repo, ref_a, "a", args))
+                agains.append(run_child(repo, ref_a, "a", args))
+                shareds.append(run_child(repo, ref_b, "b", args))
             if args.profile is not None:
                 shutil.rmtree(repo)
                 Repository.init(repo, algorithm="fsverity-sha256-12", verity="disabled")
-                run_child(repo, ref_a, "a", args.pool, args.profile)
+                run_child(repo, ref_a, "a", args, args.profile)
     t_copy = min(copies)
     first = min(firsts, key=lambda r: r["seconds"])
     again = min(agains, key=lambda r: r["seconds"])
@@ -383,7 +392,8 @@ def main() -> None:
     print(
         f"pull A (fresh repository)      {t_first:8.2f} s  {mb / t_first:6.0f} MB/s"
         f"  [proxy {first['open']:.2f} s, fetch {first['fetch']:.2f} s, "
-        f"image {first['image']:.2f} s]"
+        f"image {first['image']:.2f} s; CPU {first['cpu']:.1f} s, "
+        f"its skopeo proxies' {first['cpu_skopeo']:.1f} s]"
     )
     print(f"pull A again                   {t_again:8.2f} s  ({again['skipped']} layers present)")
     print(
