@@ -78,11 +78,16 @@ def layer_content_id(diff_id: str) -> str:
 
 
 class _Input:
-    """The tar, read in bounded chunks, hashed as it goes, its offset counted."""
+    """The tar, read in bounded chunks, hashed as it goes, its offset counted.
+
+    The chunk read last is kept as it came (bytes): a file's data is handed on
+    as slices of it (one copy), or as the chunk itself when it is all file data
+    (none); only a header cut by a chunk's end joins two (at most a few KiB and
+    the next chunk)."""
 
     def __init__(self, reader: BinaryIO, hash_name: str | None) -> None:
         self._reader = reader
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
         self.offset = 0
         self.hasher = hashlib.new(hash_name) if hash_name is not None else None
@@ -94,10 +99,10 @@ class _Input:
                 return False
             if self.hasher is not None:
                 self.hasher.update(data)
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
+            if self._pos < len(self._buf):
+                data = self._buf[self._pos :] + data
+            self._buf = data
+            self._pos = 0
         return True
 
     def available(self) -> int:
@@ -108,7 +113,10 @@ class _Input:
             raise TarFormatError(
                 f"the tar ends at offset {self.offset + self.available()} in {what}"
             )
-        data = bytes(self._buf[self._pos : self._pos + n])
+        if self._pos == 0 and n == len(self._buf):
+            data = self._buf
+        else:
+            data = self._buf[self._pos : self._pos + n]
         self._pos += n
         self.offset += n
         return data
