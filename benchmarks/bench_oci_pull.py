@@ -28,8 +28,9 @@ Each round, timed apart:
 Reported, best of ``--rounds``: the times, the ratios against the goals (pull /
 copy ≤ 1.2, re-pull / pull ≤ 0.1, pull of B / pull of A ≈ the new layer's share
 of A's bytes), and the pulls' peak RSS (goal < 300 MB). ``--profile FILE``
-profiles one more pull of A (cProfile in every fetching thread, merged) and
-prints its top functions.
+profiles one more pull of A (cProfile in the calling thread and each layer's import thread,
+merged; not the layers' reading threads, whose work is hashlib and zlib) and prints
+its top functions.
 """
 
 from __future__ import annotations
