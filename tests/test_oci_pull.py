@@ -38,9 +38,11 @@ from composefsd.repository.ocipull import (
     LayerFormatError,
     ManifestFormatError,
     PlatformError,
+    PullResult,
     TagNotFoundError,
     UnsupportedMediaTypeError,
     fetch_image,
+    pull,
 )
 from composefsd.repository.progress import Progress
 from composefsd.repository.streams import cat, existing_stream, read_stream
@@ -402,6 +404,33 @@ def test_not_a_tar(tmp_path: Path) -> None:
     with pytest.raises(TarFormatError):
         fetch_image(repo, source)
     _assert_clean(repo, "oci-layer-" + _sha256(blob))
+
+
+def _reading_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("oci-read-")]
+
+
+@pytest.mark.parametrize("where", ["tar", "gzip"])
+def test_failure_far_behind_the_reading_thread(tmp_path: Path, where: str) -> None:
+    """The tar breaks at its first header, the layer's reading thread blocked
+    many chunks ahead; or the gzip stream breaks in the middle, in that thread:
+    the typed error comes out, the thread ends, nothing is linked."""
+    big = hashlib.sha256(b"seed").digest() * (12 << 15)  # 12 MiB, compressible
+    tar = bytearray(_small_tar("big", big))
+    if where == "tar":
+        tar[148] ^= 1  # the header's checksum
+        blob = gzip.compress(bytes(tar), mtime=0)
+        error: type[Exception] = TarFormatError
+    else:
+        whole = gzip.compress(bytes(tar), mtime=0)
+        blob = whole[: len(whole) // 2] + bytes(len(whole) - len(whole) // 2)
+        error = LayerFormatError
+    source = _image([(blob, OCI_GZIP)], diff_ids=[_sha256(bytes(tar))])
+    repo = _repo(tmp_path)
+    with pytest.raises(error):
+        fetch_image(repo, source)
+    assert _reading_threads() == []
+    _assert_clean(repo, "oci-layer-" + _sha256(bytes(tar)))
 
 
 def test_one_bad_layer_of_several(tmp_path: Path) -> None:
@@ -978,3 +1007,49 @@ def test_import_layer_check_runs_before_the_link(tmp_path: Path) -> None:
     import_layer(repo, io.BytesIO(tar), _sha256(tar), check=lambda: calls.append(False))
     import_layer(repo, io.BytesIO(b""), _sha256(tar), check=refuse)
     assert calls == [True, False]
+
+
+# -- pull: the composefs image of a re-pull ----------------------------------------------
+
+
+def _pull_tag(repo: Repository, tag: str, **kw: Any) -> PullResult:
+    with OciLayoutSource.open(LAYOUT, tag) as source:
+        return pull(repo, source, tag=tag, **kw)
+
+
+def test_repull_reuses_the_built_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image the config stream names (present in images/) is not built again;
+    the result, the tag and every file are as before. With that image file gone,
+    the pull builds it again."""
+    from composefsd.repository import ocibuild
+
+    repo = _repo(tmp_path)
+    first = _pull_tag(repo, "multi")
+    assert first.image_id is not None
+    before = _state(repo)
+    built: list[str] = []
+    real = ocibuild.ensure_image
+
+    def counting(*args: Any, **kw: Any) -> str | None:
+        built.append(args[1])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ocibuild, "ensure_image", counting)
+    again = _pull_tag(repo, "multi")
+    assert built == []
+    assert again.image_id == first.image_id
+    assert _state(repo) == before
+    (repo.images_dir / first.image_id).unlink()
+    assert _pull_tag(repo, "multi").image_id == first.image_id
+    assert built == [first.manifest_digest]
+    assert _state(repo) == before
+    # A bootable pull of an image built plain builds the boot image, then reuses both.
+    _pull_tag(repo, "boot")
+    assert len(built) == 2
+    boot = _pull_tag(repo, "boot", bootable=True)
+    assert boot.boot_image_id is not None and len(built) == 4
+    again = _pull_tag(repo, "boot", bootable=True)
+    assert (again.image_id, again.boot_image_id) == (boot.image_id, boot.boot_image_id)
+    assert len(built) == 4
+    report = repo.fsck()
+    assert report.ok, report.problems

@@ -45,7 +45,13 @@ if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
     from composefsd.repository.store import ObjectStore
 
-__all__ = ["LayerDigestError", "TarFormatError", "import_layer", "layer_content_id"]
+__all__ = [
+    "LayerDigestError",
+    "TarFormatError",
+    "check_diff_id",
+    "import_layer",
+    "layer_content_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +78,31 @@ def layer_content_id(diff_id: str) -> str:
 
 
 class _Input:
-    """The tar, read in bounded chunks, hashed as it goes, its offset counted."""
+    """The tar, read in bounded chunks, hashed as it goes, its offset counted.
 
-    def __init__(self, reader: BinaryIO, hash_name: str) -> None:
+    The chunk read last is kept as it came (bytes): a file's data is handed on
+    as slices of it (one copy), or as the chunk itself when it is all file data
+    (none); only a header cut by a chunk's end joins two (at most a few KiB and
+    the next chunk)."""
+
+    def __init__(self, reader: BinaryIO, hash_name: str | None) -> None:
         self._reader = reader
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
         self.offset = 0
-        self.hasher = hashlib.new(hash_name)
+        self.hasher = hashlib.new(hash_name) if hash_name is not None else None
 
     def _fill(self, need: int) -> bool:
         while len(self._buf) - self._pos < need:
             data = self._reader.read(max(_READ, need))
             if not data:
                 return False
-            self.hasher.update(data)
-            if self._pos:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
+            if self.hasher is not None:
+                self.hasher.update(data)
+            if self._pos < len(self._buf):
+                data = self._buf[self._pos :] + data
+            self._buf = data
+            self._pos = 0
         return True
 
     def available(self) -> int:
@@ -101,7 +113,10 @@ class _Input:
             raise TarFormatError(
                 f"the tar ends at offset {self.offset + self.available()} in {what}"
             )
-        data = bytes(self._buf[self._pos : self._pos + n])
+        if self._pos == 0 and n == len(self._buf):
+            data = self._buf
+        else:
+            data = self._buf[self._pos : self._pos + n]
         self._pos += n
         self.offset += n
         return data
@@ -207,6 +222,14 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
                 writer.write_inline(piece)
 
 
+def check_diff_id(diff_id: str, actual: str) -> None:
+    """:class:`LayerDigestError` unless ``actual`` (hex) is the digest ``diff_id`` names."""
+    if actual != diff_id.partition(":")[2]:
+        raise LayerDigestError(
+            f"the layer's {diff_id.partition(':')[0]} is {actual}, not its diff_id {diff_id}"
+        )
+
+
 def import_layer(
     repo: Repository,
     reader: BinaryIO,
@@ -218,7 +241,8 @@ def import_layer(
 ) -> str:
     """Import the layer tar read from ``reader`` (uncompressed); the hex id of its
     splitstream object. ``name``: also ``streams/refs/<name>``. ``verify``: check
-    that the tar's digest is ``diff_id`` (:class:`LayerDigestError`). ``check``:
+    that the tar's digest is ``diff_id`` (:class:`LayerDigestError`); a caller
+    that hashes the tar itself passes False and checks in ``check``. ``check``:
     called once the whole tar is read and before anything is linked (a puller
     checks the compressed blob's digest there); what it raises links nothing.
     Neither runs when the stream exists already (nothing is read then)."""
@@ -238,15 +262,12 @@ def import_layer(
                     name_stream(repo, content_id, ref)
                 return found
             hash_name = diff_id.partition(":")[0]
-            inp = _Input(reader, hash_name)
+            inp = _Input(reader, hash_name if verify else None)
             writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_LAYER)
             written: list[str] = []
             _split(inp, store, writer, written)
-            actual = inp.hasher.hexdigest()
-            if verify and actual != diff_id.partition(":")[2]:
-                raise LayerDigestError(
-                    f"the layer's {hash_name} is {actual}, not its diff_id {diff_id}"
-                )
+            if inp.hasher is not None:
+                check_diff_id(diff_id, inp.hasher.hexdigest())
             if check is not None:
                 check()
             digest = write_stream(repo, store, writer, content_id, ref=ref, written=written)

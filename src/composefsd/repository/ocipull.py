@@ -34,14 +34,15 @@ reading the blob.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
-import gzip
 import hashlib
 import json
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 import zlib
@@ -50,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
-from composefsd.objectlayout import is_hex
+from composefsd.objectlayout import is_hex, object_link_target, object_relpath
 from composefsd.repository.errors import (
     ImageNotFoundError,
     InvalidNameError,
@@ -61,6 +62,7 @@ from composefsd.repository.locking import RepoLock, join_lock, writer_lock
 from composefsd.repository.oci import (
     _external,
     check_tag,
+    open_image,
     tag_image,
     write_config_stream,
     write_manifest_stream,
@@ -68,6 +70,7 @@ from composefsd.repository.oci import (
 from composefsd.repository.ocilayer import (
     LayerDigestError,
     TarFormatError,
+    check_diff_id,
     import_layer,
     layer_content_id,
 )
@@ -143,6 +146,8 @@ _DIGEST_HEX = {"sha256": 64, "sha512": 128}
 #: Largest size a descriptor may give (JSON's exact integers; OCI's int64).
 _SIZE_MAX = 1 << 53
 _CHUNK = 1 << 20
+#: Decompressed chunks a layer's reading thread may be ahead of its import.
+_AHEAD = 4
 _PROGRESS_INTERVAL = 0.2
 #: Per-layer lock files in ``objects/``: see :func:`_content_lock`.
 _LOCK_PREFIX = ".tmp-fetch-"
@@ -530,6 +535,47 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+class _Gunzip:
+    """Gzip decompressed in large pieces: what :class:`gzip.GzipFile` accepts
+    (members one after another, zero bytes after a member), but reading the blob
+    1 MiB at a time where GzipFile (Python 3.11) reads 8 KiB: its Python work per
+    read, with the blob's hashing and progress under it, was a third of a layer
+    import's time. zlib checks each member's header, CRC and length itself
+    (``wbits`` 31); errors raise as ``zlib.error`` and ``EOFError``."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._dec: Any = zlib.decompressobj(31)
+        self._in = b""
+        self._eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        limit = n if n is not None and n > 0 else _CHUNK
+        while not self._eof:
+            if self._dec is None:
+                # Between members: zero padding, then another member or the end.
+                self._in = self._in.lstrip(b"\0")
+                if not self._in:
+                    self._in = self._raw.read(_CHUNK)
+                    self._eof = not self._in
+                    continue
+                self._dec = zlib.decompressobj(31)
+            src = self._dec.unconsumed_tail
+            if not src:
+                src, self._in = self._in or self._raw.read(_CHUNK), b""
+            # Called without input too: output held back by ``limit`` may be
+            # pending after the last input byte was taken.
+            out: bytes = self._dec.decompress(src, limit)
+            if self._dec.eof:
+                self._in = self._dec.unused_data
+                self._dec = None
+            if out:
+                return out
+            if not src and self._dec is not None:
+                raise EOFError("the compressed data ends inside a gzip member")
+        return b""
+
+
 class _Decompressed:
     """A tar layer's decompressed bytes; the decompressor's errors as
     :class:`LayerFormatError`. The compression is told by the blob's first bytes,
@@ -546,7 +592,7 @@ class _Decompressed:
             head += piece
         raw = cast(BinaryIO, _Prefixed(head, blob))
         if head.startswith(_GZIP_MAGIC):
-            self._inner = gzip.GzipFile(fileobj=raw, mode="rb")
+            self._inner = _Gunzip(raw)
         elif head.startswith(_ZSTD_MAGIC):
             self._inner = _zstd().ZstdFile(raw, mode="rb")
         else:
@@ -560,6 +606,68 @@ class _Decompressed:
         except (OSError, EOFError, zlib.error, self._zstd_error) as exc:
             raise LayerFormatError(f"{self._what}: cannot decompress: {exc}") from None
         return data
+
+
+class _ReadAhead:
+    """``inner`` read in a thread of its own, at most ``_AHEAD`` chunks ahead of
+    the reader. For a tar layer that thread receives the blob, hashes it and
+    decompresses it while the caller's splits the tar and stores its files:
+    hashlib and zlib work on 1 MiB without the GIL, so the two run on two cores
+    (a pull was one core bound, whatever the number of layers at once). What
+    ``inner`` raises is raised by :meth:`read`. :meth:`close` stops the thread and
+    waits for it; nothing else may read ``inner`` before."""
+
+    def __init__(self, inner: _Decompressed, name: str, hash_name: str | None) -> None:
+        self._inner = inner
+        #: Of everything read (the tar's diff_id), when asked for.
+        self.hasher = hashlib.new(hash_name) if hash_name is not None else None
+        self._cond = threading.Condition()
+        self._items: collections.deque[bytes | BaseException] = collections.deque()
+        self._closed = False
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item: bytes | BaseException
+            try:
+                item = self._inner.read(_CHUNK)
+                if self.hasher is not None:
+                    self.hasher.update(item)
+            except BaseException as exc:  # handed to the reader, raised there
+                item = exc
+            with self._cond:
+                while len(self._items) >= _AHEAD and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._items.append(item)
+                self._cond.notify_all()
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, n: int = -1) -> bytes:
+        """The next chunk (at most 1 MiB, whatever ``n``); b"" at the end."""
+        if self._ended:
+            return b""
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            item = self._items.popleft()
+            self._cond.notify_all()
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        self._ended = not item
+        return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+        self._thread.join()
 
 
 # -- fetching ------------------------------------------------------------------------------
@@ -614,19 +722,34 @@ def _fetch_layer(
                         ) from exc
 
                 if desc.media_type in TAR_MEDIA_TYPES:
-                    reader = _Decompressed(blob, f"layer {job.key}")
+                    # The reading thread hashes the tar too (off the split's thread).
+                    reader = _ReadAhead(
+                        _Decompressed(blob, f"layer {job.key}"),
+                        f"oci-read-{desc.digest[7:19]}",
+                        job.key.partition(":")[0] if job.verify_tar else None,
+                    )
+
+                    def read_then_check() -> None:
+                        reader.close()
+                        check()
+                        if reader.hasher is not None:
+                            check_diff_id(job.key, reader.hasher.hexdigest())
+
                     try:
                         verity = import_layer(
                             repo,
                             cast(BinaryIO, reader),
                             job.key,
-                            verify=job.verify_tar,
-                            check=check,
+                            verify=False,
+                            check=read_then_check,
                         )
                     except (LayerFormatError, TarFormatError, LayerDigestError):
+                        reader.close()
                         # A damaged blob is the cause to name, if it is one.
                         blob.finish()
                         raise
+                    finally:
+                        reader.close()
                 else:
                     verity = _store_blob(repo, content_id, blob, check)
             return result(verity, False)
@@ -711,14 +834,17 @@ def fetch_image(
 ) -> FetchResult:
     """Store the image ``source`` gives: layers, config and manifest streams (see
     the module's notes). ``parallel``: layers fetched at once (default
-    ``min(4, CPUs)``). Progress, from this thread: ``config`` and ``manifest``
+    half the CPUs, 1 to 4). Progress, from this thread: ``config`` and ``manifest``
     (detail: the digest), ``skip`` per reused layer, ``fetch`` with compressed
     bytes done/total per layer read (detail: the diff_id). Raises
     :class:`OciPullError` subclasses for bad images,
     :class:`~composefsd.repository.ocilayer.LayerDigestError` /
     :class:`~composefsd.repository.ocilayer.TarFormatError` for bad layer tars."""
     if parallel is None:
-        parallel = min(4, os.cpu_count() or 1)
+        # Each layer keeps two threads busy (_ReadAhead); more layers at once than
+        # cores for them only fight over the GIL (measured: 2 at once on 2 cores
+        # was slower than 1).
+        parallel = max(1, min(4, (os.cpu_count() or 1) // 2))
     if parallel < 1:
         raise ValueError("parallel must be at least 1")
     repo.ensure_writable()
@@ -815,6 +941,42 @@ def _reuse_config(
 # -- pulling -------------------------------------------------------------------------------
 
 
+def _built_images(
+    repo: Repository, fetched: FetchResult, bootable: bool
+) -> tuple[str, str | None] | None:
+    """(image, boot image or None) when the config stream already names an image
+    (and with ``bootable`` a boot image) of every format of the repository, each
+    present in ``images/``; None when one must be built.
+
+    Building again would write the very same image and streams (the image id
+    depends only on the layers, the streams only on the image ids), but it reads
+    every layer stream: on a re-pull that is nearly all the time spent. This is
+    what composefs-rs's layer sync does (``composefs_erofs_for_manifest`` before
+    ``ensure_oci_composefs_erofs``). A missing or damaged image file builds
+    again, which repairs it."""
+    with repo.object_store() as store:
+        image = open_image(repo, store, fetched.manifest_digest, fetched.manifest_verity)
+    found: dict[bool, str] = {}
+    for boot in (False, True) if bootable else (False,):
+        for version in repo.formats.versions():
+            ref = image.boot_erofs_image(version) if boot else image.erofs_image(version)
+            if ref is None or not _image_linked(repo, ref):
+                return None
+            found.setdefault(boot, ref)
+    return found[False], found.get(True)
+
+
+def _image_linked(repo: Repository, ref: str) -> bool:
+    """Whether ``images/<ref>`` links to its object and the object is a file, read
+    without following the link (links of ``images/`` are never followed)."""
+    try:
+        if os.readlink(repo.images_dir / ref) != object_link_target(ref):
+            return False
+        return stat.S_ISREG(os.lstat(repo.objects_dir / object_relpath(ref)).st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class PullResult:
     manifest_digest: str
@@ -856,7 +1018,12 @@ def pull(
         if progress is not None:
             progress(Progress("image", 0, None, fetched.manifest_digest))
         image_id = boot_id = None
-        if fetched.is_container:
+        built = _built_images(repo, fetched, bootable) if fetched.is_container else None
+        if built is not None:
+            image_id, boot_id = built
+            if tag is not None:
+                tag_image(repo, fetched.manifest_digest, tag)
+        elif fetched.is_container:
             # By the manifest stream's object, not by the digest: a manifest that
             # skopeo converted from Docker's format is not its digest's JSON.
             image_id = ensure_image(
