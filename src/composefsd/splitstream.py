@@ -77,6 +77,7 @@ __all__ = [
     "write_splitstream",
     "zstd_compress",
     "zstd_decompress",
+    "zstd_module",
     "zstd_pieces",
     "zstd_version_info",
 ]
@@ -294,7 +295,7 @@ def read_refs(data: Buffer, digest_size: int) -> StreamRefs:
 # --- zstd --------------------------------------------------------------------------
 
 
-def _zstd() -> ModuleType:
+def zstd_module() -> ModuleType:
     """The zstd binding (module notes: imported only where it is used)."""
     if sys.version_info >= (3, 14):
         from compression import zstd
@@ -307,7 +308,7 @@ def zstd_pieces(data: Buffer, limit: int, what: str) -> Generator[bytes, None, N
     """Decompress ``data`` (zero or more whole zstd frames, as the zstd crate's
     reader takes them) in pieces of at most 1 MiB, refusing more than ``limit``
     bytes in all, a truncated frame and bytes that are no frame."""
-    zstd = _zstd()
+    zstd = zstd_module()
     rest: Buffer = memoryview(data).cast("B")
     total = 0
     while len(rest):
@@ -345,7 +346,7 @@ class ZstdSection:
     __slots__ = ("_compressor", "_out", "_written")
 
     def __init__(self) -> None:
-        self._compressor = _zstd().ZstdCompressor(level=ZSTD_LEVEL)
+        self._compressor = zstd_module().ZstdCompressor(level=ZSTD_LEVEL)
         self._out: list[bytes] = []
         self._written = False
 
@@ -592,4 +593,4 @@ def write_splitstream(
 def zstd_version_info() -> tuple[int, ...]:
     """The version of the libzstd in use: its bytes are the golden data's only with
     the same version (1.5.4)."""
-    return tuple(_zstd().zstd_version_info)
+    return tuple(zstd_module().zstd_version_info)

@@ -69,10 +69,12 @@ __all__ = [
     "decode_tag",
     "encode_tag",
     "iter_tags",
+    "json_object",
     "list_images",
     "open_image",
     "open_stored",
     "open_tag",
+    "read_external",
     "tag_image",
     "trace_tag",
     "untag_image",
@@ -291,7 +293,7 @@ def _media_type(descriptor: object) -> str | None:
     return None
 
 
-def _external(
+def read_external(
     store: ObjectStore, content_id: str, digest: str, content_type: int
 ) -> tuple[bytes, StreamRefs]:
     """composefs-rs's ``read_external_splitstream``: a stream of that content type
@@ -317,13 +319,22 @@ def _external(
     return data, refs
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
+def json_object(
+    data: bytes,
+    what: str,
+    error: type[RepositoryError] = OciError,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """``data`` as a JSON object (a manifest, config or index), else ``error``
+    naming ``what``; longer than ``limit`` bytes is an error too."""
+    if limit is not None and len(data) > limit:
+        raise error(f"{what} is larger than {limit} bytes")
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise OciError(f"{what} is not valid JSON: {exc}") from None
+        raise error(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
-        raise OciError(f"{what} is not a JSON object")
+        raise error(f"{what} is not a JSON object")
     return doc
 
 
@@ -342,11 +353,13 @@ def open_image(
         if link is None or link.digest is None:
             raise StreamNotFoundError(f"no OCI manifest {manifest_digest} in {repo.path}")
         verity = link.digest
-    manifest_json, manifest_refs = _external(store, manifest_id, verity, CONTENT_TYPE_OCI_MANIFEST)
+    manifest_json, manifest_refs = read_external(
+        store, manifest_id, verity, CONTENT_TYPE_OCI_MANIFEST
+    )
     computed = "sha256:" + hashlib.sha256(manifest_json).hexdigest()
     if not verified and computed != manifest_digest:
         raise OciError(f"manifest {manifest_digest} has the digest {computed}")
-    manifest = _json_object(manifest_json, f"manifest {manifest_digest}")
+    manifest = json_object(manifest_json, f"manifest {manifest_digest}")
     config_desc = manifest.get("config")
     config_digest = config_desc.get("digest") if isinstance(config_desc, dict) else None
     if not isinstance(config_digest, str) or not _valid_digest(config_digest):
@@ -355,11 +368,11 @@ def open_image(
     config_verity = named.get(_CONFIG_KEY_PREFIX + config_digest)
     if config_verity is None:
         raise OciError(f"manifest {manifest_digest} has no config reference")
-    config_json, config_refs = _external(
+    config_json, config_refs = read_external(
         store, OCI_CONFIG_PREFIX + config_digest, config_verity, CONTENT_TYPE_OCI_CONFIG
     )
     if _media_type(config_desc) == _MEDIA_TYPE_IMAGE_CONFIG:
-        config: dict[str, Any] | None = _json_object(config_json, f"config {config_digest}")
+        config: dict[str, Any] | None = json_object(config_json, f"config {config_digest}")
         layer_refs = dict(config_refs.named_refs)
     else:
         # An artifact: the layers are the manifest's named refs of its layer digests.

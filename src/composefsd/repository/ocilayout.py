@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from composefsd.repository.errors import os_error_text
+from composefsd.repository.oci import json_object
 from composefsd.repository.ocipull import (
     INDEX_MEDIA_TYPES,
     JSON_MAX,
@@ -39,7 +40,6 @@ from composefsd.repository.ocipull import (
     PlatformError,
     TagNotFoundError,
     check_blob,
-    json_object,
     parse_descriptor,
 )
 
@@ -235,7 +235,7 @@ class OciLayoutSource:
                 if depth >= _INDEX_DEPTH:
                     raise LayoutError(f"{self.name}: indexes nest deeper than {_INDEX_DEPTH}")
                 nested = json_object(
-                    self._read_blob(desc, "index"), f"index {desc.digest}", LayoutError
+                    self._read_blob(desc, "index"), f"index {desc.digest}", LayoutError, JSON_MAX
                 )
                 out += self._select(
                     self._index_entries(nested, f"index {desc.digest}"), depth + 1, foreign
@@ -251,7 +251,9 @@ class OciLayoutSource:
 
     def _resolve(self) -> Descriptor:
         self._read(["oci-layout"], "oci-layout file")
-        index = json_object(self._read(["index.json"], "index.json"), "index.json", LayoutError)
+        index = json_object(
+            self._read(["index.json"], "index.json"), "index.json", LayoutError, JSON_MAX
+        )
         entries = self._index_entries(index, "index.json")
         if self.tag is not None:
             entries = [

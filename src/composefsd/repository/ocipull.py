@@ -38,7 +38,6 @@ import collections
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -60,9 +59,10 @@ from composefsd.repository.errors import (
 )
 from composefsd.repository.locking import RepoLock, join_lock, writer_lock
 from composefsd.repository.oci import (
-    _external,
     check_tag,
+    json_object,
     open_image,
+    read_external,
     tag_image,
     write_config_stream,
     write_manifest_stream,
@@ -82,7 +82,7 @@ from composefsd.splitstream import (
     OCI_CONFIG_PREFIX,
     OCI_MANIFEST_PREFIX,
     SplitStreamWriter,
-    _zstd,
+    zstd_module,
 )
 
 if TYPE_CHECKING:
@@ -303,18 +303,6 @@ def check_blob(data: bytes, digest: str, size: int, what: str, layer: str | None
         )
 
 
-def json_object(data: bytes, what: str, error: type[OciPullError]) -> dict[str, Any]:
-    if len(data) > JSON_MAX:
-        raise error(f"{what} is larger than {JSON_MAX} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise error(f"{what} is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(doc, dict):
-        raise error(f"{what} is not a JSON object")
-    return doc
-
-
 @dataclass(frozen=True, slots=True)
 class _Manifest:
     config: Descriptor
@@ -323,7 +311,7 @@ class _Manifest:
 
 def _parse_manifest(data: bytes, digest: str) -> _Manifest:
     what = f"manifest {digest}"
-    doc = json_object(data, what, ManifestFormatError)
+    doc = json_object(data, what, ManifestFormatError, JSON_MAX)
     media_type = doc.get("mediaType")
     if media_type in INDEX_MEDIA_TYPES or (media_type is None and "manifests" in doc):
         raise ManifestFormatError(
@@ -349,7 +337,7 @@ def _layer_keys(config_json: bytes, manifest: _Manifest) -> list[str]:
     if manifest.config.media_type != MEDIA_OCI_CONFIG:
         return [d.digest for d in manifest.layers]
     what = f"config {manifest.config.digest}"
-    doc = json_object(config_json, what, ConfigFormatError)
+    doc = json_object(config_json, what, ConfigFormatError, JSON_MAX)
     rootfs = doc.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list):
@@ -585,7 +573,7 @@ class _Decompressed:
 
     def __init__(self, blob: _Blob, what: str) -> None:
         self._what = what
-        self._zstd_error: type[Exception] = _zstd().ZstdError
+        self._zstd_error: type[Exception] = zstd_module().ZstdError
         self._inner: Any
         head = b""
         while len(head) < len(_ZSTD_MAGIC) and (piece := blob.read(len(_ZSTD_MAGIC) - len(head))):
@@ -594,7 +582,7 @@ class _Decompressed:
         if head.startswith(_GZIP_MAGIC):
             self._inner = _Gunzip(raw)
         elif head.startswith(_ZSTD_MAGIC):
-            self._inner = _zstd().ZstdFile(raw, mode="rb")
+            self._inner = zstd_module().ZstdFile(raw, mode="rb")
         else:
             self._inner = raw
 
@@ -926,7 +914,7 @@ def _reuse_config(
     """The layers an existing config stream names (composefs-rs reuses it
     without fetching anything)."""
     with repo.object_store() as store:
-        config_json, refs = _external(store, config_id, config_verity, CONTENT_TYPE_OCI_CONFIG)
+        config_json, refs = read_external(store, config_id, config_verity, CONTENT_TYPE_OCI_CONFIG)
     keys = _layer_keys(config_json, manifest)
     named = dict(refs.named_refs)
     layers = []
