@@ -50,6 +50,7 @@ from composefsd.service.fds import close_all, fds_from_ancillary
 __all__ = [
     "MAX_CONFIG_SIZE",
     "MAX_MANIFEST_SIZE",
+    "PROXY_VARIABLES",
     "BlobTransferError",
     "ContentTooLargeError",
     "DigestMismatchError",
@@ -73,6 +74,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Environment variables of the HTTP proxy skopeo (Go's net/http) uses.
+PROXY_VARIABLES = frozenset(
+    {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+)
 
 #: containers/image refuses manifests and configs above 4 MiB; so do we.
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
@@ -342,6 +348,9 @@ def _environment(options: ProxyOptions, creds: Credentials | None) -> dict[str, 
         env = dict(os.environ)
     else:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "HOME": "/"}
+        # The machine's proxy settings (the daemon's environment, e.g.
+        # composefsd.env) are how skopeo takes them, and steer no file reads.
+        env.update({k: v for k, v in os.environ.items() if k in PROXY_VARIABLES})
     if options.storage_conf is not None:
         env["CONTAINERS_STORAGE_CONF"] = options.storage_conf
     return env
