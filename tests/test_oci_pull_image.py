@@ -11,7 +11,13 @@ import pytest
 
 from composefsd.repository import Repository
 from composefsd.repository.fsck import fsck
-from composefsd.repository.oci import BOOT_IMAGE_REF_KEY_V1, OciTagError, iter_tags, open_tag
+from composefsd.repository.oci import (
+    BOOT_IMAGE_REF_KEY_V1,
+    OciTagError,
+    iter_tags,
+    open_tag,
+    untag_image,
+)
 from composefsd.repository.ocilayout import OciLayoutSource
 from composefsd.repository.ocipull import BlobDigestError, PullResult, pull
 from composefsd.repository.progress import Progress
@@ -129,3 +135,34 @@ def test_artifact_is_tagged_without_image(tmp_path: Path) -> None:
     assert result.image_id is None
     assert dict(iter_tags(repo)) == {"artifact": result.manifest_digest}
     assert fsck(repo).ok
+
+
+def test_gc_keeps_tagged_images_and_frees_untagged(tmp_path: Path) -> None:
+    """After pulls, GC removes only what the pulls left behind (the import-time
+    config and manifest streams); untagging ``multi`` frees its own layer and
+    image, and keeps the layers ``shared`` still uses."""
+    repo = _repo(tmp_path, "sha256")
+    pulled = {tag: _pull(repo, tag) for tag in ("single", "multi", "shared")}
+    first = repo.gc()
+    assert first.objects_removed > 0
+    assert fsck(repo).ok
+    for tag, result in pulled.items():
+        with repo.object_store() as store:
+            assert open_tag(repo, store, tag).image_ref_v1 == result.image_id
+        assert (repo.path / "images" / str(result.image_id)).is_symlink()
+    assert repo.gc().objects_removed == 0
+
+    untag_image(repo, "multi")
+    repo.gc()
+    assert fsck(repo).ok
+    streams = set(os.listdir(repo.path / "streams"))
+    multi_layers = [x["diff_id"] for x in IMAGES["multi"]["layers"]]
+    shared_layers = [x["diff_id"] for x in IMAGES["shared"]["layers"]]
+    assert "oci-layer-" + multi_layers[2] not in streams
+    assert {"oci-layer-" + d for d in shared_layers} <= streams
+    assert "oci-manifest-" + IMAGES["multi"]["manifest_digest"] not in streams
+    assert not (repo.path / "images" / str(pulled["multi"].image_id)).exists()
+    assert (repo.path / "images" / str(pulled["shared"].image_id)).is_symlink()
+    again = _pull(repo, "multi")
+    assert [x.skipped for x in again.layers] == [True, True, False]
+    assert again.image_id == pulled["multi"].image_id
