@@ -163,6 +163,7 @@ __all__ = [
     "remove_ref",
     "replace_symlink",
     "resolve_image",
+    "set_ref_link",
 ]
 
 log = logging.getLogger(__name__)
@@ -488,34 +489,45 @@ def link_image(repo: Repository, hexdigest: str) -> bool:
 
 
 def _set_ref(repo: Repository, ref: str, hexdigest: str) -> None:
-    link = repo.refs_dir / ref
+    set_ref_link(repo.refs_dir, ref, hexdigest, tmp_dir=repo.images_dir, top=repo.refs_dir)
+
+
+def set_ref_link(
+    refs_dir: Path, name: str, target_name: str, *, tmp_dir: Path, top: Path, what: str = "ref"
+) -> None:
+    """Make ``refs_dir/<name>`` a link to ``target_name`` beside ``refs_dir``
+    (``../`` per level: an image ref to its image, a stream ref to its stream),
+    replacing a link to something else, and make it durable up to ``top``. The
+    caller has checked ``name``. :class:`InvalidNameError` if a part of its path
+    is a ref or it is a directory of refs."""
+    link = refs_dir / name
     parent = link.parent
     try:
         make_dirs(parent, 0o755)
     except (FileExistsError, NotADirectoryError) as exc:
         raise InvalidNameError(
-            f"ref {ref!r} cannot be created: a part of its path is a ref itself"
+            f"{what} {name!r} cannot be created: a part of its path is a ref itself"
         ) from exc
-    target = ref_target(ref, hexdigest)
+    target = ref_target(name, target_name)
     try:
         # As composefs-rs's replace_symlinkat: a new ref is made in place, and only
-        # a ref to another image goes through a temporary. A writer killed between
-        # the two steps leaves the temporary in images/, where it is not an image
-        # and cfsctl gc cannot read its target.
+        # a ref to something else goes through a temporary (in ``tmp_dir``, where a
+        # writer killed between the two steps leaves it: images/ for an image ref,
+        # where it is no image and cfsctl gc cannot read its target).
         try:
             os.symlink(target, link)
         except FileExistsError:
             if _readlink_or_none(link) != target:
-                replace_symlink(target, link, repo.images_dir)
+                replace_symlink(target, link, tmp_dir)
     except OSError as exc:
         # Leave no empty directory behind that mkdir above made for this ref.
-        prune_empty_ref_dirs(repo, parent)
+        _prune_empty_dirs(parent, refs_dir)
         if isinstance(exc, IsADirectoryError) or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise InvalidNameError(f"ref {ref!r} is a directory of refs") from exc
+            raise InvalidNameError(f"{what} {name!r} is a directory of refs") from exc
         raise
     for directory in (parent, *parent.parents):
         fsync_dir(directory)
-        if directory == repo.refs_dir:
+        if directory == top:
             break
 
 
@@ -1115,7 +1127,11 @@ def prune_all_empty_ref_dirs(repo: Repository) -> int:
 
 def prune_empty_ref_dirs(repo: Repository, directory: Path) -> None:
     """Remove ``directory`` and its parents up to ``images/refs`` while they are empty."""
-    while directory != repo.refs_dir and repo.refs_dir in directory.parents:
+    _prune_empty_dirs(directory, repo.refs_dir)
+
+
+def _prune_empty_dirs(directory: Path, top: Path) -> None:
+    while directory != top and top in directory.parents:
         try:
             directory.rmdir()
         except OSError:

@@ -39,11 +39,10 @@ from composefsd.objectlayout import (
 )
 from composefsd.repository.errors import (
     CorruptRepositoryError,
-    InvalidNameError,
     RepositoryError,
     os_error_text,
 )
-from composefsd.repository.images import fsync_dir, ref_target, replace_symlink
+from composefsd.repository.images import fsync_dir, replace_symlink, set_ref_link
 from composefsd.repository.store import sync_objects
 from composefsd.splitstream import (
     Chunk,
@@ -478,28 +477,11 @@ def name_stream(repo: Repository, content_id: str, name: str) -> None:
     tag when ``name`` is ``oci/<encoded tag>``), replacing what it named. The
     caller has checked ``name`` (no empty, ``.`` or ``..`` components)."""
     streams = _streams_dir(repo)
-    link = streams / "refs" / name
-    try:
-        link.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    except (FileExistsError, NotADirectoryError) as exc:
-        raise InvalidNameError(
-            f"stream ref {name!r} cannot be created: a part of its path is a ref itself"
-        ) from exc
-    target = ref_target(name, content_id)
-    try:
-        os.symlink(target, link)
-    except FileExistsError:
-        if os.path.islink(link) and os.readlink(link) == target:
-            return
-        if not os.path.islink(link):
-            raise InvalidNameError(f"stream ref {name!r} is a directory of refs") from None
-        replace_symlink(target, link, link.parent)
-    directory = link.parent
-    while True:
-        fsync_dir(directory)
-        if directory == streams:
-            break
-        directory = directory.parent
+    # The temporary of a replacement goes where composefs-rs's replace_symlinkat
+    # puts it: the repository's top directory, which no GC or fsck walks.
+    set_ref_link(
+        streams / "refs", name, content_id, tmp_dir=repo.path, top=streams, what="stream ref"
+    )
 
 
 def write_stream(
