@@ -41,6 +41,7 @@ from composefsd.repository.images import open_image_object
 
 __all__ = [
     "ObjectsDirectory",
+    "has_image",
     "is_repository_mount",
     "mount_repository_image",
     "mounted_images",
@@ -143,7 +144,10 @@ class ObjectsDirectory:
         return (st.st_dev, st.st_ino) == (self.dev, self.ino)
 
 
-def _has_image(repo: Repository, digest: str) -> bool:
+def has_image(repo: Repository, digest: str) -> bool:
+    """Whether ``repo`` has the image ``digest``: its ``images/`` link or its object
+    (a mount may show our objects under an image file of its own), looked at
+    without following links."""
     return os.path.lexists(repo.image_path(digest)) or os.path.lexists(repo.object_path(digest))
 
 
@@ -171,7 +175,7 @@ def is_repository_mount(
         if found:
             return True
         unknown = unknown or found is None
-    return unknown and _has_image(repo, mount.digest)
+    return unknown and has_image(repo, mount.digest)
 
 
 def repository_mounts(

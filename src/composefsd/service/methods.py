@@ -78,6 +78,7 @@ from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
 from composefsd.kernel.repomount import (
     ObjectsDirectory,
+    has_image,
     mount_repository_image,
     repository_mounts,
 )
@@ -870,11 +871,7 @@ class RepositoryInterface:
         return {
             digest
             for digest in self.tracker.in_use(repo)
-            if is_hex_digest(digest, repo.hash_algorithm)
-            and (
-                os.path.lexists(repo.images_dir / digest)
-                or os.path.lexists(repo.object_path(digest))
-            )
+            if is_hex_digest(digest, repo.hash_algorithm) and has_image(repo, digest)
         }
 
 
