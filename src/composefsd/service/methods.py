@@ -121,6 +121,7 @@ __all__ = [
     "RepositoryInterface",
     "caller_rights",
     "entry_name_ok",
+    "mapped_errors",
     "reply_error",
     "stream_name_ok",
 ]
@@ -246,17 +247,34 @@ def reply_error(
 @contextlib.contextmanager
 def _mapped(*, image: str | None = None, source_path: str | None = None) -> Iterator[None]:
     """Turn library errors raised inside into interface errors."""
+    with mapped_errors(lambda exc: reply_error(exc, image=image, source_path=source_path)):
+        yield
+
+
+@contextlib.contextmanager
+def mapped_errors(
+    mapper: Callable[[Exception], VarlinkReplyError | None],
+    *,
+    shown: Callable[[Exception], str] = str,
+    chain: bool = True,
+) -> Iterator[None]:
+    """Raise what ``mapper`` makes of a library error raised inside (an interface
+    error); what it does not map goes on as it is. A mapped ``SystemError`` is
+    logged (``shown`` of the cause). ``chain=False`` leaves the cause out of the
+    raised error's traceback (it may hold a secret)."""
     try:
         yield
     except CallCancelled:
         raise
     except Exception as exc:
-        mapped = reply_error(exc, image=image, source_path=source_path)
+        mapped = mapper(exc)
         if mapped is None or mapped is exc:
             raise
         if mapped.name.endswith(".SystemError"):
-            log.warning("%s", exc)
-        raise mapped from exc
+            log.warning("%s", shown(exc))
+        if chain:
+            raise mapped from exc
+        raise mapped from None
 
 
 def _progress_params(p: Progress) -> dict[str, Any]:

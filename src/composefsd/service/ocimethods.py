@@ -63,8 +63,13 @@ from composefsd.repository.ocilayer import LayerDigestError, TarFormatError
 from composefsd.repository.ocilayout import OciLayoutSource, parse_layout_ref
 from composefsd.repository.streams import StreamError, StreamNotFoundError
 from composefsd.service import imageproxy
-from composefsd.service.context import CallCancelled, CallContext, VarlinkReplyError
-from composefsd.service.methods import RepositoryInterface, caller_rights, reply_error
+from composefsd.service.context import CallContext, VarlinkReplyError
+from composefsd.service.methods import (
+    RepositoryInterface,
+    caller_rights,
+    mapped_errors,
+    reply_error,
+)
 
 __all__ = [
     "INTERFACE",
@@ -189,17 +194,8 @@ def oci_reply_error(exc: BaseException, *, image: str | None = None) -> VarlinkR
 
 @contextlib.contextmanager
 def _mapped(*, image: str | None = None) -> Iterator[None]:
-    try:
+    with mapped_errors(lambda exc: oci_reply_error(exc, image=image)):
         yield
-    except CallCancelled:
-        raise
-    except Exception as exc:
-        mapped = oci_reply_error(exc, image=image)
-        if mapped is None or mapped is exc:
-            raise
-        if mapped.name.endswith(".SystemError"):
-            log.warning("%s", exc)
-        raise mapped from exc
 
 
 def _scrubbed(text: str, secret: str | None) -> str:
@@ -267,18 +263,13 @@ def pull_reply_error(exc: BaseException, *, secret: str | None = None) -> Varlin
 
 @contextlib.contextmanager
 def _pull_mapped(secret: str | None) -> Iterator[None]:
-    try:
+    # Not chained: a traceback of the cause could show the secret.
+    with mapped_errors(
+        lambda exc: pull_reply_error(exc, secret=secret),
+        shown=lambda exc: "pull failed: " + _scrubbed(str(exc), secret),
+        chain=False,
+    ):
         yield
-    except CallCancelled:
-        raise
-    except Exception as exc:
-        mapped = pull_reply_error(exc, secret=secret)
-        if mapped is None or mapped is exc:
-            raise
-        if mapped.name.endswith(".SystemError"):
-            log.warning("pull failed: %s", _scrubbed(str(exc), secret))
-        # Not chained: a traceback of the cause could show the secret.
-        raise mapped from None
 
 
 #: Pull phases whose reports name a layer (the report's detail is its diff_id).
