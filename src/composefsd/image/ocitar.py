@@ -579,6 +579,9 @@ class LayerTree:
         # remove or replace it, and that parent is then the one remembered.
         self._parent_parts: tuple[bytes, ...] | None = None
         self._parent = self.root
+        # Without hardlinks every inode has one path and nlink 1 already: nothing
+        # for finish() to settle.
+        self._hardlinks = False
 
     def _directory(self, parts: tuple[bytes, ...], entry: TarEntry, what: str) -> Node:
         node = self.root
@@ -620,6 +623,7 @@ class LayerTree:
                 )
             target = found.target()
             node = Node(mode=target.mode, link_to=target)
+            self._hardlinks = True
         else:
             node = entry_node(entry)
         parent_parts = entry.components[:-1]
@@ -652,5 +656,6 @@ class LayerTree:
     def finish(self) -> Node:
         """The tree, hardlinks settled (the first path of an inode in image order
         holds it; ``nlink`` counts its paths)."""
-        relink(self.root)
+        if self._hardlinks:
+            relink(self.root)
         return self.root
