@@ -327,16 +327,23 @@ class _Chunks:
             self._pos = pos + stored
             self.offset += stored
             return self._buf[pos : pos + size]
-        what = "an extension header" if path is None else f"the data of {path!r}"
         while self._external is None and not self._inline_left():
             if not self._next():
-                raise TarError(f"the layer ends in {what}", offset=self.offset)
+                raise TarError(f"the layer ends in {_data(path)}", offset=self.offset)
         if self._external is not None:
             digest, self._external = self._external, None
             self.offset += size
-            if stored > size:
-                self.skip_inline(stored - size, f"the padding of {what}")
+            pad = stored - size
+            if pad and not self._inline_left():
+                self._next()
+            pos = self._pos
+            if pad and self._external is None and pos + pad <= len(self._buf):
+                self._pos = pos + pad
+                self.offset += pad
+            elif pad:
+                self.skip_inline(pad, f"the padding of {_data(path)}")
             return digest
+        what = _data(path)
         if size > keep:
             self.skip_inline(stored, what)
             return None
@@ -344,6 +351,11 @@ class _Chunks:
         if data is None:
             raise TarError(f"the layer ends in {what}", offset=self.offset)
         return data[:size]
+
+
+def _data(path: bytes | None) -> str:
+    """What :meth:`_Chunks.read_data` reads, for messages."""
+    return "an extension header" if path is None else f"the data of {path!r}"
 
 
 @dataclass(slots=True)
