@@ -331,6 +331,31 @@ def test_header_checksums(fill: int) -> None:
     assert not checksum_ok(header[:148] + b"notoctal" + header[156:])
 
 
+def test_number_fields_in_other_forms() -> None:
+    """Numbers space-ended, space-led or short read as the zero-padded,
+    NUL-ended ones most writers make."""
+    info = _info("f", uid=1000, gid=100)
+    tar = bytearray(make_tar([(info, b"x" * 10)], fmt=tarfile.USTAR_FORMAT))
+    plain = entries([(info, b"x" * 10)], fmt=tarfile.USTAR_FORMAT)[0]
+    tar[100:108] = b"  644 \0\0"
+    tar[108:116] = b"0001750 "
+    tar[116:124] = b"144\0\0\0\0\0"
+    tar[124:136] = b"%011o " % 10
+    tar[136:148] = b" %o" % 1_700_000_000
+    assert len(tar) % 512 == 0
+    tar[148:156] = b" " * 8
+    tar[148:156] = b"%06o\0 " % sum(tar[:512])
+    (other,) = iter_entries([bytes(tar)])
+    assert (other.mode, other.uid, other.gid, other.size, other.mtime_sec) == (
+        0o644,
+        1000,
+        100,
+        10,
+        1_700_000_000,
+    )
+    assert other == plain
+
+
 def test_truncated_and_garbage() -> None:
     good = make_tar([(_info("f"), b"x" * 40), (_info("big"), b"y" * 1000)])
     parts = chunks(good)

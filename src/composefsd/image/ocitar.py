@@ -27,6 +27,7 @@ the entry (its raw path) and the offset of its header in the tar.
 from __future__ import annotations
 
 import enum
+import re
 import stat
 import zlib
 from collections.abc import Iterable, Iterator
@@ -59,6 +60,9 @@ INLINE_MAX = 64
 EXTENSION_MAX = 1 << 20
 _NAME_MAX = 255
 _U32 = (1 << 32) - 1
+#: mode, uid, gid, size and mtime as most tar writers fill them: zero-padded
+#: octal, each ended by one NUL; they read as :func:`header_number` reads them.
+_PLAIN_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
 _WHITEOUT = b".wh."
 _OPAQUE = b".wh..opq"
 
@@ -390,10 +394,14 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
         if not checksum_ok(header):
             raise TarError("bad header checksum", offset=start)
         flag = header[156:157]
-        try:
-            size = header_number(header[124:136], "size")
-        except TarError as exc:
-            raise TarError(str(exc), offset=start) from None
+        plain = _PLAIN_NUMBERS.match(header, 100)
+        if plain is not None:
+            size = int(plain[4], 8)
+        else:
+            try:
+                size = header_number(header[124:136], "size")
+            except TarError as exc:
+                raise TarError(str(exc), offset=start) from None
         if flag in (b"x", b"g", b"L", b"K"):
             if size > EXTENSION_MAX:
                 raise TarError(
@@ -421,13 +429,19 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
                     else:
                         pending.pax[key] = value
             continue
-        yield _entry(reader, header, flag, size, pending, start)
+        yield _entry(reader, header, flag, size, plain, pending, start)
         if pending.seen:
             pending = _Pending()
 
 
 def _entry(
-    reader: _Chunks, header: bytes, flag: bytes, size: int, pending: _Pending, start: int
+    reader: _Chunks,
+    header: bytes,
+    flag: bytes,
+    size: int,
+    plain: re.Match[bytes] | None,
+    pending: _Pending,
+    start: int,
 ) -> TarEntry:
     pax = pending.pax
     if b"path" in pax:
@@ -445,13 +459,19 @@ def _entry(
         if flag == b"S":
             raise TarError("sparse entries are not supported", path=path, offset=start)
         raise TarError(f"unsupported entry type {flag!r}", path=path, offset=start)
-    try:
-        mode = header_number(header[100:108], "mode") & 0o7777
-        uid = header_number(header[108:116], "uid")
-        gid = header_number(header[116:124], "gid")
-        mtime = header_number(header[136:148], "mtime")
-    except TarError as exc:
-        raise TarError(str(exc), path=path, offset=start) from None
+    if plain is not None:
+        mode = int(plain[1], 8) & 0o7777
+        uid = int(plain[2], 8)
+        gid = int(plain[3], 8)
+        mtime = int(plain[5], 8)
+    else:
+        try:
+            mode = header_number(header[100:108], "mode") & 0o7777
+            uid = header_number(header[108:116], "uid")
+            gid = header_number(header[116:124], "gid")
+            mtime = header_number(header[136:148], "mtime")
+        except TarError as exc:
+            raise TarError(str(exc), path=path, offset=start) from None
     nsec = 0
     if pax:
         if b"size" in pax:
