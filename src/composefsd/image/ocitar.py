@@ -63,6 +63,7 @@ _U32 = (1 << 32) - 1
 #: mode, uid, gid, size and mtime as most tar writers fill them: zero-padded
 #: octal, each ended by one NUL; they read as :func:`header_number` reads them.
 _PLAIN_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
+_ZERO_BLOCK = bytes(BLOCK)
 _WHITEOUT = b".wh."
 _OPAQUE = b".wh..opq"
 
@@ -323,7 +324,7 @@ class _Chunks:
         digest (then its padding, inline), or its inline bytes (all of them read;
         the first ``size`` returned if that is at most ``keep``, else None: hostile
         data is never held)."""
-        stored = padded(size)
+        stored = (size + BLOCK - 1) & -BLOCK
         if not stored:
             return b""
         pos = self._pos
@@ -389,7 +390,7 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
             if pending.seen:
                 raise TarError("the layer ends after an extension header", offset=start)
             return
-        if header == bytes(BLOCK):
+        if header == _ZERO_BLOCK:
             return
         if not checksum_ok(header):
             raise TarError("bad header checksum", offset=start)
@@ -449,7 +450,8 @@ def _entry(
     elif pending.long_name is not None:
         path = pending.long_name
     else:
-        path = _cstring(header[0:100])
+        end = header.find(0, 0, 100)
+        path = header[: end if end >= 0 else 100]
         if header[257:263] == b"ustar\0" and header[345] != 0:
             path = _cstring(header[345:500]) + b"/" + path
     if not path:
