@@ -16,6 +16,7 @@ from composefsd.image.ocitar import (
     LayerTree,
     TarEntry,
     TarError,
+    checksum_ok,
     iter_entries,
     makedev,
 )
@@ -269,6 +270,37 @@ def test_root_entry_sets_the_root() -> None:
         ),
         ([(_info("no/parent"), b"x")], "does not exist"),
         ([(_info("f"), b""), (_info("f/child"), b"x")], "not a directory"),
+        # A parent removed or replaced after an entry in it, in the same layer.
+        (
+            [
+                (_info("a", tarfile.DIRTYPE), b""),
+                (_info("a/b", tarfile.DIRTYPE), b""),
+                (_info("a/b/x"), b"x"),
+                (_info("a/.wh.b"), b""),
+                (_info("a/b/y"), b"y"),
+            ],
+            "'b' does not exist",
+        ),
+        (
+            [
+                (_info("a", tarfile.DIRTYPE), b""),
+                (_info("a/b", tarfile.DIRTYPE), b""),
+                (_info("a/b/x"), b"x"),
+                (_info("a/.wh..wh..opq"), b""),
+                (_info("a/b/y"), b"y"),
+            ],
+            "'b' does not exist",
+        ),
+        (
+            [
+                (_info("a", tarfile.DIRTYPE), b""),
+                (_info("a/b", tarfile.DIRTYPE), b""),
+                (_info("a/b/x"), b"x"),
+                (_info("a/b"), b"now a file"),
+                (_info("a/b/y"), b"y"),
+            ],
+            "'b' is not a directory",
+        ),
         ([(_info("./", tarfile.REGTYPE), b"")], "root"),
     ],
 )
@@ -277,6 +309,51 @@ def test_hostile_entries(members: list[tuple[tarfile.TarInfo, bytes]], words: st
     with pytest.raises(TarError, match=words) as info:
         tree.apply_layer(chunks(make_tar(members)))
     assert info.value.offset is not None
+
+
+def _with_sum(header: bytes, value: int) -> bytes:
+    return header[:148] + b"%06o\0 " % value + header[156:]
+
+
+@pytest.mark.parametrize("fill", [0x00, 0x7F, 0x80, 0xFF])
+def test_header_checksums(fill: int) -> None:
+    """The unsigned sum (the field as spaces), or the signed one old tars wrote;
+    anything else is refused."""
+    header = bytes([fill]) * 148 + b" " * 8 + bytes(range(256)) + bytes([fill]) * 100
+    assert len(header) == 512
+    unsigned = sum(header)
+    signed = sum(b - 256 if b > 127 else b for b in header)
+    assert checksum_ok(_with_sum(header, unsigned))
+    assert checksum_ok(_with_sum(header, signed))
+    for wrong in (unsigned - 1, unsigned + 1, unsigned + 65521, signed + 1):
+        if wrong not in (unsigned, signed):
+            assert not checksum_ok(_with_sum(header, wrong))
+    assert not checksum_ok(header[:148] + b"notoctal" + header[156:])
+
+
+def test_number_fields_in_other_forms() -> None:
+    """Numbers space-ended, space-led or short read as the zero-padded,
+    NUL-ended ones most writers make."""
+    info = _info("f", uid=1000, gid=100)
+    tar = bytearray(make_tar([(info, b"x" * 10)], fmt=tarfile.USTAR_FORMAT))
+    plain = entries([(info, b"x" * 10)], fmt=tarfile.USTAR_FORMAT)[0]
+    tar[100:108] = b"  644 \0\0"
+    tar[108:116] = b"0001750 "
+    tar[116:124] = b"144\0\0\0\0\0"
+    tar[124:136] = b"%011o " % 10
+    tar[136:148] = b" %o" % 1_700_000_000
+    assert len(tar) % 512 == 0
+    tar[148:156] = b" " * 8
+    tar[148:156] = b"%06o\0 " % sum(tar[:512])
+    (other,) = iter_entries([bytes(tar)])
+    assert (other.mode, other.uid, other.gid, other.size, other.mtime_sec) == (
+        0o644,
+        1000,
+        100,
+        10,
+        1_700_000_000,
+    )
+    assert other == plain
 
 
 def test_truncated_and_garbage() -> None:

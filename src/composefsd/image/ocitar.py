@@ -27,7 +27,9 @@ the entry (its raw path) and the offset of its header in the tar.
 from __future__ import annotations
 
 import enum
+import re
 import stat
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -58,6 +60,10 @@ INLINE_MAX = 64
 EXTENSION_MAX = 1 << 20
 _NAME_MAX = 255
 _U32 = (1 << 32) - 1
+#: mode, uid, gid, size and mtime as most tar writers fill them: zero-padded
+#: octal, each ended by one NUL; they read as :func:`header_number` reads them.
+_PLAIN_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0")
+_ZERO_BLOCK = bytes(BLOCK)
 _WHITEOUT = b".wh."
 _OPAQUE = b".wh..opq"
 
@@ -90,11 +96,18 @@ def checksum_ok(header: bytes) -> bool:
         stored = int(field_, 8)
     except ValueError:
         return False
-    blanked = header[:148] + b" " * 8 + header[156:]
-    unsigned = sum(blanked)
+    # The low half of an Adler-32 is 1 + the byte sum mod 65521: the exact sum
+    # for up to 256 bytes (at most 65281), and far faster than sum() over ints.
+    view = memoryview(header)
+    unsigned = (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) - 2
+    if len(header) > 512:
+        unsigned = sum(header)
+    # The checksum field itself counts as eight spaces.
+    unsigned += 8 * 0x20 - sum(view[148:156])
     if stored == unsigned:
         return True
     # Some old tars summed signed chars.
+    blanked = header[:148] + b" " * 8 + header[156:]
     return stored == unsigned - 256 * sum(1 for b in blanked if b > 127)
 
 
@@ -104,12 +117,14 @@ def header_number(data: bytes, what: str) -> int:
         if data[0] & 0x40:
             raise TarError(f"the {what} field is negative")
         return int.from_bytes(bytes([data[0] & 0x7F]) + data[1:], "big")
-    text = data.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
+    text = data.partition(b"\0")[0]
     try:
+        # int() itself ignores the spaces around the digits.
         return int(text, 8)
     except ValueError:
+        text = text.strip(b" ")
+        if not text:
+            return 0
         raise TarError(f"the {what} field is not a number: {text[:32]!r}") from None
 
 
@@ -200,9 +215,14 @@ def _components(path: bytes, what: str, offset: int) -> tuple[bytes, ...]:
     empty and ``.`` components dropped; ``..`` refused, NUL refused."""
     if b"\0" in path:
         raise TarError(f"the {what} contains a NUL byte", path=path, offset=offset)
-    parts = tuple(p for p in path.split(b"/") if p and p != b".")
+    split = path.split(b"/")
+    if b"" in split or b"." in split:
+        split = [p for p in split if p and p != b"."]
+    parts = tuple(split)
     if b".." in parts:
         raise TarError(f"the {what} has a '..' component", path=path, offset=offset)
+    if len(path) <= _NAME_MAX:
+        return parts
     for part in parts:
         if len(part) > _NAME_MAX:
             raise TarError(
@@ -268,6 +288,12 @@ class _Chunks:
 
     def read_inline(self, n: int, what: str) -> bytes | None:
         """``n`` inline bytes; None at a clean end of the stream before any."""
+        pos = self._pos
+        if pos + n <= len(self._buf) and self._external is None:
+            # Headers and small files sit in long inline chunks: one slice.
+            self._pos = pos + n
+            self.offset += n
+            return self._buf[pos : pos + n]
         parts: list[bytes] = []
         have = 0
         while have < n:
@@ -293,22 +319,36 @@ class _Chunks:
                 raise TarError(f"the layer ends in {what}", offset=self.offset)
             n -= step
 
-    def read_data(self, size: int, keep: int, what: str) -> bytes | str | None:
-        """An entry's data: its object's digest (then its padding, inline), or its
-        inline bytes (all of them read; the first ``size`` returned if that is at
-        most ``keep``, else None: hostile data is never held)."""
-        stored = padded(size)
+    def read_data(self, size: int, keep: int, path: bytes | None) -> bytes | str | None:
+        """An entry's data (``path``'s, None: an extension header's): its object's
+        digest (then its padding, inline), or its inline bytes (all of them read;
+        the first ``size`` returned if that is at most ``keep``, else None: hostile
+        data is never held)."""
+        stored = (size + BLOCK - 1) & -BLOCK
         if not stored:
             return b""
+        pos = self._pos
+        if size <= keep and pos + stored <= len(self._buf) and self._external is None:
+            self._pos = pos + stored
+            self.offset += stored
+            return self._buf[pos : pos + size]
         while self._external is None and not self._inline_left():
             if not self._next():
-                raise TarError(f"the layer ends in {what}", offset=self.offset)
+                raise TarError(f"the layer ends in {_data(path)}", offset=self.offset)
         if self._external is not None:
             digest, self._external = self._external, None
             self.offset += size
-            if stored > size:
-                self.skip_inline(stored - size, f"the padding of {what}")
+            pad = stored - size
+            if pad and not self._inline_left():
+                self._next()
+            pos = self._pos
+            if pad and self._external is None and pos + pad <= len(self._buf):
+                self._pos = pos + pad
+                self.offset += pad
+            elif pad:
+                self.skip_inline(pad, f"the padding of {_data(path)}")
             return digest
+        what = _data(path)
         if size > keep:
             self.skip_inline(stored, what)
             return None
@@ -316,6 +356,11 @@ class _Chunks:
         if data is None:
             raise TarError(f"the layer ends in {what}", offset=self.offset)
         return data[:size]
+
+
+def _data(path: bytes | None) -> str:
+    """What :meth:`_Chunks.read_data` reads, for messages."""
+    return "an extension header" if path is None else f"the data of {path!r}"
 
 
 @dataclass(slots=True)
@@ -345,22 +390,26 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
             if pending.seen:
                 raise TarError("the layer ends after an extension header", offset=start)
             return
-        if header == bytes(BLOCK):
+        if header == _ZERO_BLOCK:
             return
         if not checksum_ok(header):
             raise TarError("bad header checksum", offset=start)
         flag = header[156:157]
-        try:
-            size = header_number(header[124:136], "size")
-        except TarError as exc:
-            raise TarError(str(exc), offset=start) from None
+        plain = _PLAIN_NUMBERS.match(header, 100)
+        if plain is not None:
+            size = int(plain[4], 8)
+        else:
+            try:
+                size = header_number(header[124:136], "size")
+            except TarError as exc:
+                raise TarError(str(exc), offset=start) from None
         if flag in (b"x", b"g", b"L", b"K"):
             if size > EXTENSION_MAX:
                 raise TarError(
                     f"an extension header of {size} bytes, at most {EXTENSION_MAX}",
                     offset=start,
                 )
-            data = reader.read_data(size, EXTENSION_MAX, "an extension header")
+            data = reader.read_data(size, EXTENSION_MAX, None)
             if not isinstance(data, bytes):
                 raise TarError("an extension header stored as an object", offset=start)
             if flag == b"g":
@@ -381,12 +430,19 @@ def iter_entries(chunks: Iterable[bytes | str]) -> Iterator[TarEntry]:
                     else:
                         pending.pax[key] = value
             continue
-        yield _entry(reader, header, flag, size, pending, start)
-        pending = _Pending()
+        yield _entry(reader, header, flag, size, plain, pending, start)
+        if pending.seen:
+            pending = _Pending()
 
 
 def _entry(
-    reader: _Chunks, header: bytes, flag: bytes, size: int, pending: _Pending, start: int
+    reader: _Chunks,
+    header: bytes,
+    flag: bytes,
+    size: int,
+    plain: re.Match[bytes] | None,
+    pending: _Pending,
+    start: int,
 ) -> TarEntry:
     pax = pending.pax
     if b"path" in pax:
@@ -394,10 +450,10 @@ def _entry(
     elif pending.long_name is not None:
         path = pending.long_name
     else:
-        path = _cstring(header[0:100])
-        prefix = _cstring(header[345:500])
-        if header[257:263] == b"ustar\0" and prefix:
-            path = prefix + b"/" + path
+        end = header.find(0, 0, 100)
+        path = header[: end if end >= 0 else 100]
+        if header[257:263] == b"ustar\0" and header[345] != 0:
+            path = _cstring(header[345:500]) + b"/" + path
     if not path:
         raise TarError("an entry with an empty path", offset=start)
     kind = _KINDS.get(flag)
@@ -405,55 +461,50 @@ def _entry(
         if flag == b"S":
             raise TarError("sparse entries are not supported", path=path, offset=start)
         raise TarError(f"unsupported entry type {flag!r}", path=path, offset=start)
-
-    def number(lo: int, hi: int, what: str) -> int:
+    if plain is not None:
+        mode = int(plain[1], 8) & 0o7777
+        uid = int(plain[2], 8)
+        gid = int(plain[3], 8)
+        mtime = int(plain[5], 8)
+    else:
         try:
-            return header_number(header[lo:hi], what)
+            mode = header_number(header[100:108], "mode") & 0o7777
+            uid = header_number(header[108:116], "uid")
+            gid = header_number(header[116:124], "gid")
+            mtime = header_number(header[136:148], "mtime")
         except TarError as exc:
             raise TarError(str(exc), path=path, offset=start) from None
-
-    mode = number(100, 108, "mode") & 0o7777
-    uid = number(108, 116, "uid")
-    gid = number(116, 124, "gid")
-    mtime = number(136, 148, "mtime")
     nsec = 0
-    if b"size" in pax:
-        size = _pax_int(pax[b"size"], "size", path, start, 1 << 63)
-    if b"uid" in pax:
-        uid = _pax_int(pax[b"uid"], "uid", path, start, _U32)
-    if b"gid" in pax:
-        gid = _pax_int(pax[b"gid"], "gid", path, start, _U32)
-    if b"mtime" in pax:
-        value = pax[b"mtime"]
-        seconds = value.partition(b".")[0]
-        mtime = _pax_int(seconds, "mtime", path, start, (1 << 63) - 1)
-        nsec = _mtime_nsec(value)
+    if pax:
+        if b"size" in pax:
+            size = _pax_int(pax[b"size"], "size", path, start, 1 << 63)
+        if b"uid" in pax:
+            uid = _pax_int(pax[b"uid"], "uid", path, start, _U32)
+        if b"gid" in pax:
+            gid = _pax_int(pax[b"gid"], "gid", path, start, _U32)
+        if b"mtime" in pax:
+            value = pax[b"mtime"]
+            seconds = value.partition(b".")[0]
+            mtime = _pax_int(seconds, "mtime", path, start, (1 << 63) - 1)
+            nsec = _mtime_nsec(value)
     if uid > _U32 or gid > _U32:
         raise TarError("a uid or gid beyond 32 bits", path=path, offset=start)
     if mtime > (1 << 63) - 1:
         raise TarError("an mtime beyond 64 bits", path=path, offset=start)
-    if b"linkpath" in pax:
-        link: bytes = pax[b"linkpath"]
-    elif pending.long_link is not None:
-        link = pending.long_link
-    else:
-        link = _cstring(header[157:257])
-    parts = _components(path, "path", start)
     entry = TarEntry(
-        path=path,
-        components=parts,
-        kind=kind,
-        mode=mode,
-        uid=uid,
-        gid=gid,
-        mtime_sec=mtime,
-        mtime_nsec=nsec,
-        xattrs=sorted(pending.xattrs.items()),
-        size=size,
+        path,
+        _components(path, "path", start),
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime,
+        nsec,
+        sorted(pending.xattrs.items()) if pending.xattrs else [],
+        size,
         offset=start,
     )
-    what = f"the data of {path!r}"
-    data = reader.read_data(size, INLINE_MAX if kind is EntryKind.REGULAR else 0, what)
+    data = reader.read_data(size, INLINE_MAX if kind is EntryKind.REGULAR else 0, path)
     if isinstance(data, str):
         if kind is not EntryKind.REGULAR:
             raise TarError(f"a {kind.value} entry stored as an object", path=path, offset=start)
@@ -465,7 +516,14 @@ def _entry(
         if data is None:
             raise TarError(f"a {size}-byte file stored inline", path=path, offset=start)
         entry.content = data
-    elif kind is EntryKind.SYMLINK:
+        return entry
+    if b"linkpath" in pax:
+        link: bytes = pax[b"linkpath"]
+    elif pending.long_link is not None:
+        link = pending.long_link
+    else:
+        link = _cstring(header[157:257])
+    if kind is EntryKind.SYMLINK:
         if not link or b"\0" in link:
             raise TarError("a symlink with an empty or NUL-holding target", path=path, offset=start)
         entry.link = link
@@ -477,7 +535,12 @@ def _entry(
     elif kind in (EntryKind.CHAR, EntryKind.BLOCK):
         if header[257:262] != b"ustar":
             raise TarError("a device entry without device numbers", path=path, offset=start)
-        entry.rdev = makedev(number(329, 337, "devmajor"), number(337, 345, "devminor"))
+        try:
+            major = header_number(header[329:337], "devmajor")
+            minor = header_number(header[337:345], "devminor")
+        except TarError as exc:
+            raise TarError(str(exc), path=path, offset=start) from None
+        entry.rdev = makedev(major, minor)
     return entry
 
 
@@ -503,25 +566,32 @@ def _set_stat(node: Node, entry: TarEntry) -> None:
 def entry_node(entry: TarEntry) -> Node:
     """The inode a directory or leaf entry makes (not a hardlink's: it has none).
     A regular file that is an object gets payload ``XX/rest`` and its digest."""
-    if entry.kind is EntryKind.HARDLINK:
+    kind = entry.kind
+    if kind is EntryKind.HARDLINK:
         raise TarError("a hardlink makes no inode", path=entry.path, offset=entry.offset)
-    if entry.kind is EntryKind.DIRECTORY:
-        node = new_directory(stat.S_IFDIR | entry.mode)
-    else:
-        node = Node(mode=_FILE_TYPES[entry.kind] | entry.mode)
-    _set_stat(node, entry)
-    if entry.kind is EntryKind.REGULAR:
+    node = Node(
+        _FILE_TYPES[kind] | entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        mtime_sec=entry.mtime_sec,
+        mtime_nsec=entry.mtime_nsec,
+    )
+    if entry.xattrs:
+        _set_stat(node, entry)
+    if kind is EntryKind.REGULAR:
         if entry.object is not None:
             node.payload = f"{entry.object[:2]}/{entry.object[2:]}".encode()
             node.digest = bytes.fromhex(entry.object)
             node.size = entry.size
         else:
             node.set_content(entry.content)
-    elif entry.kind is EntryKind.SYMLINK:
+    elif kind is EntryKind.DIRECTORY:
+        node.children = {}
+    elif kind is EntryKind.SYMLINK:
         assert entry.link is not None
         node.payload = entry.link
         node.size = len(entry.link)
-    elif entry.kind in (EntryKind.CHAR, EntryKind.BLOCK):
+    elif kind is EntryKind.CHAR or kind is EntryKind.BLOCK:
         node.rdev = entry.rdev
     return node
 
@@ -538,6 +608,14 @@ class LayerTree:
         # composefs-rs starts from Stat::uninitialized(); the OCI transform always
         # replaces the root's metadata with /usr's.
         self.root = new_directory(stat.S_IFDIR)
+        # The last parent directory found: tars list a directory's entries
+        # together. It stays in the tree: only an entry of its own parent can
+        # remove or replace it, and that parent is then the one remembered.
+        self._parent_parts: tuple[bytes, ...] | None = None
+        self._parent = self.root
+        # Without hardlinks every inode has one path and nlink 1 already: nothing
+        # for finish() to settle.
+        self._hardlinks = False
 
     def _directory(self, parts: tuple[bytes, ...], entry: TarEntry, what: str) -> Node:
         node = self.root
@@ -579,9 +657,15 @@ class LayerTree:
                 )
             target = found.target()
             node = Node(mode=target.mode, link_to=target)
+            self._hardlinks = True
         else:
             node = entry_node(entry)
-        directory = self._directory(entry.components[:-1], entry, "its parent")
+        parent_parts = entry.components[:-1]
+        if parent_parts == self._parent_parts:
+            directory = self._parent
+        else:
+            directory = self._directory(parent_parts, entry, "its parent")
+            self._parent_parts, self._parent = parent_parts, directory
         children = directory.children
         assert children is not None
         name = entry.components[-1]
@@ -606,5 +690,6 @@ class LayerTree:
     def finish(self) -> Node:
         """The tree, hardlinks settled (the first path of an inode in image order
         holds it; ``nlink`` counts its paths)."""
-        relink(self.root)
+        if self._hardlinks:
+            relink(self.root)
         return self.root
