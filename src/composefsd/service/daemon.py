@@ -94,7 +94,7 @@ from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
-from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
+from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -407,7 +407,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where pins of handed-out mounts are kept (default /run/composefsd for root)",
     )
     _add_limits(p)
-    p.add_argument("--version", action="version", version=f"composefsd {composefsd.__version__}")
+    p.add_argument("--version", action=VersionAction)
     return p
 
 
@@ -577,7 +577,7 @@ def build_service(
     service = VarlinkService(
         vendor="composefsd",
         product="composefsd",
-        version=composefsd.__version__,
+        version=composefsd.version(),
         url="https://github.com/containers/composefs",
         interface_dir=str(IDL_DIR),
     )
@@ -608,7 +608,7 @@ async def _serve(
     serving = asyncio.create_task(server.serve(sockets))
     await asyncio.sleep(0)
     notify(f"READY=1\nSTATUS=serving io.composefs.Repository\nMAINPID={os.getpid()}")
-    log.info("composefsd %s ready", composefsd.__version__)
+    log.info("composefsd %s ready", composefsd.version())
 
     async def idle_watch(limit: float) -> None:
         step = min(1.0, limit / 4)
