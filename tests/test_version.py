@@ -1,5 +1,6 @@
 """``--version`` of composefsd and composefsctl: ``PROG VERSION`` on stdout, exit 0,
-the version being the one pyproject.toml sets (through the installed metadata)."""
+the version being the one pyproject.toml sets (through the installed metadata);
+and ``python -m composefsd``, which is the daemon."""
 
 from __future__ import annotations
 
@@ -46,7 +47,11 @@ def test_version_option(
 
 @pytest.mark.parametrize(
     ("module", "prog"),
-    [("composefsd.cli.composefsctl", "composefsctl"), ("composefsd.service.daemon", "composefsd")],
+    [
+        ("composefsd.cli.composefsctl", "composefsctl"),
+        ("composefsd.service.daemon", "composefsd"),
+        ("composefsd", "composefsd"),
+    ],
 )
 def test_version_in_a_fresh_process(module: str, prog: str) -> None:
     proc = subprocess.run(
@@ -59,3 +64,12 @@ def test_composefsctl_help_names_version(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         composefsctl_main(["--help"])
     assert "--version" in capsys.readouterr().out
+
+
+def test_python_m_composefsd_is_the_daemon() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "composefsd", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: composefsd ")
+    assert "--listen PATH" in proc.stdout and "--repo PATH" in proc.stdout
