@@ -88,7 +88,12 @@ from composefsd.image.format import ErofsVersion
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.repository.meta import parse_algorithm
-from composefsd.service.activation import listen_unix, notify, sockets_from_environment
+from composefsd.service.activation import (
+    describe_socket,
+    listen_unix,
+    notify,
+    sockets_from_environment,
+)
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
@@ -664,12 +669,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _StartupError as exc:
         log.error("%s", exc)
         return 1
+    # The one place that says where to connect, whatever chose the socket (--listen,
+    # the default for this user, or systemd).
     log.info(
-        "serving %r (%s, images V%d, verity %s)",
+        "serving %r (%s, images V%d, verity %s) on %s",
         str(repo.path),
         repo.algorithm,
         int(repo.erofs_version),
         repo.verity.value,
+        ", ".join(describe_socket(s) for s in sockets),
     )
 
     authorize = Authorization(os.geteuid(), group, args.restrict_read)
