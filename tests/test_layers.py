@@ -34,6 +34,7 @@ _RANKS = {
     "repository": 3,
     "kernel": 4,
     "service": 5,
+    "__main__": 5,  # python -m composefsd: the daemon
     "cli": 6,
 }
 # kernel/ modules above the repository layer; every other kernel module is a leaf.

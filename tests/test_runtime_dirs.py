@@ -406,7 +406,7 @@ def test_daemon_and_client_agree_on_the_default_socket(
     """alice's daemon and her composefsctl, under the same XDG_RUNTIME_DIR, meet at
     one socket: $XDG_RUNTIME_DIR/composefs/... for an absolute value, and
     /tmp/composefs-<uid>/... for a relative or empty one, which systemd ignores too
-    (sd-path's from_environment)."""
+    (sd-path's from_environment); her daemon's log names it."""
     a = alice.users.alice
     if xdg == "absolute":
         xdg_dir = alice.home / "xdg"
@@ -426,3 +426,5 @@ def test_daemon_and_client_agree_on_the_default_socket(
         assert status.returncode == 0, status.stderr
         assert f"at {expected}\n" in status.stdout
     assert not expected.exists()
+    # Her daemon's start-up line says where it listens: the README's quick start uses it.
+    assert f") on {str(expected)!r}\n" in (alice.home / "daemon.log").read_text()

@@ -111,7 +111,7 @@ def test_info(varlinkctl: str, daemon: Daemon) -> None:
     assert fields == {
         "Vendor": ["composefsd"],
         "Product": ["composefsd"],
-        "Version": [composefsd.__version__],
+        "Version": [composefsd.version()],
         "URL": ["https://github.com/containers/composefs"],
         "Interfaces": [OCI, IFACE, "org.varlink.service"],
     }
@@ -172,7 +172,7 @@ def test_introspect(varlinkctl: str, daemon: Daemon, tmp_path: Path) -> None:
 def test_every_method(varlinkctl: str, daemon: Daemon, tree: Path, mnt: Path) -> None:
     v, a = varlinkctl, daemon.address
     d = _call(v, a, "Describe")
-    assert d["path"] == str(daemon.repo) and d["version"] == composefsd.__version__
+    assert d["path"] == str(daemon.repo) and d["version"] == composefsd.version()
 
     # CreateImage, streamed: progress replies, then the result.
     replies = _call_more(v, a, "CreateImage", {"sourcePath": str(tree), "ref": "vc/v1"})

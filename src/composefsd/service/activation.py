@@ -11,6 +11,7 @@
 * :func:`notify`: ``sd_notify`` over ``$NOTIFY_SOCKET``.
 * :func:`is_listening`: ``SO_ACCEPTCONN``, which tells the two kinds of activated
   sockets apart.
+* :func:`describe_socket`: how the log names a socket the server was given.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from composefsd.service.runtime import secure_directory
 
 __all__ = [
     "SD_LISTEN_FDS_START",
+    "describe_socket",
     "is_listening",
     "listen_unix",
     "notify",
@@ -43,6 +45,30 @@ _LISTEN_VARS: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID
 def is_listening(sock: socket.socket) -> bool:
     """Whether ``sock`` is a listening socket (rather than a connected one)."""
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 0
+
+
+def describe_socket(sock: socket.socket) -> str:
+    """``sock`` as the start-up log names it: a listening socket by its path (quoted
+    as a Python string, so that any name reads unambiguously) or ``@name`` in the
+    abstract namespace (as ``ss`` and systemd show it); a connected one (``Accept=yes``,
+    ``varlinkctl call exec:``) as such, with its fd."""
+    try:
+        name: object = sock.getsockname()
+    except OSError:
+        name = None
+    if isinstance(name, bytes) and name.startswith(b"\0"):
+        where = "@" + name[1:].decode(errors="backslashreplace")
+    elif name:
+        where = repr(name)
+    else:
+        where = ""
+    try:
+        listening = is_listening(sock)
+    except OSError:
+        listening = False
+    if listening:
+        return where or f"fd {sock.fileno()}"
+    return f"the connection on fd {sock.fileno()}" + (f" (to {where})" if where else "")
 
 
 def _activated_sockets(fd_start: int) -> list[socket.socket] | None:

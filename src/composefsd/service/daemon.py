@@ -88,13 +88,18 @@ from composefsd.image.format import ErofsVersion
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.repository.meta import parse_algorithm
-from composefsd.service.activation import listen_unix, notify, sockets_from_environment
+from composefsd.service.activation import (
+    describe_socket,
+    listen_unix,
+    notify,
+    sockets_from_environment,
+)
 from composefsd.service.context import Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
-from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
+from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -407,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where pins of handed-out mounts are kept (default /run/composefsd for root)",
     )
     _add_limits(p)
-    p.add_argument("--version", action="version", version=f"composefsd {composefsd.__version__}")
+    p.add_argument("--version", action=VersionAction)
     return p
 
 
@@ -577,7 +582,7 @@ def build_service(
     service = VarlinkService(
         vendor="composefsd",
         product="composefsd",
-        version=composefsd.__version__,
+        version=composefsd.version(),
         url="https://github.com/containers/composefs",
         interface_dir=str(IDL_DIR),
     )
@@ -608,7 +613,7 @@ async def _serve(
     serving = asyncio.create_task(server.serve(sockets))
     await asyncio.sleep(0)
     notify(f"READY=1\nSTATUS=serving io.composefs.Repository\nMAINPID={os.getpid()}")
-    log.info("composefsd %s ready", composefsd.__version__)
+    log.info("composefsd %s ready", composefsd.version())
 
     async def idle_watch(limit: float) -> None:
         step = min(1.0, limit / 4)
@@ -664,12 +669,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _StartupError as exc:
         log.error("%s", exc)
         return 1
+    # The one place that says where to connect, whatever chose the socket (--listen,
+    # the default for this user, or systemd).
     log.info(
-        "serving %r (%s, images V%d, verity %s)",
+        "serving %r (%s, images V%d, verity %s) on %s",
         str(repo.path),
         repo.algorithm,
         int(repo.erofs_version),
         repo.verity.value,
+        ", ".join(describe_socket(s) for s in sockets),
     )
 
     authorize = Authorization(os.geteuid(), group, args.restrict_read)

@@ -44,7 +44,7 @@ def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> d
         "mounts": len(repository_mounts(repo, mounts)),
         "erofsVersion": int(repo.erofs_version),
         "extraErofsVersions": [int(v) for v in repo.formats.versions()][1:],
-        "version": composefsd.__version__,
+        "version": composefsd.version(),
     }
     if reason is not None:
         out["readOnlyReason"] = reason

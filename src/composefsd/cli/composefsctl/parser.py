@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from composefsd.service.client import DEFAULT_TIMEOUT
-from composefsd.service.options import ALGORITHM_NAMES, erofs_version_argument
+from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
 from composefsd.verity_policy import VerityPolicy
 
 __all__ = ["PROG", "ArgumentParser", "parse_args"]
@@ -133,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         "through composefsd when one answers, else directly.",
         parents=[common],
     )
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
