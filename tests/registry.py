@@ -9,6 +9,7 @@ The pytest fixtures built on these live in tests/conftest.py (``registry``,
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import gzip
 import hashlib
@@ -25,9 +26,10 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -377,31 +379,35 @@ def read_layout(layout: Path, tag: str) -> LayoutImage:
 # --- a forwarder that hangs up mid-blob -------------------------------------------
 
 
-class CuttingProxy:
-    """A TCP forwarder to ``upstream`` on 127.0.0.1: once a client asks for a path
-    containing ``/blobs/<digest>``, the response to it is cut after ``cut_after``
-    bytes (headers included) and both connections are closed, or, with ``stall``,
-    kept open with nothing more forwarded (a registry that stops answering).
-    Every other byte is forwarded as is. ``cuts`` counts the connections it cut or
-    stalled; ``stalled`` is set at the first stall."""
+class BlobForwarder(abc.ABC):
+    """A TCP forwarder to ``upstream`` on 127.0.0.1 (``host``) that acts once per
+    connection on the response to a request naming ``/blobs/<digest>`` for one of
+    ``digests``: after ``after`` bytes of it (headers included) it calls
+    :meth:`_reached`, which says whether to go on forwarding. Every other byte is
+    forwarded as is. Subclasses: :class:`CuttingProxy`, ``holdproxy.HoldingProxy``."""
 
-    def __init__(self, upstream: str, digest: str, cut_after: int, *, stall: bool = False) -> None:
+    def __init__(self, upstream: str, digests: Iterable[str], after: int) -> None:
         host, _, port = upstream.rpartition(":")
         self._upstream = (host, int(port))
-        self._needle = f"/blobs/{digest}".encode()
-        self._cut_after = cut_after
+        self._needles = {f"/blobs/{d}".encode(): d for d in digests}
+        self._after = after
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.cuts = 0
-        self._stall = stall
-        self.stalled = threading.Event()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._open: list[socket.socket] = []
+        self._cond = threading.Condition()
         self._stopping = False
-        accept = threading.Thread(target=self._accept, daemon=True)
-        accept.start()
-        self._threads.append(accept)
+        self._open: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._start(self._accept)
+
+    @abc.abstractmethod
+    def _reached(self, client: socket.socket, upstream: socket.socket, digest: str) -> bool:
+        """What happens once ``after`` bytes of the response went out; whether to
+        go on forwarding it."""
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def _accept(self) -> None:
         while True:
@@ -414,21 +420,21 @@ class CuttingProxy:
             except OSError:
                 client.close()
                 continue
-            armed = threading.Event()
-            with self._lock:
+            with self._cond:
                 if self._stopping:
                     client.close()
                     upstream.close()
                     return
                 self._open += [client, upstream]
-            for target in (self._requests, self._responses):
-                t = threading.Thread(target=target, args=(client, upstream, armed), daemon=True)
-                t.start()
-                self._threads.append(t)
+            # The digest a request on this connection asked for, once one did.
+            armed: list[str | None] = [None]
+            self._start(self._requests, client, upstream, armed)
+            self._start(self._responses, client, upstream, armed)
 
     def _requests(
-        self, client: socket.socket, upstream: socket.socket, armed: threading.Event
+        self, client: socket.socket, upstream: socket.socket, armed: list[str | None]
     ) -> None:
+        longest = max((len(n) for n in self._needles), default=0)
         seen = b""
         while True:
             try:
@@ -439,18 +445,21 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     upstream.shutdown(socket.SHUT_WR)
                 return
-            seen = (seen + data)[-(len(self._needle) + 65536) :]
-            if self._needle in seen:
-                armed.set()
+            # Kept across reads: a request line may arrive in pieces.
+            seen = (seen + data)[-(longest + 65536) :]
+            for needle, digest in self._needles.items():
+                if needle in seen:
+                    armed[0] = digest
             try:
                 upstream.sendall(data)
             except OSError:
                 return
 
     def _responses(
-        self, client: socket.socket, upstream: socket.socket, armed: threading.Event
+        self, client: socket.socket, upstream: socket.socket, armed: list[str | None]
     ) -> None:
-        sent_armed = 0
+        acting: str | None = None
+        sent = 0
         while True:
             try:
                 data = upstream.recv(65536)
@@ -460,30 +469,31 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     client.shutdown(socket.SHUT_WR)
                 return
-            if armed.is_set():
-                room = self._cut_after - sent_armed
+            if acting is None and armed[0] is not None:
+                acting, sent = armed[0], 0
+            if acting is not None and sent >= 0:
+                room = self._after - sent
                 if len(data) >= room:
-                    with contextlib.suppress(OSError):
+                    try:
                         client.sendall(data[:room])
-                    with self._lock:
-                        self.cuts += 1
-                    if self._stall:
-                        self.stalled.set()
+                    except OSError:
                         return
-                    for s in (client, upstream):
-                        with contextlib.suppress(OSError):
-                            s.shutdown(socket.SHUT_RDWR)
-                    return
-                sent_armed += len(data)
+                    if not self._reached(client, upstream, acting):
+                        return
+                    data = data[room:]
+                    sent = -1  # once per connection
+                else:
+                    sent += len(data)
             try:
                 client.sendall(data)
             except OSError:
                 return
 
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
             self._stopping = True
             sockets = list(self._open)
+            self._cond.notify_all()
         # shutdown wakes the accept and recv calls blocked on these sockets.
         for s in [self._listener, *sockets]:
             with contextlib.suppress(OSError):
@@ -492,6 +502,37 @@ class CuttingProxy:
             t.join()
         for s in [self._listener, *sockets]:
             s.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CuttingProxy(BlobForwarder):
+    """Once a client asks for ``/blobs/<digest>``, the response to it is cut after
+    ``cut_after`` bytes (headers included) and both connections are closed, or,
+    with ``stall``, kept open with nothing more forwarded (a registry that stops
+    answering). ``cuts`` counts the connections it cut or stalled; ``stalled`` is
+    set at the first stall."""
+
+    def __init__(self, upstream: str, digest: str, cut_after: int, *, stall: bool = False) -> None:
+        self.cuts = 0
+        self._stall = stall
+        self.stalled = threading.Event()
+        super().__init__(upstream, [digest], cut_after)
+
+    def _reached(self, client: socket.socket, upstream: socket.socket, digest: str) -> bool:
+        with self._cond:
+            self.cuts += 1
+        if self._stall:
+            self.stalled.set()
+            return False
+        for s in (client, upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        return False
 
 
 def pid_is_reaped(pid: int) -> bool:
