@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import tarfile
 import threading
@@ -533,6 +534,25 @@ class CuttingProxy(BlobForwarder):
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
         return False
+
+
+@contextlib.contextmanager
+def vfs_storage(directory: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A containers-storage of its own below ``directory`` (vfs driver): its
+    storage.conf path and an environment for ``skopeo copy`` into it. Removed at
+    the end (vfs layers hold read-only directories)."""
+    conf = directory / "storage.conf"
+    graph = directory / "graph"
+    conf.write_text(
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{graph}"\nrunroot = "{directory / "run"}"\n'
+    )
+    try:
+        yield str(conf), dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
+    finally:
+        if graph.exists():
+            for sub in graph.rglob("*"):
+                if sub.is_dir() and not sub.is_symlink():
+                    sub.chmod(sub.stat().st_mode | stat.S_IWUSR | stat.S_IXUSR)
 
 
 def pid_is_reaped(pid: int) -> bool:

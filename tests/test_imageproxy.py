@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -50,6 +49,7 @@ from registry import (
     copy,
     pid_is_reaped,
     read_layout,
+    vfs_storage,
     write_layout,
 )
 from rsgolden import RS
@@ -387,33 +387,14 @@ def test_containers_storage(tmp_path: Path) -> None:
     images = write_layout(
         layout, {"two": [[("a", b"a" * 5000)], [("b", os.urandom(9000))]]}, compress=False
     )
-    conf = tmp_path / "storage.conf"
-    conf.write_text(
-        "[storage]\n"
-        'driver = "vfs"\n'
-        f'graphroot = "{tmp_path / "graph"}"\n'
-        f'runroot = "{tmp_path / "run"}"\n'
-    )
-    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
     ref = "containers-storage:localhost/small:two"
-    copy(f"oci:{layout}:two", ref, "--preserve-digests", env=env)
-    try:
-        options = ProxyOptions(storage_conf=str(conf))
+    with vfs_storage(tmp_path) as (conf, env):
+        copy(f"oci:{layout}:two", ref, "--preserve-digests", env=env)
+        options = ProxyOptions(storage_conf=conf)
         with open_image_proxy(ref, options, creds=None) as source:
             _check_image(source, images["two"])
         with pytest.raises(ImageNotFoundError):
             open_image_proxy("containers-storage:localhost/small:nope", options, creds=None)
-    finally:
-        _remove_tree(tmp_path / "graph")
-
-
-def _remove_tree(path: Path) -> None:
-    """vfs layers hold read-only directories: make them writable to remove them."""
-    if not path.exists():
-        return
-    for sub in path.rglob("*"):
-        if sub.is_dir() and not sub.is_symlink():
-            sub.chmod(sub.stat().st_mode | stat.S_IWUSR | stat.S_IXUSR)
 
 
 @pytest.mark.parametrize(

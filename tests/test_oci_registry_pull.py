@@ -53,11 +53,11 @@ from registry import (
     add_index,
     copy,
     pid_is_reaped,
+    vfs_storage,
     write_layout,
 )
 from rsgolden import ALGORITHMS, RS
 from servicehelpers import unmount_below
-from test_imageproxy import _remove_tree
 from test_oci_build import _compute_id_stdout
 from test_oci_layer_import import layer_tar
 from test_oci_pull import IMAGES, LAYERS, SAME_ZSTD, _state
@@ -418,26 +418,16 @@ def test_containers_storage(tmp_path: Path) -> None:
     layers = [tree_tar([("usr/a", b"a" * 5000)]), tree_tar([("usr/b", os.urandom(9000))])]
     write_layout(layout, {"two": layers}, compress=False)
     want = _native(_repo(tmp_path, name="native"), layout, "two")
-    conf = tmp_path / "storage.conf"
-    conf.write_text(
-        "[storage]\n"
-        'driver = "vfs"\n'
-        f'graphroot = "{tmp_path / "graph"}"\n'
-        f'runroot = "{tmp_path / "run"}"\n'
-    )
-    env = dict(os.environ, CONTAINERS_STORAGE_CONF=str(conf))
     ref = "containers-storage:localhost/e2e:two"
-    copy(f"oci:{layout}:two", ref, "--preserve-digests", env=env)
-    try:
+    with vfs_storage(tmp_path) as (conf, env):
+        copy(f"oci:{layout}:two", ref, "--preserve-digests", env=env)
         repo = _repo(tmp_path)
-        options = ProxyOptions(storage_conf=str(conf))
+        options = ProxyOptions(storage_conf=conf)
         result, _, _ = _pull(repo, ref, options, tag="two")
         assert result == want
         with pytest.raises(ImageNotFoundError):
             _pull(repo, "containers-storage:localhost/e2e:nope", options, tag="nope")
         _assert_safe(repo, {"two": result.manifest_digest})
-    finally:
-        _remove_tree(tmp_path / "graph")
 
 
 # -- the umoci oracle ------------------------------------------------------------------------
