@@ -32,7 +32,7 @@ from composefsd.repository.ocilayer import TarFormatError
 from composefsd.repository.ocilayout import OciLayoutSource
 from composefsd.repository.ocipull import BlobDigestError, PullResult, pull
 from composefsd.repository.progress import Progress
-from composefsd.repository.streams import cat, existing_stream
+from composefsd.repository.streams import existing_stream
 from composefsd.service.imageproxy import BlobTransferError as ProxyBlobTransferError
 from composefsd.service.imageproxy import (
     ImageNotFoundError,
@@ -56,11 +56,10 @@ from registry import (
     vfs_storage,
     write_layout,
 )
-from rsgolden import ALGORITHMS, RS
+from rsgolden import ALGORITHMS
 from servicehelpers import unmount_below
 from test_oci_build import _compute_id_stdout
-from test_oci_layer_import import layer_tar
-from test_oci_pull import IMAGES, LAYERS, SAME_ZSTD, _state
+from test_oci_pull import IMAGES, SAME_ZSTD, _state, assert_golden_layers
 from test_oci_umoci import _layers as umoci_layers
 from test_oci_umoci import _mounted as mounted_tree
 from test_oci_umoci import _umocis as umocis_tree
@@ -169,17 +168,7 @@ def test_golden_tags(golden_registry: dict[str, str], tmp_path: Path, algorithm:
         with repo.object_store() as store:
             assert open_tag(repo, store, tag).manifest_digest == image["manifest_digest"]
     assert len(IMAGES["shared"]["layers"]) == 3  # two shared with multi: one fetched
-    golden = RS / "expected" / "oci" / algorithm / "streams-after-pulls"
-    with repo.object_store() as store:
-        for layer in LAYERS.values():
-            verity = existing_stream(repo, "oci-layer-" + layer["diff_id"])
-            assert verity is not None
-            out = io.BytesIO()
-            cat(store, verity, out)
-            assert out.getvalue() == layer_tar(layer["name"])
-            if SAME_ZSTD:
-                name = "oci-layer-" + layer["diff_id"].replace(":", "_") + ".splitstream"
-                assert repo.object_path(verity).read_bytes() == (golden / name).read_bytes()
+    assert_golden_layers(repo, algorithm)
     report = repo.fsck()
     assert report.ok, report.problems
     assert dict(iter_tags(repo)) == {t: IMAGES[t]["manifest_digest"] for t in GOLDEN_TAGS}
