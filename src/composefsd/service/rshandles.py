@@ -1,0 +1,146 @@
+"""Repository handles of composefs-rs's Varlink interfaces (org.composefs.Repository
+and org.composefs.Oci): ``OpenRepository`` returns an integer, later calls name the
+repository by it.
+
+cfsctl keeps one service-wide table numbered from 1, where a handle opened on one
+connection works on every other. composefsd does the same with one restriction:
+a handle belongs to the uid that opened it, and for any other uid it does not
+exist (``InvalidHandle``), so one local user can neither use nor probe another's
+repositories. Handles live until ``CloseRepository``; a uid may hold at most
+:data:`MAX_HANDLES_PER_UID` of them, so that a client that never closes cannot
+grow the table without bound.
+
+Every handle on one repository directory shares one
+:class:`~composefsd.repository.Repository` (found by the directory's device and
+inode), and a handle on the daemon's own repository uses the daemon's object, so
+its mounts are tracked and its GC keeps what is in use like
+io.composefs.Repository's (``RepositoryHandle.own``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Final
+
+from composefsd.repository import Repository
+
+__all__ = [
+    "MAX_HANDLES_PER_UID",
+    "HandleTable",
+    "RepositoryHandle",
+    "TooManyHandlesError",
+    "UnknownHandleError",
+]
+
+#: Handles one uid may hold at once (cfsctl's clients open a few).
+MAX_HANDLES_PER_UID: Final = 64
+
+
+class UnknownHandleError(Exception):
+    """The handle was never issued, is closed, or belongs to another uid."""
+
+    def __init__(self, handle: int) -> None:
+        super().__init__(f"no open repository has handle {handle}")
+        self.handle = handle
+
+
+class TooManyHandlesError(Exception):
+    """The uid holds :data:`MAX_HANDLES_PER_UID` handles already."""
+
+    def __init__(self, uid: int, limit: int) -> None:
+        super().__init__(
+            f"uid {uid} holds {limit} open repository handles already; "
+            "close some with CloseRepository"
+        )
+        self.uid = uid
+        self.limit = limit
+
+
+@dataclass(slots=True, frozen=True)
+class RepositoryHandle:
+    """One open handle."""
+
+    handle: int
+    repo: Repository
+    #: The uid that opened it; the only one that may use it.
+    uid: int
+    #: Whether ``repo`` is the daemon's own repository.
+    own: bool
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+class HandleTable:
+    """The service-wide table (module notes). Thread-safe: methods run in workers."""
+
+    def __init__(self, own: Repository, *, max_per_uid: int = MAX_HANDLES_PER_UID) -> None:
+        self.own = own
+        self.max_per_uid = max_per_uid
+        self._lock = threading.Lock()
+        self._next = 1
+        self._handles: dict[int, RepositoryHandle] = {}
+
+    def is_own(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` is the daemon's repository directory (same inode)."""
+        try:
+            return _identity(path) == _identity(self.own.path)
+        except OSError:
+            return False
+
+    def shared(self, repo: Repository) -> Repository:
+        """The Repository object handles already use for ``repo``'s directory (the
+        daemon's own one included), else ``repo`` itself."""
+        try:
+            ident = _identity(repo.path)
+        except OSError:
+            return repo
+        candidates = [self.own]
+        with self._lock:
+            candidates += [h.repo for h in self._handles.values()]
+        for other in candidates:
+            try:
+                if _identity(other.path) == ident:
+                    return other
+            except OSError:
+                continue
+        return repo
+
+    def open(self, repo: Repository, uid: int) -> RepositoryHandle:
+        """A new handle on ``repo`` (or the object already shared for its directory)
+        for ``uid``. TooManyHandlesError past the per-uid limit."""
+        repo = self.shared(repo)
+        own = repo is self.own
+        with self._lock:
+            held = sum(1 for h in self._handles.values() if h.uid == uid)
+            if held >= self.max_per_uid:
+                raise TooManyHandlesError(uid, self.max_per_uid)
+            entry = RepositoryHandle(self._next, repo, uid, own)
+            self._handles[entry.handle] = entry
+            self._next += 1
+        return entry
+
+    def get(self, handle: int, uid: int) -> RepositoryHandle:
+        """The handle ``uid`` opened; UnknownHandleError otherwise."""
+        with self._lock:
+            entry = self._handles.get(handle)
+        if entry is None or entry.uid != uid:
+            raise UnknownHandleError(handle)
+        return entry
+
+    def close(self, handle: int, uid: int) -> None:
+        """Forget a handle ``uid`` opened; UnknownHandleError otherwise."""
+        with self._lock:
+            entry = self._handles.get(handle)
+            if entry is None or entry.uid != uid:
+                raise UnknownHandleError(handle)
+            del self._handles[handle]
+
+    def count(self, uid: int | None = None) -> int:
+        """Open handles (of ``uid``, or all)."""
+        with self._lock:
+            return sum(1 for h in self._handles.values() if uid is None or h.uid == uid)
