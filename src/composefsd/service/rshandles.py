@@ -19,12 +19,16 @@ io.composefs.Repository's (``RepositoryHandle.own``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
 from composefsd.repository import Repository
+from composefsd.service.context import VarlinkReplyError
+from composefsd.service.methods import mapped_errors, reply_error
 
 __all__ = [
     "MAX_HANDLES_PER_UID",
@@ -32,6 +36,7 @@ __all__ = [
     "RepositoryHandle",
     "TooManyHandlesError",
     "UnknownHandleError",
+    "rs_errors",
 ]
 
 #: Handles one uid may hold at once (cfsctl's clients open a few).
@@ -144,3 +149,32 @@ class HandleTable:
         """Open handles (of ``uid``, or all)."""
         with self._lock:
             return sum(1 for h in self._handles.values() if uid is None or h.uid == uid)
+
+
+def _rs_error(interface: str, exc: Exception) -> VarlinkReplyError | None:
+    if isinstance(exc, VarlinkReplyError):
+        if exc.name.startswith(("org.varlink.service.", interface + ".")):
+            return exc
+        # An io.composefs error from work delegated to our own interfaces: the
+        # composefs-rs interfaces have no name for it but InternalError.
+        message = exc.parameters.get("message")
+        text = f"{exc.name.rsplit('.', 1)[-1]}: {message}" if message else exc.name
+        return VarlinkReplyError(f"{interface}.InternalError", {"message": text})
+    if isinstance(exc, UnknownHandleError):
+        return VarlinkReplyError(f"{interface}.InvalidHandle", {"handle": exc.handle})
+    if isinstance(exc, TooManyHandlesError):
+        return VarlinkReplyError(f"{interface}.InternalError", {"message": str(exc)})
+    ours = reply_error(exc)
+    if ours is None:
+        return None
+    return _rs_error(interface, ours)
+
+
+@contextlib.contextmanager
+def rs_errors(interface: str) -> Iterator[None]:
+    """Inside, every error of the repository and kernel layers (and of io.composefs's
+    interfaces, worked through) becomes ``interface``'s: InvalidHandle for an unknown
+    handle, InternalError with the message for the rest, as cfsctl answers what it
+    has no error for. Its own errors and org.varlink.service's pass as they are."""
+    with mapped_errors(lambda exc: _rs_error(interface, exc)):
+        yield
