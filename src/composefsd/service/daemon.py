@@ -100,6 +100,9 @@ from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
+from composefsd.service.rshandles import HandleTable
+from composefsd.service.rsrepository import INTERFACE as RS_REPOSITORY
+from composefsd.service.rsrepository import RsRepositoryInterface
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -128,11 +131,16 @@ IDL_DIR = Path(__file__).resolve().parent
 READ_ONLY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")]
     + [f"{OCI_INTERFACE}.{m}" for m in ("ListImages", "Inspect")]
+    + [
+        f"{RS_REPOSITORY}.{m}"
+        for m in ("OpenRepository", "CloseRepository", "ListImageRefs", "ImageObjects", "Fsck")
+    ]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
     + [f"{OCI_INTERFACE}.Pull"]
+    + [f"{RS_REPOSITORY}.{m}" for m in ("Fsck", "Gc")]
 )
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
@@ -591,6 +599,10 @@ def build_service(
         iface.max_source_entries = max_source_entries
     service._set_interface(INTERFACE, iface)
     service._set_interface(OCI_INTERFACE, OciInterface(iface))
+    # composefs-rs's interfaces share one table of repository handles.
+    handles = HandleTable(repo)
+    rs_repository = RsRepositoryInterface(iface, handles)
+    service._set_interface(RS_REPOSITORY, rs_repository)
     return service
 
 
