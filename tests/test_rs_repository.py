@@ -463,3 +463,38 @@ def test_fsck_and_gc_stop_when_the_client_has_gone(tmp_path: Path) -> None:
             rs.Gc(handle, False, [], _request=ctx)
     # Nothing was collected.
     assert Repository.open(foreign).gc(dry_run=True).objects_removed == 12
+
+
+def test_own_repository_path_is_looked_at_once(tmp_path: Path) -> None:
+    """A caller without the daemon's rights names the daemon's repository through
+    a link it controls and re-points the link right after the check: the call
+    still works on the daemon's repository, never on the new target."""
+    own = Repository.open(unpack_repo("sha256", tmp_path / "own"))
+    rs = RsRepositoryInterface(
+        RepositoryInterface(own, MountTracker(tmp_path / "state")), HandleTable(own)
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(own.path)
+    checked = rs.handles.is_own
+
+    def swapping(path: str | os.PathLike[str]) -> bool:
+        answer = checked(path)
+        if Path(path) == link:
+            link.unlink()
+            link.symlink_to(elsewhere)
+        return answer
+
+    rs.handles.is_own = swapping  # type: ignore[method-assign]
+    ctx = CallContext(Peer(os.getpid(), 4321, 4321), f"{R}.InitRepository")
+    algorithm = "fsverity-sha256-12"
+    assert rs.InitRepository(str(link), algorithm, True, _request=ctx) == {"created": False}
+    link.unlink()
+    link.symlink_to(own.path)
+    assert rs.EnsureRepository(str(link), algorithm, True, _request=ctx) == {"status": "Opened"}
+    link.unlink()
+    link.symlink_to(own.path)
+    opened = rs.OpenRepository(str(link), None, None, _request=ctx)
+    assert rs.handles.get(opened["handle"], 4321).repo is own
+    assert list(elsewhere.iterdir()) == []
