@@ -140,7 +140,7 @@ def test_non_root_peer_policy(
                 ("OpenRepository", {"path": str(links / "to-own")}),
                 ("OpenRepository", {"path": f"{own}/../{own.name}"}),
                 ("OpenRepository", {"path": str(links / "to-foreign")}),
-                ("OpenRepository", {"path": f"{own}/../{foreign.parent.name}/foreign/repo-sha256"}),
+                ("OpenRepository", {"path": f"{own}/../../foreign/{foreign.name}"}),
                 ("OpenRepository", {"path": "/nonexistent"}),
                 ("ListImageRefs", {"handle": root_handle}),
                 ("CloseRepository", {"handle": root_handle}),
