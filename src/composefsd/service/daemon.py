@@ -34,13 +34,18 @@ and io.composefs.Oci for OCI images, on the same sockets).
   unless ``--restrict-read``; everything else (CreateImage, Mount, Unmount,
   RemoveImage, GarbageCollect; Oci's Pull, Tag, Untag, Mount) needs uid 0, the
   daemon's own uid, or membership (primary or supplementary) of ``--group``.
-  Refused calls get ``org.varlink.service.PermissionDenied``.
+  Refused calls get ``org.varlink.service.PermissionDenied``. composefs-rs's
+  interfaces (org.composefs.Repository: :mod:`composefsd.service.rsrepository`)
+  follow the same split (their read-only methods: OpenRepository,
+  CloseRepository, ListImageRefs, ImageObjects, Fsck), and on top of it name a
+  repository other than the daemon's own only for root and the daemon's uid.
 * **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
   ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
   ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
   and ``--heavy-calls-per-uid``; ``--max-source-entries`` bounds a tree that
   CreateImage reads with a caller's rights. The heavy methods are Verify,
-  CreateImage, GarbageCollect and Oci's Pull. Root and the daemon's own uid are
+  CreateImage, GarbageCollect, Oci's Pull, and org.composefs.Repository's Fsck
+  and Gc. Root and the daemon's own uid are
   the privileged uids (never refused a connection, closed last for holding input,
   not limited per uid). The
   soft limit on open files is raised to the hard one at start (the unit sets
@@ -100,6 +105,9 @@ from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
+from composefsd.service.rshandles import HandleTable
+from composefsd.service.rsrepository import INTERFACE as RS_REPOSITORY
+from composefsd.service.rsrepository import RsRepositoryInterface
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -128,11 +136,16 @@ IDL_DIR = Path(__file__).resolve().parent
 READ_ONLY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")]
     + [f"{OCI_INTERFACE}.{m}" for m in ("ListImages", "Inspect")]
+    + [
+        f"{RS_REPOSITORY}.{m}"
+        for m in ("OpenRepository", "CloseRepository", "ListImageRefs", "ImageObjects", "Fsck")
+    ]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
     + [f"{OCI_INTERFACE}.Pull"]
+    + [f"{RS_REPOSITORY}.{m}" for m in ("Fsck", "Gc")]
 )
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
@@ -591,6 +604,10 @@ def build_service(
         iface.max_source_entries = max_source_entries
     service._set_interface(INTERFACE, iface)
     service._set_interface(OCI_INTERFACE, OciInterface(iface))
+    # composefs-rs's interfaces share one table of repository handles.
+    handles = HandleTable(repo)
+    rs_repository = RsRepositoryInterface(iface, handles)
+    service._set_interface(RS_REPOSITORY, rs_repository)
     return service
 
 
