@@ -38,13 +38,14 @@ import hashlib
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Final, Protocol, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 __all__ = [
     "MAX_FDS_PER_FRAME",
     "MAX_FILENAME",
     "MAX_INLINE_CHUNK",
     "PIECE",
+    "Chunk",
     "ChunkTooLargeError",
     "DirfdIndexError",
     "FileBacked",
@@ -52,11 +53,13 @@ __all__ = [
     "InlineData",
     "LayoutPlan",
     "Metadata",
+    "Readable",
     "SplitdirfdError",
     "StreamReader",
     "StreamWriter",
     "TruncatedError",
     "UnknownChunkTypeError",
+    "Writable",
     "check_filename",
     "frame_sizes",
     "plan_layout",
@@ -146,8 +149,16 @@ def check_filename(name: bytes) -> None:
         raise FilenameError(f"file name {name[:200]!r} has a '..' component")
 
 
-class _Readable(Protocol):
+class Readable(Protocol):
+    """What a stream is read from (a file, a pipe wrapper)."""
+
     def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """What a stream is written to."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> object: ...
 
 
 class StreamReader:
@@ -161,7 +172,7 @@ class StreamReader:
     checked with :func:`check_filename`.
     """
 
-    def __init__(self, source: _Readable, dir_count: int | None = None) -> None:
+    def __init__(self, source: Readable, dir_count: int | None = None) -> None:
         self._source = source
         self.dir_count = dir_count
         #: Bytes consumed so far (for messages).
@@ -240,7 +251,7 @@ class StreamWriter:
     """Encodes chunks onto ``out``; byte for byte composefs-rs's writer (an empty
     Metadata write writes nothing, an empty InlineData chunk is written)."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: Writable) -> None:
         self._out = out
 
     def metadata(self, data: bytes | bytearray | memoryview) -> None:

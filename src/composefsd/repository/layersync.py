@@ -40,16 +40,18 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from composefsd.fsverity import FsVerityHasher
 from composefsd.image.ocitar import INLINE_MAX
 from composefsd.image.splitdirfd import (
     FileBacked,
     InlineData,
+    Readable,
     SplitdirfdError,
     StreamReader,
     StreamWriter,
+    Writable,
 )
 from composefsd.objectlayout import object_relpath
 from composefsd.repository.errors import RepositoryError, SourceError, os_error_text
@@ -125,7 +127,7 @@ def produce(
     store: ObjectStore,
     layer_verity: str,
     objects_slot: int,
-    out: BinaryIO,
+    out: Writable,
     *,
     check: Callable[[], None] | None = None,
 ) -> None:
@@ -293,7 +295,7 @@ class _Drain:
 
 def drain(
     repo: Repository,
-    source: BinaryIO,
+    source: Readable,
     dirs: Sequence[int],
     diff_id: str,
     *,
