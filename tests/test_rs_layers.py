@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import stat
 import struct
 import sys
@@ -58,10 +57,10 @@ from composefsd.repository import Repository, oci
 from composefsd.repository.layersync import produce
 from composefsd.repository.ocilayer import import_layer
 from composefsd.repository.streams import existing_stream
-from composefsd.service.codec import Decoder, encode_call
 from composefsd.service.rslayers import InvalidDigestError, may_link, oci_digest
 from conftest import TestUsers
 from rsgolden import RS, unpack_repo
+from rslayersd import LayerClient as Client
 from servicehelpers import Daemon, start_daemon
 from users import UserPython, run_as
 
@@ -295,62 +294,6 @@ def test_may_link() -> None:
 
 
 # -- through the daemon --------------------------------------------------------------------
-
-
-class Client:
-    """A raw Varlink client with fds both ways (fds belong to the message they start)."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(address)
-        self.decoder = Decoder(max_message_size=1 << 26, max_fds=253)
-        self.pending: list[tuple[bytes, list[int]]] = []
-
-    def send(
-        self, method: str, params: dict[str, Any] | None = None, *, more: bool = False,
-        fds: list[int] | None = None,
-    ) -> None:  # fmt: skip
-        data = encode_call(method, params, more=more)
-        if fds:
-            self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
-            )
-        else:
-            self.sock.sendall(data)
-
-    def recv(self) -> tuple[dict[str, Any], list[int]]:
-        while not self.pending:
-            data, anc, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(253 * 4))
-            fds: list[int] = []
-            for level, kind, raw in anc:
-                assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-                fds.extend(struct.unpack(f"{len(raw) // 4}i", raw))
-            assert data, "the daemon closed the connection"
-            self.pending.extend((m.data, m.fds) for m in self.decoder.feed(data, fds))
-        data, fds = self.pending.pop(0)
-        return json.loads(data), fds
-
-    def call(self, method: str, params: dict[str, Any] | None = None, *,
-             more: bool = False, fds: list[int] | None = None) -> tuple[list[dict[str, Any]], list[int]]:  # fmt: skip
-        """Every reply of one call, and all the fds that came with them in order."""
-        self.send(method, params, more=more, fds=fds)
-        replies, got = [], []
-        while True:
-            reply, reply_fds = self.recv()
-            replies.append(reply)
-            got.extend(reply_fds)
-            if not reply.get("continues"):
-                return replies, got
-
-    def one(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
-        replies, fds = self.call(method, params, **kw)
-        assert not fds
-        (reply,) = replies
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def close_all(fds: list[int]) -> None:
@@ -717,6 +660,20 @@ def test_put_layer_hostile_fds(served: Served, tmp_path: Path) -> None:
         assert "the stream says" in refused([fd, fd])
     finally:
         os.close(fd)
+    sha512 = "sha512:" + "5" * 128
+    r, writer, errors = golden_pipe(golden)
+    try:
+        reply = c.one(OCI + "PutLayer", {**params, "diff_id": sha512}, fds=[r, objects])
+    finally:
+        os.close(r)
+    writer.join(60)
+    assert not errors
+    assert reply == {
+        "error": OCI + "InternalError",
+        "parameters": {
+            "message": 'unsupported diff_id algorithm "sha512": only sha256 is supported'
+        },
+    }
     # Garbage and a truncated stream: refused, and the pipe drained to its end.
     assert "bad splitdirfdstream" in refused([objects, objects], b"\x07" + os.urandom(1 << 20))
     assert "bad splitdirfdstream" in refused([objects, objects], golden[:-3])

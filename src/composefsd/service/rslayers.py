@@ -450,6 +450,14 @@ def put_layer(
             raise _error("InvalidRequest", message="fds[0] is not the read end of a pipe")
         with rs_errors(INTERFACE):
             _diff_id(diff_id)
+            algorithm = diff_id.partition(":")[0]
+            if algorithm != "sha256":
+                # cfsctl's words: its drain hashes with sha256 only, as OCI does.
+                raise _error(
+                    "InternalError",
+                    message=f'unsupported diff_id algorithm "{algorithm}": only sha256 is '
+                    "supported",
+                )
             entry = handles.get(handle, ctx.peer.uid)
             already = _layer_stream(entry.repo, diff_id) is not None
             try:
