@@ -6,6 +6,9 @@ org.composefs.Oci handler whose layer methods call rslayers, and, if the daemon
 has no org.composefs.Repository yet, one with just InitRepository and
 OpenRepository (the copy flow needs them); with the authorization and heavy lane
 the shared design gives these methods.
+
+:class:`LayerClient` is the raw Varlink client (fds both ways) the tests and
+benchmarks/bench_layer_copy.py talk to it with.
 """
 
 from __future__ import annotations
