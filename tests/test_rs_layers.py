@@ -57,6 +57,9 @@ from composefsd.repository import Repository, oci
 from composefsd.repository.layersync import produce
 from composefsd.repository.ocilayer import import_layer
 from composefsd.repository.streams import existing_stream
+from composefsd.service import rslayers
+from composefsd.service.context import CallContext, Peer, VarlinkReplyError
+from composefsd.service.rshandles import HandleTable
 from composefsd.service.rslayers import InvalidDigestError, may_link, oci_digest
 from conftest import TestUsers
 from rsgolden import RS, unpack_repo
@@ -795,3 +798,36 @@ def test_many_files_layer_copies(served: Served) -> None:
     )
     src_stream = existing_stream(Repository.open(served.src), "oci-layer-" + MANY_DIFF_ID)
     assert got["layer_verity"] == src_stream
+
+
+def test_producers_are_bounded(golden_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In process: with one producer place taken, GetLayer refuses, leaking nothing,
+    until the client of the first closes its fds."""
+    monkeypatch.setattr(rslayers, "_producers", threading.BoundedSemaphore(1))
+    handles = HandleTable(Repository.open(golden_repo))
+    handle = handles.open(Repository.open(golden_repo), os.geteuid()).handle
+    params = {"diff_id": DIFF_ID, "consumer_has_cap_dac_override": False}
+
+    def call() -> CallContext:
+        ctx = CallContext(Peer(os.getpid(), os.geteuid(), os.getegid()), OCI + "GetLayer")
+        assert rslayers.get_layer(handles, ctx, handle, params) == {"dir_count": 2}
+        return ctx
+
+    first = call()
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(VarlinkReplyError) as info:
+        call()
+    assert info.value.name == OCI + "InternalError"
+    assert len(os.listdir("/proc/self/fd")) == before
+    with os.fdopen(first.out_fds[0], "rb") as pipe:
+        assert pipe.read() == GOLDEN.read_bytes()
+    first.out_fds.pop(0)
+    first.close_fds()  # the lifetime fd with them: the producer ends
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            call().close_fds()
+            break
+        except VarlinkReplyError:
+            assert time.monotonic() < deadline, "the producer place was never given back"
+            time.sleep(0.02)

@@ -82,6 +82,7 @@ __all__ = [
     "LIFETIME_LIMIT",
     "MAX_JSON",
     "MAX_LAYERS",
+    "MAX_PRODUCERS",
     "InvalidDigestError",
     "finalize_image",
     "get_info",
@@ -101,6 +102,8 @@ FEATURES: Final = ("splitdirfdstream-v0",)
 IDLE_TIMEOUT: Final = 300.0
 #: Seconds a GetLayer client may keep its lifetime fd (and with it GC waiting).
 LIFETIME_LIMIT: Final = 3600.0
+#: GetLayer producers that may run at once (each a thread and a few fds).
+MAX_PRODUCERS: Final = 64
 #: The longest manifest or config JSON FinalizeImage takes.
 MAX_JSON: Final = 16 << 20
 #: The most layers FinalizeImage takes.
@@ -227,6 +230,9 @@ class _PipeOut:
         return len(data)
 
 
+_producers = threading.BoundedSemaphore(MAX_PRODUCERS)
+
+
 def _wait_eof(fd: int, limit: float) -> None:
     """Until ``fd`` (a pipe's read end) sees its writers gone, or ``limit`` seconds."""
     deadline = time.monotonic() + limit
@@ -257,11 +263,28 @@ class _Producer:
         self.keepalive_r = keepalive_r
         self.locked = threading.Event()
         self.failed: BaseException | None = None
+        self.place = _producers
         self.thread = threading.Thread(target=self._run, name="GetLayer producer", daemon=True)
 
     def start(self) -> None:
-        """Start, and return once the lock is held (or taking it failed)."""
-        self.thread.start()
+        """Start, and return once the lock is held (or taking it failed). Takes one
+        of :data:`MAX_PRODUCERS` places (``InternalError`` if none is free), which
+        the thread gives back at its end. The producer's fds are closed whatever
+        happens."""
+        place = self.place
+        if not place.acquire(blocking=False):
+            os.close(self.pipe_w)
+            os.close(self.keepalive_r)
+            raise _error(
+                "InternalError", message=f"{MAX_PRODUCERS} layers are being served already"
+            )
+        try:
+            self.thread.start()
+        except BaseException:
+            place.release()
+            os.close(self.pipe_w)
+            os.close(self.keepalive_r)
+            raise
         self.locked.wait()
         if self.failed is not None:
             raise self.failed
@@ -290,6 +313,7 @@ class _Producer:
             if self.pipe_w >= 0:
                 os.close(self.pipe_w)
             os.close(self.keepalive_r)
+            self.place.release()
 
 
 def _placeholder(ordinal: int) -> int:
