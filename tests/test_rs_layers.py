@@ -55,8 +55,9 @@ from composefsd.image.splitdirfd import (
     seed_from_id,
 )
 from composefsd.repository import Repository, oci
-from composefsd.repository.layersync import produce
+from composefsd.repository.layersync import drain, produce
 from composefsd.repository.ocilayer import import_layer
+from composefsd.repository.store import ObjectStore
 from composefsd.repository.streams import existing_stream
 from composefsd.service import rslayers
 from composefsd.service.context import CallContext, Peer, VarlinkReplyError
@@ -815,6 +816,9 @@ def test_producers_are_bounded(golden_repo: Path, monkeypatch: pytest.MonkeyPatc
         return ctx
 
     first = call()
+    # Read to the end: the producer then only waits for the lifetime fd.
+    with os.fdopen(first.out_fds.pop(0), "rb") as pipe:
+        assert pipe.read() == GOLDEN.read_bytes()
     # Sockets of earlier tests that nothing refers to any more close now, not below.
     gc.collect()
     before = len(os.listdir("/proc/self/fd"))
@@ -823,9 +827,6 @@ def test_producers_are_bounded(golden_repo: Path, monkeypatch: pytest.MonkeyPatc
     assert info.value.name == OCI + "InternalError"
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
-    with os.fdopen(first.out_fds[0], "rb") as pipe:
-        assert pipe.read() == GOLDEN.read_bytes()
-    first.out_fds.pop(0)
     first.close_fds()  # the lifetime fd with them: the producer ends
     deadline = time.monotonic() + 30
     while True:
@@ -835,3 +836,62 @@ def test_producers_are_bounded(golden_repo: Path, monkeypatch: pytest.MonkeyPatc
         except VarlinkReplyError:
             assert time.monotonic() < deadline, "the producer place was never given back"
             time.sleep(0.02)
+
+
+@pytest.mark.parametrize("change", ["owner", "mode"])
+def test_put_layer_never_links_what_others_can_change(
+    served: Served, test_users: TestUsers, tmp_path: Path, change: str
+) -> None:
+    """Objects owned by a user, or writable by a group: copied (hashed as they are
+    copied) or reflinked, never hard-linked; the repository's objects are other
+    inodes than theirs."""
+    theirs = tmp_path / "theirs"
+    shutil.copytree(served.src / "objects", theirs)
+    sources = [obj for sub in theirs.iterdir() if sub.is_dir() for obj in sub.iterdir()]
+    for obj in sources:
+        if change == "owner":
+            os.chown(obj, test_users.bob.uid, test_users.bob.gid)
+        else:
+            obj.chmod(0o664)
+    dst, handle = served.new_repo(f"theirs-{change}")
+    fd = os.open(theirs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(2):
+            reply = put_layer(served, handle, DIFF_ID, GOLDEN.read_bytes(), [fd, fd])
+    finally:
+        os.close(fd)
+    got = reply["parameters"]
+    assert got["layer_verity"] == LAYER_VERITY
+    assert got["objects_hardlinked"] == 0
+    assert got["objects_already_present"] == 3  # the second time
+    inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, sources)}
+    stored = [o for sub in (dst / "objects").iterdir() if sub.is_dir() for o in sub.iterdir()]
+    assert not inodes & {(s.st_dev, s.st_ino) for s in map(os.stat, stored)}
+    objects_named_by_content(dst)
+
+
+def test_drain_copies_in_one_read(
+    golden_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process: where nothing may be linked and reflinks failed once, the other
+    objects are copied as they are hashed (store_chunks), not hashed then copied."""
+    repo = Repository.init(tmp_path / "dst", algorithm="fsverity-sha256-12")
+    one_pass: list[int] = []
+    original = ObjectStore.store_chunks
+
+    def counting(self: ObjectStore, chunks: Any) -> Any:
+        one_pass.append(1)
+        return original(self, chunks)
+
+    monkeypatch.setattr(ObjectStore, "store_chunks", counting)
+    fd = os.open(golden_repo / "objects", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        verity, stats = drain(repo, io.BytesIO(GOLDEN.read_bytes()), [fd, fd], DIFF_ID)
+    finally:
+        os.close(fd)
+    assert verity == LAYER_VERITY
+    assert stats.hardlinked == 0
+    if stats.reflinked == 0:
+        assert stats.copied == 3
+        assert len(one_pass) == 2  # the first object found out that reflinks fail
+    objects_named_by_content(tmp_path / "dst")
