@@ -895,3 +895,68 @@ def test_drain_copies_in_one_read(
         assert stats.copied == 3
         assert len(one_pass) == 2  # the first object found out that reflinks fail
     objects_named_by_content(tmp_path / "dst")
+
+
+def encode_tar(tar: bytes, files: Path) -> bytes:
+    """A stream of ``tar`` as a producer might send it: headers and padding as
+    Metadata, each regular file's data in turns as InlineData or as FileBacked (the
+    file written below ``files``, slot 0)."""
+    out = io.BytesIO()
+    w = StreamWriter(out)
+    pos = 0
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        for i, member in enumerate(t.getmembers()):
+            if not member.isreg():
+                continue
+            w.metadata(tar[pos : member.offset_data])
+            data = tar[member.offset_data : member.offset_data + member.size]
+            if i % 2:
+                w.inline_data(data)
+            else:
+                name = f"f/{i:05d}"
+                (files / name).parent.mkdir(exist_ok=True)
+                (files / name).write_bytes(data)
+                w.file_backed(0, len(data), name.encode())
+            pos = member.offset_data + member.size
+    w.metadata(tar[pos:])
+    return out.getvalue()
+
+
+def test_drain_stores_what_import_layer_stores(tmp_path: Path) -> None:
+    """However a producer splits the tar (inline or by file, small or large files),
+    the layer stream drained is the one a tar import writes, byte for byte."""
+    rnd = random.Random(7)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for d in ("usr", "usr/x"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            t.addfile(info)
+        for i, size in enumerate([0, 1, 63, 64, 65, 4095, 4096, 70000, 300000, 5, 200]):
+            info = tarfile.TarInfo(f"usr/x/{i:03d}")
+            info.size = size
+            t.addfile(info, io.BytesIO(rnd.randbytes(size)))
+        link = tarfile.TarInfo("usr/x/link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "000"
+        t.addfile(link)
+    tar = buf.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    files = tmp_path / "files"
+    files.mkdir()
+    stream = encode_tar(tar, files)
+    assert any(
+        isinstance(c, InlineData) and c.length > 64
+        for c, _ in StreamReader(io.BytesIO(stream)).chunks()
+    )
+    drained = Repository.init(tmp_path / "drained", algorithm="fsverity-sha256-12")
+    fd = os.open(files, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        verity, stats = drain(drained, io.BytesIO(stream), [fd], diff_id, link_ok=may_link)
+    finally:
+        os.close(fd)
+    imported = Repository.init(tmp_path / "imported", algorithm="fsverity-sha256-12")
+    assert verity == import_layer(imported, io.BytesIO(tar), diff_id)
+    # Files over 64 bytes (65, 4095, 4096, 70000, 300000, 200) are objects.
+    assert stats.copied + stats.hardlinked + stats.reflinked + stats.already_present == 6
+    objects_named_by_content(tmp_path / "drained")
