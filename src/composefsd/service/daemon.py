@@ -100,6 +100,9 @@ from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
+from composefsd.service.rshandles import HandleTable
+from composefsd.service.rsoci import INTERFACE as RS_OCI_INTERFACE
+from composefsd.service.rsoci import RsOciInterface
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -128,11 +131,19 @@ IDL_DIR = Path(__file__).resolve().parent
 READ_ONLY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")]
     + [f"{OCI_INTERFACE}.{m}" for m in ("ListImages", "Inspect")]
+    + [
+        f"{RS_OCI_INTERFACE}.{m}"
+        for m in ("ListImages", "Inspect", "HasLayer", "GetInfo", "ComputeId", "Check")
+    ]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
     + [f"{OCI_INTERFACE}.Pull"]
+    + [
+        f"{RS_OCI_INTERFACE}.{m}"
+        for m in ("Check", "ComputeId", "Pull", "PutLayer", "FinalizeImage")
+    ]
 )
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
@@ -591,6 +602,8 @@ def build_service(
         iface.max_source_entries = max_source_entries
     service._set_interface(INTERFACE, iface)
     service._set_interface(OCI_INTERFACE, OciInterface(iface))
+    handles = HandleTable(repo)
+    service._set_interface(RS_OCI_INTERFACE, RsOciInterface(handles, iface))
     return service
 
 
