@@ -457,6 +457,10 @@ class RsOciInterface:
     """Implements org.composefs.Oci (module notes) on the repositories of ``handles``;
     ``repository`` is io.composefs.Repository's handler of the daemon's own one."""
 
+    #: skopeo's options for every Pull (cfsctl's Pull takes none from its caller:
+    #: registries.conf, authentication and certificates are the machine's).
+    proxy_options: imageproxy.ProxyOptions = imageproxy.ProxyOptions()
+
     def __init__(self, handles: HandleTable, repository: RepositoryInterface) -> None:
         self.handles = handles
         self.repository = repository
@@ -684,15 +688,15 @@ class RsOciInterface:
         bootable: bool,
         mode: XattrFilter,
     ) -> ocipull.PullResult:
-        options = imageproxy.ProxyOptions()
         try:
-            source = _LayerCounter(open_source(ref, options, caller_rights(ctx.peer)))
-            frames = _PullFrames(ctx, source, ref.transport == "oci:")
+            source = open_source(ref, self.proxy_options, caller_rights(ctx.peer))
+            counted = _LayerCounter(source)
+            frames = _PullFrames(ctx, counted, ref.transport == "oci:")
             return run_pull(
                 ctx,
                 source,
-                lambda src: ocipull.pull(
-                    repo, src, tag=name, bootable=bootable, xattrs=mode, progress=frames
+                lambda _source: ocipull.pull(
+                    repo, counted, tag=name, bootable=bootable, xattrs=mode, progress=frames
                 ),
             )
         except Exception as exc:
