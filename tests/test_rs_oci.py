@@ -221,9 +221,9 @@ def test_transcript_compute_id_of_a_copy(env: Env) -> None:
 
 
 def _single_digest() -> str:
-    digest: str = recorded(23)["request"]["parameters"]["image"]
+    """The manifest digest of the golden ``single``, as ListImages recorded it."""
     images = recorded(21)["replies"][0]["parameters"]["images"]
-    return next(i["manifest_digest"] for i in images if i["name"] == digest)
+    return str(next(i["manifest_digest"] for i in images if i["name"] == "single"))
 
 
 # -- stats -----------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def test_list_images_filter_matches_nothing(env: Env) -> None:
 def test_other_uids_handle(env: Env) -> None:
     """A handle another uid opened does not exist for this one (nor for root)."""
     theirs = env.handles.open(env.golden, 4242).handle
-    for method, params in [
+    calls: list[tuple[str, dict[str, Any]]] = [
         ("ListImages", {}),
         ("Inspect", {"image": "single"}),
         ("Check", {}),
@@ -353,7 +353,8 @@ def test_other_uids_handle(env: Env) -> None:
         ("Untag", {"name": "single"}),
         ("ComputeId", {"image": "single", "bootable": False}),
         ("Pull", {"image": f"oci:{LAYOUT}:single", "local_fetch": "disabled", "bootable": False}),
-    ]:
+    ]
+    for method, params in calls:
         err = env.error(method, {"handle": theirs, **params}, uid=1000)
         assert (err.name, err.parameters) == (f"{INTERFACE}.InvalidHandle", {"handle": theirs})
     assert env.call("ListImages", {"handle": theirs}, uid=4242)["images"]
