@@ -30,6 +30,7 @@ from composefsd.service.methods import RepositoryInterface
 from composefsd.service.mounts import MountTracker
 from composefsd.service.rshandles import HandleTable
 from composefsd.service.rsoci import INTERFACE, RsOciInterface
+from composefsd.service.rsrepository import RsRepositoryInterface
 from conftest import TestUsers
 from registry import Registry
 from rsgolden import RS, unpack_repo
@@ -133,7 +134,8 @@ def env(tmp_path: Path) -> Iterator[Env]:
     fresh = Repository.init(tmp_path / "vl" / "new-sha256", algorithm="sha256")
     own = Repository.init(tmp_path / "own", algorithm="sha256")
     handles = HandleTable(own)
-    iface = RsOciInterface(handles, RepositoryInterface(own, MountTracker(tmp_path / "run")))
+    repository = RepositoryInterface(own, MountTracker(tmp_path / "run"))
+    iface = RsOciInterface(RsRepositoryInterface(repository, handles))
     one = handles.open(golden, 0).handle
     two = handles.open(fresh, 0).handle
     assert (one, two) == (1, 2)  # the transcript's numbers

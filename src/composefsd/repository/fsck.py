@@ -153,14 +153,18 @@ def fsck(
     *,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    metadata_only: bool = False,
 ) -> FsckReport:
     """Check ``repo``; never raises for what it finds, everything goes into the report.
 
     ``workers`` caps the hashing processes (default: one per CPU).
+    ``metadata_only`` skips the objects phase (composefs-rs's
+    ``fsck_metadata_only``): no object is listed or hashed, ``objects_checked`` is 0,
+    and the other phases look each object they need up on its own.
     """
     checker = _Checker(repo, progress)
     checker.check_meta()
-    present = checker.check_objects(workers)
+    present = set() if metadata_only else checker.check_objects(workers)
     checker.check_streams(present)
     checker.check_stream_refs()
     checker.check_images(present)

@@ -344,6 +344,43 @@ class Repository:
                     pass
         return cls(p, meta, meta_verity=_meta_has_verity(meta_path), read_only_reason=reason)
 
+    @classmethod
+    def upgrade(
+        cls, path: str | os.PathLike[str], *, algorithm: Algorithm | None = None
+    ) -> Repository:
+        """Give an old-format composefs-rs repository (``objects/`` but no
+        ``meta.json``, written before composefs-rs had it) its ``meta.json`` in
+        place, as composefs-rs's ``open_upgrade`` does, and open it: the algorithm
+        is the one the length of its objects' names says, and ``meta.json`` gets
+        fs-verity (the repository becomes "secure") if the first such object has
+        it. Nothing else is touched. A repository that has ``meta.json`` already is
+        just opened. :class:`NotARepositoryError` without ``objects/`` or without
+        an object to infer the algorithm from; :class:`RepositoryError`, before
+        anything is written, if ``algorithm`` is given and is not the inferred one."""
+        p = Path(os.path.abspath(path))
+        if not os.path.lexists(p / META_JSON):
+            if not (p / "objects").is_dir() or (p / "objects").is_symlink():
+                raise NotARepositoryError(f"{p} is not an old-format repository: no objects/")
+            found = _infer_algorithm(p / "objects")
+            if found is None:
+                raise NotARepositoryError(
+                    f"{p} has no objects: cannot infer the algorithm of an old-format repository"
+                )
+            alg, has_verity = found
+            if algorithm is not None and alg is not algorithm:
+                raise RepositoryError(
+                    f"{p}: inferred algorithm {alg.composefs_rs_name} is not "
+                    f"{algorithm.composefs_rs_name}"
+                )
+            _check_writable_fs(p)
+            try:
+                _write_meta(p, RepoMetadata.new(alg, VerityPolicy.TRY), has_verity)
+            except FileExistsError:
+                pass  # another process upgraded it meanwhile: open theirs
+            else:
+                log.info("upgraded old-format repository %s (%s)", p, alg.composefs_rs_name)
+        return cls.open(p)
+
     # -- state ------------------------------------------------------------------------------
     @property
     def read_only(self) -> bool:
@@ -469,12 +506,15 @@ class Repository:
         with reader_lock(self.path):
             return verify_stream(self, name, progress=progress, workers=workers)
 
-    def fsck(self, *, progress: ProgressCallback | None = None) -> FsckReport:
-        """Check the whole repository (:mod:`composefsd.repository.fsck`)."""
+    def fsck(
+        self, *, progress: ProgressCallback | None = None, metadata_only: bool = False
+    ) -> FsckReport:
+        """Check the whole repository (:mod:`composefsd.repository.fsck`); with
+        ``metadata_only`` everything but the objects' contents."""
         from composefsd.repository.fsck import fsck
 
         with reader_lock(self.path):
-            return fsck(self, progress=progress)
+            return fsck(self, progress=progress, metadata_only=metadata_only)
 
     def gc(
         self,
@@ -490,6 +530,37 @@ class Repository:
         return collect_garbage(
             self, pins=pins, roots=roots, dry_run=dry_run, progress=progress, timeout=timeout
         )
+
+
+def _infer_algorithm(objects: Path) -> tuple[Algorithm, bool] | None:
+    """(algorithm, whether it has fs-verity) of the first object under ``objects``
+    whose name is the rest of a SHA-256 or SHA-512 digest; None if there is none."""
+    by_length = {2 * alg.digest_size - 2: alg for alg in Algorithm}
+    try:
+        top = sorted(e.name for e in os.scandir(objects) if len(e.name) == 2)
+    except OSError:
+        return None
+    for sub in top:
+        try:
+            names = sorted(os.listdir(objects / sub))
+        except OSError:
+            continue
+        for name in names:
+            alg = by_length.get(len(name))
+            if alg is None or not is_hex(name):
+                continue
+            try:
+                fd = os.open(objects / sub / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                measure_verity(fd, alg)
+                return alg, True
+            except VerityError:
+                return alg, False
+            finally:
+                os.close(fd)
+    return None
 
 
 def _formats_text(formats: FormatConfig) -> str:

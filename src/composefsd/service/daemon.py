@@ -103,6 +103,8 @@ from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_ver
 from composefsd.service.rshandles import HandleTable
 from composefsd.service.rsoci import INTERFACE as RS_OCI_INTERFACE
 from composefsd.service.rsoci import RsOciInterface
+from composefsd.service.rsrepository import INTERFACE as RS_REPOSITORY
+from composefsd.service.rsrepository import RsRepositoryInterface
 from composefsd.service.runtime import (
     UnsafeDirectoryError,
     check_directory,
@@ -132,6 +134,10 @@ READ_ONLY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Describe", "ListImages", "ListMounts", "Verify")]
     + [f"{OCI_INTERFACE}.{m}" for m in ("ListImages", "Inspect")]
     + [
+        f"{RS_REPOSITORY}.{m}"
+        for m in ("OpenRepository", "CloseRepository", "ListImageRefs", "ImageObjects", "Fsck")
+    ]
+    + [
         f"{RS_OCI_INTERFACE}.{m}"
         for m in ("ListImages", "Inspect", "HasLayer", "GetInfo", "ComputeId", "Check")
     ]
@@ -140,6 +146,7 @@ READ_ONLY_METHODS = frozenset(
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
     + [f"{OCI_INTERFACE}.Pull"]
+    + [f"{RS_REPOSITORY}.{m}" for m in ("Fsck", "Gc")]
     + [
         f"{RS_OCI_INTERFACE}.{m}"
         for m in ("Check", "ComputeId", "Pull", "PutLayer", "FinalizeImage")
@@ -602,8 +609,11 @@ def build_service(
         iface.max_source_entries = max_source_entries
     service._set_interface(INTERFACE, iface)
     service._set_interface(OCI_INTERFACE, OciInterface(iface))
+    # composefs-rs's interfaces share one table of repository handles.
     handles = HandleTable(repo)
-    service._set_interface(RS_OCI_INTERFACE, RsOciInterface(handles, iface))
+    rs_repository = RsRepositoryInterface(iface, handles)
+    service._set_interface(RS_REPOSITORY, rs_repository)
+    service._set_interface(RS_OCI_INTERFACE, RsOciInterface(rs_repository))
     return service
 
 

@@ -33,6 +33,7 @@ from composefsd.service.methods import mapped_errors, reply_error
 __all__ = [
     "MAX_HANDLES_PER_UID",
     "HandleTable",
+    "MountFdsError",
     "RepositoryHandle",
     "TooManyHandlesError",
     "UnknownHandleError",
@@ -61,6 +62,16 @@ class TooManyHandlesError(Exception):
         )
         self.uid = uid
         self.limit = limit
+
+
+class MountFdsError(Exception):
+    """A Mount call carries another number of fds than its options want (cfsctl's
+    Mount: InvalidSpec; its OciMount: InternalError)."""
+
+    def __init__(self, expected: int, got: int) -> None:
+        super().__init__(f"Mount expects {expected} fds for the requested options, got {got}")
+        self.expected = expected
+        self.got = got
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,7 +173,7 @@ def _rs_error(interface: str, exc: Exception) -> VarlinkReplyError | None:
         return VarlinkReplyError(f"{interface}.InternalError", {"message": text})
     if isinstance(exc, UnknownHandleError):
         return VarlinkReplyError(f"{interface}.InvalidHandle", {"handle": exc.handle})
-    if isinstance(exc, TooManyHandlesError):
+    if isinstance(exc, TooManyHandlesError | MountFdsError):
         return VarlinkReplyError(f"{interface}.InternalError", {"message": str(exc)})
     ours = reply_error(exc)
     if ours is None:

@@ -50,8 +50,7 @@ from composefsd.image.transforms import XattrFilter
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import Progress, Repository, ocipull, reader_lock
-from composefsd.repository.errors import RepositoryError
-from composefsd.repository.fsck import FsckReport, fsck
+from composefsd.repository.errors import ImageNotFoundError, RepositoryError
 from composefsd.repository.oci import (
     OciError,
     OciImage,
@@ -66,11 +65,12 @@ from composefsd.repository.oci import (
 )
 from composefsd.repository.ocibuild import compute_config_id, compute_id, ensure_image
 from composefsd.repository.ocilayer import layer_content_id
+from composefsd.repository.progress import ProgressCallback
 from composefsd.repository.store import ObjectStore
 from composefsd.repository.streams import StreamError, StreamNotFoundError, existing_stream
 from composefsd.service import imageproxy
 from composefsd.service.context import CallContext, VarlinkReplyError
-from composefsd.service.methods import RepositoryInterface, caller_rights
+from composefsd.service.methods import caller_rights
 from composefsd.service.ocimethods import (
     MAX_REFERENCE,
     PullReference,
@@ -78,7 +78,8 @@ from composefsd.service.ocimethods import (
     parse_reference,
     run_pull,
 )
-from composefsd.service.rshandles import HandleTable, RepositoryHandle, rs_errors
+from composefsd.service.rshandles import MountFdsError, RepositoryHandle, rs_errors
+from composefsd.service.rsrepository import RsRepositoryInterface, fsck_reply
 
 __all__ = ["INTERFACE", "RsOciInterface", "oci_fsck", "xattr_filter"]
 
@@ -144,36 +145,6 @@ def xattr_filter(mode: str | None) -> XattrFilter:
 
 
 # -- Check ---------------------------------------------------------------------------------
-
-#: Findings of our fsck by what cfsctl counts them as.
-_OBJECT_KINDS: Final = frozenset(
-    {"object-open-failed", "object-verity-failed", "object-digest-mismatch", "object-invalid-name"}
-)
-_MISSING_KINDS: Final = frozenset(
-    {"missing-object-ref", "missing-named-ref", "image-missing-object"}
-)
-
-
-def repo_fsck_reply(repo: Repository, report: FsckReport) -> dict[str, Any]:
-    """cfsctl's ``FsckResult`` fields of one of our fsck reports: per kind of
-    finding, the objects, streams and images found bad (each counted once), links
-    that lead nowhere and objects that are referenced but missing."""
-    fatal = [p for p in report.problems if p.fatal]
-    streams = {p.path for p in fatal if p.path.startswith("streams/")}
-    images = {p.path for p in fatal if p.path.startswith("images/")}
-    return {
-        "ok": report.ok,
-        "has_metadata": (repo.path / "meta.json").exists(),
-        "objects_checked": report.objects_checked,
-        "objects_corrupted": len({p.path for p in fatal if p.kind in _OBJECT_KINDS}),
-        "streams_checked": report.streams_checked,
-        "streams_corrupted": len(streams),
-        "images_checked": report.images_checked,
-        "images_corrupted": len(images),
-        "broken_links": sum(1 for p in fatal if p.kind == "broken-symlink"),
-        "missing_objects": sum(1 for p in fatal if p.kind in _MISSING_KINDS),
-        "errors": [str(p) for p in fatal],
-    }
 
 
 @dataclass(slots=True)
@@ -263,26 +234,27 @@ def _has_object(store: ObjectStore, digest: str) -> bool:
         return False
 
 
-def oci_fsck(repo: Repository, image: str | None = None) -> dict[str, Any]:
+def oci_fsck(
+    repo: Repository, image: str | None = None, progress: ProgressCallback | None = None
+) -> dict[str, Any]:
     """Check's reply: the repository's fsck, then every tag (or the tag ``image``)."""
-    with reader_lock(repo.path):
-        report = fsck(repo)
-        out = OciFsckResult()
-        with repo.object_store() as store:
-            if image is None:
-                for name, digest in iter_tags(repo):
-                    _check_image(repo, store, name, digest, out)
+    report = repo.fsck(progress=progress)
+    out = OciFsckResult()
+    with reader_lock(repo.path), repo.object_store() as store:
+        if image is None:
+            for name, digest in iter_tags(repo):
+                _check_image(repo, store, name, digest, out)
+        else:
+            tagged = _tag_digest(repo, image)
+            if tagged is None:
+                out.images_checked = out.images_corrupted = 1
+                out.errors.append(
+                    f"fsck: ref-resolve-failed: {_shown(image)}: OCI reference not found: "
+                    f"{_shown(image)}"
+                )
             else:
-                tagged = _tag_digest(repo, image)
-                if tagged is None:
-                    out.images_checked = out.images_corrupted = 1
-                    out.errors.append(
-                        f"fsck: ref-resolve-failed: {_shown(image)}: OCI reference not found: "
-                        f"{_shown(image)}"
-                    )
-                else:
-                    _check_image(repo, store, image, tagged, out)
-    repo_reply = repo_fsck_reply(repo, report)
+                _check_image(repo, store, image, tagged, out)
+    repo_reply = fsck_reply(report)
     return {
         "ok": repo_reply["ok"] and not out.errors,
         "images_checked": out.images_checked,
@@ -454,16 +426,16 @@ def _find_boot_image(
 
 
 class RsOciInterface:
-    """Implements org.composefs.Oci (module notes) on the repositories of ``handles``;
-    ``repository`` is io.composefs.Repository's handler of the daemon's own one."""
+    """Implements org.composefs.Oci (module notes) on the repositories of
+    org.composefs.Repository's handles (``rs_repository``), whose mounts it shares."""
 
     #: skopeo's options for every Pull (cfsctl's Pull takes none from its caller:
     #: registries.conf, authentication and certificates are the machine's).
     proxy_options: imageproxy.ProxyOptions = imageproxy.ProxyOptions()
 
-    def __init__(self, handles: HandleTable, repository: RepositoryInterface) -> None:
-        self.handles = handles
-        self.repository = repository
+    def __init__(self, rs_repository: RsRepositoryInterface) -> None:
+        self.rs_repository = rs_repository
+        self.handles = rs_repository.handles
 
     def _entry(self, handle: int, ctx: CallContext) -> RepositoryHandle:
         return self.handles.get(handle, ctx.peer.uid)
@@ -486,7 +458,7 @@ class RsOciInterface:
     def Check(self, handle: int, image: str | None, *, _request: CallContext) -> dict[str, Any]:
         with rs_errors(INTERFACE):
             repo = self._entry(handle, _request).repo
-            return oci_fsck(repo, image)
+            return oci_fsck(repo, image, lambda _p: _request.check_cancelled())
 
     # -- Inspect ----------------------------------------------------------------------------
     def _open_image(self, repo: Repository, image: str) -> OciImage:
@@ -592,6 +564,51 @@ class RsOciInterface:
                         raise _internal(f"OCI reference not found: {_shown(image)}") from None
                     image_id = compute_id(repo, store, found, bootable=bootable, xattrs=mode)
         return {"image_id": image_id}
+
+    # -- OciMount ---------------------------------------------------------------------------
+    def OciMount(
+        self,
+        handle: int,
+        image: str,
+        bootable: bool,
+        options: dict[str, Any],
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        ctx = _request
+        with rs_errors(INTERFACE):
+            entry = self._entry(handle, ctx)
+            repo = entry.repo
+            by_digest = image.startswith(("@", "sha256:"))
+            digest = image.removeprefix("@")
+            try:
+                with reader_lock(repo.path), repo.object_store() as store:
+                    if by_digest:
+                        parse_digest(digest)
+                        found = open_stored(repo, store, digest)
+                    else:
+                        check_tag(image)
+                        found = open_tag(repo, store, image)
+            except (StreamNotFoundError, OciTagError, ValueError):
+                what = (
+                    f"OCI image not found: {digest}"
+                    if by_digest
+                    else (f"OCI reference not found: {image}")
+                )
+                raise _error("NoSuchImage", image=_shown(f"{image}: {what}")) from None
+            version = int(repo.erofs_version)
+            image_id = found.boot_erofs_image(version) if bootable else found.erofs_image(version)
+            if image_id is None:
+                raise _internal(
+                    "No boot EROFS image linked" if bootable else "No composefs EROFS image linked"
+                )
+            try:
+                index = self.rs_repository.mount_handle(entry, image_id, options, ctx)
+            except MountFdsError as exc:
+                raise _internal(str(exc)) from None
+            except ImageNotFoundError as exc:
+                raise _internal(f"Mounting image {image_id}: {exc}") from None
+        return {"fd_index": index}
 
     # -- Pull -------------------------------------------------------------------------------
     def Pull(
