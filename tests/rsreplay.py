@@ -273,6 +273,42 @@ UNORDERED: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
+def _frames_by_layer(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pull's progress frames grouped by layer, each layer's in their order: layers
+    are fetched several at once, so their frames interleave differently from run to
+    run (NOTES.md, Varying); what stays is each layer's sequence (started, progress,
+    done, or skipped) and the messages before and after."""
+
+    def layer(reply: dict[str, Any]) -> str:
+        params = reply.get("parameters")
+        if isinstance(params, dict) and len(params) == 1:
+            (value,) = params.values()
+            if isinstance(value, dict) and isinstance(value.get("id"), str):
+                return str(value["id"])
+        return ""
+
+    out: list[dict[str, Any]] = []
+    i = 0
+    while i < len(replies):
+        if not layer(replies[i]):
+            out.append(replies[i])
+            i += 1
+            continue
+        j = i
+        while j < len(replies) and layer(replies[j]):
+            j += 1
+        run = replies[i:j]
+        out += sorted(run, key=layer)  # stable: each layer's own order kept
+        i = j
+    return out
+
+
+#: method -> what to make order-independent in the list of its replies.
+UNORDERED_REPLIES: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "org.composefs.Oci.Pull": _frames_by_layer,
+}
+
+
 def _device_id(params: dict[str, Any]) -> None:
     if isinstance(params.get("objects_device_id"), int):
         params["objects_device_id"] = "<st_dev>"
@@ -303,7 +339,8 @@ def normalise(entry: Entry, replies: list[dict[str, Any]]) -> list[dict[str, Any
         fix = UNORDERED.get(entry.method or "")
         if fix is not None:
             fix(params)
-    return out
+    reorder = UNORDERED_REPLIES.get(entry.method or "")
+    return reorder(out) if reorder is not None else out
 
 
 def shape(value: Any) -> Any:
