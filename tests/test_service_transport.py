@@ -42,7 +42,7 @@ from composefsd.service.codec import (
     parse_call,
     parse_reply,
 )
-from composefsd.service.context import Peer
+from composefsd.service.context import CallContext, Peer
 from composefsd.service.transport import Server
 from composefsd.service.validate import InterfaceValidator, InvalidParameter
 
@@ -160,7 +160,6 @@ class Client:
         if reply.get("continues"):
             assert more, f"continues without more: {reply}"
             assert "error" not in reply, reply
-            assert not fds, "fds on a continues reply"
         parse_reply(data)
         if method is not None:
             interface, _, name = method.rpartition(".")
@@ -909,6 +908,59 @@ async def test_several_fds_in_one_reply(client: Client) -> None:
         assert os.read(fd, 100) == b"pipe"
         os.close(fd)
     assert open_fds() == before
+
+
+async def test_fds_with_continues_replies(client: Client) -> None:
+    """sd-varlink allows fds on any reply: a method hands out one batch per
+    ``continues`` reply, each reply's fds arriving with it, in order."""
+    before = open_fds()
+    await client.send(encode_call(T + "PipeStream", {"count": 3, "text": "frame"}, more=True))
+    got: list[tuple[dict[str, Any], list[int]]] = []
+    while not got or got[-1][0].get("continues"):
+        got.append(await client.recv(T + "PipeStream", more=True))
+    assert [reply for reply, _ in got] == [
+        {"parameters": {"fileDescriptors": [0]}, "continues": True},
+        {"parameters": {"fileDescriptors": [0]}, "continues": True},
+        {"parameters": {"fileDescriptors": [0]}},
+    ]
+    assert [len(fds) for _, fds in got] == [1, 1, 1]
+    for _, fds in got:
+        assert os.read(fds[0], 100) == b"frame"
+        close_all(fds)
+    # Without "more" every fd comes with the one reply.
+    reply, fds = await client.call_fds(T + "PipeStream", {"count": 3, "text": "x"})
+    assert reply == {"parameters": {"fileDescriptors": [0, 1, 2]}}
+    assert len(fds) == 3
+    close_all(fds)
+    assert open_fds() == before
+
+
+def test_continues_fds_without_more_are_closed() -> None:
+    sent: list[tuple[dict[str, Any], list[int]]] = []
+    for more in (False, True):
+        ctx = CallContext(Peer(1, 0, 0), T + "PipeStream", more=more)
+        ctx.send_continues_fds = lambda params, fds: sent.append((params, fds))
+        r, w = os.pipe()
+        ctx.continues_with_fds({"n": 1}, [r])
+        if more:
+            assert sent == [({"n": 1}, [r])]
+            os.close(r)
+        else:
+            with pytest.raises(OSError):
+                os.fstat(r)
+        os.close(w)
+
+
+async def test_continues_fds_of_a_client_gone_are_closed(served: Harness) -> None:
+    """Frames the transport can no longer send (the client went away) close their fds."""
+    client = await served.connect()
+    await wait_for(lambda: served.server.connections == 1)
+    before = open_fds()
+    await client.send(encode_call(T + "PipeStream", {"count": 50, "text": "gone"}, more=True))
+    client.close()
+    await wait_for(lambda: served.server.calls_in_flight == 0 and served.server.connections == 0)
+    # Both ends of the connection are gone, and every pipe with them.
+    await wait_for(lambda: open_fds() == before - 2)
 
 
 async def test_fds_from_the_client(client: Client, tmp_path: Path) -> None:

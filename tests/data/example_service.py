@@ -101,6 +101,19 @@ class ExampleInterface:
             indexes.append(_request.push_fd(r))
         return {"fileDescriptors": indexes}
 
+    def PipeStream(self, count: int, text: str, _request: CallContext) -> dict[str, Any]:
+        fds = []
+        for _ in range(count):
+            r, w = os.pipe()
+            os.write(w, text.encode())
+            os.close(w)
+            fds.append(r)
+        if _request.more and fds:
+            for fd in fds[:-1]:
+                _request.continues_with_fds({"fileDescriptors": [0]}, [fd])
+            fds = fds[-1:]
+        return {"fileDescriptors": [_request.push_fd(fd) for fd in fds]}
+
     def ReadFd(self, index: int, _request: CallContext) -> dict[str, Any]:
         fd = _request.take_fd(index, "fileDescriptor")
         try:

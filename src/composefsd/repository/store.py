@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 from composefsd.dirs import make_dir
 from composefsd.fsverity import FsVerityHasher, digest_bytes, digest_fd
+from composefsd.kernel.files import clone_file
 from composefsd.kernel.verity import (
     Algorithm,
     VerityAlreadyEnabledError,
@@ -84,7 +85,7 @@ from composefsd.repository.errors import (
     os_error_text,
 )
 from composefsd.repository.meta import VerityPolicy
-from composefsd.sources.objcopy import CopyState, copy_fd_data, write_all
+from composefsd.sources.objcopy import NO_REFLINK, CopyState, copy_fd_data, write_all
 
 __all__ = [
     "COPY_BUFSIZE",
@@ -93,6 +94,7 @@ __all__ = [
     "ObjectResult",
     "ObjectStore",
     "PublishState",
+    "StoreMethod",
     "TmpFile",
     "check_unchanged",
     "open_object",
@@ -180,6 +182,15 @@ class PublishState:
         self.tmpfile = True
         self.proc_ok = os.path.isdir("/proc/self/fd")
         self.verity = verity
+
+
+class StoreMethod:
+    """How :meth:`ObjectStore.import_verified` stored an object (cfsctl's counters)."""
+
+    PRESENT = "present"
+    REFLINKED = "reflinked"
+    HARDLINKED = "hardlinked"
+    COPIED = "copied"
 
 
 class TmpFile:
@@ -651,6 +662,93 @@ class ObjectStore:
             tmp.close()
             raise
         return self._publish_new(tmp, digest, size)
+
+    def import_verified(
+        self, src_fd: int, digest: bytes, size: int, *, link: bool = False
+    ) -> tuple[ObjectResult, str]:
+        """Publish the regular file open at ``src_fd`` (exactly ``size`` bytes), which
+        the caller has hashed to ``digest``, and say how (a :class:`StoreMethod`):
+        reused, else reflinked, else (with ``link``) hard-linked, else copied, as
+        composefs-rs's ``ensure_object_from_file`` tries them.
+
+        The file may change after the caller hashed it, so what enters the store is
+        checked again: a reflink is hashed (it cannot change any more), a copy is
+        hashed as it is written; a mismatch is a :class:`SourceError`. A hard link
+        shares the inode, which cannot be checked once and for all: ``link`` says
+        the caller vouches that nobody it does not trust can write the file, and
+        even then it is linked only on the objects' filesystem and where the store
+        would not enable fs-verity (or the file has it, with this digest).
+        """
+        found = self.existing(digest, size)
+        if isinstance(found, ObjectResult):
+            return found, StoreMethod.PRESENT
+        replace = found is _REPLACE
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise SourceError(f"not a regular file of {size} bytes", errno=errno.EINVAL)
+        if st.st_dev not in self.state.copy.no_reflink_from:
+            tmp = self._new_tmp()
+            try:
+                clone_file(src_fd, tmp.fd)
+            except OSError as exc:
+                tmp.close()
+                if exc.errno not in NO_REFLINK and exc.errno != errno.EINVAL:
+                    raise self._repo_error(exc, "reflink an object") from exc
+                self.state.copy.no_reflink_from.add(st.st_dev)
+            else:
+                try:
+                    if os.fstat(tmp.fd).st_size != size or (
+                        digest_fd(tmp.fd, self.algorithm, threads=1) != digest
+                    ):
+                        raise SourceError("the file changed after it was hashed")
+                except BaseException:
+                    tmp.close()
+                    raise
+                return self._publish(tmp, digest, size, replace), StoreMethod.REFLINKED
+        if link and not replace:
+            linked = self._link_source(src_fd, st, digest)
+            if linked is not None:
+                return linked
+        result = self.import_fd_hashing_copy(src_fd, expected=digest)
+        if result.size != size:
+            raise SourceError("the file changed after it was hashed")
+        return result, StoreMethod.COPIED if result.written else StoreMethod.PRESENT
+
+    def _link_source(
+        self, src_fd: int, st: os.stat_result, digest: bytes
+    ) -> tuple[ObjectResult, str] | None:
+        """Hard-link the caller's file as object ``digest`` (:meth:`import_verified`);
+        None where it cannot be (the caller copies instead)."""
+        if st.st_dev != os.fstat(self.dir_fd).st_dev:
+            return None
+        verity = False
+        if self._wants_verity():
+            try:
+                verity = measure_verity(src_fd, self.algorithm) == digest
+            except VerityError:
+                verity = False
+            if not verity:
+                return None
+        rel = self.rel(digest)
+        for attempt in range(2):
+            try:
+                # dst_dir_fd makes CPython call linkat(AT_SYMLINK_FOLLOW) on the magic link.
+                os.link(f"/proc/self/fd/{src_fd}", rel, dst_dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                if attempt:
+                    return None
+                make_dir(rel[:2], _DIR_MODE, dir_fd=self.dir_fd, exist_ok=True)
+                continue
+            except FileExistsError:
+                found = self.existing(digest, st.st_size)
+                if isinstance(found, ObjectResult):
+                    return found, StoreMethod.PRESENT
+                return None
+            except OSError as exc:
+                log.debug("cannot hard-link object %s: %s", rel, exc.strerror)
+                return None
+            return ObjectResult(digest.hex(), True, verity, st.st_size), StoreMethod.HARDLINKED
+        return None
 
     def store_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> ObjectResult:
         """Publish the concatenation of ``chunks`` as an object, reading them once:

@@ -104,6 +104,8 @@ class CallContext:
     cancelled: threading.Event = field(default_factory=threading.Event)
     #: Set by the transport: sends one ``continues`` reply (thread-safe).
     send_continues: Callable[[dict[str, Any]], None] | None = None
+    #: Set by the transport: the same with fds, whose ownership it takes.
+    send_continues_fds: Callable[[dict[str, Any], list[int]], None] | None = None
 
     def take_fd(self, index: object, field_name: str) -> int:
         """The fd at ``index``; the caller owns it from now on (and must close it).
@@ -129,6 +131,19 @@ class CallContext:
         transport, which closes it after sending (or when the call fails)."""
         self.out_fds.append(fd)
         return len(self.out_fds) - 1
+
+    def continues_with_fds(self, parameters: dict[str, Any], fds: list[int]) -> None:
+        """Send a ``continues`` reply carrying ``fds`` (sd-varlink allows fds on any
+        reply, a stream of them is how a method hands out more than one message can
+        carry). Ownership of the fds passes at once: the transport closes them once
+        sent, or right away when the reply cannot go (no ``more``, the client
+        gone). Replies, with fds or without, leave in the order they are sent."""
+        send = self.send_continues_fds
+        if not self.more or send is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        send(parameters, fds)
 
     def close_fds(self) -> None:
         """Close every received fd the method did not take, and unsent outgoing ones."""

@@ -580,9 +580,11 @@ class _Connection:
         self._account()
         self.server._start(call, msg)
 
-    def _send_continues(self, call: _Call, data: bytes) -> None:
+    def _send_continues(self, call: _Call, data: bytes, fds: list[int]) -> None:
         if call is self.call and not self.closed:
-            self._write(data, [])
+            self._write(data, fds)
+        else:
+            close_all(fds)
 
     def _finished(self, call: _Call, outcome: _Outcome) -> None:
         """The worker's result for ``call``, on the loop."""
@@ -1060,18 +1062,21 @@ class Server:
         )
         return target
 
-    def _continues_sender(self, call: _Call, more: bool) -> Callable[[dict[str, Any]], None]:
+    def _continues_sender(
+        self, call: _Call, more: bool
+    ) -> Callable[[dict[str, Any], list[int]], None]:
         conn = call.conn
 
-        def send_continues(parameters: dict[str, Any]) -> None:
+        def send_continues(parameters: dict[str, Any], fds: list[int]) -> None:
             # Without "more" a continues reply would break the protocol: drop it.
             if not more or call.cancelled.is_set():
+                close_all(fds)
                 return
             data = encode_reply(parameters, continues=True)
             try:
-                conn.loop.call_soon_threadsafe(conn._send_continues, call, data)
+                conn.loop.call_soon_threadsafe(conn._send_continues, call, data, fds)
             except RuntimeError:
-                pass
+                close_all(fds)
 
         return send_continues
 
@@ -1094,7 +1099,9 @@ class Server:
             fds=list(msg.fds),
             cancelled=call.cancelled,
         )
-        ctx.send_continues = self._continues_sender(call, envelope.more)
+        sender = self._continues_sender(call, envelope.more)
+        ctx.send_continues_fds = sender
+        ctx.send_continues = lambda parameters: sender(parameters, [])
         try:
             target = self._lookup(envelope.method)
             if self._authorize is not None and not self._authorize(conn.peer, envelope.method):

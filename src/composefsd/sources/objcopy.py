@@ -25,6 +25,7 @@ from composefsd.kernel.verity import VerityUnsupportedError, enable_verity
 from composefsd.objectlayout import C_TMP_PREFIX, join_store_path
 
 __all__ = [
+    "NO_REFLINK",
     "CopyState",
     "copy_fd_data",
     "mkdir_parents",
@@ -43,8 +44,8 @@ _TEMPLATE_TABLE = bytes(_TEMPLATE_CHARS[i % len(_TEMPLATE_CHARS)] for i in range
 _RANGE_RETRY_CLASSIC = frozenset((errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.EBADF))
 # copy_file_range errors after which C stops trying it for the rest of the run.
 _RANGE_DISABLE = frozenset((errno.ENOSYS, errno.EXDEV))
-# FICLONE errors that say "not between these two filesystems", whatever the file.
-_NO_REFLINK = frozenset((errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV))
+#: FICLONE errors that say "not between these two filesystems", whatever the file.
+NO_REFLINK = frozenset((errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV))
 
 
 class CopyState:
@@ -162,7 +163,7 @@ def copy_fd_data(src_fd: int, dst_fd: int, state: CopyState) -> None:
             clone_file(src_fd, dst_fd)
             return
         except OSError as exc:
-            if exc.errno in _NO_REFLINK:
+            if exc.errno in NO_REFLINK:
                 state.no_reflink_from.add(st.st_dev)
     if state.try_copy_file_range:
         try:
