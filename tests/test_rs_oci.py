@@ -257,7 +257,7 @@ HUGE = "x" * 100_000
 
 @pytest.mark.parametrize(
     "image",
-    ["../single", "single/../single", "/single", "a\0b", HUGE, "@", "@sha256:", "@nope:12", ".."],
+    ["../single", "single/../single", "/single", "a\0b", HUGE, "@", "@sha256:", "@sha256:1", ".."],
 )
 def test_inspect_hostile_names(env: Env, image: str) -> None:
     """A name that cannot be a tag or a digest finds nothing: NoSuchImage, or for a
@@ -276,7 +276,6 @@ def test_inspect_hostile_names(env: Env, image: str) -> None:
     [
         "sha256:" + "A" * 64,
         "sha256:" + "1" * 63,
-        "md5:" + "1" * 32,
         "sha256",
         "../../" + "1" * 64,
         "sha256:" + "1" * 64 + "/x",
@@ -291,10 +290,18 @@ def test_tag_bad_digest(env: Env, digest: str) -> None:
     assert "t" not in dict(iter_tags(env.golden))
 
 
-def test_tag_missing_manifest(env: Env) -> None:
-    err = env.error("Tag", {"handle": 1, "manifest_digest": "sha256:" + "1" * 64, "name": "t"})
+@pytest.mark.parametrize("digest", ["sha256:" + "1" * 64, "md5:" + "1" * 32, "nope:12"])
+def test_tag_missing_manifest(env: Env, digest: str) -> None:
+    """A well-formed digest (oci-spec takes unknown algorithms) of no stored manifest."""
+    err = env.error("Tag", {"handle": 1, "manifest_digest": digest, "name": "t"})
     assert err.name == f"{INTERFACE}.InternalError"
     assert "t" not in dict(iter_tags(env.golden))
+
+
+def test_inspect_unknown_algorithm(env: Env) -> None:
+    """``@nope:12`` parses as cfsctl parses it, and names no image."""
+    err = env.error("Inspect", {"handle": 1, "image": "@nope:12"})
+    assert (err.name, err.parameters) == (f"{INTERFACE}.NoSuchImage", {"image": "nope:12"})
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "@x", "a\nb", "y" * 300])

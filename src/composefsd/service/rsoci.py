@@ -79,6 +79,14 @@ from composefsd.service.ocimethods import (
     run_pull,
 )
 from composefsd.service.rshandles import MountFdsError, RepositoryHandle, rs_errors
+from composefsd.service.rslayers import (
+    finalize_image,
+    get_info,
+    get_layer,
+    has_layer,
+    oci_digest,
+    put_layer,
+)
 from composefsd.service.rsrepository import RsRepositoryInterface, fsck_reply
 
 __all__ = ["INTERFACE", "RsOciInterface", "oci_fsck", "xattr_filter"]
@@ -86,8 +94,6 @@ __all__ = ["INTERFACE", "RsOciInterface", "oci_fsck", "xattr_filter"]
 log = logging.getLogger(__name__)
 
 INTERFACE: Final = "org.composefs.Oci"
-#: OCI digests cfsctl parses (oci-spec's ``Digest``), with their hex lengths.
-_DIGEST_HEX: Final = {"sha256": 64, "sha384": 96, "sha512": 128}
 #: The IDL's xattr modes.
 _XATTR_MODES: Final = {
     "AllowlistOnly": XattrFilter.ALLOWLIST_ONLY,
@@ -116,20 +122,10 @@ def _shown(text: str) -> str:
 
 
 def parse_digest(text: str) -> str:
-    """An OCI digest (``<algorithm>:<hex>``) as cfsctl parses one; ValueError with
-    its reason otherwise."""
-    algorithm, colon, hexed = text.partition(":")
-    if not colon:
-        raise ValueError("missing ':' in digest")
-    expected = _DIGEST_HEX.get(algorithm)
-    if expected is None:
-        raise ValueError(f"unsupported digest algorithm {_shown(algorithm)!r}")
-    if (
-        len(hexed) != expected
-        or hexed.lower() != hexed
-        or not all(c in "0123456789abcdef" for c in hexed)
-    ):
-        raise ValueError(f"invalid {algorithm} digest: expected {expected} lowercase hex digits")
+    """``text`` if it is an OCI digest as cfsctl parses one
+    (:func:`~composefsd.service.rslayers.oci_digest`); ValueError with oci-spec's
+    reason otherwise."""
+    oci_digest(text)
     return text
 
 
@@ -609,6 +605,37 @@ class RsOciInterface:
             except ImageNotFoundError as exc:
                 raise _internal(f"Mounting image {image_id}: {exc}") from None
         return {"fd_index": index}
+
+    # -- layer transfer: service/rslayers.py -------------------------------------------------
+    def GetInfo(self, *, _request: CallContext) -> dict[str, Any]:
+        return get_info(self.handles, _request)
+
+    def HasLayer(self, handle: int, diff_id: str, *, _request: CallContext) -> dict[str, Any]:
+        return has_layer(self.handles, _request, handle, diff_id)
+
+    def GetLayer(
+        self, handle: int, params: dict[str, Any], *, _request: CallContext
+    ) -> dict[str, Any]:
+        return get_layer(self.handles, _request, handle, params)
+
+    def PutLayer(
+        self, handle: int, diff_id: str, zerocopy: bool, *, _request: CallContext
+    ) -> dict[str, Any]:
+        return put_layer(self.handles, _request, handle, diff_id, zerocopy)
+
+    def FinalizeImage(
+        self,
+        handle: int,
+        manifest_json: str,
+        config_json: str,
+        layers: list[dict[str, Any]],
+        name: str | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        return finalize_image(
+            self.handles, _request, handle, manifest_json, config_json, layers, name
+        )
 
     # -- Pull -------------------------------------------------------------------------------
     def Pull(
