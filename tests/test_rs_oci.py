@@ -34,6 +34,7 @@ from composefsd.service.rsrepository import RsRepositoryInterface
 from conftest import TestUsers
 from registry import Registry
 from rsgolden import RS, unpack_repo
+from rsreplay import received_fd_inspection
 from servicehelpers import running_daemon, unmount_below
 from test_daemon_oci import _CLIENT
 from test_service_methods import _check_struct
@@ -588,3 +589,53 @@ def test_registered_in_the_daemon(tmp_path: Path) -> None:
             desc["description"].startswith(f"interface {INTERFACE}")
             or INTERFACE in desc["description"]
         )
+
+
+# -- OciMount ---------------------------------------------------------------------------------
+
+
+def _mounted(env: Env, params: dict[str, Any]) -> list[str]:
+    """OciMount of the golden repository; the top of the detached mount it sent."""
+    ctx = CallContext(peer=Peer(os.getpid(), 0, 0), method=f"{INTERFACE}.OciMount")
+    try:
+        reply = env.call("OciMount", {"handle": 1, "options": {}, **params}, ctx=ctx)
+        assert reply == {"fd_index": 0} and len(ctx.out_fds) == 1
+        return received_fd_inspection(ctx.out_fds[0])["top_level_entries"]  # type: ignore[no-any-return]
+    finally:
+        ctx.close_fds()
+
+
+def test_oci_mount_by_tag_and_digest(env: Env) -> None:
+    """By tag, by ``@`` digest and by cfsctl's bare ``sha256:`` digest: the same
+    tree as the transcript's mount of ``single``."""
+    want = recorded(49)["received_fd_inspection"][0]["top_level_entries"]
+    digest = _single_digest()
+    for image in ("single", f"@{digest}", digest):
+        assert _mounted(env, {"image": image, "bootable": False}) == want
+
+
+def test_oci_mount_bootable(env: Env) -> None:
+    """The boot image of ``boot``; ``single`` has none (cfsctl's message)."""
+    assert _mounted(env, {"image": "boot", "bootable": True})
+    err = env.error("OciMount", {"handle": 1, "image": "single", "bootable": True, "options": {}})
+    assert (err.name, err.parameters) == (
+        f"{INTERFACE}.InternalError",
+        {"message": "No boot EROFS image linked"},
+    )
+
+
+@pytest.mark.parametrize("image", ["nope", "../single", "@sha256:" + "1" * 64, "sha256:x", HUGE])
+def test_oci_mount_no_such_image(env: Env, image: str) -> None:
+    err = env.error("OciMount", {"handle": 1, "image": image, "bootable": False, "options": {}})
+    assert err.name == f"{INTERFACE}.NoSuchImage"
+    assert err.parameters["image"].startswith(image[:300])
+    assert len(err.parameters["image"]) < 400
+
+
+def test_oci_mount_overlay_without_fds(env: Env) -> None:
+    """``overlay`` wants the upper and work directories as the call's fds."""
+    err = env.error(
+        "OciMount",
+        {"handle": 1, "image": "single", "bootable": False, "options": {"overlay": True}},
+    )
+    assert err.name == f"{INTERFACE}.InternalError"
