@@ -249,8 +249,9 @@ class LayerResult:
     verity: str
     #: True when the stream existed and the blob was not read.
     skipped: bool
-    #: What importing it stored (nothing when skipped).
-    stats: ImportStats = field(default_factory=ImportStats)
+    #: What importing it stored (nothing when skipped): this run's accounting, not
+    #: the layer's identity, so results of one image compare equal without it.
+    stats: ImportStats = field(default_factory=ImportStats, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -386,10 +386,11 @@ def open_source(
 
 def run_pull(
     ctx: CallContext,
+    ref: PullReference,
     source: ocipull.ImageSource,
     pull: Callable[[ocipull.ImageSource], ocipull.PullResult],
 ) -> ocipull.PullResult:
-    """``pull(source)`` for the call ``ctx``, ``source`` closed afterwards: a
+    """``pull(source)`` of ``ref`` for the call ``ctx``, ``source`` closed afterwards: a
     cancelled call (the client gone, the daemon stopping) closes skopeo's proxies
     under the transfer (:func:`_closing_when_cancelled`) and ends in CallCancelled."""
     try:
@@ -402,7 +403,7 @@ def run_pull(
         if not ctx.cancelled.is_set():
             raise
         # The source was closed under the pull: that is why it failed.
-        log.info("%s cancelled for pid %d", ctx.method, ctx.peer.pid)
+        log.info("pull of %s cancelled for pid %d", _shown(ref.text), ctx.peer.pid)
         ctx.check_cancelled()
         raise
     finally:
@@ -480,6 +481,7 @@ class OciInterface:
             source = open_source(ref, options, caller_rights(ctx.peer))
             result = run_pull(
                 ctx,
+                ref,
                 source,
                 lambda src: ocipull.pull(
                     repo, src, tag=tag, bootable=bool(bootable), progress=report

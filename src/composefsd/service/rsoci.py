@@ -738,6 +738,7 @@ class RsOciInterface:
             frames = _PullFrames(ctx, counted, ref.transport == "oci:")
             return run_pull(
                 ctx,
+                ref,
                 source,
                 lambda _source: ocipull.pull(
                     repo, counted, tag=name, bootable=bootable, xattrs=mode, progress=frames
