@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -32,7 +33,7 @@ from composefsd.service.rshandles import HandleTable
 from composefsd.service.rsoci import INTERFACE, RsOciInterface
 from composefsd.service.rsrepository import RsRepositoryInterface
 from conftest import TestUsers
-from registry import Registry
+from registry import CuttingProxy, Registry, write_layout
 from rsgolden import RS, unpack_repo
 from rsreplay import received_fd_inspection
 from servicehelpers import running_daemon, unmount_below
@@ -639,3 +640,43 @@ def test_oci_mount_overlay_without_fds(env: Env) -> None:
         {"handle": 1, "image": "single", "bootable": False, "options": {"overlay": True}},
     )
     assert err.name == f"{INTERFACE}.InternalError"
+
+
+def test_pull_cancelled_on_a_stalled_registry(env: Env, registry: Registry, tmp_path: Path) -> None:
+    """A registry that stops answering mid-blob sends no progress: when the client
+    leaves, skopeo is closed under the transfer (the shared ``run_pull``), the pull
+    ends in CallCancelled, no tag is written and the repository stays fsck-clean."""
+    layout = tmp_path / "layout"
+    image = write_layout(layout, {"big": [[("blob", os.urandom(4 << 20))]]})["big"]
+    registry.push(f"oci:{layout}:big", "rs/stall", "1")
+    with CuttingProxy(
+        registry.host, image.layers[0].digest, cut_after=64 * 1024, stall=True
+    ) as cutter:
+        conf = tmp_path / "registries.conf"
+        conf.write_text(f'[[registry]]\nlocation = "{cutter.host}"\ninsecure = true\n')
+        env.iface.proxy_options = imageproxy.ProxyOptions(registries_conf=str(conf))
+        ctx = CallContext(
+            peer=Peer(os.getpid(), 0, 0),
+            method=f"{INTERFACE}.Pull",
+            more=True,
+            send_continues=lambda _reply: None,
+        )
+        raised: list[BaseException] = []
+
+        def pull() -> None:
+            try:
+                env.call(
+                    "Pull", _pull(env, f"docker://{cutter.host}/rs/stall:1", name="s"), ctx=ctx
+                )
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=pull)
+        thread.start()
+        assert cutter.stalled.wait(120), "the blob request never reached the registry"
+        ctx.cancelled.set()
+        thread.join(120)
+        assert not thread.is_alive(), "the pull hangs after its client left"
+    assert len(raised) == 1 and isinstance(raised[0], CallCancelled), raised
+    assert list(iter_tags(env.fresh)) == []
+    assert env.fresh.fsck().ok
