@@ -33,14 +33,16 @@ all are served nothing may be left uncompared.
 from __future__ import annotations
 
 import array
+import hashlib
 import json
 import os
+import select
 import shutil
 import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -421,14 +423,68 @@ def check_mount_fds(replay: Replay, entry: Entry, result: Result) -> str | None:
     return None
 
 
+def read_pipe(fd: int) -> bytes | None:
+    """Everything the pipe ``fd`` yields up to EOF; None if its writer hangs for
+    :data:`REPLY_TIMEOUT` (a hung daemon, not a timing assertion)."""
+    out = bytearray()
+    while True:
+        ready, _, _ = select.select([fd], [], [], REPLY_TIMEOUT)
+        if not ready:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+def check_get_layer_fds(replay: Replay, entry: Entry, result: Result) -> str | None:
+    """GetLayer: the recorded fd layout (the splitdirfdstream pipe, its directory
+    fds leading where cfsctl's led, the lifetime fds), and the stream's bytes
+    cfsctl's."""
+    layout = entry.doc.get("fd_layout")
+    if len(result.fds) != entry.fds_received or layout is None:
+        return f"{len(result.fds)} fds received, cfsctl sent {entry.fds_received}"
+    pipe, dirs = result.fds[0], result.fds[1 : 1 + layout["dir_fds"]]
+    if not stat.S_ISFIFO(os.fstat(pipe).st_mode):
+        return "fds[0] is not a pipe"
+    targets = [replay.places.shown(os.readlink(f"/proc/self/fd/{fd}")) for fd in dirs]
+    if targets != layout["dir_fd_targets"]:
+        return f"directory fds lead to {targets}, cfsctl's to {layout['dir_fd_targets']}"
+    data = read_pipe(pipe)
+    if data is None:
+        return "the splitdirfdstream pipe was never closed"
+    want = entry.doc["pipe_bytes"]
+    if len(data) != want["size"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        return f"the splitdirfdstream has {len(data)} bytes, not cfsctl's {want['size']}"
+    return None
+
+
 #: method -> the check of the fds its reply brought (default: only their count).
 CHECK_FDS: dict[str, Callable[[Replay, Entry, Result], str | None]] = {
     "org.composefs.Repository.Mount": check_mount_fds,
     "org.composefs.Oci.OciMount": check_mount_fds,
+    "org.composefs.Oci.GetLayer": check_get_layer_fds,
 }
 
+
+def put_layer_fds(replay: Replay, entry: Entry) -> list[int]:
+    """PutLayer's fds as the recording sent them: a pipe with the splitdirfdstream
+    cfsctl's GetLayer gave (``getlayer-single-l1.splitdirfdstream``), then the
+    directory fds it refers to (GetLayer's recorded ``dir_fd_targets``)."""
+    (get_layer,) = [e for e in entries() if e.doc.get("fd_layout")]
+    layout = get_layer.doc["fd_layout"]
+    stream = (VARLINK / get_layer.doc["pipe_bytes"]["file"]).read_bytes()
+    fds = [pipe_with(stream)]
+    for target in layout["dir_fd_targets"]:
+        fds.append(os.open(replay.places.real(target), os.O_RDONLY | os.O_CLOEXEC))
+    assert len(fds) == entry.fds_sent
+    return fds
+
+
 #: method -> the fds to send with the call (the caller closes them after sending).
-FDS_TO_SEND: dict[str, Callable[[Replay, Entry], list[int]]] = {}
+FDS_TO_SEND: dict[str, Callable[[Replay, Entry], list[int]]] = {
+    "org.composefs.Oci.PutLayer": put_layer_fds,
+}
 
 #: method -> a comparison replacing the default one (None: equal; else the difference).
 COMPARE: dict[str, Callable[[Replay, Entry, Result], str | None]] = {}
@@ -453,6 +509,27 @@ def compare_get_info(replay: Replay, entry: Entry, result: Result) -> str | None
 
 
 COMPARE["org.varlink.service.GetInfo"] = compare_get_info
+
+
+def compare_frames_unordered(replay: Replay, entry: Entry, result: Result) -> str | None:
+    """A streaming call whose intermediate frames come in no fixed order (Pull's
+    per-layer progress: NOTES.md, Varying): the same frames in any order, then
+    the same last reply; everything else as by default."""
+    if len(result.replies) != len(entry.replies) or len(entry.replies) < 2:
+        return replay.default(entry, result)
+
+    def key(frames: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(f, sort_keys=True) for f in frames)
+
+    got = json.loads(replay.places.shown(json.dumps(normalise(entry, result.replies))))
+    want = normalise(entry, entry.replies)
+    if key(got[:-1]) != key(want[:-1]):
+        return f"frames differ:\n  composefsd: {got[:-1]}\n  cfsctl:     {want[:-1]}"
+    last = Result(result.replies[-1:], result.fds, result.closed)
+    return replay.default(replace(entry, replies=entry.replies[-1:]), last)
+
+
+COMPARE["org.composefs.Oci.Pull"] = compare_frames_unordered
 
 
 class Replay:
@@ -527,7 +604,7 @@ class Replay:
         custom = COMPARE.get(entry.method or "")
         if custom is not None:
             return custom(self, entry, result)
-        return self._default(entry, result)
+        return self.default(entry, result)
 
     @staticmethod
     def _oneway(client: Client) -> str | None:
@@ -555,7 +632,8 @@ class Replay:
             return f"expected {want}, got {result.replies} ({result.closed})"
         return None
 
-    def _default(self, entry: Entry, result: Result) -> str | None:
+    def default(self, entry: Entry, result: Result) -> str | None:
+        """The default comparison (module notes)."""
         if result.closed is not None and entry.replies:
             return f"connection closed after {result.replies}; cfsctl replied {entry.replies}"
         got = json.loads(self.places.shown(json.dumps(normalise(entry, result.replies))))

@@ -4,6 +4,8 @@ specification wants; and composefsd's org.composefs IDL is cfsctl's, type for ty
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,10 +47,21 @@ def test_transcript_entry(replayed: Replay, seq: int) -> None:
     )
 
 
+#: The handler module of each composefs-rs interface: once it is on the branch,
+#: the interface must be served and every entry compared.
+HANDLERS = {
+    "org.composefs.Repository": "composefsd.service.rsrepository",
+    "org.composefs.Oci": "composefsd.service.rsoci",
+}
+
+
 def test_every_entry_compared_once_all_interfaces_served(replayed: Replay) -> None:
+    present = {i for i, module in HANDLERS.items() if importlib.util.find_spec(module)}
+    assert present <= replayed.served, f"handlers of {present - replayed.served} not registered"
     if replayed.partial:
         missing = sorted(rsreplay.recorded_interfaces() - replayed.served)
-        pytest.skip(f"this branch does not serve {missing} yet")
+        assert not set(missing) & present
+        pytest.skip(f"this branch does not have the handlers of {missing} yet")
     left = [f"{o.entry.seq} {o.entry.method}: {o.skipped}" for o in replayed.uncompared()]
     assert left == []
     assert len(replayed.outcomes) == len(rsreplay.entries()) == 82
@@ -162,3 +175,35 @@ def test_idl_parser_sees_every_declaration() -> None:
         assert _declarations("method A(x: (one, two)) -> (y: ?[]string)") == {
             "method A": ({"x": ("enum", ("one", "two"))}, {"y": ("?", ("[]", "string"))})
         }
+
+
+# -- the harness's own pieces ------------------------------------------------------------------
+
+
+def test_layer_fd_helpers_agree_with_the_recording(tmp_path: Path) -> None:
+    """PutLayer's fds as the harness makes them are the layout GetLayer's check
+    wants (so the two cannot drift apart before the Oci helpers use them)."""
+    places = rsreplay.make_places(tmp_path)
+    replay = Replay.__new__(Replay)
+    replay.places = places
+    by = {e.seq: e for e in rsreplay.entries()}
+    put, get = by[55], by[51]
+    fds = rsreplay.put_layer_fds(replay, put)
+    lifetime = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    try:
+        result = rsreplay.Result(replies=[], fds=fds + lifetime)
+        assert rsreplay.check_get_layer_fds(replay, get, result) is None
+    finally:
+        for fd in fds + lifetime:
+            os.close(fd)
+    # And a wrong stream is noticed.
+    fds = rsreplay.put_layer_fds(replay, put)
+    os.close(fds[0])
+    fds[0] = rsreplay.pipe_with(b"other")
+    lifetime = [os.open("/dev/null", os.O_RDONLY) for _ in range(2)]
+    try:
+        result = rsreplay.Result(replies=[], fds=fds + lifetime)
+        assert "5 bytes" in (rsreplay.check_get_layer_fds(replay, get, result) or "")
+    finally:
+        for fd in fds + lifetime:
+            os.close(fd)

@@ -35,6 +35,9 @@ IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.va
 OCI = "io.composefs.Oci"
 OCI_IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Oci.varlink"
 OCI_METHODS = ["Inspect", "ListImages", "Mount", "Pull", "Tag", "Untag"]
+RS_REPOSITORY = "org.composefs.Repository"
+#: Every interface composefsd serves, as varlinkctl lists them (sorted).
+INTERFACES = sorted([OCI, IFACE, RS_REPOSITORY, "org.varlink.service"])
 METHODS = [
     "CreateImage",
     "Describe",
@@ -113,19 +116,59 @@ def test_info(varlinkctl: str, daemon: Daemon) -> None:
         "Product": ["composefsd"],
         "Version": [composefsd.version()],
         "URL": ["https://github.com/containers/composefs"],
-        "Interfaces": [OCI, IFACE, "org.varlink.service"],
+        "Interfaces": INTERFACES,
     }
     doc = json.loads(_vctl(varlinkctl, "--json=short", "info", f"unix:{daemon.address}").stdout)
-    assert sorted(doc["interfaces"]) == [OCI, IFACE, "org.varlink.service"]
+    assert sorted(doc["interfaces"]) == INTERFACES
 
 
 def test_list_interfaces_and_methods(varlinkctl: str, daemon: Daemon) -> None:
     out = _vctl(varlinkctl, "list-interfaces", daemon.address).stdout
-    assert out.split() == [OCI, IFACE, "org.varlink.service"]
+    assert out.split() == INTERFACES
     out = _vctl(varlinkctl, "list-methods", daemon.address, IFACE).stdout
     assert out.split() == [f"{IFACE}.{m}" for m in METHODS]
     out = _vctl(varlinkctl, "list-methods", daemon.address, OCI).stdout
     assert out.split() == [f"{OCI}.{m}" for m in OCI_METHODS]
+    out = _vctl(varlinkctl, "list-methods", daemon.address, RS_REPOSITORY).stdout
+    assert sorted(out.split()) == [
+        f"{RS_REPOSITORY}.{m}"
+        for m in sorted(
+            [
+                "CloseRepository",
+                "EnsureRepository",
+                "Fsck",
+                "Gc",
+                "ImageObjects",
+                "InitRepository",
+                "ListImageRefs",
+                "Mount",
+                "OpenRepository",
+            ]
+        )
+    ]
+
+
+def test_composefs_rs_repository(varlinkctl: str, daemon: Daemon) -> None:
+    """org.composefs.Repository through varlinkctl, which cannot talk to cfsctl's own
+    server (it sends "parameters":{} and cannot parse zlink's IDL): introspect,
+    and a handle opened by one varlinkctl used by the next."""
+    out = _vctl(varlinkctl, "introspect", daemon.address, RS_REPOSITORY).stdout
+    assert f"interface {RS_REPOSITORY}\n" in out and "Opened,\n" in out
+    opened = json.loads(
+        _vctl(
+            varlinkctl,
+            "call",
+            daemon.address,
+            f"{RS_REPOSITORY}.OpenRepository",
+            json.dumps({"path": str(daemon.repo)}),
+        ).stdout
+    )
+    assert opened["hash_algorithm"] == TEST_ALGORITHM
+    handle = json.dumps({"handle": opened["handle"]})
+    listed = _vctl(varlinkctl, "call", daemon.address, f"{RS_REPOSITORY}.ListImageRefs", handle)
+    refs = {r for i in _call(varlinkctl, daemon.address, "ListImages")["images"] for r in i["refs"]}
+    assert {i["name"] for i in json.loads(listed.stdout)["images"]} == refs
+    _vctl(varlinkctl, "call", daemon.address, f"{RS_REPOSITORY}.CloseRepository", handle)
 
 
 def test_introspect_oci(varlinkctl: str, daemon: Daemon, tmp_path: Path) -> None:
@@ -297,11 +340,7 @@ def test_exec_activation(varlinkctl: str, tmp_path: Path, tree: Path) -> None:
     )
     (image,) = _call(varlinkctl, address, "ListImages")["images"]
     assert image["digest"] == created["digest"] and image["refs"] == ["x/v1"]
-    assert _vctl(varlinkctl, "list-interfaces", address).stdout.split() == [
-        OCI,
-        IFACE,
-        "org.varlink.service",
-    ]
+    assert _vctl(varlinkctl, "list-interfaces", address).stdout.split() == INTERFACES
     assert _error(varlinkctl, address, f"{IFACE}.Mount", {"image": "nope", "where": str(tmp_path)})[
         0
     ] == (f"{IFACE}.NoSuchImage")

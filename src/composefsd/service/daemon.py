@@ -34,13 +34,18 @@ and io.composefs.Oci for OCI images, on the same sockets).
   unless ``--restrict-read``; everything else (CreateImage, Mount, Unmount,
   RemoveImage, GarbageCollect; Oci's Pull, Tag, Untag, Mount) needs uid 0, the
   daemon's own uid, or membership (primary or supplementary) of ``--group``.
-  Refused calls get ``org.varlink.service.PermissionDenied``.
+  Refused calls get ``org.varlink.service.PermissionDenied``. composefs-rs's
+  interfaces (org.composefs.Repository: :mod:`composefsd.service.rsrepository`)
+  follow the same split (their read-only methods: OpenRepository,
+  CloseRepository, ListImageRefs, ImageObjects, Fsck), and on top of it name a
+  repository other than the daemon's own only for root and the daemon's uid.
 * **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
   ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
   ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
   and ``--heavy-calls-per-uid``; ``--max-source-entries`` bounds a tree that
   CreateImage reads with a caller's rights. The heavy methods are Verify,
-  CreateImage, GarbageCollect and Oci's Pull. Root and the daemon's own uid are
+  CreateImage, GarbageCollect, Oci's Pull, and org.composefs.Repository's Fsck
+  and Gc. Root and the daemon's own uid are
   the privileged uids (never refused a connection, closed last for holding input,
   not limited per uid). The
   soft limit on open files is raised to the hard one at start (the unit sets

@@ -18,7 +18,10 @@ Behaviour beyond the IDL text (README, "composefs-rs's Varlink interfaces"):
   name one; others get ``org.varlink.service.PermissionDenied``, before the path
   is looked at. A path must be absolute, at most :data:`MAX_PATH` bytes, without
   NUL (``org.varlink.service.InvalidParameter`` otherwise): the daemon's working
-  directory means nothing to a client.
+  directory means nothing to a client. A path that names the daemon's own
+  repository is looked at once: the call then works on the daemon's own
+  repository object and path, whatever the caller's path (a link it controls)
+  becomes meanwhile.
 * **Old-format repositories** (``objects/`` without ``meta.json``) are upgraded in
   place by EnsureRepository (``Upgraded``) and OpenRepository, as cfsctl does
   (:meth:`~composefsd.repository.Repository.upgrade`).
@@ -27,7 +30,11 @@ Behaviour beyond the IDL text (README, "composefs-rs's Varlink interfaces"):
 * **Fsck** is the repository's fsck (:mod:`composefsd.repository.fsck`) with its
   findings counted in cfsctl's fields (:func:`fsck_reply`). **Gc** on the daemon's
   own repository is io.composefs.Repository's GarbageCollect (mounted and
-  pinned images are kept); on another repository the plain collection. Neither
+  pinned images are kept); on another repository the plain collection. Extra
+  ``roots`` name ``images/`` or ``streams/`` entries, as cfsctl's do: a root that
+  is not one entry name (empty, ``/``, ``..``, a leading ``.``) is an
+  InvalidParameter ``roots[i]``, and at most
+  :data:`~composefsd.service.methods.MAX_GC_ROOTS` are taken. Neither
   streams progress (the IDL has no field for it), but both stop at their next
   progress point when the client goes away.
 * **Mount** (:meth:`RsRepositoryInterface.mount_handle`, which org.composefs.Oci's
@@ -42,6 +49,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import pwd
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -179,8 +187,6 @@ def image_object_ids(repo: Repository, digest: str) -> list[str]:
 
 def _user_path() -> Path:
     """composefs-rs's ``user_path()`` for the daemon's user."""
-    import pwd
-
     home = os.environ.get("HOME") or pwd.getpwuid(os.geteuid()).pw_dir
     return Path(home) / USER_SUBDIR
 
@@ -204,7 +210,9 @@ class RsRepositoryInterface:
 
     # -- helpers ----------------------------------------------------------------------------
     def _path(self, path: object, ctx: CallContext) -> str:
-        """A checked ``path`` the caller may name (module notes)."""
+        """The path to work on for a ``path`` the caller may name (module notes): the
+        daemon's own repository's path when ``path`` names it, so that the caller's
+        path is looked at once and never again (it may be a link it swaps later)."""
         if (
             not isinstance(path, str)
             or "\0" in path
@@ -212,7 +220,9 @@ class RsRepositoryInterface:
             or len(os.fsencode(path)) > MAX_PATH
         ):
             raise _invalid("path")
-        if caller_rights(ctx.peer) is not None and not self.handles.is_own(path):
+        if self.handles.is_own(path):
+            return str(self.handles.own.path)
+        if caller_rights(ctx.peer) is not None:
             log.info(
                 "refused %s of %r to pid %d (uid %d): not the daemon's repository",
                 ctx.method,
