@@ -676,7 +676,11 @@ class RsOciInterface:
                 local_fetch = "disabled"
             ref = parse_reference(image)
             if storage_root is not None:
-                if not storage_root.startswith("/") or len(storage_root) > MAX_REFERENCE:
+                if (
+                    not storage_root.startswith("/")
+                    or "\0" in storage_root
+                    or len(storage_root) > MAX_REFERENCE
+                ):
                     raise _error("InvalidRequest", message="storage_root must be an absolute path")
                 if ref.transport == "containers-storage:" and local_fetch != "disabled":
                     raise _error(
