@@ -24,7 +24,10 @@ counts:
   must be a regular file of exactly the declared length, and is hashed by us; the
   object is stored under the digest we computed, never under the name it came by,
   and what enters the store is hashed again (a reflink) or as it is copied
-  (:meth:`~composefsd.repository.store.ObjectStore.import_verified`);
+  (:meth:`~composefsd.repository.store.ObjectStore.import_verified`); where it is
+  sure to be copied (no reflinks from that filesystem, no link allowed) and its
+  name does not point at an object we have, it is copied as it is hashed, in one
+  read (the name is a hint, never trusted);
 * a hard link shares the peer's inode, so it is made only where ``link_ok`` (the
   caller's rule on owner and mode) accepts the file's ``stat``;
 * the inline bytes a stream may add to the layer stream, which is built in
@@ -53,7 +56,7 @@ from composefsd.image.splitdirfd import (
     StreamWriter,
     Writable,
 )
-from composefsd.objectlayout import object_relpath
+from composefsd.objectlayout import is_hex, object_relpath
 from composefsd.repository.errors import RepositoryError, SourceError, os_error_text
 from composefsd.repository.locking import writer_lock
 from composefsd.repository.ocilayer import layer_content_id
@@ -244,16 +247,18 @@ class _Drain:
                     raise LayerSourceError(f"{name[:200]!r} became shorter while read")
                 self.inline(data)
                 return
-            verity = FsVerityHasher(self.store.algorithm)
-            offset = 0
-            while offset < chunk.length:
-                piece = os.pread(fd, min(_READ, chunk.length - offset), offset)
-                if not piece:
-                    raise LayerSourceError(f"{name[:200]!r} became shorter while read")
-                self.sha.update(piece)
-                verity.update(piece)
-                offset += len(piece)
             link = self.link_ok is not None and self.link_ok(st)
+            hint = self._hint(name)
+            if self.store.must_copy(st, link) and (hint is None or not self.store.contains(hint)):
+                # A new object that will be copied anyway: copy it as it is hashed,
+                # one read instead of two (what is stored is what was hashed).
+                result = self.store.store_chunks(self._pieces(fd, chunk.length, name))
+                method = StoreMethod.COPIED if result.written else StoreMethod.PRESENT
+                self._stored(result.digest, result.written, method, chunk.length, name)
+                return
+            verity = FsVerityHasher(self.store.algorithm)
+            for piece in self._pieces(fd, chunk.length, name):
+                verity.update(piece)
             try:
                 result, method = self.store.import_verified(
                     fd, verity.digest(), chunk.length, link=link
@@ -263,6 +268,26 @@ class _Drain:
             self._stored(result.digest, result.written, method, chunk.length, name)
         finally:
             os.close(fd)
+
+    def _pieces(self, fd: int, length: int, name: bytes) -> Iterator[bytes]:
+        """The first ``length`` bytes of the file, read in pieces into the layer's hash."""
+        offset = 0
+        while offset < length:
+            piece = os.pread(fd, min(_READ, length - offset), offset)
+            if not piece:
+                raise LayerSourceError(f"{name[:200]!r} became shorter while read")
+            self.sha.update(piece)
+            offset += len(piece)
+            yield piece
+
+    def _hint(self, name: bytes) -> str | None:
+        """The digest a name of the objects' layout (``XX/rest``) claims, if it is one:
+        only a hint where to look for an object already stored."""
+        head, slash, rest = name.partition(b"/")
+        text = (head + rest).decode("ascii", "replace")
+        if not slash or len(head) != 2 or len(text) != 2 * self.store.algorithm.digest_size:
+            return None
+        return text if is_hex(text) else None
 
     def _stored(self, digest: str, written: bool, method: str, size: int, name: bytes) -> None:
         if self.zerocopy and method == StoreMethod.COPIED:

@@ -714,6 +714,15 @@ class ObjectStore:
             raise SourceError("the file changed after it was hashed")
         return result, StoreMethod.COPIED if result.written else StoreMethod.PRESENT
 
+    def must_copy(self, st: os.stat_result, link: bool) -> bool:
+        """Whether :meth:`import_verified` would copy a file with this stat (and
+        ``link``): reflinking from its filesystem failed before, and it may not or
+        cannot be hard-linked. A caller can then copy it while hashing it, in one
+        read (:meth:`store_chunks`)."""
+        if st.st_dev not in self.state.copy.no_reflink_from:
+            return False
+        return not (link and st.st_dev == os.fstat(self.dir_fd).st_dev and not self._wants_verity())
+
     def _link_source(
         self, src_fd: int, st: os.stat_result, digest: bytes
     ) -> tuple[ObjectResult, str] | None:

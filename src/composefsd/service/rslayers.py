@@ -42,7 +42,6 @@ Policy beyond cfsctl's (which trusts its callers):
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -52,7 +51,7 @@ import select
 import stat
 import threading
 import time
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from composefsd.image.splitdirfd import MAX_FDS_PER_FRAME, plan_layout, seed_from_id
 from composefsd.objectlayout import is_hex
@@ -83,6 +82,7 @@ __all__ = [
     "LIFETIME_LIMIT",
     "MAX_JSON",
     "MAX_LAYERS",
+    "MAX_PRODUCERS",
     "InvalidDigestError",
     "finalize_image",
     "get_info",
@@ -102,6 +102,8 @@ FEATURES: Final = ("splitdirfdstream-v0",)
 IDLE_TIMEOUT: Final = 300.0
 #: Seconds a GetLayer client may keep its lifetime fd (and with it GC waiting).
 LIFETIME_LIMIT: Final = 3600.0
+#: GetLayer producers that may run at once (each a thread and a few fds).
+MAX_PRODUCERS: Final = 64
 #: The longest manifest or config JSON FinalizeImage takes.
 MAX_JSON: Final = 16 << 20
 #: The most layers FinalizeImage takes.
@@ -202,12 +204,11 @@ def has_layer(handles: HandleTable, ctx: CallContext, handle: int, diff_id: str)
 
 class _PipeOut:
     """The write end of GetLayer's pipe (non-blocking, ours): ``write`` waits while it
-    is full, up to :data:`IDLE_TIMEOUT` without progress or until ``stop``;
-    ``BrokenPipeError`` once the reader is gone."""
+    is full, up to :data:`IDLE_TIMEOUT` without progress; ``BrokenPipeError`` once
+    the reader is gone."""
 
-    def __init__(self, fd: int, stop: threading.Event) -> None:
+    def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.stop = stop
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -223,20 +224,21 @@ class _PipeOut:
                 view = view[n:]
                 deadline = time.monotonic() + IDLE_TIMEOUT
                 continue
-            if self.stop.is_set():
-                raise BrokenPipeError(errno.EPIPE, "GetLayer producer stopped")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nobody read the layer pipe for {IDLE_TIMEOUT:.0f} s")
             poller.poll(_POLL_MS)
         return len(data)
 
 
-def _wait_eof(fd: int, stop: threading.Event, limit: float) -> None:
-    """Until ``fd`` (a pipe's read end) sees its writers gone, ``stop``, or ``limit``."""
+_producers = threading.BoundedSemaphore(MAX_PRODUCERS)
+
+
+def _wait_eof(fd: int, limit: float) -> None:
+    """Until ``fd`` (a pipe's read end) sees its writers gone, or ``limit`` seconds."""
     deadline = time.monotonic() + limit
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    while not stop.is_set() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         if not poller.poll(_POLL_MS):
             continue
         try:
@@ -251,10 +253,6 @@ class _Producer:
     writes the layer to the pipe, closes it, and waits for the client to close its
     lifetime fd (module notes). Owns ``pipe_w`` and ``keepalive_r``."""
 
-    #: Live producers (tests and shutdown look at them).
-    live: ClassVar[set[_Producer]] = set()
-    _live_lock = threading.Lock()
-
     def __init__(
         self, repo: Repository, verity: str, slot: int, pipe_w: int, keepalive_r: int
     ) -> None:
@@ -263,16 +261,30 @@ class _Producer:
         self.slot = slot
         self.pipe_w = pipe_w
         self.keepalive_r = keepalive_r
-        self.stop = threading.Event()
         self.locked = threading.Event()
         self.failed: BaseException | None = None
+        self.place = _producers
         self.thread = threading.Thread(target=self._run, name="GetLayer producer", daemon=True)
 
     def start(self) -> None:
-        """Start, and return once the lock is held (or taking it failed)."""
-        with self._live_lock:
-            self.live.add(self)
-        self.thread.start()
+        """Start, and return once the lock is held (or taking it failed). Takes one
+        of :data:`MAX_PRODUCERS` places (``InternalError`` if none is free), which
+        the thread gives back at its end. The producer's fds are closed whatever
+        happens."""
+        place = self.place
+        if not place.acquire(blocking=False):
+            os.close(self.pipe_w)
+            os.close(self.keepalive_r)
+            raise _error(
+                "InternalError", message=f"{MAX_PRODUCERS} layers are being served already"
+            )
+        try:
+            self.thread.start()
+        except BaseException:
+            place.release()
+            os.close(self.pipe_w)
+            os.close(self.keepalive_r)
+            raise
         self.locked.wait()
         if self.failed is not None:
             raise self.failed
@@ -289,20 +301,19 @@ class _Producer:
                     self.locked.set()
                 try:
                     with self.repo.object_store() as store:
-                        produce(store, self.verity, self.slot, _PipeOut(self.pipe_w, self.stop))
+                        produce(store, self.verity, self.slot, _PipeOut(self.pipe_w))
                 except (BrokenPipeError, TimeoutError) as exc:
                     log.info("GetLayer of stream %s stopped: %s", self.verity, exc)
                 except Exception:
                     log.exception("GetLayer of stream %s failed", self.verity)
                 os.close(self.pipe_w)
                 self.pipe_w = -1
-                _wait_eof(self.keepalive_r, self.stop, LIFETIME_LIMIT)
+                _wait_eof(self.keepalive_r, LIFETIME_LIMIT)
         finally:
             if self.pipe_w >= 0:
                 os.close(self.pipe_w)
             os.close(self.keepalive_r)
-            with self._live_lock:
-                self.live.discard(self)
+            self.place.release()
 
 
 def _placeholder(ordinal: int) -> int:
@@ -450,6 +461,14 @@ def put_layer(
             raise _error("InvalidRequest", message="fds[0] is not the read end of a pipe")
         with rs_errors(INTERFACE):
             _diff_id(diff_id)
+            algorithm = diff_id.partition(":")[0]
+            if algorithm != "sha256":
+                # cfsctl's words: its drain hashes with sha256 only, as OCI does.
+                raise _error(
+                    "InternalError",
+                    message=f'unsupported diff_id algorithm "{algorithm}": only sha256 is '
+                    "supported",
+                )
             entry = handles.get(handle, ctx.peer.uid)
             already = _layer_stream(entry.repo, diff_id) is not None
             try:
