@@ -27,8 +27,8 @@ Behaviour beyond the IDL text, as cfsctl has it:
 * Pull streams cfsctl's frames (``message``, ``started``, ``progress``,
   ``skipped``, ``done``; then ``completed`` as the last reply) when called with
   ``more``, else replies once. A pull also builds the image's composefs image
-  (io.composefs.Oci's pull does, so OciMount works at once), which cfsctl's
-  does only for ``bootable``. ``local_fetch`` and ``storage_root`` name
+  (io.composefs.Oci's pull does, so OciMount works at once); cfsctl's builds
+  none but the boot image of a ``bootable`` pull. ``local_fetch`` and ``storage_root`` name
   composefs-rs's direct read of containers-storage; here containers-storage is
   read through skopeo like every transport, so ``local_fetch`` changes nothing
   and ``storage_root`` is refused (InvalidRequest) for it.
