@@ -36,8 +36,9 @@ OCI = "io.composefs.Oci"
 OCI_IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Oci.varlink"
 OCI_METHODS = ["Inspect", "ListImages", "Mount", "Pull", "Tag", "Untag"]
 RS_REPOSITORY = "org.composefs.Repository"
+RS_OCI = "org.composefs.Oci"
 #: Every interface composefsd serves, as varlinkctl lists them (sorted).
-INTERFACES = sorted([OCI, IFACE, RS_REPOSITORY, "org.varlink.service"])
+INTERFACES = sorted([OCI, IFACE, RS_OCI, RS_REPOSITORY, "org.varlink.service"])
 METHODS = [
     "CreateImage",
     "Describe",
@@ -169,6 +170,57 @@ def test_composefs_rs_repository(varlinkctl: str, daemon: Daemon) -> None:
     refs = {r for i in _call(varlinkctl, daemon.address, "ListImages")["images"] for r in i["refs"]}
     assert {i["name"] for i in json.loads(listed.stdout)["images"]} == refs
     _vctl(varlinkctl, "call", daemon.address, f"{RS_REPOSITORY}.CloseRepository", handle)
+
+
+def test_composefs_rs_oci(varlinkctl: str, daemon: Daemon) -> None:
+    """org.composefs.Oci through varlinkctl: its methods, and ListImages and
+    ComputeId on a handle opened by an earlier varlinkctl."""
+    out = _vctl(varlinkctl, "list-methods", daemon.address, RS_OCI).stdout
+    assert sorted(out.split()) == [
+        f"{RS_OCI}.{m}"
+        for m in sorted(
+            [
+                "Check",
+                "ComputeId",
+                "FinalizeImage",
+                "GetInfo",
+                "GetLayer",
+                "HasLayer",
+                "Inspect",
+                "ListImages",
+                "OciMount",
+                "Pull",
+                "PutLayer",
+                "Tag",
+                "Untag",
+            ]
+        )
+    ]
+    opened = json.loads(
+        _vctl(
+            varlinkctl,
+            "call",
+            daemon.address,
+            f"{RS_REPOSITORY}.OpenRepository",
+            json.dumps({"path": str(daemon.repo)}),
+        ).stdout
+    )
+    handle = {"handle": opened["handle"]}
+    listed = _vctl(varlinkctl, "call", daemon.address, f"{RS_OCI}.ListImages", json.dumps(handle))
+    assert json.loads(listed.stdout) == {"images": []}
+    name, params = _error(
+        varlinkctl,
+        daemon.address,
+        f"{RS_OCI}.ComputeId",
+        {**handle, "image": "nope", "bootable": False},
+    )
+    assert (name, params) == (
+        f"{RS_OCI}.InternalError",
+        {"message": "OCI reference not found: nope"},
+    )
+    _vctl(
+        varlinkctl, "call", daemon.address, f"{RS_REPOSITORY}.CloseRepository", json.dumps(handle)
+    )
 
 
 def test_introspect_oci(varlinkctl: str, daemon: Daemon, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from composefsd.fsverity import digest_bytes
 from composefsd.image.formats import ErofsVersion, write_format
@@ -46,13 +46,21 @@ from composefsd.repository.oci import (
     IMAGE_REF_KEY_V1,
     OciError,
     OciImage,
+    json_object,
     open_image,
+    read_external,
     write_config_stream,
     write_manifest_stream,
 )
 from composefsd.repository.store import sync_objects
-from composefsd.repository.streams import use_chunks
-from composefsd.splitstream import CONTENT_TYPE_OCI_LAYER, Chunk, SplitStream
+from composefsd.repository.streams import StreamNotFoundError, existing_stream, use_chunks
+from composefsd.splitstream import (
+    CONTENT_TYPE_OCI_CONFIG,
+    CONTENT_TYPE_OCI_LAYER,
+    OCI_CONFIG_PREFIX,
+    Chunk,
+    SplitStream,
+)
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -61,7 +69,9 @@ if TYPE_CHECKING:
 __all__ = [
     "OciBuildError",
     "build_tree",
+    "compute_config_id",
     "compute_id",
+    "config_tree",
     "ensure_image",
     "image_transform",
     "transformed_tree",
@@ -83,13 +93,11 @@ def image_transform(
     return Transform(propagate_usr_to_root=True, xattrs=xattrs, bootable=bootable)
 
 
-def _diff_ids(image: OciImage) -> list[str]:
-    if image.config is None:
-        raise OciBuildError(f"image {image.manifest_digest} is not a container image")
-    rootfs = image.config.get("rootfs")
+def _diff_ids(config_digest: str, config: dict[str, Any]) -> list[str]:
+    rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
-        raise OciBuildError(f"config {image.config_digest} has no list of rootfs.diff_ids")
+        raise OciBuildError(f"config {config_digest} has no list of rootfs.diff_ids")
     return list(diff_ids)
 
 
@@ -110,14 +118,23 @@ def _apply_layer(store: ObjectStore, tree: LayerTree, diff_id: str, verity: str)
 
 def build_tree(repo: Repository, store: ObjectStore, image: OciImage) -> Node:
     """The image's layers applied in order, untransformed (hardlinks settled)."""
+    if image.config is None:
+        raise OciBuildError(f"image {image.manifest_digest} is not a container image")
+    return config_tree(store, image.config_digest, image.config, image.layer_refs)
+
+
+def config_tree(
+    store: ObjectStore, config_digest: str, config: dict[str, Any], layer_refs: dict[str, str]
+) -> Node:
+    """The layers a config names (``layer_refs``: diff_id → layer stream) applied
+    in its diff_id order, untransformed (composefs-rs's ``create_filesystem``,
+    which starts from the config)."""
     tree = LayerTree()
     with gc_paused():
-        for diff_id in _diff_ids(image):
-            verity = image.layer_refs.get(diff_id)
+        for diff_id in _diff_ids(config_digest, config):
+            verity = layer_refs.get(diff_id)
             if verity is None:
-                raise OciBuildError(
-                    f"config {image.config_digest} has no stream for layer {diff_id}"
-                )
+                raise OciBuildError(f"config {config_digest} has no stream for layer {diff_id}")
             _apply_layer(store, tree, diff_id, verity)
         return tree.finish()
 
@@ -144,12 +161,16 @@ def transformed_tree(
 ) -> Node:
     """:func:`build_tree` then ``transform`` (:func:`image_transform`)."""
     root = build_tree(repo, store, image)
+    _transform(store, root, transform, f"image {image.manifest_digest}")
+    return root
+
+
+def _transform(store: ObjectStore, root: Node, transform: Transform, what: str) -> None:
     try:
         with gc_paused():
             apply_transform(root, transform, _content_reader(store))
     except TransformError as exc:
-        raise OciBuildError(f"image {image.manifest_digest}: {exc}") from exc
-    return root
+        raise OciBuildError(f"{what}: {exc}") from exc
 
 
 def _write(root: Node, version: ErofsVersion) -> bytes:
@@ -183,6 +204,35 @@ def compute_id(
     root = transformed_tree(repo, store, image, image_transform(bootable=bootable, xattrs=xattrs))
     fmt = repo.erofs_version if version is None else version
     data = _write(root, fmt)
+    return digest_bytes(data, repo.hash_algorithm).hex()
+
+
+def compute_config_id(
+    repo: Repository,
+    store: ObjectStore,
+    config_digest: str,
+    config_verity: str | None = None,
+    *,
+    bootable: bool = False,
+    xattrs: XattrFilter = XattrFilter.ALLOWLIST_ONLY,
+    version: ErofsVersion | None = None,
+) -> str:
+    """:func:`compute_id` of the image a config names (``cfsctl oci compute-id
+    @<config digest>``): its stream ``oci-config-<digest>`` read by
+    ``config_verity`` or, without it, by its link."""
+    config_id = OCI_CONFIG_PREFIX + config_digest
+    if config_verity is None:
+        config_verity = existing_stream(repo, config_id)
+        if config_verity is None:
+            raise StreamNotFoundError(f"no OCI config {config_digest} in {repo.path}")
+    config_json, refs = read_external(store, config_id, config_verity, CONTENT_TYPE_OCI_CONFIG)
+    config = json_object(config_json, f"config {config_digest}")
+    layer_refs = dict(refs.named_refs)
+    root = config_tree(store, config_digest, config, layer_refs)
+    _transform(
+        store, root, image_transform(bootable=bootable, xattrs=xattrs), f"config {config_digest}"
+    )
+    data = _write(root, repo.erofs_version if version is None else version)
     return digest_bytes(data, repo.hash_algorithm).hex()
 
 
@@ -269,7 +319,9 @@ def _commit(
         if v1 is not None:
             refs[IMAGE_REF_KEY_V1] = v1
     layer_refs = []
-    for diff_id in _diff_ids(image):
+    if image.config is None:
+        raise OciBuildError(f"image {image.manifest_digest} is not a container image")
+    for diff_id in _diff_ids(image.config_digest, image.config):
         verity = image.layer_refs.get(diff_id)
         if verity is None:
             raise OciBuildError(f"config {image.config_digest} has no stream for layer {diff_id}")

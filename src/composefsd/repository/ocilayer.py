@@ -22,6 +22,7 @@ import errno
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from composefsd.image.ocitar import (
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from composefsd.repository.store import ObjectStore
 
 __all__ = [
+    "ImportStats",
     "LayerDigestError",
     "TarFormatError",
     "check_diff_id",
@@ -67,6 +69,45 @@ class TarFormatError(RepositoryError):
 
 class LayerDigestError(RepositoryError):
     """The layer's bytes do not hash to the diff_id it was given."""
+
+
+@dataclass(slots=True)
+class ImportStats:
+    """What importing layers stored (composefs-rs's ``ImportStats``, which ``cfsctl``
+    prints after a pull): external objects new and already present, the bytes of
+    the new ones, and the bytes kept inline in the streams."""
+
+    objects_new: int = 0
+    objects_present: int = 0
+    bytes_new: int = 0
+    bytes_inlined: int = 0
+
+    def add(self, other: ImportStats) -> None:
+        self.objects_new += other.objects_new
+        self.objects_present += other.objects_present
+        self.bytes_new += other.bytes_new
+        self.bytes_inlined += other.bytes_inlined
+
+    def __str__(self) -> str:
+        """cfsctl's summary line (objects are always copied here: no reflinks)."""
+        return (
+            f"{self.objects_new} new + {self.objects_present} already present objects; "
+            f"{human_bytes(self.bytes_new)} stored, {human_bytes(self.bytes_inlined)} inlined"
+        )
+
+
+def human_bytes(n: int) -> str:
+    """A size as composefs-rs prints one (indicatif's ``HumanBytes``: binary units,
+    two decimals)."""
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    units = ("KiB", "MiB", "GiB", "TiB", "PiB")
+    step = 0
+    while value >= 1024 and step < len(units) - 1:
+        value /= 1024
+        step += 1
+    return f"{value:.2f} {units[step]}"
 
 
 def layer_content_id(diff_id: str) -> str:
@@ -161,8 +202,16 @@ def _pax_size(data: bytes, offset: int) -> int | None:
     return size
 
 
-def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: list[str]) -> None:
-    """The tar into ``writer``: composefs-rs's ``split_async``."""
+def _split(
+    inp: _Input,
+    store: ObjectStore,
+    writer: SplitStreamWriter,
+    written: list[str],
+    stats: ImportStats,
+) -> None:
+    """The tar into ``writer``: composefs-rs's ``split_async``; ``stats`` counts the
+    objects and the inline bytes."""
+    external = 0
     pax_size: int | None = None
     pending = False
     while True:
@@ -172,6 +221,7 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
                     f"the tar ends at offset {inp.offset} after an extension header"
                 )
             # composefs-rs accepts a clean end at a header boundary, end blocks or not.
+            stats.bytes_inlined += writer.total_size - external
             return
         start = inp.offset
         header = inp.take(BLOCK, "a header")
@@ -182,6 +232,7 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
             writer.write_inline(header + second)
             for piece in inp.rest():
                 writer.write_inline(piece)
+            stats.bytes_inlined += writer.total_size - external
             return
         if not checksum_ok(header):
             raise TarFormatError(f"the header at offset {start} has a bad checksum")
@@ -215,6 +266,11 @@ def _split(inp: _Input, store: ObjectStore, writer: SplitStreamWriter, written: 
             )
             if result.written:
                 written.append(result.digest)
+                stats.objects_new += 1
+                stats.bytes_new += size
+            else:
+                stats.objects_present += 1
+            external += size
             writer.write_object(result.digest, size)
             writer.write_inline(inp.take(stored - size, "padding"))
         else:
@@ -238,6 +294,7 @@ def import_layer(
     *,
     verify: bool = True,
     check: Callable[[], None] | None = None,
+    stats: ImportStats | None = None,
 ) -> str:
     """Import the layer tar read from ``reader`` (uncompressed); the hex id of its
     splitstream object. ``name``: also ``streams/refs/<name>``. ``verify``: check
@@ -245,7 +302,8 @@ def import_layer(
     that hashes the tar itself passes False and checks in ``check``. ``check``:
     called once the whole tar is read and before anything is linked (a puller
     checks the compressed blob's digest there); what it raises links nothing.
-    Neither runs when the stream exists already (nothing is read then)."""
+    Neither runs when the stream exists already (nothing is read then).
+    ``stats``: what was stored is added to it (nothing for an existing stream)."""
     content_id = layer_content_id(diff_id)
     if name is not None:
         # Checked as image refs are, but kept as given: cfsctl makes
@@ -265,12 +323,15 @@ def import_layer(
             inp = _Input(reader, hash_name if verify else None)
             writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_LAYER)
             written: list[str] = []
-            _split(inp, store, writer, written)
+            counted = ImportStats()
+            _split(inp, store, writer, written, counted)
             if inp.hasher is not None:
                 check_diff_id(diff_id, inp.hasher.hexdigest())
             if check is not None:
                 check()
             digest = write_stream(repo, store, writer, content_id, ref=ref, written=written)
+            if stats is not None:
+                stats.add(counted)
             log.info("imported layer %s as stream %s", diff_id, digest)
             return digest
     except OSError as exc:

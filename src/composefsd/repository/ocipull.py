@@ -47,9 +47,10 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
+from composefsd.image.transforms import XattrFilter
 from composefsd.objectlayout import is_hex, object_link_target, object_relpath
 from composefsd.repository.errors import (
     ImageNotFoundError,
@@ -68,6 +69,7 @@ from composefsd.repository.oci import (
     write_manifest_stream,
 )
 from composefsd.repository.ocilayer import (
+    ImportStats,
     LayerDigestError,
     TarFormatError,
     check_diff_id,
@@ -247,6 +249,9 @@ class LayerResult:
     verity: str
     #: True when the stream existed and the blob was not read.
     skipped: bool
+    #: What importing it stored (nothing when skipped): this run's accounting, not
+    #: the layer's identity, so results of one image compare equal without it.
+    stats: ImportStats = field(default_factory=ImportStats, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,8 +680,10 @@ def _fetch_layer(
     desc = job.desc
     content_id = layer_content_id(job.key)
 
+    stats = ImportStats()
+
     def result(verity: str, skipped: bool) -> LayerResult:
-        return LayerResult(job.key, desc.digest, desc.media_type, desc.size, verity, skipped)
+        return LayerResult(job.key, desc.digest, desc.media_type, desc.size, verity, skipped, stats)
 
     def skip(verity: str) -> LayerResult:
         log.debug("layer %s is present", job.key)
@@ -730,6 +737,7 @@ def _fetch_layer(
                             job.key,
                             verify=False,
                             check=read_then_check,
+                            stats=stats,
                         )
                     except (LayerFormatError, TarFormatError, LayerDigestError):
                         reader.close()
@@ -739,16 +747,27 @@ def _fetch_layer(
                     finally:
                         reader.close()
                 else:
-                    verity = _store_blob(repo, content_id, blob, check)
+                    verity = _store_blob(repo, content_id, blob, check, stats)
             return result(verity, False)
 
 
-def _store_blob(repo: Repository, content_id: str, blob: _Blob, check: Callable[[], None]) -> str:
+def _store_blob(
+    repo: Repository,
+    content_id: str,
+    blob: _Blob,
+    check: Callable[[], None],
+    stats: ImportStats,
+) -> str:
     """An artifact's non-tar layer: the blob as one object and an ``oci_blob``
     stream naming it (composefs-rs's ``store_blob_async`` + ``write_stream``)."""
     with repo.object_store() as store:
         stored = store.store_chunks(blob.chunks())
         check()
+        if stored.written:
+            stats.objects_new += 1
+            stats.bytes_new += stored.size
+        else:
+            stats.objects_present += 1
         writer = SplitStreamWriter(repo.hash_algorithm.digest_size, CONTENT_TYPE_OCI_BLOB)
         writer.write_object(stored.digest, stored.size)
         written = [stored.digest] if stored.written else []
@@ -979,6 +998,14 @@ class PullResult:
     #: In manifest order.
     layers: tuple[LayerResult, ...]
 
+    @property
+    def stats(self) -> ImportStats:
+        """What the layers' import stored, all together."""
+        total = ImportStats()
+        for layer in self.layers:
+            total.add(layer.stats)
+        return total
+
 
 def pull(
     repo: Repository,
@@ -988,13 +1015,15 @@ def pull(
     bootable: bool = False,
     progress: ProgressCallback | None = None,
     parallel: int | None = None,
+    xattrs: XattrFilter = XattrFilter.ALLOWLIST_ONLY,
 ) -> PullResult:
     """Fetch the image (:func:`fetch_image`), build and commit its composefs image
     for the repository's formats (and with ``bootable`` the boot image too) and
     point ``tag`` at it, as ``cfsctl oci pull [--bootable] REF TAG`` does. The tag
     is written last, so a pull that fails leaves no tag (and never moves an
     existing one). Progress as :func:`fetch_image`'s, then ``image`` (detail: the
-    manifest digest) while the composefs image is built."""
+    manifest digest) while the composefs image is built. ``xattrs``: what the boot
+    image keeps (``cfsctl oci pull --bootable --xattrs``)."""
     from composefsd.repository.ocibuild import ensure_image
 
     if tag is not None:
@@ -1006,7 +1035,8 @@ def pull(
         if progress is not None:
             progress(Progress("image", 0, None, fetched.manifest_digest))
         image_id = boot_id = None
-        built = _built_images(repo, fetched, bootable) if fetched.is_container else None
+        reusable = fetched.is_container and xattrs is XattrFilter.ALLOWLIST_ONLY
+        built = _built_images(repo, fetched, bootable) if reusable else None
         if built is not None:
             image_id, boot_id = built
             if tag is not None:
@@ -1022,7 +1052,9 @@ def pull(
             )
             if bootable:
                 rewritten = existing_stream(repo, OCI_MANIFEST_PREFIX + fetched.manifest_digest)
-                boot_id = ensure_image(repo, fetched.manifest_digest, rewritten, tag, bootable=True)
+                boot_id = ensure_image(
+                    repo, fetched.manifest_digest, rewritten, tag, bootable=True, xattrs=xattrs
+                )
         elif tag is not None:
             tag_image(repo, fetched.manifest_digest, tag)
     log.info(

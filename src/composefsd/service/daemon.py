@@ -106,6 +106,8 @@ from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
 from composefsd.service.rshandles import HandleTable
+from composefsd.service.rsoci import INTERFACE as RS_OCI_INTERFACE
+from composefsd.service.rsoci import RsOciInterface
 from composefsd.service.rsrepository import INTERFACE as RS_REPOSITORY
 from composefsd.service.rsrepository import RsRepositoryInterface
 from composefsd.service.runtime import (
@@ -140,12 +142,20 @@ READ_ONLY_METHODS = frozenset(
         f"{RS_REPOSITORY}.{m}"
         for m in ("OpenRepository", "CloseRepository", "ListImageRefs", "ImageObjects", "Fsck")
     ]
+    + [
+        f"{RS_OCI_INTERFACE}.{m}"
+        for m in ("ListImages", "Inspect", "HasLayer", "GetInfo", "ComputeId", "Check")
+    ]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
     + [f"{OCI_INTERFACE}.Pull"]
     + [f"{RS_REPOSITORY}.{m}" for m in ("Fsck", "Gc")]
+    + [
+        f"{RS_OCI_INTERFACE}.{m}"
+        for m in ("Check", "ComputeId", "Pull", "PutLayer", "FinalizeImage")
+    ]
 )
 #: Seconds running calls get to finish on SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 10.0
@@ -608,6 +618,7 @@ def build_service(
     handles = HandleTable(repo)
     rs_repository = RsRepositoryInterface(iface, handles)
     service._set_interface(RS_REPOSITORY, rs_repository)
+    service._set_interface(RS_OCI_INTERFACE, RsOciInterface(rs_repository))
     return service
 
 

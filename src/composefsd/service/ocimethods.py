@@ -40,10 +40,11 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from composefsd.credentials import Credentials
 from composefsd.kernel.verity import Algorithm
 from composefsd.objectlayout import is_hex_digest
 from composefsd.repository import Progress, Repository, ocipull, reader_lock
@@ -78,9 +79,11 @@ __all__ = [
     "PullReference",
     "image_summary",
     "oci_reply_error",
+    "open_source",
     "parse_image_name",
     "parse_reference",
     "pull_reply_error",
+    "run_pull",
 ]
 
 log = logging.getLogger(__name__)
@@ -366,6 +369,47 @@ def _closing_when_cancelled(
         watcher.join()
 
 
+def open_source(
+    ref: PullReference,
+    options: imageproxy.ProxyOptions,
+    rights: Credentials | None,
+) -> ocipull.ImageSource:
+    """Where a pull reads ``ref`` from: an ``oci:`` layout in-process for a caller
+    with composefsd's own rights (``rights`` None: read beneath its fd here),
+    everything else through skopeo's proxies run with the caller's rights."""
+    if ref.transport == "oci:" and rights is None:
+        assert ref.path is not None
+        return OciLayoutSource.open(ref.path, ref.name)
+    # Several proxies, so that layers are fetched several at a time.
+    return imageproxy.ImageProxyPool(ref.text, options, creds=rights)
+
+
+def run_pull(
+    ctx: CallContext,
+    ref: PullReference,
+    source: ocipull.ImageSource,
+    pull: Callable[[ocipull.ImageSource], ocipull.PullResult],
+) -> ocipull.PullResult:
+    """``pull(source)`` of ``ref`` for the call ``ctx``, ``source`` closed afterwards: a
+    cancelled call (the client gone, the daemon stopping) closes skopeo's proxies
+    under the transfer (:func:`_closing_when_cancelled`) and ends in CallCancelled."""
+    try:
+        # Only skopeo's proxies are closed under a transfer (they are made
+        # for it); a layout's fds are not, whose numbers could be reused.
+        pool = source if isinstance(source, imageproxy.ImageProxyPool) else None
+        with _closing_when_cancelled(ctx, pool):
+            return pull(source)
+    except Exception:
+        if not ctx.cancelled.is_set():
+            raise
+        # The source was closed under the pull: that is why it failed.
+        log.info("pull of %s cancelled for pid %d", _shown(ref.text), ctx.peer.pid)
+        ctx.check_cancelled()
+        raise
+    finally:
+        source.close()
+
+
 def _path_option(value: str | None, field_name: str) -> str | None:
     """An absolute path Pull passes to skopeo (read there with the caller's rights)."""
     if value is None:
@@ -429,36 +473,20 @@ class OciInterface:
         options = imageproxy.ProxyOptions(
             authfile=auth_file, cert_dir=cert_directory, tls_verify=tls_verify, creds=credentials
         )
-        rights = caller_rights(ctx.peer)
         repo = self.repo
         with (
             self.repository._reporter(ctx, _pull_params, _pull_key) as report,
             _pull_mapped(credentials),
         ):
-            if ref.transport == "oci:" and rights is None:
-                # The caller has our rights: read the layout here, beneath its fd.
-                assert ref.path is not None
-                source: ocipull.ImageSource = OciLayoutSource.open(ref.path, ref.name)
-            else:
-                # Several proxies, so that layers are fetched several at a time.
-                source = imageproxy.ImageProxyPool(reference, options, creds=rights)
-            try:
-                # Only skopeo's proxies are closed under a transfer (they are made
-                # for it); a layout's fds are not, whose numbers could be reused.
-                pool = source if isinstance(source, imageproxy.ImageProxyPool) else None
-                with _closing_when_cancelled(ctx, pool):
-                    result = ocipull.pull(
-                        repo, source, tag=tag, bootable=bool(bootable), progress=report
-                    )
-            except Exception:
-                if not ctx.cancelled.is_set():
-                    raise
-                # The source was closed under the pull: that is why it failed.
-                log.info("pull of %s cancelled for pid %d", _shown(reference), ctx.peer.pid)
-                ctx.check_cancelled()
-                raise
-            finally:
-                source.close()
+            source = open_source(ref, options, caller_rights(ctx.peer))
+            result = run_pull(
+                ctx,
+                ref,
+                source,
+                lambda src: ocipull.pull(
+                    repo, src, tag=tag, bootable=bool(bootable), progress=report
+                ),
+            )
         log.info(
             "pulled %s as %s%s for pid %d: image %s",
             _shown(reference),
