@@ -16,9 +16,12 @@ Boots (``--only NAME ...`` runs some of them):
             starts at the first boot mount's connection), both mounted before
             local-fs.target with the source's content, no unit failed,
             varlinkctl info and Verify, the unit's hardening as it runs
-            (composefsd in the host's mount namespace, with a network and
+            (composefsd in the host's mount and network namespaces, with a
             hostname namespace of its own and umask 0077; the boot-mount
-            units sandboxed), a non-root caller's CreateImage read with its
+            units sandboxed), the systemd integration (WatchdogUSec and
+            keep-alives, STATUS=, io.systemd.service.Ping, "systemctl
+            reload" through Reload and failing on a bad composefsd.conf,
+            the registry links of the socket unit), a non-root caller's CreateImage read with its
             rights under the unit's system call filter (a root-only file of
             its tree refused, its own tree imported), ListMounts after a
             daemon restart, and a clean

@@ -88,6 +88,7 @@ from composefsd.image.format import ErofsVersion
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.repository.meta import parse_algorithm
+from composefsd.service import client
 from composefsd.service.activation import (
     describe_socket,
     listen_unix,
@@ -448,6 +449,12 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {SYSTEM_REGISTRY} for root on the default socket)",
     )
     p.add_argument("--no-registry", action="store_true", help="register in no Varlink registry")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="do not serve: ask the composefsd on --listen (default: the default socket) "
+        "to re-read its configuration, and wait for it (the unit's ExecReload=)",
+    )
     _add_limits(p)
     p.add_argument("--version", action=VersionAction)
     return p
@@ -952,9 +959,35 @@ def _register(
     return None
 
 
+#: Seconds --reload waits for the reply (systemd's own TimeoutSec for ExecReload= is 90).
+RELOAD_TIMEOUT = 80.0
+
+
+def _reload_running(listen: str | None) -> int:
+    """``composefsd --reload``: io.systemd.service.Reload on the daemon's socket."""
+    address = listen if listen is not None else str(default_socket_path())
+    try:
+        with client.connect(
+            address if address.startswith("@") else f"unix:{address}",
+            timeout=RELOAD_TIMEOUT,
+            check_directory=listen is None,
+        ) as conn:
+            conn.call(f"{SYSTEMD_INTERFACE}.Reload")
+    except client.VarlinkCallError as exc:
+        message = exc.parameters.get("message")
+        log.error("reload failed: %s", message if isinstance(message, str) else exc)
+        return 1
+    except client.VarlinkClientError as exc:
+        log.error("cannot ask %s to reload: %s", address, exc)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings, args = _Settings.from_argv(argv)
     _setup_logging(args.log_level)
+    if args.reload:
+        return _reload_running(args.listen)
     listener: _Listener | None = None
     registration: Registration | None = None
     sockets: list[socket.socket] = []
