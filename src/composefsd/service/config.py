@@ -8,6 +8,7 @@ are ignored; a later line for the same key wins. Booleans take systemd's
 spellings (``yes``/``no``, ``true``/``false``, ``on``/``off``, ``1``/``0``).
 Options given on the command line win over the file.
 
+``/dev/null`` (or a link to it) is an empty file, as for systemd's own files.
 Only root controls the file: it is refused (:class:`UntrustedConfigError`)
 unless it is a regular file owned by root or by composefsd's own uid, that
 nobody else may write, in a directory that nobody else may write either (else
@@ -143,6 +144,8 @@ def read_config(
         raise ConfigError(path, exc.strerror or str(exc)) from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):
+            return {}  # /dev/null: no settings, as systemd takes a file masked by it
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(path, "not a regular file")
         _check_owner(st, "the file", path, owners)
