@@ -12,17 +12,19 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from servicehelpers import DAEMON, TEST_ALGORITHM, creation_args, short_dir
 
 
 class NotifyListener:
-    """A datagram socket standing in for systemd's notify socket."""
+    """A datagram socket standing in for systemd's notify socket. A thread reads it
+    all the time (as systemd does), so the sender never finds it full."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -32,27 +34,45 @@ class NotifyListener:
         self.messages: list[str] = []
         #: Shown with a failed wait (the daemon's log).
         self.context: Callable[[], str] = lambda: ""
+        self._next = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            if not data and self._closed:
+                return
+            with self._cond:
+                self.messages.append(data.decode())
+                self._cond.notify_all()
 
     def close(self) -> None:
+        self._closed = True
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
         self.sock.close()
 
     def receive(self, timeout: float) -> str | None:
-        """The next message, or None if none comes within ``timeout`` seconds."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return None
-        text = data.decode()
-        self.messages.append(text)
-        return text
+        """The next message not yet taken, or None if none comes within ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._next < len(self.messages), timeout)
+            if self._next >= len(self.messages):
+                return None
+            self._next += 1
+            return self.messages[self._next - 1]
 
     def drain(self) -> list[str]:
-        """What has arrived already, without waiting."""
-        out = []
-        while (text := self.receive(0.001)) is not None:
-            out.append(text)
-        return out
+        """The messages not yet taken, without waiting."""
+        with self._cond:
+            out = self.messages[self._next :]
+            self._next = len(self.messages)
+            return out
 
     def wait_for(
         self,
@@ -60,7 +80,7 @@ class NotifyListener:
         timeout: float = 30.0,
         alive: Callable[[], bool] = lambda: True,
     ) -> str:
-        """The first message (from now on) for which ``predicate`` holds."""
+        """The first message not yet taken for which ``predicate`` holds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.receive(min(0.2, max(0.001, deadline - time.monotonic())))
@@ -85,13 +105,16 @@ class NotifiedDaemon:
     socket: Path
     log: Path
     notify: NotifyListener
-    extra_cleanup: list[Path] = field(default_factory=list)
+    #: The log once the daemon's directory is gone (after :func:`notified_daemon`).
+    saved_log: str | None = None
 
     @property
     def address(self) -> str:
         return str(self.socket)
 
     def log_text(self) -> str:
+        if self.saved_log is not None:
+            return self.saved_log
         return self.log.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -180,9 +203,9 @@ def notified_daemon(
         yield d
     finally:
         status = d.stop()
-        log_text = d.log_text()
+        d.saved_log = d.log_text()
         shutil.rmtree(d.rundir, ignore_errors=True)
-    assert status == 0, f"composefsd exited with {status}; log:\n{log_text}"
+    assert status == 0, f"composefsd exited with {status}; log:\n{d.saved_log}"
 
 
 def write_config(path: Path, text: str, mode: int = 0o644) -> Path:

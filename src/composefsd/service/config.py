@@ -12,7 +12,8 @@ Options given on the command line win over the file.
 Only root controls the file: it is refused (:class:`UntrustedConfigError`)
 unless it is a regular file owned by root or by composefsd's own uid, that
 nobody else may write, in a directory that nobody else may write either (else
-another user could replace it). A file larger than :data:`MAX_CONFIG_SIZE`, not
+another user could replace it; a sticky one like /tmp too: a link could be
+theirs). A file larger than :data:`MAX_CONFIG_SIZE`, not
 UTF-8, or with a line that is not an assignment of a known key is refused with
 :class:`ConfigError` naming the line (and the key).
 
@@ -105,8 +106,8 @@ def parse_config(text: str, path: Path, keys: Iterable[str]) -> dict[str, Config
         if not eq:
             raise ConfigError(path, "not a 'key = value' line", line=number)
         if key not in known:
-            shown = key if key.isprintable() and len(key) <= 64 else repr(key[:64])
-            raise ConfigError(path, f"unknown key {shown!r}", line=number)
+            shown = repr(key[:64]) + ("..." if len(key) > 64 else "")
+            raise ConfigError(path, f"unknown key {shown}", line=number)
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
@@ -121,10 +122,21 @@ def _check_owner(st: os.stat_result, what: str, path: Path, owners: frozenset[in
         raise UntrustedConfigError(
             path, f"{what} is owned by uid {st.st_uid}, not root or composefsd's"
         )
-    if st.st_mode & 0o022 and not (what == "its directory" and st.st_mode & stat.S_ISVTX):
+    if st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode):
         raise UntrustedConfigError(
             path, f"{what} may be written by others (mode {stat.S_IMODE(st.st_mode):04o})"
         )
+
+
+def _check_place(path: Path, owners: frozenset[int]) -> None:
+    """The directories that hold ``path``'s name and, through a symbolic link, its
+    target: someone who could write there could replace the file (a sticky
+    directory like /tmp included: they could have put a link there)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        _check_owner(st, "the symbolic link", path, owners)
+    _check_owner(os.stat(path.absolute().parent), "its directory", path, owners)
+    _check_owner(os.stat(Path(os.path.realpath(path)).parent), "its directory", path, owners)
 
 
 def read_config(
@@ -149,8 +161,7 @@ def read_config(
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(path, "not a regular file")
         _check_owner(st, "the file", path, owners)
-        # The directory the name was found in; a symbolic link is checked at its target.
-        _check_owner(os.stat(Path(os.path.realpath(path)).parent), "its directory", path, owners)
+        _check_place(path, owners)
         if st.st_size > MAX_CONFIG_SIZE:
             raise ConfigError(path, f"larger than {MAX_CONFIG_SIZE} bytes")
         data = os.read(fd, MAX_CONFIG_SIZE + 1)
