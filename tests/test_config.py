@@ -297,7 +297,7 @@ def _as(py: users.UserPython, user: users.TestUser, sock: Path, method: str, par
         timeout=30,
         check=True,
     )
-    return out.stdout.strip()
+    return str(out.stdout).strip()
 
 
 def test_reload_applies(
