@@ -69,8 +69,13 @@ def test_keep_alive_stops_while_the_loop_is_blocked(notify_socket: NotifyListene
     blocked, release = threading.Event(), threading.Event()
     try:
         assert notify_socket.wait_for(lambda m: m == "WATCHDOG=1", 30) == "WATCHDOG=1"
+
         # The test-only hook: a callback that blocks the loop until released.
-        loop.call_soon_threadsafe(lambda: (blocked.set(), release.wait(60)))
+        def block() -> None:
+            blocked.set()
+            release.wait(60)
+
+        loop.call_soon_threadsafe(block)
         assert blocked.wait(30)
         notify_socket.drain()  # sent before the block: every send is synchronous
         # Many intervals, and nothing.
@@ -94,7 +99,12 @@ class _Counts:
 def test_status_reporter_sends_changes_only() -> None:
     sent: list[str] = []
     counts = _Counts()
-    reporter = StatusReporter(counts, send=lambda s: sent.append(s) is None)
+
+    def send(text: str) -> bool:
+        sent.append(text)
+        return True
+
+    reporter = StatusReporter(counts, send=send)
     reporter.update()
     reporter.update()
     counts.connections = 1
