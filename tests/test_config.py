@@ -429,3 +429,18 @@ def test_sockets_unaffected(conf_dir: Path) -> None:
         s = socket.socket(socket.AF_UNIX)
         s.connect(d.address)
         s.close()
+
+
+def test_man_page_names_every_key() -> None:
+    """man/composefsd.conf.5 documents every key, and says which need a restart."""
+    from composefsd.service.daemon import _RESTART_KEYS
+
+    text = (Path(__file__).resolve().parent.parent / "man" / "composefsd.conf.5").read_text()
+    keys_part, _, restart_part = text.partition("These take effect only when composefsd starts")
+    restart_part = restart_part.partition(".SH RELOADING")[0]
+    documented_restart = {
+        line.split()[1] for line in restart_part.splitlines() if line.startswith(".BR ")
+    }
+    assert documented_restart == set(_RESTART_KEYS)
+    for key in CONFIG_KEYS - _RESTART_KEYS:
+        assert f'"{key} = ' in keys_part or f", {key} = " in keys_part, key

@@ -6,6 +6,8 @@ and io.composefs.Oci for OCI images, on the same sockets).
     composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
                [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
                [--algorithm ALG] [--erofs-version N] [--runtime-dir DIR] [limits]
+               [--config PATH] [--registry-dir DIR | --no-registry]
+    composefsd --reload [--listen PATH]
 
 * **Repository**: ``--repo``, else ``$COMPOSEFSD_REPOSITORY``, else
   ``/sysroot/composefs`` for root and ``~/.var/lib/composefs`` otherwise; created
@@ -46,6 +48,25 @@ and io.composefs.Oci for OCI images, on the same sockets).
   soft limit on open files is raised to the hard one at start (the unit sets
   ``LimitNOFILE``), and ``--max-connections`` is lowered to leave 256 of them
   for everything else, so that the file limit is never what locks root out.
+* **Configuration** (:mod:`composefsd.service.config`, composefsd.conf(5)):
+  ``/etc/composefs/composefsd.conf`` or ``--config PATH`` holds ``key = value``
+  lines named after the long options; the command line wins over it. Reload
+  (``io.systemd.service.Reload``, :mod:`composefsd.service.systemdservice`),
+  SIGHUP and ``composefsd --reload`` (the unit's ExecReload=, which calls Reload
+  and waits) re-read it on the event loop and apply what can change while
+  running (the log level, ``group``, ``restrict-read``, ``idle-timeout``, the
+  connection and message limits, ``max-source-entries``); the other keys
+  (:data:`_RESTART_KEYS`: the repository, the sockets, the worker counts, ...)
+  are logged as needing a restart. A bad file leaves everything as it was and
+  fails the reload with ``io.composefs.Repository.SystemError`` (``EINVAL``,
+  naming the file, line and key). Around it: ``RELOADING=1`` with
+  ``MONOTONIC_USEC=``, then ``READY=1`` (systemd's notify-reload protocol).
+* **systemd**: ``io.systemd.service`` on every socket (Ping; Reload,
+  SetLogLevel, GetEnvironment for root and the daemon's uid only, as systemd
+  has it); the watchdog and ``STATUS=`` lines (:mod:`composefsd.service.watchdog`);
+  a socket composefsd binds itself is registered in a Varlink registry
+  (:mod:`composefsd.service.registry`): ``--registry-dir``, else
+  ``/run/varlink/registry`` for root on the default socket; ``--no-registry``.
 * **Life cycle**: sd_notify ``READY=1`` once serving, ``STOPPING=1`` when SIGTERM
   or SIGINT arrives; running calls then get up to 10 s to finish and are
   cancelled after that (long operations stop at their next progress point and
