@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
 OCI = "io.composefs.Oci"
+SYSTEMD = "io.systemd.service"
 OCI_IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Oci.varlink"
 OCI_METHODS = ["Inspect", "ListImages", "Mount", "Pull", "Tag", "Untag"]
 METHODS = [
@@ -113,15 +114,15 @@ def test_info(varlinkctl: str, daemon: Daemon) -> None:
         "Product": ["composefsd"],
         "Version": [composefsd.version()],
         "URL": ["https://github.com/containers/composefs"],
-        "Interfaces": [OCI, IFACE, "org.varlink.service"],
+        "Interfaces": [OCI, IFACE, SYSTEMD, "org.varlink.service"],
     }
     doc = json.loads(_vctl(varlinkctl, "--json=short", "info", f"unix:{daemon.address}").stdout)
-    assert sorted(doc["interfaces"]) == [OCI, IFACE, "org.varlink.service"]
+    assert sorted(doc["interfaces"]) == [OCI, IFACE, SYSTEMD, "org.varlink.service"]
 
 
 def test_list_interfaces_and_methods(varlinkctl: str, daemon: Daemon) -> None:
     out = _vctl(varlinkctl, "list-interfaces", daemon.address).stdout
-    assert out.split() == [OCI, IFACE, "org.varlink.service"]
+    assert out.split() == [OCI, IFACE, SYSTEMD, "org.varlink.service"]
     out = _vctl(varlinkctl, "list-methods", daemon.address, IFACE).stdout
     assert out.split() == [f"{IFACE}.{m}" for m in METHODS]
     out = _vctl(varlinkctl, "list-methods", daemon.address, OCI).stdout
@@ -300,6 +301,7 @@ def test_exec_activation(varlinkctl: str, tmp_path: Path, tree: Path) -> None:
     assert _vctl(varlinkctl, "list-interfaces", address).stdout.split() == [
         OCI,
         IFACE,
+        SYSTEMD,
         "org.varlink.service",
     ]
     assert _error(varlinkctl, address, f"{IFACE}.Mount", {"image": "nope", "where": str(tmp_path)})[
