@@ -808,7 +808,14 @@ class _Daemon:
             return
         future = asyncio.run_coroutine_threadsafe(self._reload_async(), loop)
         try:
-            future.result()
+            # Bounded: a loop that is shutting down may never run it, and a worker
+            # waiting for ever would hold up the exit.
+            future.result(RELOAD_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise VarlinkReplyError(
+                SYSTEM_ERROR, {"errnoName": "ETIMEDOUT", "message": "the reload did not run"}
+            ) from None
         except ConfigError as exc:
             raise VarlinkReplyError(
                 SYSTEM_ERROR, {"errnoName": "EINVAL", "message": str(exc)}
