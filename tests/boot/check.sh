@@ -15,7 +15,8 @@
 # raw data in /sdvm/out/ for run_boots.py to check the rest (unit timestamps,
 # the journal, Python processes): exec-trace.txt, units.txt, mountinfo.txt,
 # NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json,
-# composefsd-ns-{mnt,net,uts}.txt, systemd.txt, reload.txt, ping.json, restart.txt,
+# composefsd-ns-{mnt,net,uts}.txt, systemd.txt, reload.txt, ping.json, pull.json,
+# registry.log, restart.txt,
 # mounts-after.json, check-times.txt.
 set -u
 mode=$1 data=$2 vctl=$3
@@ -189,6 +190,25 @@ if [ -e /run/varlink/registry/io.systemd.service ] || [ -e /run/varlink/registry
     fail "io.systemd.service or org.varlink.service is registered"
 fi
 stamp systemd
+
+# OCI Pull from a registry (docker://) under the unit: skopeo, composefsd's
+# child, reaches the registry on 127.0.0.1 (a network namespace of the
+# service's own would have a loopback of its own, with nothing listening).
+docker-registry serve "$data/registry.yml" >"$O/registry.log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null && break
+    sleep 0.2
+done
+if "$vctl" call "$S" io.composefs.Oci.Pull \
+    '{"reference":"docker://127.0.0.1:5000/test/pulled:v1","tlsVerify":false,"tag":"pulled"}' \
+    >"$O/pull.json" 2>&1 && grep -q '"imageId"' "$O/pull.json"; then
+    ok "OCI Pull from a registry on 127.0.0.1 works under the unit"
+else
+    fail "OCI Pull from a registry under the unit: $(cat "$O/pull.json") $(cat "$O/registry.log")"
+fi
+kill "$reg_pid" 2>/dev/null
+stamp pull
 
 # A caller other than root (uid 4711, in composefsd --group cfsboot, which may
 # use the socket) gets, under the unit's system call filter, exactly the files

@@ -21,7 +21,9 @@ Boots (``--only NAME ...`` runs some of them):
             units sandboxed), the systemd integration (WatchdogUSec and
             keep-alives, STATUS=, io.systemd.service.Ping, "systemctl
             reload" through Reload and failing on a bad composefsd.conf,
-            the registry links of the socket unit), a non-root caller's CreateImage read with its
+            the registry links of the socket unit), an OCI Pull from a
+            registry (docker-registry on the guest's 127.0.0.1) under the
+            unit's network settings, a non-root caller's CreateImage read with its
             rights under the unit's system call filter (a root-only file of
             its tree refused, its own tree imported), ListMounts after a
             daemon restart, and a clean
@@ -628,6 +630,35 @@ def check_required(ck: Checks, boot: Boot, out: Path, lines: list[Line], wrong: 
 # ---------------------------------------------------------------- main --
 
 
+#: Where the happy boot's guest serves a registry on its own loopback: a pull
+#: from it goes through the unit's network settings (a network namespace of the
+#: service's own, as before, would have a loopback without it).
+GUEST_REGISTRY = "127.0.0.1:5000"
+PULLED_FILE = ("etc/pulled.txt", b"pulled from a registry\n")
+
+
+def registry_data(work: Path, data: Path) -> None:
+    """DATA/registry: the storage of a registry holding test/pulled:v1 (one layer,
+    PULLED_FILE) and the config the guest serves it with, read-only."""
+    sys.path.insert(0, str(HERE.parent))
+    from registry import running_registry, write_layout  # tests/registry.py
+
+    layout = work / "pull-layout"
+    write_layout(layout, {"v1": [[PULLED_FILE]]})
+    with running_registry(work / "pull-registry") as reg:
+        reg.push(f"oci:{layout}:v1", "test/pulled", "v1")
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(work / "pull-registry" / "storage")},
+            "maintenance": {"uploadpurging": {"enabled": False}, "readonly": {"enabled": True}},
+        },
+        "http": {"addr": GUEST_REGISTRY, "secret": "composefsd-boot-test"},
+    }
+    (data / "registry.yml").write_text(json.dumps(config))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -727,6 +758,8 @@ def main() -> int:
             "".join(f"{w} {img.name} {img.ref}\n" for w, img in boot.expect)
         )
         (data / "absent").write_text("".join(f"{w}\n" for w in boot.absent))
+        if name == "happy":
+            registry_data(work, data)
 
         cmd = [args.systemd_vm]
         for ov in overlays:

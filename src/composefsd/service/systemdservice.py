@@ -13,7 +13,10 @@ systemd's rules for each (``src/shared/varlink-io.systemd.service.c``):
   (:data:`OWNER_ONLY_METHODS`).
 * **SetLogLevel** takes a BSD syslog level, 0 (emerg) to 7 (debug); null means
   info (sd-varlink's ``json_dispatch_log_level`` without its strict flag); any
-  other value is ``org.varlink.service.InvalidParameter``.
+  other value is ``org.varlink.service.InvalidParameter``. (systemd also refuses
+  a call without ``level`` at all; here, where the validator gives a missing
+  nullable field as None, that means info too.) Python has no notice level: 5
+  lets through what 4 does.
 * **GetEnvironment** returns the process's environment as ``NAME=value`` strings;
   one that is not a valid assignment or not UTF-8 makes it
   ``io.systemd.service.InconsistentEnvironment``, as in systemd.
