@@ -197,11 +197,11 @@ stamp systemd
 docker-registry serve "$data/registry.yml" >"$O/registry.log" 2>&1 &
 reg_pid=$!
 for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/5000) 2>/dev/null && break
+    (exec 3<>/dev/tcp/127.0.0.1/47123) 2>/dev/null && break
     sleep 0.2
 done
 if "$vctl" call "$S" io.composefs.Oci.Pull \
-    '{"reference":"docker://127.0.0.1:5000/test/pulled:v1","tlsVerify":false,"tag":"pulled"}' \
+    '{"reference":"docker://127.0.0.1:47123/test/pulled:v1","tlsVerify":false,"tag":"pulled"}' \
     >"$O/pull.json" 2>&1 && grep -q '"imageId"' "$O/pull.json"; then
     ok "OCI Pull from a registry on 127.0.0.1 works under the unit"
 else

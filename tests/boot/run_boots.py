@@ -44,6 +44,7 @@ stdout; exit status 0 when every check passed.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -51,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -632,9 +634,25 @@ def check_required(ck: Checks, boot: Boot, out: Path, lines: list[Line], wrong: 
 
 #: Where the happy boot's guest serves a registry on its own loopback: a pull
 #: from it goes through the unit's network settings (a network namespace of the
-#: service's own, as before, would have a loopback without it).
-GUEST_REGISTRY = "127.0.0.1:5000"
-PULLED_FILE = ("etc/pulled.txt", b"pulled from a registry\n")
+#: service's own, as before, would have a loopback without it). Not 5000: the
+#: guest boots the host's system, where Debian's docker-registry.service may
+#: be enabled on that port.
+GUEST_REGISTRY = "127.0.0.1:47123"
+PULLED_FILE = ("usr/pulled.txt", b"pulled from a registry\n")
+
+
+def _pulled_layer() -> bytes:
+    """A layer with PULLED_FILE and its directory (an image needs a /usr)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        usr = tarfile.TarInfo("usr")
+        usr.type, usr.mode, usr.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(usr)
+        name, content = PULLED_FILE
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(content), 0o644, 1_700_000_000
+        tar.addfile(info, io.BytesIO(content))
+    return out.getvalue()
 
 
 def registry_data(work: Path, data: Path) -> None:
@@ -644,7 +662,7 @@ def registry_data(work: Path, data: Path) -> None:
     from registry import running_registry, write_layout  # tests/registry.py
 
     layout = work / "pull-layout"
-    write_layout(layout, {"v1": [[PULLED_FILE]]})
+    write_layout(layout, {"v1": [_pulled_layer()]})
     with running_registry(work / "pull-registry") as reg:
         reg.push(f"oci:{layout}:v1", "test/pulled", "v1")
     config = {
