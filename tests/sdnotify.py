@@ -131,6 +131,8 @@ class NotifiedDaemon:
             time.sleep(0.05)
 
     def stop(self) -> int:
+        """SIGTERM, wait, keep the log and remove the daemon's directory; the exit
+        status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -138,7 +140,10 @@ class NotifiedDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.notify.close()
+        if self.saved_log is None:
+            self.notify.close()
+            self.saved_log = self.log_text()
+            shutil.rmtree(self.rundir, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -203,8 +208,6 @@ def notified_daemon(
         yield d
     finally:
         status = d.stop()
-        d.saved_log = d.log_text()
-        shutil.rmtree(d.rundir, ignore_errors=True)
     assert status == 0, f"composefsd exited with {status}; log:\n{d.saved_log}"
 
 
