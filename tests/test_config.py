@@ -23,6 +23,7 @@ from composefsd.service.config import (
     MAX_CONFIG_SIZE,
     ConfigError,
     UntrustedConfigError,
+    default_config_path,
     parse_boolean,
     parse_config,
     read_config,
@@ -444,3 +445,47 @@ def test_man_page_names_every_key() -> None:
     assert documented_restart == set(_RESTART_KEYS)
     for key in CONFIG_KEYS - _RESTART_KEYS:
         assert f'"{key} = ' in keys_part or f", {key} = " in keys_part, key
+
+
+def test_default_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Root's composefsd reads /etc's file; another user's its own, never root's."""
+    assert default_config_path(0) == Path("/etc/composefs/composefsd.conf")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "/home/u/cfg")
+    assert default_config_path(1000) == Path("/home/u/cfg/composefs/composefsd.conf")
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relative/cfg")  # ignored, as the spec says
+    monkeypatch.setenv("HOME", "/home/u")
+    assert default_config_path(1000) == Path("/home/u/.config/composefs/composefsd.conf")
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    assert default_config_path(1000) == Path("/home/u/.config/composefs/composefsd.conf")
+
+
+def test_unreadable_default(
+    test_users: TestUsers, user_python: users.UserPython, tmp_path: Path
+) -> None:
+    """A default file this uid may not look at is no settings (with a warning); one
+    named with --config is an error."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    path = write_config(private / "c.conf", "group = root\n")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from composefsd.service.config import ConfigError, read_config\n"
+        "p = Path(sys.argv[1])\n"
+        "print(read_config(p, ['group'], required=False))\n"
+        "try:\n"
+        "    read_config(p, ['group'], required=True)\n"
+        "except ConfigError as e:\n"
+        "    print('error:', e.reason)\n"
+    )
+    out = users.run_as(
+        test_users.bob,
+        user_python.command("-c", script, str(path)),
+        env=user_python.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.splitlines() == ["{}", "error: Permission denied"]
+    assert "no settings from it" in out.stderr

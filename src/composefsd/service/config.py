@@ -1,5 +1,6 @@
 """composefsd's configuration file, ``/etc/composefs/composefsd.conf``
-(composefsd.conf(5)).
+(composefsd.conf(5); for a composefsd run by another user,
+``~/.config/composefs/composefsd.conf``: :func:`default_config_path`).
 
 One setting per line, ``key = value``, where the key is the long option of
 the same name without its ``--`` (``group = wheel``, ``max-connections = 64``,
@@ -25,6 +26,7 @@ types, choices and checks: one home for each option's rules).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -38,13 +40,32 @@ __all__ = [
     "ConfigError",
     "ConfigValue",
     "UntrustedConfigError",
+    "default_config_path",
     "parse_boolean",
     "parse_config",
     "read_config",
     "settings_from",
 ]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CONFIG: Final = Path("/etc/composefs/composefsd.conf")
+_USER_CONFIG: Final = Path("composefs") / "composefsd.conf"
+
+
+def default_config_path(uid: int | None = None) -> Path:
+    """The file composefsd reads without ``--config``: :data:`DEFAULT_CONFIG` for
+    root; another user's composefsd (its own repository, its own socket) reads
+    ``$XDG_CONFIG_HOME/composefs/composefsd.conf`` (``~/.config`` by default), not
+    the system daemon's settings."""
+    if (os.geteuid() if uid is None else uid) == 0:
+        return DEFAULT_CONFIG
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / _USER_CONFIG
+
+
 #: Far more than every key with a long value; a larger file is a mistake or an attack.
 MAX_CONFIG_SIZE: Final = 64 << 10
 
@@ -148,9 +169,16 @@ def read_config(
     owners = frozenset({0, os.geteuid()}) if owners is None else owners
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         if required:
             raise ConfigError(path, "no such file") from None
+        return {}
+    except PermissionError as exc:
+        if required:
+            raise ConfigError(path, exc.strerror or str(exc)) from None
+        # A default path this uid cannot even look at (a $HOME of someone
+        # else's) holds nothing meant for it.
+        log.warning("cannot read %s (%s): no settings from it", path, exc.strerror)
         return {}
     except OSError as exc:
         raise ConfigError(path, exc.strerror or str(exc)) from None

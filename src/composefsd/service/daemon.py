@@ -49,7 +49,8 @@ and io.composefs.Oci for OCI images, on the same sockets).
   ``LimitNOFILE``), and ``--max-connections`` is lowered to leave 256 of them
   for everything else, so that the file limit is never what locks root out.
 * **Configuration** (:mod:`composefsd.service.config`, composefsd.conf(5)):
-  ``/etc/composefs/composefsd.conf`` or ``--config PATH`` holds ``key = value``
+  ``/etc/composefs/composefsd.conf`` (another user's: ``~/.config/composefs/``) or
+  ``--config PATH`` holds ``key = value``
   lines named after the long options; the command line wins over it. Reload
   (``io.systemd.service.Reload``, :mod:`composefsd.service.systemdservice`),
   SIGHUP and ``composefsd --reload`` (the unit's ExecReload=, which calls Reload
@@ -119,6 +120,7 @@ from composefsd.service.activation import (
 from composefsd.service.config import (
     DEFAULT_CONFIG,
     ConfigError,
+    default_config_path,
     option_actions,
     read_config,
     settings_from,
@@ -460,7 +462,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         metavar="PATH",
-        help=f"configuration file (default {DEFAULT_CONFIG}, if it exists); "
+        help=f"configuration file (default {DEFAULT_CONFIG} for root, "
+        "~/.config/composefs/composefsd.conf for others, if it exists); "
         "options given here win over it",
     )
     p.add_argument(
@@ -557,7 +560,7 @@ class _Settings:
             parser,
             defaults=vars(parser.parse_args([])),
             explicit=explicit,
-            config=Path(args.config) if args.config is not None else DEFAULT_CONFIG,
+            config=Path(args.config) if args.config is not None else default_config_path(),
             config_required=args.config is not None,
         )
         return settings, args
