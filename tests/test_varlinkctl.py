@@ -33,12 +33,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 IFACE = "io.composefs.Repository"
 IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Repository.varlink"
 OCI = "io.composefs.Oci"
+SYSTEMD = "io.systemd.service"
 OCI_IDL = Path(composefsd.__file__).parent / "service" / "io.composefs.Oci.varlink"
 OCI_METHODS = ["Inspect", "ListImages", "Mount", "Pull", "Tag", "Untag"]
 RS_REPOSITORY = "org.composefs.Repository"
 RS_OCI = "org.composefs.Oci"
 #: Every interface composefsd serves, as varlinkctl lists them (sorted).
-INTERFACES = sorted([OCI, IFACE, RS_OCI, RS_REPOSITORY, "org.varlink.service"])
+INTERFACES = sorted([OCI, IFACE, SYSTEMD, RS_OCI, RS_REPOSITORY, "org.varlink.service"])
 METHODS = [
     "CreateImage",
     "Describe",

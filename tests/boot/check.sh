@@ -15,7 +15,9 @@
 # raw data in /sdvm/out/ for run_boots.py to check the rest (unit timestamps,
 # the journal, Python processes): exec-trace.txt, units.txt, mountinfo.txt,
 # NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json,
-# composefsd-ns-{mnt,net,uts}.txt, restart.txt, mounts-after.json, check-times.txt.
+# composefsd-ns-{mnt,net,uts}.txt, systemd.txt, reload.txt, ping.json, pull.json,
+# registry.log, restart.txt,
+# mounts-after.json, check-times.txt.
 set -u
 mode=$1 data=$2 vctl=$3
 O=/sdvm/out
@@ -115,8 +117,9 @@ fi
 "$vctl" call "$S" "$I.ListMounts" '{}' >"$O/mounts-before.json" 2>&1 || fail "ListMounts: $(cat "$O/mounts-before.json")"
 stamp varlink
 
-# The unit's hardening: the host's mount namespace (its mounts are everyone's),
-# a network namespace and hostname namespace of its own, umask 0077.
+# The unit's hardening: the host's mount namespace (its mounts are everyone's)
+# and network namespace (skopeo pulls from registries), a hostname namespace of
+# its own, umask 0077.
 pid=$(systemctl show -p MainPID --value composefsd.service)
 for ns in mnt net uts; do
     readlink "/proc/$pid/ns/$ns" >"$O/composefsd-ns-$ns.txt" 2>&1
@@ -127,16 +130,85 @@ if cmp -s <(sed -n 1p "$O/composefsd-ns-mnt.txt") <(sed -n 2p "$O/composefsd-ns-
 else
     fail "composefsd (pid $pid) has a mount namespace of its own: $(tr '\n' ' ' <"$O/composefsd-ns-mnt.txt")"
 fi
-for ns in net uts; do
-    if [ "$(sort -u "$O/composefsd-ns-$ns.txt" | wc -l)" = 2 ]; then
-        ok "composefsd has a $ns namespace of its own"
-    else
-        fail "composefsd shares the host's $ns namespace: $(tr '\n' ' ' <"$O/composefsd-ns-$ns.txt")"
-    fi
-done
+if [ "$(sort -u "$O/composefsd-ns-net.txt" | wc -l)" = 1 ]; then
+    ok "composefsd runs in the host's network namespace (for skopeo's pulls)"
+else
+    fail "composefsd has a network namespace of its own: $(tr '\n' ' ' <"$O/composefsd-ns-net.txt")"
+fi
+if [ "$(sort -u "$O/composefsd-ns-uts.txt" | wc -l)" = 2 ]; then
+    ok "composefsd has a uts namespace of its own"
+else
+    fail "composefsd shares the host's uts namespace: $(tr '\n' ' ' <"$O/composefsd-ns-uts.txt")"
+fi
 umask_line=$(grep '^Umask:' "/proc/$pid/status")
 if [ "$umask_line" = "Umask:	0077" ]; then ok "composefsd runs with umask 0077"; else fail "composefsd: $umask_line"; fi
 stamp hardening
+
+# systemd integration: the watchdog is on, io.systemd.service answers,
+# "systemctl reload" goes through Reload (the daemon keeps its pid), and the
+# socket unit registered the interfaces in /run/varlink/registry.
+systemctl show -p WatchdogUSec,WatchdogTimestampMonotonic,StatusText,MainPID composefsd.service >"$O/systemd.txt" 2>&1
+if grep -q '^WatchdogUSec=3min$' "$O/systemd.txt" && ! grep -q '^WatchdogTimestampMonotonic=0$' "$O/systemd.txt"; then
+    ok "the watchdog is on (3min) and composefsd has sent keep-alives"
+else
+    fail "watchdog: $(tr '\n' ' ' <"$O/systemd.txt")"
+fi
+if grep -q '^StatusText=serving ' "$O/systemd.txt"; then
+    ok "STATUS: $(grep '^StatusText=' "$O/systemd.txt" | cut -d= -f2-)"
+else
+    fail "no STATUS= line: $(tr '\n' ' ' <"$O/systemd.txt")"
+fi
+if "$vctl" call "$S" io.systemd.service.Ping '{}' >"$O/ping.json" 2>&1; then
+    ok "varlinkctl call io.systemd.service.Ping: $(tr -d '\n' <"$O/ping.json")"
+else
+    fail "io.systemd.service.Ping: $(cat "$O/ping.json")"
+fi
+mkdir -p /etc/composefs
+printf 'log-level = debug\n' >/etc/composefs/composefsd.conf
+if systemctl reload composefsd.service >"$O/reload.txt" 2>&1 &&
+    [ "$(systemctl show -p MainPID --value composefsd.service)" = "$pid" ] &&
+    [ "$(systemctl show -p ActiveState --value composefsd.service)" = active ]; then
+    ok "systemctl reload composefsd.service (same pid $pid, active)"
+else
+    fail "systemctl reload composefsd.service: $(cat "$O/reload.txt")"
+fi
+printf 'log-level = loud\n' >/etc/composefs/composefsd.conf
+if systemctl reload composefsd.service >>"$O/reload.txt" 2>&1; then
+    fail "systemctl reload with a bad composefsd.conf succeeded"
+else
+    ok "systemctl reload with a bad composefsd.conf fails (the daemon stays: $(systemctl show -p ActiveState --value composefsd.service))"
+fi
+rm -f /etc/composefs/composefsd.conf
+for name in io.composefs.Repository io.composefs.Oci org.composefs.Repository org.composefs.Oci; do
+    if [ "$(readlink "/run/varlink/registry/$name")" = /run/composefs/io.composefs.Repository ]; then
+        ok "/run/varlink/registry/$name links to the socket"
+    else
+        fail "/run/varlink/registry/$name: $(ls -l /run/varlink/registry 2>&1 | tr '\n' ' ')"
+    fi
+done
+if [ -e /run/varlink/registry/io.systemd.service ] || [ -e /run/varlink/registry/org.varlink.service ]; then
+    fail "io.systemd.service or org.varlink.service is registered"
+fi
+stamp systemd
+
+# OCI Pull from a registry (docker://) under the unit: skopeo, composefsd's
+# child, reaches the registry on 127.0.0.1 (a network namespace of the
+# service's own would have a loopback of its own, with nothing listening).
+docker-registry serve "$data/registry.yml" >"$O/registry.log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/47123) 2>/dev/null && break
+    sleep 0.2
+done
+if "$vctl" call "$S" io.composefs.Oci.Pull \
+    '{"reference":"docker://127.0.0.1:47123/test/pulled:v1","tlsVerify":false,"tag":"pulled"}' \
+    >"$O/pull.json" 2>&1 && grep -q '"imageId"' "$O/pull.json"; then
+    ok "OCI Pull from a registry on 127.0.0.1 works under the unit"
+else
+    fail "OCI Pull from a registry under the unit: $(cat "$O/pull.json") $(cat "$O/registry.log")"
+fi
+kill "$reg_pid" 2>/dev/null
+stamp pull
 
 # A caller other than root (uid 4711, in composefsd --group cfsboot, which may
 # use the socket) gets, under the unit's system call filter, exactly the files

@@ -16,9 +16,14 @@ Boots (``--only NAME ...`` runs some of them):
             starts at the first boot mount's connection), both mounted before
             local-fs.target with the source's content, no unit failed,
             varlinkctl info and Verify, the unit's hardening as it runs
-            (composefsd in the host's mount namespace, with a network and
+            (composefsd in the host's mount and network namespaces, with a
             hostname namespace of its own and umask 0077; the boot-mount
-            units sandboxed), a non-root caller's CreateImage read with its
+            units sandboxed), the systemd integration (WatchdogUSec and
+            keep-alives, STATUS=, io.systemd.service.Ping, "systemctl
+            reload" through Reload and failing on a bad composefsd.conf,
+            the registry links of the socket unit), an OCI Pull from a
+            registry (docker-registry on the guest's 127.0.0.1) under the
+            unit's network settings, a non-root caller's CreateImage read with its
             rights under the unit's system call filter (a root-only file of
             its tree refused, its own tree imported), ListMounts after a
             daemon restart, and a clean
@@ -39,6 +44,7 @@ stdout; exit status 0 when every check passed.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -46,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -625,6 +632,51 @@ def check_required(ck: Checks, boot: Boot, out: Path, lines: list[Line], wrong: 
 # ---------------------------------------------------------------- main --
 
 
+#: Where the happy boot's guest serves a registry on its own loopback: a pull
+#: from it goes through the unit's network settings (a network namespace of the
+#: service's own, as before, would have a loopback without it). Not 5000: the
+#: guest boots the host's system, where Debian's docker-registry.service may
+#: be enabled on that port.
+GUEST_REGISTRY = "127.0.0.1:47123"
+PULLED_FILE = ("usr/pulled.txt", b"pulled from a registry\n")
+
+
+def _pulled_layer() -> bytes:
+    """A layer with PULLED_FILE and its directory (an image needs a /usr)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        usr = tarfile.TarInfo("usr")
+        usr.type, usr.mode, usr.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+        tar.addfile(usr)
+        name, content = PULLED_FILE
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(content), 0o644, 1_700_000_000
+        tar.addfile(info, io.BytesIO(content))
+    return out.getvalue()
+
+
+def registry_data(work: Path, data: Path) -> None:
+    """DATA/registry: the storage of a registry holding test/pulled:v1 (one layer,
+    PULLED_FILE) and the config the guest serves it with, read-only."""
+    sys.path.insert(0, str(HERE.parent))
+    from registry import running_registry, write_layout  # tests/registry.py
+
+    layout = work / "pull-layout"
+    write_layout(layout, {"v1": [_pulled_layer()]})
+    with running_registry(work / "pull-registry") as reg:
+        reg.push(f"oci:{layout}:v1", "test/pulled", "v1")
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(work / "pull-registry" / "storage")},
+            "maintenance": {"uploadpurging": {"enabled": False}, "readonly": {"enabled": True}},
+        },
+        "http": {"addr": GUEST_REGISTRY, "secret": "composefsd-boot-test"},
+    }
+    (data / "registry.yml").write_text(json.dumps(config))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -724,6 +776,8 @@ def main() -> int:
             "".join(f"{w} {img.name} {img.ref}\n" for w, img in boot.expect)
         )
         (data / "absent").write_text("".join(f"{w}\n" for w in boot.absent))
+        if name == "happy":
+            registry_data(work, data)
 
         cmd = [args.systemd_vm]
         for ov in overlays:

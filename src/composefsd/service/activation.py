@@ -211,7 +211,8 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(target)
-            sock.sendall(state.encode())
+            # Never wait: a notify socket nobody reads must not stop the event loop.
+            sock.send(state.encode(), socket.MSG_DONTWAIT)
     except OSError as e:
         log.warning("sd_notify(%s) to %s: %s", state, address, e)
         return False

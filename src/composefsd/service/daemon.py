@@ -6,6 +6,8 @@ and io.composefs.Oci for OCI images, on the same sockets).
     composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
                [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
                [--algorithm ALG] [--erofs-version N] [--runtime-dir DIR] [limits]
+               [--config PATH] [--registry-dir DIR | --no-registry]
+    composefsd --reload [--listen PATH]
 
 * **Repository**: ``--repo``, else ``$COMPOSEFSD_REPOSITORY``, else
   ``/sysroot/composefs`` for root and ``~/.var/lib/composefs`` otherwise; created
@@ -51,6 +53,26 @@ and io.composefs.Oci for OCI images, on the same sockets).
   soft limit on open files is raised to the hard one at start (the unit sets
   ``LimitNOFILE``), and ``--max-connections`` is lowered to leave 256 of them
   for everything else, so that the file limit is never what locks root out.
+* **Configuration** (:mod:`composefsd.service.config`, composefsd.conf(5)):
+  ``/etc/composefs/composefsd.conf`` (another user's: ``~/.config/composefs/``) or
+  ``--config PATH`` holds ``key = value``
+  lines named after the long options; the command line wins over it. Reload
+  (``io.systemd.service.Reload``, :mod:`composefsd.service.systemdservice`),
+  SIGHUP and ``composefsd --reload`` (the unit's ExecReload=, which calls Reload
+  and waits) re-read it on the event loop and apply what can change while
+  running (the log level, ``group``, ``restrict-read``, ``idle-timeout``, the
+  connection and message limits, ``max-source-entries``); the other keys
+  (:data:`_RESTART_KEYS`: the repository, the sockets, the worker counts, ...)
+  are logged as needing a restart. A bad file leaves everything as it was and
+  fails the reload with ``io.composefs.Repository.SystemError`` (``EINVAL``,
+  naming the file, line and key). Around it: ``RELOADING=1`` with
+  ``MONOTONIC_USEC=``, then ``READY=1`` (systemd's notify-reload protocol).
+* **systemd**: ``io.systemd.service`` on every socket (Ping; Reload,
+  SetLogLevel, GetEnvironment for root and the daemon's uid only, as systemd
+  has it); the watchdog and ``STATUS=`` lines (:mod:`composefsd.service.watchdog`);
+  a socket composefsd binds itself is registered in a Varlink registry
+  (:mod:`composefsd.service.registry`): ``--registry-dir``, else
+  ``/run/varlink/registry`` for root on the default socket; ``--no-registry``.
 * **Life cycle**: sd_notify ``READY=1`` once serving, ``STOPPING=1`` when SIGTERM
   or SIGINT arrives; running calls then get up to 10 s to finish and are
   cancelled after that (long operations stop at their next progress point and
@@ -80,7 +102,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,18 +115,28 @@ from composefsd.image.format import ErofsVersion
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import NotARepositoryError, Repository, RepositoryError, default_path
 from composefsd.repository.meta import parse_algorithm
+from composefsd.service import client
 from composefsd.service.activation import (
     describe_socket,
     listen_unix,
     notify,
     sockets_from_environment,
 )
-from composefsd.service.context import Peer
+from composefsd.service.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    default_config_path,
+    option_actions,
+    read_config,
+    settings_from,
+)
+from composefsd.service.context import Peer, VarlinkReplyError
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
+from composefsd.service.registry import SYSTEM_REGISTRY, Registration, register
 from composefsd.service.rshandles import HandleTable
 from composefsd.service.rsoci import INTERFACE as RS_OCI_INTERFACE
 from composefsd.service.rsoci import RsOciInterface
@@ -116,6 +148,12 @@ from composefsd.service.runtime import (
     default_runtime_dir,
     default_socket_path,
 )
+from composefsd.service.systemdservice import INTERFACE as SYSTEMD_INTERFACE
+from composefsd.service.systemdservice import (
+    OWNER_ONLY_METHODS,
+    SystemdServiceInterface,
+    set_log_level,
+)
 from composefsd.service.transport import (
     DEFAULT_HEAVY_CALLS_PER_UID,
     DEFAULT_HEAVY_WORKERS,
@@ -126,8 +164,11 @@ from composefsd.service.transport import (
     DEFAULT_MESSAGE_TIMEOUT,
     DEFAULT_WORKERS,
     DEFAULT_WORKERS_PER_UID,
+    SYSTEM_ERROR,
+    Authorizer,
     Server,
 )
+from composefsd.service.watchdog import StatusReporter, keep_alive, watchdog_interval
 
 __all__ = ["HEAVY_METHODS", "READ_ONLY_METHODS", "Authorization", "main"]
 
@@ -146,6 +187,7 @@ READ_ONLY_METHODS = frozenset(
         f"{RS_OCI_INTERFACE}.{m}"
         for m in ("ListImages", "Inspect", "HasLayer", "GetInfo", "ComputeId", "Check")
     ]
+    + [f"{SYSTEMD_INTERFACE}.Ping"]
 )
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
@@ -190,6 +232,12 @@ class Authorization:
         return self.group is not None and (peer.gid == self.group or self.group in peer.groups)
 
     def __call__(self, peer: Peer, method: str) -> bool:
+        if method in OWNER_ONLY_METHODS:
+            # systemd's rule for these: root and the service's own uid, no group.
+            if peer.uid in (0, self.daemon_uid):
+                return True
+            log.info("refused %s to pid %d (uid %d)", method, peer.pid, peer.uid)
+            return False
         if not self.restrict_read and is_read_only(method):
             return True
         if self.privileged(peer):
@@ -434,9 +482,130 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where pins of handed-out mounts are kept (default /run/composefsd for root)",
     )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default {DEFAULT_CONFIG} for root, "
+        "~/.config/composefs/composefsd.conf for others, if it exists); "
+        "options given here win over it",
+    )
+    p.add_argument(
+        "--registry-dir",
+        metavar="DIR",
+        help=f"register the interfaces of a socket composefsd listens on in DIR "
+        f"(default {SYSTEM_REGISTRY} for root on the default socket)",
+    )
+    p.add_argument("--no-registry", action="store_true", help="register in no Varlink registry")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="do not serve: ask the composefsd on --listen (default: the default socket) "
+        "to re-read its configuration, and wait for it (the unit's ExecReload=)",
+    )
     _add_limits(p)
     p.add_argument("--version", action=VersionAction)
     return p
+
+
+#: Options composefsd.conf may set (composefsd.conf(5)); those in _RESTART_KEYS take
+#: effect at start only, the others on Reload and SIGHUP too.
+CONFIG_KEYS: frozenset[str] = frozenset(
+    {
+        "repo",
+        "listen",
+        "socket-mode",
+        "group",
+        "restrict-read",
+        "idle-timeout",
+        "no-create",
+        "algorithm",
+        "erofs-version",
+        "log-level",
+        "runtime-dir",
+        "registry-dir",
+        "no-registry",
+        "max-connections",
+        "max-connections-per-uid",
+        "max-message-size",
+        "max-buffered-input",
+        "message-timeout",
+        "workers",
+        "workers-per-uid",
+        "heavy-workers",
+        "heavy-calls-per-uid",
+        "max-source-entries",
+    }
+)
+_RESTART_KEYS: frozenset[str] = frozenset(
+    {
+        "repo",
+        "listen",
+        "socket-mode",
+        "no-create",
+        "algorithm",
+        "erofs-version",
+        "runtime-dir",
+        "registry-dir",
+        "no-registry",
+        "workers",
+        "workers-per-uid",
+        "heavy-workers",
+        "heavy-calls-per-uid",
+    }
+)
+
+
+def _explicit(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The options given on the command line (by dest), without the defaults."""
+    p = _parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+@dataclass(slots=True)
+class _Settings:
+    """Where settings come from: the parser's defaults, the configuration file and
+    the command line, each winning over the one before."""
+
+    parser: argparse.ArgumentParser
+    defaults: dict[str, Any]
+    explicit: dict[str, Any]
+    config: Path
+    config_required: bool
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None) -> tuple[_Settings, argparse.Namespace]:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        explicit = _explicit(argv)
+        settings = cls(
+            parser,
+            defaults=vars(parser.parse_args([])),
+            explicit=explicit,
+            config=Path(args.config) if args.config is not None else default_config_path(),
+            config_required=args.config is not None,
+        )
+        return settings, args
+
+    def load(self) -> tuple[argparse.Namespace, dict[str, int]]:
+        """The settings in force with the file as it is now, and the line of each
+        key the file sets; ConfigError if it is bad."""
+        values = read_config(self.config, CONFIG_KEYS, required=self.config_required)
+        from_file = settings_from(values, self.parser, self.config)
+        merged = {**self.defaults, **from_file, **self.explicit}
+        actions = option_actions(self.parser, values.keys())
+        lines = {actions[key].dest: item.line for key, item in values.items()}
+        return argparse.Namespace(**merged), lines
+
+    def key(self, dest: str) -> str:
+        """The option (and file key) of ``dest``."""
+        for action in self.parser._actions:
+            if action.dest == dest:
+                for option in action.option_strings:
+                    if option.startswith("--"):
+                        return option[2:]
+        return dest
 
 
 def _raise_fd_limit() -> int:
@@ -451,17 +620,19 @@ def _raise_fd_limit() -> int:
     return soft
 
 
-def _server(service: Any, authorize: Authorization, args: argparse.Namespace) -> Server:
-    files = _raise_fd_limit()
-    max_connections = args.max_connections
-    if files != resource.RLIM_INFINITY and max_connections > files - _FD_RESERVE:
-        max_connections = max(1, files - _FD_RESERVE)
+def _connection_limit(wanted: int, files: int) -> int:
+    """``wanted`` connections, lowered to leave _FD_RESERVE of ``files`` open files."""
+    if files != resource.RLIM_INFINITY and wanted > files - _FD_RESERVE:
+        limit = max(1, files - _FD_RESERVE)
         log.warning(
-            "at most %d connections (not %d): the open file limit is %d",
-            max_connections,
-            args.max_connections,
-            files,
+            "at most %d connections (not %d): the open file limit is %d", limit, wanted, files
         )
+        return limit
+    return wanted
+
+
+def _server(service: Any, authorize: Authorizer, args: argparse.Namespace) -> Server:
+    max_connections = _connection_limit(args.max_connections, _raise_fd_limit())
     return Server(
         service,
         authorize=authorize,
@@ -595,7 +766,11 @@ def _sockets(
 
 
 def build_service(
-    repo: Repository, tracker: MountTracker, *, max_source_entries: int | None = None
+    repo: Repository,
+    tracker: MountTracker,
+    *,
+    max_source_entries: int | None = None,
+    reload: Callable[[], None] | None = None,
 ) -> Any:
     """The varlink.Service with composefsd's interfaces registered, each from its IDL
     file (``<interface>.varlink`` beside this module): io.composefs.Repository and
@@ -619,16 +794,144 @@ def build_service(
     rs_repository = RsRepositoryInterface(iface, handles)
     service._set_interface(RS_REPOSITORY, rs_repository)
     service._set_interface(RS_OCI_INTERFACE, RsOciInterface(rs_repository))
+    service._set_interface(SYSTEMD_INTERFACE, SystemdServiceInterface(reload))
     return service
+
+
+class _AuthorizationSwitch:
+    """The authorizer the transport holds: the current :class:`Authorization`,
+    replaced as a whole on reload (worker threads read it; one assignment)."""
+
+    def __init__(self, current: Authorization) -> None:
+        self.current = current
+
+    def __call__(self, peer: Peer, method: str) -> bool:
+        return self.current(peer, method)
+
+
+#: Settings a reload applies to the transport's limits: (dest, Server attribute).
+_SERVER_LIMITS: tuple[tuple[str, str], ...] = (
+    ("max_connections_per_uid", "max_connections_per_uid"),
+    ("max_message_size", "max_message_size"),
+    ("max_buffered_input", "max_buffered_input"),
+    ("message_timeout", "message_timeout"),
+)
+
+
+class _Daemon:
+    """What Reload (the Varlink method) and SIGHUP change: the settings in force,
+    re-read from the configuration file and applied on the event loop."""
+
+    def __init__(self, settings: _Settings, args: argparse.Namespace) -> None:
+        self.settings = settings
+        self.args = args
+        self.authorize = _AuthorizationSwitch(Authorization(os.geteuid(), None, args.restrict_read))
+        self.server: Server | None = None
+        self.service: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.status: StatusReporter | None = None
+
+    def reload_from_call(self) -> None:
+        """io.systemd.service.Reload, in a worker thread: reload on the loop and
+        wait; a bad file is the caller's error, naming its line and key."""
+        loop = self.loop
+        if loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._reload_async(), loop)
+        try:
+            # Bounded: a loop that is shutting down may never run it, and a worker
+            # waiting for ever would hold up the exit.
+            future.result(RELOAD_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise VarlinkReplyError(
+                SYSTEM_ERROR, {"errnoName": "ETIMEDOUT", "message": "the reload did not run"}
+            ) from None
+        except ConfigError as exc:
+            raise VarlinkReplyError(
+                SYSTEM_ERROR, {"errnoName": "EINVAL", "message": str(exc)}
+            ) from None
+
+    async def _reload_async(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the file and apply what may change while running (on the loop).
+        sd_notify's reload protocol around it: RELOADING=1 with the time, then
+        READY=1, whether it worked or not (the old settings stay in force)."""
+        usec = time.monotonic_ns() // 1000
+        notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        if self.status is not None:
+            self.status.update("reloading the configuration")
+        try:
+            new, lines = self.settings.load()
+            group = _config_group(new.group, self.settings, lines.get("group"))
+            self._apply(new, lines, group)
+        except ConfigError as exc:
+            log.error("reload failed, the settings stay as they were: %s", exc)
+            raise
+        finally:
+            notify("READY=1")
+            if self.status is not None:
+                self.status.update()
+
+    def _apply(self, new: argparse.Namespace, lines: dict[str, int], group: int | None) -> None:
+        old = self.args
+        for dest, value in vars(new).items():
+            if getattr(old, dest, None) == value:
+                continue
+            key = self.settings.key(dest)
+            if key in _RESTART_KEYS:
+                log.warning("%s changed: it takes effect when composefsd restarts", key)
+                setattr(new, dest, getattr(old, dest))
+            else:
+                log.info("%s is now %s", key, value)
+        for dest in lines:
+            if dest in self.settings.explicit:
+                log.info(
+                    "%s: the command line's value stays (the file's is ignored)",
+                    self.settings.key(dest),
+                )
+        set_log_level(_level(new.log_level))
+        self.authorize.current = Authorization(os.geteuid(), group, new.restrict_read)
+        server = self.server
+        if server is not None:
+            server.max_connections = _connection_limit(
+                new.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            )
+            for dest, attribute in _SERVER_LIMITS:
+                setattr(server, attribute, getattr(new, dest))
+        if self.service is not None:
+            handler = self.service.interfaces_handlers.get(INTERFACE)
+            if isinstance(handler, RepositoryInterface):
+                handler.max_source_entries = new.max_source_entries
+        self.args = new
+        log.info("configuration reloaded")
+
+    def on_sighup(self) -> None:
+        with contextlib.suppress(ConfigError):  # logged by reload()
+            self.reload()
+
+
+def _level(name: str) -> int:
+    return logging.getLevelName(name.upper())  # type: ignore[no-any-return]
+
+
+def _config_group(text: str | None, settings: _Settings, line: int | None) -> int | None:
+    try:
+        return _group(text)
+    except _StartupError as exc:
+        raise ConfigError(settings.config, str(exc), line=line, key="group") from None
 
 
 async def _serve(
     server: Server,
     sockets: Sequence[socket.socket],
-    idle_timeout: float | None,
+    daemon: _Daemon,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    daemon.loop = loop
 
     def on_signal(signum: int) -> None:
         if not stop.is_set():
@@ -637,50 +940,125 @@ async def _serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
 
     serving = asyncio.create_task(server.serve(sockets))
     await asyncio.sleep(0)
-    notify(f"READY=1\nSTATUS=serving io.composefs.Repository\nMAINPID={os.getpid()}")
+    status = StatusReporter(server)
+    daemon.status = status
+    notify(f"READY=1\nMAINPID={os.getpid()}")
+    status.update()
     log.info("composefsd %s ready", composefsd.version())
 
-    async def idle_watch(limit: float) -> None:
-        step = min(1.0, limit / 4)
+    async def idle_watch() -> None:
         while not stop.is_set():
-            await asyncio.sleep(step)
+            limit: float | None = daemon.args.idle_timeout
+            await asyncio.sleep(1.0 if limit is None else min(1.0, limit / 4))
+            if limit is None or daemon.args.idle_timeout != limit:
+                continue
             idle = time.monotonic() - server.last_activity
             if server.connections == 0 and server.calls_in_flight == 0 and idle >= limit:
                 log.info("idle for %.0f s, exiting", idle)
                 stop.set()
 
-    watchers: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
-    if idle_timeout is not None:
-        watchers.append(asyncio.create_task(idle_watch(idle_timeout)))
+    watchers: list[asyncio.Task[Any]] = [
+        asyncio.create_task(stop.wait()),
+        asyncio.create_task(idle_watch()),
+        asyncio.create_task(status.run()),
+    ]
+    interval = watchdog_interval()
+    if interval is not None:
+        log.info("watchdog: keep-alive every %.3g s", interval / 2)
+        watchers.append(asyncio.create_task(keep_alive(interval)))
     try:
         await asyncio.wait([serving, watchers[0]], return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
-            notify("STOPPING=1")
+            notify("STOPPING=1\nSTATUS=stopping")
             await server.shutdown(SHUTDOWN_GRACE)
         else:
-            notify("STOPPING=1")
+            notify("STOPPING=1\nSTATUS=stopping")
             log.info("the connection closed, exiting")
         await serving
     finally:
         for task in watchers:
             task.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Stopping already: another signal must not kill the rest of the shutdown.
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return 0
+
+
+def _registry_dir(args: argparse.Namespace, listener: _Listener | None) -> Path | None:
+    """Where to register the interfaces: --registry-dir; else, for root listening on
+    the default socket, systemd's registry; else nowhere (a socket of systemd's is
+    registered by the socket unit's Symlinks=)."""
+    if listener is None or args.no_registry:
+        return None
+    if args.registry_dir:
+        return Path(args.registry_dir)
+    if os.geteuid() == 0 and args.listen is None:
+        return SYSTEM_REGISTRY
+    return None
+
+
+def _register(
+    directory: Path | None, service: Any, listener: _Listener | None
+) -> Registration | None:
+    if directory is None or listener is None:
+        return None
+    try:
+        return register(directory, service.interfaces.keys(), listener.path)
+    except UnsafeDirectoryError as exc:
+        log.warning("not registering in %s: %s", directory, _untrusted(exc))
+    except OSError as exc:
+        log.warning("cannot register in %s: %s", directory, exc.strerror or exc)
+    return None
+
+
+#: Seconds --reload waits for the reply (systemd's own TimeoutSec for ExecReload= is 90).
+RELOAD_TIMEOUT = 80.0
+
+
+def _reload_running(listen: str | None) -> int:
+    """``composefsd --reload``: io.systemd.service.Reload on the daemon's socket."""
+    address = listen if listen is not None else str(default_socket_path())
+    try:
+        with client.connect(
+            address if address.startswith("@") else f"unix:{address}",
+            timeout=RELOAD_TIMEOUT,
+            check_directory=listen is None,
+        ) as conn:
+            conn.call(f"{SYSTEMD_INTERFACE}.Reload")
+    except client.VarlinkCallError as exc:
+        message = exc.parameters.get("message")
+        log.error("reload failed: %s", message if isinstance(message, str) else exc)
+        return 1
+    except client.VarlinkClientError as exc:
+        log.error("cannot ask %s to reload: %s", address, exc)
+        return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    settings, args = _Settings.from_argv(argv)
     _setup_logging(args.log_level)
+    if args.reload:
+        return _reload_running(args.listen)
     listener: _Listener | None = None
+    registration: Registration | None = None
     sockets: list[socket.socket] = []
     try:
+        try:
+            args, _lines = settings.load()
+        except ConfigError as exc:
+            raise _StartupError(str(exc)) from None
+        set_log_level(_level(args.log_level))
+        daemon = _Daemon(settings, args)
         group = _group(args.group)
+        daemon.authorize.current = Authorization(os.geteuid(), group, args.restrict_read)
         repo = _repository(
             args.repo,
             create=not args.no_create,
@@ -692,7 +1070,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker.rediscover(repo)
         except OSError as exc:
             log.warning("cannot look for mounts in use: %s", exc)
-        service = build_service(repo, tracker, max_source_entries=args.max_source_entries)
+        service = build_service(
+            repo,
+            tracker,
+            max_source_entries=args.max_source_entries,
+            reload=daemon.reload_from_call,
+        )
+        daemon.service = service
         sockets, listener = _sockets(args.listen, args.socket_mode, group)
     except _StartupError as exc:
         log.error("%s", exc)
@@ -708,13 +1092,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ", ".join(describe_socket(s) for s in sockets),
     )
 
-    authorize = Authorization(os.geteuid(), group, args.restrict_read)
-    server = _server(service, authorize, args)
+    server = _server(service, daemon.authorize, args)
+    daemon.server = server
     try:
-        return asyncio.run(_serve(server, sockets, args.idle_timeout))
+        registration = _register(_registry_dir(args, listener), service, listener)
+        return asyncio.run(_serve(server, sockets, daemon))
     except KeyboardInterrupt:
         return 0
     finally:
+        if registration is not None:
+            registration.remove()
         for sock in sockets:
             sock.close()
         if listener is not None:
