@@ -51,7 +51,7 @@ PARSER = _parser()
 COMMANDS = _subparsers(PARSER)
 OCI_COMMANDS = _subparsers(COMMANDS["oci"])
 #: (the words before the one completed, that command's parser), every (sub)command.
-ALL = [([], PARSER)]
+ALL: list[tuple[list[str], argparse.ArgumentParser]] = [([], PARSER)]
 ALL += [([name], p) for name, p in COMMANDS.items() if name != "oci"]
 ALL += [(["oci", name], p) for name, p in OCI_COMMANDS.items()]
 # "oci" itself, before its subcommand: the common options.
