@@ -214,6 +214,8 @@ def test_call_oneway(capsys: pytest.CaptureFixture[str], daemon: Daemon) -> None
         ([f"{IFACE}.Describe", "[]"], "must be a JSON object, not list"),
         ([f"{IFACE}.Describe", "1"], "must be a JSON object, not int"),
         ([f"{IFACE}.Describe", "[" * 100000], "are nested too deeply"),
+        ([f"{IFACE}.Describe", '{"a": NaN}'], "not JSON: NaN is not a JSON value"),
+        ([f"{IFACE}.Describe", '{"a": -Infinity}'], "not JSON: -Infinity is not a JSON value"),
         (["--oneway", "--more", f"{IFACE}.Describe"], "--oneway excludes"),
         (["--collect", f"{IFACE}.Describe"], "--collect goes with --more"),
     ],

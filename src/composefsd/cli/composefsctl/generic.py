@@ -45,11 +45,21 @@ def _check_interface(interface: str) -> None:
         raise Usage(f"not an interface name: {interface!r} (e.g. io.composefs.Repository)")
 
 
+class _NotJson(ValueError):
+    """Python's extensions of JSON (NaN, Infinity), which a Varlink peer would refuse."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
 def parse_parameters(text: str, source: str) -> dict[str, Any]:
     """The call parameters in ``text`` (read from ``source``, for messages): a JSON
     object, or a usage error saying what is wrong with it."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
+    except _NotJson as exc:
+        raise Usage(f"the parameters ({source}) are not JSON: {exc}") from None
     except json.JSONDecodeError as exc:
         raise Usage(
             f"the parameters ({source}) are not JSON: {exc.msg} at line {exc.lineno} "
