@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from composefsd.cli import composefsctl
-from composefsd.cli.composefsctl import EXIT_UNREACHABLE
+from composefsd.cli.composefsctl import EXIT_UNREACHABLE, generic
 from composefsd.cli.composefsctl.generic import method_names
 from ctlrun import run_ctl
 from servicehelpers import Daemon
@@ -98,6 +98,12 @@ def test_list_methods_as_varlinkctl(
         assert (status, err) == (0, "")
         assert out == _vctl(varlinkctl, "list-methods", daemon.address, *extra).stdout
     assert f"{IFACE}.Describe\n" in out
+
+
+def test_output_is_ascii() -> None:
+    out = io.StringIO()
+    generic._print({"ref": "rtl\u202etxt", "n": 1}, out, pretty=False)
+    assert out.getvalue() == '{"ref":"rtl\\u202etxt","n":1}\n'
 
 
 def test_method_names() -> None:

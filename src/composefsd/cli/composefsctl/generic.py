@@ -4,10 +4,11 @@
 
 Output follows varlinkctl 257 where it can: a reply is one JSON object (indented
 on a terminal or with ``--json=pretty``, one line otherwise), the replies of a
-``--more`` call one line each as they come (JSON lines, where varlinkctl
-writes an RFC 7464 sequence, each reply after an RS character); an error reply prints its parameters
-on stdout and ``method call M() failed: ERROR`` on stderr, with exit status 1
-(0 for an error named by ``--graceful``).
+``--more`` call one line each as they come (JSON lines, where varlinkctl writes
+an RFC 7464 sequence, each reply after an RS character); an error reply prints
+its parameters on stdout and ``method call M() failed: ERROR`` on stderr, with
+exit status 1 (0 for an error named by ``--graceful``). Unlike varlinkctl's, the
+JSON is ASCII, other characters escaped.
 """
 
 from __future__ import annotations
@@ -88,10 +89,12 @@ def _pretty(args: argparse.Namespace, out: TextIO) -> bool:
 
 
 def _print(doc: Mapping[str, Any] | list[Any], out: TextIO, pretty: bool) -> None:
+    # ASCII only: a name in a reply cannot reorder what the terminal shows (U+202E),
+    # and the JSON read back is the same.
     if pretty:
-        out.write(json.dumps(doc, indent=4, ensure_ascii=False) + "\n")
+        out.write(json.dumps(doc, indent=4) + "\n")
     else:
-        out.write(json.dumps(doc, separators=(",", ":"), ensure_ascii=False) + "\n")
+        out.write(json.dumps(doc, separators=(",", ":")) + "\n")
     out.flush()
 
 
@@ -120,12 +123,14 @@ def _call(conn: Connection, args: argparse.Namespace) -> int:
             return 0
         if more:
             collected: list[dict[str, Any]] = []
+            # One line a reply unless asked otherwise, even on a terminal.
+            each_pretty = args.json_mode == "pretty"
             for reply in conn.call(method, params, more=True, timeout=timeout):
                 doc = _reply_doc(reply)
                 if args.collect:
                     collected.append(doc)
                 elif not args.quiet:
-                    _print(doc, out, pretty)
+                    _print(doc, out, each_pretty)
             if args.collect and not args.quiet:
                 _print(collected, out, pretty)
             return 0
@@ -163,7 +168,7 @@ def _introspect(conn: Connection, args: argparse.Namespace) -> int:
     names: list[str] = args.interfaces
     if not names:
         for name in _interfaces(conn):
-            print(name)
+            print(printable(name))
         return 0
     for name in names:
         _check_interface(name)
@@ -183,7 +188,7 @@ def _list_methods(conn: Connection, args: argparse.Namespace) -> int:
     for name in names:
         methods.extend(f"{name}.{m}" for m in method_names(conn.get_interface_description(name)))
     for method in sorted(methods):
-        print(method)
+        print(printable(method))
     return 0
 
 
