@@ -141,6 +141,11 @@ def test_bash_values() -> None:
         "sha512",
     }
     assert set(_bash(["call", "--json", ""])) == {"short", "pretty"}
+    # --opt=value, as bash splits it (COMP_WORDBREAKS has "="): --opt, =, value.
+    assert set(_bash(["init", "--verity", "=", ""])) == {"required", "try", "disabled"}
+    assert set(_bash(["init", "--verity", "=", "t"])) == {"try"}
+    assert set(_bash(["init", "--verity", "="])) == {"required", "try", "disabled"}
+    assert set(_bash(["--timeout", "=", "5", "in"])) == {"init", "introspect", "info"}
     assert _bash([f"{ROOT}/compl"]) == []  # not a subcommand
     assert _bash(["create-image", f"{ROOT}/complet"]) == [f"{ROOT}/completion"]
 
@@ -158,6 +163,7 @@ def test_bash_from_the_daemon(daemon: Daemon, tree: Path) -> None:
     assert "io.composefs.Repository" in _bash([*at, "list-methods", ""], env)
     for command in ("describe", "mount", "verify", "remove-image"):
         assert "compl/v1" in _bash([*at, command, "comp"], env), command
+    assert "compl/v1" in _bash(["--connect", "=", daemon.address, "describe", ""], env)
     assert "compl/v1" in _bash([*at, "gc", "--pin", ""], env)
     # No daemon there: nothing, and no error on the terminal.
     assert _bash(["--connect", "/nonexistent/socket", "call", ""], env) == []
