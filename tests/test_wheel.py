@@ -183,6 +183,9 @@ def test_install_units_for_root_pip(wheel: Path, tmp_path: Path) -> None:
             "-q",
             "--no-deps",
             "--no-index",
+            # Without it pip would first uninstall the composefsd the test runs
+            # from (this environment's), since the names match.
+            "--ignore-installed",
             "--prefix",
             "/usr/local",
             "--root",
@@ -192,6 +195,11 @@ def test_install_units_for_root_pip(wheel: Path, tmp_path: Path) -> None:
         check=True,
         capture_output=True,
         timeout=300,
+    )
+    # The environment the tests run from still has its own composefsd.
+    subprocess.run(
+        [sys.executable, "-c", "import importlib.metadata as m; m.distribution('composefsd')"],
+        check=True,
     )
     local = stage / "usr" / "local"
     (site,) = {p.parent for p in local.glob("lib/python3*/*-packages/composefsd")}
