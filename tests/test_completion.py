@@ -189,6 +189,19 @@ def test_zsh_options(words: list[str], parser: argparse.ArgumentParser) -> None:
     assert set(_zsh([*words, "-"])) == _options(parser)
 
 
+TRANSPORTS = {"docker://", "oci:", "oci-archive:", "docker-archive:", "containers-storage:"}
+
+
+def test_oci_pull_transports() -> None:
+    assert set(_bash(["oci", "pull", ""])) == TRANSPORTS
+    assert set(_zsh(["oci", "pull", ""])) == TRANSPORTS
+
+
+def test_zsh_files() -> None:
+    assert set(_zsh(["create-image", f"{ROOT}/complet"])) == {"completion"}
+    assert set(_zsh(["init", "--verity=t"])) == {"try"}
+
+
 def test_zsh_choices() -> None:
     for words, parser in ALL:
         for option, choices in _choices(parser).items():
