@@ -9,7 +9,7 @@ varlinkctl) command of the walk-through.
 ``pip install .`` fetches the dependencies from the package index, as it does for
 a user. Root's run happens in a private mount namespace whose root is the
 machine's with an empty /sysroot and a fresh /run/composefs and /run/composefsd,
-so that root's default repository and socket are not the machine's."""
+so that root's default repository, socket and configuration are not the machine's."""
 
 from __future__ import annotations
 
@@ -166,7 +166,8 @@ def _env(home: Path, xdg: str | None, path: str = SYSTEM_PATH) -> dict[str, str]
 
 
 #: Root's run: a mount namespace whose / is the machine's, but with an empty
-#: /sysroot and /run without composefs's directories.
+#: /sysroot, /run without composefs's directories and the Varlink registry, and an
+#: empty /etc/composefs.
 _ROOT_JAIL = r"""
 set -e
 new=$1; shift
@@ -185,7 +186,7 @@ mkdir -p "$new/sysroot"
 mount -t tmpfs -o mode=0755 run "$new/run"
 for entry in /run/*; do
     name=${entry#/run/}
-    case $name in composefs | composefsd) continue ;; esac
+    case $name in composefs | composefsd | varlink) continue ;; esac
     if [ -L "$entry" ]; then
         ln -s "$(readlink "$entry")" "$new/run/$name"
     elif [ -d "$entry" ]; then
@@ -194,6 +195,8 @@ for entry in /run/*; do
         touch "$new/run/$name" && mount --bind "$entry" "$new/run/$name" || true
     fi
 done
+# Nor the machine's composefsd configuration.
+[ ! -d /etc/composefs ] || mount -t tmpfs -o mode=0755 etc-composefs "$new/etc/composefs"
 exec chroot "$new" /bin/sh "$@"
 """
 

@@ -12,6 +12,7 @@ the checkout."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -129,9 +130,10 @@ def test_install_units_from_the_venv(venv: Path, tmp_path: Path) -> None:
     assert f"\nExecStart={composefsd} $COMPOSEFSD_OPTIONS\n" in service
     # Everything else as in the checkout.
     original = (ROOT / "systemd" / "composefsd.service").read_text()
-    assert service == original.replace(
-        "ExecStart=/usr/local/bin/composefsd ", f"ExecStart={composefsd} "
+    assert service == re.sub(
+        r"(?m)^(Exec[A-Za-z]*)=/usr/local/bin/composefsd ", rf"\1={composefsd} ", original
     )
+    assert "/usr/local/bin/composefsd" not in service
     assert (root / "etc/systemd/system/composefsd.socket").read_bytes() == (
         ROOT / "systemd" / "composefsd.socket"
     ).read_bytes()
