@@ -19,7 +19,9 @@ few options (``create-image --from-dumpfile/--preserve-hardlinks/--threads``,
 ``gc --pin``) have no daemon method: they run
 directly when the daemon was only found at its default address, and are a usage
 error with an explicit one. ``oci`` (io.composefs.Oci: pull, images, inspect, tag,
-untag, mount) has no direct mode: without a daemon it fails with exit status 3.
+untag, mount) has no direct mode: without a daemon it fails with exit status 3,
+and neither have the generic Varlink commands ``call``, ``introspect``,
+``list-methods`` and ``info`` (:mod:`.generic`; varlinkctl's, for systems without it).
 
 Output is the same in both modes where they overlap (``--json`` gives the same
 keys, less those the service does not report). Exit status: 0 on success; 1 when

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from composefsd.service.client import DEFAULT_TIMEOUT
@@ -294,7 +294,59 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     _oci_commands(command("oci", "OCI container images (through composefsd only)"), common)
+    _varlink_commands(command)
     return parser
+
+
+def _varlink_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """``call``, ``introspect``, ``list-methods``, ``info``: varlinkctl's generic
+    commands, on the daemon composefsctl talks to (through composefsd only)."""
+    p = command("call", "call any Varlink method of the daemon and print the reply as JSON")
+    p.add_argument(
+        "method",
+        metavar="METHOD",
+        help="the qualified method, e.g. io.composefs.Repository.Describe",
+    )
+    p.add_argument(
+        "parameters",
+        metavar="PARAMETERS",
+        nargs="?",
+        help="the parameters as a JSON object (default {}; '-': read them from stdin)",
+    )
+    p.add_argument("--more", action="store_true", help="ask for more replies; print each as a line")
+    p.add_argument(
+        "-E",
+        action="store_true",
+        help="--more, and wait for each reply as long as it takes (as varlinkctl -E)",
+    )
+    p.add_argument("--collect", action="store_true", help="with --more: print one JSON array")
+    p.add_argument("--oneway", action="store_true", help="ask for no reply; print nothing")
+    p.add_argument(
+        "--json",
+        dest="json_mode",
+        metavar="MODE",
+        choices=("short", "pretty"),
+        help="short (one line) or pretty (indented); default: pretty on a terminal",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the reply")
+    p.add_argument(
+        "--graceful",
+        metavar="ERROR",
+        action="append",
+        default=[],
+        help="take this error reply (a qualified error name) as success (repeatable)",
+    )
+
+    p = command("introspect", "print the daemon's interfaces, or the description of some")
+    p.add_argument(
+        "interfaces", metavar="INTERFACE", nargs="*", help="e.g. io.composefs.Repository"
+    )
+
+    p = command("list-methods", "list the methods of the daemon's interfaces (or of some)")
+    p.add_argument("interfaces", metavar="INTERFACE", nargs="*")
+
+    p = command("info", "the daemon's vendor, product, version, URL and interfaces")
+    p.add_argument("--json", action="store_true")
 
 
 def _oci_commands(oci: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

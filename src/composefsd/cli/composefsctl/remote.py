@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from composefsd.cli.composefsctl import output
+from composefsd.cli.composefsctl import generic, output
 from composefsd.cli.composefsctl.arguments import (
     check_mount,
     check_verify,
@@ -310,7 +310,7 @@ def _client_oci(conn: Connection, args: argparse.Namespace) -> int:
 
 
 #: Commands that have no direct mode: they need a daemon.
-DAEMON_ONLY = frozenset({"oci"})
+DAEMON_ONLY = frozenset({"oci", *generic.COMMANDS})
 
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "status": _client_status,
@@ -323,6 +323,7 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "unmount": _client_unmount,
     "mounts": _client_mounts,
     "oci": _client_oci,
+    **generic.COMMANDS,
 }
 
 
