@@ -10,7 +10,7 @@ and checks nothing.
 Builds, deterministically (seeded), ``--layers`` layer tars of about ``--mib`` MB
 in all (random files of 1 KiB to 4 MiB, some under 64 bytes kept inline, a
 directory tree), imports them into a source repository under ``--dir`` and
-starts composefsd (``tests/rslayersd.py``) on a repository of its own there.
+starts composefsd on a repository of its own there.
 Each round, into a fresh destination repository, timed apart:
 
 * **same filesystem** (``--dir``): GetLayer + PutLayer of every layer and
@@ -44,13 +44,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _common import REPO, best_of
+from _common import best_of
 from composefsd.repository import Repository
 from composefsd.repository.ocilayer import import_layer
-from rslayersd import LayerClient
+from layerclient import LayerClient
 
 OCI = "org.composefs.Oci."
-LAUNCHER = REPO / "tests" / "rslayersd.py"
 
 
 def make_layer(seed: int, target: int) -> bytes:
@@ -105,8 +104,8 @@ def image_json(diff_ids: list[str]) -> tuple[str, str]:
 def start(own: Path) -> tuple[subprocess.Popen[bytes], str]:
     sock = own.parent / "bench.sock"
     proc = subprocess.Popen(
-        [sys.executable, str(LAUNCHER), "--repo", str(own), "--listen", str(sock),
-         "--runtime-dir", str(own.parent / "run"), "--algorithm", "sha256",
+        [sys.executable, "-m", "composefsd.service.daemon", "--repo", str(own),
+         "--listen", str(sock), "--runtime-dir", str(own.parent / "run"), "--algorithm", "sha256",
          "--log-level", "warning"],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip

@@ -24,7 +24,6 @@ import random
 import shutil
 import stat
 import struct
-import sys
 import tarfile
 import threading
 import time
@@ -64,8 +63,8 @@ from composefsd.service.context import CallContext, Peer, VarlinkReplyError
 from composefsd.service.rshandles import HandleTable
 from composefsd.service.rslayers import InvalidDigestError, may_link, oci_digest
 from conftest import TestUsers
+from layerclient import LayerClient as Client
 from rsgolden import RS, unpack_repo
-from rslayersd import LayerClient as Client
 from servicehelpers import Daemon, start_daemon
 from users import UserPython, run_as
 
@@ -75,7 +74,6 @@ DIFF_ID = "sha256:75ec5fc207bf04ed80bdf00113363d5e73152da8711eacccbea7e45cd13bfc
 LAYER_VERITY = "39db76107cdc63b74f7663656e32b32862d884d5ce65cac801846617a2f77679"
 OCI = "org.composefs.Oci."
 REPO_IFACE = "org.composefs.Repository."
-LAUNCHER = Path(__file__).resolve().parent / "rslayersd.py"
 DENIED = {"error": "org.varlink.service.PermissionDenied", "parameters": {}}
 
 
@@ -358,12 +356,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, test_users: TestUsers) -> I
     os.chmod(work, 0o755)
     src = unpack_repo("sha256", tmp_path_factory.mktemp("rs-layers-src"))
     import_layer(Repository.open(src), io.BytesIO(MANY_FILES), MANY_DIFF_ID)
-    saved = servicehelpers.DAEMON
-    servicehelpers.DAEMON = [sys.executable, str(LAUNCHER)]
-    try:
-        daemon = start_daemon(work / "own", "--group", str(test_users.group), public=True)
-    finally:
-        servicehelpers.DAEMON = saved
+    daemon = start_daemon(work / "own", "--group", str(test_users.group), public=True)
     try:
         yield Served(daemon, src, work)
     finally:
