@@ -421,6 +421,15 @@ def _find_boot_image(
 # -- the interface -------------------------------------------------------------------------
 
 
+def _at_digest(image: str) -> str:
+    """The digest of an ``@<digest>`` image name; InternalError with cfsctl's message
+    if it is not one."""
+    try:
+        return parse_digest(image[1:])
+    except ValueError as exc:
+        raise _internal(f"invalid image reference: Invalid OCI digest after '@': {exc}") from None
+
+
 class RsOciInterface:
     """Implements org.composefs.Oci (module notes) on the repositories of
     org.composefs.Repository's handles (``rs_repository``), whose mounts it shares."""
@@ -460,12 +469,7 @@ class RsOciInterface:
     def _open_image(self, repo: Repository, image: str) -> OciImage:
         """The image a tag or ``@<manifest digest>`` names; NoSuchImage if none."""
         if image.startswith("@"):
-            try:
-                digest = parse_digest(image[1:])
-            except ValueError as exc:
-                raise _internal(
-                    f"invalid image reference: Invalid OCI digest after '@': {exc}"
-                ) from None
+            digest = _at_digest(image)
             missing = digest
         else:
             missing = image
@@ -534,12 +538,7 @@ class RsOciInterface:
         with rs_errors(INTERFACE):
             repo = self._entry(handle, _request).repo
             if image.startswith("@"):
-                try:
-                    digest = parse_digest(image[1:])
-                except ValueError as exc:
-                    raise _internal(
-                        f"invalid image reference: Invalid OCI digest after '@': {exc}"
-                    ) from None
+                digest = _at_digest(image)
                 if verity is not None and not is_hex_digest(
                     verity, Algorithm.parse(repo.hash_name)
                 ):
