@@ -37,7 +37,7 @@ class Installed:
     unit_dir: Path
     generator: Path
     composefsd: str
-    varlinkctl: str
+    composefsctl: str
 
 
 def _directives(path: Path) -> list[tuple[str, str, str]]:
@@ -61,13 +61,13 @@ def _values(path: Path, section: str, key: str) -> list[str]:
 
 
 def _install(tmp_path: Path, *extra: str) -> Installed:
-    """install-units into tmp_path/root, with a fake composefsd and varlinkctl that
-    also exist at the same absolute paths on the host (systemd-analyze verify checks
+    """install-units into tmp_path/root, with a fake composefsd and, beside it, a
+    composefsctl (the default install-units picks) that also exist at the same absolute paths on the host (systemd-analyze verify checks
     ExecStart= binaries there)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     root = tmp_path / "root"
-    for name in ("composefsd", "varlinkctl"):
+    for name in ("composefsd", "composefsctl"):
         for where in (bindir, Path(str(root) + str(bindir))):
             where.mkdir(parents=True, exist_ok=True)
             (where / name).write_text("#!/bin/sh\nexit 0\n")
@@ -79,8 +79,6 @@ def _install(tmp_path: Path, *extra: str) -> Installed:
             str(root),
             "--composefsd",
             str(bindir / "composefsd"),
-            "--varlinkctl",
-            str(bindir / "varlinkctl"),
             *extra,
         ],
         capture_output=True,
@@ -95,7 +93,7 @@ def _install(tmp_path: Path, *extra: str) -> Installed:
         unit_dir=unit_dir,
         generator=root / "etc/systemd/system-generators/composefs-mount-generator",
         composefsd=str(bindir / "composefsd"),
-        varlinkctl=str(bindir / "varlinkctl"),
+        composefsctl=str(bindir / "composefsctl"),
     )
 
 
@@ -376,7 +374,8 @@ def test_socket_registers_the_served_interfaces(tmp_path: Path) -> None:
 #: The goals: the daemon must keep the host's mount namespace, and its OCI pulls
 #: from registries (skopeo, a child) the host's network (1.0 of its 4.4: no
 #: PrivateNetwork=, no IPAddressDeny=, AF_INET/AF_INET6); the boot-mount units
-#: only run varlinkctl and can be sandboxed almost entirely.
+#: only run composefsctl (a Varlink client reading its own installation) and can
+#: be sandboxed almost entirely.
 DAEMON_GOAL = 4.5
 MOUNT_UNIT_GOAL = 3.0
 _EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+) ")
@@ -446,7 +445,7 @@ def test_install_units_writes_the_paths(tmp_path: Path) -> None:
         UNITS / "composefsd.socket"
     ).read_text()
     gen_text = inst.generator.read_text()
-    assert f"\nVARLINKCTL={inst.varlinkctl}\n" in gen_text
+    assert f"\nCOMPOSEFSCTL={inst.composefsctl}\n" in gen_text
     assert os.access(inst.generator, os.X_OK)
     assert (inst.root / "etc/composefs/mounts.conf.example").read_text() == (
         UNITS / "mounts.conf.example"
@@ -496,8 +495,6 @@ def test_install_units_missing_composefsd(tmp_path: Path) -> None:
             str(tmp_path),
             "--composefsd",
             "/nonexistent/composefsd",
-            "--varlinkctl",
-            "/nonexistent/varlinkctl",
         ],
         capture_output=True,
         text=True,
@@ -506,7 +503,7 @@ def test_install_units_missing_composefsd(tmp_path: Path) -> None:
     assert proc.stderr.startswith(
         f"install-units: warning: {tmp_path}/nonexistent/composefsd is not an executable file"
     )
-    assert "/nonexistent/varlinkctl not found" in proc.stderr
+    assert f"{tmp_path}/nonexistent/composefsctl is not an executable file" in proc.stderr
     svc = tmp_path / "etc/systemd/system/composefsd.service"
     assert "ExecStart=/nonexistent/composefsd $COMPOSEFSD_OPTIONS\n" in svc.read_text()
 
@@ -516,7 +513,8 @@ def test_install_units_help() -> None:
         [str(UNITS / "install-units"), "--help"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.startswith("install-units: install composefsd's systemd units")
-    assert "--varlinkctl PATH" in proc.stdout
+    assert "--composefsctl PATH" in proc.stdout
+    assert "varlinkctl PATH" not in proc.stdout
 
 
 # -- the generator -------------------------------------------------------------------------------
@@ -529,9 +527,18 @@ def _mount_interface() -> varlink.Interface:
 def _exec_json(unit: Path, key: str, method: str) -> dict[str, object]:
     (line,) = _values(unit, "Service", key)
     argv = shlex.split(line)
-    assert argv[1:4] == ["call", SOCKET, f"io.composefs.Repository.{method}"]
-    assert len(argv) == 5
-    doc = json.loads(argv[4])
+    assert argv[1:8] == [
+        "--connect",
+        SOCKET,
+        "--timeout",
+        "0",
+        "call",
+        "--json",
+        "short",
+    ]
+    assert argv[8] == f"io.composefs.Repository.{method}"
+    assert len(argv) == 10
+    doc = json.loads(argv[9])
     assert isinstance(doc, dict)
     # Every field is one the IDL declares for the method.
     fields = _mount_interface().members[method].in_type.fields
@@ -540,7 +547,7 @@ def _exec_json(unit: Path, key: str, method: str) -> dict[str, object]:
 
 
 def _assert_sandboxed(unit: Path) -> None:
-    """varlinkctl as uid 0 without a capability, in namespaces of its own, that can
+    """composefsctl as uid 0 without a capability, in namespaces of its own, that can
     reach the daemon's socket path and nothing else."""
     one = {
         "CapabilityBoundingSet": "",
@@ -620,7 +627,8 @@ def test_generator_sample(tmp_path: Path) -> None:
         unit = gen / name
         assert _exec_json(unit, "ExecStart", "Mount") == params
         assert _exec_json(unit, "ExecStop", "Unmount") == {"where": where}
-        assert _values(unit, "Service", "ExecStart")[0].startswith(inst.varlinkctl + " ")
+        assert _values(unit, "Service", "ExecStart")[0].startswith(inst.composefsctl + " ")
+        assert _values(unit, "Service", "Environment") == ["PYTHONDONTWRITEBYTECODE=1"]
         assert _values(unit, "Service", "Type") == ["oneshot"]
         assert _values(unit, "Service", "RemainAfterExit") == ["yes"]
         # Made outside the sandbox ("+"), traversable by everyone (UMask=0022).
@@ -652,7 +660,7 @@ def test_generator_unit_text(tmp_path: Path) -> None:
     proc, gen = _generate(inst.generator, "/srv/app app/v1 optional,verity=disabled\n", tmp_path)
     assert proc.returncode == 0
     conf = tmp_path / "mounts.conf"
-    v = inst.varlinkctl
+    c = f"{inst.composefsctl} --connect {SOCKET} --timeout 0 call --json short"
     assert (
         (gen / "composefs-mount@srv-app.service").read_text()
         == f"""\
@@ -674,8 +682,9 @@ Type=oneshot
 RemainAfterExit=yes
 TimeoutSec=2min
 ExecStartPre=-+/bin/mkdir -p /srv/app
-ExecStart={v} call {SOCKET} io.composefs.Repository.Mount '{{"image":"app/v1","where":"/srv/app","verity":"disabled"}}'
-ExecStop={v} call {SOCKET} io.composefs.Repository.Unmount '{{"where":"/srv/app"}}'
+ExecStart={c} io.composefs.Repository.Mount '{{"image":"app/v1","where":"/srv/app","verity":"disabled"}}'
+ExecStop={c} io.composefs.Repository.Unmount '{{"where":"/srv/app"}}'
+Environment=PYTHONDONTWRITEBYTECODE=1
 UMask=0022
 CapabilityBoundingSet=
 NoNewPrivileges=yes
@@ -774,15 +783,15 @@ def test_generator_last_line_without_newline(tmp_path: Path) -> None:
     assert (gen / "composefs-mount@srv-x.service").exists()
 
 
-def test_generator_usage_and_missing_varlinkctl(tmp_path: Path) -> None:
+def test_generator_usage_and_missing_composefsctl(tmp_path: Path) -> None:
     inst = _install(tmp_path)
     proc = subprocess.run([str(inst.generator)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr == "usage: composefs-mount-generator NORMAL-DIR [EARLY-DIR LATE-DIR]\n"
-    os.unlink(inst.varlinkctl)
+    os.unlink(inst.composefsctl)
     proc, gen = _generate(inst.generator, "/srv/x img\n", tmp_path)
     assert proc.returncode == 0  # the units are still written; they fail clearly at boot
-    assert f"{inst.varlinkctl} is missing: composefs boot mounts will fail" in proc.stderr
+    assert f"{inst.composefsctl} is missing: composefs boot mounts will fail" in proc.stderr
     assert (gen / "composefs-mount@srv-x.service").exists()
 
 
@@ -820,3 +829,51 @@ def test_example_config_is_accepted(tmp_path: Path) -> None:
     proc, gen = _generate(inst.generator, uncommented, tmp_path)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert len(list(gen.glob("*.service"))) == 3
+
+
+def test_install_units_composefsctl(tmp_path: Path) -> None:
+    """Boot mounts run the composefsctl beside composefsd unless told another; one
+    that is not there (outside --root) is an error, not a unit failing at boot."""
+    other = tmp_path / "root/opt/cfs/bin/composefsctl"
+    other.parent.mkdir(parents=True)
+    other.write_text("#!/bin/sh\nexit 0\n")
+    other.chmod(0o755)
+    inst = _install(tmp_path, "--composefsctl", "/opt/cfs/bin/composefsctl")
+    assert "\nCOMPOSEFSCTL=/opt/cfs/bin/composefsctl\n" in inst.generator.read_text()
+    bindir = tmp_path / "bin"
+    (bindir / "composefsctl").unlink()
+    spaced = tmp_path / "x y" / "composefsctl"
+    spaced.parent.mkdir()
+    spaced.write_text("#!/bin/sh\nexit 0\n")
+    spaced.chmod(0o755)
+    for extra, want in (
+        ([], f"install-units: {bindir}/composefsctl is not an executable file"),
+        (["--composefsctl", "bin/composefsctl"], "--composefsctl must be an absolute path"),
+        (["--composefsctl", str(spaced)], "has characters unit files would mangle"),
+    ):
+        proc = subprocess.run(
+            [
+                str(UNITS / "install-units"),
+                "--unit-dir",
+                str(tmp_path / "u"),
+                "--generator-dir",
+                str(tmp_path / "g"),
+                "--no-reload",
+                "--composefsd",
+                str(bindir / "composefsd"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 1, extra
+        assert want in proc.stderr, proc.stderr
+        assert not (tmp_path / "g").exists()
+    # varlinkctl is not needed, and no longer an option.
+    proc = subprocess.run(
+        [str(UNITS / "install-units"), "--varlinkctl", "/usr/bin/varlinkctl"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "unknown argument --varlinkctl" in proc.stderr

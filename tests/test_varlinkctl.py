@@ -497,12 +497,17 @@ def test_unit_generated_call_works(
     varlinkctl: str, daemon: Daemon, tree: Path, mnt: Path, tmp_path: Path
 ) -> None:
     """The exact command lines composefs-mount-generator writes (Mount with where,
-    then Unmount), run against the daemon's socket instead of /run/composefs."""
+    then Unmount; composefsctl, not varlinkctl), run against the daemon's socket
+    instead of /run/composefs with this environment's composefsctl; a refused
+    Mount exits non-zero, which fails the unit."""
     import shlex
+    import sys
 
     repo_root = Path(__file__).resolve().parent.parent
+    composefsctl = str(Path(sys.executable).parent / "composefsctl")
     conf = tmp_path / "mounts.conf"
-    conf.write_text(f"{mnt} boot/v1 required,verity=try\n")
+    missing = tmp_path / "missing"
+    conf.write_text(f"{mnt} boot/v1 required,verity=try\n{missing} nope/v9 optional\n")
     _call_more(
         varlinkctl, daemon.address, "CreateImage", {"sourcePath": str(tree), "ref": "boot/v1"}
     )
@@ -515,15 +520,24 @@ def test_unit_generated_call_works(
         env=env,
         capture_output=True,
     )
-    (unit,) = gen.glob("*.service")
-    lines = dict(
-        line.split("=", 1) for line in unit.read_text().splitlines() if line.startswith("Exec")
-    )
+
+    def command(unit: Path, key: str) -> list[str]:
+        (line,) = (x for x in unit.read_text().splitlines() if x.startswith(f"{key}="))
+        argv = shlex.split(line.split("=", 1)[1])
+        assert argv[1:3] == ["--connect", "unix:/run/composefs/io.composefs.Repository"]
+        argv[0], argv[2] = composefsctl, f"unix:{daemon.address}"
+        return argv
+
+    (unit,) = (u for u in gen.glob("*.service") if "missing" not in u.name)
     for key in ("ExecStart", "ExecStop"):
-        argv = shlex.split(lines[key])
-        assert argv[2] == "unix:/run/composefs/io.composefs.Repository"
-        argv[0], argv[2] = varlinkctl, f"unix:{daemon.address}"
-        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        subprocess.run(command(unit, key), check=True, capture_output=True, timeout=60)
         if key == "ExecStart":
             assert (mnt / "hello").read_text() == "hello from composefs\n"
     assert composefs_mount_at(str(mnt)) is None
+    (bad,) = (u for u in gen.glob("*.service") if "missing" in u.name)
+    proc = subprocess.run(command(bad, "ExecStart"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.endswith(
+        "method call io.composefs.Repository.Mount() failed: io.composefs.Repository.NoSuchImage\n"
+    )
+    assert composefs_mount_at(str(missing)) is None

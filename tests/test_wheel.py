@@ -139,6 +139,8 @@ def test_install_units_from_the_venv(venv: Path, tmp_path: Path) -> None:
     ).read_bytes()
     generator = root / "etc/systemd/system-generators/composefs-mount-generator"
     assert generator.stat().st_mode & 0o777 == 0o755
+    # Boot mounts run the composefsctl of the same venv (no varlinkctl).
+    assert f"\nCOMPOSEFSCTL={composefsd.parent}/composefsctl\n" in generator.read_text()
     assert (root / "etc/composefs/mounts.conf.example").is_file()
 
     # A --composefsd of one's own wins.
@@ -218,3 +220,5 @@ def test_install_units_for_root_pip(wheel: Path, tmp_path: Path) -> None:
     service = (root / "etc/systemd/system/composefsd.service").read_text()
     # Staged below --root, so the path is the staged /usr/local/bin/composefsd.
     assert f"\nExecStart={local}/bin/composefsd $COMPOSEFSD_OPTIONS\n" in service
+    generator = root / "etc/systemd/system-generators/composefs-mount-generator"
+    assert f"\nCOMPOSEFSCTL={local}/bin/composefsctl\n" in generator.read_text()

@@ -6,8 +6,10 @@ two images, the project's units installed into an overlay directory exactly as
 the README tells a user (``systemd/install-units --root OVERLAY --enable``,
 ``/etc/composefs/composefsd.env``, ``/etc/composefs/mounts.conf``). In the guest,
 after multi-user.target, ``check.sh`` (bash: a Python process costs seconds
-there) checks mounts and content and calls varlinkctl; the rest is checked here
-from what it and systemd-vm leave in /sdvm/out.
+there) checks mounts and content and calls the daemon with composefsctl (the
+boot-mount units' client: no varlinkctl anywhere, the guest's systemd is this
+machine's 252); the rest is checked here from what it and systemd-vm leave in
+/sdvm/out.
 
 Boots (``--only NAME ...`` runs some of them):
 
@@ -15,7 +17,7 @@ Boots (``--only NAME ...`` runs some of them):
             digest: socket activation (the socket listens first, the daemon
             starts at the first boot mount's connection), both mounted before
             local-fs.target with the source's content, no unit failed,
-            varlinkctl info and Verify, the unit's hardening as it runs
+            composefsctl info and Verify, the unit's hardening as it runs
             (composefsd in the host's mount and network namespaces, with a
             hostname namespace of its own and umask 0077; the boot-mount
             units sandboxed), the systemd integration (WatchdogUSec and
@@ -154,9 +156,10 @@ def composefsctl(*args: str) -> str:
     return run([sys.executable, "-m", "composefsd.cli.composefsctl", *args]).stdout
 
 
-def install(overlay: Path, composefsd: str, varlinkctl: str, repo: Path) -> None:
-    """What the README tells a user: install-units (with --enable), the daemon's
-    env file; plus the repository, made on the host, where the env file says."""
+def install(overlay: Path, composefsd: str, repo: Path) -> None:
+    """What the README tells a user: install-units (with --enable; boot mounts get
+    the composefsctl beside composefsd), the daemon's env file; plus the
+    repository, made on the host, where the env file says."""
     proc = run(
         [
             str(REPO / "systemd" / "install-units"),
@@ -164,8 +167,6 @@ def install(overlay: Path, composefsd: str, varlinkctl: str, repo: Path) -> None
             str(overlay),
             "--composefsd",
             composefsd,
-            "--varlinkctl",
-            varlinkctl,
             "--enable",
         ]
     )
@@ -468,14 +469,14 @@ def check_happy(ck: Checks, boot: Boot, out: Path, lines: list[Line], data: Path
 
     # Varlink.
     info = (out / "info.txt").read_text() if (out / "info.txt").exists() else ""
-    ck("io.composefs.Repository" in info, "varlinkctl info lists io.composefs.Repository")
+    ck("io.composefs.Repository" in info, "composefsctl info lists io.composefs.Repository")
     verify = load_json(out / "verify.json") or {}
     img0 = boot.expect[0][1]
     ck(
         verify.get("ok") is True
         and verify.get("digest") == img0.digest
         and not verify.get("problems"),
-        f"varlinkctl Verify {img0.ref}: ok, digest {img0.digest[:12]}..., "
+        f"Verify {img0.ref}: ok, digest {img0.digest[:12]}..., "
         f"{verify.get('objectsChecked')} objects",
         str(verify),
     )
@@ -568,6 +569,10 @@ def check_start(out: Path) -> float:
         return float("inf")
 
 
+#: What a boot mount's composefsctl logs when composefsd refuses the Mount.
+MOUNT_FAILED = "composefsctl: error: method call io.composefs.Repository.Mount() failed: "
+
+
 def check_optional(ck: Checks, boot: Boot, out: Path, lines: list[Line]) -> None:
     units = show_blocks(out / "units.txt")
     check_mounted(ck, boot, units, lines)
@@ -582,10 +587,10 @@ def check_optional(ck: Checks, boot: Boot, out: Path, lines: list[Line]) -> None
         f"{cu}: failed (exit-code), only wanted by local-fs.target",
         str(props),
     )
-    err = first(lines, "varlinkctl", "Method call io.composefs.Repository.Mount() failed: ")
+    err = first(lines, "composefsctl", MOUNT_FAILED)
     ck(
         err and err.msg.endswith("io.composefs.Repository.NoSuchImage"),
-        f"journal: varlinkctl[{err.pid if err else '?'}]: {err.msg if err else '(missing)'}",
+        f"journal: composefsctl[{err.pid if err else '?'}]: {err.msg if err else '(missing)'}",
     )
     ck(
         first(lines, "systemd", f"Failed to start {cu}"),
@@ -605,13 +610,13 @@ def check_required(ck: Checks, boot: Boot, out: Path, lines: list[Line], wrong: 
     cu = cfs_unit(where)
     others = [u for u in failed if u.startswith("composefs-mount@") and u != cu]
     ck(cu in failed and not others, f"{cu} failed, and no other boot mount ({', '.join(failed)})")
-    err = first(lines, "varlinkctl", "Method call io.composefs.Repository.Mount() failed: ")
+    err = first(lines, "composefsctl", MOUNT_FAILED)
     ck(
         err and err.msg.endswith("io.composefs.Repository.ImageVerityFailed"),
-        f"journal: varlinkctl[{err.pid if err else '?'}]: {err.msg if err else '(missing)'}",
+        f"journal: composefsctl[{err.pid if err else '?'}]: {err.msg if err else '(missing)'}",
     )
     detail = next(
-        (ln for ln in lines if ln.ident == "varlinkctl" and f"expected {wrong}" in ln.msg), None
+        (ln for ln in lines if ln.ident == "composefsctl" and f"expected {wrong}" in ln.msg), None
     )
     ck(
         detail and img.digest in detail.msg,
@@ -683,17 +688,14 @@ def main() -> int:
     )
     ap.add_argument("--only", nargs="+", choices=BOOTS, default=list(BOOTS))
     ap.add_argument("--systemd-vm", default=os.environ.get("SYSTEMD_VM", str(SDVM_DEFAULT)))
-    ap.add_argument("--varlinkctl", help="default: $COMPOSEFS_REFERENCE_BIN/varlinkctl")
     ap.add_argument("--keep", action="store_true", help="keep the work and VM run directories")
     args = ap.parse_args()
 
-    varlinkctl = args.varlinkctl or str(
-        Path(os.environ.get("COMPOSEFS_REFERENCE_BIN", "/nonexistent")) / "varlinkctl"
-    )
     composefsd = str(Path(sys.executable).parent / "composefsd")
+    client = str(Path(sys.executable).parent / "composefsctl")
     for what, path in (
-        ("varlinkctl", varlinkctl),
         ("composefsd", composefsd),
+        ("composefsctl", client),
         ("systemd-vm", args.systemd_vm),
     ):
         if not os.access(path, os.X_OK):
@@ -755,7 +757,7 @@ def main() -> int:
         overlays: list[Path] = []
         if boot.units:
             ov = bdir / "overlay"
-            install(ov, composefsd, varlinkctl, repo)
+            install(ov, composefsd, repo)
             (ov / "etc/composefs/mounts.conf").write_text(boot.conf)
             if boot.caller:
                 add_caller(ov)
@@ -784,8 +786,15 @@ def main() -> int:
             cmd += ["--overlay", str(ov)]
         if boot.graceful:
             cmd += ["--enable", RECORDER]
-        cmd += ["--", "bash", str(HERE / "check.sh"), boot.mode, str(data), varlinkctl]
+        cmd += ["--", "bash", str(HERE / "check.sh"), boot.mode, str(data), client]
         env = dict(os.environ, SDVM_KEEP="1")
+        # systemd-vm hands PATH to the check: none of it may offer a varlinkctl,
+        # which Debian 12 lacks and nothing here needs.
+        env["PATH"] = os.pathsep.join(
+            d
+            for d in env.get("PATH", "").split(os.pathsep)
+            if d and not Path(d, "varlinkctl").exists()
+        )
         env.setdefault("SDVM_TIMEOUT", "300")
         env["SDVM_APPEND"] = (
             env.get("SDVM_APPEND", "") + " trace_event=sched:sched_process_exec"

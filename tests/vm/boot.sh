@@ -29,11 +29,8 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# varlinkctl (systemd >= 255) for the boot mounts, from the reference tools.
-if [ -z "${COMPOSEFS_REFERENCE_BIN:-}" ]; then
-    COMPOSEFS_REFERENCE_BIN=$("$(tests/shared-dir)/tools/reference-tools" | tail -n 1)
-fi
-export COMPOSEFS_REFERENCE_BIN
+# No varlinkctl: boot mounts and the checks use the package's composefsctl,
+# as on Debian 12, whose systemd (252) has none.
 
 # The package, installed in .venv by run-tests; its composefsd runs in the guest.
 python=.venv/bin/python
