@@ -1524,6 +1524,80 @@ async def test_lanes_take_uids_in_turn() -> None:
     ]
 
 
+async def test_inbox_batches_wakeups_and_keeps_order(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Callbacks posted before the loop gets to them wake it once and run in the
+    order given; one that fails is logged and the rest still run."""
+    loop = asyncio.get_running_loop()
+    inbox = transport._Inbox()
+    inbox.loop = loop
+    wakeups = 0
+    real = loop.call_soon_threadsafe
+
+    def counting(*args: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return real(*args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    ran: list[int] = []
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    for i in range(3):
+        inbox.put(ran.append, i)
+    inbox.put(fail)
+    inbox.put(ran.append, 3)
+    assert wakeups == 1
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert ran == [0, 1, 2, 3]
+    assert "boom" in caplog.text
+    inbox.put(ran.append, 4)
+    assert wakeups == 2
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert ran == [0, 1, 2, 3, 4]
+
+
+def test_inbox_refuses_a_closed_loop() -> None:
+    inbox = transport._Inbox()
+    with pytest.raises(RuntimeError):
+        inbox.put(print)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    inbox.loop = loop
+    with pytest.raises(RuntimeError):
+        inbox.put(print)
+
+
+async def test_lane_threads_end_after_shutdown() -> None:
+    """Threads start as calls need them, at most ``workers``, and end at shutdown."""
+    lane = transport._Lane("test", workers=2, per_uid=2, privileged=frozenset())
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    count = 0
+
+    def run() -> None:
+        nonlocal count
+        count += 1
+        if count == 5:
+            loop.call_soon_threadsafe(done.set)
+
+    for _ in range(5):
+        call: Any = types.SimpleNamespace(conn=types.SimpleNamespace(peer=Peer(1, 1000, 1000)))
+        lane.submit(1000, call, run, lambda: None)
+    await asyncio.wait_for(done.wait(), 10)
+    threads = list(lane._threads)
+    assert 1 <= len(threads) <= 2
+    lane.shutdown()
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+
+
 async def test_idle_tracking(served: Harness) -> None:
     server = served.server
     assert (server.connections, server.calls_in_flight) == (0, 0)

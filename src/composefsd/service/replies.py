@@ -41,7 +41,9 @@ def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> d
         "verity": repo.verity.value,
         "images": images,
         "refs": sum(1 for _ in iter_refs(repo)),
-        "mounts": len(repository_mounts(repo, mounts)),
+        # Without composefs mounts there is nothing to tell apart: no realpath and
+        # stat of objects/ (under load, a quarter of Describe's own time).
+        "mounts": len(repository_mounts(repo, mounts)) if mounts else 0,
         "erofsVersion": int(repo.erofs_version),
         "extraErofsVersions": [int(v) for v in repo.formats.versions()][1:],
         "version": composefsd.version(),

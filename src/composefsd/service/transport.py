@@ -69,11 +69,12 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final
+from queue import SimpleQueue
+from typing import Any, Final, cast
 
 from varlink.error import VarlinkError
 from varlink.server import Service as VarlinkService
@@ -288,6 +289,53 @@ class _Prepared:
     data: bytes
 
 
+class _Inbox:
+    """Callbacks from worker threads to the event loop, run there in the order given.
+
+    ``loop.call_soon_threadsafe`` wakes the loop (a write to its self-pipe, a read
+    and a handle) for every callback; under load a worker posts two per call (the
+    outcome, the freed worker) and many workers finish between two turns of the
+    loop. Here only the first callback of a batch wakes the loop, and the loop
+    runs the whole batch at once."""
+
+    __slots__ = ("_items", "_lock", "_waking", "loop")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._waking = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def put(self, fn: Callable[..., None], *args: Any) -> None:
+        """Any thread: run ``fn(*args)`` on the loop; RuntimeError if the loop is
+        closed (nothing will run)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        with self._lock:
+            self._items.append((fn, args))
+            if self._waking:
+                return
+            self._waking = True
+        try:
+            loop.call_soon_threadsafe(self._run)
+        except RuntimeError:
+            with self._lock:
+                self._waking = False
+            raise
+
+    def _run(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._waking = False
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:
+                # As the loop does for a failing handle: the others still run.
+                log.exception("callback %r failed", fn)
+
+
 class _Lane:
     """Worker threads for one kind of call, shared fairly between uids.
 
@@ -298,10 +346,14 @@ class _Lane:
     """
 
     __slots__ = (
-        "_executor",
-        "_loop",
+        "__weakref__",
+        "_inbox",
+        "_jobs",
+        "_name",
         "_queues",
         "_running",
+        "_shut",
+        "_threads",
         "_total",
         "_turn",
         "per_uid",
@@ -309,12 +361,26 @@ class _Lane:
         "workers",
     )
 
-    def __init__(self, name: str, workers: int, per_uid: int, privileged: frozenset[int]) -> None:
+    def __init__(
+        self,
+        name: str,
+        workers: int,
+        per_uid: int,
+        privileged: frozenset[int],
+        inbox: _Inbox | None = None,
+    ) -> None:
         self.workers = max(1, workers)
         self.per_uid = max(1, per_uid)
         self.privileged = privileged
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._name = name
+        self._inbox = _Inbox() if inbox is None else inbox
+        # Plain threads on a SimpleQueue, not a ThreadPoolExecutor: its submit (a
+        # Future, a lock, a semaphore, a thread-count check) was the largest single
+        # cost on the loop per call. Threads start as calls need them, up to workers.
+        self._jobs: SimpleQueue[tuple[int, Callable[[], None]] | None] = SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._shut = False
+        _LANES.add(self)
         self._queues: dict[int, deque[_Job]] = {}
         #: uids with waiting calls, the next to be served first.
         self._turn: deque[int] = deque()
@@ -326,8 +392,8 @@ class _Lane:
     ) -> None:
         """Run ``job`` for ``call`` when its turn comes; ``discard`` releases what it
         holds if it is dropped before that."""
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        if self._inbox.loop is None:
+            self._inbox.loop = asyncio.get_running_loop()
         queue = self._queues.get(uid)
         if queue is None:
             queue = self._queues[uid] = deque()
@@ -376,18 +442,26 @@ class _Lane:
                 turn.pop()
             self._running[uid] += 1
             self._total += 1
-            self._executor.submit(self._run, uid, job.run)
+            self._jobs.put((uid, job.run))
+            if len(self._threads) < self._total and not self._shut:
+                thread = threading.Thread(
+                    target=self._worker, name=f"{self._name}_{len(self._threads)}"
+                )
+                self._threads.append(thread)
+                thread.start()
 
-    def _run(self, uid: int, job: Callable[[], None]) -> None:
-        try:
-            job()
-        finally:
-            loop = self._loop
-            assert loop is not None
+    def _worker(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            uid, job = item
             try:
-                loop.call_soon_threadsafe(self._done, uid)
-            except RuntimeError:
-                pass  # the loop is closed: nothing more will run
+                job()
+            except BaseException:
+                log.exception("a job of lane %s failed", self._name)
+            finally:
+                try:
+                    self._inbox.put(self._done, uid)
+                except RuntimeError:
+                    pass  # the loop is closed: nothing more will run
 
     def _done(self, uid: int) -> None:
         self._total -= 1
@@ -403,7 +477,28 @@ class _Lane:
                 job.discard()
         self._queues.clear()
         self._turn.clear()
-        self._executor.shutdown(wait=False)
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        """Let each thread end once the jobs given to it are done."""
+        if not self._shut:
+            self._shut = True
+            for _ in self._threads:
+                self._jobs.put(None)
+
+
+#: Lanes whose threads end at interpreter exit, as a ThreadPoolExecutor's do: Python
+#: waits for non-daemon threads before atexit handlers run, so this hook runs before
+#: that wait (it is the one ThreadPoolExecutor uses; it is not in typeshed).
+_LANES: weakref.WeakSet[_Lane] = weakref.WeakSet()
+
+
+def _stop_lanes() -> None:
+    for lane in list(_LANES):
+        lane._stop_threads()
+
+
+cast(Callable[[Callable[[], None]], None], threading._register_atexit)(_stop_lanes)  # type: ignore[attr-defined]
 
 
 class _Connection:
@@ -733,8 +828,12 @@ class Server:
         self.heavy_methods = heavy_methods
         self.privileged_uids = privileged_uids
         self._anc_size = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
-        self._lane = _Lane("varlink", workers, workers_per_uid, privileged_uids)
-        self._heavy = _Lane("varlink-heavy", heavy_workers, heavy_calls_per_uid, privileged_uids)
+        #: Everything worker threads hand to the loop, in one order.
+        self._inbox = _Inbox()
+        self._lane = _Lane("varlink", workers, workers_per_uid, privileged_uids, self._inbox)
+        self._heavy = _Lane(
+            "varlink-heavy", heavy_workers, heavy_calls_per_uid, privileged_uids, self._inbox
+        )
         self._validators: dict[str, InterfaceValidator] = {}
         self._methods: dict[str, _Target] = {}
         self._conns: set[_Connection] = set()
@@ -785,6 +884,7 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._inbox.loop = loop
         self._done = asyncio.Event()
         for sock in sockets:
             sock.setblocking(False)
@@ -993,7 +1093,7 @@ class Server:
     def _post(self, call: _Call, outcome: _Outcome) -> None:
         """Worker thread: hand ``outcome`` to the loop."""
         try:
-            call.conn.loop.call_soon_threadsafe(call.conn._finished, call, outcome)
+            self._inbox.put(call.conn._finished, call, outcome)
         except RuntimeError:
             # The loop is closed: nobody will send anything.
             if outcome is not None:
@@ -1037,7 +1137,7 @@ class Server:
                 self._heavy.submit(call.conn.peer.uid, call, job, discard)
 
         try:
-            call.conn.loop.call_soon_threadsafe(queue)
+            self._inbox.put(queue)
         except RuntimeError:
             close_all(prepared.ctx.fds)
 
@@ -1074,7 +1174,7 @@ class Server:
                 return
             data = encode_reply(parameters, continues=True)
             try:
-                conn.loop.call_soon_threadsafe(conn._send_continues, call, data, fds)
+                self._inbox.put(conn._send_continues, call, data, fds)
             except RuntimeError:
                 close_all(fds)
 
