@@ -123,6 +123,19 @@ def _hash_tail(new: _HashNew, mv: memoryview) -> bytes:
     return out
 
 
+def _root_whole(alg: Algorithm, new: _HashNew, mv: memoryview) -> bytes:
+    """The Merkle root of data held whole in memory: each level hashed in one pass,
+    without the streaming tree's bookkeeping (the cost that dominates small files)."""
+    if not mv:
+        return bytes(alg.digest_size)
+    level = _hash_tail(new, mv)
+    # A level of one hash is the root; a longer one is hashed block by block, the
+    # last block zero-padded, as the kernel does.
+    while len(level) > alg.digest_size:
+        level = _hash_tail(new, memoryview(level))
+    return level
+
+
 class _MerkleTree:
     """Streaming Merkle tree above level 0: holds at most one partial block per level,
     so memory stays a few KiB whatever the file size."""
@@ -259,9 +272,10 @@ class FsVerityHasher:
 
 def digest_bytes(data: Buffer, algorithm: AlgorithmLike = "sha256") -> bytes:
     """fs-verity digest of ``data`` (kernel and ``fsverity digest`` compatible)."""
-    h = FsVerityHasher(algorithm)
-    h.update(data)
-    return h.digest()
+    alg = Algorithm.parse(algorithm)
+    new = _hash_new(alg)
+    mv = memoryview(data).cast("B")
+    return _descriptor_digest(alg, new, _root_whole(alg, new, mv), len(mv))
 
 
 def c_compat_digest_bytes(data: Buffer, algorithm: AlgorithmLike = "sha256") -> bytes:
@@ -338,9 +352,20 @@ def digest_fd(
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
     new = _hash_new(alg)
-    tree = _MerkleTree(new, alg.digest_size)
     reader = _Reader(fd)
     size_hint = _regular_size(fd)
+    if size_hint is not None and size_hint < _PARALLEL_MIN_SIZE:
+        # Most files are small: read the whole file in one go (one byte more, to see
+        # EOF) and hash it level by level. A file that grew meanwhile is read again
+        # by the streaming path below.
+        buf = memoryview(bytearray(size_hint + 1))
+        got = reader.fill(buf)
+        if got <= size_hint:
+            if got == 0 and c_compat:
+                return _descriptor_digest(alg, new, new(_ZERO_BLOCK).digest(), 0)
+            return _descriptor_digest(alg, new, _root_whole(alg, new, buf[:got]), got)
+        reader = _Reader(fd)
+    tree = _MerkleTree(new, alg.digest_size)
     if threads > 1 and (size_hint is None or size_hint >= _PARALLEL_MIN_SIZE):
         size = _read_parallel(reader, new, tree, threads)
     else:
