@@ -335,6 +335,7 @@ def digest_fd(
     *,
     threads: int | None = None,
     c_compat: bool = False,
+    regular_size: int | None = None,
 ) -> bytes:
     """fs-verity digest of everything readable from ``fd``.
 
@@ -344,7 +345,9 @@ def digest_fd(
     with N > 1, N workers each read a span and hash it while the others do the same.
     ``None`` means :func:`default_threads`. Regular files under 8 MiB are always
     done in the calling thread. ``c_compat`` selects C libcomposefs' empty-input
-    digest.
+    digest. ``regular_size``: the caller has just found with ``fstat`` that ``fd``
+    is a regular file of this size (spares a second ``fstat``; only a hint for
+    reading, the digest is still of everything up to EOF).
     """
     alg = Algorithm.parse(algorithm)
     if threads is None:
@@ -353,17 +356,29 @@ def digest_fd(
         raise ValueError(f"threads must be at least 1, not {threads}")
     new = _hash_new(alg)
     reader = _Reader(fd)
-    size_hint = _regular_size(fd)
+    size_hint = _regular_size(fd) if regular_size is None else regular_size
     if size_hint is not None and size_hint < _PARALLEL_MIN_SIZE:
-        # Most files are small: read the whole file in one go (one byte more, to see
-        # EOF) and hash it level by level. A file that grew meanwhile is read again
-        # by the streaming path below.
-        buf = memoryview(bytearray(size_hint + 1))
-        got = reader.fill(buf)
+        # Most files are small: read the whole file at once and hash it level by
+        # level. The buffer is whole zeroed blocks with room for one byte more than
+        # the file, so the last block's zero padding is already there, and a file
+        # that grew meanwhile shows (it is then read again by the streaming path).
+        # One read that returns the fstat size is taken as the file: a regular
+        # file's read is short only at EOF.
+        buf = memoryview(bytearray((size_hint // BLOCK_SIZE + 1) * BLOCK_SIZE))
+        want = buf[: size_hint + 1]
+        got = os.preadv(fd, [want], 0)
+        if got != size_hint and got:
+            reader.offset = got
+            got += reader.fill(want[got:])
         if got <= size_hint:
-            if got == 0 and c_compat:
-                return _descriptor_digest(alg, new, new(_ZERO_BLOCK).digest(), 0)
-            return _descriptor_digest(alg, new, _root_whole(alg, new, buf[:got]), got)
+            if got == 0:
+                root = new(_ZERO_BLOCK).digest() if c_compat else bytes(alg.digest_size)
+            else:
+                level = _hash_blocks(new, buf[: -(-got // BLOCK_SIZE) * BLOCK_SIZE])
+                root = level
+                if len(level) > alg.digest_size:
+                    root = _root_whole(alg, new, memoryview(level))
+            return _descriptor_digest(alg, new, root, got)
         reader = _Reader(fd)
     tree = _MerkleTree(new, alg.digest_size)
     if threads > 1 and (size_hint is None or size_hint >= _PARALLEL_MIN_SIZE):

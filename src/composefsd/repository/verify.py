@@ -288,7 +288,8 @@ class _Checker:
                     return None, st.st_size, measured.hex(), True, None
                 if why == "unsupported":
                     self._unsupported.add(st.st_dev)
-            return None, st.st_size, digest_fd(fd, algorithm, threads=1).hex(), False, why
+            digest = digest_fd(fd, algorithm, threads=1, regular_size=st.st_size)
+            return None, st.st_size, digest.hex(), False, why
         except OSError as exc:
             return exc.errno or errno.EIO, 0, None, False, None
         finally:
