@@ -325,7 +325,7 @@ def _start_worker() -> subprocess.Popen[bytes]:
 
 
 _Batch = list[tuple[int, bytes, int]]
-_LaneItem = tuple[int, _Wire] | BaseException | None
+_LaneItem = tuple[list[int], list[_Wire]] | BaseException | None
 
 
 def default_workers() -> int:
@@ -360,8 +360,11 @@ def check_files(
     alg = algorithm.value
 
     def done(batch: _Batch, results: list[_Wire]) -> None:
-        for (index, _, _), result in zip(batch, results, strict=True):
-            out.put((index, result))
+        # A batch's results go over as one item: one hand-off between threads per
+        # batch rather than per file.
+        if len(batch) != len(results):
+            raise ValueError(f"{len(results)} results for a batch of {len(batch)} files")
+        out.put(([index for index, _, _ in batch], results))
 
     # If a worker cannot be started or dies, its lane checks in-process from then on.
     lanes: workerproc.Pool[_Batch, tuple[str, list[tuple[bytes, int]]], _Wire]
@@ -402,7 +405,8 @@ def check_files(
             elif isinstance(item, BaseException):
                 error = error or item
             elif error is None:
-                on_result(item[0], FileCheck(*item[1]))
+                for index, wire in zip(*item, strict=True):
+                    on_result(index, FileCheck(*wire))
     finally:
         if running:
             # Leaving early (the callback raised, or ^C): stop the workers now.
