@@ -9,7 +9,9 @@ where it hashes one all-zero block; :func:`c_compat_digest_bytes` and
 
 Speed: hashing is done one 4096-byte block per ``hashlib`` call, so the Python cost
 per block is kept to a comprehension step. Upper tree levels are 1/128 (SHA-256) or
-1/64 (SHA-512) of level 0 and cost next to nothing. :func:`digest_fd` overlaps reading
+1/64 (SHA-512) of level 0 and cost next to nothing. Files under 8 MiB (most files)
+are read whole in one ``preadv`` into zeroed blocks and hashed level by level, which
+skips the streaming tree's bookkeeping that dominated them. :func:`digest_fd` overlaps reading
 and hashing in worker threads; hashlib drops the GIL for each 4096-byte block, but
 retaking it 256k times per GiB means two threads gain far less than 2x on CPython 3.11.
 
