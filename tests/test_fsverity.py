@@ -611,3 +611,41 @@ def test_composefs_info_measure_file(reference_bin: Path, tmp_path: Path) -> Non
                 assert measure_or_compute(fd) == digest_bytes(b"") != bytes.fromhex(line)
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_digest_fd_file_grown_after_fstat(
+    alg: str, blob: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Small files are read whole at the size fstat gave; one that has grown since is
+    # read again to its end, so the digest is of everything readable, as for any fd.
+    data = blob[: 3 * BS + 7]
+    path = tmp_path / "grown"
+    path.write_bytes(data)
+    monkeypatch.setattr(fsverity, "_regular_size", lambda fd: 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert digest_fd(fd, alg, threads=1) == digest_bytes(data, alg)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_digest_fd_small_whole_path_matches_streaming(
+    alg: str, blob: bytes, tmp_path: Path
+) -> None:
+    # The whole-file path (small files) against the streaming hasher, at the sizes
+    # where the tree gains a level, and the empty file in both digest flavours.
+    per = PER_BLOCK[alg]
+    for size in [0, 1, BS, per * BS, per * BS + 1, 2000 * BS + 3]:
+        data = blob[:size]
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for compat in (False, True):
+                h = FsVerityHasher(alg, c_compat=compat)
+                h.update(data)
+                assert digest_fd(fd, alg, threads=1, c_compat=compat) == h.digest(), size
+        finally:
+            os.close(fd)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from composefsd.fsverity import digest_bytes
+from composefsd.kernel.verity import Algorithm
 from composefsd.repository import Progress, Repository, VerityPolicy
 from composefsd.repository import verify as verify_mod
 from composefsd.repository.fsck import FsckProblem, fsck
@@ -489,3 +490,52 @@ def test_image_object_deleted(built: Built) -> None:
         ("broken-symlink", f"images/{built.one}"),
         ("broken-symlink", "images/refs/one"),
     ]
+
+
+def _object_file(root: Path, data: bytes) -> tuple[bytes, str]:
+    digest = digest_bytes(data).hex()
+    path = root / "objects" / digest[:2] / digest[2:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return os.fsencode(path), digest
+
+
+def test_checker_batch_keeps_directories_and_no_symlinks(tmp_path: Path) -> None:
+    # One batch checks several files of one XX directory through one open directory,
+    # and a directory that is a symlink is refused (ELOOP), whether asked once or twice.
+    alg = Algorithm.SHA256
+    files = [_object_file(tmp_path, bytes([i]) * (100 + i)) for i in range(40)]
+    results = verify_mod._check_batch(("sha256", [(p, -1) for p, _ in files]))
+    assert [r[2] for r in results] == [d for _, d in files]
+    path, digest = files[0]
+    sub = tmp_path / "objects" / digest[:2]
+    moved = tmp_path / "elsewhere"
+    sub.rename(moved)
+    sub.symlink_to(moved)
+    with verify_mod._Checker(alg) as checker:
+        first = checker.check(path, -1)
+        again = checker.check(path, -1)
+    assert first[0] is not None and first[2] is None
+    assert again[0] is not None and again[2] is None
+
+
+def test_checker_remembers_unsupported_per_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once the kernel says a filesystem cannot do fs-verity, its other files are not
+    # asked again, but each is still hashed and reported as "unsupported".
+    files = [_object_file(tmp_path, bytes([i]) * 5000) for i in range(5)]
+    files.append((files[0][0], "0" * 64))  # content that does not match a name
+    calls: list[int] = []
+
+    def measure(fd: int, algorithm: object) -> tuple[bytes | None, str | None]:
+        calls.append(fd)
+        return None, "unsupported"
+
+    monkeypatch.setattr(verify_mod, "_measure", measure)
+    with verify_mod._Checker(Algorithm.SHA256) as checker:
+        results = [checker.check(p, -1) for p, _ in files]
+    assert len(calls) == 1
+    assert [r[2] for r in results[:5]] == [d for _, d in files[:5]]
+    assert results[5][2] == files[0][1]
+    assert all(r[3] is False and r[4] == "unsupported" for r in results)
