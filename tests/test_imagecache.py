@@ -211,3 +211,53 @@ def test_swapped_image_is_refused_after_a_remembered_mount(
         with pytest.raises(ImageVerityError) as info:
             mount_repository_image(repository, "a", verity=policy, digest_cache=cache)
         assert info.value.reason == (NO_VERITY if policy is VerityPolicy.REQUIRED else WRONG_VERITY)
+
+
+# -- through the daemon's Mount --------------------------------------------------------------
+
+
+def test_daemon_mount_hashes_an_unchanged_image_once(
+    repo: tuple[Repository, str, str], tmp_path: Path
+) -> None:
+    from composefsd.service.context import CallContext, Peer, VarlinkReplyError
+    from composefsd.service.methods import INTERFACE, RepositoryInterface
+    from composefsd.service.mounts import MountTracker
+
+    repository, a, b = repo
+    iface = RepositoryInterface(repository, MountTracker(tmp_path / "run"))
+    iface.image_digests = ImageDigestCache(settle_ns=SETTLE_NS)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def ctx(method: str) -> CallContext:
+        return CallContext(
+            peer=Peer(os.getpid(), 0, 0),
+            method=f"{INTERFACE}.{method}",
+            more=False,
+            fds=[],
+            send_continues=lambda _reply: None,
+        )
+
+    def mount(verity: str) -> object:
+        unset = dict.fromkeys(
+            ("expected_digest", "read_only", "upper_path", "upper_fd_index", "work_path"), None
+        )
+        unset |= dict.fromkeys(("work_fd_index", "userns_fd_index", "uid_map", "gid_map"), None)
+        reply = iface.Mount("a", verity=verity, where=str(mnt), _request=ctx("Mount"), **unset)
+        iface.Unmount(str(mnt), None, _request=ctx("Unmount"))
+        return reply["imageCheck"]
+
+    _settle()
+    assert [mount(v) for v in ("disabled", "try", "disabled")] == ["userspace"] * 3
+    assert (iface.image_digests.computed, iface.image_digests.remembered) == (1, 2)
+    image_a = Path(os.path.realpath(repository.image_path(a)))
+    image_a.chmod(0o644)
+    image_a.write_bytes(Path(repository.image_path(b)).read_bytes())
+    _settle()
+    for verity in ("disabled", "try", "disabled", "required"):
+        with pytest.raises(VarlinkReplyError) as info:
+            mount(verity)
+        assert info.value.name == f"{INTERFACE}.ImageVerityFailed"
+        reason = NO_VERITY if verity == "required" else WRONG_VERITY
+        assert info.value.parameters["reason"] == reason
+    assert not os.path.ismount(mnt)
