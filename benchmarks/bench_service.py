@@ -20,7 +20,12 @@
 2. **Mount + Unmount** through the daemon, each driven by a ``varlinkctl call``
    process (``Mount`` with ``where``, then ``Unmount``), ``--cycles`` times,
    against C ``mount.composefs`` + ``umount`` processes on the same image in the
-   same run; prints ms per cycle and the ratio ours/C.
+   same run; prints ms per cycle and the ratio ours/C. The same with
+   ``composefsctl mount``/``unmount``; beside them the floor of the varlinkctl
+   side (two ``varlinkctl call`` processes of ``GetInfo``) and the daemon's own
+   part (both calls from this process). For a small image and, with
+   ``--usr-image`` (``mkcomposefs /usr usr.cfs``), a /usr-sized one, put into the
+   repository as it is; ``--skip-describe`` runs only this part.
 
 The daemon runs as ``python -m composefsd.service.daemon`` on a fresh repository
 in ``--workdir``; everything is removed at the end.
@@ -203,44 +208,116 @@ def _time_cycles(cycles: int, mount: list[str], umount: list[str]) -> tuple[floa
     return t_mount / cycles * 1000, t_umount / cycles * 1000
 
 
-def bench_mount(work: Path, sock: str, cycles: int, rounds: int) -> None:
+def _client_cycles(cycles: int, sock: str, image: str, mnt: Path) -> tuple[float, float]:
+    """Mount + Unmount from this process, a connection each: the daemon's part, with
+    no client process to start."""
+    t_mount = t_umount = 0.0
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        with connect(sock) as conn:
+            conn.call(f"{IFACE}.Mount", {"image": image, "where": str(mnt)})
+        t1 = time.perf_counter()
+        with connect(sock) as conn:
+            conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
+        t2 = time.perf_counter()
+        t_mount += t1 - t0
+        t_umount += t2 - t1
+    return t_mount / cycles * 1000, t_umount / cycles * 1000
+
+
+def _add_image_file(repo_path: Path, image: Path, ref: str) -> str:
+    """Put a ready image file into the repository as ``ref`` (its objects need not be
+    there: a mount looks them up only when a file's data is read)."""
+    from composefsd.repository import Repository
+    from composefsd.repository.images import link_image, set_ref_link
+
+    repo = Repository.open(repo_path)
+    digest = repo.object_store().store_bytes(image.read_bytes()).digest
+    link_image(repo, digest)
+    set_ref_link(repo.refs_dir, ref, digest, tmp_dir=repo.images_dir, top=repo.refs_dir)
+    return digest
+
+
+def bench_mount(
+    work: Path, sock: str, cycles: int, rounds: int, usr_image: Path | None, usr_cycles: int
+) -> None:
+    """Mount + Unmount of a small image and of a /usr-sized one: C ``mount.composefs``
+    + ``umount`` processes, the daemon driven by ``varlinkctl call`` processes, and
+    ``composefsctl mount`` + ``unmount`` through the daemon; alternated per round."""
     ref = reference_bin()
     varlinkctl = str(ref / "varlinkctl")
+    composefsctl = shutil.which("composefsctl", path=str(Path(sys.executable).parent))
     src = work / "src"
     _tree(src, 300)
-    objs, image, mnt = work / "objs", work / "c.cfs", work / "mnt"
+    objs, mnt = work / "objs", work / "mnt"
     objs.mkdir()
     mnt.mkdir()
+    images: list[tuple[str, Path, str, int]] = []
+    small = work / "c.cfs"
     subprocess.run(
-        [str(ref / "mkcomposefs"), f"--digest-store={objs}", str(src), str(image)], check=True
+        [str(ref / "mkcomposefs"), f"--digest-store={objs}", str(src), str(small)], check=True
     )
     with connect(sock) as conn:
         conn.call(f"{IFACE}.CreateImage", {"sourcePath": str(src), "ref": "bench"})
-    c_mount = [str(ref / "mount.composefs"), "-o", f"basedir={objs}", str(image), str(mnt)]
-    ours_mount = [
-        varlinkctl,
-        "call",
-        sock,
-        f"{IFACE}.Mount",
-        f'{{"image": "bench", "where": "{mnt}"}}',
-    ]
-    ours_umount = [varlinkctl, "call", sock, f"{IFACE}.Unmount", f'{{"where": "{mnt}"}}']
-    rows = []
-    for r in range(rounds):
-        c = _time_cycles(cycles, c_mount, ["umount", str(mnt)])
-        o = _time_cycles(cycles, ours_mount, ours_umount)
-        rows.append((c, o))
-        print(
-            f"round {r + 1}: C {sum(c):.2f} ms/cycle (mount {c[0]:.2f}, umount {c[1]:.2f}); "
-            f"daemon via varlinkctl {sum(o):.2f} ms/cycle (Mount {o[0]:.2f}, Unmount {o[1]:.2f}); "
-            f"ours/C {sum(o) / sum(c):.2f}"
+    images.append(("small (300 files)", small, "bench", cycles))
+    if usr_image is not None:
+        _add_image_file(work / "repo", usr_image, "usr")
+        images.append(
+            (f"/usr ({usr_image.stat().st_size / 1e6:.1f} MB)", usr_image, "usr", usr_cycles)
         )
-    c_med = statistics.median(sum(c) for c, _ in rows)
-    o_med = statistics.median(sum(o) for _, o in rows)
-    print(
-        f"Mount + Unmount, {cycles} cycles x {rounds} rounds, median: C {c_med:.2f} ms/cycle, "
-        f"daemon via varlinkctl {o_med:.2f} ms/cycle, ours/C {o_med / c_med:.2f}"
-    )
+    for label, image, name, n in images:
+        sides: dict[str, tuple[list[str], list[str]]] = {
+            "C mount.composefs": (
+                [str(ref / "mount.composefs"), "-o", f"basedir={objs}", str(image), str(mnt)],
+                ["umount", str(mnt)],
+            ),
+            "varlinkctl": (
+                [
+                    varlinkctl,
+                    "call",
+                    sock,
+                    f"{IFACE}.Mount",
+                    f'{{"image": "{name}", "where": "{mnt}"}}',
+                ],
+                [varlinkctl, "call", sock, f"{IFACE}.Unmount", f'{{"where": "{mnt}"}}'],
+            ),
+        }
+        # The floor of the varlinkctl side: the same two processes making a call
+        # that does nothing.
+        sides["varlinkctl GetInfo x2"] = (
+            [varlinkctl, "call", sock, "org.varlink.service.GetInfo", "{}"],
+            [varlinkctl, "call", sock, "org.varlink.service.GetInfo", "{}"],
+        )
+        if composefsctl is not None:
+            sides["composefsctl"] = (
+                [composefsctl, "--connect", sock, "mount", name, str(mnt)],
+                [composefsctl, "--connect", sock, "unmount", str(mnt)],
+            )
+        print(
+            f"\nMount + Unmount, {label}, {n} cycles x {rounds} rounds "
+            f"(load {os.getloadavg()[0]:.2f}):"
+        )
+        for mount_cmd, umount_cmd in sides.values():  # warm up: page cache, first hash
+            _time_cycles(1, mount_cmd, umount_cmd)
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
+        results["daemon, in-process client"] = []
+        for r in range(rounds):
+            for side, (mount_cmd, umount_cmd) in sides.items():
+                results[side].append(_time_cycles(n, mount_cmd, umount_cmd))
+            results["daemon, in-process client"].append(_client_cycles(n, sock, name, mnt))
+            c = sum(results["C mount.composefs"][-1])
+            print(
+                f"  round {r + 1}: "
+                + "; ".join(
+                    f"{side} {sum(rows[-1]):.2f} ms (mount {rows[-1][0]:.2f}, "
+                    f"unmount {rows[-1][1]:.2f}) {sum(rows[-1]) / c:.2f}x"
+                    for side, rows in results.items()
+                )
+            )
+        c_med = statistics.median(sum(row) for row in results["C mount.composefs"])
+        for side, rows in results.items():
+            med = statistics.median(sum(row) for row in rows)
+            print(f"  median {side:26} {med:7.2f} ms/cycle  ours/C {med / c_med:5.2f}")
 
 
 def main() -> int:
@@ -252,6 +329,14 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument(
+        "--usr-image",
+        type=Path,
+        default=None,
+        help="a /usr-sized image file (C mkcomposefs /usr IMAGE) to mount too",
+    )
+    ap.add_argument("--usr-cycles", type=int, default=30)
+    ap.add_argument("--skip-describe", action="store_true", help="only the Mount part")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cfs-service-bench-", dir=args.workdir))
     sock = str(work / "composefsd.sock")
@@ -280,10 +365,11 @@ def main() -> int:
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the daemon did not start")
             time.sleep(0.05)
-        clients = [int(n) for n in args.clients.split(",")]
-        bench_describe(sock, clients, args.client_procs, args.seconds, args.rounds)
+        if not args.skip_describe:
+            clients = [int(n) for n in args.clients.split(",")]
+            bench_describe(sock, clients, args.client_procs, args.seconds, args.rounds)
         if not args.describe_only:
-            bench_mount(work, sock, args.cycles, args.rounds)
+            bench_mount(work, sock, args.cycles, args.rounds, args.usr_image, args.usr_cycles)
     finally:
         subprocess.run(["umount", "-q", str(work / "mnt")], stderr=subprocess.DEVNULL)
         daemon.send_signal(signal.SIGTERM)

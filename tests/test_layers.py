@@ -39,7 +39,12 @@ _RANKS = {
 }
 # kernel/ modules above the repository layer; every other kernel module is a leaf.
 _KERNEL_UPPER = frozenset(
-    {"composefsd.kernel", "composefsd.kernel.mount", "composefsd.kernel.repomount"}
+    {
+        "composefsd.kernel",
+        "composefsd.kernel.imagecache",
+        "composefsd.kernel.mount",
+        "composefsd.kernel.repomount",
+    }
 )
 
 

@@ -51,6 +51,7 @@ from composefsd.objectlayout import iter_objects, object_relpath
 from composefsd.verity_policy import VerityPolicy
 
 if TYPE_CHECKING:
+    from composefsd.kernel.imagecache import ImageDigestCache
     from composefsd.kernel.verity import Algorithm
 
 # mount.composefs runs this once per mount, as a fresh process: fs-verity hashing,
@@ -138,6 +139,10 @@ class MountOptions:
     layer_mode: LayerMode | None = None
     #: Force EROFS from the file or from a loop device (default: the file, loop on ENOTBLK).
     backing: Backing | None = None
+    #: Where an image digest computed in userspace is remembered, so that the same
+    #: unchanged file is not hashed again (a long-running caller's; see
+    #: :mod:`composefsd.kernel.imagecache` for what it trusts).
+    digest_cache: ImageDigestCache | None = None
 
 
 @dataclass(slots=True)
@@ -344,7 +349,15 @@ def _check_image(
         measured = kernel_digest
     else:
         # Disabled never asks fs-verity, even where the image has it (README, IDL).
-        measured = digest_fd(fd, alg).hex()
+        if opts.digest_cache is None:
+            measured = digest_fd(fd, alg).hex()
+        else:
+            measured, remembered = opts.digest_cache.digest(fd, alg)
+            if remembered:
+                checks.notes.append(
+                    "the image's digest was computed in userspace at an earlier mount; "
+                    "the file is unchanged since"
+                )
         checks.image_check = "userspace"
         if opts.verity is VerityPolicy.TRY:
             checks.notes.append("the image has no fs-verity: its digest was computed in userspace")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from composefsd.kernel.mount import (
     WRONG_VERITY,
@@ -38,6 +39,9 @@ from composefsd.kernel.mountinfo import ComposefsMount, list_composefs_mounts
 from composefsd.kernel.userns import IdMapping
 from composefsd.repository import Repository, VerityPolicy, reader_lock
 from composefsd.repository.images import open_image_object
+
+if TYPE_CHECKING:
+    from composefsd.kernel.imagecache import ImageDigestCache
 
 __all__ = [
     "ObjectsDirectory",
@@ -62,12 +66,15 @@ def mount_repository_image(
     gid_map: Sequence[IdMapping] | None = None,
     expected_digest: str | None = None,
     layer_mode: LayerMode | None = None,
+    digest_cache: ImageDigestCache | None = None,
 ) -> DetachedMount:
     """Mount the image ``name`` (a ref, or a digest bare or ``sha256:``-prefixed), detached.
 
     The image's own digest is always the expected digest, so a damaged or swapped
     image file is refused under every policy; ``expected_digest``, if given, must
     name the same image. ``verity`` defaults to the repository's policy.
+    ``digest_cache`` remembers digests computed in userspace, for a caller that
+    mounts the same images again (the daemon).
     """
     with reader_lock(repo.path):
         digest = repo.resolve_image(name)
@@ -92,6 +99,7 @@ def mount_repository_image(
             gid_map=gid_map,
             name=digest,
             layer_mode=layer_mode,
+            digest_cache=digest_cache,
         )
         # The image's object by its digest, never through images/<digest> (which
         # whoever writes the repository could aim outside it).

@@ -74,6 +74,7 @@ from composefsd.credentials import Credentials
 from composefsd.image.formats import ErofsVersion
 from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
+from composefsd.kernel.imagecache import ImageDigestCache
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
 from composefsd.kernel.repomount import (
@@ -481,6 +482,8 @@ class RepositoryInterface:
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
         self.tracker = tracker
+        # Mount hashes an image without fs-verity once, not at every mount.
+        self.image_digests = ImageDigestCache()
 
     def _reporter(
         self,
@@ -759,6 +762,7 @@ class RepositoryInterface:
                     uid_map=uids,
                     gid_map=gids,
                     expected_digest=expected_digest,
+                    digest_cache=self.image_digests,
                 )
                 with mount:
                     out = mount_reply(mount)
