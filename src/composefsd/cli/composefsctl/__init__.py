@@ -42,7 +42,6 @@ repository code), and both print through :mod:`.output`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -63,7 +62,6 @@ from composefsd.service.client import (
 
 __all__ = ["EXIT_UNREACHABLE", "main"]
 
-log = logging.getLogger(__name__)
 #: Exit status when the daemon cannot be reached (or is not to be trusted).
 EXIT_UNREACHABLE = 3
 
@@ -125,7 +123,9 @@ def _connect(args: argparse.Namespace) -> Connection | None:
         # working directly, so that it gets removed.
         raise Unreachable(str(exc)) from None
     except VarlinkClientError as exc:
-        log.debug("no daemon at %s (%s): working directly", address, exc)
+        import logging  # here: loading logging costs a client's start several ms
+
+        logging.getLogger(__name__).debug("no daemon at %s (%s): working directly", address, exc)
         return None
 
 
