@@ -102,3 +102,96 @@ def test_direct_commands_load_the_repository(daemon: Daemon) -> None:
     assert result["statuses"] == [0]
     assert "composefsd.repository" in result["loaded"]
     assert "composefsd.cli.composefsctl.direct" in result["loaded"]
+
+
+# What each tool may not load just to start (its import and a --help, or
+# composefsctl parsing a client command line): the code it needs only for real
+# work, and the heavy standard modules (ctypes, asyncio, subprocess, dataclasses'
+# inspect, ...) that used to make our start-up several times C's. Modules the
+# interpreter already had before the import (site hooks, for one) do not count.
+_HEAVY = (
+    "asyncio",
+    "ctypes",
+    "dataclasses",
+    "inspect",
+    "subprocess",
+    "varlink",
+    "concurrent.futures",
+    "composefsd.kernel.mount",
+    "composefsd.kernel.syscalls",
+    "composefsd.repository",
+    "composefsd.workerproc",
+)
+_START_PROBE = """
+import contextlib, json, sys
+before = set(sys.modules)
+import importlib
+module = importlib.import_module(sys.argv[1])
+if sys.argv[2] == "parse":
+    module.parse_args(json.loads(sys.argv[3]))
+else:
+    with contextlib.suppress(SystemExit):
+        module.main(json.loads(sys.argv[3]))
+with open(sys.argv[4], "w") as f:
+    json.dump(sorted(set(sys.modules) - before), f)
+"""
+
+
+def _loaded(module: str, how: str, argv: list[str], tmp_path: Path) -> list[str]:
+    out = tmp_path / "loaded.json"
+    subprocess.run(
+        [sys.executable, "-c", _START_PROBE, module, how, json.dumps(argv), str(out)],
+        capture_output=True,
+        check=True,
+    )
+    loaded: list[str] = json.loads(out.read_text())
+    return loaded
+
+
+def _heavy(loaded: list[str], *extra: str) -> list[str]:
+    return [m for m in loaded if any(m == p or m.startswith(p + ".") for p in _HEAVY + extra)]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("composefsd.cli.mkcomposefs", ["--help"]),
+        ("composefsd.cli.mkcomposefs", ["--no-such-option"]),
+        ("composefsd.cli.info", []),
+        ("composefsd.cli.info", ["--help"]),
+    ],
+)
+def test_c_tools_start_without_image_code(module: str, argv: list[str], tmp_path: Path) -> None:
+    loaded = _loaded(module, "main", argv, tmp_path)
+    assert module in loaded  # the probe saw the import
+    assert _heavy(loaded, "composefsd.image", "composefsd.fsverity", "logging") == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["status"],
+        ["images", "--json"],
+        ["mount", "img", "/mnt", "--uid-map", "0:1000:1"],
+        ["oci", "pull", "oci:/layout"],
+        ["call", "io.composefs.Repository.ListImages", "{}"],
+    ],
+)
+def test_composefsctl_parses_without_heavy_modules(argv: list[str], tmp_path: Path) -> None:
+    how = "main" if argv == ["--help"] else "parse"
+    loaded = _loaded("composefsd.cli.composefsctl", how, argv, tmp_path)
+    assert "composefsd.cli.composefsctl.remote" in loaded
+    # Not yet: the Varlink client's records (service.codec, service.context) are
+    # dataclasses, so dataclasses and inspect still load.
+    heavy = _heavy(loaded, "composefsd.image.reader", "composefsd.image.tree", "logging")
+    assert [m for m in heavy if m not in ("dataclasses", "inspect")] == []
+
+
+def test_the_probe_sees_heavy_modules(tmp_path: Path) -> None:
+    # The check can fail: a command that does real work loads them.
+    (tmp_path / "tree").mkdir()
+    argv = ["--print-digest-only", str(tmp_path / "tree")]
+    loaded = _loaded("composefsd.cli.mkcomposefs", "main", argv, tmp_path)
+    assert "composefsd.sources.directory" in _heavy(loaded, "composefsd.sources")
+    assert "subprocess" in _heavy(loaded)

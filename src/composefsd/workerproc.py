@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence, Sized
 from contextlib import AbstractContextManager
 from typing import IO, Any, Generic, TypeVar
 
+from composefsd.cpus import cpus
 from composefsd.kernel.files import set_pipe_size
 
 __all__ = [
@@ -51,14 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpus() -> int:
-    """The CPUs this process may run on (its affinity mask): how many lanes pay off."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except OSError:
-        return os.cpu_count() or 1
 
 
 def start(

@@ -15,16 +15,18 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, NoReturn
+from typing import TYPE_CHECKING, BinaryIO, NoReturn
 
 from composefsd.cli.cerr import Exit as _Exit
 from composefsd.cli.cerr import err, usage_error
 from composefsd.cli.cerr import stderr as _stderr
 from composefsd.cli.getopt import GetoptError, gnu_getopt
-from composefsd.fsverity import measure_or_compute
-from composefsd.image.dump_print import print_dump, print_ls
-from composefsd.image.reader import ImageInfo, iter_objects, read_image
-from composefsd.kernel.verity import VerityError
+
+if TYPE_CHECKING:
+    from composefsd.image.reader import ImageInfo
+
+# The image and digest code is imported where it is used, not here: a usage error
+# or --help loads none of it, and each command only what it needs.
 
 __all__ = ["load_image_file", "main"]
 
@@ -53,6 +55,8 @@ def load_image_file(path: str | bytes, *, filters: Sequence[bytes] | None = None
     Raises ``FileNotFoundError`` and friends from ``open`` unchanged (C reports
     those as "Failed to open"), and :class:`LoadError` for everything after that.
     """
+    from composefsd.image.reader import read_image
+
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
@@ -75,6 +79,9 @@ def load_image_file(path: str | bytes, *, filters: Sequence[bytes] | None = None
 def _measure_files(argv0: str, files: Sequence[str], out: BinaryIO) -> None:
     if not files:
         usage_error(b"No files specified\n", _usage(argv0))
+    from composefsd.fsverity import measure_or_compute
+    from composefsd.kernel.verity import VerityError
+
     for path in files:
         bpath = os.fsencode(path)
         try:
@@ -148,6 +155,9 @@ def _run(argv: Sequence[str], out: BinaryIO) -> None:
     handlers: dict[str, Callable[[ImageInfo], None]]
     objects: set[bytes] = set()
     basedir_fd = 0  # C's global default: without --basedir it stats against stdin
+
+    from composefsd.image.dump_print import print_dump, print_ls
+    from composefsd.image.reader import iter_objects
 
     def collect(info: ImageInfo) -> None:
         objects.update(iter_objects(info.root))

@@ -21,14 +21,16 @@ import os
 import stat
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from composefsd.cli.getopt import GetoptError, gnu_getopt
-from composefsd.fsverity import digest_bytes
-from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
-from composefsd.image.tree import Node
-from composefsd.image.writer import write_image
-from composefsd.sources.directory import ScanError, ScanOptions, default_threads, scan_directory
+from composefsd.cpus import cpus as default_threads  # what sources.directory defaults to
+
+if TYPE_CHECKING:
+    from composefsd.image.tree import Node
+
+# The image code is imported where it is used, not here: --help and usage errors
+# then start as fast as a C tool, and --from-file never loads the directory scanner.
 
 __all__ = ["main"]
 
@@ -87,21 +89,39 @@ def _fail(message: str) -> _Exit:
     return _Exit(1, f"{PROG}: {message}")
 
 
-@dataclass(slots=True)
 class _Args:
-    use_epoch: bool = False
-    skip_xattrs: bool = False
-    user_xattrs: bool = False
-    skip_devices: bool = False
-    digest_store: str | None = None
-    print_digest: bool = False
-    print_digest_only: bool = False
-    from_file: bool = False
-    min_version: int = 0
-    max_version: int = 0
-    version_set: bool = False
-    threads: int = 0
-    help: bool = False
+    # A plain class, not a dataclass: building one costs more than this whole
+    # module at start-up, and nothing compares or prints these.
+    __slots__ = (
+        "digest_store",
+        "from_file",
+        "help",
+        "max_version",
+        "min_version",
+        "print_digest",
+        "print_digest_only",
+        "skip_devices",
+        "skip_xattrs",
+        "threads",
+        "use_epoch",
+        "user_xattrs",
+        "version_set",
+    )
+
+    def __init__(self) -> None:
+        self.use_epoch = False
+        self.skip_xattrs = False
+        self.user_xattrs = False
+        self.skip_devices = False
+        self.digest_store: str | None = None
+        self.print_digest = False
+        self.print_digest_only = False
+        self.from_file = False
+        self.min_version = 0
+        self.max_version = 0
+        self.version_set = False
+        self.threads = 0
+        self.help = False
 
 
 def _strtol(text: str) -> int | None:
@@ -243,6 +263,8 @@ def _open_output(args: _Args, image: str | None) -> _Output | None:
 
 
 def _read_dumpfile(source: str) -> Node:
+    from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
+
     if source == "-":
         stream = sys.stdin.buffer
         try:
@@ -266,6 +288,8 @@ def _read_dumpfile(source: str) -> Node:
 
 
 def _scan(args: _Args, source: str) -> Node:
+    from composefsd.sources.directory import ScanError, ScanOptions, scan_directory
+
     options = ScanOptions(
         use_epoch=args.use_epoch,
         skip_devices=args.skip_devices,
@@ -300,6 +324,8 @@ def _run(argv: Sequence[str]) -> int:
     else:
         raise _Exit(1, "Cannot specify destination path with --print-digest-only", usage=True)
 
+    from composefsd.image.writer import write_image
+
     out = _open_output(args, image)
     try:
         root = _read_dumpfile(source) if args.from_file else _scan(args, source)
@@ -315,6 +341,8 @@ def _run(argv: Sequence[str]) -> int:
             raise _fail(f"cannot write file: {os.strerror(exc.errno or errno.EIO)}") from exc
         if args.print_digest:
             # After the image: with IMAGE "-" the digest line follows it on stdout.
+            from composefsd.fsverity import digest_bytes
+
             _stdout(digest_bytes(data).hex() + "\n")
         if out is not None:
             try:

@@ -42,7 +42,6 @@ import array
 import enum
 import errno
 import json
-import logging
 import os
 import signal
 import socket
@@ -78,7 +77,6 @@ __all__ = [
     "spawn",
 ]
 
-log = logging.getLogger(__name__)
 
 #: The composefsd interface.
 INTERFACE: Final = "io.composefs.Repository"
@@ -491,7 +489,11 @@ class _MoreReplies(Iterator[Reply]):
         if not conn.closed:
             # Replies may still come, so the connection cannot be reused; closing it
             # tells the server to cancel the call.
-            log.debug("%s: %s abandoned; closing the connection", conn.address, self._method)
+            import logging  # here: loading logging costs a client's start several ms
+
+            logging.getLogger(__name__).debug(
+                "%s: %s abandoned; closing the connection", conn.address, self._method
+            )
             conn._abort()
 
     def __del__(self) -> None:
@@ -513,7 +515,11 @@ def _reap(pid: int, wait: float) -> None:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 return
-            log.warning("server process %d did not exit; sending SIGTERM", pid)
+            import logging  # here: loading logging costs a client's start several ms
+
+            logging.getLogger(__name__).warning(
+                "server process %d did not exit; sending SIGTERM", pid
+            )
             os.kill(pid, signal.SIGTERM)
             signalled = True
             deadline = time.monotonic() + wait

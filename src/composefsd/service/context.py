@@ -10,7 +10,6 @@ context is their only link to the connection.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 import struct
@@ -20,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 __all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError", "peer_credentials"]
-
-log = logging.getLogger(__name__)
 
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 
@@ -58,7 +55,9 @@ def peer_credentials(sock: socket.socket) -> Peer:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
     except OSError as e:
-        log.warning("no peer credentials on fd %d: %s", sock.fileno(), e)
+        import logging  # here: loading logging costs a client's start several ms
+
+        logging.getLogger(__name__).warning("no peer credentials on fd %d: %s", sock.fileno(), e)
         return Peer(0, -1, -1)
     for count in (64, 65536):
         try:

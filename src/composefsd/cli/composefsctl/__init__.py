@@ -42,7 +42,6 @@ repository code), and both print through :mod:`.output`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -52,7 +51,6 @@ from composefsd.cli.composefsctl import remote
 from composefsd.cli.composefsctl.errors import Failed, Unreachable, Usage
 from composefsd.cli.composefsctl.parser import PROG, parse_args
 from composefsd.image.escape import printable
-from composefsd.kernel.mount import MountError
 from composefsd.service import client
 from composefsd.service.client import (
     Connection,
@@ -64,7 +62,6 @@ from composefsd.service.client import (
 
 __all__ = ["EXIT_UNREACHABLE", "main"]
 
-log = logging.getLogger(__name__)
 #: Exit status when the daemon cannot be reached (or is not to be trusted).
 EXIT_UNREACHABLE = 3
 
@@ -126,7 +123,9 @@ def _connect(args: argparse.Namespace) -> Connection | None:
         # working directly, so that it gets removed.
         raise Unreachable(str(exc)) from None
     except VarlinkClientError as exc:
-        log.debug("no daemon at %s (%s): working directly", address, exc)
+        import logging  # here: loading logging costs a client's start several ms
+
+        logging.getLogger(__name__).debug("no daemon at %s (%s): working directly", address, exc)
         return None
 
 
@@ -144,10 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"'{args.command}' works through composefsd only, and no daemon answers "
                 f"at {default_address()} (start it, or give --connect ADDRESS)"
             )
-        # Only a command that runs here loads the repository code.
+        # Only a command that runs here loads the repository code (and the mount
+        # code, whose errors are then reported like any failure).
         from composefsd.cli.composefsctl import direct
+        from composefsd.kernel.mount import MountError
 
-        return direct.run(args)
+        try:
+            return direct.run(args)
+        except MountError as exc:
+            raise Failed(str(exc)) from exc
     except Usage as exc:
         command_parser.error(str(exc))
     except Unreachable as exc:
@@ -158,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VarlinkClientError as exc:
         sys.stderr.write(f"{PROG}: error: {printable(str(exc))}\n")
         return EXIT_UNREACHABLE
-    except (Failed, MountError) as exc:
+    except Failed as exc:
         return _error(str(exc))
     except BrokenPipeError:
         # "composefsctl images | head": end quietly, with the status a shell reports

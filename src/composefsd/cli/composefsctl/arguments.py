@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from composefsd.cli.composefsctl.errors import Failed, Usage
-from composefsd.kernel.userns import IdMapping, parse_mapping
+
+if TYPE_CHECKING:
+    from composefsd.kernel.userns import IdMapping
 
 __all__ = ["check_mount", "check_verify", "check_xattrs", "id_mappings", "open_userns"]
 
@@ -51,6 +54,9 @@ def check_mount(args: argparse.Namespace) -> None:
 
 def id_mappings(args: argparse.Namespace) -> tuple[list[IdMapping] | None, list[IdMapping] | None]:
     """``mount``: the uid and gid mappings given, parsed."""
+    # Here, not above: the kernel module loads ctypes, which only mount needs.
+    from composefsd.kernel.userns import parse_mapping
+
     try:
         uid_map = parse_mapping(args.uid_map) if args.uid_map else None
         gid_map = parse_mapping(args.gid_map) if args.gid_map else None

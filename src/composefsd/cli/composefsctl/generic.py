@@ -26,15 +26,20 @@ from composefsd.service.client import Connection, Reply, VarlinkCallError, Varli
 
 __all__ = ["COMMANDS", "method_names", "parse_parameters"]
 
-# The Varlink specification's grammar for interface and member names.
-_INTERFACE_NAME = re.compile(r"[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+")
-_MEMBER_NAME = re.compile(r"[A-Z][A-Za-z0-9]*")
-_METHOD_LINE = re.compile(r"^\s*method\s+([A-Z][A-Za-z0-9]*)\s*\(", re.MULTILINE)
+# The Varlink specification's grammar for interface and member names. Patterns,
+# compiled (and cached by re) on first use: most runs of composefsctl need none.
+_INTERFACE_NAME = r"[A-Za-z](?:-*[A-Za-z0-9])*(?:\.[A-Za-z0-9](?:-*[A-Za-z0-9])*)+"
+_MEMBER_NAME = r"[A-Z][A-Za-z0-9]*"
+_METHOD_LINE = r"^\s*method\s+([A-Z][A-Za-z0-9]*)\s*\("
 
 
 def _check_method(method: str) -> None:
     interface, dot, member = method.rpartition(".")
-    if not dot or not _INTERFACE_NAME.fullmatch(interface) or not _MEMBER_NAME.fullmatch(member):
+    if (
+        not dot
+        or not re.fullmatch(_INTERFACE_NAME, interface)
+        or not re.fullmatch(_MEMBER_NAME, member)
+    ):
         raise Usage(
             f"not a qualified method name: {method!r} (an interface name, a dot and a "
             "method name, e.g. io.composefs.Repository.ListImages)"
@@ -42,7 +47,7 @@ def _check_method(method: str) -> None:
 
 
 def _check_interface(interface: str) -> None:
-    if not _INTERFACE_NAME.fullmatch(interface):
+    if not re.fullmatch(_INTERFACE_NAME, interface):
         raise Usage(f"not an interface name: {interface!r} (e.g. io.composefs.Repository)")
 
 
@@ -161,7 +166,7 @@ def _interfaces(conn: Connection) -> list[str]:
 
 def method_names(description: str) -> list[str]:
     """The methods an interface description (IDL text) declares, in its order."""
-    return _METHOD_LINE.findall(description)
+    return re.findall(_METHOD_LINE, description, re.MULTILINE)
 
 
 def _introspect(conn: Connection, args: argparse.Namespace) -> int:

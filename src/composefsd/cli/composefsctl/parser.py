@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Container, Sequence
+from typing import Any, NoReturn, cast
 
 from composefsd.service.client import DEFAULT_TIMEOUT
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
@@ -84,7 +84,23 @@ def _mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print what was mounted and checked")
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Unused:
+    """The stand-in for a subcommand's parser when the command line does not name
+    that subcommand: it takes the subcommand's arguments and drops them. (Building
+    all of them, two dozen parsers with a hundred and more options, cost more than
+    the rest of a client command's start.)"""
+
+    def __getattr__(self, name: str) -> Callable[..., _Unused]:
+        return self._drop
+
+    def _drop(self, *args: object, **kwargs: object) -> _Unused:
+        return self
+
+
+def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``wanted`` (the words of a command line) one whose
+    subcommands not among them are listed but take no arguments (they cannot be the
+    one argparse chooses: its subcommand names match whole words only)."""
     common = ArgumentParser(add_help=False)
     common.add_argument(
         "--repo",
@@ -137,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        if wanted is not None and name not in wanted:
+            sub.add_parser(name, help=help_text, add_help=False)
+            return cast(argparse.ArgumentParser, _Unused())
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(parser=p)
         return p
@@ -420,7 +439,8 @@ _COMMON_DEFAULTS: dict[str, Any] = {
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line ``argv`` (without the program name), every common option set;
     ``args.parser`` is the subcommand's parser, for usage errors found later."""
-    args = _parser().parse_args(list(argv))
+    argv = list(argv)
+    args = _parser(frozenset(argv)).parse_args(argv)
     for name, value in _COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)

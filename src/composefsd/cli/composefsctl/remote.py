@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from composefsd.cli.composefsctl import generic, output
@@ -253,6 +252,10 @@ def mount_call(
             params["userNamespaceFileDescriptor"] = len(fds)
             fds.append(open_userns(args.idmap_userns))
         uid_map, gid_map = id_mappings(args)
+        if uid_map is not None or gid_map is not None:
+            from dataclasses import (
+                asdict,
+            )  # mappings are dataclasses; not loaded for other commands
         if uid_map is not None:
             params["uidMap"] = [asdict(m) for m in uid_map]
         if gid_map is not None:
