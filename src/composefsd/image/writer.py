@@ -20,6 +20,7 @@ Errors are raised in the order C reports them (see :func:`_c_order_error`).
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 from itertools import accumulate, chain
@@ -511,7 +512,12 @@ def _emit(plan: _Plan, version: int) -> bytes:
     # depend on nothing computed later, so their bytes are produced right here
     # and the inode area is one join. The rest get a zero placeholder and are
     # packed into the final buffer once the nids and block addresses are known.
-    pieces: list[bytes] = []
+    # The image is written straight into one growing buffer: a gap left by a
+    # seek reads as zeros, and getvalue() hands the buffer over without a copy,
+    # so the image exists once in memory, never as pieces plus a join plus a copy.
+    out = io.BytesIO()
+    write = out.write
+    seek = out.seek
     # i, pos, inode size, xattr size, tail, data blocks, first block (relative)
     deferred: list[tuple[int, int, int, int, int, int, int]] = []
     inode_pos = [0] * count
@@ -628,10 +634,10 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
         inode_pos[i] = pos
         if pos > end:
-            pieces.append(bytes(pos - end))
+            seek(pos)
         end = pos + isz + xsz + tail
         if n_blocks or refs or ftype == _S_IFDIR:
-            pieces.append(bytes(end - pos))
+            seek(end)
             deferred.append((i, pos, isz, xsz, tail, n_blocks, n_data_blocks))
             if xs:
                 xsplit[i] = (name_filter, refs, xarea)
@@ -663,19 +669,29 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         head = _inode_header(compact, layout, xsz, mode, nlinks[i], size, i_u, i, node)
         if xsz:
-            pieces.append(head + XATTR_IBODY_HEADER.pack(name_filter, 0) + xarea + tail_bytes)
+            write(head)
+            write(XATTR_IBODY_HEADER.pack(name_filter, 0))
+            write(xarea)
+            if tail_bytes:
+                write(tail_bytes)
         else:
-            pieces.append(head + tail_bytes if tail_bytes else head)
+            write(head)
+            if tail_bytes:
+                write(tail_bytes)
     inodes_end = (pos + 31) & ~31
-    if inodes_end > end:
-        pieces.append(bytes(inodes_end - end))
     data_start = (inodes_end + shared_size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
     image_size = data_start + n_data_blocks * BLOCK_SIZE
     if inode_pos[0] // INODE_SLOT_SIZE >= 0xFFFF:
         raise WriteError(errno.EFBIG, "root inode beyond the 16-bit nid range")
 
     # -- emit -----------------------------------------------------------------------
-    buf = bytearray(image_size)
+    shared_table = b"".join(shared_entries)
+    seek(inodes_end)
+    write(shared_table)
+    if out.tell() < image_size:
+        seek(image_size - 1)
+        write(b"\0")
+    buf = out.getbuffer()
     HEADER.pack_into(
         buf,
         0,
@@ -700,11 +716,6 @@ def _emit(plan: _Plan, version: int) -> bytes:
         0,
         inodes_end // BLOCK_SIZE,
     )
-    area = b"".join(pieces)
-    buf[INODES_START : INODES_START + len(area)] = area
-    del area, pieces
-    shared_table = b"".join(shared_entries)
-    buf[inodes_end : inodes_end + len(shared_table)] = shared_table
 
     nid_of = [p // INODE_SLOT_SIZE for p in inode_pos]
     shared_base = inodes_end % BLOCK_SIZE
@@ -795,7 +806,8 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     where = blkaddr * BLOCK_SIZE
                     first = content[:BLOCK_SIZE]
                     buf[where : where + len(first)] = first
-    return bytes(buf)
+    buf.release()
+    return out.getvalue()
 
 
 def _inode_header(
