@@ -44,6 +44,7 @@ from .format import (
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
+    METACOPY_ALGORITHMS,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
     XATTR_AREA_MAX,
@@ -253,7 +254,9 @@ class _Plan:
         self.modes: list[int] = []
         self.sizes: list[int] = []
         self.nlinks: list[int] = []
-        self.xattrs: list[Xattrs] = []
+        # None: an external file without xattrs of its own, whose metacopy and
+        # redirect are derived from the node (see _external_xattrs).
+        self.xattrs: list[Xattrs | None] = []
         # Per directory inode (None otherwise): entry names and target inode indexes.
         self.dir_names: list[list[bytes] | None] = []
         self.dir_targets: list[list[int] | None] = []
@@ -349,7 +352,7 @@ def _plan(root: Node, version: int) -> _Plan:
             first_error = WriteError(errno.EINVAL, "a non-directory has children")
 
         # Final mode, size and xattrs (C add_overlayfs_xattrs).
-        xattrs: Xattrs = []
+        xattrs: Xattrs | None = []
         if ftype == _S_IFCHR and node.rdev == 0 and id(node) not in synthetic:
             mode = _S_IFREG | (mode & ~_S_IFMT & _U32)
             size = 0
@@ -364,10 +367,12 @@ def _plan(root: Node, version: int) -> _Plan:
                 except WriteError as e:
                     first_error = first_error or e
             else:
+                # The usual external file: its two xattrs are derived from the
+                # node when the inode is laid out, not stored per inode here.
                 digest = node.digest
-                meta = (_METACOPY, metacopy_value(digest) if digest is not None else b"")
-                payload = node.payload
-                xattrs = [meta, (_REDIRECT, b"/" + payload)] if payload else [meta]
+                if digest is not None and len(digest) not in METACOPY_ALGORITHMS:
+                    metacopy_value(digest)  # refuses the digest now, where it always has
+                xattrs = None
         else:
             if ftype == _S_IFLNK:
                 if not node.payload:
@@ -458,6 +463,14 @@ def write_image(root: Node, *, min_version: int = 0, max_version: int = VERSION_
         return _emit(plan, version)
 
 
+def _external_xattrs(node: Node) -> Xattrs:
+    """The overlay xattrs of an external file that has none of its own, sorted."""
+    digest = node.digest
+    meta = (_METACOPY, metacopy_value(digest) if digest is not None else b"")
+    payload = node.payload
+    return [meta, (_REDIRECT, b"/" + payload)] if payload else [meta]
+
+
 def _key_info(key: bytes) -> tuple[int, bytes, int]:
     """(EROFS name index, stored suffix, name-filter bit) of an xattr key."""
     index, suffix = 0, key
@@ -488,11 +501,39 @@ def _emit(plan: _Plan, version: int) -> bytes:
     # -- shared xattrs (C compute_erofs_shared_xattrs) ---------------------------
     keyinfo: dict[bytes, tuple[int, bytes, int]] = {}
     uses: dict[tuple[bytes, bytes], int] = {}
-    for xs in all_xattrs:
+    # Derived external-file xattrs are counted by digest and payload, without
+    # building a pair for each; only the ones that may be shared become pairs.
+    meta_uses: dict[bytes | None, int] = {}
+    redirect_uses: dict[bytes, int] = {}
+    for node, xs in zip(nodes, all_xattrs, strict=True):
+        if xs is None:
+            digest = node.digest
+            meta_uses[digest] = meta_uses.get(digest, 0) + 1
+            payload = node.payload
+            if payload:
+                redirect_uses[payload] = redirect_uses.get(payload, 0) + 1
+            continue
         for kv in xs:
             uses[kv] = uses.get(kv, 0) + 1
             if kv[0] not in keyinfo:
                 keyinfo[kv[0]] = _key_info(kv[0])
+    if meta_uses:
+        keyinfo.setdefault(_METACOPY, _key_info(_METACOPY))
+        known = {v for k, v in uses if k == _METACOPY}
+        for digest, n in meta_uses.items():
+            value = metacopy_value(digest) if digest is not None else b""
+            if n > 1 or value in known:
+                kv = (_METACOPY, value)
+                uses[kv] = uses.get(kv, 0) + n
+    if redirect_uses:
+        keyinfo.setdefault(_REDIRECT, _key_info(_REDIRECT))
+        known = {v for k, v in uses if k == _REDIRECT}
+        for payload, n in redirect_uses.items():
+            value = b"/" + payload
+            if n > 1 or value in known:
+                kv = (_REDIRECT, value)
+                uses[kv] = uses.get(kv, 0) + n
+    del meta_uses, redirect_uses
     has_acl = any(k in keyinfo for k in _ACL_KEYS)
     shared = [kv for kv, n in uses.items() if n > 1]
     # C's canonical order is descending: key, then value length, then value.
@@ -581,6 +622,8 @@ def _emit(plan: _Plan, version: int) -> bytes:
         )
         isz = 32 if compact else 64
         xs = all_xattrs[i]
+        if xs is None:
+            xs = _external_xattrs(node)
         xsz = 0
         refs: Xattrs = []
         xarea = b""
