@@ -101,6 +101,8 @@ _XATTR_PREFIXES = tuple(
     for index, prefix in enumerate(XATTR_PREFIXES)
     if prefix not in (b"", b"lustre.")
 )
+#: metacopy_value()'s fixed head for a sha256 digest (the common case, inlined).
+_METACOPY_SHA256 = metacopy_value(bytes(32))[:4]
 _ROOT_WHITEOUT_NAMES = tuple(b"%02x" % i for i in range(256))
 
 Xattrs = list[tuple[bytes, bytes]]
@@ -255,7 +257,7 @@ class _Plan:
         self.sizes: list[int] = []
         self.nlinks: list[int] = []
         # None: an external file without xattrs of its own, whose metacopy and
-        # redirect are derived from the node (see _external_xattrs).
+        # redirect are derived from the node (laid out in _emit).
         self.xattrs: list[Xattrs | None] = []
         # Per directory inode (None otherwise): entry names and target inode indexes.
         self.dir_names: list[list[bytes] | None] = []
@@ -463,12 +465,9 @@ def write_image(root: Node, *, min_version: int = 0, max_version: int = VERSION_
         return _emit(plan, version)
 
 
-def _external_xattrs(node: Node) -> Xattrs:
-    """The overlay xattrs of an external file that has none of its own, sorted."""
-    digest = node.digest
-    meta = (_METACOPY, metacopy_value(digest) if digest is not None else b"")
-    payload = node.payload
-    return [meta, (_REDIRECT, b"/" + payload)] if payload else [meta]
+def _entry_head(info: tuple[int, bytes, int], value_size: int) -> bytes:
+    index, suffix, _ = info
+    return XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
 
 
 def _key_info(key: bytes) -> tuple[int, bytes, int]:
@@ -572,6 +571,16 @@ def _emit(plan: _Plan, version: int) -> bytes:
     chunk_starts: dict[int, list[int]] = {}
     chunkbits_of: dict[int, int] = {}
     n_data_blocks = 0
+    shared_meta = {v for k, v in shared if k == _METACOPY}
+    shared_redirect = {v for k, v in shared if k == _REDIRECT}
+    meta_head: bytes | None = None
+    meta_pad = b""
+    redirect_heads: dict[int, bytes] = {}
+    ext_filters = (0, 0)
+    if _METACOPY in keyinfo:
+        meta_bit = 1 << keyinfo[_METACOPY][2]
+        redirect_bit = 1 << _key_info(_REDIRECT)[2]
+        ext_filters = (~meta_bit & _U32, ~(meta_bit | redirect_bit) & _U32)
     end = pos = INODES_START
     for i in range(count):
         mode = modes[i]
@@ -622,12 +631,53 @@ def _emit(plan: _Plan, version: int) -> bytes:
         )
         isz = 32 if compact else 64
         xs = all_xattrs[i]
-        if xs is None:
-            xs = _external_xattrs(node)
         xsz = 0
         refs: Xattrs = []
         xarea = b""
         name_filter = 0
+        if xs is None:
+            # A plain external file (most inodes): its metacopy and redirect
+            # encoded directly, unless the shared table holds either of them.
+            digest = node.digest
+            if digest is None:
+                meta_value = b""
+            elif len(digest) == 32:
+                meta_value = _METACOPY_SHA256 + digest
+            else:
+                meta_value = metacopy_value(digest)
+            payload = node.payload
+            redirect = b"/" + payload if payload else None
+            if meta_value in shared_meta or (redirect is not None and redirect in shared_redirect):
+                xs = [(_METACOPY, meta_value)]
+                if redirect is not None:
+                    xs.append((_REDIRECT, redirect))
+            else:
+                if meta_head is None:
+                    meta_head = _entry_head(keyinfo[_METACOPY], len(meta_value))
+                    meta_pad = _PADS[(len(meta_head) + len(meta_value)) & 3]
+                if redirect is None:
+                    xarea = meta_head + meta_value + meta_pad
+                    name_filter = ext_filters[0]
+                else:
+                    rhead = redirect_heads.get(len(redirect))
+                    if rhead is None:
+                        rhead = redirect_heads[len(redirect)] = _entry_head(
+                            keyinfo[_REDIRECT], len(redirect)
+                        )
+                    xarea = b"".join(
+                        (
+                            meta_head,
+                            meta_value,
+                            meta_pad,
+                            rhead,
+                            redirect,
+                            _PADS[(len(rhead) + len(redirect)) & 3],
+                        )
+                    )
+                    name_filter = ext_filters[1]
+                xsz = 12 + len(xarea)
+                if xsz > XATTR_AREA_MAX:
+                    raise WriteError(errno.EINVAL, "xattrs too large for one inode")
         if xs:
             parts: list[bytes] = []
             keys = []
@@ -682,7 +732,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         if n_blocks or refs or ftype == _S_IFDIR:
             seek(end)
             deferred.append((i, pos, isz, xsz, tail, n_blocks, n_data_blocks))
-            if xs:
+            if xsz:
                 xsplit[i] = (name_filter, refs, xarea)
             n_data_blocks += n_blocks
             pos = end
