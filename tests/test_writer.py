@@ -140,6 +140,8 @@ SHARED_EXTERNAL_DUMP = (
     b"/e 10 100644 1 0 0 0 1000.0 - - " + b"03" * 32 + b"\n"
     b"/f 10 100644 1 0 0 0 1000.0 ee/other - " + b"03" * 32 + b"\n"
     b"/g 10 100644 1 0 0 0 1000.0 gg/unique - " + b"04" * 32 + b"\n"
+    # No digest after files with one: an empty metacopy value has its own head.
+    b"/h 10 100644 1 0 0 0 1000.0 hh/nodigest - -\n"
 )
 
 

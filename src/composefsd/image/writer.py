@@ -520,18 +520,20 @@ def _emit(plan: _Plan, version: int) -> bytes:
         keyinfo.setdefault(_METACOPY, _key_info(_METACOPY))
         known = {v for k, v in uses if k == _METACOPY}
         for digest, n in meta_uses.items():
-            value = metacopy_value(digest) if digest is not None else b""
-            if n > 1 or value in known:
-                kv = (_METACOPY, value)
-                uses[kv] = uses.get(kv, 0) + n
+            if n > 1 or known:
+                value = metacopy_value(digest) if digest is not None else b""
+                if n > 1 or value in known:
+                    kv = (_METACOPY, value)
+                    uses[kv] = uses.get(kv, 0) + n
     if redirect_uses:
         keyinfo.setdefault(_REDIRECT, _key_info(_REDIRECT))
         known = {v for k, v in uses if k == _REDIRECT}
         for payload, n in redirect_uses.items():
-            value = b"/" + payload
-            if n > 1 or value in known:
-                kv = (_REDIRECT, value)
-                uses[kv] = uses.get(kv, 0) + n
+            if n > 1 or known:
+                value = b"/" + payload
+                if n > 1 or value in known:
+                    kv = (_REDIRECT, value)
+                    uses[kv] = uses.get(kv, 0) + n
     del meta_uses, redirect_uses
     has_acl = any(k in keyinfo for k in _ACL_KEYS)
     shared = [kv for kv, n in uses.items() if n > 1]
@@ -573,8 +575,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
     n_data_blocks = 0
     shared_meta = {v for k, v in shared if k == _METACOPY}
     shared_redirect = {v for k, v in shared if k == _REDIRECT}
-    meta_head: bytes | None = None
-    meta_pad = b""
+    meta_heads: dict[int, tuple[bytes, bytes]] = {}
     redirect_heads: dict[int, bytes] = {}
     ext_filters = (0, 0)
     if _METACOPY in keyinfo:
@@ -652,9 +653,16 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 if redirect is not None:
                     xs.append((_REDIRECT, redirect))
             else:
-                if meta_head is None:
+                # Entry heads depend on the value's length (36 for sha256, 0
+                # for a file without a digest, ...), so they are kept per length.
+                meta = meta_heads.get(len(meta_value))
+                if meta is None:
                     meta_head = _entry_head(keyinfo[_METACOPY], len(meta_value))
-                    meta_pad = _PADS[(len(meta_head) + len(meta_value)) & 3]
+                    meta = meta_heads[len(meta_value)] = (
+                        meta_head,
+                        _PADS[(len(meta_head) + len(meta_value)) & 3],
+                    )
+                meta_head, meta_pad = meta
                 if redirect is None:
                     xarea = meta_head + meta_value + meta_pad
                     name_filter = ext_filters[0]
