@@ -159,7 +159,8 @@ class _Parser:
         # Field text -> value caches for the fast path; only plain, valid text is cached.
         self.ints: dict[bytes, int] = {}
         self.mtimes: dict[bytes, tuple[int, int]] = {}
-        self.modes: dict[bytes, int] = _valid_mode_texts()
+        # Octal mode text -> mode, for canonical texts of valid modes; learnt on use.
+        self.modes: dict[bytes, int] = {}
 
     def add_node(self, path: bytes, node: Node) -> None:
         if path == b"/":
@@ -201,7 +202,11 @@ class _Parser:
             fields = line.split(b" ", 11)
             if len(fields) >= 11:
                 mode = self.modes.get(fields[2])
-                if mode is not None:
+                if mode is None:
+                    if self.learn(fields):
+                        self.line(line, lineno)
+                        return
+                else:
                     ints = self.ints
                     size = ints.get(fields[1])
                     nlink = ints.get(fields[3])
@@ -232,6 +237,16 @@ class _Parser:
 
     def learn(self, fields: list[bytes]) -> bool:
         """Cache the plain-number fields of this line; False if any needs C's exact rules."""
+        f_mode = fields[2]
+        if f_mode not in self.modes:
+            # Only a valid mode's canonical octal text (no sign, no leading
+            # zero, a known file type, permission bits only) takes the fast path.
+            if not 0 < len(f_mode) <= 6 or f_mode.lstrip(b"01234567"):
+                return False
+            mode = int(f_mode, 8)
+            if b"%o" % mode != f_mode or (mode & ~0o7777) not in VALID_FILE_TYPES:
+                return False
+            self.modes[f_mode] = mode
         ints = self.ints
         for f in (fields[1], fields[3], fields[4], fields[5], fields[6]):
             if f not in ints:
@@ -500,16 +515,6 @@ class _Parser:
                 node.link_to = target
 
 
-def _valid_mode_texts() -> dict[bytes, int]:
-    """Octal mode texts of every valid type with every permission: the fast path's table."""
-    out: dict[bytes, int] = {}
-    for ftype in VALID_FILE_TYPES:
-        for perm in range(0o10000):
-            mode = ftype | perm
-            out[b"%o" % mode] = mode
-    return out
-
-
 def parse_dumpfile(data: bytes, *, strict: bool = False) -> Node:
     """Parse a whole dumpfile into a tree; raises :class:`DumpfileError` like C would."""
     with gc_paused():
@@ -521,8 +526,34 @@ def _parse(data: bytes, strict: bool) -> Node:
     lines = data.split(b"\n")
     tail = lines.pop()  # text after the last newline: b"" when the input ends with one
     lineno = 0
+    modes = parser.modes
+    ints = parser.ints
+    mtimes = parser.mtimes
+    plain_line = parser.plain_line
     try:
         for lineno, line in enumerate(lines, 1):
+            # _Parser.line's fast path, inlined: this loop runs once per entry.
+            if b"\\" not in line and b"\0" not in line:
+                fields = line.split(b" ", 11)
+                if len(fields) >= 11:
+                    mode = modes.get(fields[2])
+                    size = ints.get(fields[1])
+                    nlink = ints.get(fields[3])
+                    uid = ints.get(fields[4])
+                    gid = ints.get(fields[5])
+                    rdev = ints.get(fields[6])
+                    mtime = mtimes.get(fields[7])
+                    if (
+                        mode is not None
+                        and size is not None
+                        and nlink is not None
+                        and uid is not None
+                        and gid is not None
+                        and rdev is not None
+                        and mtime is not None
+                    ):
+                        plain_line(fields, mode, size, nlink, uid, gid, rdev, mtime)
+                        continue
             parser.line(line, lineno)
         if tail:
             lineno += 1
