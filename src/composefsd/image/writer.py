@@ -71,6 +71,7 @@ _S_IFCHR = 0o020000
 _FILE_TYPE = DIRENT_FILE_TYPES
 
 _HALF_BLOCK = BLOCK_SIZE // 2
+_ONE_CHUNK_MAX = 1 << 43  # the largest chunk (chunkbits 43) covers files up to this
 _MAX_CHUNKS = 1024
 _MAX_SHARED_REFS = 128
 _U32 = 0xFFFFFFFF
@@ -590,6 +591,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         size = sizes[i]
         n_blocks = 0
         tail = 0
+        chunkbits = 0
         if ftype == _S_IFDIR:
             names = dir_names[i]
             assert names is not None
@@ -618,9 +620,15 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     if tail > _HALF_BLOCK:
                         n_blocks += 1
                         tail = 0
+                elif size <= _ONE_CHUNK_MAX:
+                    # _chunking inlined: up to 2**43 bytes one chunk, of the size
+                    # rounded up to a power of two (at least a block), covers it.
+                    chunkbits = (size - 1).bit_length()
+                    if chunkbits < 12:
+                        chunkbits = 12
+                    tail = 4
                 else:
-                    bits, chunks = _chunking(size)
-                    chunkbits_of[i] = bits
+                    chunkbits, chunks = _chunking(size)
                     tail = 4 * chunks
         compact = (
             node.mtime_sec == min_sec
@@ -740,6 +748,8 @@ def _emit(plan: _Plan, version: int) -> bytes:
         if n_blocks or refs or ftype == _S_IFDIR:
             seek(end)
             deferred.append((i, pos, isz, xsz, tail, n_blocks, n_data_blocks))
+            if chunkbits:
+                chunkbits_of[i] = chunkbits
             if xsz:
                 xsplit[i] = (name_filter, refs, xarea)
             n_data_blocks += n_blocks
@@ -759,7 +769,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 tail_bytes = content
             else:
                 layout = LAYOUT_CHUNK_BASED
-                i_u = chunkbits_of[i] - 12
+                i_u = chunkbits - 12
                 tail_bytes = ff_tails.get(tail) or ff_tails.setdefault(tail, b"\xff" * tail)
         elif ftype == _S_IFLNK:
             tail_bytes = node.payload or b""
@@ -768,7 +778,22 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         else:
             size = 0
-        head = _inode_header(compact, layout, xsz, mode, nlinks[i], size, i_u, i, node)
+        if compact:  # _inode_header's common case, inlined
+            head = COMPACT_INODE.pack(
+                layout << 1,
+                (xsz - 12) // 4 + 1 if xsz else 0,
+                mode & 0xFFFF,
+                nlinks[i],
+                size,
+                0,
+                i_u,
+                i,
+                node.uid,
+                node.gid,
+                0,
+            )
+        else:
+            head = _inode_header(False, layout, xsz, mode, nlinks[i], size, i_u, i, node)
         if xsz:
             write(head)
             write(XATTR_IBODY_HEADER.pack(name_filter, 0))
