@@ -19,6 +19,7 @@ Errors are raised in the order C reports them (see :func:`_c_order_error`).
 
 from __future__ import annotations
 
+import array
 import errno
 import io
 import os
@@ -563,7 +564,9 @@ def _emit(plan: _Plan, version: int) -> bytes:
     seek = out.seek
     # i, pos, inode size, xattr size, tail, data blocks, first block (relative)
     deferred: list[tuple[int, int, int, int, int, int, int]] = []
-    inode_pos = [0] * count
+    # Each inode's nid (its position in 32-byte slots), unboxed: a list would
+    # hold an int object per inode for the whole emit.
+    nid_of = array.array("Q", bytes(8 * count))
     # Per deferred inode with xattrs: (name filter, pairs referenced in the
     # shared table, the encoded inline entries).
     xsplit: dict[int, tuple[int, Xattrs, bytes]] = {}
@@ -741,7 +744,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     n_blocks += 1
                     tail = 0
                     pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
-        inode_pos[i] = pos
+        nid_of[i] = pos // INODE_SLOT_SIZE
         if pos > end:
             seek(pos)
         end = pos + isz + xsz + tail
@@ -807,7 +810,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
     inodes_end = (pos + 31) & ~31
     data_start = (inodes_end + shared_size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
     image_size = data_start + n_data_blocks * BLOCK_SIZE
-    if inode_pos[0] // INODE_SLOT_SIZE >= 0xFFFF:
+    if nid_of[0] >= 0xFFFF:
         raise WriteError(errno.EFBIG, "root inode beyond the 16-bit nid range")
 
     # -- emit -----------------------------------------------------------------------
@@ -834,7 +837,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         _FEATURE_COMPAT,
         BLOCK_SIZE_BITS,
         0,
-        inode_pos[0] // INODE_SLOT_SIZE,
+        nid_of[0],
         count,
         min_sec & _U64,
         min_nsec,
@@ -843,7 +846,6 @@ def _emit(plan: _Plan, version: int) -> bytes:
         inodes_end // BLOCK_SIZE,
     )
 
-    nid_of = [p // INODE_SLOT_SIZE for p in inode_pos]
     shared_base = inodes_end % BLOCK_SIZE
     ftype_of = [_FILE_TYPE[(m & _S_IFMT) >> 12] for m in modes]
     dirent_packers: dict[int, struct.Struct] = {}
