@@ -521,8 +521,11 @@ def _emit(plan: _Plan, version: int) -> bytes:
     if meta_uses:
         keyinfo.setdefault(_METACOPY, _key_info(_METACOPY))
         known = {v for k, v in uses if k == _METACOPY}
+        # A metacopy value is a 4-byte head (fixed by the digest's length) and
+        # the digest: only a digest found here can give a known value.
+        known_digests = {v[4:] for v in known}
         for digest, n in meta_uses.items():
-            if n > 1 or known:
+            if n > 1 or (digest if digest is not None else b"") in known_digests:
                 value = metacopy_value(digest) if digest is not None else b""
                 if n > 1 or value in known:
                     kv = (_METACOPY, value)
@@ -781,7 +784,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         else:
             size = 0
-        if compact:  # _inode_header's common case, inlined
+        if compact:  # _inode_header, inlined
             head = COMPACT_INODE.pack(
                 layout << 1,
                 (xsz - 12) // 4 + 1 if xsz else 0,
@@ -796,7 +799,20 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 0,
             )
         else:
-            head = _inode_header(False, layout, xsz, mode, nlinks[i], size, i_u, i, node)
+            head = EXTENDED_INODE.pack(
+                layout << 1 | 1,
+                (xsz - 12) // 4 + 1 if xsz else 0,
+                mode & 0xFFFF,
+                0,
+                size,
+                i_u,
+                i,
+                node.uid & _U32,
+                node.gid & _U32,
+                node.mtime_sec & _U64,
+                node.mtime_nsec & _U32,
+                nlinks[i] & _U32,
+            )
         if xsz:
             write(head)
             write(XATTR_IBODY_HEADER.pack(name_filter, 0))
