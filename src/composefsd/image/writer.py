@@ -8,11 +8,14 @@ xattrs on the side.
 Shape, chosen for speed (a 137,000-inode tree must take well under a second):
 
 1. breadth-first pass: the inode list, sorted directory entries, directory
-   nlink, overlay xattrs, min mtime;
+   nlink, overlay xattrs (a plain external file's are derived later, not
+   stored), min mtime;
 2. shared xattr table;
-3. layout pass: sizes, compact/extended, padding, nids (no bytes produced);
-4. emit pass: ``pack_into`` a pre-zeroed ``bytearray`` of the final size, so
-   padding costs nothing.
+3. layout pass: sizes, compact/extended, padding, nids; inodes that need
+   nothing computed later are written at once into one growing buffer (a
+   seek leaves zeros), the others get a zero placeholder;
+4. emit pass: ``pack_into`` the placeholders, directory blocks and the
+   superblock; the buffer becomes the image without a copy.
 
 Errors are raised in the order C reports them (see :func:`_c_order_error`).
 """
@@ -556,15 +559,16 @@ def _emit(plan: _Plan, version: int) -> bytes:
 
     # -- layout (C compute_erofs_inodes) ------------------------------------------
     # Most inodes (no data blocks, no shared-xattr references, not directories)
-    # depend on nothing computed later, so their bytes are produced right here
-    # and the inode area is one join. The rest get a zero placeholder and are
-    # packed into the final buffer once the nids and block addresses are known.
+    # depend on nothing computed later, so their bytes are produced and written
+    # at once. The rest get a zero placeholder and are packed into
+    # the final buffer once the nids and block addresses are known.
     # The image is written straight into one growing buffer: a gap left by a
     # seek reads as zeros, and getvalue() hands the buffer over without a copy,
     # so the image exists once in memory, never as pieces plus a join plus a copy.
     out = io.BytesIO()
     write = out.write
     seek = out.seek
+    seek(INODES_START)  # header and superblock: packed last, into the zeros
     # i, pos, inode size, xattr size, tail, data blocks, first block (relative)
     deferred: list[tuple[int, int, int, int, int, int, int]] = []
     # Each inode's nid (its position in 32-byte slots), unboxed: a list would
