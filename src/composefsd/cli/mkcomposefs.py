@@ -301,12 +301,6 @@ def _run(argv: Sequence[str]) -> int:
         raise _Exit(1, "Cannot specify destination path with --print-digest-only", usage=True)
 
     out = _open_output(args, image)
-    if args.from_file:
-        # One acyclic tree in a short-lived process: the cyclic collector could
-        # only walk it (a full pass each time a phase re-enables it), never free it.
-        import gc
-
-        gc.disable()
     try:
         root = _read_dumpfile(source) if args.from_file else _scan(args, source)
         try:
