@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from composefsd.cli.getopt import GetoptError, gnu_getopt
 from composefsd.fsverity import digest_bytes
-from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
+from composefsd.image.dump_parse import DumpfileError, parse_dumpfile_lines
 from composefsd.image.tree import Node
 from composefsd.image.writer import write_image
 from composefsd.sources.directory import ScanError, ScanOptions, default_threads, scan_directory
@@ -246,7 +246,7 @@ def _read_dumpfile(source: str) -> Node:
     if source == "-":
         stream = sys.stdin.buffer
         try:
-            data = stream.read()
+            lines = stream.readlines()
         except OSError as exc:
             raise _fail("Error reading from file") from exc
     else:
@@ -256,11 +256,11 @@ def _read_dumpfile(source: str) -> Node:
             raise _fail(f"open `{source}`: {os.strerror(exc.errno or errno.EIO)}") from exc
         try:
             with os.fdopen(fd, "rb") as f:
-                data = f.read()
+                lines = f.readlines()
         except OSError as exc:
             raise _fail("Error reading from file") from exc
     try:
-        return parse_dumpfile(data, strict="CFS_PARSE_STRICT" in os.environ)
+        return parse_dumpfile_lines(lines, strict="CFS_PARSE_STRICT" in os.environ)
     except DumpfileError as exc:
         raise _fail(str(exc)) from exc  # C's message, plus the line number
 
