@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
+from composefsd.image.dump_parse import DumpfileError, parse_dumpfile, parse_dumpfile_lines
 from composefsd.image.escape import unescape
 from composefsd.image.writer import WriteError, write_image
 
@@ -211,3 +211,41 @@ def test_unescape() -> None:
     assert unescape(b"a\\\\b\\n\\r\\t\\x41\\x7e") == b"a\\b\n\r\tA~"
     with pytest.raises(ValueError, match="Unsupported escape type q"):
         unescape(b"\\q")
+
+
+_LINES_DUMP = (
+    b"/ 4096 40755 2 0 0 0 1000.0 - - -\n"
+    b"/d 4096 40755 2 0 0 0 1000.0 - - - user.a=b\n"
+    b"/d/f 5 100644 1 0 0 0 1000.0 - hello -\n"
+    b"/d/e\\x20sc 10 100644 1 0 0 0 1000.0 aa/bb - " + b"01" * 32 + b"\n"
+    b"/d/l 5 @100644 1 0 0 0 1000.0 /d/f - -"
+)
+
+
+@pytest.mark.parametrize("tail", [b"", b"\n"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_lines_parse_like_the_whole_buffer(tail: bytes, strict: bool) -> None:
+    """parse_dumpfile_lines (mkcomposefs reads by lines) accepts, refuses and
+    numbers lines exactly as parse_dumpfile, with and without a final newline."""
+    data = _LINES_DUMP + tail
+    lines = data.splitlines(keepends=True)
+    try:
+        expected: bytes | str = write_image(parse_dumpfile(data, strict=strict))
+    except DumpfileError as e:
+        expected = str(e)
+    try:
+        got: bytes | str = write_image(parse_dumpfile_lines(lines, strict=strict))
+    except DumpfileError as e:
+        got = str(e)
+    assert got == expected
+    if strict and not tail:
+        assert expected == "Missing trailing newline (line 5)"
+
+
+def test_lines_errors_carry_the_line_number() -> None:
+    lines = [b"/ 4096 40755 2 0 0 0 1000.0 - - -\n", b"/x 0 100644 1 0 0 0 1000.0 - - - bad\n"]
+    with pytest.raises(DumpfileError) as info:
+        parse_dumpfile_lines(lines)
+    assert (info.value.message, info.value.lineno) == ("Missing = in xattr", 2)
+    with pytest.raises(DumpfileError, match="No files in dump file"):
+        parse_dumpfile_lines([])

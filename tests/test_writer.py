@@ -125,3 +125,26 @@ def test_same_node_twice_is_refused() -> None:
     with pytest.raises(WriteError) as info:
         write_image(root)
     assert info.value.errno == errno.EINVAL
+
+
+SHARED_EXTERNAL_DUMP = (
+    b"/ 4096 40755 2 0 0 0 1000.0 - - -\n"
+    # Same digest and payload twice: both derived xattrs go to the shared table.
+    b"/a 10 100644 1 0 0 0 1000.0 aa/same - " + b"01" * 32 + b"\n"
+    b"/b 10 100644 1 0 0 0 1000.0 aa/same - " + b"01" * 32 + b"\n"
+    # Used once by a plain external file and once by one with its own xattrs,
+    # whose overlay xattrs are built the other way: still shared.
+    b"/c 10 100644 1 0 0 0 1000.0 cc/once - " + b"02" * 32 + b"\n"
+    b"/d 10 100644 1 0 0 0 1000.0 cc/once - " + b"02" * 32 + b" user.x=1\n"
+    # Same digest, no payload, once each: only the metacopy is shared.
+    b"/e 10 100644 1 0 0 0 1000.0 - - " + b"03" * 32 + b"\n"
+    b"/f 10 100644 1 0 0 0 1000.0 ee/other - " + b"03" * 32 + b"\n"
+    b"/g 10 100644 1 0 0 0 1000.0 gg/unique - " + b"04" * 32 + b"\n"
+    # No digest after files with one: an empty metacopy value has its own head.
+    b"/h 10 100644 1 0 0 0 1000.0 hh/nodigest - -\n"
+)
+
+
+def test_external_xattrs_shared_like_c(reference_bin: Path, tmp_path: Path) -> None:
+    image = write_image(parse_dumpfile(SHARED_EXTERNAL_DUMP))
+    assert image == c_image(reference_bin, tmp_path, SHARED_EXTERNAL_DUMP)

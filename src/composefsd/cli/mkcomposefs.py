@@ -263,12 +263,12 @@ def _open_output(args: _Args, image: str | None) -> _Output | None:
 
 
 def _read_dumpfile(source: str) -> Node:
-    from composefsd.image.dump_parse import DumpfileError, parse_dumpfile
+    from composefsd.image.dump_parse import DumpfileError, parse_dumpfile_lines
 
     if source == "-":
         stream = sys.stdin.buffer
         try:
-            data = stream.read()
+            lines = stream.readlines()
         except OSError as exc:
             raise _fail("Error reading from file") from exc
     else:
@@ -278,11 +278,11 @@ def _read_dumpfile(source: str) -> Node:
             raise _fail(f"open `{source}`: {os.strerror(exc.errno or errno.EIO)}") from exc
         try:
             with os.fdopen(fd, "rb") as f:
-                data = f.read()
+                lines = f.readlines()
         except OSError as exc:
             raise _fail("Error reading from file") from exc
     try:
-        return parse_dumpfile(data, strict="CFS_PARSE_STRICT" in os.environ)
+        return parse_dumpfile_lines(lines, strict="CFS_PARSE_STRICT" in os.environ)
     except DumpfileError as exc:
         raise _fail(str(exc)) from exc  # C's message, plus the line number
 

@@ -14,12 +14,14 @@ lookup is one dict access instead of a walk.
 from __future__ import annotations
 
 import binascii
+import operator
 import stat
+from collections.abc import Iterable
 
 from .escape import UnescapeError, unescape
 from .tree import INLINE_CONTENT_MAX, PATH_MAX, VALID_FILE_TYPES, Node, TreeError, gc_paused
 
-__all__ = ["DumpfileError", "parse_dumpfile"]
+__all__ = ["DumpfileError", "parse_dumpfile", "parse_dumpfile_lines"]
 
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
@@ -159,7 +161,8 @@ class _Parser:
         # Field text -> value caches for the fast path; only plain, valid text is cached.
         self.ints: dict[bytes, int] = {}
         self.mtimes: dict[bytes, tuple[int, int]] = {}
-        self.modes: dict[bytes, int] = _valid_mode_texts()
+        # Octal mode text -> mode, for canonical texts of valid modes; learnt on use.
+        self.modes: dict[bytes, int] = {}
 
     def add_node(self, path: bytes, node: Node) -> None:
         if path == b"/":
@@ -201,7 +204,11 @@ class _Parser:
             fields = line.split(b" ", 11)
             if len(fields) >= 11:
                 mode = self.modes.get(fields[2])
-                if mode is not None:
+                if mode is None:
+                    if self.learn(fields):
+                        self.line(line, lineno)
+                        return
+                else:
                     ints = self.ints
                     size = ints.get(fields[1])
                     nlink = ints.get(fields[3])
@@ -232,6 +239,16 @@ class _Parser:
 
     def learn(self, fields: list[bytes]) -> bool:
         """Cache the plain-number fields of this line; False if any needs C's exact rules."""
+        f_mode = fields[2]
+        if f_mode not in self.modes:
+            # Only a valid mode's canonical octal text (no sign, no leading
+            # zero, a known file type, permission bits only) takes the fast path.
+            if not 0 < len(f_mode) <= 6 or f_mode.lstrip(b"01234567"):
+                return False
+            mode = int(f_mode, 8)
+            if b"%o" % mode != f_mode or (mode & ~0o7777) not in VALID_FILE_TYPES:
+                return False
+            self.modes[f_mode] = mode
         ints = self.ints
         for f in (fields[1], fields[3], fields[4], fields[5], fields[6]):
             if f not in ints:
@@ -500,29 +517,66 @@ class _Parser:
                 node.link_to = target
 
 
-def _valid_mode_texts() -> dict[bytes, int]:
-    """Octal mode texts of every valid type with every permission: the fast path's table."""
-    out: dict[bytes, int] = {}
-    for ftype in VALID_FILE_TYPES:
-        for perm in range(0o10000):
-            mode = ftype | perm
-            out[b"%o" % mode] = mode
-    return out
-
-
 def parse_dumpfile(data: bytes, *, strict: bool = False) -> Node:
     """Parse a whole dumpfile into a tree; raises :class:`DumpfileError` like C would."""
-    with gc_paused():
-        return _parse(data, strict)
-
-
-def _parse(data: bytes, strict: bool) -> Node:
-    parser = _Parser(strict)
     lines = data.split(b"\n")
     tail = lines.pop()  # text after the last newline: b"" when the input ends with one
+    with gc_paused():
+        return _parse(lines, tail, strict)
+
+
+def parse_dumpfile_lines(lines: list[bytes], *, strict: bool = False) -> Node:
+    """:func:`parse_dumpfile` of the lines ``readlines()`` gives (each ending in a
+    newline but maybe the last), so that the input is never one large buffer.
+
+    Freeing such a buffer (tens of MB, allocated by mmap) makes glibc raise its
+    mmap threshold, after which the image writer's growing buffer lives on the
+    heap and may be copied as it grows: reading by lines keeps the peak memory of
+    ``mkcomposefs --from-file`` at C's.
+    """
+    tail = b""
+    if lines and not lines[-1].endswith(b"\n"):
+        tail = lines.pop()
+    with gc_paused():
+        return _parse(map(_chop, lines), tail, strict)
+
+
+#: A line without its final newline.
+_chop = operator.itemgetter(slice(None, -1))
+
+
+def _parse(lines: Iterable[bytes], tail: bytes, strict: bool) -> Node:
+    """Parse newline-free ``lines``, then ``tail`` (text after the last newline)."""
+    parser = _Parser(strict)
     lineno = 0
+    modes = parser.modes
+    ints = parser.ints
+    mtimes = parser.mtimes
+    plain_line = parser.plain_line
     try:
         for lineno, line in enumerate(lines, 1):
+            # _Parser.line's fast path, inlined: this loop runs once per entry.
+            if b"\\" not in line and b"\0" not in line:
+                fields = line.split(b" ", 11)
+                if len(fields) >= 11:
+                    mode = modes.get(fields[2])
+                    size = ints.get(fields[1])
+                    nlink = ints.get(fields[3])
+                    uid = ints.get(fields[4])
+                    gid = ints.get(fields[5])
+                    rdev = ints.get(fields[6])
+                    mtime = mtimes.get(fields[7])
+                    if (
+                        mode is not None
+                        and size is not None
+                        and nlink is not None
+                        and uid is not None
+                        and gid is not None
+                        and rdev is not None
+                        and mtime is not None
+                    ):
+                        plain_line(fields, mode, size, nlink, uid, gid, rdev, mtime)
+                        continue
             parser.line(line, lineno)
         if tail:
             lineno += 1

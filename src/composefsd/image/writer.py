@@ -8,18 +8,23 @@ xattrs on the side.
 Shape, chosen for speed (a 137,000-inode tree must take well under a second):
 
 1. breadth-first pass: the inode list, sorted directory entries, directory
-   nlink, overlay xattrs, min mtime;
+   nlink, overlay xattrs (a plain external file's are derived later, not
+   stored), min mtime;
 2. shared xattr table;
-3. layout pass: sizes, compact/extended, padding, nids (no bytes produced);
-4. emit pass: ``pack_into`` a pre-zeroed ``bytearray`` of the final size, so
-   padding costs nothing.
+3. layout pass: sizes, compact/extended, padding, nids; inodes that need
+   nothing computed later are written at once into one growing buffer (a
+   seek leaves zeros), the others get a zero placeholder;
+4. emit pass: ``pack_into`` the placeholders, directory blocks and the
+   superblock; the buffer becomes the image without a copy.
 
 Errors are raised in the order C reports them (see :func:`_c_order_error`).
 """
 
 from __future__ import annotations
 
+import array
 import errno
+import io
 import os
 import struct
 from itertools import accumulate, chain
@@ -43,6 +48,7 @@ from .format import (
     LAYOUT_CHUNK_BASED,
     LAYOUT_FLAT_INLINE,
     LAYOUT_FLAT_PLAIN,
+    METACOPY_ALGORITHMS,
     SUPERBLOCK,
     SUPERBLOCK_OFFSET,
     XATTR_AREA_MAX,
@@ -69,6 +75,7 @@ _S_IFCHR = 0o020000
 _FILE_TYPE = DIRENT_FILE_TYPES
 
 _HALF_BLOCK = BLOCK_SIZE // 2
+_ONE_CHUNK_MAX = 1 << 43  # the largest chunk (chunkbits 43) covers files up to this
 _MAX_CHUNKS = 1024
 _MAX_SHARED_REFS = 128
 _U32 = 0xFFFFFFFF
@@ -99,6 +106,8 @@ _XATTR_PREFIXES = tuple(
     for index, prefix in enumerate(XATTR_PREFIXES)
     if prefix not in (b"", b"lustre.")
 )
+#: metacopy_value()'s fixed head for a sha256 digest (the common case, inlined).
+_METACOPY_SHA256 = metacopy_value(bytes(32))[:4]
 _ROOT_WHITEOUT_NAMES = tuple(b"%02x" % i for i in range(256))
 
 Xattrs = list[tuple[bytes, bytes]]
@@ -252,7 +261,9 @@ class _Plan:
         self.modes: list[int] = []
         self.sizes: list[int] = []
         self.nlinks: list[int] = []
-        self.xattrs: list[Xattrs] = []
+        # None: an external file without xattrs of its own, whose metacopy and
+        # redirect are derived from the node (laid out in _emit).
+        self.xattrs: list[Xattrs | None] = []
         # Per directory inode (None otherwise): entry names and target inode indexes.
         self.dir_names: list[list[bytes] | None] = []
         self.dir_targets: list[list[int] | None] = []
@@ -348,7 +359,7 @@ def _plan(root: Node, version: int) -> _Plan:
             first_error = WriteError(errno.EINVAL, "a non-directory has children")
 
         # Final mode, size and xattrs (C add_overlayfs_xattrs).
-        xattrs: Xattrs = []
+        xattrs: Xattrs | None = []
         if ftype == _S_IFCHR and node.rdev == 0 and id(node) not in synthetic:
             mode = _S_IFREG | (mode & ~_S_IFMT & _U32)
             size = 0
@@ -363,10 +374,12 @@ def _plan(root: Node, version: int) -> _Plan:
                 except WriteError as e:
                     first_error = first_error or e
             else:
+                # The usual external file: its two xattrs are derived from the
+                # node when the inode is laid out, not stored per inode here.
                 digest = node.digest
-                meta = (_METACOPY, metacopy_value(digest) if digest is not None else b"")
-                payload = node.payload
-                xattrs = [meta, (_REDIRECT, b"/" + payload)] if payload else [meta]
+                if digest is not None and len(digest) not in METACOPY_ALGORITHMS:
+                    metacopy_value(digest)  # refuses the digest now, where it always has
+                xattrs = None
         else:
             if ftype == _S_IFLNK:
                 if not node.payload:
@@ -457,6 +470,11 @@ def write_image(root: Node, *, min_version: int = 0, max_version: int = VERSION_
         return _emit(plan, version)
 
 
+def _entry_head(info: tuple[int, bytes, int], value_size: int) -> bytes:
+    index, suffix, _ = info
+    return XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
+
+
 def _key_info(key: bytes) -> tuple[int, bytes, int]:
     """(EROFS name index, stored suffix, name-filter bit) of an xattr key."""
     index, suffix = 0, key
@@ -487,11 +505,44 @@ def _emit(plan: _Plan, version: int) -> bytes:
     # -- shared xattrs (C compute_erofs_shared_xattrs) ---------------------------
     keyinfo: dict[bytes, tuple[int, bytes, int]] = {}
     uses: dict[tuple[bytes, bytes], int] = {}
-    for xs in all_xattrs:
+    # Derived external-file xattrs are counted by digest and payload, without
+    # building a pair for each; only the ones that may be shared become pairs.
+    meta_uses: dict[bytes | None, int] = {}
+    redirect_uses: dict[bytes, int] = {}
+    for node, xs in zip(nodes, all_xattrs, strict=True):
+        if xs is None:
+            digest = node.digest
+            meta_uses[digest] = meta_uses.get(digest, 0) + 1
+            payload = node.payload
+            if payload:
+                redirect_uses[payload] = redirect_uses.get(payload, 0) + 1
+            continue
         for kv in xs:
             uses[kv] = uses.get(kv, 0) + 1
             if kv[0] not in keyinfo:
                 keyinfo[kv[0]] = _key_info(kv[0])
+    if meta_uses:
+        keyinfo.setdefault(_METACOPY, _key_info(_METACOPY))
+        known = {v for k, v in uses if k == _METACOPY}
+        # A metacopy value is a 4-byte head (fixed by the digest's length) and
+        # the digest: only a digest found here can give a known value.
+        known_digests = {v[4:] for v in known}
+        for digest, n in meta_uses.items():
+            if n > 1 or (digest if digest is not None else b"") in known_digests:
+                value = metacopy_value(digest) if digest is not None else b""
+                if n > 1 or value in known:
+                    kv = (_METACOPY, value)
+                    uses[kv] = uses.get(kv, 0) + n
+    if redirect_uses:
+        keyinfo.setdefault(_REDIRECT, _key_info(_REDIRECT))
+        known = {v for k, v in uses if k == _REDIRECT}
+        for payload, n in redirect_uses.items():
+            if n > 1 or known:
+                value = b"/" + payload
+                if n > 1 or value in known:
+                    kv = (_REDIRECT, value)
+                    uses[kv] = uses.get(kv, 0) + n
+    del meta_uses, redirect_uses
     has_acl = any(k in keyinfo for k in _ACL_KEYS)
     shared = [kv for kv, n in uses.items() if n > 1]
     # C's canonical order is descending: key, then value length, then value.
@@ -508,13 +559,21 @@ def _emit(plan: _Plan, version: int) -> bytes:
 
     # -- layout (C compute_erofs_inodes) ------------------------------------------
     # Most inodes (no data blocks, no shared-xattr references, not directories)
-    # depend on nothing computed later, so their bytes are produced right here
-    # and the inode area is one join. The rest get a zero placeholder and are
-    # packed into the final buffer once the nids and block addresses are known.
-    pieces: list[bytes] = []
+    # depend on nothing computed later, so their bytes are produced and written
+    # at once. The rest get a zero placeholder and are packed into
+    # the final buffer once the nids and block addresses are known.
+    # The image is written straight into one growing buffer: a gap left by a
+    # seek reads as zeros, and getvalue() hands the buffer over without a copy,
+    # so the image exists once in memory, never as pieces plus a join plus a copy.
+    out = io.BytesIO()
+    write = out.write
+    seek = out.seek
+    seek(INODES_START)  # header and superblock: packed last, into the zeros
     # i, pos, inode size, xattr size, tail, data blocks, first block (relative)
     deferred: list[tuple[int, int, int, int, int, int, int]] = []
-    inode_pos = [0] * count
+    # Each inode's nid (its position in 32-byte slots), unboxed: a list would
+    # hold an int object per inode for the whole emit.
+    nid_of = array.array("Q", bytes(8 * count))
     # Per deferred inode with xattrs: (name filter, pairs referenced in the
     # shared table, the encoded inline entries).
     xsplit: dict[int, tuple[int, Xattrs, bytes]] = {}
@@ -525,6 +584,15 @@ def _emit(plan: _Plan, version: int) -> bytes:
     chunk_starts: dict[int, list[int]] = {}
     chunkbits_of: dict[int, int] = {}
     n_data_blocks = 0
+    shared_meta = {v for k, v in shared if k == _METACOPY}
+    shared_redirect = {v for k, v in shared if k == _REDIRECT}
+    meta_heads: dict[int, tuple[bytes, bytes]] = {}
+    redirect_heads: dict[int, bytes] = {}
+    ext_filters = (0, 0)
+    if _METACOPY in keyinfo:
+        meta_bit = 1 << keyinfo[_METACOPY][2]
+        redirect_bit = 1 << _key_info(_REDIRECT)[2]
+        ext_filters = (~meta_bit & _U32, ~(meta_bit | redirect_bit) & _U32)
     end = pos = INODES_START
     for i in range(count):
         mode = modes[i]
@@ -533,6 +601,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         size = sizes[i]
         n_blocks = 0
         tail = 0
+        chunkbits = 0
         if ftype == _S_IFDIR:
             names = dir_names[i]
             assert names is not None
@@ -561,9 +630,15 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     if tail > _HALF_BLOCK:
                         n_blocks += 1
                         tail = 0
+                elif size <= _ONE_CHUNK_MAX:
+                    # _chunking inlined: up to 2**43 bytes one chunk, of the size
+                    # rounded up to a power of two (at least a block), covers it.
+                    chunkbits = (size - 1).bit_length()
+                    if chunkbits < 12:
+                        chunkbits = 12
+                    tail = 4
                 else:
-                    bits, chunks = _chunking(size)
-                    chunkbits_of[i] = bits
+                    chunkbits, chunks = _chunking(size)
                     tail = 4 * chunks
         compact = (
             node.mtime_sec == min_sec
@@ -579,6 +654,56 @@ def _emit(plan: _Plan, version: int) -> bytes:
         refs: Xattrs = []
         xarea = b""
         name_filter = 0
+        if xs is None:
+            # A plain external file (most inodes): its metacopy and redirect
+            # encoded directly, unless the shared table holds either of them.
+            digest = node.digest
+            if digest is None:
+                meta_value = b""
+            elif len(digest) == 32:
+                meta_value = _METACOPY_SHA256 + digest
+            else:
+                meta_value = metacopy_value(digest)
+            payload = node.payload
+            redirect = b"/" + payload if payload else None
+            if meta_value in shared_meta or (redirect is not None and redirect in shared_redirect):
+                xs = [(_METACOPY, meta_value)]
+                if redirect is not None:
+                    xs.append((_REDIRECT, redirect))
+            else:
+                # Entry heads depend on the value's length (36 for sha256, 0
+                # for a file without a digest, ...), so they are kept per length.
+                meta = meta_heads.get(len(meta_value))
+                if meta is None:
+                    meta_head = _entry_head(keyinfo[_METACOPY], len(meta_value))
+                    meta = meta_heads[len(meta_value)] = (
+                        meta_head,
+                        _PADS[(len(meta_head) + len(meta_value)) & 3],
+                    )
+                meta_head, meta_pad = meta
+                if redirect is None:
+                    xarea = meta_head + meta_value + meta_pad
+                    name_filter = ext_filters[0]
+                else:
+                    rhead = redirect_heads.get(len(redirect))
+                    if rhead is None:
+                        rhead = redirect_heads[len(redirect)] = _entry_head(
+                            keyinfo[_REDIRECT], len(redirect)
+                        )
+                    xarea = b"".join(
+                        (
+                            meta_head,
+                            meta_value,
+                            meta_pad,
+                            rhead,
+                            redirect,
+                            _PADS[(len(rhead) + len(redirect)) & 3],
+                        )
+                    )
+                    name_filter = ext_filters[1]
+                xsz = 12 + len(xarea)
+                if xsz > XATTR_AREA_MAX:
+                    raise WriteError(errno.EINVAL, "xattrs too large for one inode")
         if xs:
             parts: list[bytes] = []
             keys = []
@@ -626,14 +751,16 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     n_blocks += 1
                     tail = 0
                     pos = (pos + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
-        inode_pos[i] = pos
+        nid_of[i] = pos // INODE_SLOT_SIZE
         if pos > end:
-            pieces.append(bytes(pos - end))
+            seek(pos)
         end = pos + isz + xsz + tail
         if n_blocks or refs or ftype == _S_IFDIR:
-            pieces.append(bytes(end - pos))
+            seek(end)
             deferred.append((i, pos, isz, xsz, tail, n_blocks, n_data_blocks))
-            if xs:
+            if chunkbits:
+                chunkbits_of[i] = chunkbits
+            if xsz:
                 xsplit[i] = (name_filter, refs, xarea)
             n_data_blocks += n_blocks
             pos = end
@@ -652,7 +779,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 tail_bytes = content
             else:
                 layout = LAYOUT_CHUNK_BASED
-                i_u = chunkbits_of[i] - 12
+                i_u = chunkbits - 12
                 tail_bytes = ff_tails.get(tail) or ff_tails.setdefault(tail, b"\xff" * tail)
         elif ftype == _S_IFLNK:
             tail_bytes = node.payload or b""
@@ -661,21 +788,59 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         else:
             size = 0
-        head = _inode_header(compact, layout, xsz, mode, nlinks[i], size, i_u, i, node)
-        if xsz:
-            pieces.append(head + XATTR_IBODY_HEADER.pack(name_filter, 0) + xarea + tail_bytes)
+        if compact:  # _inode_header, inlined
+            head = COMPACT_INODE.pack(
+                layout << 1,
+                (xsz - 12) // 4 + 1 if xsz else 0,
+                mode & 0xFFFF,
+                nlinks[i],
+                size,
+                0,
+                i_u,
+                i,
+                node.uid,
+                node.gid,
+                0,
+            )
         else:
-            pieces.append(head + tail_bytes if tail_bytes else head)
+            head = EXTENDED_INODE.pack(
+                layout << 1 | 1,
+                (xsz - 12) // 4 + 1 if xsz else 0,
+                mode & 0xFFFF,
+                0,
+                size,
+                i_u,
+                i,
+                node.uid & _U32,
+                node.gid & _U32,
+                node.mtime_sec & _U64,
+                node.mtime_nsec & _U32,
+                nlinks[i] & _U32,
+            )
+        if xsz:
+            write(head)
+            write(XATTR_IBODY_HEADER.pack(name_filter, 0))
+            write(xarea)
+            if tail_bytes:
+                write(tail_bytes)
+        else:
+            write(head)
+            if tail_bytes:
+                write(tail_bytes)
     inodes_end = (pos + 31) & ~31
-    if inodes_end > end:
-        pieces.append(bytes(inodes_end - end))
     data_start = (inodes_end + shared_size + BLOCK_SIZE - 1) & ~(BLOCK_SIZE - 1)
     image_size = data_start + n_data_blocks * BLOCK_SIZE
-    if inode_pos[0] // INODE_SLOT_SIZE >= 0xFFFF:
+    if nid_of[0] >= 0xFFFF:
         raise WriteError(errno.EFBIG, "root inode beyond the 16-bit nid range")
 
     # -- emit -----------------------------------------------------------------------
-    buf = bytearray(image_size)
+    shared_table = b"".join(shared_entries)
+    seek(inodes_end)
+    write(shared_table)
+    if out.tell() < image_size:
+        seek(image_size - 1)
+        write(b"\0")
+    buf = out.getbuffer()
     HEADER.pack_into(
         buf,
         0,
@@ -692,7 +857,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         _FEATURE_COMPAT,
         BLOCK_SIZE_BITS,
         0,
-        inode_pos[0] // INODE_SLOT_SIZE,
+        nid_of[0],
         count,
         min_sec & _U64,
         min_nsec,
@@ -700,13 +865,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
         0,
         inodes_end // BLOCK_SIZE,
     )
-    area = b"".join(pieces)
-    buf[INODES_START : INODES_START + len(area)] = area
-    del area, pieces
-    shared_table = b"".join(shared_entries)
-    buf[inodes_end : inodes_end + len(shared_table)] = shared_table
 
-    nid_of = [p // INODE_SLOT_SIZE for p in inode_pos]
     shared_base = inodes_end % BLOCK_SIZE
     ftype_of = [_FILE_TYPE[(m & _S_IFMT) >> 12] for m in modes]
     dirent_packers: dict[int, struct.Struct] = {}
@@ -795,7 +954,8 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     where = blkaddr * BLOCK_SIZE
                     first = content[:BLOCK_SIZE]
                     buf[where : where + len(first)] = first
-    return bytes(buf)
+    buf.release()
+    return out.getvalue()
 
 
 def _inode_header(
