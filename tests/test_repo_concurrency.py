@@ -158,7 +158,6 @@ def test_writer_processes_with_gc_loop(tmp_path: Path) -> None:
     assert _check_clean(repo) >= WRITERS
     repo.gc()
     assert _check_clean(repo) == WRITERS
-    assert elapsed < 90, f"took {elapsed:.0f} s"
 
 
 def test_writer_threads_with_gc_thread(tmp_path: Path) -> None:

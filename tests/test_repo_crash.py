@@ -186,7 +186,6 @@ def test_kill_create_image_at_random_moments(tmp_path: Path) -> None:
 
     killed = 0
     landed: dict[str | None, int] = {}
-    start = time.monotonic()
     for trial in range(TRIALS):
         _rewrite_some(files, rng)
         phase = PHASES[trial % len(PHASES)]
@@ -198,11 +197,9 @@ def test_kill_create_image_at_random_moments(tmp_path: Path) -> None:
         _check(repo_path)
         repo = Repository.open(repo_path)
         assert repo.resolve_image("before") == first
-    elapsed = time.monotonic() - start
     assert killed >= MIN_KILLED, (killed, landed)
     # Kills landed in every phase, not just the long ones.
     assert set(landed) == set(PHASES), landed
-    assert elapsed < 90
 
     # The repository still works: a full run, then GC, then everything checks out.
     final = subprocess.run(
