@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -62,3 +64,26 @@ def warm_cache(tree: Path) -> tuple[int, int]:
     with ThreadPoolExecutor(8) as pool:
         sizes = list(pool.map(read, paths, chunksize=256))
     return sum(1 for s in sizes if s), sum(sizes)
+
+
+def start_daemon(repo: Path, sock: Path, runtime: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """composefsd on ``repo`` listening on ``sock`` (SHA-256, so that digests compare
+    with C mkcomposefs's; warnings only; no registry), once it accepts connections."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "composefsd.service.daemon", "--repo", str(repo),
+         "--listen", str(sock), "--runtime-dir", str(runtime), "--algorithm", "sha256",
+         "--no-registry", "--log-level", "warning", *extra],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                return daemon
+            except OSError:
+                pass
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            daemon.kill()
+            raise SystemExit("composefsd did not start")
+        time.sleep(0.05)

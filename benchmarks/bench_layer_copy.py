@@ -37,14 +37,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _common import best_of
+from _common import best_of, start_daemon
 from composefsd.repository import Repository
 from composefsd.repository.ocilayer import import_layer
 from layerclient import LayerClient
@@ -103,19 +102,7 @@ def image_json(diff_ids: list[str]) -> tuple[str, str]:
 
 def start(own: Path) -> tuple[subprocess.Popen[bytes], str]:
     sock = own.parent / "bench.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "composefsd.service.daemon", "--repo", str(own),
-         "--listen", str(sock), "--runtime-dir", str(own.parent / "run"), "--algorithm", "sha256",
-         "--log-level", "warning"],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(600):
-        if sock.exists():
-            break
-        if proc.poll() is not None:
-            raise SystemExit("composefsd did not start")
-        time.sleep(0.05)
-    return proc, str(sock)
+    return start_daemon(own, sock, own.parent / "run"), str(sock)
 
 
 class Copier:

@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from _common import reference_bin
+from _common import reference_bin, start_daemon
 from composefsd.service.client import connect
 
 IFACE = "io.composefs.Repository"
@@ -341,30 +341,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cfs-service-bench-", dir=args.workdir))
     sock = str(work / "composefsd.sock")
     print(f"work dir {work}; CPUs {os.cpu_count()}; load average {os.getloadavg()}")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "composefsd.service.daemon",
-            "--repo",
-            str(work / "repo"),
-            "--listen",
-            sock,
-            "--runtime-dir",
-            str(work / "run"),
-            "--log-level",
-            "warning",
-            # C mkcomposefs's digests, for a like-for-like Mount against C's.
-            "--algorithm",
-            "sha256",
-        ]
-    )
+    daemon = start_daemon(work / "repo", Path(sock), work / "run")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the daemon did not start")
-            time.sleep(0.05)
         if not args.skip_describe:
             clients = [int(n) for n in args.clients.split(",")]
             bench_describe(sock, clients, args.client_procs, args.seconds, args.rounds)

@@ -25,7 +25,6 @@ import argparse
 import compileall
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import composefsd
 from _common import reference_bin
+from _common import start_daemon as start_composefsd
 
 BIN = Path(sys.executable).parent
 
@@ -62,32 +62,8 @@ def run_once(argv: list[str]) -> tuple[float, float]:
 
 
 def start_daemon(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    sock = str(work / "sock")
-    daemon = subprocess.Popen(
-        [
-            str(BIN / "composefsd"),
-            "--repo",
-            str(work / "repo"),
-            "--listen",
-            sock,
-            "--runtime-dir",
-            str(work / "run"),
-            "--no-registry",
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(sock)
-                return daemon, sock
-            except OSError:
-                time.sleep(0.05)
-    daemon.kill()
-    raise SystemExit("composefsd did not start")
+    sock = work / "sock"
+    return start_composefsd(work / "repo", sock, work / "run"), str(sock)
 
 
 def main() -> int:
