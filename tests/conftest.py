@@ -54,6 +54,16 @@ def reference_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
+def varlinkctl(reference_bin: Path) -> str:
+    """systemd 257's varlinkctl, the reference client the tests compare with."""
+    path = reference_bin / "varlinkctl"
+    assert path.exists(), f"no varlinkctl in {reference_bin}"
+    version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("systemd 257"), version.stdout
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def testdata() -> Path:
     assert TESTDATA.is_dir(), f"C test assets missing at {TESTDATA}"
     return TESTDATA

@@ -29,13 +29,6 @@ def _no_ambient_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(composefsctl, "default_address", lambda: str(tmp_path / "no-daemon"))
 
 
-@pytest.fixture(scope="module")
-def varlinkctl(reference_bin: Path) -> str:
-    path = reference_bin / "varlinkctl"
-    assert path.exists(), f"no varlinkctl in {reference_bin}"
-    return str(path)
-
-
 def _vctl(varlinkctl: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([varlinkctl, *args], capture_output=True, text=True, timeout=120)
 

@@ -56,13 +56,6 @@ error InconsistentEnvironment()
 """
 
 
-@pytest.fixture(scope="module")
-def varlinkctl(reference_bin: Path) -> str:
-    path = reference_bin / "varlinkctl"
-    assert path.exists(), f"no varlinkctl in {reference_bin}"
-    return str(path)
-
-
 def _vctl(varlinkctl: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([varlinkctl, *args], capture_output=True, text=True, timeout=60)
 

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import composefsd
 from composefsd.kernel.mountinfo import composefs_mount_at
 from composefsd.service import client
@@ -51,15 +49,6 @@ METHODS = [
     "Unmount",
     "Verify",
 ]
-
-
-@pytest.fixture(scope="module")
-def varlinkctl(reference_bin: Path) -> str:
-    path = reference_bin / "varlinkctl"
-    assert path.exists(), f"no varlinkctl in {reference_bin}"
-    version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True)
-    assert version.stdout.startswith("systemd 257"), version.stdout
-    return str(path)
 
 
 def _vctl(varlinkctl: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
