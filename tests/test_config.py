@@ -6,7 +6,6 @@ wrong (with sd_notify's RELOADING=1/MONOTONIC_USEC=/READY=1 around every reload)
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -276,29 +275,9 @@ def test_command_line_wins(conf_dir: Path) -> None:
     assert " DEBUG: " not in d.log_text()
 
 
-_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-s.sendall(json.dumps({"method": sys.argv[2], "parameters": json.loads(sys.argv[3])}).encode() + b"\0")
-buf = b""
-while not buf.endswith(b"\0"):
-    buf += s.recv(65536)
-print(json.loads(buf[:-1]).get("error", "ok"))
-"""
-
-
 def _as(py: users.UserPython, user: users.TestUser, sock: Path, method: str, params: Any) -> str:
-    out = users.run_as(
-        user,
-        py.command("-c", _CLIENT, str(sock), method, json.dumps(params)),
-        env=py.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return str(out.stdout).strip()
+    (error,) = users.call_errors(py, user, sock, [(method, params)], timeout=30)
+    return error
 
 
 def test_reload_applies(

@@ -558,32 +558,8 @@ def test_authorization_policy() -> None:
     assert strict(owner, f"{IFACE}.Describe") and not strict(member, f"{IFACE}.Describe")
 
 
-_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-out = []
-for method in sys.argv[2:]:
-    s.sendall(json.dumps({"method": method}).encode() + b"\0")
-    buf = b""
-    while not buf.endswith(b"\0"):
-        buf += s.recv(65536)
-    out.append(json.loads(buf[:-1]).get("error", "ok"))
-print(json.dumps(out))
-"""
-
-
 def _as_user(py: users.UserPython, user: users.TestUser, sock: Path, *methods: str) -> list[str]:
-    out = users.run_as(
-        user,
-        py.command("-c", _CLIENT, str(sock), *methods),
-        env=py.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return list(json.loads(out.stdout))
+    return users.call_errors(py, user, sock, [(m, None) for m in methods], timeout=30)
 
 
 @pytest.fixture

@@ -279,21 +279,6 @@ def test_authorization_policy() -> None:
     )
 
 
-_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-out = []
-for method, params in json.loads(sys.argv[2]):
-    s.sendall(json.dumps({"method": method, "parameters": params}).encode() + b"\0")
-    buf = b""
-    while not buf.endswith(b"\0"):
-        buf += s.recv(1 << 20)
-    out.append(json.loads(buf[:-1]).get("error", "ok"))
-print(json.dumps(out))
-"""
-
-
 def test_unprivileged_peer(
     tmp_path: Path, test_users: TestUsers, user_python: users.UserPython
 ) -> None:
@@ -313,16 +298,8 @@ def test_unprivileged_peer(
     ]
     denied = "org.varlink.service.PermissionDenied"
     with running_daemon(path, public=True) as d:
-        proc = users.run_as(
-            test_users.bob,
-            user_python.command("-c", _CLIENT, d.address, json.dumps(calls)),
-            env=user_python.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        assert json.loads(proc.stdout) == ["ok", "ok"] + [denied] * 5
+        results = users.call_errors(user_python, test_users.bob, d.address, calls)
+        assert results == ["ok", "ok"] + [denied] * 5
         with client.connect(d.address) as conn:
             assert [i["tag"] for i in call(conn, "ListImages")["images"]] == GOLDEN_TAGS
     assert not os.path.ismount(mnt)
@@ -517,16 +494,9 @@ def test_pull_with_the_callers_rights(
         ]
         group = str(test_users.group)
         with running_daemon(tmp_path / "repo", "--group", group, public=True) as d:
-            proc = users.run_as(
-                test_users.alice,
-                user_python.command("-c", _CLIENT, d.address, json.dumps(calls)),
-                env=user_python.env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=True,
+            results = users.call_errors(
+                user_python, test_users.alice, d.address, calls, timeout=120
             )
-            results = json.loads(proc.stdout)
             assert results[0] == "ok"
             # skopeo, run as alice, cannot read the layout: access denied.
             assert results[1] == f"{OCI}.AuthenticationFailed", results

@@ -37,7 +37,6 @@ from registry import CuttingProxy, Registry, write_layout
 from rsgolden import RS, unpack_repo
 from rsreplay import received_fd_inspection
 from servicehelpers import running_daemon, unmount_below
-from test_daemon_oci import _CLIENT
 from test_service_methods import _check_struct
 
 TRANSCRIPT = RS / "varlink" / "transcript.jsonl"
@@ -562,16 +561,8 @@ def test_unprivileged_peer_refused(
     invalid = f"{INTERFACE}.InvalidHandle"
     denied = "org.varlink.service.PermissionDenied"
     with running_daemon(path, public=True) as d:
-        proc = users.run_as(
-            test_users.bob,
-            user_python.command("-c", _CLIENT, d.address, json.dumps(calls)),
-            env=user_python.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-    assert json.loads(proc.stdout) == [invalid] * 4 + [denied] * 4
+        results = users.call_errors(user_python, test_users.bob, d.address, calls)
+    assert results == [invalid] * 4 + [denied] * 4
     assert "single" in dict(iter_tags(Repository.open(path)))
 
 

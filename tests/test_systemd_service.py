@@ -166,33 +166,8 @@ def test_authorization_rules() -> None:
     assert not strict(member, f"{IFACE}.Reload")
 
 
-_CLIENT = r"""
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-out = []
-for call in sys.argv[2:]:
-    s.sendall(call.encode() + b"\0")
-    buf = b""
-    while not buf.endswith(b"\0"):
-        buf += s.recv(65536)
-    out.append(json.loads(buf[:-1]).get("error", "ok"))
-print(json.dumps(out))
-"""
-
-
 def _as_user(py: users.UserPython, user: users.TestUser, sock: Path, *calls: Any) -> list[str]:
-    wire = [json.dumps({"method": f"{IFACE}.{m}", "parameters": p}) for m, p in calls]
-    out = users.run_as(
-        user,
-        py.command("-c", _CLIENT, str(sock), *wire),
-        env=py.env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return list(json.loads(out.stdout))
+    return users.call_errors(py, user, sock, [(f"{IFACE}.{m}", p) for m, p in calls], timeout=30)
 
 
 def test_other_users(tmp_path: Path, test_users: TestUsers, user_python: users.UserPython) -> None:

@@ -17,6 +17,7 @@ run, for scripts that need only the standard library.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import secrets
@@ -189,6 +190,47 @@ class UserPython:
     def script(self, name: str) -> str:
         """The copy of the test script ``name`` (from tests/)."""
         return str(self.lib / name)
+
+
+#: A client other users run: each call of argv[2] (JSON ``[[method, parameters or
+#: null], ...]``) on one connection to argv[1]; prints the error name of each
+#: reply, or "ok".
+_CALLS_CLIENT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+out = []
+for method, params in json.loads(sys.argv[2]):
+    call = {"method": method} if params is None else {"method": method, "parameters": params}
+    s.sendall(json.dumps(call).encode() + b"\0")
+    buf = b""
+    while not buf.endswith(b"\0"):
+        buf += s.recv(1 << 20)
+    out.append(json.loads(buf[:-1]).get("error", "ok"))
+print(json.dumps(out))
+"""
+
+
+def call_errors(
+    py: UserPython,
+    user: TestUser,
+    address: str | os.PathLike[str],
+    calls: Sequence[tuple[str, Any]],
+    *,
+    timeout: float = 60,
+) -> list[str]:
+    """Make ``calls`` (method, parameters; None sends none) as ``user`` on one
+    connection to ``address``: each reply's error name, or "ok"."""
+    out = run_as(
+        user,
+        py.command("-c", _CALLS_CLIENT, os.fspath(address), json.dumps(list(calls))),
+        env=py.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return [str(e) for e in json.loads(out.stdout)]
 
 
 #: Test scripts users run (standard library only).
