@@ -88,13 +88,34 @@ class _Unused:
     """The stand-in for a subcommand's parser when the command line does not name
     that subcommand: it takes the subcommand's arguments and drops them. (Building
     all of them, two dozen parsers with a hundred and more options, cost more than
-    the rest of a client command's start.)"""
+    the rest of a client command's start; even an empty ArgumentParser costs some
+    forty gettext look-ups, each a few stat calls, so none is made.)"""
 
     def __getattr__(self, name: str) -> Callable[..., _Unused]:
         return self._drop
 
     def _drop(self, *args: object, **kwargs: object) -> _Unused:
         return self
+
+
+class _Parsers:
+    """The ``parser_class`` of a subparsers action: an :class:`ArgumentParser` for a
+    subcommand in ``wanted`` (the words of the command line), else an
+    :class:`_Unused`, which argparse only lists (a subcommand is chosen by a whole
+    word of the command line, so one not among them is never chosen)."""
+
+    def __init__(self, wanted: Container[str] | None) -> None:
+        self.wanted = wanted
+
+    def __call__(self, *, prog: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if self.wanted is not None and prog.rpartition(" ")[2] not in self.wanted:
+            return cast(argparse.ArgumentParser, _Unused())
+        return ArgumentParser(prog=prog, **kwargs)
+
+
+def _parsers(wanted: Container[str] | None) -> type[argparse.ArgumentParser]:
+    # argparse calls parser_class, so a factory serves; typeshed asks for a class.
+    return cast("type[argparse.ArgumentParser]", _Parsers(wanted))
 
 
 def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
@@ -150,13 +171,14 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action=VersionAction)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_parsers(wanted)
+    )
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        if wanted is not None and name not in wanted:
-            sub.add_parser(name, help=help_text, add_help=False)
-            return cast(argparse.ArgumentParser, _Unused())
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
         p.set_defaults(parser=p)
         return p
 
@@ -312,7 +334,7 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
     p.add_argument("--json", action="store_true")
 
-    _oci_commands(command("oci", "OCI container images (through composefsd only)"), common)
+    _oci_commands(command("oci", "OCI container images (through composefsd only)"), common, wanted)
     _varlink_commands(command)
     return parser
 
@@ -368,13 +390,21 @@ def _varlink_commands(command: Callable[[str, str], argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true")
 
 
-def _oci_commands(oci: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+def _oci_commands(
+    oci: argparse.ArgumentParser,
+    common: argparse.ArgumentParser,
+    wanted: Container[str] | None,
+) -> None:
     """``composefsctl oci ...``: io.composefs.Oci's methods. IMAGE is a tag or
     ``@sha256:<manifest digest>``, as cfsctl takes it."""
-    sub = oci.add_subparsers(dest="oci_command", metavar="OCI_COMMAND", required=True)
+    sub = oci.add_subparsers(
+        dest="oci_command", metavar="OCI_COMMAND", required=True, parser_class=_parsers(wanted)
+    )
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
         p.set_defaults(parser=p)
         return p
 
