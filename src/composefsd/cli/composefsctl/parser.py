@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable, Container, Sequence
 from typing import Any, NoReturn, cast
 
+from composefsd.service import options
 from composefsd.service.client import DEFAULT_TIMEOUT
-from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
-from composefsd.verity_policy import VerityPolicy
+from composefsd.service.options import VersionAction, erofs_version_argument
 
 __all__ = ["PROG", "ArgumentParser", "parse_args"]
 
@@ -54,11 +54,20 @@ def _timeout(text: str) -> float | None:
     return None if value in (0.0, float("inf")) else value
 
 
+def _verity_policies() -> list[str]:
+    # Here: the enum's module costs a start 0.7 ms; only init and mount need it.
+    from composefsd.verity_policy import VerityPolicy
+
+    return [v.value for v in VerityPolicy]
+
+
 def _mount_options(p: argparse.ArgumentParser) -> None:
     """The options ``mount`` and ``oci mount`` share (io.composefs.Repository.Mount's)."""
+    if isinstance(p, _Unused):
+        return
     p.add_argument(
         "--verity",
-        choices=[v.value for v in VerityPolicy],
+        choices=_verity_policies(),
         help="fs-verity checks: required, try or disabled (default: the repository's policy)",
     )
     p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
@@ -116,6 +125,35 @@ class _Parsers:
 def _parsers(wanted: Container[str] | None) -> type[argparse.ArgumentParser]:
     # argparse calls parser_class, so a factory serves; typeshed asks for a class.
     return cast("type[argparse.ArgumentParser]", _Parsers(wanted))
+
+
+def _init_options(p: argparse.ArgumentParser) -> None:
+    if isinstance(p, _Unused):
+        return  # not built: the names would load the algorithms' module (options' notes)
+    from composefsd.verity_policy import VerityPolicy
+
+    p.add_argument(
+        "--algorithm",
+        choices=options.ALGORITHM_NAMES,
+        default="sha256",
+        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
+        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
+    )
+    p.add_argument(
+        "--verity",
+        choices=_verity_policies(),
+        default=VerityPolicy.TRY.value,
+        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
+    )
+    p.add_argument(
+        "--erofs-version",
+        type=erofs_version_argument,
+        default=1,
+        metavar="N",
+        help="the format of the repository's images, as cfsctl init's: 1 (default; C "
+        "mkcomposefs --min-version=1), 0 (C mkcomposefs --max-version=0) or 2 "
+        "(composefs-rs's older format)",
+    )
 
 
 def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
@@ -185,29 +223,7 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
     p = command("status", "show the repository (and the daemon serving it)")
     p.add_argument("--json", action="store_true")
 
-    p = command("init", "create a new repository")
-    p.add_argument(
-        "--algorithm",
-        choices=ALGORITHM_NAMES,
-        default="sha256",
-        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
-        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
-    )
-    p.add_argument(
-        "--verity",
-        choices=[v.value for v in VerityPolicy],
-        default=VerityPolicy.TRY.value,
-        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
-    )
-    p.add_argument(
-        "--erofs-version",
-        type=erofs_version_argument,
-        default=1,
-        metavar="N",
-        help="the format of the repository's images, as cfsctl init's: 1 (default; C "
-        "mkcomposefs --min-version=1), 0 (C mkcomposefs --max-version=0) or 2 "
-        "(composefs-rs's older format)",
-    )
+    _init_options(command("init", "create a new repository"))
 
     p = command("create-image", "import a directory tree as an image")
     p.add_argument("source", metavar="SOURCE", nargs="?", help="the directory to import")
