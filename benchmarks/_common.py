@@ -28,6 +28,24 @@ def best_of(rounds: int, fn: Callable[[], object]) -> float:
     return best
 
 
+def bare_pythons() -> list[tuple[str, list[str]]]:
+    """The bare interpreter starts (``-I -S -c pass``: no site hooks, no imports of
+    ours) that bound a command of ours from below: this interpreter's (the venv's)
+    and Debian's ``/usr/bin/python3`` where there is one; (label, argv) each."""
+    starts = [(f"{sys.executable} -I -S", [sys.executable, "-I", "-S", "-c", "pass"])]
+    if os.path.exists("/usr/bin/python3"):
+        starts.append(("/usr/bin/python3 -I -S", ["/usr/bin/python3", "-I", "-S", "-c", "pass"]))
+    return starts
+
+
+def floor_verdict(floor_ms: float, goal_ms: float, what: str) -> str:
+    """``floor X ms vs goal Y ms: reachable`` when a goal lies above the least a
+    command can cost (``floor_ms``: the processes it cannot do without), else says
+    that the goal is below ``what``'s own start."""
+    verdict = "reachable" if floor_ms < goal_ms else f"below {what}'s own start"
+    return f"floor {floor_ms:.1f} ms vs goal {goal_ms:.1f} ms: {verdict}"
+
+
 def reference_bin() -> Path:
     env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
     if env:

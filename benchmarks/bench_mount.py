@@ -18,10 +18,15 @@ With ``--image`` (a /usr-sized image, say ``mkcomposefs /usr usr.cfs``), that im
 is mounted instead, over an empty object directory (no file's data is read), and
 each mount is checked by its root listing.
 
-Prints the time per cycle of each (and its mount and unmount parts), the ratios
-ours/C, and the medians over the rounds. Then, to show where a process's time
-goes, the cost of a bare interpreter start, of one with the site hooks, and of
-importing ``composefsd.kernel.mount`` and the command module.
+and, as the floor of ours (a) (goal: <= 2.0x C's cycle), a bare interpreter start
+(``python -I -S -c pass``, the venv's and /usr/bin/python3) and the same
+``umount`` (of a mount C's ``mount.composefs`` made, not timed). The sides take
+turns cycle by cycle. Prints per round the median time per cycle of each (and
+its mount and unmount parts) and the ratios ours/C; then the medians over every
+cycle, and each floor against the goal: reachable, or the goal is below the
+interpreter's own start. Then, to show where a process's time goes, the cost of a
+bare interpreter start, of one with the site hooks, and of importing
+``composefsd.kernel.mount`` and the command module.
 
 Unless ``--no-compile``, the package is byte-compiled first (an installed package
 has its ``.pyc`` files; an editable one under ``PYTHONDONTWRITEBYTECODE=1`` would
@@ -45,7 +50,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import composefsd
-from _common import reference_bin
+from _common import bare_pythons, floor_verdict, reference_bin
 from composefsd.kernel.mount import MountOptions, attach, mount_image, unmount
 from composefsd.kernel.syscalls import MNT_DETACH, KernelError, umount2
 
@@ -86,6 +91,21 @@ def process_cycle(mount_cmd: list[str], mnt: Path) -> Cycle:
     def cycle() -> tuple[float, float]:
         t0 = time.perf_counter()
         subprocess.run(mount_cmd, check=True)
+        t1 = time.perf_counter()
+        subprocess.run(umount_cmd, check=True)
+        return t1 - t0, time.perf_counter() - t1
+
+    return cycle
+
+
+def floor_cycle(python: list[str], c_mount: list[str], mnt: Path) -> Cycle:
+    """A bare interpreter start and an ``umount`` of a mount C made (not timed)."""
+    umount_cmd = ["umount", str(mnt)]
+
+    def cycle() -> tuple[float, float]:
+        subprocess.run(c_mount, check=True)
+        t0 = time.perf_counter()
+        subprocess.run(python, check=True)
         t1 = time.perf_counter()
         subprocess.run(umount_cmd, check=True)
         return t1 - t0, time.perf_counter() - t1
@@ -183,6 +203,9 @@ def main() -> int:
             "ours (a) process": process_cycle(a_mount, mnt),
             "ours (b) in-process": api_cycle(image, objs, mnt),
         }
+        floors = {f"floor: {label} + umount": argv for label, argv in bare_pythons()}
+        for name, argv in floors.items():
+            sides[name] = floor_cycle(argv, c_mount, mnt)
 
         def api_mount() -> None:
             with mount_image(image, MountOptions(basedirs=[objs])) as m:
@@ -199,37 +222,46 @@ def main() -> int:
         for cycle in sides.values():  # warm up: page cache, the layer-mode probe
             cycle()
 
-        per_round: dict[str, list[tuple[float, float, float]]] = {k: [] for k in sides}
+        samples: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
         for r in range(args.rounds):
-            print(f"\nround {r + 1} (load {load()})")
-            for name, cycle in sides.items():
-                mounts = unmounts = 0.0
-                t0 = time.perf_counter()
-                for _ in range(args.cycles):
-                    m, u = cycle()
-                    mounts += m
-                    unmounts += u
-                total = (time.perf_counter() - t0) / args.cycles
-                row = (total, mounts / args.cycles, unmounts / args.cycles)
-                per_round[name].append(row)
+            for _ in range(args.cycles):
+                for name, cycle in sides.items():
+                    samples[name].append(cycle())
+            print(f"\nround {r + 1} (load {load()}), medians of {args.cycles} cycles")
+            c_total = statistics.median(m + u for m, u in samples["C"][-args.cycles :])
+            for name, runs in samples.items():
+                last = runs[-args.cycles :]
+                total = statistics.median(m + u for m, u in last)
                 print(
-                    f"  {name:20} {total * 1e3:8.2f} ms/cycle "
-                    f"(mount {row[1] * 1e3:7.2f} ms, unmount {row[2] * 1e3:6.2f} ms)",
+                    f"  {name:44} {total * 1e3:8.2f} ms/cycle "
+                    f"(mount {statistics.median(m for m, _ in last) * 1e3:7.2f} ms, "
+                    f"unmount {statistics.median(u for _, u in last) * 1e3:6.2f} ms) "
+                    f"{total / c_total:6.2f}x C",
                     flush=True,
                 )
-            c_total = per_round["C"][-1][0]
-            for name in list(sides)[1:]:
-                print(f"  {name} / C: {per_round[name][-1][0] / c_total:6.2f}")
 
-        print(f"\nmedian of {args.rounds} rounds, {args.cycles} cycles each:")
+        print(f"\nmedian of {args.rounds} rounds x {args.cycles} cycles:")
         med = {
-            k: tuple(statistics.median(row[i] for row in rows) for i in range(3))
-            for k, rows in per_round.items()
+            k: (
+                statistics.median(m + u for m, u in runs),
+                statistics.median(m for m, _ in runs),
+                statistics.median(u for _, u in runs),
+            )
+            for k, runs in samples.items()
         }
-        print(f"  {'side':20} {'ms/cycle':>9} {'mount ms':>9} {'unmount':>8} {'ours/C':>7}")
+        print(f"  {'side':44} {'ms/cycle':>9} {'mount ms':>9} {'unmount':>8} {'ours/C':>7}")
         for name, (total, m, u) in med.items():
             ratio = "" if name == "C" else f"{total / med['C'][0]:7.2f}"
-            print(f"  {name:20} {total * 1e3:9.2f} {m * 1e3:9.2f} {u * 1e3:8.2f} {ratio}")
+            print(f"  {name:44} {total * 1e3:9.2f} {m * 1e3:9.2f} {u * 1e3:8.2f} {ratio}")
+        goal = 2.0 * med["C"][0]
+        ours = med["ours (a) process"][0]
+        print(
+            f"goal: our mount.composefs <= 2.0x C: {ours * 1e3:.1f} ms vs {goal * 1e3:.1f} ms "
+            f"({'met' if ours <= goal else 'NOT met'})"
+        )
+        for name in floors:
+            verdict = floor_verdict(med[name][0] * 1e3, goal * 1e3, "the interpreter")
+            print(f"  {name}: {verdict}")
 
         py = sys.executable
         n = 20
