@@ -28,13 +28,18 @@ def best_of(rounds: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def bare_pythons() -> list[tuple[str, list[str]]]:
-    """The bare interpreter starts (``-I -S -c pass``: no site hooks, no imports of
-    ours) that bound a command of ours from below: this interpreter's (the venv's)
-    and Debian's ``/usr/bin/python3`` where there is one; (label, argv) each."""
-    starts = [(f"{sys.executable} -I -S", [sys.executable, "-I", "-S", "-c", "pass"])]
+def interpreter_starts() -> list[tuple[str, list[str]]]:
+    """The interpreter starts that bound a command of ours from below, (label, argv)
+    each: bare ones (``-I -S -c pass``: no site hooks, nothing of ours imported) of
+    this interpreter (the venv's) and of Debian's ``/usr/bin/python3`` where there is
+    one; and this one's ``-c pass`` with the site hooks, as our console scripts
+    start (on a machine whose site-packages has ``.pth`` hooks, they cost more than
+    any tool of ours)."""
+    venv = "venv python" if sys.prefix != sys.base_prefix else sys.executable
+    starts = [(f"{venv} -I -S", [sys.executable, "-I", "-S", "-c", "pass"])]
     if os.path.exists("/usr/bin/python3"):
         starts.append(("/usr/bin/python3 -I -S", ["/usr/bin/python3", "-I", "-S", "-c", "pass"]))
+    starts.append((f"{venv} with site", [sys.executable, "-c", "pass"]))
     return starts
 
 

@@ -19,7 +19,8 @@ is mounted instead, over an empty object directory (no file's data is read), and
 each mount is checked by its root listing.
 
 and, as the floor of ours (a) (goal: <= 2.0x C's cycle), a bare interpreter start
-(``python -I -S -c pass``, the venv's and /usr/bin/python3) and the same
+(``python -I -S -c pass``, the venv's and /usr/bin/python3; and the venv's ``python
+-c pass`` with the site hooks, as our console script starts) and the same
 ``umount`` (of a mount C's ``mount.composefs`` made, not timed). The sides take
 turns cycle by cycle. Prints per round the median time per cycle of each (and
 its mount and unmount parts) and the ratios ours/C; then the medians over every
@@ -50,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import composefsd
-from _common import bare_pythons, floor_verdict, reference_bin
+from _common import floor_verdict, interpreter_starts, reference_bin
 from composefsd.kernel.mount import MountOptions, attach, mount_image, unmount
 from composefsd.kernel.syscalls import MNT_DETACH, KernelError, umount2
 
@@ -203,7 +204,7 @@ def main() -> int:
             "ours (a) process": process_cycle(a_mount, mnt),
             "ours (b) in-process": api_cycle(image, objs, mnt),
         }
-        floors = {f"floor: {label} + umount": argv for label, argv in bare_pythons()}
+        floors = {f"floor: {label} + umount": argv for label, argv in interpreter_starts()}
         for name, argv in floors.items():
             sides[name] = floor_cycle(argv, c_mount, mnt)
 

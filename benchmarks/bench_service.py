@@ -25,7 +25,8 @@
    this process). Beside them the floors, what no implementation of a side can go
    below: for varlinkctl (goal 1.0x C) two ``varlinkctl call`` processes of
    ``org.varlink.service.GetInfo``; for composefsctl (goal 1.5x C) two bare
-   interpreter starts (``python -I -S -c pass``, the venv's and /usr/bin/python3);
+   interpreter starts (``python -I -S -c pass``, the venv's and /usr/bin/python3,
+   and the venv's ``python -c pass`` with site hooks, as our console scripts start);
    each printed against its goal as reachable or not. The sides take turns cycle
    by cycle, ``--cycles`` per round; medians over every cycle of every round. For
    a small image and, with ``--usr-image`` (``mkcomposefs /usr usr.cfs``), a
@@ -57,7 +58,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from _common import bare_pythons, floor_verdict, reference_bin, start_daemon
+from _common import floor_verdict, interpreter_starts, reference_bin, start_daemon
 from composefsd.service.client import connect
 
 IFACE = "io.composefs.Repository"
@@ -302,8 +303,8 @@ def bench_mount(
                 [composefsctl, "--connect", sock, "mount", name, str(mnt)],
                 [composefsctl, "--connect", sock, "unmount", str(mnt)],
             )
-        # The floor of the composefsctl side: two interpreters that import nothing.
-        for python, argv in bare_pythons():
+        # The floors of the composefsctl side: two interpreter starts.
+        for python, argv in interpreter_starts():
             sides[f"floor: {python} x2"] = (argv, argv)
         print(
             f"\nMount + Unmount, {label}, {n} cycles x {rounds} rounds, sides in turn "
@@ -355,7 +356,7 @@ def bench_mount(
                 f"    composefsctl <= 1.5x C: {meds['composefsctl']:.1f} ms vs {goal:.1f} ms "
                 f"({'met' if meds['composefsctl'] <= goal else 'NOT met'})"
             )
-            for python, _argv in bare_pythons():
+            for python, _argv in interpreter_starts():
                 print(
                     f"      two {python} starts: "
                     + floor_verdict(meds[f"floor: {python} x2"], goal, "the interpreter")
