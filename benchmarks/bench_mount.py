@@ -18,10 +18,10 @@ With ``--image`` (a /usr-sized image, say ``mkcomposefs /usr usr.cfs``), that im
 is mounted instead, over an empty object directory (no file's data is read), and
 each mount is checked by its root listing.
 
-and, as the floor of ours (a) (goal: <= 2.0x C's cycle), a bare interpreter start
-(``python -I -S -c pass``, the venv's and /usr/bin/python3; and the venv's ``python
--c pass`` with the site hooks, as our console script starts) and the same
-``umount`` (of a mount C's ``mount.composefs`` made, not timed). The sides take
+The floors of ours (a) (goal: <= 2.0x C's cycle) run in turn with them: an
+interpreter start (``python -I -S -c pass``, the venv's and /usr/bin/python3; and
+the venv's ``python -c pass`` with the site hooks, as our console script starts)
+and the same ``umount`` (of a mount C's ``mount.composefs`` made, not timed). The sides take
 turns cycle by cycle. Prints per round the median time per cycle of each (and
 its mount and unmount parts) and the ratios ours/C; then the medians over every
 cycle, and each floor against the goal: reachable, or the goal is below the
