@@ -550,7 +550,10 @@ def _check_socket_directory(address: str, path: str) -> None:
 
 
 def _check_peer(address: str, sock: _socket.socket) -> None:
-    uid = peer_ids(sock)[1]
+    try:
+        uid = peer_ids(sock)[1]
+    except OSError:
+        uid = -1  # no credentials: a server nobody trusts, as the daemon's Peer has it
     euid = os.geteuid()
     if uid not in (0, euid):
         who = "root" if euid == 0 else f"root or uid {euid} (you)"
