@@ -28,6 +28,29 @@ def best_of(rounds: int, fn: Callable[[], object]) -> float:
     return best
 
 
+def interpreter_starts() -> list[tuple[str, list[str]]]:
+    """The interpreter starts that bound a command of ours from below, (label, argv)
+    each: bare ones (``-I -S -c pass``: no site hooks, nothing of ours imported) of
+    this interpreter (the venv's) and of Debian's ``/usr/bin/python3`` where there is
+    one; and this one's ``-c pass`` with the site hooks, as our console scripts
+    start (on a machine whose site-packages has ``.pth`` hooks, they cost more than
+    any tool of ours)."""
+    venv = "venv python" if sys.prefix != sys.base_prefix else sys.executable
+    starts = [(f"{venv} -I -S", [sys.executable, "-I", "-S", "-c", "pass"])]
+    if os.path.exists("/usr/bin/python3"):
+        starts.append(("/usr/bin/python3 -I -S", ["/usr/bin/python3", "-I", "-S", "-c", "pass"]))
+    starts.append((f"{venv} with site", [sys.executable, "-c", "pass"]))
+    return starts
+
+
+def floor_verdict(floor_ms: float, goal_ms: float, what: str) -> str:
+    """``floor X ms vs goal Y ms: reachable`` when a goal lies above the least a
+    command can cost (``floor_ms``: the processes it cannot do without), else says
+    that the goal is below ``what``'s own start."""
+    verdict = "reachable" if floor_ms < goal_ms else f"below {what}'s own start"
+    return f"floor {floor_ms:.1f} ms vs goal {goal_ms:.1f} ms: {verdict}"
+
+
 def reference_bin() -> Path:
     env = os.environ.get("COMPOSEFS_REFERENCE_BIN")
     if env:

@@ -18,10 +18,16 @@ With ``--image`` (a /usr-sized image, say ``mkcomposefs /usr usr.cfs``), that im
 is mounted instead, over an empty object directory (no file's data is read), and
 each mount is checked by its root listing.
 
-Prints the time per cycle of each (and its mount and unmount parts), the ratios
-ours/C, and the medians over the rounds. Then, to show where a process's time
-goes, the cost of a bare interpreter start, of one with the site hooks, and of
-importing ``composefsd.kernel.mount`` and the command module.
+The floors of ours (a) (goal: <= 2.0x C's cycle) run in turn with them: an
+interpreter start (``python -I -S -c pass``, the venv's and /usr/bin/python3; and
+the venv's ``python -c pass`` with the site hooks, as our console script starts)
+and the same ``umount`` (of a mount C's ``mount.composefs`` made, not timed). The sides take
+turns cycle by cycle. Prints per round the median time per cycle of each (and
+its mount and unmount parts) and the ratios ours/C; then the medians over every
+cycle, and each floor against the goal: reachable, or the goal is below the
+interpreter's own start. Then, to show where a process's time goes, the cost of a
+bare interpreter start, of one with the site hooks, and of importing
+``composefsd.kernel.mount`` and the command module.
 
 Unless ``--no-compile``, the package is byte-compiled first (an installed package
 has its ``.pyc`` files; an editable one under ``PYTHONDONTWRITEBYTECODE=1`` would
@@ -45,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import composefsd
-from _common import reference_bin
+from _common import floor_verdict, interpreter_starts, reference_bin
 from composefsd.kernel.mount import MountOptions, attach, mount_image, unmount
 from composefsd.kernel.syscalls import MNT_DETACH, KernelError, umount2
 
@@ -77,18 +83,41 @@ def cleanup(mnt: Path) -> None:
             return
 
 
-Cycle = Callable[[], tuple[float, float]]
+#: A cycle: the seconds of its mount and of its unmount, and the cpu seconds of both.
+Cycle = Callable[[], tuple[float, float, float]]
+
+
+def run(argv: list[str]) -> tuple[float, float]:
+    """(wall, cpu) seconds of one process (cpu: user + system, from wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{argv}: exit status {os.waitstatus_to_exitcode(status)}")
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def process_cycle(mount_cmd: list[str], mnt: Path) -> Cycle:
     umount_cmd = ["umount", str(mnt)]
 
-    def cycle() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        subprocess.run(mount_cmd, check=True)
-        t1 = time.perf_counter()
-        subprocess.run(umount_cmd, check=True)
-        return t1 - t0, time.perf_counter() - t1
+    def cycle() -> tuple[float, float, float]:
+        mount_wall, mount_cpu = run(mount_cmd)
+        umount_wall, umount_cpu = run(umount_cmd)
+        return mount_wall, umount_wall, mount_cpu + umount_cpu
+
+    return cycle
+
+
+def floor_cycle(python: list[str], c_mount: list[str], mnt: Path) -> Cycle:
+    """An interpreter start and an ``umount`` of a mount C made (not timed)."""
+    umount_cmd = ["umount", str(mnt)]
+
+    def cycle() -> tuple[float, float, float]:
+        subprocess.run(c_mount, check=True)
+        start_wall, start_cpu = run(python)
+        umount_wall, umount_cpu = run(umount_cmd)
+        return start_wall, umount_wall, start_cpu + umount_cpu
 
     return cycle
 
@@ -96,13 +125,14 @@ def process_cycle(mount_cmd: list[str], mnt: Path) -> Cycle:
 def api_cycle(image: Path, objs: Path, mnt: Path) -> Cycle:
     opts = MountOptions(basedirs=[objs])
 
-    def cycle() -> tuple[float, float]:
+    def cycle() -> tuple[float, float, float]:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         with mount_image(image, opts) as m:
             attach(m.fd, mnt)
         t1 = time.perf_counter()
         unmount(mnt)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
     return cycle
 
@@ -183,6 +213,9 @@ def main() -> int:
             "ours (a) process": process_cycle(a_mount, mnt),
             "ours (b) in-process": api_cycle(image, objs, mnt),
         }
+        floors = {f"floor: {label} + umount": argv for label, argv in interpreter_starts()}
+        for name, argv in floors.items():
+            sides[name] = floor_cycle(argv, c_mount, mnt)
 
         def api_mount() -> None:
             with mount_image(image, MountOptions(basedirs=[objs])) as m:
@@ -199,37 +232,58 @@ def main() -> int:
         for cycle in sides.values():  # warm up: page cache, the layer-mode probe
             cycle()
 
-        per_round: dict[str, list[tuple[float, float, float]]] = {k: [] for k in sides}
+        samples: dict[str, list[tuple[float, float, float]]] = {k: [] for k in sides}
         for r in range(args.rounds):
-            print(f"\nround {r + 1} (load {load()})")
-            for name, cycle in sides.items():
-                mounts = unmounts = 0.0
-                t0 = time.perf_counter()
-                for _ in range(args.cycles):
-                    m, u = cycle()
-                    mounts += m
-                    unmounts += u
-                total = (time.perf_counter() - t0) / args.cycles
-                row = (total, mounts / args.cycles, unmounts / args.cycles)
-                per_round[name].append(row)
+            for _ in range(args.cycles):
+                for name, cycle in sides.items():
+                    samples[name].append(cycle())
+            print(f"\nround {r + 1} (load {load()}), medians of {args.cycles} cycles")
+            c_total = statistics.median(m + u for m, u, _ in samples["C"][-args.cycles :])
+            for name, runs in samples.items():
+                last = runs[-args.cycles :]
+                total = statistics.median(m + u for m, u, _ in last)
                 print(
-                    f"  {name:20} {total * 1e3:8.2f} ms/cycle "
-                    f"(mount {row[1] * 1e3:7.2f} ms, unmount {row[2] * 1e3:6.2f} ms)",
+                    f"  {name:40} {total * 1e3:8.2f} ms/cycle "
+                    f"(mount {statistics.median(m for m, _, _ in last) * 1e3:7.2f} ms, "
+                    f"unmount {statistics.median(u for _, u, _ in last) * 1e3:6.2f} ms) "
+                    f"{total / c_total:6.2f}x C",
                     flush=True,
                 )
-            c_total = per_round["C"][-1][0]
-            for name in list(sides)[1:]:
-                print(f"  {name} / C: {per_round[name][-1][0] / c_total:6.2f}")
 
-        print(f"\nmedian of {args.rounds} rounds, {args.cycles} cycles each:")
+        print(
+            f"\nmedian of {args.rounds} rounds x {args.cycles} cycles (wall ms; cpu ms: the "
+            "processes' user + system, or this process's for ours (b)):"
+        )
         med = {
-            k: tuple(statistics.median(row[i] for row in rows) for i in range(3))
-            for k, rows in per_round.items()
+            k: (
+                statistics.median(m + u for m, u, _ in runs),
+                statistics.median(m for m, _, _ in runs),
+                statistics.median(u for _, u, _ in runs),
+                statistics.median(c for _, _, c in runs),
+            )
+            for k, runs in samples.items()
         }
-        print(f"  {'side':20} {'ms/cycle':>9} {'mount ms':>9} {'unmount':>8} {'ours/C':>7}")
-        for name, (total, m, u) in med.items():
+        print(
+            f"  {'side':40} {'ms/cycle':>9} {'mount ms':>9} {'unmount':>8} {'ours/C':>7} "
+            f"{'cpu ms':>7} {'ours/C':>7}"
+        )
+        for name, (total, m, u, cpu) in med.items():
             ratio = "" if name == "C" else f"{total / med['C'][0]:7.2f}"
-            print(f"  {name:20} {total * 1e3:9.2f} {m * 1e3:9.2f} {u * 1e3:8.2f} {ratio}")
+            cpu_ratio = "" if name == "C" else f"{cpu / med['C'][3]:7.2f}"
+            print(
+                f"  {name:40} {total * 1e3:9.2f} {m * 1e3:9.2f} {u * 1e3:8.2f} {ratio:>7} "
+                f"{cpu * 1e3:7.2f} {cpu_ratio:>7}"
+            )
+        for i, what in ((0, "wall"), (3, "cpu")):
+            goal = 2.0 * med["C"][i]
+            ours = med["ours (a) process"][i]
+            print(
+                f"goal, {what}: our mount.composefs <= 2.0x C: {ours * 1e3:.1f} ms vs "
+                f"{goal * 1e3:.1f} ms ({'met' if ours <= goal else 'NOT met'})"
+            )
+            for name in floors:
+                verdict = floor_verdict(med[name][i] * 1e3, goal * 1e3, "the interpreter")
+                print(f"  {name}: {verdict}")
 
         py = sys.executable
         n = 20

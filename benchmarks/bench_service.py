@@ -21,19 +21,29 @@
    process (``Mount`` with ``where``, then ``Unmount``), ``--cycles`` times,
    against C ``mount.composefs`` + ``umount`` processes on the same image in the
    same run; prints ms per cycle and the ratio ours/C. The same with
-   ``composefsctl mount``/``unmount``; beside them the floor of the varlinkctl
-   side (two ``varlinkctl call`` processes of ``GetInfo``) and the daemon's own
-   part (both calls from this process). For a small image and, with
-   ``--usr-image`` (``mkcomposefs /usr usr.cfs``), a /usr-sized one, put into the
-   repository as it is; ``--skip-describe`` runs only this part.
+   ``composefsctl mount``/``unmount``, two ``composefsctl status`` (what the
+   composefsctl side costs without the mount), and the daemon's own part (both
+   calls from this process). Beside them the floors, what no implementation of a side can go
+   below: for varlinkctl (goal 1.0x C) two ``varlinkctl call`` processes of
+   ``org.varlink.service.GetInfo``; for composefsctl (goal 1.5x C) two bare
+   interpreter starts (``python -I -S -c pass``, the venv's and /usr/bin/python3,
+   and the venv's ``python -c pass`` with site hooks, as our console scripts start);
+   each printed against its goal as reachable or not. The sides take turns cycle
+   by cycle, ``--cycles`` per round; medians over every cycle of every round. For
+   a small image and, with ``--usr-image`` (``mkcomposefs /usr usr.cfs``), a
+   /usr-sized one, put into the repository as it is; ``--skip-describe`` runs
+   only this part.
 
 The daemon runs as ``python -m composefsd.service.daemon`` on a fresh repository
-in ``--workdir``; everything is removed at the end.
+in ``--workdir``; everything is removed at the end. The package is byte-compiled
+first, as pip does when it installs (with $PYTHONDONTWRITEBYTECODE set, an
+editable install would otherwise compile what it imports at every start).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import multiprocessing
 import os
 import random
@@ -52,7 +62,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from _common import reference_bin, start_daemon
+import composefsd
+from _common import floor_verdict, interpreter_starts, reference_bin, start_daemon
 from composefsd.service.client import connect
 
 IFACE = "io.composefs.Repository"
@@ -195,34 +206,37 @@ def bench_describe(sock: str, clients: list[int], procs: int, seconds: float, ro
         )
 
 
-def _time_cycles(cycles: int, mount: list[str], umount: list[str]) -> tuple[float, float]:
-    t_mount = t_umount = 0.0
-    for _ in range(cycles):
-        t0 = time.perf_counter()
-        subprocess.run(mount, check=True, stdout=subprocess.DEVNULL)
-        t1 = time.perf_counter()
-        subprocess.run(umount, check=True, stdout=subprocess.DEVNULL)
-        t2 = time.perf_counter()
-        t_mount += t1 - t0
-        t_umount += t2 - t1
-    return t_mount / cycles * 1000, t_umount / cycles * 1000
+def _run(argv: list[str]) -> tuple[float, float]:
+    """(wall, cpu) ms of one run of ``argv`` (cpu: the process's user + system time,
+    from wait4; a daemon's work for it is not in it); it must succeed."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv}: exit status {proc.returncode}")
+    return wall * 1000, (usage.ru_utime + usage.ru_stime) * 1000
 
 
-def _client_cycles(cycles: int, sock: str, image: str, mnt: Path) -> tuple[float, float]:
+def _process_cycle(mount: list[str], umount: list[str]) -> tuple[float, float, float]:
+    """One cycle of two processes: the wall ms of each, and their cpu ms together."""
+    wall_mount, cpu_mount = _run(mount)
+    wall_umount, cpu_umount = _run(umount)
+    return wall_mount, wall_umount, cpu_mount + cpu_umount
+
+
+def _client_cycle(sock: str, image: str, mnt: Path) -> tuple[float, float, float]:
     """Mount + Unmount from this process, a connection each: the daemon's part, with
     no client process to start."""
-    t_mount = t_umount = 0.0
-    for _ in range(cycles):
-        t0 = time.perf_counter()
-        with connect(sock) as conn:
-            conn.call(f"{IFACE}.Mount", {"image": image, "where": str(mnt)})
-        t1 = time.perf_counter()
-        with connect(sock) as conn:
-            conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
-        t2 = time.perf_counter()
-        t_mount += t1 - t0
-        t_umount += t2 - t1
-    return t_mount / cycles * 1000, t_umount / cycles * 1000
+    t0 = time.perf_counter()
+    with connect(sock) as conn:
+        conn.call(f"{IFACE}.Mount", {"image": image, "where": str(mnt)})
+    t1 = time.perf_counter()
+    with connect(sock) as conn:
+        conn.call(f"{IFACE}.Unmount", {"where": str(mnt)})
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1000, (t2 - t1) * 1000, float("nan")
 
 
 def _add_image_file(repo_path: Path, image: Path, ref: str) -> str:
@@ -243,7 +257,8 @@ def bench_mount(
 ) -> None:
     """Mount + Unmount of a small image and of a /usr-sized one: C ``mount.composefs``
     + ``umount`` processes, the daemon driven by ``varlinkctl call`` processes, and
-    ``composefsctl mount`` + ``unmount`` through the daemon; alternated per round."""
+    ``composefsctl mount`` + ``unmount`` through the daemon, and the floors; in turn,
+    cycle by cycle."""
     ref = reference_bin()
     varlinkctl = str(ref / "varlinkctl")
     composefsctl = shutil.which("composefsctl", path=str(Path(sys.executable).parent))
@@ -284,7 +299,7 @@ def bench_mount(
         }
         # The floor of the varlinkctl side: the same two processes making a call
         # that does nothing.
-        sides["varlinkctl GetInfo x2"] = (
+        sides["floor: varlinkctl GetInfo x2"] = (
             [varlinkctl, "call", sock, "org.varlink.service.GetInfo", "{}"],
             [varlinkctl, "call", sock, "org.varlink.service.GetInfo", "{}"],
         )
@@ -293,31 +308,78 @@ def bench_mount(
                 [composefsctl, "--connect", sock, "mount", name, str(mnt)],
                 [composefsctl, "--connect", sock, "unmount", str(mnt)],
             )
+            # What two composefsctl calls cost that do no work in the daemon: the
+            # rest of the composefsctl side is what mount and unmount add.
+            sides["composefsctl status x2"] = (
+                [composefsctl, "--connect", sock, "status"],
+                [composefsctl, "--connect", sock, "status"],
+            )
+        # The floors of the composefsctl side: two interpreter starts.
+        for python, argv in interpreter_starts():
+            sides[f"floor: {python} x2"] = (argv, argv)
         print(
-            f"\nMount + Unmount, {label}, {n} cycles x {rounds} rounds "
+            f"\nMount + Unmount, {label}, {n} cycles x {rounds} rounds, sides in turn "
             f"(load {os.getloadavg()[0]:.2f}):"
         )
         for mount_cmd, umount_cmd in sides.values():  # warm up: page cache, first hash
-            _time_cycles(1, mount_cmd, umount_cmd)
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
-        results["daemon, in-process client"] = []
+            _process_cycle(mount_cmd, umount_cmd)
+        in_process = "daemon, in-process client"
+        results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in [*sides, in_process]}
         for r in range(rounds):
-            for side, (mount_cmd, umount_cmd) in sides.items():
-                results[side].append(_time_cycles(n, mount_cmd, umount_cmd))
-            results["daemon, in-process client"].append(_client_cycles(n, sock, name, mnt))
-            c = sum(results["C mount.composefs"][-1])
+            for _ in range(n):
+                for side, (mount_cmd, umount_cmd) in sides.items():
+                    results[side].append(_process_cycle(mount_cmd, umount_cmd))
+                results[in_process].append(_client_cycle(sock, name, mnt))
+            c = statistics.median(m + u for m, u, _ in results["C mount.composefs"][-n:])
             print(
-                f"  round {r + 1}: "
+                f"  round {r + 1} (load {os.getloadavg()[0]:.2f}), wall medians: "
                 + "; ".join(
-                    f"{side} {sum(rows[-1]):.2f} ms (mount {rows[-1][0]:.2f}, "
-                    f"unmount {rows[-1][1]:.2f}) {sum(rows[-1]) / c:.2f}x"
+                    f"{side} {statistics.median(m + u for m, u, _ in rows[-n:]):.2f} ms "
+                    f"{statistics.median(m + u for m, u, _ in rows[-n:]) / c:.2f}x"
                     for side, rows in results.items()
                 )
             )
-        c_med = statistics.median(sum(row) for row in results["C mount.composefs"])
+        meds = {
+            side: statistics.median(m + u for m, u, _ in rows) for side, rows in results.items()
+        }
+        c_med = meds["C mount.composefs"]
+        c_cpu = statistics.median(row[2] for row in results["C mount.composefs"])
+        print(
+            f"  median of all {rounds * n} cycles: wall ms per cycle (mount, unmount parts), "
+            "ours/C; the processes' cpu ms per cycle, ours/C"
+        )
         for side, rows in results.items():
-            med = statistics.median(sum(row) for row in rows)
-            print(f"  median {side:26} {med:7.2f} ms/cycle  ours/C {med / c_med:5.2f}")
+            parts = [statistics.median(row[i] for row in rows) for i in (0, 1, 2)]
+            print(
+                f"    {side:44} {meds[side]:7.2f} ({parts[0]:6.2f}, {parts[1]:6.2f}) "
+                f"{meds[side] / c_med:5.2f}x; cpu {parts[2]:6.2f} {parts[2] / c_cpu:5.2f}x"
+            )
+        cpus = {
+            side: statistics.median(row[2] for row in rows)
+            for side, rows in results.items()
+            if side != in_process
+        }
+        for what, value in (("wall", meds), ("cpu of the processes", cpus)):
+            c_value = value["C mount.composefs"]
+            print(f"  goals and floors, {what} (C's cycle: its mount.composefs and umount):")
+            goal = c_value
+            print(
+                f"    varlinkctl <= 1.0x C: {value['varlinkctl']:.1f} ms vs {goal:.1f} ms "
+                f"({'met' if value['varlinkctl'] <= goal else 'NOT met'}); "
+                + floor_verdict(value["floor: varlinkctl GetInfo x2"], goal, "varlinkctl")
+            )
+            if composefsctl is None:
+                continue
+            goal = 1.5 * c_value
+            print(
+                f"    composefsctl <= 1.5x C: {value['composefsctl']:.1f} ms vs {goal:.1f} ms "
+                f"({'met' if value['composefsctl'] <= goal else 'NOT met'})"
+            )
+            for python, _argv in interpreter_starts():
+                print(
+                    f"      two {python} starts: "
+                    + floor_verdict(value[f"floor: {python} x2"], goal, "the interpreter")
+                )
 
 
 def main() -> int:
@@ -326,7 +388,7 @@ def main() -> int:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--describe-only", action="store_true")
-    ap.add_argument("--cycles", type=int, default=100)
+    ap.add_argument("--cycles", type=int, default=100, help="Mount + Unmount cycles per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument(
@@ -338,6 +400,7 @@ def main() -> int:
     ap.add_argument("--usr-cycles", type=int, default=30)
     ap.add_argument("--skip-describe", action="store_true", help="only the Mount part")
     args = ap.parse_args()
+    compileall.compile_dir(Path(composefsd.__file__).parent, quiet=1)
     work = Path(tempfile.mkdtemp(prefix="cfs-service-bench-", dir=args.workdir))
     sock = str(work / "composefsd.sock")
     print(f"work dir {work}; CPUs {os.cpu_count()}; load average {os.getloadavg()}")

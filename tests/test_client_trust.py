@@ -262,3 +262,24 @@ def test_directory_check_of_the_default_address(tmp_path: Path) -> None:
             pass
     finally:
         listener.close()
+
+
+def test_a_server_without_credentials_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket whose peer credentials cannot be read is nobody's: refused like
+    another user's server (uid -1), before anything is sent."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "sock"))
+    listener.listen()
+
+    def no_credentials(sock: object) -> tuple[int, int, int]:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(client, "peer_ids", no_credentials)
+    try:
+        with pytest.raises(VarlinkUntrustedError) as info:
+            client.connect(str(tmp_path / "sock"))
+        assert info.value.peer_uid == -1
+    finally:
+        listener.close()

@@ -1,7 +1,10 @@
 """composefsctl's client path loads no repository code: a command sent to the
 daemon imports neither composefsd.repository nor the modules built on it (the
 repository's mount logic, the daemon's methods, composefsctl's direct commands);
-only a command that runs directly does."""
+only a command that runs directly does. Nor does it load what only makes a start
+slow (dataclasses and inspect, the socket module, logging, signal, ctypes and the
+kernel code, the daemon's call records): a client command imports what it needs
+to encode one call, send it and print the reply."""
 
 from __future__ import annotations
 
@@ -26,11 +29,34 @@ _REPOSITORY_CODE = (
     "composefsd.cli.composefsctl.direct",
 )
 
+#: What a client command has no use for, beside the repository's code (the
+#: heavy standard modules, the kernel code, the server's records and the dumpfile
+#: escapes): each of these cost a client's start a millisecond or many.
+_CLIENT_HEAVY = (
+    "asyncio",
+    "ctypes",
+    "dataclasses",
+    "inspect",
+    "logging",
+    "selectors",
+    "signal",
+    "socket",
+    "subprocess",
+    "composefsd.image.escape",
+    "composefsd.image.format",
+    "composefsd.kernel",
+    "composefsd.service.context",
+    "composefsd.service.runtime",
+    "composefsd.service.transport",
+)
+
 # Runs composefsctl in a fresh interpreter (so that nothing this test process
 # imported counts) for each command line of argv[1] (a JSON list), then prints
-# the exit statuses and the repository modules loaded.
-_PROBE = f"""
+# the exit statuses and the modules of argv[2] (a JSON list of prefixes) that
+# were loaded after the interpreter started.
+_PROBE = """
 import json, sys
+before = set(sys.modules)
 from composefsd.cli.composefsctl import main
 statuses = []
 for argv in json.loads(sys.argv[1]):
@@ -39,10 +65,10 @@ for argv in json.loads(sys.argv[1]):
     except SystemExit as exc:
         statuses.append(exc.code)
 loaded = sorted(
-    m for m in sys.modules
-    if any(m == p or m.startswith(p + ".") for p in {_REPOSITORY_CODE!r})
+    m for m in set(sys.modules) - before
+    if any(m == p or m.startswith(p + ".") for p in json.loads(sys.argv[2]))
 )
-print(json.dumps({{"statuses": statuses, "loaded": loaded}}))
+print(json.dumps({"statuses": statuses, "loaded": loaded}))
 """
 
 
@@ -53,7 +79,11 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert d.stop() == 0, d.log_text()
 
 
-def _probe(argvs: list[list[str]], env: dict[str, str] | None = None) -> dict[str, list[object]]:
+def _probe(
+    argvs: list[list[str]],
+    env: dict[str, str] | None = None,
+    watch: tuple[str, ...] = _REPOSITORY_CODE,
+) -> dict[str, list[object]]:
     full_env = {
         k: v
         for k, v in os.environ.items()
@@ -61,7 +91,7 @@ def _probe(argvs: list[list[str]], env: dict[str, str] | None = None) -> dict[st
     }
     full_env |= env or {}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(argvs)],
+        [sys.executable, "-c", _PROBE, json.dumps(argvs), json.dumps(watch)],
         capture_output=True,
         text=True,
         env=full_env,
@@ -94,6 +124,44 @@ def test_daemon_commands_load_no_repository_code(daemon: Daemon, tmp_path: Path)
     # The daemon found through $COMPOSEFSD_SOCKET, as a user would have it.
     result = _probe([["images", "--json"]], env={"COMPOSEFSD_SOCKET": daemon.address})
     assert result == {"statuses": [0], "loaded": []}
+
+
+def test_daemon_commands_load_no_heavy_modules(daemon: Daemon, tmp_path: Path) -> None:
+    tree = small_tree(tmp_path / "tree")
+    connect = ["--connect", daemon.address]
+    argvs = [
+        ["--help"],
+        [*connect, "status"],
+        [*connect, "create-image", str(tree), "--ref", "light"],
+        [*connect, "images"],
+        [*connect, "verify", "light"],
+        [*connect, "mounts"],
+        [*connect, "gc", "--dry-run"],
+        # The whole client side of a mount and an unmount, which the daemon refuses
+        # (no such image; nothing mounted there).
+        [*connect, "mount", "no-such-image", str(tmp_path)],
+        [*connect, "unmount", str(tmp_path)],
+        [*connect, "remove-image", "light"],
+        [*connect, "oci", "images"],
+        [*connect, "info"],
+        [*connect, "call", "io.composefs.Repository.ListImages", "{}"],
+    ]
+    result = _probe(argvs, watch=_CLIENT_HEAVY + _REPOSITORY_CODE)
+    assert result["statuses"] == [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]
+    assert result["loaded"] == []
+    # The daemon named by $COMPOSEFSD_SOCKET: an address given, so no runtime checks.
+    result = _probe([["status"]], env={"COMPOSEFSD_SOCKET": daemon.address}, watch=_CLIENT_HEAVY)
+    assert result == {"statuses": [0], "loaded": []}
+
+
+def test_the_client_probe_sees_heavy_modules(daemon: Daemon, tmp_path: Path) -> None:
+    # The check can fail: an idmapped mount's mappings load the kernel code
+    # (the daemon refuses the mount, but only after the client sent it).
+    argv = ["--connect", daemon.address, "mount", "no-such-image", str(tmp_path)]
+    result = _probe([[*argv, "--uid-map", "0:1000:1"]], watch=_CLIENT_HEAVY)
+    assert result["statuses"] == [1]
+    assert "composefsd.kernel.userns" in result["loaded"]
+    assert "dataclasses" in result["loaded"]
 
 
 def test_direct_commands_load_the_repository(daemon: Daemon) -> None:
@@ -182,10 +250,7 @@ def test_composefsctl_parses_without_heavy_modules(argv: list[str], tmp_path: Pa
     how = "main" if argv == ["--help"] else "parse"
     loaded = _loaded("composefsd.cli.composefsctl", how, argv, tmp_path)
     assert "composefsd.cli.composefsctl.remote" in loaded
-    # Not yet: the Varlink client's records (service.codec, service.context) are
-    # dataclasses, so dataclasses and inspect still load.
-    heavy = _heavy(loaded, "composefsd.image.reader", "composefsd.image.tree", "logging")
-    assert [m for m in heavy if m not in ("dataclasses", "inspect")] == []
+    assert _heavy(loaded, *_CLIENT_HEAVY, "composefsd.image.reader", "composefsd.image.tree") == []
 
 
 def test_the_probe_sees_heavy_modules(tmp_path: Path) -> None:

@@ -13,11 +13,8 @@ The rules are C composefs ``print_escaped`` (composefs-info.c) and ``unescape_st
 Almost every real value needs no escaping at all, so each escaper first does one
 regex search and returns its input unchanged when nothing matches.
 
-:func:`printable` is the same idea for text shown to people: every name that came
-from a caller or from the repository (refs, paths, mount sources, error messages
-quoting them) goes through it before composefsctl prints it or composefsd logs it,
-so that a newline cannot forge a row or a log entry and an escape sequence cannot
-drive the terminal.
+:func:`printable` (:mod:`composefsd.image.printable`, imported here) is the same
+idea for text shown to people.
 """
 
 from __future__ import annotations
@@ -25,6 +22,8 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
+
+from composefsd.image.printable import printable
 
 __all__ = [
     "Escape",
@@ -182,31 +181,3 @@ def unescape_optional(data: bytes) -> bytes | None:
     if data == b"-":
         return None
     return unescape(data)
-
-
-_PRINTABLE_SIMPLE = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def printable(text: str) -> str:
-    """``text`` with backslashes doubled and every character ``str.isprintable()``
-    refuses (controls, line and paragraph separators, bidi overrides, lone
-    surrogates, ...) as a ``\\n``, ``\\xhh``, ``\\uhhhh`` or ``\\Uhhhhhhhh`` escape: one
-    line of visible characters that says unambiguously what ``text`` holds."""
-    if text.isprintable() and "\\" not in text:
-        return text
-    out: list[str] = []
-    for ch in text:
-        simple = _PRINTABLE_SIMPLE.get(ch)
-        if simple is not None:
-            out.append(simple)
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            if code < 0x100:
-                out.append(f"\\x{code:02x}")
-            elif code < 0x10000:
-                out.append(f"\\u{code:04x}")
-            else:
-                out.append(f"\\U{code:08x}")
-    return "".join(out)

@@ -26,16 +26,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import logging
 import os
 import stat
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 from composefsd.image.format import BLOCK_SIZE
 from composefsd.image.reader import ImageFormatError, ImageSuperblock, read_superblock
-from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, list_composefs_mounts
 from composefsd.kernel.syscalls import (
     MNT_DETACH,
     MOUNT_ATTR_RDONLY,
@@ -46,16 +45,18 @@ from composefsd.kernel.syscalls import (
     move_mount,
     umount2,
 )
-from composefsd.kernel.userns import IdMapping, create_userns
 from composefsd.objectlayout import iter_objects, object_relpath
 from composefsd.verity_policy import VerityPolicy
 
 if TYPE_CHECKING:
     from composefsd.kernel.imagecache import ImageDigestCache
+    from composefsd.kernel.mountinfo import ComposefsMount
+    from composefsd.kernel.userns import IdMapping
     from composefsd.kernel.verity import Algorithm
 
 # mount.composefs runs this once per mount, as a fresh process: fs-verity hashing,
-# loop devices and tempfile are imported only by the mounts that need them.
+# loop devices, tempfile, the idmapping code and the mount table's parser are
+# imported only by the calls that need them (the last two cost a mount 4 ms).
 
 __all__ = [
     "DetachedMount",
@@ -72,7 +73,16 @@ __all__ = [
     "unmount",
 ]
 
-_log = logging.getLogger(__name__)
+
+def _log(level: Literal["debug", "info"], message: str, *args: object) -> None:
+    """Log ``message`` at ``level`` through this module's logger if the process has
+    loaded logging. One that has not (``mount.composefs``: loading it costs each
+    mount 24 million instructions, 7 ms) has configured no handler, so a debug or
+    info record would go nowhere."""
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        getattr(logging.getLogger(__name__), level)(message, *args)
+
 
 LayerMode = Literal["fd", "string"]
 Backing = Literal["file", "loop"]
@@ -275,9 +285,9 @@ def probe_layer_mode() -> LayerMode:
             raise MountError(
                 e.errno, f"mounting needs CAP_SYS_ADMIN in the initial user namespace ({e})"
             ) from None
-        _log.info("overlay layers go by string: the kernel refused them by fd (%s)", e)
+        _log("info", "overlay layers go by string: the kernel refused them by fd (%s)", e)
         return "string"
-    _log.debug("overlay layers go by fd")
+    _log("debug", "overlay layers go by fd")
     return "fd"
 
 
@@ -427,7 +437,7 @@ def _mount_erofs(
         except KernelError as e:
             if e.errno != errno.ENOTBLK or backing == "file":
                 raise _kernel_failure(label, "EROFS", e) from None
-            _log.info("the kernel cannot mount %s from a file; using a loop device", label)
+            _log("info", "the kernel cannot mount %s from a file; using a loop device", label)
     from composefsd.kernel.loop import attach_loop
 
     try:
@@ -624,6 +634,8 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
         userns_fd = opts.userns_fd
         if opts.uid_map is not None:
             try:
+                from composefsd.kernel.userns import create_userns
+
                 userns_fd = create_userns(opts.uid_map, opts.gid_map)
             except ValueError as e:
                 raise MountError(errno.EINVAL, f"bad id mapping: {e}") from None
@@ -688,6 +700,8 @@ def attach(fd: int, where: str | os.PathLike[str]) -> None:
 
 def list_mounts() -> list[ComposefsMount]:
     """The composefs mounts of this mount namespace (:mod:`composefsd.kernel.mountinfo`)."""
+    from composefsd.kernel.mountinfo import list_composefs_mounts
+
     return list_composefs_mounts()
 
 
@@ -698,6 +712,8 @@ def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> ComposefsMo
     """
     path = os.fspath(where)
     real = os.path.realpath(path)
+    from composefsd.kernel.mountinfo import composefs_mount_at
+
     found = composefs_mount_at(real)
     if found is None:
         raise MountError(errno.EINVAL, f"{path} is not a composefs mount point")

@@ -38,13 +38,16 @@ call, which is what a client that goes away means in Varlink).
 
 from __future__ import annotations
 
+# The socket is _socket's, the C type the socket module wraps: the client needs
+# none of what that module adds, and importing it (selectors, and enums of every
+# address family, socket type and flag) cost 12.6 million instructions, 3.5 ms of
+# each composefsctl start. socket.socket objects are _socket.socket objects too.
+import _socket
 import array
 import enum
 import errno
 import json
 import os
-import signal
-import socket
 import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,9 +60,8 @@ from composefsd.service.codec import (
     ProtocolError,
     parse_reply,
 )
-from composefsd.service.context import peer_credentials
 from composefsd.service.fds import close_all, receive_fds
-from composefsd.service.runtime import UnsafeDirectoryError, check_directory, default_socket_path
+from composefsd.service.peercred import peer_ids
 
 __all__ = [
     "INTERFACE",
@@ -191,6 +193,9 @@ def default_address(uid: int | None = None) -> str:
     ``/run/composefs/io.composefs.Repository`` for root,
     ``$XDG_RUNTIME_DIR/composefs/io.composefs.Repository`` otherwise
     (``/tmp/composefs-$UID/...`` without an absolute XDG_RUNTIME_DIR)."""
+    # Here: the runtime module loads pathlib, which a command given --connect skips.
+    from composefsd.service.runtime import default_socket_path
+
     return str(default_socket_path(uid))
 
 
@@ -199,13 +204,13 @@ class Connection:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: _socket.socket,
         *,
         address: str = "",
         timeout: float | None = DEFAULT_TIMEOUT,
         pid: int | None = None,
     ) -> None:
-        self._sock: socket.socket | None = sock
+        self._sock: _socket.socket | None = sock
         self.address = address
         #: Default per-reply timeout in seconds (None: wait forever).
         self.timeout = timeout
@@ -363,7 +368,7 @@ class Connection:
 
     # -- the wire ----------------------------------------------------------------------------
 
-    def _require_open(self) -> socket.socket:
+    def _require_open(self) -> _socket.socket:
         if self._sock is None:
             raise VarlinkDisconnected(f"{self.address}: the connection is closed")
         if self._busy:
@@ -378,7 +383,7 @@ class Connection:
         try:
             if fds:
                 ancillary = [
-                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+                    (_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds).tobytes())
                 ]
                 sent = sock.sendmsg([data], ancillary)
                 data = data[sent:]
@@ -511,6 +516,8 @@ def _reap(pid: int, wait: float) -> None:
         if done:
             return
         if time.monotonic() >= deadline:
+            import signal  # here: its enums cost a client's start 1 ms
+
             if signalled:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -529,6 +536,8 @@ def _reap(pid: int, wait: float) -> None:
 def _check_socket_directory(address: str, path: str) -> None:
     if path.startswith("@"):
         return  # abstract: no directory, the peer check alone decides
+    from composefsd.service.runtime import UnsafeDirectoryError, check_directory
+
     directory = os.path.dirname(os.path.abspath(path))
     try:
         check_directory(directory)
@@ -540,8 +549,11 @@ def _check_socket_directory(address: str, path: str) -> None:
         raise VarlinkConnectError(address, f"{directory}: {exc.strerror}", exc.errno) from None
 
 
-def _check_peer(address: str, sock: socket.socket) -> None:
-    uid = peer_credentials(sock).uid
+def _check_peer(address: str, sock: _socket.socket) -> None:
+    try:
+        uid = peer_ids(sock)[1]
+    except OSError:
+        uid = -1  # no credentials: a server nobody trusts, as the daemon's Peer has it
     euid = os.geteuid()
     if uid not in (0, euid):
         who = "root" if euid == 0 else f"root or uid {euid} (you)"
@@ -550,9 +562,9 @@ def _check_peer(address: str, sock: socket.socket) -> None:
         )
 
 
-def _connect_unix(address: str, path: str, timeout: float | None) -> socket.socket:
+def _connect_unix(address: str, path: str, timeout: float | None) -> _socket.socket:
     target = "\0" + path[1:] if path.startswith("@") else path
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(target)
@@ -573,10 +585,12 @@ def _connect_unix(address: str, path: str, timeout: float | None) -> socket.sock
 _EXEC_SHIM = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"'
 
 
-def _spawn(address: str, argv: Sequence[str]) -> tuple[socket.socket, int]:
+def _spawn(address: str, argv: Sequence[str]) -> tuple[_socket.socket, int]:
     path = argv[0]
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
         raise VarlinkConnectError(address, f"{path} is not an executable file", errno.ENOEXEC)
+    import socket  # here: only for exec: addresses (see the imports)
+
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         child_fd = child.fileno()

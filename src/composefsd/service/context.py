@@ -1,5 +1,6 @@
 """What a method sees of the call it serves: the peer, its fds, ``more``, cancellation;
-and who the peer of a Unix socket is (:func:`peer_credentials`, the client asks it too).
+and who the peer of a Unix socket is (:func:`peer_credentials`, from
+:func:`~composefsd.service.peercred.peer_ids`, which the client asks too).
 
 The transport (:mod:`composefsd.service.transport`) makes one :class:`CallContext`
 per call and hands it to the method as ``_request`` (the keyword the ``varlink``
@@ -17,6 +18,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from composefsd.service.peercred import peer_ids
 
 __all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError", "peer_credentials"]
 
@@ -52,8 +55,7 @@ def peer_credentials(sock: socket.socket) -> Peer:
     without credentials gives uid and gid -1, which no authorization accepts.
     """
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
+        pid, uid, gid = peer_ids(sock)
     except OSError as e:
         import logging  # here: loading logging costs a client's start several ms
 

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
 from composefsd.cli.composefsctl import remote
 from composefsd.cli.composefsctl.errors import Failed, Unreachable, Usage
 from composefsd.cli.composefsctl.parser import PROG, parse_args
-from composefsd.image.escape import printable
+from composefsd.image.printable import printable
 from composefsd.service import client
 from composefsd.service.client import (
     Connection,
@@ -168,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # "composefsctl images | head": end quietly, with the status a shell reports
         # for SIGPIPE, and keep the exit-time flush of stdout from failing again.
         # (Not signal(SIGPIPE, SIG_DFL): main() may run in-process.)
+        import signal  # here: its enums cost every start 1 ms
+
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
@@ -175,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _error(_os_error_text(exc))
     except KeyboardInterrupt:
+        import signal
+
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 128 + signal.SIGINT
     finally:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
 from composefsd.cli.composefsctl.errors import Usage
-from composefsd.image.escape import printable
+from composefsd.image.printable import printable
 from composefsd.service.client import Connection, Reply, VarlinkCallError, VarlinkProtocolError
 
 __all__ = ["COMMANDS", "method_names", "parse_parameters"]

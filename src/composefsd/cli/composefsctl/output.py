@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from composefsd.image.escape import printable
+from composefsd.image.printable import printable
 from composefsd.service.client import Reply
 
 if TYPE_CHECKING:

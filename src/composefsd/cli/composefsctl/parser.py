@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable, Container, Sequence
 from typing import Any, NoReturn, cast
 
+from composefsd.service import options
 from composefsd.service.client import DEFAULT_TIMEOUT
-from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
-from composefsd.verity_policy import VerityPolicy
+from composefsd.service.options import VersionAction, erofs_version_argument
 
 __all__ = ["PROG", "ArgumentParser", "parse_args"]
 
@@ -54,11 +54,20 @@ def _timeout(text: str) -> float | None:
     return None if value in (0.0, float("inf")) else value
 
 
+def _verity_policies() -> list[str]:
+    # Here: the enum's module costs a start 0.7 ms; only init and mount need it.
+    from composefsd.verity_policy import VerityPolicy
+
+    return [v.value for v in VerityPolicy]
+
+
 def _mount_options(p: argparse.ArgumentParser) -> None:
     """The options ``mount`` and ``oci mount`` share (io.composefs.Repository.Mount's)."""
+    if isinstance(p, _Unused):
+        return
     p.add_argument(
         "--verity",
-        choices=[v.value for v in VerityPolicy],
+        choices=_verity_policies(),
         help="fs-verity checks: required, try or disabled (default: the repository's policy)",
     )
     p.add_argument("--rw", action="store_true", help="writable (needs --upperdir/--workdir)")
@@ -88,13 +97,63 @@ class _Unused:
     """The stand-in for a subcommand's parser when the command line does not name
     that subcommand: it takes the subcommand's arguments and drops them. (Building
     all of them, two dozen parsers with a hundred and more options, cost more than
-    the rest of a client command's start.)"""
+    the rest of a client command's start; even an empty ArgumentParser costs some
+    forty gettext look-ups, each a few stat calls, so none is made.)"""
 
     def __getattr__(self, name: str) -> Callable[..., _Unused]:
         return self._drop
 
     def _drop(self, *args: object, **kwargs: object) -> _Unused:
         return self
+
+
+class _Parsers:
+    """The ``parser_class`` of a subparsers action: an :class:`ArgumentParser` for a
+    subcommand in ``wanted`` (the words of the command line), else an
+    :class:`_Unused`, which argparse only lists (a subcommand is chosen by a whole
+    word of the command line, so one not among them is never chosen)."""
+
+    def __init__(self, wanted: Container[str] | None) -> None:
+        self.wanted = wanted
+
+    def __call__(self, *, prog: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if self.wanted is not None and prog.rpartition(" ")[2] not in self.wanted:
+            return cast(argparse.ArgumentParser, _Unused())
+        return ArgumentParser(prog=prog, **kwargs)
+
+
+def _parsers(wanted: Container[str] | None) -> type[argparse.ArgumentParser]:
+    # argparse calls parser_class, so a factory serves; typeshed asks for a class.
+    return cast("type[argparse.ArgumentParser]", _Parsers(wanted))
+
+
+def _init_options(p: argparse.ArgumentParser) -> None:
+    if isinstance(p, _Unused):
+        return  # not built: the names would load the algorithms' module (options' notes)
+    from composefsd.verity_policy import VerityPolicy
+
+    p.add_argument(
+        "--algorithm",
+        choices=options.ALGORITHM_NAMES,
+        default="sha256",
+        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
+        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
+    )
+    p.add_argument(
+        "--verity",
+        choices=_verity_policies(),
+        default=VerityPolicy.TRY.value,
+        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
+    )
+    p.add_argument(
+        "--erofs-version",
+        type=erofs_version_argument,
+        default=1,
+        metavar="N",
+        help="the format of the repository's images, as cfsctl init's: 1 (default; C "
+        "mkcomposefs --min-version=1), 0 (C mkcomposefs --max-version=0) or 2 "
+        "(composefs-rs's older format)",
+    )
 
 
 def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
@@ -150,42 +209,21 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action=VersionAction)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_parsers(wanted)
+    )
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        if wanted is not None and name not in wanted:
-            sub.add_parser(name, help=help_text, add_help=False)
-            return cast(argparse.ArgumentParser, _Unused())
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
         p.set_defaults(parser=p)
         return p
 
     p = command("status", "show the repository (and the daemon serving it)")
     p.add_argument("--json", action="store_true")
 
-    p = command("init", "create a new repository")
-    p.add_argument(
-        "--algorithm",
-        choices=ALGORITHM_NAMES,
-        default="sha256",
-        help="the fs-verity digest of objects and images: sha256 (default) or sha512 "
-        "(fsverity-sha256-12, fsverity-sha512-12: the same)",
-    )
-    p.add_argument(
-        "--verity",
-        choices=[v.value for v in VerityPolicy],
-        default=VerityPolicy.TRY.value,
-        help="fs-verity on objects: required (fail where unsupported), try (default), or disabled",
-    )
-    p.add_argument(
-        "--erofs-version",
-        type=erofs_version_argument,
-        default=1,
-        metavar="N",
-        help="the format of the repository's images, as cfsctl init's: 1 (default; C "
-        "mkcomposefs --min-version=1), 0 (C mkcomposefs --max-version=0) or 2 "
-        "(composefs-rs's older format)",
-    )
+    _init_options(command("init", "create a new repository"))
 
     p = command("create-image", "import a directory tree as an image")
     p.add_argument("source", metavar="SOURCE", nargs="?", help="the directory to import")
@@ -312,7 +350,7 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
     p.add_argument("--json", action="store_true")
 
-    _oci_commands(command("oci", "OCI container images (through composefsd only)"), common)
+    _oci_commands(command("oci", "OCI container images (through composefsd only)"), common, wanted)
     _varlink_commands(command)
     return parser
 
@@ -368,13 +406,21 @@ def _varlink_commands(command: Callable[[str, str], argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true")
 
 
-def _oci_commands(oci: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+def _oci_commands(
+    oci: argparse.ArgumentParser,
+    common: argparse.ArgumentParser,
+    wanted: Container[str] | None,
+) -> None:
     """``composefsctl oci ...``: io.composefs.Oci's methods. IMAGE is a tag or
     ``@sha256:<manifest digest>``, as cfsctl takes it."""
-    sub = oci.add_subparsers(dest="oci_command", metavar="OCI_COMMAND", required=True)
+    sub = oci.add_subparsers(
+        dest="oci_command", metavar="OCI_COMMAND", required=True, parser_class=_parsers(wanted)
+    )
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common]
+        )
         p.set_defaults(parser=p)
         return p
 
