@@ -126,13 +126,22 @@ def _describe_worker(
                 in_flight += len(replies)
     for s in socks:
         s.close()
-    out.put((latencies, errors))
+    t = os.times()
+    out.put((latencies, errors, t.user + t.system))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def describe_load(
-    sock: str, clients: int, procs: int, depth: int, seconds: float
+    sock: str, daemon_pid: int, clients: int, procs: int, depth: int, seconds: float
 ) -> tuple[float, float]:
-    """``clients`` connections spread over ``procs`` client processes."""
+    """``clients`` connections spread over ``procs`` client processes. Beside the
+    rate and latencies it prints the CPU time per call of the daemon and of the
+    client processes (the clients share the CPUs with the daemon)."""
     procs = max(1, min(procs, clients))
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
@@ -147,10 +156,16 @@ def describe_load(
         p.start()
     latencies: list[float] = []
     errors = 0
+    client_cpu = 0.0
+    while time.time() < start:
+        time.sleep(0.001)
+    daemon_cpu = _cpu_seconds(daemon_pid)
     for _ in workers:
-        lat, err = queue.get()
+        lat, err, cpu = queue.get()
         latencies.extend(lat)
         errors += err
+        client_cpu += cpu
+    daemon_cpu = _cpu_seconds(daemon_pid) - daemon_cpu
     for p in workers:
         p.join()
     latencies.sort()
@@ -164,13 +179,17 @@ def describe_load(
     print(
         f"Describe, {clients} connections in {procs} client processes ({how}), "
         f"{seconds:g} s: {n} calls, {rate:.0f} calls/s; latency ms p50 {pct(0.50):.2f} "
-        f"p90 {pct(0.90):.2f} p99 {pct(0.99):.2f} max {latencies[-1] * 1000:.2f}"
-        + (f"; {errors} ERROR REPLIES" if errors else "")
+        f"p90 {pct(0.90):.2f} p99 {pct(0.99):.2f} max {latencies[-1] * 1000:.2f}; "
+        f"CPU per call: daemon {daemon_cpu / n * 1e6:.0f} us, clients "
+        f"{client_cpu / n * 1e6:.0f} us ({client_cpu / seconds * 100:.0f}% of a CPU); "
+        f"load {os.getloadavg()[0]:.1f}" + (f"; {errors} ERROR REPLIES" if errors else "")
     )
     return rate, pct(0.99)
 
 
-def bench_describe(sock: str, clients: list[int], procs: int, seconds: float, rounds: int) -> None:
+def bench_describe(
+    sock: str, daemon_pid: int, clients: list[int], procs: int, seconds: float, rounds: int
+) -> None:
     """Goal 6: at 64 clients p99 < 20 ms; at 16 clients >= 5,000 calls/s. Both
     ways a client can drive the daemon, each clients x depth run ``rounds`` times
     (alternating), medians reported."""
@@ -179,7 +198,7 @@ def bench_describe(sock: str, clients: list[int], procs: int, seconds: float, ro
         for n in clients:
             for depth in (1, 4):
                 results.setdefault((n, depth), []).append(
-                    describe_load(sock, n, procs, depth, seconds)
+                    describe_load(sock, daemon_pid, n, procs, depth, seconds)
                 )
     for (n, depth), rows in results.items():
         rate = statistics.median(r for r, _ in rows)
@@ -345,7 +364,7 @@ def main() -> int:
     try:
         if not args.skip_describe:
             clients = [int(n) for n in args.clients.split(",")]
-            bench_describe(sock, clients, args.client_procs, args.seconds, args.rounds)
+            bench_describe(sock, daemon.pid, clients, args.client_procs, args.seconds, args.rounds)
         if not args.describe_only:
             bench_mount(work, sock, args.cycles, args.rounds, args.usr_image, args.usr_cycles)
     finally:
