@@ -67,7 +67,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
@@ -113,7 +113,7 @@ from composefsd.repository.verify import (
 )
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
-from composefsd.service.replies import describe_repository, mount_reply
+from composefsd.service.replies import RepositoryCounts, describe_counts, mount_reply
 from composefsd.service.sourcescan import scan_as
 
 __all__ = [
@@ -478,12 +478,17 @@ class RepositoryInterface:
     #: Hashing processes one Verify may use: half the CPUs, so that the Verify calls
     #: the transport lets one uid run cannot take all of them.
     verify_workers: int = max(1, default_workers() // 2)
+    #: Composefs mounts :meth:`describe_now` tells apart on the event loop at most
+    #: (a stat or two each); with more, Describe runs in a worker.
+    inline_mounts: int = 16
 
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
         self.tracker = tracker
         # Mount hashes an image without fs-verity once, not at every mount.
         self.image_digests = ImageDigestCache()
+        # Describe lists the repository's directories only when they have changed.
+        self.counts = RepositoryCounts(repo)
 
     def _reporter(
         self,
@@ -503,7 +508,31 @@ class RepositoryInterface:
     # -- Describe ---------------------------------------------------------------------------
     def Describe(self, *, _request: CallContext) -> dict[str, Any]:
         with _mapped():
-            return describe_repository(self.repo, self.tracker.own_mounts())
+            images, refs = self.counts.count()
+            mounts = self.tracker.own_mounts_parsed()[1]
+            return describe_counts(self.repo, images, refs, self._repository_mounts(mounts))
+
+    def describe_now(self, parameters: dict[str, Any], ctx: CallContext) -> dict[str, Any] | None:
+        """Describe's reply from the event loop (the transport's inline method), when
+        it takes no listing, no parse of the mount table and no waiting: the counts
+        kept (:class:`~composefsd.service.replies.RepositoryCounts`) still hold, the
+        mount table is unchanged and has at most :attr:`inline_mounts` composefs
+        mounts to tell apart. Else None, and a worker runs :meth:`Describe`."""
+        counts = self.counts.current()
+        if counts is None:
+            return None
+        now = self.tracker.own_mounts_now()
+        if now is None or len(now[1]) > self.inline_mounts:
+            return None
+        try:
+            return describe_counts(self.repo, *counts, self._repository_mounts(now[1]))
+        except (OSError, RepositoryError):
+            return None  # the worker's Describe says what is wrong
+
+    def _repository_mounts(self, mounts: Sequence[ComposefsMount]) -> int:
+        # Without composefs mounts there is nothing to tell apart: no realpath and
+        # stat of objects/.
+        return len(repository_mounts(self.repo, mounts)) if mounts else 0
 
     # -- CreateImage ------------------------------------------------------------------------
     def CreateImage(
