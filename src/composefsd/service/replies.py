@@ -13,12 +13,13 @@ that adding, removing or renaming an entry in it changes its mtime and ctime
 ``composefsctl --direct``, cfsctl, bootc, ``rm``). The counts depend on nothing
 else: an image is a digest-named symlink in ``images/``, a ref any symlink under
 ``images/refs``, so a link retargeted in place (a rename over it) changes its
-directory too. A timestamp has a granularity, though (a kernel tick; a second on
-some filesystems), so two changes within one tick can leave the same mtime: a
-listing is kept only when every directory's mtime and ctime are at least
-:data:`SETTLE_SECONDS` older than the moment of the ``stat``, so that any change
-after it gets a later timestamp. A directory changed more recently is listed
-again at every call until it has settled. (A clock set back by more than that
+directory too. A timestamp has a granularity, though (the kernel's coarse clock, one tick of
+at most 10 ms; a whole second on some filesystems), so two changes within one
+tick can leave the same mtime: a listing is kept only when every directory's
+mtime and ctime are older than the moment of the ``stat`` by more than that
+granularity (:func:`_settled`: 0.1 s, or 2 s for timestamps in whole seconds), so
+that any change after it gets a later timestamp. A directory changed more
+recently is listed again at every call until it has settled. (A clock set back
 between two changes could repeat a timestamp; the device, inode, size and link
 count must then match too.)
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -42,7 +43,8 @@ from composefsd.repository.errors import os_error_text
 from composefsd.repository.images import iter_refs
 
 __all__ = [
-    "SETTLE_SECONDS",
+    "SETTLE_NS",
+    "SETTLE_WHOLE_SECONDS_NS",
     "RepositoryCounts",
     "count_images",
     "describe_counts",
@@ -51,9 +53,12 @@ __all__ = [
 ]
 
 #: How much older than the ``stat`` a directory's timestamps must be for a listing
-#: of it to be kept (module notes): above any timestamp granularity of a
-#: filesystem that can hold a repository (ext4 with small inodes: 1 s).
-SETTLE_SECONDS: Final = 2.0
+#: of it to be kept (module notes): ten times the longest kernel tick (HZ=100)...
+SETTLE_NS: Final = 100_000_000
+#: ... and for timestamps in whole seconds (ext4 with 128-byte inodes, ext3), twice
+#: their granularity.
+SETTLE_WHOLE_SECONDS_NS: Final = 2_000_000_000
+_SECOND_NS: Final = 1_000_000_000
 
 #: What ``stat`` says of a directory that decides whether a listing of it still
 #: holds; None: it did not exist.
@@ -67,6 +72,16 @@ def _dir_key(path: str) -> _DirKey:
     except FileNotFoundError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _settled(key: _DirKey, now_ns: int) -> bool:
+    """Whether any later change of the directory gets a later mtime and ctime than
+    ``key`` has (module notes); ``now_ns``: time.time_ns() from before the stat."""
+    if key is None:
+        return True
+    mtime, ctime = key[4], key[5]
+    whole = mtime % _SECOND_NS == 0 and ctime % _SECOND_NS == 0
+    return max(mtime, ctime) < now_ns - (SETTLE_WHOLE_SECONDS_NS if whole else SETTLE_NS)
 
 
 def count_images(repo: Repository) -> int:
@@ -131,10 +146,12 @@ class RepositoryCounts:
     they were counted from has changed (module notes). Thread-safe: a listing is
     replaced as a whole, and two threads that both list just do the work twice."""
 
-    __slots__ = ("_listing", "images_dir", "refs_dir", "repo")
+    __slots__ = ("_listing", "clock", "images_dir", "refs_dir", "repo")
 
-    def __init__(self, repo: Repository) -> None:
+    def __init__(self, repo: Repository, clock: Callable[[], int] = time.time_ns) -> None:
         self.repo = repo
+        #: The time now, in ns, as file timestamps count it (a test's clock).
+        self.clock = clock
         self.images_dir = str(repo.images_dir)
         self.refs_dir = str(repo.refs_dir)
         self._listing: _Listing | None = None
@@ -159,11 +176,11 @@ class RepositoryCounts:
         counts = self.current()
         if counts is not None:
             return counts
-        settled_before = time.time_ns() - int(SETTLE_SECONDS * 1e9)
+        now = self.clock()
         dirs: list[tuple[str, _DirKey]] = [(self.images_dir, _dir_key(self.images_dir))]
         images = count_images(self.repo)
         refs = self._count_refs(dirs)
-        settled = all(key is None or max(key[4], key[5]) < settled_before for _, key in dirs)
+        settled = all(_settled(key, now) for _, key in dirs)
         self._listing = _Listing(images, refs, tuple(dirs)) if settled else None
         return images, refs
 
