@@ -7,12 +7,15 @@ messages on NUL and ties fds to the message whose first byte came with them (the
 codec's module notes: sd-varlink's rule). Calls on one
 connection run strictly one after another (a client may pipeline; replies come
 in call order); calls on different connections run concurrently in a bounded
-thread pool, so the loop itself never does a method's work.
+thread pool, so the loop itself does no method's work, but for inline methods
+(below).
 
-A call runs entirely in a worker thread: envelope parsing (a malformed message
-closes the connection), method lookup (``InterfaceNotFound``, ``MethodNotFound``),
-the authorization hook (``PermissionDenied``), strict validation against the IDL
-(``InvalidParameter``), then the method with a
+A call is prepared first: envelope parsing (a malformed message closes the
+connection), method lookup (``InterfaceNotFound``, ``MethodNotFound``), the
+authorization hook (``PermissionDenied``), strict validation against the IDL
+(``InvalidParameter``). A message of up to 4 KiB (every call but a Mount with id
+maps) is prepared on the loop, in tens of microseconds, and goes straight to its
+lane; a longer one in a worker of the light lane. Then the method runs, with a
 :class:`~composefsd.service.context.CallContext` as ``_request``. ``varlink.Service``
 stays the dispatcher of record: its interfaces, handlers and introspection are
 used as they are. A plain method whose only extra keyword is ``_request`` is
@@ -26,6 +29,20 @@ closed once sent; fds it received and did not take are closed after the call.
 :class:`~composefsd.service.context.VarlinkReplyError` and ``varlink.VarlinkError``
 become their error replies, anything else ``io.composefs.Repository.SystemError``
 (logged with its traceback); the connection stays open.
+
+**Inline methods** (``inline_methods``: method name to a function of the
+parameters and the context) are answered on the loop when their function can
+answer at once: it must return in microseconds, without blocking or waiting for a
+lock (the watchdog's keep-alive runs on the loop too), or return None, and the
+method runs in a worker as any other. composefsd's Describe is one: it answers
+from counts it keeps (:meth:`RepositoryInterface.describe_now
+<composefsd.service.methods.RepositoryInterface.describe_now>`). This skips two
+thread hand-offs per call, and the GIL changing hands at every system call
+between threads doing the same work: under load that, not the work, was most of
+a Describe's cost. Calls with ``more`` and long messages are not answered inline.
+After an inline answer the connection's next call starts in a later turn of the
+loop, so connections take turns; a uid's share of the loop is its connections'
+share (at most ``max_connections_per_uid``), as a worker lane would give it.
 
 A client that disconnects has its running call's ``ctx.cancelled`` set (oneway
 calls excepted) and its queued calls dropped. A client that only shuts down its
@@ -54,7 +71,7 @@ default, are exempt where noted):
   uid; everything else in ``workers`` threads, at most ``workers_per_uid`` for
   one uid. Each lane takes the uids with waiting calls in turn, so a uid that
   floods a lane waits behind its own calls only, and cheap calls never wait for
-  heavy ones. (Parsing, authorization and validation of a heavy call run in the
+  heavy ones. (A long heavy call is parsed, authorized and validated in the
   other lane; only the method itself waits for a heavy worker.)
 """
 
@@ -804,10 +821,10 @@ class _Connection:
 class Server:
     """Serves a ``varlink.Service`` on listening or connected AF_UNIX sockets.
 
-    ``authorize(peer, "iface.Method")`` runs (in a worker thread) before every call
-    of a known method, ``org.varlink.service`` ones included; False refuses it with
-    ``org.varlink.service.PermissionDenied``. The limits are explained in the
-    module notes.
+    ``authorize(peer, "iface.Method")`` runs (on the loop; in a worker thread for a
+    long message) before every call of a known method, ``org.varlink.service`` ones
+    included; False refuses it with ``org.varlink.service.PermissionDenied``. The
+    limits and inline methods are explained in the module notes.
     """
 
     def __init__(
