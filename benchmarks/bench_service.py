@@ -130,10 +130,21 @@ def _describe_worker(
     out.put((latencies, errors, t.user + t.system))
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system time of process ``pid`` (all its threads) so far."""
+def _usage(pid: int) -> tuple[float, int]:
+    """User + system time of process ``pid`` (all its threads) so far, and the
+    context switches of its threads (those alive now): each time one of them slept
+    and had to be woken, or was preempted."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    switches = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if "ctxt_switches:" in line:
+                switches += int(line.split()[1])
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), switches
 
 
 def describe_load(
@@ -159,13 +170,15 @@ def describe_load(
     client_cpu = 0.0
     while time.time() < start:
         time.sleep(0.001)
-    daemon_cpu = _cpu_seconds(daemon_pid)
+    daemon_cpu, daemon_switches = _usage(daemon_pid)
     for _ in workers:
         lat, err, cpu = queue.get()
         latencies.extend(lat)
         errors += err
         client_cpu += cpu
-    daemon_cpu = _cpu_seconds(daemon_pid) - daemon_cpu
+    cpu_after, switches_after = _usage(daemon_pid)
+    daemon_cpu = cpu_after - daemon_cpu
+    daemon_switches = switches_after - daemon_switches
     for p in workers:
         p.join()
     latencies.sort()
@@ -180,7 +193,8 @@ def describe_load(
         f"Describe, {clients} connections in {procs} client processes ({how}), "
         f"{seconds:g} s: {n} calls, {rate:.0f} calls/s; latency ms p50 {pct(0.50):.2f} "
         f"p90 {pct(0.90):.2f} p99 {pct(0.99):.2f} max {latencies[-1] * 1000:.2f}; "
-        f"CPU per call: daemon {daemon_cpu / n * 1e6:.0f} us, clients "
+        f"per call: daemon CPU {daemon_cpu / n * 1e6:.0f} us and "
+        f"{daemon_switches / n:.2f} context switches, clients CPU "
         f"{client_cpu / n * 1e6:.0f} us ({client_cpu / seconds * 100:.0f}% of a CPU); "
         f"load {os.getloadavg()[0]:.1f}" + (f"; {errors} ERROR REPLIES" if errors else "")
     )
