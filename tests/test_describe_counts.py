@@ -4,6 +4,9 @@ change to them (images and refs added, removed, retargeted; directories replaced
 even with the same mtime), never kept while a directory's timestamps are too recent
 to tell a later change apart; and RepositoryInterface.describe_now, the daemon's
 answer from the event loop, which is Describe's reply or nothing.
+ It
+answers only for a repository on a local filesystem (kernel.mountinfo.mount_of
+finds its mount) with a bounded number of directories.
 
 The settling time is tested with a clock handed to RepositoryCounts, not by waiting.
 """
@@ -19,9 +22,10 @@ from typing import Any
 
 import pytest
 
+from composefsd.kernel.mountinfo import MountEntry, mount_of
 from composefsd.repository import Repository
 from composefsd.repository.images import iter_refs
-from composefsd.service import replies
+from composefsd.service import methods, replies
 from composefsd.service.context import CallContext, Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
@@ -283,3 +287,59 @@ def test_describe_now_after_the_mount_table_changed(
         assert iface.describe_now({}, _ctx()) is not None
     finally:
         subprocess.run(["umount", str(where)], check=True)
+
+
+def test_describe_now_leaves_many_ref_directories_to_a_worker(
+    repo: Repository, iface: RepositoryInterface
+) -> None:
+    digest = _image(repo, 1)
+    for i in range(iface.inline_dirs):
+        _ref(repo, f"d{i}/r", digest)
+    iface.Describe(_request=_ctx())
+    assert iface.counts.current() == (1, iface.inline_dirs)
+    assert iface.describe_now({}, _ctx()) is None
+
+
+def test_describe_now_not_on_a_network_filesystem(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def on(fstype: str) -> Any:
+        return lambda path: MountEntry(1, 0, "/", "/", ("rw",), fstype, "srv:/x", ("rw",))
+
+    for fstype, local in [("ext4", True), ("nfs4", False), ("fuse.sshfs", False), ("cifs", False)]:
+        monkeypatch.setattr(methods, "mount_of", on(fstype))
+        assert methods.on_local_filesystem(repo.path) is local, fstype
+    monkeypatch.setattr(methods, "mount_of", lambda path: None)
+    assert not methods.on_local_filesystem(repo.path)
+    monkeypatch.setattr(methods, "mount_of", on("nfs"))
+    iface = RepositoryInterface(repo, MountTracker(tmp_path / "run"))
+    iface.counts.clock = _later
+    iface.Describe(_request=_ctx())
+    assert iface.counts.current() is not None
+    assert iface.describe_now({}, _ctx()) is None
+    iface.tracker.close()
+
+
+def test_mount_of(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "2 1 0:40 / /mnt rw - tmpfs none rw\n"
+        "3 2 0:41 / /mnt/a rw - nfs4 srv:/a rw\n"
+        "4 2 0:42 / /mnt/a\\040b rw - xfs /dev/sdb rw\n"
+        "5 3 0:43 / /mnt/a rw - overlay overlay rw\n"  # mounted over /mnt/a
+        "garbage line\n"
+    )
+
+    def fstype(path: str) -> str | None:
+        mount = mount_of(path, str(info))
+        return None if mount is None else mount.fstype
+
+    assert fstype("/") == "ext4"
+    assert fstype("/etc/x") == "ext4"
+    assert fstype("/mnt") == "tmpfs"
+    assert fstype("/mntx") == "ext4"
+    assert fstype("/mnt/ab/c") == "tmpfs"
+    assert fstype("/mnt/a b/c") == "xfs"
+    assert fstype("/mnt/a/c") == "overlay"
+    assert mount_of("/", str(tmp_path / "none")) is None

@@ -76,7 +76,7 @@ from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.imagecache import ImageDigestCache
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
-from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
+from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, mount_of
 from composefsd.kernel.repomount import (
     ObjectsDirectory,
     has_image,
@@ -243,6 +243,26 @@ def reply_error(
             text = f"{os.fsdecode(exc.filename)}: {text}"
         return _system_error(text, exc.errno)
     return None
+
+
+#: Filesystem types where a ``stat`` may wait for a server or a process.
+_REMOTE_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre",
+     "gfs2", "ocfs2", "fuse", "fuseblk", "davfs", "virtiofs", "ncpfs", "coda", "orangefs"}
+)  # fmt: skip
+
+
+def on_local_filesystem(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is on a local filesystem (not network, cluster or FUSE); False
+    when that cannot be told."""
+    try:
+        mount = mount_of(os.path.realpath(path))
+    except (OSError, ValueError):
+        return False
+    if mount is None:
+        return False
+    fstype = mount.fstype
+    return fstype not in _REMOTE_FILESYSTEMS and not fstype.startswith("fuse.")
 
 
 @contextlib.contextmanager
@@ -481,6 +501,9 @@ class RepositoryInterface:
     #: Composefs mounts :meth:`describe_now` tells apart on the event loop at most
     #: (a stat or two each); with more, Describe runs in a worker.
     inline_mounts: int = 16
+    #: Directories of images and refs :meth:`describe_now` checks at most (a stat
+    #: each); a repository with more ref directories is described in a worker.
+    inline_dirs: int = 64
 
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
@@ -489,6 +512,7 @@ class RepositoryInterface:
         self.image_digests = ImageDigestCache()
         # Describe lists the repository's directories only when they have changed.
         self.counts = RepositoryCounts(repo)
+        self.inline_describe = on_local_filesystem(repo.path)
 
     def _reporter(
         self,
@@ -514,11 +538,17 @@ class RepositoryInterface:
 
     def describe_now(self, parameters: dict[str, Any], ctx: CallContext) -> dict[str, Any] | None:
         """Describe's reply from the event loop (the transport's inline method), when
-        it takes no listing, no parse of the mount table and no waiting: the counts
-        kept (:class:`~composefsd.service.replies.RepositoryCounts`) still hold, the
-        mount table is unchanged and has at most :attr:`inline_mounts` composefs
-        mounts to tell apart. Else None, and a worker runs :meth:`Describe`."""
-        counts = self.counts.current()
+        it takes a few ``stat`` calls on a local filesystem and no listing, no parse
+        of the mount table and no waiting: the counts kept
+        (:class:`~composefsd.service.replies.RepositoryCounts`, from at most
+        :attr:`inline_dirs` directories) still hold, the mount table is unchanged
+        and has at most :attr:`inline_mounts` composefs mounts to tell apart. Else
+        None, and a worker runs :meth:`Describe`. A repository on a network or FUSE
+        filesystem, where a ``stat`` may wait for a server, is always described in
+        a worker."""
+        if not self.inline_describe:
+            return None
+        counts = self.counts.current(self.inline_dirs)
         if counts is None:
             return None
         now = self.tracker.own_mounts_now()

@@ -156,11 +156,12 @@ class RepositoryCounts:
         self.refs_dir = str(repo.refs_dir)
         self._listing: _Listing | None = None
 
-    def current(self) -> tuple[int, int] | None:
+    def current(self, max_dirs: int | None = None) -> tuple[int, int] | None:
         """(images, refs) if no directory changed since they were counted: one
-        ``stat`` per directory, no listing; None if one did (or none was kept)."""
+        ``stat`` per directory, no listing; None if one did, or none was kept, or
+        they came from more than ``max_dirs`` directories."""
         listing = self._listing
-        if listing is None:
+        if listing is None or (max_dirs is not None and len(listing.dirs) > max_dirs):
             return None
         try:
             for path, key in listing.dirs:
