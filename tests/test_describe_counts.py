@@ -26,6 +26,7 @@ from composefsd.kernel.mountinfo import MountEntry, mount_of
 from composefsd.repository import Repository
 from composefsd.repository.images import iter_refs
 from composefsd.service import methods, replies
+from composefsd.service.codec import parse_reply
 from composefsd.service.context import CallContext, Peer
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
@@ -238,17 +239,50 @@ def iface(repo: Repository, tmp_path: Path) -> Iterator[RepositoryInterface]:
     tracker.close()
 
 
+def _now(iface: RepositoryInterface) -> dict[str, Any] | None:
+    """describe_now's reply, decoded."""
+    reply = iface.describe_now({}, _ctx())
+    if reply is None:
+        return None
+    assert reply.endswith(b"\0")
+    out = parse_reply(reply[:-1])
+    assert out.ok
+    return out.parameters
+
+
 def test_describe_now_is_describe_or_nothing(repo: Repository, iface: RepositoryInterface) -> None:
     # Nothing kept yet: the worker's Describe first.
     assert iface.describe_now({}, _ctx()) is None
     _ref(repo, "app", _image(repo, 1))
     full = iface.Describe(_request=_ctx())
     assert (full["images"], full["refs"]) == (1, 1)
-    assert iface.describe_now({}, _ctx()) == full
+    assert _now(iface) == full
+    # Unchanged: the same reply, not made again.
+    assert iface.describe_now({}, _ctx()) is iface.describe_now({}, _ctx())
     _image(repo, 2)
     assert iface.describe_now({}, _ctx()) is None
     assert iface.Describe(_request=_ctx())["images"] == 2
-    assert iface.describe_now({}, _ctx()) == {**full, "images": 2}
+    assert _now(iface) == {**full, "images": 2}
+
+
+def test_describe_now_sees_the_repository_become_read_only(
+    repo: Repository, iface: RepositoryInterface, tmp_path: Path
+) -> None:
+    iface.Describe(_request=_ctx())
+    assert "readOnlyReason" not in (_now(iface) or {})
+    view = tmp_path / "ro"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(repo.path), str(view)], check=True)
+    try:
+        ro = RepositoryInterface(Repository.open(view), iface.tracker)
+        ro.counts.clock = _later
+        ro.Describe(_request=_ctx())
+        assert "readOnlyReason" not in (_now(ro) or {})
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        ro.Describe(_request=_ctx())  # the mount table changed: parsed again
+        assert "read-only" in (_now(ro) or {})["readOnlyReason"]
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
 
 
 def test_describe_now_waits_for_nobody(repo: Repository, iface: RepositoryInterface) -> None:

@@ -111,9 +111,15 @@ from composefsd.repository.verify import (
     stream_names,
     verity_text,
 )
+from composefsd.service.codec import encode_reply
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
-from composefsd.service.replies import RepositoryCounts, describe_counts, mount_reply
+from composefsd.service.replies import (
+    RepositoryCounts,
+    describe_counts,
+    mount_reply,
+    read_only_reason,
+)
 from composefsd.service.sourcescan import scan_as
 
 __all__ = [
@@ -513,6 +519,8 @@ class RepositoryInterface:
         # Describe lists the repository's directories only when they have changed.
         self.counts = RepositoryCounts(repo)
         self.inline_describe = on_local_filesystem(repo.path)
+        #: describe_now's last reply, encoded, and the values it was made from.
+        self._described: tuple[tuple[int, int, int, str | None], bytes] | None = None
 
     def _reporter(
         self,
@@ -534,9 +542,15 @@ class RepositoryInterface:
         with _mapped():
             images, refs = self.counts.count()
             mounts = self.tracker.own_mounts_parsed()[1]
-            return describe_counts(self.repo, images, refs, self._repository_mounts(mounts))
+            return describe_counts(
+                self.repo,
+                images,
+                refs,
+                self._repository_mounts(mounts),
+                read_only_reason(self.repo),
+            )
 
-    def describe_now(self, parameters: dict[str, Any], ctx: CallContext) -> dict[str, Any] | None:
+    def describe_now(self, parameters: dict[str, Any], ctx: CallContext) -> bytes | None:
         """Describe's reply from the event loop (the transport's inline method), when
         it takes a few ``stat`` calls on a local filesystem and no listing, no parse
         of the mount table and no waiting: the counts kept
@@ -545,7 +559,8 @@ class RepositoryInterface:
         and has at most :attr:`inline_mounts` composefs mounts to tell apart. Else
         None, and a worker runs :meth:`Describe`. A repository on a network or FUSE
         filesystem, where a ``stat`` may wait for a server, is always described in
-        a worker."""
+        a worker. The reply comes encoded: the same as the last one's when what it
+        depends on is (counts and read-only reason)."""
         if not self.inline_describe:
             return None
         counts = self.counts.current(self.inline_dirs)
@@ -555,9 +570,15 @@ class RepositoryInterface:
         if now is None or len(now[1]) > self.inline_mounts:
             return None
         try:
-            return describe_counts(self.repo, *counts, self._repository_mounts(now[1]))
+            key = (*counts, self._repository_mounts(now[1]), read_only_reason(self.repo))
         except (OSError, RepositoryError):
             return None  # the worker's Describe says what is wrong
+        last = self._described
+        if last is not None and last[0] == key:
+            return last[1]
+        reply = encode_reply(describe_counts(self.repo, *key))
+        self._described = (key, reply)
+        return reply
 
     def _repository_mounts(self, mounts: Sequence[ComposefsMount]) -> int:
         # Without composefs mounts there is nothing to tell apart: no realpath and

@@ -50,6 +50,7 @@ __all__ = [
     "describe_counts",
     "describe_repository",
     "mount_reply",
+    "read_only_reason",
 ]
 
 #: How much older than the ``stat`` a directory's timestamps must be for a listing
@@ -97,13 +98,20 @@ def count_images(repo: Repository) -> int:
     return images
 
 
-def describe_counts(repo: Repository, images: int, refs: int, mounts: int) -> dict[str, Any]:
-    """The Describe reply for ``repo`` with these counts."""
+def read_only_reason(repo: Repository) -> str | None:
+    """Why ``repo`` cannot be written to now (Describe's ``readOnlyReason``), or None."""
     try:
         repo.ensure_writable()
-        reason = None
     except ReadOnlyRepositoryError as exc:
-        reason = str(exc)
+        return str(exc)
+    return None
+
+
+def describe_counts(
+    repo: Repository, images: int, refs: int, mounts: int, reason: str | None = None
+) -> dict[str, Any]:
+    """The Describe reply for ``repo`` with these counts and read-only reason (what
+    it depends on besides the repository's fixed settings)."""
     out: dict[str, Any] = {
         "path": str(repo.path),
         "algorithm": repo.hash_name,
@@ -130,6 +138,7 @@ def describe_repository(repo: Repository, mounts: Sequence[ComposefsMount]) -> d
         # Without composefs mounts there is nothing to tell apart: no realpath and
         # stat of objects/ (under load, a quarter of Describe's own time).
         len(repository_mounts(repo, mounts)) if mounts else 0,
+        read_only_reason(repo),
     )
 
 

@@ -141,9 +141,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Authorizer = Callable[[Peer, str], bool]
-#: A method's answer from the event loop: the reply's parameters, or None to run
+#: A method's answer from the event loop: the reply's parameters, or the reply
+#: already encoded (:func:`~composefsd.service.codec.encode_reply`), or None to run
 #: the method in a worker as usual (module notes).
-InlineMethod = Callable[[dict[str, Any], CallContext], dict[str, Any] | None]
+InlineMethod = Callable[[dict[str, Any], CallContext], dict[str, Any] | bytes | None]
 
 SYSTEM_ERROR: Final = "io.composefs.Repository.SystemError"
 TOO_MANY_CONNECTIONS: Final = "io.composefs.Repository.TooManyConnections"
@@ -1285,7 +1286,7 @@ class Server:
             out = inline(envelope.parameters, ctx)
             if out is None:
                 return _DEFERRED
-            reply = encode_reply(out)
+            reply = out if isinstance(out, bytes) else encode_reply(out)
         except Exception as e:
             close_all(ctx.fds)
             return self._failed(call.conn, envelope, ctx, e)
