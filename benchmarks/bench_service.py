@@ -82,7 +82,7 @@ def _describe_worker(
     """``conns`` connections on raw sockets, each with ``depth`` calls in flight
     (1: call, wait for the reply, call again, as real clients do). Replies are
     split on NUL and checked to be replies, not errors, but not parsed: the
-    client's own cost per call stays a few microseconds."""
+    client's own cost per call stays small (it is printed)."""
     socks = []
     for _ in range(conns):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
