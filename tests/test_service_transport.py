@@ -12,11 +12,13 @@ from __future__ import annotations
 import array
 import asyncio
 import importlib.util
+import itertools
 import json
 import logging
 import os
 import socket
 import sys
+import threading
 import time
 import types
 from collections import deque
@@ -42,7 +44,7 @@ from composefsd.service.codec import (
     parse_call,
     parse_reply,
 )
-from composefsd.service.context import CallContext, Peer
+from composefsd.service.context import CallContext, Peer, VarlinkReplyError
 from composefsd.service.transport import Server
 from composefsd.service.validate import InterfaceValidator, InvalidParameter
 
@@ -1677,3 +1679,98 @@ async def test_varlinkctl(served: Harness, reference_bin: Path) -> None:
     rc, out, err = await run("call", address, T + "Fail", '{"kind":"reply","message":"m"}')
     assert rc != 0
     assert T + "Refused" in err
+
+
+# Inline methods: answered on the event loop
+
+
+class _InlineEcho:
+    """An inline Echo: "defer" goes to the worker's Echo, "fail"/"refuse" raise;
+    records (tag, thread) of every inline answer."""
+
+    def __init__(self) -> None:
+        self.answered: list[tuple[str, int]] = []
+
+    def __call__(self, params: dict[str, Any], ctx: CallContext) -> dict[str, Any] | None:
+        text = params["text"]
+        if text == "defer":
+            return None
+        if text == "fail":
+            raise RuntimeError("inline failure")
+        if text == "refuse":
+            raise VarlinkReplyError(T + "Refused", {"reason": "inline"})
+        self.answered.append((text, threading.get_ident()))
+        return {"text": f"inline {text}"}
+
+
+async def test_inline_method_answers_on_the_loop(start: Start) -> None:
+    inline = _InlineEcho()
+    harness = await start(inline_methods={T + "Echo": inline})
+    client = await harness.connect()
+    assert await client.call(T + "Echo", {"text": "a"}) == {"parameters": {"text": "inline a"}}
+    assert inline.answered == [("a", threading.get_ident())]
+    # None: the method itself runs, in a worker.
+    assert await client.call(T + "Echo", {"text": "defer"}) == {"parameters": {"text": "defer"}}
+    assert len(inline.answered) == 1
+    # Its errors are the call's; the connection stays.
+    reply = await client.call(T + "Echo", {"text": "fail"})
+    assert reply["error"] == SYSTEM_ERROR
+    reply = await client.call(T + "Echo", {"text": "refuse"})
+    assert reply == {"error": T + "Refused", "parameters": {"reason": "inline"}}
+    # Parameters are validated first; other methods are not affected.
+    assert (await client.call(T + "Echo", {"text": 1}))["error"] == INVALID
+    assert await client.call(T + "WhoAmI") != {}
+    # A long message is parsed in a worker, and runs the method there.
+    long = "x" * 5000
+    assert await client.call(T + "Echo", {"text": long}) == {"parameters": {"text": long}}
+    assert len(inline.answered) == 1
+
+
+async def test_inline_method_is_authorized(start: Start) -> None:
+    inline = _InlineEcho()
+    harness = await start(inline_methods={T + "Echo": inline}, authorize=lambda peer, method: False)
+    client = await harness.connect()
+    reply = await client.call(T + "Echo", {"text": "a"})
+    assert reply["error"] == "org.varlink.service.PermissionDenied"
+    assert inline.answered == []
+
+
+async def test_inline_replies_keep_call_order(start: Start) -> None:
+    inline = _InlineEcho()
+    harness = await start(inline_methods={T + "Echo": inline})
+    client = await harness.connect()
+    calls = [
+        encode_call(T + "Sleep", {"seconds": 0.05, "tag": "s"}),
+        encode_call(T + "Echo", {"text": "1"}),
+        encode_call(T + "Echo", {"text": "defer"}),
+        encode_call(T + "Echo", {"text": "2"}),
+        encode_call(T + "Echo", {"text": "3"}, oneway=True),
+        encode_call(T + "Echo", {"text": "4"}),
+    ]
+    await client.send(b"".join(calls))
+    replies = [(await client.recv())[0]["parameters"] for _ in range(5)]
+    assert [r.get("text", "sleep") for r in replies] == [
+        "sleep",
+        "inline 1",
+        "defer",
+        "inline 2",
+        "inline 4",
+    ]
+    assert [tag for tag, _ in inline.answered] == ["1", "2", "3", "4"]
+
+
+async def test_inline_calls_take_turns_between_connections(start: Start) -> None:
+    """One connection's queue of inline calls does not run ahead of another's: the
+    next one starts in a later turn of the loop."""
+    inline = _InlineEcho()
+    harness = await start(inline_methods={T + "Echo": inline})
+    a, b = await harness.connect(), await harness.connect()
+    await a.send(b"".join(encode_call(T + "Echo", {"text": "a"}) for _ in range(20)))
+    await b.send(b"".join(encode_call(T + "Echo", {"text": "b"}) for _ in range(20)))
+    for _ in range(20):
+        await a.recv()
+        await b.recv()
+    order = [tag for tag, _ in inline.answered]
+    # Each connection's calls in turn (two in a row at most: a turn may start with
+    # one connection and end with it).
+    assert max(len(list(run)) for _, run in itertools.groupby(order)) <= 2, order

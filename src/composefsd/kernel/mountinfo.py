@@ -18,6 +18,7 @@ __all__ = [
     "composefs_mount_at",
     "composefs_mounts",
     "list_composefs_mounts",
+    "mount_of",
     "parse_mountinfo",
 ]
 
@@ -146,3 +147,20 @@ def list_composefs_mounts(path: str = "/proc/self/mountinfo") -> list[ComposefsM
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return f.read()
+
+
+def mount_of(path: str, mountinfo: str = "/proc/self/mountinfo") -> MountEntry | None:
+    """The mount ``path`` (absolute, symlinks resolved) is on: the last-mounted
+    entry with the longest mount point that contains it; None if mountinfo cannot
+    be read."""
+    try:
+        entries = list(parse_mountinfo(_read(mountinfo)))
+    except OSError:
+        return None
+    best: MountEntry | None = None
+    for entry in entries:
+        point = entry.mountpoint
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best.mountpoint)):
+            best = entry
+    return best

@@ -166,6 +166,7 @@ from composefsd.service.transport import (
     DEFAULT_WORKERS_PER_UID,
     SYSTEM_ERROR,
     Authorizer,
+    InlineMethod,
     Server,
 )
 from composefsd.service.watchdog import StatusReporter, keep_alive, watchdog_interval
@@ -647,7 +648,17 @@ def _server(service: Any, authorize: Authorizer, args: argparse.Namespace) -> Se
         heavy_workers=args.heavy_workers,
         heavy_calls_per_uid=args.heavy_calls_per_uid,
         privileged_uids=frozenset({0, os.geteuid()}),
+        inline_methods=_inline_methods(service),
     )
+
+
+def _inline_methods(service: Any) -> dict[str, InlineMethod]:
+    """Methods the transport may answer on its event loop: Describe, from what it
+    keeps, when nothing it counts has changed (RepositoryInterface.describe_now)."""
+    handler = service.interfaces_handlers.get(INTERFACE)
+    if not isinstance(handler, RepositoryInterface):
+        return {}
+    return {f"{INTERFACE}.Describe": handler.describe_now}
 
 
 def _group(text: str | None) -> int | None:

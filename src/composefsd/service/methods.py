@@ -67,7 +67,7 @@ import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from composefsd.credentials import Credentials
@@ -76,7 +76,7 @@ from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.imagecache import ImageDigestCache
 from composefsd.kernel.mount import ImageVerityError, MountError, unmount
-from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at
+from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, mount_of
 from composefsd.kernel.repomount import (
     ObjectsDirectory,
     has_image,
@@ -111,9 +111,15 @@ from composefsd.repository.verify import (
     stream_names,
     verity_text,
 )
+from composefsd.service.codec import encode_reply
 from composefsd.service.context import CallCancelled, CallContext, Peer, VarlinkReplyError
 from composefsd.service.mounts import MountTracker
-from composefsd.service.replies import describe_repository, mount_reply
+from composefsd.service.replies import (
+    RepositoryCounts,
+    describe_counts,
+    mount_reply,
+    read_only_reason,
+)
 from composefsd.service.sourcescan import scan_as
 
 __all__ = [
@@ -243,6 +249,26 @@ def reply_error(
             text = f"{os.fsdecode(exc.filename)}: {text}"
         return _system_error(text, exc.errno)
     return None
+
+
+#: Filesystem types where a ``stat`` may wait for a server or a process.
+_REMOTE_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs", "lustre",
+     "gfs2", "ocfs2", "fuse", "fuseblk", "davfs", "virtiofs", "ncpfs", "coda", "orangefs"}
+)  # fmt: skip
+
+
+def on_local_filesystem(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is on a local filesystem (not network, cluster or FUSE); False
+    when that cannot be told."""
+    try:
+        mount = mount_of(os.path.realpath(path))
+    except (OSError, ValueError):
+        return False
+    if mount is None:
+        return False
+    fstype = mount.fstype
+    return fstype not in _REMOTE_FILESYSTEMS and not fstype.startswith("fuse.")
 
 
 @contextlib.contextmanager
@@ -478,12 +504,23 @@ class RepositoryInterface:
     #: Hashing processes one Verify may use: half the CPUs, so that the Verify calls
     #: the transport lets one uid run cannot take all of them.
     verify_workers: int = max(1, default_workers() // 2)
+    #: Composefs mounts :meth:`describe_now` tells apart on the event loop at most
+    #: (a stat or two each); with more, Describe runs in a worker.
+    inline_mounts: int = 16
+    #: Directories of images and refs :meth:`describe_now` checks at most (a stat
+    #: each); a repository with more ref directories is described in a worker.
+    inline_dirs: int = 64
 
     def __init__(self, repo: Repository, tracker: MountTracker) -> None:
         self.repo = repo
         self.tracker = tracker
         # Mount hashes an image without fs-verity once, not at every mount.
         self.image_digests = ImageDigestCache()
+        # Describe lists the repository's directories only when they have changed.
+        self.counts = RepositoryCounts(repo)
+        self.inline_describe = on_local_filesystem(repo.path)
+        #: describe_now's last reply, encoded, and the values it was made from.
+        self._described: tuple[tuple[int, int, int, str | None], bytes] | None = None
 
     def _reporter(
         self,
@@ -503,7 +540,50 @@ class RepositoryInterface:
     # -- Describe ---------------------------------------------------------------------------
     def Describe(self, *, _request: CallContext) -> dict[str, Any]:
         with _mapped():
-            return describe_repository(self.repo, self.tracker.own_mounts())
+            images, refs = self.counts.count()
+            mounts = self.tracker.own_mounts_parsed()[1]
+            return describe_counts(
+                self.repo,
+                images,
+                refs,
+                self._repository_mounts(mounts),
+                read_only_reason(self.repo),
+            )
+
+    def describe_now(self, parameters: dict[str, Any], ctx: CallContext) -> bytes | None:
+        """Describe's reply from the event loop (the transport's inline method), when
+        it takes a few ``stat`` calls on a local filesystem and no listing, no parse
+        of the mount table and no waiting: the counts kept
+        (:class:`~composefsd.service.replies.RepositoryCounts`, from at most
+        :attr:`inline_dirs` directories) still hold, the mount table is unchanged
+        and has at most :attr:`inline_mounts` composefs mounts to tell apart. Else
+        None, and a worker runs :meth:`Describe`. A repository on a network or FUSE
+        filesystem, where a ``stat`` may wait for a server, is always described in
+        a worker. The reply comes encoded: the same as the last one's when what it
+        depends on is (counts and read-only reason)."""
+        if not self.inline_describe:
+            return None
+        counts = self.counts.current(self.inline_dirs)
+        if counts is None:
+            return None
+        now = self.tracker.own_mounts_now()
+        if now is None or len(now[1]) > self.inline_mounts:
+            return None
+        try:
+            key = (*counts, self._repository_mounts(now[1]), read_only_reason(self.repo))
+        except (OSError, RepositoryError):
+            return None  # the worker's Describe says what is wrong
+        last = self._described
+        if last is not None and last[0] == key:
+            return last[1]
+        reply = encode_reply(describe_counts(self.repo, *key))
+        self._described = (key, reply)
+        return reply
+
+    def _repository_mounts(self, mounts: Sequence[ComposefsMount]) -> int:
+        # Without composefs mounts there is nothing to tell apart: no realpath and
+        # stat of objects/.
+        return len(repository_mounts(self.repo, mounts)) if mounts else 0
 
     # -- CreateImage ------------------------------------------------------------------------
     def CreateImage(

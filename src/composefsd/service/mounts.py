@@ -268,7 +268,9 @@ class MountTracker:
         self._mounts_lock = threading.Lock()
         self._mounts_poll: select.poll | None = None
         self._mounts_fd: int | None = None
-        self._own_mounts: list[ComposefsMount] | None = None
+        self._own_mounts: tuple[ComposefsMount, ...] | None = None
+        #: Counts the parses of the mount table: the same number, the same mounts.
+        self._mounts_generation = 0
 
     # -- the gate ---------------------------------------------------------------------------
     def mounting(self) -> contextlib.AbstractContextManager[None]:
@@ -288,23 +290,46 @@ class MountTracker:
         open mountinfo file (POLLPRI) at every change, so Describe and ListMounts
         skip the parse (most of their time on a host with many mounts).
         """
+        return list(self.own_mounts_parsed()[1])
+
+    def own_mounts_parsed(self) -> tuple[int | None, tuple[ComposefsMount, ...]]:
+        """:meth:`own_mounts` with the number of the parse they come from: the same
+        number, the same mount table (None: not watched, parsed for this call)."""
         path = f"{self._proc}/self/mountinfo"
         with self._mounts_lock:
             if self._mounts_poll is None:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:
-                    return list_composefs_mounts(path)
+                    return None, tuple(list_composefs_mounts(path))
                 self._mounts_poll = select.poll()
                 self._mounts_poll.register(fd, select.POLLPRI | select.POLLERR)
                 self._mounts_fd = fd
             elif self._own_mounts is not None and not self._mounts_poll.poll(0):
-                return list(self._own_mounts)
+                return self._mounts_generation, self._own_mounts
             # The event is consumed by the poll: a change after it is seen next time.
             self._mounts_poll.poll(0)
-            mounts = list_composefs_mounts(path)
-            self._own_mounts = mounts
-            return list(mounts)
+            self._own_mounts = tuple(list_composefs_mounts(path))
+            self._mounts_generation += 1
+            return self._mounts_generation, self._own_mounts
+
+    def own_mounts_now(self) -> tuple[int, tuple[ComposefsMount, ...]] | None:
+        """:meth:`own_mounts_parsed` if that needs neither waiting (another thread
+        holds the watch) nor parsing (the table changed), else None. For the event
+        loop: it never blocks."""
+        if not self._mounts_lock.acquire(blocking=False):
+            return None
+        try:
+            mounts, poll = self._own_mounts, self._mounts_poll
+            if mounts is None or poll is None:
+                return None
+            if poll.poll(0):
+                # The poll consumed the change: the next own_mounts() must parse.
+                self._own_mounts = None
+                return None
+            return self._mounts_generation, mounts
+        finally:
+            self._mounts_lock.release()
 
     def close(self) -> None:
         """Release the mountinfo watch (the tracker stays usable)."""

@@ -7,12 +7,15 @@ messages on NUL and ties fds to the message whose first byte came with them (the
 codec's module notes: sd-varlink's rule). Calls on one
 connection run strictly one after another (a client may pipeline; replies come
 in call order); calls on different connections run concurrently in a bounded
-thread pool, so the loop itself never does a method's work.
+thread pool, so the loop itself does no method's work, but for inline methods
+(below).
 
-A call runs entirely in a worker thread: envelope parsing (a malformed message
-closes the connection), method lookup (``InterfaceNotFound``, ``MethodNotFound``),
-the authorization hook (``PermissionDenied``), strict validation against the IDL
-(``InvalidParameter``), then the method with a
+A call is prepared first: envelope parsing (a malformed message closes the
+connection), method lookup (``InterfaceNotFound``, ``MethodNotFound``), the
+authorization hook (``PermissionDenied``), strict validation against the IDL
+(``InvalidParameter``). A message of up to 4 KiB (every call but a Mount with id
+maps) is prepared on the loop, in tens of microseconds, and goes straight to its
+lane; a longer one in a worker of the light lane. Then the method runs, with a
 :class:`~composefsd.service.context.CallContext` as ``_request``. ``varlink.Service``
 stays the dispatcher of record: its interfaces, handlers and introspection are
 used as they are. A plain method whose only extra keyword is ``_request`` is
@@ -26,6 +29,20 @@ closed once sent; fds it received and did not take are closed after the call.
 :class:`~composefsd.service.context.VarlinkReplyError` and ``varlink.VarlinkError``
 become their error replies, anything else ``io.composefs.Repository.SystemError``
 (logged with its traceback); the connection stays open.
+
+**Inline methods** (``inline_methods``: method name to a function of the
+parameters and the context) are answered on the loop when their function can
+answer at once: it must return in microseconds, without blocking or waiting for a
+lock (the watchdog's keep-alive runs on the loop too), or return None, and the
+method runs in a worker as any other. composefsd's Describe is one: it answers
+from counts it keeps (:meth:`RepositoryInterface.describe_now
+<composefsd.service.methods.RepositoryInterface.describe_now>`). This skips two
+thread hand-offs per call, and the GIL changing hands at every system call
+between threads doing the same work: under load that, not the work, was most of
+a Describe's cost. Calls with ``more`` and long messages are not answered inline.
+After an inline answer the connection's next call starts in a later turn of the
+loop, so connections take turns; a uid's share of the loop is its connections'
+share (at most ``max_connections_per_uid``), as a worker lane would give it.
 
 A client that disconnects has its running call's ``ctx.cancelled`` set (oneway
 calls excepted) and its queued calls dropped. A client that only shuts down its
@@ -54,7 +71,7 @@ default, are exempt where noted):
   uid; everything else in ``workers`` threads, at most ``workers_per_uid`` for
   one uid. Each lane takes the uids with waiting calls in turn, so a uid that
   floods a lane waits behind its own calls only, and cheap calls never wait for
-  heavy ones. (Parsing, authorization and validation of a heavy call run in the
+  heavy ones. (A long heavy call is parsed, authorized and validated in the
   other lane; only the method itself waits for a heavy worker.)
 """
 
@@ -117,12 +134,17 @@ __all__ = [
     "SYSTEM_ERROR",
     "TOO_MANY_CONNECTIONS",
     "Authorizer",
+    "InlineMethod",
     "Server",
 ]
 
 log = logging.getLogger(__name__)
 
 Authorizer = Callable[[Peer, str], bool]
+#: A method's answer from the event loop: the reply's parameters, or the reply
+#: already encoded (:func:`~composefsd.service.codec.encode_reply`), or None to run
+#: the method in a worker as usual (module notes).
+InlineMethod = Callable[[dict[str, Any], CallContext], dict[str, Any] | bytes | None]
 
 SYSTEM_ERROR: Final = "io.composefs.Repository.SystemError"
 TOO_MANY_CONNECTIONS: Final = "io.composefs.Repository.TooManyConnections"
@@ -158,6 +180,11 @@ _SEND_FLAGS: Final = socket.MSG_NOSIGNAL
 _Outcome = tuple[bytes, list[int]] | None
 #: The outcome that closes the connection (compared by identity).
 _CLOSE: Final[_Outcome] = (b"", [])
+#: An inline method's "not now": the call goes to a worker (compared by identity).
+_DEFERRED: Final[_Outcome] = (b"", [])
+#: Messages up to this size are parsed, authorized and validated on the loop (tens of
+#: microseconds at most); longer ones in a worker.
+_LOOP_PARSE_MAX: Final = 4096
 
 
 def _hung_up(fd: int) -> bool:
@@ -681,8 +708,10 @@ class _Connection:
         else:
             close_all(fds)
 
-    def _finished(self, call: _Call, outcome: _Outcome) -> None:
-        """The worker's result for ``call``, on the loop."""
+    def _finished(self, call: _Call, outcome: _Outcome, *, inline: bool = False) -> None:
+        """The outcome of ``call``, on the loop. After a call answered on the loop
+        (``inline``) the next one starts in a later turn of the loop, so that one
+        connection's queue does not keep the others waiting."""
         self.call = None
         if not self.closed:
             self._account()
@@ -697,8 +726,10 @@ class _Connection:
         if not self.closed:
             if self.server._closing:
                 self._close()
-            else:
+            elif not inline:
                 self._next()
+            elif self.queue or self.eof:
+                self.loop.call_soon(self._next)
         self.server._finished(call)
 
     # Writing
@@ -791,10 +822,10 @@ class _Connection:
 class Server:
     """Serves a ``varlink.Service`` on listening or connected AF_UNIX sockets.
 
-    ``authorize(peer, "iface.Method")`` runs (in a worker thread) before every call
-    of a known method, ``org.varlink.service`` ones included; False refuses it with
-    ``org.varlink.service.PermissionDenied``. The limits are explained in the
-    module notes.
+    ``authorize(peer, "iface.Method")`` runs (on the loop; in a worker thread for a
+    long message) before every call of a known method, ``org.varlink.service`` ones
+    included; False refuses it with ``org.varlink.service.PermissionDenied``. The
+    limits and inline methods are explained in the module notes.
     """
 
     def __init__(
@@ -815,8 +846,10 @@ class Server:
         heavy_workers: int = DEFAULT_HEAVY_WORKERS,
         heavy_calls_per_uid: int = DEFAULT_HEAVY_CALLS_PER_UID,
         privileged_uids: frozenset[int] = frozenset({0}),
+        inline_methods: dict[str, InlineMethod] | None = None,
     ) -> None:
         self._service = service
+        self._inline: dict[str, InlineMethod] = dict(inline_methods or {})
         self._authorize = authorize
         self.max_message_size = max_message_size
         self.max_fds = max_fds
@@ -1070,9 +1103,35 @@ class Server:
     def _start(self, call: _Call, msg: Message) -> None:
         self._running.add(call)
         self.last_activity = time.monotonic()
-        self._lane.submit(
-            call.conn.peer.uid, call, lambda: self._work(call, msg), lambda: close_all(msg.fds)
-        )
+        uid = call.conn.peer.uid
+        if len(msg.data) > _LOOP_PARSE_MAX:
+            self._lane.submit(uid, call, lambda: self._work(call, msg), lambda: close_all(msg.fds))
+            return
+        # A short message is parsed, authorized and validated here (microseconds):
+        # the method then goes straight to its lane, or runs here if it is inline.
+        try:
+            prepared = self._prepare(call, msg)
+            if not isinstance(prepared, _Prepared):
+                outcome = prepared
+            else:
+                method = prepared.envelope.method
+                inline = self._inline.get(method)
+                outcome = _DEFERRED
+                if inline is not None and not prepared.envelope.more:
+                    outcome = self._execute_inline(call, prepared, inline)
+                if outcome is _DEFERRED:
+                    lane = self._heavy if method in self.heavy_methods else self._lane
+                    lane.submit(
+                        uid,
+                        call,
+                        lambda: self._run_prepared(call, prepared),
+                        lambda: close_all(prepared.ctx.fds),
+                    )
+                    return
+        except BaseException:
+            log.exception("%r: call processing failed", call.conn)
+            outcome = _CLOSE
+        call.conn._finished(call, outcome, inline=True)
 
     def _finished(self, call: _Call) -> None:
         self._running.discard(call)
@@ -1115,16 +1174,20 @@ class Server:
             outcome = _CLOSE
         self._post(call, outcome)
 
+    def _run_prepared(self, call: _Call, prepared: _Prepared) -> None:
+        """Worker thread: run a prepared call's method and hand its outcome to the loop."""
+        try:
+            outcome = self._execute(call, prepared)
+        except BaseException:
+            log.exception("%r: call processing failed", call.conn)
+            outcome = _CLOSE
+        self._post(call, outcome)
+
     def _hand_over(self, call: _Call, prepared: _Prepared) -> None:
         """Worker thread: queue a prepared heavy call for the heavy lane."""
 
         def job() -> None:
-            try:
-                outcome = self._execute(call, prepared)
-            except BaseException:
-                log.exception("%r: call processing failed", call.conn)
-                outcome = _CLOSE
-            self._post(call, outcome)
+            self._run_prepared(call, prepared)
 
         def discard() -> None:
             close_all(prepared.ctx.fds)
@@ -1214,6 +1277,23 @@ class Server:
             close_all(ctx.fds)
             return self._failed(conn, envelope, ctx, e)
         return _Prepared(envelope, target, ctx, msg.data)
+
+    def _execute_inline(self, call: _Call, prepared: _Prepared, inline: InlineMethod) -> _Outcome:
+        """On the loop: a prepared call's reply from its inline method, or
+        :data:`_DEFERRED` when that cannot answer now (the call keeps its fds)."""
+        envelope, ctx = prepared.envelope, prepared.ctx
+        try:
+            out = inline(envelope.parameters, ctx)
+            if out is None:
+                return _DEFERRED
+            reply = out if isinstance(out, bytes) else encode_reply(out)
+        except Exception as e:
+            close_all(ctx.fds)
+            return self._failed(call.conn, envelope, ctx, e)
+        close_all(ctx.fds)
+        close_all(ctx.out_fds)
+        ctx.out_fds = []
+        return None if envelope.oneway else (reply, [])
 
     def _execute(self, call: _Call, prepared: _Prepared) -> _Outcome:
         """Run the method of a prepared call: its reply, with the fds it pushed."""
