@@ -593,11 +593,121 @@ def _emit(plan: _Plan, version: int) -> bytes:
         meta_bit = 1 << keyinfo[_METACOPY][2]
         redirect_bit = 1 << _key_info(_REDIRECT)[2]
         ext_filters = (~meta_bit & _U32, ~(meta_bit | redirect_bit) & _U32)
+    # The plain external file with a sha256 digest and a payload, neither of
+    # them shared (nearly every inode of a real tree), takes a path of its own:
+    # its whole inode (header, xattr area, one chunk index) is one struct pack.
+    # Its parts after the header depend only on the payload's length.
+    shared_digests = {v[4:] for v in shared_meta if len(v) == 36 and v[:4] == _METACOPY_SHA256}
+    shared_payloads = {v[1:] for v in shared_redirect if v[:1] == b"/"}
+    # payload length -> (xattr area size, compact packer, extended packer, the
+    # bytes between the digest and the payload, the bytes after the payload)
+    ext_shapes: dict[int, tuple[int, struct.Struct, struct.Struct, bytes, bytes]] = {}
+    ext_head = b""
+    if _METACOPY in keyinfo:
+        meta_head = _entry_head(keyinfo[_METACOPY], len(_METACOPY_SHA256) + 32)
+        ext_head = XATTR_IBODY_HEADER.pack(ext_filters[1], 0) + meta_head + _METACOPY_SHA256
+        ext_mid = _PADS[(len(meta_head) + len(_METACOPY_SHA256) + 32) & 3]
+        redirect_info = _key_info(_REDIRECT)
     end = pos = INODES_START
     for i in range(count):
+        node = nodes[i]
+        if all_xattrs[i] is None:
+            digest = node.digest
+            payload = node.payload
+            size = sizes[i]
+            if (
+                digest is not None
+                and len(digest) == 32
+                and payload
+                and size <= _U32
+                and digest not in shared_digests
+                and payload not in shared_payloads
+            ):
+                shape = ext_shapes.get(len(payload))
+                if shape is None:
+                    ext_rhead = _entry_head(redirect_info, len(payload) + 1)
+                    mid = ext_mid + ext_rhead + b"/"
+                    after = _PADS[(len(ext_rhead) + len(payload) + 1) & 3] + b"\xff" * 4
+                    xsz = len(ext_head) + 32 + len(mid) + len(payload) + len(after) - 4
+                    parts_fmt = f"{len(ext_head)}s32s{len(mid)}s{len(payload)}s{len(after)}s"
+                    shape = ext_shapes[len(payload)] = (
+                        xsz,
+                        struct.Struct(COMPACT_INODE.format + parts_fmt),
+                        struct.Struct(EXTENDED_INODE.format + parts_fmt),
+                        mid,
+                        after,
+                    )
+                xsz, compact_packer, extended_packer, mid, after = shape
+                if xsz > XATTR_AREA_MAX:
+                    raise WriteError(errno.EINVAL, "xattrs too large for one inode")
+                chunkbits = (size - 1).bit_length()
+                if chunkbits < 12:
+                    chunkbits = 12
+                nlink = nlinks[i]
+                uid = node.uid
+                gid = node.gid
+                sec = node.mtime_sec
+                # The inline tail (4 bytes) always fits the block: every
+                # position and size here is a multiple of 4.
+                pos = (pos + 31) & ~31
+                nid_of[i] = pos >> 5
+                if pos > end:
+                    seek(pos)
+                if (
+                    sec == min_sec
+                    and node.mtime_nsec == min_nsec
+                    and nlink <= 0xFFFF
+                    and uid <= 0xFFFF
+                    and gid <= 0xFFFF
+                ):
+                    write(
+                        compact_packer.pack(
+                            LAYOUT_CHUNK_BASED << 1,
+                            (xsz - 12) // 4 + 1,
+                            modes[i] & 0xFFFF,
+                            nlink,
+                            size,
+                            0,
+                            chunkbits - 12,
+                            i,
+                            uid,
+                            gid,
+                            0,
+                            ext_head,
+                            digest,
+                            mid,
+                            payload,
+                            after,
+                        )
+                    )
+                    pos += 32 + xsz + 4
+                else:
+                    write(
+                        extended_packer.pack(
+                            LAYOUT_CHUNK_BASED << 1 | 1,
+                            (xsz - 12) // 4 + 1,
+                            modes[i] & 0xFFFF,
+                            0,
+                            size,
+                            chunkbits - 12,
+                            i,
+                            uid & _U32,
+                            gid & _U32,
+                            sec & _U64,
+                            node.mtime_nsec & _U32,
+                            nlink & _U32,
+                            ext_head,
+                            digest,
+                            mid,
+                            payload,
+                            after,
+                        )
+                    )
+                    pos += 64 + xsz + 4
+                end = pos
+                continue
         mode = modes[i]
         ftype = mode & _S_IFMT
-        node = nodes[i]
         size = sizes[i]
         n_blocks = 0
         tail = 0
