@@ -553,6 +553,7 @@ def _parse(lines: Iterable[bytes], tail: bytes, strict: bool) -> Node:
     ints = parser.ints
     mtimes = parser.mtimes
     plain_line = parser.plain_line
+    learn = parser.learn
     try:
         for lineno, line in enumerate(lines, 1):
             # _Parser.line's fast path, inlined: this loop runs once per entry.
@@ -576,6 +577,20 @@ def _parse(lines: Iterable[bytes], tail: bytes, strict: bool) -> Node:
                         and mtime is not None
                     ):
                         plain_line(fields, mode, size, nlink, uid, gid, rdev, mtime)
+                        continue
+                    # A number or mode seen for the first time (one line in
+                    # five of a real dump: sizes and mtimes are mostly unique).
+                    if learn(fields):
+                        plain_line(
+                            fields,
+                            modes[fields[2]],
+                            ints[fields[1]],
+                            ints[fields[3]],
+                            ints[fields[4]],
+                            ints[fields[5]],
+                            ints[fields[6]],
+                            mtimes[fields[7]],
+                        )
                         continue
             parser.line(line, lineno)
         if tail:
