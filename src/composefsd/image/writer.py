@@ -27,7 +27,9 @@ import errno
 import io
 import os
 import struct
-from itertools import accumulate, chain
+from collections import Counter
+from itertools import accumulate, chain, compress, repeat
+from operator import attrgetter, is_
 
 from .format import (
     BLOCK_SIZE,
@@ -111,6 +113,9 @@ _METACOPY_SHA256 = metacopy_value(bytes(32))[:4]
 _ROOT_WHITEOUT_NAMES = tuple(b"%02x" % i for i in range(256))
 
 Xattrs = list[tuple[bytes, bytes]]
+
+_DIGEST = attrgetter("digest")
+_PAYLOAD = attrgetter("payload")
 
 
 class WriteError(OSError):
@@ -507,17 +512,14 @@ def _emit(plan: _Plan, version: int) -> bytes:
     uses: dict[tuple[bytes, bytes], int] = {}
     # Derived external-file xattrs are counted by digest and payload, without
     # building a pair for each; only the ones that may be shared become pairs.
-    meta_uses: dict[bytes | None, int] = {}
-    redirect_uses: dict[bytes, int] = {}
-    for node, xs in zip(nodes, all_xattrs, strict=True):
-        if xs is None:
-            digest = node.digest
-            meta_uses[digest] = meta_uses.get(digest, 0) + 1
-            payload = node.payload
-            if payload:
-                redirect_uses[payload] = redirect_uses.get(payload, 0) + 1
-            continue
-        for kv in xs:
+    # Counted by C loops (Counter over attribute getters): a Python loop over
+    # every inode cost 0.13 s on the /usr tree.
+    ext_nodes = list(compress(nodes, map(is_, all_xattrs, repeat(None))))
+    meta_uses: Counter[bytes | None] = Counter(map(_DIGEST, ext_nodes))
+    redirect_uses: Counter[bytes] = Counter(filter(None, map(_PAYLOAD, ext_nodes)))
+    del ext_nodes
+    for pairs in filter(None, all_xattrs):
+        for kv in pairs:
             uses[kv] = uses.get(kv, 0) + 1
             if kv[0] not in keyinfo:
                 keyinfo[kv[0]] = _key_info(kv[0])
@@ -527,18 +529,22 @@ def _emit(plan: _Plan, version: int) -> bytes:
         # A metacopy value is a 4-byte head (fixed by the digest's length) and
         # the digest: only a digest found here can give a known value.
         known_digests = {v[4:] for v in known}
-        for digest, n in meta_uses.items():
-            if n > 1 or (digest if digest is not None else b"") in known_digests:
-                value = metacopy_value(digest) if digest is not None else b""
+        meta_items = meta_uses.items() if known else [x for x in meta_uses.items() if x[1] > 1]
+        for some_digest, n in meta_items:
+            if n > 1 or (some_digest if some_digest is not None else b"") in known_digests:
+                value = metacopy_value(some_digest) if some_digest is not None else b""
                 if n > 1 or value in known:
                     kv = (_METACOPY, value)
                     uses[kv] = uses.get(kv, 0) + n
     if redirect_uses:
         keyinfo.setdefault(_REDIRECT, _key_info(_REDIRECT))
         known = {v for k, v in uses if k == _REDIRECT}
-        for payload, n in redirect_uses.items():
+        redirect_items = (
+            redirect_uses.items() if known else [x for x in redirect_uses.items() if x[1] > 1]
+        )
+        for some_payload, n in redirect_items:
             if n > 1 or known:
-                value = b"/" + payload
+                value = b"/" + some_payload
                 if n > 1 or value in known:
                     kv = (_REDIRECT, value)
                     uses[kv] = uses.get(kv, 0) + n
@@ -716,13 +722,15 @@ def _emit(plan: _Plan, version: int) -> bytes:
             names = dir_names[i]
             assert names is not None
             starts = [0]
-            block = 0
-            for idx, name in enumerate(names):
-                length = 12 + len(name)
-                if block + length > BLOCK_SIZE:
-                    starts.append(idx)
-                    block = 0
-                block += length
+            block = 12 * len(names) + sum(map(len, names))
+            if block > BLOCK_SIZE:  # most directories fit one block
+                block = 0
+                for idx, name in enumerate(names):
+                    length = 12 + len(name)
+                    if block + length > BLOCK_SIZE:
+                        starts.append(idx)
+                        block = 0
+                    block += length
             n_blocks = len(starts) - 1
             if block > _HALF_BLOCK:
                 n_blocks += 1
@@ -979,6 +987,8 @@ def _emit(plan: _Plan, version: int) -> bytes:
     shared_base = inodes_end % BLOCK_SIZE
     ftype_of = [_FILE_TYPE[(m & _S_IFMT) >> 12] for m in modes]
     dirent_packers: dict[int, struct.Struct] = {}
+    nid_at = nid_of.__getitem__
+    ftype_at = ftype_of.__getitem__
     first_block = data_start // BLOCK_SIZE
     for i, off, isz, xsz, tail, n_blocks, rel_block in deferred:
         node = nodes[i]
@@ -997,8 +1007,40 @@ def _emit(plan: _Plan, version: int) -> bytes:
             size = 0
         elif ftype != _S_IFREG and ftype != _S_IFLNK and ftype != _S_IFDIR:
             size = 0
-        head = _inode_header(isz == 32, layout, xsz, mode, nlinks[i], size, i_u, i, node)
-        buf[off : off + isz] = head
+        icount = (xsz - 12) // 4 + 1 if xsz else 0
+        if isz == 32:
+            COMPACT_INODE.pack_into(
+                buf,
+                off,
+                layout << 1,
+                icount,
+                mode & 0xFFFF,
+                nlinks[i],
+                size,
+                0,
+                i_u,
+                i,
+                node.uid,
+                node.gid,
+                0,
+            )
+        else:
+            EXTENDED_INODE.pack_into(
+                buf,
+                off,
+                layout << 1 | 1,
+                icount,
+                mode & 0xFFFF,
+                0,
+                size,
+                i_u,
+                i,
+                node.uid & _U32,
+                node.gid & _U32,
+                node.mtime_sec & _U64,
+                node.mtime_nsec & _U32,
+                nlinks[i] & _U32,
+            )
         off += isz
         split = xsplit.get(i)
         if split is not None:
@@ -1030,9 +1072,9 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 fields = list(
                     chain.from_iterable(
                         zip(
-                            [nid_of[t] for t in chunk_targets],
+                            map(nid_at, chunk_targets),
                             accumulate(map(len, chunk_names), initial=12 * n),
-                            [ftype_of[t] for t in chunk_targets],
+                            map(ftype_at, chunk_targets),
                             strict=False,  # the name offsets run one past the last entry
                         )
                     )
@@ -1066,35 +1108,3 @@ def _emit(plan: _Plan, version: int) -> bytes:
                     buf[where : where + len(first)] = first
     buf.release()
     return out.getvalue()
-
-
-def _inode_header(
-    compact: bool,
-    layout: int,
-    xattr_size: int,
-    mode: int,
-    nlink: int,
-    size: int,
-    i_u: int,
-    ino: int,
-    node: Node,
-) -> bytes:
-    icount = (xattr_size - 12) // 4 + 1 if xattr_size else 0
-    if compact:
-        return COMPACT_INODE.pack(
-            layout << 1, icount, mode & 0xFFFF, nlink, size, 0, i_u, ino, node.uid, node.gid, 0
-        )
-    return EXTENDED_INODE.pack(
-        layout << 1 | 1,
-        icount,
-        mode & 0xFFFF,
-        0,
-        size,
-        i_u,
-        ino,
-        node.uid & _U32,
-        node.gid & _U32,
-        node.mtime_sec & _U64,
-        node.mtime_nsec & _U32,
-        nlink & _U32,
-    )
