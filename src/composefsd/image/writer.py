@@ -475,6 +475,36 @@ def write_image(root: Node, *, min_version: int = 0, max_version: int = VERSION_
         return _emit(plan, version)
 
 
+def _ext_shape(
+    ext_head: bytes, ext_mid: bytes, redirect_info: tuple[int, bytes, int], payload_len: int
+) -> tuple[int, struct.Struct, struct.Struct, bytes, bytes, bytes, bytes]:
+    """The fast path's packers and constant parts for an external file whose
+    payload has ``payload_len`` bytes (see ``ext_shapes`` in :func:`_emit`)."""
+    rhead = _entry_head(redirect_info, payload_len + 1)
+    mid = ext_mid + rhead + b"/"
+    after = _PADS[(len(rhead) + payload_len + 1) & 3] + b"\xff" * 4
+    xsz = len(ext_head) + 32 + len(mid) + payload_len + len(after) - 4
+    if xsz > XATTR_AREA_MAX:
+        raise WriteError(errno.EINVAL, "xattrs too large for one inode")
+    parts = f"{len(ext_head)}s32s{len(mid)}s{payload_len}s{len(after)}s"
+    icount = (xsz - 12) // 4 + 1
+    # COMPACT_INODE and EXTENDED_INODE with the reserved fields as pad bytes and
+    # i_format and i_xattr_icount as one string.
+    compact = struct.Struct("<4sHHI4xIIHH4x" + parts)
+    extended = struct.Struct("<4sH2xQIIIIQII16x" + parts)
+    assert compact.size == COMPACT_INODE.size + xsz + 4
+    assert extended.size == EXTENDED_INODE.size + xsz + 4
+    return (
+        xsz,
+        compact,
+        extended,
+        struct.pack("<HH", LAYOUT_CHUNK_BASED << 1, icount),
+        struct.pack("<HH", LAYOUT_CHUNK_BASED << 1 | 1, icount),
+        mid,
+        after,
+    )
+
+
 def _entry_head(info: tuple[int, bytes, int], value_size: int) -> bytes:
     index, suffix, _ = info
     return XATTR_ENTRY.pack(len(suffix), index, value_size) + suffix
@@ -606,14 +636,19 @@ def _emit(plan: _Plan, version: int) -> bytes:
     shared_digests = {v[4:] for v in shared_meta if len(v) == 36 and v[:4] == _METACOPY_SHA256}
     shared_payloads = {v[1:] for v in shared_redirect if v[:1] == b"/"}
     # payload length -> (xattr area size, compact packer, extended packer, the
-    # bytes between the digest and the payload, the bytes after the payload)
-    ext_shapes: dict[int, tuple[int, struct.Struct, struct.Struct, bytes, bytes]] = {}
+    # header's first two fields for each, the bytes between the digest and the
+    # payload, the bytes after the payload). The reserved header fields are
+    # pad bytes of the packers, and the first two fields one prepacked string:
+    # fewer arguments per pack.
+    ext_shapes: dict[int, tuple[int, struct.Struct, struct.Struct, bytes, bytes, bytes, bytes]] = {}
     ext_head = b""
     if _METACOPY in keyinfo:
         meta_head = _entry_head(keyinfo[_METACOPY], len(_METACOPY_SHA256) + 32)
         ext_head = XATTR_IBODY_HEADER.pack(ext_filters[1], 0) + meta_head + _METACOPY_SHA256
         ext_mid = _PADS[(len(meta_head) + len(_METACOPY_SHA256) + 32) & 3]
         redirect_info = _key_info(_REDIRECT)
+    u32 = _U32
+    u64 = _U64
     end = pos = INODES_START
     for i in range(count):
         node = nodes[i]
@@ -625,30 +660,21 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 digest is not None
                 and len(digest) == 32
                 and payload
-                and size <= _U32
+                and size <= u32
                 and digest not in shared_digests
                 and payload not in shared_payloads
             ):
                 shape = ext_shapes.get(len(payload))
                 if shape is None:
-                    ext_rhead = _entry_head(redirect_info, len(payload) + 1)
-                    mid = ext_mid + ext_rhead + b"/"
-                    after = _PADS[(len(ext_rhead) + len(payload) + 1) & 3] + b"\xff" * 4
-                    xsz = len(ext_head) + 32 + len(mid) + len(payload) + len(after) - 4
-                    parts_fmt = f"{len(ext_head)}s32s{len(mid)}s{len(payload)}s{len(after)}s"
-                    shape = ext_shapes[len(payload)] = (
-                        xsz,
-                        struct.Struct(COMPACT_INODE.format + parts_fmt),
-                        struct.Struct(EXTENDED_INODE.format + parts_fmt),
-                        mid,
-                        after,
+                    shape = ext_shapes[len(payload)] = _ext_shape(
+                        ext_head, ext_mid, redirect_info, len(payload)
                     )
-                xsz, compact_packer, extended_packer, mid, after = shape
-                if xsz > XATTR_AREA_MAX:
-                    raise WriteError(errno.EINVAL, "xattrs too large for one inode")
-                chunkbits = (size - 1).bit_length()
-                if chunkbits < 12:
-                    chunkbits = 12
+                xsz, compact_packer, extended_packer, compact_lead, extended_lead, mid, after = (
+                    shape
+                )
+                chunkbits = (size - 1).bit_length() - 12
+                if chunkbits < 0:
+                    chunkbits = 0
                 nlink = nlinks[i]
                 uid = node.uid
                 gid = node.gid
@@ -668,17 +694,14 @@ def _emit(plan: _Plan, version: int) -> bytes:
                 ):
                     write(
                         compact_packer.pack(
-                            LAYOUT_CHUNK_BASED << 1,
-                            (xsz - 12) // 4 + 1,
+                            compact_lead,
                             modes[i] & 0xFFFF,
                             nlink,
                             size,
-                            0,
-                            chunkbits - 12,
+                            chunkbits,
                             i,
                             uid,
                             gid,
-                            0,
                             ext_head,
                             digest,
                             mid,
@@ -686,22 +709,20 @@ def _emit(plan: _Plan, version: int) -> bytes:
                             after,
                         )
                     )
-                    pos += 32 + xsz + 4
+                    pos += 36 + xsz
                 else:
                     write(
                         extended_packer.pack(
-                            LAYOUT_CHUNK_BASED << 1 | 1,
-                            (xsz - 12) // 4 + 1,
+                            extended_lead,
                             modes[i] & 0xFFFF,
-                            0,
                             size,
-                            chunkbits - 12,
+                            chunkbits,
                             i,
-                            uid & _U32,
-                            gid & _U32,
-                            sec & _U64,
-                            node.mtime_nsec & _U32,
-                            nlink & _U32,
+                            uid & u32,
+                            gid & u32,
+                            sec & u64,
+                            node.mtime_nsec & u32,
+                            nlink & u32,
                             ext_head,
                             digest,
                             mid,
@@ -709,7 +730,7 @@ def _emit(plan: _Plan, version: int) -> bytes:
                             after,
                         )
                     )
-                    pos += 64 + xsz + 4
+                    pos += 68 + xsz
                 end = pos
                 continue
         mode = modes[i]
