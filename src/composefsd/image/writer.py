@@ -258,6 +258,7 @@ class _Plan:
         "nlinks",
         "nodes",
         "sizes",
+        "version",
         "xattrs",
     )
 
@@ -273,10 +274,18 @@ class _Plan:
         self.dir_names: list[list[bytes] | None] = []
         self.dir_targets: list[list[int] | None] = []
         self.min_mtime = (0, 0)
+        #: The format version to write: the one asked for, or 1 if upgraded.
+        self.version = 0
 
 
-def _plan(root: Node, version: int) -> _Plan:
-    """Breadth-first linearisation plus C's overlay rewrite (C ``rewrite_tree_for_erofs``)."""
+def _plan(root: Node, version: int, upgrade: bool = False) -> _Plan:
+    """Breadth-first linearisation plus C's overlay rewrite (C ``rewrite_tree_for_erofs``).
+
+    With ``upgrade``, version 1 is used if the tree holds a whiteout (C bumps
+    the version when it sees one); until the loop below ends the version
+    only matters for whiteout directories' marks, which are added after it,
+    so the walk that finds whiteouts is this one.
+    """
     if root.mode & _S_IFMT != _S_IFDIR or root.children is None:
         # C fails adding the root whiteouts to a non-directory.
         raise WriteError(errno.ENOTDIR, "root is not a directory")
@@ -405,6 +414,12 @@ def _plan(root: Node, version: int) -> _Plan:
         dir_targets.append(targets)
         i += 1
 
+    if upgrade and (whiteout_parents or (first_error is not None and _has_whiteout(root))):
+        # (The loop does not descend into a non-directory's children, which
+        # is an error; C's whiteout search does, so it decides then.)
+        version = 1
+    plan.version = version
+
     # Directories holding whiteouts, and the root, get their marks now that
     # every child is known.
     for idx, count in whiteout_parents.items():
@@ -469,10 +484,8 @@ def write_image(root: Node, *, min_version: int = 0, max_version: int = VERSION_
     max_version = max(max_version, min_version)
     version = min_version
     with gc_paused():
-        if version < 1 <= max_version and _has_whiteout(root):
-            version = 1
-        plan = _plan(root, version)
-        return _emit(plan, version)
+        plan = _plan(root, version, upgrade=version < 1 <= max_version)
+        return _emit(plan, plan.version)
 
 
 def _ext_shape(
