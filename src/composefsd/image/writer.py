@@ -361,10 +361,10 @@ def _plan(root: Node, version: int, upgrade: bool = False) -> _Plan:
                     continue
                 if cmode == _S_IFCHR and child.rdev == 0 and id(child) not in synthetic:
                     whiteouts += 1
-                if child in index_of:
+                n = len(nodes)
+                if index_of.setdefault(child, n) != n:
                     raise WriteError(errno.EINVAL, "the same node is in the tree twice")
-                index_of[child] = len(nodes)
-                targets.append(len(nodes))
+                targets.append(n)
                 nodes.append(child)
                 parent_of.append(i)
             if whiteouts:
