@@ -327,6 +327,14 @@ def _run(argv: Sequence[str]) -> int:
     from composefsd.image.writer import write_image
 
     out = _open_output(args, image)
+    if args.from_file:
+        # One acyclic tree in a short-lived process: the cyclic collector could
+        # only walk it, never free it (a gen-0 pass over all 300,000 objects of
+        # the /usr tree as soon as parsing ends: 0.06-0.1 s). Peak memory is
+        # unchanged now that the dump is read by lines.
+        import gc
+
+        gc.disable()
     try:
         root = _read_dumpfile(source) if args.from_file else _scan(args, source)
         try:
