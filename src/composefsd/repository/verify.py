@@ -47,19 +47,14 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from composefsd import workerproc
-from composefsd.fsverity import digest_bytes, digest_fd
+from composefsd import objectcheck, workerproc
+from composefsd.fsverity import digest_bytes
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.tree import S_IFMT, Node
-from composefsd.kernel.verity import (
-    Algorithm,
-    VerityError,
-    VerityNotEnabledError,
-    VerityUnsupportedError,
-    measure_verity,
-)
+from composefsd.kernel.verity import Algorithm, measure_verity
+from composefsd.objectcheck import NOT_REGULAR, OPEN_FLAGS, Summary, Wire
 from composefsd.objectlayout import is_hex, is_hex_digest, object_link_digest, object_relpath
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
@@ -77,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOT_REGULAR",
+    "OPEN_FLAGS",
     "FileCheck",
     "RepositoryView",
     "VerifyReport",
@@ -89,15 +85,11 @@ __all__ = [
     "verity_text",
 ]
 
-#: Objects are opened without following a final symlink (an object must be a regular
-#: file) and without blocking (a FIFO planted under objects/ must not hang us).
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-_DIR_NOFOLLOW = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Work is measured in bytes to hash, each file counting this much more for opening
 # it (measured: ~30 us per file, about what hashing 32 KiB costs).
 _FILE_COST_BYTES = 32 << 10
 # Below this much work (~0.25 s of hashing), worker processes cost more to start than
-# they save: each one imports the package, ~0.15 s.
+# they save (each one imports composefsd.objectcheck: ~0.05 s with Python's start).
 _PROCESS_MIN_COST = 256 << 20
 # A work unit handed to a worker (a file larger than this goes alone).
 _BATCH_COST = 32 << 20
@@ -175,9 +167,6 @@ class VerifyReport:
 
 # -- checking files -------------------------------------------------------------------------
 
-#: ``FileCheck.error`` for something that is not a regular file.
-NOT_REGULAR = -1
-
 
 @dataclass(slots=True, frozen=True)
 class FileCheck:
@@ -202,101 +191,22 @@ class FileCheck:
         return os.strerror(self.error or errno.EIO)
 
 
-_Wire = tuple[int | None, int, str | None, bool, str | None]
-
-
 def _measure(fd: int, algorithm: Algorithm) -> tuple[bytes | None, str | None]:
     """The kernel's digest, or None and why not (see ``FileCheck.why``)."""
-    try:
-        return measure_verity(fd, algorithm), None
-    except VerityNotEnabledError:
-        return None, "not-enabled"
-    except VerityUnsupportedError:
-        return None, "unsupported"
-    except VerityError as exc:
-        return None, str(exc)
+    return objectcheck.measure(fd, algorithm, measure_verity)
 
 
-def _open_no_symlinks(path: bytes) -> int:
-    """``path`` (``objects/XX/rest``) opened with neither its last component nor its
-    directory (``XX``) a symlink: a planted ``objects/XX`` link cannot lead out."""
-    head, tail = os.path.split(path)
-    dir_fd = os.open(head or b".", _DIR_NOFOLLOW)
-    try:
-        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
+class _Checker(objectcheck.Checker):
+    """:class:`composefsd.objectcheck.Checker` asking the kernel through this
+    module's :func:`_measure` (the in-process checks; workers use their own)."""
+
+    __slots__ = ()
+
+    def _measure(self, fd: int) -> tuple[bytes | None, str | None]:
+        return _measure(fd, self._algorithm)
 
 
-class _Checker:
-    """Checks many files in a row, sparing the per-file work that repeats: the
-    directory (``XX``) is opened once (with the same no-symlink rule as
-    :func:`_open_no_symlinks`) and kept open, and once the kernel says a filesystem
-    cannot do fs-verity at all, its other files are not asked again (that answer is
-    per filesystem; their content is hashed in userspace as before, so nothing
-    goes unchecked). Use as a context manager: it closes the directories."""
-
-    __slots__ = ("_algorithm", "_dirs", "_unsupported")
-
-    #: Directories kept open at most (an image's objects use at most 256).
-    MAX_DIRS = 1024
-
-    def __init__(self, algorithm: Algorithm) -> None:
-        self._algorithm = algorithm
-        self._dirs: dict[bytes, int] = {}
-        self._unsupported: set[int] = set()
-
-    def __enter__(self) -> _Checker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close_dirs()
-
-    def _close_dirs(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
-
-    def _open(self, path: bytes) -> int:
-        head, tail = os.path.split(path)
-        head = head or b"."
-        dir_fd = self._dirs.get(head)
-        if dir_fd is None:
-            if len(self._dirs) >= self.MAX_DIRS:
-                self._close_dirs()
-            dir_fd = os.open(head, _DIR_NOFOLLOW)
-            self._dirs[head] = dir_fd
-        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
-
-    def check(self, path: bytes, expected_size: int) -> _Wire:
-        algorithm = self._algorithm
-        try:
-            fd = self._open(path)
-        except OSError as exc:
-            return exc.errno or errno.EIO, 0, None, False, None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return NOT_REGULAR, 0, None, False, None
-            if 0 <= expected_size != st.st_size:
-                return None, st.st_size, None, False, None
-            if st.st_dev in self._unsupported:
-                why: str | None = "unsupported"
-            else:
-                measured, why = _measure(fd, algorithm)
-                if measured is not None:
-                    return None, st.st_size, measured.hex(), True, None
-                if why == "unsupported":
-                    self._unsupported.add(st.st_dev)
-            digest = digest_fd(fd, algorithm, threads=1, regular_size=st.st_size)
-            return None, st.st_size, digest.hex(), False, why
-        except OSError as exc:
-            return exc.errno or errno.EIO, 0, None, False, None
-        finally:
-            os.close(fd)
-
-
-def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
+def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> Wire:
     with _Checker(algorithm) as checker:
         return checker.check(path, expected_size)
 
@@ -308,24 +218,28 @@ def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> Fi
     return FileCheck(*_check(path, algorithm, expected_size))
 
 
-def _check_batch(request: tuple[str, list[tuple[bytes, int]]]) -> list[_Wire]:
-    """Check a batch: (algorithm name, [(path, expected size)...]), in a lane or a worker."""
+def _check_batch(request: tuple[str, Sequence[tuple[bytes, int]]]) -> list[Wire]:
+    """Check a batch: (algorithm name, [(path, expected size)...]), in-process."""
     algorithm, items = request
     with _Checker(Algorithm.parse(algorithm)) as checker:
         return [checker.check(path, size) for path, size in items]
 
 
-def _worker_main() -> None:
-    """A checking worker process: batches on stdin, answers on stdout, until EOF."""
-    workerproc.serve(_check_batch)
+def _serve_local(request: objectcheck.Request) -> list[Wire] | Summary:
+    """A lane's in-process answer to a batch: what a worker would answer."""
+    algorithm, items, summary = request
+    wires = _check_batch((algorithm, items))
+    return objectcheck.summarize(items, wires) if summary else wires
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
-    return workerproc.start("composefsd.repository.verify", "_worker_main")
+    return workerproc.start("composefsd.objectcheck", "worker_main", site=False)
 
 
 _Batch = list[tuple[int, bytes, int]]
-_LaneItem = tuple[list[int], list[_Wire]] | BaseException | None
+_LaneItem = tuple[list[int], "list[Wire] | Summary"] | BaseException | None
+#: ``on_matched(indices, why, unknown_size_bytes)`` (see :func:`check_files`).
+OnMatched = Callable[[list[int], str | None, int], None]
 
 
 def default_workers() -> int:
@@ -337,13 +251,20 @@ def check_files(
     files: Sequence[tuple[bytes, int]],
     algorithm: Algorithm,
     on_result: Callable[[int, FileCheck], None],
+    on_matched: OnMatched | None = None,
     *,
     workers: int | None = None,
 ) -> None:
     """:func:`check_file` for every (path, expected size) of ``files``, in parallel.
 
     ``on_result(index, check)`` is called in the calling thread once per file, in no
-    particular order. Worker processes are used when ``workers`` > 1 and the work
+    particular order. With ``on_matched``, the paths are object paths
+    (``objects/XX/rest``), and the files found to be what their name says (read,
+    of the expected size if one was given, digest equal to the name) come in
+    groups instead: ``on_matched(indices, why, unknown_size_bytes)``, ``why`` as
+    ``FileCheck.why`` (None: measured by the kernel), with the total size of those
+    of them whose expected size was negative; every other file still goes to
+    ``on_result``. Worker processes are used when ``workers`` > 1 and the work
     is large enough for them to pay off (userspace hashing holds the GIL for most
     of its time, so threads would not add up). Files are handed out largest first,
     so that one big file does not finish alone at the end.
@@ -351,33 +272,48 @@ def check_files(
     n = default_workers() if workers is None else max(1, workers)
     total = sum(max(size, 0) for _, size in files)
     cost = total + len(files) * _FILE_COST_BYTES
+    summary = on_matched is not None
+
+    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
+        if on_matched is None:
+            if len(answer) != len(indices):
+                raise ValueError(f"{len(answer)} results for a batch of {len(indices)} files")
+            for index, wire in zip(indices, answer, strict=True):
+                on_result(index, FileCheck(*cast("Wire", wire)))
+            return
+        groups, others = cast("Summary", answer)
+        count = len(others) + sum(len(positions) for positions, _ in groups.values())
+        if count != len(indices):
+            raise ValueError(f"{count} results for a batch of {len(indices)} files")
+        for why, (positions, unknown) in groups.items():
+            on_matched([indices[p] for p in positions], why, unknown)
+        for position, wire in others:
+            on_result(indices[position], FileCheck(*wire))
+
     if n == 1 or len(files) < 2 or cost < _PROCESS_MIN_COST:
-        with _Checker(algorithm) as checker:
-            for i, (path, size) in enumerate(files):
-                on_result(i, FileCheck(*checker.check(path, size)))
+        items = list(files)
+        deliver(range(len(items)), _serve_local((algorithm.value, items, summary)))
         return
     out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
     alg = algorithm.value
 
-    def done(batch: _Batch, results: list[_Wire]) -> None:
+    def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
         # A batch's results go over as one item: one hand-off between threads per
         # batch rather than per file.
-        if len(batch) != len(results):
-            raise ValueError(f"{len(results)} results for a batch of {len(batch)} files")
-        out.put(([index for index, _, _ in batch], results))
+        out.put(([index for index, _, _ in batch], answer))
 
     # If a worker cannot be started or dies, its lane checks in-process from then on.
-    lanes: workerproc.Pool[_Batch, tuple[str, list[tuple[bytes, int]]], _Wire]
+    lanes: workerproc.Pool[_Batch, objectcheck.Request, Any]
     lanes = workerproc.Pool(
         "cfs-check",
         min(n, len(files)),
-        request=lambda batch: (alg, [(path, size) for _, path, size in batch]),
-        local=lambda: contextlib.nullcontext(_check_batch),
+        request=lambda batch: (alg, [(path, size) for _, path, size in batch], summary),
+        # A summary is one reply for a batch, not one result per file: no "exact".
+        local=lambda: contextlib.nullcontext(cast("Callable[[Any], list[Any]]", _serve_local)),
         done=done,
         fail=out.put,
         finished=lambda: out.put(None),
         start=_start_worker,
-        exact=True,
         note="checking",
     )
     lanes.processes = True
@@ -405,8 +341,10 @@ def check_files(
             elif isinstance(item, BaseException):
                 error = error or item
             elif error is None:
-                for index, wire in zip(*item, strict=True):
-                    on_result(index, FileCheck(*wire))
+                try:
+                    deliver(*item)
+                except ValueError as exc:
+                    error = exc
     finally:
         if running:
             # Leaving early (the callback raised, or ^C): stop the workers now.
@@ -727,6 +665,20 @@ def _check_objects(
         done += 1
         step("objects", done, total)
 
+    def on_matched(indices: list[int], why: str | None, unknown: int) -> None:
+        # Files that are what their name says: what on_result does for them, per group.
+        nonlocal done
+        report.bytes_checked += unknown
+        if why is None:
+            report.verity_measured += len(indices)
+        elif lacks_verity(policy, why):
+            for index in indices:
+                digest = digests[index]
+                report.no_verity.append(digest)
+                report.no_verity_why[digest] = why
+        done += len(indices)
+        step("objects", done, total)
+
     # Paths built by hand: pathlib cost ~5 us per object. object_path still checks
     # each name (its error, as before) and gives the objects directory.
     for d in digests:
@@ -734,7 +686,7 @@ def _check_objects(
             repo.object_path(d)
     objects = os.fsencode(repo.object_path(digests[0]).parent.parent) if digests else b""
     files = [(b"%s/%s/%s" % (objects, d[:2].encode(), d[2:].encode()), sizes[d]) for d in digests]
-    check_files(files, algorithm, on_result, workers=workers)
+    check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
     report.corrupt.sort()
