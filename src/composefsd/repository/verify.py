@@ -42,6 +42,7 @@ import contextlib
 import errno
 import os
 import queue
+import re
 import stat
 import subprocess
 from collections.abc import Callable, Sequence
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from composefsd import objectcheck, workerproc
 from composefsd.fsverity import digest_bytes
-from composefsd.image.reader import ImageFormatError, read_image
+from composefsd.image.reader import ImageFormatError, scan_objects
 from composefsd.image.tree import S_IFMT, Node
 from composefsd.kernel.verity import Algorithm, measure_verity
 from composefsd.objectcheck import NOT_REGULAR, OPEN_FLAGS, Summary, Wire
@@ -375,16 +376,15 @@ def verity_text(why: str) -> str:
     return why
 
 
-def _payload_digest(payload: bytes, algorithm: Algorithm) -> str | None:
-    """The object digest named by a payload ``XX/rest``, or None if it names none."""
-    try:
-        text = payload.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if len(text) != 2 * algorithm.digest_size + 1 or text[2] != "/":
-        return None
-    digest = text[:2] + text[3:]
-    return digest if is_hex_digest(digest, algorithm) else None
+# An object payload, ``XX/rest``: the digest in lowercase hex with a "/" after two digits.
+_PAYLOAD = {
+    alg: re.compile(rb"[0-9a-f]{2}/[0-9a-f]{%d}" % (2 * alg.digest_size - 2)) for alg in Algorithm
+}
+
+
+def _payload_hex(payload: bytes) -> str:
+    """The digest an object payload ``XX/rest`` names."""
+    return (payload[:2] + payload[3:]).decode("ascii")
 
 
 def referenced_objects(
@@ -395,8 +395,7 @@ def referenced_objects(
     Payloads that are not object paths for ``algorithm``, and objects recorded with
     two different sizes, are reported into ``problems`` (once each).
     """
-    sizes: dict[str, int] = {}
-    bad: set[bytes] = set()
+    files: list[tuple[bytes, int]] = []
     stack = [root]
     while stack:
         node = stack.pop()
@@ -406,18 +405,32 @@ def referenced_objects(
         # `composefs-info objects`: their target is visited as an inode of its own.
         if node.mode & S_IFMT != stat.S_IFREG or node.payload is None or node.content:
             continue
-        digest = _payload_digest(node.payload, algorithm)
-        if digest is None:
-            if node.payload not in bad and problems is not None:
-                bad.add(node.payload)
+        files.append((node.payload, node.size))
+    sizes = _object_payloads(files, algorithm, problems)
+    return {_payload_hex(payload): size for payload, size in sizes.items()}
+
+
+def _object_payloads(
+    files: Sequence[tuple[bytes, int]], algorithm: Algorithm, problems: list[str] | None
+) -> dict[bytes, int]:
+    """Payload (``XX/rest``) -> size for (payload, size) of files backed by objects;
+    the problems as :func:`referenced_objects` says."""
+    valid = _PAYLOAD[algorithm].fullmatch
+    sizes: dict[bytes, int] = {}
+    bad: set[bytes] = set()
+    for payload, size in files:
+        if valid(payload) is None:
+            if payload not in bad and problems is not None:
+                bad.add(payload)
                 problems.append(
-                    f"file payload {node.payload!r} is not an object path "
-                    f"(XX/rest, {algorithm.value})"
+                    f"file payload {payload!r} is not an object path (XX/rest, {algorithm.value})"
                 )
             continue
-        old = sizes.setdefault(digest, node.size)
-        if old != node.size and problems is not None:
-            problems.append(f"object {digest} is recorded with sizes {old} and {node.size}")
+        old = sizes.setdefault(payload, size)
+        if old != size and problems is not None:
+            problems.append(
+                f"object {_payload_hex(payload)} is recorded with sizes {old} and {size}"
+            )
     return sizes
 
 
@@ -535,15 +548,17 @@ def verify_image(
     if data is None:
         return report
     try:
-        image = read_image(data, c_quirks=False)
+        # The objects without the tree: the same walk and checks as read_image
+        # (c_quirks=False), so the same images are refused.
+        files = scan_objects(data)
     except (ImageFormatError, OSError, ValueError) as exc:
         # ImageFormatError is the reader's verdict; anything else it raises on a
         # damaged image is a verdict too, not a reason to stop verifying.
         report.image_problems.append(f"not a valid composefs image: {exc}")
         return report
     del data
-    sizes = referenced_objects(image.root, algorithm, report.image_problems)
-    del image
+    sizes = _object_payloads(files, algorithm, report.image_problems)
+    del files
     _check_objects(repo, algorithm, sizes, report, progress, workers)
     return report
 
@@ -593,8 +608,12 @@ def verify_stream(
     except SplitStreamError as exc:
         report.image_problems.append(f"not a valid splitstream: {exc}")
         return report
-    sizes = dict.fromkeys(refs.object_refs, -1)
-    sizes.update((digest, -1) for _name, digest in refs.named_refs)
+    digests = dict.fromkeys(refs.object_refs, -1)
+    digests.update((digest, -1) for _name, digest in refs.named_refs)
+    for d in digests:
+        if not is_hex(d):
+            repo.object_path(d)  # its error, as for any name that is not a digest
+    sizes = {f"{d[:2]}/{d[2:]}".encode(): size for d, size in digests.items()}
     _check_objects(repo, algorithm, sizes, report, progress, workers)
     return report
 
@@ -626,17 +645,19 @@ def _stream_entry(streams: Path, name: str) -> str | None:
 def _check_objects(
     repo: RepositoryView,
     algorithm: Algorithm,
-    sizes: dict[str, int],
+    sizes: dict[bytes, int],
     report: VerifyReport,
     progress: ProgressCallback | None,
     workers: int | None,
 ) -> None:
-    digests = sorted(sizes)
-    report.objects_checked = len(digests)
+    """Check the objects named by the payloads (``XX/rest``) of ``sizes``, each of
+    its size there (any size if negative), into ``report``."""
+    payloads = list(sizes)
+    report.objects_checked = len(payloads)
     # A negative size is unknown (stream references): any size is right, and the
     # bytes checked are what the files hold.
     report.bytes_checked = sum(max(size, 0) for size in sizes.values())
-    total = len(digests)
+    total = len(payloads)
     step = Throttle(progress)
     step("objects", 0, total, force=True)
     done = 0
@@ -644,8 +665,9 @@ def _check_objects(
 
     def on_result(index: int, check: FileCheck) -> None:
         nonlocal done
-        digest = digests[index]
-        expected = sizes[digest]
+        payload = payloads[index]
+        digest = _payload_hex(payload)
+        expected = sizes[payload]
         if check.error == errno.ENOENT:
             report.missing.append(digest)
         elif check.error is not None:
@@ -673,19 +695,18 @@ def _check_objects(
             report.verity_measured += len(indices)
         elif lacks_verity(policy, why):
             for index in indices:
-                digest = digests[index]
+                digest = _payload_hex(payloads[index])
                 report.no_verity.append(digest)
                 report.no_verity_why[digest] = why
         done += len(indices)
         step("objects", done, total)
 
-    # Paths built by hand: pathlib cost ~5 us per object. object_path still checks
-    # each name (its error, as before) and gives the objects directory.
-    for d in digests:
-        if not is_hex(d):
-            repo.object_path(d)
-    objects = os.fsencode(repo.object_path(digests[0]).parent.parent) if digests else b""
-    files = [(b"%s/%s/%s" % (objects, d[:2].encode(), d[2:].encode()), sizes[d]) for d in digests]
+    # Paths built by hand: pathlib cost ~5 us per object. object_path gives the
+    # objects directory.
+    objects = b""
+    if payloads:
+        objects = os.fsencode(repo.object_path(_payload_hex(payloads[0])).parent.parent)
+    files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
     check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
