@@ -1072,24 +1072,41 @@ class _ObjectScan(_Reader):
     def _scan_xattrs(
         self, nid: int, mode: int, file_size: int, area: int, area_end: int
     ) -> tuple[bytes | None, int]:
-        """The payload and the mode :meth:`_Reader._apply_xattrs` would leave. Only
-        redirects, metacopies and dropped names are handled here (none of them can
-        fail); an inode with any other xattr goes through ``_apply_xattrs`` itself."""
-        items = self._xattr_items(nid, area, area_end)
-        names = self._names
+        """The payload and the mode :meth:`_Reader._apply_xattrs` would leave.
+
+        The common case is read in one pass: inline entries only (no shared
+        ones), each within the area, with names already met whose action is a
+        redirect, a metacopy or a drop (none of them can fail). Anything else (a
+        shared xattr, a name to store or not seen before, an entry out of bounds)
+        goes through :meth:`_Reader._xattr_items` and ``_apply_xattrs`` themselves,
+        which raise what :func:`read_image` raises.
+        """
+        data = self._data
         regular = mode & _S_IFMT == _S_IFREG
-        payload = None
-        for name_index, suffix, value, _value_start in items:
-            action_key = names.get((name_index, suffix))
-            if action_key is None:
-                action_key = self._name_action(name_index, suffix, nid)
-            action = action_key[0]
-            if action == _ACT_DROP:
-                continue
-            if action == _ACT_STORE or action == _ACT_ESC_WHITEOUT:
-                node = Node(mode=mode, size=file_size)
-                self._apply_xattrs(node, nid, items)
-                return node.payload, node.mode
-            if regular and action == _ACT_REDIRECT:
-                payload = _cstr(value[1:] if len(value) > 1 and value[0] == 0x2F else value)
-        return payload, mode
+        if data[area + 4] == 0:
+            names = self._names
+            entry = XATTR_ENTRY.unpack_from
+            payload = None
+            pos = area + 12
+            while pos + 4 < area_end:
+                name_len, name_index, value_size = entry(data, pos)
+                value_start = pos + 4 + name_len
+                value_end = value_start + value_size
+                if value_end > area_end:
+                    break
+                action_key = names.get((name_index, data[pos + 4 : value_start]))
+                if action_key is None:
+                    break
+                action = action_key[0]
+                if action == _ACT_STORE or action == _ACT_ESC_WHITEOUT:
+                    break
+                if regular and action == _ACT_REDIRECT:
+                    value = data[value_start:value_end]
+                    payload = _cstr(value[1:] if value_size > 1 and value[0] == 0x2F else value)
+                pos += (4 + name_len + value_size + 3) & ~3
+            else:
+                return payload, mode
+        items = self._xattr_items(nid, area, area_end)
+        node = Node(mode=mode, size=file_size)
+        self._apply_xattrs(node, nid, items)
+        return node.payload, node.mode

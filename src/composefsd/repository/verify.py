@@ -38,8 +38,11 @@ What "lacks verity" means depends on the repository's policy:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
+import operator
 import os
 import queue
 import re
@@ -237,10 +240,32 @@ def _start_worker() -> subprocess.Popen[bytes]:
     return workerproc.start("composefsd.objectcheck", "worker_main", site=False)
 
 
-_Batch = list[tuple[int, bytes, int]]
+#: A work unit: the files' indices in ``files``, and their (path, expected size).
+_Batch = tuple[list[int], list[tuple[bytes, int]]]
 _LaneItem = tuple[list[int], "list[Wire] | Summary"] | BaseException | None
 #: ``on_matched(indices, why, unknown_size_bytes)`` (see :func:`check_files`).
 OnMatched = Callable[[list[int], str | None, int], None]
+
+
+def _batches(files: Sequence[tuple[bytes, int]]) -> list[list[int]]:
+    """The indices of ``files`` in work units of about :data:`_BATCH_COST`, largest
+    files first, so that one big file does not finish alone at the end. (The
+    running cost and the cuts are worked out in C: map, accumulate, bisect.)"""
+    sizes = [size for _, size in files]
+    order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+    costs = map(max, map(sizes.__getitem__, order), itertools.repeat(0))
+    cumulative = list(
+        itertools.accumulate(map(operator.add, costs, itertools.repeat(_FILE_COST_BYTES)))
+    )
+    batches: list[list[int]] = []
+    start, base = 0, 0
+    while start < len(order):
+        # A unit ends with the first file that brings it to _BATCH_COST.
+        end = min(bisect.bisect_left(cumulative, base + _BATCH_COST, lo=start) + 1, len(order))
+        batches.append(order[start:end])
+        base = cumulative[end - 1]
+        start = end
+    return batches
 
 
 def default_workers() -> int:
@@ -301,14 +326,14 @@ def check_files(
     def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
         # A batch's results go over as one item: one hand-off between threads per
         # batch rather than per file.
-        out.put(([index for index, _, _ in batch], answer))
+        out.put((batch[0], answer))
 
     # If a worker cannot be started or dies, its lane checks in-process from then on.
     lanes: workerproc.Pool[_Batch, objectcheck.Request, Any]
     lanes = workerproc.Pool(
         "cfs-check",
         min(n, len(files)),
-        request=lambda batch: (alg, [(path, size) for _, path, size in batch], summary),
+        request=lambda batch: (alg, batch[1], summary),
         # A summary is one reply for a batch, not one result per file: no "exact".
         local=lambda: contextlib.nullcontext(cast("Callable[[Any], list[Any]]", _serve_local)),
         done=done,
@@ -318,18 +343,8 @@ def check_files(
         note="checking",
     )
     lanes.processes = True
-    order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
-    batch: _Batch = []
-    batch_cost = 0
-    for i in order:
-        path, size = files[i]
-        batch.append((i, path, size))
-        batch_cost += max(size, 0) + _FILE_COST_BYTES
-        if batch_cost >= _BATCH_COST:
-            lanes.put(batch)
-            batch, batch_cost = [], 0
-    if batch:
-        lanes.put(batch)
+    for indices in _batches(files):
+        lanes.put((indices, [files[i] for i in indices]))
     lanes.close()
     lanes.start()
     error: BaseException | None = None
