@@ -283,8 +283,11 @@ def test_worker_summary_accounts_for_every_file(tmp_path: Path) -> None:
     missing = objects / object_relpath("cd" * 32)
     directory = objects / object_relpath("ef" * 32)
     directory.mkdir(parents=True)
+    # Right content, but its path is not .../XX/rest: not taken for a match.
+    flat = tmp_path / digest_bytes(b"flat").hex()
+    flat.write_bytes(b"flat")
     batch = [*items, wrong_size, (os.fsencode(wrong), -1), (os.fsencode(missing), 5)]
-    batch.append((os.fsencode(directory), -1))
+    batch += [(os.fsencode(directory), -1), (os.fsencode(flat), -1)]
     answer = objectcheck.serve_request((Algorithm.SHA256.value, batch, True))
     groups, others = cast(objectcheck.Summary, answer)
     matched = sorted(i for positions, _ in groups.values() for i in positions)
@@ -293,11 +296,12 @@ def test_worker_summary_accounts_for_every_file(tmp_path: Path) -> None:
     assert sum(unknown for _, unknown in groups.values()) == sum(
         (i + 1) * 1000 * len(b"%d" % i) for i in range(0, 6, 2)
     )
-    assert [position for position, _ in others] == [6, 7, 8, 9]
+    assert [position for position, _ in others] == [6, 7, 8, 9, 10]
     wires = dict(others)
     assert wires[6][0] is None and wires[6][2] is None  # size differs: no digest
     assert wires[7][2] == digest_bytes(b"not that").hex()
     assert wires[8][0] == 2  # ENOENT
     assert wires[9][0] == objectcheck.NOT_REGULAR
+    assert wires[10][2] == digest_bytes(b"flat").hex()
     with pytest.raises(ValueError, match="checks for a batch"):
         objectcheck.summarize(batch, [])

@@ -163,39 +163,32 @@ def check_batch(request: tuple[str, Sequence[tuple[bytes, int]]]) -> list[Wire]:
         return [checker.check(path, size) for path, size in items]
 
 
-def _named_digest(path: bytes) -> str:
-    """The digest an object path ``.../XX/rest`` names (its last two components)."""
-    head, rest = os.path.split(path)
-    return (os.path.basename(head) + rest).decode("latin-1")
-
-
 def summarize(items: Sequence[tuple[bytes, int]], wires: Sequence[Wire]) -> Summary:
     """The :data:`Summary` of a batch's checks. A file is "what its name says" when
     it could be read, has the expected size (if one was given) and the digest its
-    path ``objects/XX/rest`` names; anything else is passed on whole."""
+    path ``.../XX/rest`` names; anything else is passed on whole (and a path that is
+    not so written is too: it cannot be taken for a match)."""
     if len(items) != len(wires):
         raise ValueError(f"{len(wires)} checks for a batch of {len(items)} files")
     groups: dict[str | None, tuple[list[int], int]] = {}
     others: list[tuple[int, Wire]] = []
     for i, ((path, expected), wire) in enumerate(zip(items, wires, strict=True)):
         error, size, digest, measured, why = wire
-        if (
-            error is None
-            and digest is not None
-            and (measured or why is not None)
-            and digest == _named_digest(path)
-        ):
-            key = None if measured else why
-            group = groups.get(key)
-            unknown = size if expected < 0 else 0
-            if group is None:
-                groups[key] = ([i], unknown)
-            else:
-                group[0].append(i)
-                if unknown:
-                    groups[key] = (group[0], group[1] + unknown)
-        else:
-            others.append((i, wire))
+        if error is None and digest is not None and (measured or why is not None):
+            # The path ends with the payload: "XX/rest", the digest with a "/" after two.
+            name = path[-len(digest) - 1 :]
+            if name[2:3] == b"/" and digest == (name[:2] + name[3:]).decode("latin-1"):
+                key = None if measured else why
+                group = groups.get(key)
+                unknown = size if expected < 0 else 0
+                if group is None:
+                    groups[key] = ([i], unknown)
+                else:
+                    group[0].append(i)
+                    if unknown:
+                        groups[key] = (group[0], group[1] + unknown)
+                continue
+        others.append((i, wire))
     return groups, others
 
 
