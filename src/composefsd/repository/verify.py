@@ -249,21 +249,28 @@ OnMatched = Callable[[list[int], str | None, int], None]
 
 def _batches(files: Sequence[tuple[bytes, int]]) -> list[list[int]]:
     """The indices of ``files`` in work units of about :data:`_BATCH_COST`, largest
-    files first, so that one big file does not finish alone at the end. (The
-    running cost and the cuts are worked out in C: map, accumulate, bisect.)"""
+    files first, so that one big file does not finish alone at the end. A unit ends
+    with the first file that brings it to :data:`_BATCH_COST` (sizes below 0 count
+    as 0, each file :data:`_FILE_COST_BYTES` more); the cuts are found by bisection
+    on the running total, not by a Python step per file."""
     sizes = [size for _, size in files]
     order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
-    costs = map(max, map(sizes.__getitem__, order), itertools.repeat(0))
-    cumulative = list(
-        itertools.accumulate(map(operator.add, costs, itertools.repeat(_FILE_COST_BYTES)))
-    )
+    costs = [sizes[i] for i in order]
+    # Unknown sizes (negative) sort last: they cost their files' share alone.
+    known = bisect.bisect_right(costs, 0, key=operator.neg)
+    costs[known:] = itertools.repeat(0, len(costs) - known)
+    total = list(itertools.accumulate(costs))
+
+    def cost_through(j: int) -> int:
+        return total[j] + (j + 1) * _FILE_COST_BYTES
+
     batches: list[list[int]] = []
     start, base = 0, 0
     while start < len(order):
-        # A unit ends with the first file that brings it to _BATCH_COST.
-        end = min(bisect.bisect_left(cumulative, base + _BATCH_COST, lo=start) + 1, len(order))
+        first = bisect.bisect_left(range(len(order)), base + _BATCH_COST, start, key=cost_through)
+        end = min(first + 1, len(order))
         batches.append(order[start:end])
-        base = cumulative[end - 1]
+        base = cost_through(end - 1)
         start = end
     return batches
 
