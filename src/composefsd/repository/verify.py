@@ -256,7 +256,7 @@ def _batches(files: Sequence[tuple[bytes, int]]) -> list[list[int]]:
     sizes = [size for _, size in files]
     order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
     costs = [sizes[i] for i in order]
-    # Unknown sizes (negative) sort last: they cost their files' share alone.
+    # Unknown sizes (negative) sort last and count as 0 bytes.
     known = bisect.bisect_right(costs, 0, key=operator.neg)
     costs[known:] = itertools.repeat(0, len(costs) - known)
     total = list(itertools.accumulate(costs))
@@ -307,17 +307,21 @@ def check_files(
     cost = total + len(files) * _FILE_COST_BYTES
     summary = on_matched is not None
 
-    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
+    def count(answer: list[Wire] | Summary) -> int:
+        """How many files an answer accounts for."""
         if on_matched is None:
-            if len(answer) != len(indices):
-                raise ValueError(f"{len(answer)} results for a batch of {len(indices)} files")
+            return len(answer)
+        groups, others = cast("Summary", answer)
+        return len(others) + sum(len(positions) for positions, _ in groups.values())
+
+    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
+        if count(answer) != len(indices):
+            raise ValueError(f"{count(answer)} results for a batch of {len(indices)} files")
+        if on_matched is None:
             for index, wire in zip(indices, answer, strict=True):
                 on_result(index, FileCheck(*cast("Wire", wire)))
             return
         groups, others = cast("Summary", answer)
-        count = len(others) + sum(len(positions) for positions, _ in groups.values())
-        if count != len(indices):
-            raise ValueError(f"{count} results for a batch of {len(indices)} files")
         for why, (positions, unknown) in groups.items():
             on_matched([indices[p] for p in positions], why, unknown)
         for position, wire in others:
@@ -332,7 +336,9 @@ def check_files(
 
     def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
         # A batch's results go over as one item: one hand-off between threads per
-        # batch rather than per file.
+        # batch rather than per file. (Raising here goes to ``fail``.)
+        if count(answer) != len(batch[0]):
+            raise ValueError(f"{count(answer)} results for a batch of {len(batch[0])} files")
         out.put((batch[0], answer))
 
     # If a worker cannot be started or dies, its lane checks in-process from then on.
@@ -364,10 +370,7 @@ def check_files(
             elif isinstance(item, BaseException):
                 error = error or item
             elif error is None:
-                try:
-                    deliver(*item)
-                except ValueError as exc:
-                    error = exc
+                deliver(*item)
     finally:
         if running:
             # Leaving early (the callback raised, or ^C): stop the workers now.
