@@ -305,3 +305,27 @@ def test_worker_summary_accounts_for_every_file(tmp_path: Path) -> None:
     assert wires[10][2] == digest_bytes(b"flat").hex()
     with pytest.raises(ValueError, match="checks for a batch"):
         objectcheck.summarize(batch, [])
+
+
+def test_in_process_results_come_as_the_work_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checked in the calling process (one worker), results are handed over run by
+    # run, so that progress moves while the files are checked.
+    monkeypatch.setattr(verify_mod, "_LOCAL_RUN", 2)
+    files = []
+    for i in range(5):
+        data = b"file %d" % i
+        path = tmp_path / "objects" / object_relpath(digest_bytes(data).hex())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files.append((os.fsencode(path), len(data)))
+    calls: list[list[int]] = []
+    verify_mod.check_files(
+        files,
+        Algorithm.SHA256,
+        lambda index, check: calls.append([-1]),
+        lambda indices, why, unknown: calls.append(indices),
+        workers=1,
+    )
+    assert calls == [[0, 1], [2, 3], [4]]

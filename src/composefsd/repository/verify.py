@@ -97,6 +97,8 @@ _FILE_COST_BYTES = 32 << 10
 _PROCESS_MIN_COST = 256 << 20
 # A work unit handed to a worker (a file larger than this goes alone).
 _BATCH_COST = 32 << 20
+# Files checked in-process between two deliveries of their results.
+_LOCAL_RUN = 256
 
 
 class RepositoryView(Protocol):
@@ -328,8 +330,13 @@ def check_files(
             on_result(indices[position], FileCheck(*wire))
 
     if n == 1 or len(files) < 2 or cost < _PROCESS_MIN_COST:
-        items = list(files)
-        deliver(range(len(items)), _serve_local((algorithm.value, items, summary)))
+        # In runs of files, so that results (and progress) come as the work goes.
+        with _Checker(algorithm) as checker:
+            for start in range(0, len(files), _LOCAL_RUN):
+                items = list(files[start : start + _LOCAL_RUN])
+                wires = [checker.check(path, size) for path, size in items]
+                answer = objectcheck.summarize(items, wires) if summary else wires
+                deliver(range(start, start + len(items)), answer)
         return
     out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
     alg = algorithm.value
