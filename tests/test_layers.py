@@ -31,6 +31,7 @@ _RANKS = {
     "dirs": 2,
     "verity_policy": 2,
     "workerproc": 2,
+    "objectcheck": 2,
     "cpus": 2,
     "repository": 3,
     "kernel": 4,

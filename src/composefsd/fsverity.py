@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
+    "FileDigester",
     "FsVerityHasher",
     "c_compat_digest_bytes",
     "default_threads",
@@ -392,6 +393,50 @@ def digest_fd(
             bufsize = min(_SPAN, (size_hint // BLOCK_SIZE + 1) * BLOCK_SIZE)
         size = _read_serial(reader, new, tree, memoryview(bytearray(bufsize)))
     return _finish(alg, new, tree, size, c_compat=c_compat)
+
+
+class FileDigester:
+    """Digests regular files one after another (Verify's and fsck's objects): the
+    algorithm is settled once, and files under 8 MiB are read whole with one
+    ``preadv`` into one buffer kept from file to file, so a small file costs its
+    read and its hashing, not a fresh buffer zeroed for it."""
+
+    __slots__ = ("_alg", "_buf", "_mv", "_new")
+
+    def __init__(self, algorithm: AlgorithmLike = "sha256") -> None:
+        self._alg = Algorithm.parse(algorithm)
+        self._new = _hash_new(self._alg)
+        self._buf = bytearray()
+        self._mv = memoryview(self._buf)
+
+    def digest(self, fd: int, size: int) -> bytes:
+        """fs-verity digest of everything readable from ``fd``, a regular file that
+        ``fstat`` has just found to be ``size`` bytes long (a hint: a file that is
+        shorter or longer by now is digested as it is, as :func:`digest_fd` does)."""
+        if size >= _PARALLEL_MIN_SIZE:
+            return digest_fd(fd, self._alg, threads=1, regular_size=size)
+        # Room for one byte more than the file, so that one read sees EOF; the
+        # blocks past it are zero, the padding of the last block.
+        room = (size // BLOCK_SIZE + 1) * BLOCK_SIZE
+        if len(self._buf) < room:
+            self._buf = bytearray(max(room, 2 * len(self._buf)))
+            self._mv = memoryview(self._buf)
+        mv = self._mv
+        got = os.preadv(fd, [mv[: size + 1]], 0)
+        if got != size:
+            # A file that changed size since fstat (or a short read): the general path.
+            return digest_fd(fd, self._alg, threads=1)
+        new = self._new
+        alg = self._alg
+        if not got:
+            return _descriptor_digest(alg, new, bytes(alg.digest_size), 0)
+        end = -(-got // BLOCK_SIZE) * BLOCK_SIZE
+        if end != got:
+            mv[got:end] = _ZERO_BLOCK[: end - got]
+        level = _hash_blocks(new, mv[:end])
+        if len(level) > alg.digest_size:
+            level = _root_whole(alg, new, memoryview(level))
+        return _descriptor_digest(alg, new, level, got)
 
 
 def _read_serial(reader: _Reader, new: _HashNew, tree: _MerkleTree, mv: memoryview) -> int:

@@ -29,7 +29,7 @@ import errno
 import gc
 import mmap
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -67,6 +67,7 @@ __all__ = [
     "read_header",
     "read_image",
     "read_superblock",
+    "scan_objects",
 ]
 
 _NAME_MAX = 255
@@ -244,6 +245,49 @@ def read_superblock(head: bytes | bytearray | memoryview, file_size: int) -> Ima
     return ImageSuperblock(header=header, root_nid=root_nid, inodes=inos, blocks=blocks)
 
 
+def _check_start(data: bytes | mmap.mmap, *, c_quirks: bool) -> tuple[ImageHeader, _SuperFields]:
+    """The header and superblock, checked as far as the reader needs them."""
+    size = len(data)
+    if size < BLOCK_SIZE:
+        raise ImageFormatError(
+            errno.EINVAL, f"image is {size} bytes, smaller than one {BLOCK_SIZE}-byte block"
+        )
+    header = read_header(data)
+    if not c_quirks:
+        # C checks neither; a repository's image is whole (no block short or past
+        # what the superblock says) and in a format composefs-rs knows.
+        read_superblock(data[:BLOCK_SIZE], size)
+        format_version(header)
+    return header, _unpack_super(data)
+
+
+def _reader_args(data: bytes | mmap.mmap, sb: _SuperFields) -> tuple[int, int, int, int]:
+    """(metadata start, shared xattr start, build time, its nanoseconds), checked."""
+    size = len(data)
+    meta_start = sb.meta_blkaddr * BLOCK_SIZE
+    xattr_start = sb.xattr_blkaddr * BLOCK_SIZE
+    if meta_start >= size:
+        raise ImageFormatError(
+            errno.EINVAL, f"metadata block {sb.meta_blkaddr} is past the end of the image"
+        )
+    if xattr_start >= size:
+        raise ImageFormatError(
+            errno.EINVAL, f"shared xattr block {sb.xattr_blkaddr} is past the end of the image"
+        )
+    build_time = sb.build_time
+    if build_time >= 1 << 63:
+        build_time -= 1 << 64
+    return meta_start, xattr_start, build_time, sb.build_time_nsec
+
+
+def _exact(reader: _Reader, header: ImageHeader) -> None:
+    """Set ``reader`` to read the tree that was written (``c_quirks=False``)."""
+    # Only V2 stores whiteouts as themselves; in V0/V1 the 0/0 devices are
+    # the writer's 00..ff overlay stubs, never part of the tree.
+    reader.keep_whiteouts = header.composefs_version == ErofsVersion.V2
+    reader.exact = True
+
+
 def read_image(
     buf: bytes | bytearray | memoryview | mmap.mmap,
     *,
@@ -266,39 +310,12 @@ def read_image(
     that is out of bounds or inconsistent.
     """
     data = _buffer(buf)
-    size = len(data)
-    if size < BLOCK_SIZE:
-        raise ImageFormatError(
-            errno.EINVAL, f"image is {size} bytes, smaller than one {BLOCK_SIZE}-byte block"
-        )
-    header = read_header(data)
-    if not c_quirks:
-        # C checks neither; a repository's image is whole (no block short or past
-        # what the superblock says) and in a format composefs-rs knows.
-        read_superblock(data[:BLOCK_SIZE], size)
-        format_version(header)
-    sb = _unpack_super(data)
+    header, sb = _check_start(data, c_quirks=c_quirks)
     root_nid, inos, blocks = sb.root_nid, sb.inos, sb.blocks
-    build_time, build_time_nsec = sb.build_time, sb.build_time_nsec
-    meta_blkaddr, xattr_blkaddr = sb.meta_blkaddr, sb.xattr_blkaddr
-    meta_start = meta_blkaddr * BLOCK_SIZE
-    xattr_start = xattr_blkaddr * BLOCK_SIZE
-    if meta_start >= size:
-        raise ImageFormatError(
-            errno.EINVAL, f"metadata block {meta_blkaddr} is past the end of the image"
-        )
-    if xattr_start >= size:
-        raise ImageFormatError(
-            errno.EINVAL, f"shared xattr block {xattr_blkaddr} is past the end of the image"
-        )
-    if build_time >= 1 << 63:
-        build_time -= 1 << 64
-    reader = _Reader(data, meta_start, xattr_start, build_time, build_time_nsec)
+    reader = _Reader(data, *_reader_args(data, sb))
+    build_time, build_time_nsec = reader.build_time, reader.build_time_nsec
     if not c_quirks:
-        # Only V2 stores whiteouts as themselves; in V0/V1 the 0/0 devices are
-        # the writer's 00..ff overlay stubs, never part of the tree.
-        reader.keep_whiteouts = header.composefs_version == ErofsVersion.V2
-        reader.exact = True
+        _exact(reader, header)
     # The tree is hundreds of thousands of acyclic objects; letting the cyclic
     # collector rescan them on every allocation burst costs a third of the time.
     gc_enabled = gc.isenabled()
@@ -321,6 +338,31 @@ def read_image(
         blocks=blocks,
         root_nid=root_nid,
     )
+
+
+def scan_objects(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[tuple[bytes, int]]:
+    """(payload, size) of every regular file of the image backed by an object (a
+    payload and no inline data), once per inode, in the order the walk meets them:
+    what a walk of ``read_image(buf, c_quirks=False)``'s tree finds, without
+    building the tree (Verify's list of objects, in a third of the time).
+
+    It walks the image as :func:`read_image` does and makes every check it makes,
+    in the same order, so it raises the same :class:`ImageFormatError` for every
+    image :func:`read_image` refuses; only what it keeps differs. Inodes whose
+    xattrs :func:`read_image` would store are read through the same code.
+    """
+    data = _buffer(buf)
+    header, sb = _check_start(data, c_quirks=False)
+    scan = _ObjectScan(data, *_reader_args(data, sb))
+    _exact(scan, header)
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        scan.scan(sb.root_nid)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return scan.objects
 
 
 def _drop_opaque_marks(root: Node) -> None:
@@ -390,6 +432,8 @@ class _Reader:
         "_size",
         "_stack",
         "_xattr_start",
+        "build_time",
+        "build_time_nsec",
         "exact",
         "inodes_read",
         "keep_whiteouts",
@@ -409,6 +453,8 @@ class _Reader:
         self._xattr_start = xattr_start
         self._mtime = build_time
         self._mtime_nsec = build_time_nsec
+        self.build_time = build_time
+        self.build_time_nsec = build_time_nsec
         self._seen: dict[int, Node | _Whiteout] = {}
         # shared xattr index -> (name_index, suffix, value, value offset, entry end)
         self._shared: dict[int, tuple[int, bytes, bytes, int]] = {}
@@ -747,6 +793,13 @@ class _Reader:
         return res
 
     def _read_xattrs(self, node: Node, nid: int, area: int, area_end: int) -> None:
+        self._apply_xattrs(node, nid, self._xattr_items(nid, area, area_end))
+
+    def _xattr_items(
+        self, nid: int, area: int, area_end: int
+    ) -> list[tuple[int, bytes, bytes, int]]:
+        """The xattrs of the area (checked against it and the image), as
+        (name_index, suffix, value, value offset) in C's processing order."""
         data = self._data
         size = self._size
         shared_count = data[area + 4]
@@ -804,7 +857,12 @@ class _Reader:
                     )
                     shared[idx] = hit
                 items.append(hit)
+        return items
 
+    def _apply_xattrs(
+        self, node: Node, nid: int, items: list[tuple[int, bytes, bytes, int]]
+    ) -> None:
+        data = self._data
         names = self._names
         index: dict[bytes, int] = {}
         for name_index, suffix, value, value_start in items:
@@ -875,3 +933,180 @@ class _Reader:
         node.xattr_estimate += cost
         index[key] = len(xattrs)
         xattrs.append((key, value))
+
+
+# The scan's mark for an inode already visited (a second entry is a hardlink).
+_SCANNED = Node(mode=0)
+
+
+class _ObjectScan(_Reader):
+    """:func:`scan_objects`: :meth:`_Reader.load`'s walk and :meth:`_Reader._visit`'s
+    checks, step for step, keeping the objects instead of building nodes."""
+
+    __slots__ = ("_frames", "objects")
+
+    def __init__(
+        self,
+        data: bytes | mmap.mmap,
+        meta_start: int,
+        xattr_start: int,
+        build_time: int,
+        build_time_nsec: int,
+    ) -> None:
+        super().__init__(data, meta_start, xattr_start, build_time, build_time_nsec)
+        self.objects: list[tuple[bytes, int]] = []
+        # Per directory being walked: the names seen so far (duplicates are refused)
+        # and its remaining entries.
+        self._frames: list[tuple[set[bytes], Iterator[tuple[bytes, int]]]] = []
+
+    def scan(self, root_nid: int) -> None:
+        if not self._scan_inode(root_nid):
+            raise ImageFormatError(errno.ENOTSUP, f"root inode {root_nid} is a whiteout")
+        stack = self._frames
+        visit = self._scan_inode
+        exact = self.exact
+        while stack:
+            names, entries = stack[-1]
+            depth = len(stack)
+            for name, nid in entries:
+                if not visit(nid):
+                    continue  # real whiteout, as C does
+                if not name:
+                    raise ImageFormatError(
+                        errno.EINVAL, f"empty name for inode {nid} in a directory"
+                    )
+                if exact and b"/" in name:
+                    raise ImageFormatError(
+                        errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'"
+                    )
+                if len(name) > _NAME_MAX:
+                    raise ImageFormatError(
+                        errno.ENAMETOOLONG,
+                        f"name of {len(name)} bytes for inode {nid} is longer than {_NAME_MAX}",
+                    )
+                if name in names:
+                    raise ImageFormatError(
+                        errno.EEXIST, f"duplicate directory entry {name!r} (inode {nid})"
+                    )
+                names.add(name)
+                if len(stack) != depth:
+                    break  # descend first, as load() does
+            else:
+                stack.pop()
+
+    def _scan_inode(self, nid: int) -> bool:
+        """:meth:`_Reader._visit` without the node: False for a real whiteout."""
+        data = self._data
+        size = self._size
+        off = self._meta + (nid << INODE_SLOT_BITS)
+        if off >= size:
+            raise ImageFormatError(
+                errno.EINVAL, f"inode {nid} at offset 0x{off:x} is past end of image"
+            )
+        seen = self._seen.get(nid)
+        if seen is not None:
+            return not isinstance(seen, _Whiteout)
+
+        if off + 32 > size:
+            raise self._inode_error(nid, off, "inode")
+        i_format = data[off] | data[off + 1] << 8
+        if i_format & 1:
+            if off + 64 > size:
+                raise self._inode_error(nid, off, "extended inode")
+            i_format, icount, mode, file_size, i_u = EXTENDED_INODE_READ.unpack_from(data, off)[:5]
+            isize = 64
+        else:
+            i_format, icount, mode, _nlink, file_size, i_u = COMPACT_INODE_READ.unpack_from(
+                data, off
+            )[:6]
+            isize = 32
+        ftype = mode & _S_IFMT
+        if ftype == _S_IFCHR and i_u == 0 and not self.keep_whiteouts:
+            self._seen[nid] = _WHITEOUT
+            return False
+        self._seen[nid] = _SCANNED
+        self.inodes_read += 1
+
+        xattr_size = 12 + (icount - 1) * 4 if icount else 0
+        area = off + isize
+        tail = area + xattr_size
+        if tail > size:
+            raise self._inode_error(nid, off, f"xattr area of {xattr_size} bytes")
+        self._spend(isize + xattr_size, f"inode {nid}")
+        layout = (i_format >> 1) & 7
+        tailpacked = layout == LAYOUT_FLAT_INLINE
+        inline = False
+
+        if ftype == _S_IFDIR:
+            entries = self._read_dir(nid, off, file_size, tailpacked, tail, i_u, None)
+            self._frames.append((set(), iter(entries)))
+        elif ftype == _S_IFLNK:
+            if file_size >= PATH_MAX:
+                raise ImageFormatError(
+                    errno.EINVAL,
+                    f"inode {nid}: symlink target of {file_size} bytes is too long",
+                )
+            start = tail if tailpacked else i_u * BLOCK_SIZE
+            if start + file_size > size:
+                raise self._inode_error(nid, off, f"symlink target of {file_size} bytes")
+            self._spend(file_size, f"inode {nid}")
+            if not _cstr(data[start : start + file_size]):
+                raise ImageFormatError(errno.EINVAL, f"inode {nid}: empty symlink target")
+        elif ftype == _S_IFREG and file_size != 0:
+            if layout == LAYOUT_FLAT_PLAIN or tailpacked:
+                # The same checks; the content itself is not kept.
+                self._read_content(Node(mode=mode), nid, off, file_size, tailpacked, tail, i_u)
+                inline = True
+            elif layout != LAYOUT_CHUNK_BASED:
+                raise ImageFormatError(
+                    errno.EINVAL, f"inode {nid}: regular file with unsupported layout {layout}"
+                )
+
+        payload = None
+        if icount:
+            payload, mode = self._scan_xattrs(nid, mode, file_size, area, tail)
+        if payload is not None and not inline and mode & _S_IFMT == _S_IFREG:
+            self.objects.append((payload, file_size))
+        return True
+
+    def _scan_xattrs(
+        self, nid: int, mode: int, file_size: int, area: int, area_end: int
+    ) -> tuple[bytes | None, int]:
+        """The payload and the mode :meth:`_Reader._apply_xattrs` would leave.
+
+        The common case is read in one pass: inline entries only (no shared
+        ones), each within the area, with names already met whose action is a
+        redirect, a metacopy or a drop (none of them can fail). Anything else (a
+        shared xattr, a name to store or not seen before, an entry out of bounds)
+        goes through :meth:`_Reader._xattr_items` and ``_apply_xattrs`` themselves,
+        which raise what :func:`read_image` raises.
+        """
+        data = self._data
+        regular = mode & _S_IFMT == _S_IFREG
+        if data[area + 4] == 0:
+            names = self._names
+            entry = XATTR_ENTRY.unpack_from
+            payload = None
+            pos = area + 12
+            while pos + 4 < area_end:
+                name_len, name_index, value_size = entry(data, pos)
+                value_start = pos + 4 + name_len
+                value_end = value_start + value_size
+                if value_end > area_end:
+                    break
+                action_key = names.get((name_index, data[pos + 4 : value_start]))
+                if action_key is None:
+                    break
+                action = action_key[0]
+                if action == _ACT_STORE or action == _ACT_ESC_WHITEOUT:
+                    break
+                if regular and action == _ACT_REDIRECT:
+                    value = data[value_start:value_end]
+                    payload = _cstr(value[1:] if value_size > 1 and value[0] == 0x2F else value)
+                pos += (4 + name_len + value_size + 3) & ~3
+            else:
+                return payload, mode
+        items = self._xattr_items(nid, area, area_end)
+        node = Node(mode=mode, size=file_size)
+        self._apply_xattrs(node, nid, items)
+        return node.payload, node.mode

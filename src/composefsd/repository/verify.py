@@ -38,28 +38,27 @@ What "lacks verity" means depends on the repository's policy:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
+import itertools
+import operator
 import os
 import queue
+import re
 import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from composefsd import workerproc
-from composefsd.fsverity import digest_bytes, digest_fd
-from composefsd.image.reader import ImageFormatError, read_image
+from composefsd import objectcheck, workerproc
+from composefsd.fsverity import digest_bytes
+from composefsd.image.reader import ImageFormatError, scan_objects
 from composefsd.image.tree import S_IFMT, Node
-from composefsd.kernel.verity import (
-    Algorithm,
-    VerityError,
-    VerityNotEnabledError,
-    VerityUnsupportedError,
-    measure_verity,
-)
+from composefsd.kernel.verity import Algorithm, measure_verity
+from composefsd.objectcheck import NOT_REGULAR, OPEN_FLAGS, Summary, Wire
 from composefsd.objectlayout import is_hex, is_hex_digest, object_link_digest, object_relpath
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
@@ -77,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOT_REGULAR",
+    "OPEN_FLAGS",
     "FileCheck",
     "RepositoryView",
     "VerifyReport",
@@ -89,18 +89,16 @@ __all__ = [
     "verity_text",
 ]
 
-#: Objects are opened without following a final symlink (an object must be a regular
-#: file) and without blocking (a FIFO planted under objects/ must not hang us).
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-_DIR_NOFOLLOW = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Work is measured in bytes to hash, each file counting this much more for opening
 # it (measured: ~30 us per file, about what hashing 32 KiB costs).
 _FILE_COST_BYTES = 32 << 10
 # Below this much work (~0.25 s of hashing), worker processes cost more to start than
-# they save: each one imports the package, ~0.15 s.
+# they save (each one imports composefsd.objectcheck: ~0.05 s with Python's start).
 _PROCESS_MIN_COST = 256 << 20
 # A work unit handed to a worker (a file larger than this goes alone).
 _BATCH_COST = 32 << 20
+# Files checked in-process between two deliveries of their results.
+_LOCAL_RUN = 256
 
 
 class RepositoryView(Protocol):
@@ -175,9 +173,6 @@ class VerifyReport:
 
 # -- checking files -------------------------------------------------------------------------
 
-#: ``FileCheck.error`` for something that is not a regular file.
-NOT_REGULAR = -1
-
 
 @dataclass(slots=True, frozen=True)
 class FileCheck:
@@ -202,101 +197,22 @@ class FileCheck:
         return os.strerror(self.error or errno.EIO)
 
 
-_Wire = tuple[int | None, int, str | None, bool, str | None]
-
-
 def _measure(fd: int, algorithm: Algorithm) -> tuple[bytes | None, str | None]:
     """The kernel's digest, or None and why not (see ``FileCheck.why``)."""
-    try:
-        return measure_verity(fd, algorithm), None
-    except VerityNotEnabledError:
-        return None, "not-enabled"
-    except VerityUnsupportedError:
-        return None, "unsupported"
-    except VerityError as exc:
-        return None, str(exc)
+    return objectcheck.measure(fd, algorithm, measure_verity)
 
 
-def _open_no_symlinks(path: bytes) -> int:
-    """``path`` (``objects/XX/rest``) opened with neither its last component nor its
-    directory (``XX``) a symlink: a planted ``objects/XX`` link cannot lead out."""
-    head, tail = os.path.split(path)
-    dir_fd = os.open(head or b".", _DIR_NOFOLLOW)
-    try:
-        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
-    finally:
-        os.close(dir_fd)
+class _Checker(objectcheck.Checker):
+    """:class:`composefsd.objectcheck.Checker` asking the kernel through this
+    module's :func:`_measure` (the in-process checks; workers use their own)."""
+
+    __slots__ = ()
+
+    def _measure(self, fd: int) -> tuple[bytes | None, str | None]:
+        return _measure(fd, self._algorithm)
 
 
-class _Checker:
-    """Checks many files in a row, sparing the per-file work that repeats: the
-    directory (``XX``) is opened once (with the same no-symlink rule as
-    :func:`_open_no_symlinks`) and kept open, and once the kernel says a filesystem
-    cannot do fs-verity at all, its other files are not asked again (that answer is
-    per filesystem; their content is hashed in userspace as before, so nothing
-    goes unchecked). Use as a context manager: it closes the directories."""
-
-    __slots__ = ("_algorithm", "_dirs", "_unsupported")
-
-    #: Directories kept open at most (an image's objects use at most 256).
-    MAX_DIRS = 1024
-
-    def __init__(self, algorithm: Algorithm) -> None:
-        self._algorithm = algorithm
-        self._dirs: dict[bytes, int] = {}
-        self._unsupported: set[int] = set()
-
-    def __enter__(self) -> _Checker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._close_dirs()
-
-    def _close_dirs(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
-
-    def _open(self, path: bytes) -> int:
-        head, tail = os.path.split(path)
-        head = head or b"."
-        dir_fd = self._dirs.get(head)
-        if dir_fd is None:
-            if len(self._dirs) >= self.MAX_DIRS:
-                self._close_dirs()
-            dir_fd = os.open(head, _DIR_NOFOLLOW)
-            self._dirs[head] = dir_fd
-        return os.open(tail, OPEN_FLAGS, dir_fd=dir_fd)
-
-    def check(self, path: bytes, expected_size: int) -> _Wire:
-        algorithm = self._algorithm
-        try:
-            fd = self._open(path)
-        except OSError as exc:
-            return exc.errno or errno.EIO, 0, None, False, None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return NOT_REGULAR, 0, None, False, None
-            if 0 <= expected_size != st.st_size:
-                return None, st.st_size, None, False, None
-            if st.st_dev in self._unsupported:
-                why: str | None = "unsupported"
-            else:
-                measured, why = _measure(fd, algorithm)
-                if measured is not None:
-                    return None, st.st_size, measured.hex(), True, None
-                if why == "unsupported":
-                    self._unsupported.add(st.st_dev)
-            digest = digest_fd(fd, algorithm, threads=1, regular_size=st.st_size)
-            return None, st.st_size, digest.hex(), False, why
-        except OSError as exc:
-            return exc.errno or errno.EIO, 0, None, False, None
-        finally:
-            os.close(fd)
-
-
-def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> _Wire:
+def _check(path: bytes, algorithm: Algorithm, expected_size: int) -> Wire:
     with _Checker(algorithm) as checker:
         return checker.check(path, expected_size)
 
@@ -308,24 +224,57 @@ def check_file(path: bytes, algorithm: Algorithm, expected_size: int = -1) -> Fi
     return FileCheck(*_check(path, algorithm, expected_size))
 
 
-def _check_batch(request: tuple[str, list[tuple[bytes, int]]]) -> list[_Wire]:
-    """Check a batch: (algorithm name, [(path, expected size)...]), in a lane or a worker."""
+def _check_batch(request: tuple[str, Sequence[tuple[bytes, int]]]) -> list[Wire]:
+    """Check a batch: (algorithm name, [(path, expected size)...]), in-process."""
     algorithm, items = request
     with _Checker(Algorithm.parse(algorithm)) as checker:
         return [checker.check(path, size) for path, size in items]
 
 
-def _worker_main() -> None:
-    """A checking worker process: batches on stdin, answers on stdout, until EOF."""
-    workerproc.serve(_check_batch)
+def _serve_local(request: objectcheck.Request) -> list[Wire] | Summary:
+    """A lane's in-process answer to a batch: what a worker would answer."""
+    algorithm, items, summary = request
+    wires = _check_batch((algorithm, items))
+    return objectcheck.summarize(items, wires) if summary else wires
 
 
 def _start_worker() -> subprocess.Popen[bytes]:
-    return workerproc.start("composefsd.repository.verify", "_worker_main")
+    return workerproc.start("composefsd.objectcheck", "worker_main", site=False)
 
 
-_Batch = list[tuple[int, bytes, int]]
-_LaneItem = tuple[list[int], list[_Wire]] | BaseException | None
+#: A work unit: the files' indices in ``files``, and their (path, expected size).
+_Batch = tuple[list[int], list[tuple[bytes, int]]]
+_LaneItem = tuple[list[int], "list[Wire] | Summary"] | BaseException | None
+#: ``on_matched(indices, why, unknown_size_bytes)`` (see :func:`check_files`).
+OnMatched = Callable[[list[int], str | None, int], None]
+
+
+def _batches(files: Sequence[tuple[bytes, int]]) -> list[list[int]]:
+    """The indices of ``files`` in work units of about :data:`_BATCH_COST`, largest
+    files first, so that one big file does not finish alone at the end. A unit ends
+    with the first file that brings it to :data:`_BATCH_COST` (sizes below 0 count
+    as 0, each file :data:`_FILE_COST_BYTES` more); the cuts are found by bisection
+    on the running total, not by a Python step per file."""
+    sizes = [size for _, size in files]
+    order = sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+    costs = [sizes[i] for i in order]
+    # Unknown sizes (negative) sort last and count as 0 bytes.
+    known = bisect.bisect_right(costs, 0, key=operator.neg)
+    costs[known:] = itertools.repeat(0, len(costs) - known)
+    total = list(itertools.accumulate(costs))
+
+    def cost_through(j: int) -> int:
+        return total[j] + (j + 1) * _FILE_COST_BYTES
+
+    batches: list[list[int]] = []
+    start, base = 0, 0
+    while start < len(order):
+        first = bisect.bisect_left(range(len(order)), base + _BATCH_COST, start, key=cost_through)
+        end = min(first + 1, len(order))
+        batches.append(order[start:end])
+        base = cost_through(end - 1)
+        start = end
+    return batches
 
 
 def default_workers() -> int:
@@ -337,13 +286,20 @@ def check_files(
     files: Sequence[tuple[bytes, int]],
     algorithm: Algorithm,
     on_result: Callable[[int, FileCheck], None],
+    on_matched: OnMatched | None = None,
     *,
     workers: int | None = None,
 ) -> None:
     """:func:`check_file` for every (path, expected size) of ``files``, in parallel.
 
     ``on_result(index, check)`` is called in the calling thread once per file, in no
-    particular order. Worker processes are used when ``workers`` > 1 and the work
+    particular order. With ``on_matched``, the paths are object paths
+    (``objects/XX/rest``), and the files found to be what their name says (read,
+    of the expected size if one was given, digest equal to the name) come in
+    groups instead: ``on_matched(indices, why, unknown_size_bytes)``, ``why`` as
+    ``FileCheck.why`` (None: measured by the kernel), with the total size of those
+    of them whose expected size was negative; every other file still goes to
+    ``on_result``. Worker processes are used when ``workers`` > 1 and the work
     is large enough for them to pay off (userspace hashing holds the GIL for most
     of its time, so threads would not add up). Files are handed out largest first,
     so that one big file does not finish alone at the end.
@@ -351,48 +307,64 @@ def check_files(
     n = default_workers() if workers is None else max(1, workers)
     total = sum(max(size, 0) for _, size in files)
     cost = total + len(files) * _FILE_COST_BYTES
+    summary = on_matched is not None
+
+    def count(answer: list[Wire] | Summary) -> int:
+        """How many files an answer accounts for."""
+        if on_matched is None:
+            return len(answer)
+        groups, others = cast("Summary", answer)
+        return len(others) + sum(len(positions) for positions, _ in groups.values())
+
+    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
+        if count(answer) != len(indices):
+            raise ValueError(f"{count(answer)} results for a batch of {len(indices)} files")
+        if on_matched is None:
+            for index, wire in zip(indices, answer, strict=True):
+                on_result(index, FileCheck(*cast("Wire", wire)))
+            return
+        groups, others = cast("Summary", answer)
+        for why, (positions, unknown) in groups.items():
+            on_matched([indices[p] for p in positions], why, unknown)
+        for position, wire in others:
+            on_result(indices[position], FileCheck(*wire))
+
     if n == 1 or len(files) < 2 or cost < _PROCESS_MIN_COST:
+        # In runs of files, so that results (and progress) come as the work goes.
         with _Checker(algorithm) as checker:
-            for i, (path, size) in enumerate(files):
-                on_result(i, FileCheck(*checker.check(path, size)))
+            for start in range(0, len(files), _LOCAL_RUN):
+                items = list(files[start : start + _LOCAL_RUN])
+                wires = [checker.check(path, size) for path, size in items]
+                answer = objectcheck.summarize(items, wires) if summary else wires
+                deliver(range(start, start + len(items)), answer)
         return
     out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
     alg = algorithm.value
 
-    def done(batch: _Batch, results: list[_Wire]) -> None:
+    def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
         # A batch's results go over as one item: one hand-off between threads per
-        # batch rather than per file.
-        if len(batch) != len(results):
-            raise ValueError(f"{len(results)} results for a batch of {len(batch)} files")
-        out.put(([index for index, _, _ in batch], results))
+        # batch rather than per file. (Raising here goes to ``fail``.)
+        if count(answer) != len(batch[0]):
+            raise ValueError(f"{count(answer)} results for a batch of {len(batch[0])} files")
+        out.put((batch[0], answer))
 
     # If a worker cannot be started or dies, its lane checks in-process from then on.
-    lanes: workerproc.Pool[_Batch, tuple[str, list[tuple[bytes, int]]], _Wire]
+    lanes: workerproc.Pool[_Batch, objectcheck.Request, Any]
     lanes = workerproc.Pool(
         "cfs-check",
         min(n, len(files)),
-        request=lambda batch: (alg, [(path, size) for _, path, size in batch]),
-        local=lambda: contextlib.nullcontext(_check_batch),
+        request=lambda batch: (alg, batch[1], summary),
+        # A summary is one reply for a batch, not one result per file: no "exact".
+        local=lambda: contextlib.nullcontext(cast("Callable[[Any], list[Any]]", _serve_local)),
         done=done,
         fail=out.put,
         finished=lambda: out.put(None),
         start=_start_worker,
-        exact=True,
         note="checking",
     )
     lanes.processes = True
-    order = sorted(range(len(files)), key=lambda i: files[i][1], reverse=True)
-    batch: _Batch = []
-    batch_cost = 0
-    for i in order:
-        path, size = files[i]
-        batch.append((i, path, size))
-        batch_cost += max(size, 0) + _FILE_COST_BYTES
-        if batch_cost >= _BATCH_COST:
-            lanes.put(batch)
-            batch, batch_cost = [], 0
-    if batch:
-        lanes.put(batch)
+    for indices in _batches(files):
+        lanes.put((indices, [files[i] for i in indices]))
     lanes.close()
     lanes.start()
     error: BaseException | None = None
@@ -405,8 +377,7 @@ def check_files(
             elif isinstance(item, BaseException):
                 error = error or item
             elif error is None:
-                for index, wire in zip(*item, strict=True):
-                    on_result(index, FileCheck(*wire))
+                deliver(*item)
     finally:
         if running:
             # Leaving early (the callback raised, or ^C): stop the workers now.
@@ -437,16 +408,15 @@ def verity_text(why: str) -> str:
     return why
 
 
-def _payload_digest(payload: bytes, algorithm: Algorithm) -> str | None:
-    """The object digest named by a payload ``XX/rest``, or None if it names none."""
-    try:
-        text = payload.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if len(text) != 2 * algorithm.digest_size + 1 or text[2] != "/":
-        return None
-    digest = text[:2] + text[3:]
-    return digest if is_hex_digest(digest, algorithm) else None
+# An object payload, ``XX/rest``: the digest in lowercase hex with a "/" after two digits.
+_PAYLOAD = {
+    alg: re.compile(rb"[0-9a-f]{2}/[0-9a-f]{%d}" % (2 * alg.digest_size - 2)) for alg in Algorithm
+}
+
+
+def _payload_hex(payload: bytes) -> str:
+    """The digest an object payload ``XX/rest`` names."""
+    return (payload[:2] + payload[3:]).decode("ascii")
 
 
 def referenced_objects(
@@ -457,8 +427,7 @@ def referenced_objects(
     Payloads that are not object paths for ``algorithm``, and objects recorded with
     two different sizes, are reported into ``problems`` (once each).
     """
-    sizes: dict[str, int] = {}
-    bad: set[bytes] = set()
+    files: list[tuple[bytes, int]] = []
     stack = [root]
     while stack:
         node = stack.pop()
@@ -468,18 +437,32 @@ def referenced_objects(
         # `composefs-info objects`: their target is visited as an inode of its own.
         if node.mode & S_IFMT != stat.S_IFREG or node.payload is None or node.content:
             continue
-        digest = _payload_digest(node.payload, algorithm)
-        if digest is None:
-            if node.payload not in bad and problems is not None:
-                bad.add(node.payload)
+        files.append((node.payload, node.size))
+    sizes = _object_payloads(files, algorithm, problems)
+    return {_payload_hex(payload): size for payload, size in sizes.items()}
+
+
+def _object_payloads(
+    files: Sequence[tuple[bytes, int]], algorithm: Algorithm, problems: list[str] | None
+) -> dict[bytes, int]:
+    """Payload (``XX/rest``) -> size for (payload, size) of files backed by objects;
+    the problems as :func:`referenced_objects` says."""
+    valid = _PAYLOAD[algorithm].fullmatch
+    sizes: dict[bytes, int] = {}
+    bad: set[bytes] = set()
+    for payload, size in files:
+        if valid(payload) is None:
+            if payload not in bad and problems is not None:
+                bad.add(payload)
                 problems.append(
-                    f"file payload {node.payload!r} is not an object path "
-                    f"(XX/rest, {algorithm.value})"
+                    f"file payload {payload!r} is not an object path (XX/rest, {algorithm.value})"
                 )
             continue
-        old = sizes.setdefault(digest, node.size)
-        if old != node.size and problems is not None:
-            problems.append(f"object {digest} is recorded with sizes {old} and {node.size}")
+        old = sizes.setdefault(payload, size)
+        if old != size and problems is not None:
+            problems.append(
+                f"object {_payload_hex(payload)} is recorded with sizes {old} and {size}"
+            )
     return sizes
 
 
@@ -597,15 +580,17 @@ def verify_image(
     if data is None:
         return report
     try:
-        image = read_image(data, c_quirks=False)
+        # The objects without the tree: the same walk and checks as read_image
+        # (c_quirks=False), so the same images are refused.
+        files = scan_objects(data)
     except (ImageFormatError, OSError, ValueError) as exc:
         # ImageFormatError is the reader's verdict; anything else it raises on a
         # damaged image is a verdict too, not a reason to stop verifying.
         report.image_problems.append(f"not a valid composefs image: {exc}")
         return report
     del data
-    sizes = referenced_objects(image.root, algorithm, report.image_problems)
-    del image
+    sizes = _object_payloads(files, algorithm, report.image_problems)
+    del files
     _check_objects(repo, algorithm, sizes, report, progress, workers)
     return report
 
@@ -655,8 +640,12 @@ def verify_stream(
     except SplitStreamError as exc:
         report.image_problems.append(f"not a valid splitstream: {exc}")
         return report
-    sizes = dict.fromkeys(refs.object_refs, -1)
-    sizes.update((digest, -1) for _name, digest in refs.named_refs)
+    digests = dict.fromkeys(refs.object_refs, -1)
+    digests.update((digest, -1) for _name, digest in refs.named_refs)
+    for d in digests:
+        if not is_hex(d):
+            repo.object_path(d)  # its error, as for any name that is not a digest
+    sizes = {f"{d[:2]}/{d[2:]}".encode(): size for d, size in digests.items()}
     _check_objects(repo, algorithm, sizes, report, progress, workers)
     return report
 
@@ -688,17 +677,19 @@ def _stream_entry(streams: Path, name: str) -> str | None:
 def _check_objects(
     repo: RepositoryView,
     algorithm: Algorithm,
-    sizes: dict[str, int],
+    sizes: dict[bytes, int],
     report: VerifyReport,
     progress: ProgressCallback | None,
     workers: int | None,
 ) -> None:
-    digests = sorted(sizes)
-    report.objects_checked = len(digests)
+    """Check the objects named by the payloads (``XX/rest``) of ``sizes``, each of
+    its size there (any size if negative), into ``report``."""
+    payloads = list(sizes)
+    report.objects_checked = len(payloads)
     # A negative size is unknown (stream references): any size is right, and the
     # bytes checked are what the files hold.
     report.bytes_checked = sum(max(size, 0) for size in sizes.values())
-    total = len(digests)
+    total = len(payloads)
     step = Throttle(progress)
     step("objects", 0, total, force=True)
     done = 0
@@ -706,8 +697,9 @@ def _check_objects(
 
     def on_result(index: int, check: FileCheck) -> None:
         nonlocal done
-        digest = digests[index]
-        expected = sizes[digest]
+        payload = payloads[index]
+        digest = _payload_hex(payload)
+        expected = sizes[payload]
         if check.error == errno.ENOENT:
             report.missing.append(digest)
         elif check.error is not None:
@@ -727,14 +719,27 @@ def _check_objects(
         done += 1
         step("objects", done, total)
 
-    # Paths built by hand: pathlib cost ~5 us per object. object_path still checks
-    # each name (its error, as before) and gives the objects directory.
-    for d in digests:
-        if not is_hex(d):
-            repo.object_path(d)
-    objects = os.fsencode(repo.object_path(digests[0]).parent.parent) if digests else b""
-    files = [(b"%s/%s/%s" % (objects, d[:2].encode(), d[2:].encode()), sizes[d]) for d in digests]
-    check_files(files, algorithm, on_result, workers=workers)
+    def on_matched(indices: list[int], why: str | None, unknown: int) -> None:
+        # Files that are what their name says: what on_result does for them, per group.
+        nonlocal done
+        report.bytes_checked += unknown
+        if why is None:
+            report.verity_measured += len(indices)
+        elif lacks_verity(policy, why):
+            for index in indices:
+                digest = _payload_hex(payloads[index])
+                report.no_verity.append(digest)
+                report.no_verity_why[digest] = why
+        done += len(indices)
+        step("objects", done, total)
+
+    # Paths built by hand: pathlib cost ~5 us per object. object_path gives the
+    # objects directory.
+    objects = b""
+    if payloads:
+        objects = os.fsencode(repo.object_path(_payload_hex(payloads[0])).parent.parent)
+    files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
+    check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
     report.corrupt.sort()
