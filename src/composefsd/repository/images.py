@@ -552,7 +552,7 @@ def _import(
     todo = tasks
     if cache is not None:
         hits, todo = cache.resolve(store, tasks)
-    hit_bytes = sum(r.stat[2] for r in hits.values() if r.stat is not None)
+    hit_bytes = sum(tasks[i].size for i in hits)
 
     def report(files: int, nbytes: int) -> None:
         throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")

@@ -36,7 +36,9 @@ class ReadStyle(enum.Enum):
     COMPOSEFS_RS = "composefs-rs"
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a scan makes one per file, and a frozen dataclass's __init__ costs
+# three times as much.
+@dataclass(slots=True)
 class ImportTask:
     """One file to import, at ``rel`` beneath the import's source directory.
 
