@@ -80,6 +80,11 @@ class Setup:
             return []
         return sorted(self.repo.cache_dir.iterdir())
 
+    def cache(self) -> DigestCache:
+        return DigestCache.open(
+            self.repo.cache_dir, os.fsencode(self.src), self.repo.hash_algorithm
+        )
+
     def cache_file(self) -> Path:
         [path] = self.cache_files()
         return path
@@ -127,7 +132,7 @@ def test_recent_files_are_not_cached(
     run) are hashed at every import."""
     monkeypatch.setattr(DigestCache, "RACY_NS", 10**18)
     s.create()
-    assert s.cache_files() == []
+    assert len(s.cache()) == 0
     hashed.clear()
     s.create()
     assert len(hashed) == 4
@@ -139,7 +144,7 @@ def test_clock_behind_the_files_caches_nothing(
     """Files whose change time is in the future (the clock was set back) never settle."""
     monkeypatch.setattr(digestcache_mod.time, "time_ns", lambda: OLD * 10**9)  # type: ignore[attr-defined]
     s.create()
-    assert s.cache_files() == []
+    assert len(s.cache()) == 0
     assert not settled(10 * SETTLE_NS, 0)
     assert not settled(OLD * 10**9 + 1, OLD * 10**9 + SETTLE_NS)
     assert settled(OLD * 10**9, OLD * 10**9 + SETTLE_NS)
@@ -234,8 +239,11 @@ def _hostile(body: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _header(count: int, meta: bytes, paths: bytes, size: int = 32) -> bytes:
-    return struct.pack("<8sIIQQ", MAGIC, size, len(meta), count, len(paths)) + meta + paths
+_HEADER = struct.Struct("<8sIIQQI")
+
+
+def _header(count: int, meta: bytes, paths: bytes, size: int = 32, images: int = 0) -> bytes:
+    return _HEADER.pack(MAGIC, size, len(meta), count, len(paths), images) + meta + paths
 
 
 @pytest.mark.parametrize(
@@ -309,8 +317,11 @@ def test_cache_naming_a_missing_object_is_not_believed(
     s.create()
     path = s.cache_file()
     data = bytearray(path.read_bytes()[: -hashlib.sha256().digest_size])
-    # The digests are the body's last 4 * 32 bytes: give every file an unknown one.
-    data[-4 * 32 :] = b"".join(bytes([0x11 + i]) * 32 for i in range(4))
+    _magic, _size, meta_len, count, paths_len, _images = _HEADER.unpack_from(data)
+    assert count == 4
+    # Give every file an unknown digest.
+    at = _HEADER.size + meta_len + paths_len + 40 * count
+    data[at : at + 4 * 32] = b"".join(bytes([0x11 + i]) * 32 for i in range(4))
     path.write_bytes(_hostile(bytes(data)))
     hashed.clear()
     result = s.create()

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import marshal
 import os
 import stat
 import struct
@@ -73,8 +74,10 @@ __all__ = ["DigestCache"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"cfsd-dc3"
-_HEADER = struct.Struct("<8sIIQQ")  # magic, digest size, meta length, count, paths length
+MAGIC = b"cfsd-dc4"
+#: magic, digest size, meta length, count, paths length, images length
+_HEADER = struct.Struct("<8sIIQQI")
+_IMAGE = struct.Struct("<IQ")  # erofs version, size; then the digest
 _SUM = hashlib.sha256().digest_size
 _LITTLE = sys.byteorder == "little"
 
@@ -96,6 +99,10 @@ class _Columns:
     mtime: array[int]
     ctime: array[int]
     digests: bytes
+    #: The key of the images the last import made (:meth:`DigestCache.image_key`),
+    #: and those images: (erofs version, hex digest, size).
+    image_key: bytes = b""
+    images: tuple[tuple[int, str, int], ...] = ()
 
     @classmethod
     def empty(cls) -> _Columns:
@@ -121,13 +128,13 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
     body, check = data[:-_SUM], data[-_SUM:]
     if hashlib.sha256(body).digest() != check:
         raise _Corrupt("checksum mismatch")
-    magic, size, meta_len, count, paths_len = _HEADER.unpack_from(body)
+    magic, size, meta_len, count, paths_len, images_len = _HEADER.unpack_from(body)
     if magic != MAGIC:
         raise _Corrupt("not a digest cache of this version")
     if size != digest_size or count > max_entries:
         raise _Corrupt(f"{count} entries of {size}-byte digests")
     pos = _HEADER.size
-    if len(body) != pos + meta_len + paths_len + count * (40 + digest_size):
+    if len(body) != pos + meta_len + paths_len + count * (40 + digest_size) + images_len:
         raise _Corrupt("lengths do not add up")
     if body[pos : pos + meta_len] != meta:
         raise _Corrupt("another algorithm or source")
@@ -143,19 +150,38 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
         if not _LITTLE:
             arr.byteswap()
         pos += 8 * count
-    cols.digests = body[pos:]
+    cols.digests = body[pos : pos + count * digest_size]
+    pos += count * digest_size
+    if images_len:
+        one = _IMAGE.size + digest_size
+        if images_len < _SUM + one or (images_len - _SUM) % one:
+            raise _Corrupt("bad image list")
+        cols.image_key = body[pos : pos + _SUM]
+        images = []
+        for at in range(pos + _SUM, len(body), one):
+            version, image_size = _IMAGE.unpack_from(body, at)
+            images.append((version, body[at + _IMAGE.size : at + one].hex(), image_size))
+        cols.images = tuple(images)
     return cols
 
 
 def _encode(cols: _Columns, meta: bytes, digest_size: int) -> bytes:
     paths = b"\0".join(cols.rels)
-    parts = [_HEADER.pack(MAGIC, digest_size, len(meta), len(cols.rels), len(paths)), meta, paths]
+    images = b""
+    if cols.image_key and cols.images:
+        images = cols.image_key + b"".join(
+            _IMAGE.pack(version, size) + bytes.fromhex(hexdigest)
+            for version, hexdigest, size in cols.images
+        )
+    header = _HEADER.pack(MAGIC, digest_size, len(meta), len(cols.rels), len(paths), len(images))
+    parts = [header, meta, paths]
     for arr in cols.arrays():
         if not _LITTLE:
             arr = array(arr.typecode, arr)
             arr.byteswap()
         parts.append(arr.tobytes())
     parts.append(cols.digests)
+    parts.append(images)
     body = b"".join(parts)
     return body + hashlib.sha256(body).digest()
 
@@ -273,11 +299,39 @@ class DigestCache:
                 rest.append(task)  # damaged: the import replaces it
         return hits, rest
 
-    def save(self, tasks: Sequence[ImportTask], results: Sequence[ImportResult]) -> None:
+    @staticmethod
+    def image_key(fingerprint: bytes, settings: bytes, results: Sequence[ImportResult]) -> bytes:
+        """What the images of an import are a function of: the scan's fingerprint of
+        the tree (:attr:`composefsd.sources.directory.SourceScan.fingerprint`), the
+        ``settings`` that shape the images (options, formats, algorithm, version of
+        this code), and every file's digest or inline content."""
+        h = hashlib.sha256(b"composefsd image key 1\0")
+        h.update(len(settings).to_bytes(8, "little") + settings)
+        h.update(fingerprint)
+        h.update(marshal.dumps([(r.digest, r.content) for r in results], 2))
+        return h.digest()
+
+    def images_for(self, key: bytes) -> tuple[tuple[int, str, int], ...]:
+        """The images (erofs version, hex digest, size) the previous import made from
+        inputs with this :meth:`image_key`, if it was the same; else none. Whoever
+        uses them checks that the objects are there and are those images."""
+        cols = self._cols
+        return cols.images if key and cols.image_key == key else ()
+
+    def save(
+        self,
+        tasks: Sequence[ImportTask],
+        results: Sequence[ImportResult],
+        image_key: bytes = b"",
+        images: Sequence[tuple[int, str, int]] = (),
+    ) -> None:
         """Keep this import's digests: the hits of :meth:`resolve` as they were, and
-        the files hashed now whose change time had settled; written only if changed."""
+        the files hashed now whose change time had settled; and the images made from
+        ``image_key``'s inputs. Written only if something changed."""
         if self.path is None:
             return
+        images = tuple(images) if image_key else ()
+        same_images = (image_key, images) == (self._cols.image_key, self._cols.images)
         old = self._cols
         kept = self._kept
         started = self.stamp_ns
@@ -290,9 +344,12 @@ class DigestCache:
             and task.rel not in kept
             and settled(result.stat[4], started, window)
         ]
-        if not new and len(kept) == len(old.rels):
-            return  # the same entries: every old row was found unchanged
+        if not new and len(kept) == len(old.rels) and same_images:
+            return  # the same entries (every old row was found unchanged), the same images
         fresh = _Columns.empty()
+        if images:
+            fresh.image_key = image_key
+            fresh.images = images
         rels = fresh.rels
         digests: list[bytes] = []
         arrays = fresh.arrays()

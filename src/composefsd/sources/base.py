@@ -79,6 +79,9 @@ class SourceTree:
     #: Whether the imported objects' digests become the files' fs-verity digests
     #: (a directory); False keeps the digests the source gave (a dumpfile).
     set_digests: bool = True
+    #: The scan's fingerprint of the tree, if it took one
+    #: (:attr:`composefsd.sources.directory.SourceScan.fingerprint`).
+    fingerprint: bytes | None = None
 
 
 class SourceTreeError(Exception):

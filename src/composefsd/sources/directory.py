@@ -72,7 +72,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
+import marshal
 import os
 import queue
 import stat
@@ -81,6 +83,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from composefsd import workerproc
 from composefsd.credentials import Credentials
@@ -235,6 +238,10 @@ class SourceScan:
     entries: int = 0
     #: Regular files (empty ones included, hardlink entries not).
     regular_files: int = 0
+    #: With ``fingerprint=True``: the SHA-256 of everything the tree was made of
+    #: (each entry's name, stat fields, link target and xattrs, directory by
+    #: directory), so that equal fingerprints under equal options mean equal trees.
+    fingerprint: bytes | None = None
 
 
 def default_threads() -> int:
@@ -282,8 +289,50 @@ class _DirFd:
 _Pending = tuple[_DirFd, bytes, Node, bytes, tuple[int, int]]
 
 
+#: What of one entry goes into a scan's fingerprint (:func:`_record`).
+_Record = tuple[
+    bytes,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    "bytes | None",
+    "list[tuple[bytes, bytes]] | None",
+]
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def _record(name: bytes, st: os.stat_result, node: Node) -> _Record:
+    """Everything the tree takes from one entry: its name, the stat fields its node
+    and the hardlink grouping are made of, its link target and xattrs as read."""
+    return (
+        name,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_nlink,
+        st.st_dev,
+        st.st_ino,
+        node.payload,
+        node.xattrs or None,
+    )
+
+
 class _Walker:
-    """Builds the tree and hands each regular file of non-zero size to ``sink``."""
+    """Builds the tree and hands each regular file of non-zero size to ``sink``.
+    With ``fingerprint``, each directory's entries are fed to it as read
+    (:func:`scan_source`)."""
 
     def __init__(
         self,
@@ -292,12 +341,14 @@ class _Walker:
         sink: _Sink,
         progress: Callable[[int], None] | None,
         max_entries: int | None = None,
+        fingerprint: _Hash | None = None,
     ) -> None:
         self.options = options
         self.display = display
         self.sink = sink
         self.progress = progress
         self.max_entries = max_entries
+        self.fingerprint = fingerprint
         self.entries = 0
         self.regular_files = 0
         self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes, FileKey]]] = {}
@@ -535,6 +586,8 @@ class _Walker:
         track_links = self.track_links
         any_type = self.rs_style
         prefix = rel + b"/" if rel else b""
+        fingerprint = self.fingerprint
+        record: list[_Record] | None = None if fingerprint is None else []
         try:
             it = os.scandir(fd)
         except OSError as exc:
@@ -554,6 +607,8 @@ class _Walker:
                     continue
                 child, st = made
                 children[name] = child
+                if record is not None:
+                    record.append(_record(name, st, child))
                 ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
@@ -578,6 +633,8 @@ class _Walker:
                 self.entries += 1
                 if not self.entries & 1023:
                     self._tick()
+        if fingerprint is not None:
+            fingerprint.update(marshal.dumps((rel, record), 2))
         return subdirs
 
     def _tick(self) -> None:
@@ -1080,10 +1137,12 @@ def scan_source(
     progress: Progress | None = None,
     *,
     max_entries: int | None = None,
+    fingerprint: bool = False,
 ) -> SourceScan:
     """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
     reading any file's data; list its regular files for an importer, which reads
-    them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`).
+    them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`). With
+    ``fingerprint``, also fingerprint the tree (:attr:`SourceScan.fingerprint`).
 
     Of ``options`` only what selects metadata applies (``use_epoch``,
     ``skip_devices``, the xattr choices, ``preserve_hardlinks``). ``display`` names
@@ -1103,15 +1162,20 @@ def scan_source(
         if progress is not None:
             progress(ScanProgress("scan", count))
 
-    walker = _Walker(opts, display, add, entries, max_entries)
+    hasher = hashlib.sha256() if fingerprint else None
+    walker = _Walker(opts, display, add, entries, max_entries, hasher)
     made = walker.from_fd(root_fd, b"")
     assert made is not None
     root, st = made
     if not stat.S_ISDIR(st.st_mode):
         raise _error("error accessing", display, errno.ENOTDIR)
+    if hasher is not None:
+        hasher.update(marshal.dumps((opts.to_wire(), _record(b"", st, root)), 2))
     walker.entries = 1
     walker.walk(root_fd, root)
     walker.finish()
+    if hasher is not None:
+        result.fingerprint = hasher.digest()
     result.root = root
     result.entries = walker.entries
     result.regular_files = walker.regular_files
@@ -1133,7 +1197,15 @@ def source_tree(
         imports.append(ImportTask(rel, node.size, None, inline, False, key))
         nodes.append(node)
     return SourceTree(
-        scan.root, fd, display, imports, nodes, credentials, scan.regular_files, scan.entries
+        scan.root,
+        fd,
+        display,
+        imports,
+        nodes,
+        credentials,
+        scan.regular_files,
+        scan.entries,
+        fingerprint=scan.fingerprint,
     )
 
 
