@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from composefsd.fsverity import digest_bytes
-from composefsd.repository import Repository
+from composefsd.repository import CreateOptions, Repository
 from composefsd.repository import digestcache as digestcache_mod
+from composefsd.repository import images as images_mod
 from composefsd.repository import store as store_mod
 from composefsd.repository.digestcache import MAGIC, DigestCache
 from composefsd.sources.beneath import SETTLE_NS, settled
@@ -348,3 +349,128 @@ def test_cache_is_bounded(
     hashed.clear()
     repo.create_image(tmp_path / "src2")
     assert len(hashed) == 3  # two remembered, three hashed
+
+
+# -- the images of an unchanged tree ---------------------------------------------------------
+
+
+@pytest.fixture
+def written(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every image CreateImage writes (its erofs version)."""
+    out: list[int] = []
+    real = images_mod._write_images
+
+    def counting(repo: Any, root: Any, options: Any) -> Any:
+        made = real(repo, root, options)
+        out.extend(int(version) for version, _data in made)
+        return made
+
+    monkeypatch.setattr(images_mod, "_write_images", counting)
+    return out
+
+
+def _truth(s: Setup, **options: Any) -> str:
+    """The image digest of the tree as it is, written without any cache."""
+    result = s.repo.create_image(s.src, options=CreateOptions(digest_cache=False, **options))
+    return str(result.digest)
+
+
+def test_unchanged_tree_reuses_its_image(s: Setup, written: list[int]) -> None:
+    first = s.create()
+    assert written == [1]
+    written.clear()
+    again = s.create()
+    assert written == [] and again.digest == first.digest and not again.image_written
+    assert again.image_size == first.image_size and again.entries == first.entries
+
+
+def _chmod(s: Setup) -> None:
+    os.chmod(s.src / "a", 0o600)
+
+
+def _touch_dir(s: Setup) -> None:
+    os.utime(s.src / "d", ns=(0, 12345))
+
+
+def _xattr(s: Setup) -> None:
+    os.setxattr(s.src / "a", "user.test", b"1")
+
+
+def _new_empty(s: Setup) -> None:
+    (s.src / "d" / "new").write_bytes(b"")
+
+
+def _relink(s: Setup) -> None:
+    (s.src / "d" / "link").unlink()
+    (s.src / "d" / "link").symlink_to("../tiny")
+
+
+def _rename(s: Setup) -> None:
+    os.rename(s.src / "tiny", s.src / "tinx")
+
+
+def _hardlink(s: Setup) -> None:
+    os.link(s.src / "big", s.src / "d" / "big2")
+
+
+def _inline(s: Setup) -> None:
+    """A small file's content changes, same size and mtime: it is inline, read each time."""
+    _rewrite_keeping_size_and_mtime(s.src / "tiny")
+
+
+def _content(s: Setup) -> None:
+    _rewrite_keeping_size_and_mtime(s.src / "big")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_chmod, _touch_dir, _xattr, _new_empty, _relink, _rename, _hardlink, _inline, _content],
+)
+def test_changed_tree_gets_a_new_image(
+    s: Setup, settle_now: None, written: list[int], change: Any
+) -> None:
+    first = s.create()
+    if change is _xattr:
+        try:
+            change(s)
+        except OSError as exc:
+            pytest.skip(f"no user xattrs here: {exc}")
+    else:
+        change(s)
+    written.clear()
+    result = s.create()
+    assert written == [1]
+    assert result.digest != first.digest
+    assert result.digest == _truth(s)
+
+
+def test_options_are_part_of_the_image_key(s: Setup, written: list[int]) -> None:
+    first = s.create()
+    written.clear()
+    other = s.repo.create_image(s.src, ref="x", options=CreateOptions(use_epoch=True))
+    assert written == [1] and other.digest != first.digest
+    assert other.digest == _truth(s, use_epoch=True)
+
+
+@pytest.mark.parametrize("how", ["deleted", "damaged in place", "truncated"])
+def test_image_object_is_checked_before_reuse(s: Setup, written: list[int], how: str) -> None:
+    first = s.create()
+    obj = s.repo.object_path(first.digest)
+    if how == "deleted":
+        s.repo.remove_image("x")
+        obj.unlink()
+    else:
+        os.chmod(obj, 0o644)
+        data = bytearray(obj.read_bytes())
+        if how == "truncated":
+            del data[-1]
+        else:
+            data[100] ^= 1
+        obj.write_bytes(bytes(data))
+    written.clear()
+    again = s.repo.create_image(s.src, ref="x")
+    # Not reused: written again. (An object of the right size is kept as it is, as
+    # always: repairing one damaged in place is fsck's job.)
+    assert written == [1] and again.digest == first.digest
+    if how != "damaged in place":
+        assert s.repo.verify_image("x").ok
