@@ -240,11 +240,11 @@ def _hostile(body: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-_HEADER = struct.Struct("<8sIIQQI")
+_HEADER = struct.Struct("<8sIIQQIQ")
 
 
 def _header(count: int, meta: bytes, paths: bytes, size: int = 32, images: int = 0) -> bytes:
-    return _HEADER.pack(MAGIC, size, len(meta), count, len(paths), images) + meta + paths
+    return _HEADER.pack(MAGIC, size, len(meta), count, len(paths), images, 0) + meta + paths
 
 
 @pytest.mark.parametrize(
@@ -282,6 +282,7 @@ def _meta(s: Setup) -> bytes:
         "empty path",
         "other source",
         "other digest size",
+        "bare count beyond the data",
     ],
 )
 def test_hostile_cache_with_valid_checksum_is_ignored(
@@ -302,8 +303,10 @@ def test_hostile_cache_with_valid_checksum_is_ignored(
         data = _header(2, meta, b"a\0") + (struct.pack("<2Q", 1, 2) * 5) + b"\0" * 64
     elif body == "other source":
         data = _header(1, _meta(s)[:-1], b"a") + keys + b"\0" * 32
-    else:
+    elif body == "other digest size":
         data = _header(1, meta, b"a", size=64) + keys + b"\0" * 64
+    else:
+        data = _HEADER.pack(MAGIC, 32, len(meta), 1, 1, 0, 5) + meta + b"a" + keys + b"\0" * 48
     path.write_bytes(_hostile(data))
     hashed.clear()
     result = s.create()
@@ -318,7 +321,7 @@ def test_cache_naming_a_missing_object_is_not_believed(
     s.create()
     path = s.cache_file()
     data = bytearray(path.read_bytes()[: -hashlib.sha256().digest_size])
-    _magic, _size, meta_len, count, paths_len, _images = _HEADER.unpack_from(data)
+    _magic, _size, meta_len, count, paths_len, _images, _bare = _HEADER.unpack_from(data)
     assert count == 4
     # Give every file an unknown digest.
     at = _HEADER.size + meta_len + paths_len + 40 * count
@@ -474,3 +477,53 @@ def test_image_object_is_checked_before_reuse(s: Setup, written: list[int], how:
     assert written == [1] and again.digest == first.digest
     if how != "damaged in place":
         assert s.repo.verify_image("x").ok
+
+
+# -- inodes known to have no xattrs ---------------------------------------------------------
+
+
+@pytest.fixture
+def listed(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every path whose xattrs are listed."""
+    out: list[object] = []
+    real = os.listxattr
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> list[str]:
+        out.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "listxattr", counting)
+    return out
+
+
+def test_bare_inodes_are_not_asked_again(s: Setup, settle_now: None, listed: list[object]) -> None:
+    first = s.create()
+    assert len(listed) >= 8  # every entry
+    listed.clear()
+    again = s.create()
+    assert len(listed) <= 1  # the root at most
+    assert again.digest == first.digest
+
+
+def test_bare_inodes_are_forgotten_after_a_reboot(
+    s: Setup, settle_now: None, listed: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s.create()
+    monkeypatch.setattr(digestcache_mod, "_boot_id", lambda: b"\x01" * 16)
+    listed.clear()
+    s.create()
+    assert len(listed) >= 8
+
+
+def test_xattr_added_to_a_bare_inode_is_read(
+    s: Setup, settle_now: None, listed: list[object]
+) -> None:
+    s.create()
+    try:
+        os.setxattr(s.src / "d" / "b", "user.added", b"v")
+    except OSError as exc:
+        pytest.skip(f"no user xattrs here: {exc}")
+    listed.clear()
+    result = s.create()
+    assert any(isinstance(p, bytes) and p.endswith(b"/b") for p in listed)
+    assert result.digest == _truth(s)

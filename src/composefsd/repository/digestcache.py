@@ -61,7 +61,7 @@ import sys
 import time
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from composefsd.dirs import make_dirs
 from composefsd.kernel.verity import Algorithm
@@ -69,14 +69,16 @@ from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
 from composefsd.sources.beneath import SETTLE_NS, settled
+from composefsd.sources.directory import BareKey
 
 __all__ = ["DigestCache"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"cfsd-dc4"
-#: magic, digest size, meta length, count, paths length, images length
-_HEADER = struct.Struct("<8sIIQQI")
+MAGIC = b"cfsd-dc5"
+#: magic, digest size, meta length, count, paths length, images length, bare count
+_HEADER = struct.Struct("<8sIIQQIQ")
+_BOOT_ID = 16
 _IMAGE = struct.Struct("<IQ")  # erofs version, size; then the digest
 _SUM = hashlib.sha256().digest_size
 _LITTLE = sys.byteorder == "little"
@@ -103,6 +105,9 @@ class _Columns:
     #: and those images: (erofs version, hex digest, size).
     image_key: bytes = b""
     images: tuple[tuple[int, str, int], ...] = ()
+    #: Inodes found without xattrs, and the boot (``boot_id``) that found them.
+    bare: list[BareKey] = field(default_factory=list)
+    bare_boot: bytes = b""
 
     @classmethod
     def empty(cls) -> _Columns:
@@ -128,13 +133,16 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
     body, check = data[:-_SUM], data[-_SUM:]
     if hashlib.sha256(body).digest() != check:
         raise _Corrupt("checksum mismatch")
-    magic, size, meta_len, count, paths_len, images_len = _HEADER.unpack_from(body)
+    magic, size, meta_len, count, paths_len, images_len, bare = _HEADER.unpack_from(body)
     if magic != MAGIC:
         raise _Corrupt("not a digest cache of this version")
-    if size != digest_size or count > max_entries:
-        raise _Corrupt(f"{count} entries of {size}-byte digests")
+    if size != digest_size or count > max_entries or bare > max_entries:
+        raise _Corrupt(f"{count} entries of {size}-byte digests, {bare} bare inodes")
     pos = _HEADER.size
-    if len(body) != pos + meta_len + paths_len + count * (40 + digest_size) + images_len:
+    bare_len = _BOOT_ID + 24 * bare if bare else 0
+    if len(body) != (
+        pos + meta_len + paths_len + count * (40 + digest_size) + images_len + bare_len
+    ):
         raise _Corrupt("lengths do not add up")
     if body[pos : pos + meta_len] != meta:
         raise _Corrupt("another algorithm or source")
@@ -158,11 +166,30 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
             raise _Corrupt("bad image list")
         cols.image_key = body[pos : pos + _SUM]
         images = []
-        for at in range(pos + _SUM, len(body), one):
+        for at in range(pos + _SUM, pos + images_len, one):
             version, image_size = _IMAGE.unpack_from(body, at)
             images.append((version, body[at + _IMAGE.size : at + one].hex(), image_size))
         cols.images = tuple(images)
+        pos += images_len
+    if bare:
+        cols.bare_boot = body[pos : pos + _BOOT_ID]
+        pos += _BOOT_ID
+        columns = []
+        for typecode in "QQq":
+            arr = array(typecode, body[pos : pos + 8 * bare])
+            if not _LITTLE:
+                arr.byteswap()
+            columns.append(arr)
+            pos += 8 * bare
+        cols.bare = list(zip(*columns, strict=True))
     return cols
+
+
+def _le_bytes(arr: array[int]) -> bytes:
+    if not _LITTLE:
+        arr = array(arr.typecode, arr)
+        arr.byteswap()
+    return arr.tobytes()
 
 
 def _encode(cols: _Columns, meta: bytes, digest_size: int) -> bytes:
@@ -173,17 +200,28 @@ def _encode(cols: _Columns, meta: bytes, digest_size: int) -> bytes:
             _IMAGE.pack(version, size) + bytes.fromhex(hexdigest)
             for version, hexdigest, size in cols.images
         )
-    header = _HEADER.pack(MAGIC, digest_size, len(meta), len(cols.rels), len(paths), len(images))
-    parts = [header, meta, paths]
-    for arr in cols.arrays():
-        if not _LITTLE:
-            arr = array(arr.typecode, arr)
-            arr.byteswap()
-        parts.append(arr.tobytes())
-    parts.append(cols.digests)
-    parts.append(images)
+    bare = cols.bare if len(cols.bare_boot) == _BOOT_ID else []
+    header = _HEADER.pack(
+        MAGIC, digest_size, len(meta), len(cols.rels), len(paths), len(images), len(bare)
+    )
+    parts = [header, meta, paths, *map(_le_bytes, cols.arrays()), cols.digests, images]
+    if bare:
+        dev, ino, ctime = zip(*bare, strict=True)
+        parts.append(cols.bare_boot)
+        parts += map(_le_bytes, (array("Q", dev), array("Q", ino), array("q", ctime)))
     body = b"".join(parts)
     return body + hashlib.sha256(body).digest()
+
+
+def _boot_id() -> bytes:
+    """This boot's id (16 bytes), or b"" where the kernel does not tell it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            text = f.read(64).strip().replace(b"-", b"")
+        boot = bytes.fromhex(text.decode("ascii"))
+    except (OSError, ValueError):
+        return b""
+    return boot if len(boot) == _BOOT_ID else b""
 
 
 class DigestCache:
@@ -227,7 +265,7 @@ class DigestCache:
         path = os.path.join(os.fspath(cache_dir), cls.file_name(algorithm, source))
         cols = _Columns.empty()
         size = algorithm.digest_size
-        limit = _HEADER.size + _SUM + 2 * len(source) + cls.MAX_ENTRIES * (40 + size + 4096)
+        limit = _HEADER.size + _SUM * 2 + 2 * len(source) + cls.MAX_ENTRIES * (64 + size + 4096)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
@@ -299,6 +337,15 @@ class DigestCache:
                 rest.append(task)  # damaged: the import replaces it
         return hits, rest
 
+    def known_bare(self) -> set[BareKey]:
+        """Inodes (device, inode, change time) the last import of the tree found
+        without xattrs, for the scan to take on trust (module notes); none after a
+        reboot."""
+        cols = self._cols
+        if not cols.bare or cols.bare_boot != _boot_id():
+            return set()
+        return set(cols.bare)
+
     @staticmethod
     def image_key(fingerprint: bytes, settings: bytes, results: Sequence[ImportResult]) -> bytes:
         """What the images of an import are a function of: the scan's fingerprint of
@@ -324,14 +371,20 @@ class DigestCache:
         results: Sequence[ImportResult],
         image_key: bytes = b"",
         images: Sequence[tuple[int, str, int]] = (),
+        bare: Sequence[BareKey] = (),
     ) -> None:
         """Keep this import's digests: the hits of :meth:`resolve` as they were, and
-        the files hashed now whose change time had settled; and the images made from
-        ``image_key``'s inputs. Written only if something changed."""
+        the files hashed now whose change time had settled; the images made from
+        ``image_key``'s inputs; and the inodes the scan found without xattrs whose
+        change time had settled. Written only if something changed."""
         if self.path is None:
             return
         images = tuple(images) if image_key else ()
-        same_images = (image_key, images) == (self._cols.image_key, self._cols.images)
+        same_rest = (image_key, images) == (self._cols.image_key, self._cols.images)
+        boot = _boot_id()
+        fresh_bare = [k for k in bare if settled(k[2], self.stamp_ns, self.RACY_NS)] if boot else []
+        fresh_bare = fresh_bare[: self.MAX_ENTRIES]
+        same_rest = same_rest and boot == self._cols.bare_boot and fresh_bare == self._cols.bare
         old = self._cols
         kept = self._kept
         started = self.stamp_ns
@@ -344,12 +397,15 @@ class DigestCache:
             and task.rel not in kept
             and settled(result.stat[4], started, window)
         ]
-        if not new and len(kept) == len(old.rels) and same_images:
-            return  # the same entries (every old row was found unchanged), the same images
+        if not new and len(kept) == len(old.rels) and same_rest:
+            return  # the same entries (every old row was found unchanged), images, bare inodes
         fresh = _Columns.empty()
         if images:
             fresh.image_key = image_key
             fresh.images = images
+        if fresh_bare:
+            fresh.bare = fresh_bare
+            fresh.bare_boot = boot
         rels = fresh.rels
         digests: list[bytes] = []
         arrays = fresh.arrays()

@@ -79,7 +79,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +126,7 @@ from composefsd.repository.store import (
 )
 from composefsd.sources.base import ImportTask, ReadStyle, SourceTree, SourceTreeError
 from composefsd.sources.directory import (
+    BareKey,
     ScanError,
     ScanOptions,
     ScanProgress,
@@ -785,11 +786,12 @@ def scan_source_directory(
     *,
     max_entries: int | None = None,
     fingerprint: bool = False,
+    known_bare: Container[BareKey] | None = None,
 ) -> SourceScan:
     """Walk the source directory open at ``fd`` as CreateImage does (``scan``
     progress, ``options`` from :func:`scan_options`), with this process's rights;
-    scan errors become :class:`SourceError`. ``fingerprint``: see
-    :func:`~composefsd.sources.directory.scan_source`."""
+    scan errors become :class:`SourceError`. ``fingerprint`` and ``known_bare``:
+    see :func:`~composefsd.sources.directory.scan_source`."""
     throttle = Throttle(progress)
 
     def scan_progress(p: ScanProgress) -> None:
@@ -805,6 +807,7 @@ def scan_source_directory(
                 scan_progress if throttle.active else None,
                 max_entries=max_entries,
                 fingerprint=fingerprint,
+                known_bare=known_bare,
             )
     except ScanError as exc:
         raise SourceError(str(exc), errno=exc.errno) from exc
@@ -828,15 +831,21 @@ def create_from_directory(
     try:
         repo.ensure_writable()
         with _creating(repo, added) as (lock, store):
-            use_cache = options.digest_cache and not isinstance(source, int)
-            scan = scan_source_directory(
-                fd, display, scan_options(options), progress, fingerprint=use_cache
-            )
             cache = None
-            if use_cache:
+            if options.digest_cache and not isinstance(source, int):
                 cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
+            scan = scan_source_directory(
+                fd,
+                display,
+                scan_options(options),
+                progress,
+                fingerprint=cache is not None,
+                known_bare=cache.known_bare() if cache is not None else None,
+            )
             tree = source_tree(scan, fd, display)
-            return _create(repo, store, lock, tree, options, ref_name, progress, cache, added)
+            return _create(
+                repo, store, lock, tree, options, ref_name, progress, cache, added, scan.bare
+            )
     finally:
         os.close(fd)
 
@@ -923,9 +932,11 @@ def _create(
     progress: ProgressCallback | None,
     cache: DigestCache | None,
     added: Added,
+    bare: Sequence[BareKey] = (),
 ) -> CreateResult:
     """The part of CreateImage every source shares: import the tree's files, write
-    the image, publish it (under ``lock``, undone on failure through ``added``)."""
+    the image, publish it (under ``lock``, undone on failure through ``added``).
+    ``cache`` (a directory's) also keeps the inodes its scan found ``bare``."""
     throttle = Throttle(progress)
     results = _import(repo, store, tree, options, lock, throttle, added, cache)
     image_key = b""
@@ -952,7 +963,7 @@ def _create(
     )
     if cache is not None:
         images = [(int(version), r.digest, r.size) for version, r in stored]
-        cache.save(tree.imports, results, image_key, images)
+        cache.save(tree.imports, results, image_key, images, bare)
     return created
 
 

@@ -81,7 +81,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,6 +95,7 @@ from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, fil
 from composefsd.sources.objcopy import CopyState, store_object
 
 __all__ = [
+    "BareKey",
     "ScanError",
     "ScanOptions",
     "ScanProgress",
@@ -242,6 +243,8 @@ class SourceScan:
     #: (each entry's name, stat fields, link target and xattrs, directory by
     #: directory), so that equal fingerprints under equal options mean equal trees.
     fingerprint: bytes | None = None
+    #: With ``known_bare``: the entries found without xattrs (:func:`scan_source`).
+    bare: list[BareKey] = field(default_factory=list)
 
 
 def default_threads() -> int:
@@ -289,6 +292,8 @@ class _DirFd:
 _Pending = tuple[_DirFd, bytes, Node, bytes, tuple[int, int]]
 
 
+#: An inode and its change time: ``(st_dev, st_ino, st_ctime_ns)``.
+BareKey = tuple[int, int, int]
 #: What of one entry goes into a scan's fingerprint (:func:`_record`).
 _Record = tuple[
     bytes,
@@ -342,6 +347,7 @@ class _Walker:
         progress: Callable[[int], None] | None,
         max_entries: int | None = None,
         fingerprint: _Hash | None = None,
+        bare: tuple[Container[BareKey], list[BareKey]] | None = None,
     ) -> None:
         self.options = options
         self.display = display
@@ -349,6 +355,7 @@ class _Walker:
         self.progress = progress
         self.max_entries = max_entries
         self.fingerprint = fingerprint
+        self.bare = None if options.skip_xattrs else bare
         self.entries = 0
         self.regular_files = 0
         self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes, FileKey]]] = {}
@@ -438,12 +445,20 @@ class _Walker:
                 raise _access_error(self.full_path(rel), exc) from exc
             self._set_target(node, target, rel)
         if not opts.skip_xattrs:
+            bare = self.bare
+            if bare is not None:
+                key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                if key in bare[0]:
+                    bare[1].append(key)
+                    return node, st
             try:
                 names = os.listxattr(b"/proc/self/fd/%d/%b" % (dir_fd, name), follow_symlinks=False)
             except OSError as exc:
                 raise _access_error(self.full_path(rel), exc) from exc
             if names:
                 self._xattrs_of(node, st, dir_fd, name, rel)
+            elif bare is not None:
+                bare[1].append(key)
         return node, st
 
     def _check_same(self, fd: int, ident: tuple[int, int], rel: bytes) -> None:
@@ -1138,11 +1153,17 @@ def scan_source(
     *,
     max_entries: int | None = None,
     fingerprint: bool = False,
+    known_bare: Container[BareKey] | None = None,
 ) -> SourceScan:
     """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
     reading any file's data; list its regular files for an importer, which reads
     them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`). With
     ``fingerprint``, also fingerprint the tree (:attr:`SourceScan.fingerprint`).
+
+    With ``known_bare`` (inodes by :data:`BareKey` known to have no xattrs: a
+    caller's promise, see :class:`composefsd.repository.digestcache.DigestCache`),
+    entries found there are not asked for their xattrs, and every entry below the
+    root found without xattrs, asked or not, is listed in :attr:`SourceScan.bare`.
 
     Of ``options`` only what selects metadata applies (``use_epoch``,
     ``skip_devices``, the xattr choices, ``preserve_hardlinks``). ``display`` names
@@ -1163,7 +1184,8 @@ def scan_source(
             progress(ScanProgress("scan", count))
 
     hasher = hashlib.sha256() if fingerprint else None
-    walker = _Walker(opts, display, add, entries, max_entries, hasher)
+    bare = None if known_bare is None else (known_bare, result.bare)
+    walker = _Walker(opts, display, add, entries, max_entries, hasher, bare)
     made = walker.from_fd(root_fd, b"")
     assert made is not None
     root, st = made
