@@ -553,7 +553,8 @@ def _import(
     hits: dict[int, ImportResult] = {}
     todo = tasks
     if cache is not None:
-        hits, todo = cache.resolve(store, tasks)
+        with gc_paused():
+            hits, todo = cache.resolve(store, tasks)
     hit_bytes = sum(tasks[i].size for i in hits)
 
     def report(files: int, nbytes: int) -> None:
@@ -832,17 +833,23 @@ def create_from_directory(
         repo.ensure_writable()
         with _creating(repo, added) as (lock, store):
             cache = None
+            known_bare = None
             if options.digest_cache and not isinstance(source, int):
-                cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
+                # A re-import's bookkeeping builds hundreds of thousands of objects
+                # without cycles: the collector would only walk them over and over.
+                with gc_paused():
+                    cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
+                    known_bare = cache.known_bare()
             scan = scan_source_directory(
                 fd,
                 display,
                 scan_options(options),
                 progress,
                 fingerprint=cache is not None,
-                known_bare=cache.known_bare() if cache is not None else None,
+                known_bare=known_bare,
             )
-            tree = source_tree(scan, fd, display)
+            with gc_paused():
+                tree = source_tree(scan, fd, display)
             return _create(
                 repo, store, lock, tree, options, ref_name, progress, cache, added, scan.bare
             )
@@ -942,7 +949,8 @@ def _create(
     image_key = b""
     reused: list[tuple[ErofsVersion, ObjectResult]] | None = None
     if cache is not None and tree.fingerprint is not None:
-        image_key = cache.image_key(tree.fingerprint, _image_settings(repo, options), results)
+        with gc_paused():
+            image_key = cache.image_key(tree.fingerprint, _image_settings(repo, options), results)
         reused = _reuse_images(store, repo.hash_algorithm, cache.images_for(image_key))
     if reused is None:
         _apply(tree, results, repo.hash_algorithm, options.c_compatible)
@@ -963,7 +971,8 @@ def _create(
     )
     if cache is not None:
         images = [(int(version), r.digest, r.size) for version, r in stored]
-        cache.save(tree.imports, results, image_key, images, bare)
+        with gc_paused():
+            cache.save(tree.imports, results, image_key, images, bare)
     return created
 
 
