@@ -4,7 +4,11 @@ Re-importing an unchanged tree would read and hash every byte of it again (C
 mkcomposefs does: 5.4 GB for /usr). The cache remembers, per path of a tree, the
 file's key as the scan saw it, ``(st_dev, st_ino, st_size, st_mtime_ns,
 st_ctime_ns)``, and the digest its content had; a file the next scan finds with
-exactly that key is not opened at all.
+exactly that key is not opened at all. Two more things an import of an unchanged
+tree would otherwise redo: the inodes found without xattrs, by ``(st_dev, st_ino,
+st_ctime_ns)``, which the scan then does not ask (:meth:`DigestCache.known_bare`),
+and the images, by a key of everything they are made of (:meth:`DigestCache.image_key`),
+which are then not written again.
 
 What it trusts, and why that cannot be fooled from the tree's side:
 
@@ -20,6 +24,14 @@ What it trusts, and why that cannot be fooled from the tree's side:
   change before could keep the key). Outside that: root setting the clock back and
   writing within the remembered tick, a shared writable mapping made before the
   hashing, the disk written beneath the filesystem: each needs root;
+* that an inode whose key is unchanged has the xattrs it had: setting or removing
+  one moves the change time too. Kept under the same settle rule, and only for
+  the boot that found them (``boot_id``): a reboot may bring another kernel,
+  other mounts or another security policy;
+* that images are a function of their :meth:`DigestCache.image_key`: the scan's
+  fingerprint of the tree, every file's digest or inline content, the options,
+  formats, algorithm and composefsd's version. An image is reused only if it is
+  in the store whole (its size, and its digest measured or hashed again);
 * the cache file itself. It lives in the repository (``cache/digests-<alg>-<hash
   of the source path>``, directory 0700, file 0600: only the daemon, root, can
   write it), so whoever could write it could write the objects anyway. It is
@@ -38,15 +50,16 @@ caller's tree read with the caller's rights (the daemon for other users) opens
 every file as the caller, so no cache is used there
 (:func:`composefsd.repository.images.create_from_scan`).
 
-Bounded: at most ``MAX_ENTRIES`` entries per tree (those found unchanged first, then
-new ones in scan order), at most ``MAX_FILES`` trees per repository (the least recently imported
-go), and GC drops trees not imported for 30 days. The file is rewritten
-atomically (without fsync: losing it only costs time) after an import that
-changed it.
+Bounded: at most ``MAX_ENTRIES`` entries per tree (those found unchanged first,
+then new ones in scan order), as many bare inodes, at most ``MAX_FILES`` trees per
+repository (the least recently written go), and GC drops trees not imported for
+30 days. The file is rewritten atomically (without fsync: losing it only costs
+time) after an import that changed it.
 
-The file: ``MAGIC``, a header (lengths and count), the algorithm name and source
+The file: ``MAGIC``, a header (lengths and counts), the algorithm name and source
 path, the relative paths joined by NUL (which no path holds), five arrays of
-64-bit key fields, the digests end to end, and the SHA-256 of all of it.
+64-bit key fields, the digests end to end, the image key and images, the boot id
+and three arrays of the bare inodes, and the SHA-256 of all of it.
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ class CreateOptions:
     preserve_hardlinks: bool = False
     #: Hashing and copying lanes; None: one per CPU this process may run on.
     threads: int | None = None
-    #: Reuse digests of unchanged files from the previous import of the same tree
+    #: Reuse what the previous import of the same tree learnt: digests of unchanged
+    #: files, inodes without xattrs, the images of unchanged inputs
     #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
     #: Write one image in this format instead of the repository's formats.
