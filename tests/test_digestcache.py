@@ -133,7 +133,7 @@ def test_recent_files_are_not_cached(
     run) are hashed at every import."""
     monkeypatch.setattr(DigestCache, "RACY_NS", 10**18)
     s.create()
-    assert len(s.cache()) == 0
+    assert s.cache_files() == []  # nothing to keep: no file
     hashed.clear()
     s.create()
     assert len(hashed) == 4
@@ -378,7 +378,7 @@ def _truth(s: Setup, **options: Any) -> str:
     return str(result.digest)
 
 
-def test_unchanged_tree_reuses_its_image(s: Setup, written: list[int]) -> None:
+def test_unchanged_tree_reuses_its_image(s: Setup, settle_now: None, written: list[int]) -> None:
     first = s.create()
     assert written == [1]
     written.clear()
@@ -447,7 +447,7 @@ def test_changed_tree_gets_a_new_image(
     assert result.digest == _truth(s)
 
 
-def test_options_are_part_of_the_image_key(s: Setup, written: list[int]) -> None:
+def test_options_are_part_of_the_image_key(s: Setup, settle_now: None, written: list[int]) -> None:
     first = s.create()
     written.clear()
     other = s.repo.create_image(s.src, ref="x", options=CreateOptions(use_epoch=True))
@@ -456,7 +456,9 @@ def test_options_are_part_of_the_image_key(s: Setup, written: list[int]) -> None
 
 
 @pytest.mark.parametrize("how", ["deleted", "damaged in place", "truncated"])
-def test_image_object_is_checked_before_reuse(s: Setup, written: list[int], how: str) -> None:
+def test_image_object_is_checked_before_reuse(
+    s: Setup, settle_now: None, written: list[int], how: str
+) -> None:
     first = s.create()
     obj = s.repo.object_path(first.digest)
     if how == "deleted":

@@ -54,7 +54,8 @@ Bounded: at most ``MAX_ENTRIES`` entries per tree (those found unchanged first,
 then new ones in scan order), as many bare inodes, at most ``MAX_FILES`` trees per
 repository (the least recently written go), and GC drops trees not imported for
 30 days. The file is rewritten atomically (without fsync: losing it only costs
-time) after an import that changed it.
+time) after an import that changed it; a tree imported once, all of it changed
+within the settle window, gets none.
 
 The file: ``MAGIC``, a header (lengths and counts), the algorithm name and source
 path, the relative paths joined by NUL (which no path holds), five arrays of
@@ -440,6 +441,10 @@ class DigestCache:
             digests.append(result.digest)
             for arr, value in zip(arrays, result.stat, strict=True):
                 arr.append(value)
+        if not rels and not fresh.bare and not (old.rels or old.bare or old.images):
+            # Nothing settled in a tree met for the first time: no file (a repository
+            # composefs-rs shares gets no cache/ for a tree imported once, fresh).
+            return
         fresh.digests = b"".join(digests)
         self._write(_encode(fresh, _meta(self.algorithm, self.source), width))
         self._cols = fresh
