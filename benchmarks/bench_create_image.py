@@ -1,28 +1,33 @@
 #!/usr/bin/env python3
-"""Time CreateImage on a large tree against C ``mkcomposefs --digest-store``.
+"""Time CreateImage on a large tree against C ``mkcomposefs --digest-store``:
+the first import, and the re-import of the unchanged tree (issue 16, goal 5).
 
     python benchmarks/bench_create_image.py [--tree /usr] [--workdir /var/tmp]
         [--c-bin DIR] [--threads N] [--strategy hash-first|hashing-copy]
-        [--durability batch|each] [--skip-c] [--keep]
+        [--durability batch|each] [--rounds 3] [--reuse DIR] [--skip-c] [--keep]
 
-In one run, on the same tree, each into a fresh store under WORKDIR:
+In one run, on the same tree:
 
-1. C ``mkcomposefs --digest-store=STORE TREE IMAGE`` (every object copied and
-   fsync'ed);
+1. C ``mkcomposefs --digest-store=STORE TREE IMAGE`` into a fresh store (every
+   object copied and fsync'ed);
 2. our CreateImage into a fresh repository (every object copied, made durable
    before the image is published);
-3. our CreateImage again on the unchanged tree into the same repository (every
-   file hashed, nothing copied).
+3. ``--rounds`` times, alternating which goes first: C again onto its now full
+   store (C's full import: every file read and hashed, nothing copied), and our
+   CreateImage again on the unchanged tree into the same repository (the
+   re-import: files whose digest cache entry holds are not read).
 
 Ours runs in a child process through the library, interpreter start included, as
 C's does. The page cache is warmed first by reading the tree, and ``sync`` runs
 before each timed build so that one build's writeback does not slow the next.
 The image bytes and the object sets of C and ours are checked to be identical
 (the repository also holds the image itself as an object). Everything under
-WORKDIR is deleted at the end unless ``--keep``.
+WORKDIR is deleted at the end unless ``--keep``; ``--reuse DIR`` works in DIR and
+skips the first imports whose store is already there (for repeated runs).
 
-Prints wall, user and system seconds of each build (children included), the
-ratios ours/C (target <= 1.0) and rerun/first (target <= 0.25), and the load
+Prints wall, user and system seconds of each build (children included), the best
+and median of the repeated ones, the ratios ours/C of the first imports (target
+<= 1.0) and of our re-import to C's full import (target <= 0.25), and the load
 average, since other jobs on the machine skew single runs.
 """
 
@@ -33,11 +38,13 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import reference_bin, warm_cache
 from composefsd.kernel.files import clone_file
@@ -126,55 +133,73 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="0: one per CPU (both sides)")
     ap.add_argument("--strategy", choices=("hash-first", "hashing-copy"), default="hash-first")
     ap.add_argument("--durability", choices=("batch", "each"), default="batch")
+    ap.add_argument("--rounds", type=int, default=3, help="re-imports (and C full imports)")
+    ap.add_argument("--reuse", type=Path, default=None, help="work in this directory, kept")
     ap.add_argument("--skip-c", action="store_true", help="time ours only")
     ap.add_argument("--keep", action="store_true", help="keep the stores and images")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="cfs-create-bench-", dir=args.workdir))
+    if args.reuse is not None:
+        work = args.reuse
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="cfs-create-bench-", dir=args.workdir))
     print(f"tree {args.tree}; work dir {work}: {fs_facts(work)}")
     print(f"CPUs {len(os.sched_getaffinity(0))}; load average {load()}")
     t0 = time.perf_counter()
     files, nbytes = warm_cache(args.tree)
     took = time.perf_counter() - t0
     print(f"page cache warmed: {files} files, {nbytes / 1e9:.2f} GB in {took:.1f} s")
-    results: dict[str, tuple[float, float, float]] = {}
-    try:
-        c_image = work / "c.img"
-        c_store = work / "c-store"
-        if not args.skip_c:
-            mkcomposefs = str((args.c_bin or reference_bin()) / "mkcomposefs")
-            cmd = [mkcomposefs, f"--digest-store={c_store}", str(args.tree), str(c_image)]
-            if args.threads:
-                cmd.insert(1, f"--threads={args.threads}")
-            print(f"C mkcomposefs --digest-store ... (load {load()})", flush=True)
-            wall, user, system, _ = timed(cmd)
-            results["C first"] = (wall, user, system)
-            print(f"  {wall:8.2f} s wall {user:8.2f} s user {system:8.2f} s sys", flush=True)
+    results: dict[str, list[tuple[float, float, float]]] = {}
 
-        repo_path = work / "repo"
-        child = [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(repo_path),
-            str(args.tree),
-            args.strategy,
-            args.durability,
-            str(args.threads),
-        ]
-        info: dict[str, object] = {}
-        for kind, init in (("ours first", "1"), ("ours rerun", "0")):
-            print(f"{kind}: CreateImage ... (load {load()})", flush=True)
-            wall, user, system, out = timed([*child, init])
-            info = json.loads(out.strip().splitlines()[-1])
-            results[kind] = (wall, user, system)
-            print(
-                f"  {wall:8.2f} s wall {user:8.2f} s user {system:8.2f} s sys; "
-                f"{info['entries']} entries, {info['files']} files, "
-                f"{info['objects_written']} objects written, {info['objects_reused']} reused, "
-                f"{int(info['bytes_written']) / 1e9:.2f} GB written",
-                flush=True,
-            )
+    def run(kind: str, cmd: list[str]) -> str:
+        print(f"{kind}: ... (load {load()})", flush=True)
+        wall, user, system, out = timed(cmd)
+        results.setdefault(kind, []).append((wall, user, system))
+        print(f"  {wall:8.2f} s wall {user:8.2f} s user {system:8.2f} s sys", flush=True)
+        return out
+
+    c_image = work / "c.img"
+    c_store = work / "c-store"
+    repo_path = work / "repo"
+    mkcomposefs = str((args.c_bin or reference_bin()) / "mkcomposefs")
+    c_cmd = [mkcomposefs, f"--digest-store={c_store}", str(args.tree), str(c_image)]
+    if args.threads:
+        c_cmd.insert(1, f"--threads={args.threads}")
+    child = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(repo_path),
+        str(args.tree),
+        args.strategy,
+        args.durability,
+        str(args.threads),
+    ]
+    info: dict[str, Any] = {}
+
+    def ours(kind: str, init: str) -> None:
+        nonlocal info
+        info = json.loads(run(kind, [*child, init]).strip().splitlines()[-1])
+        print(
+            f"  {info['entries']} entries, {info['files']} files, "
+            f"{info['objects_written']} objects written, {info['objects_reused']} reused, "
+            f"{int(info['bytes_written']) / 1e9:.2f} GB written",
+            flush=True,
+        )
+
+    try:
+        if not args.skip_c and not c_store.exists():
+            run("C first", c_cmd)
+        if not repo_path.exists():
+            ours("ours first", "1")
+        for rnd in range(args.rounds):
+            order = ("C", "ours") if rnd % 2 == 0 else ("ours", "C")
+            for side in order:
+                if side == "ours":
+                    ours("ours rerun", "0")
+                elif not args.skip_c:
+                    run("C full store", c_cmd)
         if not args.skip_c:
             digest = str(info["digest"])
             ours_image = (repo_path / "images" / digest).read_bytes()
@@ -185,20 +210,32 @@ def main() -> int:
             if not (same_image and same_objects):
                 return 1
     finally:
-        if args.keep:
+        if args.keep or args.reuse is not None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'run':12} {'wall s':>9} {'user s':>9} {'sys s':>9}")
-    for kind, (wall, user, system) in results.items():
-        print(f"{kind:12} {wall:9.2f} {user:9.2f} {system:9.2f}")
-    first = results["ours first"][0]
-    rerun = results["ours rerun"][0]
-    if "C first" in results:
-        print(f"ours first / C:         {first / results['C first'][0]:.2f}  (target <= 1.0)")
-    print(f"ours rerun / ours first: {rerun / first:.2f}  (target <= 0.25)")
+    print(f"{'run':13} {'runs':>4} {'best wall':>10} {'median wall':>12} {'median cpu':>11}")
+    best: dict[str, float] = {}
+    for kind, runs in results.items():
+        walls = [r[0] for r in runs]
+        best[kind] = min(walls)
+        cpu = statistics.median(r[1] + r[2] for r in runs)
+        print(
+            f"{kind:13} {len(runs):4} {min(walls):10.2f} {statistics.median(walls):12.2f}"
+            f" {cpu:11.2f}"
+        )
+    if "C first" in best and "ours first" in best:
+        print(f"ours first / C first:          {best['ours first'] / best['C first']:.2f}")
+    if "C full store" in best and "ours rerun" in best:
+        c_runs = [r[0] for r in results["C full store"]]
+        o_runs = [r[0] for r in results["ours rerun"]]
+        print(
+            f"ours re-import / C full import: best {best['ours rerun'] / best['C full store']:.2f},"
+            f" median {statistics.median(o_runs) / statistics.median(c_runs):.2f}"
+            f"  (target <= 0.25)"
+        )
     print(f"load average at the end: {load()}")
     return 0
 

@@ -16,11 +16,13 @@ computed, keyed by what the kernel changes whenever the file's content can chang
 
 Any of them differing is a miss, and the file is hashed again. A digest is only
 remembered when the file was the same before and after hashing it, and when its
-change time lies at least :data:`SETTLE_NS` before the hashing started: change times
-come from a coarse clock (one tick is several milliseconds), so a write right after
-an earlier change could otherwise get the same change time and go unnoticed; a
-write that comes after the settle time always moves it. The cache holds at most
-``max_entries`` digests (least recently used go first), in memory only.
+change time lies at least :data:`SETTLE_NS` before the hashing started (the rule of
+:func:`composefsd.sources.beneath.settled`, which the repository's digest cache
+shares): change times come from a coarse clock (one tick is several milliseconds),
+so a write right after an earlier change could otherwise get the same change time
+and go unnoticed; a write that comes after the settle time always moves it. The
+cache holds at most ``max_entries`` digests (least recently used go first), in
+memory only.
 
 What it trusts: that the file's content only changes through the kernel's write
 paths of the running system. Outside that: root setting the system clock back and
@@ -40,18 +42,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
 
 from composefsd.fsverity import digest_fd
 from composefsd.kernel.verity import Algorithm
+from composefsd.sources.beneath import SETTLE_NS, settled
 
 __all__ = ["SETTLE_NS", "FileIdentity", "ImageDigestCache"]
 
 _log = logging.getLogger(__name__)
-
-#: How long before the hashing started the file's last change must be for its
-#: digest to be remembered (module notes).
-SETTLE_NS: Final = 2_000_000_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,7 +115,7 @@ class ImageDigestCache:
             self.computed += 1
             if FileIdentity.of(after) != key[0]:
                 _log.debug("image inode %d changed while it was hashed", before.st_ino)
-            elif started - before.st_ctime_ns < self._settle_ns:
+            elif not settled(before.st_ctime_ns, started, self._settle_ns):
                 _log.debug("image inode %d changed too recently to remember", before.st_ino)
             elif after.st_nlink > 0:
                 self._entries[key] = digest

@@ -79,13 +79,14 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composefsd.dirs import make_dirs
+from composefsd.fsverity import digest_fd
 from composefsd.image.formats import ErofsVersion, image_version, write_format
 from composefsd.image.reader import ImageFormatError, read_image
 from composefsd.image.transforms import Transform, TransformError, apply_transform
@@ -125,6 +126,7 @@ from composefsd.repository.store import (
 )
 from composefsd.sources.base import ImportTask, ReadStyle, SourceTree, SourceTreeError
 from composefsd.sources.directory import (
+    BareKey,
     ScanError,
     ScanOptions,
     ScanProgress,
@@ -204,7 +206,8 @@ class CreateOptions:
     preserve_hardlinks: bool = False
     #: Hashing and copying lanes; None: one per CPU this process may run on.
     threads: int | None = None
-    #: Reuse digests of unchanged files from the previous import of the same tree
+    #: Reuse what the previous import of the same tree learnt: digests of unchanged
+    #: files, inodes without xattrs, the images of unchanged inputs
     #: (:class:`~composefsd.repository.digestcache.DigestCache`).
     digest_cache: bool = True
     #: Write one image in this format instead of the repository's formats.
@@ -551,8 +554,9 @@ def _import(
     hits: dict[int, ImportResult] = {}
     todo = tasks
     if cache is not None:
-        hits, todo = cache.resolve(store, tasks)
-    hit_bytes = sum(r.stat[2] for r in hits.values() if r.stat is not None)
+        with gc_paused():
+            hits, todo = cache.resolve(store, tasks)
+    hit_bytes = sum(tasks[i].size for i in hits)
 
     def report(files: int, nbytes: int) -> None:
         throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")
@@ -638,21 +642,28 @@ def _finish(
     entries: int,
     throttle: Throttle,
     added: Added,
-) -> CreateResult:
+    reused: list[tuple[ErofsVersion, ObjectResult]] | None = None,
+) -> tuple[CreateResult, list[tuple[ErofsVersion, ObjectResult]]]:
+    """Write the images (unless ``reused``: those of an earlier import from the same
+    inputs, checked), make the new objects durable and publish the images."""
     throttle("image", 0, None, force=True)
-    try:
-        with gc_paused():
-            images = _write_images(repo, root, options)
-    except OSError as exc:
-        raise SourceError(f"cannot build the image: {os_error_text(exc)}", errno=exc.errno) from exc
     stored: list[tuple[ErofsVersion, ObjectResult]] = []
-    for version, data in images:
-        stored_image = store.store_bytes(data)
-        if stored_image.written:
-            added.objects.append(stored_image.digest)
-        stored.append((version, stored_image))
+    if reused is not None:
+        stored = reused
+    else:
+        try:
+            with gc_paused():
+                images = _write_images(repo, root, options)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot build the image: {os_error_text(exc)}", errno=exc.errno
+            ) from exc
+        for version, data in images:
+            stored_image = store.store_bytes(data)
+            if stored_image.written:
+                added.objects.append(stored_image.digest)
+            stored.append((version, stored_image))
     image_result = stored[0][1]
-    image = images[0][1]
     written: dict[bytes, int] = {}
     present: set[bytes] = set()
     bytes_total = 0
@@ -688,7 +699,7 @@ def _finish(
         raise RepositoryError(
             f"cannot publish image {hexdigest}: {os_error_text(exc)}", errno=exc.errno
         ) from exc
-    return CreateResult(
+    created = CreateResult(
         digest=hexdigest,
         ref=ref,
         files=files,
@@ -698,11 +709,12 @@ def _finish(
         bytes_total=bytes_total,
         verity_enabled=verity,
         image_written=image_result.written,
-        image_size=len(image),
+        image_size=image_result.size,
         entries=entries,
         erofs_version=stored[0][0],
         extra_images={v: r.digest for v, r in stored[1:]},
     )
+    return created, stored
 
 
 def _write_images(
@@ -722,6 +734,7 @@ def _write_images(
 
 
 _SOURCE_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_OBJECT_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def scan_options(options: CreateOptions) -> ScanOptions:
@@ -774,10 +787,13 @@ def scan_source_directory(
     progress: ProgressCallback | None = None,
     *,
     max_entries: int | None = None,
+    fingerprint: bool = False,
+    known_bare: Container[BareKey] | None = None,
 ) -> SourceScan:
     """Walk the source directory open at ``fd`` as CreateImage does (``scan``
     progress, ``options`` from :func:`scan_options`), with this process's rights;
-    scan errors become :class:`SourceError`."""
+    scan errors become :class:`SourceError`. ``fingerprint`` and ``known_bare``:
+    see :func:`~composefsd.sources.directory.scan_source`."""
     throttle = Throttle(progress)
 
     def scan_progress(p: ScanProgress) -> None:
@@ -792,6 +808,8 @@ def scan_source_directory(
                 options,
                 scan_progress if throttle.active else None,
                 max_entries=max_entries,
+                fingerprint=fingerprint,
+                known_bare=known_bare,
             )
     except ScanError as exc:
         raise SourceError(str(exc), errno=exc.errno) from exc
@@ -815,12 +833,27 @@ def create_from_directory(
     try:
         repo.ensure_writable()
         with _creating(repo, added) as (lock, store):
-            scan = scan_source_directory(fd, display, scan_options(options), progress)
             cache = None
+            known_bare = None
             if options.digest_cache and not isinstance(source, int):
-                cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
-            tree = source_tree(scan, fd, display)
-            return _create(repo, store, lock, tree, options, ref_name, progress, cache, added)
+                # A re-import's bookkeeping builds hundreds of thousands of objects
+                # without cycles: the collector would only walk them over and over.
+                with gc_paused():
+                    cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm)
+                    known_bare = cache.known_bare()
+            scan = scan_source_directory(
+                fd,
+                display,
+                scan_options(options),
+                progress,
+                fingerprint=cache is not None,
+                known_bare=known_bare,
+            )
+            with gc_paused():
+                tree = source_tree(scan, fd, display)
+            return _create(
+                repo, store, lock, tree, options, ref_name, progress, cache, added, scan.bare
+            )
     finally:
         os.close(fd)
 
@@ -907,16 +940,23 @@ def _create(
     progress: ProgressCallback | None,
     cache: DigestCache | None,
     added: Added,
+    bare: Sequence[BareKey] = (),
 ) -> CreateResult:
     """The part of CreateImage every source shares: import the tree's files, write
-    the image, publish it (under ``lock``, undone on failure through ``added``)."""
+    the image, publish it (under ``lock``, undone on failure through ``added``).
+    ``cache`` (a directory's) also keeps the inodes its scan found ``bare``."""
     throttle = Throttle(progress)
     results = _import(repo, store, tree, options, lock, throttle, added, cache)
-    if cache is not None:
-        cache.save(tree.imports, results)
-    _apply(tree, results, repo.hash_algorithm, options.c_compatible)
-    _transform(repo, tree, options.transform)
-    return _finish(
+    image_key = b""
+    reused: list[tuple[ErofsVersion, ObjectResult]] | None = None
+    if cache is not None and tree.fingerprint is not None:
+        with gc_paused():
+            image_key = cache.image_key(tree.fingerprint, _image_settings(repo, options), results)
+        reused = _reuse_images(store, repo.hash_algorithm, cache.images_for(image_key))
+    if reused is None:
+        _apply(tree, results, repo.hash_algorithm, options.c_compatible)
+        _transform(repo, tree, options.transform)
+    created, stored = _finish(
         repo,
         store,
         tree.root,
@@ -928,7 +968,52 @@ def _create(
         tree.entries,
         throttle,
         added,
+        reused,
     )
+    if cache is not None:
+        images = [(int(version), r.digest, r.size) for version, r in stored]
+        with gc_paused():
+            cache.save(tree.imports, results, image_key, images, bare)
+    return created
+
+
+def _image_settings(repo: Repository, options: CreateOptions) -> bytes:
+    """What besides the tree shapes CreateImage's images: part of their
+    :meth:`~composefsd.repository.digestcache.DigestCache.image_key`."""
+    from composefsd import __version__
+
+    return repr((__version__, repo.hash_algorithm, repo.formats, options)).encode()
+
+
+def _reuse_images(
+    store: ObjectStore, algorithm: Algorithm, images: Sequence[tuple[int, str, int]]
+) -> list[tuple[ErofsVersion, ObjectResult]] | None:
+    """The images an earlier import made from the same inputs, if every one is still
+    in the store, whole: its size, and its digest measured by the kernel or hashed
+    here (an image is a few MB, hashed in milliseconds). None: write them anew."""
+    if not images:
+        return None
+    out: list[tuple[ErofsVersion, ObjectResult]] = []
+    for version, hexdigest, size in images:
+        digest = bytes.fromhex(hexdigest)
+        found = store.existing(digest, size)
+        if not isinstance(found, ObjectResult):
+            return None
+        if not found.verity:
+            try:
+                fd = os.open(store.rel(digest), _OBJECT_FLAGS, dir_fd=store.dir_fd)
+            except OSError:
+                return None
+            try:
+                if digest_fd(fd, algorithm) != digest:
+                    return None
+            finally:
+                os.close(fd)
+        try:
+            out.append((ErofsVersion(version), found))
+        except ValueError:
+            return None
+    return out
 
 
 def create_from_dumpfile(

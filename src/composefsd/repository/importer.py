@@ -61,7 +61,9 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a re-import makes one per file, and a frozen dataclass's __init__
+# costs four times as much.
+@dataclass(slots=True)
 class ImportResult:
     digest: bytes | None
     content: bytes | None

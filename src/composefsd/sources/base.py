@@ -36,7 +36,9 @@ class ReadStyle(enum.Enum):
     COMPOSEFS_RS = "composefs-rs"
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: a scan makes one per file, and a frozen dataclass's __init__ costs
+# three times as much.
+@dataclass(slots=True)
 class ImportTask:
     """One file to import, at ``rel`` beneath the import's source directory.
 
@@ -77,6 +79,9 @@ class SourceTree:
     #: Whether the imported objects' digests become the files' fs-verity digests
     #: (a directory); False keeps the digests the source gave (a dumpfile).
     set_digests: bool = True
+    #: The scan's fingerprint of the tree, if it took one
+    #: (:attr:`composefsd.sources.directory.SourceScan.fingerprint`).
+    fingerprint: bytes | None = None
 
 
 class SourceTreeError(Exception):

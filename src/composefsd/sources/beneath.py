@@ -34,12 +34,14 @@ import stat
 
 __all__ = [
     "FILE_FLAGS",
+    "SETTLE_NS",
     "BeneathOpener",
     "ChangedError",
     "FileKey",
     "check_relpath",
     "file_key",
     "same_file",
+    "settled",
 ]
 
 #: ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` of a scanned file. The
@@ -66,8 +68,29 @@ class ChangedError(OSError):
         return f"{os.fsdecode(self.path)}: {self.reason}"
 
 
+#: How long before it was read a file's last change must lie for what was read to
+#: be remembered under its key (:func:`settled`).
+SETTLE_NS = 2_000_000_000
+
+
 def file_key(st: os.stat_result) -> FileKey:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def settled(ctime_ns: int, started_ns: int, window_ns: int = SETTLE_NS) -> bool:
+    """Whether a file whose change time is ``ctime_ns`` may be remembered by its key
+    (device, inode, size, mtime and ctime) after being read from ``started_ns`` on
+    (wall clock), when it was the same before and after the reading.
+
+    The kernel sets the change time to the current time at every write, truncate,
+    ``fallocate``, xattr or mode change, and no system call sets a chosen one; but it
+    comes from a coarse clock (a tick of some milliseconds, a second on filesystems
+    with second timestamps), so a change in the same tick as the one before would
+    leave the key as it was. A change time at least ``SETTLE_NS`` before the reading
+    began rules that out: any later change gets a later change time. A change time
+    in the future (the clock was set back) is never settled. (git's "racy clean"
+    rule.) ``window_ns`` other than ``SETTLE_NS`` is for tests."""
+    return started_ns - ctime_ns >= window_ns
 
 
 def same_file(st: os.stat_result, key: FileKey) -> str | None:

@@ -72,15 +72,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
+import marshal
 import os
 import queue
 import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from composefsd import workerproc
 from composefsd.credentials import Credentials
@@ -92,6 +95,7 @@ from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, fil
 from composefsd.sources.objcopy import CopyState, store_object
 
 __all__ = [
+    "BareKey",
     "ScanError",
     "ScanOptions",
     "ScanProgress",
@@ -235,6 +239,12 @@ class SourceScan:
     entries: int = 0
     #: Regular files (empty ones included, hardlink entries not).
     regular_files: int = 0
+    #: With ``fingerprint=True``: the SHA-256 of everything the tree was made of
+    #: (each entry's name, stat fields, link target and xattrs, directory by
+    #: directory), so that equal fingerprints under equal options mean equal trees.
+    fingerprint: bytes | None = None
+    #: With ``known_bare``: the entries found without xattrs (:func:`scan_source`).
+    bare: list[BareKey] = field(default_factory=list)
 
 
 def default_threads() -> int:
@@ -282,8 +292,52 @@ class _DirFd:
 _Pending = tuple[_DirFd, bytes, Node, bytes, tuple[int, int]]
 
 
+#: An inode and its change time: ``(st_dev, st_ino, st_ctime_ns)``.
+BareKey = tuple[int, int, int]
+#: What of one entry goes into a scan's fingerprint (:func:`_record`).
+_Record = tuple[
+    bytes,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    "bytes | None",
+    "list[tuple[bytes, bytes]] | None",
+]
+
+
+class _Hash(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def _record(name: bytes, st: os.stat_result, node: Node) -> _Record:
+    """Everything the tree takes from one entry: its name, the stat fields its node
+    and the hardlink grouping are made of, its link target and xattrs as read."""
+    return (
+        name,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_nlink,
+        st.st_dev,
+        st.st_ino,
+        node.payload,
+        node.xattrs or None,
+    )
+
+
 class _Walker:
-    """Builds the tree and hands each regular file of non-zero size to ``sink``."""
+    """Builds the tree and hands each regular file of non-zero size to ``sink``.
+    With ``fingerprint``, each directory's entries are fed to it as read
+    (:func:`scan_source`)."""
 
     def __init__(
         self,
@@ -292,12 +346,16 @@ class _Walker:
         sink: _Sink,
         progress: Callable[[int], None] | None,
         max_entries: int | None = None,
+        fingerprint: _Hash | None = None,
+        bare: tuple[Container[BareKey], list[BareKey]] | None = None,
     ) -> None:
         self.options = options
         self.display = display
         self.sink = sink
         self.progress = progress
         self.max_entries = max_entries
+        self.fingerprint = fingerprint
+        self.bare = None if options.skip_xattrs else bare
         self.entries = 0
         self.regular_files = 0
         self.inodes: dict[tuple[int, int], list[tuple[Node, bytes, Node, bytes, FileKey]]] = {}
@@ -387,12 +445,20 @@ class _Walker:
                 raise _access_error(self.full_path(rel), exc) from exc
             self._set_target(node, target, rel)
         if not opts.skip_xattrs:
+            bare = self.bare
+            if bare is not None:
+                key = (st.st_dev, st.st_ino, st.st_ctime_ns)
+                if key in bare[0]:
+                    bare[1].append(key)
+                    return node, st
             try:
                 names = os.listxattr(b"/proc/self/fd/%d/%b" % (dir_fd, name), follow_symlinks=False)
             except OSError as exc:
                 raise _access_error(self.full_path(rel), exc) from exc
             if names:
                 self._xattrs_of(node, st, dir_fd, name, rel)
+            elif bare is not None:
+                bare[1].append(key)
         return node, st
 
     def _check_same(self, fd: int, ident: tuple[int, int], rel: bytes) -> None:
@@ -535,6 +601,8 @@ class _Walker:
         track_links = self.track_links
         any_type = self.rs_style
         prefix = rel + b"/" if rel else b""
+        fingerprint = self.fingerprint
+        record: list[_Record] | None = None if fingerprint is None else []
         try:
             it = os.scandir(fd)
         except OSError as exc:
@@ -554,6 +622,8 @@ class _Walker:
                     continue
                 child, st = made
                 children[name] = child
+                if record is not None:
+                    record.append(_record(name, st, child))
                 ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
@@ -578,6 +648,8 @@ class _Walker:
                 self.entries += 1
                 if not self.entries & 1023:
                     self._tick()
+        if fingerprint is not None:
+            fingerprint.update(marshal.dumps((rel, record), 2))
         return subdirs
 
     def _tick(self) -> None:
@@ -1080,10 +1152,18 @@ def scan_source(
     progress: Progress | None = None,
     *,
     max_entries: int | None = None,
+    fingerprint: bool = False,
+    known_bare: Container[BareKey] | None = None,
 ) -> SourceScan:
     """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
     reading any file's data; list its regular files for an importer, which reads
-    them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`).
+    them beneath ``root_fd`` (:mod:`composefsd.sources.beneath`). With
+    ``fingerprint``, also fingerprint the tree (:attr:`SourceScan.fingerprint`).
+
+    With ``known_bare`` (inodes by :data:`BareKey` known to have no xattrs: a
+    caller's promise, see :class:`composefsd.repository.digestcache.DigestCache`),
+    entries found there are not asked for their xattrs, and every entry below the
+    root found without xattrs, asked or not, is listed in :attr:`SourceScan.bare`.
 
     Of ``options`` only what selects metadata applies (``use_epoch``,
     ``skip_devices``, the xattr choices, ``preserve_hardlinks``). ``display`` names
@@ -1103,15 +1183,21 @@ def scan_source(
         if progress is not None:
             progress(ScanProgress("scan", count))
 
-    walker = _Walker(opts, display, add, entries, max_entries)
+    hasher = hashlib.sha256() if fingerprint else None
+    bare = None if known_bare is None else (known_bare, result.bare)
+    walker = _Walker(opts, display, add, entries, max_entries, hasher, bare)
     made = walker.from_fd(root_fd, b"")
     assert made is not None
     root, st = made
     if not stat.S_ISDIR(st.st_mode):
         raise _error("error accessing", display, errno.ENOTDIR)
+    if hasher is not None:
+        hasher.update(marshal.dumps((opts.to_wire(), _record(b"", st, root)), 2))
     walker.entries = 1
     walker.walk(root_fd, root)
     walker.finish()
+    if hasher is not None:
+        result.fingerprint = hasher.digest()
     result.root = root
     result.entries = walker.entries
     result.regular_files = walker.regular_files
@@ -1133,7 +1219,15 @@ def source_tree(
         imports.append(ImportTask(rel, node.size, None, inline, False, key))
         nodes.append(node)
     return SourceTree(
-        scan.root, fd, display, imports, nodes, credentials, scan.regular_files, scan.entries
+        scan.root,
+        fd,
+        display,
+        imports,
+        nodes,
+        credentials,
+        scan.regular_files,
+        scan.entries,
+        fingerprint=scan.fingerprint,
     )
 
 
