@@ -29,7 +29,8 @@ import errno
 import gc
 import mmap
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -340,11 +341,22 @@ def read_image(
     )
 
 
-def scan_objects(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[tuple[bytes, int]]:
+def scan_objects(
+    buf: bytes | bytearray | memoryview | mmap.mmap,
+    *,
+    chunk: int = 0,
+    on_chunk: Callable[[list[tuple[bytes, int]]], None] | None = None,
+) -> list[tuple[bytes, int]]:
     """(payload, size) of every regular file of the image backed by an object (a
     payload and no inline data), once per inode, in the order the walk meets them:
     what a walk of ``read_image(buf, c_quirks=False)``'s tree finds, without
     building the tree (Verify's list of objects, in a third of the time).
+
+    With ``on_chunk`` and ``chunk`` > 0, the objects are handed over while the walk
+    goes on, ``on_chunk(objects)`` with every ``chunk`` of them (Verify starts
+    checking them meanwhile), and only those not yet handed over are returned. An
+    image refused later still raises: whatever was handed over is then from an
+    image that is not valid, and the caller must drop it.
 
     It walks the image as :func:`read_image` does and makes every check it makes,
     in the same order, so it raises the same :class:`ImageFormatError` for every
@@ -355,6 +367,8 @@ def scan_objects(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[tuple[
     header, sb = _check_start(data, c_quirks=False)
     scan = _ObjectScan(data, *_reader_args(data, sb))
     _exact(scan, header)
+    if on_chunk is not None and chunk > 0:
+        scan.chunk, scan.on_chunk = chunk, on_chunk
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -943,7 +957,7 @@ class _ObjectScan(_Reader):
     """:func:`scan_objects`: :meth:`_Reader.load`'s walk and :meth:`_Reader._visit`'s
     checks, step for step, keeping the objects instead of building nodes."""
 
-    __slots__ = ("_frames", "objects")
+    __slots__ = ("_frames", "chunk", "objects", "on_chunk")
 
     def __init__(
         self,
@@ -955,6 +969,9 @@ class _ObjectScan(_Reader):
     ) -> None:
         super().__init__(data, meta_start, xattr_start, build_time, build_time_nsec)
         self.objects: list[tuple[bytes, int]] = []
+        #: Hand ``objects`` over to ``on_chunk`` whenever they are this many (0: never).
+        self.chunk = 0
+        self.on_chunk: Callable[[list[tuple[bytes, int]]], None] | None = None
         # Per directory being walked: the names seen so far (duplicates are refused)
         # and its remaining entries.
         self._frames: list[tuple[set[bytes], Iterator[tuple[bytes, int]]]] = []
@@ -965,12 +982,17 @@ class _ObjectScan(_Reader):
         stack = self._frames
         visit = self._scan_inode
         exact = self.exact
+        chunk = self.chunk or sys.maxsize
         while stack:
             names, entries = stack[-1]
             depth = len(stack)
             for name, nid in entries:
                 if not visit(nid):
                     continue  # real whiteout, as C does
+                if len(self.objects) >= chunk:
+                    assert self.on_chunk is not None
+                    self.on_chunk(self.objects)
+                    self.objects = []
                 if not name:
                     raise ImageFormatError(
                         errno.EINVAL, f"empty name for inode {nid} in a directory"
