@@ -331,8 +331,10 @@ def check_files(
     of them whose expected size was negative; every other file still goes to
     ``on_result``. Worker processes are used when ``workers`` > 1 and the work
     is large enough for them to pay off (userspace hashing holds the GIL for most
-    of its time, so threads would not add up). Files are handed out largest first,
-    so that one big file does not finish alone at the end.
+    of its time, so threads would not add up): ``workers - 1`` of them, the
+    calling thread checking its share of the batches (:class:`_Checking`). Files
+    are handed out largest first, so that one big file does not finish alone at
+    the end.
     """
     n = default_workers() if workers is None else max(1, workers)
     total = sum(max(size, 0) for _, size in files)
