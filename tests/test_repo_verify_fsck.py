@@ -284,7 +284,10 @@ def test_worker_processes_find_the_same(built: Built, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(verify_mod, "_start_worker", counting_start)
     parallel = verify_image(built.repo, built.one, workers=2)
-    assert started, "no worker process was used"
+    # With 2 processes the calling thread checks batches too and may take them all
+    # before its one worker has started (test_verify_scan's
+    # test_caller_checks_its_share_every_file_once makes sure both do).
+    assert len(started) <= 1
     for report in (in_process, parallel):
         assert report.missing == [gone]
         assert report.corrupt == expected_corrupt

@@ -453,13 +453,14 @@ class _Checking:
         pool = self._pool
         pool.close()
         work = pool.work
+        # An end mark of this thread's own: the lanes' are theirs (taking one of
+        # them could leave this thread waiting for a mark a lane took).
+        work.put(None)
         with _Checker(self._algorithm) as checker:
             while self._error is None:
                 batch = work.get()
                 if batch is None:
-                    # A lane's end mark: every batch has been taken.
-                    work.put(None)
-                    break
+                    break  # every batch has been taken
                 self._take(block=False)
                 indices, items = batch
                 wires = [checker.check(path, size) for path, size in items]
