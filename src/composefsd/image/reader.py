@@ -30,7 +30,7 @@ import gc
 import mmap
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,6 +73,23 @@ __all__ = [
 
 _NAME_MAX = 255
 _XATTR_NAME_MAX = 255
+
+
+def _check_name(name: bytes, nid: int, exact: bool, seen: Container[bytes]) -> None:
+    """A directory entry's name, as both the tree reader and the object scan check it."""
+    if not name:
+        raise ImageFormatError(errno.EINVAL, f"empty name for inode {nid} in a directory")
+    if exact and b"/" in name:
+        # C takes it as it is; a repository's tree never has such a name.
+        raise ImageFormatError(errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'")
+    if len(name) > _NAME_MAX:
+        raise ImageFormatError(
+            errno.ENAMETOOLONG,
+            f"name of {len(name)} bytes for inode {nid} is longer than {_NAME_MAX}",
+        )
+    if name in seen:
+        raise ImageFormatError(errno.EEXIST, f"duplicate directory entry {name!r} (inode {nid})")
+
 
 _S_IFMT = stat.S_IFMT(0o177777)
 _S_IFDIR = stat.S_IFDIR
@@ -505,24 +522,7 @@ class _Reader:
                 child = visit(nid, None)
                 if child is None:
                     continue  # real whiteout, as C does
-                if not name:
-                    raise ImageFormatError(
-                        errno.EINVAL, f"empty name for inode {nid} in a directory"
-                    )
-                if self.exact and b"/" in name:
-                    # C takes it as it is; a repository's tree never has such a name.
-                    raise ImageFormatError(
-                        errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'"
-                    )
-                if len(name) > _NAME_MAX:
-                    raise ImageFormatError(
-                        errno.ENAMETOOLONG,
-                        f"name of {len(name)} bytes for inode {nid} is longer than {_NAME_MAX}",
-                    )
-                if name in children:
-                    raise ImageFormatError(
-                        errno.EEXIST, f"duplicate directory entry {name!r} (inode {nid})"
-                    )
+                _check_name(name, nid, self.exact, children)
                 children[name] = child
                 if len(stack) != depth:
                     break  # descend first: C builds each child's subtree before the next
@@ -993,23 +993,7 @@ class _ObjectScan(_Reader):
                     assert self.on_chunk is not None
                     self.on_chunk(self.objects)
                     self.objects = []
-                if not name:
-                    raise ImageFormatError(
-                        errno.EINVAL, f"empty name for inode {nid} in a directory"
-                    )
-                if exact and b"/" in name:
-                    raise ImageFormatError(
-                        errno.EINVAL, f"directory entry {name!r} (inode {nid}) contains '/'"
-                    )
-                if len(name) > _NAME_MAX:
-                    raise ImageFormatError(
-                        errno.ENAMETOOLONG,
-                        f"name of {len(name)} bytes for inode {nid} is longer than {_NAME_MAX}",
-                    )
-                if name in names:
-                    raise ImageFormatError(
-                        errno.EEXIST, f"duplicate directory entry {name!r} (inode {nid})"
-                    )
+                _check_name(name, nid, exact, names)
                 names.add(name)
                 if len(stack) != depth:
                     break  # descend first, as load() does
