@@ -18,7 +18,6 @@ import os
 import random
 import stat
 import subprocess
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -38,6 +37,7 @@ from composefsd.objectlayout import object_relpath
 from composefsd.repository import Repository
 from composefsd.repository import verify as verify_mod
 from composefsd.repository.verify import verify_image
+from verifyhooks import hold_until_all_take_a_batch
 
 SEED = 0x5CA7
 
@@ -461,20 +461,23 @@ def test_verify_with_overlap_finds_the_same(
     monkeypatch.setattr(verify_mod, "_SCAN_CHUNK", 3)
     monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
     monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
-    started = _counting_start(monkeypatch)
+    # Every lane starts its worker and the calling thread checks a share, whatever
+    # the scheduling (verifyhooks).
+    held = hold_until_all_take_a_batch(monkeypatch, 1)
     for workers in (2, 3):
-        started.clear()
+        held.reset()
+        held.lanes = workers - 1
         overlapped = verify_image(repo, image, workers=workers)
-        assert len(started) == workers - 1
+        assert len(held.started) == workers - 1
+        assert held.caller_checked
         assert overlapped.to_dict() == alone.to_dict()
 
 
 def test_caller_checks_its_share_every_file_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # With N processes, N - 1 workers and the calling thread check the batches. The
-    # workers start only once the calling thread has checked a file, so it must
-    # have taken a share.
+    # With N processes, N - 1 workers and the calling thread check the batches,
+    # every file once.
     repo, _image, contents = _object_repo(tmp_path, 30)
     paths = [
         os.fsencode(repo.path / "objects" / object_relpath(digest_bytes(c).hex())) for c in contents
@@ -486,25 +489,10 @@ def test_caller_checks_its_share_every_file_once(
     files[20] = (files[20][0], files[20][1] + 1)
     monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
     monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
-    caller_checked = threading.Event()
-    real_check = verify_mod._Checker.check
-
-    def check(self: verify_mod._Checker, path: bytes, size: int) -> objectcheck.Wire:
-        if threading.current_thread() is threading.main_thread():
-            caller_checked.set()
-        return real_check(self, path, size)
-
-    monkeypatch.setattr(verify_mod._Checker, "check", check)
-    real_start = verify_mod._start_worker
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        assert caller_checked.wait(60), "the calling thread checked nothing"
-        proc = real_start()
-        started.append(proc)
-        return proc
-
-    monkeypatch.setattr(verify_mod, "_start_worker", start)
+    # Each lane's worker start and the calling thread's first check wait until all
+    # three hold a batch: both workers start and the calling thread checks a share,
+    # whatever the scheduling (verifyhooks).
+    held = hold_until_all_take_a_batch(monkeypatch, 2)
     seen: list[int] = []
     results: dict[int, verify_mod.FileCheck] = {}
 
@@ -513,7 +501,7 @@ def test_caller_checks_its_share_every_file_once(
         results[index] = result
 
     for summary in (True, False):
-        started.clear()
+        held.reset()
         seen.clear()
         results.clear()
 
@@ -524,7 +512,12 @@ def test_caller_checks_its_share_every_file_once(
             (lambda indices, why, unknown: seen.extend(indices)) if summary else None,
             workers=3,
         )
-        assert len(started) == 2
+        assert len(held.started) == 2
+        assert all(proc.poll() is not None for proc in held.started)
+        # A share, not all: each worker held a batch the calling thread could not take.
+        assert 1 <= len(held.caller_checked) <= len(files) - 2
+        assert len(set(held.caller_checked)) == len(held.caller_checked)
+        # Every file's result once, whoever checked it.
         assert sorted(seen) == list(range(len(files)))
         assert results[2].error == 2  # ENOENT
         assert results[9].digest != digest_bytes(contents[9]).hex()
