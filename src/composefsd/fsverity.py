@@ -428,8 +428,12 @@ class FileDigester:
             return digest_fd(fd, self._alg, threads=1)
         new = self._new
         alg = self._alg
-        if not got:
-            return _descriptor_digest(alg, new, bytes(alg.digest_size), 0)
+        if got < BLOCK_SIZE:
+            # One block or none (most objects): its hash is the root, no tree to build.
+            if not got:
+                return _descriptor_digest(alg, new, bytes(alg.digest_size), 0)
+            mv[got:BLOCK_SIZE] = _ZERO_BLOCK[: BLOCK_SIZE - got]
+            return _descriptor_digest(alg, new, new(mv[:BLOCK_SIZE]).digest(), got)
         end = -(-got // BLOCK_SIZE) * BLOCK_SIZE
         if end != got:
             mv[got:end] = _ZERO_BLOCK[: end - got]
