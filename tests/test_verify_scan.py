@@ -399,8 +399,17 @@ def _counting_start(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[by
     return started
 
 
+def _early(monkeypatch: pytest.MonkeyPatch, early: bool, chunk: int) -> None:
+    """Workers started before the scan (as for a large image file), or at its first
+    chunk of ``chunk`` objects; objects handed over in chunks of ``chunk``."""
+    monkeypatch.setattr(verify_mod, "_EARLY_IMAGE_BYTES", 0 if early else 1 << 62)
+    monkeypatch.setattr(verify_mod, "_EARLY_CHUNK", chunk)
+    monkeypatch.setattr(verify_mod, "_SCAN_CHUNK", chunk)
+
+
+@pytest.mark.parametrize("early", [False, True])
 def test_verify_late_image_error_reports_no_object(
-    tmp_path: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch, early: bool
 ) -> None:
     # None of the image's objects exists: any result of the checks begun during the
     # scan would show as "missing". The image is refused whole, as without overlap.
@@ -408,7 +417,7 @@ def test_verify_late_image_error_reports_no_object(
     repo = Repository.init(tmp_path / "repo", algorithm="fsverity-sha256-12")
     image = _add_image(repo, data)
     alone = verify_image(repo, image, workers=1)
-    monkeypatch.setattr(verify_mod, "_SCAN_CHUNK", 1)
+    _early(monkeypatch, early, 1)
     monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
     started = _counting_start(monkeypatch)
     handed: list[bytes] = []
@@ -448,8 +457,9 @@ def _object_repo(tmp_path: Path, count: int) -> tuple[Repository, str, list[byte
     return repo, image, contents
 
 
+@pytest.mark.parametrize("early", [False, True])
 def test_verify_with_overlap_finds_the_same(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
 ) -> None:
     repo, image, contents = _object_repo(tmp_path, 40)
     objects = [repo.path / "objects" / object_relpath(digest_bytes(c).hex()) for c in contents]
@@ -458,7 +468,7 @@ def test_verify_with_overlap_finds_the_same(
     os.truncate(objects[30], 5)
     alone = verify_image(repo, image, workers=1)
     assert len(alone.missing) == 1 and len(alone.corrupt) == 2
-    monkeypatch.setattr(verify_mod, "_SCAN_CHUNK", 3)
+    _early(monkeypatch, early, 3)
     monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
     monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
     # Every lane starts its worker and the calling thread checks a share, whatever
@@ -469,8 +479,36 @@ def test_verify_with_overlap_finds_the_same(
         held.lanes = workers - 1
         overlapped = verify_image(repo, image, workers=workers)
         assert len(held.started) == workers - 1
+        assert all(proc.poll() is not None for proc in held.started)
         assert held.caller_checked
         assert overlapped.to_dict() == alone.to_dict()
+
+
+@pytest.mark.parametrize("damage", ["missing", "swapped", "truncated"])
+def test_verify_early_workers_stop_when_the_image_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    # Workers started for a large image file (before it is checked) are stopped when
+    # it turns out missing, another image or not an image: the report is the same.
+    repo, image, _ = _object_repo(tmp_path, 12)
+    link = repo.path / "images" / image
+    target = link.resolve()
+    if damage == "missing":
+        target.unlink()
+    elif damage == "swapped":
+        other = _add_image(repo, write_image(parse_dumpfile(b"/ 4096 40755 2 0 0 0 0.0 - - -\n")))
+        os.chmod(target, 0o644)
+        target.write_bytes((repo.path / "images" / other).read_bytes())
+    else:
+        os.chmod(target, 0o644)
+        os.truncate(target, 4096)
+    alone = verify_image(repo, image, workers=1)
+    assert alone.image_problems and not alone.ok
+    _early(monkeypatch, True, 3)
+    started = _counting_start(monkeypatch)
+    early = verify_image(repo, image, workers=2)
+    assert early.to_dict() == alone.to_dict()
+    assert all(proc.poll() is not None for proc in started)
 
 
 def test_caller_checks_its_share_every_file_once(

@@ -100,6 +100,11 @@ _BATCH_COST = 32 << 20
 # Objects Verify takes from the image scan at a time; a first full chunk means
 # the image is worth worker processes (each object counts _FILE_COST_BYTES at least).
 _SCAN_CHUNK = _PROCESS_MIN_COST // _FILE_COST_BYTES
+# An image file this large (~256 bytes per object) is worth worker processes from
+# the start (a hint only: the scan finds how many objects it names) ...
+_EARLY_IMAGE_BYTES = _SCAN_CHUNK * 256
+# ... which then get its objects in chunks of this many.
+_EARLY_CHUNK = 1024
 # Files checked in-process between two deliveries of their results.
 _LOCAL_RUN = 256
 # Room in each worker pipe for two requests in flight (a request of 1,024 paths is
@@ -380,7 +385,7 @@ class _Checking:
         "deliver",
     )
 
-    def __init__(self, algorithm: Algorithm, n: int, summary: bool) -> None:
+    def __init__(self, algorithm: Algorithm, n: int, summary: bool, *, eager: bool = False) -> None:
         self._algorithm = algorithm
         self._summary = summary
         #: Where results go (:func:`_deliverer`); set before :meth:`finish`.
@@ -416,6 +421,8 @@ class _Checking:
             # thread holds the GIL to hash its own share.
             depth=2,
             pipe_size=_PIPE_SIZE,
+            # Each worker started at once (the files come later), or with its first batch.
+            eager=eager,
             note="checking",
         )
         self._pool.processes = True
@@ -701,17 +708,52 @@ def verify_image(
         )
         return report
     step = Throttle(progress)
+    n = default_workers() if workers is None else max(1, workers)
+    checking: _Checking | None = None
+    if n > 1 and _size_hint(repo.image_path(digest)) >= _EARLY_IMAGE_BYTES:
+        # An image this large names enough objects for worker processes: start them
+        # now, so that their start overlaps the image's check and scan.
+        checking = _Checking(algorithm, n, True, eager=True)
+    try:
+        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers)
+    finally:
+        if checking is not None:
+            # Stop the workers if Verify left early or the image was refused.
+            checking.abort()
+    return report
+
+
+def _size_hint(path: Path) -> int:
+    """The size of the file ``path`` leads to, 0 if none: only a hint, for whether
+    to start worker processes early (whatever the file is, it is checked after)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _verify_image(
+    repo: RepositoryView,
+    digest: str,
+    algorithm: Algorithm,
+    report: VerifyReport,
+    step: Throttle,
+    n: int,
+    checking: _Checking | None,
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> None:
+    """:func:`verify_image` once the digest is well-formed, with ``checking`` if
+    it started workers early."""
     step("image", 0, 1, force=True)
     data = _check_image_file(repo, digest, algorithm, report)
     step("image", 1, 1, force=True)
     if data is None:
-        return report
-    n = default_workers() if workers is None else max(1, workers)
+        return
     # The payloads' problems join the report only once the image is known valid.
     payload_problems: list[str] = []
     payloads = _Payloads(algorithm, payload_problems)
     objects = _objects_prefix(repo, algorithm)
-    checking: _Checking | None = None
 
     def on_chunk(chunk: list[tuple[bytes, int]]) -> None:
         # An image this large is checked in worker processes anyway (_PROCESS_MIN_COST):
@@ -723,10 +765,14 @@ def verify_image(
             checking = _Checking(algorithm, n, True)
         checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
 
+    if checking is not None:
+        chunk = _EARLY_CHUNK
+    else:
+        chunk = _SCAN_CHUNK if n > 1 else 0
     try:
         # The objects without the tree: the same walk and checks as read_image
         # (c_quirks=False), so the same images are refused.
-        rest = scan_objects(data, chunk=_SCAN_CHUNK if n > 1 else 0, on_chunk=on_chunk)
+        rest = scan_objects(data, chunk=chunk, on_chunk=on_chunk)
     except BaseException as exc:
         if checking is not None:
             # Nothing checked so far is reported: the image is not valid as a whole.
@@ -736,7 +782,7 @@ def verify_image(
         # ImageFormatError is the reader's verdict; anything else it raises on a
         # damaged image is a verdict too, not a reason to stop verifying.
         report.image_problems.append(f"not a valid composefs image: {exc}")
-        return report
+        return
     del data
     new = payloads.add(rest)
     report.image_problems += payload_problems
@@ -744,7 +790,6 @@ def verify_image(
         checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
     del rest, new
     _check_objects(repo, algorithm, payloads.sizes, report, progress, workers, checking)
-    return report
 
 
 def _objects_prefix(repo: RepositoryView, algorithm: Algorithm) -> bytes:
