@@ -776,10 +776,10 @@ class _Reader:
             return
         dirents = list(DIRENT_READ.iter_unpack(data[start : start + first_nameoff]))
         end = start + chunk_size
-        for i in range(n):
-            child_nid, nameoff = dirents[i]
+        last = n - 1
+        for i, (child_nid, nameoff) in enumerate(dirents):
             name_start = start + nameoff
-            if i + 1 < n:
+            if i < last:
                 next_off = dirents[i + 1][1]
                 if not first_nameoff <= nameoff <= next_off <= chunk_size:
                     raise ImageFormatError(
@@ -798,11 +798,13 @@ class _Reader:
                 name_end = data.find(b"\0", name_start, end)
                 if name_end < 0:
                     name_end = end
-            name_end = min(name_end, name_start + PATH_MAX - 1)
+            if name_end - name_start >= PATH_MAX:
+                name_end = name_start + PATH_MAX - 1
             name = data[name_start:name_end]
             if name == b"." or name == b"..":
                 continue
-            name = _cstr(name)
+            if b"\0" in name:
+                name = _cstr(name)
             if filters is not None and name not in filters:
                 continue
             entries.append((name, child_nid))
@@ -1090,8 +1092,11 @@ class _ObjectScan(_Reader):
                 if action == _ACT_STORE or action == _ACT_ESC_WHITEOUT:
                     break
                 if regular and action == _ACT_REDIRECT:
-                    value = data[value_start:value_end]
-                    payload = _cstr(value[1:] if value_size > 1 and value[0] == 0x2F else value)
+                    if value_size > 1 and data[value_start] == 0x2F:
+                        value_start += 1
+                    payload = data[value_start:value_end]
+                    if b"\0" in payload:
+                        payload = _cstr(payload)
                 pos += (4 + name_len + value_size + 3) & ~3
             else:
                 return payload, mode
