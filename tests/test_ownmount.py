@@ -471,3 +471,22 @@ def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
         if proc.poll() is not None:
             raise AssertionError(proc.communicate())
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("path", ["/proc", "/sys", "/proc/self"])
+def test_kernel_filesystems_as_objects(world: World, objects: dict[str, Any], path: str) -> None:
+    """Files of proc, sysfs and the like answer by the reader's capabilities, not
+    its uid: they are never object directories (nor dumpfiles)."""
+    dump = world.dump("pseudo.dump", _root_line())
+    spec = _spec(world, objects, dump)
+    spec["objects"] = [path]
+    out = world.call(spec)
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "objectDirectoryFileDescriptors"
+    assert "kernel filesystem" in out["parameters"]["message"]
+
+
+def test_kernel_file_as_dumpfile(world: World, objects: dict[str, Any]) -> None:
+    out = world.call(_spec(world, objects, "/proc/self/status"))
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "dumpfileFileDescriptor"

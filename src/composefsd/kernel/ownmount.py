@@ -70,11 +70,13 @@ from composefsd.kernel.userns import IdMapping, create_userns
 __all__ = [
     "MOUNT_ATTR_NODEV",
     "MOUNT_ATTR_NOSUID",
+    "PSEUDO_FILESYSTEMS",
     "CallerMount",
     "FdKindError",
     "check_directory_fd",
     "check_regular_fd",
     "default_idmap",
+    "filesystem_type",
     "image_alive",
     "mount_caller_image",
     "sealed_image",
@@ -178,7 +180,50 @@ def _as_caller(creds: Credentials) -> Iterator[None]:
         or _syscall(ctypes.c_long(setfsgid), ctypes.c_uint(0xFFFFFFFF)) != creds.gid
     ):
         raise MountError(errno.EPERM, f"cannot take the fsuid/fsgid of uid {creds.uid}")
+    _only_sys_admin()
     yield
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _only_sys_admin() -> None:
+    """Leave the calling thread CAP_SYS_ADMIN as its only effective capability.
+
+    Changing the fsuid clears only the file capabilities; overlayfs would act with
+    every other one the daemon has (CAP_SYS_PTRACE opens another process's
+    ``/proc/PID/environ`` or ``mem``, for one). ``capset`` with pid 0 changes the
+    calling thread alone."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc_capget(ctypes.byref(header), data) < 0:
+        err = ctypes.get_errno()
+        raise MountError(err, f"capget: {os.strerror(err)}")
+    if not data[0].permitted & (1 << _CAP_SYS_ADMIN):
+        raise MountError(errno.EPERM, "mounting needs CAP_SYS_ADMIN")
+    data[0].effective = 1 << _CAP_SYS_ADMIN
+    data[1].effective = 0
+    if _libc_capset(ctypes.byref(header), data) < 0:
+        err = ctypes.get_errno()
+        raise MountError(err, f"capset: {os.strerror(err)}")
+
+
+_CAP_VERSION_3: Final = 0x20080522
+_CAP_SYS_ADMIN: Final = 21
+# capget and capset are plain system calls in glibc (no setxid broadcast to the
+# other threads, unlike setgroups), so the C library's are used.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_capget = _libc.capget
+_libc_capset = _libc.capset
 
 
 def _in_thread(body: threading.Thread) -> None:
@@ -306,6 +351,49 @@ def check_regular_fd(fd: int, what: str) -> os.stat_result:
     return st
 
 
+#: Filesystems whose files answer by the reader's capabilities or are the
+#: kernel's own state, never a caller's dumpfile or objects (linux/magic.h).
+PSEUDO_FILESYSTEMS: Final = {
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x64626720: "debugfs",
+    0x74726163: "tracefs",
+    0x73636673: "securityfs",
+    0x0027E0EB: "cgroup",
+    0x63677270: "cgroup2",
+    0xCAFE4A11: "bpf",
+    0x62656570: "configfs",
+    0xDE5E81E4: "efivarfs",
+    0x6165676C: "pstore",
+    0xF97CFF8C: "selinuxfs",
+    0x43415D53: "smackfs",
+    0x00001CD1: "devpts",
+    0x42494E4D: "binfmt_misc",
+    0x65735543: "fusectl",
+    0x19800202: "mqueue",
+    0x6E736673: "nsfs",
+    0x50494446: "pidfs",
+    0x00000187: "autofs",
+}
+
+
+class _Statfs(ctypes.Structure):
+    # struct statfs of the 64-bit ABIs: f_type first, as a long.
+    _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+
+_libc_fstatfs = _libc.fstatfs
+
+
+def filesystem_type(fd: int) -> int:
+    """``fstatfs(fd).f_type``: the filesystem's magic number."""
+    buf = _Statfs()
+    if _libc_fstatfs(fd, ctypes.byref(buf)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
 def _check_fd(fd: int, what: str, kind: Callable[[int], bool], name: str) -> os.stat_result:
     try:
         st = os.fstat(fd)
@@ -316,4 +404,10 @@ def _check_fd(fd: int, what: str, kind: Callable[[int], bool], name: str) -> os.
         raise FdKindError(what, "an O_PATH fd; open it for reading")
     if not kind(st.st_mode):
         raise FdKindError(what, f"not {name}")
+    try:
+        pseudo = PSEUDO_FILESYSTEMS.get(filesystem_type(fd))
+    except OSError as e:
+        raise FdKindError(what, e.strerror or "unusable fd") from None
+    if pseudo is not None:
+        raise FdKindError(what, f"on {pseudo}, a kernel filesystem, not one of files")
     return st
