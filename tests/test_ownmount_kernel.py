@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,8 @@ def mounted(tmp_path: Path, test_users: TestUsers) -> Iterator[tuple[Path, dict[
     mine = _put(objects, b"mine\n", user.uid, 0o644)
     secret = _put(objects, b"secret\n", 0, 0o600)
     os.symlink("/etc", objects / "etc")
+    (objects / "sub").mkdir()
+    (base / "sub-under").mkdir()
     os.symlink("..", objects / "up")
     for path in (objects, *objects.iterdir()):
         os.lchown(path, user.uid, user.gid)
@@ -128,7 +131,12 @@ def mounted(tmp_path: Path, test_users: TestUsers) -> Iterator[tuple[Path, dict[
         "/etc 5 100644 1 0 0 0 0.0 etc/hostname - -\n"
         "/up 8 100644 1 0 0 0 0.0 up/outside - -\n"
         "/abs 5 100644 1 0 0 0 0.0 /etc/hostname - -\n"
+        "/submount 6 100644 1 0 0 0 0.0 sub/file - -\n"
     )
+    # A file on a mount below the object directory: not part of the layer.
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(objects / "sub")], check=True)
+    (objects / "sub" / "file").write_text("below\n")
+    os.chmod(objects / "sub" / "file", 0o644)
     image = sealed_image(write_image(parse_dumpfile(dump.encode())), "test-ownmount-1")
     objects_fd = os.open(objects, os.O_RDONLY | os.O_DIRECTORY)
     where = tmp_path / "mnt"
@@ -145,6 +153,7 @@ def mounted(tmp_path: Path, test_users: TestUsers) -> Iterator[tuple[Path, dict[
         os.close(image)
         while os.path.ismount(where):
             umount2(where, MNT_DETACH)
+        umount2(objects / "sub", MNT_DETACH)
 
 
 def test_objects_read_with_the_creators_rights(mounted: tuple[Path, dict[str, int]]) -> None:
@@ -158,7 +167,13 @@ def test_objects_read_with_the_creators_rights(mounted: tuple[Path, dict[str, in
 
 @pytest.mark.parametrize(
     ("name", "err"),
-    [("dotdot", errno.EXDEV), ("etc", errno.ELOOP), ("up", errno.ELOOP), ("abs", errno.EINVAL)],
+    [
+        ("dotdot", errno.EXDEV),
+        ("etc", errno.ELOOP),
+        ("up", errno.ELOOP),
+        ("abs", errno.EINVAL),
+        ("submount", errno.ENOENT),
+    ],
 )
 def test_data_layer_lookups_stay_beneath(
     mounted: tuple[Path, dict[str, int]], name: str, err: int
