@@ -16,16 +16,20 @@ So, in :func:`mount_caller_image`:
    (:func:`default_idmap`): what the image says root owns, the caller owns; every
    other id shows as the overflow id;
 3. overlayfs is created (``FSCONFIG_CMD_CREATE``) in a thread of its own whose
-   filesystem uid and gid and groups are the caller's (:func:`_as_caller`).
-   Overlayfs keeps the credentials of the task that creates its superblock and
-   opens and looks up every layer's files with them. Changing the fsuid from 0
-   to another id clears the effective CAP_CHOWN, CAP_DAC_OVERRIDE,
-   CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_LINUX_IMMUTABLE,
-   CAP_MAC_OVERRIDE and CAP_MKNOD (the kernel's CAP_FS_SET), while CAP_SYS_ADMIN
-   stays, which reading the image's ``trusted.overlay.*`` xattrs needs. The
-   thread's credentials are changed with raw syscalls, which act on the calling
-   thread only (glibc's setgroups would change every thread of the daemon), and
-   the thread ends with the call, so nothing it leaves behind outlives it;
+   filesystem uid and gid and groups are the caller's and whose only effective
+   capability is CAP_SYS_ADMIN (:func:`_as_caller`). Overlayfs keeps the
+   credentials of the task that creates its superblock and opens and looks up
+   every layer's files with them. Changing the fsuid from 0 to another id
+   clears the effective CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH,
+   CAP_FOWNER, CAP_FSETID, CAP_LINUX_IMMUTABLE, CAP_MAC_OVERRIDE and CAP_MKNOD
+   (the kernel's CAP_FS_SET); ``capset`` then drops the rest (CAP_SYS_PTRACE
+   would open other processes' ``/proc`` files, ...), all but CAP_SYS_ADMIN,
+   which reading the image's ``trusted.overlay.*`` xattrs needs. The thread's
+   credentials are changed with raw syscalls, which act on the calling thread
+   only (glibc's setgroups would change every thread of the daemon), and the
+   thread ends with the call, so nothing it leaves behind outlives it. Dumpfiles
+   and object directories on kernel filesystems (proc, sysfs, ...: their files
+   answer by the reader's capabilities) are refused (:data:`PSEUDO_FILESYSTEMS`);
 4. the layers go to overlayfs as fds (``lowerdir+``, ``datadir+`` with
    ``FSCONFIG_SET_FD``): no path is ever resolved again. A kernel without that
    (before 6.15) is refused: the string form would reopen paths;
@@ -97,6 +101,14 @@ _CRED_CALLS: Final = {
     "aarch64": (159, 151, 152),
     "riscv64": (159, 151, 152),
 }
+_CAP_VERSION_3: Final = 0x20080522
+_CAP_SYS_ADMIN: Final = 21
+# capget, capset and fstatfs are plain system calls in glibc (capset gets no
+# setxid broadcast to the other threads, unlike setgroups): the C library's.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_capget = _libc.capget
+_libc_capset = _libc.capset
+_libc_fstatfs = _libc.fstatfs
 
 
 class FdKindError(MountError):
@@ -162,8 +174,9 @@ class CallerMount:
 
 @contextlib.contextmanager
 def _as_caller(creds: Credentials) -> Iterator[None]:
-    """The calling thread's fsuid, fsgid and groups become ``creds``' (module notes);
-    only for a thread that ends when the body has run (see :func:`_in_thread`)."""
+    """The calling thread's fsuid, fsgid and groups become ``creds``', and its only
+    effective capability CAP_SYS_ADMIN (module notes); nothing is restored, so only
+    for a thread that ends when the body has run (:func:`_create_overlay`)."""
     calls = _CRED_CALLS.get(os.uname().machine)
     if calls is None:
         raise MountError(errno.ENOSYS, f"unknown architecture {os.uname().machine}")
@@ -217,20 +230,6 @@ def _only_sys_admin() -> None:
         raise MountError(err, f"capset: {os.strerror(err)}")
 
 
-_CAP_VERSION_3: Final = 0x20080522
-_CAP_SYS_ADMIN: Final = 21
-# capget and capset are plain system calls in glibc (no setxid broadcast to the
-# other threads, unlike setgroups), so the C library's are used.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc_capget = _libc.capget
-_libc_capset = _libc.capset
-
-
-def _in_thread(body: threading.Thread) -> None:
-    body.start()
-    body.join()
-
-
 def _create_overlay(
     erofs_fd: int, object_fds: Sequence[int], creds: Credentials, label: str
 ) -> int:
@@ -254,7 +253,10 @@ def _create_overlay(
         except BaseException as e:  # handed to the calling thread
             failure.append(e)
 
-    _in_thread(threading.Thread(target=run, name=f"ownmount-{creds.uid}", daemon=True))
+    # A thread of its own: the credentials it takes die with it.
+    thread = threading.Thread(target=run, name=f"ownmount-{creds.uid}", daemon=True)
+    thread.start()
+    thread.join()
     if failure:
         raise failure[0]
     return result[0]
@@ -380,9 +382,6 @@ PSEUDO_FILESYSTEMS: Final = {
 class _Statfs(ctypes.Structure):
     # struct statfs of the 64-bit ABIs: f_type first, as a long.
     _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-
-_libc_fstatfs = _libc.fstatfs
 
 
 def filesystem_type(fd: int) -> int:

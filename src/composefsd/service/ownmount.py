@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from composefsd.credentials import Credentials
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile_lines
 from composefsd.image.tree import Node, TreeError
 from composefsd.image.writer import WriteError, write_image
@@ -55,7 +56,7 @@ from composefsd.kernel.ownmount import (
     userns_owner,
 )
 from composefsd.service.context import CallContext, VarlinkReplyError
-from composefsd.service.methods import INTERFACE, caller_rights, reply_error
+from composefsd.service.methods import INTERFACE, reply_error
 
 __all__ = ["OwnMountLimits", "OwnMounts", "build_image", "payload_ok", "read_dumpfile"]
 
@@ -235,12 +236,6 @@ class OwnMounts:
             else:
                 del self._running[uid]
 
-    def live_images(self, uid: int) -> int:
-        with self._lock:
-            return sum(
-                1 for dev, name in self._images.get(uid, ()) if image_alive(dev, name) is not False
-            )
-
     def call(
         self,
         ctx: CallContext,
@@ -305,17 +300,14 @@ class OwnMounts:
             lines = read_dumpfile(dump_fd, self.limits)
             image = build_image(lines, self.limits)
             del lines
-            name = f"composefsd-own-{peer.uid}-{next(self._serial)}"
+            # Unique among this daemon's and its predecessors' images (image_alive).
+            name = f"composefsd-own-{os.getpid()}-{peer.uid}-{next(self._serial)}"
             memfd = sealed_image(image, name)
             taken.append(memfd)
             del image
             # The caller's rights, whoever it is (root too: the same checks, the
             # same lack of DAC overrides).
-            creds = caller_rights(peer)
-            if creds is None:
-                from composefsd.credentials import Credentials
-
-                creds = Credentials(peer.uid, peer.gid, tuple(sorted(peer.groups)))
+            creds = Credentials(peer.uid, peer.gid, tuple(sorted(peer.groups)))
             try:
                 mount = mount_caller_image(
                     memfd,
