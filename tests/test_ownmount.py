@@ -28,6 +28,7 @@ import users
 from composefsd.service.context import VarlinkReplyError
 from composefsd.service.ownmount import (
     OwnMountLimits,
+    OwnMounts,
     build_image,
     payload_ok,
     read_dumpfile,
@@ -490,3 +491,41 @@ def test_kernel_file_as_dumpfile(world: World, objects: dict[str, Any]) -> None:
     out = world.call(_spec(world, objects, "/proc/self/status"))
     assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
     assert out["parameters"]["parameter"] == "dumpfileFileDescriptor"
+
+
+def test_calls_per_uid_counted() -> None:
+    """The per-uid count itself: a uid's second concurrent call is refused, another
+    uid's is not, and a finished call frees its place."""
+    own = OwnMounts(OwnMountLimits(calls_per_uid=1))
+    own._enter(5000)
+    with pytest.raises(VarlinkReplyError) as err:
+        own._enter(5000)
+    assert err.value.parameters["limit"] == "callsPerUid"
+    own._enter(5001)
+    own._leave(5000)
+    own._enter(5000)
+
+
+def test_tree_shapes(world: World, objects: dict[str, Any]) -> None:
+    """Directories, symlinks and hard links of the caller's dumpfile come out as
+    written; a whiteout (a 0:0 device) is written as C's writer does, an empty
+    regular file with escaped whiteout xattrs: no device at all."""
+    dump = world.dump(
+        "shapes.dump",
+        _root_line()
+        + "/d 0 40750 2 0 0 0 0.0 - - -\n"
+        + f"/d/f 12 100640 2 0 0 0 0.0 {objects['mine']} - - user.note=hi\n"
+        + "/d/hard 0 @120000 - - - - 0.0 /d/f - -\n"
+        + "/link 4 120777 1 0 0 0 0.0 /d/f - -\n"
+        + "/wh 0 20000 1 0 0 0 0.0 - - -\n",
+    )
+    out = world.call(
+        _spec(
+            world, objects, dump, files=["d/f", "d/hard", "link", "wh"], where=world.where("shapes")
+        )
+    )
+    seen = out["seen"]["files"]
+    assert seen["d/f"]["content"] == "my own file\n"
+    assert seen["d/hard"]["content"] == "my own file\n"
+    assert stat.S_ISLNK(seen["link"]["mode"])
+    assert stat.S_ISREG(seen["wh"]["mode"]), seen["wh"]
