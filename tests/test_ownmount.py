@@ -249,16 +249,28 @@ def test_payload_check() -> None:
         assert not payload_ok(bad), bad
 
 
-def test_overlay_xattrs_escaped(world: World, objects: dict[str, Any]) -> None:
-    """A dumpfile's own trusted.overlay.redirect is escaped by the writer: it
-    redirects nothing (the file reads as its inline content)."""
-    dump = world.dump(
-        "xattr.dump",
-        _root_line()
-        + "/f 3 100644 1 0 0 0 0.0 - abc trusted.overlay.redirect=/ln/etc/hostname"
-        + " trusted.overlay.metacopy=\n",
-    )
-    out = world.call(_spec(world, objects, dump, files=["f"], where=world.where("xattr")))
+@pytest.mark.parametrize(
+    "xattr",
+    [
+        "trusted.overlay.redirect=/ln/etc/hostname",
+        "trusted.overlay.metacopy=",
+        "trusted.other=x",
+        "security.capability=\\x01\\x00\\x00\\x02",
+        "security.selinux=system_u:object_r:shadow_t:s0",
+    ],
+)
+def test_system_xattrs_refused(world: World, objects: dict[str, Any], xattr: str) -> None:
+    """trusted.* and security.* xattrs are not the caller's (the writer's escaping
+    of trusted.overlay.* is tested beneath, in test_ownmount_kernel.py)."""
+    dump = world.dump("xattr.dump", _root_line() + f"/f 3 100644 1 0 0 0 0.0 - abc - {xattr}\n")
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+    assert "not the caller's" in out["parameters"]["message"]
+
+
+def test_user_xattrs_kept(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump("uxattr.dump", _root_line() + "/f 3 100644 1 0 0 0 0.0 - abc - user.a=b\n")
+    out = world.call(_spec(world, objects, dump, files=["f"], where=world.where("uxattr")))
     assert out["seen"]["files"]["f"]["content"] == "abc", out
 
 

@@ -132,6 +132,9 @@ def mounted(tmp_path: Path, test_users: TestUsers) -> Iterator[tuple[Path, dict[
         "/up 8 100644 1 0 0 0 0.0 up/outside - -\n"
         "/abs 5 100644 1 0 0 0 0.0 /etc/hostname - -\n"
         "/submount 6 100644 1 0 0 0 0.0 sub/file - -\n"
+        # The writer escapes the dumpfile's own overlay xattrs: no redirect.
+        f"/xattr 3 100644 1 0 0 0 0.0 - abc - trusted.overlay.redirect=/{mine}"
+        " trusted.overlay.metacopy=\n"
     )
     # A file on a mount below the object directory: not part of the layer.
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(objects / "sub")], check=True)
@@ -159,6 +162,7 @@ def mounted(tmp_path: Path, test_users: TestUsers) -> Iterator[tuple[Path, dict[
 def test_objects_read_with_the_creators_rights(mounted: tuple[Path, dict[str, int]]) -> None:
     where, _ = mounted
     assert (where / "mine").read_text() == "mine\n"
+    assert (where / "xattr").read_text() == "abc"
     # Root itself cannot read root's 0600 object through the mount: overlayfs opens
     # it with the creator's (the caller's) credentials.
     with pytest.raises(PermissionError):

@@ -15,7 +15,8 @@ caller's own image" is the threat model. Here:
   up to the limit, and what was read is all that is parsed), split into lines
   (at most ``max_entries`` of at most ``max_line_bytes``), parsed by composefsd's
   own parser and checked: every object path (payload of a regular file with
-  external data) relative, without empty, ``.`` or ``..`` components. The
+  external data) relative, without empty, ``.`` or ``..`` components, and no
+  ``security.*`` or ``trusted.*`` xattr (:data:`_FORBIDDEN_XATTRS`). The
   image is written by composefsd's writer (which escapes every
   ``trusted.overlay.*`` xattr of the dumpfile, so the caller cannot set overlay
   redirects, metacopy or opaque marks of its own), at most ``max_image_bytes``,
@@ -113,12 +114,27 @@ def payload_ok(payload: bytes) -> bool:
     return all(part not in (b"", b".", b"..") for part in payload.split(b"/"))
 
 
-def _check_payloads(root: Node) -> None:
+#: xattr namespaces a caller may not set: ``security.*`` is the system's policy
+#: (an SELinux label picks the domain an exec enters, ``security.capability``
+#: grants capabilities), ``trusted.*`` is what only CAP_SYS_ADMIN may set and
+#: root's readers rely on (``trusted.overlay.*``, escaped by the writer, would
+#: become a redirect again in an overlay stacked on the caller's mount).
+_FORBIDDEN_XATTRS = (b"security.", b"trusted.")
+
+
+def _check_tree(root: Node) -> None:
+    """Object paths plain and relative, no xattr in a forbidden namespace."""
     stack = [root]
     while stack:
         node = stack.pop()
         if node.children:
             stack.extend(node.children.values())
+        for key, _ in node.xattrs:
+            if key.startswith(_FORBIDDEN_XATTRS):
+                raise _rejected(
+                    f"xattr {key.decode('utf-8', 'backslashreplace')!r}: security.* and "
+                    "trusted.* xattrs are not the caller's to set"
+                )
         payload = node.payload
         regular = node.link_to is None and node.mode & _S_IFMT == _S_IFREG
         if regular and payload is not None and not payload_ok(payload):
@@ -172,7 +188,7 @@ def build_image(lines: list[bytes], limits: OwnMountLimits) -> bytes:
         raise _rejected(e.message, e.lineno) from None
     except (TreeError, ValueError, RecursionError) as e:
         raise _rejected(str(e)) from None
-    _check_payloads(root)
+    _check_tree(root)
     try:
         image = write_image(root)
     except (WriteError, TreeError) as e:
