@@ -526,6 +526,7 @@ class RepositoryInterface:
         self._described: tuple[tuple[int, int, int, str | None], bytes] | None = None
         #: MountDumpfile's limits and state, made at its first call.
         self.own_mounts: OwnMounts | None = None
+        self._own_mounts_lock = threading.Lock()
 
     def _reporter(
         self,
@@ -880,10 +881,11 @@ class RepositoryInterface:
         _request: CallContext,
     ) -> dict[str, Any]:
         """Any peer's own image: :mod:`composefsd.service.ownmount`."""
-        if self.own_mounts is None:
-            from composefsd.service.ownmount import OwnMounts
+        with self._own_mounts_lock:  # one OwnMounts, whichever call comes first
+            if self.own_mounts is None:
+                from composefsd.service.ownmount import OwnMounts
 
-            self.own_mounts = OwnMounts()
+                self.own_mounts = OwnMounts()
         return self.own_mounts.call(_request, dumpfile_fd_index, object_fd_indexes, userns_fd_index)
 
     # -- Unmount ----------------------------------------------------------------------------
