@@ -10,6 +10,7 @@ the wrong kind, too many fds, floods.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -434,11 +435,19 @@ def test_flood_from_one_uid(world: World, objects: dict[str, Any]) -> None:
         ), r
 
 
-def test_live_images_per_uid(world: World, objects: dict[str, Any]) -> None:
+def test_live_images_per_uid(
+    world: World, objects: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Mounts a uid holds keep their images in the daemon's memory: at most
-    live_images_per_uid of them; closing them gives the room back."""
+    live_images_per_uid of them; closing them gives the room back. (A daemon of
+    its own, so that no image of another test counts.)"""
     limit = OwnMountLimits().live_images_per_uid
     dump = world.dump("live.dump", _root_line() + "/a 1 100644 1 0 0 0 0.0 - a -\n")
+    with running_daemon(tmp_path_factory.mktemp("live") / "repo", public=True) as daemon:
+        _live_images(dataclasses.replace(world, daemon=daemon), objects, dump, limit)
+
+
+def _live_images(world: World, objects: dict[str, Any], dump: str, limit: int) -> None:
     holders = []
     try:
         for i in range(limit):
