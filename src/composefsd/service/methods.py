@@ -68,7 +68,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from composefsd.credentials import Credentials
 from composefsd.image.formats import ErofsVersion
@@ -121,6 +121,9 @@ from composefsd.service.replies import (
     read_only_reason,
 )
 from composefsd.service.sourcescan import scan_as
+
+if TYPE_CHECKING:
+    from composefsd.service.ownmount import OwnMounts
 
 __all__ = [
     "INTERFACE",
@@ -521,6 +524,9 @@ class RepositoryInterface:
         self.inline_describe = on_local_filesystem(repo.path)
         #: describe_now's last reply, encoded, and the values it was made from.
         self._described: tuple[tuple[int, int, int, str | None], bytes] | None = None
+        #: MountDumpfile's limits and state, made at its first call.
+        self.own_mounts: OwnMounts | None = None
+        self._own_mounts_lock = threading.Lock()
 
     def _reporter(
         self,
@@ -864,6 +870,23 @@ class RepositoryInterface:
             for fd in taken:
                 os.close(fd)
         return out
+
+    # -- MountDumpfile ---------------------------------------------------------------------
+    def MountDumpfile(
+        self,
+        dumpfile_fd_index: int,
+        object_fd_indexes: list[int],
+        userns_fd_index: int | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        """Any peer's own image: :mod:`composefsd.service.ownmount`."""
+        with self._own_mounts_lock:  # one OwnMounts, whichever call comes first
+            if self.own_mounts is None:
+                from composefsd.service.ownmount import OwnMounts
+
+                self.own_mounts = OwnMounts()
+        return self.own_mounts.call(_request, dumpfile_fd_index, object_fd_indexes, userns_fd_index)
 
     # -- Unmount ----------------------------------------------------------------------------
     def Unmount(self, where: str, lazy: bool | None, *, _request: CallContext) -> dict[str, Any]:
