@@ -1179,6 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        daemon.polkit_client.close()
         if registration is not None:
             registration.remove()
         for sock in sockets:

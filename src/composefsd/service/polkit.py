@@ -181,6 +181,17 @@ def bus_socket_exists(address: str) -> bool:
     return False
 
 
+class _Router(DBusRouter):  # type: ignore[misc]
+    """jeepney's router, whose receiving thread ends quietly when the bus goes
+    (its waiters then get RouterClosed, and the next check connects anew)."""
+
+    def _receiver(self) -> None:
+        try:
+            super()._receiver()
+        except (OSError, ValueError) as exc:
+            log.info("the system bus connection ended: %s", exc)
+
+
 class PolkitClient:
     """CheckAuthorization over one shared system-bus connection (thread-safe)."""
 
@@ -205,7 +216,7 @@ class PolkitClient:
             except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
                 raise PolkitUnreachable(f"cannot connect to the system bus: {exc}") from None
             self._conn = conn
-            self._router = DBusRouter(conn)
+            self._router = _Router(conn)
             return self._router
 
     def _drop(self, router: Any) -> None:
