@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -432,9 +433,16 @@ def test_no_system_bus_keeps_todays_rule(
         assert _calls(user_python, test_users.alice, d, (f"{REPO_IFACE}.Mount", None)) == [DENIED]
     finally:
         assert d.stop() == 0
-    d = _start(workdir / "repo-nobus", env, "--polkit", "yes")
+    # --polkit from the configuration file, changed by a reload (SIGHUP).
+    conf = workdir / "nobus.conf"
+    conf.write_text("polkit = yes\n")
+    d = _start(workdir / "repo-nobus", env, "--config", str(conf))
     try:
         assert _calls(user_python, test_users.alice, d, mount) == [UNAVAILABLE]
+        conf.write_text("polkit = no\n")
+        d.proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "polkit is now no" in d.log_text(), "the reload")
+        assert _calls(user_python, test_users.alice, d, mount) == [DENIED]
     finally:
         assert d.stop() == 0
 
@@ -595,6 +603,32 @@ def test_what_polkit_is_asked(
         root = users.TestUser("root", 0, 0)
         assert users.call_errors(user_python, root, d.socket, [(gc, {"dryRun": True})]) == ["ok"]
         assert fake.calls == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_polkit_gone_during_a_check(
+    fake_polkit: tuple[Bus, FakePolkit],
+    workdir: Path,
+    test_users: TestUsers,
+    user_python: users.UserPython,
+) -> None:
+    """polkit leaves the bus while a check waits for it: the bus answers NoReply and
+    the caller gets today's rule at once, not after the timeout."""
+    bus, fake = fake_polkit
+    fake.answer = "hang"
+    d = _start(workdir / "repo-gone", bus.env(), "--polkit-timeout", "60")
+    try:
+        result: list[list[str]] = []
+        mount = (f"{REPO_IFACE}.Mount", {"image": "x"})
+        caller = threading.Thread(
+            target=lambda: result.append(_calls(user_python, test_users.alice, d, mount))
+        )
+        caller.start()
+        _wait_for(lambda: len(fake.calls) == 1, "the check")
+        fake.close()  # its connection closes: the bus fails the pending call
+        caller.join(30)
+        assert result == [[DENIED]]
     finally:
         assert d.stop() == 0
 
