@@ -609,6 +609,9 @@ class RepositoryInterface:
         propagate_usr_to_root: bool | None = None,
         xattrs: str | None = None,
         bootable: bool | None = None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -788,6 +791,9 @@ class RepositoryInterface:
         uid_map: list[dict[str, Any]] | None,
         gid_map: list[dict[str, Any]] | None,
         where: str | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -889,7 +895,16 @@ class RepositoryInterface:
         return self.own_mounts.call(_request, dumpfile_fd_index, object_fd_indexes, userns_fd_index)
 
     # -- Unmount ----------------------------------------------------------------------------
-    def Unmount(self, where: str, lazy: bool | None, *, _request: CallContext) -> dict[str, Any]:
+    def Unmount(
+        self,
+        where: str,
+        lazy: bool | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         path = _absolute(where, "where")
         real = os.path.realpath(path)
 
@@ -945,7 +960,15 @@ class RepositoryInterface:
         }
 
     # -- RemoveImage ------------------------------------------------------------------------
-    def RemoveImage(self, image: str, *, _request: CallContext) -> dict[str, Any]:
+    def RemoveImage(
+        self,
+        image: str,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         with self.tracker.exclusive(), _mapped(image=image):
             digest = self.repo.resolve_image(image)
             users = self.tracker.in_use(self.repo).get(digest)
@@ -957,7 +980,14 @@ class RepositoryInterface:
 
     # -- GarbageCollect ---------------------------------------------------------------------
     def GarbageCollect(
-        self, dry_run: bool | None, roots: list[str] | None = None, *, _request: CallContext
+        self,
+        dry_run: bool | None,
+        roots: list[str] | None = None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
     ) -> dict[str, Any]:
         repo = self.repo
         roots = roots or []
