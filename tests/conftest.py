@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 # run-tests exports where tests/shared-dir found it; else it sits beside the checkout.
 SHARED = Path(os.environ.get("COMPOSEFSD_SHARED") or REPO.parent / "shared")
 TESTDATA = SHARED / "testdata" / "composefs-c"
+#: The daemons the tests start must not ask the machine's polkit (if it has one): no
+#: system bus for them, unless a test gives its own (tests/test_polkit.py).
+NO_SYSTEM_BUS = "unix:path=/nonexistent/composefsd-tests/system_bus_socket"
+os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = NO_SYSTEM_BUS
 
 
 def _reference_bin() -> Path:

@@ -549,12 +549,17 @@ def test_authorization_policy() -> None:
     for method in ("Describe", "ListImages", "ListMounts", "Verify"):
         assert auth(other, f"{IFACE}.{method}")
     assert auth(other, "org.varlink.service.GetInfo")
+    # Its own image over its own files: open to anyone (service/ownmount.py).
+    assert auth(other, f"{IFACE}.MountDumpfile")
     for method in ("CreateImage", "Mount", "Unmount", "RemoveImage", "GarbageCollect"):
         assert not auth(other, f"{IFACE}.{method}")
     strict = Authorization(daemon_uid=1000, group=None, restrict_read=True)
     assert not strict(other, f"{IFACE}.Describe") and not strict(
         other, "org.varlink.service.GetInfo"
     )
+    # --restrict-read keeps every method to the privileged, MountDumpfile too.
+    assert not strict(other, f"{IFACE}.MountDumpfile")
+    assert strict(owner, f"{IFACE}.MountDumpfile")
     assert strict(owner, f"{IFACE}.Describe") and not strict(member, f"{IFACE}.Describe")
 
 

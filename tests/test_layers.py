@@ -45,6 +45,7 @@ _KERNEL_UPPER = frozenset(
         "composefsd.kernel",
         "composefsd.kernel.imagecache",
         "composefsd.kernel.mount",
+        "composefsd.kernel.ownmount",
         "composefsd.kernel.repomount",
     }
 )

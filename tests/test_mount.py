@@ -18,11 +18,9 @@ moment: ``tempfile.tempdir`` points into ``tmp_path`` so that leftovers show.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
-import json
 import os
 import random
 import re
@@ -32,7 +30,6 @@ import struct
 import subprocess
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -57,7 +54,7 @@ from composefsd.kernel.mount import (
     probe_layer_mode,
     unmount,
 )
-from composefsd.kernel.mountinfo import MountEntry, list_composefs_mounts, parse_mountinfo
+from composefsd.kernel.mountinfo import MountEntry, parse_mountinfo
 from composefsd.kernel.repomount import (
     mount_repository_image,
     mounted_images,
@@ -69,10 +66,10 @@ from composefsd.kernel.syscalls import (
     KernelError,
     move_mount,
     umount2,
-    unshare,
 )
 from composefsd.kernel.userns import IdMapping, create_userns, parse_mapping
 from composefsd.repository import CreateOptions, Repository, VerityPolicy
+from privatens import in_private_mount_namespace
 from trees import app_tree
 
 CLONE_NEWNS = 0x00020000
@@ -1271,42 +1268,6 @@ def test_bad_mount_names(name: str, app: App, mounts: Mounts) -> None:
 # -- 8. a thousand failed attempts leak nothing ---------------------------------------------
 
 
-def _in_private_mount_namespace(fn: Callable[[], dict[str, object]]) -> dict[str, object]:
-    """Run ``fn`` in a forked child in its own mount namespace (private propagation), so
-    that mounts made meanwhile by anything else on the machine cannot disturb a
-    comparison of mountinfo; returns ``fn``'s JSON-able result."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            try:
-                unshare(CLONE_NEWNS)
-                subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-                # The copies of composefs mounts made elsewhere (tests running
-                # meanwhile) would hold their images in use as long as this lives.
-                for m in reversed(list_composefs_mounts()):
-                    with contextlib.suppress(OSError):
-                        umount2(m.mountpoint, MNT_DETACH)
-                result: dict[str, object] = {"ok": True, "value": fn()}
-            except BaseException:
-                result = {"ok": False, "error": traceback.format_exc()}
-            with os.fdopen(w, "wb") as f:
-                f.write(json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"child status {status}"
-    answer = json.loads(data)
-    assert answer["ok"], answer.get("error")
-    value = answer["value"]
-    assert isinstance(value, dict)
-    return value
-
-
 def test_a_thousand_failed_mounts_leak_nothing(
     app: App, bad: dict[str, Path], tmp_path: Path, mounts: Mounts
 ) -> None:
@@ -1416,7 +1377,7 @@ def test_a_thousand_failed_mounts_leak_nothing(
         }
 
     assert not _loops_under(_BASETEMP[0])
-    result = _in_private_mount_namespace(child)
+    result = in_private_mount_namespace(child)
     assert result["wrong"] == []
     counts = result["counts"]
     assert isinstance(counts, dict) and sum(counts.values()) == 1000

@@ -45,6 +45,7 @@ METHODS = [
     "ListImages",
     "ListMounts",
     "Mount",
+    "MountDumpfile",
     "RemoveImage",
     "Unmount",
     "Verify",

@@ -60,6 +60,7 @@ def test_wheel_contents(wheel: Path) -> None:
         entry_points = z.read("composefsd-0.1.0.dist-info/entry_points.txt").decode()
     data = {name[len(DATA) :]: info for name, info in infos.items() if name.startswith(DATA)}
     expected = {f"share/composefsd/systemd/{n}" for n in SYSTEMD_FILES}
+    expected.add("share/composefsd/polkit/io.composefs.composefsd.policy")
     expected |= {f"share/man/man{p[-1]}/{p}" for p in MAN_PAGES}
     expected |= {
         "share/bash-completion/completions/composefsctl",

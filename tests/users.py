@@ -174,7 +174,7 @@ class UserPython:
     The interpreter pytest runs in may live where such a user cannot go (a
     virtualenv pointing into /root, mode 0700), and so may the checkout: so this
     is an interpreter other users may run (the system's ``/usr/bin/python3``
-    here) with a copy of composefsd, the ``varlink`` package and the tests'
+    here) with a copy of composefsd, the ``varlink`` and ``jeepney`` packages and the tests'
     stand-alone scripts (``peer.py``) in a public directory on ``PYTHONPATH``.
     """
 
@@ -238,9 +238,10 @@ _SCRIPTS = ("peer.py",)
 
 
 def make_user_python(dest: Path) -> UserPython:
-    """Copy composefsd, varlink and the scripts below ``dest`` (which users must be
+    """Copy composefsd, varlink, jeepney and the scripts below ``dest`` (which users must be
     able to enter); the environment drops what would tie a process to ours
     (LISTEN_*, NOTIFY_SOCKET, XDG_*, COMPOSEFSD_*, PYTHON*, JOURNAL_STREAM)."""
+    import jeepney
     import varlink
 
     import composefsd
@@ -251,7 +252,7 @@ def make_user_python(dest: Path) -> UserPython:
     python = runnable[0]
     lib = dest / "pylib"
     lib.mkdir(mode=0o755)
-    for module in (composefsd, varlink):
+    for module in (composefsd, varlink, jeepney):
         assert module.__file__ is not None
         src = Path(module.__file__).parent
         shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -2,8 +2,10 @@
 
 The wheel carries ``systemd/`` (the units, the boot-mount generator,
 ``mounts.conf.example`` and the ``install-units`` script) as data files under
-``share/composefsd/systemd/`` of the installation's prefix: a venv, ``/usr/local``
-for root's ``pip install --break-system-packages``, ``~/.local`` for ``--user``.
+``share/composefsd/systemd/``, and the polkit actions under
+``share/composefsd/polkit/`` (``install-units`` puts them where polkit reads them), of
+the installation's prefix: a venv, ``/usr/local`` for root's ``pip install
+--break-system-packages``, ``~/.local`` for ``--user``.
 This command runs that ``install-units`` with ``--composefsd`` naming the
 ``composefsd`` script installed beside it, so that the unit's ``ExecStart=`` is the
 daemon that was installed, whatever PATH says; every argument is passed on

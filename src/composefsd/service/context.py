@@ -21,9 +21,18 @@ from typing import Any, Final
 
 from composefsd.service.peercred import peer_ids
 
-__all__ = ["CallCancelled", "CallContext", "Peer", "VarlinkReplyError", "peer_credentials"]
+__all__ = [
+    "CallCancelled",
+    "CallContext",
+    "Peer",
+    "VarlinkReplyError",
+    "peer_credentials",
+    "peer_pidfd",
+]
 
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+#: Linux 6.5: a pidfd of the process that connected (the very process, not its pid).
+_SO_PEERPIDFD: Final = getattr(socket, "SO_PEERPIDFD", 77)
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,6 +81,14 @@ def peer_credentials(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, _groups_from_proc(pid))
 
 
+def peer_pidfd(sock: socket.socket) -> int:
+    """A new pidfd (close-on-exec; the caller closes it) of the process that
+    connected ``sock``: it names that process for as long as it is open, whatever
+    pids are reused meanwhile. Raises ``OSError`` (``ENOPROTOOPT`` before Linux 6.5)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4)
+    return int(struct.unpack("i", raw)[0])
+
+
 class VarlinkReplyError(Exception):
     """Raise in a method to reply with error ``name`` (a full varlink error name) and
     ``parameters``; the transport turns it into the error reply."""
@@ -107,6 +124,9 @@ class CallContext:
     send_continues: Callable[[dict[str, Any]], None] | None = None
     #: Set by the transport: the same with fds, whose ownership it takes.
     send_continues_fds: Callable[[dict[str, Any], list[int]], None] | None = None
+    #: Set by the transport: a new pidfd of the connecting process (:func:`peer_pidfd`;
+    #: OSError once the connection is closed). The caller closes it.
+    peer_pidfd: Callable[[], int] | None = None
 
     def take_fd(self, index: object, field_name: str) -> int:
         """The fd at ``index``; the caller owns it from now on (and must close it).

@@ -4,7 +4,8 @@ and io.composefs.Oci for OCI images, on the same sockets).
 ::
 
     composefsd [--repo PATH] [--listen PATH] [--socket-mode 0600] [--group GROUP]
-               [--restrict-read] [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
+               [--restrict-read] [--polkit auto|yes|no] [--polkit-timeout SEC]
+               [--idle-timeout SEC] [--no-create] [--log-level LEVEL]
                [--algorithm ALG] [--erofs-version N] [--runtime-dir DIR] [limits]
                [--config PATH] [--registry-dir DIR | --no-registry]
     composefsd --reload [--listen PATH]
@@ -36,11 +37,18 @@ and io.composefs.Oci for OCI images, on the same sockets).
   unless ``--restrict-read``; everything else (CreateImage, Mount, Unmount,
   RemoveImage, GarbageCollect; Oci's Pull, Tag, Untag, Mount) needs uid 0, the
   daemon's own uid, or membership (primary or supplementary) of ``--group``.
-  Refused calls get ``org.varlink.service.PermissionDenied``. composefs-rs's
-  interfaces (org.composefs.Repository: :mod:`composefsd.service.rsrepository`)
-  follow the same split (their read-only methods: OpenRepository,
-  CloseRepository, ListImageRefs, ImageObjects, Fsck), and on top of it name a
-  repository other than the daemon's own only for root and the daemon's uid.
+  Refused calls get ``org.varlink.service.PermissionDenied``. Other peers may
+  still call the methods :data:`~composefsd.service.polkit.METHOD_ACTIONS` lists
+  if polkit allows them its action (``--polkit``, default ``auto``: when polkit
+  runs; :mod:`composefsd.service.polkit`): the hook lets such a call through and
+  :meth:`Authorization.check_call` asks polkit in the call's worker thread
+  before the method runs. :data:`OPEN_METHODS` (MountDumpfile: :mod:`composefsd.service.ownmount`)
+  are open to every peer too, unless ``--restrict-read``.
+  composefs-rs's interfaces (org.composefs.Repository:
+  :mod:`composefsd.service.rsrepository`) follow the same split (their read-only
+  methods: OpenRepository, CloseRepository, ListImageRefs, ImageObjects, Fsck;
+  their others are never put to polkit), and on top of it name a repository
+  other than the daemon's own only for root and the daemon's uid.
 * **Limits** (:mod:`composefsd.service.transport` explains them): ``--max-connections``,
   ``--max-connections-per-uid``, ``--max-message-size``, ``--max-buffered-input``,
   ``--message-timeout``, ``--workers``, ``--workers-per-uid``, ``--heavy-workers``
@@ -130,12 +138,22 @@ from composefsd.service.config import (
     read_config,
     settings_from,
 )
-from composefsd.service.context import Peer, VarlinkReplyError
+from composefsd.service.context import CallContext, Peer, VarlinkReplyError
 from composefsd.service.methods import INTERFACE, RepositoryInterface
 from composefsd.service.mounts import MountTracker
 from composefsd.service.ocimethods import INTERFACE as OCI_INTERFACE
 from composefsd.service.ocimethods import OciInterface
 from composefsd.service.options import ALGORITHM_NAMES, VersionAction, erofs_version_argument
+from composefsd.service.polkit import (
+    DEFAULT_TIMEOUT as POLKIT_TIMEOUT,
+)
+from composefsd.service.polkit import (
+    METHOD_ACTIONS,
+    PERMISSION_DENIED,
+    PolkitCheck,
+    PolkitClient,
+    PolkitMode,
+)
 from composefsd.service.registry import SYSTEM_REGISTRY, Registration, register
 from composefsd.service.rshandles import HandleTable
 from composefsd.service.rsoci import INTERFACE as RS_OCI_INTERFACE
@@ -165,13 +183,12 @@ from composefsd.service.transport import (
     DEFAULT_WORKERS,
     DEFAULT_WORKERS_PER_UID,
     SYSTEM_ERROR,
-    Authorizer,
     InlineMethod,
     Server,
 )
 from composefsd.service.watchdog import StatusReporter, keep_alive, watchdog_interval
 
-__all__ = ["HEAVY_METHODS", "READ_ONLY_METHODS", "Authorization", "main"]
+__all__ = ["HEAVY_METHODS", "OPEN_METHODS", "READ_ONLY_METHODS", "Authorization", "main"]
 
 log = logging.getLogger("composefsd")
 
@@ -190,6 +207,10 @@ READ_ONLY_METHODS = frozenset(
     ]
     + [f"{SYSTEMD_INTERFACE}.Ping"]
 )
+#: Methods every peer that can connect may call without polkit (unless
+#: --restrict-read, which keeps every method to the privileged): each bounds what
+#: it does for an untrusted caller by itself.
+OPEN_METHODS: frozenset[str] = frozenset([f"{INTERFACE}.MountDumpfile"])
 #: Methods that run in the transport's heavy lane (few at a time, fairly per uid).
 HEAVY_METHODS = frozenset(
     [f"{INTERFACE}.{m}" for m in ("Verify", "CreateImage", "GarbageCollect")]
@@ -221,11 +242,14 @@ def is_read_only(method: str) -> bool:
 
 @dataclass(slots=True, frozen=True)
 class Authorization:
-    """The authorizer handed to the transport (module notes)."""
+    """The authorizer handed to the transport (module notes): ``__call__`` is its
+    hook before a call, :meth:`check_call` its check in the call's worker thread."""
 
     daemon_uid: int
     group: int | None = None
     restrict_read: bool = False
+    #: Asks polkit for the methods in METHOD_ACTIONS (None: --polkit no).
+    polkit: PolkitCheck | None = None
 
     def privileged(self, peer: Peer) -> bool:
         if peer.uid in (0, self.daemon_uid):
@@ -239,12 +263,25 @@ class Authorization:
                 return True
             log.info("refused %s to pid %d (uid %d)", method, peer.pid, peer.uid)
             return False
-        if not self.restrict_read and is_read_only(method):
+        if not self.restrict_read and (is_read_only(method) or method in OPEN_METHODS):
             return True
         if self.privileged(peer):
             return True
+        if self.polkit is not None and method in METHOD_ACTIONS and self.polkit.may_answer():
+            return True  # polkit decides, in check_call
         log.info("refused %s to pid %d (uid %d)", method, peer.pid, peer.uid)
         return False
+
+    def check_call(self, ctx: CallContext, parameters: dict[str, Any]) -> None:
+        """In the worker, before the method: a call the hook let through for polkit
+        runs only if polkit authorizes it (:mod:`composefsd.service.polkit`)."""
+        action = METHOD_ACTIONS.get(ctx.method)
+        if action is None or self.privileged(ctx.peer):
+            return
+        if self.polkit is None:
+            # Not through the hook's polkit door (a reload may have closed it since).
+            raise VarlinkReplyError(PERMISSION_DENIED)
+        self.polkit.authorize(ctx, action, parameters)
 
 
 # -- logging --------------------------------------------------------------------------------
@@ -448,7 +485,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--restrict-read",
         action="store_true",
-        help="read-only methods too need root, the daemon's uid or --group",
+        help="read-only methods and MountDumpfile too need root, the daemon's uid or --group",
+    )
+    p.add_argument(
+        "--polkit",
+        metavar="MODE",
+        choices=[m.value for m in PolkitMode],
+        default=PolkitMode.AUTO.value,
+        help="ask polkit whether other callers may change and mount: auto (default: when "
+        "it runs), yes (always; no polkit is an error to the caller) or no",
+    )
+    p.add_argument(
+        "--polkit-timeout",
+        metavar="SEC",
+        type=_seconds,
+        default=POLKIT_TIMEOUT,
+        help=f"how long a polkit check may take (default {POLKIT_TIMEOUT:g})",
     )
     p.add_argument(
         "--idle-timeout",
@@ -517,6 +569,8 @@ CONFIG_KEYS: frozenset[str] = frozenset(
         "socket-mode",
         "group",
         "restrict-read",
+        "polkit",
+        "polkit-timeout",
         "idle-timeout",
         "no-create",
         "algorithm",
@@ -632,11 +686,12 @@ def _connection_limit(wanted: int, files: int) -> int:
     return wanted
 
 
-def _server(service: Any, authorize: Authorizer, args: argparse.Namespace) -> Server:
+def _server(service: Any, authorize: _AuthorizationSwitch, args: argparse.Namespace) -> Server:
     max_connections = _connection_limit(args.max_connections, _raise_fd_limit())
     return Server(
         service,
         authorize=authorize,
+        check_call=authorize.check_call,
         max_message_size=args.max_message_size,
         max_connections=max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
@@ -819,6 +874,9 @@ class _AuthorizationSwitch:
     def __call__(self, peer: Peer, method: str) -> bool:
         return self.current(peer, method)
 
+    def check_call(self, ctx: CallContext, parameters: dict[str, Any]) -> None:
+        self.current.check_call(ctx, parameters)
+
 
 #: Settings a reload applies to the transport's limits: (dest, Server attribute).
 _SERVER_LIMITS: tuple[tuple[str, str], ...] = (
@@ -836,11 +894,21 @@ class _Daemon:
     def __init__(self, settings: _Settings, args: argparse.Namespace) -> None:
         self.settings = settings
         self.args = args
+        self.polkit_client = PolkitClient()
+        self.polkit_check = PolkitCheck(self.polkit_client)
         self.authorize = _AuthorizationSwitch(Authorization(os.geteuid(), None, args.restrict_read))
         self.server: Server | None = None
         self.service: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.status: StatusReporter | None = None
+
+    def authorization(self, args: argparse.Namespace, group: int | None) -> Authorization:
+        """The rule ``args`` set (the polkit connection and counts carry over)."""
+        mode = PolkitMode(args.polkit)
+        self.polkit_check.required = mode is PolkitMode.YES
+        self.polkit_client.timeout = args.polkit_timeout
+        polkit = None if mode is PolkitMode.NO else self.polkit_check
+        return Authorization(os.geteuid(), group, args.restrict_read, polkit)
 
     def reload_from_call(self) -> None:
         """io.systemd.service.Reload, in a worker thread: reload on the loop and
@@ -904,7 +972,7 @@ class _Daemon:
                     self.settings.key(dest),
                 )
         set_log_level(_level(new.log_level))
-        self.authorize.current = Authorization(os.geteuid(), group, new.restrict_read)
+        self.authorize.current = self.authorization(new, group)
         server = self.server
         if server is not None:
             server.max_connections = _connection_limit(
@@ -1069,7 +1137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_log_level(_level(args.log_level))
         daemon = _Daemon(settings, args)
         group = _group(args.group)
-        daemon.authorize.current = Authorization(os.geteuid(), group, args.restrict_read)
+        daemon.authorize.current = daemon.authorization(args, group)
         repo = _repository(
             args.repo,
             create=not args.no_create,
@@ -1111,6 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        daemon.polkit_client.close()
         if registration is not None:
             registration.remove()
         for sock in sockets:

@@ -68,7 +68,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from composefsd.credentials import Credentials
 from composefsd.image.formats import ErofsVersion
@@ -121,6 +121,9 @@ from composefsd.service.replies import (
     read_only_reason,
 )
 from composefsd.service.sourcescan import scan_as
+
+if TYPE_CHECKING:
+    from composefsd.service.ownmount import OwnMounts
 
 __all__ = [
     "INTERFACE",
@@ -521,6 +524,9 @@ class RepositoryInterface:
         self.inline_describe = on_local_filesystem(repo.path)
         #: describe_now's last reply, encoded, and the values it was made from.
         self._described: tuple[tuple[int, int, int, str | None], bytes] | None = None
+        #: MountDumpfile's limits and state, made at its first call.
+        self.own_mounts: OwnMounts | None = None
+        self._own_mounts_lock = threading.Lock()
 
     def _reporter(
         self,
@@ -603,6 +609,9 @@ class RepositoryInterface:
         propagate_usr_to_root: bool | None = None,
         xattrs: str | None = None,
         bootable: bool | None = None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -782,6 +791,9 @@ class RepositoryInterface:
         uid_map: list[dict[str, Any]] | None,
         gid_map: list[dict[str, Any]] | None,
         where: str | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -865,8 +877,34 @@ class RepositoryInterface:
                 os.close(fd)
         return out
 
+    # -- MountDumpfile ---------------------------------------------------------------------
+    def MountDumpfile(
+        self,
+        dumpfile_fd_index: int,
+        object_fd_indexes: list[int],
+        userns_fd_index: int | None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
+        """Any peer's own image: :mod:`composefsd.service.ownmount`."""
+        with self._own_mounts_lock:  # one OwnMounts, whichever call comes first
+            if self.own_mounts is None:
+                from composefsd.service.ownmount import OwnMounts
+
+                self.own_mounts = OwnMounts()
+        return self.own_mounts.call(_request, dumpfile_fd_index, object_fd_indexes, userns_fd_index)
+
     # -- Unmount ----------------------------------------------------------------------------
-    def Unmount(self, where: str, lazy: bool | None, *, _request: CallContext) -> dict[str, Any]:
+    def Unmount(
+        self,
+        where: str,
+        lazy: bool | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         path = _absolute(where, "where")
         real = os.path.realpath(path)
 
@@ -922,7 +960,15 @@ class RepositoryInterface:
         }
 
     # -- RemoveImage ------------------------------------------------------------------------
-    def RemoveImage(self, image: str, *, _request: CallContext) -> dict[str, Any]:
+    def RemoveImage(
+        self,
+        image: str,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         with self.tracker.exclusive(), _mapped(image=image):
             digest = self.repo.resolve_image(image)
             users = self.tracker.in_use(self.repo).get(digest)
@@ -934,7 +980,14 @@ class RepositoryInterface:
 
     # -- GarbageCollect ---------------------------------------------------------------------
     def GarbageCollect(
-        self, dry_run: bool | None, roots: list[str] | None = None, *, _request: CallContext
+        self,
+        dry_run: bool | None,
+        roots: list[str] | None = None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
     ) -> dict[str, Any]:
         repo = self.repo
         roots = roots or []

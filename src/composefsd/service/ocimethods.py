@@ -449,6 +449,9 @@ class OciInterface:
         cert_directory: str | None,
         tls_verify: bool | None,
         credentials: str | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:
@@ -535,7 +538,16 @@ class OciInterface:
         return out
 
     # -- Tag / Untag ------------------------------------------------------------------------
-    def Tag(self, image: str, tag: str, *, _request: CallContext) -> dict[str, Any]:
+    def Tag(
+        self,
+        image: str,
+        tag: str,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         try:
             check_tag(tag)
         except OciTagError as exc:
@@ -547,7 +559,15 @@ class OciInterface:
         log.info("tagged %s as %r for pid %d", found.manifest_digest, tag, _request.peer.pid)
         return {"manifestDigest": found.manifest_digest}
 
-    def Untag(self, tag: str, *, _request: CallContext) -> dict[str, Any]:
+    def Untag(
+        self,
+        tag: str,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
+        *,
+        _request: CallContext,
+    ) -> dict[str, Any]:
         try:
             check_tag(tag)
         except OciTagError as exc:
@@ -573,6 +593,9 @@ class OciInterface:
         uid_map: list[dict[str, Any]] | None,
         gid_map: list[dict[str, Any]] | None,
         where: str | None,
+        # allowInteractiveAuthentication: read by the polkit check before the call
+        # (composefsd.service.polkit), not here.
+        allow_interactive_authentication: bool | None = None,
         *,
         _request: CallContext,
     ) -> dict[str, Any]:

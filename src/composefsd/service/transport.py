@@ -114,6 +114,7 @@ from composefsd.service.context import (
     Peer,
     VarlinkReplyError,
     peer_credentials,
+    peer_pidfd,
 )
 from composefsd.service.fds import close_all, fds_from_ancillary
 from composefsd.service.validate import INVALID_PARAMETER, InterfaceValidator, InvalidParameter
@@ -134,6 +135,7 @@ __all__ = [
     "SYSTEM_ERROR",
     "TOO_MANY_CONNECTIONS",
     "Authorizer",
+    "CallCheck",
     "InlineMethod",
     "Server",
 ]
@@ -141,6 +143,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Authorizer = Callable[[Peer, str], bool]
+#: Runs in the worker thread right before a method (after ``authorize`` let the call
+#: through): raises :class:`VarlinkReplyError` to refuse it. For checks that need the
+#: call's parameters or a round trip (polkit: :mod:`composefsd.service.polkit`).
+CallCheck = Callable[[CallContext, dict[str, Any]], None]
 #: A method's answer from the event loop: the reply's parameters, or the reply
 #: already encoded (:func:`~composefsd.service.codec.encode_reply`), or None to run
 #: the method in a worker as usual (module notes).
@@ -530,6 +536,7 @@ cast(Callable[[Callable[[], None]], None], threading._register_atexit)(_stop_lan
 
 class _Connection:
     __slots__ = (
+        "_sock_lock",
         "call",
         "closed",
         "eof",
@@ -575,6 +582,9 @@ class _Connection:
         self.eof = False
         self.closed = False
         self.reading = True
+        #: Held while a worker asks the socket for the peer's pidfd and while the loop
+        #: closes it, so that the fd number is never another connection's by then.
+        self._sock_lock = threading.Lock()
         loop.add_reader(self.fd, self._on_readable)
 
     def __repr__(self) -> str:
@@ -815,8 +825,16 @@ class _Connection:
             close_all(self.queue.popleft().fds)
         self.queued_bytes = 0
         close_all(self.wire.discard())
-        self.sock.close()
+        with self._sock_lock:
+            self.sock.close()
         self.server._closed(self)
+
+    def peer_pidfd(self) -> int:
+        """Any thread: a new pidfd of the process that connected; OSError once closed."""
+        with self._sock_lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "the connection is closed")
+            return peer_pidfd(self.sock)
 
 
 class Server:
@@ -824,7 +842,9 @@ class Server:
 
     ``authorize(peer, "iface.Method")`` runs (on the loop; in a worker thread for a
     long message) before every call of a known method, ``org.varlink.service`` ones
-    included; False refuses it with ``org.varlink.service.PermissionDenied``. The
+    included; False refuses it with ``org.varlink.service.PermissionDenied``.
+    ``check_call(ctx, parameters)`` then runs in the worker thread right before the
+    method (not before inline methods, which must need no such check). The
     limits and inline methods are explained in the module notes.
     """
 
@@ -833,6 +853,7 @@ class Server:
         service: VarlinkService,
         *,
         authorize: Authorizer | None = None,
+        check_call: CallCheck | None = None,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_fds: int = 16,
         workers: int = DEFAULT_WORKERS,
@@ -851,6 +872,7 @@ class Server:
         self._service = service
         self._inline: dict[str, InlineMethod] = dict(inline_methods or {})
         self._authorize = authorize
+        self._check_call = check_call
         self.max_message_size = max_message_size
         self.max_fds = max_fds
         self.max_connections = max_connections
@@ -1265,6 +1287,7 @@ class Server:
         sender = self._continues_sender(call, envelope.more)
         ctx.send_continues_fds = sender
         ctx.send_continues = lambda parameters: sender(parameters, [])
+        ctx.peer_pidfd = conn.peer_pidfd
         try:
             target = self._lookup(envelope.method)
             if self._authorize is not None and not self._authorize(conn.peer, envelope.method):
@@ -1302,6 +1325,8 @@ class Server:
         ok = False
         try:
             ctx.check_cancelled()
+            if self._check_call is not None:
+                self._check_call(ctx, params)
             func = target.func
             if target.direct and func is not None:
                 args = [params.get(k) for k in target.fields]

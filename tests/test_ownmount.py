@@ -1,0 +1,552 @@
+"""io.composefs.Repository.MountDumpfile end to end, as a non-root user.
+
+The user (tests/users.py) opens its dumpfile and object directory, calls the
+daemon over its socket (tests/ownmount_client.py), gets the detached mount fd
+and, in ``unshare -Urm`` (its own user and mount namespace), attaches it and
+looks at the files. Hostile input: malformed and oversized dumpfiles, object
+paths that leave the directory, symlinks, devices and fifos as objects, fds of
+the wrong kind, too many fds, floods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import users
+from composefsd.service.context import VarlinkReplyError
+from composefsd.service.ownmount import (
+    OwnMountLimits,
+    OwnMounts,
+    build_image,
+    payload_ok,
+    read_dumpfile,
+)
+from conftest import TESTDATA, TestUsers
+from servicehelpers import Daemon, running_daemon
+
+_CLIENT = Path(__file__).with_name("ownmount_client.py")
+_SHOULD_FAIL = sorted((TESTDATA / "assets").glob("should-fail-*.dump"))
+_OVERFLOW = 65534
+
+
+@dataclass
+class World:
+    daemon: Daemon
+    user: users.TestUser
+    other: users.TestUser
+    py: users.UserPython
+    #: A public directory the user owns: its dumpfiles, objects and mount points.
+    home: Path
+    client: str
+
+    def call(self, spec: dict[str, Any], user: users.TestUser | None = None) -> dict[str, Any]:
+        out = users.run_as(
+            user or self.user,
+            self.py.command(self.client, "call", self.daemon.address, json.dumps(spec)),
+            env=self.py.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def dump(self, name: str, text: str | bytes) -> str:
+        path = self.home / name
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
+        os.chown(path, self.user.uid, self.user.gid)
+        return str(path)
+
+    def where(self, name: str) -> str:
+        path = self.home / f"mnt-{name}"
+        path.mkdir(exist_ok=True)
+        os.chown(path, self.user.uid, self.user.gid)
+        return str(path)
+
+
+def _object(objects: Path, data: bytes, owner: int, mode: int = 0o644) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    (objects / digest[:2]).mkdir(exist_ok=True)
+    os.chown(objects / digest[:2], owner, owner)
+    path = objects / digest[:2] / digest[2:]
+    path.write_bytes(data)
+    os.chown(path, owner, owner)
+    path.chmod(mode)
+    return f"{digest[:2]}/{digest[2:]}"
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, test_users: TestUsers, user_python: users.UserPython
+) -> Iterator[World]:
+    home = users.public_dir("cfsd-own-")
+    os.chown(home, test_users.alice.uid, test_users.alice.gid)
+    client = home / "client.py"
+    shutil.copy(_CLIENT, client)
+    client.chmod(0o755)
+    limits = OwnMountLimits()
+    assert limits.calls_per_uid == 1
+    try:
+        with running_daemon(tmp_path_factory.mktemp("own") / "repo", public=True) as d:
+            yield World(d, test_users.alice, test_users.bob, user_python, home, str(client))
+    finally:
+        # Mount fds die with the client processes; nothing is attached here.
+        users.remove_tree(home)
+
+
+@pytest.fixture(scope="module")
+def objects(world: World) -> dict[str, Any]:
+    """The user's object directory: its own objects, root's 0600 one, symlinks out,
+    a fifo and a device node where objects would be."""
+    objs = world.home / "objects"
+    objs.mkdir()
+    os.chown(objs, world.user.uid, world.user.gid)
+    uid = world.user.uid
+    out: dict[str, Any] = {"dir": str(objs)}
+    out["mine"] = _object(objs, b"my own file\n", uid)
+    out["secret"] = _object(objs, b"root's secret\n", 0, 0o600)
+    (objs / "ln").mkdir()
+    os.symlink("/etc", objs / "ln" / "etc")
+    os.symlink("..", objs / "ln" / "up")
+    os.symlink("/etc/shadow", objs / "ln" / "shadow")
+    os.mkfifo(objs / "ln" / "fifo")
+    os.mknod(objs / "ln" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (world.home / "outside").write_text("outside the object directory\n")
+    for path in (objs / "ln", *(objs / "ln").iterdir()):
+        os.lchown(path, uid, world.user.gid)
+    return out
+
+
+def _root_line() -> str:
+    return "/ 0 40755 2 0 0 0 0.0 - - -\n"
+
+
+def _spec(world: World, objects: dict[str, Any], dump: str, **more: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"dumpfile": dump, "objects": [objects["dir"]]}
+    spec.update(more)
+    return spec
+
+
+# -- the mount as the caller sees it -------------------------------------------------------
+
+
+def test_mount_own_image(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump(
+        "good.dump",
+        _root_line()
+        + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
+        + f"/other 12 100644 1 1234 1234 0 0.0 {objects['mine']} - -\n"
+        + f"/secret 14 100644 1 0 0 0 0.0 {objects['secret']} - -\n"
+        + f"/suid 12 104755 1 0 0 0 0.0 {objects['mine']} - -\n"
+        + "/null 0 20666 1 0 0 259 0.0 - - -\n"
+        + "/inline 3 100644 1 0 0 0 0.0 - abc -\n",
+    )
+    where = world.where("good")
+    files = ["mine", "other", "secret", "suid", "null", "inline"]
+    out = world.call(_spec(world, objects, dump, files=files, where=where))
+    assert "reply" in out, out
+    assert out["reply"]["idmapped"] == "default"
+    assert out["fds"] == 1
+    seen = out["seen"]["files"]
+    # The caller's own object, through the image; in its userns the caller is 0.
+    assert seen["mine"]["content"] == "my own file\n"
+    assert (seen["mine"]["uid"], seen["mine"]["gid"]) == (0, 0)
+    # Ids other than 0 map to nothing: the overflow id.
+    assert (seen["other"]["uid"], seen["other"]["gid"]) == (_OVERFLOW, _OVERFLOW)
+    # The image says 0644, but the object is root's 0600: read with the caller's
+    # rights, it cannot be read.
+    assert seen["secret"]["mode"] & 0o777 == 0o644
+    assert seen["secret"]["error"] == "EACCES"
+    # A device node of the caller's choosing: nodev.
+    assert stat.S_ISCHR(seen["null"]["mode"])
+    assert seen["null"]["error"] == "EACCES"
+    assert seen["inline"]["content"] == "abc"
+    options, super_options = out["seen"]["mountinfo"].split(" ", 1)
+    assert {"ro", "nosuid", "nodev"} <= set(options.split(","))
+    # The idmapping is the EROFS layer's (the uids above show it), not the overlay's.
+    assert super_options.startswith("overlay composefs ")
+
+
+def test_callers_own_userns(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump(
+        "ns.dump", _root_line() + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
+    )
+    out = world.call(
+        _spec(world, objects, dump, userns="own", files=["mine"], where=world.where("ns"))
+    )
+    assert out["reply"]["idmapped"] == "caller", out
+    assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
+    assert out["seen"]["files"]["mine"]["uid"] == 0
+
+
+@pytest.mark.parametrize(
+    ("userns", "message"), [("init", "owned by uid 0"), ("mnt", "not a user namespace")]
+)
+def test_userns_not_the_callers(
+    world: World, objects: dict[str, Any], userns: str, message: str
+) -> None:
+    dump = world.dump("ns2.dump", _root_line())
+    out = world.call(_spec(world, objects, dump, userns=userns))
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "userNamespaceFileDescriptor"
+    assert message in out["parameters"]["message"]
+
+
+# -- object paths that try to leave the object directory ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload", ["../outside", "/etc/hostname", "ab/../../outside", "./x", "a//b"]
+)
+def test_payload_outside_refused(world: World, objects: dict[str, Any], payload: str) -> None:
+    dump = world.dump("esc.dump", _root_line() + f"/f 5 100644 1 0 0 0 0.0 {payload} - -\n")
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+    assert "object path" in out["parameters"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("etc", "ln/etc/hostname"),
+        ("up", "ln/up/outside"),
+        ("shadow", "ln/shadow"),
+        ("fifo", "ln/fifo"),
+        ("null", "ln/null"),
+    ],
+)
+def test_symlinks_and_specials_as_objects(
+    world: World, objects: dict[str, Any], name: str, payload: str
+) -> None:
+    """Overlayfs looks objects up beneath the directory without following symlinks,
+    and takes only regular files: these mount, but the files cannot be read."""
+    dump = world.dump(f"sl-{name}.dump", _root_line() + f"/f 5 100644 1 0 0 0 0.0 {payload} - -\n")
+    out = world.call(_spec(world, objects, dump, files=["f"], where=world.where(f"sl-{name}")))
+    assert "reply" in out, out
+    entry = out["seen"]["files"]["f"]
+    assert "content" not in entry, entry
+    assert entry["error"] in ("ELOOP", "EXDEV", "EIO", "EINVAL", "EACCES", "ENOENT"), entry
+
+
+def test_payload_check() -> None:
+    assert payload_ok(b"ab/cdef")
+    assert payload_ok(b"x")
+    for bad in (b"", b"/x", b"../x", b"a/../b", b"a/./b", b"a//b", b"a/", b"."):
+        assert not payload_ok(bad), bad
+
+
+@pytest.mark.parametrize(
+    "xattr",
+    [
+        "trusted.overlay.redirect=/ln/etc/hostname",
+        "trusted.overlay.metacopy=",
+        "trusted.other=x",
+        "security.capability=\\x01\\x00\\x00\\x02",
+        "security.selinux=system_u:object_r:shadow_t:s0",
+    ],
+)
+def test_system_xattrs_refused(world: World, objects: dict[str, Any], xattr: str) -> None:
+    """trusted.* and security.* xattrs are not the caller's (the writer's escaping
+    of trusted.overlay.* is tested beneath, in test_ownmount_kernel.py)."""
+    dump = world.dump("xattr.dump", _root_line() + f"/f 3 100644 1 0 0 0 0.0 - abc - {xattr}\n")
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+    assert "not the caller's" in out["parameters"]["message"]
+
+
+def test_user_xattrs_kept(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump("uxattr.dump", _root_line() + "/f 3 100644 1 0 0 0 0.0 - abc - user.a=b\n")
+    out = world.call(_spec(world, objects, dump, files=["f"], where=world.where("uxattr")))
+    assert out["seen"]["files"]["f"]["content"] == "abc", out
+
+
+# -- malformed and oversized dumpfiles -----------------------------------------------------
+
+
+@pytest.mark.parametrize("asset", _SHOULD_FAIL, ids=lambda p: p.name)
+def test_should_fail_dumpfiles(world: World, objects: dict[str, Any], asset: Path) -> None:
+    dump = world.dump(asset.name, asset.read_bytes())
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+
+
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        (b"x" * ((16 << 20) + 1), "dumpfileBytes"),
+        (b"/ 0 40755 2 0 0 0 0.0 - - -\n" + b"\n" * 100_001, "entries"),
+        (b"/ 0 40755 2 0 0 0 0.0 - - - user.a=" + b"x" * (256 << 10) + b"\n", "lineBytes"),
+    ],
+    ids=["bytes", "entries", "line"],
+)
+def test_oversized_dumpfiles(
+    world: World, objects: dict[str, Any], text: bytes, limit: str
+) -> None:
+    dump = world.dump(f"big-{limit}.dump", text)
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.LimitExceeded", out
+    assert out["parameters"]["limit"] == limit
+
+
+def test_garbage_dumpfile(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump("garbage.dump", bytes(range(256)) * 64)
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+
+
+# -- fds of the wrong kind -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "dir", "opath", "wronly"])
+def test_dumpfile_fd_kind(world: World, objects: dict[str, Any], kind: str) -> None:
+    dump = world.dump("kind.dump", _root_line())
+    path = str(world.home) if kind == "dir" else dump
+    out = world.call(_spec(world, objects, path, dumpfile_kind=kind))
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "dumpfileFileDescriptor"
+
+
+@pytest.mark.parametrize("kind", ["file", "socket", "opath"])
+def test_object_fd_kind(world: World, objects: dict[str, Any], kind: str) -> None:
+    dump = world.dump("okind.dump", _root_line())
+    spec = _spec(world, objects, dump, object_kind=kind)
+    if kind == "file":
+        spec["objects"] = [dump]
+    out = world.call(spec)
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "objectDirectoryFileDescriptors"
+
+
+def test_too_many_object_dirs(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump("many.dump", _root_line())
+    spec = _spec(world, objects, dump)
+    spec["objects"] = [objects["dir"]] * 9
+    out = world.call(spec)
+    assert out["error"] == "io.composefs.Repository.LimitExceeded", out
+    assert out["parameters"]["limit"] == "objectDirectories"
+
+
+def test_too_many_fds(world: World, objects: dict[str, Any]) -> None:
+    """More fds than one message may carry: the transport drops the connection."""
+    dump = world.dump("fds.dump", _root_line())
+    out = world.call(_spec(world, objects, dump, extra_fds=20))
+    assert out["error"] == "disconnected", out
+
+
+def test_bad_indexes(world: World, objects: dict[str, Any]) -> None:
+    dump = world.dump("idx.dump", _root_line())
+    for override, field in (
+        ({"dumpfileFileDescriptor": 7}, "dumpfileFileDescriptor"),
+        ({"objectDirectoryFileDescriptors": [0]}, "objectDirectoryFileDescriptors"),
+        ({"objectDirectoryFileDescriptors": []}, "objectDirectoryFileDescriptors"),
+    ):
+        out = world.call(_spec(world, objects, dump, index_override=override))
+        assert out["error"] == "org.varlink.service.InvalidParameter", out
+        assert out["parameters"]["parameter"] == field
+
+
+# -- files that change under the mount -----------------------------------------------------
+
+
+def test_object_truncated_under_the_mount(world: World, objects: dict[str, Any]) -> None:
+    objs = Path(objects["dir"])
+    rel = _object(objs, b"changes soon\n" * 100, world.user.uid)
+    dump = world.dump("chg.dump", _root_line() + f"/f 1300 100644 1 0 0 0 0.0 {rel} - -\n")
+    (objs / rel).write_bytes(b"short\n")  # truncated after the dumpfile was written
+    out = world.call(_spec(world, objects, dump, files=["f"], where=world.where("chg")))
+    # The caller's own business: what the file holds now, or an error; no crash.
+    entry = out["seen"]["files"]["f"]
+    assert entry.get("content", "short\n") == "short\n" or "error" in entry, entry
+    assert world.daemon.proc.poll() is None
+
+
+def test_dumpfile_read_once(tmp_path: Path) -> None:
+    """The dumpfile is read once, to the limit and never past it, whatever its size
+    says; what changes in the file afterwards changes nothing."""
+    limits = OwnMountLimits(max_dumpfile_bytes=64)
+    path = tmp_path / "d.dump"
+    path.write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 1 100644 1 0 0 0 0.0 - a -\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lines = read_dumpfile(fd, limits)
+        with open(path, "r+b") as f:
+            f.truncate(3)  # the caller truncates it meanwhile
+        image = build_image(lines, limits)
+        assert image == build_image(
+            [b"/ 0 40755 2 0 0 0 0.0 - - -\n", b"/a 1 100644 1 0 0 0 0.0 - a -\n"], limits
+        )
+        path.write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n" + b"#" * 64)
+        with pytest.raises(VarlinkReplyError) as err:
+            read_dumpfile(fd, limits)
+        assert err.value.parameters["limit"] == "dumpfileBytes"
+    finally:
+        os.close(fd)
+
+
+# -- floods --------------------------------------------------------------------------------
+
+
+def test_flood_from_one_uid(world: World, objects: dict[str, Any]) -> None:
+    """Many concurrent calls of one uid: each runs or is refused at once
+    (callsPerUid); another uid's call meanwhile is served."""
+    dump = world.dump("flood.dump", _root_line() + "/a 1 100644 1 0 0 0 0.0 - a -\n")
+    spec = json.dumps(_spec(world, objects, dump))
+    procs = [
+        users.popen_as(
+            world.user,
+            world.py.command(world.client, "call", world.daemon.address, spec),
+            env=world.py.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(12)
+    ]
+    other_objs = world.home / "other-objects"
+    other_objs.mkdir(exist_ok=True)
+    os.chown(other_objs, world.other.uid, world.other.gid)
+    other = world.call({"dumpfile": dump, "objects": [str(other_objs)]}, user=world.other)
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout))
+    assert "reply" in other, other
+    assert any("reply" in r for r in results), results
+    for r in results:
+        assert "reply" in r or (
+            r["error"] == "io.composefs.Repository.LimitExceeded"
+            and r["parameters"]["limit"] == "callsPerUid"
+        ), r
+
+
+def test_live_images_per_uid(
+    world: World, objects: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Mounts a uid holds keep their images in the daemon's memory: at most
+    live_images_per_uid of them; closing them gives the room back. (A daemon of
+    its own, so that no image of another test counts.)"""
+    limit = OwnMountLimits().live_images_per_uid
+    dump = world.dump("live.dump", _root_line() + "/a 1 100644 1 0 0 0 0.0 - a -\n")
+    with running_daemon(tmp_path_factory.mktemp("live") / "repo", public=True) as daemon:
+        _live_images(dataclasses.replace(world, daemon=daemon), objects, dump, limit)
+
+
+def _live_images(world: World, objects: dict[str, Any], dump: str, limit: int) -> None:
+    holders = []
+    try:
+        for i in range(limit):
+            hold = str(world.home / f"hold-{i}")
+            holders.append(
+                (
+                    hold,
+                    users.popen_as(
+                        world.user,
+                        world.py.command(
+                            world.client,
+                            "call",
+                            world.daemon.address,
+                            json.dumps(_spec(world, objects, dump, hold=hold)),
+                        ),
+                        env=world.py.env,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+            )
+            _wait_for(Path(hold + ".ready"), holders[-1][1])
+        out = world.call(_spec(world, objects, dump))
+        assert out["error"] == "io.composefs.Repository.LimitExceeded", out
+        assert out["parameters"]["limit"] == "liveImagesPerUid"
+    finally:
+        for hold, proc in holders:
+            Path(hold).touch()
+            proc.communicate(timeout=60)
+    # The mounts went with the processes; their loop devices clear themselves.
+    deadline = time.monotonic() + 30
+    while True:
+        out = world.call(_spec(world, objects, dump))
+        if "reply" in out or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "reply" in out, out
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate())
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("path", ["/proc", "/sys", "/proc/self"])
+def test_kernel_filesystems_as_objects(world: World, objects: dict[str, Any], path: str) -> None:
+    """Files of proc, sysfs and the like answer by the reader's capabilities, not
+    its uid: they are never object directories (nor dumpfiles)."""
+    dump = world.dump("pseudo.dump", _root_line())
+    spec = _spec(world, objects, dump)
+    spec["objects"] = [path]
+    out = world.call(spec)
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "objectDirectoryFileDescriptors"
+    assert "kernel filesystem" in out["parameters"]["message"]
+
+
+def test_kernel_file_as_dumpfile(world: World, objects: dict[str, Any]) -> None:
+    out = world.call(_spec(world, objects, "/proc/self/status"))
+    assert out["error"] == "io.composefs.Repository.BadFileDescriptor", out
+    assert out["parameters"]["parameter"] == "dumpfileFileDescriptor"
+
+
+def test_calls_per_uid_counted() -> None:
+    """The per-uid count itself: a uid's second concurrent call is refused, another
+    uid's is not, and a finished call frees its place."""
+    own = OwnMounts(OwnMountLimits(calls_per_uid=1))
+    own._enter(5000)
+    with pytest.raises(VarlinkReplyError) as err:
+        own._enter(5000)
+    assert err.value.parameters["limit"] == "callsPerUid"
+    own._enter(5001)
+    own._leave(5000)
+    own._enter(5000)
+
+
+def test_tree_shapes(world: World, objects: dict[str, Any]) -> None:
+    """Directories, symlinks and hard links of the caller's dumpfile come out as
+    written; a whiteout (a 0:0 device) is written as C's writer does, an empty
+    regular file with escaped whiteout xattrs: no device at all."""
+    dump = world.dump(
+        "shapes.dump",
+        _root_line()
+        + "/d 0 40750 2 0 0 0 0.0 - - -\n"
+        + f"/d/f 12 100640 2 0 0 0 0.0 {objects['mine']} - - user.note=hi\n"
+        + "/d/hard 0 @120000 - - - - 0.0 /d/f - -\n"
+        + "/link 4 120777 1 0 0 0 0.0 /d/f - -\n"
+        + "/wh 0 20000 1 0 0 0 0.0 - - -\n",
+    )
+    out = world.call(
+        _spec(
+            world, objects, dump, files=["d/f", "d/hard", "link", "wh"], where=world.where("shapes")
+        )
+    )
+    seen = out["seen"]["files"]
+    assert seen["d/f"]["content"] == "my own file\n"
+    assert seen["d/hard"]["content"] == "my own file\n"
+    assert stat.S_ISLNK(seen["link"]["mode"])
+    assert stat.S_ISREG(seen["wh"]["mode"]), seen["wh"]
