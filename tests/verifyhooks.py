@@ -9,7 +9,10 @@ the calling thread's first check wait, each holding the batch it took, until the
 calling thread and every lane have one; so whatever the load, every lane starts
 its worker and the calling thread checks a share. The test must hand out more
 batches than processes (``_BATCH_COST`` = 1: one file per batch), or it waits
-forever (the waits time out with an assertion instead).
+forever (the waits time out with an assertion instead). Workers started early
+(Verify of a large image file: ``eager``) start before their lane holds a batch;
+the waits then still make every worker start and the calling thread check a
+share, but a lane may get no batch.
 """
 
 from __future__ import annotations
