@@ -21,6 +21,7 @@ from composefsd.repository.fsck import FsckProblem, fsck
 from composefsd.repository.meta import RepoMetadata
 from composefsd.repository.verify import verify_image
 from trees import write_tree
+from verifyhooks import hold_until_all_take_a_batch
 
 SEED = 20240603
 
@@ -274,17 +275,13 @@ def test_worker_processes_find_the_same(built: Built, monkeypatch: pytest.Monkey
 
     in_process = verify_image(built.repo, built.one, workers=1)
     monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
-    started: list[object] = []
-    real_start = verify_mod._start_worker
-
-    def counting_start() -> subprocess.Popen[bytes]:
-        proc = real_start()
-        started.append(proc)
-        return proc
-
-    monkeypatch.setattr(verify_mod, "_start_worker", counting_start)
+    monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
+    # The worker starts and the calling thread checks a share, whatever the
+    # scheduling: each waits until both hold a batch (verifyhooks).
+    held = hold_until_all_take_a_batch(monkeypatch, 1)
     parallel = verify_image(built.repo, built.one, workers=2)
-    assert started, "no worker process was used"
+    assert len(held.started) == 1
+    assert held.caller_checked
     for report in (in_process, parallel):
         assert report.missing == [gone]
         assert report.corrupt == expected_corrupt

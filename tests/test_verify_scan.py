@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -36,6 +37,7 @@ from composefsd.objectlayout import object_relpath
 from composefsd.repository import Repository
 from composefsd.repository import verify as verify_mod
 from composefsd.repository.verify import verify_image
+from verifyhooks import hold_until_all_take_a_batch
 
 SEED = 0x5CA7
 
@@ -329,3 +331,234 @@ def test_in_process_results_come_as_the_work_goes(
         workers=1,
     )
     assert calls == [[0, 1], [2, 3], [4]]
+
+
+# -- overlap: objects handed out while the image is scanned --------------------------------
+
+
+def _chunked(data: bytes, chunk: int) -> tuple[list[list[tuple[bytes, int]]], tuple[str, object]]:
+    """The chunks ``scan_objects`` hands over, and its verdict (what it returned)."""
+    chunks: list[list[tuple[bytes, int]]] = []
+    verdict = _verdict(lambda d: scan_objects(d, chunk=chunk, on_chunk=chunks.append), data)
+    return chunks, verdict
+
+
+def test_scan_in_chunks_hands_over_every_object_once(images: list[bytes]) -> None:
+    for data in images:
+        whole = scan_objects(data)
+        for chunk in (1, 2, 7, len(whole), len(whole) + 1):
+            chunks, (kind, rest) = _chunked(data, chunk)
+            assert kind == "ok"
+            assert all(len(c) == chunk for c in chunks)
+            assert [o for c in chunks for o in c] + cast("list[tuple[bytes, int]]", rest) == whole
+
+
+def _late_refusal(images: list[bytes]) -> tuple[bytes, ImageFormatError]:
+    """A damaged image that ``scan_objects`` refuses after handing over objects."""
+    rng = random.Random(SEED + 2)
+    data = images[0]
+    for _ in range(2000):
+        damaged = bytearray(data)
+        damaged[rng.randrange(1024, min(len(data), 32768))] ^= 1 << rng.randrange(8)
+        chunks: list[object] = []
+        try:
+            scan_objects(bytes(damaged), chunk=1, on_chunk=chunks.append)
+        except ImageFormatError as exc:
+            if len(chunks) > 4:
+                assert _verdict(scan_objects, bytes(damaged))[0] == "error"
+                return bytes(damaged), exc
+    raise AssertionError("no image refused late")
+
+
+def test_scan_in_chunks_refuses_as_before(images: list[bytes]) -> None:
+    rng = random.Random(SEED + 3)
+    for data in images:
+        for _ in range(100):
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                damaged[rng.randrange(1024, min(len(data), 32768))] ^= 1 << rng.randrange(8)
+            expected = _verdict(scan_objects, bytes(damaged))
+            chunks, verdict = _chunked(bytes(damaged), 3)
+            if expected[0] == "ok":
+                got = [o for c in chunks for o in c] + cast("list[tuple[bytes, int]]", verdict[1])
+                assert ("ok", got) == expected
+            else:
+                assert verdict == expected
+
+
+def _counting_start(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    started: list[subprocess.Popen[bytes]] = []
+    real = verify_mod._start_worker
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = real()
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(verify_mod, "_start_worker", start)
+    return started
+
+
+def _early(monkeypatch: pytest.MonkeyPatch, early: bool, chunk: int) -> None:
+    """Workers started before the scan (as for a large image file), or at its first
+    chunk of ``chunk`` objects; objects handed over in chunks of ``chunk``."""
+    monkeypatch.setattr(verify_mod, "_EARLY_IMAGE_BYTES", 0 if early else 1 << 62)
+    monkeypatch.setattr(verify_mod, "_EARLY_CHUNK", chunk)
+    monkeypatch.setattr(verify_mod, "_SCAN_CHUNK", chunk)
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_verify_late_image_error_reports_no_object(
+    tmp_path: Path, images: list[bytes], monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    # None of the image's objects exists: any result of the checks begun during the
+    # scan would show as "missing". The image is refused whole, as without overlap.
+    data, error = _late_refusal(images)
+    repo = Repository.init(tmp_path / "repo", algorithm="fsverity-sha256-12")
+    image = _add_image(repo, data)
+    alone = verify_image(repo, image, workers=1)
+    _early(monkeypatch, early, 1)
+    monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
+    started = _counting_start(monkeypatch)
+    handed: list[bytes] = []
+    real_add = verify_mod._Checking.add
+
+    def add(self: verify_mod._Checking, files: list[tuple[bytes, int]]) -> None:
+        handed.extend(path for path, _ in files)
+        real_add(self, files)
+
+    monkeypatch.setattr(verify_mod._Checking, "add", add)
+    overlapped = verify_image(repo, image, workers=2)
+    assert handed, "no object was handed out during the scan"
+    assert all(p.poll() is not None for p in started)  # stopped, if started at all
+    assert overlapped.image_problems == [f"not a valid composefs image: {error}"]
+    assert overlapped.missing == [] and overlapped.corrupt == []
+    assert overlapped.objects_checked == 0 and overlapped.bytes_checked == 0
+    assert overlapped.to_dict() == alone.to_dict()
+
+
+def _object_repo(tmp_path: Path, count: int) -> tuple[Repository, str, list[bytes]]:
+    """A repository with an image of ``count`` files, each its own object."""
+    repo = Repository.init(tmp_path / "repo", algorithm="fsverity-sha256-12")
+    lines = [b"/ 4096 40755 2 0 0 0 0.0 - - -"]
+    contents = []
+    for i in range(count):
+        content = b"content %d " % i * (1 + i * 37)
+        contents.append(content)
+        digest = digest_bytes(content).hex()
+        obj = repo.path / "objects" / object_relpath(digest)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(content)
+        lines.append(
+            b"/f%03d %d 100644 1 0 0 0 0.0 %s/%s - -"
+            % (i, len(content), digest[:2].encode(), digest[2:].encode())
+        )
+    image = _add_image(repo, write_image(parse_dumpfile(b"\n".join(lines) + b"\n")))
+    return repo, image, contents
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_verify_with_overlap_finds_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    repo, image, contents = _object_repo(tmp_path, 40)
+    objects = [repo.path / "objects" / object_relpath(digest_bytes(c).hex()) for c in contents]
+    objects[3].unlink()
+    objects[17].write_bytes(b"X" + contents[17][1:])
+    os.truncate(objects[30], 5)
+    alone = verify_image(repo, image, workers=1)
+    assert len(alone.missing) == 1 and len(alone.corrupt) == 2
+    _early(monkeypatch, early, 3)
+    monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
+    monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
+    # Every lane starts its worker and the calling thread checks a share, whatever
+    # the scheduling (verifyhooks).
+    held = hold_until_all_take_a_batch(monkeypatch, 1)
+    for workers in (2, 3):
+        held.reset()
+        held.lanes = workers - 1
+        overlapped = verify_image(repo, image, workers=workers)
+        assert len(held.started) == workers - 1
+        assert all(proc.poll() is not None for proc in held.started)
+        assert held.caller_checked
+        assert overlapped.to_dict() == alone.to_dict()
+
+
+@pytest.mark.parametrize("damage", ["missing", "swapped", "truncated"])
+def test_verify_early_workers_stop_when_the_image_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    # Workers started for a large image file (before it is checked) are stopped when
+    # it turns out missing, another image or not an image: the report is the same.
+    repo, image, _ = _object_repo(tmp_path, 12)
+    link = repo.path / "images" / image
+    target = link.resolve()
+    if damage == "missing":
+        target.unlink()
+    elif damage == "swapped":
+        other = _add_image(repo, write_image(parse_dumpfile(b"/ 4096 40755 2 0 0 0 0.0 - - -\n")))
+        os.chmod(target, 0o644)
+        target.write_bytes((repo.path / "images" / other).read_bytes())
+    else:
+        os.chmod(target, 0o644)
+        os.truncate(target, 4096)
+    alone = verify_image(repo, image, workers=1)
+    assert alone.image_problems and not alone.ok
+    _early(monkeypatch, True, 3)
+    started = _counting_start(monkeypatch)
+    early = verify_image(repo, image, workers=2)
+    assert early.to_dict() == alone.to_dict()
+    assert all(proc.poll() is not None for proc in started)
+
+
+def test_caller_checks_its_share_every_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With N processes, N - 1 workers and the calling thread check the batches,
+    # every file once.
+    repo, _image, contents = _object_repo(tmp_path, 30)
+    paths = [
+        os.fsencode(repo.path / "objects" / object_relpath(digest_bytes(c).hex())) for c in contents
+    ]
+    os.unlink(paths[2])
+    with open(paths[9], "r+b") as f:
+        f.write(b"Y")
+    files = [(p, len(c)) for p, c in zip(paths, contents, strict=True)]
+    files[20] = (files[20][0], files[20][1] + 1)
+    monkeypatch.setattr(verify_mod, "_PROCESS_MIN_COST", 0)
+    monkeypatch.setattr(verify_mod, "_BATCH_COST", 1)
+    # Each lane's worker start and the calling thread's first check wait until all
+    # three hold a batch: both workers start and the calling thread checks a share,
+    # whatever the scheduling (verifyhooks).
+    held = hold_until_all_take_a_batch(monkeypatch, 2)
+    seen: list[int] = []
+    results: dict[int, verify_mod.FileCheck] = {}
+
+    def on_result(index: int, result: verify_mod.FileCheck) -> None:
+        seen.append(index)
+        results[index] = result
+
+    for summary in (True, False):
+        held.reset()
+        seen.clear()
+        results.clear()
+
+        verify_mod.check_files(
+            files,
+            Algorithm.SHA256,
+            on_result,
+            (lambda indices, why, unknown: seen.extend(indices)) if summary else None,
+            workers=3,
+        )
+        assert len(held.started) == 2
+        assert all(proc.poll() is not None for proc in held.started)
+        # A share, not all: each worker held a batch the calling thread could not take.
+        assert 1 <= len(held.caller_checked) <= len(files) - 2
+        assert len(set(held.caller_checked)) == len(held.caller_checked)
+        # Every file's result once, whoever checked it.
+        assert sorted(seen) == list(range(len(files)))
+        assert results[2].error == 2  # ENOENT
+        assert results[9].digest != digest_bytes(contents[9]).hex()
+        assert results[20].size == len(contents[20]) and results[20].digest is None
+        if summary:
+            assert sorted(results) == [2, 9, 20]

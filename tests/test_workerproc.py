@@ -241,6 +241,48 @@ def test_abort_kills_the_workers() -> None:
     assert consumer.results == {} and consumer.errors == []
 
 
+@pytest.mark.parametrize("start_ok", [True, False])
+def test_eager_workers_start_before_any_batch(start_ok: bool) -> None:
+    # With eager, each lane starts its worker at once: before a batch is there. A
+    # start that fails makes that lane work in-process, as without eager.
+    started = threading.Semaphore(0)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        try:
+            if not start_ok:
+                raise OSError(24, "Too many open files")
+            proc = _worker(_DOUBLER)()
+            procs.append(proc)
+            return proc
+        finally:
+            started.release()
+
+    consumer = _Consumer()
+    pool: workerproc.Pool[list[int], list[int], int] = workerproc.Pool(
+        "test-lane",
+        2,
+        request=list,
+        local=lambda: contextlib.nullcontext(_double),
+        done=consumer.done,
+        fail=consumer.fail,
+        start=start,
+        eager=True,
+    )
+    pool.processes = True
+    pool.start()
+    for _ in pool.lanes:
+        assert started.acquire(timeout=60), "a lane did not start its worker"
+    assert len(procs) == (2 if start_ok else 0)
+    for batch in _BATCHES:
+        pool.put(batch)
+    pool.close()
+    pool.join()
+    assert consumer.results == _EXPECTED and consumer.errors == []
+    assert len(procs) == (2 if start_ok else 0)
+    assert all(proc.returncode is not None for proc in procs)
+
+
 def test_serve_ends_at_eof() -> None:
     proc = _worker(_DOUBLER)()
     workerproc.send(proc, [1, 2, 3])

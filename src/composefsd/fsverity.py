@@ -23,6 +23,7 @@ kernel through it first.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -61,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
+_ZERO_VIEW = memoryview(_ZERO_BLOCK)
 
 # version, hash_algorithm, log_blocksize, salt_size, sig_size, data_size, root_hash,
 # salt, reserved
@@ -401,13 +403,18 @@ class FileDigester:
     ``preadv`` into one buffer kept from file to file, so a small file costs its
     read and its hashing, not a fresh buffer zeroed for it."""
 
-    __slots__ = ("_alg", "_buf", "_mv", "_new")
+    __slots__ = ("_alg", "_buf", "_descriptor", "_mv", "_new")
 
     def __init__(self, algorithm: AlgorithmLike = "sha256") -> None:
         self._alg = Algorithm.parse(algorithm)
         self._new = _hash_new(self._alg)
         self._buf = bytearray()
         self._mv = memoryview(self._buf)
+        # The descriptor but for its size, root hash and salt (per file: the same
+        # bytes as _descriptor_digest's, without its Python call and lookups).
+        self._descriptor = functools.partial(
+            _DESCRIPTOR.pack, 1, self._alg.kernel_id, LOG_BLOCK_SIZE, 0, 0
+        )
 
     def digest(self, fd: int, size: int) -> bytes:
         """fs-verity digest of everything readable from ``fd``, a regular file that
@@ -428,15 +435,19 @@ class FileDigester:
             return digest_fd(fd, self._alg, threads=1)
         new = self._new
         alg = self._alg
-        if not got:
-            return _descriptor_digest(alg, new, bytes(alg.digest_size), 0)
+        if got < BLOCK_SIZE:
+            # One block or none (most objects): its hash is the root, no tree to build.
+            if not got:
+                return _descriptor_digest(alg, new, bytes(alg.digest_size), 0)
+            mv[got:BLOCK_SIZE] = _ZERO_VIEW[got:]
+            return new(self._descriptor(got, new(mv[:BLOCK_SIZE]).digest(), b"")).digest()
         end = -(-got // BLOCK_SIZE) * BLOCK_SIZE
         if end != got:
-            mv[got:end] = _ZERO_BLOCK[: end - got]
+            mv[got:end] = _ZERO_VIEW[: end - got]
         level = _hash_blocks(new, mv[:end])
         if len(level) > alg.digest_size:
             level = _root_whole(alg, new, memoryview(level))
-        return _descriptor_digest(alg, new, level, got)
+        return new(self._descriptor(got, level, b"")).digest()
 
 
 def _read_serial(reader: _Reader, new: _HashNew, tree: _MerkleTree, mv: memoryview) -> int:

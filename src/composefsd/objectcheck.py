@@ -115,8 +115,12 @@ class Checker:
         return measure(fd, self._algorithm)
 
     def _open(self, path: bytes) -> int:
-        head, tail = os.path.split(path)
-        head = head or b"."
+        # Not os.path.split: a Python function, a quarter of this method's time.
+        cut = path.rfind(b"/")
+        if cut < 0:
+            head, tail = b".", path
+        else:
+            head, tail = path[:cut] or b"/", path[cut + 1 :]
         dir_fd = self._dirs.get(head)
         if dir_fd is None:
             if len(self._dirs) >= self.MAX_DIRS:

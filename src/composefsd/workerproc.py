@@ -233,7 +233,9 @@ class Pool(Generic[BatchT, RequestT, ResultT]):
     a lane goes to ``fail``: a lane never dies silently, which would leave the
     consumer waiting. ``finished`` is called when a lane ends.
 
-    Workers are started by ``start`` (then sent ``first``, if not None). With
+    Workers are started by ``start`` (then sent ``first``, if not None), each with
+    its lane's first batch, or as soon as the lane starts if ``eager`` (so that its
+    start overlaps whatever the caller does before handing out work). With
     ``depth`` > 1 and both pipes widened to ``pipe_size`` (:func:`widen_pipes`),
     a lane keeps that many batches in flight, so that the worker never waits for
     the lane to get the GIL. A worker that cannot be started, or that dies, makes
@@ -264,6 +266,7 @@ class Pool(Generic[BatchT, RequestT, ResultT]):
         exact: bool = False,
         depth: int = 1,
         pipe_size: int = 0,
+        eager: bool = False,
         stop_timeout: float = 10,
         note: str = "working",
     ) -> None:
@@ -280,6 +283,7 @@ class Pool(Generic[BatchT, RequestT, ResultT]):
         self.exact = exact
         self.depth = depth
         self.pipe_size = pipe_size
+        self.eager = eager
         self.stop_timeout = stop_timeout
         self.note = note
         #: Whether lanes hand batches to worker processes (may be set at any time).
@@ -345,6 +349,8 @@ class _Lane(threading.Thread, Generic[BatchT, RequestT, ResultT]):
         inflight: collections.deque[tuple[BatchT, RequestT]] = collections.deque()
         eof = False
         try:
+            if pool.eager and self.use_proc and pool.processes and not pool.cancelled:
+                self._start_proc()
             with pool.local() as local:
                 while True:
                     while not eof and len(inflight) < self.depth:
@@ -393,15 +399,29 @@ class _Lane(threading.Thread, Generic[BatchT, RequestT, ResultT]):
 
     def _send(self, req: RequestT) -> bool:
         pool = self.pool
+        if self.proc is None and not self._start_proc():
+            return False
+        assert self.proc is not None
         try:
-            if self.proc is None:
-                assert pool.start_worker is not None
-                self.proc = pool.start_worker()
-                if pool.first is not None:
-                    send(self.proc, pool.first)
-                if pool.depth > 1 and widen_pipes(self.proc, pool.pipe_size):
-                    self.depth = pool.depth
             send(self.proc, req)
+            return True
+        except (OSError, ValueError) as exc:
+            if pool.lost is not None:
+                raise
+            self._give_up(exc)
+            return False
+
+    def _start_proc(self) -> bool:
+        """Start this lane's worker; False if it could not be (the lane then works
+        in-process, unless ``lost`` says to raise)."""
+        pool = self.pool
+        try:
+            assert pool.start_worker is not None
+            self.proc = pool.start_worker()
+            if pool.first is not None:
+                send(self.proc, pool.first)
+            if pool.depth > 1 and widen_pipes(self.proc, pool.pipe_size):
+                self.depth = pool.depth
             return True
         except (OSError, ValueError) as exc:
             if pool.lost is not None:

@@ -29,7 +29,8 @@ import errno
 import gc
 import mmap
 import stat
-from collections.abc import Container, Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -357,11 +358,22 @@ def read_image(
     )
 
 
-def scan_objects(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[tuple[bytes, int]]:
+def scan_objects(
+    buf: bytes | bytearray | memoryview | mmap.mmap,
+    *,
+    chunk: int = 0,
+    on_chunk: Callable[[list[tuple[bytes, int]]], None] | None = None,
+) -> list[tuple[bytes, int]]:
     """(payload, size) of every regular file of the image backed by an object (a
     payload and no inline data), once per inode, in the order the walk meets them:
     what a walk of ``read_image(buf, c_quirks=False)``'s tree finds, without
     building the tree (Verify's list of objects, in a third of the time).
+
+    With ``on_chunk`` and ``chunk`` > 0, the objects are handed over while the walk
+    goes on, ``on_chunk(objects)`` with every ``chunk`` of them (Verify starts
+    checking them meanwhile), and only those not yet handed over are returned. An
+    image refused later still raises: whatever was handed over is then from an
+    image that is not valid, and the caller must drop it.
 
     It walks the image as :func:`read_image` does and makes every check it makes,
     in the same order, so it raises the same :class:`ImageFormatError` for every
@@ -372,6 +384,8 @@ def scan_objects(buf: bytes | bytearray | memoryview | mmap.mmap) -> list[tuple[
     header, sb = _check_start(data, c_quirks=False)
     scan = _ObjectScan(data, *_reader_args(data, sb))
     _exact(scan, header)
+    if on_chunk is not None and chunk > 0:
+        scan.chunk, scan.on_chunk = chunk, on_chunk
     gc_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -427,6 +441,11 @@ def _metacopy_ok(value: bytes) -> bool:
         and value[:3] == bytes((0, len(value), 0))
         and value[3] == METACOPY_ALGORITHMS[size]
     )
+
+
+#: :meth:`_Reader._inode`'s answer: offset, mode, size, i_u (block address, device or
+#: chunk format), nlink, uid, gid, mtime, mtime_nsec, xattr area start and end, layout.
+_InodeHead = tuple[int, int, int, int, int, int, int, int, int, int, int, int]
 
 
 class _Whiteout:
@@ -521,8 +540,11 @@ class _Reader:
             errno.EINVAL, f"inode {nid} at offset 0x{off:x}: {what} extends past end of image"
         )
 
-    def _visit(self, nid: int, filters: frozenset[bytes] | None) -> Node | None:
-        """Build the node for ``nid``; directories get a frame pushed on the stack."""
+    def _inode(self, nid: int) -> _InodeHead | None:
+        """What every visit of inode ``nid`` starts with, :meth:`_visit`'s and
+        :func:`scan_objects`'s alike: the inode read and checked against the image,
+        its xattr area bounded and paid for (:meth:`_spend`); None for a real
+        whiteout (recorded in ``_seen``). For an inode not seen before."""
         data = self._data
         size = self._size
         off = self._meta + (nid << INODE_SLOT_BITS)
@@ -530,12 +552,6 @@ class _Reader:
             raise ImageFormatError(
                 errno.EINVAL, f"inode {nid} at offset 0x{off:x} is past end of image"
             )
-        seen = self._seen.get(nid)
-        if seen is not None:
-            if isinstance(seen, _Whiteout):
-                return None
-            return Node(mode=0, link_to=seen)
-
         if off + 32 > size:
             raise self._inode_error(nid, off, "inode")
         i_format = data[off] | data[off + 1] << 8
@@ -562,18 +578,48 @@ class _Reader:
             mtime = self._mtime
             mtime_nsec = self._mtime_nsec
             isize = 32
-        ftype = mode & _S_IFMT
-        rdev = i_u if ftype in (_S_IFCHR, _S_IFBLK) else 0
-        if ftype == _S_IFCHR and rdev == 0 and not self.keep_whiteouts:
+        if mode & _S_IFMT == _S_IFCHR and i_u == 0 and not self.keep_whiteouts:
             self._seen[nid] = _WHITEOUT
             return None
+        xattr_size = 12 + (icount - 1) * 4 if icount else 0
+        area = off + isize
+        tail = area + xattr_size
+        if tail > size:
+            raise self._inode_error(nid, off, f"xattr area of {xattr_size} bytes")
+        self._spend(isize + xattr_size, f"inode {nid}")
+        return (
+            off,
+            mode,
+            file_size,
+            i_u,
+            nlink,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            area,
+            tail,
+            (i_format >> 1) & 7,
+        )
 
+    def _visit(self, nid: int, filters: frozenset[bytes] | None) -> Node | None:
+        """Build the node for ``nid``; directories get a frame pushed on the stack."""
+        seen = self._seen.get(nid)
+        if seen is not None:
+            if isinstance(seen, _Whiteout):
+                return None
+            return Node(mode=0, link_to=seen)
+        head = self._inode(nid)
+        if head is None:
+            return None
+        off, mode, file_size, i_u, nlink, uid, gid, mtime, mtime_nsec, area, tail, layout = head
+        ftype = mode & _S_IFMT
         node = Node(
             mode=mode,
             nlink=nlink,
             uid=uid,
             gid=gid,
-            rdev=rdev,
+            rdev=i_u if ftype in (_S_IFCHR, _S_IFBLK) else 0,
             size=file_size,
             mtime_sec=mtime,
             mtime_nsec=mtime_nsec,
@@ -581,56 +627,54 @@ class _Reader:
         self._seen[nid] = node
         self.inodes_read += 1
 
-        xattr_size = 12 + (icount - 1) * 4 if icount else 0
-        area = off + isize
-        tail = area + xattr_size
-        if tail > size:
-            raise self._inode_error(nid, off, f"xattr area of {xattr_size} bytes")
-        self._spend(isize + xattr_size, f"inode {nid}")
-        layout = (i_format >> 1) & 7
-        tailpacked = layout == LAYOUT_FLAT_INLINE
-
         if ftype == _S_IFDIR:
             node.children = {}
-            entries = self._read_dir(nid, off, file_size, tailpacked, tail, i_u, filters)
+            entries = self._read_dir(
+                nid, off, file_size, layout == LAYOUT_FLAT_INLINE, tail, i_u, filters
+            )
             self._stack.append((node.children, iter(entries)))
         elif ftype == _S_IFLNK:
-            if file_size >= PATH_MAX:
-                raise ImageFormatError(
-                    errno.EINVAL,
-                    f"inode {nid}: symlink target of {file_size} bytes is too long",
-                )
-            start = tail if tailpacked else i_u * BLOCK_SIZE
-            if start + file_size > size:
-                raise self._inode_error(nid, off, f"symlink target of {file_size} bytes")
-            self._spend(file_size, f"inode {nid}")
-            target = _cstr(data[start : start + file_size])
-            if not target:
-                raise ImageFormatError(errno.EINVAL, f"inode {nid}: empty symlink target")
-            node.payload = target
-            node.size = len(target)
+            node.payload = self._symlink_target(nid, off, file_size, layout, tail, i_u)
+            node.size = len(node.payload)
         elif ftype == _S_IFREG and file_size != 0:
-            if layout == LAYOUT_FLAT_PLAIN or tailpacked:
-                self._read_content(node, nid, off, file_size, tailpacked, tail, i_u)
-            elif layout != LAYOUT_CHUNK_BASED:
-                raise ImageFormatError(
-                    errno.EINVAL, f"inode {nid}: regular file with unsupported layout {layout}"
-                )
+            content = self._inline_content(nid, off, file_size, layout, tail, i_u)
+            if content is not None:
+                node.content = content
 
-        if icount:
+        if tail != area:
             self._read_xattrs(node, nid, area, tail)
         return node
 
-    def _read_content(
-        self,
-        node: Node,
-        nid: int,
-        off: int,
-        file_size: int,
-        tailpacked: bool,
-        tail: int,
-        raw_blkaddr: int,
-    ) -> None:
+    def _symlink_target(
+        self, nid: int, off: int, file_size: int, layout: int, tail: int, raw_blkaddr: int
+    ) -> bytes:
+        """A symlink inode's target, checked (bounds, length, not empty) and paid for."""
+        if file_size >= PATH_MAX:
+            raise ImageFormatError(
+                errno.EINVAL,
+                f"inode {nid}: symlink target of {file_size} bytes is too long",
+            )
+        start = tail if layout == LAYOUT_FLAT_INLINE else raw_blkaddr * BLOCK_SIZE
+        if start + file_size > self._size:
+            raise self._inode_error(nid, off, f"symlink target of {file_size} bytes")
+        self._spend(file_size, f"inode {nid}")
+        target = _cstr(self._data[start : start + file_size])
+        if not target:
+            raise ImageFormatError(errno.EINVAL, f"inode {nid}: empty symlink target")
+        return target
+
+    def _inline_content(
+        self, nid: int, off: int, file_size: int, layout: int, tail: int, raw_blkaddr: int
+    ) -> bytes | None:
+        """A non-empty regular file's content held in the image (checked and paid
+        for), or None for a chunk-based one (backed by an object, or sparse)."""
+        tailpacked = layout == LAYOUT_FLAT_INLINE
+        if layout != LAYOUT_FLAT_PLAIN and not tailpacked:
+            if layout != LAYOUT_CHUNK_BASED:
+                raise ImageFormatError(
+                    errno.EINVAL, f"inode {nid}: regular file with unsupported layout {layout}"
+                )
+            return None
         if file_size > min(INLINE_CONTENT_MAX, self._size):
             raise ImageFormatError(
                 errno.EINVAL,
@@ -655,11 +699,8 @@ class _Reader:
             raise self._inode_error(nid, off, f"inline data of {tail_size} bytes")
         self._spend(file_size, f"inode {nid}")
         if tail_size:
-            content = data[oob : oob + oob_size] + data[tail : tail + tail_size]
-        else:
-            content = data[oob : oob + oob_size]
-        node.content = content
-        node.size = file_size
+            return data[oob : oob + oob_size] + data[tail : tail + tail_size]
+        return data[oob : oob + oob_size]
 
     # -- directories ----------------------------------------------------------------
     def _read_dir(
@@ -735,10 +776,10 @@ class _Reader:
             return
         dirents = list(DIRENT_READ.iter_unpack(data[start : start + first_nameoff]))
         end = start + chunk_size
-        for i in range(n):
-            child_nid, nameoff = dirents[i]
+        last = n - 1
+        for i, (child_nid, nameoff) in enumerate(dirents):
             name_start = start + nameoff
-            if i + 1 < n:
+            if i < last:
                 next_off = dirents[i + 1][1]
                 if not first_nameoff <= nameoff <= next_off <= chunk_size:
                     raise ImageFormatError(
@@ -757,11 +798,13 @@ class _Reader:
                 name_end = data.find(b"\0", name_start, end)
                 if name_end < 0:
                     name_end = end
-            name_end = min(name_end, name_start + PATH_MAX - 1)
+            if name_end - name_start >= PATH_MAX:
+                name_end = name_start + PATH_MAX - 1
             name = data[name_start:name_end]
             if name == b"." or name == b"..":
                 continue
-            name = _cstr(name)
+            if b"\0" in name:
+                name = _cstr(name)
             if filters is not None and name not in filters:
                 continue
             entries.append((name, child_nid))
@@ -943,7 +986,7 @@ class _ObjectScan(_Reader):
     """:func:`scan_objects`: :meth:`_Reader.load`'s walk and :meth:`_Reader._visit`'s
     checks, step for step, keeping the objects instead of building nodes."""
 
-    __slots__ = ("_frames", "objects")
+    __slots__ = ("_frames", "chunk", "objects", "on_chunk")
 
     def __init__(
         self,
@@ -955,6 +998,9 @@ class _ObjectScan(_Reader):
     ) -> None:
         super().__init__(data, meta_start, xattr_start, build_time, build_time_nsec)
         self.objects: list[tuple[bytes, int]] = []
+        #: Hand ``objects`` over to ``on_chunk`` whenever they are this many (0: never).
+        self.chunk = 0
+        self.on_chunk: Callable[[list[tuple[bytes, int]]], None] | None = None
         # Per directory being walked: the names seen so far (duplicates are refused)
         # and its remaining entries.
         self._frames: list[tuple[set[bytes], Iterator[tuple[bytes, int]]]] = []
@@ -965,12 +1011,17 @@ class _ObjectScan(_Reader):
         stack = self._frames
         visit = self._scan_inode
         exact = self.exact
+        chunk = self.chunk or sys.maxsize
         while stack:
             names, entries = stack[-1]
             depth = len(stack)
             for name, nid in entries:
                 if not visit(nid):
                     continue  # real whiteout, as C does
+                if len(self.objects) >= chunk:
+                    assert self.on_chunk is not None
+                    self.on_chunk(self.objects)
+                    self.objects = []
                 _check_name(name, nid, exact, names)
                 names.add(name)
                 if len(stack) != depth:
@@ -980,77 +1031,33 @@ class _ObjectScan(_Reader):
 
     def _scan_inode(self, nid: int) -> bool:
         """:meth:`_Reader._visit` without the node: False for a real whiteout."""
-        data = self._data
-        size = self._size
-        off = self._meta + (nid << INODE_SLOT_BITS)
-        if off >= size:
-            raise ImageFormatError(
-                errno.EINVAL, f"inode {nid} at offset 0x{off:x} is past end of image"
-            )
         seen = self._seen.get(nid)
         if seen is not None:
             return not isinstance(seen, _Whiteout)
-
-        if off + 32 > size:
-            raise self._inode_error(nid, off, "inode")
-        i_format = data[off] | data[off + 1] << 8
-        if i_format & 1:
-            if off + 64 > size:
-                raise self._inode_error(nid, off, "extended inode")
-            i_format, icount, mode, file_size, i_u = EXTENDED_INODE_READ.unpack_from(data, off)[:5]
-            isize = 64
-        else:
-            i_format, icount, mode, _nlink, file_size, i_u = COMPACT_INODE_READ.unpack_from(
-                data, off
-            )[:6]
-            isize = 32
-        ftype = mode & _S_IFMT
-        if ftype == _S_IFCHR and i_u == 0 and not self.keep_whiteouts:
-            self._seen[nid] = _WHITEOUT
+        head = self._inode(nid)
+        if head is None:
             return False
+        off, mode, file_size, i_u, _, _, _, _, _, area, tail, layout = head
         self._seen[nid] = _SCANNED
         self.inodes_read += 1
 
-        xattr_size = 12 + (icount - 1) * 4 if icount else 0
-        area = off + isize
-        tail = area + xattr_size
-        if tail > size:
-            raise self._inode_error(nid, off, f"xattr area of {xattr_size} bytes")
-        self._spend(isize + xattr_size, f"inode {nid}")
-        layout = (i_format >> 1) & 7
-        tailpacked = layout == LAYOUT_FLAT_INLINE
+        ftype = mode & _S_IFMT
         inline = False
-
         if ftype == _S_IFDIR:
-            entries = self._read_dir(nid, off, file_size, tailpacked, tail, i_u, None)
+            entries = self._read_dir(
+                nid, off, file_size, layout == LAYOUT_FLAT_INLINE, tail, i_u, None
+            )
             self._frames.append((set(), iter(entries)))
         elif ftype == _S_IFLNK:
-            if file_size >= PATH_MAX:
-                raise ImageFormatError(
-                    errno.EINVAL,
-                    f"inode {nid}: symlink target of {file_size} bytes is too long",
-                )
-            start = tail if tailpacked else i_u * BLOCK_SIZE
-            if start + file_size > size:
-                raise self._inode_error(nid, off, f"symlink target of {file_size} bytes")
-            self._spend(file_size, f"inode {nid}")
-            if not _cstr(data[start : start + file_size]):
-                raise ImageFormatError(errno.EINVAL, f"inode {nid}: empty symlink target")
+            self._symlink_target(nid, off, file_size, layout, tail, i_u)
         elif ftype == _S_IFREG and file_size != 0:
-            if layout == LAYOUT_FLAT_PLAIN or tailpacked:
-                # The same checks; the content itself is not kept.
-                self._read_content(Node(mode=mode), nid, off, file_size, tailpacked, tail, i_u)
-                inline = True
-            elif layout != LAYOUT_CHUNK_BASED:
-                raise ImageFormatError(
-                    errno.EINVAL, f"inode {nid}: regular file with unsupported layout {layout}"
-                )
+            # The same checks; the content itself is not kept.
+            inline = self._inline_content(nid, off, file_size, layout, tail, i_u) is not None
 
-        payload = None
-        if icount:
+        if tail != area:
             payload, mode = self._scan_xattrs(nid, mode, file_size, area, tail)
-        if payload is not None and not inline and mode & _S_IFMT == _S_IFREG:
-            self.objects.append((payload, file_size))
+            if payload is not None and not inline and mode & _S_IFMT == _S_IFREG:
+                self.objects.append((payload, file_size))
         return True
 
     def _scan_xattrs(
@@ -1085,8 +1092,11 @@ class _ObjectScan(_Reader):
                 if action == _ACT_STORE or action == _ACT_ESC_WHITEOUT:
                     break
                 if regular and action == _ACT_REDIRECT:
-                    value = data[value_start:value_end]
-                    payload = _cstr(value[1:] if value_size > 1 and value[0] == 0x2F else value)
+                    if value_size > 1 and data[value_start] == 0x2F:
+                        value_start += 1
+                    payload = data[value_start:value_end]
+                    if b"\0" in payload:
+                        payload = _cstr(payload)
                 pos += (4 + name_len + value_size + 3) & ~3
             else:
                 return payload, mode

@@ -97,8 +97,19 @@ _FILE_COST_BYTES = 32 << 10
 _PROCESS_MIN_COST = 256 << 20
 # A work unit handed to a worker (a file larger than this goes alone).
 _BATCH_COST = 32 << 20
+# Objects Verify takes from the image scan at a time; a first full chunk means
+# the image is worth worker processes (each object counts _FILE_COST_BYTES at least).
+_SCAN_CHUNK = _PROCESS_MIN_COST // _FILE_COST_BYTES
+# An image file this large (~256 bytes per object) is worth worker processes from
+# the start (a hint only: the scan finds how many objects it names) ...
+_EARLY_IMAGE_BYTES = _SCAN_CHUNK * 256
+# ... which then get its objects in chunks of this many.
+_EARLY_CHUNK = 1024
 # Files checked in-process between two deliveries of their results.
 _LOCAL_RUN = 256
+# Room in each worker pipe for two requests in flight (a request of 1,024 paths is
+# ~100 KiB).
+_PIPE_SIZE = 1 << 20
 
 
 class RepositoryView(Protocol):
@@ -277,6 +288,30 @@ def _batches(files: Sequence[tuple[bytes, int]]) -> list[list[int]]:
     return batches
 
 
+def _deliverer(
+    on_result: Callable[[int, FileCheck], None], on_matched: OnMatched | None
+) -> Callable[[Sequence[int], list[Wire] | Summary], None]:
+    """How :func:`check_files` hands a batch's answer to its callbacks."""
+    summary = on_matched is not None
+
+    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
+        if _count(answer, summary) != len(indices):
+            raise ValueError(
+                f"{_count(answer, summary)} results for a batch of {len(indices)} files"
+            )
+        if on_matched is None:
+            for index, wire in zip(indices, answer, strict=True):
+                on_result(index, FileCheck(*cast("Wire", wire)))
+            return
+        groups, others = cast("Summary", answer)
+        for why, (positions, unknown) in groups.items():
+            on_matched([indices[p] for p in positions], why, unknown)
+        for position, wire in others:
+            on_result(indices[position], FileCheck(*wire))
+
+    return deliver
+
+
 def default_workers() -> int:
     """Checking processes by default: one per CPU this process may run on."""
     return workerproc.cpus()
@@ -301,33 +336,17 @@ def check_files(
     of them whose expected size was negative; every other file still goes to
     ``on_result``. Worker processes are used when ``workers`` > 1 and the work
     is large enough for them to pay off (userspace hashing holds the GIL for most
-    of its time, so threads would not add up). Files are handed out largest first,
-    so that one big file does not finish alone at the end.
+    of its time, so threads would not add up): ``workers - 1`` of them, the
+    calling thread checking its share of the batches (:class:`_Checking`). Files
+    are handed out largest first, so that one big file does not finish alone at
+    the end.
     """
     n = default_workers() if workers is None else max(1, workers)
     total = sum(max(size, 0) for _, size in files)
     cost = total + len(files) * _FILE_COST_BYTES
     summary = on_matched is not None
 
-    def count(answer: list[Wire] | Summary) -> int:
-        """How many files an answer accounts for."""
-        if on_matched is None:
-            return len(answer)
-        groups, others = cast("Summary", answer)
-        return len(others) + sum(len(positions) for positions, _ in groups.values())
-
-    def deliver(indices: Sequence[int], answer: list[Wire] | Summary) -> None:
-        if count(answer) != len(indices):
-            raise ValueError(f"{count(answer)} results for a batch of {len(indices)} files")
-        if on_matched is None:
-            for index, wire in zip(indices, answer, strict=True):
-                on_result(index, FileCheck(*cast("Wire", wire)))
-            return
-        groups, others = cast("Summary", answer)
-        for why, (positions, unknown) in groups.items():
-            on_matched([indices[p] for p in positions], why, unknown)
-        for position, wire in others:
-            on_result(indices[position], FileCheck(*wire))
+    deliver = _deliverer(on_result, on_matched)
 
     if n == 1 or len(files) < 2 or cost < _PROCESS_MIN_COST:
         # In runs of files, so that results (and progress) come as the work goes.
@@ -338,52 +357,141 @@ def check_files(
                 answer = objectcheck.summarize(items, wires) if summary else wires
                 deliver(range(start, start + len(items)), answer)
         return
-    out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
-    alg = algorithm.value
-
-    def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
-        # A batch's results go over as one item: one hand-off between threads per
-        # batch rather than per file. (Raising here goes to ``fail``.)
-        if count(answer) != len(batch[0]):
-            raise ValueError(f"{count(answer)} results for a batch of {len(batch[0])} files")
-        out.put((batch[0], answer))
-
-    # If a worker cannot be started or dies, its lane checks in-process from then on.
-    lanes: workerproc.Pool[_Batch, objectcheck.Request, Any]
-    lanes = workerproc.Pool(
-        "cfs-check",
-        min(n, len(files)),
-        request=lambda batch: (alg, batch[1], summary),
-        # A summary is one reply for a batch, not one result per file: no "exact".
-        local=lambda: contextlib.nullcontext(cast("Callable[[Any], list[Any]]", _serve_local)),
-        done=done,
-        fail=out.put,
-        finished=lambda: out.put(None),
-        start=_start_worker,
-        note="checking",
-    )
-    lanes.processes = True
-    for indices in _batches(files):
-        lanes.put((indices, [files[i] for i in indices]))
-    lanes.close()
-    lanes.start()
-    error: BaseException | None = None
-    running = len(lanes.lanes)
+    checking = _Checking(algorithm, n, summary)
+    checking.deliver = deliver
     try:
-        while running:
-            item = out.get()
-            if item is None:
-                running -= 1
-            elif isinstance(item, BaseException):
-                error = error or item
-            elif error is None:
-                deliver(*item)
+        checking.add(files)
+        checking.finish()
     finally:
-        if running:
-            # Leaving early (the callback raised, or ^C): stop the workers now.
-            lanes.abort()
-    if error is not None:
-        raise error
+        checking.abort()
+
+
+class _Checking:
+    """:func:`check_files` with ``n`` processes: ``n - 1`` worker processes, each
+    driven by a lane (a thread), and the calling thread, which checks its share of
+    the batches in :meth:`finish` rather than wait. Files can be added
+    (:meth:`add`) while the calling thread is busy with something else (Verify
+    scanning the image); the workers start on them at once, and their results are
+    held until :meth:`finish`, which alone hands results to ``deliver``."""
+
+    __slots__ = (
+        "_algorithm",
+        "_error",
+        "_out",
+        "_pool",
+        "_running",
+        "_size",
+        "_summary",
+        "deliver",
+    )
+
+    def __init__(self, algorithm: Algorithm, n: int, summary: bool, *, eager: bool = False) -> None:
+        self._algorithm = algorithm
+        self._summary = summary
+        #: Where results go (:func:`_deliverer`); set before :meth:`finish`.
+        self.deliver: Callable[[Sequence[int], list[Wire] | Summary], None] | None = None
+        self._size = 0
+        self._error: BaseException | None = None
+        self._out: queue.SimpleQueue[_LaneItem] = queue.SimpleQueue()
+        alg = algorithm.value
+        out = self._out
+
+        def done(batch: _Batch, answer: list[Wire] | Summary) -> None:
+            # A batch's results go over as one item: one hand-off between threads per
+            # batch rather than per file. (Raising here goes to ``fail``.)
+            if _count(answer, summary) != len(batch[0]):
+                raise ValueError(
+                    f"{_count(answer, summary)} results for a batch of {len(batch[0])} files"
+                )
+            out.put((batch[0], answer))
+
+        # If a worker cannot be started or dies, its lane checks in-process from then on.
+        self._pool: workerproc.Pool[_Batch, objectcheck.Request, Any]
+        self._pool = workerproc.Pool(
+            "cfs-check",
+            max(1, n - 1),
+            request=lambda batch: (alg, batch[1], summary),
+            # A summary is one reply for a batch, not one result per file: no "exact".
+            local=lambda: contextlib.nullcontext(cast("Callable[[Any], list[Any]]", _serve_local)),
+            done=done,
+            fail=out.put,
+            finished=lambda: out.put(None),
+            start=_start_worker,
+            # Two batches in flight, so that a worker does not wait while the calling
+            # thread holds the GIL to hash its own share.
+            depth=2,
+            pipe_size=_PIPE_SIZE,
+            # Each worker started at once (the files come later), or with its first batch.
+            eager=eager,
+            note="checking",
+        )
+        self._pool.processes = True
+        self._running = len(self._pool.lanes)
+        self._pool.start()
+
+    def add(self, files: Sequence[tuple[bytes, int]]) -> None:
+        """More files, numbered on from those added before."""
+        base = self._size
+        self._size += len(files)
+        put = self._pool.put
+        for indices in _batches(files):
+            put(([base + i for i in indices], [files[i] for i in indices]))
+
+    def _take(self, block: bool) -> None:
+        """Deliver the lanes' results that are there (waiting for one if ``block``)."""
+        out = self._out
+        while self._running:
+            try:
+                item = out.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                self._running -= 1
+            elif isinstance(item, BaseException):
+                self._error = self._error or item
+            elif self._error is None:
+                assert self.deliver is not None
+                self.deliver(*item)
+
+    def finish(self) -> None:
+        """No more files: check batches in this thread alongside the workers until
+        none is left, delivering every result; then raise the first lane error."""
+        pool = self._pool
+        pool.close()
+        work = pool.work
+        # An end mark of this thread's own: the lanes' are theirs (taking one of
+        # them could leave this thread waiting for a mark a lane took).
+        work.put(None)
+        with _Checker(self._algorithm) as checker:
+            while self._error is None:
+                batch = work.get()
+                if batch is None:
+                    break  # every batch has been taken
+                self._take(block=False)
+                indices, items = batch
+                wires = [checker.check(path, size) for path, size in items]
+                answer = objectcheck.summarize(items, wires) if self._summary else wires
+                assert self.deliver is not None
+                self.deliver(indices, answer)
+        while self._running:
+            self._take(block=True)
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the workers now, if they have not ended (Verify left early, or the
+        image turned out not to be valid); nothing more is delivered."""
+        if self._running:
+            self._pool.abort()
+
+
+def _count(answer: list[Wire] | Summary, summary: bool) -> int:
+    """How many files an answer accounts for."""
+    if not summary:
+        return len(answer)
+    groups, others = cast("Summary", answer)
+    return len(others) + sum(len(positions) for positions, _ in groups.values())
 
 
 # -- verification ---------------------------------------------------------------------------
@@ -447,23 +555,49 @@ def _object_payloads(
 ) -> dict[bytes, int]:
     """Payload (``XX/rest``) -> size for (payload, size) of files backed by objects;
     the problems as :func:`referenced_objects` says."""
-    valid = _PAYLOAD[algorithm].fullmatch
-    sizes: dict[bytes, int] = {}
-    bad: set[bytes] = set()
-    for payload, size in files:
-        if valid(payload) is None:
-            if payload not in bad and problems is not None:
-                bad.add(payload)
+    payloads = _Payloads(algorithm, problems)
+    payloads.add(files)
+    return payloads.sizes
+
+
+class _Payloads:
+    """The objects of an image's files as they come (:func:`_object_payloads`):
+    ``sizes`` maps each payload to its size, in the order first met; :meth:`add`
+    also returns the payloads it met for the first time."""
+
+    __slots__ = ("_bad", "_problems", "_valid", "algorithm", "sizes")
+
+    def __init__(self, algorithm: Algorithm, problems: list[str] | None) -> None:
+        self.algorithm = algorithm
+        self._valid = _PAYLOAD[algorithm].fullmatch
+        self._problems = problems
+        self._bad: set[bytes] = set()
+        self.sizes: dict[bytes, int] = {}
+
+    def add(self, files: Sequence[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        valid = self._valid
+        sizes = self.sizes
+        bad = self._bad
+        problems = self._problems
+        new: list[tuple[bytes, int]] = []
+        for payload, size in files:
+            if valid(payload) is None:
+                if payload not in bad and problems is not None:
+                    bad.add(payload)
+                    problems.append(
+                        f"file payload {payload!r} is not an object path "
+                        f"(XX/rest, {self.algorithm.value})"
+                    )
+                continue
+            old = sizes.get(payload)
+            if old is None:
+                sizes[payload] = size
+                new.append((payload, size))
+            elif old != size and problems is not None:
                 problems.append(
-                    f"file payload {payload!r} is not an object path (XX/rest, {algorithm.value})"
+                    f"object {_payload_hex(payload)} is recorded with sizes {old} and {size}"
                 )
-            continue
-        old = sizes.setdefault(payload, size)
-        if old != size and problems is not None:
-            problems.append(
-                f"object {_payload_hex(payload)} is recorded with sizes {old} and {size}"
-            )
-    return sizes
+        return new
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -574,25 +708,94 @@ def verify_image(
         )
         return report
     step = Throttle(progress)
+    n = default_workers() if workers is None else max(1, workers)
+    checking: _Checking | None = None
+    if n > 1 and _size_hint(repo.image_path(digest)) >= _EARLY_IMAGE_BYTES:
+        # An image this large names enough objects for worker processes: start them
+        # now, so that their start overlaps the image's check and scan.
+        checking = _Checking(algorithm, n, True, eager=True)
+    try:
+        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers)
+    finally:
+        if checking is not None:
+            # Stop the workers if Verify left early or the image was refused.
+            checking.abort()
+    return report
+
+
+def _size_hint(path: Path) -> int:
+    """The size of the file ``path`` leads to, 0 if none: only a hint, for whether
+    to start worker processes early (whatever the file is, it is checked after)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _verify_image(
+    repo: RepositoryView,
+    digest: str,
+    algorithm: Algorithm,
+    report: VerifyReport,
+    step: Throttle,
+    n: int,
+    checking: _Checking | None,
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> None:
+    """:func:`verify_image` once the digest is well-formed, with ``checking`` if
+    it started workers early."""
     step("image", 0, 1, force=True)
     data = _check_image_file(repo, digest, algorithm, report)
     step("image", 1, 1, force=True)
     if data is None:
-        return report
+        return
+    # The payloads' problems join the report only once the image is known valid.
+    payload_problems: list[str] = []
+    payloads = _Payloads(algorithm, payload_problems)
+    objects = _objects_prefix(repo, algorithm)
+
+    def on_chunk(chunk: list[tuple[bytes, int]]) -> None:
+        # An image this large is checked in worker processes anyway (_PROCESS_MIN_COST):
+        # they start on its objects while the rest of it is scanned. Only payloads
+        # that are object paths reach them; their results wait for the end of the scan.
+        nonlocal checking
+        new = payloads.add(chunk)
+        if checking is None:
+            checking = _Checking(algorithm, n, True)
+        checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
+
+    if checking is not None:
+        chunk = _EARLY_CHUNK
+    else:
+        chunk = _SCAN_CHUNK if n > 1 else 0
     try:
         # The objects without the tree: the same walk and checks as read_image
         # (c_quirks=False), so the same images are refused.
-        files = scan_objects(data)
-    except (ImageFormatError, OSError, ValueError) as exc:
+        rest = scan_objects(data, chunk=chunk, on_chunk=on_chunk)
+    except BaseException as exc:
+        if checking is not None:
+            # Nothing checked so far is reported: the image is not valid as a whole.
+            checking.abort()
+        if not isinstance(exc, (ImageFormatError, OSError, ValueError)):
+            raise
         # ImageFormatError is the reader's verdict; anything else it raises on a
         # damaged image is a verdict too, not a reason to stop verifying.
         report.image_problems.append(f"not a valid composefs image: {exc}")
-        return report
+        return
     del data
-    sizes = _object_payloads(files, algorithm, report.image_problems)
-    del files
-    _check_objects(repo, algorithm, sizes, report, progress, workers)
-    return report
+    new = payloads.add(rest)
+    report.image_problems += payload_problems
+    if checking is not None:
+        checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
+    del rest, new
+    _check_objects(repo, algorithm, payloads.sizes, report, progress, workers, checking)
+
+
+def _objects_prefix(repo: RepositoryView, algorithm: Algorithm) -> bytes:
+    """The repository's objects directory, to which ``XX/rest`` is joined by hand
+    (pathlib costs ~5 us per object)."""
+    return os.fsencode(repo.object_path("00" * algorithm.digest_size).parent.parent)
 
 
 def verify_stream(
@@ -681,9 +884,11 @@ def _check_objects(
     report: VerifyReport,
     progress: ProgressCallback | None,
     workers: int | None,
+    checking: _Checking | None = None,
 ) -> None:
     """Check the objects named by the payloads (``XX/rest``) of ``sizes``, each of
-    its size there (any size if negative), into ``report``."""
+    its size there (any size if negative), into ``report``; with ``checking``,
+    finish the checks it already holds (those of ``sizes``, in its order)."""
     payloads = list(sizes)
     report.objects_checked = len(payloads)
     # A negative size is unknown (stream references): any size is right, and the
@@ -733,13 +938,16 @@ def _check_objects(
         done += len(indices)
         step("objects", done, total)
 
-    # Paths built by hand: pathlib cost ~5 us per object. object_path gives the
-    # objects directory.
-    objects = b""
-    if payloads:
-        objects = os.fsencode(repo.object_path(_payload_hex(payloads[0])).parent.parent)
-    files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
-    check_files(files, algorithm, on_result, on_matched, workers=workers)
+    if checking is not None:
+        checking.deliver = _deliverer(on_result, on_matched)
+        try:
+            checking.finish()
+        finally:
+            checking.abort()
+    else:
+        objects = _objects_prefix(repo, algorithm)
+        files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
+        check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
     report.corrupt.sort()
