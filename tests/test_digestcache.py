@@ -7,10 +7,12 @@ objects deleted or damaged after they were cached."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import struct
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from composefsd.repository import digestcache as digestcache_mod
 from composefsd.repository import images as images_mod
 from composefsd.repository import store as store_mod
 from composefsd.repository.digestcache import MAGIC, DigestCache
+from composefsd.sources import presence as presence_mod
 from composefsd.sources.beneath import SETTLE_NS, settled
 from trees import write_tree
 
@@ -529,3 +532,108 @@ def test_xattr_added_to_a_bare_inode_is_read(
     result = s.create()
     assert any(isinstance(p, bytes) and p.endswith(b"/b") for p in listed)
     assert result.digest == _truth(s)
+
+
+# -- the objects' lookups, made in a worker while the tree is scanned -----------------------
+
+
+@pytest.fixture
+def statuses(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
+    """What each import's object lookup worker answered, as resolve got it (None: no
+    answer)."""
+    out: list[bytes | None] = []
+    real = DigestCache._object_statuses
+
+    def recording(self: DigestCache) -> bytes | None:
+        answer = real(self)
+        out.append(answer)
+        return answer
+
+    monkeypatch.setattr(DigestCache, "_object_statuses", recording)
+    return out
+
+
+def test_objects_are_looked_up_by_a_worker(
+    s: Setup, settle_now: None, hashed: list[int], statuses: list[bytes | None]
+) -> None:
+    first = s.create()
+    assert statuses == []  # nothing cached yet
+    hashed.clear()
+    again = s.create()
+    assert statuses == [bytes([presence_mod.PRESENT]) * 4]
+    assert hashed == [] and again.digest == first.digest
+    # Each way an object can be found wrong, as the worker sees it.
+    _object_of(s, "big").unlink()
+    damaged = _object_of(s, "d/b")
+    os.chmod(damaged, 0o644)
+    with open(damaged, "r+b") as f:
+        f.truncate(10)
+    statuses.clear()
+    hashed.clear()
+    result = s.create()
+    [answer] = statuses
+    assert answer is not None
+    assert sorted(answer) == sorted(
+        [presence_mod.PRESENT] * 2 + [presence_mod.MISSING, presence_mod.DAMAGED]
+    )
+    # The missing one hashed as it is copied, the damaged one imported afresh.
+    assert len(hashed) == 2 and hashed.count(-1) == 1
+    assert result.objects_written == 2 and result.digest == first.digest
+    assert s.repo.verify_image("x").ok
+
+
+def test_lookups_without_a_worker_are_made_in_process(
+    s: Setup, settle_now: None, hashed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = s.create()
+
+    def cannot_start(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EAGAIN, "no processes")
+
+    monkeypatch.setattr(presence_mod.workerproc, "start", cannot_start)
+    hashed.clear()
+    assert s.create().digest == first.digest and hashed == []
+    _object_of(s, "big").unlink()
+    result = s.create()
+    assert hashed == [-1] and result.objects_written == 1
+    assert s.repo.verify_image("x").ok
+
+
+def test_check_objects_statuses(tmp_path: Path) -> None:
+    store = tmp_path / "objects"
+    names = [bytes([i]) * 32 for i in range(7)]
+
+    def path(digest: bytes) -> Path:
+        return store / digest.hex()[:2] / digest.hex()[2:]
+
+    for digest in names:
+        path(digest).parent.mkdir(parents=True)
+    path(names[0]).write_bytes(b"x" * 10)  # present
+    # names[1]: missing
+    path(names[2]).write_bytes(b"x" * 9)  # another size
+    path(names[3]).mkdir()  # not a regular file
+    path(names[4]).symlink_to(path(names[0]))  # a link to a good object: not followed
+    path(names[5]).parent.rmdir()
+    path(names[5]).parent.write_bytes(b"")  # XX/ is a file: ENOTDIR, made again by the caller
+    os.mkfifo(path(names[6]))
+    sizes = array("q", [10] * len(names))
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        want = bytes(
+            [
+                presence_mod.PRESENT,
+                presence_mod.MISSING,
+                presence_mod.DAMAGED,
+                presence_mod.DAMAGED,
+                presence_mod.DAMAGED,
+                presence_mod.FAILED,
+                presence_mod.DAMAGED,
+            ]
+        )
+        assert presence_mod.check_objects(fd, b"".join(names), 32, sizes) == want
+        # The same answer from a worker process, through the inherited fd.
+        assert presence_mod.PresenceCheck(fd, b"".join(names), 32, sizes).result() == want
+        with pytest.raises(ValueError):
+            presence_mod.check_objects(fd, b"".join(names)[:-1], 32, sizes)
+    finally:
+        os.close(fd)

@@ -84,6 +84,7 @@ from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
 from composefsd.sources.beneath import SETTLE_NS, settled
 from composefsd.sources.directory import BareKey
+from composefsd.sources.presence import DAMAGED, FAILED, MISSING, PRESENT, PresenceCheck
 
 __all__ = ["DigestCache"]
 
@@ -261,6 +262,9 @@ class DigestCache:
         self._kept: dict[bytes, int] = {}
         #: When the import began: only files settled before it are kept.
         self.stamp_ns = time.time_ns()
+        #: The objects of the loaded entries, being looked up (:meth:`look_up_objects`).
+        self._presence: PresenceCheck | None = None
+        self._presence_fd = -1
 
     def __len__(self) -> int:
         return len(self._cols.rels)
@@ -299,6 +303,36 @@ class DigestCache:
             log.info("ignoring unreadable digest cache %s: %s", path, os_error_text(exc))
         return cls(path, algorithm, source, cols)
 
+    def look_up_objects(self, store: ObjectStore) -> None:
+        """Start looking up the objects of every loaded entry in ``store`` (present, a
+        regular file, the entry's size), in a worker process, for :meth:`resolve` to
+        use: it depends on the cache alone, so it runs while the caller scans the
+        tree (:class:`~composefsd.sources.presence.PresenceCheck`). Only where a
+        lookup is that one ``stat`` (no fs-verity to look at); under the caller's
+        repository lock, as :meth:`resolve`'s own would be. :meth:`close` ends it."""
+        cols = self._cols
+        if self._presence is not None or not cols.rels or store._wants_verity():
+            return
+        # Its own fd on the objects directory: the worker inherits it, whatever
+        # becomes of the store's meanwhile.
+        self._presence_fd = os.dup(store.dir_fd)
+        self._presence = PresenceCheck(
+            self._presence_fd, cols.digests, self.algorithm.digest_size, cols.size
+        )
+
+    def _object_statuses(self) -> bytes | None:
+        presence = self._presence
+        return presence.result() if presence is not None else None
+
+    def close(self) -> None:
+        """Wait for :meth:`look_up_objects`' worker, if any, and let go of its fd."""
+        if self._presence is not None:
+            self._presence.result()
+            self._presence = None
+        if self._presence_fd >= 0:
+            os.close(self._presence_fd)
+            self._presence_fd = -1
+
     def resolve(
         self, store: ObjectStore, tasks: Sequence[ImportTask]
     ) -> tuple[dict[int, ImportResult], list[ImportTask]]:
@@ -321,6 +355,9 @@ class DigestCache:
         # what re-importing an unchanged tree costs, so it avoids per-call overhead.
         plain = not store._wants_verity()
         dir_fd = store.dir_fd
+        # The lookups look_up_objects made meanwhile (by row: the row's size is the
+        # task's, as their keys are equal); FAILED ones, or none, are made here.
+        statuses = self._object_statuses() if plain else None
         for i, task in enumerate(tasks):
             key = task.key
             row = index.get(task.rel) if key is not None and not task.inline else None
@@ -328,6 +365,17 @@ class DigestCache:
                 rest.append(task)
                 continue
             digest = digests[row]
+            status = statuses[row] if statuses is not None else FAILED
+            if status == PRESENT:
+                hits[i] = ImportResult(digest, None, False, False, None)
+                kept[task.rel] = row
+                continue
+            if status == MISSING:
+                rest.append(_copy_task(task))
+                continue
+            if status == DAMAGED:
+                rest.append(task)  # damaged: the import replaces it
+                continue
             if plain:
                 hexed = digest.hex()
                 try:
