@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from composefsd import workerproc
 from composefsd.fsverity import digest_bytes
 from composefsd.repository import CreateOptions, Repository
 from composefsd.repository import digestcache as digestcache_mod
@@ -590,7 +591,7 @@ def test_lookups_without_a_worker_are_made_in_process(
     def cannot_start(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EAGAIN, "no processes")
 
-    monkeypatch.setattr(presence_mod.workerproc, "start", cannot_start)
+    monkeypatch.setattr(workerproc, "start", cannot_start)
     hashed.clear()
     assert s.create().digest == first.digest and hashed == []
     _object_of(s, "big").unlink()
