@@ -25,6 +25,7 @@ from composefsd.repository import digestcache as digestcache_mod
 from composefsd.repository import images as images_mod
 from composefsd.repository import store as store_mod
 from composefsd.repository.digestcache import MAGIC, DigestCache
+from composefsd.sources import directory as directory_mod
 from composefsd.sources import presence as presence_mod
 from composefsd.sources.beneath import SETTLE_NS, settled
 from trees import write_tree
@@ -59,6 +60,24 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(store_mod, "digest_fd", counting)
     monkeypatch.setattr(store_mod, "FsVerityHasher", counting_hasher)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def split_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every re-import here shares its scan with a worker (as a big tree's does), and
+    this lists the workers' answers."""
+    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 1)
+    monkeypatch.setattr(DigestCache, "SPLIT_SHARE", 1.0)
+    out: list[object] = []
+    real = directory_mod._SubtreeScan.result
+
+    def recording(self: Any) -> Any:
+        answer = real(self)
+        out.append(answer)
+        return answer
+
+    monkeypatch.setattr(directory_mod._SubtreeScan, "result", recording)
     return out
 
 
@@ -119,13 +138,18 @@ def _object_of(s: Setup, rel: str) -> Path:
     return s.repo.object_path(digest_bytes((s.src / rel).read_bytes()).hex())
 
 
-def test_unchanged_tree_reads_no_file(s: Setup, settle_now: None, hashed: list[int]) -> None:
+def test_unchanged_tree_reads_no_file(
+    s: Setup, settle_now: None, hashed: list[int], split_scans: list[object]
+) -> None:
     first = s.create()
     assert len(hashed) == 4  # a, d/b, d/same, big (tiny is inline)
     assert len(s.cache_files()) == 1
+    assert split_scans == []  # a tree met for the first time: one process
     hashed.clear()
     again = s.create()
     assert hashed == []
+    [answer] = split_scans  # d/ walked by the worker
+    assert isinstance(answer, tuple) and answer[0] == "ok"
     assert again.digest == first.digest and again.objects_written == 0
     assert again.objects_reused == first.objects_written == 3
 
@@ -490,7 +514,9 @@ def test_image_object_is_checked_before_reuse(
 
 @pytest.fixture
 def listed(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every path whose xattrs are listed."""
+    """Every path whose xattrs are listed (by this process: so no scan is shared with
+    a worker here; what the worker is given is tested below and in test_scan_split)."""
+    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 10**9)
     out: list[object] = []
     real = os.listxattr
 
@@ -638,3 +664,23 @@ def test_check_objects_statuses(tmp_path: Path) -> None:
             presence_mod.check_objects(fd, b"".join(names)[:-1], 32, sizes)
     finally:
         os.close(fd)
+
+
+def test_the_worker_is_given_bare_inodes_of_this_boot_only(
+    s: Setup, settle_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s.create()
+    split = s.cache().scan_split()
+    assert split is not None and split.weights == {b"a": 1, b"big": 1, b"d": 2}
+    third = len(split.bare) // 3
+    assert third and len(split.bare) == 3 * third
+    devs = array("Q", split.bare[:third])
+    inos = array("Q", split.bare[third : 2 * third])
+    assert set(zip(devs, inos, array("q", split.bare[2 * third :]), strict=True)) == (
+        s.cache().known_bare()
+    )
+    monkeypatch.setattr(digestcache_mod, "_boot_id", lambda: b"\x01" * 16)
+    split = s.cache().scan_split()
+    assert split is not None and split.bare == b""
+    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 5)
+    assert s.cache().scan_split() is None  # four files: too few

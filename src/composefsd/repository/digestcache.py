@@ -74,6 +74,7 @@ import struct
 import sys
 import time
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -83,7 +84,7 @@ from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
 from composefsd.sources.beneath import SETTLE_NS, settled
-from composefsd.sources.directory import BareKey
+from composefsd.sources.directory import BareKey, ScanSplit
 from composefsd.sources.presence import DAMAGED, FAILED, MISSING, PRESENT, PresenceCheck
 
 __all__ = ["DigestCache"]
@@ -123,6 +124,8 @@ class _Columns:
     #: Inodes found without xattrs, and the boot (``boot_id``) that found them.
     bare: list[BareKey] = field(default_factory=list)
     bare_boot: bytes = b""
+    #: The same as three arrays of native 64-bit integers end to end (as read).
+    bare_wire: bytes = b""
 
     @classmethod
     def empty(cls) -> _Columns:
@@ -197,6 +200,7 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
             columns.append(arr)
             pos += 8 * bare
         cols.bare = list(zip(*columns, strict=True))
+        cols.bare_wire = b"".join(arr.tobytes() for arr in columns)
     return cols
 
 
@@ -249,6 +253,12 @@ class DigestCache:
     #: Entries kept per tree, and trees per repository (module notes).
     MAX_ENTRIES = 4_000_000
     MAX_FILES = 64
+    #: From this many files on, a re-import's scan is shared with a worker process
+    #: (:meth:`scan_split`): below, starting one costs more than it saves.
+    SPLIT_MIN_FILES = 20_000
+    #: About how much of the walk the worker takes (:attr:`ScanSplit.share`); it
+    #: also looks up the objects meanwhile (:meth:`look_up_objects`).
+    SPLIT_SHARE = 0.45
 
     def __init__(
         self, path: str | None, algorithm: Algorithm, source: bytes, cols: _Columns
@@ -407,6 +417,25 @@ class DigestCache:
         if not cols.bare or cols.bare_boot != _boot_id():
             return set()
         return set(cols.bare)
+
+    def scan_split(self) -> ScanSplit | None:
+        """How the scan of the tree may share its walk with a worker process
+        (:class:`~composefsd.sources.directory.ScanSplit`): its top directories
+        weighted by the files the last import found beneath them, and the inodes
+        known to be bare. None for a tree too small to be worth a second process,
+        or not imported before.
+
+        The weights are counted whole, not sampled: the split decides the order of
+        the scan's files and fingerprint records, and so the image key, which must
+        come out the same for the same tree (the set of paths, not their order in
+        the file)."""
+        rels = self._cols.rels
+        if len(rels) < self.SPLIT_MIN_FILES:
+            return None
+        weights = Counter(rel.partition(b"/")[0] for rel in rels)
+        cols = self._cols
+        bare = cols.bare_wire if cols.bare and cols.bare_boot == _boot_id() else b""
+        return ScanSplit(dict(weights), bare, self.SPLIT_SHARE)
 
     @staticmethod
     def image_key(fingerprint: bytes, settings: bytes, results: Sequence[ImportResult]) -> bytes:

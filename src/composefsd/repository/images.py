@@ -130,6 +130,7 @@ from composefsd.sources.directory import (
     ScanError,
     ScanOptions,
     ScanProgress,
+    ScanSplit,
     SourceScan,
     default_threads,
     scan_source,
@@ -789,6 +790,7 @@ def scan_source_directory(
     max_entries: int | None = None,
     fingerprint: bool = False,
     known_bare: Container[BareKey] | None = None,
+    split: ScanSplit | None = None,
 ) -> SourceScan:
     """Walk the source directory open at ``fd`` as CreateImage does (``scan``
     progress, ``options`` from :func:`scan_options`), with this process's rights;
@@ -810,6 +812,7 @@ def scan_source_directory(
                 max_entries=max_entries,
                 fingerprint=fingerprint,
                 known_bare=known_bare,
+                split=split,
             )
     except ScanError as exc:
         raise SourceError(str(exc), errno=exc.errno) from exc
@@ -870,10 +873,13 @@ def _directory_image(
     cache = DigestCache.open(repo.cache_dir, display, repo.hash_algorithm) if use_cache else None
     try:
         known_bare = None
+        split = None
         if cache is not None:
-            # The objects the cache names are looked up while the tree is scanned.
+            # The objects the cache names are looked up while the tree is scanned, and
+            # a tree imported before has its walk shared with a worker.
             cache.look_up_objects(store)
             known_bare = cache.known_bare()
+            split = cache.scan_split()
         scan = scan_source_directory(
             fd,
             display,
@@ -881,6 +887,7 @@ def _directory_image(
             progress,
             fingerprint=cache is not None,
             known_bare=known_bare,
+            split=split,
         )
         tree = source_tree(scan, fd, display)
         return _create(repo, store, lock, tree, options, ref, progress, cache, added, scan.bare)
