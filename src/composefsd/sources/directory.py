@@ -79,6 +79,7 @@ import os
 import queue
 import stat
 import subprocess
+import sys
 import threading
 import time
 from array import array
@@ -112,6 +113,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _U32 = 0xFFFFFFFF
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 _NS = 1_000_000_000
 _S_IFMT = stat.S_IFMT
 _S_IFDIR = stat.S_IFDIR
@@ -633,7 +636,8 @@ class _Walker:
                     break
                 except OSError as exc:
                     raise _access_error(self.full_path(rel), exc) from exc
-                name = os.fsencode(entry.name)
+                # os.fsencode, without its call: this runs once per entry.
+                name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
                 child_rel = prefix + name
                 made = self._entry(fd, entry, name, child_rel)
                 if made is None:
@@ -641,7 +645,24 @@ class _Walker:
                 child, st = made
                 children[name] = child
                 if record is not None:
-                    record.append(_record(name, st, child))
+                    # _record, inline.
+                    record.append(
+                        (
+                            name,
+                            st.st_mode,
+                            st.st_uid,
+                            st.st_gid,
+                            st.st_rdev,
+                            st.st_size,
+                            st.st_mtime_ns,
+                            st.st_nlink,
+                            st.st_dev,
+                            st.st_ino,
+                            st.st_ctime_ns,
+                            child.payload,
+                            child.xattrs or None,
+                        )
+                    )
                 ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
