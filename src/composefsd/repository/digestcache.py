@@ -42,7 +42,17 @@ What it trusts, and why that cannot be fooled from the tree's side:
   (its presence, that it is a regular file and its size; with fs-verity, its
   verity as :meth:`~composefsd.repository.store.ObjectStore.existing` checks it).
   A hit whose object is gone is hashed again while it is copied; one that is
-  damaged is imported afresh, replacing it.
+  damaged is imported afresh, replacing it. Without fs-verity those lookups are
+  made by a worker process while the tree is scanned (:meth:`DigestCache.look_up_objects`,
+  :mod:`composefsd.sources.presence`): the same ``lstat`` and checks, under the
+  same repository lock, on an fd of the same objects directory; any other
+  answer than present, missing or damaged is looked up again here.
+
+A tree imported before also has its scan shared with a worker process
+(:meth:`DigestCache.scan_split`, :class:`~composefsd.sources.directory.ScanSplit`):
+the cache only says how big its top directories were, to balance the work, and
+which inodes are bare (as above); the worker reads with the same rights and the
+scan's own code, beneath directories the scan opened and checked.
 
 It is used only where opening the file proves nothing the caller needs: imports
 with the importing process's own rights (root's CreateImage, the library). A

@@ -38,6 +38,14 @@ that holds still:
 * A file that changed between scan and hash (another inode, size or mtime) is an
   error here; C reads whatever is there then.
 
+:func:`scan_source` (the repository's scan) can share its walk with a worker
+process (:class:`ScanSplit`): some top directories are opened by the scan, as it
+opens every directory (``O_NOFOLLOW`` from their parent's fd, checked to be the
+inode listed), and walked beneath those fds by a worker running the scan's own
+code with this process's rights; the records it read of each directory (those
+the fingerprint is made of) then become nodes here as if read here
+(:meth:`_Walker.adopt`).
+
 Opt-in beyond C, ``ScanOptions.preserve_hardlinks``: paths sharing one
 ``(st_dev, st_ino)`` become one inode. The first path in image order (depth
 first, names sorted bytewise, as ``composefs-info dump`` lists them) is the
