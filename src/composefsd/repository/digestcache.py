@@ -93,7 +93,7 @@ from composefsd.kernel.verity import Algorithm
 from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
-from composefsd.sources.beneath import SETTLE_NS, settled
+from composefsd.sources.beneath import SETTLE_NS, settled_until
 from composefsd.sources.directory import BareKey, ScanSplit
 from composefsd.sources.presence import DAMAGED, FAILED, MISSING, PRESENT, PresenceCheck
 
@@ -136,6 +136,8 @@ class _Columns:
     bare_boot: bytes = b""
     #: The same as three arrays of native 64-bit integers end to end (as read).
     bare_wire: bytes = b""
+    #: Row by path, if made already.
+    index: dict[bytes, int] | None = None
 
     @classmethod
     def empty(cls) -> _Columns:
@@ -177,10 +179,14 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
     pos += meta_len
     rels = body[pos : pos + paths_len].split(b"\0") if count else []
     pos += paths_len
-    if len(rels) != count or (count and not all(rels)) or len(set(rels)) != count:
+    if len(rels) != count or (count and not all(rels)):
         raise _Corrupt("bad paths")
+    index = _index(rels)
+    if len(index) != count:
+        raise _Corrupt("a path twice")
     cols = _Columns.empty()
     cols.rels = rels
+    cols.index = index
     for arr in cols.arrays():
         arr.frombytes(body[pos : pos + 8 * count])
         if not _LITTLE:
@@ -212,6 +218,10 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
         cols.bare = list(zip(*columns, strict=True))
         cols.bare_wire = b"".join(arr.tobytes() for arr in columns)
     return cols
+
+
+def _index(rels: list[bytes]) -> dict[bytes, int]:
+    return dict(zip(rels, range(len(rels)), strict=True))
 
 
 def _le_bytes(arr: array[int]) -> bytes:
@@ -277,7 +287,7 @@ class DigestCache:
         self.algorithm = algorithm
         self.source = source
         self._cols = cols
-        self._index = {rel: i for i, rel in enumerate(cols.rels)}
+        self._index = cols.index if cols.index is not None else _index(cols.rels)
         #: Rows of the loaded entries the last :meth:`resolve` found unchanged.
         self._kept: dict[bytes, int] = {}
         #: When the import began: only files settled before it are kept.
@@ -483,20 +493,19 @@ class DigestCache:
         images = tuple(images) if image_key else ()
         same_rest = (image_key, images) == (self._cols.image_key, self._cols.images)
         boot = _boot_id()
-        fresh_bare = [k for k in bare if settled(k[2], self.stamp_ns, self.RACY_NS)] if boot else []
+        until = settled_until(self.stamp_ns, self.RACY_NS)
+        fresh_bare = [k for k in bare if k[2] <= until] if boot else []
         fresh_bare = fresh_bare[: self.MAX_ENTRIES]
         same_rest = same_rest and boot == self._cols.bare_boot and fresh_bare == self._cols.bare
         old = self._cols
         kept = self._kept
-        started = self.stamp_ns
-        window = self.RACY_NS
         new = [
             (task, result)
             for task, result in zip(tasks, results, strict=True)
             if result.stat is not None
             and result.digest is not None
             and task.rel not in kept
-            and settled(result.stat[4], started, window)
+            and result.stat[4] <= until
         ]
         if not new and len(kept) == len(old.rels) and same_rest:
             return  # the same entries (every old row was found unchanged), images, bare inodes
@@ -535,7 +544,7 @@ class DigestCache:
         fresh.digests = b"".join(digests)
         self._write(_encode(fresh, _meta(self.algorithm, self.source), width))
         self._cols = fresh
-        self._index = {rel: i for i, rel in enumerate(rels)}
+        self._index = _index(rels)
         self._kept = {}
 
     def _write(self, data: bytes) -> None:

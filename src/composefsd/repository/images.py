@@ -549,15 +549,16 @@ def _import(
     cache: DigestCache | None,
 ) -> list[ImportResult]:
     tasks = tree.imports
-    total = sum(t.size for t in tasks if not t.inline)
     count = len(tasks)
+    # Byte counts only for progress reports: summing 100,000 sizes twice is not free.
+    total = sum(t.size for t in tasks if not t.inline) if throttle.active else 0
     throttle("import", 0, total, f"0/{count} files", force=True)
     hits: dict[int, ImportResult] = {}
     todo = tasks
     if cache is not None:
         with gc_paused():
             hits, todo = cache.resolve(store, tasks)
-    hit_bytes = sum(tasks[i].size for i in hits)
+    hit_bytes = sum(tasks[i].size for i in hits) if throttle.active else 0
 
     def report(files: int, nbytes: int) -> None:
         throttle("import", hit_bytes + nbytes, total, f"{len(hits) + files}/{count} files")
@@ -583,6 +584,8 @@ def _import(
         fresh = iter(importer.run(todo))
     finally:
         added.objects.extend(importer.written)
+    if not todo:
+        return list(hits.values())  # every file a hit: in task order, as resolve made them
     return [hits[i] if i in hits else next(fresh) for i in range(len(tasks))]
 
 
