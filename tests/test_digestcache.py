@@ -65,9 +65,9 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.fixture(autouse=True)
 def split_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every re-import here shares its scan with a worker (as a big tree's does), and
-    this lists the workers' answers."""
-    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 1)
+    """Every re-import here looks its objects up and shares its scan with workers (as
+    a big tree's does), and this lists the scanning workers' answers."""
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 1)
     monkeypatch.setattr(DigestCache, "SPLIT_SHARE", 1.0)
     out: list[object] = []
     real = directory_mod._SubtreeScan.result
@@ -516,7 +516,7 @@ def test_image_object_is_checked_before_reuse(
 def listed(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Every path whose xattrs are listed (by this process: so no scan is shared with
     a worker here; what the worker is given is tested below and in test_scan_split)."""
-    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 10**9)
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 10**9)
     out: list[object] = []
     real = os.listxattr
 
@@ -581,7 +581,11 @@ def statuses(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
 
 
 def test_objects_are_looked_up_by_a_worker(
-    s: Setup, settle_now: None, hashed: list[int], statuses: list[bytes | None]
+    s: Setup,
+    settle_now: None,
+    hashed: list[int],
+    statuses: list[bytes | None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     first = s.create()
     assert statuses == []  # nothing cached yet
@@ -607,6 +611,12 @@ def test_objects_are_looked_up_by_a_worker(
     assert len(hashed) == 2 and hashed.count(-1) == 1
     assert result.objects_written == 2 and result.digest == first.digest
     assert s.repo.verify_image("x").ok
+    # A tree this small is not worth a worker: looked up in process.
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 5)
+    statuses.clear()
+    hashed.clear()
+    assert s.create().digest == first.digest and hashed == []
+    assert statuses == [None]
 
 
 def test_lookups_without_a_worker_are_made_in_process(
@@ -682,5 +692,5 @@ def test_the_worker_is_given_bare_inodes_of_this_boot_only(
     monkeypatch.setattr(digestcache_mod, "_boot_id", lambda: b"\x01" * 16)
     split = s.cache().scan_split()
     assert split is not None and split.bare == b""
-    monkeypatch.setattr(DigestCache, "SPLIT_MIN_FILES", 5)
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 5)
     assert s.cache().scan_split() is None  # four files: too few

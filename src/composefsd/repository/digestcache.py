@@ -273,9 +273,10 @@ class DigestCache:
     #: Entries kept per tree, and trees per repository (module notes).
     MAX_ENTRIES = 4_000_000
     MAX_FILES = 64
-    #: From this many files on, a re-import's scan is shared with a worker process
-    #: (:meth:`scan_split`): below, starting one costs more than it saves.
-    SPLIT_MIN_FILES = 20_000
+    #: From this many files on, a re-import looks its objects up and shares its
+    #: scan with worker processes (:meth:`look_up_objects`, :meth:`scan_split`):
+    #: below, starting one costs more than it saves.
+    WORKER_MIN_FILES = 20_000
     #: About how much of the walk the worker takes (:attr:`ScanSplit.share`); it
     #: also looks up the objects meanwhile (:meth:`look_up_objects`).
     SPLIT_SHARE = 0.45
@@ -338,10 +339,15 @@ class DigestCache:
         regular file, the entry's size), in a worker process, for :meth:`resolve` to
         use: it depends on the cache alone, so it runs while the caller scans the
         tree (:class:`~composefsd.sources.presence.PresenceCheck`). Only where a
-        lookup is that one ``stat`` (no fs-verity to look at); under the caller's
-        repository lock, as :meth:`resolve`'s own would be. :meth:`close` ends it."""
+        lookup is that one ``stat`` (no fs-verity to look at), and for at least
+        ``WORKER_MIN_FILES`` entries; under the caller's repository lock, as
+        :meth:`resolve`'s own would be. :meth:`close` ends it."""
         cols = self._cols
-        if self._presence is not None or not cols.rels or store._wants_verity():
+        if (
+            self._presence is not None
+            or len(cols.rels) < self.WORKER_MIN_FILES
+            or store._wants_verity()
+        ):
             return
         # Its own fd on the objects directory: the worker inherits it, whatever
         # becomes of the store's meanwhile.
@@ -450,7 +456,7 @@ class DigestCache:
         come out the same for the same tree (the set of paths, not their order in
         the file)."""
         rels = self._cols.rels
-        if len(rels) < self.SPLIT_MIN_FILES:
+        if len(rels) < self.WORKER_MIN_FILES:
             return None
         weights = Counter(rel.partition(b"/")[0] for rel in rels)
         cols = self._cols
