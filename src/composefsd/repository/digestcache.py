@@ -279,7 +279,7 @@ class DigestCache:
     WORKER_MIN_FILES = 20_000
     #: About how much of the walk the worker takes (:attr:`ScanSplit.share`); it
     #: also looks up the objects meanwhile (:meth:`look_up_objects`).
-    SPLIT_SHARE = 0.45
+    SPLIT_SHARE = 0.5
 
     def __init__(
         self, path: str | None, algorithm: Algorithm, source: bytes, cols: _Columns

@@ -1268,7 +1268,7 @@ class ScanSplit:
 
     weights: dict[bytes, int]
     bare: bytes = b""
-    share: float = 0.45
+    share: float = 0.5
 
 
 #: A request to a subtree worker: the scan options and source name, the subtrees as
