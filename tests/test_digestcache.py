@@ -7,21 +7,26 @@ objects deleted or damaged after they were cached."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import struct
+from array import array
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from composefsd import workerproc
 from composefsd.fsverity import digest_bytes
 from composefsd.repository import CreateOptions, Repository
 from composefsd.repository import digestcache as digestcache_mod
 from composefsd.repository import images as images_mod
 from composefsd.repository import store as store_mod
 from composefsd.repository.digestcache import MAGIC, DigestCache
+from composefsd.sources import directory as directory_mod
+from composefsd.sources import presence as presence_mod
 from composefsd.sources.beneath import SETTLE_NS, settled
 from trees import write_tree
 
@@ -55,6 +60,24 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(store_mod, "digest_fd", counting)
     monkeypatch.setattr(store_mod, "FsVerityHasher", counting_hasher)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def split_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every re-import here looks its objects up and shares its scan with workers (as
+    a big tree's does), and this lists the scanning workers' answers."""
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 1)
+    monkeypatch.setattr(DigestCache, "SPLIT_SHARE", 1.0)
+    out: list[object] = []
+    real = directory_mod._SubtreeScan.result
+
+    def recording(self: Any) -> Any:
+        answer = real(self)
+        out.append(answer)
+        return answer
+
+    monkeypatch.setattr(directory_mod._SubtreeScan, "result", recording)
     return out
 
 
@@ -115,13 +138,18 @@ def _object_of(s: Setup, rel: str) -> Path:
     return s.repo.object_path(digest_bytes((s.src / rel).read_bytes()).hex())
 
 
-def test_unchanged_tree_reads_no_file(s: Setup, settle_now: None, hashed: list[int]) -> None:
+def test_unchanged_tree_reads_no_file(
+    s: Setup, settle_now: None, hashed: list[int], split_scans: list[object]
+) -> None:
     first = s.create()
     assert len(hashed) == 4  # a, d/b, d/same, big (tiny is inline)
     assert len(s.cache_files()) == 1
+    assert split_scans == []  # a tree met for the first time: one process
     hashed.clear()
     again = s.create()
     assert hashed == []
+    [answer] = split_scans  # d/ walked by the worker
+    assert isinstance(answer, tuple) and answer[0] == "ok"
     assert again.digest == first.digest and again.objects_written == 0
     assert again.objects_reused == first.objects_written == 3
 
@@ -486,7 +514,9 @@ def test_image_object_is_checked_before_reuse(
 
 @pytest.fixture
 def listed(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """Every path whose xattrs are listed."""
+    """Every path whose xattrs are listed (by this process: so no scan is shared with
+    a worker here; what the worker is given is tested below and in test_scan_split)."""
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 10**9)
     out: list[object] = []
     real = os.listxattr
 
@@ -529,3 +559,138 @@ def test_xattr_added_to_a_bare_inode_is_read(
     result = s.create()
     assert any(isinstance(p, bytes) and p.endswith(b"/b") for p in listed)
     assert result.digest == _truth(s)
+
+
+# -- the objects' lookups, made in a worker while the tree is scanned -----------------------
+
+
+@pytest.fixture
+def statuses(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
+    """What each import's object lookup worker answered, as resolve got it (None: no
+    answer)."""
+    out: list[bytes | None] = []
+    real = DigestCache._object_statuses
+
+    def recording(self: DigestCache) -> bytes | None:
+        answer = real(self)
+        out.append(answer)
+        return answer
+
+    monkeypatch.setattr(DigestCache, "_object_statuses", recording)
+    return out
+
+
+def test_objects_are_looked_up_by_a_worker(
+    s: Setup,
+    settle_now: None,
+    hashed: list[int],
+    statuses: list[bytes | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = s.create()
+    assert statuses == []  # nothing cached yet
+    hashed.clear()
+    again = s.create()
+    assert statuses == [bytes([presence_mod.PRESENT]) * 4]
+    assert hashed == [] and again.digest == first.digest
+    # Each way an object can be found wrong, as the worker sees it.
+    _object_of(s, "big").unlink()
+    damaged = _object_of(s, "d/b")
+    os.chmod(damaged, 0o644)
+    with open(damaged, "r+b") as f:
+        f.truncate(10)
+    statuses.clear()
+    hashed.clear()
+    result = s.create()
+    [answer] = statuses
+    assert answer is not None
+    assert sorted(answer) == sorted(
+        [presence_mod.PRESENT] * 2 + [presence_mod.MISSING, presence_mod.DAMAGED]
+    )
+    # The missing one hashed as it is copied, the damaged one imported afresh.
+    assert len(hashed) == 2 and hashed.count(-1) == 1
+    assert result.objects_written == 2 and result.digest == first.digest
+    assert s.repo.verify_image("x").ok
+    # A tree this small is not worth a worker: looked up in process.
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 5)
+    statuses.clear()
+    hashed.clear()
+    assert s.create().digest == first.digest and hashed == []
+    assert statuses == [None]
+
+
+def test_lookups_without_a_worker_are_made_in_process(
+    s: Setup, settle_now: None, hashed: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = s.create()
+
+    def cannot_start(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EAGAIN, "no processes")
+
+    monkeypatch.setattr(workerproc, "start", cannot_start)
+    hashed.clear()
+    assert s.create().digest == first.digest and hashed == []
+    _object_of(s, "big").unlink()
+    result = s.create()
+    assert hashed == [-1] and result.objects_written == 1
+    assert s.repo.verify_image("x").ok
+
+
+def test_check_objects_statuses(tmp_path: Path) -> None:
+    store = tmp_path / "objects"
+    names = [bytes([i]) * 32 for i in range(7)]
+
+    def path(digest: bytes) -> Path:
+        return store / digest.hex()[:2] / digest.hex()[2:]
+
+    for digest in names:
+        path(digest).parent.mkdir(parents=True)
+    path(names[0]).write_bytes(b"x" * 10)  # present
+    # names[1]: missing
+    path(names[2]).write_bytes(b"x" * 9)  # another size
+    path(names[3]).mkdir()  # not a regular file
+    path(names[4]).symlink_to(path(names[0]))  # a link to a good object: not followed
+    path(names[5]).parent.rmdir()
+    path(names[5]).parent.write_bytes(b"")  # XX/ is a file: ENOTDIR, made again by the caller
+    os.mkfifo(path(names[6]))
+    sizes = array("q", [10] * len(names))
+    fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        want = bytes(
+            [
+                presence_mod.PRESENT,
+                presence_mod.MISSING,
+                presence_mod.DAMAGED,
+                presence_mod.DAMAGED,
+                presence_mod.DAMAGED,
+                presence_mod.FAILED,
+                presence_mod.DAMAGED,
+            ]
+        )
+        assert presence_mod.check_objects(fd, b"".join(names), 32, sizes) == want
+        # The same answer from a worker process, through the inherited fd.
+        assert presence_mod.PresenceCheck(fd, b"".join(names), 32, sizes).result() == want
+        with pytest.raises(ValueError):
+            presence_mod.check_objects(fd, b"".join(names)[:-1], 32, sizes)
+    finally:
+        os.close(fd)
+
+
+def test_the_worker_is_given_bare_inodes_of_this_boot_only(
+    s: Setup, settle_now: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s.create()
+    split = s.cache().scan_split()
+    assert split is not None and split.weights == {b"a": 1, b"big": 1, b"d": 2}
+    third = len(split.bare) // 3
+    assert third and len(split.bare) == 3 * third
+    devs = array("Q", split.bare[:third])
+    inos = array("Q", split.bare[third : 2 * third])
+    assert set(zip(devs, inos, array("q", split.bare[2 * third :]), strict=True)) == (
+        s.cache().known_bare()
+    )
+    monkeypatch.setattr(digestcache_mod, "_boot_id", lambda: b"\x01" * 16)
+    split = s.cache().scan_split()
+    assert split is not None and split.bare == b""
+    monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 5)
+    assert s.cache().scan_split() is None  # four files: too few

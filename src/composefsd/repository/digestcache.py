@@ -42,7 +42,17 @@ What it trusts, and why that cannot be fooled from the tree's side:
   (its presence, that it is a regular file and its size; with fs-verity, its
   verity as :meth:`~composefsd.repository.store.ObjectStore.existing` checks it).
   A hit whose object is gone is hashed again while it is copied; one that is
-  damaged is imported afresh, replacing it.
+  damaged is imported afresh, replacing it. Without fs-verity those lookups are
+  made by a worker process while the tree is scanned (:meth:`DigestCache.look_up_objects`,
+  :mod:`composefsd.sources.presence`): the same ``lstat`` and checks, under the
+  same repository lock, on an fd of the same objects directory; any other
+  answer than present, missing or damaged is looked up again here.
+
+A tree imported before also has its scan shared with a worker process
+(:meth:`DigestCache.scan_split`, :class:`~composefsd.sources.directory.ScanSplit`):
+the cache only says how big its top directories were, to balance the work, and
+which inodes are bare (as above); the worker reads with the same rights and the
+scan's own code, beneath directories the scan opened and checked.
 
 It is used only where opening the file proves nothing the caller needs: imports
 with the importing process's own rights (root's CreateImage, the library). A
@@ -74,6 +84,7 @@ import struct
 import sys
 import time
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,8 +93,9 @@ from composefsd.kernel.verity import Algorithm
 from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
 from composefsd.repository.store import ObjectResult, ObjectStore, random_name
-from composefsd.sources.beneath import SETTLE_NS, settled
-from composefsd.sources.directory import BareKey
+from composefsd.sources.beneath import SETTLE_NS, settled_until
+from composefsd.sources.directory import BareKey, ScanSplit
+from composefsd.sources.presence import DAMAGED, FAILED, MISSING, PRESENT, PresenceCheck
 
 __all__ = ["DigestCache"]
 
@@ -122,6 +134,10 @@ class _Columns:
     #: Inodes found without xattrs, and the boot (``boot_id``) that found them.
     bare: list[BareKey] = field(default_factory=list)
     bare_boot: bytes = b""
+    #: The same as three arrays of native 64-bit integers end to end (as read).
+    bare_wire: bytes = b""
+    #: Row by path, if made already.
+    index: dict[bytes, int] | None = None
 
     @classmethod
     def empty(cls) -> _Columns:
@@ -163,10 +179,14 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
     pos += meta_len
     rels = body[pos : pos + paths_len].split(b"\0") if count else []
     pos += paths_len
-    if len(rels) != count or (count and not all(rels)) or len(set(rels)) != count:
+    if len(rels) != count or (count and not all(rels)):
         raise _Corrupt("bad paths")
+    index = _index(rels)
+    if len(index) != count:
+        raise _Corrupt("a path twice")
     cols = _Columns.empty()
     cols.rels = rels
+    cols.index = index
     for arr in cols.arrays():
         arr.frombytes(body[pos : pos + 8 * count])
         if not _LITTLE:
@@ -196,7 +216,12 @@ def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Co
             columns.append(arr)
             pos += 8 * bare
         cols.bare = list(zip(*columns, strict=True))
+        cols.bare_wire = b"".join(arr.tobytes() for arr in columns)
     return cols
+
+
+def _index(rels: list[bytes]) -> dict[bytes, int]:
+    return dict(zip(rels, range(len(rels)), strict=True))
 
 
 def _le_bytes(arr: array[int]) -> bytes:
@@ -248,6 +273,13 @@ class DigestCache:
     #: Entries kept per tree, and trees per repository (module notes).
     MAX_ENTRIES = 4_000_000
     MAX_FILES = 64
+    #: From this many files on, a re-import looks its objects up and shares its
+    #: scan with worker processes (:meth:`look_up_objects`, :meth:`scan_split`):
+    #: below, starting one costs more than it saves.
+    WORKER_MIN_FILES = 20_000
+    #: About how much of the walk the worker takes (:attr:`ScanSplit.share`); it
+    #: also looks up the objects meanwhile (:meth:`look_up_objects`).
+    SPLIT_SHARE = 0.5
 
     def __init__(
         self, path: str | None, algorithm: Algorithm, source: bytes, cols: _Columns
@@ -256,11 +288,14 @@ class DigestCache:
         self.algorithm = algorithm
         self.source = source
         self._cols = cols
-        self._index = {rel: i for i, rel in enumerate(cols.rels)}
+        self._index = cols.index if cols.index is not None else _index(cols.rels)
         #: Rows of the loaded entries the last :meth:`resolve` found unchanged.
         self._kept: dict[bytes, int] = {}
         #: When the import began: only files settled before it are kept.
         self.stamp_ns = time.time_ns()
+        #: The objects of the loaded entries, being looked up (:meth:`look_up_objects`).
+        self._presence: PresenceCheck | None = None
+        self._presence_fd = -1
 
     def __len__(self) -> int:
         return len(self._cols.rels)
@@ -299,6 +334,41 @@ class DigestCache:
             log.info("ignoring unreadable digest cache %s: %s", path, os_error_text(exc))
         return cls(path, algorithm, source, cols)
 
+    def look_up_objects(self, store: ObjectStore) -> None:
+        """Start looking up the objects of every loaded entry in ``store`` (present, a
+        regular file, the entry's size), in a worker process, for :meth:`resolve` to
+        use: it depends on the cache alone, so it runs while the caller scans the
+        tree (:class:`~composefsd.sources.presence.PresenceCheck`). Only where a
+        lookup is that one ``stat`` (no fs-verity to look at), and for at least
+        ``WORKER_MIN_FILES`` entries; under the caller's repository lock, as
+        :meth:`resolve`'s own would be. :meth:`close` ends it."""
+        cols = self._cols
+        if (
+            self._presence is not None
+            or len(cols.rels) < self.WORKER_MIN_FILES
+            or store._wants_verity()
+        ):
+            return
+        # Its own fd on the objects directory: the worker inherits it, whatever
+        # becomes of the store's meanwhile.
+        self._presence_fd = os.dup(store.dir_fd)
+        self._presence = PresenceCheck(
+            self._presence_fd, cols.digests, self.algorithm.digest_size, cols.size
+        )
+
+    def _object_statuses(self) -> bytes | None:
+        presence = self._presence
+        return presence.result() if presence is not None else None
+
+    def close(self) -> None:
+        """Wait for :meth:`look_up_objects`' worker, if any, and let go of its fd."""
+        if self._presence is not None:
+            self._presence.result()
+            self._presence = None
+        if self._presence_fd >= 0:
+            os.close(self._presence_fd)
+            self._presence_fd = -1
+
     def resolve(
         self, store: ObjectStore, tasks: Sequence[ImportTask]
     ) -> tuple[dict[int, ImportResult], list[ImportTask]]:
@@ -321,6 +391,9 @@ class DigestCache:
         # what re-importing an unchanged tree costs, so it avoids per-call overhead.
         plain = not store._wants_verity()
         dir_fd = store.dir_fd
+        # The lookups look_up_objects made meanwhile (by row: the row's size is the
+        # task's, as their keys are equal); FAILED ones, or none, are made here.
+        statuses = self._object_statuses() if plain else None
         for i, task in enumerate(tasks):
             key = task.key
             row = index.get(task.rel) if key is not None and not task.inline else None
@@ -328,6 +401,17 @@ class DigestCache:
                 rest.append(task)
                 continue
             digest = digests[row]
+            status = statuses[row] if statuses is not None else FAILED
+            if status == PRESENT:
+                hits[i] = ImportResult(digest, None, False, False, None)
+                kept[task.rel] = row
+                continue
+            if status == MISSING:
+                rest.append(_copy_task(task))
+                continue
+            if status == DAMAGED:
+                rest.append(task)  # damaged: the import replaces it
+                continue
             if plain:
                 hexed = digest.hex()
                 try:
@@ -359,6 +443,25 @@ class DigestCache:
         if not cols.bare or cols.bare_boot != _boot_id():
             return set()
         return set(cols.bare)
+
+    def scan_split(self) -> ScanSplit | None:
+        """How the scan of the tree may share its walk with a worker process
+        (:class:`~composefsd.sources.directory.ScanSplit`): its top directories
+        weighted by the files the last import found beneath them, and the inodes
+        known to be bare. None for a tree too small to be worth a second process,
+        or not imported before.
+
+        The weights are counted whole, not sampled: the split decides the order of
+        the scan's files and fingerprint records, and so the image key, which must
+        come out the same for the same tree (the set of paths, not their order in
+        the file)."""
+        rels = self._cols.rels
+        if len(rels) < self.WORKER_MIN_FILES:
+            return None
+        weights = Counter(rel.partition(b"/")[0] for rel in rels)
+        cols = self._cols
+        bare = cols.bare_wire if cols.bare and cols.bare_boot == _boot_id() else b""
+        return ScanSplit(dict(weights), bare, self.SPLIT_SHARE)
 
     @staticmethod
     def image_key(fingerprint: bytes, settings: bytes, results: Sequence[ImportResult]) -> bytes:
@@ -396,20 +499,19 @@ class DigestCache:
         images = tuple(images) if image_key else ()
         same_rest = (image_key, images) == (self._cols.image_key, self._cols.images)
         boot = _boot_id()
-        fresh_bare = [k for k in bare if settled(k[2], self.stamp_ns, self.RACY_NS)] if boot else []
+        until = settled_until(self.stamp_ns, self.RACY_NS)
+        fresh_bare = [k for k in bare if k[2] <= until] if boot else []
         fresh_bare = fresh_bare[: self.MAX_ENTRIES]
         same_rest = same_rest and boot == self._cols.bare_boot and fresh_bare == self._cols.bare
         old = self._cols
         kept = self._kept
-        started = self.stamp_ns
-        window = self.RACY_NS
         new = [
             (task, result)
             for task, result in zip(tasks, results, strict=True)
             if result.stat is not None
             and result.digest is not None
             and task.rel not in kept
-            and settled(result.stat[4], started, window)
+            and result.stat[4] <= until
         ]
         if not new and len(kept) == len(old.rels) and same_rest:
             return  # the same entries (every old row was found unchanged), images, bare inodes
@@ -448,7 +550,7 @@ class DigestCache:
         fresh.digests = b"".join(digests)
         self._write(_encode(fresh, _meta(self.algorithm, self.source), width))
         self._cols = fresh
-        self._index = {rel: i for i, rel in enumerate(rels)}
+        self._index = _index(rels)
         self._kept = {}
 
     def _write(self, data: bytes) -> None:

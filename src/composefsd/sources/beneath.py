@@ -42,6 +42,7 @@ __all__ = [
     "file_key",
     "same_file",
     "settled",
+    "settled_until",
 ]
 
 #: ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` of a scanned file. The
@@ -90,7 +91,13 @@ def settled(ctime_ns: int, started_ns: int, window_ns: int = SETTLE_NS) -> bool:
     began rules that out: any later change gets a later change time. A change time
     in the future (the clock was set back) is never settled. (git's "racy clean"
     rule.) ``window_ns`` other than ``SETTLE_NS`` is for tests."""
-    return started_ns - ctime_ns >= window_ns
+    return ctime_ns <= settled_until(started_ns, window_ns)
+
+
+def settled_until(started_ns: int, window_ns: int = SETTLE_NS) -> int:
+    """The latest change time :func:`settled` accepts for a reading begun at
+    ``started_ns``: for checking many change times with one comparison each."""
+    return started_ns - window_ns
 
 
 def same_file(st: os.stat_result, key: FileKey) -> str | None:

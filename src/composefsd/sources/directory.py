@@ -38,6 +38,14 @@ that holds still:
 * A file that changed between scan and hash (another inode, size or mtime) is an
   error here; C reads whatever is there then.
 
+:func:`scan_source` (the repository's scan) can share its walk with a worker
+process (:class:`ScanSplit`): some top directories are opened by the scan, as it
+opens every directory (``O_NOFOLLOW`` from their parent's fd, checked to be the
+inode listed), and walked beneath those fds by a worker running the scan's own
+code with this process's rights; the records it read of each directory (those
+the fingerprint is made of) then become nodes here as if read here
+(:meth:`_Walker.adopt`).
+
 Opt-in beyond C, ``ScanOptions.preserve_hardlinks``: paths sharing one
 ``(st_dev, st_ino)`` become one inode. The first path in image order (depth
 first, names sorted bytewise, as ``composefs-info dump`` lists them) is the
@@ -79,8 +87,10 @@ import os
 import queue
 import stat
 import subprocess
+import sys
 import threading
 import time
+from array import array
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,7 +98,7 @@ from typing import Protocol
 from composefsd import workerproc
 from composefsd.credentials import Credentials
 from composefsd.fsverity import c_compat_digest_bytes, digest_fd
-from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node
+from composefsd.image.tree import PATH_MAX, RECOMMENDED_INLINE_CONTENT_MAX, Node, gc_paused
 from composefsd.objectlayout import join_store_path, object_payload
 from composefsd.sources.base import ImportTask, ReadStyle, SourceTree
 from composefsd.sources.beneath import BeneathOpener, ChangedError, FileKey, file_key
@@ -99,6 +109,7 @@ __all__ = [
     "ScanError",
     "ScanOptions",
     "ScanProgress",
+    "ScanSplit",
     "SourceScan",
     "default_threads",
     "fill_digest_store",
@@ -110,6 +121,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _U32 = 0xFFFFFFFF
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 _NS = 1_000_000_000
 _S_IFMT = stat.S_IFMT
 _S_IFDIR = stat.S_IFDIR
@@ -294,9 +307,17 @@ _Pending = tuple[_DirFd, bytes, Node, bytes, tuple[int, int]]
 
 #: An inode and its change time: ``(st_dev, st_ino, st_ctime_ns)``.
 BareKey = tuple[int, int, int]
-#: What of one entry goes into a scan's fingerprint (:func:`_record`).
+#: Given a directory's fd and its subdirectories as :meth:`_Walker._read_dir` lists
+#: them, returns those the walk is to scan itself (:meth:`_Walker.walk`).
+_Delegate = Callable[
+    [int, list[tuple[bytes, Node, bytes, tuple[int, int]]]],
+    list[tuple[bytes, Node, bytes, tuple[int, int]]],
+]
+#: What of one entry goes into a scan's fingerprint (:func:`_record`): name, mode,
+#: uid, gid, rdev, size, mtime (ns), nlink, dev, inode, ctime (ns), link target, xattrs.
 _Record = tuple[
     bytes,
+    int,
     int,
     int,
     int,
@@ -316,8 +337,9 @@ class _Hash(Protocol):
 
 
 def _record(name: bytes, st: os.stat_result, node: Node) -> _Record:
-    """Everything the tree takes from one entry: its name, the stat fields its node
-    and the hardlink grouping are made of, its link target and xattrs as read."""
+    """Everything the tree takes from one entry: its name, the stat fields its node,
+    the hardlink grouping and its file key are made of, its link target and xattrs
+    as read (enough to make the node again: :meth:`_Walker.adopt`)."""
     return (
         name,
         st.st_mode,
@@ -329,6 +351,7 @@ def _record(name: bytes, st: os.stat_result, node: Node) -> _Record:
         st.st_nlink,
         st.st_dev,
         st.st_ino,
+        st.st_ctime_ns,
         node.payload,
         node.xattrs or None,
     )
@@ -546,11 +569,17 @@ class _Walker:
         if st.st_size > 0:
             self.sink(b"", root, file_key(st))
 
-    def walk(self, root_fd: int, root: Node) -> None:
-        """Scan the directory open at ``root_fd`` (not closed) into ``root``'s children."""
+    def walk(
+        self, root_fd: int, root: Node, rel: bytes = b"", delegate: _Delegate | None = None
+    ) -> None:
+        """Scan the directory open at ``root_fd`` (not closed), at ``rel`` in the tree,
+        into ``root``'s children. ``delegate`` is given the subdirectories of that
+        first directory and returns those this walk is to scan."""
         stack: list[_Pending] = []
         try:
-            subdirs = self._read_dir(root_fd, root, b"")
+            subdirs = self._read_dir(root_fd, root, rel)
+            if delegate is not None:
+                subdirs = delegate(root_fd, subdirs)
             self._push(stack, root_fd, subdirs, own=False)
             while stack:
                 parent, name, node, rel, ident = stack.pop()
@@ -615,7 +644,8 @@ class _Walker:
                     break
                 except OSError as exc:
                     raise _access_error(self.full_path(rel), exc) from exc
-                name = os.fsencode(entry.name)
+                # os.fsencode, without its call: this runs once per entry.
+                name = entry.name.encode(_FS_ENCODING, _FS_ERRORS)
                 child_rel = prefix + name
                 made = self._entry(fd, entry, name, child_rel)
                 if made is None:
@@ -623,7 +653,24 @@ class _Walker:
                 child, st = made
                 children[name] = child
                 if record is not None:
-                    record.append(_record(name, st, child))
+                    # _record, inline.
+                    record.append(
+                        (
+                            name,
+                            st.st_mode,
+                            st.st_uid,
+                            st.st_gid,
+                            st.st_rdev,
+                            st.st_size,
+                            st.st_mtime_ns,
+                            st.st_nlink,
+                            st.st_dev,
+                            st.st_ino,
+                            st.st_ctime_ns,
+                            child.payload,
+                            child.xattrs or None,
+                        )
+                    )
                 ftype = st.st_mode & 0o170000
                 if ftype == _S_IFDIR:
                     subdirs.append((name, child, child_rel, (st.st_dev, st.st_ino)))
@@ -681,6 +728,65 @@ class _Walker:
             if target.size > 0:
                 self.sink(target_rel, target, key)
         self.inodes.clear()
+
+    def adopt(self, blobs: Sequence[bytes], roots: dict[bytes, Node]) -> None:
+        """Add what a worker's walk of some subtrees read (:func:`_scan_subtrees`): each
+        directory's fingerprint record as :meth:`_read_dir` made it, in the worker's
+        walk order, beneath ``roots`` (their nodes, by path), exactly as if this
+        walker had read them: the same nodes, files handed to the sink, hardlinks
+        gathered, entries counted, and the records fed to the fingerprint."""
+        opts = self.options
+        epoch = opts.use_epoch
+        rs_style = self.rs_style
+        track_links = self.track_links
+        sink = self.sink
+        inodes = self.inodes
+        fingerprint = self.fingerprint
+        dirs = dict(roots)
+        for blob in blobs:
+            rel, record = marshal.loads(blob)
+            if fingerprint is not None:
+                fingerprint.update(blob)
+            parent = dirs.get(rel)
+            if parent is None or parent.children is None:
+                raise _error("error accessing", self.full_path(rel), errno.EIO)
+            children = parent.children
+            prefix = rel + b"/"
+            for (name, mode, uid, gid, rdev, size, mtime, nlink, dev, ino, ctime, target,
+                 xattrs) in record:  # fmt: skip
+                sec, nsec = (0, 0) if epoch else divmod(mtime, _NS)
+                child = Node(mode, 1, uid, gid, rdev & _U32, size, sec, nsec)
+                child_rel = prefix + name
+                ftype = mode & 0o170000
+                if ftype == _S_IFDIR:
+                    child.children = {}
+                    if rs_style:
+                        child.size = 0
+                    dirs[child_rel] = child
+                elif target is not None:
+                    self._set_target(child, target, child_rel)
+                if xattrs:
+                    for key, value in xattrs:
+                        child.set_xattr(key, value)
+                children[name] = child
+                # As _read_dir places what it reads.
+                if ftype == _S_IFDIR:
+                    pass
+                elif rs_style and ftype != _S_IFREG:
+                    if nlink > 1:
+                        inodes.setdefault((dev, ino), []).append(
+                            (parent, name, child, child_rel, (dev, ino, size, mtime, ctime))
+                        )
+                elif ftype == _S_IFREG:
+                    if track_links and nlink > 1:
+                        inodes.setdefault((dev, ino), []).append(
+                            (parent, name, child, child_rel, (dev, ino, size, mtime, ctime))
+                        )
+                    else:
+                        self.regular_files += 1
+                        if size > 0:
+                            sink(child_rel, child, (dev, ino, size, mtime, ctime))
+                self.entries += 1
 
     def finish(self) -> None:
         """After the walk: link hardlinks (if asked) and check the entry limit."""
@@ -1145,6 +1251,168 @@ def scan_directory(
     return root
 
 
+# -- a second process for part of the walk --------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class ScanSplit:
+    """How :func:`scan_source` may hand part of a tree to a worker process, which
+    walks it on another CPU while the scan walks the rest (:class:`_SubtreeScan`).
+
+    ``weights``: how big each directory at the top of the tree is expected to be
+    (files the last import found beneath it, say): the worker is given the top
+    directories that make about ``share`` of the total. ``bare``: the known bare
+    inodes (``known_bare``) as three arrays of native 64-bit integers, device,
+    inode and change time, end to end, for the worker to take on trust as the scan
+    does."""
+
+    weights: dict[bytes, int]
+    bare: bytes = b""
+    share: float = 0.5
+
+
+#: A request to a subtree worker: the scan options and source name, the subtrees as
+#: (inherited directory fd, path), the known bare inodes (:attr:`ScanSplit.bare`), and
+#: whether to list the bare inodes found.
+_SubtreeRequest = tuple[tuple[bool | int | str, ...], bytes, list[tuple[int, bytes]], bytes, bool]
+
+
+def _ignore_file(rel: bytes, node: Node, key: FileKey) -> None:
+    pass
+
+
+class _Records:
+    """A worker walk's "fingerprint": keeps each directory's record as it is fed."""
+
+    __slots__ = ("blobs",)
+
+    def __init__(self) -> None:
+        self.blobs: list[bytes] = []
+
+    def update(self, data: bytes, /) -> None:
+        self.blobs.append(data)
+
+
+def _scan_subtrees(request: _SubtreeRequest) -> tuple[object, ...]:
+    """A subtree worker's walk: ``("ok", records, bare inodes)`` or ``("error", errno,
+    message, path)`` for the scan's first error (:class:`ScanError`)."""
+    wire, display, subtrees, bare_wire, list_bare = request
+    options = ScanOptions.from_wire(wire)
+    known: set[BareKey] = set()
+    if bare_wire:
+        third = len(bare_wire) // 3
+        columns = [
+            array(code, bare_wire[i * third : (i + 1) * third]) for i, code in enumerate("QQq")
+        ]
+        known = set(zip(*columns, strict=True))
+    found: list[BareKey] = []
+    records = _Records()
+    walker = _Walker(
+        options,
+        display,
+        _ignore_file,
+        None,
+        fingerprint=records,
+        bare=(known, found) if list_bare else None,
+    )
+    try:
+        # The records and nodes have no cycles; collecting would only walk them.
+        with gc_paused():
+            for fd, rel in subtrees:
+                walker.walk(fd, Node(stat.S_IFDIR, children={}), rel)
+    except ScanError as exc:
+        return ("error", exc.errno, exc.message, exc.path)
+    return ("ok", records.blobs, found)
+
+
+def _subtree_worker_main() -> None:
+    """The subtree worker: one walk per request, until EOF (:func:`_scan_subtrees`)."""
+    workerproc.serve(_scan_subtrees)
+
+
+class _SubtreeScan:
+    """Some subtrees of a scan, walked by a worker process from a thread while the
+    scan walks the rest (:meth:`_Walker.adopt` then takes what it read).
+
+    The subtrees' directories are opened by the scan itself, from their parent's fd
+    with ``O_NOFOLLOW`` and checked to be the inodes listed, as its own walk opens
+    every directory; the worker inherits those fds and walks beneath them with the
+    scan's own code and this process's rights (only a scan with the process's own
+    rights is split). A worker that cannot be started or fails leaves
+    :meth:`result` None: the scan then walks the subtrees itself, from the same fds.
+    """
+
+    def __init__(self, request: _SubtreeRequest) -> None:
+        self._request = request
+        self._result: tuple[object, ...] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._cancelled = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="cfs-scan", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        fds = tuple(fd for fd, _rel in self._request[2])
+        with self._lock:
+            if self._cancelled:
+                return
+            try:
+                proc = workerproc.start(__name__, "_subtree_worker_main", pass_fds=fds, site=False)
+            except OSError as exc:
+                log.info("cannot start a scanning worker: %s", exc.strerror)
+                return
+            self._proc = proc
+        try:
+            workerproc.send(proc, self._request)
+            assert proc.stdout is not None
+            reply = workerproc.receive(proc.stdout)
+            if isinstance(reply, tuple) and reply and reply[0] in ("ok", "error"):
+                self._result = reply
+            else:
+                log.info("scanning worker: an answer of the wrong shape")
+        except (OSError, EOFError, ValueError, TypeError) as exc:
+            if not self._cancelled:
+                log.info("scanning worker failed: %s", exc)
+        finally:
+            workerproc.stop(proc, kill=self._result is None, timeout=10)
+
+    def result(self) -> tuple[object, ...] | None:
+        self._thread.join()
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop the worker without waiting for its walk (the scan failed)."""
+        with self._lock:
+            self._cancelled = True
+            proc = self._proc
+        if proc is not None:
+            # Killed first: its thread, reading the answer, then sees the end and
+            # stops (reaps) it.
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+        self._thread.join()
+
+
+def _split_names(
+    subdirs: Sequence[tuple[bytes, Node, bytes, tuple[int, int]]], split: ScanSplit
+) -> set[bytes]:
+    """The top directories to give the worker: the biggest first, each that still
+    fits in ``split.share`` of the whole."""
+    weights = split.weights
+    room = sum(weights.values()) * split.share
+    names: set[bytes] = set()
+    candidates = sorted(
+        ((weights.get(name, 0), name) for name, _node, _rel, _ident in subdirs), reverse=True
+    )
+    for weight, name in candidates:
+        if 0 < weight <= room:
+            names.add(name)
+            room -= weight
+    return names
+
+
 def scan_source(
     root_fd: int,
     display: bytes,
@@ -1154,6 +1422,7 @@ def scan_source(
     max_entries: int | None = None,
     fingerprint: bool = False,
     known_bare: Container[BareKey] | None = None,
+    split: ScanSplit | None = None,
 ) -> SourceScan:
     """Walk the directory open at ``root_fd`` (read, not closed) into a tree, without
     reading any file's data; list its regular files for an importer, which reads
@@ -1170,6 +1439,11 @@ def scan_source(
     the source in messages. More than ``max_entries`` entries is a
     :class:`ScanError` (E2BIG). Errors are :class:`ScanError`, as for
     :func:`scan_directory`.
+
+    With ``split`` (and no ``max_entries``), some top directories are walked by a
+    worker process meanwhile (:class:`ScanSplit`, :class:`_SubtreeScan`): the same
+    tree, files, bare inodes and fingerprint records, those of the worker's part
+    after the others'. Only for a walk with this process's own rights.
     """
     opts = options or ScanOptions()
     if opts.skip_xattrs and opts.user_xattrs:
@@ -1194,7 +1468,10 @@ def scan_source(
     if hasher is not None:
         hasher.update(marshal.dumps((opts.to_wire(), _record(b"", st, root)), 2))
     walker.entries = 1
-    walker.walk(root_fd, root)
+    if split is None or max_entries is not None:
+        walker.walk(root_fd, root)
+    else:
+        _split_walk(walker, root_fd, root, opts, display, split, known_bare is not None)
     walker.finish()
     if hasher is not None:
         result.fingerprint = hasher.digest()
@@ -1204,6 +1481,78 @@ def scan_source(
     if progress is not None:
         progress(ScanProgress("scan", walker.entries))
     return result
+
+
+def _split_walk(
+    walker: _Walker,
+    root_fd: int,
+    root: Node,
+    options: ScanOptions,
+    display: bytes,
+    split: ScanSplit,
+    list_bare: bool,
+) -> None:
+    """:meth:`_Walker.walk` of the tree, with the top directories :func:`_split_names`
+    picks walked by a worker meanwhile (:class:`_SubtreeScan`)."""
+    given: list[tuple[int, bytes, Node]] = []
+    job: _SubtreeScan | None = None
+
+    def delegate(
+        fd: int, subdirs: list[tuple[bytes, Node, bytes, tuple[int, int]]]
+    ) -> list[tuple[bytes, Node, bytes, tuple[int, int]]]:
+        nonlocal job
+        names = _split_names(subdirs, split)
+        keep = []
+        for item in subdirs:
+            name, node, rel, ident = item
+            if name not in names:
+                keep.append(item)
+                continue
+            # Opened and checked as the walk opens every directory; a failure is left
+            # to the walk, which reports it in its order.
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                keep.append(item)
+                continue
+            given.append((sub, rel, node))
+            try:
+                walker._check_same(sub, ident, rel)
+            except ScanError:
+                given.pop()
+                os.close(sub)
+                keep.append(item)
+        if given:
+            job = _SubtreeScan(
+                (options.to_wire(), display, [(f, r) for f, r, _n in given], split.bare, list_bare)
+            )
+        return keep
+
+    try:
+        walker.walk(root_fd, root, delegate=delegate)
+        if job is None:
+            return
+        reply = job.result()
+        job = None
+        if reply is None:
+            for sub, rel, node in given:
+                walker.walk(sub, node, rel)
+            return
+        if reply[0] == "error":
+            _kind, err, message, path = reply
+            assert isinstance(err, int) and isinstance(message, str)
+            assert path is None or isinstance(path, bytes)
+            raise ScanError(err, message, path)
+        _kind, blobs, found = reply
+        assert isinstance(blobs, list) and isinstance(found, list)
+        walker.adopt(blobs, {rel: node for _f, rel, node in given})
+        if walker.bare is not None:
+            walker.bare[1].extend(found)
+    finally:
+        if job is not None:
+            job.cancel()
+        for sub, _rel, _node in given:
+            os.close(sub)
 
 
 def source_tree(
