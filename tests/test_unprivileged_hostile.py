@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from composefsd.image.reader import read_image
 from composefsd.image.tree import Node
 from composefsd.service.daemon import IDL_DIR, OPEN_METHODS, READ_ONLY_METHODS
 from composefsd.service.polkit import METHOD_ACTIONS
-from conftest import TestUsers
+from conftest import SHARED, TestUsers
 from polkitenv import Bus, allow_all_rules, start_bus
 from servicehelpers import Daemon, start_daemon, unmount_below
 from test_daemon_limits import Peer
@@ -114,10 +115,10 @@ COVERED_HERE: dict[str, list[str]] = {
     f"{REPO_IFACE}.Verify": ["test_hostile_names"],
     f"{REPO_IFACE}.Describe": ["test_floods_are_bounded"],
     f"{OCI_IFACE}.Pull": ["test_pull_hostile_references", "test_pull_reads_files_as_the_caller"],
-    f"{OCI_IFACE}.Tag": ["test_hostile_names"],
-    f"{OCI_IFACE}.Untag": ["test_hostile_names"],
-    f"{OCI_IFACE}.Mount": ["test_hostile_names"],
-    f"{OCI_IFACE}.Inspect": ["test_hostile_names"],
+    f"{OCI_IFACE}.Tag": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
+    f"{OCI_IFACE}.Untag": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
+    f"{OCI_IFACE}.Mount": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
+    f"{OCI_IFACE}.Inspect": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
     f"{OCI_IFACE}.ListImages": ["test_hostile_parameters_are_typed_errors"],
     # Their only hostile input is their parameters (names, handles, paths): fuzzed.
     "io.systemd.service.Ping": ["test_hostile_parameters_are_typed_errors"],
@@ -131,7 +132,8 @@ COVERED_HERE: dict[str, list[str]] = {
 # -- a client that passes fds, run as the test user ------------------------------------------
 
 #: argv[1]: the socket; argv[2]: JSON [{"method", "parameters", "fds": [[kind, path]]}].
-#: Kinds: socket, pipe, file, opath, dir. Prints JSON, one entry per call:
+#: Kinds: socket, pipe, file, opath, dir. "use_handle": the call's "handle" is the last
+#: one a reply gave (org.composefs.Repository's OpenRepository). Prints JSON, one entry per call:
 #: {"error": name, "parameters": {...}} or {"ok": {...}}. fds received are closed.
 _CLIENT = r"""
 import array, json, os, socket, sys
@@ -140,6 +142,7 @@ s.settimeout(120)
 s.connect(sys.argv[1])
 out = []
 keep = []
+handle = None
 def fd_of(kind, path):
     if kind == "socket":
         a, b = socket.socketpair(); keep.extend([a, b]); return a.fileno()
@@ -151,6 +154,8 @@ for call in json.loads(sys.argv[2]):
     msg = {"method": call["method"]}
     if call.get("parameters") is not None:
         msg["parameters"] = call["parameters"]
+    if call.get("use_handle"):
+        msg["parameters"]["handle"] = handle
     data = json.dumps(msg).encode() + b"\0"
     fds = [fd_of(k, p) for k, p in call.get("fds", [])]
     if fds:
@@ -173,6 +178,7 @@ for call in json.loads(sys.argv[2]):
         out.append({"error": reply["error"], "parameters": reply.get("parameters", {})})
     else:
         out.append({"ok": reply.get("parameters", {})})
+        handle = reply.get("parameters", {}).get("handle", handle)
 print(json.dumps(out))
 """
 
@@ -341,6 +347,7 @@ _STRING_ARRAYS: list[Any] = [[".."], ["/"], ["x" * 5000], ["a\x00"], ["x"] * 200
 #: Fields not fuzzed with arbitrary strings: a reference that parses could reach the
 #: network (Pull's references get test_pull_hostile_references).
 _NOT_FUZZED = {(f"{OCI_IFACE}.Pull", "reference")}
+_RS_OPEN = "org.composefs.Repository.OpenRepository"
 #: Fields whose hostile values are refused as not hers to name: a repository
 #: other than the daemon's own is root's only.
 _DENIED_FIELDS = {("org.composefs.Repository.OpenRepository", "path")}
@@ -402,7 +409,7 @@ def test_hostile_parameters_are_typed_errors(env: Env) -> None:
         fields = member.in_type.fields
         base = {k: _required(t) for k, t in fields.items()}
         base = {k: v for k, v in base.items() if v is not None} | _BASE.get(method, {})
-        calls = [{"method": method, "parameters": base}]
+        calls: list[dict[str, Any]] = [{"method": method, "parameters": base}]
         fuzzed: list[str | None] = [None]
         for name, vtype in fields.items():
             if (method, name) in _NOT_FUZZED:
@@ -410,8 +417,18 @@ def test_hostile_parameters_are_typed_errors(env: Env) -> None:
             for value in _hostile_values(vtype):
                 calls.append({"method": method, "parameters": {**base, name: value}})
                 fuzzed.append(name)
+        # composefs-rs's methods: on a handle of the daemon's own repository, which
+        # alice may open, so that their other fields are looked at too.
+        opened = "handle" in fields
+        if opened:
+            for call, field in zip(calls, fuzzed, strict=True):
+                call["use_handle"] = field != "handle"
+            calls.insert(0, {"method": _RS_OPEN, "parameters": {"path": str(env.daemon.repo)}})
         replies = env.calls(calls)
         assert len(replies) == len(calls)
+        if opened:
+            assert "ok" in replies[0], replies[0]
+            calls, replies = calls[1:], replies[1:]
         for call, field, reply in zip(calls, fuzzed, replies, strict=True):
             name = _error(reply)
             seen.setdefault(method, set()).add(name)
@@ -772,6 +789,8 @@ def test_pull_reads_files_as_the_caller(env: Env, secret: Path) -> None:
     """authFile and certDirectory naming root-only files: skopeo, running as alice,
     cannot read them (root, pulling the same, can), and nothing of them reaches her."""
     locked = env.dir / "locked"
+    # A client certificate without its key: whoever lists the directory fails on it.
+    (locked / "client.cert").write_bytes(SECRET)
     ref = "docker://127.0.0.1:1/cfsd-hostile/none:latest"
     pull = f"{OCI_IFACE}.Pull"
     calls = [
@@ -786,11 +805,67 @@ def test_pull_reads_files_as_the_caller(env: Env, secret: Path) -> None:
         text = json.dumps(reply)
         assert "ROOT-ONLY" not in text, reply
         assert _error(reply) != "ok", (call, reply)
-    print(json.dumps(replies, indent=1))
-    assert "permission denied" in json.dumps(replies[0]).lower(), replies[0]
+    # As alice: the auth file cannot be opened, the certificate directory not
+    # listed (skopeo goes on without it, to the registry that is not there).
+    assert "permission denied" in replies[0]["parameters"]["message"], replies[0]
+    assert "client.cert" not in replies[1]["parameters"]["message"], replies[1]
+    # As root, through the same daemon: both are read (and found wanting).
     root = env.calls(calls, users.TestUser("root", 0, 0))
-    print(json.dumps(root, indent=1))
-    assert "permission denied" not in json.dumps(root[0]).lower(), root[0]
+    assert "permission denied" not in root[0]["parameters"]["message"], root[0]
+    assert "unmarshaling JSON" in root[0]["parameters"]["message"], root[0]
+    assert "client.cert" in root[1]["parameters"]["message"], root[1]
+
+
+def _files_below(path: Path) -> set[str]:
+    return {str(p.relative_to(path)) for p in path.rglob("*")}
+
+
+def test_pull_as_the_user_and_hostile_tags(env: Env) -> None:
+    """alice pulls the golden OCI layout (a copy of hers; skopeo reads it as her),
+    then tags, inspects, mounts and untags it under names with "/", ".." and more:
+    each is encoded into one file below streams/refs/oci (as composefs-rs does) or
+    refused, and nothing appears anywhere else in the repository."""
+    layout = env.dir / "layout"
+    shutil.copytree(SHARED / "testdata" / "composefs-rs" / "inputs" / "oci" / "layout", layout)
+    for path in [layout, *layout.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        os.lchown(path, env.alice.uid, env.alice.gid)
+    pulled = env.call(f"{OCI_IFACE}.Pull", {"reference": f"oci:{layout}:single", "tag": "base"})
+    assert "ok" in pulled, pulled
+    repo = env.daemon.repo
+    before = _files_below(repo)
+    names = [
+        "../escape",
+        "a/../../b",
+        "/",
+        f"../../../../../../..{env.dir}/escaped",
+        "x" * 300,
+        "-",
+        "a\nb",
+        "..",
+        "",
+    ]
+    calls: list[dict[str, Any]] = []
+    for name in names:
+        calls += [
+            {"method": f"{OCI_IFACE}.Tag", "parameters": {"image": "base", "tag": name}},
+            {"method": f"{OCI_IFACE}.Inspect", "parameters": {"image": name}},
+            {"method": f"{OCI_IFACE}.Mount", "parameters": {"image": name}},
+            {"method": f"{OCI_IFACE}.Untag", "parameters": {"tag": name}},
+        ]
+    replies = env.calls(calls)
+    # composefs-rs encodes "/" and "..": the first is a tag like any other.
+    assert all("ok" in r for r in replies[:4]), replies[:4]
+    typed = {f"{OCI_IFACE}.InvalidTag", f"{OCI_IFACE}.ImageNotFound", INVALID}
+    for i, name in enumerate(names):
+        tag, inspect, mount, untag = replies[4 * i : 4 * i + 4]
+        if "ok" in tag:
+            # A tag that was made works, and goes again.
+            assert "ok" in inspect and "ok" in mount and "ok" in untag, (name, replies)
+        else:
+            assert {_error(r) for r in (tag, inspect, mount, untag)} <= typed, (name, replies)
+    assert _files_below(repo) == before
+    assert not (env.dir / "escape").exists() and not (env.dir / "escaped").exists()
 
 
 # -- GC and floods -------------------------------------------------------------------------
