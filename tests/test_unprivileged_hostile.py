@@ -106,7 +106,11 @@ COVERED_HERE: dict[str, list[str]] = {
         "test_hostile_names",
         "test_floods_are_bounded",
     ],
-    f"{REPO_IFACE}.Mount": ["test_hostile_names", "test_mount_where_of_the_wrong_kind"],
+    f"{REPO_IFACE}.Mount": [
+        "test_hostile_names",
+        "test_mount_where_of_the_wrong_kind",
+        "test_mount_fds_and_mappings_of_the_wrong_kind",
+    ],
     f"{REPO_IFACE}.Unmount": ["test_unmount_takes_down_only_composefs_mounts"],
     f"{REPO_IFACE}.RemoveImage": ["test_hostile_names"],
     f"{REPO_IFACE}.GarbageCollect": ["test_gc_while_the_user_floods"],
@@ -711,6 +715,56 @@ def test_mount_where_of_the_wrong_kind(env: Env, image: str) -> None:
     # Nothing was attached anywhere.
     mounts = env.call(f"{REPO_IFACE}.ListMounts", {})
     assert mounts["ok"]["mounts"] == [], mounts
+
+
+def test_mount_fds_and_mappings_of_the_wrong_kind(env: Env, image: str) -> None:
+    """Detached mounts of her image with a user namespace, upper and work
+    directories passed as fds of the wrong kind, and id mappings that are none:
+    typed errors (a mount that is made anyway goes back to her, who closes it)."""
+    mount = f"{REPO_IFACE}.Mount"
+    here = env.tree("mountfds")
+    (here / "file").write_bytes(b"")
+    env.give(here / "file")
+    calls: list[dict[str, Any]] = []
+    for kind, path in (
+        ("socket", ""),
+        ("pipe", ""),
+        ("file", str(here / "file")),
+        ("dir", str(here)),
+    ):
+        calls.append(
+            {
+                "method": mount,
+                "parameters": {"image": "alice-img", "userNamespaceFileDescriptor": 0},
+                "fds": [[kind, path]],
+            }
+        )
+        calls.append(
+            {
+                "method": mount,
+                "parameters": {
+                    "image": "alice-img",
+                    "upperDirectoryFileDescriptor": 0,
+                    "workDirectoryFileDescriptor": 1,
+                },
+                "fds": [[kind, path], [kind, path]],
+            }
+        )
+    bad_maps: list[Any] = [
+        [{"inside": -1, "outside": 0, "count": 1}],
+        [{"inside": 0, "outside": 0, "count": 0}],
+        [{"inside": 0, "outside": 0, "count": 2**32}],
+        [{"inside": 2**32 - 1, "outside": 2**32 - 1, "count": 2**32 - 1}],
+        [{"inside": 0, "outside": 0, "count": 10}, {"inside": 5, "outside": 100, "count": 10}],
+        [{"inside": i, "outside": i, "count": 1} for i in range(400)],
+        [],
+    ]
+    for value in bad_maps:
+        calls.append({"method": mount, "parameters": {"image": "alice-img", "uidMap": value}})
+    replies = env.calls(calls)
+    typed = {INVALID, f"{REPO_IFACE}.BadFileDescriptor", f"{REPO_IFACE}.MountFailed"}
+    for call, reply in zip(calls, replies, strict=True):
+        assert _error(reply) in typed, (call, reply)
 
 
 def test_unmount_takes_down_only_composefs_mounts(env: Env) -> None:
