@@ -138,7 +138,8 @@ COVERED_HERE: dict[str, list[str]] = {
 #: argv[1]: the socket; argv[2]: JSON [{"method", "parameters", "fds": [[kind, path]]}].
 #: Kinds: socket, pipe, file, opath, dir. "use_handle": the call's "handle" is the last
 #: one a reply gave (org.composefs.Repository's OpenRepository). Prints JSON, one entry per call:
-#: {"error": name, "parameters": {...}} or {"ok": {...}}. fds received are closed.
+#: {"error": name, "parameters": {...}} or {"ok": {...}}, with "sent": the inode numbers
+#: of the fds sent. fds received are closed.
 _CLIENT = r"""
 import array, json, os, socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -162,6 +163,7 @@ for call in json.loads(sys.argv[2]):
         msg["parameters"]["handle"] = handle
     data = json.dumps(msg).encode() + b"\0"
     fds = [fd_of(k, p) for k, p in call.get("fds", [])]
+    sent = [os.fstat(fd).st_ino for fd in fds]
     if fds:
         s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
@@ -182,6 +184,8 @@ for call in json.loads(sys.argv[2]):
         out.append({"error": reply["error"], "parameters": reply.get("parameters", {})})
     else:
         out.append({"ok": reply.get("parameters", {})})
+    if sent:
+        out[-1]["sent"] = sent
         handle = reply.get("parameters", {}).get("handle", handle)
 print(json.dumps(out))
 """
@@ -446,6 +450,37 @@ def test_hostile_parameters_are_typed_errors(env: Env) -> None:
     print(json.dumps({m: sorted(s) for m, s in seen.items()}, indent=1))
     # Root's Describe still answered.
     assert "ok" in env.root_call(f"{REPO_IFACE}.Describe")
+
+
+def _open_inodes(pid: int) -> set[int]:
+    """Inode numbers of the pipes and sockets process ``pid`` holds open."""
+    out: set[int] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        m = re.fullmatch(r"(?:pipe|socket):\[(\d+)\]", link)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+def test_fds_sent_to_every_method_are_closed(env: Env) -> None:
+    """Every reachable method called with a pipe and a socket it did not ask for
+    (and MountDumpfile with them as its fds): once answered, the daemon holds
+    none of them (no leak of a caller's fds, whatever the method)."""
+    calls: list[dict[str, Any]] = []
+    for method in REACHABLE:
+        fields = _interface(method).members[method.rpartition(".")[2]].in_type.fields
+        base = {k: _required(t) for k, t in fields.items()}
+        base = {k: v for k, v in base.items() if v is not None} | _BASE.get(method, {})
+        calls.append({"method": method, "parameters": base, "fds": [["pipe", ""], ["socket", ""]]})
+    replies = env.calls(calls)
+    sent = {ino for reply in replies for ino in reply["sent"]}
+    assert len(sent) == 2 * len(calls)  # a pipe's read end and a socket per call
+    # The replies came after each call ended; its fds are closed by then.
+    assert not sent & _open_inodes(env.daemon.proc.pid)
 
 
 # -- CreateImage ---------------------------------------------------------------------------
