@@ -560,6 +560,8 @@ while not os.path.exists(os.path.join(tree, "..", "stop-writer")):
         f.write(b"%08d\n" % i)
     if i % 50 == 0:
         os.truncate(os.path.join(tree, "growing"), 0)
+    # Bursts of changes and quiet spells: imports are refused or whole.
+    time.sleep(0.15 if i % 10 == 0 else 0.002)
 print(i)
 """
 
@@ -590,6 +592,8 @@ def test_create_image_source_changing_under_the_scan(env: Env, secret: Path) -> 
         for reply in env.calls(calls):
             if "error" in reply:
                 assert reply["error"] == f"{REPO_IFACE}.SourceError", reply
+                # Naming the file that changed.
+                assert reply["parameters"]["message"].startswith(f"{tree}/"), reply
                 outcomes["refused"] += 1
                 continue
             outcomes["image"] += 1
