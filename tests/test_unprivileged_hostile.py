@@ -124,6 +124,7 @@ COVERED_HERE: dict[str, list[str]] = {
     f"{OCI_IFACE}.Mount": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
     f"{OCI_IFACE}.Inspect": ["test_hostile_names", "test_pull_as_the_user_and_hostile_tags"],
     f"{OCI_IFACE}.ListImages": ["test_hostile_parameters_are_typed_errors"],
+    "org.composefs.Repository.OpenRepository": ["test_rs_open_repository_only_the_daemons_own"],
     # Their only hostile input is their parameters (names, handles, paths): fuzzed.
     "io.systemd.service.Ping": ["test_hostile_parameters_are_typed_errors"],
     "org.composefs.Oci.ListImages": ["test_hostile_parameters_are_typed_errors"],
@@ -481,6 +482,32 @@ def test_fds_sent_to_every_method_are_closed(env: Env) -> None:
     assert len(sent) == 2 * len(calls)  # a pipe's read end and a socket per call
     # The replies came after each call ended; its fds are closed by then.
     assert not sent & _open_inodes(env.daemon.proc.pid)
+
+
+def test_rs_open_repository_only_the_daemons_own(env: Env, secret: Path) -> None:
+    """composefs-rs's OpenRepository as alice: the daemon's own repository by any
+    path that leads there; every other one (the service user's, the system's,
+    others by path or through /proc) refused."""
+    rs_open = "org.composefs.Repository.OpenRepository"
+    repo = env.daemon.repo
+    own = [str(repo), f"{repo}/.", f"/proc/{env.daemon.proc.pid}/root{repo}"]
+    others: list[dict[str, Any]] = [
+        {"user": True},
+        {"system": True},
+        {"path": "/proc/self/cwd"},
+        {"path": str(env.dir)},
+        {"path": str(env.dir / "locked")},
+        {"path": str(secret)},
+        {"path": "/"},
+    ]
+    replies = env.calls(
+        [{"method": rs_open, "parameters": {"path": p}} for p in own]
+        + [{"method": rs_open, "parameters": p} for p in others]
+    )
+    for reply in replies[: len(own)]:
+        assert "ok" in reply, reply
+    for reply in replies[len(own) :]:
+        assert _error(reply) == "org.varlink.service.PermissionDenied", reply
 
 
 # -- CreateImage ---------------------------------------------------------------------------
