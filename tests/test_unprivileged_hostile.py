@@ -100,6 +100,7 @@ COVERED_ELSEWHERE: dict[str, list[str]] = {
 COVERED_HERE: dict[str, list[str]] = {
     f"{REPO_IFACE}.CreateImage": [
         "test_create_image_root_only_sources",
+        "test_create_image_transforms_on_a_hostile_tree",
         "test_create_image_links_devices_fifos",
         "test_create_image_source_changing_under_the_scan",
         "test_create_image_source_fds_of_the_wrong_kind",
@@ -591,6 +592,40 @@ while not os.path.exists(os.path.join(tree, "..", "stop-writer")):
     time.sleep(0.15 if i % 10 == 0 else 0.002)
 print(i)
 """
+
+
+def test_create_image_transforms_on_a_hostile_tree(env: Env, secret: Path) -> None:
+    """bootable and propagateUsrToRoot on her tree whose /usr, /boot and SELinux
+    configuration are links to root's files and places: the transforms read the
+    tree as scanned (with her rights), never the host through its links."""
+    trees = []
+    for i, links in enumerate([("usr", "boot"), ("boot",), ()]):
+        tree = env.tree(f"transforms-{i}")
+        for name, target in (("usr", "/root"), ("boot", "/")):
+            if name in links:
+                (tree / name).symlink_to(target)
+            else:
+                (tree / name / "lib").mkdir(parents=True)
+        (tree / "sysroot").mkdir()
+        (tree / "etc" / "selinux").mkdir(parents=True)
+        (tree / "etc" / "selinux" / "config").symlink_to(secret)
+        (tree / "etc" / "selinux" / "targeted").symlink_to(env.dir / "locked")
+        for path in [*tree.rglob("*")]:
+            os.lchown(path, env.alice.uid, env.alice.gid)
+        trees.append(tree)
+    calls: list[dict[str, Any]] = [
+        {"method": f"{REPO_IFACE}.CreateImage", "parameters": {"sourcePath": str(tree), **opts}}
+        for tree in trees
+        for opts in (
+            {"bootable": True},
+            {"propagateUsrToRoot": True},
+            {"bootable": True, "propagateUsrToRoot": True, "xattrs": "keepUserXattrs"},
+        )
+    ]
+    for call, reply in zip(calls, env.calls(calls), strict=True):
+        assert _error(reply) in ("ok", f"{REPO_IFACE}.SourceError", INVALID), (call, reply)
+        assert "ROOT-ONLY" not in json.dumps(reply), reply
+    assert_no_secret(env.daemon.repo)
 
 
 def test_create_image_source_changing_under_the_scan(env: Env, secret: Path) -> None:
