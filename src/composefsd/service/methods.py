@@ -441,6 +441,13 @@ def _bool(value: bool | None, default: bool = False) -> bool:
 def _absolute(value: str, field_name: str) -> str:
     if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
         raise _invalid(field_name)
+    # normpath drops "x/.." without looking at x, where the kernel would resolve x
+    # (ENOTDIR for a file, a symbolic link's target's parent): "/srv/file/.." would
+    # be /srv here and an error to the kernel. A path with ".." is refused rather
+    # than given a meaning the kernel would not give it (composefsctl sends paths
+    # made absolute and normalized).
+    if ".." in value.split("/"):
+        raise _invalid(field_name)
     return os.path.normpath(value)
 
 
