@@ -1,12 +1,8 @@
 """polkit for callers that are not root, composefsd's uid or in --group
 (composefsd.service.polkit), against a real dbus-daemon and polkitd the tests start.
 
-Nothing of the machine's is used or changed: the bus is a private dbus-daemon on a
-socket in a temporary directory (DBUS_SYSTEM_BUS_ADDRESS points the daemon under
-test and polkitd at it), and polkitd runs in a mount namespace of its own
-(``unshare -m``) with bind mounts over /etc/polkit-1/rules.d,
-/usr/share/polkit-1/rules.d and /usr/share/polkit-1/actions, which then hold the
-test's rules and the shipped .policy file. Callers other than root are the
+Nothing of the machine's is used or changed: the private bus and the polkitd in a
+mount namespace of its own come from tests/polkitenv.py. Callers other than root are the
 session's test users (alice and bob), connecting from processes of theirs.
 What polkitd does not show (the flags and the subject we send, a polkit that
 hangs) is checked against a stand-in for polkit on another private bus.
@@ -49,39 +45,15 @@ from composefsd.service.polkit import (
 )
 from composefsd.service.validate import InterfaceValidator
 from conftest import TestUsers
+from polkitenv import POLICY, POLKIT_NAME, ROOT, Bus, start_bus, wait_for
 from servicehelpers import Daemon, start_daemon
 
-ROOT = Path(__file__).resolve().parent.parent
-POLICY = ROOT / "polkit" / "io.composefs.composefsd.policy"
-POLKITD = "/usr/lib/polkit-1/polkitd"
 REPO_IFACE = "io.composefs.Repository"
 OCI_IFACE = "io.composefs.Oci"
 DENIED = "org.varlink.service.PermissionDenied"
 INVALID = "org.varlink.service.InvalidParameter"
 CHALLENGE = f"{REPO_IFACE}.InteractiveAuthenticationRequired"
 UNAVAILABLE = f"{REPO_IFACE}.AuthorizationUnavailable"
-_POLKIT_NAME = "org.freedesktop.PolicyKit1"
-
-_BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={path}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-  </policy>
-</busconfig>
-"""
 
 #: alice may create images and mount, must authenticate for gc, may not remove;
 #: bob may do nothing.
@@ -95,104 +67,6 @@ _RULES = """polkit.addRule(function(action, subject) {
     return polkit.Result.NO;
 });
 """
-
-
-def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _name_has_owner(address: str, name: str) -> bool:
-    try:
-        conn = open_dbus_connection(address)
-    except OSError:
-        return False
-    try:
-        reply = conn.send_and_get_reply(message_bus.NameHasOwner(name), timeout=5)
-        return bool(reply.body[0])
-    finally:
-        conn.close()
-
-
-@dataclass
-class Bus:
-    """A private dbus-daemon (and the polkitd on it, when started)."""
-
-    dir: Path
-    proc: subprocess.Popen[bytes]
-    polkitd: subprocess.Popen[bytes] | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.dir / "bus"
-
-    @property
-    def address(self) -> str:
-        return f"unix:path={self.path}"
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
-
-    def start_polkitd(self, rules: str) -> None:
-        """polkitd on this bus, with ``rules`` and the shipped actions, in a mount
-        namespace of its own (the machine's polkit directories stay as they are)."""
-        for sub in ("rules", "empty", "actions"):
-            (self.dir / sub).mkdir(mode=0o755, exist_ok=True)
-        (self.dir / "rules" / "10-composefsd-test.rules").write_text(rules)
-        shutil.copy(POLICY, self.dir / "actions" / POLICY.name)
-        for path in (self.dir / "rules", self.dir / "actions"):
-            for f in path.iterdir():
-                f.chmod(0o644)
-        script = (
-            "mount --make-rprivate / && "
-            f"mount --bind {self.dir}/rules /etc/polkit-1/rules.d && "
-            f"mount --bind {self.dir}/empty /usr/share/polkit-1/rules.d && "
-            f"mount --bind {self.dir}/actions /usr/share/polkit-1/actions && "
-            f"exec {POLKITD} --no-debug"
-        )
-        with open(self.dir / "polkitd.log", "ab") as log:
-            # unshare and sh exec: the pid is polkitd's.
-            self.polkitd = subprocess.Popen(
-                ["unshare", "-m", "sh", "-c", script],
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-        _wait_for(lambda: _name_has_owner(self.address, _POLKIT_NAME), "polkitd on the bus")
-
-    def stop_polkitd(self) -> None:
-        if self.polkitd is not None and self.polkitd.poll() is None:
-            self.polkitd.kill()
-            self.polkitd.wait()
-        self.polkitd = None
-        _wait_for(lambda: not _name_has_owner(self.address, _POLKIT_NAME), "polkitd gone")
-
-    def stop(self) -> None:
-        if self.polkitd is not None and self.polkitd.poll() is None:
-            self.polkitd.kill()
-            self.polkitd.wait()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_bus(where: Path) -> Bus:
-    where.mkdir(mode=0o755, exist_ok=True)
-    conf = where / "bus.conf"
-    conf.write_text(_BUS_CONF.format(path=where / "bus"))
-    proc = subprocess.Popen(
-        ["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    bus = Bus(where, proc)
-    _wait_for(lambda: bus_socket_exists(bus.address), "the bus socket")
-    return bus
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +315,7 @@ def test_no_system_bus_keeps_todays_rule(
         assert _calls(user_python, test_users.alice, d, mount) == [UNAVAILABLE]
         conf.write_text("polkit = no\n")
         d.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: "polkit is now no" in d.log_text(), "the reload")
+        wait_for(lambda: "polkit is now no" in d.log_text(), "the reload")
         assert _calls(user_python, test_users.alice, d, mount) == [DENIED]
     finally:
         assert d.stop() == 0
@@ -511,7 +385,7 @@ class FakePolkit:
 
     def start(self) -> None:
         conn = open_dbus_connection(self.address, enable_fds=True)
-        reply = conn.send_and_get_reply(message_bus.RequestName(_POLKIT_NAME), timeout=5)
+        reply = conn.send_and_get_reply(message_bus.RequestName(POLKIT_NAME), timeout=5)
         assert reply.body[0] == 1, reply.body
 
         def serve() -> None:
@@ -625,7 +499,7 @@ def test_polkit_gone_during_a_check(
             target=lambda: result.append(_calls(user_python, test_users.alice, d, mount))
         )
         caller.start()
-        _wait_for(lambda: len(fake.calls) == 1, "the check")
+        wait_for(lambda: len(fake.calls) == 1, "the check")
         fake.close()  # its connection closes: the bus fails the pending call
         caller.join(30)
         assert result == [[DENIED]]
