@@ -17,6 +17,8 @@ import pytest
 
 import users
 from composefsd.cli.composefsctl.parser import parse_args
+from composefsd.cli.composefsctl.remote import call_error_text
+from composefsd.service.client import VarlinkCallError
 from conftest import TestUsers
 from ctlrun import run_ctl
 from servicehelpers import Daemon, running_daemon
@@ -168,6 +170,11 @@ def test_command_not_found(world: World) -> None:
             "io.composefs.Repository.DumpfileRejected: the dumpfile is refused: line 2: ",
         ),
         ("object path leaves", "io.composefs.Repository.DumpfileRejected: the dumpfile is refused"),
+        (
+            "too large",
+            "io.composefs.Repository.LimitExceeded: the dumpfile is larger than 16777216 bytes "
+            "(limit dumpfileBytes: 16777216)",
+        ),
     ],
 )
 def test_wrong_inputs(world: World, case: str, message: str) -> None:
@@ -183,6 +190,9 @@ def test_wrong_inputs(world: World, case: str, message: str) -> None:
         where = dump
     elif case == "malformed":
         dump = world.file("bad.dump", _ROOT + "/x this is no dumpfile line\n")
+    elif case == "too large":
+        dump = world.file("big.dump", _ROOT)
+        os.truncate(dump, (16 << 20) + 1)
     elif case == "object path leaves":
         dump = world.file("up.dump", _ROOT + "/x 12 100644 1 0 0 0 0.0 ../../etc/passwd - -\n")
     out = world.ctl("mount-dumpfile", dump, objects, "--at", where, "--", "true")
@@ -213,3 +223,24 @@ def test_command_after_the_first_double_dash() -> None:
     assert parse_args(["mount-dumpfile", "d", "o", "--at", "/m"]).exec_command == []
     # Another command's "--" is its own.
     assert parse_args(["remove-ref", "--", "mount-dumpfile"]).name == "mount-dumpfile"
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters", "text"),
+    [
+        ("DumpfileRejected", {"message": "bad mode"}, "the dumpfile is refused: bad mode"),
+        (
+            "BadFileDescriptor",
+            {"parameter": "dumpfileFileDescriptor", "message": "not a regular file"},
+            "the fd for dumpfileFileDescriptor: not a regular file",
+        ),
+        (
+            "LimitExceeded",
+            {"limit": "callsPerUid", "value": 1, "message": "one call at a time"},
+            "one call at a time (limit callsPerUid: 1)",
+        ),
+    ],
+)
+def test_error_texts(name: str, parameters: dict[str, object], text: str) -> None:
+    exc = VarlinkCallError(f"io.composefs.Repository.{name}", parameters)
+    assert call_error_text(exc) == f"io.composefs.Repository.{name}: {text}"
