@@ -7,8 +7,10 @@ exit statuses."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 import users
 from composefsd.cli.composefsctl.parser import parse_args
 from composefsd.cli.composefsctl.remote import call_error_text
+from composefsd.kernel.syscalls import MNT_DETACH, umount2
 from composefsd.service.client import VarlinkCallError
 from conftest import TestUsers
 from ctlrun import run_ctl
@@ -115,6 +118,52 @@ def test_command_sees_the_files(world: World) -> None:
     # The mount was in the command's namespace only.
     assert not os.path.ismount(where)
     assert os.listdir(where) == []
+
+
+def test_keep_ids(world: World) -> None:
+    dump, where = _good_dump(world), world.mnt("keep")
+    script = f'stat -c "%u:%g" {where}/mine {where}/other; id -u; id -g'
+    out = world.ctl(
+        "mount-dumpfile", dump, str(world.objects), "--at", where, "--keep-ids",
+        "--", "sh", "-c", script,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    uid, gid = world.user.uid, world.user.gid
+    assert out.stdout.splitlines() == [
+        f"{uid}:{gid}",  # the dumpfile's 0, the caller's own ids inside as outside
+        f"{_OVERFLOW}:{_OVERFLOW}",
+        str(uid),
+        str(gid),
+    ]
+
+
+def test_root_attaches_in_its_namespace(world: World) -> None:
+    # (Not under unshare -m: overlayfs takes no layer fd from another mount namespace
+    # than the daemon's, so files opened there cannot be mounted.)
+    dump, where = _good_dump(world), world.mnt("root")
+    ctl = [
+        sys.executable, "-m", "composefsd.cli.composefsctl", "--connect",
+        str(world.daemon.socket), "mount-dumpfile", dump, str(world.objects), "--at", where,
+        "--json",
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(
+            ctl, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {
+            "mountpoint": where,
+            "source": "composefs",
+            "idmapped": "default",
+        }
+        # It stays after composefsctl: in the current namespace, with root's 0 as 0.
+        assert os.path.ismount(where)
+        assert Path(where, "mine").read_text() == "my own file\n"
+        st = os.stat(Path(where, "mine"))
+        assert (st.st_uid, st.st_gid) == (0, 0)
+    finally:
+        if os.path.ismount(where):
+            umount2(where, MNT_DETACH)
 
 
 def test_default_command_is_the_shell(world: World) -> None:

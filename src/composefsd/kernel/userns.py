@@ -146,10 +146,11 @@ def _write_map(pid: int, name: str, mapping: Sequence[IdMapping]) -> None:
         raise KernelError(e.errno or errno.EINVAL, f"write /proc/PID/{name}") from None
 
 
-def enter_own_namespaces() -> int:
+def enter_own_namespaces(*, map_current_user: bool = False) -> int:
     """Move this (single-threaded) process into a new user namespace and a new mount
-    namespace it owns, its uid and gid mapped to 0 inside, as ``unshare -Urm`` does;
-    returns an O_RDONLY fd on the new user namespace.
+    namespace it owns, its uid and gid mapped to 0 inside as ``unshare -Urm`` does
+    (with ``map_current_user``, to themselves, as ``unshare -cm``); returns an
+    O_RDONLY fd on the new user namespace.
 
     Mounts copied into the new mount namespace become slaves of the old ones (the
     kernel's rule for a less privileged namespace), so nothing attached here shows
@@ -157,9 +158,14 @@ def enter_own_namespaces() -> int:
     disabled, a threaded process).
     """
     uid, gid = os.geteuid(), os.getegid()
+    inside_uid, inside_gid = (uid, gid) if map_current_user else (0, 0)
     unshare(CLONE_NEWUSER | CLONE_NEWNS)
     # setgroups must be denied before an unprivileged gid_map write (user_namespaces(7)).
-    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{inside_uid} {uid} 1"),
+        ("gid_map", f"{inside_gid} {gid} 1"),
+    ):
         try:
             fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
             try:

@@ -13,7 +13,11 @@ mount (the dumpfile's uid and gid 0 are the caller, inside as outside; other ids
 show as the overflow id, 65534). It then attaches the mount at DIR and execs
 COMMAND (default: ``$SHELL``, else ``/bin/sh``) there, as ``unshare`` does: the
 mount lives as long as the namespace, that is as long as COMMAND and what it
-starts. Exit status: COMMAND's; 126 when COMMAND cannot be run, 127 when it is
+starts. With ``--keep-ids`` the caller's uid and gid are mapped to themselves
+instead (``unshare -cm``, podman's ``--userns=keep-id``): COMMAND runs as the
+caller's own ids, and the files the dumpfile gives to 0 are the caller's inside
+too (composefsd's default idmap, no user namespace sent). Exit status: COMMAND's; 126
+when COMMAND cannot be run, 127 when it is
 not found (as ``unshare``); else composefsctl's (1 failed, 2 usage, 3 no
 daemon).
 
@@ -79,15 +83,23 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
             "dumpfileFileDescriptor": 0,
             "objectDirectoryFileDescriptors": list(range(1, len(fds))),
         }
+        # The files are opened before the namespaces are entered: overlayfs takes
+        # no layer fd from another mount namespace than composefsd's.
         if in_namespace:
             try:
-                fds.append(enter_own_namespaces())
+                userns_fd = enter_own_namespaces(map_current_user=args.keep_ids)
             except OSError as exc:
                 raise Failed(
                     f"cannot make a user and mount namespace ({exc}): "
                     "are unprivileged user namespaces disabled?"
                 ) from None
-            params["userNamespaceFileDescriptor"] = len(fds) - 1
+            if args.keep_ids:
+                # composefsd's own idmap (the dumpfile's 0 is the caller): in a
+                # namespace that maps the caller to itself, its files are its own.
+                os.close(userns_fd)
+            else:
+                fds.append(userns_fd)
+                params["userNamespaceFileDescriptor"] = len(fds) - 1
         reply = conn.call(f"{INTERFACE}.MountDumpfile", params, fds=fds)
     finally:
         for fd in fds:

@@ -367,6 +367,12 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         "objdirs", metavar="OBJDIR", nargs="+", help="object directories, searched in order"
     )
     p.add_argument("--at", metavar="DIR", required=True, help="where to attach the mount")
+    p.add_argument(
+        "--keep-ids",
+        action="store_true",
+        help="run COMMAND as your own uid and gid (as unshare -c), not as 0; files of "
+        "the dumpfile's 0 are yours either way",
+    )
     p.add_argument("--json", action="store_true", help="as root without COMMAND: print the mount")
     p.set_defaults(exec_command=[])
 
