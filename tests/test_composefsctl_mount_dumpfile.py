@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,71 @@ def test_keep_ids(world: World) -> None:
         str(uid),
         str(gid),
     ]
+
+
+@pytest.fixture
+def users_ns(world: World, test_users: TestUsers) -> Iterator[dict[str, int]]:
+    """A user namespace of alice's and one of bob's (unshare -Ur), by user name, and
+    ("plain") a process of alice's in the initial one."""
+    procs = {
+        u.name: users.popen_as(u, ["unshare", "-Ur", "sleep", "600"], stdin=subprocess.DEVNULL)
+        for u in (world.user, test_users.bob)
+    }
+    procs["plain"] = users.popen_as(world.user, ["sleep", "600"], stdin=subprocess.DEVNULL)
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        for name, proc in procs.items():
+            if name == "plain":
+                continue
+            deadline = time.monotonic() + 30
+            while os.readlink(f"/proc/{proc.pid}/ns/user") == mine:
+                assert time.monotonic() < deadline, "unshare -Ur never got its namespace"
+                time.sleep(0.01)
+        yield {name: proc.pid for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_userns_of(world: World, users_ns: dict[str, int], test_users: TestUsers) -> None:
+    dump, where = _good_dump(world), world.mnt("userns-of")
+    pid = users_ns[world.user.name]
+    script = f'stat -c "%u:%g" {where}/mine {where}/other; id -u; readlink /proc/self/ns/user'
+    out = world.ctl(
+        "mount-dumpfile", dump, str(world.objects), "--at", where, "--userns-of", str(pid),
+        "--", "sh", "-c", script,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "0:0",
+        f"{_OVERFLOW}:{_OVERFLOW}",
+        "0",
+        os.readlink(f"/proc/{pid}/ns/user"),  # the command runs in PID's namespace
+    ]
+    # Someone else's namespace: not even opened (and the daemon would refuse it).
+    bobs = users_ns[test_users.bob.name]
+    out = world.ctl(
+        "mount-dumpfile", dump, str(world.objects), "--at", where, "--userns-of", str(bobs),
+        "--", "true",
+    )  # fmt: skip
+    assert (out.returncode, out.stderr) == (
+        1,
+        f"composefsctl: error: --userns-of {bobs}: Permission denied\n",
+    )
+    # Her own process in the initial namespace, root's: the daemon's BadFileDescriptor.
+    out = world.ctl(
+        "mount-dumpfile", dump, str(world.objects), "--at", where,
+        "--userns-of", str(users_ns["plain"]),
+        "--", "true",
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr == (
+        "composefsctl: error: io.composefs.Repository.BadFileDescriptor: "
+        "userNamespaceFileDescriptor: owned by uid 0, not by the caller "
+        f"(uid {world.user.uid})\n"
+    )
+    assert not os.path.ismount(where)
 
 
 def test_root_attaches_in_its_namespace(world: World) -> None:
@@ -281,7 +347,12 @@ def test_command_after_the_first_double_dash() -> None:
         (
             "BadFileDescriptor",
             {"parameter": "dumpfileFileDescriptor", "message": "not a regular file"},
-            "the fd for dumpfileFileDescriptor: not a regular file",
+            "dumpfileFileDescriptor: not a regular file",
+        ),
+        (
+            "BadFileDescriptor",
+            {"parameter": "dumpfileFileDescriptor", "message": "dumpfileFileDescriptor: x"},
+            "dumpfileFileDescriptor: x",
         ),
         (
             "LimitExceeded",

@@ -311,6 +311,12 @@ def unshare(flags: int) -> None:
     _check(res, f"unshare(0x{flags:x})")
 
 
+def setns(fd: int, nstype: int) -> None:
+    """``setns(2)`` (glibc's; Python's os.setns is 3.12's)."""
+    res = _libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype))
+    _check(res, f"setns(0x{nstype:x})")
+
+
 def ioctl_int(fd: int, request: int, arg: int, what: str) -> int:
     """An ioctl whose argument is an integer; returns the ioctl's result."""
     res = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_long(arg))

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from composefsd.kernel.syscalls import CLONE_NEWNS, CLONE_NEWUSER, KernelError, unshare
+from composefsd.kernel.syscalls import CLONE_NEWNS, CLONE_NEWUSER, KernelError, setns, unshare
 
 __all__ = [
     "IdMapping",
     "create_userns",
     "enter_own_namespaces",
+    "enter_userns_with_own_mounts",
     "format_mapping",
     "parse_mapping",
 ]
@@ -175,3 +176,12 @@ def enter_own_namespaces(*, map_current_user: bool = False) -> int:
         except OSError as e:
             raise KernelError(e.errno or errno.EINVAL, f"write /proc/self/{name}") from None
     return os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def enter_userns_with_own_mounts(userns_fd: int) -> None:
+    """Move this (single-threaded) process into the user namespace ``userns_fd``
+    (one its euid owns: entering gives it every capability there) and then into a
+    new mount namespace owned by it, as ``nsenter -U`` and ``unshare -m`` would.
+    Raises :class:`KernelError` where the kernel refuses."""
+    setns(userns_fd, CLONE_NEWUSER)
+    unshare(CLONE_NEWNS)

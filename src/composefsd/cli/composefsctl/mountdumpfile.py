@@ -16,7 +16,11 @@ mount lives as long as the namespace, that is as long as COMMAND and what it
 starts. With ``--keep-ids`` the caller's uid and gid are mapped to themselves
 instead (``unshare -cm``, podman's ``--userns=keep-id``): COMMAND runs as the
 caller's own ids, and the files the dumpfile gives to 0 are the caller's inside
-too (composefsd's default idmap, no user namespace sent). Exit status: COMMAND's; 126
+too (composefsd's default idmap, no user namespace sent). With ``--userns-of
+PID`` the user namespace is PID's (one the caller owns, such as a rootless
+container's, whose mappings may cover many ids): the mount is idmapped through
+it, and COMMAND runs in it (as ``nsenter -U -t PID``) in a new mount namespace.
+Exit status: COMMAND's; 126
 when COMMAND cannot be run, 127 when it is
 not found (as ``unshare``); else composefsctl's (1 failed, 2 usage, 3 no
 daemon).
@@ -38,7 +42,7 @@ from composefsd.cli.composefsctl import output
 from composefsd.cli.composefsctl.errors import Failed, Usage
 from composefsd.image.printable import printable
 from composefsd.kernel.syscalls import move_mount
-from composefsd.kernel.userns import enter_own_namespaces
+from composefsd.kernel.userns import enter_own_namespaces, enter_userns_with_own_mounts
 from composefsd.service.client import INTERFACE, Connection
 
 __all__ = ["EXIT_CANNOT_RUN", "EXIT_NOT_FOUND", "run"]
@@ -62,6 +66,13 @@ def _open(path: str, what: str, *, directory: bool) -> int:
     return fd
 
 
+def _userns_of(pid: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Failed(f"--userns-of {pid}: {exc.strerror}") from None
+
+
 def run(conn: Connection, args: argparse.Namespace) -> int:
     """Mount, attach and exec (module notes); returns only on failure, or as root
     without a command."""
@@ -71,7 +82,9 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
     where = os.path.abspath(args.at)
     if not os.path.isdir(where):
         raise Failed(f"--at {args.at}: not a directory")
-    in_namespace = bool(command) or os.geteuid() != 0
+    if args.userns_of is not None and args.keep_ids:
+        raise Usage("--userns-of and --keep-ids exclude each other")
+    in_namespace = bool(command) or os.geteuid() != 0 or args.userns_of is not None
     if in_namespace and not command:
         command = [os.environ.get("SHELL") or "/bin/sh"]
     fds: list[int] = []
@@ -85,7 +98,10 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
         }
         # The files are opened before the namespaces are entered: overlayfs takes
         # no layer fd from another mount namespace than composefsd's.
-        if in_namespace:
+        if args.userns_of is not None:
+            fds.append(_userns_of(args.userns_of))
+            params["userNamespaceFileDescriptor"] = len(fds) - 1
+        elif in_namespace:
             try:
                 userns_fd = enter_own_namespaces(map_current_user=args.keep_ids)
             except OSError as exc:
@@ -101,6 +117,16 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
                 fds.append(userns_fd)
                 params["userNamespaceFileDescriptor"] = len(fds) - 1
         reply = conn.call(f"{INTERFACE}.MountDumpfile", params, fds=fds)
+        if args.userns_of is not None:
+            # After the call: the fds were opened, and the call made, from here.
+            try:
+                enter_userns_with_own_mounts(fds[-1])
+            except OSError as exc:
+                reply.close_fds()
+                raise Failed(
+                    f"--userns-of {args.userns_of}: cannot enter its user namespace "
+                    f"({exc.strerror})"
+                ) from None
     finally:
         for fd in fds:
             os.close(fd)

@@ -373,6 +373,12 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         help="run COMMAND as your own uid and gid (as unshare -c), not as 0; files of "
         "the dumpfile's 0 are yours either way",
     )
+    p.add_argument(
+        "--userns-of",
+        metavar="PID",
+        type=_positive,
+        help="idmap through PID's user namespace (one you own) and run COMMAND in it",
+    )
     p.add_argument("--json", action="store_true", help="as root without COMMAND: print the mount")
     p.set_defaults(exec_command=[])
 

@@ -381,7 +381,11 @@ def call_error_text(exc: VarlinkCallError) -> str:
         where = f"line {line}: " if isinstance(line, int) else ""
         text = f"the dumpfile is refused: {where}{p['message']}"
     elif short == "BadFileDescriptor" and isinstance(p.get("message"), str):
-        text = f"the fd for {p.get('parameter')!s}: {p['message']}"
+        # composefsd's messages name the parameter already; others may not.
+        parameter = str(p.get("parameter"))
+        text = p["message"]
+        if not text.startswith(parameter):
+            text = f"{parameter}: {text}"
     elif short == "LimitExceeded" and isinstance(p.get("message"), str):
         text = f"{p['message']} (limit {p.get('limit')!s}: {p.get('value')!s})"
     elif short == "AuthorizationUnavailable" and isinstance(p.get("message"), str):
