@@ -14,12 +14,15 @@ done). polkit's own answers come from a real polkitd (tests/polkitenv.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,7 @@ CHALLENGE_TEXT = (
 _AGENT = """#!/bin/sh
 # A stand-in for pkttyagent: what composefsctl started and how it ended it.
 log={log}
-echo "started $PPID $*" >> "$log"
+echo "started $PPID $$ $*" >> "$log"
 trap 'echo stopped >> "$log"; exit 0' TERM
 [ "$1" = --notify-fd ] && eval "exec $2>&-"
 while :; do sleep 0.05; done
@@ -70,6 +73,8 @@ class FakeServer:
     agent_log: Path
     error: str | None = None
     calls: list[Call] = field(default_factory=list)
+    #: When given, each reply waits until it is set.
+    hold: threading.Event | None = None
 
     def serve(self, sock: socket.socket) -> None:
         while True:
@@ -91,11 +96,14 @@ class FakeServer:
                 msg = json.loads(buf[:-1])
                 log = self.agent_log.read_text() if self.agent_log.exists() else ""
                 self.calls.append(Call(msg["method"], msg.get("parameters", {}), pid, log))
+                if self.hold is not None:
+                    self.hold.wait(60)
                 if self.error is not None:
                     reply: dict[str, Any] = {"error": self.error, "parameters": {}}
                 else:
                     reply = {"parameters": {"images": [], "removedRefs": []}}
-                conn.sendall(json.dumps(reply).encode() + b"\0")
+                with contextlib.suppress(OSError):  # a client killed meanwhile
+                    conn.sendall(json.dumps(reply).encode() + b"\0")
 
 
 @dataclass
@@ -188,7 +196,7 @@ def test_terminal_sets_the_flag_and_runs_the_agent(world: World) -> None:
     # waited for the notify fd to close) by composefsctl itself, not yet stopped.
     started = call.agent_log.splitlines()
     assert len(started) == 1, call.agent_log
-    word, ppid, *argv = started[0].split()
+    word, ppid, _, *argv = started[0].split()
     assert (word, int(ppid)) == ("started", call.pid)
     assert argv[0] == "--notify-fd" and int(argv[1]) > 2 and argv[2:] == ["--fallback"]
     # ... and was stopped (SIGTERM) before composefsctl exited.
@@ -201,6 +209,47 @@ def test_success_with_the_agent(world: World) -> None:
     assert out.returncode == 0, out.stderr
     assert world.server.calls[0].parameters[FLAG] is True
     assert world.agent_log().splitlines()[-1] == "stopped"
+
+
+def test_agent_dies_with_composefsctl(world: World) -> None:
+    world.server.error = None
+    world.server.calls.clear()
+    world.server.agent_log.unlink(missing_ok=True)
+    world.server.hold = release = threading.Event()
+    env = {**world.py.env, "PATH": f"{world.bindir}:{os.environ['PATH']}"}
+    master, slave = os.openpty()
+    try:
+        proc = users.popen_as(
+            world.user,
+            world.py.command(
+                "-m", "composefsd.cli.composefsctl", "--connect", str(world.server.path),
+                "remove-image", "x",
+            ),
+            env=env, stdin=slave, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait(lambda: bool(world.server.calls), "the call")
+        assert "started" in world.agent_log()
+        # SIGKILL: no chance to stop the agent itself; its parent-death signal does.
+        proc.kill()
+        proc.wait()
+        _wait(lambda: "stopped" in world.agent_log(), "the agent's SIGTERM")
+    finally:
+        # A stand-in agent that outlived its parent (the test failing) goes too.
+        for line in world.agent_log().splitlines():
+            if line.startswith("started "):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[2]), signal.SIGKILL)
+        release.set()
+        world.server.hold = None
+        os.close(master)
+        os.close(slave)
+
+
+def _wait(predicate: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.01)
 
 
 def test_no_ask_password(world: World) -> None:

@@ -317,6 +317,16 @@ def setns(fd: int, nstype: int) -> None:
     _check(res, f"setns(0x{nstype:x})")
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG)``: this process gets ``signum`` when its parent
+    (the thread that forked it) ends."""
+    res = _libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signum))
+    _check(res, "prctl(PR_SET_PDEATHSIG)")
+
+
 def ioctl_int(fd: int, request: int, arg: int, what: str) -> int:
     """An ioctl whose argument is an integer; returns the ioctl's result."""
     res = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_long(arg))

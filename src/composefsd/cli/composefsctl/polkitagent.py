@@ -9,7 +9,9 @@ it is installed (Debian's polkitd package), as a direct child so that it registe
 for this process (pkttyagent's default subject is its parent's), and waited for
 until it closes N (it has registered with polkitd then, or given up), as systemd
 waits. ``--fallback`` leaves an agent the session already has (a desktop's) in
-charge. The agent is stopped afterwards by its own PID (SIGTERM, then reaped).
+charge. The agent is stopped afterwards by its own PID (SIGTERM, then reaped),
+and gets SIGTERM from the kernel should composefsctl die first
+(PR_SET_PDEATHSIG, as systemd's fork_agent sets).
 
 Imported only by a command that may ask polkit (remote.ASKS_POLKIT), and only
 when it may ask for a password (client start-up stays small:
@@ -18,14 +20,17 @@ tests/test_composefsctl_imports.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from composefsd.kernel.syscalls import set_parent_death_signal
 from composefsd.service.client import Connection
 
 __all__ = ["AGENT", "FLAG", "METHODS", "AskingConnection", "agent"]
@@ -79,27 +84,37 @@ def agent() -> Iterator[None]:
         return
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
-        try:
-            agent = subprocess.Popen(
-                [program, "--notify-fd", str(ready_w), "--fallback"], pass_fds=(ready_w,)
-            )
-        except OSError:
-            # No agent, no prompt: polkit then answers InteractiveAuthenticationRequired.
-            yield
-            return
+        proc = subprocess.Popen(
+            [program, "--notify-fd", str(ready_w), "--fallback"],
+            pass_fds=(ready_w,),
+            # Gone with composefsctl, however it ends (systemd's fork_agent does so too).
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
+    except OSError:
+        # No agent, no prompt: polkit then answers InteractiveAuthenticationRequired.
+        os.close(ready_r)
         os.close(ready_w)
-        ready_w = -1
+        yield
+        return
+    try:
+        os.close(ready_w)
         # The agent closes the fd once registered (or exits): POLLHUP either way.
         poller = select.poll()
         poller.register(ready_r, select.POLLHUP)
         poller.poll()
-    finally:
         os.close(ready_r)
-        if ready_w >= 0:
-            os.close(ready_w)
-    try:
+        ready_r = -1
         yield
     finally:
-        if agent.poll() is None:
-            agent.terminate()
-        agent.wait()
+        if ready_r >= 0:
+            os.close(ready_r)
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+
+
+def _die_with_parent(parent: int) -> None:
+    # Runs in the forked child before exec (composefsctl is single-threaded here).
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent ended before the signal was set up
+        os._exit(1)
