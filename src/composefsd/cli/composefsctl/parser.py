@@ -362,6 +362,10 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         "mount your own composefs dumpfile over your own object directories, in a user "
         "and mount namespace of your own, and run COMMAND there (no privilege needed)",
     )
+    p.epilog = (
+        "Then: -- COMMAND [ARG...], everything after the first --, run with the mount "
+        "at DIR (default: $SHELL); its exit status is composefsctl's."
+    )
     p.add_argument("dumpfile", metavar="DUMPFILE", help="a composefs-dump(5) file")
     p.add_argument(
         "objdirs", metavar="OBJDIR", nargs="+", help="object directories, searched in order"
