@@ -3,15 +3,16 @@
 
 A caller that is not root, whose stdin is a terminal and that did not say
 ``--no-ask-password``, sets ``allowInteractiveAuthentication`` on the calls polkit
-may be asked about (:data:`METHODS`), and runs polkit's text agent
-for the call's duration: ``pkttyagent --notify-fd N --fallback``, started only if
-it is installed (Debian's polkitd package), as a direct child so that it registers
-for this process (pkttyagent's default subject is its parent's), and waited for
-until it closes N (it has registered with polkitd then, or given up), as systemd
-waits. ``--fallback`` leaves an agent the session already has (a desktop's) in
-charge. The agent is stopped afterwards by its own PID (SIGTERM, then reaped),
-and gets SIGTERM from the kernel should composefsctl die first
-(PR_SET_PDEATHSIG, as systemd's fork_agent sets).
+may be asked about (:data:`METHODS`), and runs polkit's text agent for the
+call's duration: ``pkttyagent --notify-fd N --fallback``, started only if it is
+installed (Debian's polkitd package), as a direct child with this process's
+terminal (pkttyagent picks what it registers for from its parent and prompts on
+the controlling terminal), and waited for until it closes N (it has registered
+with polkitd then, or given up), as systemd waits. ``--fallback`` leaves an
+agent the session already has (a desktop's) in charge. The agent is stopped
+afterwards by its own PID (SIGTERM, then reaped), and gets SIGTERM from the
+kernel should composefsctl die first (PR_SET_PDEATHSIG, as systemd's fork_agent
+sets).
 
 Imported only by a command that may ask polkit (remote.ASKS_POLKIT), and only
 when it may ask for a password (client start-up stays small:
