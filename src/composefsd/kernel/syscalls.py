@@ -72,6 +72,7 @@ MNT_FORCE: Final = 0x1
 MNT_DETACH: Final = 0x2
 UMOUNT_NOFOLLOW: Final = 0x8
 
+CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWUSER: Final = 0x10000000
 
 STATX_MNT_ID_UNIQUE: Final = 0x4000
@@ -308,6 +309,22 @@ def umount2(path: str | os.PathLike[str], flags: int = 0) -> None:
 def unshare(flags: int) -> None:
     res = _syscall(ctypes.c_long(_SYS.unshare), ctypes.c_int(flags))
     _check(res, f"unshare(0x{flags:x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """``setns(2)`` (glibc's; Python's os.setns is 3.12's)."""
+    res = _libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype))
+    _check(res, f"setns(0x{nstype:x})")
+
+
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG)``: this process gets ``signum`` when its parent
+    (the thread that forked it) ends."""
+    res = _libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signum))
+    _check(res, "prctl(PR_SET_PDEATHSIG)")
 
 
 def ioctl_int(fd: int, request: int, arg: int, what: str) -> int:

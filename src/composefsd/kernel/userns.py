@@ -19,9 +19,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from composefsd.kernel.syscalls import CLONE_NEWUSER, KernelError, unshare
+from composefsd.kernel.syscalls import CLONE_NEWNS, CLONE_NEWUSER, KernelError, setns, unshare
 
-__all__ = ["IdMapping", "create_userns", "format_mapping", "parse_mapping"]
+__all__ = [
+    "IdMapping",
+    "create_userns",
+    "enter_own_namespaces",
+    "enter_userns_with_own_mounts",
+    "format_mapping",
+    "parse_mapping",
+]
 
 # The kernel accepts at most 340 lines per map.
 _MAX_LINES: Final = 340
@@ -138,3 +145,43 @@ def _write_map(pid: int, name: str, mapping: Sequence[IdMapping]) -> None:
             os.close(fd)
     except OSError as e:
         raise KernelError(e.errno or errno.EINVAL, f"write /proc/PID/{name}") from None
+
+
+def enter_own_namespaces(*, map_current_user: bool = False) -> int:
+    """Move this (single-threaded) process into a new user namespace and a new mount
+    namespace it owns, its uid and gid mapped to 0 inside as ``unshare -Urm`` does
+    (with ``map_current_user``, to themselves, as ``unshare -cm``); returns an
+    O_RDONLY fd on the new user namespace.
+
+    Mounts copied into the new mount namespace become slaves of the old ones (the
+    kernel's rule for a less privileged namespace), so nothing attached here shows
+    outside. Raises :class:`KernelError` where the kernel refuses (user namespaces
+    disabled, a threaded process).
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    inside_uid, inside_gid = (uid, gid) if map_current_user else (0, 0)
+    unshare(CLONE_NEWUSER | CLONE_NEWNS)
+    # setgroups must be denied before an unprivileged gid_map write (user_namespaces(7)).
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{inside_uid} {uid} 1"),
+        ("gid_map", f"{inside_gid} {gid} 1"),
+    ):
+        try:
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise KernelError(e.errno or errno.EINVAL, f"write /proc/self/{name}") from None
+    return os.open("/proc/self/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def enter_userns_with_own_mounts(userns_fd: int) -> None:
+    """Move this (single-threaded) process into the user namespace ``userns_fd``
+    (one its euid owns: entering gives it every capability there) and then into a
+    new mount namespace owned by it, as ``nsenter -U`` and ``unshare -m`` would.
+    Raises :class:`KernelError` where the kernel refuses."""
+    setns(userns_fd, CLONE_NEWUSER)
+    unshare(CLONE_NEWNS)

@@ -45,6 +45,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 from composefsd.cli.composefsctl import remote
 from composefsd.cli.composefsctl.errors import Failed, Unreachable, Usage
@@ -136,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         conn = _connect(args)
         if conn is not None:
+            if remote.asks_password(args):
+                # Only here: the agent's code costs every other start.
+                from composefsd.cli.composefsctl.polkitagent import AskingConnection, agent
+
+                with agent():
+                    return remote.COMMANDS[args.command](
+                        cast(Connection, AskingConnection(conn)), args
+                    )
             return remote.COMMANDS[args.command](conn, args)
         if args.command in remote.DAEMON_ONLY:
             raise Unreachable(

@@ -195,6 +195,13 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
         help="work on the repository directly even if a daemon runs",
     )
     common.add_argument(
+        "--no-ask-password",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="through the daemon: never let polkit ask for a password (default: it may, "
+        "for a user other than root on a terminal)",
+    )
+    common.add_argument(
         "--timeout",
         metavar="SEC",
         type=_timeout,
@@ -350,6 +357,35 @@ def _parser(wanted: Container[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every composefs mount, any repository")
     p.add_argument("--json", action="store_true")
 
+    p = command(
+        "mount-dumpfile",
+        "mount your own composefs dumpfile over your own object directories, in a user "
+        "and mount namespace of your own, and run COMMAND there (no privilege needed)",
+    )
+    p.epilog = (
+        "Then: -- COMMAND [ARG...], everything after the first --, run with the mount "
+        "at DIR (default: $SHELL); its exit status is composefsctl's."
+    )
+    p.add_argument("dumpfile", metavar="DUMPFILE", help="a composefs-dump(5) file")
+    p.add_argument(
+        "objdirs", metavar="OBJDIR", nargs="+", help="object directories, searched in order"
+    )
+    p.add_argument("--at", metavar="DIR", required=True, help="where to attach the mount")
+    p.add_argument(
+        "--keep-ids",
+        action="store_true",
+        help="run COMMAND as your own uid and gid (as unshare -c), not as 0; files of "
+        "the dumpfile's 0 are yours either way",
+    )
+    p.add_argument(
+        "--userns-of",
+        metavar="PID",
+        type=_positive,
+        help="idmap through PID's user namespace (one you own) and run COMMAND in it",
+    )
+    p.add_argument("--json", action="store_true", help="as root without COMMAND: print the mount")
+    p.set_defaults(exec_command=[])
+
     _oci_commands(command("oci", "OCI container images (through composefsd only)"), common, wanted)
     _varlink_commands(command)
     return parser
@@ -478,6 +514,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "verbose": False,
     "connect": None,
     "direct": False,
+    "no_ask_password": False,
     "timeout": DEFAULT_TIMEOUT,
 }
 
@@ -486,7 +523,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line ``argv`` (without the program name), every common option set;
     ``args.parser`` is the subcommand's parser, for usage errors found later."""
     argv = list(argv)
+    # mount-dumpfile's COMMAND is everything after the first "--", as unshare(1)
+    # and bwrap(1) take theirs (its options and OBJDIRs stay before it).
+    exec_command: list[str] | None = None
+    if "mount-dumpfile" in argv and "--" in argv[argv.index("mount-dumpfile") :]:
+        split = argv.index("--", argv.index("mount-dumpfile"))
+        exec_command, argv = argv[split + 1 :], argv[:split]
     args = _parser(frozenset(argv)).parse_args(argv)
+    if exec_command is not None:
+        args.exec_command = exec_command
     for name, value in _COMMON_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)

@@ -23,7 +23,15 @@ from composefsd.cli.composefsctl.arguments import (
 from composefsd.cli.composefsctl.errors import Failed, Usage
 from composefsd.service.client import INTERFACE, Connection, Reply, VarlinkCallError
 
-__all__ = ["COMMANDS", "DAEMON_ONLY", "call_error_text", "more_replies", "mount_call"]
+__all__ = [
+    "ASKS_POLKIT",
+    "COMMANDS",
+    "DAEMON_ONLY",
+    "asks_password",
+    "call_error_text",
+    "more_replies",
+    "mount_call",
+]
 
 
 #: ``--xattrs`` values (cfsctl's) as the IDL's XattrFilter names them.
@@ -306,6 +314,12 @@ def _client_mounts(conn: Connection, args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_mount_dumpfile(conn: Connection, args: argparse.Namespace) -> int:
+    from composefsd.cli.composefsctl import mountdumpfile  # loads the kernel layer
+
+    return mountdumpfile.run(conn, args)
+
+
 def _client_oci(conn: Connection, args: argparse.Namespace) -> int:
     from composefsd.cli.composefsctl import oci  # it builds on this module
 
@@ -313,7 +327,34 @@ def _client_oci(conn: Connection, args: argparse.Namespace) -> int:
 
 
 #: Commands that have no direct mode: they need a daemon.
-DAEMON_ONLY = frozenset({"oci", *generic.COMMANDS})
+DAEMON_ONLY = frozenset({"oci", "mount-dumpfile", *generic.COMMANDS})
+
+#: Commands whose calls composefsd may put to polkit (``oci`` with its subcommand).
+ASKS_POLKIT = frozenset(
+    {
+        "create-image",
+        "mount",
+        "unmount",
+        "remove-image",
+        "gc",
+        "oci pull",
+        "oci tag",
+        "oci untag",
+        "oci mount",
+    }
+)
+
+
+def asks_password(args: argparse.Namespace) -> bool:
+    """Whether this command lets polkit ask for a password, as systemd's tools do:
+    not root, stdin a terminal (it is about input), no ``--no-ask-password``."""
+    command = args.command
+    if command == "oci":
+        command = f"oci {args.oci_command}"
+    if command not in ASKS_POLKIT or args.no_ask_password or os.geteuid() == 0:
+        return False
+    return os.isatty(0)
+
 
 COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "status": _client_status,
@@ -325,6 +366,7 @@ COMMANDS: dict[str, Callable[[Connection, argparse.Namespace], int]] = {
     "mount": _client_mount,
     "unmount": _client_unmount,
     "mounts": _client_mounts,
+    "mount-dumpfile": _client_mount_dumpfile,
     "oci": _client_oci,
     **generic.COMMANDS,
 }
@@ -334,7 +376,21 @@ def call_error_text(exc: VarlinkCallError) -> str:
     """One line naming the error and saying what it means."""
     p = exc.parameters
     short = exc.name.rpartition(".")[2]
-    if isinstance(p.get("message"), str):
+    if short == "DumpfileRejected" and isinstance(p.get("message"), str):
+        line = p.get("line")
+        where = f"line {line}: " if isinstance(line, int) else ""
+        text = f"the dumpfile is refused: {where}{p['message']}"
+    elif short == "BadFileDescriptor" and isinstance(p.get("message"), str):
+        # composefsd's messages name the parameter already; others may not.
+        parameter = str(p.get("parameter"))
+        text = p["message"]
+        if not text.startswith(parameter):
+            text = f"{parameter}: {text}"
+    elif short == "LimitExceeded" and isinstance(p.get("message"), str):
+        text = f"{p['message']} (limit {p.get('limit')!s}: {p.get('value')!s})"
+    elif short == "AuthorizationUnavailable" and isinstance(p.get("message"), str):
+        text = f"polkit could not decide: {p['message']}"
+    elif isinstance(p.get("message"), str):
         text = p["message"]
         if p.get("errnoName"):
             text += f" ({p['errnoName']})"
@@ -351,6 +407,11 @@ def call_error_text(exc: VarlinkCallError) -> str:
         text = f"invalid parameter {p.get('parameter')!r}"
     elif short == "PermissionDenied":
         text = "permission denied (composefsd refuses this call to this user)"
+    elif short == "InteractiveAuthenticationRequired":
+        text = (
+            "polkit wants you to authenticate: run this on a terminal without "
+            "--no-ask-password (with an authentication agent), or ask for a polkit rule"
+        )
     elif short == "MethodNotFound":
         text = f"the service has no method {p.get('method')!r} (an older composefsd?)"
     elif short == "InterfaceNotFound":
