@@ -490,7 +490,8 @@ class Repository:
 
         with reader_lock(self.path):
             digest = self.resolve_image(name)
-            return verify_image(self, digest, progress=progress, workers=workers)
+            lists = None if self.read_only else self.cache_dir
+            return verify_image(self, digest, progress=progress, workers=workers, cache_dir=lists)
 
     def verify_stream(
         self,

@@ -60,6 +60,7 @@ from composefsd.image.tree import S_IFMT, Node
 from composefsd.kernel.verity import Algorithm, measure_verity
 from composefsd.objectcheck import NOT_REGULAR, OPEN_FLAGS, Summary, Wire
 from composefsd.objectlayout import is_hex, is_hex_digest, object_link_digest, object_relpath
+from composefsd.repository import objectlist
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import NotRegularObjectError, open_object, open_objects_dir
@@ -691,13 +692,17 @@ def verify_image(
     *,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> VerifyReport:
     """Check the image ``digest`` (lowercase hex) of ``repo`` and all its objects.
 
     Never raises for what it finds: everything wrong goes into the report.
     Progress: phase ``"image"`` (0 of 1, then 1 of 1), then ``"objects"`` with the
     number of objects checked so far out of the image's distinct objects.
-    ``workers`` caps the hashing processes (default: one per CPU).
+    ``workers`` caps the hashing processes (default: one per CPU). With
+    ``cache_dir`` (the repository's ``cache/``, for a caller that may write it),
+    the objects of an image whose digest is confirmed come from its object list
+    there when it has one, and a scan writes one (:mod:`composefsd.repository.objectlist`).
     """
     algorithm = Algorithm.parse(repo.hash_name)
     report = VerifyReport(digest=digest, verity_required=repo.verity is VerityPolicy.REQUIRED)
@@ -715,7 +720,8 @@ def verify_image(
         # now, so that their start overlaps the image's check and scan.
         checking = _Checking(algorithm, n, True, eager=True)
     try:
-        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers)
+        lists = None if cache_dir is None else os.fspath(cache_dir)
+        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers, lists)
     finally:
         if checking is not None:
             # Stop the workers if Verify left early or the image was refused.
@@ -742,14 +748,29 @@ def _verify_image(
     checking: _Checking | None,
     progress: ProgressCallback | None,
     workers: int | None,
+    lists: str | None,
 ) -> None:
     """:func:`verify_image` once the digest is well-formed, with ``checking`` if
-    it started workers early."""
+    it started workers early, and ``lists``, the directory of object lists if any."""
     step("image", 0, 1, force=True)
     data = _check_image_file(repo, digest, algorithm, report)
     step("image", 1, 1, force=True)
     if data is None:
         return
+    # The image's digest is its name (confirmed just now, before any object of a
+    # list reaches a worker: those started early have only started), so its
+    # objects are those its list holds, if it has one; else it is scanned (a
+    # damaged image too: the scan says what is wrong with it).
+    confirmed = not report.image_problems
+    if lists is not None and confirmed:
+        listed = objectlist.load(lists, algorithm, digest)
+        if listed is not None:
+            del data
+            if checking is not None:
+                objects = _objects_prefix(repo, algorithm)
+                checking.add([(b"%s/%s" % (objects, p), size) for p, size in listed.items()])
+            _check_objects(repo, algorithm, listed, report, progress, workers, checking)
+            return
     # The payloads' problems join the report only once the image is known valid.
     payload_problems: list[str] = []
     payloads = _Payloads(algorithm, payload_problems)
@@ -786,6 +807,9 @@ def _verify_image(
     del data
     new = payloads.add(rest)
     report.image_problems += payload_problems
+    if lists is not None and confirmed and not payload_problems:
+        # Scanned from bytes whose digest is the name, without a problem: its list.
+        objectlist.save(lists, algorithm, digest, payloads.sizes)
     if checking is not None:
         checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
     del rest, new
