@@ -64,13 +64,6 @@ from composefsd.repository import objectlist
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import NotRegularObjectError, open_object, open_objects_dir
-from composefsd.repository.streams import (
-    StreamNotFoundError,
-    iter_stream_refs,
-    iter_streams,
-    stream_entry,
-)
-from composefsd.splitstream import SplitStreamError, read_refs
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -862,6 +855,9 @@ def verify_stream(
     step("stream", 1, 1, force=True)
     if data is None:
         return report
+    # Loaded here: an image's Verify has no use for the stream code.
+    from composefsd.splitstream import SplitStreamError, read_refs
+
     try:
         refs = read_refs(data, algorithm.digest_size)
     except SplitStreamError as exc:
@@ -881,6 +877,8 @@ def stream_names(repo: Repository) -> list[str]:
     """The names under which a check of everything verifies streams: every entry of
     ``streams/`` (sorted), then ``refs/<name>`` for every link under
     ``streams/refs`` that names no stream (:func:`verify_stream` reports it)."""
+    from composefsd.repository.streams import iter_stream_refs, iter_streams
+
     names = [link.content_id for link in iter_streams(repo)]
     names += [f"refs/{ref.name}" for ref in iter_stream_refs(repo) if ref.content_id is None]
     return names
@@ -894,6 +892,8 @@ def stream_entry_path(repo: RepositoryView, name: str) -> Path:
 
 def _stream_entry(streams: Path, name: str) -> str | None:
     """The existing ``streams/`` entry ``name`` names (:func:`stream_entry`), or None."""
+    from composefsd.repository.streams import StreamNotFoundError, stream_entry
+
     try:
         entry = stream_entry(streams, name)
     except StreamNotFoundError:
