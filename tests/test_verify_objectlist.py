@@ -97,8 +97,10 @@ def test_second_verify_uses_the_list(s: Setup) -> None:
     assert s.scans == 0 and _findings(again) == _findings(first)
     assert path.read_bytes() == written  # used, not rewritten
     # What the list holds is what the scan finds.
-    sizes = objectlist.load(str(s.repo.cache_dir), Algorithm.SHA256, s.one)
-    assert sizes is not None and len(sizes) == first.objects_checked
+    listed = objectlist.load(str(s.repo.cache_dir), Algorithm.SHA256, s.one)
+    assert listed is not None
+    sizes = listed.sizes
+    assert len(sizes) == first.objects_checked
     assert sum(sizes.values()) == first.bytes_checked
 
 
@@ -150,7 +152,7 @@ def _body(objects: list[tuple[bytes, int]], digest: str, count: int | None = Non
     """A list file's bytes, with a valid checksum whatever ``count`` says."""
     header = struct.pack("<8sIQ", objectlist.MAGIC, 32, len(objects) if count is None else count)
     meta = b"sha256\0" + bytes.fromhex(digest)
-    body = header + meta + b"".join(d for d, _ in objects)
+    body = header + meta + b"".join(b"\0" + p for p, _ in objects)
     body += b"".join(size.to_bytes(8, "little") for _, size in objects)
     return body + hashlib.sha256(body).digest()
 
@@ -159,12 +161,9 @@ def _hostile(s: Setup, kind: str) -> bytes | None:
     """Bytes for the list of image one; None: something other than a file put there."""
     path = s.list_path(s.one)
     good = path.read_bytes()
-    objects = [
-        (bytes.fromhex(p.decode().replace("/", "")), size)
-        for p, size in (
-            objectlist.load(str(s.repo.cache_dir), Algorithm.SHA256, s.one) or {}
-        ).items()
-    ]
+    listed = objectlist.load(str(s.repo.cache_dir), Algorithm.SHA256, s.one)
+    assert listed is not None
+    objects = list(listed.sizes.items())
     assert objects
     if kind == "flipped":
         return good[:40] + bytes([good[40] ^ 1]) + good[41:]
@@ -180,6 +179,14 @@ def _hostile(s: Setup, kind: str) -> bytes | None:
         return _body(objects, s.one, count=len(objects) - 1)
     if kind == "duplicate":
         return _body([objects[0], *objects[1:], objects[0]], s.one)
+    if kind in ("outside", "upper-case", "no-slash"):
+        payload = {
+            "outside": b"../../../../etc/passwd".ljust(65, b"/"),
+            "upper-case": objects[0][0].upper(),
+            "no-slash": objects[0][0].replace(b"/", b"0"),
+        }[kind]
+        assert len(payload) == len(objects[0][0])
+        return _body([(payload, objects[0][1]), *objects[1:]], s.one)
     if kind == "other-magic":
         return good.replace(objectlist.MAGIC, b"cfsd-ol0", 1)
     if kind == "symlink":
@@ -203,6 +210,9 @@ def _hostile(s: Setup, kind: str) -> bytes | None:
         "huge-count",
         "count-too-small",
         "duplicate",
+        "outside",
+        "upper-case",
+        "no-slash",
         "other-magic",
         "symlink",
     ],
@@ -291,7 +301,9 @@ def test_load_rejects_what_save_would_not_write(tmp_path: Path) -> None:
     cache = str(tmp_path / "cache")
     objects = {b"%02x/%s" % (i, b"c" * 62): i * 100 for i in range(5)}
     objectlist.save(cache, Algorithm.SHA256, digest, objects)
-    assert objectlist.load(cache, Algorithm.SHA256, digest) == objects
+    listed = objectlist.load(cache, Algorithm.SHA256, digest)
+    assert listed is not None and listed.sizes == objects
+    assert listed.paths(b"/r/objects") == [(b"/r/objects/" + p, n) for p, n in objects.items()]
     assert objectlist.load(cache, Algorithm.SHA512, digest) is None  # another file name
     assert objectlist.load(cache, Algorithm.SHA256, "cd" * 32) is None
 

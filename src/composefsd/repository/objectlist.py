@@ -22,13 +22,15 @@ What it trusts, and why that cannot be fooled:
   under its checksum;
 * the cache file itself, as the digest cache does: it lives in the repository's
   ``cache/`` (directory 0700, file 0600), which only the repository's owner (the
-  daemon, root) writes; whoever could write it could write the objects and
-  images anyway. It is still read as untrusted bytes
+  daemon, root) writes. A list edited by root to leave out an object would hide
+  that object's damage; so could root editing composefsd's code, or the
+  repository's images: no caller below root can do either. It is still read as
+  untrusted bytes
   (:mod:`composefsd.repository.cachefile`): a checksum over it, its magic, the
-  algorithm, the image digest and every count and length checked, the digests
-  distinct; a damaged, truncated, foreign or oversized file is simply no list (the
-  image is scanned and the list written again). Object paths are made from the
-  digests' hex, so no name in the file can lead outside ``objects/``;
+  algorithm, the image digest and every count and length checked, every
+  payload ``XX/rest`` in lowercase hex and all distinct (so no name in the file
+  can lead outside ``objects/``); a damaged, truncated, foreign or oversized file
+  is simply no list (the image is scanned and the list written again);
 * nothing about the objects: every one is checked as after a scan (present, a
   regular file of the recorded size, its digest its name).
 
@@ -38,8 +40,9 @@ go first, then the least recently written), and GC drops every cache file not
 written for 30 days.
 
 The file: ``MAGIC``, a header (digest size, object count), the algorithm's name
-and the image digest, the object digests end to end, their sizes (64-bit
-little-endian), and the SHA-256 of all of it.
+and the image digest, the objects' payloads (``XX/rest``, each after a NUL, so
+that their paths are made in C), their sizes (64-bit little-endian), and the
+SHA-256 of all of it.
 """
 
 from __future__ import annotations
@@ -50,16 +53,18 @@ import struct
 import sys
 from array import array
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from composefsd.kernel.verity import Algorithm
 from composefsd.repository import cachefile
 from composefsd.repository.errors import os_error_text
 
-__all__ = ["MAX_FILES", "MAX_OBJECTS", "file_name", "load", "save"]
+__all__ = ["MAX_FILES", "MAX_OBJECTS", "Listed", "file_name", "load", "save"]
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"cfsd-ol1"
+_HEX = b"0123456789abcdef"
 #: magic, digest size, object count
 _HEADER = struct.Struct("<8sIQ")
 _LITTLE = sys.byteorder == "little"
@@ -79,14 +84,30 @@ def _meta(algorithm: Algorithm, digest: str) -> bytes:
     return algorithm.value.encode() + b"\0" + bytes.fromhex(digest)
 
 
-def load(cache_dir: str, algorithm: Algorithm, digest: str) -> dict[bytes, int] | None:
-    """The objects of the image ``digest`` as payloads (``XX/rest``) -> size, as the
-    scan found them, or None if there is no intact list of it (module notes). The
-    caller must have confirmed that the image's digest is ``digest``."""
+@dataclass(slots=True)
+class Listed:
+    """An image's object list as :func:`load` read it."""
+
+    #: Payload (``XX/rest``) -> size, in the order of the list.
+    sizes: dict[bytes, int]
+    #: The payloads, each after a NUL: ``\0XX/rest\0XX/rest...``.
+    _records: bytes
+
+    def paths(self, objects: bytes) -> list[tuple[bytes, int]]:
+        """(``objects/XX/rest``, size) for each object, in the order of :attr:`sizes`
+        (made in C: one replace and one split, not a Python step per object)."""
+        joined = self._records.replace(b"\0", b"\0" + objects + b"/")
+        return list(zip(joined.split(b"\0")[1:], self.sizes.values(), strict=True))
+
+
+def load(cache_dir: str, algorithm: Algorithm, digest: str) -> Listed | None:
+    """The objects of the image ``digest``, as the scan found them, or None if there
+    is no intact list of it (module notes). The caller must have confirmed that the
+    image's digest is ``digest``."""
     path = os.path.join(cache_dir, file_name(algorithm, digest))
     width = algorithm.digest_size
     meta = _meta(algorithm, digest)
-    limit = _HEADER.size + len(meta) + MAX_OBJECTS * (width + 8) + cachefile.SUM_SIZE
+    limit = _HEADER.size + len(meta) + MAX_OBJECTS * _record_size(width) + cachefile.SUM_SIZE
     try:
         body = cachefile.read(path, limit)
         if body is None:
@@ -99,7 +120,12 @@ def load(cache_dir: str, algorithm: Algorithm, digest: str) -> dict[bytes, int] 
     return None
 
 
-def _decode(body: bytes, meta: bytes, width: int) -> dict[bytes, int]:
+def _record_size(width: int) -> int:
+    """Bytes per object: NUL, ``XX/rest`` (hex), the size."""
+    return 2 + 2 * width + 8
+
+
+def _decode(body: bytes, meta: bytes, width: int) -> Listed:
     if len(body) < _HEADER.size:
         raise cachefile.CacheFileError("truncated")
     magic, size, count = _HEADER.unpack_from(body)
@@ -108,28 +134,30 @@ def _decode(body: bytes, meta: bytes, width: int) -> dict[bytes, int]:
     if size != width or count > MAX_OBJECTS:
         raise cachefile.CacheFileError(f"{count} objects of {size}-byte digests")
     pos = _HEADER.size
-    if len(body) != pos + len(meta) + count * (width + 8):
+    if len(body) != pos + len(meta) + count * _record_size(width):
         raise cachefile.CacheFileError("lengths do not add up")
     if body[pos : pos + len(meta)] != meta:
         raise cachefile.CacheFileError("another algorithm or image")
     pos += len(meta)
-    # Payloads made from the hex of the digests: always XX/rest, whatever the bytes.
-    hexed = body[pos : pos + count * width].hex().encode()
-    pos += count * width
+    step = 2 + 2 * width
+    records = body[pos : pos + count * step]
+    pos += count * step
+    # Every record is NUL, two hex digits, "/", the rest in hex: a NUL and a "/"
+    # where they belong, and nothing else but lowercase hex digits (checked in C,
+    # not per object). So no name leads outside objects/.
+    if (
+        records[0::step] != b"\0" * count
+        or records[3::step] != b"/" * count
+        or records.translate(None, _HEX) != b"\0/" * count
+    ):
+        raise cachefile.CacheFileError("not object payloads")
     sizes = array("Q", body[pos : pos + 8 * count])
     if not _LITTLE:
         sizes.byteswap()
-    step = 2 * width
-    objects = dict(
-        zip(
-            (hexed[i : i + 2] + b"/" + hexed[i + 2 : i + step] for i in range(0, len(hexed), step)),
-            sizes,
-            strict=True,
-        )
-    )
+    objects = dict(zip(records.split(b"\0")[1:], sizes, strict=True))
     if len(objects) != count:
         raise cachefile.CacheFileError("an object listed twice")
-    return objects
+    return Listed(objects, records)
 
 
 def save(cache_dir: str, algorithm: Algorithm, digest: str, objects: Mapping[bytes, int]) -> None:
@@ -139,13 +167,13 @@ def save(cache_dir: str, algorithm: Algorithm, digest: str, objects: Mapping[byt
         return
     width = algorithm.digest_size
     meta = _meta(algorithm, digest)
-    digests = bytes.fromhex(b"".join(p[:2] + p[3:] for p in objects).decode("ascii"))
-    if len(digests) != len(objects) * width:
+    records = b"".join(b"\0" + p for p in objects)
+    if len(records) != len(objects) * (2 + 2 * width):
         return  # not payloads of this algorithm: never the case after a clean scan
     sizes = array("Q", objects.values())
     if not _LITTLE:
         sizes.byteswap()
-    body = b"".join((_HEADER.pack(MAGIC, width, len(objects)), meta, digests, sizes.tobytes()))
+    body = b"".join((_HEADER.pack(MAGIC, width, len(objects)), meta, records, sizes.tobytes()))
     path = os.path.join(cache_dir, file_name(algorithm, digest))
     if cachefile.write(path, body):
         images = os.path.join(os.path.dirname(cache_dir), "images")

@@ -759,10 +759,12 @@ def _verify_image(
         listed = objectlist.load(lists, algorithm, digest)
         if listed is not None:
             del data
+            files = listed.paths(_objects_prefix(repo, algorithm))
             if checking is not None:
-                objects = _objects_prefix(repo, algorithm)
-                checking.add([(b"%s/%s" % (objects, p), size) for p, size in listed.items()])
-            _check_objects(repo, algorithm, listed, report, progress, workers, checking)
+                checking.add(files)
+            _check_objects(
+                repo, algorithm, listed.sizes, report, progress, workers, checking, files
+            )
             return
     # The payloads' problems join the report only once the image is known valid.
     payload_problems: list[str] = []
@@ -909,10 +911,12 @@ def _check_objects(
     progress: ProgressCallback | None,
     workers: int | None,
     checking: _Checking | None = None,
+    files: list[tuple[bytes, int]] | None = None,
 ) -> None:
     """Check the objects named by the payloads (``XX/rest``) of ``sizes``, each of
     its size there (any size if negative), into ``report``; with ``checking``,
-    finish the checks it already holds (those of ``sizes``, in its order)."""
+    finish the checks it already holds (those of ``sizes``, in its order); with
+    ``files``, their (path, size) are those, in the order of ``sizes``."""
     payloads = list(sizes)
     report.objects_checked = len(payloads)
     # A negative size is unknown (stream references): any size is right, and the
@@ -969,8 +973,9 @@ def _check_objects(
         finally:
             checking.abort()
     else:
-        objects = _objects_prefix(repo, algorithm)
-        files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
+        if files is None:
+            objects = _objects_prefix(repo, algorithm)
+            files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
         check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
