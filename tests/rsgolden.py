@@ -244,11 +244,15 @@ def bootc_listing(lines: list[str]) -> list[str]:
 def settled_listing(repo: Path, before: list[str]) -> list[str]:
     """``repo``'s listing without the directories composefsd may add beside
     composefs-rs's files once they are empty again: ``images/refs`` (made at open)
-    and the ``objects/XX`` of objects it wrote and collected. Any other line not in
-    ``before`` stays in, and such a directory must be empty."""
+    and the ``objects/XX`` of objects it wrote and collected; nor composefsd's own
+    ``cache/`` (Verify's object lists, digest caches), which composefs-rs never
+    reads. Any other line not in ``before`` stays in, and such a directory must
+    be empty."""
     out = []
     for line in listing(repo):
         kind, path = line.split(" ", 2)[:2]
+        if path == "cache" or path.startswith("cache/"):
+            continue
         if line not in before and kind == "d":
             assert path == "images/refs" or path.startswith("objects/"), line
             assert not os.listdir(repo / path), line

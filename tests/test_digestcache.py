@@ -102,7 +102,8 @@ class Setup:
     def cache_files(self) -> list[Path]:
         if not self.repo.cache_dir.exists():
             return []
-        return sorted(self.repo.cache_dir.iterdir())
+        # Verify's object lists (objectlist) live there too.
+        return sorted(self.repo.cache_dir.glob("digests-*"))
 
     def cache(self) -> DigestCache:
         return DigestCache.open(

@@ -235,6 +235,7 @@ def test_full_disk(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
     repo = mnt / "repo"
     good = _good_repo(repo, _tree(tmp_path / "src", 6, 4, 50000))
     big = _tree(tmp_path / "big", 7, 12, 600_000)  # 7 MiB: does not fit
+    _assert_intact(repo, good)  # its Verify writes the image's object list (cache/) now
 
     before = _objects(repo)
     free = os.statvfs(mnt).f_bfree

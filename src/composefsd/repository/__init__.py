@@ -11,6 +11,8 @@ repositories. Start with :class:`Repository` (``Repository.init(path)`` or
 :mod:`composefsd.repository.images` and GC in :mod:`composefsd.repository.gc`.
 """
 
+from typing import TYPE_CHECKING
+
 from composefsd.repository.errors import (
     CorruptObjectError,
     CorruptRepositoryError,
@@ -26,7 +28,6 @@ from composefsd.repository.errors import (
     UnsupportedRepositoryError,
     VerityRequiredError,
 )
-from composefsd.repository.gc import GcResult
 from composefsd.repository.images import (
     CreateOptions,
     CreateResult,
@@ -38,6 +39,9 @@ from composefsd.repository.meta import FormatConfig, RepoMetadata, VerityPolicy
 from composefsd.repository.progress import Progress, ProgressCallback
 from composefsd.repository.repo import Repository, default_path
 from composefsd.repository.store import ObjectResult
+
+if TYPE_CHECKING:
+    from composefsd.repository.gc import GcResult
 
 __all__ = [
     "CorruptObjectError",
@@ -70,3 +74,13 @@ __all__ = [
     "reader_lock",
     "writer_lock",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # GC's code (its module and what only it uses) is loaded when GC runs, not
+    # by every caller that opens a repository (Verify, the mount code).
+    if name == "GcResult":
+        from composefsd.repository.gc import GcResult
+
+        return GcResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,11 +88,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from composefsd.dirs import make_dirs
 from composefsd.kernel.verity import Algorithm
+from composefsd.repository import cachefile
 from composefsd.repository.errors import os_error_text
 from composefsd.repository.importer import ImportResult, ImportTask
-from composefsd.repository.store import ObjectResult, ObjectStore, random_name
+from composefsd.repository.store import ObjectResult, ObjectStore
 from composefsd.sources.beneath import SETTLE_NS, settled_until
 from composefsd.sources.directory import BareKey, ScanSplit
 from composefsd.sources.presence import DAMAGED, FAILED, MISSING, PRESENT, PresenceCheck
@@ -106,7 +106,7 @@ MAGIC = b"cfsd-dc5"
 _HEADER = struct.Struct("<8sIIQQIQ")
 _BOOT_ID = 16
 _IMAGE = struct.Struct("<IQ")  # erofs version, size; then the digest
-_SUM = hashlib.sha256().digest_size
+_SUM = cachefile.SUM_SIZE
 _LITTLE = sys.byteorder == "little"
 
 
@@ -147,22 +147,19 @@ class _Columns:
         return self.dev, self.ino, self.size, self.mtime, self.ctime
 
 
-class _Corrupt(ValueError):
-    pass
+_Corrupt = cachefile.CacheFileError
 
 
 def _meta(algorithm: Algorithm, source: bytes) -> bytes:
     return algorithm.value.encode() + b"\0" + source
 
 
-def _decode(data: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Columns:
-    """The entries of a cache file's bytes; :class:`_Corrupt` for anything but a
-    whole, intact file of this algorithm and source."""
-    if len(data) < _HEADER.size + _SUM:
+def _decode(body: bytes, meta: bytes, digest_size: int, max_entries: int) -> _Columns:
+    """The entries of a cache file's body (its checksum checked by
+    :func:`composefsd.repository.cachefile.read`); :class:`_Corrupt` for anything
+    but a whole file of this algorithm and source."""
+    if len(body) < _HEADER.size:
         raise _Corrupt("truncated")
-    body, check = data[:-_SUM], data[-_SUM:]
-    if hashlib.sha256(body).digest() != check:
-        raise _Corrupt("checksum mismatch")
     magic, size, meta_len, count, paths_len, images_len, bare = _HEADER.unpack_from(body)
     if magic != MAGIC:
         raise _Corrupt("not a digest cache of this version")
@@ -248,8 +245,7 @@ def _encode(cols: _Columns, meta: bytes, digest_size: int) -> bytes:
         dev, ino, ctime = zip(*bare, strict=True)
         parts.append(cols.bare_boot)
         parts += map(_le_bytes, (array("Q", dev), array("Q", ino), array("q", ctime)))
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    return b"".join(parts)
 
 
 def _boot_id() -> bytes:
@@ -316,18 +312,9 @@ class DigestCache:
         size = algorithm.digest_size
         limit = _HEADER.size + _SUM * 2 + 2 * len(source) + cls.MAX_ENTRIES * (64 + size + 4096)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-                    raise _Corrupt("not a regular file of a plausible size")
-                with open(fd, "rb", closefd=False) as f:
-                    data = f.read(limit + 1)
-            finally:
-                os.close(fd)
-            cols = _decode(data, _meta(algorithm, source), size, cls.MAX_ENTRIES)
-        except FileNotFoundError:
-            pass
+            data = cachefile.read(path, limit)
+            if data is not None:
+                cols = _decode(data, _meta(algorithm, source), size, cls.MAX_ENTRIES)
         except _Corrupt as exc:
             log.info("ignoring digest cache %s: %s", path, exc)
         except OSError as exc:
@@ -555,38 +542,6 @@ class DigestCache:
 
     def _write(self, data: bytes) -> None:
         assert self.path is not None
-        directory = os.path.dirname(self.path)
-        tmp = os.path.join(directory, random_name(".tmp-cache-"))
-        try:
-            make_dirs(directory, 0o700)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            with open(os.open(tmp, flags, 0o600), "wb") as f:
-                f.write(data)
-            os.rename(tmp, self.path)
-        except OSError as exc:
-            log.warning("cannot write digest cache %s: %s", self.path, os_error_text(exc))
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            return
-        self._prune(directory)
-
-    def _prune(self, directory: str) -> None:
-        """Keep at most ``MAX_FILES`` trees' caches: the least recently written go."""
-        try:
-            with os.scandir(directory) as it:
-                caches = [e for e in it if e.name.startswith("digests-")]
-            if len(caches) <= self.MAX_FILES:
-                return
-            dated = sorted(caches, key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns)
-        except OSError as exc:
-            log.warning("cannot list digest caches in %s: %s", directory, os_error_text(exc))
-            return
-        for entry in dated[: len(dated) - self.MAX_FILES]:
-            if entry.path == self.path:
-                continue
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
+        if cachefile.write(self.path, data):
+            # At most MAX_FILES trees' caches: the least recently written go.
+            cachefile.prune(os.path.dirname(self.path), "digests-", self.MAX_FILES, self.path)

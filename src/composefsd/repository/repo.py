@@ -43,7 +43,6 @@ from composefsd.repository.errors import (
     VerityRequiredError,
     os_error_text,
 )
-from composefsd.repository.gc import GcResult, collect_garbage
 from composefsd.repository.images import (
     CreateOptions,
     CreateResult,
@@ -73,6 +72,7 @@ from composefsd.sources.base import SourceTree
 
 if TYPE_CHECKING:
     from composefsd.repository.fsck import FsckReport
+    from composefsd.repository.gc import GcResult
     from composefsd.repository.verify import VerifyReport
 
 __all__ = ["ENV_REPOSITORY", "Repository", "default_path"]
@@ -490,7 +490,8 @@ class Repository:
 
         with reader_lock(self.path):
             digest = self.resolve_image(name)
-            return verify_image(self, digest, progress=progress, workers=workers)
+            lists = None if self.read_only else self.cache_dir
+            return verify_image(self, digest, progress=progress, workers=workers, cache_dir=lists)
 
     def verify_stream(
         self,
@@ -527,6 +528,8 @@ class Repository:
     ) -> GcResult:
         """Remove what no ref, stream ref, root or pin reaches
         (:mod:`composefsd.repository.gc`)."""
+        from composefsd.repository.gc import collect_garbage
+
         return collect_garbage(
             self, pins=pins, roots=roots, dry_run=dry_run, progress=progress, timeout=timeout
         )

@@ -60,16 +60,10 @@ from composefsd.image.tree import S_IFMT, Node
 from composefsd.kernel.verity import Algorithm, measure_verity
 from composefsd.objectcheck import NOT_REGULAR, OPEN_FLAGS, Summary, Wire
 from composefsd.objectlayout import is_hex, is_hex_digest, object_link_digest, object_relpath
+from composefsd.repository import objectlist
 from composefsd.repository.meta import VerityPolicy
 from composefsd.repository.progress import ProgressCallback, Throttle
 from composefsd.repository.store import NotRegularObjectError, open_object, open_objects_dir
-from composefsd.repository.streams import (
-    StreamNotFoundError,
-    iter_stream_refs,
-    iter_streams,
-    stream_entry,
-)
-from composefsd.splitstream import SplitStreamError, read_refs
 
 if TYPE_CHECKING:
     from composefsd.repository.repo import Repository
@@ -691,13 +685,17 @@ def verify_image(
     *,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> VerifyReport:
     """Check the image ``digest`` (lowercase hex) of ``repo`` and all its objects.
 
     Never raises for what it finds: everything wrong goes into the report.
     Progress: phase ``"image"`` (0 of 1, then 1 of 1), then ``"objects"`` with the
     number of objects checked so far out of the image's distinct objects.
-    ``workers`` caps the hashing processes (default: one per CPU).
+    ``workers`` caps the hashing processes (default: one per CPU). With
+    ``cache_dir`` (the repository's ``cache/``, for a caller that may write it),
+    the objects of an image whose digest is confirmed come from its object list
+    there when it has one, and a scan writes one (:mod:`composefsd.repository.objectlist`).
     """
     algorithm = Algorithm.parse(repo.hash_name)
     report = VerifyReport(digest=digest, verity_required=repo.verity is VerityPolicy.REQUIRED)
@@ -715,7 +713,8 @@ def verify_image(
         # now, so that their start overlaps the image's check and scan.
         checking = _Checking(algorithm, n, True, eager=True)
     try:
-        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers)
+        lists = None if cache_dir is None else os.fspath(cache_dir)
+        _verify_image(repo, digest, algorithm, report, step, n, checking, progress, workers, lists)
     finally:
         if checking is not None:
             # Stop the workers if Verify left early or the image was refused.
@@ -742,14 +741,31 @@ def _verify_image(
     checking: _Checking | None,
     progress: ProgressCallback | None,
     workers: int | None,
+    lists: str | None,
 ) -> None:
     """:func:`verify_image` once the digest is well-formed, with ``checking`` if
-    it started workers early."""
+    it started workers early, and ``lists``, the directory of object lists if any."""
     step("image", 0, 1, force=True)
     data = _check_image_file(repo, digest, algorithm, report)
     step("image", 1, 1, force=True)
     if data is None:
         return
+    # The image's digest is its name (confirmed just now, before any object of a
+    # list reaches a worker: those started early have only started), so its
+    # objects are those its list holds, if it has one; else it is scanned (a
+    # damaged image too: the scan says what is wrong with it).
+    confirmed = not report.image_problems
+    if lists is not None and confirmed:
+        listed = objectlist.load(lists, algorithm, digest)
+        if listed is not None:
+            del data
+            files = listed.paths(_objects_prefix(repo, algorithm))
+            if checking is not None:
+                checking.add(files)
+            _check_objects(
+                repo, algorithm, listed.sizes, report, progress, workers, checking, files
+            )
+            return
     # The payloads' problems join the report only once the image is known valid.
     payload_problems: list[str] = []
     payloads = _Payloads(algorithm, payload_problems)
@@ -786,6 +802,9 @@ def _verify_image(
     del data
     new = payloads.add(rest)
     report.image_problems += payload_problems
+    if lists is not None and confirmed and not payload_problems:
+        # Scanned from bytes whose digest is the name, without a problem: its list.
+        objectlist.save(lists, algorithm, digest, payloads.sizes)
     if checking is not None:
         checking.add([(b"%s/%s" % (objects, payload), size) for payload, size in new])
     del rest, new
@@ -838,6 +857,9 @@ def verify_stream(
     step("stream", 1, 1, force=True)
     if data is None:
         return report
+    # Loaded here: an image's Verify has no use for the stream code.
+    from composefsd.splitstream import SplitStreamError, read_refs
+
     try:
         refs = read_refs(data, algorithm.digest_size)
     except SplitStreamError as exc:
@@ -857,6 +879,8 @@ def stream_names(repo: Repository) -> list[str]:
     """The names under which a check of everything verifies streams: every entry of
     ``streams/`` (sorted), then ``refs/<name>`` for every link under
     ``streams/refs`` that names no stream (:func:`verify_stream` reports it)."""
+    from composefsd.repository.streams import iter_stream_refs, iter_streams
+
     names = [link.content_id for link in iter_streams(repo)]
     names += [f"refs/{ref.name}" for ref in iter_stream_refs(repo) if ref.content_id is None]
     return names
@@ -870,6 +894,8 @@ def stream_entry_path(repo: RepositoryView, name: str) -> Path:
 
 def _stream_entry(streams: Path, name: str) -> str | None:
     """The existing ``streams/`` entry ``name`` names (:func:`stream_entry`), or None."""
+    from composefsd.repository.streams import StreamNotFoundError, stream_entry
+
     try:
         entry = stream_entry(streams, name)
     except StreamNotFoundError:
@@ -885,10 +911,12 @@ def _check_objects(
     progress: ProgressCallback | None,
     workers: int | None,
     checking: _Checking | None = None,
+    files: list[tuple[bytes, int]] | None = None,
 ) -> None:
     """Check the objects named by the payloads (``XX/rest``) of ``sizes``, each of
     its size there (any size if negative), into ``report``; with ``checking``,
-    finish the checks it already holds (those of ``sizes``, in its order)."""
+    finish the checks it already holds (those of ``sizes``, in its order); with
+    ``files``, their (path, size) are those, in the order of ``sizes``."""
     payloads = list(sizes)
     report.objects_checked = len(payloads)
     # A negative size is unknown (stream references): any size is right, and the
@@ -945,8 +973,9 @@ def _check_objects(
         finally:
             checking.abort()
     else:
-        objects = _objects_prefix(repo, algorithm)
-        files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
+        if files is None:
+            objects = _objects_prefix(repo, algorithm)
+            files = [(b"%s/%s" % (objects, payload), size) for payload, size in sizes.items()]
         check_files(files, algorithm, on_result, on_matched, workers=workers)
     step("objects", done, total, force=True)
     report.missing.sort()
