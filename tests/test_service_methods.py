@@ -762,6 +762,9 @@ def test_unmount_swap_between_check_and_unmount(env: Env, monkeypatch: pytest.Mo
     (tmpfs / "on-tmpfs").write_text("x")
 
     def swap_then_umount2(path: str, flags: int = 0) -> None:
+        # One Unmount at a time: another caller's for the same mount would
+        # otherwise pass its check now and take down what lies below it.
+        assert not env.iface._unmount_lock.acquire(blocking=False)
         (env.tmp / "a").rename(env.tmp / "a.old")
         (env.tmp / "a").symlink_to(env.tmp / "elsewhere")
         umount2(path, flags)

@@ -539,6 +539,10 @@ class RepositoryInterface:
         #: MountDumpfile's limits and state, made at its first call.
         self.own_mounts: OwnMounts | None = None
         self._own_mounts_lock = threading.Lock()
+        #: One Unmount at a time: two callers taking down the same composefs mount
+        #: at once would both check it, and the second's umount2 would take down
+        #: what lies below it, composefs or not.
+        self._unmount_lock = threading.Lock()
 
     def _reporter(
         self,
@@ -926,7 +930,8 @@ class RepositoryInterface:
         # beneath the pinned parent): a path check here, then another walk there,
         # would be a window to swap a component for a symbolic link.
         try:
-            gone = unmount(path, lazy=_bool(lazy))
+            with self._unmount_lock:
+                gone = unmount(path, lazy=_bool(lazy))
         except NotComposefsMountError:
             not_mounted()
         except MountError as exc:
