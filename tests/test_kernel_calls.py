@@ -11,11 +11,16 @@ from pathlib import Path
 import pytest
 
 from composefsd.kernel.loop import attach_loop
-from composefsd.kernel.mountinfo import list_composefs_mounts, parse_mountinfo
+from composefsd.kernel.mountinfo import (
+    composefs_mount_with_id,
+    list_composefs_mounts,
+    parse_mountinfo,
+)
 from composefsd.kernel.syscalls import (
     MNT_DETACH,
     FsContext,
     KernelError,
+    mount_root_id,
     move_mount,
     open_tree,
     syscall_table,
@@ -90,6 +95,50 @@ def test_tmpfs_through_the_new_api_and_open_tree(tmp_path: Path) -> None:
     assert info.value.errno == errno.EINVAL
 
 
+def test_mount_root_id_tells_mount_roots_by_mountinfo_id(tmp_path: Path) -> None:
+    """The id of the topmost mount whose root a name is, as mountinfo lists it;
+    None for a plain directory, a file in a mount, or a symlink to a mount root."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    ids = []
+    for _ in range(2):  # a second tmpfs stacked on the first: the top one is told
+        with FsContext("tmpfs") as ctx:
+            ctx.create()
+            fd = ctx.mount()
+        try:
+            move_mount(fd, tmp_path / "m")
+        finally:
+            os.close(fd)
+        (tmp_path / "m" / "f").write_text("")
+        ids.append(
+            [
+                e.mount_id
+                for e in parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+                if e.mountpoint == str(tmp_path / "m")
+            ][-1]
+        )
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    inside_fd = os.open(tmp_path / "m", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert ids[0] != ids[1]
+        assert mount_root_id(dir_fd, "m") == ids[1]
+        assert mount_root_id(dir_fd, "plain") is None
+        assert mount_root_id(dir_fd, "link") is None
+        assert mount_root_id(inside_fd, "f") is None
+        for name in ("missing", "", "m/f", "m\0x"):
+            with pytest.raises(KernelError) as info:
+                mount_root_id(dir_fd, name)
+            assert info.value.errno in (errno.ENOENT, errno.EINVAL), name
+        # Not composefs: tmpfs.
+        assert composefs_mount_with_id(ids[1]) is None
+    finally:
+        os.close(dir_fd)
+        os.close(inside_fd)
+        umount2(tmp_path / "m", MNT_DETACH)
+        umount2(tmp_path / "m", MNT_DETACH)
+
+
 def test_mountinfo_parsing_unescapes() -> None:
     text = (
         "36 35 98:0 / /mnt/with\\040space rw,relatime shared:1 - overlay composefs:"
@@ -123,6 +172,19 @@ def test_list_composefs_mounts_from_file(tmp_path: Path) -> None:
     ]
     assert mounts[0].datadirs == ("/srv/objs",)
     assert mounts[1].datadirs == ("/proc/self/fd/4",) and mounts[1].upperdir == "/u"
+
+
+def test_composefs_mount_with_id_from_file(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "36 35 98:0 / /a rw - overlay composefs:" + "ab" * 32 + " ro,lowerdir+=/\n"
+        "39 35 0:6 / /c ro - overlay overlay ro,lowerdir=/x\n"
+        "40 35 0:6 / /a ro - tmpfs composefs rw\n"
+    )
+    found = composefs_mount_with_id(36, str(info))
+    assert found is not None and (found.mountpoint, found.digest) == ("/a", "ab" * 32)
+    # A plain overlay, a tmpfs named "composefs", an id that is not there.
+    assert [composefs_mount_with_id(i, str(info)) for i in (39, 40, 41, 3)] == [None] * 4
 
 
 @pytest.mark.parametrize(

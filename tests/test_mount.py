@@ -48,6 +48,7 @@ from composefsd.kernel.mount import (
     ImageVerityError,
     MountError,
     MountOptions,
+    NotComposefsMountError,
     attach,
     list_mounts,
     mount_image,
@@ -1593,6 +1594,91 @@ def test_unmount_refuses_a_foreign_mount_on_top_of_composefs(app: App, mounts: M
         unmount(mnt)
     assert info.value.errno == errno.EINVAL
     assert (mnt / "on-tmpfs").exists(), "the tmpfs on top was unmounted"
+
+
+def _tmpfs_at(where: Path, marker: str) -> None:
+    with FsContext("tmpfs") as ctx:
+        ctx.create()
+        fd = ctx.mount()
+    try:
+        move_mount(fd, where)
+    finally:
+        os.close(fd)
+    (where / marker).write_text("x")
+
+
+@pytest.mark.parametrize(
+    ("component", "target", "moved"),
+    [("a", "elsewhere", "a.old/b/mnt"), ("a/b", "elsewhere/b", "a/b.old/mnt")],
+)
+def test_unmount_walks_the_path_once_swap_between_check_and_unmount(
+    component: str,
+    target: str,
+    moved: str,
+    app: App,
+    mounts: Mounts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 17: a caller who owns a directory along ``where`` swaps it for a link to
+    another mount's place after the check and before umount2. umount2 once walked
+    the path again and took that other mount down; now it goes through the pinned
+    parent and takes down the composefs mount that was checked, never the other."""
+    mnt = mounts.attach(mount_repository_image(app.repo, "app"), "a/b/mnt")
+    elsewhere = mounts.dir("elsewhere/b/mnt")
+    _tmpfs_at(elsewhere, "on-tmpfs")
+    swapped = mounts.root / component
+    real_umount2 = umount2
+    calls: list[str] = []
+
+    def swap_then_umount2(path: str, flags: int = 0) -> None:
+        # The window between the check and the unmount, made deterministic.
+        swapped.rename(swapped.with_name(swapped.name + ".old"))
+        swapped.symlink_to(mounts.root / target)
+        assert os.path.realpath(mnt) == str(elsewhere)
+        calls.append(path)
+        real_umount2(path, flags)
+
+    monkeypatch.setattr(mount_mod, "umount2", swap_then_umount2)
+    gone = unmount(mnt)
+    assert len(calls) == 1
+    assert gone.mountpoint == str(mnt) and gone.digest == app.digest
+    assert _is_mounted(elsewhere) and (elsewhere / "on-tmpfs").exists(), "the other mount was taken"
+    assert not _is_mounted(mounts.root / moved), "the checked composefs mount is still there"
+
+
+def test_unmount_swap_before_the_parent_is_opened_is_refused(
+    app: App, mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A component swapped after the path was resolved but before its parent was
+    opened leads to another composefs mount: refused (it is not the one the path
+    named), both left mounted."""
+    mnt = mounts.attach(mount_repository_image(app.repo, "app"), "a/b/mnt")
+    elsewhere = mounts.attach(mount_repository_image(app.repo, "other"), "elsewhere/b/mnt")
+    real_realpath = os.path.realpath
+
+    def realpath_then_swap(path: Any, *args: Any, **kw: Any) -> Any:
+        resolved = real_realpath(path, *args, **kw)
+        (mounts.root / "a").rename(mounts.root / "a.old")
+        (mounts.root / "a").symlink_to(mounts.root / "elsewhere")
+        return resolved
+
+    monkeypatch.setattr(os.path, "realpath", realpath_then_swap)
+    with pytest.raises(NotComposefsMountError) as info:
+        unmount(mnt)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EINVAL
+    assert str(info.value) == f"{mnt} is not a composefs mount point"
+    assert _is_mounted(mounts.root / "a.old" / "b" / "mnt") and _is_mounted(elsewhere)
+
+
+def test_unmount_refuses_a_directory_inside_a_composefs_mount(app: App, mounts: Mounts) -> None:
+    """Its mount id is the composefs mount's, but it is not the mount's root."""
+    mnt = mounts.attach(mount_repository_image(app.repo, "app"))
+    (mounts.root / "link").symlink_to(mnt)
+    for path in (mnt / "sub", mounts.root / "link" / "sub", mnt / "hello"):
+        with pytest.raises(NotComposefsMountError):
+            unmount(path)
+    assert _is_mounted(mnt)
 
 
 @pytest.mark.parametrize("with_userns", [False, True])

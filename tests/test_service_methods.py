@@ -26,6 +26,7 @@ import pytest
 import varlink
 from varlink import scanner
 
+from composefsd.kernel import mount as mount_module
 from composefsd.kernel.mountinfo import (
     ComposefsMount,
     composefs_mount_at,
@@ -738,6 +739,48 @@ def test_unmount_errors(env: Env) -> None:
         assert (_name(e), e.parameters["errnoName"]) == ("MountFailed", "EBUSY")
         assert env.call("Unmount", str(env.mnt), True)["digest"]
     assert composefs_mount_at(str(env.mnt)) is None
+
+
+def test_unmount_swap_between_check_and_unmount(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a caller who owns a directory along ``where`` swaps it for a link to
+    a tmpfs's place while Unmount runs, after the check: the composefs mount that was
+    checked goes (it is answered for), the tmpfs stays. Before, umount2 walked the
+    path again and took the tmpfs down."""
+    digest = env.create()
+    where = env.tmp / "a" / "b" / "mnt"
+    where.mkdir(parents=True)
+    env.mount("app", where)
+    tmpfs = env.tmp / "elsewhere" / "b" / "mnt"
+    tmpfs.mkdir(parents=True)
+    with FsContext("tmpfs") as ctx:
+        ctx.create()
+        fd = ctx.mount()
+    try:
+        move_mount(fd, tmpfs)
+    finally:
+        os.close(fd)
+    (tmpfs / "on-tmpfs").write_text("x")
+
+    def swap_then_umount2(path: str, flags: int = 0) -> None:
+        # One Unmount at a time: another caller's for the same mount would
+        # otherwise pass its check now and take down what lies below it.
+        assert not env.iface._unmount_lock.acquire(blocking=False)
+        (env.tmp / "a").rename(env.tmp / "a.old")
+        (env.tmp / "a").symlink_to(env.tmp / "elsewhere")
+        umount2(path, flags)
+
+    monkeypatch.setattr(mount_module, "umount2", swap_then_umount2)
+    try:
+        assert env.call("Unmount", str(where), None) == {"digest": digest}
+        assert (tmpfs / "on-tmpfs").exists(), "the tmpfs was unmounted"
+        assert composefs_mount_at(str(env.tmp / "a.old" / "b" / "mnt")) is None
+        # The path now leads to the tmpfs: not composefs.
+        e = env.error("Unmount", str(where), True)
+        assert (_name(e), e.parameters) == ("NotMounted", {"where": str(where)})
+        assert (tmpfs / "on-tmpfs").exists()
+    finally:
+        if (tmpfs / "on-tmpfs").exists():  # not composefs: the fixture leaves it
+            umount2(tmpfs, MNT_DETACH)
 
 
 # -- ListImages / RemoveImage ---------------------------------------------------------------

@@ -41,6 +41,7 @@ from composefsd.kernel.syscalls import (
     UMOUNT_NOFOLLOW,
     FsContext,
     KernelError,
+    mount_root_id,
     mount_setattr_idmap,
     move_mount,
     umount2,
@@ -64,6 +65,7 @@ __all__ = [
     "LayerMode",
     "MountError",
     "MountOptions",
+    "NotComposefsMountError",
     "VerityPolicy",
     "attach",
     "list_mounts",
@@ -106,6 +108,10 @@ class MountError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class NotComposefsMountError(MountError):
+    """:func:`unmount` found no composefs mount at the path it was given (EINVAL)."""
 
 
 class ImageVerityError(MountError):
@@ -705,26 +711,78 @@ def list_mounts() -> list[ComposefsMount]:
     return list_composefs_mounts()
 
 
+def _composefs_mount_beneath(parent_fd: int, name: str) -> ComposefsMount | None:
+    """The composefs mount whose root ``name`` in the directory ``parent_fd`` is (the
+    topmost stacked there); None if that is no mount's root or not composefs."""
+    from composefsd.kernel.mountinfo import composefs_mount_with_id
+
+    try:
+        mount_id = mount_root_id(parent_fd, name)
+    except KernelError as e:
+        if e.errno == errno.ENOSYS:
+            raise MountError(
+                errno.ENOSYS, f"cannot tell which mount {name} is: {e.strerror}"
+            ) from None
+        return None
+    return None if mount_id is None else composefs_mount_with_id(mount_id)
+
+
 def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> ComposefsMount:
-    """Unmount the composefs mount at ``where``; refuses anything that is not one.
+    """Unmount the composefs mount at ``where``; refuses anything that is not one
+    (:class:`NotComposefsMountError`).
 
     ``lazy`` detaches it even while files in it are open (MNT_DETACH).
     """
+    # ``where`` may come from a caller who controls a directory along it. Resolving
+    # it once to check and again to unmount would let them swap a component for a
+    # symbolic link in between and have another mount taken down (UMOUNT_NOFOLLOW
+    # guards only the last component). So the path is walked once: its parent is
+    # pinned by an O_PATH fd, the mount is told by its id (not by a path string)
+    # beneath that fd, and umount2 walks /proc/self/fd/<parent>/<name>, through the
+    # very same directory. Between check and unmount the mount at parent/name cannot
+    # turn into another: a mount point cannot be renamed or removed in this mount
+    # namespace (EBUSY); removing it from another namespace only detaches it, leaving
+    # an empty directory or nothing there (umount2 fails: EINVAL, ENOENT); and
+    # mounting there again, or on top of it, takes CAP_SYS_ADMIN over this mount
+    # namespace (the host's, owned by the initial user namespace), i.e. root, who may
+    # unmount anything anyway. Mounts made in an unprivileged user's namespaces do
+    # not propagate back into it. The fd pins only the parent, not the mount, so it
+    # does not make a non-lazy unmount EBUSY.
     path = os.fspath(where)
-    real = os.path.realpath(path)
-    from composefsd.kernel.mountinfo import composefs_mount_at
-
-    found = composefs_mount_at(real)
-    if found is None:
-        raise MountError(errno.EINVAL, f"{path} is not a composefs mount point")
+    not_mounted = NotComposefsMountError(errno.EINVAL, f"{path} is not a composefs mount point")
     try:
-        umount2(real, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
-    except KernelError as e:
-        if e.errno == errno.EBUSY:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        raise not_mounted from None
+    parent, name = os.path.split(real)
+    if not name:  # "/": no parent to pin, and never composefs here
+        raise not_mounted
+    try:
+        parent_fd = os.open(parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        raise not_mounted from None
+    try:
+        found = _composefs_mount_beneath(parent_fd, name)
+        # The id names the mount; the path string only confirms it is the one the
+        # caller's path led to when it was resolved (a component swapped before the
+        # parent was opened leads elsewhere: refused, not another mount unmounted).
+        if found is None or found.mountpoint != real:
+            raise not_mounted
+        try:
+            umount2(
+                f"/proc/self/fd/{parent_fd}/{name}",
+                UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0),
+            )
+        except KernelError as e:
+            if e.errno == errno.EBUSY:
+                raise MountError(
+                    errno.EBUSY,
+                    f"{path} is busy (open files or mounts below it); "
+                    "a lazy unmount detaches it anyway",
+                ) from None
             raise MountError(
-                errno.EBUSY,
-                f"{path} is busy (open files or mounts below it); "
-                "a lazy unmount detaches it anyway",
+                e.errno or errno.EINVAL, f"cannot unmount {path}: {e.strerror}"
             ) from None
-        raise MountError(e.errno or errno.EINVAL, f"cannot unmount {path}: {e.strerror}") from None
+    finally:
+        os.close(parent_fd)
     return found

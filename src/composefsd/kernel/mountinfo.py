@@ -16,6 +16,7 @@ __all__ = [
     "ComposefsMount",
     "MountEntry",
     "composefs_mount_at",
+    "composefs_mount_with_id",
     "composefs_mounts",
     "list_composefs_mounts",
     "mount_of",
@@ -132,6 +133,17 @@ def composefs_mount_at(
         if entry.mountpoint == mountpoint:
             top = entry
     return None if top is None else _composefs(top)
+
+
+def composefs_mount_with_id(
+    mount_id: int, path: str = "/proc/self/mountinfo"
+) -> ComposefsMount | None:
+    """The mount with mountinfo's ``mount_id`` if it is a composefs mount; None if
+    there is none or it is something else."""
+    for entry in parse_mountinfo(_read(path)):
+        if entry.mount_id == mount_id:
+            return _composefs(entry)
+    return None
 
 
 def composefs_mounts(entries: Iterable[MountEntry]) -> list[ComposefsMount]:

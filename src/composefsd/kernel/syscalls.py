@@ -38,6 +38,7 @@ __all__ = [
     "fsmount",
     "ioctl_int",
     "ioctl_ptr",
+    "mount_root_id",
     "mount_setattr_idmap",
     "move_mount",
     "open_tree",
@@ -49,6 +50,7 @@ __all__ = [
 
 AT_FDCWD: Final = -100
 AT_SYMLINK_NOFOLLOW: Final = 0x100
+AT_NO_AUTOMOUNT: Final = 0x800
 AT_EMPTY_PATH: Final = 0x1000
 AT_RECURSIVE: Final = 0x8000
 
@@ -75,7 +77,9 @@ UMOUNT_NOFOLLOW: Final = 0x8
 CLONE_NEWNS: Final = 0x00020000
 CLONE_NEWUSER: Final = 0x10000000
 
+STATX_MNT_ID: Final = 0x1000
 STATX_MNT_ID_UNIQUE: Final = 0x4000
+STATX_ATTR_MOUNT_ROOT: Final = 0x2000
 
 
 @dataclass(slots=True, frozen=True)
@@ -340,10 +344,15 @@ def ioctl_ptr(fd: int, request: int, arg: ctypes.Structure, what: str) -> int:
 
 
 class _Statx(ctypes.Structure):
-    # struct statx is 256 bytes; only stx_mask (offset 0) and stx_mnt_id (0x90) are read.
+    # struct statx is 256 bytes; only stx_mask (offset 0), stx_attributes (0x08),
+    # stx_attributes_mask (0x38) and stx_mnt_id (0x90) are read.
     _fields_ = [
         ("stx_mask", ctypes.c_uint32),
-        ("_head", ctypes.c_uint8 * 0x8C),
+        ("_blksize", ctypes.c_uint32),
+        ("stx_attributes", ctypes.c_uint64),
+        ("_nlink_to_blocks", ctypes.c_uint8 * 0x28),
+        ("stx_attributes_mask", ctypes.c_uint64),
+        ("_times_devs", ctypes.c_uint8 * 0x50),
         ("stx_mnt_id", ctypes.c_uint64),
         ("_tail", ctypes.c_uint8 * 0x68),
     ]
@@ -370,3 +379,27 @@ def unique_mount_id(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -
     )
     _check(res, f"statx({os.fsdecode(_path(path))})")
     return int(buf.stx_mnt_id) if buf.stx_mask & STATX_MNT_ID_UNIQUE else None
+
+
+def mount_root_id(dir_fd: int, name: str) -> int | None:
+    """The mount id (mountinfo's first field, ``STATX_MNT_ID``) of the mount whose
+    root ``name`` in the directory ``dir_fd`` is: the topmost one stacked there;
+    None if ``name`` is no mount's root (a symlink there is not followed). Raises
+    :class:`KernelError` if ``name`` cannot be looked at, or with ENOSYS where the
+    kernel (before 5.8) or the C library cannot tell mount roots and ids."""
+    if _statx is None:
+        raise KernelError(errno.ENOSYS, "statx")
+    if not name or "/" in name or "\0" in name:  # one name, which C would cut at a NUL
+        raise KernelError(errno.EINVAL, f"statx({name!r})")
+    buf = _Statx()
+    res = _statx(
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(_path(name)),
+        ctypes.c_int(AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT),
+        ctypes.c_uint(STATX_MNT_ID),
+        ctypes.byref(buf),
+    )
+    _check(res, f"statx({name})")
+    if not (buf.stx_mask & STATX_MNT_ID and buf.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT):
+        raise KernelError(errno.ENOSYS, f"statx({name}): no mount id or mount root attribute")
+    return int(buf.stx_mnt_id) if buf.stx_attributes & STATX_ATTR_MOUNT_ROOT else None

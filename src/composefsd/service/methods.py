@@ -75,7 +75,12 @@ from composefsd.image.formats import ErofsVersion
 from composefsd.image.transforms import Transform, XattrFilter
 from composefsd.image.writer import VERSION_MAX
 from composefsd.kernel.imagecache import ImageDigestCache
-from composefsd.kernel.mount import ImageVerityError, MountError, unmount
+from composefsd.kernel.mount import (
+    ImageVerityError,
+    MountError,
+    NotComposefsMountError,
+    unmount,
+)
 from composefsd.kernel.mountinfo import ComposefsMount, composefs_mount_at, mount_of
 from composefsd.kernel.repomount import (
     ObjectsDirectory,
@@ -534,6 +539,10 @@ class RepositoryInterface:
         #: MountDumpfile's limits and state, made at its first call.
         self.own_mounts: OwnMounts | None = None
         self._own_mounts_lock = threading.Lock()
+        #: One Unmount at a time: two callers taking down the same composefs mount
+        #: at once would both check it, and the second's umount2 would take down
+        #: what lies below it, composefs or not.
+        self._unmount_lock = threading.Lock()
 
     def _reporter(
         self,
@@ -913,23 +922,31 @@ class RepositoryInterface:
         _request: CallContext,
     ) -> dict[str, Any]:
         path = _absolute(where, "where")
-        real = os.path.realpath(path)
 
         def not_mounted() -> NoReturn:
             raise _error("NotMounted", where=where)
 
-        with _mapped():
-            if composefs_mount_at(real) is None:
-                not_mounted()
+        # The path is resolved once, by unmount (which tells the mount by its id
+        # beneath the pinned parent): a path check here, then another walk there,
+        # would be a window to swap a component for a symbolic link.
         try:
-            gone = unmount(real, lazy=_bool(lazy))
+            with self._unmount_lock:
+                gone = unmount(path, lazy=_bool(lazy))
+        except NotComposefsMountError:
+            not_mounted()
         except MountError as exc:
-            if composefs_mount_at(real) is None:
-                not_mounted()
+            # Gone meanwhile (another caller unmounted it first): as if never there.
+            with _mapped():
+                if composefs_mount_at(os.path.realpath(path)) is None:
+                    not_mounted()
             mapped = reply_error(exc)
             assert mapped is not None
             raise mapped from exc
-        log.info("unmounted %s from %s for pid %d", gone.source, real, _request.peer.pid)
+        except OSError as exc:  # mountinfo unreadable
+            mapped = reply_error(exc)
+            assert mapped is not None
+            raise mapped from exc
+        log.info("unmounted %s from %s for pid %d", gone.source, gone.mountpoint, _request.peer.pid)
         return {"digest": gone.digest} if gone.digest is not None else {}
 
     # -- ListMounts -------------------------------------------------------------------------
