@@ -16,7 +16,10 @@ SPEC keys: dumpfile (path), dumpfile_kind ("file", "opath", "pipe", "socket",
 "dir", "wronly"), objects (paths), object_kind ("dir", "opath", "file", "socket"),
 userns ("own", "init", "mnt"), extra_fds (how many more fds to send), files (to
 look at), where, index_override (fields to replace in the parameters), wait (a
-path to create once the call went out, then wait for the reply).
+path to create once the call went out, then wait for the reply), orphan (the
+process that connects exits, and its child makes the call once it has: the
+daemon's caller is gone), unshare_after_open (the fds are opened, then the
+client enters a user and mount namespace of its own and calls from there).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import ctypes
 import errno
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -35,6 +39,8 @@ from typing import Any
 SYS_MOVE_MOUNT = {"x86_64": 429, "aarch64": 429, "riscv64": 429}[os.uname().machine]
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 
 
 def _open_kind(path: str, kind: str, closers: list[object]) -> int:
@@ -93,8 +99,32 @@ def call(address: str, spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec.get("extra_fds", 0)):
         fds.append(os.open("/", os.O_RDONLY | os.O_CLOEXEC))
     params.update(spec.get("index_override", {}))
+    if spec.get("unshare_after_open"):
+        # Leave for a user and mount namespace of our own with the files already
+        # open, as composefsctl mount-dumpfile did (Python 3.11 has no os.unshare).
+        libc = ctypes.CDLL(None, use_errno=True)
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        # As unshare -r: 0 inside is us, so attach's own namespaces can be made.
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1"),
+            ("gid_map", f"0 {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
     s = socket.socket(socket.AF_UNIX)
     s.connect(address)
+    if spec.get("orphan"):
+        parent = os.getpid()
+        watch = os.pidfd_open(parent)
+        if os.fork():
+            os._exit(0)
+        # The child: the connecting process (the socket's peer) is gone once its
+        # pidfd is readable; our stdout stays open for the reply.
+        select.select([watch], [], [])
+        os.close(watch)
     msg = json.dumps({"method": "io.composefs.Repository.MountDumpfile", "parameters": params})
     s.sendmsg(
         [msg.encode() + b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]

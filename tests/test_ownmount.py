@@ -18,7 +18,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,16 +52,24 @@ class World:
     home: Path
     client: str
 
-    def call(self, spec: dict[str, Any], user: users.TestUser | None = None) -> dict[str, Any]:
-        out = users.run_as(
-            user or self.user,
-            self.py.command(self.client, "call", self.daemon.address, json.dumps(spec)),
-            env=self.py.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+    def call(
+        self,
+        spec: dict[str, Any],
+        user: users.TestUser | None = None,
+        *,
+        wrap: Sequence[str] = (),
+        root: bool = False,
+    ) -> dict[str, Any]:
+        """The client's answer, run as ``user`` (root with ``root``), its command
+        line behind ``wrap`` (``unshare -Urm``: the client in namespaces of its own)."""
+        argv = [*wrap, *self.py.command(self.client, "call", self.daemon.address, json.dumps(spec))]
+        kwargs: dict[str, Any] = dict(
+            env=self.py.env, capture_output=True, text=True, timeout=120, check=False
         )
+        if root:
+            out = subprocess.run(argv, **kwargs)
+        else:
+            out = users.run_as(user or self.user, argv, **kwargs)
         assert out.returncode == 0, out.stderr
         result: dict[str, Any] = json.loads(out.stdout)
         return result
@@ -192,6 +200,84 @@ def test_callers_own_userns(world: World, objects: dict[str, Any]) -> None:
     assert out["reply"]["idmapped"] == "caller", out
     assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
     assert out["seen"]["files"]["mine"]["uid"] == 0
+
+
+# -- callers in mount namespaces other than composefsd's ----------------------------------
+
+
+def _ns_dump(world: World, objects: dict[str, Any], name: str) -> str:
+    return world.dump(
+        name,
+        _root_line()
+        + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
+        + f"/secret 14 100644 1 0 0 0 0.0 {objects['secret']} - -\n",
+    )
+
+
+def test_caller_in_own_user_and_mount_namespace(world: World, objects: dict[str, Any]) -> None:
+    """A container's view: the user opens its files inside ``unshare -Urm``, so their
+    mounts are of its own mount namespace, which overlayfs takes only when created
+    there."""
+    dump = _ns_dump(world, objects, "ns-own.dump")
+    spec = _spec(world, objects, dump, files=["mine", "secret"], where=world.where("ns-own"))
+    out = world.call(spec, wrap=["unshare", "-Urm"])
+    assert "reply" in out, out
+    seen = out["seen"]["files"]
+    assert seen["mine"]["content"] == "my own file\n"
+    # Still the caller's rights: root's 0600 object stays unreadable.
+    assert seen["secret"]["error"] == "EACCES"
+
+
+def test_caller_left_after_opening(world: World, objects: dict[str, Any]) -> None:
+    """Files opened in composefsd's namespace, the call made from another (what
+    composefsctl mount-dumpfile does): the overlay is made in composefsd's."""
+    dump = _ns_dump(world, objects, "ns-left.dump")
+    spec = _spec(
+        world,
+        objects,
+        dump,
+        files=["mine", "secret"],
+        where=world.where("ns-left"),
+        unshare_after_open=True,
+    )
+    out = world.call(spec)
+    assert "reply" in out, out
+    assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
+    assert out["seen"]["files"]["secret"]["error"] == "EACCES"
+
+
+def test_root_caller_in_another_mount_namespace(world: World, objects: dict[str, Any]) -> None:
+    """Root in ``unshare -m``: mounted, and still without DAC overrides (another
+    user's 0600 object stays unreadable)."""
+    objs = world.home / "objects-root"
+    objs.mkdir(exist_ok=True)
+    mine = _object(objs, b"my own file\n", 0)
+    theirs = _object(objs, b"bob's secret\n", world.other.uid, 0o600)
+    dump = world.dump(
+        "ns-root.dump",
+        _root_line()
+        + f"/mine 12 100644 1 0 0 0 0.0 {mine} - -\n"
+        + f"/theirs 13 100644 1 0 0 0 0.0 {theirs} - -\n",
+    )
+    spec = {
+        "dumpfile": dump,
+        "objects": [str(objs)],
+        "files": ["mine", "theirs"],
+        "where": world.where("ns-root"),
+    }
+    out = world.call(spec, wrap=["unshare", "-m"], root=True)
+    assert "reply" in out, out
+    assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
+    assert out["seen"]["files"]["theirs"]["error"] == "EACCES"
+
+
+def test_caller_gone(world: World, objects: dict[str, Any]) -> None:
+    """The process that connected has exited when the call comes: its mount
+    namespace cannot be named exactly, and no other is guessed."""
+    dump = _ns_dump(world, objects, "ns-gone.dump")
+    out = world.call(_spec(world, objects, dump, orphan=True))
+    assert out["error"] == "io.composefs.Repository.MountFailed", out
+    assert out["parameters"]["errnoName"] == "ESRCH"
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,7 @@ caller's own image" is the threat model. Here:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -47,8 +48,10 @@ from composefsd.credentials import Credentials
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile_lines
 from composefsd.image.tree import Node, TreeError
 from composefsd.image.writer import WriteError, write_image
+from composefsd.kernel.mount import MountError
 from composefsd.kernel.ownmount import (
     FdKindError,
+    caller_mount_namespace,
     check_directory_fd,
     check_regular_fd,
     image_alive,
@@ -207,6 +210,25 @@ def build_image(lines: list[bytes], limits: OwnMountLimits) -> bytes:
     return image
 
 
+def _caller_mount_namespace(ctx: CallContext) -> int | None:
+    """The calling process's mount namespace (an fd), None when it is composefsd's
+    own or the call came without a connection (in-process tests). Taken from a
+    pidfd of the connection's peer, so never another process's; a caller that has
+    gone is :class:`MountError` (ESRCH)."""
+    if ctx.peer_pidfd is None:
+        return None
+    try:
+        pidfd = ctx.peer_pidfd()
+    except OSError as e:
+        raise MountError(
+            e.errno or errno.ESRCH, f"cannot name the calling process: {e.strerror}"
+        ) from None
+    try:
+        return caller_mount_namespace(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 class OwnMounts:
     """MountDumpfile's state: the limits, the calls running per uid, the images
     handed out per uid (module notes)."""
@@ -325,6 +347,9 @@ class OwnMounts:
             # same lack of DAC overrides).
             creds = Credentials(peer.uid, peer.gid, tuple(sorted(peer.groups)))
             try:
+                mntns_fd = _caller_mount_namespace(ctx)
+                if mntns_fd is not None:
+                    taken.append(mntns_fd)
                 mount = mount_caller_image(
                     memfd,
                     object_fds,
@@ -332,6 +357,7 @@ class OwnMounts:
                     userns_fd,
                     label=f"the image of uid {peer.uid}'s dumpfile",
                     userns_what="userNamespaceFileDescriptor",
+                    mntns_fd=mntns_fd,
                 )
             except FdKindError as e:
                 raise _bad_fd(e.parameter, str(e)) from None
