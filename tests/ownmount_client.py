@@ -18,7 +18,8 @@ userns ("own", "init", "mnt"), extra_fds (how many more fds to send), files (to
 look at), where, index_override (fields to replace in the parameters), wait (a
 path to create once the call went out, then wait for the reply), orphan (the
 process that connects exits, and its child makes the call once it has: the
-daemon's caller is gone), unshare_after_open (the fds are opened, then the
+daemon's caller is gone), clear_flags (attach tries to clear ro, nosuid and nodev with mount_setattr,
+on the detached mount, then once attached), unshare_after_open (the fds are opened, then the
 client enters a user and mount namespace of its own and calls from there).
 """
 
@@ -38,7 +39,10 @@ from typing import Any
 
 SYS_MOVE_MOUNT = {"x86_64": 429, "aarch64": 429, "riscv64": 429}[os.uname().machine]
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+SYS_MOUNT_SETATTR = 442
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 
@@ -177,12 +181,27 @@ def call(address: str, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _clear_flags(libc: ctypes.CDLL, fd: int) -> str:
+    """mount_setattr clearing ro, nosuid and nodev on ``fd``'s mount: "ok" or the
+    errno name."""
+    attr = (ctypes.c_uint64 * 4)(0, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0)
+    res = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, attr, ctypes.sizeof(attr))
+    return "ok" if res == 0 else errno.errorcode[ctypes.get_errno()]
+
+
 def attach(spec: dict[str, Any]) -> dict[str, Any]:
     libc = ctypes.CDLL(None, use_errno=True)
     where = spec["where"]
+    cleared: dict[str, str] = {}
+    if spec.get("clear_flags"):
+        cleared["detached"] = _clear_flags(libc, 3)
     res = libc.syscall(SYS_MOVE_MOUNT, 3, b"", AT_FDCWD, where.encode(), MOVE_MOUNT_F_EMPTY_PATH)
     if res < 0:
         return {"move_mount": errno.errorcode[ctypes.get_errno()]}
+    if spec.get("clear_flags"):
+        fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
+        cleared["attached"] = _clear_flags(libc, fd)
+        os.close(fd)
     files: dict[str, Any] = {}
     for name in spec["files"]:
         path = os.path.join(where, name)
@@ -207,7 +226,7 @@ def attach(spec: dict[str, Any]) -> dict[str, Any]:
             fields = line.split()
             if fields[4] == where:
                 options = fields[5] + " " + " ".join(fields[fields.index("-") + 1 :])
-    return {"files": files, "mountinfo": options}
+    return {"files": files, "mountinfo": options, "cleared": cleared}
 
 
 if __name__ == "__main__":

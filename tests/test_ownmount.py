@@ -160,13 +160,12 @@ def test_mount_own_image(world: World, objects: dict[str, Any]) -> None:
         + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
         + f"/other 12 100644 1 1234 1234 0 0.0 {objects['mine']} - -\n"
         + f"/secret 14 100644 1 0 0 0 0.0 {objects['secret']} - -\n"
-        + f"/suid 12 104755 1 0 0 0 0.0 {objects['mine']} - -\n"
-        + "/null 0 20666 1 0 0 259 0.0 - - -\n"
+        + "/sgid-dir 0 42755 2 0 0 0 0.0 - - -\n"
         + "/inline 3 100644 1 0 0 0 0.0 - abc -\n",
     )
     where = world.where("good")
-    files = ["mine", "other", "secret", "suid", "null", "inline"]
-    out = world.call(_spec(world, objects, dump, files=files, where=where))
+    files = ["mine", "other", "secret", "sgid-dir", "inline"]
+    out = world.call(_spec(world, objects, dump, files=files, where=where, clear_flags=True))
     assert "reply" in out, out
     assert out["reply"]["idmapped"] == "default"
     assert out["fds"] == 1
@@ -180,12 +179,19 @@ def test_mount_own_image(world: World, objects: dict[str, Any]) -> None:
     # rights, it cannot be read.
     assert seen["secret"]["mode"] & 0o777 == 0o644
     assert seen["secret"]["error"] == "EACCES"
-    # A device node of the caller's choosing: nodev.
-    assert stat.S_ISCHR(seen["null"]["mode"])
-    assert seen["null"]["error"] == "EACCES"
+    # A setgid directory is fine: nothing is created on the mount.
+    assert seen["sgid-dir"]["mode"] & 0o7777 == 0o2755
     assert seen["inline"]["content"] == "abc"
+    # The mount came read-only, nosuid and nodev, but the caller, owning the mount
+    # namespace it attaches it in, can clear those flags (on this kernel: the
+    # mount is no copy into a less privileged namespace, so they are not locked).
+    # So they are no defence: the dumpfile may hold no device node and no setuid
+    # or setgid file (test_devices_and_setid_refused), and overlayfs has no upper
+    # layer, so the mount cannot be written whatever its flags.
+    assert out["seen"]["cleared"] == {"detached": "ok", "attached": "ok"}
     options, super_options = out["seen"]["mountinfo"].split(" ", 1)
-    assert {"ro", "nosuid", "nodev"} <= set(options.split(","))
+    assert "rw" in options.split(",")
+    assert super_options.split()[2].startswith("ro,")
     # The idmapping is the EROFS layer's (the uids above show it), not the overlay's.
     assert super_options.startswith("overlay composefs ")
 
@@ -334,6 +340,36 @@ def test_payload_check() -> None:
     assert payload_ok(b"x")
     for bad in (b"", b"/x", b"../x", b"a/../b", b"a/./b", b"a//b", b"a/", b"."):
         assert not payload_ok(bad), bad
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "/null 0 20666 1 0 0 259 0.0 - - -",  # char 1:3
+        "/sda 0 60666 1 0 0 2048 0.0 - - -",  # block 8:0
+        "/blk0 0 60600 1 0 0 0 0.0 - - -",  # a block device 0:0 is no whiteout
+        "/suid 12 104755 1 0 0 0 0.0 MINE - -",
+        "/sgid 12 102755 1 0 0 0 0.0 MINE - -",
+        "/inl 3 106755 1 0 0 0 0.0 - abc -",
+        "/wh-suid 0 24000 1 0 0 0 0.0 - - -",
+    ],
+)
+def test_devices_and_setid_refused(world: World, objects: dict[str, Any], line: str) -> None:
+    """The caller can clear the mount's nodev and nosuid (test_mount_own_image):
+    so no device node a reader could open, no file an exec would change ids for."""
+    dump = world.dump("dev.dump", _root_line() + line.replace("MINE", objects["mine"]) + "\n")
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+    assert repr(line.split()[0]) in out["parameters"]["message"]
+
+
+def test_whiteout_allowed(world: World, objects: dict[str, Any]) -> None:
+    """A whiteout (character device 0:0) becomes an empty file with escaped
+    whiteout xattrs in the image: no device at all, so allowed."""
+    dump = world.dump("wh.dump", _root_line() + "/wh 0 20000 1 0 0 0 0.0 - - -\n")
+    out = world.call(_spec(world, objects, dump, files=["wh"], where=world.where("wh")))
+    assert "reply" in out, out
+    assert not stat.S_ISCHR(out["seen"]["files"]["wh"].get("mode", 0))
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,11 @@ log = logging.getLogger(__name__)
 
 _S_IFMT = 0o170000
 _S_IFREG = 0o100000
+_S_IFDIR = 0o040000
+_S_IFCHR = 0o020000
+_S_IFBLK = 0o060000
+_S_ISUID = 0o4000
+_S_ISGID = 0o2000
 
 
 @dataclass(slots=True)
@@ -126,12 +131,29 @@ _FORBIDDEN_XATTRS = (b"security.", b"trusted.")
 
 
 def _check_tree(root: Node) -> None:
-    """Object paths plain and relative, no xattr in a forbidden namespace."""
-    stack = [root]
+    """Object paths plain and relative, no xattr in a forbidden namespace, no
+    device node (but a whiteout, 0:0, which the writer turns into an empty file)
+    and no setuid or setgid file: the mount's nodev and nosuid are not a defence,
+    since the caller can clear them (mount_setattr on the mount it gets back, from
+    its own user namespace: tested), so the image carries nothing they would have
+    to neutralise."""
+    stack: list[tuple[bytes, Node]] = [(b"/", root)]
     while stack:
-        node = stack.pop()
+        path, node = stack.pop()
         if node.children:
-            stack.extend(node.children.values())
+            base = path.rstrip(b"/") + b"/"
+            stack.extend((base + name, child) for name, child in node.children.items())
+        kind = node.mode & _S_IFMT
+        if node.link_to is None and (
+            kind == _S_IFBLK
+            or (kind == _S_IFCHR and node.rdev != 0)
+            or (kind != _S_IFDIR and node.mode & (_S_ISUID | _S_ISGID))
+        ):
+            shown = path.decode("utf-8", "backslashreplace")
+            raise _rejected(
+                f"{shown!r}: device nodes (but whiteouts, character devices 0:0) and "
+                "setuid or setgid files are not the caller's to make"
+            )
         for key, _ in node.xattrs:
             if key.startswith(_FORBIDDEN_XATTRS):
                 raise _rejected(
