@@ -33,8 +33,30 @@ So, in :func:`mount_caller_image`:
 4. the layers go to overlayfs as fds (``lowerdir+``, ``datadir+`` with
    ``FSCONFIG_SET_FD``): no path is ever resolved again. A kernel without that
    (before 6.15) is refused: the string form would reopen paths;
-5. the overlay is mounted read-only, nosuid and nodev (the caller chose every
-   mode, owner and device number in the image), detached.
+5. the overlay is mounted read-only, nosuid and nodev, detached. Those flags
+   are not locked (the mount is no copy into a less privileged namespace), so a
+   caller owning the mount namespace it attaches the mount in can clear them
+   (tested): the service layer refuses device nodes and setuid or setgid files
+   in the dumpfile, and the overlay has no upper layer, so nothing depends on
+   them;
+6. the overlay is created in the caller's mount namespace when it is not the
+   daemon's (:func:`caller_mount_namespace`, from the connection's pidfd):
+   overlayfs takes a layer only from the creating task's mount namespace (else
+   EINVAL at ``FSCONFIG_CMD_CREATE``; a detached tree such as the EROFS mount
+   is taken from any), and a container's directories are of its own. The
+   creator thread first takes the caller's fs ids and drops to CAP_SYS_ADMIN
+   and CAP_SYS_CHROOT, then ``unshare(CLONE_FS)`` (setns needs an fs_struct of
+   its own; the daemon's other threads keep theirs) and ``setns`` with the
+   namespace fd, then drops CAP_SYS_CHROOT. What could the caller's namespace do
+   to it? Its root and cwd are now the caller's, so any path lookup would be
+   resolved in the caller's tree: the thread makes none (fsopen takes a
+   filesystem type name, fsconfig fds), runs only code already imported (no
+   import could read the caller's files), and strerror reads no message
+   catalog (composefsd never calls setlocale: LC_MESSAGES stays "C"). It
+   acts with the caller's rights and ends with the call; ``fsmount`` is made
+   by the calling thread, in the daemon's namespace. When creating there fails
+   with EINVAL, the daemon's namespace is tried (directories opened before the
+   caller left it, as ``composefsctl mount-dumpfile`` does).
 
 A redirect (an object path) can only name a file below the object directory: the
 writer makes it absolute from the dumpfile's payload, and overlayfs looks data
@@ -289,10 +311,9 @@ def _create_overlay(
             stack.callback(ov.close)
         if failure:
             raise failure[0]
-        # fsmount here, in the daemon's mount namespace: the detached mount's
-        # (anonymous) namespace then belongs to the daemon's user namespace, not
-        # to one the caller may own, so the caller cannot change its flags
-        # (nosuid, nodev, ro) with mount_setattr.
+        # fsmount here, back in the daemon's mount namespace, as before callers of
+        # other namespaces were served: the detached mount's (anonymous) namespace
+        # belongs to the daemon's user namespace whatever the caller's.
         try:
             return result[0].mount(_ATTRS)
         except KernelError as e:
