@@ -121,28 +121,6 @@ def test_command_sees_the_files(world: World) -> None:
     assert os.listdir(where) == []
 
 
-def test_from_another_mount_namespace(world: World) -> None:
-    """composefsctl run by the user in a mount namespace that is not composefsd's
-    (a container's view, made by root with ``unshare -m``): its files are of
-    that namespace, it calls from a user and mount namespace of its own below it,
-    and the command still sees them."""
-    dump, where = _good_dump(world), world.mnt("container")
-    user = world.user
-    argv = [
-        *("unshare", "-m", "--propagation", "private"),
-        *("setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"),
-        *world.py.command("-m", "composefsd.cli.composefsctl"),
-        *("--connect", str(world.daemon.socket), "mount-dumpfile", dump, str(world.objects)),
-        *("--at", where, "--", "cat", f"{where}/mine"),
-    ]
-    env = dict(world.py.env, HOME="/nonexistent")
-    out = subprocess.run(
-        argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == "my own file\n"
-
-
 def test_keep_ids(world: World) -> None:
     dump, where = _good_dump(world), world.mnt("keep")
     script = f'stat -c "%u:%g" {where}/mine {where}/other; id -u; id -g'

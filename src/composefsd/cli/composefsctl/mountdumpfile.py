@@ -3,9 +3,7 @@ a composefs image of the caller's own, mounted by an unprivileged user
 (io.composefs.Repository.MountDumpfile).
 
 The files are opened here, with the caller's rights, and sent as fds: composefsd
-writes the image from the dumpfile and mounts it over the object directories
-(in the mount namespace this process calls from: the files are opened after
-the namespaces below are entered).
+writes the image from the dumpfile and mounts it over the object directories.
 The detached mount it returns can be attached only by a process with
 CAP_SYS_ADMIN over its mount namespace, which for an unprivileged user means a
 user and mount namespace of its own: so, before the call, this process enters
@@ -91,13 +89,21 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
         command = [os.environ.get("SHELL") or "/bin/sh"]
     fds: list[int] = []
     try:
-        userns_fd = None
-        if args.userns_of is None and in_namespace:
-            # The namespaces first, then the files: composefsd creates the overlay
-            # in the mount namespace of the process that calls, and overlayfs takes
-            # only layers of that namespace. Inside, this process still opens files
-            # as its own uid and groups; its capabilities there cover only inodes
-            # it owns (mapped), which it could chmod anyway.
+        fds.append(_open(args.dumpfile, "DUMPFILE", directory=False))
+        for path in args.objdirs:
+            fds.append(_open(path, "OBJDIR", directory=True))
+        params: dict[str, Any] = {
+            "dumpfileFileDescriptor": 0,
+            "objectDirectoryFileDescriptors": list(range(1, len(fds))),
+        }
+        # The files are opened before the namespaces are entered, with the rights
+        # and in the mount namespace the caller came with: composefsd creates the
+        # overlay in the caller's namespace and, when that refuses these layers,
+        # in its own (where they are when the caller shares it).
+        if args.userns_of is not None:
+            fds.append(_userns_of(args.userns_of))
+            params["userNamespaceFileDescriptor"] = len(fds) - 1
+        elif in_namespace:
             try:
                 userns_fd = enter_own_namespaces(map_current_user=args.keep_ids)
             except OSError as exc:
@@ -109,22 +115,9 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
                 # composefsd's own idmap (the dumpfile's 0 is the caller): in a
                 # namespace that maps the caller to itself, its files are its own.
                 os.close(userns_fd)
-                userns_fd = None
             else:
                 fds.append(userns_fd)
-        files_at = len(fds)
-        fds.append(_open(args.dumpfile, "DUMPFILE", directory=False))
-        for path in args.objdirs:
-            fds.append(_open(path, "OBJDIR", directory=True))
-        params: dict[str, Any] = {
-            "dumpfileFileDescriptor": files_at,
-            "objectDirectoryFileDescriptors": list(range(files_at + 1, len(fds))),
-        }
-        if userns_fd is not None:
-            params["userNamespaceFileDescriptor"] = 0
-        if args.userns_of is not None:
-            fds.append(_userns_of(args.userns_of))
-            params["userNamespaceFileDescriptor"] = len(fds) - 1
+                params["userNamespaceFileDescriptor"] = len(fds) - 1
         reply = conn.call(f"{INTERFACE}.MountDumpfile", params, fds=fds)
         if args.userns_of is not None:
             # After the call: the fds were opened, and the call made, from here.
