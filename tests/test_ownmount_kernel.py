@@ -275,6 +275,14 @@ def test_layer_of_another_mount_namespace(
             mount_caller_image(image, [theirs, ours], creds, mntns_fd=mntns)
         assert err.value.errno == errno.EINVAL
         assert "neither all of the caller's" in str(err.value)
+        # setns refused (here: the fd is no mount namespace; under a seccomp
+        # filter, EPERM): the daemon's namespace is tried, where its layers are.
+        mount = mount_caller_image(image, [ours], creds, mntns_fd=ours)
+        os.close(mount.fd)
+        with pytest.raises(MountError) as err:
+            mount_caller_image(image, [theirs], creds, mntns_fd=ours)
+        assert err.value.errno == errno.EINVAL
+        assert "cannot enter the caller's mount namespace" in str(err.value)
         # Only the creating thread moved.
         assert os.readlink("/proc/thread-self/ns/mnt") == ns_before
     finally:

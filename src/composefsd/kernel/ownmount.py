@@ -71,6 +71,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -96,6 +97,8 @@ from composefsd.kernel.syscalls import (
     unshare,
 )
 from composefsd.kernel.userns import IdMapping, create_userns
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MOUNT_ATTR_NODEV",
@@ -331,11 +334,18 @@ def _create_in_namespace(
     """:func:`_create_overlay` in the caller's mount namespace ``mntns_fd``, else
     (EINVAL: overlayfs refuses a layer of another namespace) in the daemon's: a
     caller may have opened its directories before it left the daemon's namespace
-    (``composefsctl mount-dumpfile`` did)."""
+    (``composefsctl mount-dumpfile`` does), or the daemon may not be let enter
+    another namespace (setns refused)."""
     if mntns_fd is None:
         return _create_overlay(erofs_fd, object_fds, creds, label)
+    first: MountError
     try:
         return _create_overlay(erofs_fd, object_fds, creds, label, mntns_fd)
+    except _CannotJoin as e:
+        # setns refused (a seccomp filter, a capability bounding set without
+        # CAP_SYS_ADMIN or CAP_SYS_CHROOT): serve what the daemon's namespace can.
+        log.info("%s; trying composefsd's own mount namespace", e)
+        first = e
     except MountError as e:
         if e.errno != errno.EINVAL:
             raise
@@ -366,9 +376,13 @@ def _join_mount_namespace(mntns_fd: int) -> None:
         unshare(CLONE_FS)
         setns(mntns_fd, CLONE_NEWNS)
     except OSError as e:
-        raise MountError(
+        raise _CannotJoin(
             e.errno or errno.EINVAL, f"cannot enter the caller's mount namespace: {e.strerror}"
         ) from None
+
+
+class _CannotJoin(MountError):
+    """The creator thread could not enter the caller's mount namespace."""
 
 
 def caller_mount_namespace(pidfd: int) -> int | None:
