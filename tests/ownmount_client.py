@@ -16,7 +16,11 @@ SPEC keys: dumpfile (path), dumpfile_kind ("file", "opath", "pipe", "socket",
 "dir", "wronly"), objects (paths), object_kind ("dir", "opath", "file", "socket"),
 userns ("own", "init", "mnt"), extra_fds (how many more fds to send), files (to
 look at), where, index_override (fields to replace in the parameters), wait (a
-path to create once the call went out, then wait for the reply).
+path to create once the call went out, then wait for the reply), orphan (the
+process that connects exits, and its child makes the call once it has: the
+daemon's caller is gone), clear_flags (attach tries to clear ro, nosuid and nodev with mount_setattr,
+on the detached mount, then once attached), unshare_after_open (the fds are opened, then the
+client enters a user and mount namespace of its own and calls from there).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ctypes
 import errno
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -34,7 +39,12 @@ from typing import Any
 
 SYS_MOVE_MOUNT = {"x86_64": 429, "aarch64": 429, "riscv64": 429}[os.uname().machine]
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+SYS_MOUNT_SETATTR = 442
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
 
 
 def _open_kind(path: str, kind: str, closers: list[object]) -> int:
@@ -93,8 +103,32 @@ def call(address: str, spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec.get("extra_fds", 0)):
         fds.append(os.open("/", os.O_RDONLY | os.O_CLOEXEC))
     params.update(spec.get("index_override", {}))
+    if spec.get("unshare_after_open"):
+        # Leave for a user and mount namespace of our own with the files already
+        # open, as composefsctl mount-dumpfile did (Python 3.11 has no os.unshare).
+        libc = ctypes.CDLL(None, use_errno=True)
+        uid, gid = os.getuid(), os.getgid()
+        if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        # As unshare -r: 0 inside is us, so attach's own namespaces can be made.
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"0 {uid} 1"),
+            ("gid_map", f"0 {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
     s = socket.socket(socket.AF_UNIX)
     s.connect(address)
+    if spec.get("orphan"):
+        parent = os.getpid()
+        watch = os.pidfd_open(parent)
+        if os.fork():
+            os._exit(0)
+        # The child: the connecting process (the socket's peer) is gone once its
+        # pidfd is readable; our stdout stays open for the reply.
+        select.select([watch], [], [])
+        os.close(watch)
     msg = json.dumps({"method": "io.composefs.Repository.MountDumpfile", "parameters": params})
     s.sendmsg(
         [msg.encode() + b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -147,12 +181,27 @@ def call(address: str, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _clear_flags(libc: ctypes.CDLL, fd: int) -> str:
+    """mount_setattr clearing ro, nosuid and nodev on ``fd``'s mount: "ok" or the
+    errno name."""
+    attr = (ctypes.c_uint64 * 4)(0, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0)
+    res = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, attr, ctypes.sizeof(attr))
+    return "ok" if res == 0 else errno.errorcode[ctypes.get_errno()]
+
+
 def attach(spec: dict[str, Any]) -> dict[str, Any]:
     libc = ctypes.CDLL(None, use_errno=True)
     where = spec["where"]
+    cleared: dict[str, str] = {}
+    if spec.get("clear_flags"):
+        cleared["detached"] = _clear_flags(libc, 3)
     res = libc.syscall(SYS_MOVE_MOUNT, 3, b"", AT_FDCWD, where.encode(), MOVE_MOUNT_F_EMPTY_PATH)
     if res < 0:
         return {"move_mount": errno.errorcode[ctypes.get_errno()]}
+    if spec.get("clear_flags"):
+        fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
+        cleared["attached"] = _clear_flags(libc, fd)
+        os.close(fd)
     files: dict[str, Any] = {}
     for name in spec["files"]:
         path = os.path.join(where, name)
@@ -177,7 +226,7 @@ def attach(spec: dict[str, Any]) -> dict[str, Any]:
             fields = line.split()
             if fields[4] == where:
                 options = fields[5] + " " + " ".join(fields[fields.index("-") + 1 :])
-    return {"files": files, "mountinfo": options}
+    return {"files": files, "mountinfo": options, "cleared": cleared}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,16 +52,24 @@ class World:
     home: Path
     client: str
 
-    def call(self, spec: dict[str, Any], user: users.TestUser | None = None) -> dict[str, Any]:
-        out = users.run_as(
-            user or self.user,
-            self.py.command(self.client, "call", self.daemon.address, json.dumps(spec)),
-            env=self.py.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+    def call(
+        self,
+        spec: dict[str, Any],
+        user: users.TestUser | None = None,
+        *,
+        wrap: Sequence[str] = (),
+        root: bool = False,
+    ) -> dict[str, Any]:
+        """The client's answer, run as ``user`` (root with ``root``), its command
+        line behind ``wrap`` (``unshare -Urm``: the client in namespaces of its own)."""
+        argv = [*wrap, *self.py.command(self.client, "call", self.daemon.address, json.dumps(spec))]
+        kwargs: dict[str, Any] = dict(
+            env=self.py.env, capture_output=True, text=True, timeout=120, check=False
         )
+        if root:
+            out = subprocess.run(argv, **kwargs)
+        else:
+            out = users.run_as(user or self.user, argv, **kwargs)
         assert out.returncode == 0, out.stderr
         result: dict[str, Any] = json.loads(out.stdout)
         return result
@@ -152,13 +160,12 @@ def test_mount_own_image(world: World, objects: dict[str, Any]) -> None:
         + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
         + f"/other 12 100644 1 1234 1234 0 0.0 {objects['mine']} - -\n"
         + f"/secret 14 100644 1 0 0 0 0.0 {objects['secret']} - -\n"
-        + f"/suid 12 104755 1 0 0 0 0.0 {objects['mine']} - -\n"
-        + "/null 0 20666 1 0 0 259 0.0 - - -\n"
+        + "/sgid-dir 0 42755 2 0 0 0 0.0 - - -\n"
         + "/inline 3 100644 1 0 0 0 0.0 - abc -\n",
     )
     where = world.where("good")
-    files = ["mine", "other", "secret", "suid", "null", "inline"]
-    out = world.call(_spec(world, objects, dump, files=files, where=where))
+    files = ["mine", "other", "secret", "sgid-dir", "inline"]
+    out = world.call(_spec(world, objects, dump, files=files, where=where, clear_flags=True))
     assert "reply" in out, out
     assert out["reply"]["idmapped"] == "default"
     assert out["fds"] == 1
@@ -172,12 +179,19 @@ def test_mount_own_image(world: World, objects: dict[str, Any]) -> None:
     # rights, it cannot be read.
     assert seen["secret"]["mode"] & 0o777 == 0o644
     assert seen["secret"]["error"] == "EACCES"
-    # A device node of the caller's choosing: nodev.
-    assert stat.S_ISCHR(seen["null"]["mode"])
-    assert seen["null"]["error"] == "EACCES"
+    # A setgid directory is fine: nothing is created on the mount.
+    assert seen["sgid-dir"]["mode"] & 0o7777 == 0o2755
     assert seen["inline"]["content"] == "abc"
+    # The mount came read-only, nosuid and nodev, but the caller, owning the mount
+    # namespace it attaches it in, can clear those flags (on this kernel: the
+    # mount is no copy into a less privileged namespace, so they are not locked).
+    # So they are no defence: the dumpfile may hold no device node and no setuid
+    # or setgid file (test_devices_and_setid_refused), and overlayfs has no upper
+    # layer, so the mount cannot be written whatever its flags.
+    assert out["seen"]["cleared"] == {"detached": "ok", "attached": "ok"}
     options, super_options = out["seen"]["mountinfo"].split(" ", 1)
-    assert {"ro", "nosuid", "nodev"} <= set(options.split(","))
+    assert "rw" in options.split(",")
+    assert super_options.split()[2].startswith("ro,")
     # The idmapping is the EROFS layer's (the uids above show it), not the overlay's.
     assert super_options.startswith("overlay composefs ")
 
@@ -192,6 +206,84 @@ def test_callers_own_userns(world: World, objects: dict[str, Any]) -> None:
     assert out["reply"]["idmapped"] == "caller", out
     assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
     assert out["seen"]["files"]["mine"]["uid"] == 0
+
+
+# -- callers in mount namespaces other than composefsd's ----------------------------------
+
+
+def _ns_dump(world: World, objects: dict[str, Any], name: str) -> str:
+    return world.dump(
+        name,
+        _root_line()
+        + f"/mine 12 100644 1 0 0 0 0.0 {objects['mine']} - -\n"
+        + f"/secret 14 100644 1 0 0 0 0.0 {objects['secret']} - -\n",
+    )
+
+
+def test_caller_in_own_user_and_mount_namespace(world: World, objects: dict[str, Any]) -> None:
+    """A container's view: the user opens its files inside ``unshare -Urm``, so their
+    mounts are of its own mount namespace, which overlayfs takes only when created
+    there."""
+    dump = _ns_dump(world, objects, "ns-own.dump")
+    spec = _spec(world, objects, dump, files=["mine", "secret"], where=world.where("ns-own"))
+    out = world.call(spec, wrap=["unshare", "-Urm"])
+    assert "reply" in out, out
+    seen = out["seen"]["files"]
+    assert seen["mine"]["content"] == "my own file\n"
+    # Still the caller's rights: root's 0600 object stays unreadable.
+    assert seen["secret"]["error"] == "EACCES"
+
+
+def test_caller_left_after_opening(world: World, objects: dict[str, Any]) -> None:
+    """Files opened in composefsd's namespace, the call made from another (what
+    composefsctl mount-dumpfile does): the overlay is made in composefsd's."""
+    dump = _ns_dump(world, objects, "ns-left.dump")
+    spec = _spec(
+        world,
+        objects,
+        dump,
+        files=["mine", "secret"],
+        where=world.where("ns-left"),
+        unshare_after_open=True,
+    )
+    out = world.call(spec)
+    assert "reply" in out, out
+    assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
+    assert out["seen"]["files"]["secret"]["error"] == "EACCES"
+
+
+def test_root_caller_in_another_mount_namespace(world: World, objects: dict[str, Any]) -> None:
+    """Root in ``unshare -m``: mounted, and still without DAC overrides (another
+    user's 0600 object stays unreadable)."""
+    objs = world.home / "objects-root"
+    objs.mkdir(exist_ok=True)
+    mine = _object(objs, b"my own file\n", 0)
+    theirs = _object(objs, b"bob's secret\n", world.other.uid, 0o600)
+    dump = world.dump(
+        "ns-root.dump",
+        _root_line()
+        + f"/mine 12 100644 1 0 0 0 0.0 {mine} - -\n"
+        + f"/theirs 13 100644 1 0 0 0 0.0 {theirs} - -\n",
+    )
+    spec = {
+        "dumpfile": dump,
+        "objects": [str(objs)],
+        "files": ["mine", "theirs"],
+        "where": world.where("ns-root"),
+    }
+    out = world.call(spec, wrap=["unshare", "-m"], root=True)
+    assert "reply" in out, out
+    assert out["seen"]["files"]["mine"]["content"] == "my own file\n"
+    assert out["seen"]["files"]["theirs"]["error"] == "EACCES"
+
+
+def test_caller_gone(world: World, objects: dict[str, Any]) -> None:
+    """The process that connected has exited when the call comes: its mount
+    namespace cannot be named exactly, and no other is guessed."""
+    dump = _ns_dump(world, objects, "ns-gone.dump")
+    out = world.call(_spec(world, objects, dump, orphan=True))
+    assert out["error"] == "io.composefs.Repository.MountFailed", out
+    assert out["parameters"]["errnoName"] == "ESRCH"
 
 
 @pytest.mark.parametrize(
@@ -248,6 +340,36 @@ def test_payload_check() -> None:
     assert payload_ok(b"x")
     for bad in (b"", b"/x", b"../x", b"a/../b", b"a/./b", b"a//b", b"a/", b"."):
         assert not payload_ok(bad), bad
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "/null 0 20666 1 0 0 259 0.0 - - -",  # char 1:3
+        "/sda 0 60666 1 0 0 2048 0.0 - - -",  # block 8:0
+        "/blk0 0 60600 1 0 0 0 0.0 - - -",  # a block device 0:0 is no whiteout
+        "/suid 12 104755 1 0 0 0 0.0 MINE - -",
+        "/sgid 12 102755 1 0 0 0 0.0 MINE - -",
+        "/inl 3 106755 1 0 0 0 0.0 - abc -",
+        "/wh-suid 0 24000 1 0 0 0 0.0 - - -",
+    ],
+)
+def test_devices_and_setid_refused(world: World, objects: dict[str, Any], line: str) -> None:
+    """The caller can clear the mount's nodev and nosuid (test_mount_own_image):
+    so no device node a reader could open, no file an exec would change ids for."""
+    dump = world.dump("dev.dump", _root_line() + line.replace("MINE", objects["mine"]) + "\n")
+    out = world.call(_spec(world, objects, dump))
+    assert out["error"] == "io.composefs.Repository.DumpfileRejected", out
+    assert repr(line.split()[0]) in out["parameters"]["message"]
+
+
+def test_whiteout_allowed(world: World, objects: dict[str, Any]) -> None:
+    """A whiteout (character device 0:0) becomes an empty file with escaped
+    whiteout xattrs in the image: no device at all, so allowed."""
+    dump = world.dump("wh.dump", _root_line() + "/wh 0 20000 1 0 0 0 0.0 - - -\n")
+    out = world.call(_spec(world, objects, dump, files=["wh"], where=world.where("wh")))
+    assert "reply" in out, out
+    assert not stat.S_ISCHR(out["seen"]["files"]["wh"].get("mode", 0))
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,17 +22,22 @@ import pytest
 
 from composefsd.credentials import Credentials
 from composefsd.image.dump_parse import parse_dumpfile
+from composefsd.image.format import BLOCK_SIZE
+from composefsd.image.reader import read_superblock
 from composefsd.image.writer import write_image
-from composefsd.kernel.mount import attach
+from composefsd.kernel.mount import MountError, _mount_erofs, attach
 from composefsd.kernel.ownmount import (
     FdKindError,
     _as_caller,
+    _create_overlay,
+    caller_mount_namespace,
+    default_idmap,
     image_alive,
     mount_caller_image,
     sealed_image,
     userns_owner,
 )
-from composefsd.kernel.syscalls import MNT_DETACH, umount2
+from composefsd.kernel.syscalls import MNT_DETACH, mount_setattr_idmap, umount2
 from conftest import TestUsers
 
 CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 0, 1, 2, 3
@@ -194,3 +200,159 @@ def test_mount_flags_and_liveness(mounted: tuple[Path, dict[str, int]]) -> None:
     assert st.f_flag & os.ST_RDONLY and st.f_flag & os.ST_NOSUID and st.f_flag & os.ST_NODEV
     assert image_alive(info["dev"], "test-ownmount-1") is not False
     assert stat.S_ISDIR(os.stat(where).st_mode)
+
+
+# -- layers of another mount namespace -------------------------------------------------------
+
+
+@pytest.fixture
+def other_mntns(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A process in a mount namespace of its own (``unshare -m``): its pidfd, and
+    ``tmp_path`` as seen through its root (opening that gives an fd whose mount is
+    of that namespace, as a container's would be)."""
+    child = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "cat"], stdin=subprocess.PIPE
+    )
+    try:
+        pidfd = os.pidfd_open(child.pid)
+        mine = os.readlink("/proc/self/ns/mnt")
+        # unshare(1) moves its root with it into the new namespace.
+        while os.readlink(f"/proc/{child.pid}/ns/mnt") == mine:
+            time.sleep(0.01)
+        yield pidfd, Path(f"/proc/{child.pid}/root{tmp_path}")
+    finally:
+        child.kill()
+        child.wait()
+        os.close(pidfd)
+
+
+def _objects_dir(base: Path, user_uid: int, user_gid: int) -> tuple[str, bytes]:
+    objects = base / "objects"
+    objects.mkdir()
+    os.chown(objects, user_uid, user_gid)
+    name = _put(objects, b"mine\n", user_uid, 0o644)
+    return name, f"/ 0 40755 2 0 0 0 0.0 - - -\n/mine 5 100644 1 0 0 0 0.0 {name} - -\n".encode()
+
+
+def test_layer_of_another_mount_namespace(
+    tmp_path: Path, test_users: TestUsers, other_mntns: tuple[int, Path]
+) -> None:
+    """Overlayfs takes a layer only from the mount namespace of the task that
+    creates it (clone_private_mount: EINVAL at FSCONFIG_CMD_CREATE otherwise;
+    detached trees, as the EROFS layer is, excepted): made in the caller's
+    namespace, the same fds mount."""
+    user = test_users.alice
+    pidfd, seen_there = other_mntns
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        _, dump = _objects_dir(tmp_path / sub, user.uid, user.gid)
+    creds = Credentials(user.uid, user.gid)
+    image = sealed_image(write_image(parse_dumpfile(dump)), "test-ownmount-ns")
+    theirs = os.open(seen_there / "a" / "objects", os.O_RDONLY | os.O_DIRECTORY)
+    ours = os.open(tmp_path / "b" / "objects", os.O_RDONLY | os.O_DIRECTORY)
+    mntns = caller_mount_namespace(pidfd)
+    assert mntns is not None
+    where = tmp_path / "mnt"
+    where.mkdir()
+    ns_before = os.readlink("/proc/thread-self/ns/mnt")
+    try:
+        erofs = _erofs_for(image, creds)
+        try:
+            with pytest.raises(MountError) as err:
+                _create_overlay(erofs, [theirs], creds, "test", None)
+        finally:
+            os.close(erofs)
+        assert err.value.errno == errno.EINVAL
+        assert "fsconfig(overlay, create)" in str(err.value)
+        for fds in ([theirs], [ours]):  # the daemon's own layers: tried there after
+            mount = mount_caller_image(image, fds, creds, mntns_fd=mntns)
+            attach(mount.fd, where)
+            os.close(mount.fd)
+            assert (where / "mine").read_text() == "mine\n"
+            umount2(where, MNT_DETACH)
+        # Mixed: neither namespace takes both.
+        with pytest.raises(MountError) as err:
+            mount_caller_image(image, [theirs, ours], creds, mntns_fd=mntns)
+        assert err.value.errno == errno.EINVAL
+        assert "neither all of the caller's" in str(err.value)
+        # setns refused (here: the fd is no mount namespace; under a seccomp
+        # filter, EPERM): the daemon's namespace is tried, where its layers are.
+        mount = mount_caller_image(image, [ours], creds, mntns_fd=ours)
+        os.close(mount.fd)
+        with pytest.raises(MountError) as err:
+            mount_caller_image(image, [theirs], creds, mntns_fd=ours)
+        assert err.value.errno == errno.EINVAL
+        assert "cannot enter the caller's mount namespace" in str(err.value)
+        # Only the creating thread moved.
+        assert os.readlink("/proc/thread-self/ns/mnt") == ns_before
+    finally:
+        os.close(mntns)
+        os.close(theirs)
+        os.close(ours)
+        os.close(image)
+        while os.path.ismount(where):
+            umount2(where, MNT_DETACH)
+
+
+def _erofs_for(image: int, creds: Credentials) -> int:
+    """The image's EROFS, detached and idmapped (as mount_caller_image makes it)."""
+    size = os.fstat(image).st_size
+    sb = read_superblock(os.pread(image, BLOCK_SIZE, 0), size)
+    erofs_fd, _ = _mount_erofs(image, "test", sb, None)
+    ns = default_idmap(creds)
+    try:
+        mount_setattr_idmap(erofs_fd, ns)
+    finally:
+        os.close(ns)
+    return erofs_fd
+
+
+def test_caller_thread_in_its_namespace(
+    test_users: TestUsers, other_mntns: tuple[int, Path]
+) -> None:
+    """The thread that joins the caller's namespace does so with the caller's fs
+    ids already, and keeps only CAP_SYS_ADMIN there; the other threads stay."""
+    user = test_users.alice
+    pidfd, _ = other_mntns
+    mntns = caller_mount_namespace(pidfd)
+    assert mntns is not None
+    seen: list[tuple[tuple[int, int], str]] = []
+
+    def run() -> None:
+        with _as_caller(Credentials(user.uid, user.gid, (user.gid,)), mntns):
+            seen.append((_thread_state(), os.readlink("/proc/thread-self/ns/mnt")))
+
+    try:
+        theirs = os.readlink(f"/proc/{_pid_of(pidfd)}/ns/mnt")
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    finally:
+        os.close(mntns)
+    (caps, fsuid), ns = seen[0]
+    assert caps == 1 << CAP_SYS_ADMIN
+    assert fsuid == user.uid
+    assert ns == theirs
+    assert os.readlink("/proc/thread-self/ns/mnt") != theirs
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+
+
+def test_caller_mount_namespace() -> None:
+    own = os.pidfd_open(os.getpid())
+    try:
+        assert caller_mount_namespace(own) is None
+    finally:
+        os.close(own)
+    child = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.wait()
+        with pytest.raises(MountError) as err:
+            caller_mount_namespace(pidfd)
+        assert err.value.errno == errno.ESRCH
+    finally:
+        os.close(pidfd)

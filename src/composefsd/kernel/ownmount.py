@@ -33,8 +33,30 @@ So, in :func:`mount_caller_image`:
 4. the layers go to overlayfs as fds (``lowerdir+``, ``datadir+`` with
    ``FSCONFIG_SET_FD``): no path is ever resolved again. A kernel without that
    (before 6.15) is refused: the string form would reopen paths;
-5. the overlay is mounted read-only, nosuid and nodev (the caller chose every
-   mode, owner and device number in the image), detached.
+5. the overlay is mounted read-only, nosuid and nodev, detached. Those flags
+   are not locked (the mount is no copy into a less privileged namespace), so a
+   caller owning the mount namespace it attaches the mount in can clear them
+   (tested): the service layer refuses device nodes and setuid or setgid files
+   in the dumpfile, and the overlay has no upper layer, so nothing depends on
+   them;
+6. the overlay is created in the caller's mount namespace when it is not the
+   daemon's (:func:`caller_mount_namespace`, from the connection's pidfd):
+   overlayfs takes a layer only from the creating task's mount namespace (else
+   EINVAL at ``FSCONFIG_CMD_CREATE``; a detached tree such as the EROFS mount
+   is taken from any), and a container's directories are of its own. The
+   creator thread first takes the caller's fs ids and drops to CAP_SYS_ADMIN
+   and CAP_SYS_CHROOT, then ``unshare(CLONE_FS)`` (setns needs an fs_struct of
+   its own; the daemon's other threads keep theirs) and ``setns`` with the
+   namespace fd, then drops CAP_SYS_CHROOT. What could the caller's namespace do
+   to it? Its root and cwd are now the caller's, so any path lookup would be
+   resolved in the caller's tree: the thread makes none (fsopen takes a
+   filesystem type name, fsconfig fds), runs only code already imported (no
+   import could read the caller's files), and strerror reads no message
+   catalog (composefsd never calls setlocale: LC_MESSAGES stays "C"). It
+   acts with the caller's rights and ends with the call; ``fsmount`` is made
+   by the calling thread, in the daemon's namespace. When creating there fails
+   with EINVAL, the daemon's namespace is tried (directories opened before the
+   caller left it, as ``composefsctl mount-dumpfile`` does).
 
 A redirect (an object path) can only name a file below the object directory: the
 writer makes it absolute from the dumpfile's payload, and overlayfs looks data
@@ -49,6 +71,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -62,14 +85,20 @@ from composefsd.image.format import BLOCK_SIZE
 from composefsd.image.reader import ImageFormatError, read_superblock
 from composefsd.kernel.mount import MountError, _kernel_failure, _mount_erofs, probe_layer_mode
 from composefsd.kernel.syscalls import (
+    CLONE_FS,
+    CLONE_NEWNS,
     CLONE_NEWUSER,
     MOUNT_ATTR_RDONLY,
     FsContext,
     KernelError,
     _syscall,
     mount_setattr_idmap,
+    setns,
+    unshare,
 )
 from composefsd.kernel.userns import IdMapping, create_userns
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MOUNT_ATTR_NODEV",
@@ -77,6 +106,7 @@ __all__ = [
     "PSEUDO_FILESYSTEMS",
     "CallerMount",
     "FdKindError",
+    "caller_mount_namespace",
     "check_directory_fd",
     "check_regular_fd",
     "default_idmap",
@@ -94,6 +124,9 @@ _ATTRS: Final = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 # ioctls on namespace fds (linux/nsfs.h): _IO(0xb7, 3) and _IO(0xb7, 4).
 NS_GET_NSTYPE: Final = 0xB703
 NS_GET_OWNER_UID: Final = 0xB704
+# ioctl on pidfds (linux/pidfd.h, Linux 6.11): _IO(0xff, 3), an fd of the process's
+# mount namespace.
+PIDFD_GET_MNT_NAMESPACE: Final = 0xFF03
 
 # setgroups, setfsuid, setfsgid: x86_64's numbers and the generic table's.
 _CRED_CALLS: Final = {
@@ -103,6 +136,7 @@ _CRED_CALLS: Final = {
 }
 _CAP_VERSION_3: Final = 0x20080522
 _CAP_SYS_ADMIN: Final = 21
+_CAP_SYS_CHROOT: Final = 18
 # capget, capset and fstatfs are plain system calls in glibc (capset gets no
 # setxid broadcast to the other threads, unlike setgroups): the C library's.
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,10 +207,12 @@ class CallerMount:
 
 
 @contextlib.contextmanager
-def _as_caller(creds: Credentials) -> Iterator[None]:
+def _as_caller(creds: Credentials, mntns_fd: int | None = None) -> Iterator[None]:
     """The calling thread's fsuid, fsgid and groups become ``creds``', and its only
-    effective capability CAP_SYS_ADMIN (module notes); nothing is restored, so only
-    for a thread that ends when the body has run (:func:`_create_overlay`)."""
+    effective capability CAP_SYS_ADMIN (module notes); with ``mntns_fd``, it is
+    then moved into that mount namespace (:func:`_join_mount_namespace`), with
+    CAP_SYS_CHROOT kept for that alone. Nothing is restored, so only for a thread
+    that ends when the body has run (:func:`_create_overlay`)."""
     calls = _CRED_CALLS.get(os.uname().machine)
     if calls is None:
         raise MountError(errno.ENOSYS, f"unknown architecture {os.uname().machine}")
@@ -193,7 +229,14 @@ def _as_caller(creds: Credentials) -> Iterator[None]:
         or _syscall(ctypes.c_long(setfsgid), ctypes.c_uint(0xFFFFFFFF)) != creds.gid
     ):
         raise MountError(errno.EPERM, f"cannot take the fsuid/fsgid of uid {creds.uid}")
-    _only_sys_admin()
+    if mntns_fd is None:
+        _only_sys_admin()
+    else:
+        # setns(CLONE_NEWNS) needs CAP_SYS_CHROOT besides CAP_SYS_ADMIN; the thread
+        # enters the caller's namespace only once it acts with the caller's rights.
+        _only_sys_admin(1 << _CAP_SYS_CHROOT)
+        _join_mount_namespace(mntns_fd)
+        _only_sys_admin()
     yield
 
 
@@ -209,8 +252,9 @@ class _CapData(ctypes.Structure):
     ]
 
 
-def _only_sys_admin() -> None:
-    """Leave the calling thread CAP_SYS_ADMIN as its only effective capability.
+def _only_sys_admin(extra: int = 0) -> None:
+    """Leave the calling thread CAP_SYS_ADMIN as its only effective capability
+    (with the capabilities of the mask ``extra``).
 
     Changing the fsuid clears only the file capabilities; overlayfs would act with
     every other one the daemon has (CAP_SYS_PTRACE opens another process's
@@ -223,7 +267,7 @@ def _only_sys_admin() -> None:
         raise MountError(err, f"capget: {os.strerror(err)}")
     if not data[0].permitted & (1 << _CAP_SYS_ADMIN):
         raise MountError(errno.EPERM, "mounting needs CAP_SYS_ADMIN")
-    data[0].effective = 1 << _CAP_SYS_ADMIN
+    data[0].effective = (1 << _CAP_SYS_ADMIN | extra) & data[0].permitted
     data[1].effective = 0
     if _libc_capset(ctypes.byref(header), data) < 0:
         err = ctypes.get_errno()
@@ -231,15 +275,23 @@ def _only_sys_admin() -> None:
 
 
 def _create_overlay(
-    erofs_fd: int, object_fds: Sequence[int], creds: Credentials, label: str
+    erofs_fd: int,
+    object_fds: Sequence[int],
+    creds: Credentials,
+    label: str,
+    mntns_fd: int | None = None,
 ) -> int:
-    """The overlay, created in a fresh thread with the caller's fs credentials."""
-    result: list[int] = []
+    """The overlay, created in a fresh thread with the caller's fs credentials (in
+    the mount namespace ``mntns_fd``, when given: module notes), mounted (detached)
+    from this one."""
+    result: list[FsContext] = []
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            with _as_caller(creds), FsContext("overlay") as ov:
+            with _as_caller(creds, mntns_fd):
+                ov = FsContext("overlay")
+                result.append(ov)
                 ov.set_string("source", "composefs")
                 ov.set_string("metacopy", "on")
                 ov.set_string("redirect_dir", "on")
@@ -247,19 +299,117 @@ def _create_overlay(
                 for fd in object_fds:
                     ov.set_fd("datadir+", fd)
                 ov.create()
-                result.append(ov.mount(_ATTRS))
         except KernelError as e:
             failure.append(_kernel_failure(label, "overlay", e))
         except BaseException as e:  # handed to the calling thread
             failure.append(e)
 
-    # A thread of its own: the credentials it takes die with it.
+    # A thread of its own: the credentials and the mount namespace it takes die
+    # with it.
     thread = threading.Thread(target=run, name=f"ownmount-{creds.uid}", daemon=True)
     thread.start()
     thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    with contextlib.ExitStack() as stack:
+        for ov in result:
+            stack.callback(ov.close)
+        if failure:
+            raise failure[0]
+        # fsmount here, back in the daemon's mount namespace, as before callers of
+        # other namespaces were served: the detached mount's (anonymous) namespace
+        # belongs to the daemon's user namespace whatever the caller's.
+        try:
+            return result[0].mount(_ATTRS)
+        except KernelError as e:
+            raise _kernel_failure(label, "overlay", e) from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _create_in_namespace(
+    erofs_fd: int,
+    object_fds: Sequence[int],
+    creds: Credentials,
+    label: str,
+    mntns_fd: int | None,
+) -> int:
+    """:func:`_create_overlay` in the caller's mount namespace ``mntns_fd``, else
+    (EINVAL: overlayfs refuses a layer of another namespace) in the daemon's: a
+    caller may have opened its directories before it left the daemon's namespace
+    (``composefsctl mount-dumpfile`` does), or the daemon may not be let enter
+    another namespace (setns refused)."""
+    if mntns_fd is None:
+        return _create_overlay(erofs_fd, object_fds, creds, label)
+    first: MountError
+    try:
+        return _create_overlay(erofs_fd, object_fds, creds, label, mntns_fd)
+    except _CannotJoin as e:
+        # setns refused (a seccomp filter, a capability bounding set without
+        # CAP_SYS_ADMIN or CAP_SYS_CHROOT): serve what the daemon's namespace can.
+        log.info("%s; trying composefsd's own mount namespace", e)
+        first = e
+    except MountError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        first = e
+    try:
+        return _create_overlay(erofs_fd, object_fds, creds, label)
+    except MountError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        raise MountError(
+            errno.EINVAL,
+            f"{first}; overlayfs takes only layers of the mount namespace it is created "
+            "in, and the object directories are neither all of the caller's mount "
+            "namespace nor all of composefsd's",
+            log=first.log,
+        ) from None
+
+
+def _join_mount_namespace(mntns_fd: int) -> None:
+    """Move the calling thread (alone) into the mount namespace ``mntns_fd``.
+
+    ``setns(CLONE_NEWNS)`` needs a task that shares its filesystem information
+    (root, cwd, umask) with no other, and every thread of the daemon shares it:
+    ``unshare(CLONE_FS)`` first gives this thread a copy of its own, so the
+    other threads keep their root, cwd and namespace. Both are raw system calls
+    acting on the calling thread only."""
+    try:
+        unshare(CLONE_FS)
+        setns(mntns_fd, CLONE_NEWNS)
+    except OSError as e:
+        raise _CannotJoin(
+            e.errno or errno.EINVAL, f"cannot enter the caller's mount namespace: {e.strerror}"
+        ) from None
+
+
+class _CannotJoin(MountError):
+    """The creator thread could not enter the caller's mount namespace."""
+
+
+def caller_mount_namespace(pidfd: int) -> int | None:
+    """The mount namespace of the process ``pidfd`` names, as a new fd (close-on-exec;
+    the caller closes it), or None when it is the calling thread's own.
+
+    The namespace comes from the pidfd (``PIDFD_GET_MNT_NAMESPACE``), never from a
+    pid number, so it is that process's whatever pids are reused. A process that
+    has exited: :class:`MountError` with ESRCH."""
+    try:
+        fd = fcntl.ioctl(pidfd, PIDFD_GET_MNT_NAMESPACE)
+    except OSError as e:
+        err = e.errno or errno.EINVAL
+        if err == errno.ESRCH:
+            raise MountError(err, "the calling process has exited") from None
+        raise MountError(err, f"cannot tell the caller's mount namespace: {e.strerror}") from None
+    try:
+        os.set_inheritable(fd, False)
+        theirs = os.fstat(fd)
+        ours = os.stat("/proc/thread-self/ns/mnt")
+    except BaseException:
+        os.close(fd)
+        raise
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        os.close(fd)
+        return None
+    return fd
 
 
 def mount_caller_image(
@@ -270,10 +420,13 @@ def mount_caller_image(
     *,
     label: str = "caller's image",
     userns_what: str = "user namespace fd",
+    mntns_fd: int | None = None,
 ) -> CallerMount:
     """Mount the image in ``image_fd`` (a sealed memfd of :func:`sealed_image`)
     over the caller's object directories (module notes). ``userns_fd``, when given,
-    must be a user namespace owned by ``creds.uid``. Raises :class:`MountError`."""
+    must be a user namespace owned by ``creds.uid``; ``mntns_fd``, when given, is
+    the caller's mount namespace (:func:`caller_mount_namespace`), where the
+    overlay is created. Raises :class:`MountError`."""
     if not object_fds:
         raise MountError(errno.EINVAL, "no object directory given")
     if probe_layer_mode() != "fd":
@@ -316,7 +469,7 @@ def mount_caller_image(
             raise MountError(
                 e.errno or errno.EINVAL, f"cannot idmap the mount of {label}: {e.strerror}"
             ) from None
-        fd = _create_overlay(erofs_fd, object_fds, creds, label)
+        fd = _create_in_namespace(erofs_fd, object_fds, creds, label, mntns_fd)
         return CallerMount(fd, backing, idmapped_by, image_dev)
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -35,6 +35,7 @@ caller's own image" is the threat model. Here:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -47,8 +48,10 @@ from composefsd.credentials import Credentials
 from composefsd.image.dump_parse import DumpfileError, parse_dumpfile_lines
 from composefsd.image.tree import Node, TreeError
 from composefsd.image.writer import WriteError, write_image
+from composefsd.kernel.mount import MountError
 from composefsd.kernel.ownmount import (
     FdKindError,
+    caller_mount_namespace,
     check_directory_fd,
     check_regular_fd,
     image_alive,
@@ -65,6 +68,11 @@ log = logging.getLogger(__name__)
 
 _S_IFMT = 0o170000
 _S_IFREG = 0o100000
+_S_IFDIR = 0o040000
+_S_IFCHR = 0o020000
+_S_IFBLK = 0o060000
+_S_ISUID = 0o4000
+_S_ISGID = 0o2000
 
 
 @dataclass(slots=True)
@@ -123,12 +131,29 @@ _FORBIDDEN_XATTRS = (b"security.", b"trusted.")
 
 
 def _check_tree(root: Node) -> None:
-    """Object paths plain and relative, no xattr in a forbidden namespace."""
-    stack = [root]
+    """Object paths plain and relative, no xattr in a forbidden namespace, no
+    device node (but a whiteout, 0:0, which the writer turns into an empty file)
+    and no setuid or setgid file: the mount's nodev and nosuid are not a defence,
+    since the caller can clear them (mount_setattr on the mount it gets back, from
+    its own user namespace: tested), so the image carries nothing they would have
+    to neutralise."""
+    stack: list[tuple[bytes, Node]] = [(b"/", root)]
     while stack:
-        node = stack.pop()
+        path, node = stack.pop()
         if node.children:
-            stack.extend(node.children.values())
+            base = path.rstrip(b"/") + b"/"
+            stack.extend((base + name, child) for name, child in node.children.items())
+        kind = node.mode & _S_IFMT
+        if node.link_to is None and (
+            kind == _S_IFBLK
+            or (kind == _S_IFCHR and node.rdev != 0)
+            or (kind != _S_IFDIR and node.mode & (_S_ISUID | _S_ISGID))
+        ):
+            shown = path.decode("utf-8", "backslashreplace")
+            raise _rejected(
+                f"{shown!r}: device nodes (but whiteouts, character devices 0:0) and "
+                "setuid or setgid files are not the caller's to make"
+            )
         for key, _ in node.xattrs:
             if key.startswith(_FORBIDDEN_XATTRS):
                 raise _rejected(
@@ -205,6 +230,25 @@ def build_image(lines: list[bytes], limits: OwnMountLimits) -> bytes:
             f"the image would be {len(image)} bytes, more than {limits.max_image_bytes}",
         )
     return image
+
+
+def _caller_mount_namespace(ctx: CallContext) -> int | None:
+    """The calling process's mount namespace (an fd), None when it is composefsd's
+    own or the call came without a connection (in-process tests). Taken from a
+    pidfd of the connection's peer, so never another process's; a caller that has
+    gone is :class:`MountError` (ESRCH)."""
+    if ctx.peer_pidfd is None:
+        return None
+    try:
+        pidfd = ctx.peer_pidfd()
+    except OSError as e:
+        raise MountError(
+            e.errno or errno.ESRCH, f"cannot name the calling process: {e.strerror}"
+        ) from None
+    try:
+        return caller_mount_namespace(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 class OwnMounts:
@@ -325,6 +369,9 @@ class OwnMounts:
             # same lack of DAC overrides).
             creds = Credentials(peer.uid, peer.gid, tuple(sorted(peer.groups)))
             try:
+                mntns_fd = _caller_mount_namespace(ctx)
+                if mntns_fd is not None:
+                    taken.append(mntns_fd)
                 mount = mount_caller_image(
                     memfd,
                     object_fds,
@@ -332,6 +379,7 @@ class OwnMounts:
                     userns_fd,
                     label=f"the image of uid {peer.uid}'s dumpfile",
                     userns_what="userNamespaceFileDescriptor",
+                    mntns_fd=mntns_fd,
                 )
             except FdKindError as e:
                 raise _bad_fd(e.parameter, str(e)) from None

@@ -96,8 +96,10 @@ def run(conn: Connection, args: argparse.Namespace) -> int:
             "dumpfileFileDescriptor": 0,
             "objectDirectoryFileDescriptors": list(range(1, len(fds))),
         }
-        # The files are opened before the namespaces are entered: overlayfs takes
-        # no layer fd from another mount namespace than composefsd's.
+        # The files are opened before the namespaces are entered, with the rights
+        # and in the mount namespace the caller came with: composefsd creates the
+        # overlay in the caller's namespace and, when that refuses these layers,
+        # in its own (where they are when the caller shares it).
         if args.userns_of is not None:
             fds.append(_userns_of(args.userns_of))
             params["userNamespaceFileDescriptor"] = len(fds) - 1
