@@ -734,6 +734,9 @@ def test_client_gone_mid_get_layer(served: Served) -> None:
         "handle": served.src_handle,
         "params": {"diff_id": MANY_DIFF_ID, "consumer_has_cap_dac_override": False},
     }
+    # At most as many fds as before, not exactly: a connection an earlier test of
+    # this module closed may still be on its way out of the daemon when this count
+    # is taken, and go later.
     fds_before = served.fds()
     # Once through, read to the end, to let the daemon start the workers it keeps.
     _, fds = served.client.call(OCI + "GetLayer", params, more=True)
@@ -741,7 +744,7 @@ def test_client_gone_mid_get_layer(served: Served) -> None:
         whole = pipe.read()
     close_all(fds)
     assert len(whole) > 4 * 65536
-    wait_until(lambda: served.fds() == fds_before, "the first producer is done")
+    wait_until(lambda: served.fds() <= fds_before, "the first producer is done")
     threads = served.threads()
 
     client = Client(served.daemon.address)
@@ -751,14 +754,14 @@ def test_client_gone_mid_get_layer(served: Served) -> None:
     assert served.fds() > fds_before
     close_all(fds)
     client.close()
-    wait_until(lambda: served.fds() == fds_before, "the daemon's fds are back")
+    wait_until(lambda: served.fds() <= fds_before, "the daemon's fds are back")
     wait_until(lambda: served.threads() <= threads, "the producer thread ended")
 
     # Gone before the replies could be sent: nothing stays either.
     client = Client(served.daemon.address)
     client.send(OCI + "GetLayer", params, more=True)
     client.close()
-    wait_until(lambda: served.fds() == fds_before, "no fd left")
+    wait_until(lambda: served.fds() <= fds_before, "no fd left")
     wait_until(lambda: served.threads() <= threads, "no producer left")
     # The daemon still serves.
     assert served.client.one(OCI + "GetInfo") == reply_of(20)
