@@ -83,7 +83,12 @@ def world(
     for path in (objects, objects / digest[:2], objects / digest[:2] / digest[2:]):
         os.chown(path, user.uid, user.gid)
     try:
-        with running_daemon(tmp_path_factory.mktemp("ctl-own") / "repo", public=True) as d:
+        with running_daemon(
+            tmp_path_factory.mktemp("ctl-own") / "repo",
+            "--mount-dumpfile-rate",
+            "1000000",
+            public=True,
+        ) as d:
             yield World(d, user, user_python, home, objects, f"{digest[:2]}/{digest[2:]}")
     finally:
         users.remove_tree(home)

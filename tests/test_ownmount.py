@@ -26,7 +26,11 @@ from typing import Any
 import pytest
 
 import users
+from composefsd.repository import Repository
+from composefsd.service import ownmount
 from composefsd.service.context import VarlinkReplyError
+from composefsd.service.daemon import build_service
+from composefsd.service.mounts import MountTracker
 from composefsd.service.ownmount import (
     OwnMountLimits,
     OwnMounts,
@@ -40,6 +44,9 @@ from servicehelpers import Daemon, running_daemon
 _CLIENT = Path(__file__).with_name("ownmount_client.py")
 _SHOULD_FAIL = sorted((TESTDATA / "assets").glob("should-fail-*.dump"))
 _OVERFLOW = 65534
+#: The tests call MountDumpfile far more often than a user would; the rate itself
+#: is tested on a clock of the test's (test_calls_per_minute_per_uid).
+_RATE = ("--mount-dumpfile-rate", "1000000")
 
 
 @dataclass
@@ -110,7 +117,7 @@ def world(
     limits = OwnMountLimits()
     assert limits.calls_per_uid == 1
     try:
-        with running_daemon(tmp_path_factory.mktemp("own") / "repo", public=True) as d:
+        with running_daemon(tmp_path_factory.mktemp("own") / "repo", *_RATE, public=True) as d:
             yield World(d, test_users.alice, test_users.bob, user_python, home, str(client))
     finally:
         # Mount fds die with the client processes; nothing is attached here.
@@ -565,7 +572,7 @@ def test_live_images_per_uid(
     its own, so that no image of another test counts.)"""
     limit = OwnMountLimits().live_images_per_uid
     dump = world.dump("live.dump", _root_line() + "/a 1 100644 1 0 0 0 0.0 - a -\n")
-    with running_daemon(tmp_path_factory.mktemp("live") / "repo", public=True) as daemon:
+    with running_daemon(tmp_path_factory.mktemp("live") / "repo", *_RATE, public=True) as daemon:
         _live_images(dataclasses.replace(world, daemon=daemon), objects, dump, limit)
 
 
@@ -647,6 +654,75 @@ def test_calls_per_uid_counted() -> None:
     own._enter(5001)
     own._leave(5000)
     own._enter(5000)
+
+
+def test_calls_per_minute_per_uid() -> None:
+    """The rate per uid, on a clock the test turns: a burst, then one call per
+    refill interval; another uid has a bucket of its own; a refused call (too
+    many at once) spends no token."""
+    now = [1000.0]
+    own = OwnMounts(OwnMountLimits(calls_per_uid=1, calls_per_minute=6, burst=3))
+    own.clock = lambda: now[0]
+
+    def call(uid: int) -> None:
+        own._enter(uid)
+        own._leave(uid)
+
+    for _ in range(3):
+        call(5000)
+    with pytest.raises(VarlinkReplyError) as err:
+        call(5000)
+    assert err.value.parameters["limit"] == "callsPerMinute"
+    assert "try again in 10.0 s" in err.value.parameters["message"]
+    call(5001)  # another uid: its own burst
+    now[0] += 9.9
+    with pytest.raises(VarlinkReplyError):
+        call(5000)
+    now[0] += 0.1
+    call(5000)  # one token back after 10 s (6 a minute)
+    now[0] += 3600
+    for _ in range(3):  # never more than the burst, however long the pause
+        call(5000)
+    with pytest.raises(VarlinkReplyError):
+        call(5000)
+    # A call refused for running twice at once takes no token.
+    now[0] += 3600
+    own._enter(5002)
+    for _ in range(5):
+        with pytest.raises(VarlinkReplyError) as err:
+            own._enter(5002)
+        assert err.value.parameters["limit"] == "callsPerUid"
+    own._leave(5002)
+    call(5002)
+    call(5002)
+    with pytest.raises(VarlinkReplyError) as err:
+        call(5002)
+    assert err.value.parameters["limit"] == "callsPerMinute"
+
+
+def test_rate_option_reaches_the_limits(tmp_path: Path) -> None:
+    """--mount-dumpfile-rate at start and on reload: the interface's value, and the
+    limits of the OwnMounts its first call makes (and changes them after)."""
+    repo = Repository.init(tmp_path / "repo")
+    iface = build_service(repo, MountTracker(tmp_path / "run"), mount_dumpfile_rate=7)
+    handler = iface.interfaces_handlers["io.composefs.Repository"]
+    assert handler.mount_dumpfile_rate == 7
+    handler.own_mounts = OwnMounts()
+    handler.set_mount_dumpfile_rate(9)
+    assert handler.own_mounts.limits.calls_per_minute == 9
+
+
+def test_rate_buckets_stay_bounded() -> None:
+    """Many uids calling once each: full buckets are dropped, so the table holds
+    only uids that called within a refill."""
+    now = [0.0]
+    own = OwnMounts(OwnMountLimits(calls_per_minute=60, burst=2))
+    own.clock = lambda: now[0]
+    for uid in range(10_000):
+        now[0] += 0.01
+        own._enter(uid)
+        own._leave(uid)
+    assert len(own._buckets) <= ownmount._MAX_BUCKETS + 1
 
 
 def test_tree_shapes(world: World, objects: dict[str, Any]) -> None:

@@ -271,6 +271,8 @@ def env(test_users: TestUsers, user_python: users.UserPython) -> Iterator[Env]:
             workdir / "repo",
             "--max-source-entries",
             "5000",
+            "--mount-dumpfile-rate",
+            "1000000",
             env=bus.env(),
             public=True,
             log_level="debug",

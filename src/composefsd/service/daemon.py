@@ -458,6 +458,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         help="entries a CreateImage tree read with the caller's rights (callers other "
         f"than the privileged uids) may have (default {default_entries})",
     )
+    default_rate = RepositoryInterface.mount_dumpfile_rate
+    g.add_argument(
+        "--mount-dumpfile-rate",
+        metavar="N",
+        type=_count,
+        default=default_rate,
+        help=f"MountDumpfile calls one uid may start a minute (default {default_rate})",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -589,6 +597,7 @@ CONFIG_KEYS: frozenset[str] = frozenset(
         "heavy-workers",
         "heavy-calls-per-uid",
         "max-source-entries",
+        "mount-dumpfile-rate",
     }
 )
 _RESTART_KEYS: frozenset[str] = frozenset(
@@ -836,6 +845,7 @@ def build_service(
     tracker: MountTracker,
     *,
     max_source_entries: int | None = None,
+    mount_dumpfile_rate: int | None = None,
     reload: Callable[[], None] | None = None,
 ) -> Any:
     """The varlink.Service with composefsd's interfaces registered, each from its IDL
@@ -853,6 +863,8 @@ def build_service(
     iface = RepositoryInterface(repo, tracker)
     if max_source_entries is not None:
         iface.max_source_entries = max_source_entries
+    if mount_dumpfile_rate is not None:
+        iface.set_mount_dumpfile_rate(mount_dumpfile_rate)
     service._set_interface(INTERFACE, iface)
     service._set_interface(OCI_INTERFACE, OciInterface(iface))
     # composefs-rs's interfaces share one table of repository handles.
@@ -984,6 +996,7 @@ class _Daemon:
             handler = self.service.interfaces_handlers.get(INTERFACE)
             if isinstance(handler, RepositoryInterface):
                 handler.max_source_entries = new.max_source_entries
+                handler.set_mount_dumpfile_rate(new.mount_dumpfile_rate)
         self.args = new
         log.info("configuration reloaded")
 
@@ -1153,6 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo,
             tracker,
             max_source_entries=args.max_source_entries,
+            mount_dumpfile_rate=args.mount_dumpfile_rate,
             reload=daemon.reload_from_call,
         )
         daemon.service = service

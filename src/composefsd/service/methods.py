@@ -516,6 +516,8 @@ class RepositoryInterface:
     heartbeat: float = 5.0
     #: Most entries a tree scanned with a caller's rights (not ours) may have.
     max_source_entries: int = 1_000_000
+    #: MountDumpfile calls one uid may start a minute (``--mount-dumpfile-rate``).
+    mount_dumpfile_rate: int = 60
     #: Hashing processes one Verify may use: half the CPUs, so that the Verify calls
     #: the transport lets one uid run cannot take all of them.
     verify_workers: int = max(1, default_workers() // 2)
@@ -894,6 +896,13 @@ class RepositoryInterface:
         return out
 
     # -- MountDumpfile ---------------------------------------------------------------------
+    def set_mount_dumpfile_rate(self, per_minute: int) -> None:
+        """``--mount-dumpfile-rate``, at start and on reload (the buckets stay)."""
+        with self._own_mounts_lock:
+            self.mount_dumpfile_rate = per_minute
+            if self.own_mounts is not None:
+                self.own_mounts.limits.calls_per_minute = per_minute
+
     def MountDumpfile(
         self,
         dumpfile_fd_index: int,
@@ -908,6 +917,7 @@ class RepositoryInterface:
                 from composefsd.service.ownmount import OwnMounts
 
                 self.own_mounts = OwnMounts()
+                self.own_mounts.limits.calls_per_minute = self.mount_dumpfile_rate
         return self.own_mounts.call(_request, dumpfile_fd_index, object_fd_indexes, userns_fd_index)
 
     # -- Unmount ----------------------------------------------------------------------------

@@ -30,7 +30,9 @@ caller's own image" is the threat model. Here:
   ``LimitExceeded``, not queued), all uids together at most ``concurrent_calls``
   (others wait their turn: this bounds the daemon's memory), and one uid at most
   ``live_images_per_uid`` images still mounted somewhere (each holds its memfd in
-  the daemon's memory until its last mount is gone).
+  the daemon's memory until its last mount is gone) and starts at most
+  ``calls_per_minute`` calls a minute, in bursts of at most ``burst`` (a token
+  bucket per uid; refused calls take no token).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +97,15 @@ class OwnMountLimits:
     calls_per_uid: int = 1
     concurrent_calls: int = 2
     live_images_per_uid: int = 16
+    #: Calls one uid may start per minute on average, and at once after a pause:
+    #: each call makes a loop device and an image, so a uid that unmounts as fast
+    #: as it mounts is held to this rate rather than to live_images_per_uid alone.
+    calls_per_minute: int = 60
+    burst: int = 10
+
+
+#: Token buckets kept before the full ones are dropped (OwnMounts._take_token).
+_MAX_BUCKETS = 1024
 
 
 def _error(name: str, **parameters: Any) -> VarlinkReplyError:
@@ -263,6 +275,35 @@ class OwnMounts:
         #: uid -> (image device, memfd name) of the images handed out.
         self._images: dict[int, list[tuple[int, str]]] = {}
         self._serial = itertools.count(1)
+        #: uid -> (tokens, when they were counted): a token bucket per uid.
+        self._buckets: dict[int, tuple[float, float]] = {}
+        #: Monotonic seconds (replaceable in tests: the rate is tested without waiting).
+        self.clock: Callable[[], float] = time.monotonic
+
+    def _take_token(self, uid: int) -> None:
+        """One call's worth of ``calls_per_minute`` for ``uid``, or LimitExceeded."""
+        limits = self.limits
+        now = self.clock()
+        rate = limits.calls_per_minute / 60.0
+        tokens, then = self._buckets.get(uid, (float(limits.burst), now))
+        tokens = min(float(limits.burst), tokens + max(0.0, now - then) * rate)
+        if tokens < 1.0:
+            self._buckets[uid] = (tokens, now)
+            raise _limit(
+                "callsPerMinute",
+                limits.calls_per_minute,
+                f"uid {uid} called MountDumpfile more than {limits.calls_per_minute} "
+                f"times a minute (bursts of {limits.burst}); try again in "
+                f"{(1.0 - tokens) / rate:.1f} s",
+            )
+        self._buckets[uid] = (tokens - 1.0, now)
+        if len(self._buckets) > _MAX_BUCKETS:
+            # Full buckets say nothing a missing one would not: only uids that
+            # called lately are kept, at most as many as called within a refill.
+            full = float(limits.burst)
+            self._buckets = {
+                u: (t, w) for u, (t, w) in self._buckets.items() if t + (now - w) * rate < full
+            }
 
     def _enter(self, uid: int) -> None:
         with self._lock:
@@ -286,6 +327,7 @@ class OwnMounts:
                     f"uid {uid} has {len(images)} images mounted already; "
                     "unmount (close) some first",
                 )
+            self._take_token(uid)
             self._running[uid] = running + 1
 
     def _leave(self, uid: int) -> None:
