@@ -25,9 +25,9 @@ from composefsd.repository import digestcache as digestcache_mod
 from composefsd.repository import images as images_mod
 from composefsd.repository import store as store_mod
 from composefsd.repository.digestcache import MAGIC, DigestCache
-from composefsd.sources import directory as directory_mod
 from composefsd.sources import presence as presence_mod
 from composefsd.sources.beneath import SETTLE_NS, settled
+from subtreescans import record_subtree_scans
 from trees import write_tree
 
 OLD = 1_600_000_000
@@ -69,16 +69,7 @@ def split_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     a big tree's does), and this lists the scanning workers' answers."""
     monkeypatch.setattr(DigestCache, "WORKER_MIN_FILES", 1)
     monkeypatch.setattr(DigestCache, "SPLIT_SHARE", 1.0)
-    out: list[object] = []
-    real = directory_mod._SubtreeScan.result
-
-    def recording(self: Any) -> Any:
-        answer = real(self)
-        out.append(answer)
-        return answer
-
-    monkeypatch.setattr(directory_mod._SubtreeScan, "result", recording)
-    return out
+    return record_subtree_scans(monkeypatch)
 
 
 @pytest.fixture

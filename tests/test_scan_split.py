@@ -27,6 +27,7 @@ from composefsd.sources.directory import (
     SourceScan,
     scan_source,
 )
+from subtreescans import record_subtree_scans
 from trees import private_tmpfs, scanner_tree, set_xattr, write_file
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -58,16 +59,7 @@ def tree(scratch: Path, request: pytest.FixtureRequest) -> bytes:
 @pytest.fixture
 def subtree_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """The answer of every worker a split scan started (None: none)."""
-    out: list[object] = []
-    real = directory_mod._SubtreeScan.result
-
-    def recording(self: Any) -> Any:
-        answer = real(self)
-        out.append(answer)
-        return answer
-
-    monkeypatch.setattr(directory_mod._SubtreeScan, "result", recording)
-    return out
+    return record_subtree_scans(monkeypatch)
 
 
 def _scan(root: bytes, options: ScanOptions, **kwargs: Any) -> SourceScan:

@@ -68,6 +68,7 @@ __all__ = [
     "NotComposefsMountError",
     "VerityPolicy",
     "attach",
+    "idmap_image_mount",
     "list_mounts",
     "mount_image",
     "normalize_digest",
@@ -654,12 +655,7 @@ def mount_image(image: PathOrFd, options: MountOptions) -> DetachedMount:
         erofs_fd, backing = _mount_erofs(image_fd, label, sb, opts.backing)
         stack.callback(os.close, erofs_fd)
         if userns_fd is not None:
-            try:
-                mount_setattr_idmap(erofs_fd, userns_fd)
-            except KernelError as e:
-                raise MountError(
-                    e.errno or errno.EINVAL, f"cannot idmap the mount of {label}: {e.strerror}"
-                ) from None
+            idmap_image_mount(erofs_fd, userns_fd, label)
 
         fd, object_verity = _build_overlay(
             source,
@@ -725,6 +721,16 @@ def _composefs_mount_beneath(parent_fd: int, name: str) -> ComposefsMount | None
             ) from None
         return None
     return None if mount_id is None else composefs_mount_with_id(mount_id)
+
+
+def idmap_image_mount(mount_fd: int, userns_fd: int, label: str) -> None:
+    """Idmap the detached EROFS mount of ``label`` through ``userns_fd``'s mapping."""
+    try:
+        mount_setattr_idmap(mount_fd, userns_fd)
+    except KernelError as e:
+        raise MountError(
+            e.errno or errno.EINVAL, f"cannot idmap the mount of {label}: {e.strerror}"
+        ) from None
 
 
 def unmount(where: str | os.PathLike[str], *, lazy: bool = False) -> ComposefsMount:

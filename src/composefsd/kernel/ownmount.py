@@ -83,7 +83,13 @@ from typing import Final
 from composefsd.credentials import Credentials
 from composefsd.image.format import BLOCK_SIZE
 from composefsd.image.reader import ImageFormatError, read_superblock
-from composefsd.kernel.mount import MountError, _kernel_failure, _mount_erofs, probe_layer_mode
+from composefsd.kernel.mount import (
+    MountError,
+    _kernel_failure,
+    _mount_erofs,
+    idmap_image_mount,
+    probe_layer_mode,
+)
 from composefsd.kernel.syscalls import (
     CLONE_FS,
     CLONE_NEWNS,
@@ -92,7 +98,6 @@ from composefsd.kernel.syscalls import (
     FsContext,
     KernelError,
     _syscall,
-    mount_setattr_idmap,
     setns,
     unshare,
 )
@@ -463,12 +468,7 @@ def mount_caller_image(
         else:
             ns = userns_fd
             idmapped_by = "caller"
-        try:
-            mount_setattr_idmap(erofs_fd, ns)
-        except KernelError as e:
-            raise MountError(
-                e.errno or errno.EINVAL, f"cannot idmap the mount of {label}: {e.strerror}"
-            ) from None
+        idmap_image_mount(erofs_fd, ns, label)
         fd = _create_in_namespace(erofs_fd, object_fds, creds, label, mntns_fd)
         return CallerMount(fd, backing, idmapped_by, image_dev)
     raise AssertionError("unreachable")  # pragma: no cover
