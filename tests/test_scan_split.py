@@ -187,6 +187,24 @@ def test_subtree_worker_reports_a_scan_error(tree: bytes) -> None:
     assert answer[2] == f"error accessing {os.fsdecode(tree)}/f64: Not a directory"
 
 
+def test_subtree_worker_answers_as_in_process_then_ends(tree: bytes) -> None:
+    """A worker's answer is read before the worker is reaped, is the walk's own, and
+    the worker then ends cleanly at EOF (without its interpreter's teardown)."""
+    fd = os.open(tree + b"/many", _DIR_FLAGS)
+    try:
+        request = (ScanOptions().to_wire(), tree, [(fd, b"many")], b"", True)
+        job = directory_mod._SubtreeScan(request)
+        answer = job.result()
+        here = directory_mod._scan_subtrees(request)
+    finally:
+        os.close(fd)
+    assert answer is not None and answer[0] == "ok"
+    assert answer == here
+    job._thread.join(60)
+    assert not job._thread.is_alive()
+    assert job._proc is not None and job._proc.returncode == 0
+
+
 def test_split_names_fill_the_share() -> None:
     subdirs: list[Any] = [(name, None, name, (0, 0)) for name in (b"a", b"b", b"c", b"d")]
     plan = ScanSplit({b"a": 50, b"b": 30, b"c": 15, b"d": 5, b"gone": 100}, share=0.3)

@@ -1307,6 +1307,10 @@ def _scan_subtrees(request: _SubtreeRequest) -> tuple[object, ...]:
         known = set(zip(*columns, strict=True))
     found: list[BareKey] = []
     records = _Records()
+    roots = [Node(stat.S_IFDIR, children={}) for _subtree in subtrees]
+    # Kept until the process ends: freeing the subtrees' nodes would only delay the
+    # answer, and the worker ends without freeing them (_subtree_worker_main).
+    _kept_alive.append(roots)
     walker = _Walker(
         options,
         display,
@@ -1318,16 +1322,25 @@ def _scan_subtrees(request: _SubtreeRequest) -> tuple[object, ...]:
     try:
         # The records and nodes have no cycles; collecting would only walk them.
         with gc_paused():
-            for fd, rel in subtrees:
-                walker.walk(fd, Node(stat.S_IFDIR, children={}), rel)
+            for (fd, rel), root in zip(subtrees, roots, strict=True):
+                walker.walk(fd, root, rel)
     except ScanError as exc:
         return ("error", exc.errno, exc.message, exc.path)
     return ("ok", records.blobs, found)
 
 
+#: What a subtree worker's walks built, never freed (:func:`_subtree_worker_main`).
+_kept_alive: list[object] = []
+
+
 def _subtree_worker_main() -> None:
-    """The subtree worker: one walk per request, until EOF (:func:`_scan_subtrees`)."""
+    """The subtree worker: one walk per request, until EOF (:func:`_scan_subtrees`).
+
+    It ends without the interpreter's teardown: each answer is written and flushed
+    already, and freeing the walks' nodes one by one (a tenth of a second for half
+    of /usr) would only keep the scan, which waits for its exit, waiting."""
     workerproc.serve(_scan_subtrees)
+    os._exit(0)
 
 
 class _SubtreeScan:
@@ -1348,10 +1361,19 @@ class _SubtreeScan:
         self._proc: subprocess.Popen[bytes] | None = None
         self._cancelled = False
         self._lock = threading.Lock()
+        # Set once the answer is in (or there will be none): the worker is reaped
+        # after, while the scan goes on with the answer.
+        self._answered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cfs-scan", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._talk()
+        finally:
+            self._answered.set()
+
+    def _talk(self) -> None:
         fds = tuple(fd for fd, _rel in self._request[2])
         with self._lock:
             if self._cancelled:
@@ -1374,10 +1396,13 @@ class _SubtreeScan:
             if not self._cancelled:
                 log.info("scanning worker failed: %s", exc)
         finally:
+            self._answered.set()
             workerproc.stop(proc, kill=self._result is None, timeout=10)
 
     def result(self) -> tuple[object, ...] | None:
-        self._thread.join()
+        """The worker's answer, None if there is none; returns once it is read,
+        while the worker may still be ending (its thread reaps it)."""
+        self._answered.wait()
         return self._result
 
     def cancel(self) -> None:
