@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +226,29 @@ def test_create_userns_writes_the_maps() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds_before
     with pytest.raises(ValueError, match="overlapping outside ranges"):
         create_userns([IdMapping(0, 100, 10), IdMapping(10, 105, 10)])
+
+
+_USERNS_NOT_DUMPABLE = """
+from composefsd.kernel.syscalls import set_dumpable
+from composefsd.kernel.userns import IdMapping, create_userns
+set_dumpable(False)
+fd = create_userns([IdMapping(0, 0, 1)])
+print("ok")
+"""
+
+
+def test_create_userns_from_a_process_not_dumpable() -> None:
+    """Without CAP_SYS_PTRACE (the shipped unit) and with the daemon not dumpable
+    (the kernel clears the flag when a thread changes its fsuid, as MountDumpfile's
+    creator thread does), the helper's namespace can still be opened: the helper
+    makes itself dumpable. Mapping uid 0 needs CAP_SETFCAP, which the unit keeps."""
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_ptrace", "--", sys.executable, "-c", _USERNS_NOT_DUMPABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "ok"), out.stderr
 
 
 def _loop_backing_files() -> dict[str, str]:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -224,6 +225,34 @@ def other_mntns(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         child.kill()
         child.wait()
         os.close(pidfd)
+
+
+_NAME_NS = """
+import os, sys
+from composefsd.kernel.ownmount import caller_mount_namespace
+fd = caller_mount_namespace(int(sys.argv[1]))
+print("none" if fd is None else "fd")
+"""
+
+
+@pytest.mark.parametrize(("bounding", "want"), [("-sys_ptrace", "none"), ("+sys_ptrace", "fd")])
+def test_namespace_untold_without_ptrace_access(
+    other_mntns: tuple[int, Path], bounding: str, want: str
+) -> None:
+    """Under the shipped unit (no CAP_SYS_PTRACE) the namespace of a caller with
+    more capabilities cannot be read (PIDFD_GET_MNT_NAMESPACE: EACCES): no error,
+    None, so the overlay is made in composefsd's own namespace; with the
+    capability the same caller's namespace is told."""
+    pidfd, _ = other_mntns
+    out = subprocess.run(
+        ["setpriv", f"--bounding-set={bounding}", "--", sys.executable, "-c", _NAME_NS, str(pidfd)],
+        pass_fds=[pidfd],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want
 
 
 def _objects_dir(base: Path, user_uid: int, user_gid: int) -> tuple[str, bytes]:

@@ -297,11 +297,14 @@ def test_service_unit() -> None:
     assert _values(svc, "Service", "IPAddressDeny") == []
     assert _values(svc, "Service", "UMask") == ["0077"]
     assert _values(svc, "Service", "KeyringMode") == ["private"]
-    assert _values(svc, "Service", "RestrictNamespaces") == ["user"]
+    # user: idmapped mounts; mnt: MountDumpfile's creator thread enters a caller's.
+    assert _values(svc, "Service", "RestrictNamespaces") == ["user mnt"]
     assert _values(svc, "Service", "SystemCallFilter") == [
         "@system-service @mount",
         "~@privileged @resources",
-        "setgroups setresuid",  # a caller's tree is read with its ids
+        # setgroups setresuid: a caller's tree is read with its ids; setgroups
+        # setfsuid capset: MountDumpfile's overlay is created with them.
+        "setgroups setresuid setfsuid capset",
     ]
     assert _values(svc, "Service", "Type") == ["notify"]
     assert _values(svc, "Service", "ExecStart") == ["/usr/local/bin/composefsd $COMPOSEFSD_OPTIONS"]
@@ -323,6 +326,8 @@ def test_service_unit() -> None:
         "CAP_SETUID",
         "CAP_SETGID",
         "CAP_KILL",
+        "CAP_SYS_CHROOT",  # setns into a MountDumpfile caller's mount namespace
+        "CAP_SETFCAP",  # a user namespace mapping uid 0 (root's MountDumpfile)
     }
     assert _values(svc, "Service", "NoNewPrivileges") == ["yes"]
     assert _values(svc, "Service", "RestrictAddressFamilies") == ["AF_UNIX AF_INET AF_INET6"]
@@ -331,6 +336,94 @@ def test_service_unit() -> None:
     assert _values(svc, "Service", "ExecReload") == ["/usr/local/bin/composefsd --reload"]
     assert _values(svc, "Service", "WatchdogSec") == ["3min"]
     assert _values(svc, "Service", "Restart") == ["on-failure"]  # a watchdog kill restarts
+
+
+def _syscall_set(name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The system calls of ``name`` (a group such as ``@privileged``, nested groups
+    expanded, as this machine's systemd defines them; or one system call)."""
+    if not name.startswith("@"):
+        return {name}
+    assert SYSTEMD_ANALYZE is not None
+    proc = subprocess.run(
+        [SYSTEMD_ANALYZE, "syscall-filter", "--no-pager", name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out: set[str] = set()
+    for line in proc.stdout.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if item not in seen:
+            out |= _syscall_set(item, seen | {name})
+    return out
+
+
+def _allowed_syscalls(svc: Path) -> set[str]:
+    """What the unit's SystemCallFilter= lines let through, applied in order as
+    systemd does when the first one is an allow list (``~`` takes away, a plain
+    line adds)."""
+    lines = _values(svc, "Service", "SystemCallFilter")
+    assert lines and not lines[0].startswith("~")
+    allowed: set[str] = set()
+    for line in lines:
+        deny = line.startswith("~")
+        names: set[str] = set()
+        for item in line.lstrip("~").split():
+            names |= _syscall_set(item)
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+#: The system calls MountDumpfile's creator thread makes (kernel/ownmount.py:
+#: raw setgroups/setfsuid/setfsgid, capget/capset, unshare(CLONE_FS), setns) and
+#: what it mounts with; each must pass the unit's filter, or the call fails with
+#: EPERM (SystemCallErrorNumber=).
+OWNMOUNT_SYSCALLS = (
+    "setgroups",
+    "setfsuid",
+    "setfsgid",
+    "capget",
+    "capset",
+    "unshare",
+    "setns",
+    "memfd_create",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "mount_setattr",
+    "ioctl",
+)
+
+
+def test_service_filter_lets_mountdumpfile_through() -> None:
+    """Every system call MountDumpfile (and CreateImage's workers) makes passes
+    the unit's SystemCallFilter=, and the filter re-allows nothing of @privileged
+    but those (chroot and pivot_root, which @mount brings, stay out)."""
+    svc = UNITS / "composefsd.service"
+    allowed = _allowed_syscalls(svc)
+    missing = [c for c in (*OWNMOUNT_SYSCALLS, "setresuid") if c not in allowed]
+    assert not missing, f"composefsd.service filters {missing}"
+    privileged = _syscall_set("@privileged") & allowed
+    assert privileged == {"setgroups", "setresuid", "setfsuid", "capset"}
+    assert not {"chroot", "pivot_root", "setrlimit", "chown"} & allowed
+
+
+def test_service_filter_check_can_fail(tmp_path: Path) -> None:
+    """Without the re-allow line, capset and setfsuid are filtered (as they were
+    before MountDumpfile ran under the unit)."""
+    svc = tmp_path / "composefsd.service"
+    text = (UNITS / "composefsd.service").read_text()
+    svc.write_text(
+        text.replace(
+            "SystemCallFilter=setgroups setresuid setfsuid capset",
+            "SystemCallFilter=setgroups setresuid",
+        )
+    )
+    allowed = _allowed_syscalls(svc)
+    assert "capset" not in allowed and "setfsuid" not in allowed
+    assert "setgroups" in allowed
 
 
 def _comments(path: Path) -> str:
@@ -372,11 +465,11 @@ def test_socket_registers_the_served_interfaces(tmp_path: Path) -> None:
 # -- systemd-analyze security ----------------------------------------------------------------------
 
 #: The goals: the daemon must keep the host's mount namespace, and its OCI pulls
-#: from registries (skopeo, a child) the host's network (1.0 of its 4.4: no
+#: from registries (skopeo, a child) the host's network (1.0 of its 4.7: no
 #: PrivateNetwork=, no IPAddressDeny=, AF_INET/AF_INET6); the boot-mount units
 #: only run composefsctl (a Varlink client reading its own installation) and can
 #: be sandboxed almost entirely.
-DAEMON_GOAL = 4.5
+DAEMON_GOAL = 4.7  # 4.5 before MountDumpfile needed CAP_SETFCAP (0.2)
 MOUNT_UNIT_GOAL = 3.0
 _EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+) ")
 

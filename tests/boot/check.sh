@@ -19,7 +19,7 @@
 # the journal, Python processes): exec-trace.txt, units.txt, mountinfo.txt,
 # NAME.manifest, ro-tmp.json, info.txt, verify.json, mounts-before.json,
 # composefsd-ns-{mnt,net,uts}.txt, systemd.txt, reload.txt, ping.json, pull.json,
-# registry.log, restart.txt,
+# registry.log, polkit-*.json, caller-*.json, own-*.json, restart.txt,
 # mounts-after.json, check-times.txt.
 set -u
 mode=$1 data=$2 ctl=$3
@@ -218,6 +218,28 @@ fi
 kill "$reg_pid" 2>/dev/null
 stamp pull
 
+# polkit under the unit: uid 4712 (in no group of composefsd's) may tag, by a
+# polkit rule (run_boots.py puts it in /etc/polkit-1/rules.d): composefsd asks
+# polkitd over the system bus, which it reaches under the unit's settings.
+# Removing an image is not in the rule: polkit refuses it.
+as_plain() { # METHOD PARAMETERS
+    setpriv --reuid=4712 --regid=4712 --clear-groups \
+        /usr/bin/python3 "$here/varlink_call.py" /run/composefs/io.composefs.Repository "$1" "$2"
+}
+as_plain io.composefs.Oci.Tag '{"image":"pulled","tag":"polkit-tag"}' >"$O/polkit-tag.json" 2>&1
+if grep -q '^{' "$O/polkit-tag.json" && ! grep -q '"error"' "$O/polkit-tag.json"; then
+    ok "uid 4712's Tag, allowed by a polkit rule, works under the unit"
+else
+    fail "uid 4712's Tag through polkit: $(cat "$O/polkit-tag.json")"
+fi
+as_plain "$I.RemoveImage" '{"image":"nope/polkit"}' >"$O/polkit-remove.json" 2>&1
+if grep -q '"error": *"org.varlink.service.PermissionDenied"' "$O/polkit-remove.json"; then
+    ok "uid 4712's RemoveImage, which no polkit rule allows, is refused"
+else
+    fail "uid 4712's RemoveImage: $(cat "$O/polkit-remove.json")"
+fi
+stamp polkit
+
 # A caller other than root (uid 4711, in composefsd --group cfsboot, which may
 # use the socket) gets, under the unit's system call filter, exactly the files
 # it could open itself: a root-only file of its tree refuses the CreateImage.
@@ -248,6 +270,60 @@ else
     fail "uid 4711's CreateImage of its own tree: $(cat "$O/caller-image.json")"
 fi
 stamp caller
+
+# MountDumpfile under the unit's system call filter, capabilities and namespace
+# restrictions (setgroups, setfsuid, capset; setns into a caller's mount
+# namespace: CAP_SYS_CHROOT, RestrictNamespaces=mnt). tests/ownmount_client.py
+# (standard library) calls with the fds and attaches the returned mount in
+# unshare -Urm, then reads each file: the caller's own object, root's 0600 one
+# and uid 4712's 0600 one. Once as uid 4712 (in no group of composefsd's: the
+# method is open to anyone who can connect) from composefsd's mount namespace,
+# once as root with no capability but CAP_SETFCAP (which its unshare -Urm needs
+# to map uid 0) from a mount namespace of its own (unshare -m, as a hardened
+# root service with ProtectSystem=: the overlay is created in that namespace,
+# and still without root's DAC overrides). composefsd names a
+# caller's namespace with PIDFD_GET_MNT_NAMESPACE, which needs ptrace access:
+# root with all capabilities, more than the unit leaves composefsd, cannot be
+# named without CAP_SYS_PTRACE, so its files of another namespace are refused
+# (EINVAL: overlayfs takes no layer of another namespace), the third call.
+own=/run/own
+mkdir -p "$own/objects/o" "$own/mnt-user" "$own/mnt-root"
+printf 'own image file\n' >"$own/objects/o/mine"
+printf 'root secret\n' >"$own/objects/o/secret"
+printf 'user secret\n' >"$own/objects/o/theirs"
+printf '%s\n' '/ 0 40755 2 0 0 0 0.0 - - -' \
+    '/mine 15 100644 1 0 0 0 0.0 o/mine - -' \
+    '/secret 12 100644 1 0 0 0 0.0 o/secret - -' \
+    '/theirs 12 100644 1 0 0 0 0.0 o/theirs - -' >"$own/own.dump"
+chown -R 4712:4712 "$own/objects" "$own/own.dump" "$own/mnt-user"
+chown 0:0 "$own/objects/o/secret"
+chmod 600 "$own/objects/o/secret" "$own/objects/o/theirs"
+own_spec() { # WHERE
+    echo "{\"dumpfile\":\"$own/own.dump\",\"objects\":[\"$own/objects\"],\"files\":[\"mine\",\"secret\",\"theirs\"],\"where\":\"$1\"}"
+}
+own_check() { # WHO FILE: the caller's own object read through the mount
+    if grep -q '"mine": {[^}]*"content": "own image file\\n"' "$2"; then
+        ok "MountDumpfile as $1 under the unit: mounted, its object read ($(grep -o '"idmapped": "[a-z]*"' "$2"))"
+    else
+        fail "MountDumpfile as $1 under the unit: $(cat "$2")"
+    fi
+}
+setpriv --reuid=4712 --regid=4712 --clear-groups \
+    /usr/bin/python3 "$here/../ownmount_client.py" call "${S#unix:}" "$(own_spec "$own/mnt-user")" \
+    >"$O/own-user.json" 2>&1
+own_check "uid 4712" "$O/own-user.json"
+unshare -m setpriv --bounding-set=-all,+setfcap --inh-caps=-all \
+    /usr/bin/python3 "$here/../ownmount_client.py" call "${S#unix:}" "$(own_spec "$own/mnt-root")" \
+    >"$O/own-root-ns.json" 2>&1
+own_check "root with CAP_SETFCAP alone in a mount namespace of its own" "$O/own-root-ns.json"
+unshare -m /usr/bin/python3 "$here/../ownmount_client.py" call "${S#unix:}" "$(own_spec "$own/mnt-root")" \
+    >"$O/own-root-caps.json" 2>&1
+if grep -q '"errnoName": "EINVAL"' "$O/own-root-caps.json"; then
+    ok "MountDumpfile as root with all capabilities in another mount namespace: refused (EINVAL)"
+else
+    fail "MountDumpfile as root with all capabilities in another mount namespace: $(cat "$O/own-root-caps.json")"
+fi
+stamp ownmount
 
 # A restarted daemon still knows the boot mounts.
 if systemctl restart composefsd.service; then

@@ -27,7 +27,14 @@ Boots (``--only NAME ...`` runs some of them):
             registry (docker-registry on the guest's 127.0.0.1) under the
             unit's network settings, a non-root caller's CreateImage read with its
             rights under the unit's system call filter (a root-only file of
-            its tree refused, its own tree imported), ListMounts after a
+            its tree refused, its own tree imported), MountDumpfile under the
+            unit's filter, capabilities and namespace restrictions (uid 4711
+            from composefsd's mount namespace, root with CAP_SETFCAP alone
+            from one of its own; the returned mount attached in unshare -Urm and
+            read: each reads its own objects and not the other's 0600 one;
+            root with every capability, which composefsd cannot name without
+            CAP_SYS_PTRACE, refused), polkit (a plain user's Tag allowed by a
+            rule, its RemoveImage refused by polkitd), ListMounts after a
             daemon restart, and a clean
             (non-forced) shutdown that unmounts through the daemon
   optional  an optional mount of a missing image fails exactly its unit
@@ -178,21 +185,41 @@ def install(overlay: Path, composefsd: str, repo: Path) -> None:
 
 CALLER_UID = 4711
 CALLER_GROUP = "cfsboot"
+#: A user in no group of composefsd's: MountDumpfile (open to anyone who can
+#: connect) and polkit (a rule lets it tag).
+PLAIN_UID = 4712
+PLAIN_USER = "cfsplain"
+POLKIT_RULE = f"""// boot test: {PLAIN_USER} may tag OCI images (composefsd asks polkitd)
+polkit.addRule(function(action, subject) {{
+    if (action.id == "io.composefs.composefsd.tag" && subject.user == "{PLAIN_USER}")
+        return polkit.Result.YES;
+}});
+"""
 
 
 def add_caller(overlay: Path) -> None:
-    """A non-root caller as an administrator would add one: a user and group
-    (the guest's /etc/passwd and /etc/group are the host's, plus these), the
-    socket group-accessible and composefsd's --group."""
+    """Non-root callers as an administrator would add them: a user and group in
+    composefsd's --group, and a plain user (the guest's /etc/passwd and
+    /etc/group are the host's, plus these); the socket open to everyone (as the
+    README says for MountDumpfile and polkit: SocketMode=0666) and a polkit rule
+    for the plain user."""
     etc = overlay / "etc"
-    for name, line in (
-        ("passwd", f"{CALLER_GROUP}:x:{CALLER_UID}:{CALLER_UID}::/nonexistent:/usr/sbin/nologin\n"),
-        ("group", f"{CALLER_GROUP}:x:{CALLER_UID}:\n"),
+    nologin = "::/nonexistent:/usr/sbin/nologin\n"
+    for name, lines in (
+        (
+            "passwd",
+            f"{CALLER_GROUP}:x:{CALLER_UID}:{CALLER_UID}{nologin}"
+            f"{PLAIN_USER}:x:{PLAIN_UID}:{PLAIN_UID}{nologin}",
+        ),
+        ("group", f"{CALLER_GROUP}:x:{CALLER_UID}:\n{PLAIN_USER}:x:{PLAIN_UID}:\n"),
     ):
-        (etc / name).write_text(Path("/etc", name).read_text() + line)
+        (etc / name).write_text(Path("/etc", name).read_text() + lines)
     dropin = etc / "systemd/system/composefsd.socket.d"
     dropin.mkdir(parents=True)
-    (dropin / "caller.conf").write_text(f"[Socket]\nSocketMode=0660\nSocketGroup={CALLER_GROUP}\n")
+    (dropin / "caller.conf").write_text(f"[Socket]\nSocketMode=0666\nSocketGroup={CALLER_GROUP}\n")
+    rules = etc / "polkit-1/rules.d"
+    rules.mkdir(parents=True)
+    (rules / "50-composefsd-boot.rules").write_text(POLKIT_RULE)
     env = etc / "composefs/composefsd.env"
     env.write_text(env.read_text() + f"COMPOSEFSD_OPTIONS=--group {CALLER_GROUP}\n")
 
@@ -481,6 +508,9 @@ def check_happy(ck: Checks, boot: Boot, out: Path, lines: list[Line], data: Path
         str(verify),
     )
 
+    check_ownmount(ck, out, lines)
+    check_polkit(ck, out, lines)
+
     # Restart keeps the mounts.
     def mounts(name: str) -> set[tuple[str, str]]:
         data = load_json(out / name) or {}
@@ -554,6 +584,84 @@ def check_happy(ck: Checks, boot: Boot, out: Path, lines: list[Line], data: Path
         "daemon_start": svc_start.t if svc_start else None,
         "daemon_ready": ready.t if ready else None,
     }
+
+
+#: What check.sh's MountDumpfile callers must read through the mount: content,
+#: or the errno name, per file. uid 4712 owns "mine" and "theirs" (0600), root
+#: "secret" (0600): each caller reads exactly what it could open itself.
+OWNMOUNT_EXPECT = {
+    "own-user.json": (
+        f"uid {PLAIN_UID}, from composefsd's mount namespace",
+        {"mine": "own image file\n", "secret": "EACCES", "theirs": "user secret\n"},
+    ),
+    "own-root-ns.json": (
+        "root with CAP_SETFCAP alone, from a mount namespace of its own (unshare -m)",
+        {"mine": "own image file\n", "secret": "root secret\n", "theirs": "EACCES"},
+    ),
+}
+#: What composefsd logs when its creator thread cannot enter a caller's mount
+#: namespace (setns refused) and falls back to its own.
+CANNOT_JOIN = "cannot enter the caller's mount namespace"
+
+
+def check_ownmount(ck: Checks, out: Path, lines: list[Line]) -> None:
+    """MountDumpfile under the unit (check.sh: tests/ownmount_client.py as uid 4711
+    and as root in ``unshare -m``): the mount came back and each file reads as its
+    caller's rights allow, and the creator thread entered the other namespace."""
+    for name, (who, want) in OWNMOUNT_EXPECT.items():
+        res = load_json(out / name) or {}
+        files = (res.get("seen") or {}).get("files") or {}
+        got = {f: e.get("content", e.get("error")) for f, e in files.items()}
+        ck(
+            "reply" in res and got == want,
+            f"MountDumpfile as {who} under the unit: {got or res.get('error')}",
+            (out / name).read_text()[-1500:] if (out / name).exists() else "(no output)",
+        )
+    # Root with every capability: composefsd (without CAP_SYS_PTRACE) cannot name
+    # its namespace, so it is served from its own, which takes no layer of another.
+    full = load_json(out / "own-root-caps.json") or {}
+    ck(
+        full.get("error") == "io.composefs.Repository.MountFailed"
+        and (full.get("parameters") or {}).get("errnoName") == "EINVAL"
+        and first(lines, "composefsd", "cannot tell the caller's mount namespace"),
+        "MountDumpfile as root with all capabilities in another mount namespace: "
+        "its namespace cannot be told without CAP_SYS_PTRACE, refused with EINVAL",
+        str(full),
+    )
+    joined = [ln.msg for ln in lines if ln.ident == "composefsd" and CANNOT_JOIN in ln.msg]
+    ck(
+        not joined,
+        "MountDumpfile: composefsd entered the CAP_SETFCAP-only root caller's mount "
+        "namespace (setns allowed by the unit)",
+        "; ".join(joined),
+    )
+
+
+def check_polkit(ck: Checks, out: Path, lines: list[Line]) -> None:
+    """polkit under the unit (check.sh: uid 4712, in no group of composefsd's):
+    Tag, which a rule allows, works; RemoveImage, which none does, is refused by
+    polkitd's answer (composefsd logs it), not for want of a bus."""
+    tag = load_json(out / "polkit-tag.json")
+    allowed = first(lines, "composefsd", "polkit allowed io.composefs.Oci.Tag")
+    ck(
+        isinstance(tag, dict)
+        and "error" not in tag
+        and allowed
+        and f"(uid {PLAIN_UID})" in allowed.msg,
+        f"uid {PLAIN_UID}'s Tag, allowed by a polkit rule, works under the unit: "
+        f"{allowed.msg if allowed else '(no polkit answer in the journal)'}",
+        str(tag),
+    )
+    remove = load_json(out / "polkit-remove.json") or {}
+    refused = first(lines, "composefsd", "polkit refused io.composefs.Repository.RemoveImage")
+    ck(
+        remove.get("error") == "org.varlink.service.PermissionDenied"
+        and refused
+        and f"(uid {PLAIN_UID})" in refused.msg,
+        f"uid {PLAIN_UID}'s RemoveImage refused by polkitd: "
+        f"{refused.msg if refused else '(no refusal in the journal)'}",
+        str(remove),
+    )
 
 
 def show_blocks_plain(path: Path) -> dict[str, str]:

@@ -396,13 +396,27 @@ def caller_mount_namespace(pidfd: int) -> int | None:
 
     The namespace comes from the pidfd (``PIDFD_GET_MNT_NAMESPACE``), never from a
     pid number, so it is that process's whatever pids are reused. A process that
-    has exited: :class:`MountError` with ESRCH."""
+    has exited: :class:`MountError` with ESRCH.
+
+    The ioctl needs ptrace read access to the process: a caller of another uid,
+    or with capabilities the daemon lacks, or in another user namespace, is
+    refused it (EACCES) unless the daemon has CAP_SYS_PTRACE, which the shipped
+    unit does not give. Then the namespace cannot be told and None is returned:
+    the overlay is made in composefsd's own namespace, which serves a caller that
+    shares it and refuses (EINVAL) layers of any other."""
     try:
         fd = fcntl.ioctl(pidfd, PIDFD_GET_MNT_NAMESPACE)
     except OSError as e:
         err = e.errno or errno.EINVAL
         if err == errno.ESRCH:
             raise MountError(err, "the calling process has exited") from None
+        if err in (errno.EACCES, errno.EPERM):
+            log.info(
+                "cannot tell the caller's mount namespace (%s: no ptrace access to it); "
+                "using composefsd's own",
+                e.strerror,
+            )
+            return None
         raise MountError(err, f"cannot tell the caller's mount namespace: {e.strerror}") from None
     try:
         os.set_inheritable(fd, False)

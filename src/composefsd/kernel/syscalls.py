@@ -332,6 +332,15 @@ def set_parent_death_signal(signum: int) -> None:
     _check(res, "prctl(PR_SET_PDEATHSIG)")
 
 
+_PR_SET_DUMPABLE: Final = 4
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """``prctl(PR_SET_DUMPABLE)`` for this process."""
+    res = _libc.prctl(ctypes.c_int(_PR_SET_DUMPABLE), ctypes.c_ulong(int(dumpable)))
+    _check(res, "prctl(PR_SET_DUMPABLE)")
+
+
 def ioctl_int(fd: int, request: int, arg: int, what: str) -> int:
     """An ioctl whose argument is an integer; returns the ioctl's result."""
     res = _ioctl(ctypes.c_int(fd), ctypes.c_ulong(request), ctypes.c_long(arg))

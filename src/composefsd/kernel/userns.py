@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from composefsd.kernel.syscalls import CLONE_NEWNS, CLONE_NEWUSER, KernelError, setns, unshare
+from composefsd.kernel.syscalls import (
+    CLONE_NEWNS,
+    CLONE_NEWUSER,
+    KernelError,
+    set_dumpable,
+    setns,
+    unshare,
+)
 
 __all__ = [
     "IdMapping",
@@ -111,6 +118,12 @@ def create_userns(uid_map: Sequence[IdMapping], gid_map: Sequence[IdMapping] | N
             os.close(ready_r)
             os.close(hold_w)
             try:
+                # The parent opens /proc/PID/ns/user, which needs ptrace access
+                # unless this process is dumpable. A fork inherits the daemon's
+                # flag, which the kernel clears whenever a thread changes its
+                # fsuid (MountDumpfile's creator thread does): without
+                # CAP_SYS_PTRACE (the shipped unit) every later open failed.
+                set_dumpable(True)
                 unshare(CLONE_NEWUSER)
                 os.write(ready_w, b"\0")
             except OSError as e:
