@@ -23,7 +23,7 @@ import pytest
 from composefsd.fsverity import digest_bytes
 from composefsd.image.reader import scan_objects
 from composefsd.kernel.verity import Algorithm
-from composefsd.repository import Repository, objectlist
+from composefsd.repository import Repository, cachefile, objectlist
 from composefsd.repository import verify as verify_mod
 from composefsd.repository.verify import VerifyReport, verify_image
 from trees import write_tree
@@ -329,3 +329,18 @@ def test_verify_loads_no_gc_or_stream_code(s: Setup) -> None:
     from composefsd.repository import GcResult
 
     assert GcResult.__module__ == "composefsd.repository.gc"
+
+
+def test_cache_files_are_read_by_their_size_not_their_bound(tmp_path: Path) -> None:
+    """A cache file is read as large as it is: the bound only refuses larger ones.
+    Reading up to the bound would allocate it first: an object list's is GBs, a
+    MemoryError in a VM of 2 GiB (found there)."""
+    path = str(tmp_path / "c")
+    assert cachefile.write(path, b"body")
+    assert cachefile.read(path, 1 << 62) == b"body"
+    with open(path, "ab") as f:
+        f.write(b"grown")
+    with pytest.raises(cachefile.CacheFileError):
+        cachefile.read(path, 1 << 62)
+    with pytest.raises(cachefile.CacheFileError):
+        cachefile.read(path, 8)

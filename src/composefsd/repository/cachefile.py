@@ -52,7 +52,9 @@ def read(path: str, limit: int) -> bytes | None:
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             raise CacheFileError("not a regular file of a plausible size")
         with open(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
+            # As much as fstat said, and one byte to see it grew: a read of ``limit``
+            # would allocate all of it first (GBs for a list's bound).
+            data = f.read(st.st_size + 1)
     finally:
         os.close(fd)
     if len(data) < SUM_SIZE or len(data) > limit:
